@@ -1,0 +1,223 @@
+"""prepare: the captured graph -> a float GraphModule with BN folded and one QuantLayer per layer.
+
+Built from `graph.exported.module()`, never from the user's model. Eval-mode
+BatchNorm that is the only consumer of a conv is folded into the conv's weight and
+bias (in float64, then cast back), because the integer kernels see one weight per
+layer; every conv2d / linear / matmul node of `graph.layers` becomes a `call_module`
+to a `QuantLayer`, which with `bits=None` computes exactly the original float op.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import re
+
+import torch
+from torch import fx, nn
+
+from bitmix.compiler.graph import Layer, LayerGraph
+from bitmix.compiler.quantize import QuantLayer
+from bitmix.errors import BitmixError
+
+aten = torch.ops.aten
+PRESERVED = "_user_preserved_attributes"
+
+BN_OPS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+# Ops whose output is >= 0 whatever their input (hardtanh / clamp only with a lower bound >= 0).
+NONNEG_SOURCES = {"relu", "relu_", "relu6", "softmax", "_softmax", "_safe_softmax", "sigmoid", "exp"}
+BOUNDED_BELOW = {"hardtanh", "hardtanh_", "clamp", "clamp_min"}
+# Ops that keep "every input >= 0" true (scalar operands must be >= 0 too).
+NONNEG_PRESERVING = {
+    "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "expand", "contiguous", "unsqueeze",
+    "squeeze", "flatten", "getitem", "clone", "alias", "detach", "dropout", "to", "_to_copy", "slice",
+    "select", "max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d", "mean", "sum",
+    "cat", "add", "mul", "div", "pad", "constant_pad_nd", "repeat",
+}
+LAYOUT_INT_ARGS = NONNEG_PRESERVING - {"add", "mul", "div", "pad", "constant_pad_nd"}
+
+
+def prepare(graph: LayerGraph) -> fx.GraphModule:
+    """A new float module equivalent to the captured model, ready for per-layer quantization.
+
+    The result has `bitmix_layers: dict[layer_name, attribute]`; `quant_layers(gm)`
+    gives the `QuantLayer` modules themselves.
+    """
+    source = graph.exported.module()
+    gm = fx.GraphModule(source, source.graph)
+    _drop_guards(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    missing = [layer.name for layer in graph.layers if layer.node not in nodes]
+    if missing:
+        raise BitmixError(f"layer {missing[0]!r} is not in the exported graph; re-run capture on the model")
+    nonneg = _nonneg_nodes(gm.graph)
+    folded = _fold_batchnorms(gm, graph, nodes)
+    attrs: dict[str, str] = {}
+    for layer in graph.layers:
+        attrs[layer.name] = _insert_quant_layer(gm, layer, nodes[layer.node], nonneg, folded, attrs)
+    gm.graph.eliminate_dead_code()
+    _drop_unused_state(gm)
+    gm.graph.lint()
+    gm.recompile()
+    gm = copy.deepcopy(gm)  # own every tensor: fine-tuning must not write into graph.exported
+    gm.bitmix_layers = attrs
+    gm.meta[PRESERVED] = {"bitmix_layers": attrs}  # GraphModule.__deepcopy__ re-attaches these
+    return gm.eval()
+
+
+def _drop_guards(gm: fx.GraphModule) -> None:
+    """torch.export's input guards pin the example batch size; prepared models take any batch."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            gm.graph.erase_node(node)
+    for name, _ in list(gm.named_children()):
+        if name.startswith("_guards"):
+            delattr(gm, name)
+
+
+def _op_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
+def _nonneg_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value is provably >= 0 (after ReLU-like ops, softmax, and sign-preserving ops)."""
+    nonneg: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        op = _op_name(node)
+        if op in NONNEG_SOURCES:
+            nonneg.add(node)
+        elif op in BOUNDED_BELOW:
+            low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min", node.kwargs.get("min_val"))
+            if isinstance(low, int | float) and low >= 0:
+                nonneg.add(node)
+        elif op in NONNEG_PRESERVING:
+            tensors = node.all_input_nodes
+            scalars_ok = op in LAYOUT_INT_ARGS or all(
+                a >= 0 for a in _flat(node.args[1:]) if isinstance(a, int | float) and not isinstance(a, bool)
+            )
+            if tensors and scalars_ok and all(t in nonneg for t in tensors):
+                nonneg.add(node)
+    return nonneg
+
+
+def _flat(args: object) -> list[object]:
+    if isinstance(args, list | tuple):
+        return [x for a in args for x in _flat(a)]
+    return [args]
+
+
+def _fetch(gm: nn.Module, node: object) -> torch.Tensor | None:
+    if node is None:
+        return None
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        raise BitmixError(f"expected a parameter in the exported graph, found {node}; re-run capture on the model")
+    obj: object = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    assert isinstance(obj, torch.Tensor)
+    return obj
+
+
+def _fold_batchnorms(
+    gm: fx.GraphModule, graph: LayerGraph, nodes: dict[str, fx.Node]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Rewire conv -> eval BN to conv alone; return the folded (weight, bias) per conv layer."""
+    folded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for layer in graph.layers:
+        if layer.kind != "conv2d":
+            continue
+        conv = nodes[layer.node]
+        users = list(conv.users)
+        if len(users) != 1 or users[0].target not in BN_OPS:
+            continue
+        bn = users[0]
+        if bn.target == aten.batch_norm.default and bn.args[5]:
+            continue  # training-mode BN: batch statistics, nothing to fold
+        gamma, beta, mean, var = (_fetch(gm, a) for a in bn.args[1:5])
+        eps = float(bn.args[7] if bn.target == aten.batch_norm.default else bn.args[6])
+        assert mean is not None and var is not None
+        weight = _fetch(gm, conv.args[1])
+        assert weight is not None
+        bias = _fetch(gm, conv.args[2] if len(conv.args) > 2 else None)
+        scale = torch.rsqrt(var.double() + eps)
+        if gamma is not None:
+            scale = scale * gamma.double()
+        shift = -mean.double() * scale
+        if bias is not None:
+            shift = shift + bias.double() * scale
+        if beta is not None:
+            shift = shift + beta.double()
+        w = weight.double() * scale.reshape(-1, 1, 1, 1)
+        folded[layer.name] = (w.to(weight.dtype), shift.to(weight.dtype))
+        if bn.target == aten.batch_norm.default:
+            bn.replace_all_uses_with(conv)
+        else:
+            for user in list(bn.users):
+                if user.target is operator.getitem and user.args[1] == 0:
+                    user.replace_all_uses_with(conv)
+                elif user.users:
+                    raise BitmixError(f"batch norm after {layer.name!r} exposes its statistics; cannot fold it")
+                gm.graph.erase_node(user)
+        gm.graph.erase_node(bn)
+    return folded
+
+
+def _attr_name(gm: nn.Module, name: str, taken: dict[str, str]) -> str:
+    base = "bitmix_" + re.sub(r"[^0-9a-zA-Z_]", "_", name)
+    attr, k = base, 1
+    while hasattr(gm, attr) or attr in taken.values():
+        attr, k = f"{base}_{k}", k + 1
+    return attr
+
+
+def _insert_quant_layer(
+    gm: fx.GraphModule,
+    layer: Layer,
+    node: fx.Node,
+    nonneg: set[fx.Node],
+    folded: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    taken: dict[str, str],
+) -> str:
+    a = node.args[0]
+    if layer.kind == "matmul":
+        b = node.args[1]
+        module = QuantLayer(layer.name, "matmul", a_nonneg=a in nonneg, b_nonneg=b in nonneg)
+        args: tuple = (a, b)
+    else:
+        if layer.name in folded:
+            weight, bias = folded[layer.name]
+        else:
+            weight = _fetch(gm, node.args[1])
+            bias = _fetch(gm, node.args[2] if len(node.args) > 2 else None)
+        assert weight is not None
+        module = QuantLayer(
+            layer.name, layer.kind, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups,
+            a_nonneg=a in nonneg,
+        )
+        args = (a,)
+    attr = _attr_name(gm, layer.name, taken)
+    gm.add_submodule(attr, module)
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(attr, args=args)
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    return attr
+
+
+def _drop_unused_state(gm: fx.GraphModule) -> None:
+    """Delete parameters and buffers no node reads any more (the pre-fold weights, BN stats)."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    quant_attrs = {name for name, m in gm.named_children() if isinstance(m, QuantLayer)}
+    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)] + [
+        n for n, _ in gm.named_buffers(remove_duplicate=False)
+    ]
+    for name in names:
+        if name in used or name.split(".")[0] in quant_attrs:
+            continue
+        owner_path, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if hasattr(owner, leaf):
+            delattr(owner, leaf)

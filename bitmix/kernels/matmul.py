@@ -1,0 +1,529 @@
+"""Bit-packed integer GEMM/GEMV: int32 ``a (M, K) @ w (N, K).T`` for 2/4/8-bit codes.
+
+Activations of any width are first turned into signed bytes ``a8 = a - shift`` (shift is
+128 for unsigned 8-bit, else 0), zero-padded to the weight block, with row sums
+``asum``. The kernels compute ``dot(u, a8)`` on the stored unsigned weights ``u = w +
+offset`` and return the exact result
+
+    ``acc = dot(u, a8) - offset * asum[m] + shift * row_sums[n]``.
+
+One kernel is generated per (path, weight bits) by ``_build``; paths are described in
+``simd``. Work is split into (group, weight-row tile, activation-row tile) tiles, run with
+``prange`` on that single outer loop. Inside a tile, M < 4 uses a 1x4 micro-kernel (one
+activation row against four weight rows, GEMV) and larger M a 4x2 one, so each weight
+block is unpacked once for four activation rows. Accumulators stay exact: int16 partial
+sums hold at most 4 ``vpmaddubsw`` results of u <= 15 (|.| <= 4 * 3840), and ``k_pad``
+is limited to 65536 so every s32 lane fits (65536 * 255 * 128 < 2^31).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from bitmix.errors import BitmixError
+from bitmix.kernels import simd
+from bitmix.kernels.pack import BLOCK_BYTES, SUPPORTED_BITS, PackedWeight, code_range, codes_per_block
+from bitmix.kernels.simd import (
+    add_i16x16,
+    add_i32x8,
+    dpbusd512,
+    flip_sign_i8x64,
+    hsum_i32x8,
+    hsum_i32x16,
+    load_i8x32,
+    load_i8x64,
+    madd_ones,
+    madd_s8,
+    maddubs,
+    unpack_i8x32,
+    unpack_i8x64,
+    widen_i8x32,
+    zero_i8x32,
+    zero_i16x16,
+    zero_i32x8,
+    zero_i32x16,
+)
+
+ACTIVE_PATH: str = simd.select_path()
+MAX_K_PAD = 65536
+MR = 4  # activation rows per GEMM micro-tile
+MT = 64  # activation rows per parallel tile (multiple of MR)
+NT = 32  # weight rows per parallel tile
+
+
+def _pin(path: str, bits: int, *funcs):
+    """Stable identities for generated dispatchers, so their closures hit the disk cache."""
+    for f in funcs:
+        simd.pin_uuid(f, f"matmul.{path}.{bits}.{f.py_func.__name__}")
+    return funcs
+
+
+def _micro_portable(bits: int):
+    """Scalar micro-kernels on the packed layout (any CPU)."""
+    planes = 8 // bits
+    mask = (1 << bits) - 1
+    cpb = codes_per_block(bits)
+    signed8 = bits == 8
+
+    @njit(cache=True, inline="always")
+    def dot1x1(w, wo, a, ao, nblk):
+        s = 0
+        for b in range(nblk):
+            for j in range(BLOCK_BYTES):
+                byte = np.int64(w[wo + BLOCK_BYTES * b + j])
+                if signed8:
+                    s += (byte - ((byte >> 7) << 8)) * np.int64(a[ao + cpb * b + j])
+                else:
+                    for p in range(planes):
+                        s += ((byte >> (bits * p)) & mask) * np.int64(a[ao + cpb * b + BLOCK_BYTES * p + j])
+        return s
+
+    @njit(cache=True, inline="always")
+    def dot1x4(w, wo0, wo1, wo2, wo3, a, ao, nblk):
+        return (
+            dot1x1(w, wo0, a, ao, nblk),
+            dot1x1(w, wo1, a, ao, nblk),
+            dot1x1(w, wo2, a, ao, nblk),
+            dot1x1(w, wo3, a, ao, nblk),
+        )
+
+    @njit(cache=True, inline="always")
+    def dot4x2(w, wo0, wo1, a, ao0, ao1, ao2, ao3, nblk):
+        return (
+            dot1x1(w, wo0, a, ao0, nblk),
+            dot1x1(w, wo1, a, ao0, nblk),
+            dot1x1(w, wo0, a, ao1, nblk),
+            dot1x1(w, wo1, a, ao1, nblk),
+            dot1x1(w, wo0, a, ao2, nblk),
+            dot1x1(w, wo1, a, ao2, nblk),
+            dot1x1(w, wo0, a, ao3, nblk),
+            dot1x1(w, wo1, a, ao3, nblk),
+        )
+
+    return _pin("portable", bits, dot1x1, dot1x4, dot4x2), 0
+
+
+def _micro_avx2_w8():
+    """8-bit weights on AVX2: sign-extend to s16 and ``vpmaddwd`` (``vpmaddubsw`` would saturate)."""
+
+    @njit(cache=True, inline="always")
+    def dot1x1(w, wo, a, ao, nblk):
+        acc = zero_i32x8()
+        for b in range(nblk):
+            acc = add_i32x8(acc, madd_s8(load_i8x32(w, wo + 32 * b), load_i8x32(a, ao + 32 * b)))
+        return hsum_i32x8(acc)
+
+    @njit(cache=True, inline="always")
+    def dot1x4(w, wo0, wo1, wo2, wo3, a, ao, nblk):
+        c0 = zero_i32x8()
+        c1 = zero_i32x8()
+        c2 = zero_i32x8()
+        c3 = zero_i32x8()
+        for b in range(nblk):
+            x = load_i8x32(a, ao + 32 * b)
+            c0 = add_i32x8(c0, madd_s8(load_i8x32(w, wo0 + 32 * b), x))
+            c1 = add_i32x8(c1, madd_s8(load_i8x32(w, wo1 + 32 * b), x))
+            c2 = add_i32x8(c2, madd_s8(load_i8x32(w, wo2 + 32 * b), x))
+            c3 = add_i32x8(c3, madd_s8(load_i8x32(w, wo3 + 32 * b), x))
+        return hsum_i32x8(c0), hsum_i32x8(c1), hsum_i32x8(c2), hsum_i32x8(c3)
+
+    @njit(cache=True, inline="always")
+    def dot4x2(w, wo0, wo1, a, ao0, ao1, ao2, ao3, nblk):
+        c00 = zero_i32x8()
+        c01 = zero_i32x8()
+        c10 = zero_i32x8()
+        c11 = zero_i32x8()
+        c20 = zero_i32x8()
+        c21 = zero_i32x8()
+        c30 = zero_i32x8()
+        c31 = zero_i32x8()
+        for b in range(nblk):
+            v0 = load_i8x32(w, wo0 + 32 * b)
+            v1 = load_i8x32(w, wo1 + 32 * b)
+            x = load_i8x32(a, ao0 + 32 * b)
+            c00 = add_i32x8(c00, madd_s8(v0, x))
+            c01 = add_i32x8(c01, madd_s8(v1, x))
+            x = load_i8x32(a, ao1 + 32 * b)
+            c10 = add_i32x8(c10, madd_s8(v0, x))
+            c11 = add_i32x8(c11, madd_s8(v1, x))
+            x = load_i8x32(a, ao2 + 32 * b)
+            c20 = add_i32x8(c20, madd_s8(v0, x))
+            c21 = add_i32x8(c21, madd_s8(v1, x))
+            x = load_i8x32(a, ao3 + 32 * b)
+            c30 = add_i32x8(c30, madd_s8(v0, x))
+            c31 = add_i32x8(c31, madd_s8(v1, x))
+        return (
+            hsum_i32x8(c00),
+            hsum_i32x8(c01),
+            hsum_i32x8(c10),
+            hsum_i32x8(c11),
+            hsum_i32x8(c20),
+            hsum_i32x8(c21),
+            hsum_i32x8(c30),
+            hsum_i32x8(c31),
+        )
+
+    return _pin("avx2", 8, dot1x1, dot1x4, dot4x2), 0
+
+
+def _micro_avx2(bits: int):
+    """int4/int2 weights on AVX2: unpack planes, ``vpmaddubsw`` into s16, ``vpmaddwd`` to s32."""
+    planes = 8 // bits
+    mask = (1 << bits) - 1
+    cpb = codes_per_block(bits)
+
+    @njit(cache=True, inline="always")
+    def dot1x1(w, wo, a, ao, nblk):
+        acc = zero_i32x8()
+        for b in range(nblk):
+            v = load_i8x32(w, wo + 32 * b)
+            s = zero_i16x16()
+            for p in range(planes):
+                s = add_i16x16(
+                    s, maddubs(unpack_i8x32(v, bits * p, mask), load_i8x32(a, ao + cpb * b + 32 * p))
+                )
+            acc = add_i32x8(acc, madd_ones(s))
+        return hsum_i32x8(acc)
+
+    @njit(cache=True, inline="always")
+    def dot1x4(w, wo0, wo1, wo2, wo3, a, ao, nblk):
+        c0 = zero_i32x8()
+        c1 = zero_i32x8()
+        c2 = zero_i32x8()
+        c3 = zero_i32x8()
+        for b in range(nblk):
+            v0 = load_i8x32(w, wo0 + 32 * b)
+            v1 = load_i8x32(w, wo1 + 32 * b)
+            v2 = load_i8x32(w, wo2 + 32 * b)
+            v3 = load_i8x32(w, wo3 + 32 * b)
+            s0 = zero_i16x16()
+            s1 = zero_i16x16()
+            s2 = zero_i16x16()
+            s3 = zero_i16x16()
+            for p in range(planes):
+                x = load_i8x32(a, ao + cpb * b + 32 * p)
+                s0 = add_i16x16(s0, maddubs(unpack_i8x32(v0, bits * p, mask), x))
+                s1 = add_i16x16(s1, maddubs(unpack_i8x32(v1, bits * p, mask), x))
+                s2 = add_i16x16(s2, maddubs(unpack_i8x32(v2, bits * p, mask), x))
+                s3 = add_i16x16(s3, maddubs(unpack_i8x32(v3, bits * p, mask), x))
+            c0 = add_i32x8(c0, madd_ones(s0))
+            c1 = add_i32x8(c1, madd_ones(s1))
+            c2 = add_i32x8(c2, madd_ones(s2))
+            c3 = add_i32x8(c3, madd_ones(s3))
+        return hsum_i32x8(c0), hsum_i32x8(c1), hsum_i32x8(c2), hsum_i32x8(c3)
+
+    @njit(cache=True, inline="always")
+    def dot4x2(w, wo0, wo1, a, ao0, ao1, ao2, ao3, nblk):
+        c00 = zero_i32x8()
+        c01 = zero_i32x8()
+        c10 = zero_i32x8()
+        c11 = zero_i32x8()
+        c20 = zero_i32x8()
+        c21 = zero_i32x8()
+        c30 = zero_i32x8()
+        c31 = zero_i32x8()
+        for b in range(nblk):
+            v0 = load_i8x32(w, wo0 + 32 * b)
+            v1 = load_i8x32(w, wo1 + 32 * b)
+            s00 = zero_i16x16()
+            s01 = zero_i16x16()
+            s10 = zero_i16x16()
+            s11 = zero_i16x16()
+            s20 = zero_i16x16()
+            s21 = zero_i16x16()
+            s30 = zero_i16x16()
+            s31 = zero_i16x16()
+            for p in range(planes):
+                u0 = unpack_i8x32(v0, bits * p, mask)
+                u1 = unpack_i8x32(v1, bits * p, mask)
+                k = cpb * b + 32 * p
+                x = load_i8x32(a, ao0 + k)
+                s00 = add_i16x16(s00, maddubs(u0, x))
+                s01 = add_i16x16(s01, maddubs(u1, x))
+                x = load_i8x32(a, ao1 + k)
+                s10 = add_i16x16(s10, maddubs(u0, x))
+                s11 = add_i16x16(s11, maddubs(u1, x))
+                x = load_i8x32(a, ao2 + k)
+                s20 = add_i16x16(s20, maddubs(u0, x))
+                s21 = add_i16x16(s21, maddubs(u1, x))
+                x = load_i8x32(a, ao3 + k)
+                s30 = add_i16x16(s30, maddubs(u0, x))
+                s31 = add_i16x16(s31, maddubs(u1, x))
+            c00 = add_i32x8(c00, madd_ones(s00))
+            c01 = add_i32x8(c01, madd_ones(s01))
+            c10 = add_i32x8(c10, madd_ones(s10))
+            c11 = add_i32x8(c11, madd_ones(s11))
+            c20 = add_i32x8(c20, madd_ones(s20))
+            c21 = add_i32x8(c21, madd_ones(s21))
+            c30 = add_i32x8(c30, madd_ones(s30))
+            c31 = add_i32x8(c31, madd_ones(s31))
+        return (
+            hsum_i32x8(c00),
+            hsum_i32x8(c01),
+            hsum_i32x8(c10),
+            hsum_i32x8(c11),
+            hsum_i32x8(c20),
+            hsum_i32x8(c21),
+            hsum_i32x8(c30),
+            hsum_i32x8(c31),
+        )
+
+    return _pin("avx2", bits, dot1x1, dot1x4, dot4x2), 0
+
+
+def _micro_avx512(bits: int):
+    """AVX-512 VNNI: ``vpdpbusd zmm`` over two 32-byte blocks at a time, ymm-wide tail block.
+
+    For 8-bit weights the activations become the unsigned operand (``a8 ^ 0x80`` = a8 + 128)
+    and the weights the signed one; the extra ``128 * row_sums`` is returned as ``wcorr``.
+    """
+    planes = 1 if bits == 8 else 8 // bits
+    mask = 0xFF if bits == 8 else (1 << bits) - 1
+    cpb = codes_per_block(bits)
+    w8 = bits == 8
+
+    @njit(cache=True, inline="always")
+    def _pair(w, wo, b, p):
+        return unpack_i8x64(load_i8x64(w, wo + 32 * b), bits * p, mask)
+
+    @njit(cache=True, inline="always")
+    def _tail(w, wo, b, p):
+        return widen_i8x32(unpack_i8x32(load_i8x32(w, wo + 32 * b), bits * p, mask), zero_i8x32())
+
+    @njit(cache=True, inline="always")
+    def _x_pair(a, ao, b, p):
+        return widen_i8x32(load_i8x32(a, ao + cpb * b + 32 * p), load_i8x32(a, ao + cpb * (b + 1) + 32 * p))
+
+    @njit(cache=True, inline="always")
+    def _x_tail(a, ao, b, p):
+        return widen_i8x32(load_i8x32(a, ao + cpb * b + 32 * p), zero_i8x32())
+
+    @njit(cache=True, inline="always")
+    def _dp(acc, u, x):
+        if w8:
+            return dpbusd512(acc, flip_sign_i8x64(x), u)
+        return dpbusd512(acc, u, x)
+
+    @njit(cache=True, inline="always")
+    def dot1x1(w, wo, a, ao, nblk):
+        acc = zero_i32x16()
+        for b in range(0, nblk - 1, 2):
+            for p in range(planes):
+                acc = _dp(acc, _pair(w, wo, b, p), _x_pair(a, ao, b, p))
+        if nblk % 2 == 1:
+            for p in range(planes):
+                acc = _dp(acc, _tail(w, wo, nblk - 1, p), _x_tail(a, ao, nblk - 1, p))
+        return hsum_i32x16(acc)
+
+    @njit(cache=True, inline="always")
+    def dot1x4(w, wo0, wo1, wo2, wo3, a, ao, nblk):
+        c0 = zero_i32x16()
+        c1 = zero_i32x16()
+        c2 = zero_i32x16()
+        c3 = zero_i32x16()
+        for b in range(0, nblk - 1, 2):
+            for p in range(planes):
+                x = _x_pair(a, ao, b, p)
+                c0 = _dp(c0, _pair(w, wo0, b, p), x)
+                c1 = _dp(c1, _pair(w, wo1, b, p), x)
+                c2 = _dp(c2, _pair(w, wo2, b, p), x)
+                c3 = _dp(c3, _pair(w, wo3, b, p), x)
+        if nblk % 2 == 1:
+            b = nblk - 1
+            for p in range(planes):
+                x = _x_tail(a, ao, b, p)
+                c0 = _dp(c0, _tail(w, wo0, b, p), x)
+                c1 = _dp(c1, _tail(w, wo1, b, p), x)
+                c2 = _dp(c2, _tail(w, wo2, b, p), x)
+                c3 = _dp(c3, _tail(w, wo3, b, p), x)
+        return hsum_i32x16(c0), hsum_i32x16(c1), hsum_i32x16(c2), hsum_i32x16(c3)
+
+    @njit(cache=True, inline="always")
+    def dot4x2(w, wo0, wo1, a, ao0, ao1, ao2, ao3, nblk):
+        r00, r01, r02, r03 = dot1x4(w, wo0, wo1, wo0, wo1, a, ao0, nblk)
+        r10, r11, r12, r13 = dot1x4(w, wo0, wo1, wo0, wo1, a, ao1, nblk)
+        r20, r21, r22, r23 = dot1x4(w, wo0, wo1, wo0, wo1, a, ao2, nblk)
+        r30, r31, r32, r33 = dot1x4(w, wo0, wo1, wo0, wo1, a, ao3, nblk)
+        return r00, r01, r10, r11, r20, r21, r30, r31
+
+    _pin("avx512vnni", bits, _pair, _tail, _x_pair, _x_tail, _dp)
+    return _pin("avx512vnni", bits, dot1x1, dot1x4, dot4x2), 128 if w8 else 0
+
+
+def _build(path: str, bits: int):
+    """The parallel GEMM driver for one (path, weight bits)."""
+    if path == "portable":
+        micro = _micro_portable(bits)
+    elif path == "avx2":
+        micro = _micro_avx2_w8() if bits == 8 else _micro_avx2(bits)
+    else:
+        micro = _micro_avx512(bits)
+    (dot1x1, dot1x4, dot4x2), wcorr = micro
+    offset = 0 if bits == 8 else 1 << (bits - 1)
+    row_bytes_per_code = bits
+    cpb = codes_per_block(bits)
+
+    @njit(parallel=True, cache=True)
+    def core(a8, asum, w, wsum, ashift, groups, m, mp, ng, kp, out):
+        wrow = kp * row_bytes_per_code // 8
+        nblk = kp // cpb
+        corr = ashift - wcorr
+        mtiles = (m + MT - 1) // MT
+        ntiles = (ng + NT - 1) // NT
+        per_g = mtiles * ntiles
+        for t in prange(groups * per_g):
+            g = t // per_g
+            r = t - g * per_g
+            nt = r // mtiles
+            mt = r - nt * mtiles
+            n0 = g * ng + nt * NT
+            n1 = g * ng + min(ng, nt * NT + NT)
+            m0 = mt * MT
+            m1 = min(m, m0 + MT)
+            abase = g * mp * kp
+            if m < MR:
+                for i in range(m0, m1):
+                    ao = abase + i * kp
+                    sa = offset * asum[g * mp + i]
+                    n = n0
+                    while n + 4 <= n1:
+                        r0, r1, r2, r3 = dot1x4(
+                            w, n * wrow, (n + 1) * wrow, (n + 2) * wrow, (n + 3) * wrow, a8, ao, nblk
+                        )
+                        out[i, n] = r0 - sa + corr * wsum[n]
+                        out[i, n + 1] = r1 - sa + corr * wsum[n + 1]
+                        out[i, n + 2] = r2 - sa + corr * wsum[n + 2]
+                        out[i, n + 3] = r3 - sa + corr * wsum[n + 3]
+                        n += 4
+                    while n < n1:
+                        out[i, n] = dot1x1(w, n * wrow, a8, ao, nblk) - sa + corr * wsum[n]
+                        n += 1
+            else:
+                n = n0
+                while n + 2 <= n1:
+                    c0 = corr * wsum[n]
+                    c1 = corr * wsum[n + 1]
+                    for i in range(m0, m1, MR):
+                        ao = abase + i * kp
+                        q = dot4x2(
+                            w, n * wrow, (n + 1) * wrow, a8, ao, ao + kp, ao + 2 * kp, ao + 3 * kp, nblk
+                        )
+                        for d in range(MR):
+                            if i + d < m:
+                                sa = offset * asum[g * mp + i + d]
+                                out[i + d, n] = q[2 * d] - sa + c0
+                                out[i + d, n + 1] = q[2 * d + 1] - sa + c1
+                    n += 2
+                if n < n1:
+                    for i in range(m0, m1):
+                        sa = offset * asum[g * mp + i]
+                        out[i, n] = dot1x1(w, n * wrow, a8, abase + i * kp, nblk) - sa + corr * wsum[n]
+
+    return _pin(path, bits, core)[0]
+
+
+_CORES: dict[tuple[str, int], object] = {}
+
+
+def core_for(bits: int, path: str | None = None):
+    """The compiled driver for ``bits`` on ``path`` (default: ``ACTIVE_PATH``)."""
+    key = (path or ACTIVE_PATH, bits)
+    if key not in _CORES:
+        _CORES[key] = _build(*key)
+    return _CORES[key]
+
+
+@njit(parallel=True, cache=True)
+def _prep_rows(a, shift, kp, a8, asum, mins, maxs, write):
+    """Shift activations to signed bytes in the padded (mp, kp) buffer, with row sums and range.
+
+    Separate plain loops so LLVM vectorises each (a fused loop with a branch does not).
+    """
+    m, k = a.shape
+    for i in prange(m):
+        row = a[i]
+        s = 0
+        lo = np.int64(row[0])
+        hi = lo
+        for j in range(k):
+            v = np.int64(row[j])
+            s += v
+            lo = min(lo, v)
+            hi = max(hi, v)
+        asum[i] = s - shift * k
+        mins[i] = lo
+        maxs[i] = hi
+        if write:
+            dst = a8[i * kp : i * kp + k]
+            for j in range(k):
+                dst[j] = row[j] - shift
+
+
+def check_activation_spec(a_bits: int, a_signed: bool) -> tuple[int, int, int]:
+    """Validate (a_bits, a_signed); return (lo, hi, shift to signed bytes)."""
+    if a_bits not in SUPPORTED_BITS:
+        raise BitmixError(f"a_bits={a_bits!r}: supported widths are 2, 4 and 8")
+    if not isinstance(a_signed, bool | np.bool_):
+        raise BitmixError(f"a_signed={a_signed!r}: expected a bool")
+    lo, hi = code_range(a_bits, bool(a_signed))
+    return lo, hi, 128 if (a_bits == 8 and not a_signed) else 0
+
+
+def check_packed(w: object, name: str = "w") -> PackedWeight:
+    """Reject anything that is not a well-formed ``PackedWeight``."""
+    if not isinstance(w, PackedWeight):
+        raise BitmixError(
+            f"{name}: expected a PackedWeight from bitmix.kernels.pack_weights, got {type(w).__name__}"
+        )
+    if w.bits not in SUPPORTED_BITS or w.k_pad % codes_per_block(w.bits) or w.k_pad > MAX_K_PAD:
+        raise BitmixError(
+            f"{name}: unsupported layout (bits={w.bits}, k_pad={w.k_pad}; k_pad must be <= {MAX_K_PAD})"
+        )
+    row_bytes = w.k_pad * w.bits // 8
+    if (
+        not isinstance(w.data, np.ndarray)
+        or w.data.dtype != np.uint8
+        or w.data.shape != (w.n, row_bytes)
+        or not w.data.flags.c_contiguous
+        or w.row_sums.shape != (w.n,)
+        or w.row_sums.dtype != np.int32
+    ):
+        raise BitmixError(
+            f"{name}: corrupted PackedWeight (data must be C-contiguous uint8 {(w.n, row_bytes)})"
+        )
+    return w
+
+
+def check_range(lo_seen: int, hi_seen: int, lo: int, hi: int, a_bits: int, a_signed: bool) -> None:
+    """Raise naming ``a_codes`` when observed codes leave the declared range."""
+    if lo_seen < lo or hi_seen > hi:
+        kind = "signed" if a_signed else "unsigned"
+        want = f"{kind} {a_bits}-bit codes must lie in [{lo}, {hi}]"
+        raise BitmixError(f"a_codes: values span [{lo_seen}, {hi_seen}] but {want}")
+
+
+def gemm(a_codes: np.ndarray, w: PackedWeight, a_bits: int, a_signed: bool) -> np.ndarray:
+    """Exact int32 ``a_codes (M, K) @ codes(w).T`` -> (M, N)."""
+    w = check_packed(w)
+    lo, hi, shift = check_activation_spec(a_bits, a_signed)
+    if not isinstance(a_codes, np.ndarray) or a_codes.dtype.kind not in "iu":
+        raise BitmixError(
+            f"a_codes: expected an integer numpy array, got {getattr(a_codes, 'dtype', type(a_codes))}"
+        )
+    if a_codes.ndim != 2 or a_codes.shape[1] != w.k or a_codes.shape[0] < 1:
+        want = f"expected (M>=1, {w.k}) for weights with N={w.n}, K={w.k}"
+        raise BitmixError(f"a_codes: shape {a_codes.shape} does not match; {want}")
+    m = a_codes.shape[0]
+    mp = m if m < MR else -(-m // MR) * MR
+    a = np.ascontiguousarray(a_codes)
+    direct = a.dtype == np.int8 and shift == 0 and w.k == w.k_pad and mp == m
+    a8 = a.reshape(-1) if direct else np.zeros(mp * w.k_pad, dtype=np.int8)
+    asum = np.zeros(mp, dtype=np.int64)
+    mins = np.empty(m, dtype=np.int64)
+    maxs = np.empty(m, dtype=np.int64)
+    _prep_rows(a, shift, w.k_pad, a8, asum, mins, maxs, not direct)
+    check_range(int(mins.min()), int(maxs.max()), lo, hi, a_bits, a_signed)
+    out = np.empty((m, w.n), dtype=np.int32)
+    core_for(w.bits)(a8, asum, w.data.reshape(-1), w.row_sums, shift, 1, m, mp, w.n, w.k_pad, out)
+    return out

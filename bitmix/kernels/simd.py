@@ -1,0 +1,317 @@
+"""CPU-feature dispatch and x86 SIMD intrinsics for the Numba kernels.
+
+Numba has no SIMD vector type and LLVM 22 never emits ``vpmaddubsw`` or ``vpdpbusd``
+from scalar loops, so this module gives Numba opaque vector types backed by LLVM
+``<n x iK>`` values plus ``@intrinsic`` functions that call the x86 intrinsics.
+LLVM keeps these values in registers after inlining (checked with ``inspect_asm``).
+
+Paths, chosen once at import time (``ACTIVE_PATH``):
+
+* ``avx512vnni`` -- needs avx512f/bw/vl + avx512vnni; ``vpdpbusd`` on zmm (u8 x s8 -> s32).
+* ``avx2`` -- ``vpmaddubsw`` (u8 x s8 -> s16 pairs) + ``vpmaddwd`` (-> s32).
+* ``portable`` -- plain Numba loops, any CPU.
+
+``BITMIX_KERNEL_PATH=portable|avx2|avx512vnni`` forces a path (tests use it); forcing a
+path the CPU cannot run raises ``BitmixError`` instead of dying on SIGILL later. CPU
+features come from ``NUMBA_CPU_FEATURES`` when set (that is what Numba compiles for),
+else from LLVM's host query.
+"""
+
+from __future__ import annotations
+
+import os
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic, models, register_model
+
+from bitmix.errors import BitmixError
+
+PATHS = ("portable", "avx2", "avx512vnni")
+_NEEDS = {
+    "portable": frozenset(),
+    "avx2": frozenset({"avx2"}),
+    "avx512vnni": frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}),
+}
+
+
+def cpu_features() -> frozenset[str]:
+    """Features Numba will compile for: ``NUMBA_CPU_FEATURES`` if set, else the host's."""
+    forced = os.environ.get("NUMBA_CPU_FEATURES")
+    if forced:
+        return frozenset(f[1:] for f in forced.split(",") if f.startswith("+"))
+    return frozenset(k for k, v in llvm.get_host_cpu_features().items() if v)
+
+
+def available_paths(features: frozenset[str] | None = None) -> tuple[str, ...]:
+    """Paths this CPU can execute, slowest first."""
+    feats = cpu_features() if features is None else features
+    return tuple(p for p in PATHS if _NEEDS[p] <= feats)
+
+
+def select_path(features: frozenset[str] | None = None) -> str:
+    """The fastest available path, or the one forced by ``BITMIX_KERNEL_PATH``."""
+    avail = available_paths(features)
+    forced = os.environ.get("BITMIX_KERNEL_PATH", "").strip().lower()
+    if not forced:
+        return avail[-1]
+    if forced not in PATHS:
+        raise BitmixError(f"BITMIX_KERNEL_PATH={forced!r}: expected one of {', '.join(PATHS)}")
+    if forced not in avail:
+        missing = ", ".join(sorted(_NEEDS[forced] - cpu_features()))
+        raise BitmixError(f"BITMIX_KERNEL_PATH={forced!r}: this CPU lacks {missing}")
+    return forced
+
+
+def pin_uuid(obj, tag: str):
+    """Give a Numba dispatcher or intrinsic a fixed identity.
+
+    Numba keys the on-disk cache of a closure by pickling its captured values; dispatchers
+    and intrinsics pickle with a random per-process uuid, which would make every run a cache
+    miss. A deterministic uuid (unique per tag) keeps ``cache=True`` effective.
+    """
+    obj._set_uuid(f"bitmix.kernels:{tag}")
+    return obj
+
+
+class VecType(types.Type):
+    """An LLVM integer vector living in a SIMD register (never stored in arrays)."""
+
+    def __init__(self, bits: int, lanes: int) -> None:
+        self.bits = bits
+        self.lanes = lanes
+        super().__init__(name=f"i{bits}x{lanes}")
+
+
+@register_model(VecType)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type: VecType) -> None:
+        super().__init__(dmm, fe_type, ir.VectorType(ir.IntType(fe_type.bits), fe_type.lanes))
+
+
+i8x32 = VecType(8, 32)
+i16x16 = VecType(16, 16)
+i32x8 = VecType(32, 8)
+i8x64 = VecType(8, 64)
+i32x16 = VecType(32, 16)
+
+
+def _llty(vt: VecType) -> ir.VectorType:
+    return ir.VectorType(ir.IntType(vt.bits), vt.lanes)
+
+
+def _splat(vt: VecType, value: int) -> ir.Constant:
+    return ir.Constant(_llty(vt), [value] * vt.lanes)
+
+
+def _call(builder, name: str, ret: VecType, args, argtys) -> ir.Value:
+    fnty = ir.FunctionType(_llty(ret), [_llty(t) for t in argtys])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+    return builder.call(fn, args)
+
+
+def _make_load(vt: VecType):
+    @intrinsic
+    def load(typingctx, arr, idx):
+        """Unaligned load of ``vt.lanes`` bytes from a 1-D int8/uint8 array at byte ``idx``."""
+        if not (isinstance(arr, types.Array) and arr.dtype.bitwidth == 8 and isinstance(idx, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, value=args[0])
+            pos = context.cast(builder, args[1], sig.args[1], types.intp)
+            ptr = builder.gep(ary.data, [pos])
+            vptr = builder.bitcast(ptr, _llty(vt).as_pointer())
+            return builder.load(vptr, align=1)
+
+        return vt(arr, idx), codegen
+
+    return load
+
+
+load_i8x32 = _make_load(i8x32)
+load_i8x64 = _make_load(i8x64)
+
+
+def _make_unpack(vt: VecType):
+    @intrinsic
+    def unpack(typingctx, v, shift, mask):
+        """``(v >> shift) & mask`` per unsigned byte: one bit-plane of a packed vector."""
+        if v != vt or not isinstance(shift, types.Integer) or not isinstance(mask, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            lane = ir.IntType(8)
+            s = builder.trunc(args[1], lane) if args[1].type.width > 8 else args[1]
+            m = builder.trunc(args[2], lane) if args[2].type.width > 8 else args[2]
+            undef = ir.Constant(_llty(vt), ir.Undefined)
+            zeros = ir.Constant(ir.VectorType(ir.IntType(32), vt.lanes), None)
+            sv = builder.shuffle_vector(
+                builder.insert_element(undef, s, ir.Constant(ir.IntType(32), 0)), undef, zeros
+            )
+            mv = builder.shuffle_vector(
+                builder.insert_element(undef, m, ir.Constant(ir.IntType(32), 0)), undef, zeros
+            )
+            return builder.and_(builder.lshr(args[0], sv), mv)
+
+        return vt(v, shift, mask), codegen
+
+    return unpack
+
+
+unpack_i8x32 = _make_unpack(i8x32)
+unpack_i8x64 = _make_unpack(i8x64)
+
+
+def _make_zero(vt: VecType):
+    @intrinsic
+    def zero(typingctx):
+        """An all-zero vector (accumulator initialiser)."""
+
+        def codegen(context, builder, sig, args):
+            return ir.Constant(_llty(vt), None)
+
+        return vt(), codegen
+
+    return zero
+
+
+zero_i8x32 = _make_zero(i8x32)
+zero_i16x16 = _make_zero(i16x16)
+zero_i32x8 = _make_zero(i32x8)
+zero_i32x16 = _make_zero(i32x16)
+
+
+def _make_add(vt: VecType):
+    @intrinsic
+    def add(typingctx, a, b):
+        """Lane-wise wrapping add."""
+        if a != vt or b != vt:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.add(args[0], args[1])
+
+        return vt(a, b), codegen
+
+    return add
+
+
+add_i16x16 = _make_add(i16x16)
+add_i32x8 = _make_add(i32x8)
+add_i32x16 = _make_add(i32x16)
+
+
+@intrinsic
+def maddubs(typingctx, u, s):
+    """``vpmaddubsw``: u8 x s8, adjacent pairs summed to s16 with saturation.
+
+    Callers guarantee |pair sum| <= 32767 (weights <= 15 unsigned), so it never saturates.
+    """
+    if u != i8x32 or s != i8x32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", i16x16, args, (i8x32, i8x32))
+
+    return i16x16(u, s), codegen
+
+
+@intrinsic
+def madd_ones(typingctx, v):
+    """``vpmaddwd`` with ones: adjacent s16 pairs widened and summed to s32 (exact)."""
+    if v != i16x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", i32x8, (args[0], _splat(i16x16, 1)), (i16x16, i16x16))
+
+    return i32x8(v), codegen
+
+
+@intrinsic
+def madd_s8(typingctx, a, b):
+    """Exact s8 x s8 dot step: sign-extend both 32-byte vectors to s16, two ``vpmaddwd``.
+
+    Returns s32 lanes holding the sums of all 32 products; used for 8-bit weights, where
+    ``vpmaddubsw`` could saturate.
+    """
+    if a != i8x32 or b != i8x32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i16v = ir.VectorType(ir.IntType(16), 16)
+        halves = []
+        for lo in (0, 16):
+            idx = ir.Constant(ir.VectorType(ir.IntType(32), 16), list(range(lo, lo + 16)))
+            pa = builder.sext(builder.shuffle_vector(args[0], args[0], idx), i16v)
+            pb = builder.sext(builder.shuffle_vector(args[1], args[1], idx), i16v)
+            halves.append(_call(builder, "llvm.x86.avx2.pmadd.wd", i32x8, (pa, pb), (i16x16, i16x16)))
+        return builder.add(halves[0], halves[1])
+
+    return i32x8(a, b), codegen
+
+
+@intrinsic
+def dpbusd512(typingctx, acc, u, s):
+    """``vpdpbusd zmm``: acc += sum of 4 adjacent u8 x s8 products per s32 lane (no saturation)."""
+    if acc != i32x16 or u != i8x64 or s != i8x64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.x86.avx512.vpdpbusd.512", i32x16, args, (i32x16, i8x64, i8x64))
+
+    return i32x16(acc, u, s), codegen
+
+
+@intrinsic
+def widen_i8x32(typingctx, lo, hi):
+    """Concatenate two 32-byte vectors into one 64-byte vector (``vinserti64x4``)."""
+    if lo != i8x32 or hi != i8x32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        idx = ir.Constant(ir.VectorType(ir.IntType(32), 64), list(range(64)))
+        return builder.shuffle_vector(args[0], args[1], idx)
+
+    return i8x64(lo, hi), codegen
+
+
+@intrinsic
+def flip_sign_i8x64(typingctx, v):
+    """``v ^ 0x80`` per byte: reinterprets s8 ``x`` as the u8 ``x + 128``."""
+    if v != i8x64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.xor(args[0], _splat(i8x64, 0x80))
+
+    return i8x64(v), codegen
+
+
+def _make_hsum(vt: VecType):
+    @intrinsic
+    def hsum(typingctx, v):
+        """Sum of all s32 lanes, widened to int64; exact because ``k_pad`` bounds the total below 2^31."""
+        if v != vt:
+            return None
+
+        def codegen(context, builder, sig, args):
+            fnty = ir.FunctionType(ir.IntType(32), [args[0].type])
+            name = f"llvm.vector.reduce.add.v{vt.lanes}i32"
+            fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+            return builder.sext(builder.call(fn, [args[0]]), ir.IntType(64))
+
+        return types.int64(v), codegen
+
+    return hsum
+
+
+hsum_i32x8 = _make_hsum(i32x8)
+hsum_i32x16 = _make_hsum(i32x16)
+
+
+for _name, _obj in list(globals().items()):
+    if type(_obj).__name__ == "_Intrinsic":
+        pin_uuid(_obj, f"simd.{_name}")

@@ -1,0 +1,101 @@
+"""Public entry: `simulate` a captured graph (or `simulate_calls` on bare Layer records).
+
+Throughput: one chip runs layers one after another over the whole core array, so it
+finishes a run (all frames of the batch) every `latency`; frames do not overlap on a
+chip. With several chips the stages form a pipeline: each chip works on a different
+run, and the slowest stage (its compute or its PCIe hand-off, which DMA overlaps with
+compute) sets the period. Static power is drawn by every chip all the time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from bitmix.compiler.graph import Layer, LayerGraph, VectorOp
+from bitmix.errors import BitmixError
+from bitmix.simulator import analytic, engine
+from bitmix.simulator.config import ChipConfig, check_bits
+from bitmix.simulator.energy import COMPONENTS, dynamic_energy, pcie_energy, static_energy
+from bitmix.simulator.mapping import layer_works, weight_bytes
+from bitmix.simulator.multichip import partition, transfer_bytes, transfer_seconds
+from bitmix.simulator.result import LayerResult, SimResult, StageResult
+
+ENGINES = {"analytic": analytic.run, "cycle": engine.run}
+
+
+def simulate(graph: LayerGraph, assignment: dict[str, int], config: ChipConfig | None = None,
+             engine: str = "analytic") -> SimResult:
+    """Simulate `graph` with `assignment[layer] in {8, 4, 2}` on one or more chips."""
+    return simulate_calls(graph.layers, assignment, graph.vector_ops, config, engine, graph.model_name)
+
+
+def simulate_calls(layers: Sequence[Layer], assignment: dict[str, int], vector_ops: Sequence[VectorOp] = (),
+                   config: ChipConfig | None = None, engine: str = "analytic", model: str = "model") -> SimResult:
+    """Simulate Layer/VectorOp records as executed (e.g. shapes recorded at run time)."""
+    chip = config or ChipConfig()
+    if engine not in ENGINES:
+        raise BitmixError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    works = layer_works(list(layers), list(vector_ops))
+    missing = [w.layer.name for w in works if w.layer.name not in assignment]
+    if missing:
+        raise BitmixError(f"assignment has no precision for layer {missing[0]!r}; give every layer 8, 4 or 2")
+    for name, bits in assignment.items():
+        try:
+            check_bits(bits)
+        except BitmixError:
+            raise BitmixError(f"assignment[{name!r}] = {bits!r}: unknown precision; use 8, 4 or 2") from None
+    stages = partition(works, assignment, chip)
+    evals = ENGINES[engine](works, assignment, chip)
+    frames = works[0].gemm.frames
+    f = chip.clock_hz
+
+    layer_results = []
+    breakdown = dict.fromkeys(COMPONENTS, 0.0)
+    stage_results = []
+    period = 0.0
+    latency = 0.0
+    ideal = 0.0
+    for idx, st in enumerate(stages):
+        seconds = 0.0
+        for w, ev in zip(works[st.start:st.stop], evals[st.start:st.stop], strict=True):
+            dyn = dynamic_energy(ev.counts, ev.bits, chip.energy)
+            t = ev.cycles / f
+            parts = {**{k: v / frames for k, v in dyn.items()}, "static": static_energy(t, chip.energy) / frames}
+            for k, v in parts.items():
+                breakdown[k] += v
+            peak = chip.cores * chip.macs_per_cycle(ev.bits)
+            ideal += w.gemm.macs / peak
+            layer_results.append(LayerResult(
+                name=w.layer.name, kind=w.layer.kind, bits=ev.bits, macs=w.layer.macs, params=w.layer.params,
+                chip=idx, cycles=ev.cycles, latency_s=t, energy_j=sum(parts.values()), energy_breakdown_j=parts,
+                stage_cycles=dict(ev.stages), bound=ev.bound, utilization=w.gemm.macs / (peak * ev.cycles),
+                mapping=ev.mapping.describe(), cores_used=ev.mapping.cores_used,
+                weight_bytes=weight_bytes(w.layer, ev.bits),
+            ))
+            seconds += t
+        nbytes = transfer_bytes(works, assignment, st)
+        xfer = transfer_seconds(nbytes, chip)
+        e_xfer = pcie_energy(nbytes, chip.energy)
+        breakdown["pcie"] += e_xfer / frames
+        stage_results.append(StageResult(idx, works[st.start].layer.name, works[st.stop - 1].layer.name,
+                                         st.stop - st.start, st.weight_bytes, st.capacity_bytes, seconds, nbytes,
+                                         xfer, e_xfer))
+        period = max(period, seconds, xfer)
+        latency += seconds + xfer
+    # Every chip draws static power for the whole period, busy or waiting on the slowest stage.
+    busy = sum(s.latency_s for s in stage_results)
+    breakdown["static"] += static_energy(len(stages) * period - busy, chip.energy) / frames
+    energy = sum(breakdown.values())
+    fps = frames / period
+    return SimResult(
+        model=model, engine=engine, chip_name=chip.name, frames=frames, layers=tuple(layer_results),
+        stages=tuple(stage_results), cycles=latency * f, latency_s=latency, throughput_fps=fps,
+        energy_per_frame_j=energy, energy_breakdown_j=breakdown, power_w=energy * fps, fps_per_w=1.0 / energy,
+        utilization=ideal / (busy * f), chips=len(stages), pipeline_period_s=period,
+    )
+
+
+def uniform(graph: LayerGraph | Sequence[Layer], bits: int) -> dict[str, int]:
+    """An assignment giving every layer the same precision."""
+    layers = graph.layers if isinstance(graph, LayerGraph) else graph
+    return {layer.name: bits for layer in layers}

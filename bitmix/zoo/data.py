@@ -1,0 +1,79 @@
+"""Real data for zoo models, in one shape every stage understands.
+
+A `TaskData` holds input tensors and targets for a train and a test split. Targets are
+class labels (metric `top1`, loss cross-entropy) or FP32 reference outputs (metric
+`cosine`, loss 1 - cosine similarity, i.e. distillation from the FP32 model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Inputs = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Split:
+    inputs: Inputs
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def subset(self, index: torch.Tensor) -> Split:
+        return Split(tuple(t[index] for t in self.inputs), self.targets[index])
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Train/test splits plus how to score a model on them."""
+
+    name: str
+    metric: str  # "top1" (accuracy, %) or "cosine" (mean cosine similarity to FP32 outputs, %)
+    train: Split
+    test: Split
+    info: dict = field(default_factory=dict, compare=False)
+
+    def batches(
+        self, split: str = "train", batch_size: int = 64, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[Inputs, torch.Tensor]]:
+        data = self._split(split)
+        n = len(data)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            yield tuple(t[idx] for t in data.inputs), data.targets[idx]
+
+    def calibration(self, n: int = 64) -> Inputs:
+        """The first `n` training inputs: unlabeled data for step sizes and post-training scores."""
+        return tuple(t[:n] for t in self.train.inputs)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.metric == "top1":
+            return F.cross_entropy(outputs, targets)
+        return (1.0 - F.cosine_similarity(outputs, targets, dim=-1)).mean()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str = "test", batch_size: int = 256) -> float:
+        """Task quality in percent: top-1 accuracy, or mean cosine similarity to FP32 outputs."""
+        total, count = 0.0, 0
+        for inputs, targets in self.batches(split, batch_size):
+            out = model(*inputs)
+            if self.metric == "top1":
+                total += float((out.argmax(dim=-1) == targets).sum())
+            else:
+                total += float(F.cosine_similarity(out.float(), targets, dim=-1).sum())
+            count += len(targets)
+        return 100.0 * total / count
+
+    def _split(self, split: str) -> Split:
+        if split == "train":
+            return self.train
+        if split == "test":
+            return self.test
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")

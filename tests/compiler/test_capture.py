@@ -1,0 +1,135 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bitmix.compiler.capture import capture
+from bitmix.errors import BitmixError
+
+ZOO = ["digits-cnn", "digits-mlp", "minilm", "resnet18", "resnet50", "mobilenetv2", "bert-base"]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_capture_every_zoo_model(capture_zoo, name):
+    graph = capture_zoo(name)
+    assert graph.layers, name
+    assert len(set(graph.names)) == len(graph.layers)
+    for layer in graph.layers:
+        assert layer.macs > 0
+        assert layer.kind in ("conv2d", "linear", "matmul")
+        assert (layer.params == 0) == (layer.kind == "matmul")
+    assert set(graph.deps.nodes) == set(graph.names)
+
+
+def test_resnet50_counts(capture_zoo):
+    graph = capture_zoo("resnet50")
+    kinds = [layer.kind for layer in graph.layers]
+    assert kinds.count("conv2d") == 53 and kinds.count("linear") == 1
+    assert abs(graph.total_macs - 4.1e9) / 4.1e9 < 0.01
+    assert graph.layers[0].name == "conv1" and graph.layers[-1].name == "fc"
+
+
+def test_resnet18_counts(capture_zoo):
+    graph = capture_zoo("resnet18")
+    assert len(graph.layers) == 21
+    assert abs(graph.total_macs - 1.81e9) / 1.81e9 < 0.01
+
+
+def test_minilm_counts(capture_zoo):
+    graph = capture_zoo("minilm")
+    kinds = [layer.kind for layer in graph.layers]
+    assert kinds.count("linear") == 37  # 36 in the encoder + the pooler
+    assert kinds.count("matmul") == 12  # QK^T and AV in 6 layers
+    qk = next(layer for layer in graph.layers if layer.kind == "matmul")
+    assert qk.input_shape == (1, 12, 64, 32) and qk.weight_shape == (1, 12, 32, 64)
+    assert qk.macs == 12 * 64 * 64 * 32
+
+
+def test_mobilenet_depthwise(capture_zoo):
+    graph = capture_zoo("mobilenetv2")
+    dw = [layer for layer in graph.layers if layer.groups > 1]
+    assert len(dw) == 17
+    for layer in dw:
+        assert layer.groups == layer.weight_shape[0] and layer.weight_shape[1] == 1
+        assert layer.macs == math.prod(layer.output_shape) * 9
+
+
+def test_digits_cnn_hand_computed(capture_zoo):
+    graph = capture_zoo("digits-cnn")
+    stem = graph.layer("stem")
+    assert stem.weight_shape == (32, 1, 3, 3) and stem.output_shape == (1, 32, 8, 8)
+    assert stem.macs == 32 * 8 * 8 * 9 and stem.params == 288
+    down = graph.layer("block2.conv1")
+    assert down.stride == (2, 2) and down.padding == (1, 1) and down.output_shape == (1, 64, 4, 4)
+    assert down.macs == 64 * 4 * 4 * 32 * 9
+    fc = graph.layer("fc")
+    assert fc.kind == "linear" and fc.has_bias and fc.params == 650 and fc.macs == 640
+    assert fc.weight_param == "fc.weight" and fc.bias_param == "fc.bias"
+    # dependencies go through BN, ReLU and residual adds
+    assert graph.deps.has_edge("stem", "block1.conv1")
+    assert graph.deps.has_edge("block1.conv2", "block2.shortcut.0")
+    assert graph.deps.has_edge("block3.conv2", "fc")
+    kinds = {op.kind for op in graph.vector_ops}
+    assert {"relu", "add", "batch_norm"} <= kinds
+
+
+def test_capture_grouped_dilated_conv_and_bmm():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2, groups=4)
+            self.proj = nn.Linear(16, 16, bias=False)
+
+        def forward(self, x):
+            y = self.conv(x).flatten(2).transpose(1, 2)  # (B, L, 16)
+            y = self.proj(y)
+            return torch.bmm(y, y.transpose(1, 2))
+
+    graph = capture(Net(), (torch.randn(2, 8, 9, 9),))
+    conv, proj, bmm = graph.layers
+    assert conv.groups == 4 and conv.dilation == (2, 2) and conv.stride == (2, 2) and conv.padding == (2, 2)
+    assert conv.output_shape == (2, 16, 5, 5) and conv.macs == 2 * 16 * 25 * 2 * 9
+    assert conv.params == 16 * 2 * 9 + 16
+    assert proj.kind == "linear" and not proj.has_bias and proj.macs == 2 * 25 * 16 * 16
+    assert bmm.kind == "matmul" and bmm.macs == 2 * 25 * 25 * 16
+    assert graph.deps.has_edge(proj.name, bmm.name)
+
+
+def test_capture_does_not_mutate_model():
+    from bitmix import zoo
+
+    model, inputs, _ = zoo.load("digits-cnn")  # a private copy: train() below must not leak
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    capture(model, inputs)
+    assert model.training
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_capture_errors():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.fc(x)
+            return x
+
+    with pytest.raises(BitmixError, match="torch.export could not capture"):
+        capture(DataDependent(), (torch.randn(1, 4),))
+    with pytest.raises(BitmixError, match="no quantizable layers"):
+        capture(nn.ReLU(), (torch.randn(1, 4),))
+    with pytest.raises(BitmixError, match="nn.Module"):
+        capture(lambda x: x, (torch.randn(1, 4),))  # type: ignore[arg-type]
+    with pytest.raises(BitmixError, match="example_inputs"):
+        capture(nn.Linear(4, 4), ([1, 2, 3],))
+
+
+def test_single_tensor_example_input():
+    graph = capture(nn.Linear(4, 3), torch.randn(2, 4))
+    assert graph.layers[0].macs == 2 * 4 * 3 and graph.input_shapes == ((2, 4),)

@@ -1,0 +1,96 @@
+"""prepare: BN folding and QuantLayer insertion keep the float model's outputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from bitmix import zoo
+from bitmix.compiler.capture import capture
+from bitmix.compiler.fold import prepare
+from bitmix.compiler.quantize import QuantLayer, quant_layers
+
+torch.set_num_threads(2)
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    model, example, data = zoo.load("digits-cnn")
+    graph = capture(model, example, "digits-cnn")
+    return model, graph, prepare(graph), data
+
+
+def test_digits_cnn_matches_original_on_a_batch(cnn):
+    model, _, gm, data = cnn
+    x = data.calibration(128)
+    with torch.no_grad():
+        assert _relative_error(gm(*x), model(*x)) < 1e-5
+    assert data.evaluate(gm) == data.evaluate(model)
+
+
+def test_batchnorm_is_folded_and_old_state_dropped(cnn):
+    _, graph, gm, _ = cnn
+    targets = {str(n.target) for n in gm.graph.nodes}
+    assert not any("batch_norm" in t for t in targets)
+    keys = set(gm.state_dict())
+    assert not any(k.startswith(("bn.", "stem.", "block1.")) for k in keys)
+    layers = quant_layers(gm)
+    assert list(layers) == list(graph.names)
+    assert all(layer.bias is not None for name, layer in layers.items() if name != "fc")  # folded BN bias
+
+
+def test_layer_mapping_and_nonneg_inputs(cnn):
+    _, graph, gm, _ = cnn
+    assert set(gm.bitmix_layers) == set(graph.names)
+    for name, attr in gm.bitmix_layers.items():
+        module = getattr(gm, attr)
+        assert isinstance(module, QuantLayer) and module.name == name and module.bits is None
+    layers = quant_layers(gm)
+    assert not layers["stem"].a_nonneg  # raw input: unknown sign
+    assert layers["block1.conv1"].a_nonneg and layers["fc"].a_nonneg  # after ReLU / pooling of ReLU
+
+
+def test_user_model_and_export_untouched(cnn):
+    model, graph, gm, _ = cnn
+    before = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        for p in gm.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    fresh = prepare(graph)
+    assert not torch.equal(fresh.bitmix_stem.weight, gm.bitmix_stem.weight)
+
+
+def test_prepared_model_accepts_any_batch_and_deepcopies(cnn):
+    _, graph, _, data = cnn
+    gm = prepare(graph)
+    clone = copy.deepcopy(gm)
+    assert clone.bitmix_layers == gm.bitmix_layers
+    with torch.no_grad():
+        assert clone(data.calibration(7)[0]).shape == (7, 10)
+
+
+def test_resnet18_matches_original():
+    model, example, _ = zoo.load("resnet18")
+    gm = prepare(capture(model, example, "resnet18"))
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _relative_error(gm(x), model(x)) < 1e-5
+    assert len(quant_layers(gm)) == 21
+
+
+@pytest.mark.slow
+def test_minilm_matches_original_and_marks_softmax_nonneg():
+    model, example, _ = zoo.load("minilm")
+    gm = prepare(capture(model, example, "minilm"))
+    with torch.no_grad():
+        assert _relative_error(gm(*example), model(*example)) < 1e-5
+    matmuls = [layer for layer in quant_layers(gm).values() if layer.kind == "matmul"]
+    assert len(matmuls) == 12
+    assert sum(layer.a_nonneg for layer in matmuls) == 6  # attention probabilities @ V

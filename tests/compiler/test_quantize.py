@@ -1,0 +1,170 @@
+"""LSQ quantizer against its formulas, QuantLayer, fake_quantize and finetune."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bitmix import zoo
+from bitmix.compiler.capture import capture
+from bitmix.compiler.fold import prepare
+from bitmix.compiler.quantize import LSQQuantizer, QuantLayer, fake_quantize, finetune, qrange, quant_layers
+from bitmix.errors import BitmixError
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model, example, data = zoo.load("digits-mlp")
+    return prepare(capture(model, example, "digits-mlp")), data
+
+
+def test_qrange_signed_and_unsigned():
+    assert qrange(4, True) == (8, 7)
+    assert qrange(2, True) == (2, 1)
+    assert qrange(8, False) == (0, 255)
+    assert qrange(2, False) == (0, 3)
+
+
+def test_forward_is_round_clip_times_step():
+    q = LSQQuantizer(4, signed=True)
+    q.set_step(torch.tensor(0.5))
+    v = torch.tensor([-10.0, -1.3, -0.25, 0.0, 0.26, 0.74, 3.49, 10.0])
+    expected = torch.round(torch.clamp(v / 0.5, -8, 7)) * 0.5
+    assert torch.equal(q(v.unsqueeze(0)).squeeze(0), expected)
+
+
+def test_gradients_match_hand_derived_lsq_formulas():
+    """dL/dv = 1 inside the range, 0 outside; dL/ds = g * sum(up * (round(v/s) - v/s | -Q_N | Q_P))."""
+    bits, step = 3, 0.4
+    q = LSQQuantizer(bits, signed=True)
+    q.set_step(torch.tensor(step))
+    q_n, q_p = qrange(bits, True)
+    v = torch.tensor([[-3.0, -1.7, -0.5, 0.1, 0.33, 0.9, 1.1, 5.0]], requires_grad=True)
+    up = torch.linspace(0.5, 2.0, v.numel()).reshape(v.shape)
+    (q(v) * up).sum().backward()
+    x = v.detach() / step
+    inside = (x > -q_n) & (x < q_p)
+    assert torch.equal(v.grad, inside.float() * up)
+    ds = torch.where(inside, torch.round(x) - x, torch.where(x <= -q_n, torch.tensor(-q_n * 1.0), torch.tensor(q_p * 1.0)))
+    g = 1.0 / math.sqrt(v[0].numel() * q_p)
+    assert q.step.grad is not None
+    assert float(q.step.grad) == pytest.approx(float((ds * up).sum()) * g, rel=1e-6)
+
+
+def test_per_channel_gradient_scale_uses_elements_per_channel():
+    q = LSQQuantizer(4, signed=True, channels=3)
+    w = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))
+    q.init_step(w)
+    q(w).sum().backward()
+    x = w / q.step.detach().reshape(-1, 1, 1)
+    inside = (x > -8) & (x < 7)
+    ds = torch.where(inside, torch.round(x) - x, torch.where(x <= -8, -8.0, 7.0))
+    expected = ds.reshape(3, -1).sum(1) / math.sqrt(10 * 7)
+    assert torch.allclose(q.step.grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_init_is_two_mean_abs_over_sqrt_qp():
+    w = torch.randn(4, 9, generator=torch.Generator().manual_seed(1))
+    q = LSQQuantizer(2, signed=True, channels=4)
+    q.init_step(w)
+    assert torch.allclose(q.step, 2 * w.abs().mean(1) / math.sqrt(1))
+    a = torch.rand(8, 16)
+    qa = LSQQuantizer(4, signed=False)
+    qa(a)  # first forward initialises from the batch
+    assert float(qa.step) == pytest.approx(2 * float(a.abs().mean()) / math.sqrt(15), rel=1e-6)
+
+
+@pytest.mark.parametrize(("bits", "signed"), [(2, True), (4, True), (8, False), (4, False)])
+def test_codes_match_kernel_rounding_bit_for_bit(bits, signed):
+    gen = torch.Generator().manual_seed(bits)
+    step = 0.0371
+    q = LSQQuantizer(bits, signed)
+    q.set_step(torch.tensor(step))
+    x = torch.randn(64, 33, generator=gen) * 0.3
+    x[0, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 0.0]) * step  # exact ties
+    q_n, q_p = qrange(bits, signed)
+    expected = np.rint(np.clip(x.numpy() / np.float32(step), -q_n, q_p))
+    codes = q.codes(x)
+    assert codes.dtype == torch.int32
+    assert np.array_equal(codes.numpy(), expected.astype(np.int32))
+    assert torch.equal(q(x), codes.float() * q.step)
+
+
+def test_quant_layer_float_passthrough_and_quantized_forward():
+    gen = torch.Generator().manual_seed(2)
+    w, b = torch.randn(6, 3, 3, 3, generator=gen), torch.randn(6, generator=gen)
+    layer = QuantLayer("c", "conv2d", w, b, (1, 1), (1, 1))
+    x = torch.randn(2, 3, 5, 5, generator=gen)
+    assert torch.equal(layer(x), F.conv2d(x, w, b, 1, 1))
+    layer.set_bits(4)
+    y = layer(x)
+    assert layer.a_quant is not None and layer.w_quant is not None
+    assert torch.allclose(y, F.conv2d(layer.a_quant(x), layer.w_quant(layer.weight), layer.bias, 1, 1))
+    assert layer.a_quant.signed and layer.w_quant.signed and layer.w_quant.channels == 6
+
+
+def test_matmul_layer_quantizes_both_operands():
+    layer = QuantLayer("m", "matmul", a_nonneg=True)
+    layer.set_bits(2)
+    assert layer.a_quant is not None and layer.b_quant is not None
+    assert not layer.a_quant.signed and layer.b_quant.signed and layer.w_quant is None
+    a, b = torch.rand(2, 4, 5), torch.randn(2, 5, 3)
+    out = layer(a, b)
+    assert out.shape == (2, 4, 3)
+    assert torch.equal(out, torch.matmul(layer.a_quant(a), layer.b_quant(b)))
+
+
+def test_fake_quantize_returns_new_module_with_assigned_bits(mlp):
+    gm, data = mlp
+    calib = data.calibration(32)
+    fq = fake_quantize(gm, {"fc1": 8, "fc2": 2}, calibration=calib)
+    layers = quant_layers(fq)
+    assert (layers["fc1"].bits, layers["fc2"].bits, layers["fc3"].bits) == (8, 2, None)
+    assert all(layer.bits is None for layer in quant_layers(gm).values())
+    assert not layers["fc1"].a_quant.signed  # pixels in [0, 1]: unsigned from calibration
+    assert not layers["fc2"].a_quant.signed  # after ReLU: unsigned from the graph
+    assert bool(layers["fc2"].a_quant.initialized)
+    assert fq.bitmix_layers == gm.bitmix_layers
+
+
+def test_fake_quantize_data_free_default_and_errors(mlp):
+    gm, _ = mlp
+    fq = fake_quantize(gm, {"fc2": 4})
+    q = quant_layers(fq)["fc2"].a_quant
+    assert float(q.step) == pytest.approx(2 / math.sqrt(2 * math.pi) / math.sqrt(15), rel=1e-6)
+    with pytest.raises(BitmixError, match="unknown layer"):
+        fake_quantize(gm, {"nope": 4})
+
+
+def test_finetune_is_deterministic_and_leaves_input_untouched(mlp):
+    gm, data = mlp
+    fq = fake_quantize(gm, {"fc1": 8, "fc2": 2, "fc3": 8}, calibration=data.calibration(64))
+    before = {k: v.clone() for k, v in fq.state_dict().items()}
+    a = finetune(fq, data, epochs=1, lr=0.01, seed=3, max_batches=6)
+    b = finetune(fq, data, epochs=1, lr=0.01, seed=3, max_batches=6)
+    for k, v in fq.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert not torch.equal(a.state_dict()["bitmix_fc2.weight"], before["bitmix_fc2.weight"])
+
+
+def test_finetune_recovers_two_bit_accuracy(mlp):
+    gm, data = mlp
+    fq = fake_quantize(gm, {"fc1": 8, "fc2": 2, "fc3": 8}, calibration=data.calibration(64))
+    tuned = finetune(fq, data, epochs=2, lr=0.01, optimizer="adam", seed=0, teacher=gm)
+    assert data.evaluate(tuned) >= data.evaluate(fq) - 0.5
+    assert data.evaluate(tuned) > 90.0
+
+
+def test_finetune_rejects_bad_arguments(mlp):
+    gm, data = mlp
+    with pytest.raises(BitmixError, match="optimizer"):
+        finetune(gm, data, epochs=1, lr=0.1, optimizer="lion")
+    with pytest.raises(BitmixError, match="lr > 0"):
+        finetune(gm, data, epochs=1, lr=0.0)
