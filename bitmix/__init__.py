@@ -4,9 +4,14 @@ Public surface: `compile`, `Target`, `targets`, `load_report`, `capture`.
 """
 
 from bitmix.compiler.capture import capture
+from bitmix.compiler.pipeline import CompiledModel, FinetuneConfig, compile
 from bitmix.compiler.targets import TARGETS as targets
 from bitmix.compiler.targets import Target
 from bitmix.errors import BitmixError
+from bitmix.report import Report, load_report
 
-__all__ = ["BitmixError", "Target", "capture", "targets"]
+__all__ = [
+    "BitmixError", "CompiledModel", "FinetuneConfig", "Report", "Target",
+    "capture", "compile", "load_report", "targets",
+]
 __version__ = "0.1.0"

@@ -57,10 +57,54 @@ def cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from bitmix import zoo
+    from bitmix.compiler.pipeline import FinetuneConfig, compile
+
+    model, inputs, data = zoo.load(args.model)
+    if args.eval and data is None:
+        raise BitmixError(f"model {args.model!r} has no evaluation data in the zoo; drop --eval")
+    finetune = FinetuneConfig(epochs=args.finetune_epochs) if args.finetune_epochs else None
+    if finetune is not None and data is None:
+        raise BitmixError(f"model {args.model!r} has no training data in the zoo; drop --finetune-epochs")
+    cm = compile(model, inputs, target=args.target, method=args.method, budget=args.budget, calibration=data,
+                 data=data, finetune=finetune, eval=data if args.eval else None, fps=args.fps,
+                 latency_s=args.latency, energy_j=args.energy, chip_config=args.config, seed=args.seed,
+                 name=args.model, frontier_points=args.frontier_points)
+    assert cm.report is not None
+    cm.report.print()
+    html = cm.report.save(args.out)
+    console.print(f"report: {html.resolve()} (and report.json, plots in {html.parent})")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from bitmix.simulator import simulate_model_cli
+
+    return simulate_model_cli(args.model, args.bits, args.config, args.engine, args.json)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bitmix.kernels.bench import run_kernel_bench
+
+    run_kernel_bench(quick=args.quick, json_path=args.json)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": cmd_models,
     "capture": cmd_capture,
+    "compile": cmd_compile,
+    "simulate": cmd_simulate,
+    "bench": cmd_bench,
 }
+
+
+def _positive_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +114,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stats", action="store_true", help="skip capturing each model for layer/MAC counts")
     p = sub.add_parser("capture", help="capture a model and print its quantizable layers")
     p.add_argument("model")
+    p = sub.add_parser("compile", help="choose per-layer bits, lower to kernels, simulate, write the report")
+    p.add_argument("model", help="a zoo model (see `bitmix models`)")
+    p.add_argument("--target", default="int4int2-npu")
+    p.add_argument("--method", default="eagl")
+    p.add_argument("--budget", type=_positive_float, default=0.75,
+                   help="simulated cost allowed, as a fraction of the all-highest-choice cost")
+    p.add_argument("--fps", type=_positive_float, help="absolute goal instead of --budget: frames/s")
+    p.add_argument("--latency", type=_positive_float, help="absolute goal: latency per frame in seconds")
+    p.add_argument("--energy", type=_positive_float, help="absolute goal: energy per frame in joules")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="LSQ fine-tuning epochs after allocation")
+    p.add_argument("--eval", action="store_true", help="measure quality: FP32, fake-quant and on the kernels")
+    p.add_argument("--config", help="chip configuration TOML overriding the simulator defaults")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frontier-points", type=int, default=6, help="knapsack points on the report's frontier")
+    p.add_argument("--out", required=True, help="directory for report.json, report.html and plots")
+    p = sub.add_parser("simulate", help="simulate a zoo model at one precision on the NorthPole-style chip")
+    p.add_argument("model")
+    p.add_argument("--bits", type=int, choices=(8, 4, 2), default=8)
+    p.add_argument("--config", help="chip configuration TOML")
+    p.add_argument("--engine", choices=("analytic", "cycle"), default="analytic")
+    p.add_argument("--json", help="write the SimResult as JSON to this file")
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="suite", required=True)
+    k = bench.add_parser("kernels", help="packed int kernels vs torch fp32 and torch int8 dynamic")
+    k.add_argument("--json", help="write one record per case and baseline")
+    k.add_argument("--quick", action="store_true", help="a few small cases, well under a minute")
     return parser
 
 

@@ -24,6 +24,9 @@ aten = torch.ops.aten
 CONV_OPS = {aten.conv2d.default, aten.convolution.default}
 LINEAR_OPS = {aten.linear.default}
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.mm.default}
+# Ops that multiply by weights but have no bitmix kernel: they stay FP32 and are reported.
+NO_KERNEL_OPS = {"conv1d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution",
+                 "addmm", "matmul", "mm", "bmm", "einsum", "baddbmm", "conv2d"}
 
 # Ops that only move or relabel data: free on the vector unit, not worth a VectorOp.
 LAYOUT_OPS = {
@@ -42,7 +45,7 @@ def capture(model: nn.Module, example_inputs: tuple | torch.Tensor, name: str | 
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise BitmixError("example_inputs must be a tensor or a tuple of tensors (one per forward argument)")
     exported = export(model, inputs)
-    layers, vector_ops, deps = _index(exported)
+    layers, vector_ops, deps, unsupported = _index(exported)
     if not layers:
         raise BitmixError(
             "the model has no quantizable layers (conv2d, linear, matmul/bmm); nothing for bitmix to do"
@@ -54,6 +57,7 @@ def capture(model: nn.Module, example_inputs: tuple | torch.Tensor, name: str | 
         deps=deps,
         exported=exported,
         input_shapes=tuple(tuple(t.shape) for t in inputs),
+        unsupported=tuple(unsupported),
     )
 
 
@@ -93,8 +97,11 @@ def _pair(v: object) -> tuple[int, int]:
     return (int(v), int(v))  # type: ignore[call-overload]
 
 
-def _index(exported: torch.export.ExportedProgram) -> tuple[list[Layer], list[VectorOp], nx.DiGraph]:
+def _index(
+    exported: torch.export.ExportedProgram,
+) -> tuple[list[Layer], list[VectorOp], nx.DiGraph, list[str]]:
     params = dict(exported.graph_signature.inputs_to_parameters)
+    unsupported: list[str] = []
     layers: list[Layer] = []
     vector_ops: list[VectorOp] = []
     deps = nx.DiGraph()
@@ -112,6 +119,8 @@ def _index(exported: torch.export.ExportedProgram) -> tuple[list[Layer], list[Ve
         if layer is None:
             reach[node] = sources
             op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+            if op in NO_KERNEL_OPS and any(a.name in params for a in inputs):
+                unsupported.append(f"{_module_path(node) or node.name} ({op})")
             if op not in LAYOUT_OPS and _shape(node):
                 in_elems = sum(math.prod(_shape(a)) for a in inputs if _shape(a))
                 vector_ops.append(VectorOp(node.name, op, math.prod(_shape(node)), in_elems, last_layer))
@@ -127,7 +136,7 @@ def _index(exported: torch.export.ExportedProgram) -> tuple[list[Layer], list[Ve
             deps.add_edge(src, layer.name)
         reach[node] = frozenset({layer.name})
         last_layer = layer.name
-    return layers, vector_ops, deps
+    return layers, vector_ops, deps, unsupported
 
 
 def _renamed(layer: Layer, name: str) -> Layer:

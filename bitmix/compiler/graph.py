@@ -82,6 +82,7 @@ class LayerGraph:
     deps: nx.DiGraph = field(compare=False, repr=False)  # edges between Layer names
     exported: Any = field(compare=False, repr=False)  # torch.export.ExportedProgram
     input_shapes: tuple[tuple[int, ...], ...] = ()
+    unsupported: tuple[str, ...] = ()  # weight-bearing ops with no bitmix kernel ("node (op)"): stay FP32
 
     def layer(self, name: str) -> Layer:
         for layer in self.layers:

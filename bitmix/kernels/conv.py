@@ -14,6 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from bitmix.errors import BitmixError
+from bitmix.kernels import matmul
 from bitmix.kernels.matmul import MR, check_activation_spec, check_packed, check_range, core_for
 from bitmix.kernels.pack import PackedWeight
 
@@ -81,9 +82,7 @@ def conv2d(
     ph, pw = _pair(padding, "padding", 0)
     dh, dw = _pair(dilation, "dilation", 1)
     if not isinstance(a_codes, np.ndarray) or a_codes.dtype.kind not in "iu":
-        raise BitmixError(
-            f"a_codes: expected an integer numpy array, got {getattr(a_codes, 'dtype', type(a_codes))}"
-        )
+        raise BitmixError(f"a_codes: expected an integer numpy array, got {getattr(a_codes, 'dtype', type(a_codes))}")
     if a_codes.ndim != 4 or a_codes.size == 0:
         raise BitmixError(f"a_codes: expected a non-empty (B, C_in, H, W) array, got shape {a_codes.shape}")
     nb, c, h, wd = a_codes.shape
@@ -96,9 +95,7 @@ def conv2d(
     ho = conv_out_size(h, kh, sh, ph, dh)
     wo = conv_out_size(wd, kw, sw, pw, dw)
     if ho < 1 or wo < 1:
-        raise BitmixError(
-            f"a_codes: spatial size {(h, wd)} too small for kernel/padding/dilation (output {ho}x{wo})"
-        )
+        raise BitmixError(f"a_codes: spatial size {(h, wd)} too small for kernel/padding/dilation (output {ho}x{wo})")
     check_range(int(a_codes.min()), int(a_codes.max()), lo, hi, a_bits, a_signed)
     groups = int(groups)
     m = nb * ho * wo
@@ -125,7 +122,7 @@ def conv2d(
         asum,
     )
     out = np.empty((m, w.n), dtype=np.int32)
-    core_for(w.bits)(
+    core_for(w.bits, matmul.ACTIVE_PATH)(
         a8, asum, w.data.reshape(-1), w.row_sums, shift, groups, m, mp, w.n // groups, w.k_pad, out
     )
     return np.ascontiguousarray(out.reshape(nb, ho, wo, w.n).transpose(0, 3, 1, 2))

@@ -18,6 +18,8 @@ is limited to 65536 so every s32 lane fits (65536 * 255 * 128 < 2^31).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit, prange
 
@@ -66,7 +68,7 @@ def _micro_portable(bits: int):
     cpb = codes_per_block(bits)
     signed8 = bits == 8
 
-    @njit(cache=True, inline="always")
+    @njit(cache=True)
     def dot1x1(w, wo, a, ao, nblk):
         s = 0
         for b in range(nblk):
@@ -79,7 +81,7 @@ def _micro_portable(bits: int):
                         s += ((byte >> (bits * p)) & mask) * np.int64(a[ao + cpb * b + BLOCK_BYTES * p + j])
         return s
 
-    @njit(cache=True, inline="always")
+    @njit(cache=True)
     def dot1x4(w, wo0, wo1, wo2, wo3, a, ao, nblk):
         return (
             dot1x1(w, wo0, a, ao, nblk),
@@ -88,7 +90,7 @@ def _micro_portable(bits: int):
             dot1x1(w, wo3, a, ao, nblk),
         )
 
-    @njit(cache=True, inline="always")
+    @njit(cache=True)
     def dot4x2(w, wo0, wo1, a, ao0, ao1, ao2, ao3, nblk):
         return (
             dot1x1(w, wo0, a, ao0, nblk),
@@ -180,9 +182,7 @@ def _micro_avx2(bits: int):
             v = load_i8x32(w, wo + 32 * b)
             s = zero_i16x16()
             for p in range(planes):
-                s = add_i16x16(
-                    s, maddubs(unpack_i8x32(v, bits * p, mask), load_i8x32(a, ao + cpb * b + 32 * p))
-                )
+                s = add_i16x16(s, maddubs(unpack_i8x32(v, bits * p, mask), load_i8x32(a, ao + cpb * b + 32 * p)))
             acc = add_i32x8(acc, madd_ones(s))
         return hsum_i32x8(acc)
 
@@ -351,15 +351,20 @@ def _micro_avx512(bits: int):
     return _pin("avx512vnni", bits, dot1x1, dot1x4, dot4x2), 128 if w8 else 0
 
 
-def _build(path: str, bits: int):
-    """The parallel GEMM driver for one (path, weight bits)."""
+@functools.cache
+def micro_kernels(path: str, bits: int):
+    """``((dot1x1, dot1x4, dot4x2), wcorr)`` for one (path, weight bits); built once per process."""
     if path == "portable":
-        micro = _micro_portable(bits)
-    elif path == "avx2":
-        micro = _micro_avx2_w8() if bits == 8 else _micro_avx2(bits)
-    else:
-        micro = _micro_avx512(bits)
-    (dot1x1, dot1x4, dot4x2), wcorr = micro
+        return _micro_portable(bits)
+    if path == "avx2":
+        return _micro_avx2_w8() if bits == 8 else _micro_avx2(bits)
+    return _micro_avx512(bits)
+
+
+@functools.cache
+def core_for(bits: int, path: str):
+    """The parallel GEMM driver for one (path, weight bits)."""
+    (dot1x1, dot1x4, dot4x2), wcorr = micro_kernels(path, bits)
     offset = 0 if bits == 8 else 1 << (bits - 1)
     row_bytes_per_code = bits
     cpb = codes_per_block(bits)
@@ -406,9 +411,7 @@ def _build(path: str, bits: int):
                     c1 = corr * wsum[n + 1]
                     for i in range(m0, m1, MR):
                         ao = abase + i * kp
-                        q = dot4x2(
-                            w, n * wrow, (n + 1) * wrow, a8, ao, ao + kp, ao + 2 * kp, ao + 3 * kp, nblk
-                        )
+                        q = dot4x2(w, n * wrow, (n + 1) * wrow, a8, ao, ao + kp, ao + 2 * kp, ao + 3 * kp, nblk)
                         for d in range(MR):
                             if i + d < m:
                                 sa = offset * asum[g * mp + i + d]
@@ -423,41 +426,32 @@ def _build(path: str, bits: int):
     return _pin(path, bits, core)[0]
 
 
-_CORES: dict[tuple[str, int], object] = {}
-
-
-def core_for(bits: int, path: str | None = None):
-    """The compiled driver for ``bits`` on ``path`` (default: ``ACTIVE_PATH``)."""
-    key = (path or ACTIVE_PATH, bits)
-    if key not in _CORES:
-        _CORES[key] = _build(*key)
-    return _CORES[key]
-
-
 @njit(parallel=True, cache=True)
 def _prep_rows(a, shift, kp, a8, asum, mins, maxs, write):
     """Shift activations to signed bytes in the padded (mp, kp) buffer, with row sums and range.
 
-    Separate plain loops so LLVM vectorises each (a fused loop with a branch does not).
+    Separate plain loops in narrow types so LLVM vectorises each. The int32 sum may wrap
+    only for out-of-range input, which the min/max (kept in the input dtype, reported as
+    float64 so huge uint64 values stay out of range) rejects before any kernel runs.
     """
     m, k = a.shape
+    sh = np.int32(shift)
     for i in prange(m):
         row = a[i]
-        s = 0
-        lo = np.int64(row[0])
-        hi = lo
+        s = np.int32(0)
+        lo = row[0]
+        hi = row[0]
         for j in range(k):
-            v = np.int64(row[j])
-            s += v
-            lo = min(lo, v)
-            hi = max(hi, v)
-        asum[i] = s - shift * k
-        mins[i] = lo
-        maxs[i] = hi
+            s += np.int32(row[j])
+            lo = min(lo, row[j])
+            hi = max(hi, row[j])
+        asum[i] = np.int64(s) - shift * k
+        mins[i] = np.float64(lo)
+        maxs[i] = np.float64(hi)
         if write:
             dst = a8[i * kp : i * kp + k]
             for j in range(k):
-                dst[j] = row[j] - shift
+                dst[j] = np.int32(row[j]) - sh
 
 
 def check_activation_spec(a_bits: int, a_signed: bool) -> tuple[int, int, int]:
@@ -473,13 +467,9 @@ def check_activation_spec(a_bits: int, a_signed: bool) -> tuple[int, int, int]:
 def check_packed(w: object, name: str = "w") -> PackedWeight:
     """Reject anything that is not a well-formed ``PackedWeight``."""
     if not isinstance(w, PackedWeight):
-        raise BitmixError(
-            f"{name}: expected a PackedWeight from bitmix.kernels.pack_weights, got {type(w).__name__}"
-        )
+        raise BitmixError(f"{name}: expected a PackedWeight from bitmix.kernels.pack_weights, got {type(w).__name__}")
     if w.bits not in SUPPORTED_BITS or w.k_pad % codes_per_block(w.bits) or w.k_pad > MAX_K_PAD:
-        raise BitmixError(
-            f"{name}: unsupported layout (bits={w.bits}, k_pad={w.k_pad}; k_pad must be <= {MAX_K_PAD})"
-        )
+        raise BitmixError(f"{name}: unsupported layout (bits={w.bits}, k_pad={w.k_pad}; k_pad must be <= {MAX_K_PAD})")
     row_bytes = w.k_pad * w.bits // 8
     if (
         not isinstance(w.data, np.ndarray)
@@ -489,18 +479,16 @@ def check_packed(w: object, name: str = "w") -> PackedWeight:
         or w.row_sums.shape != (w.n,)
         or w.row_sums.dtype != np.int32
     ):
-        raise BitmixError(
-            f"{name}: corrupted PackedWeight (data must be C-contiguous uint8 {(w.n, row_bytes)})"
-        )
+        raise BitmixError(f"{name}: corrupted PackedWeight (data must be C-contiguous uint8 {(w.n, row_bytes)})")
     return w
 
 
-def check_range(lo_seen: int, hi_seen: int, lo: int, hi: int, a_bits: int, a_signed: bool) -> None:
+def check_range(lo_seen: float, hi_seen: float, lo: int, hi: int, a_bits: int, a_signed: bool) -> None:
     """Raise naming ``a_codes`` when observed codes leave the declared range."""
     if lo_seen < lo or hi_seen > hi:
         kind = "signed" if a_signed else "unsigned"
         want = f"{kind} {a_bits}-bit codes must lie in [{lo}, {hi}]"
-        raise BitmixError(f"a_codes: values span [{lo_seen}, {hi_seen}] but {want}")
+        raise BitmixError(f"a_codes: values span [{lo_seen:.0f}, {hi_seen:.0f}] but {want}")
 
 
 def gemm(a_codes: np.ndarray, w: PackedWeight, a_bits: int, a_signed: bool) -> np.ndarray:
@@ -508,9 +496,7 @@ def gemm(a_codes: np.ndarray, w: PackedWeight, a_bits: int, a_signed: bool) -> n
     w = check_packed(w)
     lo, hi, shift = check_activation_spec(a_bits, a_signed)
     if not isinstance(a_codes, np.ndarray) or a_codes.dtype.kind not in "iu":
-        raise BitmixError(
-            f"a_codes: expected an integer numpy array, got {getattr(a_codes, 'dtype', type(a_codes))}"
-        )
+        raise BitmixError(f"a_codes: expected an integer numpy array, got {getattr(a_codes, 'dtype', type(a_codes))}")
     if a_codes.ndim != 2 or a_codes.shape[1] != w.k or a_codes.shape[0] < 1:
         want = f"expected (M>=1, {w.k}) for weights with N={w.n}, K={w.k}"
         raise BitmixError(f"a_codes: shape {a_codes.shape} does not match; {want}")
@@ -520,10 +506,10 @@ def gemm(a_codes: np.ndarray, w: PackedWeight, a_bits: int, a_signed: bool) -> n
     direct = a.dtype == np.int8 and shift == 0 and w.k == w.k_pad and mp == m
     a8 = a.reshape(-1) if direct else np.zeros(mp * w.k_pad, dtype=np.int8)
     asum = np.zeros(mp, dtype=np.int64)
-    mins = np.empty(m, dtype=np.int64)
-    maxs = np.empty(m, dtype=np.int64)
+    mins = np.empty(m, dtype=np.float64)
+    maxs = np.empty(m, dtype=np.float64)
     _prep_rows(a, shift, w.k_pad, a8, asum, mins, maxs, not direct)
-    check_range(int(mins.min()), int(maxs.max()), lo, hi, a_bits, a_signed)
+    check_range(float(mins.min()), float(maxs.max()), lo, hi, a_bits, a_signed)
     out = np.empty((m, w.n), dtype=np.int32)
-    core_for(w.bits)(a8, asum, w.data.reshape(-1), w.row_sums, shift, 1, m, mp, w.n, w.k_pad, out)
+    core_for(w.bits, ACTIVE_PATH)(a8, asum, w.data.reshape(-1), w.row_sums, shift, 1, m, mp, w.n, w.k_pad, out)
     return out

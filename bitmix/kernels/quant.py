@@ -24,9 +24,7 @@ from bitmix.kernels.pack import PackedWeight
 
 def _f32(arr: object, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
     if not isinstance(arr, np.ndarray) or arr.dtype != np.float32:
-        raise BitmixError(
-            f"{name}: expected a float32 numpy array, got {getattr(arr, 'dtype', type(arr).__name__)}"
-        )
+        raise BitmixError(f"{name}: expected a float32 numpy array, got {getattr(arr, 'dtype', type(arr).__name__)}")
     if shape is not None and arr.shape != shape:
         raise BitmixError(f"{name}: expected shape {shape}, got {arr.shape}")
     return arr

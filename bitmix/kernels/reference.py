@@ -43,8 +43,6 @@ def conv2d(
         wg = wt[g * og : (g + 1) * og]
         for i in range(kh):
             for j in range(kw):
-                patch = xg[
-                    :, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw
-                ]
+                patch = xg[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
                 out[:, g * og : (g + 1) * og] += np.einsum("bchw,oc->bohw", patch, wg[:, :, i, j])
     return out

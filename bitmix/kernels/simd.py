@@ -147,12 +147,8 @@ def _make_unpack(vt: VecType):
             m = builder.trunc(args[2], lane) if args[2].type.width > 8 else args[2]
             undef = ir.Constant(_llty(vt), ir.Undefined)
             zeros = ir.Constant(ir.VectorType(ir.IntType(32), vt.lanes), None)
-            sv = builder.shuffle_vector(
-                builder.insert_element(undef, s, ir.Constant(ir.IntType(32), 0)), undef, zeros
-            )
-            mv = builder.shuffle_vector(
-                builder.insert_element(undef, m, ir.Constant(ir.IntType(32), 0)), undef, zeros
-            )
+            sv = builder.shuffle_vector(builder.insert_element(undef, s, ir.Constant(ir.IntType(32), 0)), undef, zeros)
+            mv = builder.shuffle_vector(builder.insert_element(undef, m, ir.Constant(ir.IntType(32), 0)), undef, zeros)
             return builder.and_(builder.lshr(args[0], sv), mv)
 
         return vt(v, shift, mask), codegen

@@ -109,11 +109,10 @@ DEFAULT_ENERGY_ROWS: tuple[EnergyRow, ...] = (
 
 # Static power: leakage of 22 B transistors, clock tree and the 8 always-on control threads per
 # core, which burn whether or not the MACs are busy. NorthPole's per-component power split is NF,
-# so this is the one energy constant fitted: NorthPole draws 74 W at 42,460 ResNet-50 int8 frames/s
-# (Science 2023 Table 1 [V2]) = 1.74 mJ/frame; this table's dynamic terms give ~1.03 mJ/frame on
-# ResNet-50 int8, leaving 0.71 mJ over the 23.6 us NorthPole frame time = 30 W. Set once, never
-# per model.
-DEFAULT_STATIC_POWER_W = 30.0
+# so this is the one energy constant fitted, once: NorthPole draws 74 W at 42,460 ResNet-50 int8
+# frames/s (Science 2023 Table 1 [V2]). This table's dynamic terms give 1.39 mJ per ResNet-50 int8
+# frame, i.e. 1.39 mJ x 42,460 fps = 59 W at the published rate; 74 - 59 = 15 W static [D].
+DEFAULT_STATIC_POWER_W = 15.0
 
 
 @dataclass(frozen=True)
@@ -180,8 +179,9 @@ class ChipConfig:
     vector_ops_per_cycle: int = 64
     mac_latency_cycles: int = 4  # MAC array pipeline depth [A]
     vector_latency_cycles: int = 4  # vector unit pipeline depth [A]
-    # Rows (output pixels/tokens) per pipelined block: activations arrive, are multiplied and
-    # leave in blocks of this many rows, double buffered [A].
+    # Rows (output pixels/tokens) per pipelined block, set by the accumulator file: 8 rows x 32
+    # lanes x int32 = 1 KiB [A]. Activations arrive, are multiplied and leave in such blocks,
+    # and the MAC array reloads its weight block from SRAM once per block.
     pipeline_rows: int = 8
     # NoC widths: the four NoCs share the ">4096 wires crossing each core both horizontally and
     # vertically" [V2, Science]; the split is NF [A]. One hop = one core pitch per cycle [A].

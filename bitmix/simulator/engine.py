@@ -4,48 +4,42 @@ Per layer, for each used core (numpy arrays over cores, a Python loop over block
 - Activation NoC: the core's input arrives in row blocks, serialised on its link, after
   the hop latency from the core that produced that tile in the previous layer (the
   frame buffer edge for the first layer); a matmul's second operand comes first.
-- Model NoC: the weight slice the core does not hold streams in after the hop latency
-  from the core's weight homes; block 0 steps through the weight blocks as they land.
+- Model and Instruction NoCs: the weight slice the core does not hold, and the layer's
+  program, stream in while the previous layer runs, after the hop latency from the
+  weight homes (spread over the array) or the array corner.
 - MAC array: each block takes rows x lane passes cycles once its inputs are in.
 - Partial-Sum NoC: non-root cores of a reduction chain send each block's partial sums
   towards the root, one hop per neighbour, serialised on the root's link.
 - Vector unit: the root requantises and runs the attached vector ops per block.
 The layer ends when the last core's vector unit drains (layers are sequential, as on
-NorthPole), or when the next layer's program has arrived, if that is later.
+NorthPole), or when the next layer's program and weights have landed, if that is later.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
 from bitmix.simulator.config import ChipConfig
 from bitmix.simulator.energy import count_actions
-from bitmix.simulator.mapping import Cores, LayerWork, busiest_core, cores_of, layer_cycles, map_layer, stage_cycles
+from bitmix.simulator.mapping import (
+    Cores,
+    LayerWork,
+    busiest_core,
+    cores_of,
+    map_layer,
+    prefetch_cycles,
+    producer_hops,
+    stage_cycles,
+)
 from bitmix.simulator.result import LayerEval
-
-
-def _act_hops(cores: Cores, prev: Cores | None, chip: ChipConfig) -> np.ndarray:
-    """Hops from the producer of each core's input tile (previous layer's chain root)."""
-    if prev is None:
-        return (cores.y + 1).astype(np.float64)  # the frame buffer feeds the array from row 0's edge
-    s_g, s_p, s_k = (int(a.max()) + 1 for a in (cores.gi, cores.pi, cores.ki))
-    pg, pp, pn = (int(a.max()) + 1 for a in (prev.gi, prev.pi, prev.ni))
-    want_g = ((cores.gi + 0.5) / s_g * pg).astype(np.int64)
-    want_p = ((cores.pi + 0.5) / s_p * pp).astype(np.int64)
-    want_n = ((cores.ki + 0.5) / s_k * pn).astype(np.int64)
-    roots = prev.ki == 0
-    key = {(g, p, n): (x, y) for g, p, n, x, y in
-           zip(prev.gi[roots], prev.pi[roots], prev.ni[roots], prev.x[roots], prev.y[roots], strict=True)}
-    src = np.array([key[(g, p, n)] for g, p, n in zip(want_g, want_p, want_n, strict=True)])
-    return (np.abs(cores.x - src[:, 0]) + np.abs(cores.y - src[:, 1])).astype(np.float64)
 
 
 def _model_hops(cores: Cores, chip: ChipConfig) -> np.ndarray:
     """Mean hops from a core to the weight homes, which are spread evenly over the array."""
-    xs = np.arange(chip.cores_x)
-    ys = np.arange(chip.cores_y)
-    dx = np.abs(cores.x[:, None] - xs[None, :]).mean(axis=1)
-    dy = np.abs(cores.y[:, None] - ys[None, :]).mean(axis=1)
+    dx = np.abs(cores.x[:, None] - np.arange(chip.cores_x)[None, :]).mean(axis=1)
+    dy = np.abs(cores.y[:, None] - np.arange(chip.cores_y)[None, :]).mean(axis=1)
     return dx + dy
 
 
@@ -53,7 +47,7 @@ def simulate_layer(work: LayerWork, bits: int, chip: ChipConfig, prev: Cores | N
     m = map_layer(work, bits, chip)
     cores = cores_of(work, m, chip)
     cw = cores.work
-    act_hops = _act_hops(cores, prev, chip)
+    act_hops = producer_hops(cores, prev)
     model_hops = _model_hops(cores, chip)
     n = cw.rows.shape[0]
     nblk = np.maximum(1, -(-cw.rows // chip.pipeline_rows))
@@ -62,17 +56,7 @@ def simulate_layer(work: LayerWork, bits: int, chip: ChipConfig, prev: Cores | N
     ps = cw.psum_bits / chip.noc_psum.width_bits / nblk
     v = cw.vector_ops / chip.vector_ops_per_cycle / nblk
     act_start = act_hops * chip.noc_act.hop_cycles + cw.operand_bits / chip.noc_act.width_bits
-    w_start = model_hops * chip.noc_model.hop_cycles
-    w_total = cw.stream_bits / chip.noc_model.width_bits
-    wblocks = np.maximum(cw.blocks, 1)
-
-    # Block 0 waits for its inputs, then steps through the weight blocks as they stream in.
-    t = act_start + a
-    for i in range(int(wblocks.max())):
-        live = i < wblocks
-        landed = w_start + (i + 1) * w_total / wblocks
-        t = np.where(live, np.maximum(t, landed) + c / wblocks, t)
-    mac_end = t
+    mac_end = act_start + a + c
     chain = np.arange(n) % m.s_k  # position along the partial-sum chain (0 = root)
     hop_p = chip.noc_psum.hop_cycles
     roots = chain == 0
@@ -94,14 +78,25 @@ def simulate_layer(work: LayerWork, bits: int, chip: ChipConfig, prev: Cores | N
     body = float(vec_end.max()) + chip.mac_latency_cycles + chip.vector_latency_cycles
     counts = count_actions(work.gemm, work, bits, chip, cw, act_hops, model_hops)
     stages = stage_cycles(busiest_core(work, m, chip), chip)
-    return LayerEval(work.layer.name, bits, layer_cycles(body, chip), stages, counts, m), cores
+    return LayerEval(work.layer.name, bits, body, stages, counts, m), cores
+
+
+def _prefetch(cores: Cores, chip: ChipConfig) -> float:
+    """Program broadcast and weight streams of every core; the last to land sets the time."""
+    return float(prefetch_cycles(cores.work, chip, _model_hops(cores, chip)).max())
 
 
 def run(works: list[LayerWork], assignment: dict[str, int], chip: ChipConfig) -> list[LayerEval]:
-    """Simulate the layers in execution order (each layer's inputs come from the one before)."""
-    evals = []
+    """Simulate the layers in execution order (each layer's inputs come from the one before).
+
+    A layer lasts until its own cores drain and the next layer's program and weights have
+    landed (the last layer overlaps the prefetch of the next frame's first layer).
+    """
+    bodies: list[LayerEval] = []
+    prefetches: list[float] = []
     prev = None
     for w in works:
         ev, prev = simulate_layer(w, assignment[w.layer.name], chip, prev)
-        evals.append(ev)
-    return evals
+        bodies.append(ev)
+        prefetches.append(_prefetch(prev, chip))
+    return [replace(ev, cycles=max(ev.cycles, prefetches[(i + 1) % len(works)])) for i, ev in enumerate(bodies)]

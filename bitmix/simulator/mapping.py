@@ -12,7 +12,8 @@ Weights of the whole network stay resident, spread evenly over every core's SRAM
 during a layer the Model NoC streams each core the part of its slice it does not
 hold. Input activations arrive over the Activation NoC (multicast to the s_n cores
 that share them); the second operand of an activation x activation matmul does too.
-Programs arrive over the Instruction NoC while the previous layer runs.
+Programs (Instruction NoC) and weight slices (Model NoC) for a layer arrive while the
+previous layer runs, so a layer lasts max(its own body, the next layer's prefetch).
 
 The mapper enumerates splits and keeps the one with the fewest cycles by the closed
 form `body_cycles` below, which the analytic engine also uses (Timeloop-style: the
@@ -226,30 +227,36 @@ def core_work(gm: Gemm, vector_ops: float, bits: int, chip: ChipConfig, g, p, k,
     )
 
 
-def flow_cycles(cw: CoreWork, chip: ChipConfig, act_hops, model_hops, chain_hops) -> np.ndarray:
+def flow_cycles(cw: CoreWork, chip: ChipConfig, act_hops, chain_hops) -> np.ndarray:
     """Closed-form body cycles of a layer on a core (a deterministic flow line, see engine.py).
 
     Blocks of `pipeline_rows` rows pass four stages: Activation-NoC delivery, MAC array,
-    partial-sum chain, vector unit. The first block also waits for the weights (Model NoC)
-    or matmul operand (Activation NoC, sent first). Finish = first block through + the
-    slowest stage for every further block + the chain and pipeline latencies.
+    partial-sum chain, vector unit; a matmul's second operand is delivered first. Finish =
+    first block through every stage + the slowest stage for each further block + latencies.
+    Weights and the program are already on the core (prefetched, see `prefetch_cycles`).
     """
     nblk = np.maximum(1, -(-cw.rows // chip.pipeline_rows))
     a = cw.in_bits / chip.noc_act.width_bits / nblk
     c = cw.compute / nblk
     ps = cw.psum_bits / chip.noc_psum.width_bits / nblk
     v = cw.vector_ops / chip.vector_ops_per_cycle / nblk
-    operand = cw.operand_bits / chip.noc_act.width_bits
-    w = cw.stream_bits / chip.noc_model.width_bits
-    lat_a = act_hops * chip.noc_act.hop_cycles + operand
-    lat_w = model_hops * chip.noc_model.hop_cycles
-    nb = np.maximum(cw.blocks, 1)
-    first = np.maximum.reduce([lat_a + a + c, lat_w + w / nb + c, lat_w + w + c / nb])
+    lat_a = act_hops * chip.noc_act.hop_cycles + cw.operand_bits / chip.noc_act.width_bits
+    first = lat_a + a + c
     mac_done = np.maximum(first + (nblk - 1) * c, lat_a + nblk * a + c)
     chain = chain_hops * chip.noc_psum.hop_cycles
     psum_done = np.where(ps > 0, np.maximum(mac_done + chain + ps, first + chain + nblk * ps), mac_done)
     vec_done = np.maximum(psum_done + v, first + np.where(ps > 0, chain + ps, 0) + nblk * v)
     return vec_done + chip.mac_latency_cycles + chip.vector_latency_cycles
+
+
+def prefetch_cycles(cw: CoreWork, chip: ChipConfig, model_hops) -> np.ndarray:
+    """Cycles to bring a layer's program (Instruction NoC) and weight slice (Model NoC) to a core.
+
+    Both load while the previous layer runs, so that "data and programs are present on each
+    core before use" (Science 2023, Axiom 9): they only cost time beyond that layer's body.
+    """
+    weights = model_hops * chip.noc_model.hop_cycles + cw.stream_bits / chip.noc_model.width_bits
+    return np.maximum(program_cycles(chip), np.where(cw.stream_bits > 0, weights, 0.0))
 
 
 def _busiest(sender: CoreWork, root: CoreWork) -> CoreWork:
@@ -290,7 +297,9 @@ def _map(gm: Gemm, vector_ops: float, bits: int, chip: ChipConfig) -> Mapping:
     g, p, k, n = (-(-gm.groups // s_g), -(-gm.rows // s_p), -(-gm.red // s_k), -(-gm.cols // s_n))
     cw = core_work(gm, vector_ops, bits, chip, g, p, k, n, s_k > 1)
     root = core_work(gm, vector_ops, bits, chip, g, p, k, n, np.zeros_like(s_k, dtype=bool))
-    cycles = flow_cycles(_busiest(cw, root), chip, chip.mean_hops, chip.mean_hops, s_k - 1)
+    busiest = _busiest(cw, root)
+    cycles = np.maximum(flow_cycles(busiest, chip, chip.mean_hops, s_k - 1),
+                        prefetch_cycles(busiest, chip, weight_home_hops(chip)))
     cores = s_g * s_p * s_k * s_n
     traffic = (cw.in_bits + cw.stream_bits + cw.psum_bits) * cores
     best = int(np.lexsort((traffic, cores, np.round(cycles, 6)))[0])
@@ -321,11 +330,6 @@ def placement(m: Mapping, chip: ChipConfig) -> tuple[np.ndarray, np.ndarray, np.
     y = lin // chip.cores_x
     x = np.where(y % 2 == 0, lin % chip.cores_x, chip.cores_x - 1 - lin % chip.cores_x)
     return x, y, np.stack([gi, pi, ki, ni])
-
-
-def layer_cycles(body: float, chip: ChipConfig) -> float:
-    """A layer lasts its body, or the next layer's program load if that is longer."""
-    return max(body, program_cycles(chip))
 
 
 def weight_bytes(layer: Layer, bits: int) -> int:
@@ -366,3 +370,27 @@ def busiest_core(work: LayerWork, m: Mapping, chip: ChipConfig) -> CoreWork:
     sender = core_work(gm, work.vector_ops, m.bits, chip, *tile, m.s_k > 1)
     root = core_work(gm, work.vector_ops, m.bits, chip, *tile, False)
     return _busiest(sender, root)
+
+
+def producer_hops(cores: Cores, prev: Cores | None) -> np.ndarray:
+    """Hops from the core that produced each core's input tile (previous layer's chain root).
+
+    A core needs rows (and groups) in the same proportion of the tensor as it computes,
+    and input channels that the previous layer's output-channel split spread over its
+    cores. The first layer is fed from the frame buffer at row 0's edge of the array.
+    """
+    if prev is None:
+        return (cores.y + 1).astype(np.float64)
+    s_g, s_p, s_k = (int(a.max()) + 1 for a in (cores.gi, cores.pi, cores.ki))
+    pg, pp, pn = (int(a.max()) + 1 for a in (prev.gi, prev.pi, prev.ni))
+    roots = prev.ki == 0
+    grid = np.zeros((pg, pp, pn, 2), dtype=np.int64)
+    grid[prev.gi[roots], prev.pi[roots], prev.ni[roots]] = np.stack([prev.x[roots], prev.y[roots]], axis=1)
+    src = grid[((cores.gi + 0.5) / s_g * pg).astype(np.int64), ((cores.pi + 0.5) / s_p * pp).astype(np.int64),
+               ((cores.ki + 0.5) / s_k * pn).astype(np.int64)]
+    return (np.abs(cores.x - src[:, 0]) + np.abs(cores.y - src[:, 1])).astype(np.float64)
+
+
+def weight_home_hops(chip: ChipConfig) -> float:
+    """Mean hops from the worst (corner) core to the weight homes spread over the array."""
+    return (chip.cores_x - 1) / 2 + (chip.cores_y - 1) / 2

@@ -1,0 +1,64 @@
+"""`torch.compile(model, backend="bitmix")`: the compile pipeline as a TorchDynamo backend.
+
+Registered through the `torch_dynamo_backends` entry point. Dynamo hands us an FX
+GraphModule and example inputs but no calibration data, so the backend uses data-free
+EAGL scores and data-free activation step sizes on the default target (int4int2-npu,
+budget 0.75). Options pass through: `torch.compile(m, backend="bitmix",
+options={"target": ..., "budget": ..., "method": "eagl"})`.
+
+Limits: graph breaks compile each piece separately (first/last pinning then applies per
+piece); only data-free methods (eagl, uniform, random) work; each distinct input shape
+that Dynamo recompiles for runs the whole pipeline again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+DATA_FREE = ("eagl", "uniform", "random")
+
+
+class _Lifted(nn.Module):
+    """Dynamo lifts parameters to graph inputs; give them back to a module so export sees weights."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> None:
+        super().__init__()
+        self.gm = gm
+        self.slots = [isinstance(t, nn.Parameter) for t in example_inputs]
+        self.weights = nn.ParameterList([t for t in example_inputs if isinstance(t, nn.Parameter)])
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        params, user = iter(self.weights), iter(args)
+        return self.gm(*[next(params) if is_param else next(user) for is_param in self.slots])
+
+
+def bitmix_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
+    from bitmix.compiler.pipeline import compile as bitmix_compile
+    from bitmix.errors import BitmixError
+
+    options = dict(kwargs.get("options") or {})
+    method = options.pop("method", "eagl")
+    if method not in DATA_FREE:
+        raise BitmixError(f"the torch.compile backend has no data; use one of {', '.join(DATA_FREE)}")
+    lifted = _Lifted(gm, example_inputs)
+    user_inputs = tuple(_real(t) for t in example_inputs if not isinstance(t, nn.Parameter))
+    cm = bitmix_compile(lifted, user_inputs, method=method, frontier_points=0, **options)
+    slots = lifted.slots
+
+    def run(*args: Any) -> Any:
+        return cm(*[a for a, is_param in zip(args, slots, strict=True) if not is_param])
+
+    return run
+
+
+def _real(t: Any) -> Any:
+    """Export needs real tensors; replace fake ones with random data of the same shape and dtype."""
+    if isinstance(t, torch.Tensor) and isinstance(t, torch._subclasses.fake_tensor.FakeTensor):
+        if t.dtype.is_floating_point:
+            return torch.randn(tuple(t.shape), dtype=t.dtype)
+        return torch.zeros(tuple(t.shape), dtype=t.dtype)
+    return t.detach() if isinstance(t, torch.Tensor) else t

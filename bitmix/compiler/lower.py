@@ -1,0 +1,265 @@
+"""lower: a fake-quantized prepared model -> `CompiledModel` running on the packed kernels.
+
+Every quantized `QuantLayer` is swapped for a `KernelLayer` that calls a registered torch
+custom op (`bitmix::qlinear`, `bitmix::qconv2d`, `bitmix::qmatmul`). The op quantizes its
+input with the learned LSQ step (same float32 division and round-half-even as the
+fake-quant forward), runs the Numba kernel on packed weight codes with int32
+accumulation, and rescales `acc * (a_step * w_scale) + bias`. Each op has a fake
+implementation, so a `CompiledModel` can itself be exported.
+
+Each call also records the layer, the shapes it ran at and its precision, so
+`CompiledModel.simulate()` prices what was executed (batch size, sequence length) rather
+than what was traced.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from bitmix import kernels
+from bitmix.compiler.graph import Layer, LayerGraph, VectorOp
+from bitmix.compiler.quantize import QuantLayer, quant_layers
+from bitmix.errors import BitmixError
+
+
+@dataclass(frozen=True, eq=False)
+class KernelPlan:
+    """Everything one lowered layer needs at run time: packed codes, steps, scales, geometry."""
+
+    name: str
+    kind: str
+    bits: int
+    a_step: float
+    a_signed: bool
+    out_features: int = 0
+    packed: kernels.PackedWeight | None = None
+    w_scales: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    b_step: float = 1.0
+    b_signed: bool = True
+
+
+_PLANS: dict[int, KernelPlan] = {}
+_NEXT = itertools.count(1)
+
+
+def _register(plan: KernelPlan) -> int:
+    handle = next(_NEXT)
+    _PLANS[handle] = plan
+    return handle
+
+
+def _plan(handle: int) -> KernelPlan:
+    try:
+        return _PLANS[handle]
+    except KeyError:
+        raise BitmixError(f"no lowered layer with handle {handle}; re-run bitmix.compile") from None
+
+
+@torch.library.custom_op("bitmix::qlinear", mutates_args=())
+def qlinear_op(x: torch.Tensor, handle: int) -> torch.Tensor:
+    p = _plan(handle)
+    assert p.packed is not None and p.w_scales is not None
+    y = kernels.qlinear(_np(x), p.packed, p.w_scales, p.a_step, p.bits, p.a_signed, p.bias)
+    return torch.from_numpy(y)
+
+
+@qlinear_op.register_fake
+def _(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], _plan(handle).out_features))
+
+
+@torch.library.custom_op("bitmix::qconv2d", mutates_args=())
+def qconv2d_op(x: torch.Tensor, handle: int) -> torch.Tensor:
+    p = _plan(handle)
+    assert p.packed is not None and p.w_scales is not None
+    y = kernels.qconv2d(_np(x), p.packed, p.w_scales, p.a_step, p.bits, p.a_signed, p.bias, p.kernel_size,
+                        p.stride, p.padding, p.dilation, p.groups)
+    return torch.from_numpy(y)
+
+
+@qconv2d_op.register_fake
+def _(x: torch.Tensor, handle: int) -> torch.Tensor:
+    p = _plan(handle)
+    ho, wo = (
+        (size + 2 * pad - dil * (k - 1) - 1) // s + 1
+        for size, k, s, pad, dil in zip(x.shape[2:], p.kernel_size, p.stride, p.padding, p.dilation, strict=True)
+    )
+    return x.new_empty((x.shape[0], p.out_features, ho, wo))
+
+
+@torch.library.custom_op("bitmix::qmatmul", mutates_args=())
+def qmatmul_op(a: torch.Tensor, b: torch.Tensor, handle: int) -> torch.Tensor:
+    p = _plan(handle)
+    return torch.from_numpy(matmul_kernel(_np(a), _np(b), p))
+
+
+@qmatmul_op.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, handle: int) -> torch.Tensor:
+    return torch.matmul(a, b)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().to(torch.float32).cpu().numpy())
+
+
+def matmul_kernel(a: np.ndarray, b: np.ndarray, p: KernelPlan) -> np.ndarray:
+    """Activation x activation matmul: B's codes are packed per call (they change every call).
+
+    The packed format holds signed codes, so B must be signed; if only A is signed the
+    product is computed transposed. Two unsigned operands run on the int64 reference.
+    """
+    a_codes = kernels.quantize_activations(a, p.a_step, p.bits, p.a_signed)
+    b_codes = kernels.quantize_activations(b, p.b_step, p.bits, p.b_signed)
+    batch = np.broadcast_shapes(a_codes.shape[:-2], b_codes.shape[:-2])
+    a_codes = np.broadcast_to(a_codes, (*batch, *a_codes.shape[-2:])).reshape(-1, *a_codes.shape[-2:])
+    b_codes = np.broadcast_to(b_codes, (*batch, *b_codes.shape[-2:])).reshape(-1, *b_codes.shape[-2:])
+    acc = np.empty((a_codes.shape[0], a_codes.shape[1], b_codes.shape[2]), dtype=np.int32)
+    for i in range(a_codes.shape[0]):
+        if p.b_signed:
+            acc[i] = kernels.gemm(a_codes[i], kernels.pack_weights(b_codes[i].T.astype(np.int8), p.bits),
+                                  p.bits, p.a_signed)
+        elif p.a_signed:
+            acc[i] = kernels.gemm(b_codes[i].T, kernels.pack_weights(a_codes[i].astype(np.int8), p.bits),
+                                  p.bits, p.b_signed).T
+        else:
+            acc[i] = kernels.reference.gemm(a_codes[i], b_codes[i].T).astype(np.int32)
+    scale = np.float32(p.a_step) * np.float32(p.b_step)
+    return (acc.astype(np.float32) * scale).reshape(*batch, acc.shape[1], acc.shape[2])
+
+
+class CallRecorder:
+    """Shapes each lowered layer actually ran at, in call order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = []
+        self.enabled = True
+
+    def record(self, name: str, in_shape: tuple[int, ...], other: tuple[int, ...], out_shape: tuple[int, ...]) -> None:
+        if self.enabled:
+            self.calls.append((name, in_shape, other, out_shape))
+
+
+class KernelLayer(nn.Module):
+    """Drop-in for a quantized `QuantLayer`: calls the bitmix custom op for its kind."""
+
+    def __init__(self, plan: KernelPlan, recorder: CallRecorder) -> None:
+        super().__init__()
+        self.name = plan.name
+        self.kind = plan.kind
+        self.bits = plan.bits
+        self.plan = plan
+        self.handle = _register(plan)
+        self.recorder = recorder
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, kind={self.kind}, bits={self.bits}, handle={self.handle}"
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "matmul":
+            assert other is not None
+            out = torch.ops.bitmix.qmatmul(x, other, self.handle)
+        elif self.kind == "linear":
+            out = torch.ops.bitmix.qlinear(x, self.handle)
+        else:
+            out = torch.ops.bitmix.qconv2d(x, self.handle)
+        self.recorder.record(self.name, tuple(x.shape), tuple(other.shape) if other is not None else (),
+                             tuple(out.shape))
+        return out
+
+
+def plan_for(layer: QuantLayer) -> KernelPlan:
+    """Pack a fake-quantized layer's weight codes exactly as its forward pass rounds them."""
+    bits = layer.bits
+    if bits is None or layer.a_quant is None:
+        raise BitmixError(f"layer {layer.name!r} has no precision; fake_quantize it before lowering")
+    a_step = float(layer.a_quant.step.detach())
+    if layer.kind == "matmul":
+        assert layer.b_quant is not None
+        return KernelPlan(layer.name, "matmul", bits, a_step, layer.a_quant.signed,
+                          b_step=float(layer.b_quant.step.detach()), b_signed=layer.b_quant.signed)
+    assert layer.weight is not None and layer.w_quant is not None
+    weight = layer.weight.detach().float()
+    codes = layer.w_quant.codes(weight).reshape(weight.shape[0], -1).numpy().astype(np.int8)
+    scales = layer.w_quant.step.detach().float().reshape(-1).expand(weight.shape[0]).numpy().copy()
+    bias = layer.bias.detach().float().numpy().copy() if layer.bias is not None else None
+    geometry = {}
+    if layer.kind == "conv2d":
+        geometry = dict(kernel_size=tuple(weight.shape[2:]), stride=layer.stride, padding=layer.padding,
+                        dilation=layer.dilation, groups=layer.groups)
+    return KernelPlan(layer.name, layer.kind, bits, a_step, layer.a_quant.signed, out_features=weight.shape[0],
+                      packed=kernels.pack_weights(codes, bits), w_scales=scales, bias=bias, **geometry)
+
+
+@dataclass
+class LoweredModule:
+    module: nn.Module
+    recorder: CallRecorder
+    lowered: tuple[str, ...]
+    float_layers: tuple[str, ...] = field(default_factory=tuple)
+
+
+def lower(fake_quant_model: nn.Module) -> LoweredModule:
+    """Swap every quantized QuantLayer of a (deep-copied) model for a KernelLayer."""
+    module = copy.deepcopy(fake_quant_model).eval()
+    recorder = CallRecorder()
+    lowered, kept = [], []
+    for name, layer in quant_layers(module).items():
+        if layer.bits is None:
+            kept.append(name)
+            continue
+        _set_submodule(module, _path_of(module, layer), KernelLayer(plan_for(layer), recorder))
+        lowered.append(name)
+    return LoweredModule(module, recorder, tuple(lowered), tuple(kept))
+
+
+def _path_of(root: nn.Module, target: nn.Module) -> str:
+    for path, mod in root.named_modules():
+        if mod is target:
+            return path
+    raise KeyError(target)
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, attr, new)
+
+
+def executed_layers(graph: LayerGraph, calls: list[tuple]) -> tuple[list[Layer], list[VectorOp]]:
+    """Layer records re-shaped to the calls actually executed, for the simulator.
+
+    MACs are recomputed from the run shapes; vector-op work is scaled by the ratio of
+    executed to traced MACs, since it grows with the same batch/sequence dimensions.
+    """
+    by_name = {layer.name: layer for layer in graph.layers}
+    layers: list[Layer] = []
+    for i, (name, in_shape, other, out_shape) in enumerate(calls):
+        layer = by_name[name]
+        out = math.prod(out_shape)
+        if layer.kind == "conv2d":
+            macs = out * math.prod(layer.weight_shape[1:])
+        else:
+            macs = out * in_shape[-1]
+        layers.append(replace(layer, name=f"{name}@{i}" if _seen(layers, name) else name, input_shape=in_shape,
+                              output_shape=out_shape, weight_shape=other or layer.weight_shape, macs=macs))
+    ratio = sum(layer.macs for layer in layers) / max(1, graph.total_macs)
+    vector_ops = [replace(op, elements=round(op.elements * ratio), input_elements=round(op.input_elements * ratio))
+                  for op in graph.vector_ops]
+    return layers, vector_ops
+
+
+def _seen(layers: list[Layer], name: str) -> bool:
+    return any(layer.name == name for layer in layers)

@@ -1,0 +1,122 @@
+"""The `Report`: what a compile chose, what it costs on the chip, what it loses in quality.
+
+`to_dict()` follows the report.json contract of DESIGN.md; `save(dir)` writes
+report.json, report.html and the plots; `load_report(path)` reads a report.json back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bitmix.errors import BitmixError
+
+SIMULATED_KEYS = ("cycles", "latency_s", "throughput_fps", "energy_per_frame_j", "power_w", "fps_per_w",
+                  "utilization", "chips")
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str
+    kind: str
+    bits: int | None  # None: stays FP32 (no kernel)
+    macs: int
+    params: int
+    cycles: float
+    energy_j: float
+    score: float | None
+    bound: str = ""
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class Report:
+    model: str
+    target: str
+    method: str
+    budget: float | dict[str, float]
+    layers: tuple[LayerRow, ...]
+    simulated: dict[str, Any]
+    accuracy: dict[str, Any]
+    timings_s: dict[str, float]
+    frontier: tuple[dict[str, Any], ...] = ()
+    uniform: tuple[dict[str, Any], ...] = ()
+    energy_breakdown_j: dict[str, float] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "target": self.target,
+            "method": self.method,
+            "budget": self.budget,
+            "layers": [asdict(row) for row in self.layers],
+            "simulated": dict(self.simulated),
+            "accuracy": dict(self.accuracy),
+            "timings_s": dict(self.timings_s),
+            "frontier": list(self.frontier),
+            "uniform": list(self.uniform),
+            "energy_breakdown_j": dict(self.energy_breakdown_j),
+            "warnings": list(self.warnings),
+            "info": dict(self.info),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Report:
+        missing = [k for k in ("model", "target", "method", "budget", "layers", "simulated", "accuracy", "timings_s")
+                   if k not in d]
+        if missing:
+            raise BitmixError(f"not a bitmix report: missing key {missing[0]!r}")
+        return cls(
+            model=d["model"], target=d["target"], method=d["method"], budget=d["budget"],
+            layers=tuple(LayerRow(**row) for row in d["layers"]), simulated=d["simulated"],
+            accuracy=d["accuracy"], timings_s=d["timings_s"], frontier=tuple(d.get("frontier", ())),
+            uniform=tuple(d.get("uniform", ())), energy_breakdown_j=d.get("energy_breakdown_j", {}),
+            warnings=tuple(d.get("warnings", ())), info=d.get("info", {}),
+        )
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write report.json, the plots and report.html into `out_dir`; return the HTML path."""
+        from bitmix.report.html import render_html
+        from bitmix.report.plots import save_plots
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
+        plots = save_plots(self, out)
+        html = out / "report.html"
+        html.write_text(render_html(self, plots, out))
+        return html
+
+    def table(self) -> Any:
+        from bitmix.report.terminal import layer_table
+
+        return layer_table(self)
+
+    def print(self) -> None:
+        from bitmix.report.terminal import print_report
+
+        print_report(self)
+
+
+def _json_default(obj: object) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()  # numpy scalars
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def load_report(path: str | Path) -> Report:
+    """Read a report.json (or the directory holding it)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "report.json"
+    if not p.exists():
+        raise BitmixError(f"no report at {p}; pass the --out directory of `bitmix compile` or its report.json")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise BitmixError(f"{p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return Report.from_dict(data)

@@ -1,0 +1,30 @@
+"""Shared fixtures: run kernel tests on every path this CPU can execute."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitmix.kernels import matmul
+from bitmix.kernels.pack import code_range
+from bitmix.kernels.simd import PATHS, available_paths
+
+
+@pytest.fixture(params=PATHS)
+def kernel_path(request, monkeypatch) -> str:
+    """Force one dispatch path; skip paths this CPU cannot execute (e.g. AVX-512 VNNI on Zen 3)."""
+    path = request.param
+    if path not in available_paths():
+        pytest.skip(f"CPU cannot run the {path} path")
+    monkeypatch.setattr(matmul, "ACTIVE_PATH", path)
+    return path
+
+
+def random_codes(rng: np.random.Generator, shape, bits: int, signed: bool = True, fill: str = "random"):
+    """Codes of the given width; ``fill`` = random | min | max for the extreme cases."""
+    lo, hi = code_range(bits, signed)
+    if fill == "min":
+        return np.full(shape, lo, dtype=np.int16)
+    if fill == "max":
+        return np.full(shape, hi, dtype=np.int16)
+    return rng.integers(lo, hi, size=shape, endpoint=True).astype(np.int16)

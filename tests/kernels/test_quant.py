@@ -1,0 +1,76 @@
+"""Float wrappers: quantization matches torch fake quant; scaling follows the documented formula."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bitmix.errors import BitmixError
+from bitmix.kernels import conv2d, gemm, pack_weights, qconv2d, qlinear, quantize_activations
+from bitmix.kernels.pack import code_range
+
+
+@pytest.mark.parametrize(("bits", "signed"), [(8, True), (8, False), (4, True), (4, False), (2, True), (2, False)])
+def test_quantize_matches_torch_fake_quant(bits: int, signed: bool) -> None:
+    rng = np.random.default_rng(bits)
+    step = 0.0371
+    halves = (np.arange(-300, 300, dtype=np.float32) + np.float32(0.5)) * np.float32(step)
+    x = np.concatenate([rng.normal(0, 3, 5000).astype(np.float32), halves, [np.inf, -np.inf]]).astype(np.float32)
+    lo, hi = code_range(bits, signed)
+    want = torch.round(torch.clamp(torch.from_numpy(x) / step, lo, hi)).numpy()
+    got = quantize_activations(x, step, bits, signed)
+    assert got.dtype == (np.int8 if signed else np.uint8)
+    np.testing.assert_array_equal(got.astype(np.float32), want)
+
+
+def test_round_half_to_even() -> None:
+    x = np.array([0.5, 1.5, 2.5, -0.5, -1.5], dtype=np.float32)
+    assert quantize_activations(x, 1.0, 8, True).tolist() == [0, 2, 2, 0, -2]
+
+
+def test_qlinear_formula(kernel_path: str) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 70)).astype(np.float32)
+    wc = rng.integers(-8, 8, (5, 70)).astype(np.int8)
+    w = pack_weights(wc, 4)
+    scales = rng.uniform(0.01, 0.1, 5).astype(np.float32)
+    bias = rng.normal(size=5).astype(np.float32)
+    y = qlinear(x, w, scales, 0.05, 8, True, bias)
+    acc = gemm(quantize_activations(x.reshape(-1, 70), 0.05, 8, True), w, 8, True)
+    want = acc.astype(np.float32) * (np.float32(0.05) * scales)[None, :] + bias
+    assert y.dtype == np.float32 and y.shape == (2, 3, 5)
+    np.testing.assert_array_equal(y.reshape(6, 5), want)
+    no_bias = acc.astype(np.float32) * (np.float32(0.05) * scales)[None, :]
+    np.testing.assert_array_equal(qlinear(x[0], w, scales, 0.05, 8, True, None), no_bias[:3])
+
+
+def test_qconv2d_formula(kernel_path: str) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 4, 6, 6)).astype(np.float32)
+    wc = rng.integers(-2, 2, (6, 2, 3, 3)).astype(np.int8)
+    w = pack_weights(wc.reshape(6, -1), 2)
+    scales = rng.uniform(0.01, 0.1, 6).astype(np.float32)
+    bias = rng.normal(size=6).astype(np.float32)
+    y = qconv2d(x, w, scales, 0.1, 4, False, bias, (3, 3), (2, 2), (1, 1), (1, 1), 2)
+    acc = conv2d(quantize_activations(x, 0.1, 4, False), w, (3, 3), (2, 2), (1, 1), (1, 1), 2, 4, False)
+    want = acc.astype(np.float32) * (np.float32(0.1) * scales)[None, :, None, None] + bias[None, :, None, None]
+    np.testing.assert_array_equal(y, want)
+
+
+def test_bad_float_inputs() -> None:
+    w = pack_weights(np.zeros((3, 8), np.int8), 8)
+    x = np.zeros((2, 8), np.float32)
+    s = np.ones(3, np.float32)
+    with pytest.raises(BitmixError, match="x"):
+        qlinear(x.astype(np.float64), w, s, 0.1, 8, True, None)
+    with pytest.raises(BitmixError, match="x"):
+        qlinear(np.zeros((2, 9), np.float32), w, s, 0.1, 8, True, None)
+    with pytest.raises(BitmixError, match="w_scales"):
+        qlinear(x, w, np.ones(4, np.float32), 0.1, 8, True, None)
+    with pytest.raises(BitmixError, match="bias"):
+        qlinear(x, w, s, 0.1, 8, True, np.ones(3, np.float64))
+    with pytest.raises(BitmixError, match="a_step"):
+        qlinear(x, w, s, 0.0, 8, True, None)
+    with pytest.raises(BitmixError, match="x"):
+        quantize_activations(np.array([np.nan], np.float32), 0.1, 8, True)
