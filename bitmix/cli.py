@@ -13,6 +13,7 @@ from rich.table import Table
 from bitmix.errors import BitmixError
 
 console = Console(width=None if sys.stdout.isatty() else 160)
+AUTO_FINETUNE_EPOCHS = 3
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:
@@ -64,9 +65,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     model, inputs, data = zoo.load(args.model)
     if args.eval and data is None:
         raise BitmixError(f"model {args.model!r} has no evaluation data in the zoo; drop --eval")
-    finetune = FinetuneConfig(epochs=args.finetune_epochs) if args.finetune_epochs else None
-    if finetune is not None and data is None:
+    epochs = args.finetune_epochs
+    if epochs is None:  # auto: LSQ needs a short QAT run to recover 2-bit layers, when the zoo has data
+        epochs = AUTO_FINETUNE_EPOCHS if data is not None else 0
+    if epochs < 0:
+        raise BitmixError(f"--finetune-epochs must be >= 0, got {epochs}")
+    if epochs and data is None:
         raise BitmixError(f"model {args.model!r} has no training data in the zoo; drop --finetune-epochs")
+    finetune = FinetuneConfig(epochs=epochs) if epochs else None
     cm = compile(model, inputs, target=args.target, method=args.method, budget=args.budget, calibration=data,
                  data=data, finetune=finetune, eval=data if args.eval else None, fps=args.fps,
                  latency_s=args.latency, energy_j=args.energy, chip_config=args.config, seed=args.seed,
@@ -123,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=_positive_float, help="absolute goal instead of --budget: frames/s")
     p.add_argument("--latency", type=_positive_float, help="absolute goal: latency per frame in seconds")
     p.add_argument("--energy", type=_positive_float, help="absolute goal: energy per frame in joules")
-    p.add_argument("--finetune-epochs", type=int, default=0, help="LSQ fine-tuning epochs after allocation")
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help=f"LSQ fine-tuning epochs after allocation (default: {AUTO_FINETUNE_EPOCHS} when the zoo "
+                   "model has training data, else 0)")
     p.add_argument("--eval", action="store_true", help="measure quality: FP32, fake-quant and on the kernels")
     p.add_argument("--config", help="chip configuration TOML overriding the simulator defaults")
     p.add_argument("--seed", type=int, default=0)

@@ -72,7 +72,7 @@ class Allocation:
     fraction: float  # cost.cycles / all-highest cycles
     gap: float  # proven bound on objective - optimum (0 = optimal)
     solver: str  # "dp", "ilp", "uniform" or "random"
-    solve_s: float = 0.0
+    solve_s: float = field(default=0.0, compare=False)  # wall time, excluded from equality
 
 
 @dataclass(frozen=True)

@@ -62,8 +62,24 @@ def capture(model: nn.Module, example_inputs: tuple | torch.Tensor, name: str | 
 
 
 def export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
-    """torch.export a deep copy in eval mode; turn failures into one actionable line."""
+    """torch.export a deep copy in eval mode, batch dimension dynamic where the model allows.
+
+    A dynamic batch lets the prepared and lowered models run calibration, training and
+    evaluation batches of any size. torch.export specialises size-1 dimensions, so the
+    dynamic export traces a batch of 2 built from the example; shapes are read back at the
+    user's batch size (`_shape`). Models that pin their batch size get a static export.
+    """
     frozen = copy.deepcopy(model).eval()
+    if all(t.dim() > 0 for t in inputs):
+        doubled = tuple(torch.cat([t, t])[: max(2, t.shape[0])] for t in inputs)
+        dims = tuple({0: torch.export.Dim.AUTO} for _ in inputs)
+        try:
+            with torch.no_grad():
+                exported = torch.export.export(frozen, doubled, dynamic_shapes=dims, strict=False)
+            _bind_batch(exported, inputs[0].shape[0])
+            return exported
+        except Exception:  # fall back to a static export, which reports the real problem if any
+            frozen = copy.deepcopy(model).eval()
     try:
         with torch.no_grad():
             return torch.export.export(frozen, inputs, strict=False)
@@ -76,11 +92,31 @@ def export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.E
         ) from None
 
 
+def _bind_batch(exported: torch.export.ExportedProgram, batch: int) -> None:
+    """Record which symbols are batch dimensions, to evaluate shapes at the user's batch size."""
+    user_inputs = set(exported.graph_signature.user_inputs)
+    symbols = {}
+    for node in exported.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], torch.SymInt):
+                for sym in val.shape[0].node.expr.free_symbols:
+                    symbols[sym] = batch
+    exported.graph.meta = {**getattr(exported.graph, "meta", {}), "bitmix_batch": symbols}
+
+
 def _shape(node: torch.fx.Node) -> tuple[int, ...]:
     val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        return tuple(int(d) for d in val.shape)
-    return ()
+    if not isinstance(val, torch.Tensor):
+        return ()
+    symbols = node.graph.meta.get("bitmix_batch", {}) if hasattr(node.graph, "meta") else {}
+    return tuple(_concrete(d, symbols) for d in val.shape)
+
+
+def _concrete(d: int | torch.SymInt, symbols: dict) -> int:
+    if isinstance(d, torch.SymInt):
+        return int(d.node.expr.subs(symbols))
+    return int(d)
 
 
 def _module_path(node: torch.fx.Node) -> str:

@@ -124,15 +124,15 @@ def matmul_kernel(a: np.ndarray, b: np.ndarray, p: KernelPlan) -> np.ndarray:
     a_codes = kernels.quantize_activations(a, p.a_step, p.bits, p.a_signed)
     b_codes = kernels.quantize_activations(b, p.b_step, p.bits, p.b_signed)
     batch = np.broadcast_shapes(a_codes.shape[:-2], b_codes.shape[:-2])
-    a_codes = np.broadcast_to(a_codes, (*batch, *a_codes.shape[-2:])).reshape(-1, *a_codes.shape[-2:])
-    b_codes = np.broadcast_to(b_codes, (*batch, *b_codes.shape[-2:])).reshape(-1, *b_codes.shape[-2:])
+    a_codes = np.array(np.broadcast_to(a_codes, (*batch, *a_codes.shape[-2:]))).reshape(-1, *a_codes.shape[-2:])
+    b_codes = np.array(np.broadcast_to(b_codes, (*batch, *b_codes.shape[-2:]))).reshape(-1, *b_codes.shape[-2:])
     acc = np.empty((a_codes.shape[0], a_codes.shape[1], b_codes.shape[2]), dtype=np.int32)
     for i in range(a_codes.shape[0]):
         if p.b_signed:
             acc[i] = kernels.gemm(a_codes[i], kernels.pack_weights(b_codes[i].T.astype(np.int8), p.bits),
                                   p.bits, p.a_signed)
         elif p.a_signed:
-            acc[i] = kernels.gemm(b_codes[i].T, kernels.pack_weights(a_codes[i].astype(np.int8), p.bits),
+            acc[i] = kernels.gemm(np.ascontiguousarray(b_codes[i].T), kernels.pack_weights(a_codes[i].astype(np.int8), p.bits),
                                   p.bits, p.b_signed).T
         else:
             acc[i] = kernels.reference.gemm(a_codes[i], b_codes[i].T).astype(np.int32)

@@ -34,7 +34,6 @@ from bitmix.report.report import LayerRow, Report
 from bitmix.simulator import ChipConfig, SimResult, load_chip_config, price, simulate, simulate_calls
 from bitmix.zoo.data import Inputs, TaskData
 
-BASELINE_METHODS = ("uniform", "random")
 CALIBRATION_SAMPLES = 128
 
 
@@ -115,9 +114,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     tgt = get_target(target, chip_config)
     chip = load_chip_config(tgt.chip_config)
     goal = _budget(budget, fps, latency_s, energy_j, chip)
-    if method not in sensitivity.METHODS and method not in BASELINE_METHODS:
-        valid = ", ".join([*sensitivity.METHODS, *BASELINE_METHODS])
-        raise BitmixError(f"unknown method {method!r}; valid methods: {valid}")
+    strategy = sensitivity.strategy(method)
     if isinstance(calibration, TaskData) and data is None:
         data = calibration
     if isinstance(eval, TaskData) and data is None:
@@ -140,12 +137,9 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         float_model = prepare(graph)
     names = graph.names
     with _stage("score", timings):
-        scores: dict[str, dict[int, float]] = {}
-        if method not in BASELINE_METHODS:
-            ctx = sensitivity.ScoreContext(graph=graph, target=tgt, model=float_model, data=data, calibration=calib,
-                                           seed=seed, options=dict(method_options or {}))
-            scores = sensitivity.score(method, ctx)
-    strategy = method if method in BASELINE_METHODS else "knapsack"
+        ctx = sensitivity.ScoreContext(graph=graph, target=tgt, model=float_model, data=data, calibration=calib,
+                                       seed=seed, **dict(method_options or {}))
+        scores = sensitivity.score(method, ctx)
     with _stage("allocate", timings):
         chosen = allocate(scores, costs, tgt, names, goal, strategy=strategy, seed=seed)
     assignment = dict(chosen.assignment)
@@ -272,7 +266,7 @@ def _frontier(graph: LayerGraph, float_model: nn.Module, scores: dict, costs: di
     names = graph.names
     pinned = tgt.pinned(names)
     result = []
-    if scores and len(tgt.choices) > 1:
+    if any(v for d in scores.values() for v in d.values()) and len(tgt.choices) > 1:
         lowest = {n: pinned.get(n, tgt.lowest) for n in names}
         lo = sum(costs[n][b].cycles for n, b in lowest.items())
         hi = sum(costs[n][pinned.get(n, tgt.highest)].cycles for n in names)

@@ -252,7 +252,7 @@ def fake_quantize(
     unknown = sorted(set(assignment) - set(layers))
     if unknown:
         raise BitmixError(f"assignment names unknown layer {unknown[0]!r}; valid layers: {', '.join(layers)}")
-    signs = _calibration_signs(model, layers, calibration) if calibration is not None else {}
+    signs = calibration_signs(model, layers, calibration) if calibration is not None else {}
     for name, layer in layers.items():
         a_signed, b_signed = signs.get(name, (None, None))
         layer.set_bits(assignment.get(name), a_signed=a_signed, b_signed=b_signed)
@@ -267,7 +267,7 @@ def fake_quantize(
     return model
 
 
-def _calibration_signs(
+def calibration_signs(
     model: nn.Module, layers: dict[str, QuantLayer], calibration: tuple[torch.Tensor, ...]
 ) -> dict[str, tuple[bool, bool]]:
     """Per layer (a_signed, b_signed): signed unless the graph or the calibration shows v >= 0."""

@@ -7,13 +7,14 @@ offset`` and return the exact result
 
     ``acc = dot(u, a8) - offset * asum[m] + shift * row_sums[n]``.
 
-One kernel is generated per (path, weight bits) by ``_build``; paths are described in
+One driver is generated per (path, weight bits) by ``core_for``; paths are described in
 ``simd``. Work is split into (group, weight-row tile, activation-row tile) tiles, run with
 ``prange`` on that single outer loop. Inside a tile, M < 4 uses a 1x4 micro-kernel (one
 activation row against four weight rows, GEMV) and larger M a 4x2 one, so each weight
-block is unpacked once for four activation rows. Accumulators stay exact: int16 partial
-sums hold at most 4 ``vpmaddubsw`` results of u <= 15 (|.| <= 4 * 3840), and ``k_pad``
-is limited to 65536 so every s32 lane fits (65536 * 255 * 128 < 2^31).
+block is unpacked once for four activation rows. Accumulators stay exact: an int16 partial
+sum holds ``GROUP`` blocks, i.e. at most 8 ``vpmaddubsw`` results of u <= 15 (int4:
+8 * 3840 = 30720) or 16 of u <= 3 (int2: 16 * 768), below 32767; ``k_pad`` is limited to
+65536 so every s32 lane fits (65536 * 255 * 128 < 2^31).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ ACTIVE_PATH: str = simd.select_path()
 MAX_K_PAD = 65536
 MR = 4  # activation rows per GEMM micro-tile
 MT = 64  # activation rows per parallel tile (multiple of MR)
+GROUP = 4  # AVX2: blocks summed in int16 before one vpmaddwd (bound in the module docstring)
 NT = 32  # weight rows per parallel tile
 
 
@@ -192,21 +194,22 @@ def _micro_avx2(bits: int):
         c1 = zero_i32x8()
         c2 = zero_i32x8()
         c3 = zero_i32x8()
-        for b in range(nblk):
-            v0 = load_i8x32(w, wo0 + 32 * b)
-            v1 = load_i8x32(w, wo1 + 32 * b)
-            v2 = load_i8x32(w, wo2 + 32 * b)
-            v3 = load_i8x32(w, wo3 + 32 * b)
+        for b0 in range(0, nblk, GROUP):
             s0 = zero_i16x16()
             s1 = zero_i16x16()
             s2 = zero_i16x16()
             s3 = zero_i16x16()
-            for p in range(planes):
-                x = load_i8x32(a, ao + cpb * b + 32 * p)
-                s0 = add_i16x16(s0, maddubs(unpack_i8x32(v0, bits * p, mask), x))
-                s1 = add_i16x16(s1, maddubs(unpack_i8x32(v1, bits * p, mask), x))
-                s2 = add_i16x16(s2, maddubs(unpack_i8x32(v2, bits * p, mask), x))
-                s3 = add_i16x16(s3, maddubs(unpack_i8x32(v3, bits * p, mask), x))
+            for b in range(b0, min(b0 + GROUP, nblk)):
+                v0 = load_i8x32(w, wo0 + 32 * b)
+                v1 = load_i8x32(w, wo1 + 32 * b)
+                v2 = load_i8x32(w, wo2 + 32 * b)
+                v3 = load_i8x32(w, wo3 + 32 * b)
+                for p in range(planes):
+                    x = load_i8x32(a, ao + cpb * b + 32 * p)
+                    s0 = add_i16x16(s0, maddubs(unpack_i8x32(v0, bits * p, mask), x))
+                    s1 = add_i16x16(s1, maddubs(unpack_i8x32(v1, bits * p, mask), x))
+                    s2 = add_i16x16(s2, maddubs(unpack_i8x32(v2, bits * p, mask), x))
+                    s3 = add_i16x16(s3, maddubs(unpack_i8x32(v3, bits * p, mask), x))
             c0 = add_i32x8(c0, madd_ones(s0))
             c1 = add_i32x8(c1, madd_ones(s1))
             c2 = add_i32x8(c2, madd_ones(s2))
@@ -223,9 +226,7 @@ def _micro_avx2(bits: int):
         c21 = zero_i32x8()
         c30 = zero_i32x8()
         c31 = zero_i32x8()
-        for b in range(nblk):
-            v0 = load_i8x32(w, wo0 + 32 * b)
-            v1 = load_i8x32(w, wo1 + 32 * b)
+        for b0 in range(0, nblk, GROUP):
             s00 = zero_i16x16()
             s01 = zero_i16x16()
             s10 = zero_i16x16()
@@ -234,22 +235,25 @@ def _micro_avx2(bits: int):
             s21 = zero_i16x16()
             s30 = zero_i16x16()
             s31 = zero_i16x16()
-            for p in range(planes):
-                u0 = unpack_i8x32(v0, bits * p, mask)
-                u1 = unpack_i8x32(v1, bits * p, mask)
-                k = cpb * b + 32 * p
-                x = load_i8x32(a, ao0 + k)
-                s00 = add_i16x16(s00, maddubs(u0, x))
-                s01 = add_i16x16(s01, maddubs(u1, x))
-                x = load_i8x32(a, ao1 + k)
-                s10 = add_i16x16(s10, maddubs(u0, x))
-                s11 = add_i16x16(s11, maddubs(u1, x))
-                x = load_i8x32(a, ao2 + k)
-                s20 = add_i16x16(s20, maddubs(u0, x))
-                s21 = add_i16x16(s21, maddubs(u1, x))
-                x = load_i8x32(a, ao3 + k)
-                s30 = add_i16x16(s30, maddubs(u0, x))
-                s31 = add_i16x16(s31, maddubs(u1, x))
+            for b in range(b0, min(b0 + GROUP, nblk)):
+                v0 = load_i8x32(w, wo0 + 32 * b)
+                v1 = load_i8x32(w, wo1 + 32 * b)
+                for p in range(planes):
+                    u0 = unpack_i8x32(v0, bits * p, mask)
+                    u1 = unpack_i8x32(v1, bits * p, mask)
+                    k = cpb * b + 32 * p
+                    x = load_i8x32(a, ao0 + k)
+                    s00 = add_i16x16(s00, maddubs(u0, x))
+                    s01 = add_i16x16(s01, maddubs(u1, x))
+                    x = load_i8x32(a, ao1 + k)
+                    s10 = add_i16x16(s10, maddubs(u0, x))
+                    s11 = add_i16x16(s11, maddubs(u1, x))
+                    x = load_i8x32(a, ao2 + k)
+                    s20 = add_i16x16(s20, maddubs(u0, x))
+                    s21 = add_i16x16(s21, maddubs(u1, x))
+                    x = load_i8x32(a, ao3 + k)
+                    s30 = add_i16x16(s30, maddubs(u0, x))
+                    s31 = add_i16x16(s31, maddubs(u1, x))
             c00 = add_i32x8(c00, madd_ones(s00))
             c01 = add_i32x8(c01, madd_ones(s01))
             c10 = add_i32x8(c10, madd_ones(s10))

@@ -24,6 +24,7 @@ import os
 import llvmlite.binding as llvm
 from llvmlite import ir
 from numba.core import cgutils, types
+from numba.core.extending import _Intrinsic
 from numba.extending import intrinsic, models, register_model
 
 from bitmix.errors import BitmixError
@@ -308,6 +309,12 @@ hsum_i32x8 = _make_hsum(i32x8)
 hsum_i32x16 = _make_hsum(i32x16)
 
 
-for _name, _obj in list(globals().items()):
-    if type(_obj).__name__ == "_Intrinsic":
-        pin_uuid(_obj, f"simd.{_name}")
+
+def _pin_intrinsics(namespace: dict) -> None:
+    """Pin every intrinsic defined here (kernels capture them, so their identity is in cache keys)."""
+    for name, obj in list(namespace.items()):
+        if isinstance(obj, _Intrinsic):
+            pin_uuid(obj, f"simd.{name}")
+
+
+_pin_intrinsics(globals())

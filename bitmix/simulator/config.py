@@ -110,9 +110,9 @@ DEFAULT_ENERGY_ROWS: tuple[EnergyRow, ...] = (
 # Static power: leakage of 22 B transistors, clock tree and the 8 always-on control threads per
 # core, which burn whether or not the MACs are busy. NorthPole's per-component power split is NF,
 # so this is the one energy constant fitted, once: NorthPole draws 74 W at 42,460 ResNet-50 int8
-# frames/s (Science 2023 Table 1 [V2]). This table's dynamic terms give 1.39 mJ per ResNet-50 int8
-# frame, i.e. 1.39 mJ x 42,460 fps = 59 W at the published rate; 74 - 59 = 15 W static [D].
-DEFAULT_STATIC_POWER_W = 15.0
+# frames/s (Science 2023 Table 1 [V2]). This table's dynamic terms give 1.34 mJ per ResNet-50 int8
+# frame, i.e. 1.34 mJ x 42,460 fps = 57 W at the published rate; 74 - 57 = 17 W static [D].
+DEFAULT_STATIC_POWER_W = 17.0
 
 
 @dataclass(frozen=True)

@@ -394,3 +394,8 @@ def producer_hops(cores: Cores, prev: Cores | None) -> np.ndarray:
 def weight_home_hops(chip: ChipConfig) -> float:
     """Mean hops from the worst (corner) core to the weight homes spread over the array."""
     return (chip.cores_x - 1) / 2 + (chip.cores_y - 1) / 2
+
+
+def clear_mapping_cache() -> None:
+    """Forget chosen mappings (for cold-start timing)."""
+    _map.cache_clear()

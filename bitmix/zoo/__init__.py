@@ -29,8 +29,10 @@ class ZooModel:
 def _digits(name: str) -> ZooEntry:
     from bitmix.zoo.digits import load_digits_model
 
+    from bitmix.zoo.digits import SERVING_BATCH
+
     model, data = load_digits_model(name)
-    return model, (data.test.inputs[0][:1],), data
+    return model, (data.test.inputs[0][:SERVING_BATCH],), data
 
 
 def _minilm() -> ZooEntry:

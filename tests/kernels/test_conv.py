@@ -61,7 +61,7 @@ def _check(c: dict) -> None:
     np.testing.assert_array_equal(out, want)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(c=conv_cases())
 def test_conv_bit_exact(kernel_path: str, c: dict) -> None:
     _check(c)

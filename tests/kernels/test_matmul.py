@@ -34,7 +34,7 @@ def _case(draw_pair: st.SearchStrategy) -> st.SearchStrategy:
     return st.tuples(dims_m, dims_n, dims_k, draw_pair, st.booleans(), fills, fills, st.integers(0, 2**32 - 1))
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=_case(st.sampled_from(PAIRS)))
 def test_gemm_bit_exact(kernel_path: str, case) -> None:
     m, n, k, (a_bits, w_bits), a_signed, a_fill, w_fill, seed = case

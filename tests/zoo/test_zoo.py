@@ -13,7 +13,7 @@ def test_unknown_model():
 
 def test_digits_cnn_accuracy(load_zoo):
     model, inputs, data = load_zoo("digits-cnn")
-    assert inputs[0].shape == (1, 1, 8, 8)
+    assert inputs[0].shape == (256, 1, 8, 8)
     assert len(data.train) + len(data.test) == 1797
     assert data.evaluate(model) >= 97.0
 

@@ -36,12 +36,12 @@ class ScoreContext:
     calibration_size: int = 64
     eagl_variant: str = "entropy"
     alps_epochs: float = 1.0
-    alps_base_epochs: int = 2
-    alps_lr: float = 1e-3
+    alps_base_epochs: int = 1
+    alps_lr: float = 1e-4
     alps_metric: str = "loss"
     hawq_samples: int = 16
     hawq_examples: int = 256
-    limpq_epochs: int = 3
+    limpq_epochs: int = 2
     limpq_lr: float = 1e-3
     workers: int = 1
     executor: Executor | None = field(default=None, compare=False)

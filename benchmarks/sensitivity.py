@@ -1,0 +1,185 @@
+"""Sensitivity methods on digits-cnn: wall time, EAGL ablation, accuracy at a budget, additivity, DP speed.
+
+    .venv/bin/python benchmarks/sensitivity.py [--quick] [--json out.json]
+
+Costs come from the analytic simulator (`bitmix.simulator.analytic.price`) on a
+single-core NorthPole-style chip (`--cores 1`): on the default 16x16 array digits-cnn
+layers are so small that fixed per-layer latency dominates and all-2-bit costs 0.98 of
+all-4-bit, so no budget below that is feasible. Protocol per assignment: fake-quantize
+with 64 calibration images, fine-tune with LSQ (Adam, cosine, KD from the FP32 model)
+and report test top-1, mean over seeds. `random` is the mean over draws (one seed each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from bitmix import zoo
+from bitmix.compiler.additivity import correlate, measure_drops, random_assignments
+from bitmix.compiler.allocate import Budget, allocate
+from bitmix.compiler.capture import capture
+from bitmix.compiler.fold import prepare
+from bitmix.compiler.quantize import fake_quantize, finetune
+from bitmix.compiler.sensitivity import METHODS, ProcessExecutor, ScoreContext, score, strategy
+from bitmix.compiler.sensitivity.eagl import VARIANTS, eagl_scores
+from bitmix.compiler.targets import get_target
+from bitmix.simulator.analytic import price
+from bitmix.simulator.config import ChipConfig
+from bitmix.simulator.cost import LayerCost
+
+KNAPSACK_METHODS = ("eagl", "alps", "hawq", "limpq", "sqnr")
+
+
+def _qat_accuracy(job: tuple[tuple[tuple[str, int], ...], int], model, data, epochs: int, lr: float) -> float:
+    assignment, seed = dict(job[0]), job[1]
+    fq = fake_quantize(model, assignment, data.calibration(64))
+    tuned = finetune(fq, data, epochs, lr, optimizer="adam", seed=seed, teacher=model)
+    return data.evaluate(tuned)
+
+
+class QAT:
+    """Fine-tune-and-evaluate with a cache: many methods pick the same assignment."""
+
+    def __init__(self, model, data, epochs: int, lr: float, workers: int) -> None:
+        self.model, self.data, self.epochs, self.lr = model, data, epochs, lr
+        self.cache: dict[tuple, float] = {}
+        self.executor = ProcessExecutor(workers)
+
+    def run(self, jobs: list[tuple[dict[str, int], int]]) -> list[float]:
+        keys = [(tuple(sorted(a.items())), s) for a, s in jobs]
+        todo = sorted({k for k in keys if k not in self.cache})
+        model, data, epochs, lr = self.model, self.data, self.epochs, self.lr
+        for key, acc in zip(todo, self.executor.map(lambda j: _qat_accuracy(j, model, data, epochs, lr), todo),
+                            strict=True):
+            self.cache[key] = acc
+        return [self.cache[k] for k in keys]
+
+    def mean(self, assignment: dict[str, int], seeds: list[int]) -> float:
+        return statistics.mean(self.run([(assignment, s) for s in seeds]))
+
+
+def dp_speed(layers: int = 60, repeats: int = 20) -> float:
+    """Median DP solve time (ms) for a random 60-layer x 3-choice instance."""
+    rng = np.random.default_rng(0)
+    target = get_target("mixed-npu")
+    names = tuple(f"l{i}" for i in range(layers))
+    costs = {n: {b: LayerCost(float(rng.uniform(1e3, 1e5)) * b / 8 + 50, 1e-6 * b, 100 * b) for b in (8, 4, 2)}
+             for n in names}
+    scores = {n: {8: 0.0, 4: float(rng.exponential()), 2: float(rng.exponential() * 3 + 1)} for n in names}
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        allocate(scores, costs, target, names, Budget(fraction=0.7), solver="dp")
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="1 seed, 3 random draws, short fine-tunes")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--draws", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.85])
+    parser.add_argument("--cores", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--additivity", type=int, default=16, help="random assignments for the rho check")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.draws, args.epochs, args.additivity = 1, 3, 1, 8
+    os.environ.setdefault("BITMIX_QUIET", "1")
+    torch.set_num_threads(1)
+    seeds = list(range(args.seeds))
+    out: dict = {"config": vars(args)}
+
+    model, example, data = zoo.load("digits-cnn")
+    graph = capture(model, example, "digits-cnn")
+    gm = prepare(graph)
+    target = get_target("int4int2-npu")
+    chip = replace(ChipConfig(), cores_x=args.cores, cores_y=args.cores)
+    costs = price(graph, target, chip)
+    names = graph.names
+    ctx = ScoreContext(graph, target, gm, data, workers=args.workers)
+
+    print(f"DP, 60 layers x 3 choices: {dp_speed():.2f} ms (median of 20)")
+    out["dp_ms"] = dp_speed()
+
+    print("\n== method wall time (digits-cnn, int4int2-npu) ==")
+    scores, walls = {}, {}
+    for method in sorted(METHODS):
+        start = time.perf_counter()
+        scores[method] = score(method, ctx)
+        walls[method] = time.perf_counter() - start
+        print(f"{method:8s} {walls[method]:8.3f} s")
+    out["wall_s"] = walls
+    out["scores"] = scores
+
+    qat = QAT(gm, data, args.epochs, args.lr, args.workers)
+    all4 = {n: 4 for n in names} | target.pinned(names)
+    all4_acc = qat.mean(all4, seeds)
+    print(f"\nall-4-bit (first/last 8) after QAT: {all4_acc:.2f} %   FP32: {data.evaluate(gm):.2f} %")
+    out["all4_acc"] = all4_acc
+
+    print("\n== EAGL ablation: QAT top-1 at each budget; Spearman rho vs ALPS scores ==")
+    from scipy.stats import spearmanr
+
+    alps_vec = [scores["alps"][n][2] for n in ctx.free_layers]
+    ablation = {}
+    for variant in VARIANTS:
+        s = eagl_scores(ctx, variant)
+        rho = float(spearmanr([s[n][2] for n in ctx.free_layers], alps_vec)[0])
+        accs = {}
+        for b in args.budgets:
+            a = allocate(s, costs, target, names, Budget(fraction=b)).assignment
+            accs[b] = qat.mean(a, seeds)
+        ablation[variant] = {"rho_vs_alps": rho, "acc": accs, "mean_acc": statistics.mean(accs.values())}
+        print(f"{variant:20s} rho={rho:+.3f}  " + "  ".join(f"{b}: {accs[b]:.2f}" for b in args.budgets))
+    out["eagl_ablation"] = ablation
+
+    print("\n== QAT top-1 (%) by budget (fraction of all-4-bit cycles, 1-core chip) ==")
+    results: dict = {}
+    for b in args.budgets:
+        row = {}
+        for method in (*KNAPSACK_METHODS, "uniform"):
+            alloc = allocate(scores[method], costs, target, names, Budget(fraction=b), strategy=strategy(method))
+            row[method] = {"acc": qat.mean(alloc.assignment, seeds), "assignment": alloc.assignment,
+                           "fraction": alloc.fraction}
+        draws = [allocate(scores["random"], costs, target, names, Budget(fraction=b), strategy="random", seed=d)
+                 for d in range(args.draws)]
+        accs = qat.run([(d.assignment, i % args.seeds) for i, d in enumerate(draws)])
+        row["random"] = {"acc": statistics.mean(accs), "draws": accs}
+        results[b] = row
+        print(f"budget {b}: all-4 {all4_acc:.2f} | " + " | ".join(f"{m} {row[m]['acc']:.2f}" for m in row))
+        for method in KNAPSACK_METHODS:
+            low = [n for n, bits in row[method]["assignment"].items() if bits == 2]
+            print(f"    {method:6s} fraction {row[method]['fraction']:.3f} 2-bit: {', '.join(low)}")
+    out["results"] = results
+
+    print("\n== additivity: Spearman rho of summed scores vs measured test-loss increase (1-epoch QAT) ==")
+    out["additivity"] = {}
+    free = ctx.free_layers
+    for label, lowered in (("k=1..all lowered", None), (f"k={len(free) // 2} lowered", len(free) // 2)):
+        assignments = random_assignments(names, target, args.additivity, 0, lowered)
+        measured = measure_drops(gm, names, target, assignments, data, finetune_epochs=1)
+        for method in KNAPSACK_METHODS:
+            res = correlate(scores[method], assignments, measured)
+            out["additivity"][f"{method} {label}"] = {"rho": res.rho, "p": res.pvalue}
+            print(f"{label:18s} {method:6s} rho={res.rho:+.3f} (p={res.pvalue:.3f}, n={args.additivity})")
+
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Additivity check: do summed per-layer scores rank the measured quality drop of mixed assignments?
+
+The knapsack assumes a mixed assignment loses Σ_l score_l(b_l). For `n` random
+assignments (the number of lowered layers spread evenly from 1 to all), this compares
+that sum with the measured drop against the all-highest model treated identically
+(fake-quantized with calibration, optionally fine-tuned `finetune_epochs`), and reports
+Spearman's ρ. The measure is the task loss on the test split (`metric="loss"`) or
+the task metric drop in percentage points (`"quality"`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from scipy.stats import spearmanr
+from torch import nn
+
+from bitmix.compiler.quantize import fake_quantize, finetune
+from bitmix.compiler.sensitivity.alps import quality_drop_measure
+from bitmix.compiler.sensitivity.base import Scores
+from bitmix.compiler.targets import Target
+from bitmix.errors import BitmixError
+from bitmix.zoo.data import TaskData
+
+
+@dataclass(frozen=True)
+class AdditivityResult:
+    rho: float
+    pvalue: float
+    predicted: tuple[float, ...]
+    measured: tuple[float, ...]
+    assignments: tuple[dict[str, int], ...]
+
+
+def random_assignments(
+    layer_names: tuple[str, ...], target: Target, n: int, seed: int, lowered: int | None = None
+) -> list[dict[str, int]]:
+    """`n` assignments lowering k = 1..all free layers (k spread evenly), pinned layers fixed.
+
+    With `lowered` set every assignment lowers exactly that many layers: a harder test,
+    since ρ can no longer come from the number of lowered layers alone.
+    """
+    pinned = target.pinned(layer_names)
+    free = [name for name in layer_names if name not in pinned]
+    if not free or len(target.choices) < 2:
+        raise BitmixError("additivity needs at least one free layer and two precision choices")
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        k = lowered if lowered is not None else (1 + (i * len(free)) // n if n > 1 else len(free))
+        chosen = set(rng.sample(free, min(k, len(free))))
+        assignment = {name: (rng.choice(target.choices[1:]) if name in chosen else target.highest) for name in free}
+        out.append(assignment | pinned)
+    return out
+
+
+def measure_drops(
+    model: nn.Module,
+    layer_names: tuple[str, ...],
+    target: Target,
+    assignments: list[dict[str, int]],
+    data: TaskData,
+    seed: int = 0,
+    finetune_epochs: int = 0,
+    lr: float = 1e-4,
+    metric: str = "loss",
+) -> list[float]:
+    """Measured drop of each assignment against all-highest, both treated identically."""
+    measure = quality_drop_measure(metric)
+    calibration = data.calibration(64)
+
+    def quality(assignment: dict[str, int]) -> float:
+        fq = fake_quantize(model, assignment, calibration)
+        if finetune_epochs:
+            fq = finetune(fq, data, finetune_epochs, lr, optimizer="adam", seed=seed)
+        return float(measure(fq, data, "test"))
+
+    reference = quality({name: target.highest for name in layer_names} | target.pinned(layer_names))
+    return [quality(a) - reference for a in assignments]
+
+
+def correlate(scores: Scores, assignments: list[dict[str, int]], measured: list[float]) -> AdditivityResult:
+    """Spearman ρ between Σ scores per assignment and the measured drops."""
+    predicted = [sum(scores[name][bits] for name, bits in a.items() if name in scores) for a in assignments]
+    rho, pvalue = spearmanr(predicted, measured)
+    return AdditivityResult(float(rho), float(pvalue), tuple(predicted), tuple(measured), tuple(assignments))
+
+
+def check_additivity(
+    model: nn.Module,
+    layer_names: tuple[str, ...],
+    target: Target,
+    scores: Scores,
+    data: TaskData,
+    n: int = 20,
+    seed: int = 0,
+    finetune_epochs: int = 0,
+    lr: float = 1e-4,
+    metric: str = "loss",
+    lowered: int | None = None,
+) -> AdditivityResult:
+    """Spearman ρ between Σ scores and the measured drop over `n` random assignments."""
+    assignments = random_assignments(tuple(layer_names), target, n, seed, lowered)
+    measured = measure_drops(model, tuple(layer_names), target, assignments, data, seed, finetune_epochs, lr, metric)
+    return correlate(scores, assignments, measured)

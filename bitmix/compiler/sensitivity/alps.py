@@ -1,0 +1,124 @@
+"""ALPS: accuracy-aware layer precision selection by one-epoch fine-tuning (Bablani et al. 2023).
+
+Protocol (methods.md §1.3; the paper body is not available): fake-quantize the model
+at the highest choice (pinned layers at their bits) and fine-tune it
+`alps_base_epochs` with LSQ; this is the base. For every free layer and lower
+precision, lower only that layer, fine-tune the whole network `alps_epochs` and
+measure quality; the reference is the base fine-tuned the same way with nothing
+lowered. Every job uses the same seed (same batches, same order), so differences come
+from the lowered layer, not from sampling noise. Quality is measured on a held-out
+20 % of the training split (never the test split): `alps_metric="loss"` (default,
+continuous: task loss increase) or `"quality"` (metric drop in percentage points).
+Jobs are independent and go through an `Executor` (`workers` > 1 forks a local pool).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from functools import partial
+
+import torch
+from torch import nn
+
+from bitmix.compiler.quantize import LSQQuantizer, fake_quantize, finetune, quant_layers
+from bitmix.compiler.sensitivity.base import ScoreContext, Scores, register
+from bitmix.compiler.sensitivity.executor import executor_for
+from bitmix.errors import BitmixError
+from bitmix.zoo.data import TaskData
+
+HOLDOUT = 0.2
+
+
+def holdout(data: TaskData, fraction: float = HOLDOUT) -> tuple[TaskData, TaskData]:
+    """(fit, validation): the training split cut in two; validation plays the test role."""
+    n = len(data.train)
+    cut = n - max(1, int(round(n * fraction)))
+    fit_idx, val_idx = torch.arange(cut), torch.arange(cut, n)
+    fit = TaskData(data.name, data.metric, data.train.subset(fit_idx), data.train.subset(val_idx), data.info)
+    return fit, TaskData(data.name, data.metric, data.train.subset(val_idx), data.train.subset(val_idx), data.info)
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, data: TaskData, split: str = "test") -> float:
+    """Example-weighted mean task loss over a split."""
+    total, count = 0.0, 0
+    for inputs, targets in data.batches(split, 256):
+        total += float(data.loss(model(*inputs), targets)) * len(targets)
+        count += len(targets)
+    return total / max(1, count)
+
+
+def quality_drop_measure(metric: str):
+    """Lower-is-better measurement of a model on a split: loss, or negated task metric."""
+    if metric == "loss":
+        return mean_loss
+    if metric == "quality":
+        return lambda model, data, split="test": -data.evaluate(model, split)
+    raise BitmixError(f"unknown ALPS metric {metric!r}; use 'loss' or 'quality'")
+
+
+def _epochs(alps_epochs: float, batches_per_epoch: int) -> tuple[int, int | None]:
+    """Whole epochs, or one truncated epoch for a fraction."""
+    if alps_epochs <= 0:
+        raise BitmixError(f"alps_epochs must be > 0, got {alps_epochs}")
+    if alps_epochs >= 1:
+        return int(round(alps_epochs)), None
+    return 1, max(1, int(math.ceil(alps_epochs * batches_per_epoch)))
+
+
+def _job(
+    job: tuple[str, int] | None,
+    base: nn.Module,
+    fit: TaskData,
+    calibration: tuple[torch.Tensor, ...],
+    epochs: int,
+    max_batches: int | None,
+    lr: float,
+    seed: int,
+    metric: str,
+) -> float:
+    model = base
+    if job is not None:
+        name, bits = job
+        model = _lowered(base, name, bits, calibration)
+    tuned = finetune(model, fit, epochs, lr, optimizer="adam", seed=seed, max_batches=max_batches)
+    return float(quality_drop_measure(metric)(tuned, fit, "test"))
+
+
+def _lowered(base: nn.Module, name: str, bits: int, calibration: tuple[torch.Tensor, ...]) -> nn.Module:
+    """A copy of `base` with one layer re-quantized at `bits` (its signedness kept)."""
+    model = copy.deepcopy(base)
+    layer = quant_layers(model)[name]
+    signs = [q.signed if isinstance(q, LSQQuantizer) else None for q in (layer.a_quant, layer.b_quant)]
+    layer.set_bits(bits, a_signed=signs[0], b_signed=signs[1])
+    with torch.no_grad():
+        model(*calibration)  # initialise the new activation steps; the others are already set
+    return model
+
+
+@register("alps")
+def alps(ctx: ScoreContext) -> Scores:
+    """Quality change after one fine-tuning epoch with one layer lowered."""
+    data = ctx.require_data("alps")
+    fit, _ = holdout(data)
+    quality_drop_measure(ctx.alps_metric)
+    calibration = fit.calibration(ctx.calibration_size)
+    choices = ctx.target.choices
+    assignment = {n: choices[0] for n in ctx.free_layers} | ctx.target.pinned(ctx.graph.names)
+    base = fake_quantize(ctx.model, assignment, calibration)
+    base = finetune(base, fit, ctx.alps_base_epochs, ctx.alps_lr, optimizer="adam", seed=ctx.seed)
+    epochs, max_batches = _epochs(ctx.alps_epochs, math.ceil(len(fit.train) / 64))
+    jobs: list[tuple[str, int] | None] = [None] + [(n, b) for n in ctx.free_layers for b in choices[1:]]
+    run = partial(
+        _job, base=base, fit=fit, calibration=calibration, epochs=epochs, max_batches=max_batches,
+        lr=ctx.alps_lr, seed=ctx.seed, metric=ctx.alps_metric,
+    )
+    executor = ctx.executor or executor_for(ctx.workers)
+    results = executor.map(run, jobs)
+    reference = results[0]
+    scores: Scores = {n: {choices[0]: reference} for n in ctx.free_layers}
+    for job, value in zip(jobs[1:], results[1:], strict=True):
+        assert job is not None
+        scores[job[0]][job[1]] = value
+    return scores

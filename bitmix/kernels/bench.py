@@ -1,0 +1,264 @@
+"""Kernel benchmark: bitmix GEMV/GEMM vs torch fp32 and torch int8 dynamic, in one process.
+
+Protocol (``shared/reference/kernels.md`` section 5.4): threads pinned to the machine's cores
+for both Numba and torch, a warm-up before timing, medians of repeats, every case timed
+against both baselines in the same run. "ours" is ``bitmix.kernels.gemm`` on int8
+activation codes (the kernel; activation quantization excluded) plus, for GEMV, ``qlinear``
+(float in, float out, like torch). "cold" GEMV rotates over enough weight copies (> 3x
+L3) that each call streams its weights from DRAM -- for ours and torch's alike.
+Bandwidth is a streaming read measured in the same run; ``pct_bandwidth`` is effective
+weight GB/s over it. Cold-start: a fresh interpreter pays import + first call, once with
+an empty Numba cache (compile time) and once with the warm cache (must not recompile).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+from bitmix.kernels.matmul import ACTIVE_PATH, gemm
+from bitmix.kernels.pack import PackedWeight, code_range, pack_weights
+from bitmix.kernels.quant import qlinear
+
+L3_BYTES = 32 << 20
+COLD_BYTES = 3 * L3_BYTES
+RESNET50 = [(3136, 64, 576), (784, 128, 1152), (196, 256, 2304), (49, 512, 4608), (3136, 256, 64)]
+
+
+def _median_time(fn: Callable[[int], object], repeats: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn(i)`` over ``repeats`` calls after ``warmup`` calls."""
+    for i in range(warmup):
+        fn(i)
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def _stream_sum(x):
+    total = 0.0
+    for i in prange(x.size):
+        total += x[i]
+    return total
+
+
+def measure_bandwidth(mib: int = 256) -> dict[str, float]:
+    """Streaming-read GB/s over a ``mib`` MiB array: numpy sum (1 thread) and a Numba prange sum."""
+    x = np.ones(mib << 17, dtype=np.float64)
+    t_np = _median_time(lambda _: x.sum(), 5, 1)
+    t_nb = _median_time(lambda _: _stream_sum(x), 5, 1)
+    return {"numpy_gbps": x.nbytes / t_np / 1e9, "numba_gbps": x.nbytes / t_nb / 1e9}
+
+
+_COLD_START = """
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+from bitmix.kernels import gemm, pack_weights
+from bitmix.kernels.matmul import ACTIVE_PATH, core_for
+t1 = time.perf_counter()
+res = {"import_s": t1 - t0, "first_call_s": {}, "cache_misses": 0}
+for bits in map(int, sys.argv[1].split(",")):
+    w = pack_weights(np.ones((64, 256), np.int8), bits)
+    t = time.perf_counter()
+    gemm(np.ones((1, 256), np.int8), w, 8, True)
+    gemm(np.ones((8, 256), np.int8), w, 8, True)
+    res["first_call_s"][bits] = time.perf_counter() - t
+    res["cache_misses"] += sum(core_for(bits, ACTIVE_PATH).stats.cache_misses.values())
+print(json.dumps(res))
+"""
+
+
+def measure_cold_start(bits: list[int]) -> dict[str, object]:
+    """Import + first-call times in fresh interpreters: empty Numba cache, then the warm one."""
+    arg = ",".join(map(str, bits))
+
+    def run(**env: str) -> dict:
+        proc = subprocess.run(
+            [sys.executable, "-c", _COLD_START, arg],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    run()  # fills the project cache if this is the first run after an install
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = run(NUMBA_CACHE_DIR=tmp)
+    return {"empty_cache": empty, "warm_cache": run()}
+
+
+def _torch_int8_linear(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """torch's int8 dynamic-quantized linear (oneDNN/FBGEMM), per-channel weight scales."""
+    scales = w.abs().amax(dim=1).clamp_min(1e-8) / 127
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qw = torch.quantize_per_channel(w, scales, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+    packed = torch.ops.quantized.linear_prepack(qw, None)
+    return lambda x: torch.ops.quantized.linear_dynamic(x, packed, False)
+
+
+def _random_packed(rng: np.random.Generator, n: int, k: int, bits: int) -> PackedWeight:
+    lo, hi = code_range(bits)
+    return pack_weights(rng.integers(lo, hi, (n, k), endpoint=True, dtype=np.int8), bits)
+
+
+def _copies(nbytes: int, regime: str) -> int:
+    return 1 if regime == "hot" else max(2, -(-COLD_BYTES // nbytes))
+
+
+def _bench_case(
+    rng: np.random.Generator,
+    m: int,
+    n: int,
+    k: int,
+    w_bits: int,
+    regime: str,
+    repeats: int,
+    bandwidth: float,
+    with_qlinear: bool,
+) -> list[dict]:
+    op = "gemv" if m == 1 else "gemm"
+    a_bits = 8
+    ours_w = [_random_packed(rng, n, k, w_bits) for _ in range(_copies(n * k * w_bits // 8, regime))]
+    codes = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    x = torch.randn(m, k)
+    x_np = x.numpy()
+    scales = np.full(n, 0.01, np.float32)
+    w_fp32 = [torch.randn(n, k) for _ in range(_copies(n * k * 4, regime))]
+    int8_lin = [_torch_int8_linear(torch.randn(n, k)) for _ in range(_copies(n * k, regime))]
+
+    def ours(i: int) -> None:
+        gemm(codes, ours_w[i % len(ours_w)], a_bits, True)
+
+    def ours_q(i: int) -> None:
+        qlinear(x_np, ours_w[i % len(ours_w)], scales, 0.05, a_bits, True, None)
+
+    def fp32(i: int) -> None:
+        torch.nn.functional.linear(x, w_fp32[i % len(w_fp32)])
+
+    def int8(i: int) -> None:
+        int8_lin[i % len(int8_lin)](x)
+
+    base = {"torch_fp32": _median_time(fp32, repeats), "torch_int8_dynamic": _median_time(int8, repeats)}
+    mine = {op: _median_time(ours, repeats)}
+    if with_qlinear:
+        mine["qlinear"] = _median_time(ours_q, repeats)
+    wbytes = ours_w[0].nbytes
+    records = []
+    for name, secs in mine.items():
+        for bname, bsecs in base.items():
+            records.append(
+                {
+                    "op": name,
+                    "shape": [m, n, k],
+                    "w_bits": w_bits,
+                    "a_bits": a_bits,
+                    "seconds": secs,
+                    "baseline": bname,
+                    "baseline_seconds": bsecs,
+                    "speedup": bsecs / secs,
+                    "regime": regime,
+                    "gops": 2 * m * n * k / secs / 1e9,
+                    "weight_gbps": wbytes / secs / 1e9,
+                    "pct_bandwidth": 100 * wbytes / secs / 1e9 / bandwidth,
+                    "weight_bytes": wbytes,
+                    "rotating_copies": len(ours_w),
+                }
+            )
+    return records
+
+
+def _print_table(records: list[dict], meta: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"bitmix kernels ({meta['kernel_path']}, {meta['threads']} threads)")
+    for col in ("op", "M×N×K", "w/a", "regime", "ours ms", "GOP/s", "wGB/s", "%BW", "vs fp32", "vs int8 dyn"):
+        table.add_column(col, justify="right")
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        groups.setdefault((r["op"], tuple(r["shape"]), r["w_bits"], r["a_bits"], r["regime"]), {})[r["baseline"]] = r
+    for (op, shape, wb, ab, regime), by in groups.items():
+        r = next(iter(by.values()))
+        table.add_row(
+            op,
+            "×".join(map(str, shape)),
+            f"{wb}/{ab}",
+            regime,
+            f"{r['seconds'] * 1e3:.3f}",
+            f"{r['gops']:.0f}",
+            f"{r['weight_gbps']:.1f}",
+            f"{r['pct_bandwidth']:.0f}",
+            f"{by['torch_fp32']['speedup']:.2f}× ({by['torch_fp32']['baseline_seconds'] * 1e3:.2f} ms)",
+            f"{by['torch_int8_dynamic']['speedup']:.2f}× ({by['torch_int8_dynamic']['baseline_seconds'] * 1e3:.2f})",
+        )
+    console = Console(width=max(Console().width, 150))
+    console.print(table)
+    bw = meta["bandwidth"]
+    console.print(f"streaming read: numpy {bw['numpy_gbps']:.1f} GB/s, numba {bw['numba_gbps']:.1f} GB/s")
+    cs = meta["cold_start"]
+    for label in ("empty_cache", "warm_cache"):
+        c = cs[label]
+        firsts = ", ".join(f"w{b}: {s:.2f}s" for b, s in c["first_call_s"].items())
+        console.print(
+            f"cold start ({label}): import {c['import_s']:.2f}s, first call {firsts}, "
+            f"recompiled kernels: {c['cache_misses']}"
+        )
+
+
+def run_kernel_bench(quick: bool = False, json_path: str | None = None) -> list[dict]:
+    """Run all cases, print a table, optionally write the JSON records; returns the records."""
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    numba.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    gemv_bits = [4, 2] if quick else [4, 2, 8]
+    gemm_bits = [4] if quick else [4, 2, 8]
+    cold_start = measure_cold_start([4] if quick else gemv_bits)
+    bandwidth = measure_bandwidth(128 if quick else 256)
+    bw = max(bandwidth.values())
+    t_end = time.perf_counter() + 2.0  # clock ramp before any timing
+    x, w = torch.randn(64, 1024), torch.randn(1024, 1024)
+    while time.perf_counter() < t_end:
+        torch.nn.functional.linear(x, w)
+    records: list[dict] = []
+    gemv_shapes = [(1, 4096, 4096)] if quick else [(1, 4096, 4096), (1, 11008, 4096)]
+    for m, n, k in gemv_shapes:
+        for bits in gemv_bits:
+            for regime in ("hot", "cold"):
+                reps = 20 if quick else 100
+                records += _bench_case(rng, m, n, k, bits, regime, reps, bw, with_qlinear=regime == "hot")
+    gemm_shapes = [(m, 4096, 4096) for m in ((8,) if quick else (8, 64, 256))] + RESNET50
+    for m, n, k in gemm_shapes:
+        for bits in gemm_bits:
+            reps = 5 if quick or m * n * k > 2e8 else 20
+            records += _bench_case(rng, m, n, k, bits, "hot", reps, bw, with_qlinear=False)
+    meta = {
+        "kernel_path": ACTIVE_PATH,
+        "threads": threads,
+        "bandwidth": bandwidth,
+        "cold_start": cold_start,
+    }
+    for r in records:
+        r.update(kernel_path=ACTIVE_PATH, threads=threads, bandwidth_gbps=bw)
+    _print_table(records, meta)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(records, f, indent=1)
+    return records

@@ -1,0 +1,71 @@
+"""SQNR, HAWQ, LIMPQ and ALPS on digits-mlp: shape of the scores, formulas, determinism."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from bitmix.compiler.allocate import Budget, allocate
+from bitmix.compiler.sensitivity import ProcessExecutor, SerialExecutor, score
+from bitmix.compiler.sensitivity.hawq import hutchinson_traces
+from bitmix.simulator.cost import LayerCost
+
+
+def _check_shape(scores, ctx):
+    assert set(scores) == set(ctx.free_layers)
+    for per_bits in scores.values():
+        assert set(per_bits) == set(ctx.target.choices)
+        assert per_bits[ctx.target.highest] == 0.0
+
+
+def test_sqnr_scores_grow_as_bits_drop(mlp_ctx):
+    s = score("sqnr", mlp_ctx)
+    _check_shape(s, mlp_ctx)
+    assert all(v[2] > v[4] > 0 for v in s.values())
+
+
+def test_sqnr_handles_matmul_layers(attention_ctx):
+    s = score("sqnr", attention_ctx)
+    _check_shape(s, attention_ctx)
+    assert all(v[2] > 0 for v in s.values())
+
+
+def test_hutchinson_on_a_quadratic():
+    torch.manual_seed(0)
+    a = torch.randn(6, 6)
+    hessian = a @ a.T
+    x = torch.randn(6, requires_grad=True)
+    y = torch.randn(3, requires_grad=True)
+    diag = torch.tensor([1.0, 2.0, 3.0])
+    gen = torch.Generator().manual_seed(1)
+    traces = hutchinson_traces(lambda: 0.5 * x @ hessian @ x + 0.5 * (diag * y * y).sum(), [x, y], 400, gen)
+    assert traces[1] == pytest.approx(6.0)  # diagonal: exact for every Rademacher probe
+    assert traces[0] == pytest.approx(float(torch.trace(hessian)), rel=0.15)
+
+
+def test_hawq_and_limpq_scores(mlp_ctx):
+    h = score("hawq", mlp_ctx)
+    _check_shape(h, mlp_ctx)
+    assert all(v[2] >= v[4] >= 0 for v in h.values())
+    lq = score("limpq", dataclasses.replace(mlp_ctx, limpq_epochs=1))
+    _check_shape(lq, mlp_ctx)
+    assert all(v[2] >= v[4] >= 0 for v in lq.values())
+
+
+def test_alps_is_deterministic_and_executor_independent(mlp_ctx):
+    serial = score("alps", dataclasses.replace(mlp_ctx, executor=SerialExecutor()))
+    _check_shape(serial, mlp_ctx)
+    pooled = score("alps", dataclasses.replace(mlp_ctx, executor=ProcessExecutor(2)))
+    assert pooled == serial
+    names = mlp_ctx.graph.names
+    costs = {n: {b: LayerCost(float(b * (i + 1)), 0.0, b) for b in (8, 4, 2)} for i, n in enumerate(names)}
+    a1 = allocate(serial, costs, mlp_ctx.target, mlp_ctx.graph.names, Budget(fraction=0.6))
+    a2 = allocate(pooled, costs, mlp_ctx.target, mlp_ctx.graph.names, Budget(fraction=0.6))
+    assert a1 == a2
+
+
+def test_same_seed_same_scores(mlp_ctx):
+    for method in ("eagl", "sqnr", "hawq"):
+        assert score(method, mlp_ctx) == score(method, mlp_ctx)

@@ -1,0 +1,70 @@
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from bitmix.errors import BitmixError
+from bitmix.report import LayerRow, Report, load_report
+
+SIM = {"cycles": 1000.0, "latency_s": 2.5e-6, "throughput_fps": 400000.0, "energy_per_frame_j": 1e-6,
+       "power_w": 0.4, "fps_per_w": 1e6, "utilization": 0.5, "chips": 1}
+
+
+def _report() -> Report:
+    rows = (LayerRow("conv", "conv2d", 8, 100, 10, 600.0, 6e-7, None, "compute", True),
+            LayerRow("fc", "linear", 2, 50, 5, 400.0, 4e-7, 0.3, "weights", False))
+    return Report("toy", "int4int2-npu", "eagl", 0.75, rows, SIM,
+                  {"metric": "top1", "fp32": 99.0, "fake_quant": 98.0, "kernels": 98.0}, {"capture": 0.1},
+                  frontier=({"fraction": 0.6, "throughput_fps": 5e5, "quality": 97.0, "predicted_drop": 1.0},
+                            {"fraction": 1.0, "throughput_fps": 3e5, "quality": 99.0, "predicted_drop": 0.0}),
+                  uniform=({"bits": 4, "throughput_fps": 3e5, "quality": 99.0, "predicted_drop": 0.0},),
+                  energy_breakdown_j={"mac": 5e-7, "sram": 5e-7})
+
+
+def test_roundtrip_and_files(tmp_path):
+    report = _report()
+    html = report.save(tmp_path)
+    for name in ("report.json", "report.html", "frontier.png", "bits.png", "energy.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert {"model", "target", "method", "budget", "layers", "simulated", "accuracy", "timings_s"} <= data.keys()
+    assert set(data["layers"][0]) >= {"name", "kind", "bits", "macs", "params", "cycles", "energy_j", "score"}
+    assert load_report(tmp_path) == report
+    text = html.read_text()
+    assert "data:image/png;base64" in text and "<script" not in text and "400,000" in text
+
+
+def test_load_report_errors(tmp_path):
+    with pytest.raises(BitmixError, match="no report"):
+        load_report(tmp_path / "missing")
+    (tmp_path / "report.json").write_text("{")
+    with pytest.raises(BitmixError, match="not valid JSON"):
+        load_report(tmp_path)
+    (tmp_path / "report.json").write_text("{}")
+    with pytest.raises(BitmixError, match="missing key"):
+        load_report(tmp_path)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make setup installs it where apt-get works)")
+def test_html_renders_in_headless_chromium(tmp_path):
+    import numpy as np
+    from matplotlib.image import imread
+
+    html = _report().save(tmp_path)
+    png = tmp_path / "shot.png"
+    log = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+         "--window-size=1200,1600", f"--screenshot={png}", html.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert png.exists(), log.stderr[-2000:]
+    assert "Uncaught" not in log.stderr and "console(" not in log.stderr.replace("console(0)", "")
+    pixels = imread(png)[..., :3]
+    assert pixels.std() > 0.05  # not a blank page
+    assert (np.abs(pixels - pixels[0, 0]).sum(-1) > 0.1).mean() > 0.02
