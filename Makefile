@@ -4,9 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow lint bench clean browser
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# Headless Chromium renders report.html in the tests; installed from Debian where we may (root + apt-get).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "note: chromium not installed; the HTML screenshot test will be skipped"; }
 
 # torch is pinned to the 2.13.0 CPU wheel first, so nothing later can pull a CUDA build.
 $(STAMP): pyproject.toml

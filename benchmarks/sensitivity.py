@@ -57,8 +57,9 @@ class QAT:
         keys = [(tuple(sorted(a.items())), s) for a, s in jobs]
         todo = sorted({k for k in keys if k not in self.cache})
         model, data, epochs, lr = self.model, self.data, self.epochs, self.lr
-        for key, acc in zip(todo, self.executor.map(lambda j: _qat_accuracy(j, model, data, epochs, lr), todo),
-                            strict=True):
+        for key, acc in zip(
+            todo, self.executor.map(lambda j: _qat_accuracy(j, model, data, epochs, lr), todo), strict=True
+        ):
             self.cache[key] = acc
         return [self.cache[k] for k in keys]
 
@@ -71,8 +72,10 @@ def dp_speed(layers: int = 60, repeats: int = 20) -> float:
     rng = np.random.default_rng(0)
     target = get_target("mixed-npu")
     names = tuple(f"l{i}" for i in range(layers))
-    costs = {n: {b: LayerCost(float(rng.uniform(1e3, 1e5)) * b / 8 + 50, 1e-6 * b, 100 * b) for b in (8, 4, 2)}
-             for n in names}
+    costs = {
+        n: {b: LayerCost(float(rng.uniform(1e3, 1e5)) * b / 8 + 50, 1e-6 * b, 100 * b) for b in (8, 4, 2)}
+        for n in names
+    }
     scores = {n: {8: 0.0, 4: float(rng.exponential()), 2: float(rng.exponential() * 3 + 1)} for n in names}
     times = []
     for _ in range(repeats):
@@ -152,10 +155,15 @@ def main() -> None:
         row = {}
         for method in (*KNAPSACK_METHODS, "uniform"):
             alloc = allocate(scores[method], costs, target, names, Budget(fraction=b), strategy=strategy(method))
-            row[method] = {"acc": qat.mean(alloc.assignment, seeds), "assignment": alloc.assignment,
-                           "fraction": alloc.fraction}
-        draws = [allocate(scores["random"], costs, target, names, Budget(fraction=b), strategy="random", seed=d)
-                 for d in range(args.draws)]
+            row[method] = {
+                "acc": qat.mean(alloc.assignment, seeds),
+                "assignment": alloc.assignment,
+                "fraction": alloc.fraction,
+            }
+        draws = [
+            allocate(scores["random"], costs, target, names, Budget(fraction=b), strategy="random", seed=d)
+            for d in range(args.draws)
+        ]
         accs = qat.run([(d.assignment, i % args.seeds) for i, d in enumerate(draws)])
         row["random"] = {"acc": statistics.mean(accs), "draws": accs}
         results[b] = row

@@ -25,8 +25,10 @@ def main(names: list[str]) -> None:
         t0 = time.perf_counter()
         price(graph, get_target("mixed-npu"))
         t_price = time.perf_counter() - t0
-        print(f"{name}: {len(graph.layers)} layers, {graph.total_macs / 1e9:.2f} GMAC, "
-              f"price {{8,4,2}} {t_price * 1e3:.0f} ms (cold)")
+        print(
+            f"{name}: {len(graph.layers)} layers, {graph.total_macs / 1e9:.2f} GMAC, "
+            f"price {{8,4,2}} {t_price * 1e3:.0f} ms (cold)"
+        )
         for bits in (8, 4, 2):
             t0 = time.perf_counter()
             a = simulate(graph, uniform(graph, bits), engine="analytic")
@@ -34,11 +36,13 @@ def main(names: list[str]) -> None:
             t0 = time.perf_counter()
             c = simulate(graph, uniform(graph, bits), engine="cycle")
             t_c = time.perf_counter() - t0
-            print(f"  int{bits}: {a.throughput_fps:>11,.0f} fps {a.fps_per_w:>8,.0f} FPS/W "
-                  f"{a.energy_per_frame_j * 1e3:7.3f} mJ/frame util {a.utilization:4.0%} chips {a.chips} | "
-                  f"analytic/cycle cycles {a.cycles / c.cycles:.4f} energy "
-                  f"{a.energy_per_frame_j / c.energy_per_frame_j:.4f} | t analytic {t_a * 1e3:.0f} ms "
-                  f"cycle {t_c * 1e3:.0f} ms")
+            print(
+                f"  int{bits}: {a.throughput_fps:>11,.0f} fps {a.fps_per_w:>8,.0f} FPS/W "
+                f"{a.energy_per_frame_j * 1e3:7.3f} mJ/frame util {a.utilization:4.0%} chips {a.chips} | "
+                f"analytic/cycle cycles {a.cycles / c.cycles:.4f} energy "
+                f"{a.energy_per_frame_j / c.energy_per_frame_j:.4f} | t analytic {t_a * 1e3:.0f} ms "
+                f"cycle {t_c * 1e3:.0f} ms"
+            )
         if name == "resnet50":
             r = simulate(graph, uniform(graph, 8))
             print(f"  vs NorthPole int8: fps {r.throughput_fps / 42_460:.3f}x, FPS/W {r.fps_per_w / 571:.3f}x")

@@ -306,7 +306,7 @@ def _report(graph: LayerGraph, tgt: Target, method: str, goal: Budget, chosen: A
     budget: float | dict[str, float] = goal.fraction if goal.fraction is not None else {
         k: v for k, v in (("cycles", goal.cycles), ("energy_j", goal.energy_j)) if v is not None}
     simulated = {k: getattr(sim, k) for k in ("cycles", "latency_s", "throughput_fps", "energy_per_frame_j",
-                                               "power_w", "fps_per_w", "utilization", "chips")}
+                                               "power_w", "fps_per_w", "utilization", "chips", "frames")}
     from bitmix.kernels import ACTIVE_PATH
 
     info = {"achieved_fraction": chosen.fraction, "solver": chosen.solver, "optimality_gap": chosen.gap,

@@ -38,14 +38,22 @@ RESNET50 = [(3136, 64, 576), (784, 128, 1152), (196, 256, 2304), (49, 512, 4608)
 
 def _median_time(fn: Callable[[int], object], repeats: int, warmup: int = 3) -> float:
     """Median wall time of ``fn(i)`` over ``repeats`` calls after ``warmup`` calls."""
-    for i in range(warmup):
-        fn(i)
-    times = []
+    return _median_times({"f": fn}, repeats, warmup)["f"]
+
+
+def _median_times(fns: dict[str, Callable[[int], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median wall time of each ``fn(i)``; calls are interleaved so that background load
+    (other processes on a 2-core box) hits every contender alike."""
+    for fn in fns.values():
+        for i in range(warmup):
+            fn(i)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(repeats):
-        t0 = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(i)
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -155,10 +163,12 @@ def _bench_case(
     def int8(i: int) -> None:
         int8_lin[i % len(int8_lin)](x)
 
-    base = {"torch_fp32": _median_time(fp32, repeats), "torch_int8_dynamic": _median_time(int8, repeats)}
-    mine = {op: _median_time(ours, repeats)}
+    fns = {op: ours, "torch_fp32": fp32, "torch_int8_dynamic": int8}
     if with_qlinear:
-        mine["qlinear"] = _median_time(ours_q, repeats)
+        fns["qlinear"] = ours_q
+    med = _median_times(fns, repeats)
+    base = {name: med[name] for name in ("torch_fp32", "torch_int8_dynamic")}
+    mine = {name: med[name] for name in (op, "qlinear") if name in med}
     wbytes = ours_w[0].nbytes
     records = []
     for name, secs in mine.items():
@@ -210,6 +220,8 @@ def _print_table(records: list[dict], meta: dict) -> None:
         )
     console = Console(width=max(Console().width, 150))
     console.print(table)
+    if meta["loadavg_1min"] > 0.5:
+        console.print(f"[yellow]warning: load average {meta['loadavg_1min']:.1f} -- other processes share the cores")
     bw = meta["bandwidth"]
     console.print(f"streaming read: numpy {bw['numpy_gbps']:.1f} GB/s, numba {bw['numba_gbps']:.1f} GB/s")
     cs = meta["cold_start"]
@@ -224,6 +236,7 @@ def _print_table(records: list[dict], meta: dict) -> None:
 
 def run_kernel_bench(quick: bool = False, json_path: str | None = None) -> list[dict]:
     """Run all cases, print a table, optionally write the JSON records; returns the records."""
+    load_before = os.getloadavg()[0]  # before our own work adds to it
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     numba.set_num_threads(threads)
@@ -250,13 +263,14 @@ def run_kernel_bench(quick: bool = False, json_path: str | None = None) -> list[
             reps = 5 if quick or m * n * k > 2e8 else 20
             records += _bench_case(rng, m, n, k, bits, "hot", reps, bw, with_qlinear=False)
     meta = {
+        "loadavg_1min": load_before,
         "kernel_path": ACTIVE_PATH,
         "threads": threads,
         "bandwidth": bandwidth,
         "cold_start": cold_start,
     }
     for r in records:
-        r.update(kernel_path=ACTIVE_PATH, threads=threads, bandwidth_gbps=bw)
+        r.update(kernel_path=ACTIVE_PATH, threads=threads, bandwidth_gbps=bw, loadavg_1min=meta["loadavg_1min"])
     _print_table(records, meta)
     if json_path:
         with open(json_path, "w") as f:

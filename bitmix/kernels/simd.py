@@ -309,7 +309,6 @@ hsum_i32x8 = _make_hsum(i32x8)
 hsum_i32x16 = _make_hsum(i32x16)
 
 
-
 def _pin_intrinsics(namespace: dict) -> None:
     """Pin every intrinsic defined here (kernels capture them, so their identity is in cache keys)."""
     for name, obj in list(namespace.items()):

@@ -38,7 +38,7 @@ def render_html(report: Report, plots: dict[str, str], base: Path | None = None)
         _card("fake-quant", _fmt(acc.get("fake_quant"), ".2f")),
         _card("on kernels", _fmt(acc.get("kernels"), ".2f")),
         _card("simulated frames/s", f"{s['throughput_fps']:,.0f}"),
-        _card("latency", f"{s['latency_s'] * 1e6:,.1f} µs"),
+        _card(f"latency ({s.get('frames', 1)}-frame run)", f"{s['latency_s'] * 1e6:,.1f} µs"),
         _card("energy / frame", f"{s['energy_per_frame_j'] * 1e6:,.2f} µJ"),
         _card("power", f"{s['power_w']:.2f} W"),
         _card("FPS/W", f"{s['fps_per_w']:,.0f}"),

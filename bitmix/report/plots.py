@@ -28,7 +28,8 @@ def save_plots(report: Report, out: Path) -> dict[str, str]:
 def _frontier(report: Report, path: Path) -> str:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     measured = all(p.get("quality") is not None for p in report.frontier)
-    key, label = ("quality", f"{report.accuracy.get('metric', 'quality')} (fake-quant, %)") if measured else (
+    metric = report.accuracy.get("metric") or "quality"
+    key, label = ("quality", f"{metric} %, post-training (no fine-tune)") if measured else (
         "predicted_drop", "predicted quality drop (Σ scores)")
     pts = sorted(report.frontier, key=lambda p: p["throughput_fps"])
     ax.plot([p["throughput_fps"] for p in pts], [p[key] for p in pts], "o-", label=f"{report.method} knapsack")
@@ -39,6 +40,9 @@ def _frontier(report: Report, path: Path) -> str:
                         xytext=(5, 5), fontsize=8)
     chosen = report.simulated["throughput_fps"]
     ax.axvline(chosen, color="gray", ls="--", lw=1, label="compiled")
+    if measured and report.accuracy.get("kernels") is not None:
+        ax.scatter([chosen], [report.accuracy["kernels"]], marker="*", s=120, color="k", zorder=4,
+                   label="compiled, on kernels (after QAT if any)")
     ax.set_xlabel("simulated throughput (frames/s)")
     ax.set_ylabel(label)
     ax.set_title(f"{report.model} on {report.target}")

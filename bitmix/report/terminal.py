@@ -32,7 +32,8 @@ def layer_table(report: Report) -> Table:
 def summary_lines(report: Report) -> list[str]:
     s = report.simulated
     lines = [
-        f"simulated: {s['throughput_fps']:,.0f} frames/s, latency {s['latency_s'] * 1e6:,.1f} µs, "
+        f"simulated: {s['throughput_fps']:,.0f} frames/s, latency {s['latency_s'] * 1e6:,.1f} µs "
+        f"per {s.get('frames', 1)}-frame run, "
         f"{s['energy_per_frame_j'] * 1e6:,.2f} µJ/frame, {s['power_w']:.2f} W, {s['fps_per_w']:,.0f} FPS/W, "
         f"utilization {s['utilization']:.1%}, {s['chips']} chip(s)"
     ]

@@ -1,0 +1,170 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import bitmix
+from bitmix.errors import BitmixError
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from bitmix import zoo
+
+    return zoo.load("digits-cnn")
+
+
+@pytest.fixture(scope="module")
+def compiled(digits):
+    model, inputs, data = digits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cm = bitmix.compile(model, inputs, target="int4int2-npu", method="eagl", budget=0.75, calibration=data,
+                        data=data, finetune=2, eval=data, name="digits-cnn", frontier_points=4)
+    return cm, before
+
+
+def test_compile_report_contract(compiled, tmp_path):
+    cm, _ = compiled
+    report = cm.report
+    html = report.save(tmp_path)
+    d = json.loads((tmp_path / "report.json").read_text())
+    for key in ("model", "target", "method", "budget", "layers", "simulated", "accuracy", "timings_s"):
+        assert key in d
+    for key in ("name", "kind", "bits", "macs", "params", "cycles", "energy_j", "score"):
+        assert key in d["layers"][0]
+    for key in ("cycles", "latency_s", "throughput_fps", "energy_per_frame_j", "power_w", "fps_per_w",
+                "utilization", "chips"):
+        assert d["simulated"][key] > 0
+    for key in ("metric", "fp32", "fake_quant", "kernels"):
+        assert key in d["accuracy"]
+    assert {"capture", "price", "score", "allocate", "quantize", "finetune", "lower", "simulate"} <= set(d["timings_s"])
+    assert html.exists() and (tmp_path / "frontier.png").exists() and (tmp_path / "bits.png").exists()
+    assert bitmix.load_report(tmp_path).to_dict() == json.loads(json.dumps(report.to_dict()))
+
+
+def test_compile_respects_target_and_budget(compiled):
+    cm, _ = compiled
+    rows = cm.report.layers
+    assert rows[0].bits == 8 and rows[-1].bits == 8 and rows[0].pinned and rows[-1].pinned
+    assert {r.bits for r in rows[1:-1]} <= {4, 2}
+    assert 2 in {r.bits for r in rows}
+    assert cm.report.info["achieved_fraction"] <= 0.75 + 1e-9
+
+
+def test_kernel_accuracy_equals_fake_quant(compiled):
+    cm, _ = compiled
+    acc = cm.report.accuracy
+    assert acc["metric"] == "top1" and acc["fp32"] >= 97
+    assert acc["kernels"] == pytest.approx(acc["fake_quant"], abs=0.3)  # at most one test image of 360
+    assert acc["kernels"] >= 90
+
+
+def test_user_model_untouched(compiled, digits):
+    cm, before = compiled
+    model = digits[0]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, type(cm)) for m in model.modules())
+
+
+def test_compiled_model_runs_and_prices_what_ran(compiled, digits):
+    cm, _ = compiled
+    x = digits[2].test.inputs[0][:4]
+    cm.reset_calls()
+    out = cm(x)
+    assert out.shape == (4, 10)
+    sim = cm.simulate()
+    assert sim.frames == 4
+    assert sum(layer.macs for layer in sim.layers) == 4 * cm.graph.total_macs // 256
+    cm.reset_calls()
+    with pytest.raises(BitmixError, match="no kernel calls"):
+        cm.simulate()
+
+
+def test_same_seed_same_assignment(digits):
+    model, inputs, data = digits
+    a = bitmix.compile(model, inputs, method="eagl", budget=0.8, calibration=data, frontier_points=0)
+    b = bitmix.compile(model, inputs, method="eagl", budget=0.8, calibration=data, frontier_points=0)
+    assert a.assignment == b.assignment
+    x = data.test.inputs[0][:8]
+    assert torch.equal(a(x), b(x))
+
+
+def test_absolute_fps_goal(digits):
+    model, inputs, data = digits
+    cm = bitmix.compile(model, inputs, method="eagl", budget=None, fps=5e7, calibration=data, frontier_points=0)
+    assert cm.report.simulated["throughput_fps"] >= 5e7
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"target": "tpu"}, "unknown target 'tpu'; valid targets: int4int2-npu"),
+        ({"method": "magic"}, "unknown sensitivity method 'magic'"),
+        ({"budget": 0}, "budget must be > 0"),
+        ({"budget": -1}, "budget must be > 0"),
+        ({"budget": 0.1}, "minimum achievable"),
+        ({"method": "alps"}, "needs task data"),
+        ({"finetune": 1}, "finetune needs training data"),
+        ({"fps": -3}, "fps must be a positive number"),
+    ],
+)
+def test_bad_inputs(digits, kwargs, match):
+    model, inputs, _ = digits
+    with pytest.raises(BitmixError, match=match):
+        bitmix.compile(model, inputs, frontier_points=0, **kwargs)
+
+
+def test_nan_weights_rejected():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    with pytest.raises(BitmixError, match="NaN or Inf"):
+        bitmix.compile(model, torch.randn(2, 4), frontier_points=0)
+
+
+def test_op_without_kernel_stays_fp32_with_warning():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1d = nn.Conv1d(4, 8, 3, padding=1)
+            self.fc1 = nn.Linear(8, 16)
+            self.fc2 = nn.Linear(16, 16)
+            self.fc3 = nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = self.conv1d(x).mean(-1)
+            return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(h)))))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(8, 4, 10)
+    with pytest.warns(UserWarning, match="no bitmix kernel"):
+        cm = bitmix.compile(net, x, method="eagl", budget=1.0, frontier_points=0)
+    assert any(r.bits is None and "conv1d" in r.name for r in cm.report.layers)
+    assert cm.report.warnings
+    ref = net(x)
+    assert torch.nn.functional.cosine_similarity(cm(x), ref, dim=-1).min() > 0.9
+
+
+def test_generic_model_without_data():
+    """A model no issue names: grouped conv, bmm, linear; data-free EAGL end to end."""
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 12, 3, padding=1, groups=3)
+            self.dw = nn.Conv2d(12, 12, 3, padding=2, dilation=2, groups=12)
+            self.q = nn.Linear(12, 12)
+            self.out = nn.Linear(12, 5)
+
+        def forward(self, x):
+            h = torch.relu(self.dw(torch.relu(self.conv(x)))).flatten(2).transpose(1, 2)
+            q = self.q(h)
+            att = torch.softmax(torch.bmm(q, h.transpose(1, 2)), -1)
+            return self.out(torch.bmm(att, h).mean(1))
+
+    torch.manual_seed(0)
+    cm = bitmix.compile(Odd().eval(), torch.randn(2, 3, 6, 6), target="mixed-npu", budget=1.0, frontier_points=2)
+    assert {r.kind for r in cm.report.layers} == {"conv2d", "linear", "matmul"}
+    assert cm(torch.randn(3, 3, 6, 6)).shape == (3, 5)
