@@ -97,12 +97,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from bitmix.study.frontier import MODELS, run_study
+
+    models = list(MODELS) if args.model == "all" else [args.model]
+    run_study(models, args.out, methods=args.methods, budgets=args.budgets, seeds=args.seeds, quick=args.quick,
+              workers=args.workers, results=args.results, log=lambda msg: console.print(msg, highlight=False))
+    console.print(f"study written under {args.out}" + (f"; results page {args.results}" if args.results else ""))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": cmd_models,
     "capture": cmd_capture,
     "compile": cmd_compile,
     "simulate": cmd_simulate,
     "bench": cmd_bench,
+    "study": cmd_study,
 }
 
 
@@ -148,6 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     k = bench.add_parser("kernels", help="packed int kernels vs torch fp32 and torch int8 dynamic")
     k.add_argument("--json", help="write one record per case and baseline")
     k.add_argument("--quick", action="store_true", help="a few small cases, well under a minute")
+    p = sub.add_parser("study", help="studies over many compiles (accuracy-throughput frontier)")
+    study = p.add_subparsers(dest="study", required=True)
+    f = study.add_parser("frontier", help="every method x budget x seed: fine-tune, run on kernels, simulate")
+    f.add_argument("model", help="digits-cnn, digits-mlp, minilm, or all")
+    f.add_argument("--methods", nargs="+", help="default: eagl alps hawq limpq sqnr uniform random")
+    f.add_argument("--budgets", type=_positive_float, nargs="+",
+                   help="fractions of the all-4-bit cost (default: 0.55 0.6 0.7 0.8 0.9 1.0)")
+    f.add_argument("--seeds", type=int, help="seeds per point (default: 5, 3 for minilm)")
+    f.add_argument("--quick", action="store_true", help="one seed, two budgets, two methods, one epoch")
+    f.add_argument("--workers", type=int, default=2, help="forked worker processes (1 torch thread each)")
+    f.add_argument("--results", help="also render this markdown page (e.g. docs/results.md) from every model in --out")
+    f.add_argument("--out", required=True, help="directory; results are cached in <out>/<model>/ and resumed")
     return parser
 
 

@@ -132,8 +132,8 @@ def matmul_kernel(a: np.ndarray, b: np.ndarray, p: KernelPlan) -> np.ndarray:
             acc[i] = kernels.gemm(a_codes[i], kernels.pack_weights(b_codes[i].T.astype(np.int8), p.bits),
                                   p.bits, p.a_signed)
         elif p.a_signed:
-            acc[i] = kernels.gemm(np.ascontiguousarray(b_codes[i].T), kernels.pack_weights(a_codes[i].astype(np.int8), p.bits),
-                                  p.bits, p.b_signed).T
+            packed_a = kernels.pack_weights(a_codes[i].astype(np.int8), p.bits)
+            acc[i] = kernels.gemm(np.ascontiguousarray(b_codes[i].T), packed_a, p.bits, p.b_signed).T
         else:
             acc[i] = kernels.reference.gemm(a_codes[i], b_codes[i].T).astype(np.int32)
     scale = np.float32(p.a_step) * np.float32(p.b_step)

@@ -202,6 +202,8 @@ class QuantLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         quantized = self.bits is not None
+        if quantized and not self.training and not torch.is_grad_enabled() and self._initialized():
+            return self.integer_forward(x, other)
         if self.kind == "matmul":
             assert other is not None
             if quantized:
@@ -216,6 +218,38 @@ class QuantLayer(nn.Module):
         if self.kind == "linear":
             return F.linear(x, weight, self.bias)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+    def _initialized(self) -> bool:
+        """The integer path needs plain LSQ quantizers with steps set (not e.g. LIMPQ's multi-step ones)."""
+        quantizers = [q for q in (self.a_quant, self.b_quant, self.w_quant) if q is not None]
+        return all(type(q) is LSQQuantizer and bool(q.initialized) for q in quantizers)
+
+    @torch.no_grad()
+    def integer_forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        """Inference as the kernels compute it: exact integer accumulation, then one float32 rescale.
+
+        Products of codes are summed in float64, which is exact for any int32 accumulator,
+        then cast to float32 and scaled by `a_step * w_step` (+ bias) in the same order as
+        `bitmix.kernels.qlinear` / `qconv2d`, so fake-quant inference and the packed
+        kernels produce bit-identical outputs and the same accuracy.
+        """
+        assert self.a_quant is not None
+        a_step = self.a_quant.step.detach().float()
+        a = self.a_quant.codes(x).double()
+        if self.kind == "matmul":
+            assert other is not None and self.b_quant is not None
+            acc = torch.matmul(a, self.b_quant.codes(other).double()).float()
+            return acc * (a_step * self.b_quant.step.detach().float())
+        assert self.weight is not None and self.w_quant is not None
+        w = self.w_quant.codes(self.weight).double()
+        scale = a_step * self.w_quant.step.detach().float()
+        if self.kind == "linear":
+            out = F.linear(a, w).float() * scale
+            return out + self.bias.detach().float() if self.bias is not None else out
+        out = F.conv2d(a, w, None, self.stride, self.padding, self.dilation, self.groups).float()
+        out = out * scale.reshape(1, -1, 1, 1)
+        return out + self.bias.detach().float().reshape(1, -1, 1, 1) if self.bias is not None else out
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:

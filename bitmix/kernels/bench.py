@@ -42,18 +42,23 @@ def _median_time(fn: Callable[[int], object], repeats: int, warmup: int = 3) -> 
 
 
 def _median_times(fns: dict[str, Callable[[int], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median wall time of each ``fn(i)``; calls are interleaved so that background load
-    (other processes on a 2-core box) hits every contender alike."""
-    for fn in fns.values():
+    """Median wall time of each ``fn(i)``, one contender at a time.
+
+    Not interleaved: torch's OpenMP threads keep spinning ~1 ms after each torch call and
+    would tax whichever kernel runs next; a pause between contenders lets them go idle.
+    """
+    out = {}
+    for name, fn in fns.items():
+        time.sleep(0.05)
         for i in range(warmup):
             fn(i)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(repeats):
-        for name, fn in fns.items():
+        times = []
+        for i in range(repeats):
             t0 = time.perf_counter()
             fn(i)
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
+            times.append(time.perf_counter() - t0)
+        out[name] = float(np.median(times))
+    return out
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -91,7 +96,7 @@ print(json.dumps(res))
 """
 
 
-def measure_cold_start(bits: list[int]) -> dict[str, object]:
+def measure_cold_start(bits: list[int], prefill: bool = True) -> dict[str, object]:
     """Import + first-call times in fresh interpreters: empty Numba cache, then the warm one."""
     arg = ",".join(map(str, bits))
 
@@ -105,7 +110,8 @@ def measure_cold_start(bits: list[int]) -> dict[str, object]:
         )
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    run()  # fills the project cache if this is the first run after an install
+    if prefill:
+        run()  # fills the project cache if this is the first run after an install
     with tempfile.TemporaryDirectory() as tmp:
         empty = run(NUMBA_CACHE_DIR=tmp)
     return {"empty_cache": empty, "warm_cache": run()}
@@ -243,7 +249,7 @@ def run_kernel_bench(quick: bool = False, json_path: str | None = None) -> list[
     rng = np.random.default_rng(0)
     gemv_bits = [4, 2] if quick else [4, 2, 8]
     gemm_bits = [4] if quick else [4, 2, 8]
-    cold_start = measure_cold_start([4] if quick else gemv_bits)
+    cold_start = measure_cold_start([4] if quick else gemv_bits, prefill=not quick)
     bandwidth = measure_bandwidth(128 if quick else 256)
     bw = max(bandwidth.values())
     t_end = time.perf_counter() + 2.0  # clock ramp before any timing

@@ -49,6 +49,7 @@ from bitmix.kernels.simd import (
 )
 
 ACTIVE_PATH: str = simd.select_path()
+simd.prefer_workqueue_threads()
 MAX_K_PAD = 65536
 MR = 4  # activation rows per GEMM micro-tile
 MT = 64  # activation rows per parallel tile (multiple of MR)

@@ -27,9 +27,7 @@ class ZooModel:
 
 
 def _digits(name: str) -> ZooEntry:
-    from bitmix.zoo.digits import load_digits_model
-
-    from bitmix.zoo.digits import SERVING_BATCH
+    from bitmix.zoo.digits import SERVING_BATCH, load_digits_model
 
     model, data = load_digits_model(name)
     return model, (data.test.inputs[0][:SERVING_BATCH],), data

@@ -113,6 +113,6 @@ def test_minilm_attention_lowers(capture_zoo, load_zoo):
     x = tuple(t[:4] for t in data.test.inputs)
     with torch.no_grad():
         ref, out = fq(*x), lowered.module(*x)
-    assert F.cosine_similarity(ref, out, dim=-1).min() > 0.99
+    assert torch.equal(ref, out)  # fake-quant inference is the integer path: bit-identical outputs
     kinds = [m.kind for m in lowered.module.modules() if hasattr(m, "plan")]
     assert kinds.count("matmul") == 12 and kinds.count("linear") == 37

@@ -1,0 +1,46 @@
+"""`bitmix study frontier --quick`: outputs, JSON structure, infeasible budgets and resuming."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from bitmix.cli import main
+
+
+def test_quick_frontier_writes_outputs_and_resumes(tmp_path):
+    out, page = tmp_path / "study", tmp_path / "docs" / "results.md"
+    args = ["study", "frontier", "digits-mlp", "--quick", "--workers", "1", "--out", str(out), "--results", str(page)]
+    start = time.perf_counter()
+    assert main(args) == 0
+    assert time.perf_counter() - start < 40
+    d = out / "digits-mlp"
+    for name in ("frontier.json", "frontier.png", "search_time.json", "additivity.png", "README.md", "points.jsonl"):
+        assert (d / name).stat().st_size > 0, name
+    result = json.loads((d / "frontier.json").read_text())
+    assert result["model"] == "digits-mlp" and result["metric"] == "top1"
+    assert set(result["frontier"]) == {"eagl", "uniform"}
+    assert result["config"]["seeds"] == 1 and result["config"]["budgets"] == [0.8, 1.0]
+    # digits-mlp's cheapest int4int2 assignment costs ~0.92 of all-4: 0.8 is reported infeasible, not faked
+    for method in ("eagl", "uniform"):
+        rows = {r["budget"]: r for r in result["frontier"][method]}
+        assert rows[0.8]["status"] == "infeasible" and 0.8 < rows[0.8]["min_fraction"] <= 1.0
+        assert rows[1.0]["status"] == "ok" and 0 <= rows[1.0]["quality_mean"] <= 100
+        assert rows[1.0]["fps_mean"] > 0 and rows[1.0]["energy_per_frame_j_mean"] > 0
+    refs = result["references"]
+    assert set(refs) == {"all-8", "all-4", "all-2"}
+    assert refs["all-8"]["fps_mean"] < refs["all-4"]["fps_mean"] < refs["all-2"]["fps_mean"]
+    point = next(p for p in result["points"] if p["status"] == "ok" and p["method"] == "eagl")
+    assert point["quality"] == point["quality_fake_quant"]  # kernels are bit-exact with fake-quant inference
+    assert {"eagl", "uniform"} <= set(json.loads((d / "search_time.json").read_text())["methods"])
+    assert result["dominance"][0]["best_other"] == "uniform"
+    assert "rho" in result["additivity"]["methods"]["eagl"]
+    text = page.read_text()
+    assert "(a)" in text and "(d)" in text and "digits-mlp" in text
+    assert (page.parent / "digits-mlp-frontier.png").exists()
+    # resume: every point is cached, nothing is fine-tuned again, the numbers are unchanged
+    lines = (d / "points.jsonl").read_text().count("\n")
+    assert main(args) == 0
+    assert (d / "points.jsonl").read_text().count("\n") == lines
+    again = json.loads((d / "frontier.json").read_text())
+    assert again["frontier"] == result["frontier"] and again["references"] == result["references"]
