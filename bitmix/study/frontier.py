@@ -236,7 +236,9 @@ def run_frontier(config: StudyConfig, out_dir: str | Path, log: Log | None = Non
 
     # 1. score once per (method, seed)
     scores_path, points_path = out / "scores.jsonl", out / "points.jsonl"
-    scored = {(r["method"], r["seed"]): r for r in _read_jsonl(scores_path, fp)}
+    scored = {(r["method"], r["seed"]): r | {"scores": {n: {int(b): v for b, v in d.items()} for n, d in
+                                                        r["scores"].items()}}
+              for r in _read_jsonl(scores_path, fp)}  # JSON keys are strings; bits are ints
     for method in config.methods:
         for seed in seeds:
             if (method, seed) in scored:
