@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("model", help="digits-cnn, digits-mlp, minilm, or all")
     f.add_argument("--methods", nargs="+", help="default: eagl alps hawq limpq sqnr uniform random")
     f.add_argument("--budgets", type=_positive_float, nargs="+",
-                   help="fractions of the all-4-bit cost (default: 0.55 0.6 0.7 0.8 0.9 1.0)")
+                   help="fractions of the all-4-bit cost (default: 0.55 0.6 0.7 0.8 0.9 1.0, plus "
+                   "feasible ones for digits-mlp and minilm)")
     f.add_argument("--seeds", type=int, help="seeds per point (default: 5, 3 for minilm)")
     f.add_argument("--quick", action="store_true", help="one seed, two budgets, two methods, one epoch")
     f.add_argument("--workers", type=int, default=2, help="forked worker processes (1 torch thread each)")

@@ -6,6 +6,9 @@ EAGL scores and data-free activation step sizes on the default target (int4int2-
 budget 0.75). Options pass through: `torch.compile(m, backend="bitmix",
 options={"target": ..., "budget": ..., "method": "eagl"})`.
 
+If the default budget is below the cheapest assignment of a graph piece (small pieces are
+latency-bound on the simulated chip), the cheapest assignment is used with a warning.
+
 Limits: graph breaks compile each piece separately (first/last pinning then applies per
 piece); only data-free methods (eagl, uniform, random) work; each distinct input shape
 that Dynamo recompiles for runs the whole pipeline again.
@@ -46,6 +49,7 @@ def bitmix_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any)
         raise BitmixError(f"the torch.compile backend has no data; use one of {', '.join(DATA_FREE)}")
     lifted = _Lifted(gm, example_inputs)
     user_inputs = tuple(_real(t) for t in example_inputs if not isinstance(t, nn.Parameter))
+    options.setdefault("clamp_budget", True)  # small graph pieces may not reach 0.75: never break the user's model
     cm = bitmix_compile(lifted, user_inputs, method=method, frontier_points=0, **options)
     slots = lifted.slots
 

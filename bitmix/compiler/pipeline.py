@@ -96,6 +96,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     name: str | None = None,
     frontier_points: int = 6,
     method_options: dict[str, Any] | None = None,
+    clamp_budget: bool = False,
 ) -> CompiledModel:
     """Compile `model` to per-layer 2/4/8-bit kernels for `target` within `budget`.
 
@@ -106,6 +107,8 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     data: labeled (or FP32-target) TaskData for methods that train (alps, hawq, limpq) and for QAT.
     finetune: epochs (or a FinetuneConfig) of LSQ fine-tuning after allocation; needs data.
     eval: TaskData or a callable model -> quality (%), measured on FP32, fake-quant and kernels.
+    clamp_budget: if the budget fraction is below the cheapest assignment, use the cheapest one
+      (with a warning) instead of raising; the torch.compile backend sets it.
     """
     from bitmix.compiler import sensitivity
 
@@ -140,6 +143,13 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         ctx = sensitivity.ScoreContext(graph=graph, target=tgt, model=float_model, data=data, calibration=calib,
                                        seed=seed, **dict(method_options or {}))
         scores = sensitivity.score(method, ctx)
+    if clamp_budget and goal.fraction is not None:
+        cheapest = _cheapest_fraction(costs, tgt, names)
+        if goal.fraction < cheapest:
+            msg = f"budget {goal.fraction} is below the cheapest assignment ({cheapest:.4f}); using {cheapest:.4f}"
+            warnings.warn(msg, stacklevel=2)
+            warn.append(msg)
+            goal = Budget(fraction=cheapest)
     with _stage("allocate", timings):
         chosen = allocate(scores, costs, tgt, names, goal, strategy=strategy, seed=seed)
     assignment = dict(chosen.assignment)
@@ -186,6 +196,13 @@ def _budget(budget: float | None, fps: float | None, latency_s: float | None, en
     if budget <= 0:
         raise BitmixError(f"budget must be > 0 (a fraction of the all-highest cost, e.g. 0.75), got {budget}")
     return Budget(fraction=float(budget))
+
+
+def _cheapest_fraction(costs: dict, tgt: Target, names: tuple[str, ...]) -> float:
+    pinned = tgt.pinned(names)
+    lowest = sum(costs[n][pinned.get(n, tgt.lowest)].cycles for n in names)
+    highest = sum(costs[n][pinned.get(n, tgt.highest)].cycles for n in names)
+    return lowest / highest * (1 + 1e-9)
 
 
 def _calibration_inputs(source: Any) -> Inputs | None:

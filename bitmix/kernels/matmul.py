@@ -39,6 +39,7 @@ from bitmix.kernels.simd import (
     madd_ones,
     madd_s8,
     maddubs,
+    prefetch,
     unpack_i8x32,
     unpack_i8x64,
     widen_i8x32,
@@ -55,6 +56,7 @@ MR = 4  # activation rows per GEMM micro-tile
 MT = 64  # activation rows per parallel tile (multiple of MR)
 GROUP = 4  # AVX2: blocks summed in int16 before one vpmaddwd (bound in the module docstring)
 NT = 32  # weight rows per parallel tile
+PF_ROWS = 4  # GEMV: software-prefetch the weight rows this far ahead
 
 
 def _pin(path: str, bits: int, *funcs):
@@ -85,7 +87,7 @@ def _micro_portable(bits: int):
         return s
 
     @njit(cache=True)
-    def dot1x4(w, wo0, wo1, wo2, wo3, a, ao, nblk):
+    def dot1x4(w, wo0, wo1, wo2, wo3, a, ao, nblk, pf):
         return (
             dot1x1(w, wo0, a, ao, nblk),
             dot1x1(w, wo1, a, ao, nblk),
@@ -120,12 +122,15 @@ def _micro_avx2_w8():
         return hsum_i32x8(acc)
 
     @njit(cache=True, inline="always")
-    def dot1x4(w, wo0, wo1, wo2, wo3, a, ao, nblk):
+    def dot1x4(w, wo0, wo1, wo2, wo3, a, ao, nblk, pf):
         c0 = zero_i32x8()
         c1 = zero_i32x8()
         c2 = zero_i32x8()
         c3 = zero_i32x8()
         for b in range(nblk):
+            if pf >= 0:
+                prefetch(w, pf + 128 * b)
+                prefetch(w, pf + 128 * b + 64)
             x = load_i8x32(a, ao + 32 * b)
             c0 = add_i32x8(c0, madd_s8(load_i8x32(w, wo0 + 32 * b), x))
             c1 = add_i32x8(c1, madd_s8(load_i8x32(w, wo1 + 32 * b), x))
@@ -190,7 +195,7 @@ def _micro_avx2(bits: int):
         return hsum_i32x8(acc)
 
     @njit(cache=True, inline="always")
-    def dot1x4(w, wo0, wo1, wo2, wo3, a, ao, nblk):
+    def dot1x4(w, wo0, wo1, wo2, wo3, a, ao, nblk, pf):
         c0 = zero_i32x8()
         c1 = zero_i32x8()
         c2 = zero_i32x8()
@@ -201,6 +206,9 @@ def _micro_avx2(bits: int):
             s2 = zero_i16x16()
             s3 = zero_i16x16()
             for b in range(b0, min(b0 + GROUP, nblk)):
+                if pf >= 0:
+                    prefetch(w, pf + 128 * b)
+                    prefetch(w, pf + 128 * b + 64)
                 v0 = load_i8x32(w, wo0 + 32 * b)
                 v1 = load_i8x32(w, wo1 + 32 * b)
                 v2 = load_i8x32(w, wo2 + 32 * b)
@@ -322,7 +330,7 @@ def _micro_avx512(bits: int):
         return hsum_i32x16(acc)
 
     @njit(cache=True, inline="always")
-    def dot1x4(w, wo0, wo1, wo2, wo3, a, ao, nblk):
+    def dot1x4(w, wo0, wo1, wo2, wo3, a, ao, nblk, pf):
         c0 = zero_i32x16()
         c1 = zero_i32x16()
         c2 = zero_i32x16()
@@ -346,10 +354,10 @@ def _micro_avx512(bits: int):
 
     @njit(cache=True, inline="always")
     def dot4x2(w, wo0, wo1, a, ao0, ao1, ao2, ao3, nblk):
-        r00, r01, r02, r03 = dot1x4(w, wo0, wo1, wo0, wo1, a, ao0, nblk)
-        r10, r11, r12, r13 = dot1x4(w, wo0, wo1, wo0, wo1, a, ao1, nblk)
-        r20, r21, r22, r23 = dot1x4(w, wo0, wo1, wo0, wo1, a, ao2, nblk)
-        r30, r31, r32, r33 = dot1x4(w, wo0, wo1, wo0, wo1, a, ao3, nblk)
+        r00, r01, r02, r03 = dot1x4(w, wo0, wo1, wo0, wo1, a, ao0, nblk, -1)
+        r10, r11, r12, r13 = dot1x4(w, wo0, wo1, wo0, wo1, a, ao1, nblk, -1)
+        r20, r21, r22, r23 = dot1x4(w, wo0, wo1, wo0, wo1, a, ao2, nblk, -1)
+        r30, r31, r32, r33 = dot1x4(w, wo0, wo1, wo0, wo1, a, ao3, nblk, -1)
         return r00, r01, r10, r11, r20, r21, r30, r31
 
     _pin("avx512vnni", bits, _pair, _tail, _x_pair, _x_tail, _dp)
@@ -399,7 +407,7 @@ def core_for(bits: int, path: str):
                     n = n0
                     while n + 4 <= n1:
                         r0, r1, r2, r3 = dot1x4(
-                            w, n * wrow, (n + 1) * wrow, (n + 2) * wrow, (n + 3) * wrow, a8, ao, nblk
+                            w, n * wrow, (n + 1) * wrow, (n + 2) * wrow, (n + 3) * wrow, a8, ao, nblk, (n + PF_ROWS) * wrow
                         )
                         out[i, n] = r0 - sa + corr * wsum[n]
                         out[i, n + 1] = r1 - sa + corr * wsum[n + 1]
@@ -431,8 +439,7 @@ def core_for(bits: int, path: str):
     return _pin(path, bits, core)[0]
 
 
-@njit(parallel=True, cache=True)
-def _prep_rows(a, shift, kp, a8, asum, mins, maxs, write):
+def _prep_rows_py(a, shift, kp, a8, asum, mins, maxs, write):
     """Shift activations to signed bytes in the padded (mp, kp) buffer, with row sums and range.
 
     Separate plain loops in narrow types so LLVM vectorises each. The int32 sum may wrap
@@ -457,6 +464,12 @@ def _prep_rows(a, shift, kp, a8, asum, mins, maxs, write):
             dst = a8[i * kp : i * kp + k]
             for j in range(k):
                 dst[j] = np.int32(row[j]) - sh
+
+
+# A parallel launch costs ~35 us with the workqueue layer: small inputs are prepared serially.
+PREP_SERIAL_MAX = 1 << 18
+_prep_rows = njit(parallel=True, cache=True)(_prep_rows_py)
+_prep_rows_serial = njit(cache=True)(_prep_rows_py)
 
 
 def check_activation_spec(a_bits: int, a_signed: bool) -> tuple[int, int, int]:
@@ -513,7 +526,8 @@ def gemm(a_codes: np.ndarray, w: PackedWeight, a_bits: int, a_signed: bool) -> n
     asum = np.zeros(mp, dtype=np.int64)
     mins = np.empty(m, dtype=np.float64)
     maxs = np.empty(m, dtype=np.float64)
-    _prep_rows(a, shift, w.k_pad, a8, asum, mins, maxs, not direct)
+    prep = _prep_rows_serial if m * w.k <= PREP_SERIAL_MAX else _prep_rows
+    prep(a, shift, w.k_pad, a8, asum, mins, maxs, not direct)
     check_range(float(mins.min()), float(maxs.max()), lo, hi, a_bits, a_signed)
     out = np.empty((m, w.n), dtype=np.int32)
     core_for(w.bits, ACTIVE_PATH)(a8, asum, w.data.reshape(-1), w.row_sums, shift, 1, m, mp, w.n, w.k_pad, out)

@@ -149,6 +149,25 @@ load_i8x32 = _make_load(i8x32)
 load_i8x64 = _make_load(i8x64)
 
 
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """``prefetcht0`` of the cache line holding byte ``idx`` of a 1-D 8-bit array (never faults)."""
+    if not (isinstance(arr, types.Array) and arr.dtype.bitwidth == 8 and isinstance(idx, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, value=args[0])
+        pos = context.cast(builder, args[1], sig.args[1], types.intp)
+        ptr = builder.bitcast(builder.gep(ary.data, [pos]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, idx), codegen
+
+
 def _make_unpack(vt: VecType):
     @intrinsic
     def unpack(typingctx, v, shift, mask):
