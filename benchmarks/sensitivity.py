@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/sensitivity.py [--quick] [--json out.json]
 
-Costs come from the analytic simulator (`bitmix.simulator.analytic.price`) on a
-single-core NorthPole-style chip (`--cores 1`): on the default 16x16 array digits-cnn
-layers are so small that fixed per-layer latency dominates and all-2-bit costs 0.98 of
-all-4-bit, so no budget below that is feasible. Protocol per assignment: fake-quantize
+Costs come from the analytic simulator (`bitmix.simulator.analytic.price`) on the
+default 16x16 NorthPole-style chip, with digits-cnn priced per frame over its zoo serving
+batch of 256 frames (at batch 1 every layer is latency-bound and all-2-bit costs 0.98 of
+all-4-bit; at batch 256 the cheapest assignment is 0.685). `--cores N` prices on an
+N x N array instead. Protocol per assignment: fake-quantize
 with 64 calibration images, fine-tune with LSQ (Adam, cosine, KD from the FP32 model)
 and report test top-1, mean over seeds. `random` is the mean over draws (one seed each).
 """
@@ -93,7 +94,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.85])
-    parser.add_argument("--cores", type=int, default=1)
+    parser.add_argument("--cores", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--additivity", type=int, default=16, help="random assignments for the rho check")
     parser.add_argument("--json", default=None)

@@ -49,7 +49,7 @@ from numba import types
 from bitmix.kernels import ACTIVE_PATH
 from bitmix.kernels.matmul import micro_kernels
 i64, u8, i8 = types.int64, types.uint8[::1], types.int8[::1]
-sig = (u8, i64, i64, i64, i64, i8, i64, i64)
+sig = (u8, i64, i64, i64, i64, i8, i64, i64, i64)
 res = {"path": ACTIVE_PATH}
 for bits in (4, 2, 8):
     d = micro_kernels(sys.argv[1], bits)[0][1]
@@ -70,7 +70,9 @@ def _asm_counts(path: str, tmp_path, **env: str) -> dict:
 
 @pytest.mark.skipif("avx2" not in simd.available_paths(), reason="needs AVX2")
 def test_avx2_emits_pmaddubsw(tmp_path) -> None:
-    res = _asm_counts("avx2", tmp_path)
+    """Compiled for Haswell, as on an AVX2-only CPU (on a VNNI host LLVM would fuse vpmaddwd into vpdpwssd)."""
+    feats = "+avx,+avx2,+fma,+bmi2,+popcnt,+sse4.2"
+    res = _asm_counts("avx2", tmp_path, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=feats)
     for bits in ("4", "2"):
         assert res[bits]["vpmaddubsw"] and res[bits]["vpmaddwd"] and res[bits]["ymm"], res
     assert res["8"]["vpmaddwd"] and not res["8"]["vpmaddubsw"], res  # 8-bit weights must not saturate
