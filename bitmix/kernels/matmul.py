@@ -406,8 +406,9 @@ def core_for(bits: int, path: str):
                     sa = offset * asum[g * mp + i]
                     n = n0
                     while n + 4 <= n1:
+                        pf = (n + PF_ROWS) * wrow
                         r0, r1, r2, r3 = dot1x4(
-                            w, n * wrow, (n + 1) * wrow, (n + 2) * wrow, (n + 3) * wrow, a8, ao, nblk, (n + PF_ROWS) * wrow
+                            w, n * wrow, (n + 1) * wrow, (n + 2) * wrow, (n + 3) * wrow, a8, ao, nblk, pf
                         )
                         out[i, n] = r0 - sa + corr * wsum[n]
                         out[i, n + 1] = r1 - sa + corr * wsum[n + 1]
