@@ -1,5 +1,3 @@
-import time
-
 import pytest
 
 from bitmix.compiler.targets import get_target
@@ -9,9 +7,7 @@ from bitmix.simulator import LayerCost, price, simulate, uniform
 def test_price_covers_every_layer_and_precision(zoo_graph):
     graph = zoo_graph("resnet50")
     target = get_target("int4int2-npu")
-    start = time.perf_counter()
-    table = price(graph, target)
-    assert time.perf_counter() - start < 5  # wall-time goal (< 0.5 s) is measured in benchmarks/simulator.py
+    table = price(graph, target)  # its wall time (< 0.5 s goal) is measured in benchmarks/simulator.py
     assert set(table) == set(graph.names)
     for row in table.values():
         assert tuple(row) == target.all_bits == (8, 4, 2)

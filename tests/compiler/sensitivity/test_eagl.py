@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 
 import pytest
 import torch
@@ -19,11 +18,9 @@ def test_entropy_of_known_distributions():
     assert entropy_bits(torch.tensor([0, 0, 1, 2])) == pytest.approx(1.5)
 
 
-def test_eagl_is_data_free_fast_and_zero_at_highest(mlp_ctx):
+def test_eagl_is_data_free_and_zero_at_highest(mlp_ctx):
     ctx = dataclasses.replace(mlp_ctx, data=None)
-    start = time.perf_counter()
-    s = score("eagl", ctx)
-    assert time.perf_counter() - start < 1.0
+    s = score("eagl", ctx)  # its wall time is measured by the frontier study's search_time.json
     assert set(s) == {"fc1", "fc2", "fc3"}
     for per_bits in s.values():
         assert per_bits[8] == 0.0 and per_bits[2] >= per_bits[4] > 0.0
