@@ -13,6 +13,7 @@ an empty Numba cache (compile time) and once with the warm cache (must not recom
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -31,7 +33,17 @@ from bitmix.kernels.matmul import ACTIVE_PATH, gemm
 from bitmix.kernels.pack import PackedWeight, code_range, pack_weights
 from bitmix.kernels.quant import qlinear
 
-L3_BYTES = 32 << 20
+
+def _l3_bytes(default: int = 32 << 20) -> int:
+    """Last-level cache size from sysfs (e.g. "491520K"), else 32 MiB."""
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(text[:-1]) << {"K": 10, "M": 20}[text[-1]] if text[-1] in "KM" else int(text)
+    except (OSError, ValueError):
+        return default
+
+
+L3_BYTES = _l3_bytes()
 COLD_BYTES = 3 * L3_BYTES
 RESNET50 = [(3136, 64, 576), (784, 128, 1152), (196, 256, 2304), (49, 512, 4608), (3136, 256, 64)]
 
@@ -89,9 +101,10 @@ for bits in map(int, sys.argv[1].split(",")):
     w = pack_weights(np.ones((64, 256), np.int8), bits)
     t = time.perf_counter()
     gemm(np.ones((1, 256), np.int8), w, 8, True)
-    gemm(np.ones((8, 256), np.int8), w, 8, True)
+    gemm(np.ones((256, 256), np.int8), w, 8, True)  # large enough for the parallel driver
     res["first_call_s"][bits] = time.perf_counter() - t
-    res["cache_misses"] += sum(core_for(bits, ACTIVE_PATH).stats.cache_misses.values())
+    for parallel in (True, False):
+        res["cache_misses"] += sum(core_for(bits, ACTIVE_PATH, parallel).stats.cache_misses.values())
 print(json.dumps(res))
 """
 
@@ -149,13 +162,17 @@ def _bench_case(
 ) -> list[dict]:
     op = "gemv" if m == 1 else "gemm"
     a_bits = 8
-    ours_w = [_random_packed(rng, n, k, w_bits) for _ in range(_copies(n * k * w_bits // 8, regime))]
+    # cold copies are memory copies of one random weight: cheap to make, distinct in memory
+    first = _random_packed(rng, n, k, w_bits)
+    ours_w = [first] + [dataclasses.replace(first, data=first.data.copy())
+                        for _ in range(_copies(n * k * w_bits // 8, regime) - 1)]
     codes = rng.integers(-128, 128, (m, k), dtype=np.int8)
     x = torch.randn(m, k)
     x_np = x.numpy()
     scales = np.full(n, 0.01, np.float32)
-    w_fp32 = [torch.randn(n, k) for _ in range(_copies(n * k * 4, regime))]
-    int8_lin = [_torch_int8_linear(torch.randn(n, k)) for _ in range(_copies(n * k, regime))]
+    w_ref = torch.randn(n, k)
+    w_fp32 = [w_ref.clone() for _ in range(_copies(n * k * 4, regime))]
+    int8_lin = [_torch_int8_linear(w_ref) for _ in range(_copies(n * k, regime))]
 
     def ours(i: int) -> None:
         gemm(codes, ours_w[i % len(ours_w)], a_bits, True)

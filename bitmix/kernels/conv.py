@@ -14,8 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from bitmix.errors import BitmixError
-from bitmix.kernels import matmul
-from bitmix.kernels.matmul import MR, check_activation_spec, check_packed, check_range, core_for
+from bitmix.kernels.matmul import MR, check_activation_spec, check_packed, check_range, run_core
 from bitmix.kernels.pack import PackedWeight
 
 
@@ -122,7 +121,5 @@ def conv2d(
         asum,
     )
     out = np.empty((m, w.n), dtype=np.int32)
-    core_for(w.bits, matmul.ACTIVE_PATH)(
-        a8, asum, w.data.reshape(-1), w.row_sums, shift, groups, m, mp, w.n // groups, w.k_pad, out
-    )
+    run_core(a8, asum, w, shift, groups, m, mp, out)
     return np.ascontiguousarray(out.reshape(nb, ho, wo, w.n).transpose(0, 3, 1, 2))

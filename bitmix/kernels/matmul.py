@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -57,6 +58,7 @@ MT = 64  # activation rows per parallel tile (multiple of MR)
 GROUP = 4  # AVX2: blocks summed in int16 before one vpmaddwd (bound in the module docstring)
 NT = 32  # weight rows per parallel tile
 PF_ROWS = 4  # GEMV: software-prefetch the weight rows this far ahead
+SERIAL_MAX_MACS = 1 << 21  # smaller products run on one thread (see run_core)
 
 
 def _pin(path: str, bits: int, *funcs):
@@ -354,11 +356,57 @@ def _micro_avx512(bits: int):
 
     @njit(cache=True, inline="always")
     def dot4x2(w, wo0, wo1, a, ao0, ao1, ao2, ao3, nblk):
-        r00, r01, r02, r03 = dot1x4(w, wo0, wo1, wo0, wo1, a, ao0, nblk, -1)
-        r10, r11, r12, r13 = dot1x4(w, wo0, wo1, wo0, wo1, a, ao1, nblk, -1)
-        r20, r21, r22, r23 = dot1x4(w, wo0, wo1, wo0, wo1, a, ao2, nblk, -1)
-        r30, r31, r32, r33 = dot1x4(w, wo0, wo1, wo0, wo1, a, ao3, nblk, -1)
-        return r00, r01, r10, r11, r20, r21, r30, r31
+        c00 = zero_i32x16()
+        c01 = zero_i32x16()
+        c10 = zero_i32x16()
+        c11 = zero_i32x16()
+        c20 = zero_i32x16()
+        c21 = zero_i32x16()
+        c30 = zero_i32x16()
+        c31 = zero_i32x16()
+        for b in range(0, nblk - 1, 2):
+            for p in range(planes):
+                u0 = _pair(w, wo0, b, p)
+                u1 = _pair(w, wo1, b, p)
+                x = _x_pair(a, ao0, b, p)
+                c00 = _dp(c00, u0, x)
+                c01 = _dp(c01, u1, x)
+                x = _x_pair(a, ao1, b, p)
+                c10 = _dp(c10, u0, x)
+                c11 = _dp(c11, u1, x)
+                x = _x_pair(a, ao2, b, p)
+                c20 = _dp(c20, u0, x)
+                c21 = _dp(c21, u1, x)
+                x = _x_pair(a, ao3, b, p)
+                c30 = _dp(c30, u0, x)
+                c31 = _dp(c31, u1, x)
+        if nblk % 2 == 1:
+            b = nblk - 1
+            for p in range(planes):
+                u0 = _tail(w, wo0, b, p)
+                u1 = _tail(w, wo1, b, p)
+                x = _x_tail(a, ao0, b, p)
+                c00 = _dp(c00, u0, x)
+                c01 = _dp(c01, u1, x)
+                x = _x_tail(a, ao1, b, p)
+                c10 = _dp(c10, u0, x)
+                c11 = _dp(c11, u1, x)
+                x = _x_tail(a, ao2, b, p)
+                c20 = _dp(c20, u0, x)
+                c21 = _dp(c21, u1, x)
+                x = _x_tail(a, ao3, b, p)
+                c30 = _dp(c30, u0, x)
+                c31 = _dp(c31, u1, x)
+        return (
+            hsum_i32x16(c00),
+            hsum_i32x16(c01),
+            hsum_i32x16(c10),
+            hsum_i32x16(c11),
+            hsum_i32x16(c20),
+            hsum_i32x16(c21),
+            hsum_i32x16(c30),
+            hsum_i32x16(c31),
+        )
 
     _pin("avx512vnni", bits, _pair, _tail, _x_pair, _x_tail, _dp)
     return _pin("avx512vnni", bits, dot1x1, dot1x4, dot4x2), 128 if w8 else 0
@@ -375,28 +423,28 @@ def micro_kernels(path: str, bits: int):
 
 
 @functools.cache
-def core_for(bits: int, path: str):
-    """The parallel GEMM driver for one (path, weight bits)."""
+def core_for(bits: int, path: str, parallel: bool = True):
+    """The GEMM driver for one (path, weight bits): ``prange`` over tiles, or the same loop serially."""
     (dot1x1, dot1x4, dot4x2), wcorr = micro_kernels(path, bits)
     offset = 0 if bits == 8 else 1 << (bits - 1)
     row_bytes_per_code = bits
     cpb = codes_per_block(bits)
+    tile_n = NT if parallel else 1 << 30  # serially one weight-row tile per group (also keys the disk cache)
 
-    @njit(parallel=True, cache=True)
     def core(a8, asum, w, wsum, ashift, groups, m, mp, ng, kp, out):
         wrow = kp * row_bytes_per_code // 8
         nblk = kp // cpb
         corr = ashift - wcorr
         mtiles = (m + MT - 1) // MT
-        ntiles = (ng + NT - 1) // NT
+        ntiles = (ng + tile_n - 1) // tile_n
         per_g = mtiles * ntiles
         for t in prange(groups * per_g):
             g = t // per_g
             r = t - g * per_g
             nt = r // mtiles
             mt = r - nt * mtiles
-            n0 = g * ng + nt * NT
-            n1 = g * ng + min(ng, nt * NT + NT)
+            n0 = g * ng + nt * tile_n
+            n1 = g * ng + min(ng, nt * tile_n + tile_n)
             m0 = mt * MT
             m1 = min(m, m0 + MT)
             abase = g * mp * kp
@@ -437,7 +485,21 @@ def core_for(bits: int, path: str):
                         sa = offset * asum[g * mp + i]
                         out[i, n] = dot1x1(w, n * wrow, a8, abase + i * kp, nblk) - sa + corr * wsum[n]
 
-    return _pin(path, bits, core)[0]
+    driver = njit(parallel=parallel, cache=True)(core)
+    simd.pin_uuid(driver, f"matmul.{path}.{bits}.core" + ("" if parallel else ".serial"))
+    return driver
+
+
+def run_core(a8, asum, w: PackedWeight, shift: int, groups: int, m: int, mp: int, out: np.ndarray) -> None:
+    """Run one prepared product (activations already shifted into ``a8``/``asum``) on the active path.
+
+    Small products run serially: waking Numba's sleeping ``workqueue`` threads costs more than
+    they save (measured 0.13-0.16 ms per parallel launch on a 2-vCPU VM vs ~0.3 us serial).
+    """
+    ng = w.n // groups
+    parallel = m * w.n * w.k_pad > SERIAL_MAX_MACS and numba.get_num_threads() > 1
+    core_for(w.bits, ACTIVE_PATH, parallel)(a8, asum, w.data.reshape(-1), w.row_sums, shift, groups, m, mp, ng,
+                                            w.k_pad, out)
 
 
 def _prep_rows_py(a, shift, kp, a8, asum, mins, maxs, write):
@@ -531,5 +593,5 @@ def gemm(a_codes: np.ndarray, w: PackedWeight, a_bits: int, a_signed: bool) -> n
     prep(a, shift, w.k_pad, a8, asum, mins, maxs, not direct)
     check_range(float(mins.min()), float(maxs.max()), lo, hi, a_bits, a_signed)
     out = np.empty((m, w.n), dtype=np.int32)
-    core_for(w.bits, ACTIVE_PATH)(a8, asum, w.data.reshape(-1), w.row_sums, shift, 1, m, mp, w.n, w.k_pad, out)
+    run_core(a8, asum, w, shift, 1, m, mp, out)
     return out

@@ -10,13 +10,15 @@ from bitmix.kernels.pack import code_range
 from bitmix.kernels.simd import PATHS, available_paths
 
 
-@pytest.fixture(params=PATHS)
+@pytest.fixture(params=[(p, d) for p in PATHS for d in ("serial", "parallel")], ids="-".join)
 def kernel_path(request, monkeypatch) -> str:
-    """Force one dispatch path; skip paths this CPU cannot execute (e.g. AVX-512 VNNI on Zen 3)."""
-    path = request.param
+    """Force one dispatch path and driver (serial, or prange over tiles whatever the size);
+    skip paths this CPU cannot execute (e.g. AVX-512 VNNI on Zen 3)."""
+    path, driver = request.param
     if path not in available_paths():
         pytest.skip(f"CPU cannot run the {path} path")
     monkeypatch.setattr(matmul, "ACTIVE_PATH", path)
+    monkeypatch.setattr(matmul, "SERIAL_MAX_MACS", 1 << 62 if driver == "serial" else -1)
     return path
 
 
