@@ -20,6 +20,7 @@ sum holds ``GROUP`` blocks, i.e. at most 8 ``vpmaddubsw`` results of u <= 15 (in
 from __future__ import annotations
 
 import functools
+import time
 
 import numba
 import numpy as np
@@ -58,7 +59,8 @@ MT = 64  # activation rows per parallel tile (multiple of MR)
 GROUP = 4  # AVX2: blocks summed in int16 before one vpmaddwd (bound in the module docstring)
 NT = 32  # weight rows per parallel tile
 PF_ROWS = 4  # GEMV: software-prefetch the weight rows this far ahead
-SERIAL_MAX_MACS = 1 << 21  # smaller products run on one thread (see run_core)
+SERIAL_MAX_MACS: int | None = None  # products this small run on one thread; set on first use by serial_max_macs()
+SERIAL_MACS_PER_S = 6e10  # one core's int4 GEMV/GEMM rate, measured on Sapphire Rapids and Zen 3 (+-30%)
 
 
 def _pin(path: str, bits: int, *funcs):
@@ -490,16 +492,36 @@ def core_for(bits: int, path: str, parallel: bool = True):
     return driver
 
 
-def run_core(a8, asum, w: PackedWeight, shift: int, groups: int, m: int, mp: int, out: np.ndarray) -> None:
-    """Run one prepared product (activations already shifted into ``a8``/``asum``) on the active path.
+@njit(parallel=True, cache=True)
+def _empty_launch(x):
+    for i in prange(x.shape[0]):
+        x[i] += 1
 
-    Small products run serially: waking Numba's sleeping ``workqueue`` threads costs more than
-    they save (measured 0.13-0.16 ms per parallel launch on a 2-vCPU VM vs ~0.3 us serial).
-    """
-    ng = w.n // groups
-    parallel = m * w.n * w.k_pad > SERIAL_MAX_MACS and numba.get_num_threads() > 1
-    core_for(w.bits, ACTIVE_PATH, parallel)(a8, asum, w.data.reshape(-1), w.row_sums, shift, groups, m, mp, ng,
-                                            w.k_pad, out)
+
+def serial_max_macs() -> int:
+    """Largest product worth running serially: a parallel launch saves half the serial time, so it
+    pays once ``macs / (2 * SERIAL_MACS_PER_S)`` exceeds the launch cost, measured here once per
+    process (Numba's sleeping ``workqueue`` threads: ~0.15 ms on a 2-vCPU VM, ~0.035 ms on bare Zen 3)."""
+    global SERIAL_MAX_MACS
+    if SERIAL_MAX_MACS is None:
+        x = np.zeros(max(2, numba.get_num_threads()))
+        _empty_launch(x)
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            _empty_launch(x)
+            times.append(time.perf_counter() - start)
+        SERIAL_MAX_MACS = max(1 << 20, int(sorted(times)[3] * 2 * SERIAL_MACS_PER_S))
+    return SERIAL_MAX_MACS
+
+
+def run_core(a8, asum, w: PackedWeight, shift: int, groups: int, m: int, mp: int, out: np.ndarray) -> None:
+    """Run one prepared product (activations already shifted into ``a8``/``asum``) on the active path,
+    serially when it is too small to repay waking the thread pool (see ``serial_max_macs``)."""
+    macs = m * w.n * w.k_pad
+    parallel = numba.get_num_threads() > 1 and macs > serial_max_macs()
+    core_for(w.bits, ACTIVE_PATH, parallel)(a8, asum, w.data.reshape(-1), w.row_sums, shift, groups, m, mp,
+                                            w.n // groups, w.k_pad, out)
 
 
 def _prep_rows_py(a, shift, kp, a8, asum, mins, maxs, write):
