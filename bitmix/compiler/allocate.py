@@ -243,12 +243,15 @@ def _check_feasible(problem: _Problem, caps: dict[str, float]) -> None:
         lowest = _min_cost(problem, resource)
         if lowest > cap * (1 + 1e-12):
             if resource == "cycles":
+                least = math.ceil(lowest / problem.reference * 1e4) / 1e4
                 raise BitmixError(
                     f"budget of {cap:.6g} cycles ({cap / problem.reference:.4f} of all-highest) is infeasible; "
-                    f"the minimum achievable is {lowest:.6g} cycles ({lowest / problem.reference:.4f})"
+                    f"the minimum achievable is {lowest:.6g} cycles ({lowest / problem.reference:.4f}): "
+                    f"ask for a budget of at least {least:.4f}"
                 )
             raise BitmixError(
-                f"budget of {cap:.6g} {resource} is infeasible; the minimum achievable is {lowest:.6g} {resource}"
+                f"budget of {cap:.6g} {resource} is infeasible; the minimum achievable is {lowest:.6g} {resource}: "
+                f"relax that limit"
             )
 
 

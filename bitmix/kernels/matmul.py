@@ -357,60 +357,28 @@ def _micro_avx512(bits: int):
         return hsum_i32x16(c0), hsum_i32x16(c1), hsum_i32x16(c2), hsum_i32x16(c3)
 
     @njit(cache=True, inline="always")
+    def _mac4x2(c, u0, u1, x0, x1, x2, x3):
+        """Two unpacked weight vectors against four activation rows: 8 accumulators."""
+        return (_dp(c[0], u0, x0), _dp(c[1], u1, x0), _dp(c[2], u0, x1), _dp(c[3], u1, x1),
+                _dp(c[4], u0, x2), _dp(c[5], u1, x2), _dp(c[6], u0, x3), _dp(c[7], u1, x3))
+
+    @njit(cache=True, inline="always")
     def dot4x2(w, wo0, wo1, a, ao0, ao1, ao2, ao3, nblk):
-        c00 = zero_i32x16()
-        c01 = zero_i32x16()
-        c10 = zero_i32x16()
-        c11 = zero_i32x16()
-        c20 = zero_i32x16()
-        c21 = zero_i32x16()
-        c30 = zero_i32x16()
-        c31 = zero_i32x16()
+        z = zero_i32x16()
+        c = (z, z, z, z, z, z, z, z)
         for b in range(0, nblk - 1, 2):
             for p in range(planes):
-                u0 = _pair(w, wo0, b, p)
-                u1 = _pair(w, wo1, b, p)
-                x = _x_pair(a, ao0, b, p)
-                c00 = _dp(c00, u0, x)
-                c01 = _dp(c01, u1, x)
-                x = _x_pair(a, ao1, b, p)
-                c10 = _dp(c10, u0, x)
-                c11 = _dp(c11, u1, x)
-                x = _x_pair(a, ao2, b, p)
-                c20 = _dp(c20, u0, x)
-                c21 = _dp(c21, u1, x)
-                x = _x_pair(a, ao3, b, p)
-                c30 = _dp(c30, u0, x)
-                c31 = _dp(c31, u1, x)
+                c = _mac4x2(c, _pair(w, wo0, b, p), _pair(w, wo1, b, p), _x_pair(a, ao0, b, p),
+                            _x_pair(a, ao1, b, p), _x_pair(a, ao2, b, p), _x_pair(a, ao3, b, p))
         if nblk % 2 == 1:
             b = nblk - 1
             for p in range(planes):
-                u0 = _tail(w, wo0, b, p)
-                u1 = _tail(w, wo1, b, p)
-                x = _x_tail(a, ao0, b, p)
-                c00 = _dp(c00, u0, x)
-                c01 = _dp(c01, u1, x)
-                x = _x_tail(a, ao1, b, p)
-                c10 = _dp(c10, u0, x)
-                c11 = _dp(c11, u1, x)
-                x = _x_tail(a, ao2, b, p)
-                c20 = _dp(c20, u0, x)
-                c21 = _dp(c21, u1, x)
-                x = _x_tail(a, ao3, b, p)
-                c30 = _dp(c30, u0, x)
-                c31 = _dp(c31, u1, x)
-        return (
-            hsum_i32x16(c00),
-            hsum_i32x16(c01),
-            hsum_i32x16(c10),
-            hsum_i32x16(c11),
-            hsum_i32x16(c20),
-            hsum_i32x16(c21),
-            hsum_i32x16(c30),
-            hsum_i32x16(c31),
-        )
+                c = _mac4x2(c, _tail(w, wo0, b, p), _tail(w, wo1, b, p), _x_tail(a, ao0, b, p),
+                            _x_tail(a, ao1, b, p), _x_tail(a, ao2, b, p), _x_tail(a, ao3, b, p))
+        return (hsum_i32x16(c[0]), hsum_i32x16(c[1]), hsum_i32x16(c[2]), hsum_i32x16(c[3]),
+                hsum_i32x16(c[4]), hsum_i32x16(c[5]), hsum_i32x16(c[6]), hsum_i32x16(c[7]))
 
-    _pin("avx512vnni", bits, _pair, _tail, _x_pair, _x_tail, _dp)
+    _pin("avx512vnni", bits, _pair, _tail, _x_pair, _x_tail, _dp, _mac4x2)
     return _pin("avx512vnni", bits, dot1x1, dot1x4, dot4x2), 128 if w8 else 0
 
 
