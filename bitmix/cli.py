@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -13,7 +14,6 @@ from rich.table import Table
 from bitmix.errors import BitmixError
 
 console = Console(width=None if sys.stdout.isatty() else 160)
-AUTO_FINETUNE_EPOCHS = 3
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:
@@ -60,19 +60,19 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from bitmix import zoo
-    from bitmix.compiler.pipeline import FinetuneConfig, compile
+    from bitmix.compiler.pipeline import compile
 
     model, inputs, data = zoo.load(args.model)
     if args.eval and data is None:
         raise BitmixError(f"model {args.model!r} has no evaluation data in the zoo; drop --eval")
     epochs = args.finetune_epochs
-    if epochs is None:  # auto: LSQ needs a short QAT run to recover 2-bit layers, when the zoo has data
-        epochs = AUTO_FINETUNE_EPOCHS if data is not None else 0
+    if epochs is None:  # auto: LSQ needs a short QAT run to recover 2-bit layers: the task's own recipe
+        epochs = data.recipe.epochs if data is not None else 0
     if epochs < 0:
         raise BitmixError(f"--finetune-epochs must be >= 0, got {epochs}")
     if epochs and data is None:
         raise BitmixError(f"model {args.model!r} has no training data in the zoo; drop --finetune-epochs")
-    finetune = FinetuneConfig(epochs=epochs) if epochs else None
+    finetune = dataclasses.replace(data.recipe, epochs=epochs) if epochs else None
     cm = compile(model, inputs, target=args.target, method=args.method, budget=args.budget, calibration=data,
                  data=data, finetune=finetune, eval=data if args.eval else None, fps=args.fps,
                  latency_s=args.latency, energy_j=args.energy, chip_config=args.config, seed=args.seed,
@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency", type=_positive_float, help="absolute goal: latency per frame in seconds")
     p.add_argument("--energy", type=_positive_float, help="absolute goal: energy per frame in joules")
     p.add_argument("--finetune-epochs", type=int, default=None,
-                   help=f"LSQ fine-tuning epochs after allocation (default: {AUTO_FINETUNE_EPOCHS} when the zoo "
-                   "model has training data, else 0)")
+                   help="LSQ fine-tuning epochs after allocation (default: the zoo task's recipe -- digits 3 "
+                   "epochs SGD, minilm 1 epoch Adam; 0 for models without data)")
     p.add_argument("--eval", action="store_true", help="measure quality: FP32, fake-quant and on the kernels")
     p.add_argument("--config", help="chip configuration TOML overriding the simulator defaults")
     p.add_argument("--seed", type=int, default=0)

@@ -14,7 +14,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,19 +31,9 @@ from bitmix.compiler.targets import Target, get_target
 from bitmix.errors import BitmixError
 from bitmix.report.report import LayerRow, Report
 from bitmix.simulator import ChipConfig, SimResult, load_chip_config, price, simulate, simulate_calls
-from bitmix.zoo.data import Inputs, TaskData
+from bitmix.zoo.data import FinetuneConfig, Inputs, TaskData
 
 CALIBRATION_SAMPLES = 128
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """LSQ quantization-aware fine-tuning after allocation (one fixed recipe for every method)."""
-
-    epochs: int = 2
-    lr: float = 0.01
-    optimizer: str = "sgd"
-    batch_size: int = 64
 
 
 class CompiledModel(nn.Module):

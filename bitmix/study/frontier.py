@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from bitmix.errors import BitmixError
+from bitmix.zoo.data import FinetuneConfig
 
 ALL_METHODS = ("eagl", "alps", "hawq", "limpq", "sqnr", "uniform", "random")
 PROPOSED = ("eagl", "alps")
@@ -59,16 +60,6 @@ Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """The one fine-tuning recipe every point of a study gets (LSQ QAT after allocation)."""
-
-    epochs: int
-    lr: float
-    optimizer: str
-    batch_size: int
-
-
-@dataclass(frozen=True)
 class StudyConfig:
     """What to sweep on one model and how; `fingerprint()` tags cached results."""
 
@@ -76,7 +67,7 @@ class StudyConfig:
     methods: tuple[str, ...]
     budgets: tuple[float, ...]
     seeds: int
-    recipe: Recipe
+    recipe: FinetuneConfig
     method_options: dict[str, Any] = field(default_factory=dict, hash=False)
     additivity: int = 16  # random assignments for the additivity check (0 = skip)
     additivity_epochs: int = 1  # fine-tune per assignment there, as ALPS does per layer
@@ -101,17 +92,17 @@ def default_config(
 ) -> StudyConfig:
     """The study's fixed recipe per model; `quick` = one seed, two budgets, two methods, one epoch."""
     if model.startswith("digits"):
-        recipe, options, n_seeds, additivity = Recipe(3, 0.01, "sgd", 64), {"alps_epochs": 1.0}, 5, 16
+        recipe, options, n_seeds, additivity = FinetuneConfig(3, 0.01, "sgd", 64), {"alps_epochs": 1.0}, 5, 16
         add_epochs, check = 1, True
     elif model == "minilm":  # data.loss is 1 - cosine to the FP32 embeddings: distillation from FP32
         # one forward pass over the data costs ~10 s here, so the data-driven scorers get smaller settings
-        recipe, n_seeds, additivity, add_epochs, check = Recipe(1, 1e-4, "adam", 32), 3, 6, 0, False
+        recipe, n_seeds, additivity, add_epochs, check = FinetuneConfig(1, 1e-4, "adam", 32), 3, 6, 0, False
         options = {"alps_epochs": 0.25, "limpq_epochs": 1, "hawq_samples": 8, "hawq_examples": 64,
-                   "calibration_size": 32}
+                   "calibration_size": 32, "batch_size": 32}
     else:
         raise BitmixError(f"the frontier study needs a zoo model with data; choose from {', '.join(MODELS)}")
     if quick:
-        recipe = Recipe(1, recipe.lr, recipe.optimizer, recipe.batch_size)
+        recipe = FinetuneConfig(1, recipe.lr, recipe.optimizer, recipe.batch_size)
         methods, budgets, n_seeds, additivity = methods or QUICK_METHODS, budgets or QUICK_BUDGETS, 1, 4
     unknown = sorted(set(methods or ()) - set(ALL_METHODS))
     if unknown:

@@ -18,6 +18,16 @@ Inputs = tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """LSQ quantization-aware fine-tuning after allocation; each zoo task carries one that works for it."""
+
+    epochs: int = 2
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
 class Split:
     inputs: Inputs
     targets: torch.Tensor
@@ -38,6 +48,7 @@ class TaskData:
     train: Split
     test: Split
     info: dict = field(default_factory=dict, compare=False)
+    recipe: FinetuneConfig = FinetuneConfig()  # the fine-tuning recipe known to work on this task
 
     def batches(
         self, split: str = "train", batch_size: int = 64, shuffle: bool = False, seed: int = 0

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitmix.zoo.cache import cache_dir
-from bitmix.zoo.data import Split, TaskData
+from bitmix.zoo.data import FinetuneConfig, Split, TaskData
 
 TRAIN_SEED = 0
 CACHE_VERSION = 1
@@ -87,7 +87,8 @@ def digits_data() -> TaskData:
     )
     train = Split((x[idx_train],), y[idx_train])
     test = Split((x[idx_test],), y[idx_test])
-    return TaskData("digits", "top1", train, test, {"source": "sklearn.datasets.load_digits"})
+    return TaskData("digits", "top1", train, test, {"source": "sklearn.datasets.load_digits"},
+                    FinetuneConfig(epochs=3, lr=0.01, optimizer="sgd", batch_size=64))
 
 
 def _train(model: nn.Module, data: TaskData, epochs: int, lr: float) -> None:

@@ -77,12 +77,14 @@ def _job(
     lr: float,
     seed: int,
     metric: str,
+    batch_size: int,
 ) -> float:
     model = base
     if job is not None:
         name, bits = job
         model = _lowered(base, name, bits, calibration)
-    tuned = finetune(model, fit, epochs, lr, optimizer="adam", seed=seed, max_batches=max_batches)
+    tuned = finetune(model, fit, epochs, lr, optimizer="adam", seed=seed, batch_size=batch_size,
+                     max_batches=max_batches)
     return float(quality_drop_measure(metric)(tuned, fit, "test"))
 
 
@@ -107,12 +109,13 @@ def alps(ctx: ScoreContext) -> Scores:
     choices = ctx.target.choices
     assignment = {n: choices[0] for n in ctx.free_layers} | ctx.target.pinned(ctx.graph.names)
     base = fake_quantize(ctx.model, assignment, calibration)
-    base = finetune(base, fit, ctx.alps_base_epochs, ctx.alps_lr, optimizer="adam", seed=ctx.seed)
-    epochs, max_batches = _epochs(ctx.alps_epochs, math.ceil(len(fit.train) / 64))
+    base = finetune(base, fit, ctx.alps_base_epochs, ctx.alps_lr, optimizer="adam", seed=ctx.seed,
+                    batch_size=ctx.batch_size)
+    epochs, max_batches = _epochs(ctx.alps_epochs, math.ceil(len(fit.train) / ctx.batch_size))
     jobs: list[tuple[str, int] | None] = [None] + [(n, b) for n in ctx.free_layers for b in choices[1:]]
     run = partial(
         _job, base=base, fit=fit, calibration=calibration, epochs=epochs, max_batches=max_batches,
-        lr=ctx.alps_lr, seed=ctx.seed, metric=ctx.alps_metric,
+        lr=ctx.alps_lr, seed=ctx.seed, metric=ctx.alps_metric, batch_size=ctx.batch_size,
     )
     executor = ctx.executor or executor_for(ctx.workers)
     results = executor.map(run, jobs)

@@ -43,6 +43,7 @@ class ScoreContext:
     hawq_examples: int = 256
     limpq_epochs: int = 2
     limpq_lr: float = 1e-3
+    batch_size: int = 64  # mini-batch of the data-driven methods' training (ALPS, LIMPQ); memory grows with it
     workers: int = 1
     executor: Executor | None = field(default=None, compare=False)
 

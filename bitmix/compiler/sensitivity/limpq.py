@@ -80,7 +80,7 @@ def limpq(ctx: ScoreContext) -> Scores:
     rng = random.Random(ctx.seed)
     model.train()
     for epoch in range(ctx.limpq_epochs):
-        for inputs, targets in data.batches("train", 64, shuffle=True, seed=ctx.seed + epoch):
+        for inputs, targets in data.batches("train", ctx.batch_size, shuffle=True, seed=ctx.seed + epoch):
             opt.zero_grad(set_to_none=True)
             policies = [dict.fromkeys(quantizers, i) for i in range(len(choices))]
             policies.append({n: rng.randrange(len(choices)) for n in quantizers})
