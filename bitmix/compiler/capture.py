@@ -26,7 +26,7 @@ LINEAR_OPS = {aten.linear.default}
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.mm.default}
 # Ops that multiply by weights but have no bitmix kernel: they stay FP32 and are reported.
 NO_KERNEL_OPS = {"conv1d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution",
-                 "addmm", "matmul", "mm", "bmm", "einsum", "baddbmm", "conv2d"}
+                 "addmm", "matmul", "mm", "bmm", "einsum", "baddbmm", "conv2d", "lstm", "gru", "rnn_tanh", "rnn_relu"}
 
 # Ops that only move or relabel data: free on the vector unit, not worth a VectorOp.
 LAYOUT_OPS = {

@@ -135,3 +135,21 @@ def test_capture_errors():
 def test_single_tensor_example_input():
     graph = capture(nn.Linear(4, 3), torch.randn(2, 4))
     assert graph.layers[0].macs == 2 * 4 * 3 and graph.input_shapes == ((2, 4),)
+
+
+def test_recurrent_layers_are_listed_as_without_kernel():
+    """An LSTM has weights but no packed kernel: it must be reported, not silently left in FP32."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(8, 16, batch_first=True)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            out, _ = self.lstm(x)
+            return self.fc(out[:, -1])
+
+    graph = capture(Net(), (torch.randn(2, 7, 8),))
+    assert graph.names == ("fc",)
+    assert any("lstm" in entry for entry in graph.unsupported)
