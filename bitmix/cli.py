@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="studies over many compiles (accuracy-throughput frontier)")
     study = p.add_subparsers(dest="study", required=True)
     f = study.add_parser("frontier", help="every method x budget x seed: fine-tune, run on kernels, simulate")
-    f.add_argument("model", help="digits-cnn, digits-mlp, minilm, or all")
+    f.add_argument("model", help="digits-cnn, digits-mlp, minilm, digits-cnn-ptq (no fine-tuning), or all")
     f.add_argument("--methods", nargs="+", help="default: eagl alps hawq limpq sqnr uniform random")
     f.add_argument("--budgets", type=_positive_float, nargs="+",
                    help="fractions of the all-4-bit cost (default: 0.55 0.6 0.7 0.8 0.9 1.0, plus "

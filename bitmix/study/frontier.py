@@ -53,7 +53,9 @@ QUICK_BUDGETS = (0.8, 1.0)
 QUICK_METHODS = ("eagl", "uniform")
 REFERENCE_BITS = (8, 4, 2)
 TARGET = "int4int2-npu"
-MODELS = ("digits-cnn", "digits-mlp", "minilm")
+# Study names: zoo models, plus "<model>-ptq" = the same sweep with no fine-tuning after allocation
+# (post-training quantization only), a harder regime where layer choices matter more.
+MODELS = ("digits-cnn", "digits-mlp", "minilm", "digits-cnn-ptq")
 ZEN = {"23": ("Zen/Zen 2", "Zen/Zen 2"), "25": ("Zen 3", "Zen 4"), "26": ("Zen 5", "Zen 5")}  # cpu family, AVX-512
 
 Log = Callable[[str], None]
@@ -74,6 +76,11 @@ class StudyConfig:
     workers: int = 2
     quick: bool = False
     check_fake_quant: bool = True  # also evaluate the fake-quant model (bit-exact with the kernels; costly on minilm)
+    name: str = ""  # the study's name and output folder when it differs from the zoo model (e.g. digits-cnn-ptq)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.model
 
     def fingerprint(self) -> str:
         """Hash of everything that changes a measured number (not the sweep ranges or workers)."""
@@ -91,6 +98,10 @@ def default_config(
     workers: int = 2,
 ) -> StudyConfig:
     """The study's fixed recipe per model; `quick` = one seed, two budgets, two methods, one epoch."""
+    if model not in MODELS:
+        raise BitmixError(f"the frontier study needs a zoo model with data; choose from {', '.join(MODELS)}")
+    name, ptq = model, model.endswith("-ptq")
+    model = model.removesuffix("-ptq")
     if model.startswith("digits"):
         recipe, options, n_seeds, additivity = FinetuneConfig(3, 0.01, "sgd", 64), {"alps_epochs": 1.0}, 5, 16
         add_epochs, check = 1, True
@@ -103,6 +114,9 @@ def default_config(
         raise BitmixError(f"the frontier study needs a zoo model with data; choose from {', '.join(MODELS)}")
     if quick:
         recipe = FinetuneConfig(1, recipe.lr, recipe.optimizer, recipe.batch_size)
+    if ptq:
+        recipe, add_epochs = FinetuneConfig(0, recipe.lr, recipe.optimizer, recipe.batch_size), 0
+    if quick:
         methods, budgets, n_seeds, additivity = methods or QUICK_METHODS, budgets or QUICK_BUDGETS, 1, 4
     unknown = sorted(set(methods or ()) - set(ALL_METHODS))
     if unknown:
@@ -114,7 +128,8 @@ def default_config(
         raise BitmixError(f"--seeds must be >= 1, got {n_seeds}")
     budgets = budgets or BUDGETS + EXTRA_BUDGETS.get(model, ())
     return StudyConfig(model, tuple(methods or ALL_METHODS), tuple(sorted(budgets)), n_seeds, recipe,
-                       options, additivity, 0 if quick else add_epochs, max(1, workers), quick, check)
+                       options, additivity, 0 if quick else add_epochs, max(1, workers), quick, check,
+                       name if name != model else "")
 
 
 # ---------------------------------------------------------------- measurement (runs in forked workers)
@@ -204,9 +219,9 @@ def _assignment_key(assignment: dict[str, int]) -> tuple[tuple[str, int], ...]:
 
 
 def run_frontier(config: StudyConfig, out_dir: str | Path, log: Log | None = None, command: str = "") -> dict:
-    """Run (or resume) the study for `config.model` into `out_dir/<model>/`; returns frontier.json's dict."""
+    """Run (or resume) the study `config.label` into `out_dir/<label>/`; returns frontier.json's dict."""
     say = log or (lambda _msg: None)
-    out = Path(out_dir) / config.model
+    out = Path(out_dir) / config.label
     out.mkdir(parents=True, exist_ok=True)
     fp = config.fingerprint()
     threads = torch.get_num_threads()
@@ -244,7 +259,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str) -> dic
     min_fraction = sum(costs[n][pinned.get(n, target.lowest)].cycles for n in names) / highest
     fp32 = data.evaluate(prepared)
     seeds = list(range(config.seeds))
-    say(f"{config.model}: {len(names)} layers ({len(free)} free), FP32 {data.metric} {fp32:.2f}, "
+    say(f"{config.label}: {len(names)} layers ({len(free)} free), FP32 {data.metric} {fp32:.2f}, "
         f"cheapest assignment {min_fraction:.4f} of all-4-bit")
 
     # 1. score once per (method, seed)
@@ -433,7 +448,7 @@ def summarise(config: StudyConfig, points: list[dict], scored: dict, additivity:
         if good:
             references[f"all-{bits}"] = {"n": len(good), **_agg(good)}
     return {
-        "model": config.model, "target": TARGET, **meta, "machine": machine(),
+        "model": config.label, "zoo_model": config.model, "target": TARGET, **meta, "machine": machine(),
         "date": datetime.datetime.now(datetime.UTC).date().isoformat(),
         "config": asdict(config) | {"fingerprint": config.fingerprint()},
         "frontier": frontier, "references": references,
@@ -620,11 +635,13 @@ def model_section(result: dict, heading: str = "##", images: tuple[str, str] | N
     """Markdown for one model: frontier table, references, dominance, search time, additivity."""
     cfg = result["config"]
     r = cfg["recipe"]
+    recipe = ("no fine-tuning after allocation (post-training quantization: LSQ steps from calibration only)"
+              if r["epochs"] == 0 else f"{r['epochs']} epoch(s) LSQ, {r['optimizer']} lr {r['lr']:g}, "
+              f"batch {r['batch_size']}")
     lines = [f"{heading} {result['model']}", "",
              f"{result['layers']} quantizable layers ({result['free_layers']} free, first/last pinned at 8 bits), "
              f"FP32 {result['metric']} {result['fp32']:.2f} %; cheapest int4int2 assignment = "
-             f"{result['min_fraction']:.3f} of the all-4-bit cost. Recipe: {r['epochs']} epoch(s) LSQ, "
-             f"{r['optimizer']} lr {r['lr']:g}, batch {r['batch_size']}; seeds {cfg['seeds']}; "
+             f"{result['min_fraction']:.3f} of the all-4-bit cost. Recipe: {recipe}; seeds {cfg['seeds']}; "
              f"method options {cfg['method_options']}; quality measured on the packed kernels. Study wall time "
              f"{result['study_wall_s'] / 60:.1f} min ({len(result['runs'])} run(s), {cfg['workers']} worker "
              f"process(es)).", ""]

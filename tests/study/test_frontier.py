@@ -45,3 +45,13 @@ def test_quick_frontier_writes_outputs_and_resumes(tmp_path):
     assert (d / "points.jsonl").read_text().count("\n") == lines
     again = json.loads((d / "frontier.json").read_text())
     assert again["frontier"] == result["frontier"] and again["references"] == result["references"]
+
+
+def test_ptq_variant_is_the_same_sweep_without_fine_tuning():
+    from bitmix.study.frontier import default_config
+
+    base, ptq = default_config("digits-cnn"), default_config("digits-cnn-ptq")
+    assert ptq.model == "digits-cnn" and ptq.label == "digits-cnn-ptq" and base.label == "digits-cnn"
+    assert ptq.recipe.epochs == 0 and base.recipe.epochs > 0 and ptq.additivity_epochs == 0
+    assert (ptq.methods, ptq.budgets, ptq.seeds) == (base.methods, base.budgets, base.seeds)
+    assert ptq.fingerprint() != base.fingerprint()
