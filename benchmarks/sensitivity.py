@@ -150,7 +150,7 @@ def main() -> None:
         print(f"{variant:20s} rho={rho:+.3f}  " + "  ".join(f"{b}: {accs[b]:.2f}" for b in args.budgets))
     out["eagl_ablation"] = ablation
 
-    print("\n== QAT top-1 (%) by budget (fraction of all-4-bit cycles, 1-core chip) ==")
+    print(f"\n== QAT top-1 (%) by budget (fraction of all-4-bit cycles, {args.cores}x{args.cores} chip) ==")
     results: dict = {}
     for b in args.budgets:
         row = {}

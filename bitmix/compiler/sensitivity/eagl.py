@@ -14,11 +14,14 @@ Variants (choices c_0 > c_1 > ... highest first; scores are 0 at c_0):
 - ``entropy_drop``:        s_l(b) = H_l(c_0) - H_l(b)    (information lost by requantizing)
 - ``entropy_drop_params``: N_l · (H_l(c_0) - H_l(b))
 
-Default: ``entropy``. Ablation on digits-cnn (benchmarks/sensitivity.py; int4int2-npu,
-1-core chip, LSQ QAT 3 epochs, 5 seeds): all four variants choose the same layers at
-budgets 0.75 and 0.85 (top-1 99.44 % and 99.39 %), so accuracy cannot separate them;
-their Spearman ρ with the ALPS scores is +0.536 for ``entropy`` / ``entropy_drop`` and
-+0.429 for both ``*_params`` variants, so the simplest of the best pair is kept.
+Default: ``entropy``. Ablation on digits-cnn (benchmarks/sensitivity.py, 2026-12-01;
+int4int2-npu on the default 16x16 chip with digits priced over a 256-frame batch, LSQ QAT
+3 epochs with KD, 5 seeds): the four variants rank the 7 free layers identically (layer
+sizes grow in the same order as their entropies), so they pick the same layers at budgets
+0.75 and 0.85 (top-1 98.78 % at both) and share one Spearman ρ with the ALPS scores
+(+0.04). Nothing separates them, so the simplest is kept. An earlier run priced on a
+1-core chip did separate them: ρ +0.536 for ``entropy``/``entropy_drop`` vs +0.429 for
+the ``*_params`` variants.
 
 Matmul layers have no weights: with calibration inputs their
 H is the mean entropy of the two activation operands' codes (per-tensor LSQ init step)
