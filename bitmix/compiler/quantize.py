@@ -304,7 +304,10 @@ def fake_quantize(
 def calibration_signs(
     model: nn.Module, layers: dict[str, QuantLayer], calibration: tuple[torch.Tensor, ...]
 ) -> dict[str, tuple[bool, bool]]:
-    """Per layer (a_signed, b_signed): signed unless the graph or the calibration shows v >= 0."""
+    """Per layer (a_signed, b_signed): signed unless the graph or the calibration shows v >= 0.
+
+    A layer the forward pass never reaches (e.g. a pooler whose output the model drops) stays signed.
+    """
     minima: dict[str, tuple[float, float]] = {}
 
     def hook(layer: QuantLayer, args: tuple) -> None:
@@ -324,8 +327,9 @@ def calibration_signs(
         for name, layer in layers.items():
             layer.bits = saved[name]
     return {
-        name: (not (layers[name].a_nonneg or a_min >= 0.0), not (layers[name].b_nonneg or b_min >= 0.0))
-        for name, (a_min, b_min) in minima.items()
+        name: (not (layer.a_nonneg or a_min >= 0.0), not (layer.b_nonneg or b_min >= 0.0))
+        for name, layer in layers.items()
+        for a_min, b_min in [minima.get(name, (-1.0, -1.0))]
     }
 
 

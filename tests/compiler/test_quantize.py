@@ -169,3 +169,18 @@ def test_finetune_rejects_bad_arguments(mlp):
         finetune(gm, data, epochs=1, lr=0.1, optimizer="lion")
     with pytest.raises(BitmixError, match="lr > 0"):
         finetune(gm, data, epochs=1, lr=0.0)
+
+
+def test_calibration_signs_cover_layers_the_forward_never_reaches():
+    """minilm's pooler is captured but its output is dropped: LIMPQ asked for its signs and got a KeyError."""
+    from bitmix.compiler.quantize import calibration_signs
+
+    nn = torch.nn
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    gm = prepare(capture(net, (torch.randn(3, 4),)))
+    layers = quant_layers(gm)
+    other = quant_layers(prepare(capture(nn.Sequential(nn.Linear(4, 4)), (torch.randn(3, 4),))))
+    ghost = next(iter(other.values()))
+    signs = calibration_signs(gm, {**layers, "ghost": ghost}, (torch.randn(8, 4),))
+    assert signs["ghost"] == (True, True)
+    assert signs[list(layers)[1]][0] is False  # after the ReLU: unsigned
