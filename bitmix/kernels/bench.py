@@ -221,7 +221,8 @@ def _print_table(records: list[dict], meta: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"bitmix kernels ({meta['kernel_path']}, {meta['threads']} threads)")
+    table = Table(title=f"bitmix kernels ({meta['kernel_path']}, {meta['threads']} threads, Numba "
+                        f"{meta['threading_layer']} layer)")
     for col in ("op", "M×N×K", "w/a", "regime", "ours ms", "GOP/s", "wGB/s", "%BW", "vs fp32", "vs int8 dyn"):
         table.add_column(col, justify="right")
     groups: dict[tuple, dict[str, dict]] = {}
@@ -289,11 +290,13 @@ def run_kernel_bench(quick: bool = False, json_path: str | None = None) -> list[
         "loadavg_1min": load_before,
         "kernel_path": ACTIVE_PATH,
         "threads": threads,
+        "threading_layer": numba.threading_layer(),
         "bandwidth": bandwidth,
         "cold_start": cold_start,
     }
     for r in records:
-        r.update(kernel_path=ACTIVE_PATH, threads=threads, bandwidth_gbps=bw, loadavg_1min=meta["loadavg_1min"])
+        r.update(kernel_path=ACTIVE_PATH, threads=threads, threading_layer=meta["threading_layer"], bandwidth_gbps=bw,
+                 loadavg_1min=meta["loadavg_1min"])
     _print_table(records, meta)
     if json_path:
         with open(json_path, "w") as f:
