@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bitmix.compiler.graph import Layer, LayerGraph, VectorOp
-from bitmix.errors import BitmixError
+from bitmix.errors import BitmixError, NoQuantizableLayers
 
 aten = torch.ops.aten
 
@@ -47,7 +47,7 @@ def capture(model: nn.Module, example_inputs: tuple | torch.Tensor, name: str | 
     exported = export(model, inputs)
     layers, vector_ops, deps, unsupported = _index(exported)
     if not layers:
-        raise BitmixError(
+        raise NoQuantizableLayers(
             "the model has no quantizable layers (conv2d, linear, matmul/bmm); nothing for bitmix to do"
         )
     return LayerGraph(
