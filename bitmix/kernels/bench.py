@@ -94,14 +94,17 @@ import json, sys, time
 t0 = time.perf_counter()
 import numpy as np
 from bitmix.kernels import gemm, pack_weights
+from bitmix.kernels import matmul
 from bitmix.kernels.matmul import ACTIVE_PATH, core_for
 t1 = time.perf_counter()
 res = {"import_s": t1 - t0, "first_call_s": {}, "cache_misses": 0}
 for bits in map(int, sys.argv[1].split(",")):
     w = pack_weights(np.ones((64, 256), np.int8), bits)
     t = time.perf_counter()
-    gemm(np.ones((1, 256), np.int8), w, 8, True)
-    gemm(np.ones((256, 256), np.int8), w, 8, True)  # large enough for the parallel driver
+    gemm(np.ones((1, 256), np.int8), w, 8, True)  # serial driver
+    matmul.SERIAL_MAX_MACS, cutoff = 0, matmul.SERIAL_MAX_MACS
+    gemm(np.ones((8, 256), np.int8), w, 8, True)  # parallel driver
+    matmul.SERIAL_MAX_MACS = cutoff
     res["first_call_s"][bits] = time.perf_counter() - t
     for parallel in (True, False):
         res["cache_misses"] += sum(core_for(bits, ACTIVE_PATH, parallel).stats.cache_misses.values())

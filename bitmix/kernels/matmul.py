@@ -519,7 +519,7 @@ def _prep_rows_py(a, shift, kp, a8, asum, mins, maxs, write):
                 dst[j] = np.int32(row[j]) - sh
 
 
-# A parallel launch costs ~35 us with the workqueue layer: small inputs are prepared serially.
+# Waking the workqueue threads costs 35-160 us (see serial_max_macs): small inputs are prepared serially.
 PREP_SERIAL_MAX = 1 << 18
 _prep_rows = njit(parallel=True, cache=True)(_prep_rows_py)
 _prep_rows_serial = njit(cache=True)(_prep_rows_py)

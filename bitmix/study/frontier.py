@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from bitmix.errors import BitmixError
+from bitmix.zoo import digits, minilm
 from bitmix.zoo.data import FinetuneConfig
 
 ALL_METHODS = ("eagl", "alps", "hawq", "limpq", "sqnr", "uniform", "random")
@@ -103,19 +104,15 @@ def default_config(
     name, ptq = model, model.endswith("-ptq")
     model = model.removesuffix("-ptq")
     if model.startswith("digits"):
-        recipe, options, n_seeds, additivity = FinetuneConfig(3, 0.01, "sgd", 64), {"alps_epochs": 1.0}, 5, 16
+        recipe, options, n_seeds, additivity = digits.RECIPE, {"alps_epochs": 1.0}, 5, 16
         add_epochs, check = 1, True
-    elif model == "minilm":  # data.loss is 1 - cosine to the FP32 embeddings: distillation from FP32
+    else:  # minilm: data.loss is 1 - cosine to the FP32 embeddings, i.e. distillation from FP32
         # one forward pass over the data costs ~10 s here, so the data-driven scorers get smaller settings
-        recipe, n_seeds, additivity, add_epochs, check = FinetuneConfig(1, 1e-4, "adam", 32), 3, 6, 0, False
+        recipe, n_seeds, additivity, add_epochs, check = minilm.RECIPE, 3, 6, 0, False
         options = {"alps_epochs": 0.25, "limpq_epochs": 1, "hawq_samples": 8, "hawq_examples": 64,
-                   "calibration_size": 32, "batch_size": 32}
-    else:
-        raise BitmixError(f"the frontier study needs a zoo model with data; choose from {', '.join(MODELS)}")
-    if quick:
-        recipe = FinetuneConfig(1, recipe.lr, recipe.optimizer, recipe.batch_size)
-    if ptq:
-        recipe, add_epochs = FinetuneConfig(0, recipe.lr, recipe.optimizer, recipe.batch_size), 0
+                   "calibration_size": 32, "batch_size": minilm.RECIPE.batch_size}
+    recipe = replace(recipe, epochs=0 if ptq else 1 if quick else recipe.epochs)
+    add_epochs = 0 if ptq else add_epochs
     if quick:
         methods, budgets, n_seeds, additivity = methods or QUICK_METHODS, budgets or QUICK_BUDGETS, 1, 4
     unknown = sorted(set(methods or ()) - set(ALL_METHODS))
