@@ -14,7 +14,14 @@ import numpy as np
 from numba import njit, prange
 
 from bitmix.errors import BitmixError
-from bitmix.kernels.matmul import MR, check_activation_spec, check_packed, check_range, run_core
+from bitmix.kernels.matmul import (
+    activation_layout,
+    check_activation_spec,
+    check_packed,
+    check_range,
+    run_core,
+    uses_amx,
+)
 from bitmix.kernels.pack import PackedWeight
 
 
@@ -98,8 +105,8 @@ def conv2d(
     check_range(int(a_codes.min()), int(a_codes.max()), lo, hi, a_bits, a_signed)
     groups = int(groups)
     m = nb * ho * wo
-    mp = m if m < MR else -(-m // MR) * MR
-    a8 = np.zeros(groups * mp * w.k_pad, dtype=np.int8)
+    mp, kp = activation_layout(w, m, groups)
+    a8 = (np.empty if uses_amx(w, m, groups) else np.zeros)(groups * mp * kp, dtype=np.int8)
     asum = np.zeros(groups * mp, dtype=np.int64)
     _im2col(
         np.ascontiguousarray(a_codes),
@@ -116,7 +123,7 @@ def conv2d(
         ho,
         wo,
         mp,
-        w.k_pad,
+        kp,
         a8,
         asum,
     )

@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from bitmix.errors import BitmixError
-from bitmix.kernels import simd
+from bitmix.kernels import amx, simd, threads
 from bitmix.kernels.pack import BLOCK_BYTES, SUPPORTED_BITS, PackedWeight, code_range, codes_per_block
 from bitmix.kernels.simd import (
     add_i16x16,
@@ -52,7 +52,7 @@ from bitmix.kernels.simd import (
 )
 
 ACTIVE_PATH: str = simd.select_path()
-simd.prefer_workqueue_threads()
+THREADING_LAYER: str = threads.configure_threading()
 MAX_K_PAD = 65536
 MR = 4  # activation rows per GEMM micro-tile
 MT = 64  # activation rows per parallel tile (multiple of MR)
@@ -389,7 +389,7 @@ def micro_kernels(path: str, bits: int):
         return _micro_portable(bits)
     if path == "avx2":
         return _micro_avx2_w8() if bits == 8 else _micro_avx2(bits)
-    return _micro_avx512(bits)
+    return _micro_avx512(bits)  # avx512amx too: its small-M products run these
 
 
 @functools.cache
@@ -467,9 +467,9 @@ def _empty_launch(x):
 
 
 def serial_max_macs() -> int:
-    """Largest product worth running serially: a parallel launch saves half the serial time, so it
-    pays once ``macs / (2 * SERIAL_MACS_PER_S)`` exceeds the launch cost, measured here once per
-    process (Numba's sleeping ``workqueue`` threads: ~0.15 ms on a 2-vCPU VM, ~0.035 ms on bare Zen 3)."""
+    """Largest product worth running serially on the vpdpbusd kernels: a parallel launch saves
+    half the serial time, so it pays once ``macs / (2 * SERIAL_MACS_PER_S)`` exceeds the launch
+    cost, measured here once per process (see ``threads`` for what each layer costs)."""
     global SERIAL_MAX_MACS
     if SERIAL_MAX_MACS is None:
         x = np.zeros(max(2, numba.get_num_threads()))
@@ -483,17 +483,43 @@ def serial_max_macs() -> int:
     return SERIAL_MAX_MACS
 
 
+def uses_amx(w: PackedWeight, m: int, groups: int) -> bool:
+    """Whether a product runs on the AMX tile engine (active path, enough rows, one group)."""
+    return ACTIVE_PATH == "avx512amx" and groups == 1 and m >= amx.AMX_MIN_M
+
+
+def activation_layout(w: PackedWeight, m: int, groups: int) -> tuple[int, int]:
+    """``(mp, kp)``: padded rows and row length of the activation byte buffer the engine reads.
+
+    The vpdpbusd kernels need pad columns zeroed (the stored weight pad is ``offset``, not
+    0); the AMX engine ignores pad contents, so its buffer may be ``np.empty``.
+    """
+    if uses_amx(w, m, groups):
+        return -(-m // amx.BLOCK) * amx.BLOCK, amx.padded_k(w.k_pad)
+    return (m if m < MR else -(-m // MR) * MR), w.k_pad
+
+
 def run_core(a8, asum, w: PackedWeight, shift: int, groups: int, m: int, mp: int, out: np.ndarray) -> None:
-    """Run one prepared product (activations already shifted into ``a8``/``asum``) on the active path,
-    serially when it is too small to repay waking the thread pool (see ``serial_max_macs``)."""
+    """Run one prepared product (activations already shifted into ``a8``/``asum``, laid out by
+    ``activation_layout``) on the active path, serially when it is too small to repay a parallel
+    launch (see ``serial_max_macs``)."""
     macs = m * w.n * w.k_pad
-    parallel = numba.get_num_threads() > 1 and macs > serial_max_macs()
+    many = numba.get_num_threads() > 1
+    if uses_amx(w, m, groups):
+        parallel = many and macs > serial_max_macs() * (amx.AMX_MACS_PER_S / SERIAL_MACS_PER_S)
+        kp = amx.padded_k(w.k_pad)
+        m_step, n_step, rows_outer = amx.task_grid(m, w.n, 4 * numba.get_num_threads() if parallel else 1)
+        amx.driver(parallel)(a8, kp, amx.weight_tiles(w), m, w.n, w.row_sums, shift, amx.tile_palette(),
+                             m_step, n_step, rows_outer, out.reshape(-1))
+        return
+    parallel = many and macs > serial_max_macs()
     core_for(w.bits, ACTIVE_PATH, parallel)(a8, asum, w.data.reshape(-1), w.row_sums, shift, groups, m, mp,
                                             w.n // groups, w.k_pad, out)
 
 
-def _prep_rows_py(a, shift, kp, a8, asum, mins, maxs, write):
-    """Shift activations to signed bytes in the padded (mp, kp) buffer, with row sums and range.
+def _prep_rows_py(a, shift, kp, a8, asum, mins, maxs, write, need_sum):
+    """Shift activations to signed bytes in the padded (mp, kp) buffer, with row range and (for the
+    vpdpbusd kernels, ``need_sum``) row sums; the AMX engine corrects with weight sums only.
 
     Separate plain loops in narrow types so LLVM vectorises each. The int32 sum may wrap
     only for out-of-range input, which the min/max (kept in the input dtype, reported as
@@ -503,14 +529,17 @@ def _prep_rows_py(a, shift, kp, a8, asum, mins, maxs, write):
     sh = np.int32(shift)
     for i in prange(m):
         row = a[i]
-        s = np.int32(0)
         lo = row[0]
+        for j in range(k):
+            lo = min(lo, row[j])
         hi = row[0]
         for j in range(k):
-            s += np.int32(row[j])
-            lo = min(lo, row[j])
             hi = max(hi, row[j])
-        asum[i] = np.int64(s) - shift * k
+        if need_sum:
+            s = np.int32(0)
+            for j in range(k):
+                s += np.int32(row[j])
+            asum[i] = np.int64(s) - shift * k
         mins[i] = np.float64(lo)
         maxs[i] = np.float64(hi)
         if write:
@@ -519,7 +548,7 @@ def _prep_rows_py(a, shift, kp, a8, asum, mins, maxs, write):
                 dst[j] = np.int32(row[j]) - sh
 
 
-# Waking the workqueue threads costs 35-160 us (see serial_max_macs): small inputs are prepared serially.
+# A parallel launch costs 2-150 us depending on the threading layer (see threads): small inputs are prepared serially.
 PREP_SERIAL_MAX = 1 << 18
 _prep_rows = njit(parallel=True, cache=True)(_prep_rows_py)
 _prep_rows_serial = njit(cache=True)(_prep_rows_py)
@@ -572,15 +601,16 @@ def gemm(a_codes: np.ndarray, w: PackedWeight, a_bits: int, a_signed: bool) -> n
         want = f"expected (M>=1, {w.k}) for weights with N={w.n}, K={w.k}"
         raise BitmixError(f"a_codes: shape {a_codes.shape} does not match; {want}")
     m = a_codes.shape[0]
-    mp = m if m < MR else -(-m // MR) * MR
+    mp, kp = activation_layout(w, m, 1)
     a = np.ascontiguousarray(a_codes)
-    direct = a.dtype == np.int8 and shift == 0 and w.k == w.k_pad and mp == m
-    a8 = a.reshape(-1) if direct else np.zeros(mp * w.k_pad, dtype=np.int8)
+    direct = a.dtype == np.int8 and shift == 0 and w.k == kp and mp == m
+    alloc = np.empty if uses_amx(w, m, 1) else np.zeros
+    a8 = a.reshape(-1) if direct else alloc(mp * kp, dtype=np.int8)
     asum = np.zeros(mp, dtype=np.int64)
     mins = np.empty(m, dtype=np.float64)
     maxs = np.empty(m, dtype=np.float64)
     prep = _prep_rows_serial if m * w.k <= PREP_SERIAL_MAX else _prep_rows
-    prep(a, shift, w.k_pad, a8, asum, mins, maxs, not direct)
+    prep(a, shift, kp, a8, asum, mins, maxs, not direct, not uses_amx(w, m, 1))
     check_range(float(mins.min()), float(maxs.max()), lo, hi, a_bits, a_signed)
     out = np.empty((m, w.n), dtype=np.int32)
     run_core(a8, asum, w, shift, 1, m, mp, out)

@@ -9,6 +9,8 @@ Paths, chosen once at import time (``ACTIVE_PATH``):
 
 * ``avx512vnni`` -- needs avx512f/bw/vl + avx512vnni; ``vpdpbusd`` on zmm (u8 x s8 -> s32).
 * ``avx2`` -- ``vpmaddubsw`` (u8 x s8 -> s16 pairs) + ``vpmaddwd`` (-> s32).
+* ``avx512amx`` -- the ``avx512vnni`` kernels, plus the AMX tile engine (``amx``) for
+  products with many activation rows; needs amx-tile/amx-int8 and the kernel's permission.
 * ``portable`` -- plain Numba loops, any CPU.
 
 ``BITMIX_KERNEL_PATH=portable|avx2|avx512vnni`` forces a path (tests use it); forcing a
@@ -19,10 +21,12 @@ else from LLVM's host query.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import platform
 
 import llvmlite.binding as llvm
-import numba
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.core.extending import _Intrinsic
@@ -30,12 +34,28 @@ from numba.extending import intrinsic, models, register_model
 
 from bitmix.errors import BitmixError
 
-PATHS = ("portable", "avx2", "avx512vnni")
+PATHS = ("portable", "avx2", "avx512vnni", "avx512amx")
 _NEEDS = {
     "portable": frozenset(),
     "avx2": frozenset({"avx2"}),
     "avx512vnni": frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}),
+    "avx512amx": frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "amx-tile", "amx-int8"}),
 }
+_ARCH_REQ_XCOMP_PERM = 0x1023  # Linux arch_prctl: request an extended-state component
+_XFEATURE_XTILEDATA = 18
+_SYS_ARCH_PRCTL = 158  # x86_64 syscall number
+
+
+@functools.cache
+def amx_permitted() -> bool:
+    """Ask Linux for the AMX tile state (off until requested, else tile instructions are SIGILL)."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def cpu_features() -> frozenset[str]:
@@ -49,7 +69,7 @@ def cpu_features() -> frozenset[str]:
 def available_paths(features: frozenset[str] | None = None) -> tuple[str, ...]:
     """Paths this CPU can execute, slowest first."""
     feats = cpu_features() if features is None else features
-    return tuple(p for p in PATHS if _NEEDS[p] <= feats)
+    return tuple(p for p in PATHS if _NEEDS[p] <= feats and (p != "avx512amx" or amx_permitted()))
 
 
 def select_path(features: frozenset[str] | None = None) -> str:
@@ -61,7 +81,7 @@ def select_path(features: frozenset[str] | None = None) -> str:
     if forced not in PATHS:
         raise BitmixError(f"BITMIX_KERNEL_PATH={forced!r}: expected one of {', '.join(PATHS)}")
     if forced not in avail:
-        missing = ", ".join(sorted(_NEEDS[forced] - cpu_features()))
+        missing = ", ".join(sorted(_NEEDS[forced] - cpu_features())) or "the kernel's AMX permission"
         raise BitmixError(f"BITMIX_KERNEL_PATH={forced!r}: this CPU lacks {missing}")
     return forced
 
@@ -75,19 +95,6 @@ def pin_uuid(obj, tag: str):
     """
     obj._set_uuid(f"bitmix.kernels:{tag}")
     return obj
-
-
-def prefer_workqueue_threads() -> None:
-    """Use Numba's ``workqueue`` threading layer unless ``NUMBA_THREADING_LAYER`` says otherwise.
-
-    bitmix alternates torch ops and these kernels. Numba's default ``omp`` layer and torch's
-    own OpenMP runtime are two spinning thread pools; on a 2-core machine each kernel launch
-    right after a torch op then stalls for a scheduler slice (measured: 0.4 ms -> 16 ms).
-    ``workqueue`` threads sleep instead of spinning. Only effective before Numba's first
-    parallel launch; note it does not support launching kernels from several Python threads at once.
-    """
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"
 
 
 class VecType(types.Type):

@@ -14,13 +14,18 @@ from bitmix.errors import BitmixError
 from bitmix.kernels import ACTIVE_PATH, simd
 
 AVX512 = frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"})
+AMX = AVX512 | {"amx-tile", "amx-int8"}
 
 
-def test_available_paths_follow_features() -> None:
+def test_available_paths_follow_features(monkeypatch) -> None:
     assert simd.available_paths(frozenset()) == ("portable",)
     assert simd.available_paths(frozenset({"avx2", "fma"})) == ("portable", "avx2")
-    assert simd.available_paths(AVX512) == simd.PATHS
+    assert simd.available_paths(AVX512) == ("portable", "avx2", "avx512vnni")
     assert ACTIVE_PATH in simd.available_paths()
+    monkeypatch.setattr(simd, "amx_permitted", lambda: True)
+    assert simd.available_paths(AMX) == simd.PATHS
+    monkeypatch.setattr(simd, "amx_permitted", lambda: False)  # kernel refused the tile state
+    assert simd.available_paths(AMX) == ("portable", "avx2", "avx512vnni")
 
 
 def test_env_forces_path(monkeypatch) -> None:
@@ -89,6 +94,34 @@ def test_avx512_kernel_compiles_to_vpdpbusd(tmp_path) -> None:
 
 @pytest.mark.skipif("avx512vnni" not in simd.available_paths(), reason="CPU lacks AVX-512 VNNI")
 def test_avx512_runs_here() -> None:
-    """Covered by the kernel_path fixture too; this one fails loudly if dispatch skipped VNNI."""
-    assert ACTIVE_PATH == "avx512vnni" or os.environ.get("BITMIX_KERNEL_PATH")
+    """Covered by the kernel_path fixture too; this one fails loudly if dispatch skipped VNNI or AMX."""
+    best = simd.available_paths()[-1]
+    assert ACTIVE_PATH == best or os.environ.get("BITMIX_KERNEL_PATH")
     assert np.int32(0) == 0
+
+
+_AMX_PROBE = """
+import json
+from numba import types
+from bitmix.kernels import amx
+i64, i8, u8, i32 = types.int64, types.int8[::1], types.uint8[::1], types.int32[::1]
+sig = (i8, i64, i8, i64, i64, i32, i64, u8, i64, i64, types.boolean, i32)
+d = amx.driver(False)
+d.compile(sig)
+asm = d.inspect_asm(sig)
+print(json.dumps({op: asm.count(op) for op in ("tdpbssd", "tileloadd", "tilestored", "ldtilecfg", "tilerelease")}))
+"""
+
+
+def test_amx_engine_compiles_to_tile_instructions(tmp_path) -> None:
+    """Compile (never run) the AMX engine for Sapphire Rapids, even on a CPU without AMX."""
+    feats = ",".join(f"+{f}" for f in sorted(AMX | {"avx", "fma", "bmi2", "avx512dq", "avx512cd"}))
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_CPU_NAME": "sapphirerapids",
+           "NUMBA_CPU_FEATURES": feats}
+    out = subprocess.run([sys.executable, "-c", _AMX_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    # LLVM may unroll the K loop; every unrolled step is 4 tile loads feeding 4 tdpbssd
+    assert res["tdpbssd"] >= 4 and res["tdpbssd"] % 4 == 0 and res["tileloadd"] == res["tdpbssd"], res
+    assert res["ldtilecfg"] >= 1 and res["tilerelease"] >= 1, res
+    assert res["tilestored"] == 8, res  # full blocks straight to the output, edge blocks via scratch

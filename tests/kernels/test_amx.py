@@ -1,0 +1,92 @@
+"""The AMX tile engine: exact on every edge of the 32x32 blocking, routed only where it pays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bitmix.kernels import amx, conv2d, gemm, matmul, pack_weights, reference, simd
+from tests.kernels.conftest import random_codes
+
+pytestmark = pytest.mark.skipif(
+    "avx512amx" not in simd.available_paths(), reason="CPU lacks AMX (or the kernel refused it)"
+)
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def amx_path(request, monkeypatch) -> str:
+    monkeypatch.setattr(matmul, "ACTIVE_PATH", "avx512amx")
+    monkeypatch.setattr(matmul, "SERIAL_MAX_MACS", 1 << 62 if request.param == "serial" else -1)
+    return request.param
+
+
+def _check(rng, m, n, k, a_bits, w_bits, a_signed, fill="random"):
+    a = random_codes(rng, (m, k), a_bits, a_signed, fill)
+    w = random_codes(rng, (n, k), w_bits, True, fill)
+    p = pack_weights(w, w_bits)
+    assert matmul.uses_amx(p, m, 1) == (m >= amx.AMX_MIN_M)
+    np.testing.assert_array_equal(gemm(a, p, a_bits, a_signed), reference.gemm(a, w))
+
+
+@pytest.mark.parametrize("m", [16, 31, 32, 33, 97])
+@pytest.mark.parametrize("n", [1, 15, 17, 32, 33])
+@pytest.mark.parametrize("k", [1, 63, 64, 65, 200])
+def test_block_edges(amx_path, m: int, n: int, k: int) -> None:
+    rng = np.random.default_rng(m * 10_000 + n * 100 + k)
+    for w_bits in (2, 4, 8):
+        _check(rng, m, n, k, 8, w_bits, a_signed=False)  # shift 128: the row-sum correction path
+        _check(rng, m, n, k, 4, w_bits, a_signed=True)
+
+
+@pytest.mark.parametrize("fill", ["min", "max"])
+@pytest.mark.parametrize("w_bits", [2, 4, 8])
+def test_extremes(amx_path, fill: str, w_bits: int) -> None:
+    rng = np.random.default_rng(0)
+    for a_bits, a_signed in ((8, True), (8, False), (2, False)):
+        _check(rng, 64, 48, 4100, a_bits, w_bits, a_signed, fill)
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(16, 300), n=st.integers(1, 100), k=st.integers(1, 700),
+       bits=st.sampled_from([(8, 2), (8, 4), (8, 8), (4, 4), (2, 2)]), a_signed=st.booleans(), seed=st.integers(0, 99))
+def test_random_shapes(m, n, k, bits, a_signed, seed) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(matmul, "ACTIVE_PATH", "avx512amx")
+        mp.setattr(matmul, "SERIAL_MAX_MACS", -1 if seed % 2 else 1 << 62)
+        _check(np.random.default_rng(seed), m, n, k, bits[0], bits[1], a_signed)
+
+
+def test_conv_on_amx(amx_path) -> None:
+    rng = np.random.default_rng(1)
+    x = random_codes(rng, (2, 8, 13, 11), 8, False)
+    w = random_codes(rng, (20, 8 * 9), 4)
+    p = pack_weights(w, 4)
+    assert matmul.uses_amx(p, 2 * 7 * 6, 1) and not matmul.uses_amx(p, 2 * 7 * 6, 2)
+    got = conv2d(x, p, (3, 3), (2, 2), (1, 1), (1, 1), 1, 8, False)
+    want = reference.conv2d(x, w.reshape(20, 8, 3, 3), (2, 2), (1, 1), (1, 1), 1)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_weight_tiles_cached_and_exact() -> None:
+    rng = np.random.default_rng(2)
+    w = random_codes(rng, (40, 70), 4)
+    p = pack_weights(w, 4)
+    tiles = amx.weight_tiles(p)
+    assert amx.weight_tiles(p) is tiles
+    # tile order [n/16][k/64][k%64/4][n%16][k%4], zero-padded to 64 columns x 128 k
+    t = tiles.reshape(4, 2, 16, 16, 4)
+    assert t[1, 1, 0, 3, 2] == w[16 + 3, 64 + 2]
+    assert t[2, 0, 5, 7, 1] == w[32 + 7, 21]
+    assert not t[2, 1, 2:].any() and not t[3, :, :, 8:].any()
+
+
+@pytest.mark.parametrize("m,n,tasks,rows", [(3136, 64, 8, True), (3136, 256, 8, True), (49, 512, 8, False),
+                                            (256, 4096, 8, False), (40, 40, 1, True), (16, 1, 8, True)])
+def test_task_grid_splits_the_larger_operand(m: int, n: int, tasks: int, rows: bool) -> None:
+    m_step, n_step, rows_outer = amx.task_grid(m, n, tasks)
+    mb, nb = -(-m // amx.BLOCK), -(-n // amx.BLOCK)
+    assert rows_outer == rows
+    assert -(-mb // m_step) * -(-nb // n_step) <= max(tasks, 2)
+    assert (n_step == nb) if rows else (m_step == mb)
