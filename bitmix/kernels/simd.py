@@ -158,7 +158,8 @@ load_i8x64 = _make_load(i8x64)
 
 @intrinsic
 def prefetch(typingctx, arr, idx):
-    """``prefetcht0`` of the cache line holding byte ``idx`` of a 1-D 8-bit array (never faults)."""
+    """``prefetcht1`` (into L2: on cold int4/int2 GEMV 0.32 ms vs 0.35 ms for t0) of the cache line
+    holding byte ``idx`` of a 1-D 8-bit array (never faults)."""
     if not (isinstance(arr, types.Array) and arr.dtype.bitwidth == 8 and isinstance(idx, types.Integer)):
         return None
 
@@ -169,7 +170,7 @@ def prefetch(typingctx, arr, idx):
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
     return types.none(arr, idx), codegen
