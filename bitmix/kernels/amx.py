@@ -7,7 +7,7 @@ zmm``). Once M is large enough to fill tiles, this beats any unpack-and-``vpdpbu
 ``M >= AMX_MIN_M`` and one group here.
 
 Layout. Activations are the same signed bytes ``a8 = a - shift`` the other paths use, in a
-``(mp, kp)`` buffer with ``mp`` a multiple of ``BLOCK`` and ``kp`` of 64; pad rows and columns
+``(mp, kp)`` buffer with ``mp`` a multiple of ``BLOCK`` and ``kp`` = K rounded up to 64; pad rows and columns
 may hold anything, because the weights' pad is zero and pad rows are never written out.
 Weights are the *signed* codes, unpacked once per ``PackedWeight`` into the tile order
 ``tdpbssd`` reads (``[n/16][k/64][k%64/4][n%16][k%4]``, zero-padded) and cached: N*K bytes
@@ -152,9 +152,13 @@ def tile_palette() -> np.ndarray:
     return cfg
 
 
-def padded_k(k_pad: int) -> int:
-    """Row length of the activation buffer the engine reads (whole 64-byte tile rows)."""
-    return -(-k_pad // TILE_K) * TILE_K
+def padded_k(k: int) -> int:
+    """Row length of the activation buffer the engine reads: K in whole 64-byte tile rows.
+
+    From K, not the packed ``k_pad`` (a multiple of 128 for int2): a 1x1 conv with K=64
+    would otherwise do twice the work and lose the zero-copy activation path.
+    """
+    return -(-k // TILE_K) * TILE_K
 
 
 _TILES: weakref.WeakKeyDictionary[PackedWeight, np.ndarray] = weakref.WeakKeyDictionary()
@@ -165,7 +169,7 @@ def weight_tiles(w: PackedWeight) -> np.ndarray:
     tiles = _TILES.get(w)
     if tiles is None:
         n_pad = -(-w.n // BLOCK) * BLOCK
-        kp = padded_k(w.k_pad)
+        kp = padded_k(w.k)
         codes = np.zeros((n_pad, kp), dtype=np.int8)
         codes[: w.n, : w.k] = unpack_weights(w)
         tiles = np.ascontiguousarray(codes.reshape(n_pad // 16, 16, kp // TILE_K, 16, 4).transpose(0, 2, 3, 1, 4))

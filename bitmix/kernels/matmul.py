@@ -501,7 +501,7 @@ def activation_layout(w: PackedWeight, m: int, groups: int) -> tuple[int, int]:
     0); the AMX engine ignores pad contents, so its buffer may be ``np.empty``.
     """
     if uses_amx(w, m, groups):
-        return -(-m // amx.BLOCK) * amx.BLOCK, amx.padded_k(w.k_pad)
+        return -(-m // amx.BLOCK) * amx.BLOCK, amx.padded_k(w.k)
     return (m if m < MR else -(-m // MR) * MR), w.k_pad
 
 
@@ -513,7 +513,7 @@ def run_core(a8, asum, w: PackedWeight, shift: int, groups: int, m: int, mp: int
     many = numba.get_num_threads() > 1
     if uses_amx(w, m, groups):
         parallel = many and macs > serial_max_macs() * (amx.AMX_MACS_PER_S / SERIAL_MACS_PER_S)
-        kp = amx.padded_k(w.k_pad)
+        kp = amx.padded_k(w.k)
         m_step, n_step, rows_outer = amx.task_grid(m, w.n, 4 * numba.get_num_threads() if parallel else 1)
         amx.driver(parallel)(a8, kp, amx.weight_tiles(w), m, w.n, w.row_sums, shift, amx.tile_palette(),
                              m_step, n_step, rows_outer, out.reshape(-1))
@@ -552,6 +552,18 @@ def _prep_rows_py(a, shift, kp, a8, asum, mins, maxs, write, need_sum):
             dst = a8[i * kp : i * kp + k]
             for j in range(k):
                 dst[j] = np.int32(row[j]) - sh
+
+
+@njit(cache=True)
+def _flat_range(x):
+    """(min, max) of a 1-D int8 array, one vectorised loop each (3136x64: 3 us vs 27 us row by row)."""
+    lo = x[0]
+    for v in x:
+        lo = min(lo, v)
+    hi = x[0]
+    for v in x:
+        hi = max(hi, v)
+    return np.float64(lo), np.float64(hi)
 
 
 # A parallel launch costs 2-150 us depending on the threading layer (see threads): small inputs are prepared serially.
@@ -608,16 +620,20 @@ def gemm(a_codes: np.ndarray, w: PackedWeight, a_bits: int, a_signed: bool) -> n
         raise BitmixError(f"a_codes: shape {a_codes.shape} does not match; {want}")
     m = a_codes.shape[0]
     mp, kp = activation_layout(w, m, 1)
+    on_amx = uses_amx(w, m, 1)
     a = np.ascontiguousarray(a_codes)
     direct = a.dtype == np.int8 and shift == 0 and w.k == kp and mp == m
-    alloc = np.empty if uses_amx(w, m, 1) else np.zeros
-    a8 = a.reshape(-1) if direct else alloc(mp * kp, dtype=np.int8)
+    a8 = a.reshape(-1) if direct else (np.empty if on_amx else np.zeros)(mp * kp, dtype=np.int8)
     asum = np.zeros(mp, dtype=np.int64)
-    mins = np.empty(m, dtype=np.float64)
-    maxs = np.empty(m, dtype=np.float64)
-    prep = _prep_rows_serial if m * w.k <= PREP_SERIAL_MAX else _prep_rows
-    prep(a, shift, kp, a8, asum, mins, maxs, not direct, not uses_amx(w, m, 1))
-    check_range(float(mins.min()), float(maxs.max()), lo, hi, a_bits, a_signed)
+    if direct and on_amx:  # nothing to copy or sum: only the range check remains
+        lo_seen, hi_seen = _flat_range(a8)
+    else:
+        mins = np.empty(m, dtype=np.float64)
+        maxs = np.empty(m, dtype=np.float64)
+        prep = _prep_rows_serial if m * w.k <= PREP_SERIAL_MAX else _prep_rows
+        prep(a, shift, kp, a8, asum, mins, maxs, not direct, not on_amx)
+        lo_seen, hi_seen = mins.min(), maxs.max()
+    check_range(float(lo_seen), float(hi_seen), lo, hi, a_bits, a_signed)
     out = np.empty((m, w.n), dtype=np.int32)
     run_core(a8, asum, w, shift, 1, m, mp, out)
     return out
