@@ -40,6 +40,7 @@ from bitmix.kernels import simd
 from bitmix.kernels.pack import PackedWeight, unpack_weights
 
 AMX_MIN_M = 16  # fewer activation rows than a tile holds: the vpdpbusd micro-kernels win
+AMX_MIN_MACS = 1 << 20  # below ~1-2 M MACs the engine's fixed cost loses to them (measured 16-256 x 32-4096)
 BLOCK = 32  # output rows and columns per 2x2 tile block
 TILE_K = 64  # bytes (int8 codes) per tile row
 AMX_MACS_PER_S = 5e11  # one core, measured on Sapphire Rapids (3136x64x576: 0.087 ms on 2 cores)
@@ -142,6 +143,7 @@ for _name, _obj in list(globals().items()):
         simd.pin_uuid(_obj, f"amx.{_name}")
 
 
+@functools.cache
 def tile_palette() -> np.ndarray:
     """The 64-byte ``ldtilecfg`` operand: palette 1, all 8 tiles 16 rows x 64 bytes."""
     cfg = np.zeros(64, dtype=np.uint8)

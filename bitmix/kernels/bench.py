@@ -7,8 +7,10 @@ activation codes (the kernel; activation quantization excluded) plus, for GEMV, 
 (float in, float out, like torch). "cold" GEMV rotates over enough weight copies (> 3x
 L3) that each call streams its weights from DRAM -- for ours and torch's alike.
 Bandwidth is a streaming read measured in the same run; ``pct_bandwidth`` is effective
-weight GB/s over it. Cold-start: a fresh interpreter pays import + first call, once with
-an empty Numba cache (compile time) and once with the warm cache (must not recompile).
+weight GB/s over it. ``engine`` names what ran: ``amx`` (the tile engine, which reads the
+weights as cached int8 tiles, so ``weight_bytes`` is then N*K) or the SIMD path.
+Cold-start: a fresh interpreter pays import + first call, once with an empty Numba cache
+(compile time) and once with the warm cache (must not recompile).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from bitmix.kernels.matmul import ACTIVE_PATH, gemm
+from bitmix.kernels import amx
+from bitmix.kernels.matmul import ACTIVE_PATH, gemm, uses_amx
 from bitmix.kernels.pack import PackedWeight, code_range, pack_weights
 from bitmix.kernels.quant import qlinear
 
@@ -93,21 +96,24 @@ _COLD_START = """
 import json, sys, time
 t0 = time.perf_counter()
 import numpy as np
-from bitmix.kernels import gemm, pack_weights
-from bitmix.kernels import matmul
+from bitmix.kernels import amx, gemm, matmul, pack_weights
 from bitmix.kernels.matmul import ACTIVE_PATH, core_for
 t1 = time.perf_counter()
 res = {"import_s": t1 - t0, "first_call_s": {}, "cache_misses": 0}
+on_amx = ACTIVE_PATH == "avx512amx"
 for bits in map(int, sys.argv[1].split(",")):
     w = pack_weights(np.ones((64, 256), np.int8), bits)
     t = time.perf_counter()
-    gemm(np.ones((1, 256), np.int8), w, 8, True)  # serial driver
-    matmul.SERIAL_MAX_MACS, cutoff = 0, matmul.SERIAL_MAX_MACS
-    gemm(np.ones((8, 256), np.int8), w, 8, True)  # parallel driver
-    matmul.SERIAL_MAX_MACS = cutoff
+    for cutoff in (1 << 62, 0):  # every serial driver, then every parallel one
+        matmul.SERIAL_MAX_MACS = cutoff
+        gemm(np.ones((1, 256), np.int8), w, 8, True)
+        if on_amx:
+            gemm(np.ones((64, 256), np.int8), w, 8, True)  # 1 M MACs: the AMX engine
     res["first_call_s"][bits] = time.perf_counter() - t
     for parallel in (True, False):
         res["cache_misses"] += sum(core_for(bits, ACTIVE_PATH, parallel).stats.cache_misses.values())
+if on_amx:
+    res["cache_misses"] += sum(sum(amx.driver(p).stats.cache_misses.values()) for p in (True, False))
 print(json.dumps(res))
 """
 
@@ -195,13 +201,15 @@ def _bench_case(
     med = _median_times(fns, repeats)
     base = {name: med[name] for name in ("torch_fp32", "torch_int8_dynamic")}
     mine = {name: med[name] for name in (op, "qlinear") if name in med}
-    wbytes = ours_w[0].nbytes
+    on_amx = uses_amx(first, m, 1)
+    wbytes = amx.weight_tiles(first).nbytes if on_amx else first.nbytes  # the bytes the engine reads
     records = []
     for name, secs in mine.items():
         for bname, bsecs in base.items():
             records.append(
                 {
                     "op": name,
+                    "engine": "amx" if on_amx else ACTIVE_PATH,
                     "shape": [m, n, k],
                     "w_bits": w_bits,
                     "a_bits": a_bits,
@@ -226,7 +234,7 @@ def _print_table(records: list[dict], meta: dict) -> None:
 
     table = Table(title=f"bitmix kernels ({meta['kernel_path']}, {meta['threads']} threads, Numba "
                         f"{meta['threading_layer']} layer)")
-    for col in ("op", "M×N×K", "w/a", "regime", "ours ms", "GOP/s", "wGB/s", "%BW", "vs fp32", "vs int8 dyn"):
+    for col in ("op", "engine", "M×N×K", "w/a", "regime", "ours ms", "GOP/s", "wGB/s", "%BW", "vs fp32", "vs int8 dyn"):
         table.add_column(col, justify="right")
     groups: dict[tuple, dict[str, dict]] = {}
     for r in records:
@@ -235,6 +243,7 @@ def _print_table(records: list[dict], meta: dict) -> None:
         r = next(iter(by.values()))
         table.add_row(
             op,
+            r["engine"],
             "×".join(map(str, shape)),
             f"{wb}/{ab}",
             regime,

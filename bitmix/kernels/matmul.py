@@ -491,7 +491,7 @@ def serial_max_macs() -> int:
 
 def uses_amx(w: PackedWeight, m: int, groups: int) -> bool:
     """Whether a product runs on the AMX tile engine (active path, enough rows, one group)."""
-    return ACTIVE_PATH == "avx512amx" and groups == 1 and m >= amx.AMX_MIN_M
+    return ACTIVE_PATH == "avx512amx" and groups == 1 and m >= amx.AMX_MIN_M and m * w.n * w.k >= amx.AMX_MIN_MACS
 
 
 def activation_layout(w: PackedWeight, m: int, groups: int) -> tuple[int, int]:

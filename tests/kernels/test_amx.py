@@ -26,14 +26,15 @@ def _check(rng, m, n, k, a_bits, w_bits, a_signed, fill="random"):
     a = random_codes(rng, (m, k), a_bits, a_signed, fill)
     w = random_codes(rng, (n, k), w_bits, True, fill)
     p = pack_weights(w, w_bits)
-    assert matmul.uses_amx(p, m, 1) == (m >= amx.AMX_MIN_M)
+    assert matmul.uses_amx(p, m, 1) == (m >= amx.AMX_MIN_M and m * n * k >= amx.AMX_MIN_MACS)
     np.testing.assert_array_equal(gemm(a, p, a_bits, a_signed), reference.gemm(a, w))
 
 
 @pytest.mark.parametrize("m", [16, 31, 32, 33, 97])
 @pytest.mark.parametrize("n", [1, 15, 17, 32, 33])
 @pytest.mark.parametrize("k", [1, 63, 64, 65, 200])
-def test_block_edges(amx_path, m: int, n: int, k: int) -> None:
+def test_block_edges(amx_path, monkeypatch, m: int, n: int, k: int) -> None:
+    monkeypatch.setattr(amx, "AMX_MIN_MACS", 0)  # small shapes too: every block edge on the engine
     rng = np.random.default_rng(m * 10_000 + n * 100 + k)
     for w_bits in (2, 4, 8):
         _check(rng, m, n, k, 8, w_bits, a_signed=False)  # shift 128: the row-sum correction path
@@ -42,7 +43,8 @@ def test_block_edges(amx_path, m: int, n: int, k: int) -> None:
 
 @pytest.mark.parametrize("fill", ["min", "max"])
 @pytest.mark.parametrize("w_bits", [2, 4, 8])
-def test_extremes(amx_path, fill: str, w_bits: int) -> None:
+def test_extremes(amx_path, monkeypatch, fill: str, w_bits: int) -> None:
+    monkeypatch.setattr(amx, "AMX_MIN_MACS", 0)
     rng = np.random.default_rng(0)
     for a_bits, a_signed in ((8, True), (8, False), (2, False)):
         _check(rng, 64, 48, 4100, a_bits, w_bits, a_signed, fill)
@@ -55,10 +57,12 @@ def test_random_shapes(m, n, k, bits, a_signed, seed) -> None:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(matmul, "ACTIVE_PATH", "avx512amx")
         mp.setattr(matmul, "SERIAL_MAX_MACS", -1 if seed % 2 else 1 << 62)
+        mp.setattr(amx, "AMX_MIN_MACS", 0)
         _check(np.random.default_rng(seed), m, n, k, bits[0], bits[1], a_signed)
 
 
-def test_conv_on_amx(amx_path) -> None:
+def test_conv_on_amx(amx_path, monkeypatch) -> None:
+    monkeypatch.setattr(amx, "AMX_MIN_MACS", 0)
     rng = np.random.default_rng(1)
     x = random_codes(rng, (2, 8, 13, 11), 8, False)
     w = random_codes(rng, (20, 8 * 9), 4)

@@ -1,0 +1,44 @@
+"""The threading layer the kernels get: TBB when installed, the user's choice when set."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+import pytest
+
+_PROBE = """
+import numpy as np, numba
+from bitmix.kernels import gemm, pack_weights, matmul
+matmul.SERIAL_MAX_MACS = -1
+gemm(np.ones((4, 64), np.int8), pack_weights(np.ones((8, 64), np.int8), 4), 8, True)
+print(matmul.THREADING_LAYER, numba.threading_layer())
+"""
+
+
+def _layers(**env: str) -> list[str]:
+    base = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run([sys.executable, "-c", _PROBE], env={**base, **env}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()
+
+
+def _tbb_installed() -> bool:
+    try:
+        importlib.metadata.version("tbb")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def test_default_layer() -> None:
+    want = "tbb" if _tbb_installed() else "workqueue"
+    assert _layers() == [want, want]
+
+
+@pytest.mark.parametrize("layer", ["workqueue", "omp"])
+def test_user_choice_wins(layer: str) -> None:
+    assert _layers(NUMBA_THREADING_LAYER=layer) == [layer, layer]
