@@ -14,9 +14,11 @@ than what was traced.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -109,6 +111,27 @@ def qmatmul_op(a: torch.Tensor, b: torch.Tensor, handle: int) -> torch.Tensor:
 @qmatmul_op.register_fake
 def _(a: torch.Tensor, b: torch.Tensor, handle: int) -> torch.Tensor:
     return torch.matmul(a, b)
+
+
+@contextlib.contextmanager
+def torch_on_one_thread() -> Iterator[None]:
+    """Run torch's own ops (ReLU, adds, pooling, ...) on one thread while lowered layers run.
+
+    The kernels' TBB threads and torch's OpenMP pool share the cores, and after each torch
+    op torch's threads spin waiting for the next one, taking CPU time from the kernel that
+    follows. Measured on the 2-vCPU VM: resnet50 batch 1 49.8 -> 41.7 ms, digits-cnn batch 256
+    11.8 -> 8.1 ms, mobilenetv2 125 -> 102 ms; resnet18 and minilm unchanged. torch has no
+    per-call setting, so this is process-wide while the model runs, and restored after.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -24,7 +24,7 @@ from bitmix.compiler.allocate import Allocation, Budget, allocate
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.graph import LayerGraph
-from bitmix.compiler.lower import CallRecorder, executed_layers, lower
+from bitmix.compiler.lower import CallRecorder, executed_layers, lower, torch_on_one_thread
 from bitmix.compiler.quantize import fake_quantize
 from bitmix.compiler.quantize import finetune as qat_finetune
 from bitmix.compiler.targets import Target, get_target
@@ -52,7 +52,7 @@ class CompiledModel(nn.Module):
         self.report: Report | None = None
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), torch_on_one_thread():
             return self.lowered(*args)
 
     def simulate(self, engine: str = "analytic") -> SimResult:

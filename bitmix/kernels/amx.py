@@ -163,20 +163,28 @@ def padded_k(k: int) -> int:
     return -(-k // TILE_K) * TILE_K
 
 
-_TILES: weakref.WeakKeyDictionary[PackedWeight, np.ndarray] = weakref.WeakKeyDictionary()
+_TILES: weakref.WeakKeyDictionary[PackedWeight, dict] = weakref.WeakKeyDictionary()
 
 
-def weight_tiles(w: PackedWeight) -> np.ndarray:
-    """Signed weight codes in ``tdpbssd`` tile order, built once per ``PackedWeight`` (module docstring)."""
-    tiles = _TILES.get(w)
+def weight_tiles(w: PackedWeight, taps: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Signed weight codes in ``tdpbssd`` tile order, built once per ``PackedWeight`` (module docstring).
+
+    ``taps = (c, kh, kw)`` reorders a conv weight's K from ``(c, kh, kw)`` (how it is packed,
+    like ``weight.reshape(C_out, -1)``) to ``(kh, kw, c)``, the order of channels-last im2col.
+    """
+    per_weight = _TILES.setdefault(w, {})
+    tiles = per_weight.get(taps)
     if tiles is None:
         n_pad = -(-w.n // BLOCK) * BLOCK
         kp = padded_k(w.k)
-        codes = np.zeros((n_pad, kp), dtype=np.int8)
-        codes[: w.n, : w.k] = unpack_weights(w)
-        tiles = np.ascontiguousarray(codes.reshape(n_pad // 16, 16, kp // TILE_K, 16, 4).transpose(0, 2, 3, 1, 4))
+        codes = unpack_weights(w)
+        if taps is not None:
+            codes = codes.reshape(w.n, *taps).transpose(0, 2, 3, 1).reshape(w.n, w.k)
+        padded = np.zeros((n_pad, kp), dtype=np.int8)
+        padded[: w.n, : w.k] = codes
+        tiles = np.ascontiguousarray(padded.reshape(n_pad // 16, 16, kp // TILE_K, 16, 4).transpose(0, 2, 3, 1, 4))
         tiles = tiles.reshape(-1)
-        _TILES[w] = tiles
+        per_weight[taps] = tiles
     return tiles
 
 

@@ -1,14 +1,26 @@
-"""Bit-packed integer conv2d: im2col into signed bytes, then the grouped GEMM driver.
+"""Bit-packed integer conv2d: im2col into signed bytes, then the GEMM engines.
 
-im2col writes each group's patches straight into the padded ``(groups, M_pad, k_pad)``
-byte buffer the GEMM kernels read (``M = B * Ho * Wo``, K ordered ``(c, kh, kw)`` like
-``weight.reshape(C_out, -1)``), fusing the activation shift and the row sums, so the
-kernels see exactly what ``gemm`` would. Groups, including depthwise, become the group
-axis of one parallel launch rather than one launch per group. Zero padding inserts code
-0 (symmetric quantization: zero-point 0).
+Two layouts, one per engine (``M = B * Ho * Wo`` output pixels):
+
+* vpdpbusd kernels, and every grouped or depthwise conv: im2col from NCHW codes into the
+  padded ``(groups, M_pad, k_pad)`` byte buffer, K ordered ``(c, kh, kw)`` like
+  ``weight.reshape(C_out, -1)``, fusing the activation shift and the row sums, so the
+  kernels see exactly what ``gemm`` would. Groups become the group axis of one parallel
+  launch rather than one launch per group.
+* depthwise (one input channel per group): a direct loop on the unpacked codes, per
+  output channel and kernel tap one vectorised pass over output rows -- im2col would pad
+  each 3x3 patch to a 64-code block (int4) and write 7x the input per channel.
+* AMX engine (one group, enough pixels): codes channels-last ``(B, H, W, C)``, so each
+  kernel tap of an output pixel is one contiguous run of C bytes and im2col is a copy of
+  runs; K is ordered ``(kh, kw, c)`` and the engine's weight tiles are reordered to match
+  (``amx.weight_tiles``). ``qconv2d`` quantizes straight into this layout.
+
+Zero padding inserts code 0 (symmetric quantization: zero-point 0).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 from numba import njit, prange
@@ -22,7 +34,8 @@ from bitmix.kernels.matmul import (
     run_core,
     uses_amx,
 )
-from bitmix.kernels.pack import PackedWeight
+from bitmix.kernels.pack import PackedWeight, unpack_weights
+from bitmix.kernels.scratch import scratch
 
 
 @njit(parallel=True, cache=True)
@@ -56,6 +69,86 @@ def _im2col(x, shift, groups, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, mp, kp, a8
         asum[g * mp + row] = s
 
 
+@njit(parallel=True, cache=True)
+def _im2col_nhwc(x, shift, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, kp, a8):
+    nb, h, w, c = x.shape
+    xf = x.reshape(-1)
+    pad = np.int32(-shift)
+    sh32 = np.int32(shift)
+    for row in prange(nb * ho * wo):
+        b = row // (ho * wo)
+        rem = row - b * ho * wo
+        oh = rem // wo
+        ow = rem - oh * wo
+        base = row * kp
+        iw0 = ow * sw - pw
+        whole = dw == 1 and iw0 >= 0 and iw0 + kw <= w  # a row's kw taps are one run of kw*c bytes
+        for i in range(kh):
+            ih = oh * sh - ph + i * dh
+            d0 = base + i * kw * c
+            if whole and 0 <= ih < h:
+                s0 = ((b * h + ih) * w + iw0) * c
+                dst = a8[d0 : d0 + kw * c]
+                src = xf[s0 : s0 + kw * c]
+                for q in range(kw * c):
+                    dst[q] = np.int32(src[q]) - sh32
+                continue
+            for j in range(kw):
+                iw = iw0 + j * dw
+                dst = a8[d0 + j * c : d0 + (j + 1) * c]
+                if 0 <= ih < h and 0 <= iw < w:
+                    s0 = ((b * h + ih) * w + iw) * c
+                    src = xf[s0 : s0 + c]
+                    for q in range(c):
+                        dst[q] = np.int32(src[q]) - sh32
+                else:
+                    for q in range(c):
+                        dst[q] = pad
+
+
+@njit(parallel=True, cache=True)
+def _depthwise(x, wc, per_group, kh, kw, sh, sw, ph, pw, dh, dw, out):
+    """``out[b, o] = sum_ij x[b, o // per_group] (shifted by tap ij) * wc[o, i * kw + j]`` (int32, exact)."""
+    nb, _, h, w = x.shape
+    n = wc.shape[0]
+    ho, wo = out.shape[2], out.shape[3]
+    for t in prange(nb * n):
+        b = t // n
+        o = t - b * n
+        g = o // per_group
+        acc = out[b, o]
+        acc[:] = 0
+        for i in range(kh):
+            for j in range(kw):
+                wt = np.int32(wc[o, i * kw + j])
+                off = j * dw - pw
+                lo = max(0, -((off) // sw))  # first ow with ow*sw + off >= 0
+                hi = min(wo, (w - 1 - off) // sw + 1)  # one past the last ow with ow*sw + off < w
+                if wt == 0 or lo >= hi:
+                    continue
+                for oh in range(ho):
+                    ih = oh * sh - ph + i * dh
+                    if 0 <= ih < h:
+                        row = x[b, g, ih]
+                        dst = acc[oh]
+                        for ow in range(lo, hi):
+                            dst[ow] += np.int32(row[ow * sw + off]) * wt
+
+
+_CODES: weakref.WeakKeyDictionary[PackedWeight, np.ndarray] = weakref.WeakKeyDictionary()
+
+
+def depthwise_conv(x: np.ndarray, w: PackedWeight, geom: tuple[int, ...]) -> np.ndarray:
+    """int32 (B, C_out, Ho, Wo) of a conv with one input channel per group, on raw codes."""
+    kh, kw, sh, sw, ph, pw, dh, dw, groups, ho, wo = geom
+    codes = _CODES.get(w)
+    if codes is None:
+        codes = _CODES[w] = unpack_weights(w)
+    out = np.empty((x.shape[0], w.n, ho, wo), dtype=np.int32)
+    _depthwise(np.ascontiguousarray(x), codes, w.n // groups, kh, kw, sh, sw, ph, pw, dh, dw, out)
+    return out
+
+
 def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
     """Normalise an int or a pair of ints and check its lower bound."""
     pair = (value, value) if isinstance(value, int | np.integer) else tuple(value)  # type: ignore[arg-type]
@@ -67,6 +160,49 @@ def _pair(value: object, name: str, minimum: int) -> tuple[int, int]:
 def conv_out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
     """Output length of one spatial axis (torch's formula)."""
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def conv_geometry(
+    shape: tuple[int, ...],
+    w: PackedWeight,
+    kernel_size: object,
+    stride: object,
+    padding: object,
+    dilation: object,
+    groups: object,
+    name: str = "a_codes",
+) -> tuple[int, ...]:
+    """Validate a conv against the shape (B, C_in, H, W) of input ``name`` and the packed weight;
+    return ``(kh, kw, sh, sw, ph, pw, dh, dw, groups, ho, wo)``."""
+    kh, kw = _pair(kernel_size, "kernel_size", 1)
+    sh, sw = _pair(stride, "stride", 1)
+    ph, pw = _pair(padding, "padding", 0)
+    dh, dw = _pair(dilation, "dilation", 1)
+    nb, c, h, wd = shape
+    if not isinstance(groups, int | np.integer) or groups < 1 or c % groups or w.n % groups:
+        raise BitmixError(f"groups={groups!r}: must be >= 1 and divide C_in={c} and C_out={w.n}")
+    if w.k != (c // groups) * kh * kw:
+        raise BitmixError(
+            f"w: packed K={w.k} but C_in/groups*kh*kw = {c // groups}*{kh}*{kw} = {(c // groups) * kh * kw}"
+        )
+    ho = conv_out_size(h, kh, sh, ph, dh)
+    wo = conv_out_size(wd, kw, sw, pw, dw)
+    if ho < 1 or wo < 1:
+        raise BitmixError(f"{name}: spatial size {(h, wd)} too small for kernel/padding/dilation (output {ho}x{wo})")
+    return kh, kw, sh, sw, ph, pw, dh, dw, int(groups), ho, wo
+
+
+def conv_acc_channels_last(x_nhwc: np.ndarray, w: PackedWeight, geom: tuple[int, ...], shift: int) -> np.ndarray:
+    """int32 ``(B * Ho * Wo, C_out)`` result of a one-group conv on channels-last codes (AMX engine),
+    in this thread's scratch buffer (valid until its next conv)."""
+    kh, kw, sh, sw, ph, pw, dh, dw, _, ho, wo = geom
+    m = x_nhwc.shape[0] * ho * wo
+    mp, kp = activation_layout(w, m, 1)
+    a8 = scratch("conv.a8", mp * kp, np.int8)  # pad rows/columns are ignored by the AMX engine
+    _im2col_nhwc(x_nhwc, shift, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, kp, a8)
+    out = scratch("conv.acc", (m, w.n), np.int32)
+    run_core(a8, np.zeros(0, dtype=np.int64), w, shift, 1, m, mp, out, taps=(x_nhwc.shape[3], kh, kw))
+    return out
 
 
 def conv2d(
@@ -83,50 +219,24 @@ def conv2d(
     """Exact int32 conv2d of (B, C_in, H, W) codes with weights packed from (C_out, C_in/groups*kh*kw)."""
     w = check_packed(w)
     lo, hi, shift = check_activation_spec(a_bits, a_signed)
-    kh, kw = _pair(kernel_size, "kernel_size", 1)
-    sh, sw = _pair(stride, "stride", 1)
-    ph, pw = _pair(padding, "padding", 0)
-    dh, dw = _pair(dilation, "dilation", 1)
     if not isinstance(a_codes, np.ndarray) or a_codes.dtype.kind not in "iu":
         raise BitmixError(f"a_codes: expected an integer numpy array, got {getattr(a_codes, 'dtype', type(a_codes))}")
     if a_codes.ndim != 4 or a_codes.size == 0:
         raise BitmixError(f"a_codes: expected a non-empty (B, C_in, H, W) array, got shape {a_codes.shape}")
-    nb, c, h, wd = a_codes.shape
-    if not isinstance(groups, int | np.integer) or groups < 1 or c % groups or w.n % groups:
-        raise BitmixError(f"groups={groups!r}: must be >= 1 and divide C_in={c} and C_out={w.n}")
-    if w.k != (c // groups) * kh * kw:
-        raise BitmixError(
-            f"w: packed K={w.k} but C_in/groups*kh*kw = {c // groups}*{kh}*{kw} = {(c // groups) * kh * kw}"
-        )
-    ho = conv_out_size(h, kh, sh, ph, dh)
-    wo = conv_out_size(wd, kw, sw, pw, dw)
-    if ho < 1 or wo < 1:
-        raise BitmixError(f"a_codes: spatial size {(h, wd)} too small for kernel/padding/dilation (output {ho}x{wo})")
+    geom = conv_geometry(a_codes.shape, w, kernel_size, stride, padding, dilation, groups)
+    kh, kw, sh, sw, ph, pw, dh, dw, groups, ho, wo = geom
     check_range(int(a_codes.min()), int(a_codes.max()), lo, hi, a_bits, a_signed)
-    groups = int(groups)
+    nb = a_codes.shape[0]
     m = nb * ho * wo
+    if a_codes.shape[1] == groups:
+        return depthwise_conv(a_codes, w, geom)
+    if uses_amx(w, m, groups):
+        out = conv_acc_channels_last(np.ascontiguousarray(a_codes.transpose(0, 2, 3, 1)), w, geom, shift)
+        return np.ascontiguousarray(out.reshape(nb, ho, wo, w.n).transpose(0, 3, 1, 2))
     mp, kp = activation_layout(w, m, groups)
-    a8 = (np.empty if uses_amx(w, m, groups) else np.zeros)(groups * mp * kp, dtype=np.int8)
+    a8 = np.zeros(groups * mp * kp, dtype=np.int8)
     asum = np.zeros(groups * mp, dtype=np.int64)
-    _im2col(
-        np.ascontiguousarray(a_codes),
-        shift,
-        groups,
-        kh,
-        kw,
-        sh,
-        sw,
-        ph,
-        pw,
-        dh,
-        dw,
-        ho,
-        wo,
-        mp,
-        kp,
-        a8,
-        asum,
-    )
-    out = np.empty((m, w.n), dtype=np.int32)
+    _im2col(np.ascontiguousarray(a_codes), shift, groups, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, mp, kp, a8, asum)
+    out = scratch("conv.acc", (m, w.n), np.int32)
     run_core(a8, asum, w, shift, groups, m, mp, out)
     return np.ascontiguousarray(out.reshape(nb, ho, wo, w.n).transpose(0, 3, 1, 2))

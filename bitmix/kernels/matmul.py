@@ -505,17 +505,19 @@ def activation_layout(w: PackedWeight, m: int, groups: int) -> tuple[int, int]:
     return (m if m < MR else -(-m // MR) * MR), w.k_pad
 
 
-def run_core(a8, asum, w: PackedWeight, shift: int, groups: int, m: int, mp: int, out: np.ndarray) -> None:
+def run_core(a8, asum, w: PackedWeight, shift: int, groups: int, m: int, mp: int, out: np.ndarray,
+             taps: tuple[int, int, int] | None = None) -> None:
     """Run one prepared product (activations already shifted into ``a8``/``asum``, laid out by
     ``activation_layout``) on the active path, serially when it is too small to repay a parallel
-    launch (see ``serial_max_macs``)."""
+    launch (see ``serial_max_macs``). ``taps`` = (c, kh, kw) says the AMX engine's activation
+    rows are a channels-last im2col (see ``amx.weight_tiles``)."""
     macs = m * w.n * w.k_pad
     many = numba.get_num_threads() > 1
     if uses_amx(w, m, groups):
         parallel = many and macs > serial_max_macs() * (amx.AMX_MACS_PER_S / SERIAL_MACS_PER_S)
         kp = amx.padded_k(w.k)
         m_step, n_step, rows_outer = amx.task_grid(m, w.n, 4 * numba.get_num_threads() if parallel else 1)
-        amx.driver(parallel)(a8, kp, amx.weight_tiles(w), m, w.n, w.row_sums, shift, amx.tile_palette(),
+        amx.driver(parallel)(a8, kp, amx.weight_tiles(w, taps), m, w.n, w.row_sums, shift, amx.tile_palette(),
                              m_step, n_step, rows_outer, out.reshape(-1))
         return
     parallel = many and macs > serial_max_macs()

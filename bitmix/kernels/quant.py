@@ -7,7 +7,10 @@ for bit (all float32, in this order):
     y     = float32(acc) * (float32(a_step) * w_scales) + bias
 
 where ``acc`` is the exact int32 kernel result and ``w_scales`` the per-output-channel
-weight step sizes.
+weight step sizes. Convolutions on the AMX engine run the same formulas fused into two
+passes: NCHW floats -> channels-last codes, and (pixels, C_out) accumulators -> NCHW floats
+(numpy's per-op passes and transposes cost more than the GEMM there: 3x3, 64 channels,
+56x56 spent 2.1 ms around a 0.2 ms product).
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import njit, prange
 
 from bitmix.errors import BitmixError
-from bitmix.kernels.conv import conv2d
-from bitmix.kernels.matmul import check_activation_spec, check_packed, gemm
+from bitmix.kernels.conv import conv2d, conv_acc_channels_last, conv_geometry, depthwise_conv
+from bitmix.kernels.matmul import check_activation_spec, check_packed, gemm, uses_amx
 from bitmix.kernels.pack import PackedWeight
 
 
@@ -48,6 +52,59 @@ def quantize_activations(x: np.ndarray, step: float, bits: int, signed: bool) ->
         raise BitmixError("x: contains NaN; cannot quantize")
     q = np.rint(np.clip(x / _step(step), lo, hi))
     return q.astype(np.int8 if signed else np.uint8)
+
+
+@njit(parallel=True, cache=True)
+def _quantize_to_channels_last(x, step, lo, hi, out):
+    """``out[b, h, w, c] = rint(clip(x[b, c, h, w] / step, lo, hi))``; True if any NaN was seen."""
+    nb, c, h, w = x.shape
+    flo = np.float32(lo)
+    fhi = np.float32(hi)
+    nan = np.zeros(nb * h, dtype=np.bool_)
+    for t in prange(nb * h):
+        b = t // h
+        r = t - b * h
+        for ci in range(c):
+            for wi in range(w):
+                v = x[b, ci, r, wi] / step
+                if v != v:
+                    nan[t] = True
+                    v = np.float32(0)
+                out[b, r, wi, ci] = np.rint(min(max(v, flo), fhi))
+    return nan.any()
+
+
+@njit(parallel=True, cache=True)
+def _dequantize_to_nchw(acc, scale, bias, has_bias, hw, out):
+    """``out[b, c, p] = float32(acc[b * hw + p, c]) * scale[c] (+ bias[c])``, 64 pixels per block."""
+    nb, n, _ = out.shape
+    blocks = (hw + 63) // 64
+    for t in prange(nb * blocks):
+        b = t // blocks
+        p0 = (t - b * blocks) * 64
+        p1 = min(hw, p0 + 64)
+        for c in range(n):
+            s = scale[c]
+            for p in range(p0, p1):
+                y = np.float32(acc[b * hw + p, c]) * s
+                if has_bias:
+                    y = y + bias[c]
+                out[b, c, p] = y
+
+
+@njit(parallel=True, cache=True)
+def _dequantize_nchw(acc, scale, bias, has_bias, out):
+    """``out[b, c] = float32(acc[b, c]) * scale[c] (+ bias[c])`` for (B, C, HW) arrays."""
+    nb, n, hw = out.shape
+    for t in prange(nb * n):
+        b = t // n
+        c = t - b * n
+        s = scale[c]
+        for p in range(hw):
+            y = np.float32(acc[b, c, p]) * s
+            if has_bias:
+                y = y + bias[c]
+            out[b, c, p] = y
 
 
 def qlinear(
@@ -101,6 +158,24 @@ def qconv2d(
     w_scales = _f32(w_scales, "w_scales", (w.n,))
     if bias is not None:
         bias = _f32(bias, "bias", (w.n,))
+    if x.ndim == 4 and x.size:
+        geom = conv_geometry(x.shape, w, kernel_size, stride, padding, dilation, groups, name="x")
+        nb, ho, wo = x.shape[0], geom[-2], geom[-1]
+        scale = _step(a_step) * w_scales
+        has_bias = bias is not None
+        y = np.empty((nb, w.n, ho * wo), dtype=np.float32)
+        if x.shape[1] == geom[8]:
+            acc = depthwise_conv(quantize_activations(x, a_step, a_bits, a_signed), w, geom)
+            _dequantize_nchw(acc.reshape(nb, w.n, ho * wo), scale, bias if has_bias else scale, has_bias, y)
+            return y.reshape(nb, w.n, ho, wo)
+        if uses_amx(w, nb * ho * wo, geom[8]):
+            lo, hi, shift = check_activation_spec(a_bits, a_signed)
+            codes = np.empty((nb, x.shape[2], x.shape[3], x.shape[1]), dtype=np.int8 if a_signed else np.uint8)
+            if _quantize_to_channels_last(np.ascontiguousarray(x), _step(a_step), lo, hi, codes):
+                raise BitmixError("x: contains NaN; cannot quantize")
+            acc = conv_acc_channels_last(codes, w, geom, shift)
+            _dequantize_to_nchw(acc, scale, bias if has_bias else scale, has_bias, ho * wo, y)
+            return y.reshape(nb, w.n, ho, wo)
     codes = quantize_activations(x, a_step, a_bits, a_signed)
     acc = conv2d(codes, w, kernel_size, stride, padding, dilation, groups, a_bits, a_signed)
     y = acc.astype(np.float32) * (_step(a_step) * w_scales)[None, :, None, None]

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitmix.kernels import amx, conv2d, gemm, matmul, pack_weights, reference, simd
+from bitmix.errors import BitmixError
+from bitmix.kernels import amx, conv2d, gemm, matmul, pack_weights, qconv2d, quantize_activations, reference, simd
 from tests.kernels.conftest import random_codes
 
 pytestmark = pytest.mark.skipif(
@@ -94,3 +95,29 @@ def test_task_grid_splits_the_larger_operand(m: int, n: int, tasks: int, rows: b
     assert rows_outer == rows
     assert -(-mb // m_step) * -(-nb // n_step) <= max(tasks, 2)
     assert (n_step == nb) if rows else (m_step == mb)
+
+
+@pytest.mark.parametrize("a_bits,a_signed,with_bias", [(8, False, True), (4, True, False), (2, False, True)])
+def test_qconv2d_fused_path_matches_formula(amx_path, monkeypatch, a_bits: int, a_signed: bool,
+                                            with_bias: bool) -> None:
+    """Quantize-to-channels-last, AMX, dequantize-to-NCHW: the documented formula, bit for bit."""
+    monkeypatch.setattr(amx, "AMX_MIN_MACS", 0)
+    rng = np.random.default_rng(a_bits)
+    x = rng.normal(0, 2, size=(2, 7, 11, 10)).astype(np.float32)
+    x[0, 0, 0, :3] = [np.inf, -np.inf, 0.05]  # clipped, clipped, a rounding half
+    wc = random_codes(rng, (40, 7 * 3 * 3), 4)
+    w = pack_weights(wc, 4)
+    scales = rng.uniform(0.01, 0.1, 40).astype(np.float32)
+    bias = rng.normal(size=40).astype(np.float32) if with_bias else None
+    geometry = ((3, 3), (2, 1), (1, 2), (2, 1), 1)
+    y = qconv2d(x, w, scales, 0.1, a_bits, a_signed, bias, *geometry)
+    codes = quantize_activations(x, 0.1, a_bits, a_signed)
+    acc = reference.conv2d(codes, wc.reshape(40, 7, 3, 3), (2, 1), (1, 2), (2, 1), 1)
+    want = acc.astype(np.float32) * (np.float32(0.1) * scales)[None, :, None, None]
+    if with_bias:
+        want = want + bias[None, :, None, None]
+    assert y.flags.c_contiguous and y.dtype == np.float32
+    np.testing.assert_array_equal(y, want)
+    x[1, 2, 3, 4] = np.nan
+    with pytest.raises(BitmixError, match="NaN"):
+        qconv2d(x, w, scales, 0.1, a_bits, a_signed, bias, *geometry)

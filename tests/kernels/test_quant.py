@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bitmix.errors import BitmixError
 from bitmix.kernels import conv2d, gemm, pack_weights, qconv2d, qlinear, quantize_activations
@@ -74,3 +75,26 @@ def test_bad_float_inputs() -> None:
         qlinear(x, w, s, 0.0, 8, True, None)
     with pytest.raises(BitmixError, match="x"):
         quantize_activations(np.array([np.nan], np.float32), 0.1, 8, True)
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_qconv2d_depthwise_formula(kernel_path: str, multiplier: int) -> None:
+    """One input channel per group runs the direct loop; same formula, same bits."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 5, 9, 8)).astype(np.float32)
+    wc = rng.integers(-8, 8, (5 * multiplier, 1, 3, 3)).astype(np.int8)
+    w = pack_weights(wc.reshape(5 * multiplier, -1), 4)
+    scales = rng.uniform(0.01, 0.1, 5 * multiplier).astype(np.float32)
+    bias = rng.normal(size=5 * multiplier).astype(np.float32)
+    geometry = ((3, 3), (2, 1), (1, 2), (1, 2), 5)
+    y = qconv2d(x, w, scales, 0.1, 8, False, bias, *geometry)
+    codes = quantize_activations(x, 0.1, 8, False)
+    acc = conv2d(codes, w, *geometry, 8, False)
+    ref = F.conv2d(torch.from_numpy(codes.astype(np.float64)), torch.from_numpy(wc.astype(np.float64)),
+                   stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=5)
+    np.testing.assert_array_equal(acc, ref.numpy().astype(np.int64))
+    want = acc.astype(np.float32) * (np.float32(0.1) * scales)[None, :, None, None] + bias[None, :, None, None]
+    np.testing.assert_array_equal(y, want)
+    x[0, 1, 2, 3] = np.nan
+    with pytest.raises(BitmixError, match="NaN"):
+        qconv2d(x, w, scales, 0.1, 8, False, bias, *geometry)

@@ -1,0 +1,31 @@
+"""Per-thread scratch buffers for kernel intermediates (im2col bytes, int32 accumulators).
+
+A fresh multi-megabyte ``np.empty`` is often fresh memory from the OS: glibc returns large
+freed blocks, so the next call page-faults on every 4 KiB it touches. On the 2-vCPU VM,
+a 1x1 conv of 64 -> 256 channels at 56x56 took 2.2 ms with fresh intermediates against
+0.5 ms for its parts on reused ones. Buffers here are reused per thread and grow to the
+largest request; a returned view is valid until the same slot is requested again on the
+same thread.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+_LOCAL = threading.local()
+
+
+def scratch(slot: str, shape: int | tuple[int, ...], dtype: type) -> np.ndarray:
+    """An uninitialised C-contiguous array backed by this thread's buffer for ``slot``."""
+    dt = np.dtype(dtype)
+    count = int(np.prod(shape))
+    nbytes = count * dt.itemsize
+    pool = getattr(_LOCAL, "pool", None)
+    if pool is None:
+        pool = _LOCAL.pool = {}
+    buf = pool.get(slot)
+    if buf is None or buf.nbytes < nbytes:
+        buf = pool[slot] = np.empty(max(nbytes, 64), dtype=np.uint8)
+    return buf[:nbytes].view(dt).reshape(shape)
