@@ -91,6 +91,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "model":
+        from bitmix.compiler.speed import run_model_bench
+
+        run_model_bench(args.models or None, repeats=args.repeats, json_path=args.json)
+        return 0
     from bitmix.kernels.bench import run_kernel_bench
 
     run_kernel_bench(quick=args.quick, json_path=args.json)
@@ -159,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     k = bench.add_parser("kernels", help="packed int kernels vs torch fp32 and torch int8 dynamic")
     k.add_argument("--json", help="write one record per case and baseline")
     k.add_argument("--quick", action="store_true", help="a few small cases, well under a minute")
+    m = bench.add_parser("model", help="compiled zoo models (all-4-bit, on the kernels) vs eager FP32 torch")
+    m.add_argument("models", nargs="*", help="zoo models (default: digits-cnn resnet18 resnet50 mobilenetv2 minilm)")
+    m.add_argument("--repeats", type=int, default=20, help="timed calls per model and contender (median)")
+    m.add_argument("--json", help="write one record per model")
     p = sub.add_parser("study", help="studies over many compiles (accuracy-throughput frontier)")
     study = p.add_subparsers(dest="study", required=True)
     f = study.add_parser("frontier", help="every method x budget x seed: fine-tune, run on kernels, simulate")

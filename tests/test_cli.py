@@ -34,6 +34,8 @@ def test_compile_digits_writes_everything(tmp_path):
         (["compile", "digits-cnn", "--budget", "0.2", "--out", "x"], "minimum achievable"),
         (["compile", "resnet18", "--eval", "--out", "x"], "no evaluation data"),
         (["simulate", "digits-cnn", "--config", "/nonexistent.toml"], "nonexistent.toml"),
+        (["bench", "model", "nope"], "unknown model 'nope'"),
+        (["bench", "model", "digits-mlp", "--repeats", "0"], "repeats=0"),
     ],
 )
 def test_errors_are_one_line_exit_2(args, message):

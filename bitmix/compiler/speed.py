@@ -1,0 +1,101 @@
+"""End-to-end CPU speed: the compiled model on the packed kernels against the eager FP32
+model, timed in the same process (``bitmix bench model``).
+
+Each zoo model is compiled all-4-bit (``int4int2-npu`` at budget 1.0: first and last
+quantizable layers 8-bit, every other one 4-bit; no data needed) at its zoo example input,
+then both are timed: warm-up calls, then the median of ``repeats`` calls, threads fixed
+to the machine's cores for torch and Numba. "speedup" is eager time over compiled time
+(> 1: the kernels win). Quantization, im2col and dequantization are inside the compiled
+time; compile time is reported separately.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable
+
+import numba
+import torch
+
+from bitmix import zoo
+from bitmix.errors import BitmixError
+from bitmix.kernels.matmul import ACTIVE_PATH
+
+DEFAULT_MODELS = ("digits-cnn", "resnet18", "resnet50", "mobilenetv2", "minilm")
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_model(name: str, repeats: int) -> dict:
+    """Compile one zoo model all-4-bit and time it against eager FP32."""
+    import bitmix
+
+    model, inputs, _ = zoo.load(name)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = bitmix.compile(model, inputs, target="int4int2-npu", method="eagl", budget=1.0)
+    compile_s = time.perf_counter() - start
+    with torch.no_grad():
+        eager = _median_seconds(lambda: model(*inputs), repeats)
+        compiled = _median_seconds(lambda: cm(*inputs), repeats)
+    return {
+        "model": name,
+        "input_shapes": [list(x.shape) for x in inputs],
+        "eager_fp32_s": eager,
+        "compiled_s": compiled,
+        "speedup": eager / compiled,
+        "compile_s": compile_s,
+        "bits": sorted(cm.assignment.values()),
+    }
+
+
+def run_model_bench(models: list[str] | None = None, repeats: int = 20, json_path: str | None = None) -> list[dict]:
+    """Time every model, print a table, optionally write JSON records; returns the records."""
+    from rich.console import Console
+    from rich.table import Table
+
+    names = list(models or DEFAULT_MODELS)
+    for name in names:
+        if name not in zoo.names():
+            raise BitmixError(f"unknown model {name!r}; available: {', '.join(zoo.names())}")
+    if repeats < 1:
+        raise BitmixError(f"repeats={repeats}: must be >= 1")
+    load = os.getloadavg()[0]
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    numba.set_num_threads(threads)
+    records = []
+    for name in names:
+        rec = bench_model(name, repeats)
+        rec.update(kernel_path=ACTIVE_PATH, threading_layer=numba.threading_layer(), threads=threads,
+                   loadavg_1min=load)
+        records.append(rec)
+    table = Table(title=f"compiled (all-4-bit, packed kernels) vs eager FP32 ({ACTIVE_PATH}, {threads} threads, "
+                        f"Numba {numba.threading_layer()} layer)")
+    for col in ("model", "input", "eager FP32 ms", "compiled ms", "speedup", "compile s"):
+        table.add_column(col, justify="right")
+    for r in records:
+        table.add_row(r["model"], " ".join("×".join(map(str, s)) for s in r["input_shapes"]),
+                      f"{r['eager_fp32_s'] * 1e3:.2f}", f"{r['compiled_s'] * 1e3:.2f}", f"{r['speedup']:.2f}×",
+                      f"{r['compile_s']:.1f}")
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    if load > 0.5:
+        console.print(f"[yellow]warning: load average {load:.1f} -- other processes share the cores")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(records, f, indent=1)
+    return records
