@@ -12,7 +12,7 @@ def test_records_compare_eager_and_compiled(tmp_path):
     recs = speed.run_model_bench(["digits-mlp"], repeats=3, json_path=str(path))
     assert json.loads(path.read_text()) == recs
     (r,) = recs
-    assert r["model"] == "digits-mlp" and r["input_shapes"] == [[256, 64]]
+    assert r["model"] == "digits-mlp" and r["input_shapes"] == [[256, 1, 8, 8]]
     assert r["speedup"] == r["eager_fp32_s"] / r["compiled_s"] and r["compiled_s"] > 0
     assert r["threading_layer"] == numba.threading_layer()
     bits = r["bits"]
