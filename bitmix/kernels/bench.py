@@ -8,7 +8,8 @@ activation codes (the kernel; activation quantization excluded) plus, for GEMV, 
 L3) that each call streams its weights from DRAM -- for ours and torch's alike.
 Bandwidth is a streaming read measured in the same run; ``pct_bandwidth`` is effective
 weight GB/s over it. ``engine`` names what ran: ``amx`` (the tile engine, which reads the
-weights as cached int8 tiles, so ``weight_bytes`` is then N*K) or the SIMD path.
+weights as cached int8 tiles, so ``weight_bytes`` is then N*K) or the SIMD kernels
+(``avx512vnni``, ``avx2``, ``portable``).
 Cold-start: a fresh interpreter pays import + first call, once with an empty Numba cache
 (compile time) and once with the warm cache (must not recompile).
 """
@@ -32,7 +33,7 @@ import torch
 from numba import njit, prange
 
 from bitmix.kernels import amx
-from bitmix.kernels.matmul import ACTIVE_PATH, gemm, uses_amx
+from bitmix.kernels.matmul import ACTIVE_PATH, engine_name, gemm, uses_amx
 from bitmix.kernels.pack import PackedWeight, code_range, pack_weights
 from bitmix.kernels.quant import qlinear
 
@@ -209,7 +210,7 @@ def _bench_case(
             records.append(
                 {
                     "op": name,
-                    "engine": "amx" if on_amx else ACTIVE_PATH,
+                    "engine": engine_name(first, m, 1),
                     "shape": [m, n, k],
                     "w_bits": w_bits,
                     "a_bits": a_bits,

@@ -494,6 +494,13 @@ def uses_amx(w: PackedWeight, m: int, groups: int) -> bool:
     return ACTIVE_PATH == "avx512amx" and groups == 1 and m >= amx.AMX_MIN_M and m * w.n * w.k >= amx.AMX_MIN_MACS
 
 
+def engine_name(w: PackedWeight, m: int, groups: int) -> str:
+    """What runs a product: ``amx``, or the SIMD path's vpdpbusd/vpmaddubsw/scalar kernels."""
+    if uses_amx(w, m, groups):
+        return "amx"
+    return "avx512vnni" if ACTIVE_PATH == "avx512amx" else ACTIVE_PATH
+
+
 def activation_layout(w: PackedWeight, m: int, groups: int) -> tuple[int, int]:
     """``(mp, kp)``: padded rows and row length of the activation byte buffer the engine reads.
 
