@@ -4,6 +4,7 @@
 """
 
 from bitmix.kernels import reference
+from bitmix.kernels.batched import bmm
 from bitmix.kernels.conv import conv2d
 from bitmix.kernels.matmul import ACTIVE_PATH, gemm
 from bitmix.kernels.pack import PackedWeight, pack_weights, unpack_weights
@@ -14,6 +15,7 @@ __all__ = [
     "ACTIVE_PATH",
     "PackedWeight",
     "available_paths",
+    "bmm",
     "conv2d",
     "gemm",
     "pack_weights",

@@ -116,3 +116,31 @@ def test_minilm_attention_lowers(capture_zoo, load_zoo):
     assert torch.equal(ref, out)  # fake-quant inference is the integer path: bit-identical outputs
     kinds = [m.kind for m in lowered.module.modules() if hasattr(m, "plan")]
     assert kinds.count("matmul") == 12 and kinds.count("linear") == 37
+
+
+def test_eager_calls_skip_the_dispatcher_tracers_see_the_ops():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bitmix.compiler import lower as lower_mod
+
+    x = torch.randn(2, 3)
+    assert lower_mod._plain_tensors(x, None)
+    assert not lower_mod._plain_tensors(torch.nn.Parameter(x))
+    with FakeTensorMode() as mode:
+        assert not lower_mod._plain_tensors(mode.from_tensor(x))
+
+
+def test_torch_runs_on_one_thread_while_lowered_layers_run():
+    from bitmix.compiler.lower import torch_on_one_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch_on_one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError), torch_on_one_thread():
+            raise ValueError
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
