@@ -131,8 +131,17 @@ def _depthwise(x, wc, per_group, kh, kw, sh, sw, ph, pw, dh, dw, out):
                     if 0 <= ih < h:
                         row = x[b, g, ih]
                         dst = acc[oh]
-                        for ow in range(lo, hi):
-                            dst[ow] += np.int32(row[ow * sw + off]) * wt
+                        # unsigned indices skip Numba's negative-index wraparound, which blocks
+                        # vectorisation; constant strides let LLVM use unit or de-interleaving loads
+                        if sw == 1:
+                            for ow in range(lo, hi):
+                                dst[np.uintp(ow)] += np.int32(row[np.uintp(ow + off)]) * wt
+                        elif sw == 2:
+                            for ow in range(lo, hi):
+                                dst[np.uintp(ow)] += np.int32(row[np.uintp(2 * ow + off)]) * wt
+                        else:
+                            for ow in range(lo, hi):
+                                dst[np.uintp(ow)] += np.int32(row[np.uintp(ow * sw + off)]) * wt
 
 
 _CODES: weakref.WeakKeyDictionary[PackedWeight, np.ndarray] = weakref.WeakKeyDictionary()
