@@ -144,17 +144,55 @@ def _depthwise(x, wc, per_group, kh, kw, sh, sw, ph, pw, dh, dw, out):
                                 dst[np.uintp(ow)] += np.int32(row[np.uintp(ow * sw + off)]) * wt
 
 
+@njit(parallel=True, cache=True)
+def _depthwise_channels_last(x, taps, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, out):
+    """``out[pixel, c] = sum_ij x[b, ih, iw, c] * taps[i * kw + j, c]``: vectorised over channels,
+    which suits the small planes and wide layers of late MobileNet stages (7x7 x 960)."""
+    nb, h, w, c = x.shape
+    for t in prange(nb * ho):
+        b = t // ho
+        oh = t - b * ho
+        for ow in range(wo):
+            acc = out[t * wo + ow]
+            acc[:] = 0
+            for i in range(kh):
+                ih = oh * sh - ph + i * dh
+                if ih < 0 or ih >= h:
+                    continue
+                for j in range(kw):
+                    iw = ow * sw - pw + j * dw
+                    if 0 <= iw < w:
+                        src = x[b, ih, iw]
+                        wt = taps[i * kw + j]
+                        for q in range(c):
+                            acc[np.uintp(q)] += np.int32(src[np.uintp(q)]) * wt[np.uintp(q)]
+
+
 _CODES: weakref.WeakKeyDictionary[PackedWeight, np.ndarray] = weakref.WeakKeyDictionary()
+
+
+def _weight_codes(w: PackedWeight) -> np.ndarray:
+    codes = _CODES.get(w)
+    if codes is None:
+        codes = _CODES[w] = unpack_weights(w)
+    return codes
 
 
 def depthwise_conv(x: np.ndarray, w: PackedWeight, geom: tuple[int, ...]) -> np.ndarray:
     """int32 (B, C_out, Ho, Wo) of a conv with one input channel per group, on raw codes."""
     kh, kw, sh, sw, ph, pw, dh, dw, groups, ho, wo = geom
-    codes = _CODES.get(w)
-    if codes is None:
-        codes = _CODES[w] = unpack_weights(w)
     out = np.empty((x.shape[0], w.n, ho, wo), dtype=np.int32)
-    _depthwise(np.ascontiguousarray(x), codes, w.n // groups, kh, kw, sh, sw, ph, pw, dh, dw, out)
+    _depthwise(np.ascontiguousarray(x), _weight_codes(w), w.n // groups, kh, kw, sh, sw, ph, pw, dh, dw, out)
+    return out
+
+
+def depthwise_channels_last(x_nhwc: np.ndarray, w: PackedWeight, geom: tuple[int, ...]) -> np.ndarray:
+    """int32 ``(B * Ho * Wo, C)`` of a depthwise conv (one output channel per group) on channels-last
+    codes, in this thread's scratch buffer (valid until its next conv)."""
+    kh, kw, sh, sw, ph, pw, dh, dw, _, ho, wo = geom
+    taps = np.ascontiguousarray(_weight_codes(w).T.astype(np.int32))
+    out = scratch("conv.acc", (x_nhwc.shape[0] * ho * wo, w.n), np.int32)
+    _depthwise_channels_last(x_nhwc, taps, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, out)
     return out
 
 

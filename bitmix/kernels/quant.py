@@ -21,9 +21,17 @@ import numpy as np
 from numba import njit, prange
 
 from bitmix.errors import BitmixError
-from bitmix.kernels.conv import conv2d, conv_acc_channels_last, conv_geometry, depthwise_conv
+from bitmix.kernels.conv import (
+    conv2d,
+    conv_acc_channels_last,
+    conv_geometry,
+    depthwise_channels_last,
+    depthwise_conv,
+)
 from bitmix.kernels.matmul import check_activation_spec, check_packed, gemm, uses_amx
 from bitmix.kernels.pack import PackedWeight
+
+DEPTHWISE_NCHW_MIN_WIDTH = 32
 
 
 def _f32(arr: object, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -183,16 +191,23 @@ def qconv2d(
         scale = _step(a_step) * w_scales
         has_bias = bias is not None
         y = np.empty((nb, w.n, ho * wo), dtype=np.float32)
-        if x.shape[1] == geom[8]:
+        depthwise = x.shape[1] == geom[8]
+        # Depthwise: output rows of >= 32 vectorise well in the NCHW loop; narrower planes (late
+        # MobileNet stages, 14x14 x 384: 0.28 -> 0.14 ms) vectorise over channels instead, which
+        # needs one output channel per input channel.
+        if depthwise and (w.n != x.shape[1] or wo >= DEPTHWISE_NCHW_MIN_WIDTH):
             acc = depthwise_conv(quantize_activations(x, a_step, a_bits, a_signed), w, geom)
             _dequantize_nchw(acc.reshape(nb, w.n, ho * wo), scale, bias if has_bias else scale, has_bias, y)
             return y.reshape(nb, w.n, ho, wo)
-        if uses_amx(w, nb * ho * wo, geom[8]):
+        if depthwise or uses_amx(w, nb * ho * wo, geom[8]):
             lo, hi, shift = check_activation_spec(a_bits, a_signed)
             codes = np.empty((nb, x.shape[2], x.shape[3], x.shape[1]), dtype=np.int8 if a_signed else np.uint8)
             if _quantize_to_channels_last(np.ascontiguousarray(x), _step(a_step), lo, hi, codes):
                 raise BitmixError("x: contains NaN; cannot quantize")
-            acc = conv_acc_channels_last(codes, w, geom, shift)
+            if depthwise:
+                acc = depthwise_channels_last(codes, w, geom)
+            else:
+                acc = conv_acc_channels_last(codes, w, geom, shift)
             _dequantize_to_nchw(acc, scale, bias if has_bias else scale, has_bias, ho * wo, y)
             return y.reshape(nb, w.n, ho, wo)
     codes = quantize_activations(x, a_step, a_bits, a_signed)

@@ -77,11 +77,12 @@ def test_bad_float_inputs() -> None:
         quantize_activations(np.array([np.nan], np.float32), 0.1, 8, True)
 
 
-@pytest.mark.parametrize("multiplier", [1, 2])
-def test_qconv2d_depthwise_formula(kernel_path: str, multiplier: int) -> None:
-    """One input channel per group runs the direct loop; same formula, same bits."""
+@pytest.mark.parametrize("multiplier,width", [(1, 8), (1, 70), (2, 8)])
+def test_qconv2d_depthwise_formula(kernel_path: str, multiplier: int, width: int) -> None:
+    """One input channel per group runs a direct loop (channels-last for narrow planes, NCHW
+    for wide ones or channel multipliers); same formula, same bits."""
     rng = np.random.default_rng(2)
-    x = rng.normal(size=(2, 5, 9, 8)).astype(np.float32)
+    x = rng.normal(size=(2, 5, 9, width)).astype(np.float32)
     wc = rng.integers(-8, 8, (5 * multiplier, 1, 3, 3)).astype(np.int8)
     w = pack_weights(wc.reshape(5 * multiplier, -1), 4)
     scales = rng.uniform(0.01, 0.1, 5 * multiplier).astype(np.float32)
