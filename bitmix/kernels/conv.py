@@ -7,7 +7,7 @@ Two layouts, one per engine (``M = B * Ho * Wo`` output pixels):
   ``weight.reshape(C_out, -1)``, fusing the activation shift and the row sums, so the
   kernels see exactly what ``gemm`` would. Groups become the group axis of one parallel
   launch rather than one launch per group.
-* depthwise (one input channel per group): a direct loop on the unpacked codes, per
+* depthwise (groups > 1, one input channel each): a direct loop on the unpacked codes, per
   output channel and kernel tap one vectorised pass over output rows -- im2col would pad
   each 3x3 patch to a 64-code block (int4) and write 7x the input per channel.
 * AMX engine (one group, enough pixels): codes channels-last ``(B, H, W, C)``, so each
@@ -275,7 +275,7 @@ def conv2d(
     check_range(int(a_codes.min()), int(a_codes.max()), lo, hi, a_bits, a_signed)
     nb = a_codes.shape[0]
     m = nb * ho * wo
-    if a_codes.shape[1] == groups:
+    if groups > 1 and a_codes.shape[1] == groups:
         return depthwise_conv(a_codes, w, geom)
     if uses_amx(w, m, groups):
         out = conv_acc_channels_last(np.ascontiguousarray(a_codes.transpose(0, 2, 3, 1)), w, geom, shift)

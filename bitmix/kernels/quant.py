@@ -191,7 +191,7 @@ def qconv2d(
         scale = _step(a_step) * w_scales
         has_bias = bias is not None
         y = np.empty((nb, w.n, ho * wo), dtype=np.float32)
-        depthwise = x.shape[1] == geom[8]
+        depthwise = geom[8] > 1 and x.shape[1] == geom[8]
         # Depthwise: output rows of >= 32 vectorise well in the NCHW loop; narrower planes (late
         # MobileNet stages, 14x14 x 384: 0.28 -> 0.14 ms) vectorise over channels instead, which
         # needs one output channel per input channel.

@@ -144,3 +144,11 @@ def test_torch_runs_on_one_thread_while_lowered_layers_run():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_profiles_name_the_kernel_ops(digits_lowered):
+    _, data, _, lowered = digits_lowered
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        lowered.module(data.test.inputs[0][:4])
+    names = {e.key for e in prof.key_averages()}
+    assert {"bitmix::qconv2d", "bitmix::qlinear"} <= names
