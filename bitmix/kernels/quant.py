@@ -7,10 +7,11 @@ for bit (all float32, in this order):
     y     = float32(acc) * (float32(a_step) * w_scales) + bias
 
 where ``acc`` is the exact int32 kernel result and ``w_scales`` the per-output-channel
-weight step sizes. Convolutions on the AMX engine run the same formulas fused into two
-passes: NCHW floats -> channels-last codes, and (pixels, C_out) accumulators -> NCHW floats
-(numpy's per-op passes and transposes cost more than the GEMM there: 3x3, 64 channels,
-56x56 spent 2.1 ms around a 0.2 ms product).
+weight step sizes. Each formula is one Numba pass (numpy needed one per operation, and
+around the AMX engine those passes cost more than the product: a 3x3 conv with 64
+channels at 56x56 spent 2.1 ms around a 0.2 ms GEMM). Convolutions on the AMX engine and
+narrow depthwise ones fuse the layout change into the same passes: NCHW floats ->
+channels-last codes, and (pixels, C_out) accumulators -> NCHW floats.
 """
 
 from __future__ import annotations
@@ -120,6 +121,18 @@ def _dequantize_to_nchw(acc, scale, bias, has_bias, hw, out):
 
 
 @njit(parallel=True, cache=True)
+def _dequantize_rows(acc, scale, bias, has_bias, out):
+    """``out[i, c] = float32(acc[i, c]) * scale[c] (+ bias[c])`` in one pass (numpy took three)."""
+    m, n = out.shape
+    for i in prange(m):
+        for c in range(n):
+            y = np.float32(acc[i, c]) * scale[c]
+            if has_bias:
+                y = y + bias[c]
+            out[i, c] = y
+
+
+@njit(parallel=True, cache=True)
 def _dequantize_nchw(acc, scale, bias, has_bias, out):
     """``out[b, c] = float32(acc[b, c]) * scale[c] (+ bias[c])`` for (B, C, HW) arrays."""
     nb, n, hw = out.shape
@@ -156,9 +169,9 @@ def qlinear(
         bias = _f32(bias, "bias", (w.n,))
     codes = quantize_activations(x.reshape(-1, w.k), a_step, a_bits, a_signed)
     acc = gemm(codes, w, a_bits, a_signed)
-    y = acc.astype(np.float32) * (_step(a_step) * w_scales)[None, :]
-    if bias is not None:
-        y = y + bias[None, :]
+    scale = _step(a_step) * w_scales
+    y = np.empty(acc.shape, dtype=np.float32)
+    _dequantize_rows(acc, scale, scale if bias is None else bias, bias is not None, y)
     return y.reshape(*x.shape[:-1], w.n)
 
 
