@@ -208,8 +208,14 @@ def task_grid(m: int, n: int, tasks: int) -> tuple[int, int, bool]:
     return -(-mb // tm), -(-nb // tn), split_rows
 
 
-def _core(a8, kp, tiles, m, n, wsum, shift, cfg, m_step, n_step, rows_outer, out):
-    """``out (m, n) = a8 @ tiles.T + shift * wsum``; tasks of ``m_step x n_step`` blocks."""
+def _core(a8, kp, tiles, m, n, wsum, shift, cfg, m_step, n_step, rows_outer, out, nchw, scale, bias, has_bias, hw,
+          y):
+    """``acc (m, n) = a8 @ tiles.T + shift * wsum``; tasks of ``m_step x n_step`` blocks.
+
+    Writes ``out`` (int32, flat (m, n)), or with ``nchw`` the dequantized conv output
+    ``y[b, j, p] = float32(acc[b * hw + p, j]) * scale[j] (+ bias[j])`` straight from the tiles,
+    which saves writing and re-reading the int32 accumulators.
+    """
     nkb = kp // TILE_K
     mblocks = (m + BLOCK - 1) // BLOCK
     nblocks = (n + BLOCK - 1) // BLOCK
@@ -249,7 +255,30 @@ def _core(a8, kp, tiles, m, n, wsum, shift, cfg, m_step, n_step, rows_outer, out
                 dot01()
                 dot10()
                 dot11()
-            if i0 + BLOCK <= m and j0 + BLOCK <= n:
+            if nchw:
+                store_c00(scratch, 0, BLOCK * 4)
+                store_c01(scratch, 16, BLOCK * 4)
+                store_c10(scratch, 16 * BLOCK, BLOCK * 4)
+                store_c11(scratch, 16 * BLOCK + 16, BLOCK * 4)
+                rows = min(m, i0 + BLOCK) - i0
+                for jj in range(min(n, j0 + BLOCK) - j0):
+                    j = j0 + jj
+                    s = scale[j]
+                    add = bias[j] if has_bias else np.float32(0)
+                    corr = shift * wsum[j]
+                    r0 = 0
+                    while r0 < rows:  # one contiguous run of pixels per image the block covers
+                        b = (i0 + r0) // hw
+                        p0 = i0 + r0 - b * hw
+                        r1 = min(rows, r0 + hw - p0)
+                        dst = y[b, j]
+                        for r in range(r0, r1):
+                            v = np.float32(scratch[np.uintp(r * BLOCK + jj)] + corr) * s
+                            if has_bias:
+                                v = v + add
+                            dst[np.uintp(p0 + r - r0)] = v
+                        r0 = r1
+            elif i0 + BLOCK <= m and j0 + BLOCK <= n:
                 base = i0 * n + j0
                 store_c00(out, base, row_bytes)
                 store_c01(out, base + 16, row_bytes)

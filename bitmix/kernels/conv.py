@@ -239,16 +239,18 @@ def conv_geometry(
     return kh, kw, sh, sw, ph, pw, dh, dw, int(groups), ho, wo
 
 
-def conv_acc_channels_last(x_nhwc: np.ndarray, w: PackedWeight, geom: tuple[int, ...], shift: int) -> np.ndarray:
+def conv_acc_channels_last(x_nhwc: np.ndarray, w: PackedWeight, geom: tuple[int, ...], shift: int,
+                           nchw: tuple | None = None) -> np.ndarray | None:
     """int32 ``(B * Ho * Wo, C_out)`` result of a one-group conv on channels-last codes (AMX engine),
-    in this thread's scratch buffer (valid until its next conv)."""
+    in this thread's scratch buffer (valid until its next conv); with ``nchw`` = (scale, bias,
+    hw, y) the engine writes the dequantized NCHW output into ``y`` instead and this returns None."""
     kh, kw, sh, sw, ph, pw, dh, dw, _, ho, wo = geom
     m = x_nhwc.shape[0] * ho * wo
     mp, kp = activation_layout(w, m, 1)
     a8 = scratch("conv.a8", mp * kp, np.int8)  # pad rows/columns are ignored by the AMX engine
     _im2col_nhwc(x_nhwc, shift, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, kp, a8)
-    out = scratch("conv.acc", (m, w.n), np.int32)
-    run_core(a8, np.zeros(0, dtype=np.int64), w, shift, 1, m, mp, out, taps=(x_nhwc.shape[3], kh, kw))
+    out = None if nchw is not None else scratch("conv.acc", (m, w.n), np.int32)
+    run_core(a8, np.zeros(0, dtype=np.int64), w, shift, 1, m, mp, out, taps=(x_nhwc.shape[3], kh, kw), nchw=nchw)
     return out
 
 

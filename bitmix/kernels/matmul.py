@@ -512,20 +512,31 @@ def activation_layout(w: PackedWeight, m: int, groups: int) -> tuple[int, int]:
     return (m if m < MR else -(-m // MR) * MR), w.k_pad
 
 
-def run_core(a8, asum, w: PackedWeight, shift: int, groups: int, m: int, mp: int, out: np.ndarray,
-             taps: tuple[int, int, int] | None = None) -> None:
+_NO_F32 = np.zeros(0, dtype=np.float32)
+_NO_Y = np.zeros((0, 0, 0), dtype=np.float32)
+_NO_I32 = np.zeros(0, dtype=np.int32)
+
+
+def run_core(a8, asum, w: PackedWeight, shift: int, groups: int, m: int, mp: int, out: np.ndarray | None,
+             taps: tuple[int, int, int] | None = None, nchw: tuple | None = None) -> None:
     """Run one prepared product (activations already shifted into ``a8``/``asum``, laid out by
     ``activation_layout``) on the active path, serially when it is too small to repay a parallel
     launch (see ``serial_max_macs``). ``taps`` = (c, kh, kw) says the AMX engine's activation
-    rows are a channels-last im2col (see ``amx.weight_tiles``)."""
+    rows are a channels-last im2col (see ``amx.weight_tiles``); ``nchw`` = (scale, bias or None,
+    hw, y) makes the AMX engine write a conv's dequantized NCHW output ``y`` instead of ``out``."""
     macs = m * w.n * w.k_pad
     many = numba.get_num_threads() > 1
     if uses_amx(w, m, groups):
         parallel = many and macs > serial_max_macs() * (amx.AMX_MACS_PER_S / SERIAL_MACS_PER_S)
         kp = amx.padded_k(w.k)
         m_step, n_step, rows_outer = amx.task_grid(m, w.n, 4 * numba.get_num_threads() if parallel else 1)
+        if nchw is None:
+            epilogue = (False, _NO_F32, _NO_F32, False, 1, _NO_Y)
+        else:
+            scale, bias, hw, y = nchw
+            epilogue = (True, scale, _NO_F32 if bias is None else bias, bias is not None, hw, y)
         amx.driver(parallel)(a8, kp, amx.weight_tiles(w, taps), m, w.n, w.row_sums, shift, amx.tile_palette(),
-                             m_step, n_step, rows_outer, out.reshape(-1))
+                             m_step, n_step, rows_outer, _NO_I32 if out is None else out.reshape(-1), *epilogue)
         return
     parallel = many and macs > serial_max_macs()
     core_for(w.bits, ACTIVE_PATH, parallel)(a8, asum, w.data.reshape(-1), w.row_sums, shift, groups, m, mp,

@@ -219,9 +219,9 @@ def qconv2d(
                 raise BitmixError("x: contains NaN; cannot quantize")
             if depthwise:
                 acc = depthwise_channels_last(codes, w, geom)
+                _dequantize_to_nchw(acc, scale, bias if has_bias else scale, has_bias, ho * wo, y)
             else:
-                acc = conv_acc_channels_last(codes, w, geom, shift)
-            _dequantize_to_nchw(acc, scale, bias if has_bias else scale, has_bias, ho * wo, y)
+                conv_acc_channels_last(codes, w, geom, shift, nchw=(scale, bias, ho * wo, y))
             return y.reshape(nb, w.n, ho, wo)
     codes = quantize_activations(x, a_step, a_bits, a_signed)
     acc = conv2d(codes, w, kernel_size, stride, padding, dilation, groups, a_bits, a_signed)

@@ -121,3 +121,23 @@ def test_qconv2d_fused_path_matches_formula(amx_path, monkeypatch, a_bits: int, 
     x[1, 2, 3, 4] = np.nan
     with pytest.raises(BitmixError, match="NaN"):
         qconv2d(x, w, scales, 0.1, a_bits, a_signed, bias, *geometry)
+
+
+@pytest.mark.parametrize("shape,kernel,padding", [((5, 7, 3, 3), 3, 1), ((40, 8, 1, 1), 1, 0), ((3, 6, 4, 4), 3, 1),
+                                                  ((2, 5, 9, 20), 1, 0)])
+def test_qconv2d_fused_small_planes(amx_path, monkeypatch, shape, kernel: int, padding: int) -> None:
+    """A 32-row block spans several images when Ho*Wo < 32: each run lands in its own image."""
+    monkeypatch.setattr(amx, "AMX_MIN_MACS", 0)
+    rng = np.random.default_rng(sum(shape))
+    x = rng.normal(0, 2, size=shape).astype(np.float32)
+    c = shape[1]
+    wc = random_codes(rng, (37, c * kernel * kernel), 2)
+    w = pack_weights(wc, 2)
+    scales = rng.uniform(0.01, 0.1, 37).astype(np.float32)
+    bias = rng.normal(size=37).astype(np.float32)
+    geometry = ((kernel, kernel), (1, 1), (padding, padding), (1, 1), 1)
+    y = qconv2d(x, w, scales, 0.2, 8, True, bias, *geometry)
+    codes = quantize_activations(x, 0.2, 8, True)
+    acc = reference.conv2d(codes, wc.reshape(37, c, kernel, kernel), (1, 1), (padding, padding), (1, 1), 1)
+    want = acc.astype(np.float32) * (np.float32(0.2) * scales)[None, :, None, None] + bias[None, :, None, None]
+    np.testing.assert_array_equal(y, want)
