@@ -302,5 +302,5 @@ def _core(a8, kp, tiles, m, n, wsum, shift, cfg, m_step, n_step, rows_outer, out
 @functools.cache
 def driver(parallel: bool):
     """The engine, compiled with ``prange`` or as a plain loop (one task)."""
-    d = njit(parallel=parallel, cache=True)(_core)
+    d = njit(parallel=parallel, cache=True)(simd.cache_variant(_core, "parallel" if parallel else "serial"))
     return simd.pin_uuid(d, "amx.core" + ("" if parallel else ".serial"))

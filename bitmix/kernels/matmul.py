@@ -588,8 +588,8 @@ def _flat_range(x):
 
 # A parallel launch costs 2-150 us depending on the threading layer (see threads): small inputs are prepared serially.
 PREP_SERIAL_MAX = 1 << 18
-_prep_rows = njit(parallel=True, cache=True)(_prep_rows_py)
-_prep_rows_serial = njit(cache=True)(_prep_rows_py)
+_prep_rows = njit(parallel=True, cache=True)(simd.cache_variant(_prep_rows_py, "parallel"))
+_prep_rows_serial = njit(cache=True)(simd.cache_variant(_prep_rows_py, "serial"))
 
 
 def check_activation_spec(a_bits: int, a_signed: bool) -> tuple[int, int, int]:

@@ -126,3 +126,14 @@ def test_amx_engine_compiles_to_tile_instructions(tmp_path) -> None:
     assert res["tdpbssd"] >= 4 and res["tdpbssd"] % 4 == 0 and res["tileloadd"] == res["tdpbssd"], res
     assert res["ldtilecfg"] >= 1 and res["tilerelease"] >= 1, res
     assert res["tilestored"] == 12, res  # int32 output: full blocks direct, edge blocks via scratch; NCHW via scratch
+
+
+def test_serial_and_parallel_variants_have_their_own_cache_entries() -> None:
+    """Numba's disk cache ignores ``parallel=``: two variants of one function must differ in name."""
+    from bitmix.kernels import amx, matmul
+
+    pairs = [(amx.driver(True), amx.driver(False)), (matmul._prep_rows, matmul._prep_rows_serial)]
+    for par, ser in pairs:
+        assert par.targetoptions.get("parallel") and not ser.targetoptions.get("parallel")
+        assert par.py_func.__qualname__ != ser.py_func.__qualname__
+        assert par.py_func.__code__ is ser.py_func.__code__  # same source, so same results
