@@ -36,6 +36,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/bitmix bench kernels --json bench-kernels.json
+	$(BIN)/bitmix bench model --json bench-model.json
 
 clean:
 	rm -rf $(VENV) demo-out
