@@ -3,12 +3,13 @@
 A Sapphire Rapids core multiplies a 16x64 s8 tile by a 64x16 s8 tile into 16x16 s32 in one
 ``tdpbssd`` (16,384 MACs, throughput one per 16 cycles: 1,024 MAC/cycle, 16x a ``vpdpbusd
 zmm``). Once M is large enough to fill tiles, this beats any unpack-and-``vpdpbusd`` loop
-(measured on 3136x64x576: 0.087 ms vs 1.34 ms), so ``matmul`` routes products with
-``M >= AMX_MIN_M`` and one group here.
+(measured on 3136x64x576: 0.087 ms vs 1.34 ms), so ``matmul`` routes products with one
+group, ``M >= AMX_MIN_M`` and at least ``AMX_MIN_MACS`` here.
 
 Layout. Activations are the same signed bytes ``a8 = a - shift`` the other paths use, in a
-``(mp, kp)`` buffer with ``mp`` a multiple of ``BLOCK`` and ``kp`` = K rounded up to 64; pad rows and columns
-may hold anything, because the weights' pad is zero and pad rows are never written out.
+``(mp, kp)`` buffer with ``mp`` a multiple of ``BLOCK`` and ``kp`` = K rounded up to 64; pad
+rows and columns may hold anything, because the weights' pad is zero and pad rows are never
+written out.
 Weights are the *signed* codes, unpacked once per ``PackedWeight`` into the tile order
 ``tdpbssd`` reads (``[n/16][k/64][k%64/4][n%16][k%4]``, zero-padded) and cached: N*K bytes
 next to the packed copy. Then ``out = a8 @ w.T + shift * row_sums`` exactly (s32 lanes,
@@ -16,9 +17,8 @@ next to the packed copy. Then ``out = a8 @ w.T + shift * row_sums`` exactly (s32
 
 Blocking. Tiles 0-3 accumulate a 32x32 output block, 4-5 hold two activation tiles, 6-7
 two weight tiles: 4 ``tdpbssd`` per 4 tile loads. Each parallel task owns a rectangle of
-blocks -- split along N when the weights are the larger operand (each task streams only
-its weight panels), else along M -- and configures the tiles once (``ldtilecfg`` costs
-~0.4 us, so tasks are few and large).
+blocks, split along whichever of M and N has more blocks (``task_grid``), and configures
+and releases the tiles once, so tasks are few (4 per thread) and large.
 
 Linux hands out AMX state only on request (``arch_prctl(ARCH_REQ_XCOMP_PERM)``, see
 ``simd.amx_permitted``); without it the first tile instruction is SIGILL, so the path is
