@@ -2,8 +2,8 @@
 
 A fresh multi-megabyte ``np.empty`` is often fresh memory from the OS: glibc returns large
 freed blocks, so the next call page-faults on every 4 KiB it touches. On the 2-vCPU VM,
-a 1x1 conv of 64 -> 256 channels at 56x56 took 2.2 ms with fresh intermediates against
-0.5 ms for its parts on reused ones. Buffers here are reused per thread and grow to the
+a 1x1 conv of 64 -> 256 channels at 56x56 took 2.2 ms with fresh intermediates against 0.7 ms
+with reused ones. Buffers here are reused per thread and grow to the
 largest request; a returned view is valid until the same slot is requested again on the
 same thread.
 """
