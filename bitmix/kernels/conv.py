@@ -1,9 +1,10 @@
 """Bit-packed integer conv2d: im2col into signed bytes, then the GEMM engines.
 
-Two layouts, one per engine (``M = B * Ho * Wo`` output pixels):
+Three routes (``M = B * Ho * Wo`` output pixels):
 
-* vpdpbusd kernels, and every grouped or depthwise conv: im2col from NCHW codes into the
-  padded ``(groups, M_pad, k_pad)`` byte buffer, K ordered ``(c, kh, kw)`` like
+* vpdpbusd kernels (small products, and grouped convs with several input channels per
+  group): im2col from NCHW codes into the padded ``(groups, M_pad, k_pad)`` byte buffer,
+  K ordered ``(c, kh, kw)`` like
   ``weight.reshape(C_out, -1)``, fusing the activation shift and the row sums, so the
   kernels see exactly what ``gemm`` would. Groups become the group axis of one parallel
   launch rather than one launch per group.
