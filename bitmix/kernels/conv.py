@@ -4,13 +4,13 @@ Three routes (``M = B * Ho * Wo`` output pixels):
 
 * vpdpbusd kernels (small products, and grouped convs with several input channels per
   group): im2col from NCHW codes into the padded ``(groups, M_pad, k_pad)`` byte buffer,
-  K ordered ``(c, kh, kw)`` like
-  ``weight.reshape(C_out, -1)``, fusing the activation shift and the row sums, so the
-  kernels see exactly what ``gemm`` would. Groups become the group axis of one parallel
+  K ordered ``(c, kh, kw)`` like ``weight.reshape(C_out, -1)``, fusing the activation
+  shift and the row sums, so the kernels see exactly what ``gemm`` would. Groups become the group axis of one parallel
   launch rather than one launch per group.
 * depthwise (groups > 1, one input channel each): a direct loop on the unpacked codes, per
-  output channel and kernel tap one vectorised pass over output rows -- im2col would pad
-  each 3x3 patch to a 64-code block (int4) and write 7x the input per channel.
+  output channel and kernel tap one vectorised pass over output rows (``qconv2d`` runs
+  narrow planes channels-last instead, vectorised over channels) -- im2col would pad each
+  3x3 patch to a 64-code block (int4) and write 7x the input per channel.
 * AMX engine (one group, enough pixels): codes channels-last ``(B, H, W, C)``, so each
   kernel tap of an output pixel is one contiguous run of C bytes and im2col is a copy of
   runs; K is ordered ``(kh, kw, c)`` and the engine's weight tiles are reordered to match
