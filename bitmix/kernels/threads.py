@@ -43,6 +43,17 @@ def _tbb_library() -> str | None:
     return None
 
 
+def _start_tbb(lib: str) -> bool:
+    """Load ``lib`` and start Numba's TBB pool; False if either step fails (wrong or broken TBB)."""
+    try:
+        ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+        numba.config.THREADING_LAYER = "tbb"
+        parallel._launch_threads()
+    except (OSError, ValueError, ImportError):
+        return False
+    return True
+
+
 def configure_threading() -> str:
     """Pick the layer (see module docstring) before Numba's first parallel launch; return it."""
     if os.environ.get("NUMBA_THREADING_LAYER"):
@@ -50,13 +61,7 @@ def configure_threading() -> str:
     if parallel._is_initialized:
         return numba.threading_layer()
     lib = _tbb_library()
-    if lib is not None:
-        try:
-            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
-            numba.config.THREADING_LAYER = "tbb"
-            parallel._launch_threads()
-            return "tbb"
-        except (OSError, ValueError, ImportError):
-            pass
+    if lib is not None and _start_tbb(lib):
+        return "tbb"
     numba.config.THREADING_LAYER = "workqueue"
     return "workqueue"
