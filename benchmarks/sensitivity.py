@@ -31,10 +31,10 @@ from bitmix.compiler.fold import prepare
 from bitmix.compiler.quantize import fake_quantize, finetune
 from bitmix.compiler.sensitivity import METHODS, ProcessExecutor, ScoreContext, score, strategy
 from bitmix.compiler.sensitivity.eagl import VARIANTS, eagl_scores
-from bitmix.compiler.targets import get_target
+from bitmix.ir.cost import LayerCost
+from bitmix.ir.targets import get_target
 from bitmix.simulator.analytic import price
 from bitmix.simulator.config import ChipConfig
-from bitmix.simulator.cost import LayerCost
 
 KNAPSACK_METHODS = ("eagl", "alps", "hawq", "limpq", "sqnr")
 

@@ -12,7 +12,7 @@ import time
 
 from bitmix import zoo
 from bitmix.compiler.capture import capture
-from bitmix.compiler.targets import get_target
+from bitmix.ir.targets import get_target
 from bitmix.simulator import price, simulate, uniform
 from bitmix.simulator.mapping import clear_mapping_cache
 

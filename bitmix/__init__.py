@@ -5,9 +5,9 @@ Public surface: `compile`, `Target`, `targets`, `load_report`, `capture`.
 
 from bitmix.compiler.capture import capture
 from bitmix.compiler.pipeline import CompiledModel, FinetuneConfig, compile
-from bitmix.compiler.targets import TARGETS as targets
-from bitmix.compiler.targets import Target
 from bitmix.errors import BitmixError
+from bitmix.ir.targets import TARGETS as targets
+from bitmix.ir.targets import Target
 from bitmix.report import Report, load_report
 
 __all__ = [

@@ -19,9 +19,9 @@ from torch import nn
 from bitmix.compiler.quantize import fake_quantize, finetune
 from bitmix.compiler.sensitivity.alps import quality_drop_measure
 from bitmix.compiler.sensitivity.base import Scores
-from bitmix.compiler.targets import Target
 from bitmix.errors import BitmixError
-from bitmix.zoo.data import TaskData
+from bitmix.ir.targets import Target
+from bitmix.task import TaskData
 
 
 @dataclass(frozen=True)

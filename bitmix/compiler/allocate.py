@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bitmix.compiler.targets import Target
 from bitmix.errors import BitmixError
-from bitmix.simulator.cost import CostTable, LayerCost
+from bitmix.ir.cost import CostTable, LayerCost
+from bitmix.ir.targets import Target
 
 Scores = dict[str, dict[int, float]]
 RESOURCES = ("cycles", "energy_j", "sram_bytes")

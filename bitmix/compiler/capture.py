@@ -16,8 +16,8 @@ import networkx as nx
 import torch
 from torch import nn
 
-from bitmix.compiler.graph import Layer, LayerGraph, VectorOp
 from bitmix.errors import BitmixError, NoQuantizableLayers
+from bitmix.ir.graph import Layer, LayerGraph, VectorOp
 
 aten = torch.ops.aten
 

@@ -16,9 +16,9 @@ import re
 import torch
 from torch import fx, nn
 
-from bitmix.compiler.graph import Layer, LayerGraph
 from bitmix.compiler.quantize import QuantLayer
 from bitmix.errors import BitmixError
+from bitmix.ir.graph import Layer, LayerGraph
 
 aten = torch.ops.aten
 PRESERVED = "_user_preserved_attributes"

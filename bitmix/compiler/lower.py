@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from bitmix import kernels
-from bitmix.compiler.graph import Layer, LayerGraph, VectorOp
 from bitmix.compiler.quantize import QuantLayer, quant_layers
 from bitmix.errors import BitmixError
+from bitmix.ir.graph import Layer, LayerGraph, VectorOp
 
 
 @dataclass(frozen=True, eq=False)

@@ -23,15 +23,15 @@ from torch import nn
 from bitmix.compiler.allocate import Allocation, Budget, allocate
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
-from bitmix.compiler.graph import LayerGraph
 from bitmix.compiler.lower import CallRecorder, executed_layers, lower, torch_on_one_thread
 from bitmix.compiler.quantize import fake_quantize
 from bitmix.compiler.quantize import finetune as qat_finetune
-from bitmix.compiler.targets import Target, get_target
 from bitmix.errors import BitmixError
+from bitmix.ir.graph import LayerGraph
+from bitmix.ir.targets import Target, get_target
 from bitmix.report.report import LayerRow, Report
 from bitmix.simulator import ChipConfig, SimResult, load_chip_config, price, simulate, simulate_calls
-from bitmix.zoo.data import FinetuneConfig, Inputs, TaskData
+from bitmix.task import FinetuneConfig, Inputs, TaskData
 
 CALIBRATION_SAMPLES = 128
 

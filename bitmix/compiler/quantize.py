@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitmix.errors import BitmixError
-from bitmix.zoo.data import TaskData
+from bitmix.task import TaskData
 
 # E|v| for v ~ N(0, 1) (signed) and for relu(v) (unsigned): the data-free activation prior.
 GAUSSIAN_ABS_MEAN = {True: math.sqrt(2.0 / math.pi), False: 1.0 / math.sqrt(2.0 * math.pi)}
@@ -274,7 +274,7 @@ def fake_quantize(
     fine-tuning.
     """
     from bitmix.compiler.fold import prepare
-    from bitmix.compiler.graph import LayerGraph
+    from bitmix.ir.graph import LayerGraph
 
     if isinstance(graph_or_model, LayerGraph):
         model = prepare(graph_or_model)

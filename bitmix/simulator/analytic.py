@@ -8,10 +8,10 @@ the mapping's real tiles. No per-core stepping, so a whole ResNet-50 prices in m
 
 from __future__ import annotations
 
-from bitmix.compiler.graph import LayerGraph
-from bitmix.compiler.targets import Target
+from bitmix.ir.cost import CostTable, LayerCost
+from bitmix.ir.graph import LayerGraph
+from bitmix.ir.targets import Target
 from bitmix.simulator.config import ChipConfig, load_chip_config
-from bitmix.simulator.cost import CostTable, LayerCost
 from bitmix.simulator.energy import count_actions, dynamic_energy, static_energy
 from bitmix.simulator.mapping import (
     Cores,

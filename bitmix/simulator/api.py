@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bitmix.compiler.graph import Layer, LayerGraph, VectorOp
 from bitmix.errors import BitmixError
+from bitmix.ir.graph import Layer, LayerGraph, VectorOp
 from bitmix.simulator import analytic, engine
 from bitmix.simulator.config import ChipConfig, check_bits
 from bitmix.simulator.energy import COMPONENTS, dynamic_energy, pcie_energy, static_energy

@@ -29,8 +29,8 @@ from functools import cache
 
 import numpy as np
 
-from bitmix.compiler.graph import Layer, VectorOp
 from bitmix.errors import BitmixError
+from bitmix.ir.graph import Layer, VectorOp
 from bitmix.simulator.config import ChipConfig, check_bits
 
 # Vector-unit multiply-adds per output element of a non-quantized op [A: op counts of the

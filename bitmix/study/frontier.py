@@ -42,7 +42,7 @@ from torch import nn
 
 from bitmix.errors import BitmixError
 from bitmix.zoo import digits, minilm
-from bitmix.zoo.data import FinetuneConfig
+from bitmix.task import FinetuneConfig
 
 ALL_METHODS = ("eagl", "alps", "hawq", "limpq", "sqnr", "uniform", "random")
 PROPOSED = ("eagl", "alps")
@@ -236,7 +236,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str) -> dic
     from bitmix.compiler.capture import capture
     from bitmix.compiler.fold import prepare
     from bitmix.compiler.pipeline import CALIBRATION_SAMPLES
-    from bitmix.compiler.targets import get_target
+    from bitmix.ir.targets import get_target
     from bitmix.simulator import price, simulate
 
     wall = time.perf_counter()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bitmix.errors import BitmixError
-from bitmix.zoo.data import TaskData
+from bitmix.task import TaskData
 
 ZooEntry = tuple[nn.Module, tuple[torch.Tensor, ...], TaskData | None]
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitmix.task import FinetuneConfig, Split, TaskData
 from bitmix.zoo.cache import cache_dir
-from bitmix.zoo.data import FinetuneConfig, Split, TaskData
 
 TRAIN_SEED = 0
 CACHE_VERSION = 1

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bitmix.errors import BitmixError
-from bitmix.zoo.data import FinetuneConfig, Split, TaskData
+from bitmix.task import FinetuneConfig, Split, TaskData
 
 SEQ_LEN = 64
 N_TRAIN = 384

@@ -10,8 +10,8 @@ from bitmix.compiler.additivity import check_additivity, random_assignments
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.sensitivity import ScoreContext, score
-from bitmix.compiler.targets import get_target
 from bitmix.errors import BitmixError
+from bitmix.ir.targets import get_target
 
 torch.set_num_threads(1)
 MIXED = get_target("mixed-npu")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from bitmix.compiler.allocate import Budget, allocate, frontier, random_feasible, uniform
-from bitmix.compiler.targets import Target, get_target
 from bitmix.errors import BitmixError
-from bitmix.simulator.cost import LayerCost
+from bitmix.ir.cost import LayerCost
+from bitmix.ir.targets import Target, get_target
 
 MIXED = get_target("mixed-npu")
 NPU = get_target("int4int2-npu")

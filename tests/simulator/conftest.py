@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bitmix.compiler.graph import Layer
+from bitmix.ir.graph import Layer
 
 _GRAPHS: dict = {}
 

@@ -1,6 +1,6 @@
 import pytest
 
-from bitmix.compiler.targets import get_target
+from bitmix.ir.targets import get_target
 from bitmix.simulator import LayerCost, price, simulate, uniform
 
 

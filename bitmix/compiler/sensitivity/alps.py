@@ -25,7 +25,7 @@ from bitmix.compiler.quantize import LSQQuantizer, fake_quantize, finetune, quan
 from bitmix.compiler.sensitivity.base import ScoreContext, Scores, register
 from bitmix.compiler.sensitivity.executor import executor_for
 from bitmix.errors import BitmixError
-from bitmix.zoo.data import TaskData
+from bitmix.task import TaskData
 
 HOLDOUT = 0.2
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from bitmix.compiler.graph import LayerGraph
 from bitmix.compiler.sensitivity.executor import Executor
-from bitmix.compiler.targets import Target
 from bitmix.errors import BitmixError
-from bitmix.zoo.data import TaskData
+from bitmix.ir.graph import LayerGraph
+from bitmix.ir.targets import Target
+from bitmix.task import TaskData
 
 Scores = dict[str, dict[int, float]]
 

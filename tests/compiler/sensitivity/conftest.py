@@ -10,7 +10,7 @@ from bitmix import zoo
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.sensitivity import ScoreContext
-from bitmix.compiler.targets import get_target
+from bitmix.ir.targets import get_target
 
 torch.set_num_threads(1)
 

@@ -10,7 +10,7 @@ import torch
 from bitmix.compiler.allocate import Budget, allocate
 from bitmix.compiler.sensitivity import ProcessExecutor, SerialExecutor, score
 from bitmix.compiler.sensitivity.hawq import hutchinson_traces
-from bitmix.simulator.cost import LayerCost
+from bitmix.ir.cost import LayerCost
 
 
 def _check_shape(scores, ctx):

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from bitmix.compiler.sensitivity import METHODS, score, strategy
-from bitmix.compiler.targets import get_target
 from bitmix.errors import BitmixError
+from bitmix.ir.targets import get_target
 
 
 def test_all_methods_registered_with_strategies():

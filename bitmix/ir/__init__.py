@@ -1,0 +1,13 @@
+"""The ground floor: data types every stage shares (layers, graphs, targets, costs).
+
+Nothing here imports another bitmix package except `bitmix.errors`.
+"""
+
+from bitmix.ir.cost import CostTable, LayerCost
+from bitmix.ir.graph import QUANTIZABLE_KINDS, Layer, LayerGraph, VectorOp
+from bitmix.ir.targets import SUPPORTED_BITS, TARGETS, Target, get_target
+
+__all__ = [
+    "QUANTIZABLE_KINDS", "SUPPORTED_BITS", "TARGETS", "CostTable", "Layer", "LayerCost", "LayerGraph", "Target",
+    "VectorOp", "get_target",
+]
