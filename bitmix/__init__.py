@@ -1,17 +1,22 @@
 """bitmix: choose 2/4/8-bit precision per layer, price it on a NorthPole-style chip, run it on packed kernels.
 
-Public surface: `compile`, `Target`, `targets`, `load_report`, `capture`.
+Public surface: `compile` (with `Budget`, `Data`, `CompileOptions` and a method's config), `Target`,
+`targets`, `load_report` / `save_report` / `print_report`, `capture`.
 """
 
+from bitmix.budget import Budget
 from bitmix.compiler.capture import capture
-from bitmix.compiler.pipeline import CompiledModel, FinetuneConfig, compile
+from bitmix.compiler.pipeline import CompiledModel, CompileOptions, compile
+from bitmix.compiler.sensitivity import ALPSConfig, EAGLConfig, HAWQConfig, LIMPQConfig, MethodConfig
 from bitmix.errors import BitmixError
 from bitmix.ir.targets import TARGETS as targets
 from bitmix.ir.targets import Target
-from bitmix.report import Report, load_report
+from bitmix.report import Report, load_report, print_report, save_report
+from bitmix.task import Data, FinetuneConfig, TaskData
 
 __all__ = [
-    "BitmixError", "CompiledModel", "FinetuneConfig", "Report", "Target",
-    "capture", "compile", "load_report", "targets",
+    "ALPSConfig", "BitmixError", "Budget", "CompileOptions", "CompiledModel", "Data", "EAGLConfig",
+    "FinetuneConfig", "HAWQConfig", "LIMPQConfig", "MethodConfig", "Report", "TaskData", "Target", "capture",
+    "compile", "load_report", "print_report", "save_report", "targets",
 ]
 __version__ = "0.1.0"

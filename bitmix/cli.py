@@ -60,7 +60,11 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from bitmix import zoo
-    from bitmix.compiler.pipeline import compile
+    from bitmix.budget import Budget
+    from bitmix.compiler.pipeline import CompileOptions, compile
+    from bitmix.ir.targets import get_target
+    from bitmix.report import print_report, save_report
+    from bitmix.task import Data
 
     model, inputs, data = zoo.load(args.model)
     if args.eval and data is None:
@@ -73,13 +77,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if epochs and data is None:
         raise BitmixError(f"model {args.model!r} has no training data in the zoo; drop --finetune-epochs")
     finetune = dataclasses.replace(data.recipe, epochs=epochs) if epochs else None
-    cm = compile(model, inputs, target=args.target, method=args.method, budget=args.budget, calibration=data,
-                 data=data, finetune=finetune, eval=data if args.eval else None, fps=args.fps,
-                 latency_s=args.latency, energy_j=args.energy, chip_config=args.config, seed=args.seed,
-                 name=args.model, frontier_points=args.frontier_points)
+    goals = {"fps": args.fps, "latency_s": args.latency, "energy_j": args.energy}
+    budget = Budget(**goals) if any(v is not None for v in goals.values()) else args.budget
+    cm = compile(model, inputs, get_target(args.target, args.config), method=args.method, budget=budget,
+                 data=Data(calibration=data, train=data, eval=data if args.eval else None), finetune=finetune,
+                 seed=args.seed, options=CompileOptions(name=args.model, frontier_points=args.frontier_points))
     assert cm.report is not None
-    cm.report.print()
-    html = cm.report.save(args.out)
+    print_report(cm.report)
+    html = save_report(cm.report, args.out)
     console.print(f"report: {html.resolve()} (and report.json, plots in {html.parent})")
     return 0
 
@@ -103,7 +108,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from bitmix.study.frontier import MODELS, run_study
+    from bitmix.study import MODELS, run_study
 
     models = list(MODELS) if args.model == "all" else [args.model]
     run_study(models, args.out, methods=args.methods, budgets=args.budgets, seeds=args.seeds, quick=args.quick,

@@ -1,14 +1,18 @@
-"""Real data for zoo models, in one shape every stage understands.
+"""Task data in one shape every stage understands, and the roles data plays in a compile.
 
 A `TaskData` holds input tensors and targets for a train and a test split. Targets are
 class labels (metric `top1`, loss cross-entropy) or FP32 reference outputs (metric
-`cosine`, loss 1 - cosine similarity, i.e. distillation from the FP32 model).
+`cosine`, loss 1 - cosine similarity, i.e. distillation from the FP32 model). A task may
+carry its own detail metrics (`details`), which the compiler calls without knowing the
+task. `Data` names the three roles data plays in `bitmix.compile`: calibration (unlabeled
+inputs), train (labeled, for methods that train and for fine-tuning) and eval.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +53,8 @@ class TaskData:
     test: Split
     info: dict = field(default_factory=dict, compare=False)
     recipe: FinetuneConfig = FinetuneConfig()  # the fine-tuning recipe known to work on this task
+    # extra metrics of a model on the test split beyond `metric` (e.g. nearest-neighbour agreement), {name: %}
+    details: Callable[[nn.Module, TaskData], dict[str, float]] | None = field(default=None, compare=False)
 
     def batches(
         self, split: str = "train", batch_size: int = 64, shuffle: bool = False, seed: int = 0
@@ -88,3 +94,32 @@ class TaskData:
         if split == "test":
             return self.test
         raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
+
+
+Evaluator = Callable[[nn.Module], float]
+
+
+@dataclass(frozen=True)
+class Data:
+    """The data a compile may use, by role; every role is optional.
+
+    calibration: unlabeled inputs (a tensor, a tuple of tensors, an iterable of batches or a TaskData)
+      for activation step sizes and post-training scores; default: the first training inputs.
+    train: labeled TaskData for methods that train (alps, hawq, limpq) and for fine-tuning.
+    eval: TaskData or a callable `model -> quality (%)`, measured on FP32, fake-quant and kernels.
+    """
+
+    calibration: Any = None
+    train: TaskData | None = None
+    eval: TaskData | Evaluator | None = None
+
+    @classmethod
+    def of(cls, data: Any) -> Data:
+        """`Data` as given; a TaskData plays every role; inputs alone are calibration data."""
+        if data is None:
+            return cls()
+        if isinstance(data, Data):
+            return data
+        if isinstance(data, TaskData):
+            return cls(calibration=data, train=data, eval=data)
+        return cls(calibration=data)

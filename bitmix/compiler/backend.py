@@ -10,23 +10,22 @@ If the default budget is below the cheapest assignment of a graph piece (small p
 latency-bound on the simulated chip), the cheapest assignment is used with a warning.
 
 Limits: graph breaks compile each piece separately (first/last pinning then applies per
-piece); a piece with no conv/linear/matmul runs eagerly; only data-free methods (eagl,
-uniform, random) work. When Dynamo recompiles with dynamic shapes it passes symbolic sizes
-(SymInt) into the piece, which torch.export of a fixed piece cannot take: such pieces run in
-eager PyTorch with a warning; `torch.compile(..., dynamic=False)` keeps every piece on the
-kernels (one compile per input shape).
+piece); a piece with no conv/linear/matmul runs eagerly; only the registry's data-free
+methods work (`sensitivity.data_free()`: eagl, uniform, random). When Dynamo recompiles with
+dynamic shapes it passes symbolic sizes (SymInt) into the piece, which torch.export of a fixed
+piece cannot take: such pieces run in eager PyTorch with a warning;
+`torch.compile(..., dynamic=False)` keeps every piece on the kernels (one compile per input shape).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import fx, nn
-
-DATA_FREE = ("eagl", "uniform", "random")
 
 
 class _Lifted(nn.Module):
@@ -44,22 +43,28 @@ class _Lifted(nn.Module):
 
 
 def bitmix_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
+    from bitmix.budget import Budget
+    from bitmix.compiler import sensitivity
+    from bitmix.compiler.pipeline import CompileOptions
     from bitmix.compiler.pipeline import compile as bitmix_compile
     from bitmix.errors import BitmixError, NoQuantizableLayers
 
     options = dict(kwargs.get("options") or {})
     method = options.pop("method", "eagl")
-    if method not in DATA_FREE:
-        raise BitmixError(f"the torch.compile backend has no data; use one of {', '.join(DATA_FREE)}")
+    if sensitivity.resolve(method)[0].name not in sensitivity.data_free():
+        raise BitmixError(f"the torch.compile backend has no data; use one of {', '.join(sensitivity.data_free())}")
     if not all(isinstance(t, torch.Tensor) for t in example_inputs):
         warnings.warn("bitmix: a graph piece takes symbolic sizes (Dynamo's dynamic shapes) and runs in eager "
                       "PyTorch; pass dynamic=False to torch.compile to keep it on the bitmix kernels", stacklevel=2)
         return gm.forward
     lifted = _Lifted(gm, example_inputs)
     user_inputs = tuple(_real(t) for t in example_inputs if not isinstance(t, nn.Parameter))
-    options.setdefault("clamp_budget", True)  # small graph pieces may not reach 0.75: never break the user's model
+    budget = Budget.of(options.pop("budget", 0.75))
+    if budget.fraction is not None:  # small graph pieces may not reach 0.75: never break the user's model
+        budget = dataclasses.replace(budget, clamp=True)
     try:
-        cm = bitmix_compile(lifted, user_inputs, method=method, frontier_points=0, **options)
+        cm = bitmix_compile(lifted, user_inputs, method=method, budget=budget,
+                            options=CompileOptions(frontier_points=0), **options)
     except NoQuantizableLayers:
         return gm.forward  # e.g. the glue between two graph breaks: nothing to quantize
     slots = lifted.slots

@@ -1,39 +1,43 @@
 """compile(): the only place that calls the stages in order.
 
 capture → price → score → allocate → quantize (LSQ, optional QAT) → lower → simulate → report.
-Each stage is a function over frozen records; this file wires them, times them and
-turns what the user passed (budget, data, targets) into what the stages expect.
+Each stage is a function over frozen records; this file wires them and times them
+(`inputs` turns what the user passed into what the stages expect, `legacy` the 0.1 keywords).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from bitmix.compiler.allocate import Allocation, Budget, allocate
+from bitmix.budget import Budget
+from bitmix.compiler import inputs, legacy, sensitivity
+from bitmix.compiler.allocate import Allocation, allocate
+from bitmix.compiler.allocate import Budget as Caps
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.lower import CallRecorder, executed_layers, lower, torch_on_one_thread
 from bitmix.compiler.quantize import fake_quantize
 from bitmix.compiler.quantize import finetune as qat_finetune
+from bitmix.compiler.sensitivity import Executor, MethodConfig
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import LayerGraph
 from bitmix.ir.targets import Target, get_target
 from bitmix.report.report import LayerRow, Report
 from bitmix.simulator import ChipConfig, SimResult, load_chip_config, price, simulate, simulate_calls
-from bitmix.task import FinetuneConfig, Inputs, TaskData
+from bitmix.task import Data, FinetuneConfig, Inputs, TaskData
 
-CALIBRATION_SAMPLES = 128
+CALIBRATION_SAMPLES = inputs.CALIBRATION_SAMPLES
 
 
 class CompiledModel(nn.Module):
@@ -67,57 +71,63 @@ class CompiledModel(nn.Module):
         self.recorder.calls.clear()
 
 
+@dataclass(frozen=True)
+class CompileOptions:
+    """Seldom-changed knobs of a compile.
+
+    name: the model's name in the report (default: its class name).
+    frontier_points: knapsack solutions across budgets on the report's frontier (0 = none; each is simulated,
+      and measured when data has an eval role).
+    executor: runs a method's independent jobs (ALPS per layer); default one after another in this process.
+    """
+
+    name: str | None = None
+    frontier_points: int = 6
+    executor: Executor | None = None
+
+
 def compile(  # noqa: A001 - the public verb, as in torch.compile
     model: nn.Module,
     example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
     target: str | Target = "int4int2-npu",
-    method: str = "eagl",
-    budget: float | None = 0.75,
-    calibration: Any = None,
+    *,
+    method: str | MethodConfig = "eagl",
+    budget: Budget | float = 0.75,
+    data: Data | TaskData | Any = None,
     finetune: FinetuneConfig | int | None = None,
-    eval: TaskData | Callable[[nn.Module], float] | None = None,  # noqa: A002 - public keyword
-    data: TaskData | None = None,
-    fps: float | None = None,
-    latency_s: float | None = None,
-    energy_j: float | None = None,
-    chip_config: str | None = None,
     seed: int = 0,
-    name: str | None = None,
-    frontier_points: int = 6,
-    method_options: dict[str, Any] | None = None,
-    clamp_budget: bool = False,
+    options: CompileOptions | None = None,
+    **deprecated: Any,
 ) -> CompiledModel:
     """Compile `model` to per-layer 2/4/8-bit kernels for `target` within `budget`.
 
-    budget: simulated cost allowed, as a fraction of the all-highest-choice assignment;
-      or give an absolute goal instead (`fps=`, `latency_s=`, `energy_j=` per frame).
-    calibration: unlabeled inputs (a tensor, a tuple of tensors, an iterable of batches, or a
-      TaskData) used for activation step sizes and data-driven scores.
-    data: labeled (or FP32-target) TaskData for methods that train (alps, hawq, limpq) and for QAT.
-    finetune: epochs (or a FinetuneConfig) of LSQ fine-tuning after allocation; needs data.
-    eval: TaskData or a callable model -> quality (%), measured on FP32, fake-quant and kernels.
-    clamp_budget: if the budget fraction is below the cheapest assignment, use the cheapest one
-      (with a warning) instead of raising; the torch.compile backend sets it.
+    target: a name in `bitmix.targets` or a `Target` (`.with_chip_config("chip.toml")` for another chip).
+    method: a registered method's name (`eagl`, `alps`, ...) or its config (`ALPSConfig(epochs=0.5)`).
+    budget: a fraction of the all-highest-choice simulated cost, or a `Budget` (absolute fps / latency_s /
+      energy_j goals, `clamp=True`).
+    data: a TaskData (calibration, training and evaluation at once), unlabeled inputs (a tensor, tuple or
+      iterable of batches: calibration only), or `Data(calibration=, train=, eval=)`.
+    finetune: epochs (or a FinetuneConfig) of LSQ fine-tuning after allocation; needs a train role.
+    The 0.1 keywords (calibration=, eval=, fps=, ...) still work for one release, with a DeprecationWarning.
     """
-    from bitmix.compiler import sensitivity
-
+    opts = options or CompileOptions()
+    if deprecated:
+        method, budget, data, target, opts = legacy.translate(method, budget, data, target, opts, deprecated)
     timings: dict[str, float] = {}
     warn: list[str] = []
-    tgt = get_target(target, chip_config)
+    tgt = get_target(target)
     chip = load_chip_config(tgt.chip_config)
-    goal = _budget(budget, fps, latency_s, energy_j, chip)
-    strategy = sensitivity.strategy(method)
-    if isinstance(calibration, TaskData) and data is None:
-        data = calibration
-    if isinstance(eval, TaskData) and data is None:
-        data = eval
-    calib = _calibration_inputs(calibration if calibration is not None else data)
+    goal = Budget.of(budget)
+    caps = inputs.caps(goal, chip.clock_hz)
+    scorer, _ = sensitivity.resolve(method)
+    roles = inputs.resolve_data(data)
+    calib = inputs.calibration_inputs(roles.calibration if roles.calibration is not None else roles.train)
     ft = FinetuneConfig(epochs=finetune) if isinstance(finetune, int) else finetune
-    if ft is not None and ft.epochs > 0 and data is None:
-        raise BitmixError("finetune needs training data; pass data=TaskData(...) (or calibration=TaskData)")
+    if ft is not None and ft.epochs > 0 and roles.train is None:
+        raise BitmixError("finetune needs training data; pass data=TaskData(...) or data=Data(train=...)")
 
     with _stage("capture", timings):
-        graph = capture(model, example_inputs, name)
+        graph = capture(model, example_inputs, opts.name)
         _check_finite(graph)
     if graph.unsupported:
         msg = f"{len(graph.unsupported)} op(s) have no bitmix kernel and stay FP32: {', '.join(graph.unsupported)}"
@@ -129,62 +139,43 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         float_model = prepare(graph)
     names = graph.names
     with _stage("score", timings):
-        ctx = sensitivity.ScoreContext(graph=graph, target=tgt, model=float_model, data=data, calibration=calib,
-                                       seed=seed, **dict(method_options or {}))
+        ctx = sensitivity.ScoreContext(graph=graph, target=tgt, model=float_model, data=roles.train,
+                                       calibration=calib, seed=seed, executor=opts.executor)
         scores = sensitivity.score(method, ctx)
-    if clamp_budget and goal.fraction is not None:
+    if goal.clamp and caps.fraction is not None:
         cheapest = _cheapest_fraction(costs, tgt, names)
-        if goal.fraction < cheapest:
-            msg = f"budget {goal.fraction} is below the cheapest assignment ({cheapest:.4f}); using {cheapest:.4f}"
+        if caps.fraction < cheapest:
+            msg = f"budget {caps.fraction} is below the cheapest assignment ({cheapest:.4f}); using {cheapest:.4f}"
             warnings.warn(msg, stacklevel=2)
             warn.append(msg)
-            goal = Budget(fraction=cheapest)
+            caps = Caps(fraction=cheapest)
     with _stage("allocate", timings):
-        chosen = allocate(scores, costs, tgt, names, goal, strategy=strategy, seed=seed)
+        chosen = allocate(scores, costs, tgt, names, caps, strategy=scorer.strategy, seed=seed)
     assignment = dict(chosen.assignment)
     with _stage("quantize", timings):
         fq = fake_quantize(float_model, assignment, calib)
     if ft is not None and ft.epochs > 0:
-        assert data is not None
+        assert roles.train is not None
         with _stage("finetune", timings):
-            fq = qat_finetune(fq, data, ft.epochs, ft.lr, ft.optimizer, seed=seed, batch_size=ft.batch_size)
+            fq = qat_finetune(fq, roles.train, ft.epochs, ft.lr, ft.optimizer, seed=seed, batch_size=ft.batch_size)
     with _stage("lower", timings):
         lowered = lower(fq)
     with _stage("simulate", timings):
         sim = simulate(graph, assignment, chip)
     cm = CompiledModel(lowered.module, graph, assignment, tgt, chip, lowered.recorder, fq)
     accuracy = {"metric": None, "fp32": None, "fake_quant": None, "kernels": None}
-    if eval is not None:
+    if roles.eval is not None:
         with _stage("evaluate", timings):
-            accuracy = _accuracy(eval, float_model, fq, cm)
+            accuracy = _accuracy(roles.eval, float_model, fq, cm)
     frontier, uniform_pts = [], []
-    if frontier_points > 0:
+    if opts.frontier_points > 0:
         with _stage("frontier", timings):
-            frontier, uniform_pts = _frontier(graph, float_model, scores, costs, tgt, chip, calib, eval,
-                                              frontier_points, goal)
+            frontier, uniform_pts = _frontier(graph, float_model, scores, costs, tgt, chip, calib, roles.eval,
+                                              opts.frontier_points)
     cm.recorder.calls.clear()
-    cm.report = _report(graph, tgt, method, goal, chosen, scores, sim, accuracy, timings, frontier, uniform_pts, warn)
+    cm.report = _report(graph, tgt, scorer.name, caps, chosen, scores, sim, accuracy, timings, frontier,
+                        uniform_pts, warn)
     return cm
-
-
-def _budget(budget: float | None, fps: float | None, latency_s: float | None, energy_j: float | None,
-            chip: ChipConfig) -> Budget:
-    goals = {k: v for k, v in (("fps", fps), ("latency_s", latency_s), ("energy_j", energy_j)) if v is not None}
-    for key, value in goals.items():
-        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-            raise BitmixError(f"{key} must be a positive number, got {value!r}")
-    if goals:
-        cycles = None
-        if "fps" in goals:
-            cycles = chip.clock_hz / goals["fps"]
-        if "latency_s" in goals:
-            cycles = min(cycles or math.inf, goals["latency_s"] * chip.clock_hz)
-        return Budget(cycles=cycles, energy_j=goals.get("energy_j"))
-    if budget is None or isinstance(budget, bool) or not isinstance(budget, int | float) or not math.isfinite(budget):
-        raise BitmixError(f"budget must be a number (fraction of the all-highest cost), got {budget!r}")
-    if budget <= 0:
-        raise BitmixError(f"budget must be > 0 (a fraction of the all-highest cost, e.g. 0.75), got {budget}")
-    return Budget(fraction=float(budget))
 
 
 def _cheapest_fraction(costs: dict, tgt: Target, names: tuple[str, ...]) -> float:
@@ -192,42 +183,6 @@ def _cheapest_fraction(costs: dict, tgt: Target, names: tuple[str, ...]) -> floa
     lowest = sum(costs[n][pinned.get(n, tgt.lowest)].cycles for n in names)
     highest = sum(costs[n][pinned.get(n, tgt.highest)].cycles for n in names)
     return lowest / highest * (1 + 1e-9)
-
-
-def _calibration_inputs(source: Any) -> Inputs | None:
-    """First CALIBRATION_SAMPLES inputs from a tensor, tuple, TaskData or iterable of batches."""
-    if source is None:
-        return None
-    if isinstance(source, TaskData):
-        return source.calibration(CALIBRATION_SAMPLES)
-    if isinstance(source, torch.Tensor):
-        return (source[:CALIBRATION_SAMPLES],)
-    if isinstance(source, tuple) and all(isinstance(t, torch.Tensor) for t in source):
-        return tuple(t[:CALIBRATION_SAMPLES] for t in source)
-    if isinstance(source, Iterable):
-        batches: list[Inputs] = []
-        count = 0
-        for batch in _iter(source):
-            batches.append(batch)
-            count += batch[0].shape[0]
-            if count >= CALIBRATION_SAMPLES:
-                break
-        if not batches:
-            raise BitmixError("calibration data is empty; pass at least one batch of inputs")
-        return tuple(torch.cat(parts)[:CALIBRATION_SAMPLES] for parts in zip(*batches, strict=True))
-    raise BitmixError(f"calibration must be a tensor, a tuple of tensors, a DataLoader or TaskData, "
-                      f"got {type(source).__name__}")
-
-
-def _iter(source: Iterable) -> Iterator[Inputs]:
-    for batch in source:
-        if isinstance(batch, torch.Tensor):
-            yield (batch,)
-        elif isinstance(batch, list | tuple) and batch and isinstance(batch[0], torch.Tensor):
-            # (inputs, labels) pairs from a DataLoader: keep the inputs only
-            yield (batch[0],) if len(batch) == 2 and batch[1].dtype == torch.long else tuple(batch)
-        else:
-            raise BitmixError("calibration batches must be tensors or (inputs, labels) tuples of tensors")
 
 
 def _check_finite(graph: LayerGraph) -> None:
@@ -245,10 +200,9 @@ def _accuracy(evaluator: TaskData | Callable[[nn.Module], float], float_model: n
         metric = evaluator.metric
         result: dict[str, Any] = {"metric": metric, "fp32": evaluator.evaluate(float_model),
                                   "fake_quant": evaluator.evaluate(fq), "kernels": evaluator.evaluate(cm)}
-        if metric == "cosine":
-            from bitmix.zoo.minilm import fidelity
-
-            result["details"] = {"fake_quant": fidelity(fq, evaluator), "kernels": fidelity(cm, evaluator)}
+        if evaluator.details is not None:  # the task's own extra metrics
+            result["details"] = {"fake_quant": evaluator.details(fq, evaluator),
+                                 "kernels": evaluator.details(cm, evaluator)}
         return result
     with torch.no_grad():
         return {"metric": getattr(evaluator, "__name__", "custom"), "fp32": float(evaluator(float_model)),
@@ -265,7 +219,7 @@ def _quality(evaluator: Any, model: nn.Module) -> float | None:
 
 
 def _frontier(graph: LayerGraph, float_model: nn.Module, scores: dict, costs: dict, tgt: Target, chip: ChipConfig,
-              calib: Inputs | None, evaluator: Any, points: int, goal: Budget) -> tuple[list[dict], list[dict]]:
+              calib: Inputs | None, evaluator: Any, points: int) -> tuple[list[dict], list[dict]]:
     """Knapsack solutions across budgets plus the uniform points, each simulated (and measured if eval given)."""
     from bitmix.compiler.allocate import frontier as pareto
 
@@ -296,7 +250,7 @@ def _point(graph: LayerGraph, float_model: nn.Module, assignment: dict[str, int]
             "quality": quality, "assignment": assignment}
 
 
-def _report(graph: LayerGraph, tgt: Target, method: str, goal: Budget, chosen: Allocation, scores: dict,
+def _report(graph: LayerGraph, tgt: Target, method: str, goal: Caps, chosen: Allocation, scores: dict,
             sim: SimResult, accuracy: dict, timings: dict, frontier: list, uniform_pts: list,
             warn: list[str]) -> Report:
     pinned = tgt.pinned(graph.names)

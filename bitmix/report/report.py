@@ -1,7 +1,9 @@
 """The `Report`: what a compile chose, what it costs on the chip, what it loses in quality.
 
-`to_dict()` follows the report.json contract of DESIGN.md; `save(dir)` writes
-report.json, report.html and the plots; `load_report(path)` reads a report.json back.
+Plain data: `to_dict()` follows the report.json contract of DESIGN.md, `write_json(report, path)`
+writes it and `load_report(path)` reads it back. Renderers are functions over a Report in their
+own modules (`html`, `plots`, `terminal`); `bitmix.report.save_report` calls them. Nothing here
+imports a renderer.
 """
 
 from __future__ import annotations
@@ -78,28 +80,12 @@ class Report:
             warnings=tuple(d.get("warnings", ())), info=d.get("info", {}),
         )
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write report.json, the plots and report.html into `out_dir`; return the HTML path."""
-        from bitmix.report.html import render_html
-        from bitmix.report.plots import save_plots
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
-        plots = save_plots(self, out)
-        html = out / "report.html"
-        html.write_text(render_html(self, plots, out))
-        return html
-
-    def table(self) -> Any:
-        from bitmix.report.terminal import layer_table
-
-        return layer_table(self)
-
-    def print(self) -> None:
-        from bitmix.report.terminal import print_report
-
-        print_report(self)
+def write_json(report: Report, path: str | Path) -> Path:
+    """report.json (the contract) at `path`."""
+    p = Path(path)
+    p.write_text(json.dumps(report.to_dict(), indent=2, default=_json_default))
+    return p
 
 
 def _json_default(obj: object) -> Any:

@@ -100,7 +100,7 @@ def load_minilm() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], TaskDat
     train = Split((ids[:N_TRAIN], mask[:N_TRAIN]), targets[:N_TRAIN])
     test = Split((ids[N_TRAIN:], mask[N_TRAIN:]), targets[N_TRAIN:])
     data = TaskData("stdlib-docstrings", "cosine", train, test, {"sentences": len(chosen), "seq_len": SEQ_LEN},
-                    RECIPE)
+                    RECIPE, details=fidelity)
     return model, (ids[:1], mask[:1]), data
 
 

@@ -1,25 +1,34 @@
 """Per-layer sensitivity methods behind one registry: `score(method, ctx) -> Scores`.
 
-One file per method, each registering itself with `@register(name)`:
-eagl (data-free entropy), alps (one-epoch fine-tune per layer), hawq (Hessian trace),
-limpq (learned per-bit steps), sqnr (label-free output SQNR), and the allocation
-baselines uniform / random (zero scores; `strategy(method)` names the allocator).
+One file per method, each with its own frozen config and registering itself with
+`@register(name, config=..., needs_data=...)`: eagl (data-free entropy), alps (one-epoch
+fine-tune per layer), hawq (Hessian trace), limpq (learned per-bit steps), sqnr
+(label-free output SQNR), and the allocation baselines uniform / random (zero scores;
+`strategy(method)` names the allocator). `method` is a name or a config instance.
 """
 
 from bitmix.compiler.sensitivity import alps, baselines, eagl, hawq, limpq, sqnr  # noqa: F401  (registration)
+from bitmix.compiler.sensitivity.alps import ALPSConfig
 from bitmix.compiler.sensitivity.base import (
     METHODS,
     Method,
+    MethodConfig,
     ScoreContext,
     Scores,
+    data_free,
     register,
     relative_to_highest,
+    resolve,
     score,
     strategy,
 )
+from bitmix.compiler.sensitivity.eagl import EAGLConfig
 from bitmix.compiler.sensitivity.executor import Executor, ProcessExecutor, SerialExecutor, executor_for
+from bitmix.compiler.sensitivity.hawq import HAWQConfig
+from bitmix.compiler.sensitivity.limpq import LIMPQConfig
 
 __all__ = [
-    "METHODS", "Executor", "Method", "ProcessExecutor", "ScoreContext", "Scores", "SerialExecutor",
-    "executor_for", "register", "relative_to_highest", "score", "strategy",
+    "METHODS", "ALPSConfig", "EAGLConfig", "Executor", "HAWQConfig", "LIMPQConfig", "Method", "MethodConfig",
+    "ProcessExecutor", "ScoreContext", "Scores", "SerialExecutor", "data_free", "executor_for", "register",
+    "relative_to_highest", "resolve", "score", "strategy",
 ]

@@ -2,32 +2,45 @@
 
 Protocol (methods.md §1.3; the paper body is not available): fake-quantize the model
 at the highest choice (pinned layers at their bits) and fine-tune it
-`alps_base_epochs` with LSQ; this is the base. For every free layer and lower
-precision, lower only that layer, fine-tune the whole network `alps_epochs` and
+`base_epochs` with LSQ; this is the base. For every free layer and lower
+precision, lower only that layer, fine-tune the whole network `epochs` and
 measure quality; the reference is the base fine-tuned the same way with nothing
 lowered. Every job uses the same seed (same batches, same order), so differences come
 from the lowered layer, not from sampling noise. Quality is measured on a held-out
-20 % of the training split (never the test split): `alps_metric="loss"` (default,
+20 % of the training split (never the test split): `metric="loss"` (default,
 continuous: task loss increase) or `"quality"` (metric drop in percentage points).
-Jobs are independent and go through an `Executor` (`workers` > 1 forks a local pool).
+Jobs are independent and go through the context's `Executor` (serial when none is given).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 
 from bitmix.compiler.quantize import LSQQuantizer, fake_quantize, finetune, quant_layers
-from bitmix.compiler.sensitivity.base import ScoreContext, Scores, register
-from bitmix.compiler.sensitivity.executor import executor_for
+from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
+from bitmix.compiler.sensitivity.executor import SerialExecutor
 from bitmix.errors import BitmixError
 from bitmix.task import TaskData
 
 HOLDOUT = 0.2
+
+
+@dataclass(frozen=True)
+class ALPSConfig(MethodConfig):
+    """ALPS options: fine-tune length per job (a fraction = one truncated epoch), the base, lr, measure."""
+
+    epochs: float = 1.0
+    base_epochs: int = 1
+    lr: float = 1e-4
+    metric: str = "loss"  # "loss" or "quality"
+    batch_size: int = 64  # memory grows with it
+    calibration_size: int = 64  # fit-split inputs that initialise a lowered layer's activation steps
 
 
 def holdout(data: TaskData, fraction: float = HOLDOUT) -> tuple[TaskData, TaskData]:
@@ -58,13 +71,13 @@ def quality_drop_measure(metric: str):
     raise BitmixError(f"unknown ALPS metric {metric!r}; use 'loss' or 'quality'")
 
 
-def _epochs(alps_epochs: float, batches_per_epoch: int) -> tuple[int, int | None]:
+def _epochs(epochs: float, batches_per_epoch: int) -> tuple[int, int | None]:
     """Whole epochs, or one truncated epoch for a fraction."""
-    if alps_epochs <= 0:
-        raise BitmixError(f"alps_epochs must be > 0, got {alps_epochs}")
-    if alps_epochs >= 1:
-        return int(round(alps_epochs)), None
-    return 1, max(1, int(math.ceil(alps_epochs * batches_per_epoch)))
+    if epochs <= 0:
+        raise BitmixError(f"ALPSConfig.epochs must be > 0, got {epochs}")
+    if epochs >= 1:
+        return int(round(epochs)), None
+    return 1, max(1, int(math.ceil(epochs * batches_per_epoch)))
 
 
 def _job(
@@ -99,26 +112,24 @@ def _lowered(base: nn.Module, name: str, bits: int, calibration: tuple[torch.Ten
     return model
 
 
-@register("alps")
-def alps(ctx: ScoreContext) -> Scores:
+@register("alps", config=ALPSConfig, needs_data=True)
+def alps(ctx: ScoreContext, cfg: ALPSConfig) -> Scores:
     """Quality change after one fine-tuning epoch with one layer lowered."""
     data = ctx.require_data("alps")
     fit, _ = holdout(data)
-    quality_drop_measure(ctx.alps_metric)
-    calibration = fit.calibration(ctx.calibration_size)
+    quality_drop_measure(cfg.metric)
+    calibration = fit.calibration(cfg.calibration_size)
     choices = ctx.target.choices
     assignment = {n: choices[0] for n in ctx.free_layers} | ctx.target.pinned(ctx.graph.names)
     base = fake_quantize(ctx.model, assignment, calibration)
-    base = finetune(base, fit, ctx.alps_base_epochs, ctx.alps_lr, optimizer="adam", seed=ctx.seed,
-                    batch_size=ctx.batch_size)
-    epochs, max_batches = _epochs(ctx.alps_epochs, math.ceil(len(fit.train) / ctx.batch_size))
+    base = finetune(base, fit, cfg.base_epochs, cfg.lr, optimizer="adam", seed=ctx.seed, batch_size=cfg.batch_size)
+    epochs, max_batches = _epochs(cfg.epochs, math.ceil(len(fit.train) / cfg.batch_size))
     jobs: list[tuple[str, int] | None] = [None] + [(n, b) for n in ctx.free_layers for b in choices[1:]]
     run = partial(
         _job, base=base, fit=fit, calibration=calibration, epochs=epochs, max_batches=max_batches,
-        lr=ctx.alps_lr, seed=ctx.seed, metric=ctx.alps_metric, batch_size=ctx.batch_size,
+        lr=cfg.lr, seed=ctx.seed, metric=cfg.metric, batch_size=cfg.batch_size,
     )
-    executor = ctx.executor or executor_for(ctx.workers)
-    results = executor.map(run, jobs)
+    results = (ctx.executor or SerialExecutor()).map(run, jobs)
     reference = results[0]
     scores: Scores = {n: {choices[0]: reference} for n in ctx.free_layers}
     for job, value in zip(jobs[1:], results[1:], strict=True):

@@ -1,9 +1,14 @@
-"""The sensitivity contract: `ScoreContext` in, `Scores` out, one registry of methods.
+"""The sensitivity contract: `ScoreContext` + a method's own config in, `Scores` out; one registry of methods.
 
 `Scores[layer][bits]` estimates how much task quality is lost when `layer` runs at
 `bits`, relative to the target's highest choice (so it is 0 there). Only non-pinned
 layers are scored, over `target.choices`. Scores are additive by assumption; the
 knapsack in `bitmix.compiler.allocate` minimises their sum.
+
+A method is one file: a frozen config dataclass (its options, defaults that work) and a
+scorer `fn(ctx, config) -> Scores` registered with
+`@register("name", config=NameConfig, needs_data=...)`. `ScoreContext` holds only what
+every method shares; everything else a method needs lives on its config.
 """
 
 from __future__ import annotations
@@ -21,11 +26,17 @@ from bitmix.ir.targets import Target
 from bitmix.task import TaskData
 
 Scores = dict[str, dict[int, float]]
+CALIBRATION_SIZE = 64  # unlabeled inputs taken from the training split when no calibration set is given
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Options of a method that has none; a method's own config subclasses it (frozen, with defaults)."""
 
 
 @dataclass(frozen=True)
 class ScoreContext:
-    """Everything a method may use. `model` is the prepared float GraphModule (`fold.prepare`)."""
+    """What every method may use. `model` is the prepared float GraphModule (`fold.prepare`)."""
 
     graph: LayerGraph
     target: Target
@@ -33,19 +44,7 @@ class ScoreContext:
     data: TaskData | None = field(default=None, compare=False)
     calibration: tuple[torch.Tensor, ...] | None = field(default=None, compare=False)
     seed: int = 0
-    calibration_size: int = 64
-    eagl_variant: str = "entropy"
-    alps_epochs: float = 1.0
-    alps_base_epochs: int = 1
-    alps_lr: float = 1e-4
-    alps_metric: str = "loss"
-    hawq_samples: int = 16
-    hawq_examples: int = 256
-    limpq_epochs: int = 2
-    limpq_lr: float = 1e-3
-    batch_size: int = 64  # mini-batch of the data-driven methods' training (ALPS, LIMPQ); memory grows with it
-    workers: int = 1
-    executor: Executor | None = field(default=None, compare=False)
+    executor: Executor | None = field(default=None, compare=False)  # None: jobs run one after another
 
     @property
     def free_layers(self) -> tuple[str, ...]:
@@ -58,55 +57,82 @@ class ScoreContext:
         if self.calibration is not None:
             return self.calibration
         if self.data is not None:
-            return self.data.calibration(self.calibration_size)
+            return self.data.calibration(CALIBRATION_SIZE)
         return None
 
     def require_data(self, method: str) -> TaskData:
         if self.data is None:
             raise BitmixError(
-                f"method {method!r} needs task data (a TaskData with a train split); "
-                "pass data, or use a data-free method: eagl, or sqnr with calibration inputs"
+                f"method {method!r} needs task data (a TaskData with a train split); pass data=TaskData(...), "
+                f"or use a data-free method: {', '.join(data_free())}"
             )
         return self.data
 
 
+Scorer = Callable[[ScoreContext, MethodConfig], Scores]
+
+
 @dataclass(frozen=True)
 class Method:
-    """A registered method: its scorer and the allocation strategy that consumes the scores."""
+    """A registered method: scorer, config type, what data it needs, how the allocator uses its scores."""
 
     name: str
-    fn: Callable[[ScoreContext], Scores]
-    strategy: str = "knapsack"  # "knapsack", or a baseline of bitmix.compiler.allocate
+    fn: Scorer
+    config: type[MethodConfig] = MethodConfig
+    needs_data: bool = False  # labeled TaskData (methods that train or take gradients)
+    needs_calibration: bool = False  # unlabeled inputs at least
+    strategy: str = "knapsack"  # "knapsack", or a baseline of bitmix.compiler.allocate ("uniform", "random")
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, strategy: str = "knapsack") -> Callable[[Callable[[ScoreContext], Scores]], Callable]:
-    """Decorator: make a scorer available as `score(name, ctx)` and `bitmix compile --method name`."""
+def register(name: str, config: type[MethodConfig] = MethodConfig, *, needs_data: bool = False,
+             needs_calibration: bool = False, strategy: str = "knapsack") -> Callable[[Scorer], Scorer]:
+    """Decorator: make a scorer available as `score(name, ctx)`, `compile(method=name | config)` and the CLI."""
+    if config is not MethodConfig:
+        taken = [m.name for m in METHODS.values() if m.config is config and m.name != name]
+        if taken:
+            raise BitmixError(f"config {config.__name__} is already registered for method {taken[0]!r}")
 
-    def wrap(fn: Callable[[ScoreContext], Scores]) -> Callable[[ScoreContext], Scores]:
-        METHODS[name] = Method(name, fn, strategy)
+    def wrap(fn: Scorer) -> Scorer:
+        METHODS[name] = Method(name, fn, config, needs_data, needs_calibration or needs_data, strategy)
         return fn
 
     return wrap
 
 
-def score(method: str, ctx: ScoreContext) -> Scores:
-    """Run a registered method; check the result covers every free layer and choice."""
-    if method not in METHODS:
+def data_free() -> tuple[str, ...]:
+    """Methods that run with neither task data nor calibration inputs (e.g. inside torch.compile)."""
+    return tuple(m.name for m in METHODS.values() if not m.needs_calibration)
+
+
+def resolve(method: str | MethodConfig) -> tuple[Method, MethodConfig]:
+    """A method name (default options) or a config instance → the registered method and its config."""
+    if isinstance(method, MethodConfig):
+        for m in METHODS.values():
+            if type(method) is m.config and m.config is not MethodConfig:
+                return m, method
+        raise BitmixError(f"{type(method).__name__} is not the config of a registered method; "
+                          f"valid methods: {', '.join(sorted(METHODS))}")
+    if not isinstance(method, str) or method not in METHODS:
         raise BitmixError(f"unknown sensitivity method {method!r}; valid methods: {', '.join(sorted(METHODS))}")
+    m = METHODS[method]
+    return m, m.config()
+
+
+def score(method: str | MethodConfig, ctx: ScoreContext) -> Scores:
+    """Run a registered method; check the result covers every free layer and choice."""
+    m, config = resolve(method)
     with torch.random.fork_rng():
         torch.manual_seed(ctx.seed)
-        scores = METHODS[method].fn(ctx)
+        scores = m.fn(ctx, config)
     return relative_to_highest(scores, ctx.target)
 
 
-def strategy(method: str) -> str:
+def strategy(method: str | MethodConfig) -> str:
     """How `allocate` should use this method's scores ("knapsack", "uniform" or "random")."""
-    if method not in METHODS:
-        raise BitmixError(f"unknown sensitivity method {method!r}; valid methods: {', '.join(sorted(METHODS))}")
-    return METHODS[method].strategy
+    return resolve(method)[0].strategy
 
 
 def relative_to_highest(scores: Scores, target: Target) -> Scores:

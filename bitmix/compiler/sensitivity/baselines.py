@@ -7,7 +7,7 @@ records the allocation strategy (`bitmix.compiler.allocate.uniform` /
 
 from __future__ import annotations
 
-from bitmix.compiler.sensitivity.base import ScoreContext, Scores, register
+from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 
 
 def _zeros(ctx: ScoreContext) -> Scores:
@@ -15,12 +15,12 @@ def _zeros(ctx: ScoreContext) -> Scores:
 
 
 @register("uniform", strategy="uniform")
-def uniform(ctx: ScoreContext) -> Scores:
+def uniform(ctx: ScoreContext, cfg: MethodConfig) -> Scores:
     """The best single precision that fits the budget."""
     return _zeros(ctx)
 
 
 @register("random", strategy="random")
-def random(ctx: ScoreContext) -> Scores:
+def random(ctx: ScoreContext, cfg: MethodConfig) -> Scores:
     """A random assignment filling the budget (seeded by the allocation seed)."""
     return _zeros(ctx)

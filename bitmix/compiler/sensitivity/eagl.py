@@ -33,15 +33,23 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 
 import torch
 
 from bitmix.compiler.quantize import LSQQuantizer, QuantLayer, quant_layers
-from bitmix.compiler.sensitivity.base import ScoreContext, Scores, register
+from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 from bitmix.errors import BitmixError
 
 VARIANTS = ("entropy", "entropy_params", "entropy_drop", "entropy_drop_params")
 DEFAULT_VARIANT = "entropy"
+
+
+@dataclass(frozen=True)
+class EAGLConfig(MethodConfig):
+    """Which entropy score (see `VARIANTS` above)."""
+
+    variant: str = DEFAULT_VARIANT
 
 
 def entropy_bits(codes: torch.Tensor) -> float:
@@ -93,8 +101,7 @@ def activation_entropies(ctx: ScoreContext, names: list[str], bits: tuple[int, .
     return out
 
 
-def eagl_scores(ctx: ScoreContext, variant: str | None = None) -> Scores:
-    variant = variant or ctx.eagl_variant
+def eagl_scores(ctx: ScoreContext, variant: str = DEFAULT_VARIANT) -> Scores:
     if variant not in VARIANTS:
         raise BitmixError(f"unknown EAGL variant {variant!r}; valid: {', '.join(VARIANTS)}")
     choices = ctx.target.choices
@@ -122,7 +129,7 @@ def eagl_scores(ctx: ScoreContext, variant: str | None = None) -> Scores:
     return {n: scores[n] for n in free}
 
 
-@register("eagl")
-def eagl(ctx: ScoreContext) -> Scores:
-    """Data-free entropy scores (variant `ctx.eagl_variant`)."""
-    return eagl_scores(ctx)
+@register("eagl", config=EAGLConfig)
+def eagl(ctx: ScoreContext, cfg: EAGLConfig) -> Scores:
+    """Data-free entropy scores (variant `cfg.variant`)."""
+    return eagl_scores(ctx, cfg.variant)

@@ -1,7 +1,7 @@
 """HAWQ-v3: Hessian-trace-weighted weight perturbation (Yao, Dong et al., ICML 2021).
 
 Per layer `Ω_l(b) = Tr(H_l) / n_l · ‖Q_b(W_l) − W_l‖²`, with H_l the Hessian of the task
-loss w.r.t. the layer's (BN-folded) weights on `hawq_examples` training examples, its
+loss w.r.t. the layer's (BN-folded) weights on `examples` training examples, its
 trace estimated by Hutchinson's method, `E[vᵀ H v]` over Rademacher v, with one
 Hessian-vector product (double backprop) per sample for all layers at once (cross-layer
 terms vanish in expectation). `Q_b` is per-channel LSQ-init quantization. Negative
@@ -13,11 +13,20 @@ from __future__ import annotations
 
 import copy
 import statistics
+from dataclasses import dataclass
 
 import torch
 
 from bitmix.compiler.quantize import LSQQuantizer, quant_layers
-from bitmix.compiler.sensitivity.base import ScoreContext, Scores, register
+from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
+
+
+@dataclass(frozen=True)
+class HAWQConfig(MethodConfig):
+    """Hutchinson probes per trace and the training examples the Hessian is taken over."""
+
+    samples: int = 16
+    examples: int = 256
 
 
 def hutchinson_traces(
@@ -43,22 +52,22 @@ def perturbation(weight: torch.Tensor, bits: int) -> float:
         return float((q(weight) - weight).pow(2).sum())
 
 
-@register("hawq")
-def hawq(ctx: ScoreContext) -> Scores:
+@register("hawq", config=HAWQConfig, needs_data=True)
+def hawq(ctx: ScoreContext, cfg: HAWQConfig) -> Scores:
     """Tr(H)/n · ‖ΔW‖² per layer and precision."""
     data = ctx.require_data("hawq")
     model = copy.deepcopy(ctx.model)
     layers = quant_layers(model)
     weighted = [n for n in ctx.free_layers if layers[n].kind != "matmul"]
     params = [layers[n].weight for n in weighted]
-    inputs, targets = next(data.batches("train", ctx.hawq_examples))
+    inputs, targets = next(data.batches("train", cfg.examples))
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
         assert p is not None
         p.requires_grad_(True)
     generator = torch.Generator().manual_seed(ctx.seed)
-    traces = hutchinson_traces(lambda: data.loss(model(*inputs), targets), params, ctx.hawq_samples, generator)
+    traces = hutchinson_traces(lambda: data.loss(model(*inputs), targets), params, cfg.samples, generator)
     scores: Scores = {}
     for name, param, trace in zip(weighted, params, traces, strict=True):
         assert param is not None

@@ -17,14 +17,25 @@ from __future__ import annotations
 import copy
 import math
 import random
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from bitmix.compiler.quantize import _GradScale, _RoundSTE, calibration_signs, qrange, quant_layers
-from bitmix.compiler.sensitivity.base import ScoreContext, Scores, register
+from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 
 ALPHA = 2.0
+
+
+@dataclass(frozen=True)
+class LIMPQConfig(MethodConfig):
+    """Joint multi-precision training: epochs, Adam lr, mini-batch, calibration inputs for the steps."""
+
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 64  # memory grows with it
+    calibration_size: int = 64
 
 
 class MultiStepLSQ(nn.Module):
@@ -50,14 +61,14 @@ class MultiStepLSQ(nn.Module):
         return _RoundSTE.apply(torch.clamp(v / s, -q_n, q_p)) * s
 
 
-@register("limpq")
-def limpq(ctx: ScoreContext) -> Scores:
-    """Learned-step importance after `limpq_epochs` of joint multi-precision training."""
+@register("limpq", config=LIMPQConfig, needs_data=True)
+def limpq(ctx: ScoreContext, cfg: LIMPQConfig) -> Scores:
+    """Learned-step importance after `cfg.epochs` of joint multi-precision training."""
     data = ctx.require_data("limpq")
     choices = ctx.target.choices
     model = copy.deepcopy(ctx.model)
     layers = quant_layers(model)
-    calibration = data.calibration(ctx.calibration_size)
+    calibration = data.calibration(cfg.calibration_size)
     signs = calibration_signs(model, layers, calibration)
     pinned = ctx.target.pinned(ctx.graph.names)
     for name, bits in pinned.items():
@@ -76,11 +87,11 @@ def limpq(ctx: ScoreContext) -> Scores:
     with torch.no_grad():
         model(*calibration)  # initialise the pinned layers' activation steps
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=ctx.limpq_lr)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
     rng = random.Random(ctx.seed)
     model.train()
-    for epoch in range(ctx.limpq_epochs):
-        for inputs, targets in data.batches("train", ctx.batch_size, shuffle=True, seed=ctx.seed + epoch):
+    for epoch in range(cfg.epochs):
+        for inputs, targets in data.batches("train", cfg.batch_size, shuffle=True, seed=ctx.seed + epoch):
             opt.zero_grad(set_to_none=True)
             policies = [dict.fromkeys(quantizers, i) for i in range(len(choices))]
             policies.append({n: rng.randrange(len(choices)) for n in quantizers})

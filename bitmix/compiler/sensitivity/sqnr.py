@@ -15,7 +15,7 @@ import copy
 import torch
 
 from bitmix.compiler.quantize import calibration_signs, quant_layers
-from bitmix.compiler.sensitivity.base import ScoreContext, Scores, register
+from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 from bitmix.errors import BitmixError
 
 
@@ -29,13 +29,14 @@ def _flat(out: object) -> torch.Tensor:
     raise BitmixError(f"sqnr cannot read a model output of type {type(out).__name__}; return tensors")
 
 
-@register("sqnr")
+@register("sqnr", needs_calibration=True)
 @torch.no_grad()
-def sqnr(ctx: ScoreContext) -> Scores:
+def sqnr(ctx: ScoreContext, cfg: MethodConfig) -> Scores:
     """Inverse output SQNR per layer and precision, one layer quantized at a time."""
     inputs = ctx.calibration_inputs()
     if inputs is None:
-        raise BitmixError("method 'sqnr' needs unlabeled calibration inputs; pass calibration= or data, or use eagl")
+        raise BitmixError("method 'sqnr' needs unlabeled calibration inputs; pass data= (inputs or a TaskData), "
+                          "or use eagl")
     model = copy.deepcopy(ctx.model)
     layers = quant_layers(model)
     signs = calibration_signs(model, layers, inputs)

@@ -1,0 +1,61 @@
+"""`Budget`: what a compiled model may cost on the simulated chip, as the user states it.
+
+Either a fraction of the all-highest-choice cost (`Budget(0.8)`; 1.0 = every free layer at
+the target's highest precision) or absolute goals per frame (`Budget(fps=5e7)`,
+`Budget(latency_s=1e-4)`, `Budget(energy_j=2e-6)`; several at once all hold). `clamp=True`
+turns a fraction below the cheapest assignment into the cheapest one (with a warning)
+instead of an error; the torch.compile backend uses it so a small graph piece never fails.
+The pipeline resolves a Budget against the chip into the allocator's constraint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from bitmix.errors import BitmixError
+
+
+@dataclass(frozen=True)
+class Budget:
+    fraction: float | None = None
+    fps: float | None = None
+    latency_s: float | None = None
+    energy_j: float | None = None
+    clamp: bool = False
+
+    def __post_init__(self) -> None:
+        goals = {k: v for k, v in self.goals().items() if v is not None}
+        for key, value in goals.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise BitmixError(f"budget {key} must be a number, got {value!r}")
+        if self.fraction is not None and self.fraction <= 0:
+            raise BitmixError(f"budget must be > 0 (a fraction of the all-highest cost, e.g. 0.75), "
+                              f"got {self.fraction}")
+        for key in ("fps", "latency_s", "energy_j"):
+            if key in goals and goals[key] <= 0:
+                raise BitmixError(f"{key} must be a positive number, got {goals[key]!r}")
+        if not goals:
+            raise BitmixError("budget is empty; give a fraction (e.g. Budget(0.75)) or a goal "
+                              "(Budget(fps=...), latency_s=..., energy_j=...)")
+        if self.fraction is not None and len(goals) > 1:
+            raise BitmixError("give a budget fraction or absolute goals (fps, latency_s, energy_j), not both")
+
+    def goals(self) -> dict[str, float | None]:
+        return {"fraction": self.fraction, "fps": self.fps, "latency_s": self.latency_s, "energy_j": self.energy_j}
+
+    @classmethod
+    def of(cls, value: Budget | float | int | None) -> Budget:
+        """A Budget, or a plain number read as the fraction."""
+        if isinstance(value, Budget):
+            return value
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            raise BitmixError(f"budget must be a number (fraction of the all-highest cost) or a bitmix.Budget, "
+                              f"got {value!r}")
+        return cls(float(value))
+
+    def cycles(self, clock_hz: float) -> float | None:
+        """The cycle cap implied by the fps and latency goals on a chip at `clock_hz` (None if neither)."""
+        caps = [clock_hz / self.fps] if self.fps is not None else []
+        caps += [self.latency_s * clock_hz] if self.latency_s is not None else []
+        return min(caps) if caps else None

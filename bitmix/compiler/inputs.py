@@ -1,0 +1,69 @@
+"""What the user passed to `compile` → what the stages expect: data roles, calibration inputs, cost caps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from bitmix.budget import Budget
+from bitmix.compiler.allocate import Budget as Caps
+from bitmix.errors import BitmixError
+from bitmix.task import Data, Inputs, TaskData
+
+CALIBRATION_SAMPLES = 128
+
+
+def resolve_data(data: Any) -> Data:
+    """`data=` as a `Data` with checked roles (a TaskData plays every role; bare inputs calibrate)."""
+    roles = Data.of(data)
+    if roles.train is not None and not isinstance(roles.train, TaskData):
+        raise BitmixError(f"Data(train=...) must be a TaskData (labeled splits), got {type(roles.train).__name__}")
+    if roles.eval is not None and not (isinstance(roles.eval, TaskData) or callable(roles.eval)):
+        raise BitmixError(f"Data(eval=...) must be a TaskData or a callable model -> quality, "
+                          f"got {type(roles.eval).__name__}")
+    return roles
+
+
+def caps(budget: Budget, clock_hz: float) -> Caps:
+    """The allocator's constraint for a user's Budget on a chip running at `clock_hz`."""
+    if budget.fraction is not None:
+        return Caps(fraction=float(budget.fraction))
+    return Caps(cycles=budget.cycles(clock_hz), energy_j=budget.energy_j)
+
+
+def calibration_inputs(source: Any) -> Inputs | None:
+    """First CALIBRATION_SAMPLES inputs from a tensor, tuple, TaskData or iterable of batches."""
+    if source is None:
+        return None
+    if isinstance(source, TaskData):
+        return source.calibration(CALIBRATION_SAMPLES)
+    if isinstance(source, torch.Tensor):
+        return (source[:CALIBRATION_SAMPLES],)
+    if isinstance(source, tuple) and all(isinstance(t, torch.Tensor) for t in source):
+        return tuple(t[:CALIBRATION_SAMPLES] for t in source)
+    if isinstance(source, Iterable):
+        batches: list[Inputs] = []
+        count = 0
+        for batch in _iter(source):
+            batches.append(batch)
+            count += batch[0].shape[0]
+            if count >= CALIBRATION_SAMPLES:
+                break
+        if not batches:
+            raise BitmixError("calibration data is empty; pass at least one batch of inputs")
+        return tuple(torch.cat(parts)[:CALIBRATION_SAMPLES] for parts in zip(*batches, strict=True))
+    raise BitmixError(f"calibration data must be a tensor, a tuple of tensors, a DataLoader or TaskData, "
+                      f"got {type(source).__name__}")
+
+
+def _iter(source: Iterable) -> Iterator[Inputs]:
+    for batch in source:
+        if isinstance(batch, torch.Tensor):
+            yield (batch,)
+        elif isinstance(batch, list | tuple) and batch and isinstance(batch[0], torch.Tensor):
+            # (inputs, labels) pairs from a DataLoader: keep the inputs only
+            yield (batch[0],) if len(batch) == 2 and batch[1].dtype == torch.long else tuple(batch)
+        else:
+            raise BitmixError("calibration batches must be tensors or (inputs, labels) tuples of tensors")
