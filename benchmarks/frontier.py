@@ -5,7 +5,7 @@
 is the same as `bitmix study frontier all --out ... --results ...`: digits-cnn, digits-mlp and
 minilm, methods eagl alps hawq limpq sqnr uniform random, budgets 0.55–1.0 of the all-4-bit cost,
 5 seeds (3 for minilm), one fine-tuning recipe, quality on the packed kernels. Resumable: rerun
-the same command after an interruption. The work lives in `bitmix.study.frontier`.
+the same command after an interruption. The work lives in `bitmix.study` (sweep, store, stats, render).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bitmix.study.frontier import MODELS, run_study
+from bitmix.study import MODELS, run_study
 
 
 def main() -> int:

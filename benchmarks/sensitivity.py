@@ -29,14 +29,14 @@ from bitmix.compiler.allocate import Budget, allocate
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.quantize import fake_quantize, finetune
-from bitmix.compiler.sensitivity import METHODS, ProcessExecutor, ScoreContext, score, strategy
+from bitmix.compiler.sensitivity import METHODS, ProcessExecutor, ScoreContext, executor_for, score, strategy
 from bitmix.compiler.sensitivity.eagl import VARIANTS, eagl_scores
 from bitmix.ir.cost import LayerCost
 from bitmix.ir.targets import get_target
 from bitmix.simulator.analytic import price
 from bitmix.simulator.config import ChipConfig
 
-KNAPSACK_METHODS = ("eagl", "alps", "hawq", "limpq", "sqnr")
+KNAPSACK_METHODS = tuple(m for m in METHODS if strategy(m) == "knapsack")  # from the registry
 
 
 def _qat_accuracy(job: tuple[tuple[tuple[str, int], ...], int], model, data, epochs: int, lr: float) -> float:
@@ -113,7 +113,7 @@ def main() -> None:
     chip = replace(ChipConfig(), cores_x=args.cores, cores_y=args.cores)
     costs = price(graph, target, chip)
     names = graph.names
-    ctx = ScoreContext(graph, target, gm, data, workers=args.workers)
+    ctx = ScoreContext(graph, target, gm, data, executor=executor_for(args.workers))
 
     print(f"DP, 60 layers x 3 choices: {dp_speed():.2f} ms (median of 20)")
     out["dp_ms"] = dp_speed()

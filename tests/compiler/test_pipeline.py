@@ -5,7 +5,10 @@ import torch
 from torch import nn
 
 import bitmix
+from bitmix import Budget, CompileOptions, Data
 from bitmix.errors import BitmixError
+
+QUICK = CompileOptions(frontier_points=0)
 
 
 @pytest.fixture(scope="module")
@@ -19,15 +22,15 @@ def digits():
 def compiled(digits):
     model, inputs, data = digits
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cm = bitmix.compile(model, inputs, target="int4int2-npu", method="eagl", budget=0.75, calibration=data,
-                        data=data, finetune=2, eval=data, name="digits-cnn", frontier_points=4)
+    cm = bitmix.compile(model, inputs, "int4int2-npu", method="eagl", budget=0.75, data=data, finetune=2,
+                        options=CompileOptions(name="digits-cnn", frontier_points=4))
     return cm, before
 
 
 def test_compile_report_contract(compiled, tmp_path):
     cm, _ = compiled
     report = cm.report
-    html = report.save(tmp_path)
+    html = bitmix.save_report(report, tmp_path)
     d = json.loads((tmp_path / "report.json").read_text())
     for key in ("model", "target", "method", "budget", "layers", "simulated", "accuracy", "timings_s"):
         assert key in d
@@ -83,8 +86,8 @@ def test_compiled_model_runs_and_prices_what_ran(compiled, digits):
 
 def test_same_seed_same_assignment(digits):
     model, inputs, data = digits
-    a = bitmix.compile(model, inputs, method="eagl", budget=0.8, calibration=data, frontier_points=0)
-    b = bitmix.compile(model, inputs, method="eagl", budget=0.8, calibration=data, frontier_points=0)
+    a = bitmix.compile(model, inputs, method="eagl", budget=0.8, data=Data(calibration=data), options=QUICK)
+    b = bitmix.compile(model, inputs, method="eagl", budget=0.8, data=Data(calibration=data), options=QUICK)
     assert a.assignment == b.assignment
     x = data.test.inputs[0][:8]
     assert torch.equal(a(x), b(x))
@@ -92,7 +95,8 @@ def test_same_seed_same_assignment(digits):
 
 def test_absolute_fps_goal(digits):
     model, inputs, data = digits
-    cm = bitmix.compile(model, inputs, method="eagl", budget=None, fps=5e7, calibration=data, frontier_points=0)
+    cm = bitmix.compile(model, inputs, method="eagl", budget=Budget(fps=5e7), data=Data(calibration=data),
+                        options=QUICK)
     assert cm.report.simulated["throughput_fps"] >= 5e7
 
 
@@ -106,13 +110,14 @@ def test_absolute_fps_goal(digits):
         ({"budget": 0.1}, "minimum achievable"),
         ({"method": "alps"}, "needs task data"),
         ({"finetune": 1}, "finetune needs training data"),
-        ({"fps": -3}, "fps must be a positive number"),
+        ({"budget": "fast"}, "budget must be a number"),
+        ({"data": Data(train=torch.zeros(3))}, "must be a TaskData"),
     ],
 )
 def test_bad_inputs(digits, kwargs, match):
     model, inputs, _ = digits
     with pytest.raises(BitmixError, match=match):
-        bitmix.compile(model, inputs, frontier_points=0, **kwargs)
+        bitmix.compile(model, inputs, options=QUICK, **kwargs)
 
 
 def test_nan_weights_rejected():
@@ -120,7 +125,7 @@ def test_nan_weights_rejected():
     with torch.no_grad():
         model[2].weight[0, 0] = float("nan")
     with pytest.raises(BitmixError, match="NaN or Inf"):
-        bitmix.compile(model, torch.randn(2, 4), frontier_points=0)
+        bitmix.compile(model, torch.randn(2, 4), options=QUICK)
 
 
 def test_op_without_kernel_stays_fp32_with_warning():
@@ -140,7 +145,7 @@ def test_op_without_kernel_stays_fp32_with_warning():
     net = Net().eval()
     x = torch.randn(8, 4, 10)
     with pytest.warns(UserWarning, match="no bitmix kernel"):
-        cm = bitmix.compile(net, x, method="eagl", budget=1.0, frontier_points=0)
+        cm = bitmix.compile(net, x, method="eagl", budget=1.0, options=QUICK)
     assert any(r.bits is None and "conv1d" in r.name for r in cm.report.layers)
     assert cm.report.warnings
     ref = net(x)
@@ -165,6 +170,7 @@ def test_generic_model_without_data():
             return self.out(torch.bmm(att, h).mean(1))
 
     torch.manual_seed(0)
-    cm = bitmix.compile(Odd().eval(), torch.randn(2, 3, 6, 6), target="mixed-npu", budget=1.0, frontier_points=2)
+    cm = bitmix.compile(Odd().eval(), torch.randn(2, 3, 6, 6), "mixed-npu", budget=1.0,
+                        options=CompileOptions(frontier_points=2))
     assert {r.kind for r in cm.report.layers} == {"conv2d", "linear", "matmul"}
     assert cm(torch.randn(3, 3, 6, 6)).shape == (3, 5)

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from bitmix.errors import BitmixError
-from bitmix.report import LayerRow, Report, load_report
+from bitmix.report import LayerRow, Report, layer_table, load_report, print_report, save_report
 
 SIM = {"cycles": 1000.0, "latency_s": 2.5e-6, "throughput_fps": 400000.0, "energy_per_frame_j": 1e-6,
        "power_w": 0.4, "fps_per_w": 1e6, "utilization": 0.5, "chips": 1}
@@ -24,7 +24,7 @@ def _report() -> Report:
 
 def test_roundtrip_and_files(tmp_path):
     report = _report()
-    html = report.save(tmp_path)
+    html = save_report(report, tmp_path)
     for name in ("report.json", "report.html", "frontier.png", "bits.png", "energy.png"):
         assert (tmp_path / name).stat().st_size > 0
     data = json.loads((tmp_path / "report.json").read_text())
@@ -54,7 +54,7 @@ def test_html_renders_in_headless_chromium(tmp_path):
     import numpy as np
     from matplotlib.image import imread
 
-    html = _report().save(tmp_path)
+    html = save_report(_report(), tmp_path)
     png = tmp_path / "shot.png"
     log = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -68,3 +68,17 @@ def test_html_renders_in_headless_chromium(tmp_path):
     pixels = imread(png)[..., :3]
     assert pixels.std() > 0.05  # not a blank page
     assert (np.abs(pixels - pixels[0, 0]).sum(-1) > 0.1).mean() > 0.02
+
+
+def test_renderers_are_functions_of_plain_data(capsys):
+    import sys
+
+    report = _report()
+    assert layer_table(report).row_count == len(report.layers)
+    print_report(report)
+    out = capsys.readouterr().out
+    assert "toy" in out and "400,000 frames/s" in out and "fc" in out
+    code = ("import sys, bitmix.report.report; "
+            "print(sorted(m for m in sys.modules if m.startswith('bitmix.report.') or m == 'matplotlib'))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "['bitmix.report.report']"  # the data type pulls in no renderer

@@ -64,7 +64,7 @@ class ScoreContext:
         if self.data is None:
             raise BitmixError(
                 f"method {method!r} needs task data (a TaskData with a train split); pass data=TaskData(...), "
-                f"or use a data-free method: {', '.join(data_free())}"
+                f"or use a method without labels: {', '.join(m.name for m in METHODS.values() if not m.needs_data)}"
             )
         return self.data
 
@@ -122,8 +122,13 @@ def resolve(method: str | MethodConfig) -> tuple[Method, MethodConfig]:
 
 
 def score(method: str | MethodConfig, ctx: ScoreContext) -> Scores:
-    """Run a registered method; check the result covers every free layer and choice."""
+    """Run a registered method on the data it declares it needs; scores relative to the highest choice."""
     m, config = resolve(method)
+    if m.needs_data:
+        ctx.require_data(m.name)
+    if m.needs_calibration and ctx.calibration_inputs() is None:
+        raise BitmixError(f"method {m.name!r} needs unlabeled calibration inputs; pass data= (inputs or a "
+                          f"TaskData), or use a data-free method: {', '.join(data_free())}")
     with torch.random.fork_rng():
         torch.manual_seed(ctx.seed)
         scores = m.fn(ctx, config)

@@ -33,10 +33,7 @@ class TinyAttention(nn.Module):
 def mlp_ctx() -> ScoreContext:
     model, example, data = zoo.load("digits-mlp")
     graph = capture(model, example, "digits-mlp")
-    return ScoreContext(
-        graph, get_target("mixed-npu"), prepare(graph), data,
-        alps_epochs=0.25, alps_base_epochs=1, hawq_samples=4, hawq_examples=64, limpq_epochs=1,
-    )
+    return ScoreContext(graph, get_target("mixed-npu"), prepare(graph), data)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bitmix.compiler.allocate import Budget, allocate
-from bitmix.compiler.sensitivity import ProcessExecutor, SerialExecutor, score
+from bitmix.compiler.sensitivity import ALPSConfig, HAWQConfig, LIMPQConfig, ProcessExecutor, SerialExecutor, score
 from bitmix.compiler.sensitivity.hawq import hutchinson_traces
 from bitmix.ir.cost import LayerCost
 
@@ -46,18 +46,19 @@ def test_hutchinson_on_a_quadratic():
 
 
 def test_hawq_and_limpq_scores(mlp_ctx):
-    h = score("hawq", mlp_ctx)
+    h = score(HAWQConfig(samples=4, examples=64), mlp_ctx)
     _check_shape(h, mlp_ctx)
     assert all(v[2] >= v[4] >= 0 for v in h.values())
-    lq = score("limpq", dataclasses.replace(mlp_ctx, limpq_epochs=1))
+    lq = score(LIMPQConfig(epochs=1), mlp_ctx)
     _check_shape(lq, mlp_ctx)
     assert all(v[2] >= v[4] >= 0 for v in lq.values())
 
 
 def test_alps_is_deterministic_and_executor_independent(mlp_ctx):
-    serial = score("alps", dataclasses.replace(mlp_ctx, executor=SerialExecutor()))
+    quick = ALPSConfig(epochs=0.25, base_epochs=1)
+    serial = score(quick, dataclasses.replace(mlp_ctx, executor=SerialExecutor()))
     _check_shape(serial, mlp_ctx)
-    pooled = score("alps", dataclasses.replace(mlp_ctx, executor=ProcessExecutor(2)))
+    pooled = score(quick, dataclasses.replace(mlp_ctx, executor=ProcessExecutor(2)))
     assert pooled == serial
     names = mlp_ctx.graph.names
     costs = {n: {b: LayerCost(float(b * (i + 1)), 0.0, b) for b in (8, 4, 2)} for i, n in enumerate(names)}
@@ -67,5 +68,5 @@ def test_alps_is_deterministic_and_executor_independent(mlp_ctx):
 
 
 def test_same_seed_same_scores(mlp_ctx):
-    for method in ("eagl", "sqnr", "hawq"):
+    for method in ("eagl", "sqnr", HAWQConfig(samples=4, examples=64)):
         assert score(method, mlp_ctx) == score(method, mlp_ctx)

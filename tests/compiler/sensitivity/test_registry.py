@@ -40,3 +40,25 @@ def test_baselines_score_zero_on_free_layers_only(mlp_ctx):
     assert ctx.free_layers == ("fc2",)
     assert score("uniform", ctx) == {"fc2": {4: 0.0, 2: 0.0}}
     assert score("random", ctx) == {"fc2": {4: 0.0, 2: 0.0}}
+
+
+def test_configs_resolve_by_name_or_instance():
+    from bitmix.compiler.sensitivity import ALPSConfig, EAGLConfig, data_free, resolve
+
+    method, config = resolve("alps")
+    assert method.name == "alps" and config == ALPSConfig() and method.needs_data
+    method, config = resolve(ALPSConfig(epochs=0.5))
+    assert method.name == "alps" and config.epochs == 0.5
+    assert resolve(EAGLConfig(variant="entropy_drop"))[0].name == "eagl"
+    assert set(data_free()) == {"eagl", "uniform", "random"}  # sqnr needs calibration inputs, the rest labels
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 2  # type: ignore[misc]
+
+
+def test_eagl_variant_comes_from_its_config(mlp_ctx):
+    from bitmix.compiler.sensitivity import EAGLConfig, relative_to_highest
+    from bitmix.compiler.sensitivity.eagl import eagl_scores
+
+    drop = score(EAGLConfig(variant="entropy_drop"), mlp_ctx)
+    assert drop == relative_to_highest(eagl_scores(mlp_ctx, "entropy_drop"), mlp_ctx.target)
+    assert drop != score("eagl", mlp_ctx)  # the default variant (entropy) differs on this model

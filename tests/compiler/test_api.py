@@ -1,0 +1,109 @@
+"""The public compile() surface: signature size, Budget and Data values, task detail metrics, old spellings."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import bitmix
+from bitmix import Budget, CompileOptions, Data, EAGLConfig
+from bitmix.task import Split, TaskData
+
+QUICK = CompileOptions(frontier_points=0)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                         nn.Linear(64, 4)).eval()
+
+
+def _task(details=None) -> TaskData:
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(96, 16, generator=g), torch.randint(0, 4, (96,), generator=g)
+    return TaskData("noise", "top1", Split((x[:64],), y[:64]), Split((x[64:],), y[64:]), details=details)
+
+
+def test_signature_is_small():
+    params = inspect.signature(bitmix.compile).parameters.values()
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    assert len(params) <= 10 and len(positional) <= 3
+    assert [p.name for p in positional] == ["model", "example_inputs", "target"]
+
+
+def test_budget_values():
+    assert Budget.of(0.8) == Budget(0.8) and Budget.of(Budget(fps=10.0)).fps == 10.0
+    assert Budget(fps=400.0, latency_s=0.5).cycles(clock_hz=400e6) == 1e6  # the tighter goal wins
+    for bad, match in (({}, "budget is empty"), ({"fraction": 0.5, "fps": 3.0}, "not both"),
+                       ({"fraction": 0}, "budget must be > 0"), ({"fps": -3}, "fps must be a positive number"),
+                       ({"energy_j": float("nan")}, "must be a number")):
+        with pytest.raises(bitmix.BitmixError, match=match):
+            Budget(**bad)
+    with pytest.raises(bitmix.BitmixError, match="budget must be a number"):
+        Budget.of(True)
+
+
+def test_data_roles():
+    task, x = _task(), torch.randn(4, 16)
+    assert Data.of(task) == Data(calibration=task, train=task, eval=task)
+    assert Data.of(x).calibration is x and Data.of(x).train is None
+    assert Data.of(None) == Data()
+
+
+def test_clamped_budget_uses_the_cheapest_assignment():
+    model, x = _mlp(), torch.randn(8, 16)
+    with pytest.raises(bitmix.BitmixError, match="minimum achievable"):
+        bitmix.compile(model, x, budget=0.01, options=QUICK)
+    with pytest.warns(UserWarning, match="below the cheapest assignment"):
+        cm = bitmix.compile(model, x, budget=Budget(0.01, clamp=True), options=QUICK)
+    from bitmix.simulator import price
+
+    costs, names = price(cm.graph, cm.target), cm.graph.names
+    pinned = cm.target.pinned(names)
+    cheapest = sum(costs[n][pinned.get(n, 2)].cycles for n in names) / sum(
+        costs[n][pinned.get(n, 4)].cycles for n in names)
+    assert cm.report.budget == pytest.approx(cheapest) and cm.report.budget > 0.01
+    assert cm.report.info["achieved_fraction"] == pytest.approx(cheapest)
+
+
+def test_task_detail_metrics_are_reported_without_the_compiler_knowing_the_task():
+    seen = []
+
+    def details(model: nn.Module, data: TaskData) -> dict[str, float]:
+        seen.append(type(model).__name__)
+        return {"top1_again": data.evaluate(model)}
+
+    task = _task(details)
+    cm = bitmix.compile(_mlp(), task.calibration(8), budget=1.0, data=task, options=QUICK)
+    acc = cm.report.accuracy
+    assert acc["details"]["kernels"]["top1_again"] == acc["kernels"]
+    assert acc["details"]["fake_quant"]["top1_again"] == acc["fake_quant"]
+    assert "CompiledModel" in seen
+
+
+def test_old_spellings_still_work_with_a_deprecation_warning():
+    model, x, task = _mlp(), torch.randn(8, 16), _task()
+    new = bitmix.compile(model, x, method=EAGLConfig(variant="entropy_drop"), budget=Budget(fps=1e7, clamp=True),
+                         data=Data(calibration=task, eval=task), options=CompileOptions(name="m", frontier_points=0))
+    with pytest.warns(DeprecationWarning, match="calibration=, eval=, fps=.*deprecated"):
+        old = bitmix.compile(model, x, method="eagl", budget=None, calibration=task, eval=task, fps=1e7,
+                             clamp_budget=True, method_options={"eagl_variant": "entropy_drop"}, name="m",
+                             frontier_points=0)
+    assert old.assignment == new.assignment
+    assert old.report.to_dict() | {"timings_s": {}} == new.report.to_dict() | {"timings_s": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with pytest.raises(bitmix.BitmixError, match="unexpected keyword 'calibraton'"):
+            bitmix.compile(model, x, calibraton=task)
+        with pytest.raises(bitmix.BitmixError, match="unknown method option 'variant_x' for 'eagl'"):
+            bitmix.compile(model, x, method_options={"variant_x": 1}, frontier_points=0)
+
+
+def test_new_spelling_warns_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        bitmix.compile(_mlp(), torch.randn(8, 16), budget=1.0, data=torch.randn(32, 16), options=QUICK)
