@@ -1,18 +1,35 @@
-"""What the user passed to `compile` → what the stages expect: data roles, calibration inputs, cost caps."""
+"""What the user passed to `compile` → what the stages expect: options, data roles, calibration inputs, caps."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from bitmix.budget import Budget
 from bitmix.compiler.allocate import Budget as Caps
+from bitmix.compiler.sensitivity.executor import Executor
 from bitmix.errors import BitmixError
 from bitmix.task import Data, Inputs, TaskData
 
 CALIBRATION_SAMPLES = 128
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Seldom-changed knobs of a compile.
+
+    name: the model's name in the report (default: its class name).
+    frontier_points: knapsack solutions across budgets on the report's frontier (0 = none; each is simulated,
+      and measured when data has an eval role).
+    executor: runs a method's independent jobs (ALPS per layer); default one after another in this process.
+    """
+
+    name: str | None = None
+    frontier_points: int = 6
+    executor: Executor | None = None
 
 
 def resolve_data(data: Any) -> Data:

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bitmix.budget import Budget
+from bitmix.compiler.inputs import CompileOptions
 from bitmix.compiler.sensitivity import METHODS, MethodConfig, executor_for, resolve
 from bitmix.errors import BitmixError
 from bitmix.ir.targets import Target, get_target
 from bitmix.task import Data, TaskData
-
-if TYPE_CHECKING:
-    from bitmix.compiler.pipeline import CompileOptions
 
 KEYWORDS = ("calibration", "eval", "fps", "latency_s", "energy_j", "clamp_budget", "method_options", "chip_config",
             "name", "frontier_points")

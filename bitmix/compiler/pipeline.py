@@ -13,7 +13,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,10 +25,11 @@ from bitmix.compiler.allocate import Allocation, allocate
 from bitmix.compiler.allocate import Budget as Caps
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
+from bitmix.compiler.inputs import CompileOptions
 from bitmix.compiler.lower import CallRecorder, executed_layers, lower, torch_on_one_thread
 from bitmix.compiler.quantize import fake_quantize
 from bitmix.compiler.quantize import finetune as qat_finetune
-from bitmix.compiler.sensitivity import Executor, MethodConfig
+from bitmix.compiler.sensitivity import MethodConfig
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import LayerGraph
 from bitmix.ir.targets import Target, get_target
@@ -69,21 +69,6 @@ class CompiledModel(nn.Module):
 
     def reset_calls(self) -> None:
         self.recorder.calls.clear()
-
-
-@dataclass(frozen=True)
-class CompileOptions:
-    """Seldom-changed knobs of a compile.
-
-    name: the model's name in the report (default: its class name).
-    frontier_points: knapsack solutions across budgets on the report's frontier (0 = none; each is simulated,
-      and measured when data has an eval role).
-    executor: runs a method's independent jobs (ALPS per layer); default one after another in this process.
-    """
-
-    name: str | None = None
-    frontier_points: int = 6
-    executor: Executor | None = None
 
 
 def compile(  # noqa: A001 - the public verb, as in torch.compile

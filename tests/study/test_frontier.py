@@ -48,10 +48,21 @@ def test_quick_frontier_writes_outputs_and_resumes(tmp_path):
 
 
 def test_ptq_variant_is_the_same_sweep_without_fine_tuning():
-    from bitmix.study.frontier import default_config
+    from bitmix.study import default_config
 
     base, ptq = default_config("digits-cnn"), default_config("digits-cnn-ptq")
     assert ptq.model == "digits-cnn" and ptq.label == "digits-cnn-ptq" and base.label == "digits-cnn"
     assert ptq.recipe.epochs == 0 and base.recipe.epochs > 0 and ptq.additivity_epochs == 0
     assert (ptq.methods, ptq.budgets, ptq.seeds) == (base.methods, base.budgets, base.seeds)
     assert ptq.fingerprint() != base.fingerprint()
+
+
+def test_study_methods_and_options_come_from_the_registry():
+    from bitmix.compiler.sensitivity import ALPSConfig, HAWQConfig
+    from bitmix.study import all_methods, default_config
+
+    config = default_config("minilm")
+    assert config.methods == all_methods() and {"eagl", "alps", "uniform"} <= set(config.methods)
+    assert config.method("alps") == ALPSConfig(epochs=0.25, calibration_size=32, batch_size=32)
+    assert config.method("hawq") == HAWQConfig(samples=8, examples=64)
+    assert config.method("eagl") == "eagl"  # no study options: the registered defaults

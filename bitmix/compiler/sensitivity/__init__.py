@@ -5,9 +5,14 @@ One file per method, each with its own frozen config and registering itself with
 fine-tune per layer), hawq (Hessian trace), limpq (learned per-bit steps), sqnr
 (label-free output SQNR), and the allocation baselines uniform / random (zero scores;
 `strategy(method)` names the allocator). `method` is a name or a config instance.
+
+Every module of this package is imported here, so a new method file registers itself by being
+here; a method defined elsewhere registers when its module is imported.
 """
 
-from bitmix.compiler.sensitivity import alps, baselines, eagl, hawq, limpq, sqnr  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from bitmix.compiler.sensitivity.alps import ALPSConfig
 from bitmix.compiler.sensitivity.base import (
     METHODS,
@@ -26,6 +31,9 @@ from bitmix.compiler.sensitivity.eagl import EAGLConfig
 from bitmix.compiler.sensitivity.executor import Executor, ProcessExecutor, SerialExecutor, executor_for
 from bitmix.compiler.sensitivity.hawq import HAWQConfig
 from bitmix.compiler.sensitivity.limpq import LIMPQConfig
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "METHODS", "ALPSConfig", "EAGLConfig", "Executor", "HAWQConfig", "LIMPQConfig", "Method", "MethodConfig",
