@@ -96,6 +96,8 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     The 0.1 keywords (calibration=, eval=, fps=, ...) still work for one release, with a DeprecationWarning.
     """
     opts = options or CompileOptions()
+    if not isinstance(opts, CompileOptions):
+        raise BitmixError(f"options must be a bitmix.CompileOptions, got {type(opts).__name__}")
     if deprecated:
         method, budget, data, target, opts = legacy.translate(method, budget, data, target, opts, deprecated)
     timings: dict[str, float] = {}
@@ -107,6 +109,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     scorer, _ = sensitivity.resolve(method)
     roles = inputs.resolve_data(data)
     calib = inputs.calibration_inputs(roles.calibration if roles.calibration is not None else roles.train)
+    sensitivity.check_inputs(scorer, roles.train is not None, calib is not None)  # before any slow stage
     ft = FinetuneConfig(epochs=finetune) if isinstance(finetune, int) else finetune
     if ft is not None and ft.epochs > 0 and roles.train is None:
         raise BitmixError("finetune needs training data; pass data=TaskData(...) or data=Data(train=...)")

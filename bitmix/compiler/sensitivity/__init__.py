@@ -20,6 +20,7 @@ from bitmix.compiler.sensitivity.base import (
     MethodConfig,
     ScoreContext,
     Scores,
+    check_inputs,
     data_free,
     register,
     relative_to_highest,
@@ -37,6 +38,6 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "METHODS", "ALPSConfig", "EAGLConfig", "Executor", "HAWQConfig", "LIMPQConfig", "Method", "MethodConfig",
-    "ProcessExecutor", "ScoreContext", "Scores", "SerialExecutor", "data_free", "executor_for", "register",
-    "relative_to_highest", "resolve", "score", "strategy",
+    "ProcessExecutor", "ScoreContext", "Scores", "SerialExecutor", "check_inputs", "data_free", "executor_for",
+    "register", "relative_to_highest", "resolve", "score", "strategy",
 ]

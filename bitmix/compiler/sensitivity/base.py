@@ -62,10 +62,8 @@ class ScoreContext:
 
     def require_data(self, method: str) -> TaskData:
         if self.data is None:
-            raise BitmixError(
-                f"method {method!r} needs task data (a TaskData with a train split); pass data=TaskData(...), "
-                f"or use a method without labels: {', '.join(m.name for m in METHODS.values() if not m.needs_data)}"
-            )
+            check_inputs(METHODS[method], False, True)
+        assert self.data is not None
         return self.data
 
 
@@ -121,14 +119,22 @@ def resolve(method: str | MethodConfig) -> tuple[Method, MethodConfig]:
     return m, m.config()
 
 
+def check_inputs(method: Method, has_data: bool, has_calibration: bool) -> None:
+    """Raise the one-line error for a method run without the data it registered as needing."""
+    if method.needs_data and not has_data:
+        raise BitmixError(
+            f"method {method.name!r} needs task data (a TaskData with a train split); pass data=TaskData(...), "
+            f"or use a method without labels: {', '.join(m.name for m in METHODS.values() if not m.needs_data)}"
+        )
+    if method.needs_calibration and not has_calibration:
+        raise BitmixError(f"method {method.name!r} needs unlabeled calibration inputs; pass data= (inputs or a "
+                          f"TaskData), or use a data-free method: {', '.join(data_free())}")
+
+
 def score(method: str | MethodConfig, ctx: ScoreContext) -> Scores:
     """Run a registered method on the data it declares it needs; scores relative to the highest choice."""
     m, config = resolve(method)
-    if m.needs_data:
-        ctx.require_data(m.name)
-    if m.needs_calibration and ctx.calibration_inputs() is None:
-        raise BitmixError(f"method {m.name!r} needs unlabeled calibration inputs; pass data= (inputs or a "
-                          f"TaskData), or use a data-free method: {', '.join(data_free())}")
+    check_inputs(m, ctx.data is not None, ctx.calibration_inputs() is not None)
     with torch.random.fork_rng():
         torch.manual_seed(ctx.seed)
         scores = m.fn(ctx, config)

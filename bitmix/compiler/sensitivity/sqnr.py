@@ -34,9 +34,7 @@ def _flat(out: object) -> torch.Tensor:
 def sqnr(ctx: ScoreContext, cfg: MethodConfig) -> Scores:
     """Inverse output SQNR per layer and precision, one layer quantized at a time."""
     inputs = ctx.calibration_inputs()
-    if inputs is None:
-        raise BitmixError("method 'sqnr' needs unlabeled calibration inputs; pass data= (inputs or a TaskData), "
-                          "or use eagl")
+    assert inputs is not None  # registered with needs_calibration: `score` checked
     model = copy.deepcopy(ctx.model)
     layers = quant_layers(model)
     signs = calibration_signs(model, layers, inputs)
