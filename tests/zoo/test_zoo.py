@@ -38,6 +38,7 @@ def test_minilm_is_pretrained_and_offline(load_zoo):
 
     model, (ids, mask), data = load_zoo("minilm")
     assert data.metric == "cosine" and len(data.test) == 128
+    assert data.details is fidelity  # the task supplies its own detail metrics to the compiler
     fid = fidelity(model, data)
     assert fid["cosine"] == pytest.approx(100.0, abs=1e-3) and fid["nn_agreement"] == 100.0
     # pretrained, not random: related sentences are closer than unrelated ones
