@@ -1,0 +1,218 @@
+"""Accuracy–throughput frontier study: every method × budget × seed on one model, resumable.
+
+This is a sweep harness over the same stage functions that `bitmix.compiler.pipeline.compile`
+calls in order (capture → price → prepare → score → allocate → fake-quantize → fine-tune →
+lower → evaluate). It does not replace the pipeline, which stays the only place that runs one
+compile; it reorders the work of many compiles so that each (method, seed) is scored once and
+its scores are reused for every budget. Per (method, seed, budget) it allocates with the exact
+knapsack (or the method's baseline strategy), LSQ fine-tunes with one fixed recipe, lowers onto
+the packed kernels and measures quality on the kernels, and prices the assignment on the
+simulator (throughput, energy per frame). Uniform all-8 / all-4 / all-2 references get the same
+fine-tune. An infeasible budget is recorded with the minimum achievable fraction, never filled in.
+
+Resumable: every scored (method, seed) goes to `scores.jsonl` and every measured point to
+`points.jsonl` in the output directory, tagged with a fingerprint of the recipe, so an
+interrupted study continues where it stopped. A (assignment, seed) pair is fine-tuned once and
+shared by every method and budget that chose it (fine-tuning is deterministic given the seed at
+one torch thread). Outputs: `frontier.json`, `frontier.png`, `search_time.json`,
+`additivity.png` and `README.md`; `render.render_results` gathers several models into one page.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bitmix.compiler import sensitivity
+from bitmix.errors import BitmixError
+from bitmix.study.additivity import additivity
+from bitmix.study.config import REFERENCE_BITS, TARGET, Log, StudyConfig, default_config
+from bitmix.study.measure import STATE, run_jobs
+from bitmix.study.render import render_results, write_outputs
+from bitmix.study.stats import summarise
+from bitmix.study.store import append, assignment_key, read_jsonl
+
+
+def _scoring_model(method: str, prepared: nn.Module) -> nn.Module:
+    """The prepared model a method scores. LIMPQ swaps in quantizers without integer codes and
+    initialises them with one no-grad forward pass, which in eval mode would take the integer
+    inference path; a train-mode copy keeps that pass on the fake-quant path (BN is folded, so
+    train mode changes nothing else)."""
+    return copy.deepcopy(prepared).train() if method == "limpq" else prepared
+
+
+def run_frontier(config: StudyConfig, out_dir: str | Path, log: Log | None = None, command: str = "") -> dict:
+    """Run (or resume) the study `config.label` into `out_dir/<label>/`; returns frontier.json's dict."""
+    say = log or (lambda _msg: None)
+    out = Path(out_dir) / config.label
+    out.mkdir(parents=True, exist_ok=True)
+    fp = config.fingerprint()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if config.workers > 1 else 2)
+    try:
+        return _run(config, out, fp, say, command)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str) -> dict:
+    from bitmix import zoo
+    from bitmix.compiler.allocate import Budget, allocate
+    from bitmix.compiler.capture import capture
+    from bitmix.compiler.fold import prepare
+    from bitmix.compiler.inputs import CALIBRATION_SAMPLES
+    from bitmix.ir.targets import get_target
+    from bitmix.simulator import price, simulate
+
+    wall = time.perf_counter()
+
+    model, example, data = zoo.load(config.model)
+    if data is None:
+        raise BitmixError(f"model {config.model!r} has no data in the zoo; the study needs it")
+    graph = capture(model, example, config.model)
+    target = get_target(TARGET)
+    costs = price(graph, target)
+    prepared = prepare(graph)
+    calibration = data.calibration(CALIBRATION_SAMPLES)
+    names = graph.names
+    pinned = target.pinned(names)
+    free = [n for n in names if n not in pinned]
+    highest = sum(costs[n][pinned.get(n, target.highest)].cycles for n in names)
+    min_fraction = sum(costs[n][pinned.get(n, target.lowest)].cycles for n in names) / highest
+    fp32 = data.evaluate(prepared)
+    seeds = list(range(config.seeds))
+    say(f"{config.label}: {len(names)} layers ({len(free)} free), FP32 {data.metric} {fp32:.2f}, "
+        f"cheapest assignment {min_fraction:.4f} of all-4-bit")
+
+    # 1. score once per (method, seed)
+    scores_path, points_path = out / "scores.jsonl", out / "points.jsonl"
+    scored = {(r["method"], r["seed"]): r | {"scores": {n: {int(b): v for b, v in d.items()} for n, d in
+                                                        r["scores"].items()}}
+              for r in read_jsonl(scores_path, fp)}  # JSON keys are strings; bits are ints
+    executor = sensitivity.executor_for(config.workers)
+    for method in config.methods:
+        for seed in seeds:
+            if (method, seed) in scored:
+                continue
+            ctx = sensitivity.ScoreContext(graph=graph, target=target, model=_scoring_model(method, prepared),
+                                           data=data, calibration=data.calibration(config.calibration_size),
+                                           seed=seed, executor=executor)
+            start = time.perf_counter()
+            scores = sensitivity.score(config.method(method), ctx)
+            row = {"recipe": fp, "model": config.model, "method": method, "seed": seed,
+                   "score_s": time.perf_counter() - start, "scores": scores}
+            if method == "alps":
+                row["jobs"] = 1 + len(free) * (len(target.choices) - 1)
+            append(scores_path, row)
+            scored[(method, seed)] = row
+            say(f"  scored {method} seed {seed}: {row['score_s']:.1f} s")
+
+    # 2. allocate every (method, seed, budget); references; collect the fine-tunes still to run
+    done = {(r["method"], r["seed"], r["budget"]): r for r in read_jsonl(points_path, fp)}
+    measured = {(assignment_key(r["assignment"]), r["seed"]): r for r in done.values() if r["status"] == "ok"}
+    pending: dict[tuple, list[dict]] = {}
+
+    def simulated(assignment: dict[str, int]) -> dict[str, float]:
+        sim = simulate(graph, assignment)
+        return {"throughput_fps": sim.throughput_fps, "energy_per_frame_j": sim.energy_per_frame_j,
+                "cycles": sim.cycles, "fraction": sum(costs[n][b].cycles for n, b in assignment.items()) / highest}
+
+    def queue(row: dict) -> None:
+        job = (assignment_key(row["assignment"]), row["seed"])
+        if job in measured:
+            keep = ("quality", "quality_fake_quant", "details", "finetune_s", "measure_s")
+            row |= {k: measured[job][k] for k in keep if k in measured[job]} | {"reused": True}
+            append(points_path, row)
+            done[(row["method"], row["seed"], row["budget"])] = row
+        else:
+            pending.setdefault(job, []).append(row)
+
+    for method in config.methods:
+        strategy = sensitivity.strategy(method)
+        for seed in seeds:
+            for budget in config.budgets:
+                if (method, seed, budget) in done:
+                    continue
+                row = {"recipe": fp, "model": config.model, "method": method, "seed": seed, "budget": budget,
+                       "min_fraction": min_fraction}
+                start = time.perf_counter()
+                try:
+                    alloc = allocate(scored[(method, seed)]["scores"], costs, target, names,
+                                     Budget(fraction=budget), strategy=strategy, seed=seed)
+                except BitmixError as exc:
+                    row |= {"status": "infeasible", "reason": str(exc)}
+                    append(points_path, row)
+                    done[(method, seed, budget)] = row
+                    continue
+                row |= {"status": "ok", "allocate_s": time.perf_counter() - start, "assignment": alloc.assignment,
+                        "predicted": alloc.objective, "gap": alloc.gap, **simulated(alloc.assignment)}
+                queue(row)
+    for bits in REFERENCE_BITS:
+        for seed in seeds:
+            if (f"all-{bits}", seed, None) not in done:
+                assignment = {n: pinned.get(n, bits) for n in names}
+                queue({"recipe": fp, "model": config.model, "method": f"all-{bits}", "seed": seed, "budget": None,
+                       "status": "ok", "assignment": assignment, **simulated(assignment)})
+
+    # 3. fine-tune and measure on the kernels (forked workers; each result is saved as it lands)
+    jobs = sorted(pending)
+    say(f"  {len(jobs)} fine-tunes to run ({len(done)} points recorded or infeasible), {config.workers} worker(s)")
+    STATE.update(prepared=prepared, data=data, calibration=calibration, recipe=config.recipe,
+                  check_fake_quant=config.check_fake_quant)
+    finished = [0]
+
+    def landed(job: tuple, result: dict) -> None:
+        finished[0] += 1
+        for row in pending[job]:
+            row |= result
+            append(points_path, row)
+            done[(row["method"], row["seed"], row["budget"])] = row
+        first = pending[job][0]
+        say(f"  [{finished[0]}/{len(jobs)}] {first['method']} seed {first['seed']} budget {first['budget']}: "
+            f"{result['quality']:.2f} ({result['measure_s']:.1f} s)")
+
+    try:
+        run_jobs(jobs, config.workers, landed)
+    finally:
+        STATE.clear()
+
+    # 4. additivity: Σ per-layer scores vs measured drop of random mixed assignments
+    additivity_result = additivity(config, out, fp, prepared, names, target, data, scored, say)
+
+    # 5. summarise; every run's wall time is kept so a resumed study still reports its total
+    runs_path = out / "runs.jsonl"
+    append(runs_path, {"recipe": fp, "wall_s": time.perf_counter() - wall, "fine_tunes": len(jobs),
+                        "workers": config.workers, "finished": datetime.datetime.now(datetime.UTC).isoformat()})
+    runs = read_jsonl(runs_path, fp)
+    result = summarise(config, list(done.values()), scored, additivity_result, fp32=fp32, metric=data.metric,
+                       min_fraction=min_fraction, layers=len(names), free_layers=len(free), command=command,
+                       test_examples=len(data.test),
+                       runs=runs, study_wall_s=sum(r["wall_s"] for r in runs))
+    write_outputs(result, out)
+    say(f"  wrote {out}/frontier.json, frontier.png, search_time.json, additivity.png, README.md "
+        f"({runs[-1]['wall_s']:.0f} s this run, {result['study_wall_s']:.0f} s over {len(runs)} run(s))")
+    return result
+
+
+def run_study(models: Sequence[str], out_dir: str | Path, methods: Sequence[str] | None = None,
+              budgets: Sequence[float] | None = None, seeds: int | None = None, quick: bool = False,
+              workers: int = 2, results: str | Path | None = None, log: Log | None = None) -> list[dict]:
+    """Run the study for each model (resumable), then optionally render the results page."""
+    os.environ.setdefault("BITMIX_QUIET", "1")
+    command = " ".join(["bitmix"] + sys.argv[1:]) if Path(sys.argv[0]).name == "bitmix" else " ".join(
+        [Path(sys.executable).name, *sys.argv])
+    done = []
+    for model in models:
+        config = default_config(model, methods, budgets, seeds, quick, workers)
+        done.append(run_frontier(config, out_dir, log, command))
+    if results is not None:
+        render_results(out_dir, results, command)
+    return done
