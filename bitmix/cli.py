@@ -92,7 +92,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "model":
-        from bitmix.compiler.speed import run_model_bench
+        from bitmix.tools.speed import run_model_bench
 
         run_model_bench(args.models or None, repeats=args.repeats, json_path=args.json)
         return 0

@@ -375,7 +375,7 @@ def _additivity(config: StudyConfig, out: Path, fp: str, prepared: nn.Module, na
     Two sets of `config.additivity` subsets: "spread" lowers 1..all free layers (ρ there is helped by the
     count of lowered layers alone), "fixed" lowers exactly half of them (only the choice of layers varies).
     """
-    from bitmix.compiler.additivity import correlate, measure_drops, random_assignments
+    from bitmix.study.drops import correlate, measure_drops, random_assignments
     from bitmix.compiler.sensitivity import ScoreContext
 
     methods = [m for m in config.methods if m in ("alps", "eagl", "hawq", "limpq", "sqnr")]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bitmix import zoo
-from bitmix.compiler.additivity import check_additivity, random_assignments
+from bitmix.study.drops import check_additivity, random_assignments
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.sensitivity import ScoreContext, score

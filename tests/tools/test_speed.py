@@ -4,7 +4,7 @@ import json
 
 import numba
 
-from bitmix.compiler import speed
+from bitmix.tools import speed
 
 
 def test_records_compare_eager_and_compiled(tmp_path):
