@@ -38,5 +38,4 @@ def test_sqnr_scores_predict_measured_drop_on_digits_mlp():
     scores = score("sqnr", ScoreContext(graph, MIXED, gm, data))
     result = check_additivity(gm, graph.names, MIXED, scores, data, n=8, seed=0)
     assert len(result.predicted) == len(result.measured) == 8
-    assert -1.0 <= result.rho <= 1.0
     assert result.rho > 0.3  # noise powers roughly add: the ranking carries over
