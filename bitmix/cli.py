@@ -66,7 +66,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     model, inputs, data = loaded.model, loaded.inputs, loaded.data
     if args.data and data is not None:
         raise BitmixError(f"zoo model {args.model!r} brings its own data; --data is for .pt2 programs")
-    calibration = load_calibration(args.data, inputs) if args.data else data
+    calibration = load_calibration(args.data, inputs, model) if args.data else data
     if args.eval and data is None:
         raise BitmixError(f"model {args.model!r} has no evaluation data in the zoo; drop --eval")
     epochs = args.finetune_epochs

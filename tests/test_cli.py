@@ -139,6 +139,26 @@ def test_bad_calibration_file(tmp_path, capfd):
     assert "only the batch (first) dimension may differ" in capfd.readouterr().err
 
 
+class BakedBatch(torch.nn.Module):
+    """`x.view(x.shape[0], -1)` exported with a static batch becomes `view(x, [2, -1])`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.view(x.shape[0], -1))
+
+
+def test_data_a_static_program_cannot_run(tmp_path, capfd):
+    model, calib = tmp_path / "baked.pt2", tmp_path / "c.pt"
+    torch.export.save(torch.export.export(BakedBatch().eval(), (torch.randn(2, 3, 4),)), model)
+    torch.save(torch.rand(64, 3, 4), calib)
+    assert main(["compile", str(model), "--data", str(calib), "--out", str(tmp_path / "d")]) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not run on --data" in err and "Dim('batch')" in err, err
+
+
 def test_version(capsys):
     from bitmix import __version__
 

@@ -8,13 +8,14 @@ with). `--input-shape` replaces those shapes; the program's own guards decide wh
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from bitmix.errors import BitmixError
 from bitmix.task import TaskData
@@ -149,8 +150,13 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def load_calibration(path: str, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """`--data FILE.pt`: a tensor (one input) or a tuple/list of tensors (one per input), batch first."""
+def load_calibration(path: str, inputs: tuple[torch.Tensor, ...], model: nn.Module | None = None
+                     ) -> tuple[torch.Tensor, ...]:
+    """`--data FILE.pt`: a tensor (one input) or a tuple/list of tensors (one per input), batch first.
+
+    With `model`, a few samples are run through it without its input guards (as calibration will be):
+    a program exported with a static batch that bakes the batch into its ops fails here, in one line.
+    """
     if not Path(path).is_file():
         raise BitmixError(f"no such file {path!r} for --data; save calibration inputs with torch.save(tensor, path)")
     try:
@@ -170,4 +176,23 @@ def load_calibration(path: str, inputs: tuple[torch.Tensor, ...]) -> tuple[torch
                               f"{tuple(x.shape)}; only the batch (first) dimension may differ")
         if t.dtype.is_floating_point != x.dtype.is_floating_point:
             raise BitmixError(f"--data tensor {i} is {t.dtype} but the model's input {i} is {x.dtype}")
-    return tuple(t.to(x.dtype) for t, x in zip(tensors, inputs, strict=True))
+    tensors = tuple(t.to(x.dtype) for t, x in zip(tensors, inputs, strict=True))
+    if model is not None:
+        _check_batch(model, tuple(t[:8] for t in tensors), path)
+    return tensors
+
+
+def _check_batch(model: nn.Module, sample: tuple[torch.Tensor, ...], path: str) -> None:
+    from bitmix.compiler.fold import drop_guards
+
+    module = copy.deepcopy(model)
+    if isinstance(module, fx.GraphModule):
+        drop_guards(module)
+        module.recompile()
+    try:
+        with torch.no_grad():
+            module(*sample)
+    except Exception as exc:  # shape errors from ops that baked the exported batch size
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise BitmixError(f"the program does not run on --data {path!r} at batch {sample[0].shape[0]} "
+                          f"({first[:100]}); export it with dynamic_shapes={{0: torch.export.Dim('batch')}}") from None
