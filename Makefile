@@ -14,12 +14,13 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "note: chromium not installed; the HTML screenshot test will be skipped"; }
 
-# torch is pinned to the 2.13.0 CPU wheel first, so nothing later can pull a CUDA build.
-$(STAMP): pyproject.toml
+# torch is pinned to the 2.13.0 CPU wheel first, so nothing later can pull a CUDA build; everything else comes
+# at the exact versions the tests ran with (constraints.txt; pyproject.toml has the ranges).
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[nlp,dev]"
+	$(BIN)/pip install --quiet -c constraints.txt "torch==2.13.0"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[nlp,dev]"
 	touch $(STAMP)
 
 demo: setup
@@ -31,8 +32,10 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
+# ruff, then the import layers and the no-cycles rule of pyproject.toml's [tool.importlinter] (about a second).
 lint: setup
 	$(BIN)/ruff check bitmix tests benchmarks
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/bitmix bench kernels --json bench-kernels.json

@@ -1,13 +1,13 @@
 """End-to-end CPU speed of compiled zoo models vs eager FP32: ``python benchmarks/model.py [MODEL ...]``.
 
-Thin wrapper; the logic lives in ``bitmix.compiler.speed`` (also ``bitmix bench model``).
+Thin wrapper; the logic lives in ``bitmix.tools.speed`` (also ``bitmix bench model``).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from bitmix.compiler.speed import run_model_bench
+from bitmix.tools.speed import run_model_bench
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from bitmix import zoo
-from bitmix.compiler.additivity import correlate, measure_drops, random_assignments
 from bitmix.compiler.allocate import Budget, allocate
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
@@ -35,6 +34,7 @@ from bitmix.ir.cost import LayerCost
 from bitmix.ir.targets import get_target
 from bitmix.simulator.analytic import price
 from bitmix.simulator.config import ChipConfig
+from bitmix.study.drops import correlate, measure_drops, random_assignments
 
 KNAPSACK_METHODS = tuple(m for m in METHODS if strategy(m) == "knapsack")  # from the registry
 

@@ -40,12 +40,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
-    from bitmix import zoo
     from bitmix.compiler.capture import capture
+    from bitmix.tools.models import load_model
 
-    model, inputs, _ = zoo.load(args.model)
-    graph = capture(model, inputs, args.model)
-    table = Table(title=f"{args.model}: {len(graph.layers)} quantizable layers")
+    loaded = load_model(args.model, args.input_shape)
+    graph = capture(loaded.model, loaded.inputs, loaded.name)
+    table = Table(title=f"{loaded.name}: {len(graph.layers)} quantizable layers")
     for col in ("#", "name", "kind", "weight", "input", "output", "MACs", "params"):
         table.add_column(col, justify="right" if col in ("#", "MACs", "params") else "left")
     for i, layer in enumerate(graph.layers):
@@ -59,14 +59,18 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from bitmix import zoo
     from bitmix.budget import Budget
     from bitmix.compiler.pipeline import CompileOptions, compile
     from bitmix.ir.targets import get_target
     from bitmix.report import print_report, save_report
     from bitmix.task import Data
+    from bitmix.tools.models import load_calibration, load_model
 
-    model, inputs, data = zoo.load(args.model)
+    loaded = load_model(args.model, args.input_shape)
+    model, inputs, data = loaded.model, loaded.inputs, loaded.data
+    if args.data and data is not None:
+        raise BitmixError(f"zoo model {args.model!r} brings its own data; --data is for .pt2 programs")
+    calibration = load_calibration(args.data, inputs, model) if args.data else data
     if args.eval and data is None:
         raise BitmixError(f"model {args.model!r} has no evaluation data in the zoo; drop --eval")
     epochs = args.finetune_epochs
@@ -80,8 +84,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     goals = {"fps": args.fps, "latency_s": args.latency, "energy_j": args.energy}
     budget = Budget(**goals) if any(v is not None for v in goals.values()) else args.budget
     cm = compile(model, inputs, get_target(args.target, args.config), method=args.method, budget=budget,
-                 data=Data(calibration=data, train=data, eval=data if args.eval else None), finetune=finetune,
-                 seed=args.seed, options=CompileOptions(name=args.model, frontier_points=args.frontier_points))
+                 data=Data(calibration=calibration, train=data, eval=data if args.eval else None), finetune=finetune,
+                 seed=args.seed, options=CompileOptions(name=loaded.name, frontier_points=args.frontier_points))
     assert cm.report is not None
     print_report(cm.report)
     html = save_report(cm.report, args.out)
@@ -90,14 +94,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from bitmix.simulator import simulate_model_cli
+    from bitmix.tools.simulate import simulate_model_cli
 
-    return simulate_model_cli(args.model, args.bits, args.config, args.engine, args.json)
+    return simulate_model_cli(args.model, args.bits, args.config, args.engine, args.json, args.input_shape)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "model":
-        from bitmix.compiler.speed import run_model_bench
+        from bitmix.tools.speed import run_model_bench
 
         run_model_bench(args.models or None, repeats=args.repeats, json_path=args.json)
         return 0
@@ -134,15 +138,33 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    from bitmix.tools.models import parse_shape
+
+    try:
+        return parse_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a zoo model (see `bitmix models`) or a .pt2 file written by torch.export.save")
+    p.add_argument("--input-shape", type=_shape, action="append", metavar="NxCxHxW",
+                   help="example input shape for a .pt2 program (once per input; default: the program's own)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitmix", description="Mixed-precision quantization for NPUs")
+    parser.add_argument("--version", action="version", version=f"bitmix {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("models", help="list the offline model zoo")
     p.add_argument("--no-stats", action="store_true", help="skip capturing each model for layer/MAC counts")
     p = sub.add_parser("capture", help="capture a model and print its quantizable layers")
-    p.add_argument("model")
+    _add_model(p)
     p = sub.add_parser("compile", help="choose per-layer bits, lower to kernels, simulate, write the report")
-    p.add_argument("model", help="a zoo model (see `bitmix models`)")
+    _add_model(p)
+    p.add_argument("--data", metavar="FILE.pt", help="calibration inputs for a .pt2 program: a tensor (or a tuple, "
+                   "one per input) saved with torch.save, batch first")
     p.add_argument("--target", default="int4int2-npu")
     p.add_argument("--method", default="eagl")
     p.add_argument("--budget", type=_positive_float, default=0.75,
@@ -158,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frontier-points", type=int, default=6, help="knapsack points on the report's frontier")
     p.add_argument("--out", required=True, help="directory for report.json, report.html and plots")
-    p = sub.add_parser("simulate", help="simulate a zoo model at one precision on the NorthPole-style chip")
-    p.add_argument("model")
+    p = sub.add_parser("simulate", help="simulate a model at one precision on the NorthPole-style chip")
+    _add_model(p)
     p.add_argument("--bits", type=int, choices=(8, 4, 2), default=8)
     p.add_argument("--config", help="chip configuration TOML")
     p.add_argument("--engine", choices=("analytic", "cycle"), default="analytic")
@@ -187,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--results", help="also render this markdown page (e.g. docs/results.md) from every model in --out")
     f.add_argument("--out", required=True, help="directory; results are cached in <out>/<model>/ and resumed")
     return parser
+
+
+def _version() -> str:
+    from bitmix import __version__
+
+    return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

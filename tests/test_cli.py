@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bitmix.cli import main
 
@@ -64,3 +65,103 @@ def test_simulate_json(tmp_path):
     assert main(["simulate", "digits-cnn", "--bits", "4", "--json", str(path)]) == 0
     d = json.loads(path.read_text())
     assert d["throughput_fps"] > 0 and d["chips"] == 1
+
+
+class TinyConvNet(torch.nn.Module):
+    """Two quantizable layers (a conv and a linear) around a ReLU and a pooling vector op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def _export(path, dynamic: bool = False) -> str:
+    torch.manual_seed(0)
+    dims = ({0: torch.export.Dim("batch")},) if dynamic else None
+    program = torch.export.export(TinyConvNet().eval(), (torch.randn(2, 3, 8, 8),), dynamic_shapes=dims)
+    torch.export.save(program, path)
+    return str(path)
+
+
+def test_compile_exported_program_without_warnings(tmp_path):
+    """`python -m bitmix compile model.pt2`: report written, nothing printed on stderr (no torch FutureWarning)."""
+    model, out = _export(tmp_path / "tiny.pt2"), tmp_path / "d"
+    proc = subprocess.run([sys.executable, "-W", "default", "-m", "bitmix", "compile", model, "--target", "int8-npu",
+                           "--budget", "1.0", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr
+    d = json.loads((out / "report.json").read_text())
+    assert d["model"] == "tiny" and d["target"] == "int8-npu"
+    assert [(r["name"], r["kind"], r["bits"]) for r in d["layers"]] == [("conv", "conv2d", 8), ("fc", "linear", 8)]
+
+
+def test_exported_program_inputs_shapes_and_data(tmp_path, capsys):
+    model = _export(tmp_path / "dyn.pt2", dynamic=True)
+    assert main(["capture", model, "--input-shape", "5x3x8x8"]) == 0
+    assert "5×3×8×8" in capsys.readouterr().out  # the layers were captured at the shape asked for
+    calib = tmp_path / "calib.pt"
+    torch.save(torch.rand(64, 3, 8, 8), calib)
+    out = str(tmp_path / "d")
+    sqnr = ["compile", model, "--method", "sqnr", "--target", "mixed-npu", "--budget", "1", "--out", out]
+    assert main(sqnr) == 2  # a post-training method: it scores layers on calibration inputs, which --data gives
+    assert "needs unlabeled calibration inputs" in capsys.readouterr().err
+    assert main([*sqnr, "--data", str(calib)]) == 0
+    assert json.loads((tmp_path / "d" / "report.json").read_text())["method"] == "sqnr"
+
+
+@pytest.mark.parametrize(
+    "make,args,message",
+    [
+        (lambda p: p.write_text("not a program"), [], "is not a torch.export program"),
+        (lambda p: torch.save(torch.nn.Linear(2, 2), p), [], "is not a torch.export program"),
+        (lambda p: None, [], "no such file"),
+        (lambda p: _export(p), ["--input-shape", "4x3x8x8"], "does not accept --input-shape 4x3x8x8"),
+        (lambda p: _export(p), ["--input-shape", "2x3x8x8", "--input-shape", "1x3"], "takes 1 input(s)"),
+        (lambda p: _export(p), ["--data", "/nonexistent.pt"], "no such file '/nonexistent.pt' for --data"),
+    ],
+)
+def test_bad_programs_are_one_line_exit_2(tmp_path, capfd, make, args, message):
+    path = tmp_path / "model.pt2"
+    make(path)
+    assert main(["compile", str(path), "--out", str(tmp_path / "d"), *args]) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("bitmix: error:") and message in err, err
+
+
+def test_bad_calibration_file(tmp_path, capfd):
+    model, calib = _export(tmp_path / "m.pt2"), tmp_path / "c.pt"
+    torch.save(torch.rand(16, 3, 9, 9), calib)
+    assert main(["compile", model, "--data", str(calib), "--out", str(tmp_path / "d")]) == 2
+    assert "only the batch (first) dimension may differ" in capfd.readouterr().err
+
+
+class BakedBatch(torch.nn.Module):
+    """`x.view(x.shape[0], -1)` exported with a static batch becomes `view(x, [2, -1])`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.view(x.shape[0], -1))
+
+
+def test_data_a_static_program_cannot_run(tmp_path, capfd):
+    model, calib = tmp_path / "baked.pt2", tmp_path / "c.pt"
+    torch.export.save(torch.export.export(BakedBatch().eval(), (torch.randn(2, 3, 4),)), model)
+    torch.save(torch.rand(64, 3, 4), calib)
+    assert main(["compile", str(model), "--data", str(calib), "--out", str(tmp_path / "d")]) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not run on --data" in err and "Dim('batch')" in err, err
+
+
+def test_version(capsys):
+    from bitmix import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"bitmix {__version__}"

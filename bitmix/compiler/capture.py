@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import networkx as nx
 import torch
@@ -20,6 +21,11 @@ from bitmix.errors import BitmixError, NoQuantizableLayers
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
 
 aten = torch.ops.aten
+
+# torch (2.13 here) deprecates its pytree `LeafSpec` class yet still builds every exported module's input/output
+# specs from it, so each deep copy of such a module (we copy so the caller's model is never touched) warns from
+# inside torch (torch/utils/_pytree.py, `class LeafSpec`). bitmix never uses LeafSpec: hide exactly that message.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 CONV_OPS = {aten.conv2d.default, aten.convolution.default}
 LINEAR_OPS = {aten.linear.default}

@@ -45,7 +45,7 @@ def prepare(graph: LayerGraph) -> fx.GraphModule:
     """
     source = graph.exported.module()
     gm = fx.GraphModule(source, source.graph)
-    _drop_guards(gm)
+    drop_guards(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     missing = [layer.name for layer in graph.layers if layer.node not in nodes]
     if missing:
@@ -65,7 +65,7 @@ def prepare(graph: LayerGraph) -> fx.GraphModule:
     return gm.eval()
 
 
-def _drop_guards(gm: fx.GraphModule) -> None:
+def drop_guards(gm: fx.GraphModule) -> None:
     """torch.export's input guards pin the example batch size; prepared models take any batch."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("_guards"):

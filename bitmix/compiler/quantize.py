@@ -258,30 +258,23 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
 
 
 def fake_quantize(
-    graph_or_model: object,
+    model: nn.Module,
     assignment: dict[str, int],
     calibration: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.fx.GraphModule:
     """A new fake-quantized copy of a prepared model with per-layer bits from `assignment`.
 
-    `graph_or_model` is a `LayerGraph` (prepared here with `fold.prepare`) or an
-    already prepared module (deep-copied). Layers missing from `assignment` stay float.
-    Weight steps come from the weights. Activation steps come from one forward pass
-    over `calibration` when given (an operand whose calibration values are all >= 0 is
-    then quantized unsigned); without calibration they use the data-free default
-    `s0 = 2 E|v| / sqrt(Q_P)` for unit-Gaussian values (E|v| = sqrt(2/pi) signed,
+    `model` is a module prepared by `fold.prepare` (deep-copied, never changed). Layers
+    missing from `assignment` stay float. Weight steps come from the weights.
+    Activation steps come from one forward pass over `calibration` when given (an operand
+    whose calibration values are all >= 0 is then quantized unsigned); without calibration
+    they use the data-free default `s0 = 2 E|v| / sqrt(Q_P)` for unit-Gaussian values (E|v| = sqrt(2/pi) signed,
     1/sqrt(2 pi) unsigned), which suits normalised activations and is refined by
     fine-tuning.
     """
-    from bitmix.compiler.fold import prepare
-    from bitmix.ir.graph import LayerGraph
-
-    if isinstance(graph_or_model, LayerGraph):
-        model = prepare(graph_or_model)
-    elif isinstance(graph_or_model, nn.Module):
-        model = copy.deepcopy(graph_or_model)
-    else:
-        raise BitmixError("fake_quantize needs a LayerGraph or a module prepared by bitmix.compiler.fold.prepare")
+    if not isinstance(model, nn.Module):
+        raise BitmixError("fake_quantize needs a module prepared by bitmix.compiler.fold.prepare(graph)")
+    model = copy.deepcopy(model)
     layers = quant_layers(model)
     unknown = sorted(set(assignment) - set(layers))
     if unknown:

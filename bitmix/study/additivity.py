@@ -22,7 +22,7 @@ def additivity(config: StudyConfig, out: Path, fp: str, prepared: nn.Module, nam
     Two sets of `config.additivity` subsets: "spread" lowers 1..all free layers (ρ there is helped by the
     count of lowered layers alone), "fixed" lowers exactly half of them (only the choice of layers varies).
     """
-    from bitmix.compiler.additivity import correlate, measure_drops, random_assignments
+    from bitmix.study.drops import correlate, measure_drops, random_assignments
 
     methods = [m for m in config.methods if sensitivity.strategy(m) == "knapsack"]
     if config.additivity < 2 or not methods:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from bitmix import kernels
 from bitmix.compiler.capture import capture
+from bitmix.compiler.fold import prepare
 from bitmix.compiler.lower import KernelPlan, lower, matmul_kernel
 from bitmix.compiler.quantize import fake_quantize, quant_layers
 
@@ -19,7 +20,7 @@ def digits_lowered():
     graph = capture(model, inputs, "digits-cnn")
     bits = [8, 4, 2, 4, 2, 4, 2, 4, 8]
     assignment = dict(zip(graph.names, bits, strict=True))
-    fq = fake_quantize(graph, assignment, data.calibration(128))
+    fq = fake_quantize(prepare(graph), assignment, data.calibration(128))
     return graph, data, fq, lower(fq)
 
 
@@ -108,7 +109,7 @@ def test_minilm_attention_lowers(capture_zoo, load_zoo):
     model, inputs, data = load_zoo("minilm")
     graph = capture_zoo("minilm")
     assignment = {name: 8 for name in graph.names}
-    fq = fake_quantize(graph, assignment, data.calibration(16))
+    fq = fake_quantize(prepare(graph), assignment, data.calibration(16))
     lowered = lower(fq)
     x = tuple(t[:4] for t in data.test.inputs)
     with torch.no_grad():

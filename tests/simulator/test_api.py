@@ -3,7 +3,7 @@ import json
 import pytest
 
 from bitmix.errors import BitmixError
-from bitmix.simulator import simulate, simulate_calls, simulate_model_cli, uniform
+from bitmix.simulator import simulate, simulate_calls, uniform
 
 from .conftest import conv
 
@@ -38,10 +38,3 @@ def test_bad_assignments():
     with pytest.raises(BitmixError, match="unknown engine"):
         simulate_calls(layers, {"a": 8}, engine="spice")
 
-
-def test_cli_support_writes_json(tmp_path, capsys):
-    out = tmp_path / "sim.json"
-    assert simulate_model_cli("digits-mlp", 4, None, "cycle", str(out)) == 0
-    data = json.loads(out.read_text())
-    assert data["engine"] == "cycle" and data["chips"] == 1
-    assert "frames/s" in capsys.readouterr().out

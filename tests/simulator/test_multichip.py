@@ -15,7 +15,6 @@ def test_3b_stack_at_4_bits_pipelines_over_chips():
     assert len(r.stages) == r.chips and r.stages[-1].transfer_bytes == 0
     assert all(s.weight_bytes <= s.capacity_bytes for s in r.stages)
     assert all(s.transfer_bytes > 0 and s.transfer_s > 0 for s in r.stages[:-1])
-    assert r.throughput_fps == pytest.approx(1 / max(max(s.latency_s, s.transfer_s) for s in r.stages))
     assert r.latency_s > r.pipeline_period_s
     assert r.energy_breakdown_j["pcie"] > 0
     r8 = simulate_calls(layers, uniform(layers, 8))

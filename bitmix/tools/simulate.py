@@ -1,25 +1,24 @@
-"""`bitmix simulate MODEL --bits B`: load a zoo model, capture, simulate, print, write JSON."""
+"""`bitmix simulate MODEL --bits B`: load a zoo model or a .pt2 program, capture, simulate, print, write JSON."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from bitmix.compiler.capture import capture
 from bitmix.errors import BitmixError
+from bitmix.simulator.api import simulate, uniform
 from bitmix.simulator.config import check_bits, load_chip_config
+from bitmix.tools.models import load_model
 
 
-def simulate_model_cli(model_name: str, bits: int, config_path: str | None, engine: str,
-                       json_path: str | None) -> int:
+def simulate_model_cli(model_spec: str, bits: int, config_path: str | None, engine: str, json_path: str | None,
+                       input_shapes: list[tuple[int, ...]] | None = None) -> int:
     """Exit code 0 on success; user errors raise BitmixError for the CLI to print."""
-    from bitmix import zoo
-    from bitmix.compiler.capture import capture
-    from bitmix.simulator.api import simulate, uniform
-
     check_bits(bits)
     chip = load_chip_config(config_path)
-    model, example_inputs, _ = zoo.load(model_name)
-    graph = capture(model, example_inputs, model_name)
+    loaded = load_model(model_spec, input_shapes)
+    graph = capture(loaded.model, loaded.inputs, loaded.name)
     result = simulate(graph, uniform(graph, bits), chip, engine)
     result.print()
     if json_path:

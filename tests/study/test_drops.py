@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from bitmix import zoo
-from bitmix.compiler.additivity import check_additivity, random_assignments
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.sensitivity import ScoreContext, score
 from bitmix.errors import BitmixError
 from bitmix.ir.targets import get_target
+from bitmix.study.drops import check_additivity, random_assignments
 
 torch.set_num_threads(1)
 MIXED = get_target("mixed-npu")
@@ -38,5 +38,4 @@ def test_sqnr_scores_predict_measured_drop_on_digits_mlp():
     scores = score("sqnr", ScoreContext(graph, MIXED, gm, data))
     result = check_additivity(gm, graph.names, MIXED, scores, data, n=8, seed=0)
     assert len(result.predicted) == len(result.measured) == 8
-    assert -1.0 <= result.rho <= 1.0
     assert result.rho > 0.3  # noise powers roughly add: the ranking carries over
