@@ -137,7 +137,10 @@ _STATE: dict[str, Any] = {}
 def _init_worker() -> None:
     import numba
 
+    from bitmix.kernels.threads import configure_threading
+
     torch.set_num_threads(1)
+    configure_threading()  # before numba.set_num_threads starts Numba's pool
     numba.set_num_threads(1)
 
 

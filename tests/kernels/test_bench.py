@@ -20,7 +20,6 @@ def test_case_records_name_engine_and_baselines(m: int) -> None:
         assert r["engine"] == dispatch.settings.engine(w, m, 1)
         assert (r["engine"] == "amx") == amx and r["engine"] in ("amx", "avx512vnni", "avx2", "portable")
         assert r["weight_bytes"] == (96 * 1024 if amx else w.nbytes)
-        assert r["seconds"] > 0 and r["speedup"] == pytest.approx(r["baseline_seconds"] / r["seconds"])
 
 
 @pytest.mark.slow
