@@ -18,6 +18,8 @@ import contextlib
 import copy
 import itertools
 import math
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -53,28 +55,33 @@ class KernelPlan:
     b_signed: bool = True
 
 
-_PLANS: dict[int, KernelPlan] = {}
+_PLANS: weakref.WeakValueDictionary[int, KernelPlan] = weakref.WeakValueDictionary()
 _NEXT = itertools.count(1)
 
 
 def _register(plan: KernelPlan) -> int:
+    """A handle the custom ops can carry; the registry holds the plan weakly, its ``KernelLayer`` owns it."""
     handle = next(_NEXT)
     _PLANS[handle] = plan
     return handle
 
 
 def _plan(handle: int) -> KernelPlan:
-    try:
-        return _PLANS[handle]
-    except KeyError:
-        raise BitmixError(f"no lowered layer with handle {handle}; re-run bitmix.compile") from None
+    plan = _PLANS.get(handle)
+    if plan is None:
+        raise BitmixError(f"no lowered layer with handle {handle}: the compiled model that owned it was freed; "
+                          "keep it alive while its exported programs run, or re-run bitmix.compile")
+    return plan
 
 
-def _qlinear(x: torch.Tensor, handle: int) -> torch.Tensor:
-    p = _plan(handle)
+def _run_linear(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
     assert p.packed is not None and p.w_scales is not None
     y = kernels.qlinear(_np(x), p.packed, p.w_scales, p.a_step, p.bits, p.a_signed, p.bias)
     return torch.from_numpy(y)
+
+
+def _qlinear(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return _run_linear(x, _plan(handle))
 
 
 qlinear_op = torch.library.custom_op("bitmix::qlinear", mutates_args=())(_qlinear)
@@ -85,12 +92,15 @@ def _(x: torch.Tensor, handle: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], _plan(handle).out_features))
 
 
-def _qconv2d(x: torch.Tensor, handle: int) -> torch.Tensor:
-    p = _plan(handle)
+def _run_conv2d(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
     assert p.packed is not None and p.w_scales is not None
     y = kernels.qconv2d(_np(x), p.packed, p.w_scales, p.a_step, p.bits, p.a_signed, p.bias, p.kernel_size,
                         p.stride, p.padding, p.dilation, p.groups)
     return torch.from_numpy(y)
+
+
+def _qconv2d(x: torch.Tensor, handle: int) -> torch.Tensor:
+    return _run_conv2d(x, _plan(handle))
 
 
 qconv2d_op = torch.library.custom_op("bitmix::qconv2d", mutates_args=())(_qconv2d)
@@ -106,9 +116,12 @@ def _(x: torch.Tensor, handle: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], p.out_features, ho, wo))
 
 
-def _qmatmul(a: torch.Tensor, b: torch.Tensor, handle: int) -> torch.Tensor:
-    p = _plan(handle)
+def _run_matmul(a: torch.Tensor, b: torch.Tensor, p: KernelPlan) -> torch.Tensor:
     return torch.from_numpy(matmul_kernel(_np(a), _np(b), p))
+
+
+def _qmatmul(a: torch.Tensor, b: torch.Tensor, handle: int) -> torch.Tensor:
+    return _run_matmul(a, b, _plan(handle))
 
 
 qmatmul_op = torch.library.custom_op("bitmix::qmatmul", mutates_args=())(_qmatmul)
@@ -119,25 +132,55 @@ def _(a: torch.Tensor, b: torch.Tensor, handle: int) -> torch.Tensor:
     return torch.matmul(a, b)
 
 
+class _TorchThreads:
+    """Bookkeeping for ``torch_on_one_thread`` (see there): nesting per thread, windows across threads."""
+
+    lock = threading.Lock()
+    open_windows = 0  # threads currently inside one-thread mode
+    base = 1  # torch's thread count seen by the first of them
+    local = threading.local()  # .depth: 1 inside this thread's outermost block
+
+
 @contextlib.contextmanager
-def torch_on_one_thread() -> Iterator[None]:
+def torch_on_one_thread(enabled: bool | None = None) -> Iterator[None]:
     """Run torch's own ops (ReLU, adds, pooling, ...) on one thread while lowered layers run.
 
     The kernels' TBB threads and torch's OpenMP pool share the cores, and after each torch
     op torch's threads spin waiting for the next one, taking CPU time from the kernel that
     follows. Measured on the 2-vCPU VM: resnet50 batch 1 49.8 -> 41.7 ms, digits-cnn batch 256
-    11.8 -> 8.1 ms, mobilenetv2 125 -> 102 ms; resnet18 and minilm unchanged. torch has no
-    per-call setting, so this is process-wide while the model runs, and restored after.
+    11.8 -> 8.1 ms, mobilenetv2 125 -> 102 ms; resnet18 and minilm unchanged.
+
+    On when ``enabled`` is True, or when None and ``kernels.dispatch.settings.torch_one_thread``
+    (the default; ``kernels.dispatch.use(torch_one_thread=False)`` turns it off for a block).
+    torch keeps a thread count per Python thread, copied from a process-wide value when a thread
+    first runs a torch op, and ``torch.set_num_threads`` sets both; so the calling thread's count
+    is restored on exit (the outermost block of nested ones), also on error. A thread that first
+    touches torch while another is inside this block starts from 1: torch gives no way to set the
+    process-wide value alone, which is why this is a switch. Threads entering while another's
+    block is open and seeing 1 restore the count seen by the first of them.
     """
-    threads = torch.get_num_threads()
-    if threads == 1:
+    state = _TorchThreads
+    on = kernels.dispatch.settings.torch_one_thread if enabled is None else enabled
+    if not on or getattr(state.local, "depth", 0):  # off, or an outer block of this thread holds the mode
         yield
         return
-    torch.set_num_threads(1)
+    with state.lock:
+        own = torch.get_num_threads()
+        if state.open_windows == 0:
+            state.base = own
+        restore = own if state.open_windows == 0 or own != 1 else state.base
+        state.open_windows += 1
+        if own != 1:
+            torch.set_num_threads(1)
+    state.local.depth = 1
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        state.local.depth = 0
+        with state.lock:
+            state.open_windows -= 1
+            if torch.get_num_threads() != restore:
+                torch.set_num_threads(restore)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -167,7 +210,7 @@ def _plain_tensors(*tensors: torch.Tensor | None) -> bool:
     return not torch.compiler.is_compiling() and all(t is None or type(t) is torch.Tensor for t in tensors)
 
 
-_IMPLS = {"linear": (_qlinear, "qlinear"), "conv2d": (_qconv2d, "qconv2d"), "matmul": (_qmatmul, "qmatmul")}
+_IMPLS = {"linear": (_run_linear, "qlinear"), "conv2d": (_run_conv2d, "qconv2d"), "matmul": (_run_matmul, "qmatmul")}
 
 
 class CallRecorder:
@@ -183,7 +226,11 @@ class CallRecorder:
 
 
 class KernelLayer(nn.Module):
-    """Drop-in for a quantized `QuantLayer`: calls the bitmix custom op for its kind."""
+    """Drop-in for a quantized `QuantLayer`: calls the bitmix custom op for its kind.
+
+    The layer owns its plan (packed weights and all): they are freed with it. The custom ops
+    reach the plan through ``handle``, which a copy or unpickled layer gets afresh.
+    """
 
     def __init__(self, plan: KernelPlan, recorder: CallRecorder) -> None:
         super().__init__()
@@ -194,23 +241,24 @@ class KernelLayer(nn.Module):
         self.handle = _register(plan)
         self.recorder = recorder
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.handle = _register(self.plan)
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, kind={self.kind}, bits={self.bits}, handle={self.handle}"
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         impl, op = _IMPLS[self.kind]
-        if self.kind == "matmul":
-            assert other is not None
-            args: tuple = (x, other, self.handle)
-        else:
-            args = (x, self.handle)
+        assert (other is not None) == (self.kind == "matmul")
+        operands: tuple = (x,) if other is None else (x, other)
         if not _plain_tensors(x, other):
-            out = getattr(torch.ops.bitmix, op)(*args)
+            out = getattr(torch.ops.bitmix, op)(*operands, self.handle)
         elif torch.autograd.profiler._is_profiler_enabled:  # profiles still name the op
             with torch.profiler.record_function(f"bitmix::{op}"):
-                out = impl(*args)
+                out = impl(*operands, self.plan)
         else:
-            out = impl(*args)
+            out = impl(*operands, self.plan)
         self.recorder.record(self.name, tuple(x.shape), tuple(other.shape) if other is not None else (),
                              tuple(out.shape))
         return out

@@ -255,10 +255,10 @@ def _report(graph: LayerGraph, tgt: Target, method: str, goal: Caps, chosen: All
         k: v for k, v in (("cycles", goal.cycles), ("energy_j", goal.energy_j)) if v is not None}
     simulated = {k: getattr(sim, k) for k in ("cycles", "latency_s", "throughput_fps", "energy_per_frame_j",
                                                "power_w", "fps_per_w", "utilization", "chips", "frames")}
-    from bitmix.kernels import ACTIVE_PATH
+    from bitmix.kernels import dispatch
 
     info = {"achieved_fraction": chosen.fraction, "solver": chosen.solver, "optimality_gap": chosen.gap,
-            "kernel_path": ACTIVE_PATH, "layers": len(graph.layers), "total_macs": graph.total_macs}
+            "kernel_path": dispatch.path, "layers": len(graph.layers), "total_macs": graph.total_macs}
     return Report(graph.model_name, tgt.name, method, budget, tuple(rows), simulated, accuracy, timings,
                   tuple(frontier), tuple(uniform_pts), dict(sim.energy_breakdown_j), tuple(warn), info)
 

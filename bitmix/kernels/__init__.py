@@ -1,22 +1,54 @@
 """Bit-packed int2/int4/int8 CPU kernels (Numba) and their integer reference.
 
-``ACTIVE_PATH`` names the SIMD path chosen at import time (see ``bitmix.kernels.simd``).
+Importing this package loads no Numba: packing, the reference and ``dispatch`` are plain
+Python/NumPy, and the kernel functions (``gemm``, ``conv2d``, ``bmm``, ``qlinear``, ``qconv2d``,
+``quantize_activations``) load their Numba modules on first use, which also picks the
+threading layer. ``dispatch`` chooses the SIMD path at the first kernel call
+(``routing``; ``dispatch.use("avx2", serial=True)`` overrides it for a block).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from bitmix.kernels import reference
-from bitmix.kernels.batched import bmm
-from bitmix.kernels.conv import conv2d
-from bitmix.kernels.matmul import ACTIVE_PATH, gemm
+from bitmix.kernels.cpu import available_paths
 from bitmix.kernels.pack import PackedWeight, pack_weights, unpack_weights
-from bitmix.kernels.quant import qconv2d, qlinear, quantize_activations
-from bitmix.kernels.simd import available_paths
+from bitmix.kernels.routing import DispatchSettings, dispatch
+
+if TYPE_CHECKING:
+    from bitmix.kernels.batched import bmm
+    from bitmix.kernels.conv import conv2d
+    from bitmix.kernels.matmul import gemm
+    from bitmix.kernels.quant import qconv2d, qlinear, quantize_activations
+
+_LAZY = {  # kernel function -> the Numba module defining it
+    "bmm": "bitmix.kernels.batched",
+    "conv2d": "bitmix.kernels.conv",
+    "gemm": "bitmix.kernels.matmul",
+    "qconv2d": "bitmix.kernels.quant",
+    "qlinear": "bitmix.kernels.quant",
+    "quantize_activations": "bitmix.kernels.quant",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Load a kernel's Numba module on first access (PEP 562); later lookups hit the module dict."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
-    "ACTIVE_PATH",
+    "DispatchSettings",
     "PackedWeight",
     "available_paths",
     "bmm",
     "conv2d",
+    "dispatch",
     "gemm",
     "pack_weights",
     "qconv2d",

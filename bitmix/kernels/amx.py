@@ -3,8 +3,9 @@
 A Sapphire Rapids core multiplies a 16x64 s8 tile by a 64x16 s8 tile into 16x16 s32 in one
 ``tdpbssd`` (16,384 MACs, throughput one per 16 cycles: 1,024 MAC/cycle, 16x a ``vpdpbusd
 zmm``). Once M is large enough to fill tiles, this beats any unpack-and-``vpdpbusd`` loop
-(measured on 3136x64x576: 0.087 ms vs 1.34 ms), so ``matmul`` routes products with one
-group, ``M >= AMX_MIN_M`` and at least ``AMX_MIN_MACS`` here.
+(measured on 3136x64x576: 0.087 ms vs 1.34 ms), so on the ``avx512amx`` path ``dispatch`` routes
+products with one group and at least ``amx_min_m`` rows and ``amx_min_macs`` MACs here
+(``routing.DispatchSettings``).
 
 Layout. Activations are the same signed bytes ``a8 = a - shift`` the other paths use, in a
 ``(mp, kp)`` buffer with ``mp`` a multiple of ``BLOCK`` and ``kp`` = K rounded up to 64; pad
@@ -39,8 +40,6 @@ from numba.extending import intrinsic
 from bitmix.kernels import simd
 from bitmix.kernels.pack import PackedWeight, unpack_weights
 
-AMX_MIN_M = 16  # fewer activation rows than a tile holds: the vpdpbusd micro-kernels win
-AMX_MIN_MACS = 1 << 20  # below ~1-2 M MACs the engine's fixed cost loses to them (measured 16-256 x 32-4096)
 BLOCK = 32  # output rows and columns per 2x2 tile block
 TILE_K = 64  # bytes (int8 codes) per tile row
 AMX_MACS_PER_S = 5e11  # one core, rounded down from 3136x64x576 in 0.087 ms on 2 cores (6.6e11 each)

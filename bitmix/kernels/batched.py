@@ -13,7 +13,9 @@ import numpy as np
 from numba import njit, prange
 
 from bitmix.errors import BitmixError
+from bitmix.kernels import threads
 
+threads.configure_threading()  # before this module's parallel loop first runs
 MAX_K = (2**31 - 1) // (255 * 255)
 
 

@@ -33,9 +33,10 @@ import torch
 from numba import njit, prange
 
 from bitmix.kernels import amx
-from bitmix.kernels.matmul import ACTIVE_PATH, engine_name, gemm, uses_amx
+from bitmix.kernels.matmul import gemm
 from bitmix.kernels.pack import PackedWeight, code_range, pack_weights
 from bitmix.kernels.quant import qlinear
+from bitmix.kernels.routing import dispatch
 
 
 def _l3_bytes(default: int = 32 << 20) -> int:
@@ -97,22 +98,23 @@ _COLD_START = """
 import json, sys, time
 t0 = time.perf_counter()
 import numpy as np
-from bitmix.kernels import amx, gemm, matmul, pack_weights
-from bitmix.kernels.matmul import ACTIVE_PATH, core_for
+from bitmix.kernels import amx, dispatch, gemm, pack_weights
+from bitmix.kernels.isa import isa_of
+from bitmix.kernels.tiling import core_for
 t1 = time.perf_counter()
 res = {"import_s": t1 - t0, "first_call_s": {}, "cache_misses": 0}
-on_amx = ACTIVE_PATH == "avx512amx"
+on_amx = dispatch.path == "avx512amx"
 for bits in map(int, sys.argv[1].split(",")):
     w = pack_weights(np.ones((64, 256), np.int8), bits)
     t = time.perf_counter()
-    for cutoff in (1 << 62, 0):  # every serial driver, then every parallel one
-        matmul.SERIAL_MAX_MACS = cutoff
-        gemm(np.ones((1, 256), np.int8), w, 8, True)
-        if on_amx:
-            gemm(np.ones((64, 256), np.int8), w, 8, True)  # 1 M MACs: the AMX engine
+    for serial in (True, False):  # every serial driver, then every parallel one
+        with dispatch.use(serial=serial):
+            gemm(np.ones((1, 256), np.int8), w, 8, True)
+            if on_amx:
+                gemm(np.ones((64, 256), np.int8), w, 8, True)  # 1 M MACs: the AMX engine
     res["first_call_s"][bits] = time.perf_counter() - t
     for parallel in (True, False):
-        res["cache_misses"] += sum(core_for(bits, ACTIVE_PATH, parallel).stats.cache_misses.values())
+        res["cache_misses"] += sum(core_for(bits, isa_of(dispatch.path), parallel).stats.cache_misses.values())
 if on_amx:
     res["cache_misses"] += sum(sum(amx.driver(p).stats.cache_misses.values()) for p in (True, False))
 print(json.dumps(res))
@@ -202,7 +204,8 @@ def _bench_case(
     med = _median_times(fns, repeats)
     base = {name: med[name] for name in ("torch_fp32", "torch_int8_dynamic")}
     mine = {name: med[name] for name in (op, "qlinear") if name in med}
-    on_amx = uses_amx(first, m, 1)
+    settings = dispatch.settings
+    on_amx = settings.uses_amx(first, m, 1)
     wbytes = amx.weight_tiles(first).nbytes if on_amx else first.nbytes  # the bytes the engine reads
     records = []
     for name, secs in mine.items():
@@ -210,7 +213,7 @@ def _bench_case(
             records.append(
                 {
                     "op": name,
-                    "engine": engine_name(first, m, 1),
+                    "engine": settings.engine(first, m, 1),
                     "shape": [m, n, k],
                     "w_bits": w_bits,
                     "a_bits": a_bits,
@@ -301,14 +304,14 @@ def run_kernel_bench(quick: bool = False, json_path: str | None = None) -> list[
             records += _bench_case(rng, m, n, k, bits, "hot", reps, bw, with_qlinear=False)
     meta = {
         "loadavg_1min": load_before,
-        "kernel_path": ACTIVE_PATH,
+        "kernel_path": dispatch.path,
         "threads": threads,
         "threading_layer": numba.threading_layer(),
         "bandwidth": bandwidth,
         "cold_start": cold_start,
     }
     for r in records:
-        r.update(kernel_path=ACTIVE_PATH, threads=threads, threading_layer=meta["threading_layer"], bandwidth_gbps=bw,
+        r.update(kernel_path=dispatch.path, threads=threads, threading_layer=meta["threading_layer"], bandwidth_gbps=bw,
                  loadavg_1min=meta["loadavg_1min"])
     _print_table(records, meta)
     if json_path:

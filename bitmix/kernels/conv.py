@@ -27,15 +27,10 @@ import numpy as np
 from numba import njit, prange
 
 from bitmix.errors import BitmixError
-from bitmix.kernels.matmul import (
-    activation_layout,
-    check_activation_spec,
-    check_packed,
-    check_range,
-    run_core,
-    uses_amx,
-)
+from bitmix.kernels.launch import activation_layout, run_core
+from bitmix.kernels.matmul import check_activation_spec, check_packed, check_range
 from bitmix.kernels.pack import PackedWeight, unpack_weights
+from bitmix.kernels.routing import DispatchSettings, dispatch
 from bitmix.kernels.scratch import scratch
 
 
@@ -241,17 +236,18 @@ def conv_geometry(
 
 
 def conv_acc_channels_last(x_nhwc: np.ndarray, w: PackedWeight, geom: tuple[int, ...], shift: int,
-                           nchw: tuple | None = None) -> np.ndarray | None:
+                           nchw: tuple | None = None, settings: DispatchSettings | None = None) -> np.ndarray | None:
     """int32 ``(B * Ho * Wo, C_out)`` result of a one-group conv on channels-last codes (AMX engine),
     in this thread's scratch buffer (valid until its next conv); with ``nchw`` = (scale, bias,
     hw, y) the engine writes the dequantized NCHW output into ``y`` instead and this returns None."""
     kh, kw, sh, sw, ph, pw, dh, dw, _, ho, wo = geom
     m = x_nhwc.shape[0] * ho * wo
-    mp, kp = activation_layout(w, m, 1)
+    mp, kp = activation_layout(w, m, 1, settings)
     a8 = scratch("conv.a8", mp * kp, np.int8)  # pad rows/columns are ignored by the AMX engine
     _im2col_nhwc(x_nhwc, shift, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, kp, a8)
     out = None if nchw is not None else scratch("conv.acc", (m, w.n), np.int32)
-    run_core(a8, np.zeros(0, dtype=np.int64), w, shift, 1, m, mp, out, taps=(x_nhwc.shape[3], kh, kw), nchw=nchw)
+    run_core(a8, np.zeros(0, dtype=np.int64), w, shift, 1, m, mp, out, taps=(x_nhwc.shape[3], kh, kw), nchw=nchw,
+             settings=settings)
     return out
 
 
@@ -280,13 +276,15 @@ def conv2d(
     m = nb * ho * wo
     if groups > 1 and a_codes.shape[1] == groups:
         return depthwise_conv(a_codes, w, geom)
-    if uses_amx(w, m, groups):
-        out = conv_acc_channels_last(np.ascontiguousarray(a_codes.transpose(0, 2, 3, 1)), w, geom, shift)
+    settings = dispatch.settings
+    if settings.uses_amx(w, m, groups):
+        nhwc = np.ascontiguousarray(a_codes.transpose(0, 2, 3, 1))
+        out = conv_acc_channels_last(nhwc, w, geom, shift, settings=settings)
         return np.ascontiguousarray(out.reshape(nb, ho, wo, w.n).transpose(0, 3, 1, 2))
-    mp, kp = activation_layout(w, m, groups)
+    mp, kp = activation_layout(w, m, groups, settings)
     a8 = np.zeros(groups * mp * kp, dtype=np.int8)
     asum = np.zeros(groups * mp, dtype=np.int64)
     _im2col(np.ascontiguousarray(a_codes), shift, groups, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, mp, kp, a8, asum)
     out = scratch("conv.acc", (m, w.n), np.int32)
-    run_core(a8, asum, w, shift, groups, m, mp, out)
+    run_core(a8, asum, w, shift, groups, m, mp, out, settings=settings)
     return np.ascontiguousarray(out.reshape(nb, ho, wo, w.n).transpose(0, 3, 1, 2))

@@ -29,8 +29,9 @@ from bitmix.kernels.conv import (
     depthwise_channels_last,
     depthwise_conv,
 )
-from bitmix.kernels.matmul import check_activation_spec, check_packed, gemm, uses_amx
+from bitmix.kernels.matmul import check_activation_spec, check_packed, gemm
 from bitmix.kernels.pack import PackedWeight
+from bitmix.kernels.routing import dispatch
 
 DEPTHWISE_NCHW_MIN_WIDTH = 32
 
@@ -212,7 +213,8 @@ def qconv2d(
             acc = depthwise_conv(quantize_activations(x, a_step, a_bits, a_signed), w, geom)
             _dequantize_nchw(acc.reshape(nb, w.n, ho * wo), scale, bias if has_bias else scale, has_bias, y)
             return y.reshape(nb, w.n, ho, wo)
-        if depthwise or uses_amx(w, nb * ho * wo, geom[8]):
+        settings = dispatch.settings
+        if depthwise or settings.uses_amx(w, nb * ho * wo, geom[8]):
             lo, hi, shift = check_activation_spec(a_bits, a_signed)
             codes = np.empty((nb, x.shape[2], x.shape[3], x.shape[1]), dtype=np.int8 if a_signed else np.uint8)
             if _quantize_to_channels_last(np.ascontiguousarray(x), _step(a_step), lo, hi, codes):
@@ -221,7 +223,7 @@ def qconv2d(
                 acc = depthwise_channels_last(codes, w, geom)
                 _dequantize_to_nchw(acc, scale, bias if has_bias else scale, has_bias, ho * wo, y)
             else:
-                conv_acc_channels_last(codes, w, geom, shift, nchw=(scale, bias, ho * wo, y))
+                conv_acc_channels_last(codes, w, geom, shift, nchw=(scale, bias, ho * wo, y), settings=settings)
             return y.reshape(nb, w.n, ho, wo)
     codes = quantize_activations(x, a_step, a_bits, a_signed)
     acc = conv2d(codes, w, kernel_size, stride, padding, dilation, groups, a_bits, a_signed)

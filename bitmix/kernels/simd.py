@@ -1,90 +1,27 @@
-"""CPU-feature dispatch and x86 SIMD intrinsics for the Numba kernels.
+"""x86 SIMD intrinsics for the Numba kernels, and the helpers that keep their disk cache effective.
 
 Numba has no SIMD vector type and LLVM 22 never emits ``vpmaddubsw`` or ``vpdpbusd``
 from scalar loops, so this module gives Numba opaque vector types backed by LLVM
 ``<n x iK>`` values plus ``@intrinsic`` functions that call the x86 intrinsics.
 LLVM keeps these values in registers after inlining (checked with ``inspect_asm``).
+Which path may use which intrinsics is decided in ``cpu`` and ``routing``.
 
-Paths, chosen once at import time (``ACTIVE_PATH``):
-
-* ``avx512vnni`` -- needs avx512f/bw/vl + avx512vnni; ``vpdpbusd`` on zmm (u8 x s8 -> s32).
-* ``avx2`` -- ``vpmaddubsw`` (u8 x s8 -> s16 pairs) + ``vpmaddwd`` (-> s32).
-* ``avx512amx`` -- the ``avx512vnni`` kernels, plus the AMX tile engine (``amx``) for
-  products with many activation rows; needs amx-tile/amx-int8 and the kernel's permission.
-* ``portable`` -- plain Numba loops, any CPU.
-
-``BITMIX_KERNEL_PATH=portable|avx2|avx512vnni`` forces a path (tests use it); forcing a
-path the CPU cannot run raises ``BitmixError`` instead of dying on SIGILL later. CPU
-features come from ``NUMBA_CPU_FEATURES`` when set (that is what Numba compiles for),
-else from LLVM's host query.
+Every Numba kernel module imports this one (or ``threads``) first, so the threading layer
+is chosen before any parallel kernel compiles or loads from the cache.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import os
-import platform
 from types import FunctionType
 
-import llvmlite.binding as llvm
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.core.extending import _Intrinsic
 from numba.extending import intrinsic, models, register_model
 
-from bitmix.errors import BitmixError
+from bitmix.kernels import threads
 
-PATHS = ("portable", "avx2", "avx512vnni", "avx512amx")
-_NEEDS = {
-    "portable": frozenset(),
-    "avx2": frozenset({"avx2"}),
-    "avx512vnni": frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}),
-    "avx512amx": frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "amx-tile", "amx-int8"}),
-}
-_ARCH_REQ_XCOMP_PERM = 0x1023  # Linux arch_prctl: request an extended-state component
-_XFEATURE_XTILEDATA = 18
-_SYS_ARCH_PRCTL = 158  # x86_64 syscall number
-
-
-@functools.cache
-def amx_permitted() -> bool:
-    """Ask Linux for the AMX tile state (off until requested, else tile instructions are SIGILL)."""
-    if platform.system() != "Linux" or platform.machine() != "x86_64":
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def cpu_features() -> frozenset[str]:
-    """Features Numba will compile for: ``NUMBA_CPU_FEATURES`` if set, else the host's."""
-    forced = os.environ.get("NUMBA_CPU_FEATURES")
-    if forced:
-        return frozenset(f[1:] for f in forced.split(",") if f.startswith("+"))
-    return frozenset(k for k, v in llvm.get_host_cpu_features().items() if v)
-
-
-def available_paths(features: frozenset[str] | None = None) -> tuple[str, ...]:
-    """Paths this CPU can execute, slowest first."""
-    feats = cpu_features() if features is None else features
-    return tuple(p for p in PATHS if _NEEDS[p] <= feats and (p != "avx512amx" or amx_permitted()))
-
-
-def select_path(features: frozenset[str] | None = None) -> str:
-    """The fastest available path, or the one forced by ``BITMIX_KERNEL_PATH``."""
-    avail = available_paths(features)
-    forced = os.environ.get("BITMIX_KERNEL_PATH", "").strip().lower()
-    if not forced:
-        return avail[-1]
-    if forced not in PATHS:
-        raise BitmixError(f"BITMIX_KERNEL_PATH={forced!r}: expected one of {', '.join(PATHS)}")
-    if forced not in avail:
-        missing = ", ".join(sorted(_NEEDS[forced] - cpu_features())) or "the kernel's AMX permission"
-        raise BitmixError(f"BITMIX_KERNEL_PATH={forced!r}: this CPU lacks {missing}")
-    return forced
+threads.configure_threading()
 
 
 def cache_variant(func: FunctionType, tag: str) -> FunctionType:
@@ -111,6 +48,13 @@ def pin_uuid(obj, tag: str):
     """
     obj._set_uuid(f"bitmix.kernels:{tag}")
     return obj
+
+
+def pin_kernels(prefix: str, *funcs):
+    """``pin_uuid`` each generated kernel as ``prefix.<its name>``; returns them."""
+    for f in funcs:
+        pin_uuid(f, f"{prefix}.{f.py_func.__name__}")
+    return funcs
 
 
 class VecType(types.Type):

@@ -20,6 +20,7 @@ before Numba's ``tbbpool`` needs it. Without a loadable TBB we fall back to ``wo
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.metadata
 import os
 
@@ -54,8 +55,13 @@ def _start_tbb(lib: str) -> bool:
     return True
 
 
+@functools.cache
 def configure_threading() -> str:
-    """Pick the layer (see module docstring) before Numba's first parallel launch; return it."""
+    """Pick the layer (see module docstring) before Numba's first parallel launch; return it.
+
+    Called once per process by the kernel modules as they load (``simd``, ``batched``), i.e. at
+    the first kernel call, never by ``import bitmix``.
+    """
     if os.environ.get("NUMBA_THREADING_LAYER"):
         return os.environ["NUMBA_THREADING_LAYER"]
     if parallel._is_initialized:

@@ -17,7 +17,10 @@ STATE: dict[str, Any] = {}  # what the forked workers inherit: prepared model, d
 def _init_worker() -> None:
     import numba
 
+    from bitmix.kernels.threads import configure_threading
+
     torch.set_num_threads(1)
+    configure_threading()  # before numba.set_num_threads starts Numba's pool
     numba.set_num_threads(1)
 
 

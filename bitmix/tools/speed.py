@@ -22,7 +22,8 @@ import torch
 
 from bitmix import zoo
 from bitmix.errors import BitmixError
-from bitmix.kernels.matmul import ACTIVE_PATH
+from bitmix.kernels import dispatch
+from bitmix.kernels.threads import configure_threading
 
 DEFAULT_MODELS = ("digits-cnn", "resnet18", "resnet50", "mobilenetv2", "minilm")
 
@@ -76,14 +77,15 @@ def run_model_bench(models: list[str] | None = None, repeats: int = 20, json_pat
     load = os.getloadavg()[0]
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
+    configure_threading()  # before numba.set_num_threads starts Numba's pool
     numba.set_num_threads(threads)
     records = []
     for name in names:
         rec = bench_model(name, repeats)
-        rec.update(kernel_path=ACTIVE_PATH, threading_layer=numba.threading_layer(), threads=threads,
+        rec.update(kernel_path=dispatch.path, threading_layer=numba.threading_layer(), threads=threads,
                    loadavg_1min=load)
         records.append(rec)
-    table = Table(title=f"compiled (all-4-bit, packed kernels) vs eager FP32 ({ACTIVE_PATH}, {threads} threads, "
+    table = Table(title=f"compiled (all-4-bit, packed kernels) vs eager FP32 ({dispatch.path}, {threads} threads, "
                         f"Numba {numba.threading_layer()} layer)")
     for col in ("model", "input", "eager FP32 ms", "compiled ms", "speedup", "compile s"):
         table.add_column(col, justify="right")

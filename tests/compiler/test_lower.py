@@ -1,15 +1,23 @@
 """The kernel path must agree exactly with the fake-quant torch reference."""
 
+import copy
+import gc
+import threading
+import weakref
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bitmix import kernels
+from bitmix.compiler import lower as lower_mod
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
-from bitmix.compiler.lower import KernelPlan, lower, matmul_kernel
+from bitmix.compiler.lower import KernelLayer, KernelPlan, lower, matmul_kernel, torch_on_one_thread
 from bitmix.compiler.quantize import fake_quantize, quant_layers
+from bitmix.errors import BitmixError
+from bitmix.kernels.threads import configure_threading
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +130,6 @@ def test_minilm_attention_lowers(capture_zoo, load_zoo):
 def test_eager_calls_skip_the_dispatcher_tracers_see_the_ops():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from bitmix.compiler import lower as lower_mod
-
     x = torch.randn(2, 3)
     assert lower_mod._plain_tensors(x, None)
     assert not lower_mod._plain_tensors(torch.nn.Parameter(x))
@@ -131,20 +137,107 @@ def test_eager_calls_skip_the_dispatcher_tracers_see_the_ops():
         assert not lower_mod._plain_tensors(mode.from_tensor(x))
 
 
-def test_torch_runs_on_one_thread_while_lowered_layers_run():
-    from bitmix.compiler.lower import torch_on_one_thread
+def test_plans_are_freed_with_the_lowered_layers(digits_lowered):
+    _, data, fq, _ = digits_lowered
+    lowered = lower(fq)
+    layer = next(m for m in lowered.module.modules() if isinstance(m, KernelLayer))
+    packed, handle = weakref.ref(layer.plan.packed), layer.handle
+    x = data.test.inputs[0][:2]
+    with torch.no_grad():
+        want = lowered.module(x)
+        twin = copy.deepcopy(lowered.module)  # a copy owns its own plans under new handles
+    del layer, lowered
+    gc.collect()
+    assert packed() is None
+    with pytest.raises(BitmixError, match=f"no lowered layer with handle {handle}: the compiled model"):
+        lower_mod._plan(handle)
+    with torch.no_grad():
+        assert torch.equal(twin(x), want)
+        assert torch.equal(torch.export.export(twin, (x,)).module()(x), want)
 
+
+@pytest.fixture
+def two_torch_threads():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        with torch_on_one_thread():
+    yield
+    torch.set_num_threads(before)
+
+
+def test_one_thread_mode_is_restored_and_switchable(two_torch_threads):
+    with torch_on_one_thread():
+        assert torch.get_num_threads() == 1
+        with torch_on_one_thread():  # nested: the outer block restores
             assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with pytest.raises(ValueError), torch_on_one_thread():
+        raise ValueError
+    assert torch.get_num_threads() == 2
+    with kernels.dispatch.use(torch_one_thread=False), torch_on_one_thread():
         assert torch.get_num_threads() == 2
-        with pytest.raises(ValueError), torch_on_one_thread():
-            raise ValueError
+    with torch_on_one_thread(enabled=False):
         assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("b_first_touch", [False, True])
+@pytest.mark.parametrize("a_leaves_first", [True, False])
+def test_one_thread_mode_with_two_python_threads(two_torch_threads, a_leaves_first, b_first_touch):
+    """Overlapping blocks in two threads, either leaving first; B touching torch first inside A's block
+    (where torch hands a new thread the process-wide count, 1 at that moment)."""
+    steps = [threading.Event() for _ in range(5)]  # 4: B has read its count (A enters only then)
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+
+    def run(name: str, enter_after: int, entered: int, leave_after: int, left: int) -> None:
+        if name == "a" or not b_first_touch:
+            seen[name].append(torch.get_num_threads())
+        if name == "b":
+            steps[4].set()
+        steps[enter_after].wait(10)
+        with torch_on_one_thread():
+            torch.mm(torch.ones(64, 64), torch.ones(64, 64))
+            seen[name].append(torch.get_num_threads())
+            steps[entered].set()
+            steps[leave_after].wait(10)
+        seen[name].append(torch.get_num_threads())
+        steps[left].set()
+
+    a_plan = (4, 0, 1, 2) if a_leaves_first else (4, 0, 2, 3)
+    b_plan = (0, 1, 2, 3) if a_leaves_first else (0, 1, 1, 2)
+    workers = [threading.Thread(target=run, args=("a", *a_plan)), threading.Thread(target=run, args=("b", *b_plan))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+    assert seen["a"] == [2, 1, 2]
+    assert seen["b"] == ([1, 2] if b_first_touch else [2, 1, 2])
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.skipif(configure_threading() == "workqueue",
+                    reason="Numba's workqueue layer cannot launch from two threads at once")
+def test_compiled_forwards_in_two_threads(digits_lowered, two_torch_threads):
+    _, data, _, lowered = digits_lowered
+    x = data.test.inputs[0][:16]
+    with torch.no_grad():
+        want = lowered.module(x)
+    outs: list[torch.Tensor] = []
+    counts: list[int] = []
+
+    def run() -> None:
+        counts.append(torch.get_num_threads())
+        for _ in range(5):
+            with torch.no_grad(), torch_on_one_thread():
+                outs.append(lowered.module(x))
+        counts.append(torch.get_num_threads())
+
+    workers = [threading.Thread(target=run) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert len(outs) == 10 and all(torch.equal(o, want) for o in outs)
+    assert counts == [2, 2, 2, 2] and torch.get_num_threads() == 2
 
 
 def test_profiles_name_the_kernel_ops(digits_lowered):

@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 
-from bitmix.kernels import amx, matmul
+from bitmix.kernels import dispatch
+from bitmix.kernels.cpu import PATHS, available_paths
 from bitmix.kernels.pack import code_range
-from bitmix.kernels.simd import PATHS, available_paths
 
 
 @pytest.fixture(params=[(p, d) for p in PATHS for d in ("serial", "parallel")], ids="-".join)
-def kernel_path(request, monkeypatch) -> str:
+def kernel_path(request) -> Iterator[str]:
     """Force one dispatch path and driver (serial, or prange over tiles whatever the size);
     skip paths this CPU cannot execute (e.g. AVX-512 VNNI on Zen 3). On ``avx512amx`` every
     product with enough rows goes to the tile engine, however few its MACs."""
     path, driver = request.param
     if path not in available_paths():
         pytest.skip(f"CPU cannot run the {path} path")
-    monkeypatch.setattr(matmul, "ACTIVE_PATH", path)
-    monkeypatch.setattr(matmul, "SERIAL_MAX_MACS", 1 << 62 if driver == "serial" else -1)
-    monkeypatch.setattr(amx, "AMX_MIN_MACS", 0)
-    return path
+    with dispatch.use(path, serial=driver == "serial", amx_min_macs=0):
+        yield path
 
 
 def random_codes(rng: np.random.Generator, shape, bits: int, signed: bool = True, fill: str = "random"):

@@ -1,4 +1,4 @@
-"""Import-time dispatch and the instructions each path really emits."""
+"""The instructions each path's kernels really emit, and their Numba cache keys."""
 
 from __future__ import annotations
 
@@ -7,55 +7,22 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from bitmix.errors import BitmixError
-from bitmix.kernels import ACTIVE_PATH, simd
+from bitmix.kernels.cpu import available_paths
 
 AVX512 = frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"})
 AMX = AVX512 | {"amx-tile", "amx-int8"}
 
 
-def test_available_paths_follow_features(monkeypatch) -> None:
-    assert simd.available_paths(frozenset()) == ("portable",)
-    assert simd.available_paths(frozenset({"avx2", "fma"})) == ("portable", "avx2")
-    assert simd.available_paths(AVX512) == ("portable", "avx2", "avx512vnni")
-    assert ACTIVE_PATH in simd.available_paths()
-    monkeypatch.setattr(simd, "amx_permitted", lambda: True)
-    assert simd.available_paths(AMX) == simd.PATHS
-    monkeypatch.setattr(simd, "amx_permitted", lambda: False)  # kernel refused the tile state
-    assert simd.available_paths(AMX) == ("portable", "avx2", "avx512vnni")
-
-
-def test_env_forces_path(monkeypatch) -> None:
-    monkeypatch.setenv("BITMIX_KERNEL_PATH", "portable")
-    assert simd.select_path(AVX512) == "portable"
-    monkeypatch.setenv("BITMIX_KERNEL_PATH", "avx512vnni")
-    with pytest.raises(BitmixError, match="lacks"):
-        simd.select_path(frozenset({"avx2"}))
-    monkeypatch.setenv("BITMIX_KERNEL_PATH", "sse9")
-    with pytest.raises(BitmixError, match="BITMIX_KERNEL_PATH"):
-        simd.select_path(AVX512)
-    monkeypatch.delenv("BITMIX_KERNEL_PATH")
-    assert simd.select_path(frozenset({"avx2"})) == "avx2"
-
-
-def test_env_var_at_import() -> None:
-    env = {**os.environ, "BITMIX_KERNEL_PATH": "portable"}
-    code = "import bitmix.kernels as k; print(k.ACTIVE_PATH)"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "portable"
-
-
 _ASM_PROBE = """
 import json, sys
 from numba import types
-from bitmix.kernels import ACTIVE_PATH
-from bitmix.kernels.matmul import micro_kernels
+from bitmix.kernels import dispatch
+from bitmix.kernels.isa import micro_kernels
 i64, u8, i8 = types.int64, types.uint8[::1], types.int8[::1]
 sig = (u8, i64, i64, i64, i64, i8, i64, i64, i64)
-res = {"path": ACTIVE_PATH}
+res = {"path": dispatch.path}
 for bits in (4, 2, 8):
     d = micro_kernels(sys.argv[1], bits)[0][1]
     d.compile(sig)
@@ -73,7 +40,7 @@ def _asm_counts(path: str, tmp_path, **env: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif("avx2" not in simd.available_paths(), reason="needs AVX2")
+@pytest.mark.skipif("avx2" not in available_paths(), reason="needs AVX2")
 def test_avx2_emits_pmaddubsw(tmp_path) -> None:
     """Compiled for Haswell, as on an AVX2-only CPU (on a VNNI host LLVM would fuse vpmaddwd into vpdpwssd)."""
     feats = "+avx,+avx2,+fma,+bmi2,+popcnt,+sse4.2"
@@ -90,14 +57,6 @@ def test_avx512_kernel_compiles_to_vpdpbusd(tmp_path) -> None:
     assert res["path"] == "avx512vnni"
     for bits in ("4", "2", "8"):
         assert res[bits]["vpdpbusd"] and res[bits]["zmm"], res
-
-
-@pytest.mark.skipif("avx512vnni" not in simd.available_paths(), reason="CPU lacks AVX-512 VNNI")
-def test_avx512_runs_here() -> None:
-    """Covered by the kernel_path fixture too; this one fails loudly if dispatch skipped VNNI or AMX."""
-    best = simd.available_paths()[-1]
-    assert ACTIVE_PATH == best or os.environ.get("BITMIX_KERNEL_PATH")
-    assert np.int32(0) == 0
 
 
 _AMX_PROBE = """
@@ -129,11 +88,17 @@ def test_amx_engine_compiles_to_tile_instructions(tmp_path) -> None:
 
 
 def test_serial_and_parallel_variants_have_their_own_cache_entries() -> None:
-    """Numba's disk cache ignores ``parallel=``: two variants of one function must differ in name."""
-    from bitmix.kernels import amx, matmul
+    """Numba's disk cache ignores ``parallel=``: two variants of one function must differ in name
+    (``simd.cache_variant``) or in their closure (which the cache key pickles)."""
+    from bitmix.kernels import amx, matmul, tiling
 
     pairs = [(amx.driver(True), amx.driver(False)), (matmul._prep_rows, matmul._prep_rows_serial)]
     for par, ser in pairs:
         assert par.targetoptions.get("parallel") and not ser.targetoptions.get("parallel")
         assert par.py_func.__qualname__ != ser.py_func.__qualname__
         assert par.py_func.__code__ is ser.py_func.__code__  # same source, so same results
+    for isa in ("portable", "avx2", "avx512vnni"):
+        par, ser = tiling.core_for(4, isa, True), tiling.core_for(4, isa, False)
+        assert par.targetoptions.get("parallel") and not ser.targetoptions.get("parallel")
+        cells = [tuple(c.cell_contents for c in d.py_func.__closure__) for d in (par, ser)]
+        assert cells[0] != cells[1]  # same micro-kernels, different tile width

@@ -11,10 +11,11 @@ import pytest
 
 _PROBE = """
 import numpy as np, numba
-from bitmix.kernels import gemm, pack_weights, matmul
-matmul.SERIAL_MAX_MACS = -1
-gemm(np.ones((4, 64), np.int8), pack_weights(np.ones((8, 64), np.int8), 4), 8, True)
-print(matmul.THREADING_LAYER, numba.threading_layer())
+from bitmix.kernels import dispatch, gemm, pack_weights
+from bitmix.kernels.threads import configure_threading
+with dispatch.use(serial=False):
+    gemm(np.ones((4, 64), np.int8), pack_weights(np.ones((8, 64), np.int8), 4), 8, True)
+print(configure_threading(), numba.threading_layer())
 """
 
 

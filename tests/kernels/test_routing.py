@@ -1,0 +1,131 @@
+"""Kernel dispatch as an object: chosen at the first kernel call, overridden per block, validated."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from bitmix.errors import BitmixError
+from bitmix.kernels import dispatch, gemm, launch, pack_weights, reference, tiling
+from bitmix.kernels.cpu import PATHS, available_paths
+from bitmix.kernels.routing import DispatchSettings, KernelDispatch
+
+_LAZY_PROBE = """
+import sys
+import bitmix
+assert "numba" not in sys.modules, "import bitmix loaded numba"
+from bitmix import kernels
+assert kernels.dispatch._defaults is None, "a path was chosen at import"
+print(kernels.dispatch.path)
+assert "numba" not in sys.modules, "choosing the path loaded numba"
+import numpy as np
+kernels.gemm(np.ones((2, 64), np.int8), kernels.pack_weights(np.ones((3, 64), np.int8), 4), 8, True)
+assert "numba" in sys.modules
+"""
+
+
+def _probe(**env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _LAZY_PROBE], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_import_bitmix_loads_no_numba_the_first_kernel_call_does() -> None:
+    out = _probe()
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [available_paths()[-1] if not os.environ.get("BITMIX_KERNEL_PATH")
+                                  else os.environ["BITMIX_KERNEL_PATH"].strip().lower()]
+
+
+def test_env_var_chooses_the_path_at_first_use() -> None:
+    out = _probe(BITMIX_KERNEL_PATH="portable")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["portable"]
+
+
+def test_env_var_error_is_one_line(monkeypatch) -> None:
+    monkeypatch.setenv("BITMIX_KERNEL_PATH", "sse9")
+    fresh = KernelDispatch()  # the shared one has chosen already
+    with pytest.raises(BitmixError, match="BITMIX_KERNEL_PATH='sse9'") as err:
+        _ = fresh.path
+    assert "\n" not in str(err.value)
+
+
+def test_default_is_the_fastest_path(monkeypatch) -> None:
+    monkeypatch.delenv("BITMIX_KERNEL_PATH", raising=False)
+    assert KernelDispatch().path == available_paths()[-1]
+
+
+def test_use_overrides_and_restores() -> None:
+    before = dispatch.settings
+    with dispatch.use("portable", serial=True, amx_min_macs=0) as s:
+        assert s == dispatch.settings == DispatchSettings("portable", True, before.amx_min_m, 0,
+                                                          before.torch_one_thread)
+        with dispatch.use(serial=None):  # nested: only the named field changes
+            assert (dispatch.path, dispatch.settings.serial, dispatch.settings.amx_min_macs) == ("portable", None, 0)
+        assert dispatch.settings.serial is True
+    assert dispatch.settings == before
+    with pytest.raises(ValueError), dispatch.use("portable"):
+        raise ValueError
+    assert dispatch.settings == before
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"path": "sse9"}, "path='sse9': expected one of portable, avx2, avx512vnni, avx512amx"),
+    ({"path": 3}, "path=3: expected one of"),
+    ({"serial": "yes"}, "serial='yes': expected True"),
+    ({"amx_min_macs": -1}, "amx_min_macs=-1: expected a non-negative int"),
+    ({"torch_one_thread": 1}, "torch_one_thread=1: expected a bool"),
+])
+def test_use_rejects_bad_settings_in_one_line(kwargs: dict, message: str) -> None:
+    before = dispatch.settings
+    with pytest.raises(BitmixError, match=message) as err, dispatch.use(**kwargs):
+        pass
+    assert "\n" not in str(err.value)
+    assert dispatch.settings == before
+
+
+@pytest.mark.skipif(len(available_paths()) == len(PATHS), reason="this CPU runs every path")
+def test_use_rejects_a_path_this_cpu_cannot_run() -> None:
+    missing = PATHS[len(available_paths())]
+    with pytest.raises(BitmixError, match=f"path='{missing}': this CPU lacks"), dispatch.use(missing):
+        pass
+
+
+def test_override_is_per_thread() -> None:
+    seen = {}
+    with dispatch.use("portable", serial=True):
+        worker = threading.Thread(target=lambda: seen.update(settings=dispatch.settings))
+        worker.start()
+        worker.join()
+        assert dispatch.path == "portable"
+    assert seen["settings"] == dispatch.settings  # the other thread saw the defaults
+
+
+def test_configure_changes_the_defaults(monkeypatch) -> None:
+    monkeypatch.delenv("BITMIX_KERNEL_PATH", raising=False)
+    fresh = KernelDispatch()
+    assert fresh.configure("portable", serial=False).path == "portable"
+    assert fresh.settings == DispatchSettings("portable", serial=False)
+    assert fresh.configure(serial=None).serial is None and fresh.path == "portable"
+    with pytest.raises(BitmixError, match="path='x'"):
+        fresh.configure("x")
+    assert fresh.path == "portable"
+
+
+@pytest.mark.parametrize(("path", "serial"), [("portable", True), ("avx2", False), ("avx512vnni", True)])
+def test_products_run_on_the_chosen_driver(monkeypatch, path: str, serial: bool) -> None:
+    if path not in available_paths():
+        pytest.skip(f"CPU cannot run {path}")
+    drivers = []
+    monkeypatch.setattr(launch, "core_for", lambda *key: drivers.append(key) or tiling.core_for(*key))
+    rng = np.random.default_rng(0)
+    w = rng.integers(-8, 8, (5, 70), dtype=np.int8)
+    a = rng.integers(-128, 128, (3, 70), dtype=np.int8)
+    with dispatch.use(path, serial=serial):
+        np.testing.assert_array_equal(gemm(a, pack_weights(w, 4), 8, True), reference.gemm(a, w))
+    assert drivers == [(4, path, not serial)]
