@@ -223,9 +223,11 @@ def test_compiled_forwards_in_two_threads(digits_lowered, two_torch_threads):
         want = lowered.module(x)
     outs: list[torch.Tensor] = []
     counts: list[int] = []
+    both_started = threading.Barrier(2)  # each reads its count before either enters one-thread mode
 
     def run() -> None:
         counts.append(torch.get_num_threads())
+        both_started.wait(30)
         for _ in range(5):
             with torch.no_grad(), torch_on_one_thread():
                 outs.append(lowered.module(x))
