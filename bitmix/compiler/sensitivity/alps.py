@@ -9,7 +9,8 @@ lowered. Every job uses the same seed (same batches, same order), so differences
 from the lowered layer, not from sampling noise. Quality is measured on a held-out
 20 % of the training split (never the test split): `alps_metric="loss"` (default,
 continuous: task loss increase) or `"quality"` (metric drop in percentage points).
-Jobs are independent and go through an `Executor` (`workers` > 1 forks a local pool).
+Jobs are independent and go through an `Executor` (`workers` > 1 forks a local pool; Ray ships
+the base model once as a `PortableModel`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from bitmix.compiler.quantize import LSQQuantizer, fake_quantize, finetune, quant_layers
 from bitmix.compiler.sensitivity.base import ScoreContext, Scores, register
 from bitmix.compiler.sensitivity.executor import executor_for
+from bitmix.compiler.sensitivity.portable import PortableModel
 from bitmix.errors import BitmixError
 from bitmix.task import TaskData
 
@@ -69,7 +71,7 @@ def _epochs(alps_epochs: float, batches_per_epoch: int) -> tuple[int, int | None
 
 def _job(
     job: tuple[str, int] | None,
-    base: nn.Module,
+    base: PortableModel,
     fit: TaskData,
     calibration: tuple[torch.Tensor, ...],
     epochs: int,
@@ -79,10 +81,10 @@ def _job(
     metric: str,
     batch_size: int,
 ) -> float:
-    model = base
+    model = base.module
     if job is not None:
         name, bits = job
-        model = _lowered(base, name, bits, calibration)
+        model = _lowered(model, name, bits, calibration)
     tuned = finetune(model, fit, epochs, lr, optimizer="adam", seed=seed, batch_size=batch_size,
                      max_batches=max_batches)
     return float(quality_drop_measure(metric)(tuned, fit, "test"))
@@ -97,6 +99,10 @@ def _lowered(base: nn.Module, name: str, bits: int, calibration: tuple[torch.Ten
     with torch.no_grad():
         model(*calibration)  # initialise the new activation steps; the others are already set
     return model
+
+
+def _describe(job: tuple[str, int] | None) -> str:
+    return "alps reference (no layer lowered)" if job is None else f"alps: layer {job[0]} at {job[1]} bits"
 
 
 @register("alps")
@@ -114,11 +120,11 @@ def alps(ctx: ScoreContext) -> Scores:
     epochs, max_batches = _epochs(ctx.alps_epochs, math.ceil(len(fit.train) / ctx.batch_size))
     jobs: list[tuple[str, int] | None] = [None] + [(n, b) for n in ctx.free_layers for b in choices[1:]]
     run = partial(
-        _job, base=base, fit=fit, calibration=calibration, epochs=epochs, max_batches=max_batches,
-        lr=ctx.alps_lr, seed=ctx.seed, metric=ctx.alps_metric, batch_size=ctx.batch_size,
+        _job, base=PortableModel(ctx.graph, base), fit=fit, calibration=calibration, epochs=epochs,
+        max_batches=max_batches, lr=ctx.alps_lr, seed=ctx.seed, metric=ctx.alps_metric, batch_size=ctx.batch_size,
     )
     executor = ctx.executor or executor_for(ctx.workers)
-    results = executor.map(run, jobs)
+    results = executor.map(run, jobs, describe=_describe, label="alps")
     reference = results[0]
     scores: Scores = {n: {choices[0]: reference} for n in ctx.free_layers}
     for job, value in zip(jobs[1:], results[1:], strict=True):
