@@ -62,6 +62,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from bitmix import zoo
     from bitmix.compiler.pipeline import compile
 
+    executor = _executor(args)  # a bad --ray-address fails before any work
     model, inputs, data = zoo.load(args.model)
     if args.eval and data is None:
         raise BitmixError(f"model {args.model!r} has no evaluation data in the zoo; drop --eval")
@@ -76,7 +77,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     cm = compile(model, inputs, target=args.target, method=args.method, budget=args.budget, calibration=data,
                  data=data, finetune=finetune, eval=data if args.eval else None, fps=args.fps,
                  latency_s=args.latency, energy_j=args.energy, chip_config=args.config, seed=args.seed,
-                 name=args.model, frontier_points=args.frontier_points)
+                 name=args.model, frontier_points=args.frontier_points, executor=executor)
     assert cm.report is not None
     cm.report.print()
     html = cm.report.save(args.out)
@@ -107,9 +108,27 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     models = list(MODELS) if args.model == "all" else [args.model]
     run_study(models, args.out, methods=args.methods, budgets=args.budgets, seeds=args.seeds, quick=args.quick,
-              workers=args.workers, results=args.results, log=lambda msg: console.print(msg, highlight=False))
+              workers=args.workers, results=args.results, log=lambda msg: console.print(msg, highlight=False),
+              executor=_executor(args))
     console.print(f"study written under {args.out}" + (f"; results page {args.results}" if args.results else ""))
     return 0
+
+
+def _executor(args: argparse.Namespace) -> object:
+    """--executor / --ray-address -> None (local) or a RayExecutor (an address implies ray)."""
+    if args.executor == "local" and args.ray_address:
+        raise BitmixError("--ray-address needs --executor ray (or drop --executor)")
+    if args.executor == "ray" or args.ray_address:
+        from bitmix.compiler.sensitivity.ray_executor import RayExecutor
+
+        return RayExecutor(address=args.ray_address)
+    return None
+
+
+def _add_executor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=("local", "ray"), help="where per-layer and per-point jobs run: local "
+                   "processes (default) or Ray (a local Ray sized to the machine, or the cluster at --ray-address)")
+    p.add_argument("--ray-address", help="join this Ray cluster (host:port of `ray start --head`, or 'auto')")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -153,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frontier-points", type=int, default=6, help="knapsack points on the report's frontier")
     p.add_argument("--out", required=True, help="directory for report.json, report.html and plots")
+    _add_executor_args(p)
     p = sub.add_parser("simulate", help="simulate a zoo model at one precision on the NorthPole-style chip")
     p.add_argument("model")
     p.add_argument("--bits", type=int, choices=(8, 4, 2), default=8)
@@ -181,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--workers", type=int, default=2, help="forked worker processes (1 torch thread each)")
     f.add_argument("--results", help="also render this markdown page (e.g. docs/results.md) from every model in --out")
     f.add_argument("--out", required=True, help="directory; results are cached in <out>/<model>/ and resumed")
+    _add_executor_args(f)
     return parser
 
 

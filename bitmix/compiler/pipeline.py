@@ -86,6 +86,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     frontier_points: int = 6,
     method_options: dict[str, Any] | None = None,
     clamp_budget: bool = False,
+    executor: Any = None,
 ) -> CompiledModel:
     """Compile `model` to per-layer 2/4/8-bit kernels for `target` within `budget`.
 
@@ -98,6 +99,8 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     eval: TaskData or a callable model -> quality (%), measured on FP32, fake-quant and kernels.
     clamp_budget: if the budget fraction is below the cheapest assignment, use the cheapest one
       (with a warning) instead of raising; the torch.compile backend sets it.
+    executor: where per-layer scoring jobs run: None / "local", "ray" (a local Ray, shut down
+      afterwards) or an executor object (e.g. `RayExecutor(address=...)`); same seed, same result.
     """
     from bitmix.compiler import sensitivity
 
@@ -128,9 +131,10 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     with _stage("prepare", timings):
         float_model = prepare(graph)
     names = graph.names
-    with _stage("score", timings):
+    with _stage("score", timings), sensitivity.open_executor(executor) as runner:
+        options = dict(method_options or {}) | ({"executor": runner} if runner is not None else {})
         ctx = sensitivity.ScoreContext(graph=graph, target=tgt, model=float_model, data=data, calibration=calib,
-                                       seed=seed, **dict(method_options or {}))
+                                       seed=seed, **options)
         scores = sensitivity.score(method, ctx)
     if clamp_budget and goal.fraction is not None:
         cheapest = _cheapest_fraction(costs, tgt, names)

@@ -25,15 +25,14 @@ import datetime
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -129,27 +128,18 @@ def default_config(
                        name if name != model else "")
 
 
-# ---------------------------------------------------------------- measurement (runs in forked workers)
-
-_STATE: dict[str, Any] = {}
+# ---------------------------------------------------------------- measurement (runs on the executor's workers)
 
 
-def _init_worker() -> None:
-    import numba
-
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-
-
-def _measure(job: tuple[tuple[tuple[str, int], ...], int]) -> dict[str, Any]:
+def _measure(job: tuple[tuple[tuple[str, int], ...], int], prepared: Any, data: Any, calibration: Any,
+             recipe: FinetuneConfig, check_fake_quant: bool) -> dict[str, Any]:
     """Fake-quantize, fine-tune with the recipe, lower onto the packed kernels, evaluate there."""
     from bitmix.compiler.lower import lower
     from bitmix.compiler.quantize import fake_quantize, finetune
 
     assignment, seed = dict(job[0]), job[1]
-    prepared, data, calibration, recipe = (_STATE[k] for k in ("prepared", "data", "calibration", "recipe"))
     start = time.perf_counter()
-    fq = fake_quantize(prepared, assignment, calibration)
+    fq = fake_quantize(prepared.module, assignment, calibration)
     tuned = finetune(fq, data, recipe.epochs, recipe.lr, recipe.optimizer, seed=seed, batch_size=recipe.batch_size)
     finetune_s = time.perf_counter() - start
     kernels = lower(tuned).module
@@ -161,22 +151,10 @@ def _measure(job: tuple[tuple[tuple[str, int], ...], int]) -> dict[str, Any]:
         result["quality"] = result["fidelity"]["cosine"]
     else:
         result["quality"] = data.evaluate(kernels)
-    if _STATE["check_fake_quant"]:
+    if check_fake_quant:
         result["quality_fake_quant"] = data.evaluate(tuned)
     result["measure_s"] = time.perf_counter() - start
     return result
-
-
-def _run_jobs(jobs: list[tuple], workers: int, on_result: Callable[[tuple, dict], None]) -> None:
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            on_result(job, _measure(job))
-        return
-    ctx = multiprocessing.get_context("fork")  # workers inherit _STATE (GraphModules do not pickle)
-    with ProcessPoolExecutor(workers, ctx, _init_worker) as pool:
-        futures = {pool.submit(_measure, job): job for job in jobs}
-        for future in as_completed(futures):
-            on_result(futures[future], future.result())
 
 
 # ---------------------------------------------------------------- the sweep
@@ -215,8 +193,10 @@ def _assignment_key(assignment: dict[str, int]) -> tuple[tuple[str, int], ...]:
     return tuple(sorted(assignment.items()))
 
 
-def run_frontier(config: StudyConfig, out_dir: str | Path, log: Log | None = None, command: str = "") -> dict:
-    """Run (or resume) the study `config.label` into `out_dir/<label>/`; returns frontier.json's dict."""
+def run_frontier(config: StudyConfig, out_dir: str | Path, log: Log | None = None, command: str = "",
+                 executor: Any = None) -> dict:
+    """Run (or resume) the study `config.label` into `out_dir/<label>/`; returns frontier.json's dict.
+    `executor` (None: a local pool of `config.workers`) runs the scoring jobs and the sweep's fine-tunes."""
     say = log or (lambda _msg: None)
     out = Path(out_dir) / config.label
     out.mkdir(parents=True, exist_ok=True)
@@ -224,18 +204,19 @@ def run_frontier(config: StudyConfig, out_dir: str | Path, log: Log | None = Non
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if config.workers > 1 else 2)
     try:
-        return _run(config, out, fp, say, command)
+        return _run(config, out, fp, say, command, executor)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str) -> dict:
+def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, executor: Any) -> dict:
     from bitmix import zoo
     from bitmix.compiler import sensitivity
     from bitmix.compiler.allocate import Budget, allocate
     from bitmix.compiler.capture import capture
     from bitmix.compiler.fold import prepare
     from bitmix.compiler.pipeline import CALIBRATION_SAMPLES
+    from bitmix.compiler.sensitivity.portable import PortableModel
     from bitmix.ir.targets import get_target
     from bitmix.simulator import price, simulate
 
@@ -270,7 +251,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str) -> dic
                 continue
             ctx = sensitivity.ScoreContext(graph=graph, target=target, model=_scoring_model(method, prepared),
                                            data=data, seed=seed,  # default: first 64 training inputs
-                                           workers=config.workers, **config.method_options)
+                                           workers=config.workers, executor=executor, **config.method_options)
             start = time.perf_counter()
             scores = sensitivity.score(method, ctx)
             row = {"recipe": fp, "model": config.model, "method": method, "seed": seed,
@@ -328,11 +309,12 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str) -> dic
                 queue({"recipe": fp, "model": config.model, "method": f"all-{bits}", "seed": seed, "budget": None,
                        "status": "ok", "assignment": assignment, **simulated(assignment)})
 
-    # 3. fine-tune and measure on the kernels (forked workers; each result is saved as it lands)
+    # 3. fine-tune and measure on the kernels (executor jobs; each result is saved as it lands)
     jobs = sorted(pending)
-    say(f"  {len(jobs)} fine-tunes to run ({len(done)} points recorded or infeasible), {config.workers} worker(s)")
-    _STATE.update(prepared=prepared, data=data, calibration=calibration, recipe=config.recipe,
-                  check_fake_quant=config.check_fake_quant)
+    runner = executor or sensitivity.executor_for(config.workers)
+    say(f"  {len(jobs)} fine-tunes to run ({len(done)} points recorded or infeasible), {runner.workers} worker(s)")
+    measure = partial(_measure, prepared=PortableModel(graph, prepared), data=data, calibration=calibration,
+                      recipe=config.recipe, check_fake_quant=config.check_fake_quant)
     finished = [0]
 
     def landed(job: tuple, result: dict) -> None:
@@ -345,10 +327,8 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str) -> dic
         say(f"  [{finished[0]}/{len(jobs)}] {first['method']} seed {first['seed']} budget {first['budget']}: "
             f"{result['quality']:.2f} ({result['measure_s']:.1f} s)")
 
-    try:
-        _run_jobs(jobs, config.workers, landed)
-    finally:
-        _STATE.clear()
+    for i, result in runner.as_completed(measure, jobs, describe=lambda j: f"fine-tune seed {j[1]} of {dict(j[0])}"):
+        landed(jobs[i], result)
 
     # 4. additivity: Σ per-layer scores vs measured drop of random mixed assignments
     additivity = _additivity(config, out, fp, prepared, names, target, data, scored, say)
@@ -856,15 +836,20 @@ def claims(results: list[dict]) -> list[str]:
 
 def run_study(models: Sequence[str], out_dir: str | Path, methods: Sequence[str] | None = None,
               budgets: Sequence[float] | None = None, seeds: int | None = None, quick: bool = False,
-              workers: int = 2, results: str | Path | None = None, log: Log | None = None) -> list[dict]:
-    """Run the study for each model (resumable), then optionally render the results page."""
+              workers: int = 2, results: str | Path | None = None, log: Log | None = None,
+              executor: Any = None) -> list[dict]:
+    """Run the study for each model (resumable), then optionally render the results page.
+    `executor`: None / "local" (forked pool of `workers`), "ray" or an executor object."""
     os.environ.setdefault("BITMIX_QUIET", "1")
     command = " ".join(["bitmix"] + sys.argv[1:]) if Path(sys.argv[0]).name == "bitmix" else " ".join(
         [Path(sys.executable).name, *sys.argv])
+    from bitmix.compiler.sensitivity import open_executor
+
     done = []
-    for model in models:
-        config = default_config(model, methods, budgets, seeds, quick, workers)
-        done.append(run_frontier(config, out_dir, log, command))
+    with open_executor(executor) as runner:
+        for model in models:
+            config = default_config(model, methods, budgets, seeds, quick, workers)
+            done.append(run_frontier(config, out_dir, log, command, runner))
     if results is not None:
         render_results(out_dir, results, command)
     return done

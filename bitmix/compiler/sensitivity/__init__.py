@@ -17,9 +17,15 @@ from bitmix.compiler.sensitivity.base import (
     score,
     strategy,
 )
-from bitmix.compiler.sensitivity.executor import Executor, ProcessExecutor, SerialExecutor, executor_for
+from bitmix.compiler.sensitivity.executor import (
+    Executor,
+    ProcessExecutor,
+    SerialExecutor,
+    executor_for,
+    open_executor,
+)
 
 __all__ = [
     "METHODS", "Executor", "Method", "ProcessExecutor", "ScoreContext", "Scores", "SerialExecutor",
-    "executor_for", "register", "relative_to_highest", "score", "strategy",
+    "executor_for", "open_executor", "register", "relative_to_highest", "score", "strategy",
 ]

@@ -62,19 +62,21 @@ def check_reachable(address: str) -> None:
 
 class RayExecutor(MapMixin):
     """Jobs as Ray tasks. Without `address` a local Ray with `workers` CPUs (default: all) is
-    started on first use and shut down on `close()` / leaving the `with` block; with an address
-    the cluster is joined (and left again). A Ray already initialised by the caller is used as is."""
+    started on first use and shut down by `close()` or at the end of the `with` block; with an
+    address the cluster is joined (and left again). A Ray the caller initialised is used as is."""
 
     def __init__(self, address: str | None = None, workers: int | None = None, threads: int = 1,
                  max_retries: int = 3) -> None:
         import_ray()
         if workers is not None and workers < 1:
             raise BitmixError(f"Ray workers must be >= 1, got {workers}")
+        if address is not None:
+            check_reachable(address)  # fail before any work is done
         self.address = address
         self.threads = threads
         self.max_retries = max_retries
         self._workers = workers
-        self._owner: list[bool] = []
+        self._scopes: list[bool] = []
         self._started = False
 
     def start(self) -> bool:
@@ -102,11 +104,12 @@ class RayExecutor(MapMixin):
             self._started = False
 
     def __enter__(self) -> RayExecutor:
-        self._owner.append(self.start())
+        """A scope: Ray starts on first use inside it and is shut down when it ends if it was not running before."""
+        self._scopes.append(import_ray().is_initialized())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._owner.pop():
+        if not self._scopes.pop():
             self.close()
 
     @property
