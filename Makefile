@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[nlp,dev]"
+	$(BIN)/pip install --quiet -e ".[nlp,dev,ray]"
 	touch $(STAMP)
 
 demo: setup

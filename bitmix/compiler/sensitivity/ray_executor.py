@@ -86,7 +86,8 @@ class RayExecutor(MapMixin):
             return False
         common: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
         if self.address is None:
-            ray.init(num_cpus=self._workers or os.cpu_count() or 1, include_dashboard=False, **common)
+            ray.init(address="local", num_cpus=self._workers or os.cpu_count() or 1, include_dashboard=False,
+                     **common)  # "local": a new Ray, never one that `ray start` left running
         else:
             check_reachable(self.address)
             try:

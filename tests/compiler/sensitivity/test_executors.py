@@ -33,7 +33,7 @@ TARGET = "int4int2-npu"
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module, stopped even when a test fails."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
