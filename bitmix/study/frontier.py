@@ -30,6 +30,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -327,7 +328,10 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
         say(f"  [{finished[0]}/{len(jobs)}] {first['method']} seed {first['seed']} budget {first['budget']}: "
             f"{result['quality']:.2f} ({result['measure_s']:.1f} s)")
 
-    for i, result in runner.as_completed(measure, jobs, describe=lambda j: f"fine-tune seed {j[1]} of {dict(j[0])}"):
+    def describe(job: tuple) -> str:
+        return f"fine-tune seed {job[1]} of an assignment with layers per bits {dict(Counter(b for _, b in job[0]))}"
+
+    for i, result in runner.as_completed(measure, jobs, describe=describe):
         landed(jobs[i], result)
 
     # 4. additivity: Σ per-layer scores vs measured drop of random mixed assignments
