@@ -126,3 +126,16 @@ def test_killed_worker_is_retried_with_the_same_result(cnn_ctx, local_ray, tmp_p
     killed = score("alps", dataclasses.replace(cnn_ctx, executor=Killing(RayExecutor(), victim, marker)))
     assert marker.exists()  # the first attempt did die
     assert killed == serial
+
+
+def test_compile_executor_ray_matches_local(local_ray):
+    from bitmix.compiler.pipeline import compile
+
+    model, example, data = zoo_entry("digits-cnn")
+    reports = {}
+    for name in ("local", "ray"):
+        cm = compile(model, example, target=TARGET, method="hawq", budget=0.8, data=data, frontier_points=0,
+                     method_options={"hawq_samples": 4, "hawq_examples": 64}, executor=name)
+        reports[name] = cm.report
+    assert reports["ray"].layers == reports["local"].layers  # bits and scores per layer
+    assert ray.is_initialized()  # a Ray the caller started is left running
