@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt "torch==2.13.0"
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[nlp,dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[nlp,dev,ray]"
 	touch $(STAMP)
 
 demo: setup

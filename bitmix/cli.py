@@ -66,6 +66,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from bitmix.task import Data
     from bitmix.tools.models import load_calibration, load_model
 
+    executor = _executor(args)  # a bad --ray-address fails before any work
     loaded = load_model(args.model, args.input_shape)
     model, inputs, data = loaded.model, loaded.inputs, loaded.data
     if args.data and data is not None:
@@ -85,7 +86,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     budget = Budget(**goals) if any(v is not None for v in goals.values()) else args.budget
     cm = compile(model, inputs, get_target(args.target, args.config), method=args.method, budget=budget,
                  data=Data(calibration=calibration, train=data, eval=data if args.eval else None), finetune=finetune,
-                 seed=args.seed, options=CompileOptions(name=loaded.name, frontier_points=args.frontier_points))
+                 seed=args.seed, options=CompileOptions(name=loaded.name, frontier_points=args.frontier_points,
+                                                       executor=executor))
     assert cm.report is not None
     print_report(cm.report)
     html = save_report(cm.report, args.out)
@@ -116,9 +118,27 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     models = list(MODELS) if args.model == "all" else [args.model]
     run_study(models, args.out, methods=args.methods, budgets=args.budgets, seeds=args.seeds, quick=args.quick,
-              workers=args.workers, results=args.results, log=lambda msg: console.print(msg, highlight=False))
+              workers=args.workers, results=args.results, log=lambda msg: console.print(msg, highlight=False),
+              executor=_executor(args))
     console.print(f"study written under {args.out}" + (f"; results page {args.results}" if args.results else ""))
     return 0
+
+
+def _executor(args: argparse.Namespace) -> object:
+    """--executor / --ray-address -> None (local) or a RayExecutor (an address implies ray)."""
+    if args.executor == "local" and args.ray_address:
+        raise BitmixError("--ray-address needs --executor ray (or drop --executor)")
+    if args.executor == "ray" or args.ray_address:
+        from bitmix.compiler.sensitivity.ray_executor import RayExecutor
+
+        return RayExecutor(address=args.ray_address)
+    return None
+
+
+def _add_executor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=("local", "ray"), help="where per-layer and per-point jobs run: local "
+                   "processes (default) or Ray (a local Ray sized to the machine, or the cluster at --ray-address)")
+    p.add_argument("--ray-address", help="join this Ray cluster (host:port of `ray start --head`, or 'auto')")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -180,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frontier-points", type=int, default=6, help="knapsack points on the report's frontier")
     p.add_argument("--out", required=True, help="directory for report.json, report.html and plots")
+    _add_executor_args(p)
     p = sub.add_parser("simulate", help="simulate a model at one precision on the NorthPole-style chip")
     _add_model(p)
     p.add_argument("--bits", type=int, choices=(8, 4, 2), default=8)
@@ -208,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--workers", type=int, default=2, help="forked worker processes (1 torch thread each)")
     f.add_argument("--results", help="also render this markdown page (e.g. docs/results.md) from every model in --out")
     f.add_argument("--out", required=True, help="directory; results are cached in <out>/<model>/ and resumed")
+    _add_executor_args(f)
     return parser
 
 

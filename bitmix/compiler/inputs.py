@@ -24,12 +24,14 @@ class CompileOptions:
     name: the model's name in the report (default: its class name).
     frontier_points: knapsack solutions across budgets on the report's frontier (0 = none; each is simulated,
       and measured when data has an eval role).
-    executor: runs a method's independent jobs (ALPS per layer); default one after another in this process.
+    executor: where a method's independent jobs (ALPS/HAWQ per layer) run: None / "local" (in this process),
+      "ray" (a local Ray sized to the machine, shut down afterwards) or an executor object
+      (`RayExecutor(address=...)`, `ProcessExecutor(2)`); the same seed gives the same result on each.
     """
 
     name: str | None = None
     frontier_points: int = 6
-    executor: Executor | None = None
+    executor: Executor | str | None = None
 
 
 def resolve_data(data: Any) -> Data:

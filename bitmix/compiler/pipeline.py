@@ -126,9 +126,9 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     with _stage("prepare", timings):
         float_model = prepare(graph)
     names = graph.names
-    with _stage("score", timings):
+    with _stage("score", timings), sensitivity.open_executor(opts.executor) as runner:
         ctx = sensitivity.ScoreContext(graph=graph, target=tgt, model=float_model, data=roles.train,
-                                       calibration=calib, seed=seed, executor=opts.executor)
+                                       calibration=calib, seed=seed, executor=runner)
         scores = sensitivity.score(method, ctx)
     if goal.clamp and caps.fraction is not None:
         cheapest = _cheapest_fraction(costs, tgt, names)

@@ -25,8 +25,11 @@ import datetime
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +38,7 @@ from bitmix.compiler import sensitivity
 from bitmix.errors import BitmixError
 from bitmix.study.additivity import additivity
 from bitmix.study.config import REFERENCE_BITS, TARGET, Log, StudyConfig, default_config
-from bitmix.study.measure import STATE, run_jobs
+from bitmix.study.measure import measure
 from bitmix.study.render import render_results, write_outputs
 from bitmix.study.stats import summarise
 from bitmix.study.store import append, assignment_key, read_jsonl
@@ -49,8 +52,10 @@ def _scoring_model(method: str, prepared: nn.Module) -> nn.Module:
     return copy.deepcopy(prepared).train() if method == "limpq" else prepared
 
 
-def run_frontier(config: StudyConfig, out_dir: str | Path, log: Log | None = None, command: str = "") -> dict:
-    """Run (or resume) the study `config.label` into `out_dir/<label>/`; returns frontier.json's dict."""
+def run_frontier(config: StudyConfig, out_dir: str | Path, log: Log | None = None, command: str = "",
+                 executor: Any = None) -> dict:
+    """Run (or resume) the study `config.label` into `out_dir/<label>/`; returns frontier.json's dict.
+    `executor` (None: a local pool of `config.workers`) runs the scoring jobs and the sweep's fine-tunes."""
     say = log or (lambda _msg: None)
     out = Path(out_dir) / config.label
     out.mkdir(parents=True, exist_ok=True)
@@ -58,17 +63,18 @@ def run_frontier(config: StudyConfig, out_dir: str | Path, log: Log | None = Non
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if config.workers > 1 else 2)
     try:
-        return _run(config, out, fp, say, command)
+        return _run(config, out, fp, say, command, executor)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str) -> dict:
+def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, executor: Any) -> dict:
     from bitmix import zoo
     from bitmix.compiler.allocate import Budget, allocate
     from bitmix.compiler.capture import capture
     from bitmix.compiler.fold import prepare
     from bitmix.compiler.inputs import CALIBRATION_SAMPLES
+    from bitmix.compiler.transport import PortableModel
     from bitmix.ir.targets import get_target
     from bitmix.simulator import price, simulate
 
@@ -97,14 +103,14 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str) -> dic
     scored = {(r["method"], r["seed"]): r | {"scores": {n: {int(b): v for b, v in d.items()} for n, d in
                                                         r["scores"].items()}}
               for r in read_jsonl(scores_path, fp)}  # JSON keys are strings; bits are ints
-    executor = sensitivity.executor_for(config.workers)
+    runner = executor or sensitivity.executor_for(config.workers)
     for method in config.methods:
         for seed in seeds:
             if (method, seed) in scored:
                 continue
             ctx = sensitivity.ScoreContext(graph=graph, target=target, model=_scoring_model(method, prepared),
                                            data=data, calibration=data.calibration(config.calibration_size),
-                                           seed=seed, executor=executor)
+                                           seed=seed, executor=runner)
             start = time.perf_counter()
             scores = sensitivity.score(config.method(method), ctx)
             row = {"recipe": fp, "model": config.model, "method": method, "seed": seed,
@@ -162,11 +168,11 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str) -> dic
                 queue({"recipe": fp, "model": config.model, "method": f"all-{bits}", "seed": seed, "budget": None,
                        "status": "ok", "assignment": assignment, **simulated(assignment)})
 
-    # 3. fine-tune and measure on the kernels (forked workers; each result is saved as it lands)
+    # 3. fine-tune and measure on the kernels (executor jobs; each result is saved as it lands)
     jobs = sorted(pending)
-    say(f"  {len(jobs)} fine-tunes to run ({len(done)} points recorded or infeasible), {config.workers} worker(s)")
-    STATE.update(prepared=prepared, data=data, calibration=calibration, recipe=config.recipe,
-                  check_fake_quant=config.check_fake_quant)
+    say(f"  {len(jobs)} fine-tunes to run ({len(done)} points recorded or infeasible), {runner.workers} worker(s)")
+    run = partial(measure, prepared=PortableModel(graph, prepared), data=data, calibration=calibration,
+                  recipe=config.recipe, check_fake_quant=config.check_fake_quant)
     finished = [0]
 
     def landed(job: tuple, result: dict) -> None:
@@ -179,10 +185,11 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str) -> dic
         say(f"  [{finished[0]}/{len(jobs)}] {first['method']} seed {first['seed']} budget {first['budget']}: "
             f"{result['quality']:.2f} ({result['measure_s']:.1f} s)")
 
-    try:
-        run_jobs(jobs, config.workers, landed)
-    finally:
-        STATE.clear()
+    def describe(job: tuple) -> str:
+        return f"fine-tune seed {job[1]} of an assignment with layers per bits {dict(Counter(b for _, b in job[0]))}"
+
+    for i, result in runner.as_completed(run, jobs, describe=describe):
+        landed(jobs[i], result)
 
     # 4. additivity: Σ per-layer scores vs measured drop of random mixed assignments
     additivity_result = additivity(config, out, fp, prepared, names, target, data, scored, say)
@@ -204,15 +211,18 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str) -> dic
 
 def run_study(models: Sequence[str], out_dir: str | Path, methods: Sequence[str] | None = None,
               budgets: Sequence[float] | None = None, seeds: int | None = None, quick: bool = False,
-              workers: int = 2, results: str | Path | None = None, log: Log | None = None) -> list[dict]:
-    """Run the study for each model (resumable), then optionally render the results page."""
+              workers: int = 2, results: str | Path | None = None, log: Log | None = None,
+              executor: Any = None) -> list[dict]:
+    """Run the study for each model (resumable), then optionally render the results page.
+    `executor`: None / "local" (forked pool of `workers`), "ray" or an executor object."""
     os.environ.setdefault("BITMIX_QUIET", "1")
     command = " ".join(["bitmix"] + sys.argv[1:]) if Path(sys.argv[0]).name == "bitmix" else " ".join(
         [Path(sys.executable).name, *sys.argv])
     done = []
-    for model in models:
-        config = default_config(model, methods, budgets, seeds, quick, workers)
-        done.append(run_frontier(config, out_dir, log, command))
+    with sensitivity.open_executor(executor) as runner:
+        for model in models:
+            config = default_config(model, methods, budgets, seeds, quick, workers)
+            done.append(run_frontier(config, out_dir, log, command, runner))
     if results is not None:
         render_results(out_dir, results, command)
     return done

@@ -29,8 +29,14 @@ from bitmix.compiler.sensitivity.base import (
     strategy,
 )
 from bitmix.compiler.sensitivity.eagl import EAGLConfig
-from bitmix.compiler.sensitivity.executor import Executor, ProcessExecutor, SerialExecutor, executor_for
+from bitmix.compiler.sensitivity.executor import (
+    Executor,
+    ProcessExecutor,
+    SerialExecutor,
+    executor_for,
+)
 from bitmix.compiler.sensitivity.hawq import HAWQConfig
+from bitmix.compiler.sensitivity.launch import open_executor
 from bitmix.compiler.sensitivity.limpq import LIMPQConfig
 
 for _module in pkgutil.iter_modules(__path__):
@@ -39,5 +45,6 @@ for _module in pkgutil.iter_modules(__path__):
 __all__ = [
     "METHODS", "ALPSConfig", "EAGLConfig", "Executor", "HAWQConfig", "LIMPQConfig", "Method", "MethodConfig",
     "ProcessExecutor", "ScoreContext", "Scores", "SerialExecutor", "check_inputs", "data_free", "executor_for",
+    "open_executor",
     "register", "relative_to_highest", "resolve", "score", "strategy",
 ]

@@ -9,7 +9,8 @@ lowered. Every job uses the same seed (same batches, same order), so differences
 from the lowered layer, not from sampling noise. Quality is measured on a held-out
 20 % of the training split (never the test split): `metric="loss"` (default,
 continuous: task loss increase) or `"quality"` (metric drop in percentage points).
-Jobs are independent and go through the context's `Executor` (serial when none is given).
+Jobs are independent and go through the context's `Executor` (serial when none is given; Ray ships
+the base model once as a `PortableModel`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from bitmix.compiler.quantize import LSQQuantizer, fake_quantize, finetune, quant_layers
 from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 from bitmix.compiler.sensitivity.executor import SerialExecutor
+from bitmix.compiler.transport import PortableModel
 from bitmix.errors import BitmixError
 from bitmix.task import TaskData
 
@@ -82,7 +84,7 @@ def _epochs(epochs: float, batches_per_epoch: int) -> tuple[int, int | None]:
 
 def _job(
     job: tuple[str, int] | None,
-    base: nn.Module,
+    base: PortableModel,
     fit: TaskData,
     calibration: tuple[torch.Tensor, ...],
     epochs: int,
@@ -92,10 +94,10 @@ def _job(
     metric: str,
     batch_size: int,
 ) -> float:
-    model = base
+    model = base.module
     if job is not None:
         name, bits = job
-        model = _lowered(base, name, bits, calibration)
+        model = _lowered(model, name, bits, calibration)
     tuned = finetune(model, fit, epochs, lr, optimizer="adam", seed=seed, batch_size=batch_size,
                      max_batches=max_batches)
     return float(quality_drop_measure(metric)(tuned, fit, "test"))
@@ -112,6 +114,10 @@ def _lowered(base: nn.Module, name: str, bits: int, calibration: tuple[torch.Ten
     return model
 
 
+def _describe(job: tuple[str, int] | None) -> str:
+    return "alps reference (no layer lowered)" if job is None else f"alps: layer {job[0]} at {job[1]} bits"
+
+
 @register("alps", config=ALPSConfig, needs_data=True)
 def alps(ctx: ScoreContext, cfg: ALPSConfig) -> Scores:
     """Quality change after one fine-tuning epoch with one layer lowered."""
@@ -126,10 +132,10 @@ def alps(ctx: ScoreContext, cfg: ALPSConfig) -> Scores:
     epochs, max_batches = _epochs(cfg.epochs, math.ceil(len(fit.train) / cfg.batch_size))
     jobs: list[tuple[str, int] | None] = [None] + [(n, b) for n in ctx.free_layers for b in choices[1:]]
     run = partial(
-        _job, base=base, fit=fit, calibration=calibration, epochs=epochs, max_batches=max_batches,
-        lr=cfg.lr, seed=ctx.seed, metric=cfg.metric, batch_size=cfg.batch_size,
+        _job, base=PortableModel(ctx.graph, base), fit=fit, calibration=calibration, epochs=epochs,
+        max_batches=max_batches, lr=cfg.lr, seed=ctx.seed, metric=cfg.metric, batch_size=cfg.batch_size,
     )
-    results = (ctx.executor or SerialExecutor()).map(run, jobs)
+    results = (ctx.executor or SerialExecutor()).map(run, jobs, describe=_describe, label="alps")
     reference = results[0]
     scores: Scores = {n: {choices[0]: reference} for n in ctx.free_layers}
     for job, value in zip(jobs[1:], results[1:], strict=True):

@@ -1,0 +1,149 @@
+"""Run jobs as Ray tasks on a local Ray or an existing cluster (`address=`).
+
+The job function (with its `PortableModel`s and data) is `ray.put` once per run and passed
+to every task by reference; each worker deserialises it once and caches it. Tasks run at
+`threads` torch threads (`num_cpus=threads`), like the local executors, so results match
+them bit for bit on workers of the same CPU kind. A task whose worker dies is re-run by Ray
+up to `max_retries` times (jobs are deterministic, so the result is unchanged); a task that
+raises is not retried and is reported in one line (reference/quantization.md §7, RAY-FT).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
+from typing import Any
+
+from bitmix.compiler.sensitivity.executor import Describe, MapMixin, job_error, worker_threads
+from bitmix.errors import BitmixError
+
+CONNECT_TIMEOUT_S = 5.0
+_FN: dict[str, Callable[[Any], Any]] = {}  # per worker: the current run's job function, by object id
+
+
+def import_ray() -> ModuleType:
+    try:
+        import ray
+    except ImportError:
+        raise BitmixError("the ray executor needs the `ray` package; install it with `pip install ray` "
+                          "(`make setup` does), or use --executor local") from None
+    return ray
+
+
+def _call(holder: list, job: Any, threads: int) -> Any:
+    """A task: fetch (once per worker) and run the shipped job function."""
+    ref = holder[0]  # inside a list, so Ray passes the reference and this worker caches the value
+    key = ref.hex()
+    if key not in _FN:
+        import ray
+
+        _FN.clear()
+        _FN[key] = ray.get(ref)
+    worker_threads(threads)
+    return _FN[key](job)
+
+
+def check_reachable(address: str) -> None:
+    """Fail fast, in one line, when a host:port cluster address does not answer."""
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise BitmixError(f"--ray-address must be host:port (e.g. 10.0.0.5:6379) or 'auto', got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise BitmixError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start it with "
+                          "`ray start --head` there, or drop --ray-address to run on a local Ray") from None
+
+
+class RayExecutor(MapMixin):
+    """Jobs as Ray tasks. Without `address` a local Ray with `workers` CPUs (default: all) is
+    started on first use and shut down by `close()` or at the end of the `with` block; with an
+    address the cluster is joined (and left again). A Ray the caller initialised is used as is."""
+
+    def __init__(self, address: str | None = None, workers: int | None = None, threads: int = 1,
+                 max_retries: int = 3) -> None:
+        import_ray()
+        if workers is not None and workers < 1:
+            raise BitmixError(f"Ray workers must be >= 1, got {workers}")
+        if address is not None:
+            check_reachable(address)  # fail before any work is done
+        self.address = address
+        self.threads = threads
+        self.max_retries = max_retries
+        self._workers = workers
+        self._scopes: list[bool] = []
+        self._started = False
+
+    def start(self) -> bool:
+        """Initialise or join Ray unless already connected; True if this call did."""
+        ray = import_ray()
+        if ray.is_initialized():
+            return False
+        common: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
+        if self.address is None:
+            ray.init(address="local", num_cpus=self._workers or os.cpu_count() or 1, include_dashboard=False,
+                     **common)  # "local": a new Ray, never one that `ray start` left running
+        else:
+            check_reachable(self.address)
+            try:
+                ray.init(address=self.address, **common)
+            except (ConnectionError, RuntimeError) as exc:
+                raise BitmixError(f"cannot join the Ray cluster at {self.address}: {str(exc).splitlines()[0]}; "
+                                  "check the address (`ray status` on the head node)") from None
+        self._started = True
+        return True
+
+    def close(self) -> None:
+        """Shut down (or leave) the Ray this executor started or joined."""
+        if self._started:
+            import_ray().shutdown()
+            self._started = False
+
+    def __enter__(self) -> RayExecutor:
+        """A scope: Ray starts on first use inside it and is shut down when it ends if it was not running before."""
+        self._scopes.append(import_ray().is_initialized())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._scopes.pop():
+            self.close()
+
+    @property
+    def workers(self) -> int:
+        """Concurrent tasks: the cluster's CPUs over `threads` (starts Ray if needed)."""
+        if not import_ray().is_initialized():
+            self.start()
+        return max(1, int(import_ray().cluster_resources().get("CPU", 1)) // self.threads)
+
+    def as_completed(self, fn: Callable[[Any], Any], jobs: Sequence[Any],
+                     describe: Describe = repr) -> Iterator[tuple[int, Any]]:
+        ray = import_ray()
+        if not ray.is_initialized():
+            self.start()
+        if not jobs:
+            return
+        from ray.exceptions import RayError, RayTaskError
+
+        task = ray.remote(_call).options(num_cpus=self.threads, max_retries=self.max_retries)
+        shipped = ray.put(fn)  # once per run; every task gets the reference
+        pending = {task.remote([shipped], job, self.threads): i for i, job in enumerate(jobs)}
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                i = pending.pop(done[0])
+                try:
+                    result = ray.get(done[0])
+                except RayTaskError as exc:
+                    raise job_error(describe, jobs[i], exc.cause if exc.cause is not None else exc) from None
+                except RayError as exc:
+                    raise BitmixError(f"job {describe(jobs[i])} was lost after {self.max_retries} retries "
+                                      f"({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") from None
+                yield i, result
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
