@@ -22,10 +22,12 @@ from torch import nn
 
 from bitmix.compiler.allocate import Allocation, Budget, allocate
 from bitmix.compiler.capture import capture
+from bitmix.compiler.fidelity import guard
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.lower import CallRecorder, executed_layers, lower, torch_on_one_thread
 from bitmix.compiler.quantize import fake_quantize
 from bitmix.compiler.quantize import finetune as qat_finetune
+from bitmix.compiler.saving import Keepable
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import LayerGraph
 from bitmix.ir.targets import Target, get_target
@@ -36,7 +38,7 @@ from bitmix.task import FinetuneConfig, Inputs, TaskData
 CALIBRATION_SAMPLES = 128
 
 
-class CompiledModel(nn.Module):
+class CompiledModel(Keepable, nn.Module):
     """The lowered model: `cm(x)` runs on the packed int kernels; `cm.report` says what it costs."""
 
     def __init__(self, lowered: nn.Module, graph: LayerGraph, assignment: dict[str, int], target: Target,
@@ -52,6 +54,7 @@ class CompiledModel(nn.Module):
         self.report: Report | None = None
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        self.input_spec.check(args)
         with torch.no_grad(), torch_on_one_thread():
             return self.lowered(*args)
 
@@ -86,6 +89,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     frontier_points: int = 6,
     method_options: dict[str, Any] | None = None,
     clamp_budget: bool = False,
+    dynamic_shapes: Any = "auto",
 ) -> CompiledModel:
     """Compile `model` to per-layer 2/4/8-bit kernels for `target` within `budget`.
 
@@ -98,6 +102,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     eval: TaskData or a callable model -> quality (%), measured on FP32, fake-quant and kernels.
     clamp_budget: if the budget fraction is below the cheapest assignment, use the cheapest one
       (with a warning) instead of raising; the torch.compile backend sets it.
+    dynamic_shapes: "auto" (symbolic batch and sequence dims), None (static) or a torch.export spec.
     """
     from bitmix.compiler import sensitivity
 
@@ -117,7 +122,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         raise BitmixError("finetune needs training data; pass data=TaskData(...) (or calibration=TaskData)")
 
     with _stage("capture", timings):
-        graph = capture(model, example_inputs, name)
+        graph = capture(model, example_inputs, name, dynamic_shapes)
         _check_finite(graph)
     if graph.unsupported:
         msg = f"{len(graph.unsupported)} op(s) have no bitmix kernel and stay FP32: {', '.join(graph.unsupported)}"
@@ -162,6 +167,8 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         with _stage("frontier", timings):
             frontier, uniform_pts = _frontier(graph, float_model, scores, costs, tgt, chip, calib, eval,
                                               frontier_points, goal)
+    with _stage("fidelity", timings):
+        accuracy.update(guard(float_model, cm, calib or example_inputs, warn))
     cm.recorder.calls.clear()
     cm.report = _report(graph, tgt, method, goal, chosen, scores, sim, accuracy, timings, frontier, uniform_pts, warn)
     return cm
