@@ -10,6 +10,7 @@ The caller's model is never touched: we export a deep copy in eval mode.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import warnings
 from typing import Any
@@ -91,6 +92,9 @@ def export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: A
 
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dims: Any) -> torch.export.ExportedProgram:
     frozen = copy.deepcopy(model).eval()
+    params = list(inspect.signature(frozen.forward).parameters.values())
+    if dims is not None and len(params) == 1 and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        dims = (dims,)  # forward(*args): torch.export wants one entry for the varargs
     try:
         with torch.no_grad():
             return torch.export.export(frozen, inputs, dynamic_shapes=dims, strict=False)
