@@ -94,6 +94,7 @@ def export_error(exc: Exception) -> BitmixError | None:
         return None
     lines = [ln.strip(" -") for ln in text.splitlines() if ln.strip()]
     detail = next((ln for ln in lines if ln.startswith(("Not all values", "You marked", "Expected"))), lines[0])
+    detail = detail.split(" If you're")[0]  # drop torch's advice about mark_dynamic, which bitmix users never call
     fixes = [ln for ln in lines if "= Dim(" in ln or ln.startswith("dynamic_shapes")]
     hint = f"; torch suggests {', '.join(fixes)}" if fixes else ""
     return BitmixError(f"dynamic_shapes does not match the model: {detail[:240]}{hint}")
