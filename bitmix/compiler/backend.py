@@ -165,7 +165,7 @@ def _compile_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args:
     calibration = opts.pop("calibration", None)
     try:
         cm = bitmix_compile(lifted, user, calibration=calibration if calibration is not None else user,
-                            frontier_points=0, clamp_budget=opts["budget"] < 1.0, dynamic_shapes=_dims(gm, user),
+                            frontier_points=0, clamp_budget=_below_one(opts["budget"]), dynamic_shapes=_dims(gm, user),
                             **opts)
     except NoQuantizableLayers:
         return gm.forward  # e.g. the glue between two graph breaks: nothing to quantize
@@ -175,6 +175,11 @@ def _compile_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args:
         return cm(*[a for a, kind in zip(call_args, kinds, strict=True) if kind == "user"])
 
     return run
+
+
+def _below_one(budget: Any) -> bool:
+    """A budget below 1.0 may be under a small piece's cheapest assignment: clamp it (with a warning)."""
+    return isinstance(budget, int | float) and budget < 1.0
 
 
 def _dims(gm: fx.GraphModule, user: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any], ...] | None:

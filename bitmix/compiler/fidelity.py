@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from bitmix.errors import BitmixError
+
 # The acceptance bar of issue 17 for minilm; the zoo CNNs reach >= 0.999 at int8.
 MIN_COSINE = 0.99
 MAX_EXAMPLES = 32  # enough for a stable mean, cheap next to the compile itself
@@ -42,10 +44,14 @@ def fidelity(fp32: Callable[..., Any], compiled: Callable[..., Any],
     return {"example_cosine": cosine, "example_max_rel_err": err / scale if scale > 0 else err}
 
 
-def guard(fp32: Callable[..., Any], compiled: Callable[..., Any],
-          inputs: tuple[torch.Tensor, ...] | torch.Tensor, warn: list[str]) -> dict[str, float]:
-    """`fidelity`, plus one warning (also appended to `warn`) when the cosine is below MIN_COSINE."""
-    result = fidelity(fp32, compiled, inputs)
+def guard(fp32: Callable[..., Any], compiled: Callable[..., Any], inputs: Any, warn: list[str],
+          fallback: tuple[torch.Tensor, ...] | torch.Tensor) -> dict[str, float]:
+    """`fidelity` on `inputs` (on `fallback`, the example inputs, if the compiled model does not take
+    their shapes, e.g. after a static export), plus one warning when the cosine is below MIN_COSINE."""
+    try:
+        result = fidelity(fp32, compiled, inputs if inputs is not None else fallback)
+    except BitmixError:
+        result = fidelity(fp32, compiled, fallback)
     if not result["example_cosine"] >= MIN_COSINE:
         msg = (f"the compiled model's outputs are far from FP32 on the example inputs (cosine "
                f"{result['example_cosine']:.4f} < {MIN_COSINE}); try calibration data (calibration=...), "

@@ -168,7 +168,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
             frontier, uniform_pts = _frontier(graph, float_model, scores, costs, tgt, chip, calib, eval,
                                               frontier_points, goal)
     with _stage("fidelity", timings):
-        accuracy.update(guard(float_model, cm, calib or example_inputs, warn))
+        accuracy.update(guard(float_model, cm, calib, warn, fallback=example_inputs))
     cm.recorder.calls.clear()
     cm.report = _report(graph, tgt, method, goal, chosen, scores, sim, accuracy, timings, frontier, uniform_pts, warn)
     return cm

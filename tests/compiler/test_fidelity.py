@@ -28,7 +28,7 @@ def test_guard_warns_once_with_what_to_try():
     x = torch.randn(8, 4)
     log: list[str] = []
     with pytest.warns(UserWarning, match="w4a8-npu or mixed-npu") as record:
-        guard(lambda t: t, lambda t: -t, (x,), log)
+        guard(lambda t: t, lambda t: -t, (x,), log, fallback=(x,))
     assert len(record) == 1 and len(log) == 1
 
 
@@ -51,6 +51,13 @@ def test_fires_on_a_broken_quantization():
     assert sum("far from FP32" in str(w.message) for w in record) == 1
     assert cm.report.accuracy["example_cosine"] < MIN_COSINE
     assert any("far from FP32" in w for w in cm.report.warnings)
+
+
+def test_static_export_checks_on_the_example_when_calibration_has_other_shapes():
+    x, calib = torch.randn(4, 32), torch.randn(64, 32)
+    cm = bitmix.compile(_mlp(), x, target="int8-npu", budget=1.0, calibration=calib, frontier_points=0,
+                        dynamic_shapes=None)
+    assert cm.report.accuracy["example_cosine"] >= MIN_COSINE
 
 
 def _summary(report) -> list[str]:
