@@ -1,12 +1,13 @@
 """bitmix: choose 2/4/8-bit precision per layer, price it on a NorthPole-style chip, run it on packed kernels.
 
 Public surface: `compile` (with `Budget`, `Data`, `CompileOptions` and a method's config), `Target`,
-`targets`, `load_report` / `save_report` / `print_report`, `capture`.
+`targets`, `load_report` / `save_report` / `print_report`, `capture`, `load` (a model written by `cm.save`).
 """
 
 from bitmix.budget import Budget
 from bitmix.compiler.capture import capture
 from bitmix.compiler.pipeline import CompiledModel, CompileOptions, compile
+from bitmix.compiler.saving import load
 from bitmix.compiler.sensitivity import ALPSConfig, EAGLConfig, HAWQConfig, LIMPQConfig, MethodConfig
 from bitmix.errors import BitmixError
 from bitmix.ir.targets import TARGETS as targets
@@ -17,6 +18,6 @@ from bitmix.task import Data, FinetuneConfig, TaskData
 __all__ = [
     "ALPSConfig", "BitmixError", "Budget", "CompileOptions", "CompiledModel", "Data", "EAGLConfig",
     "FinetuneConfig", "HAWQConfig", "LIMPQConfig", "MethodConfig", "Report", "TaskData", "Target", "capture",
-    "compile", "load_report", "print_report", "save_report", "targets",
+    "compile", "load", "load_report", "print_report", "save_report", "targets",
 ]
 __version__ = "0.1.0"

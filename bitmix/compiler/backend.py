@@ -1,20 +1,28 @@
 """`torch.compile(model, backend="bitmix")`: the compile pipeline as a TorchDynamo backend.
 
-Registered through the `torch_dynamo_backends` entry point. Dynamo hands us an FX
-GraphModule and example inputs but no calibration data, so the backend uses data-free
-EAGL scores and data-free activation step sizes on the default target (int4int2-npu,
-budget 0.75). Options pass through: `torch.compile(m, backend="bitmix",
-options={"target": ..., "budget": ..., "method": "eagl"})`.
+Registered through the `torch_dynamo_backends` entry point. Options
+(`torch.compile(m, backend="bitmix", options={...})`):
 
-If the default budget is below the cheapest assignment of a graph piece (small pieces are
-latency-bound on the simulated chip), the cheapest assignment is used with a warning.
+- `target` (default `"int8-npu"`): a bitmix target name or `Target`;
+- `budget` (default `1.0`): simulated cost allowed, as a fraction of the all-highest assignment
+  (below the cheapest assignment of a graph piece the cheapest is used, with a warning);
+- `method` (default `"eagl"`): a sensitivity method that needs no labeled data;
+- `calibration`: unlabeled inputs of the model for activation step sizes (a tensor, a tuple
+  of tensors or an iterable of batches); by default the real inputs of the first call;
+- `chip_config`: a chip TOML file overriding the target's chip.
 
-Limits: graph breaks compile each piece separately (first/last pinning then applies per
-piece); a piece with no conv/linear/matmul runs eagerly; only the registry's data-free
-methods work (`sensitivity.data_free()`: eagl, uniform, random). When Dynamo recompiles with
-dynamic shapes it passes symbolic sizes (SymInt) into the piece, which torch.export of a fixed
-piece cannot take: such pieces run in eager PyTorch with a warning;
-`torch.compile(..., dynamic=False)` keeps every piece on the kernels (one compile per input shape).
+The defaults are safe without user data: W8A8 everywhere. Any other option is a one-line
+error. Dynamo hands the backend a graph whose parameters *and* buffers (e.g. BatchNorm's
+running statistics) are inputs; they are put back into a module as state, so export and BN
+folding see them. The piece is compiled on its first real call, calibrated on that call's
+tensors (never on invented data). Dynamo decides which sizes vary: a static piece is
+exported for its shapes (Dynamo recompiles on a new shape, then with symbolic sizes), and
+Dynamo's symbolic sizes (also with `dynamic=True`) become symbolic dimensions of the export. A piece with no
+conv/linear/matmul (e.g. the glue between two graph breaks) runs eagerly.
+
+Limits: graph breaks compile each piece separately (first/last pinning applies per piece,
+and `calibration` only fits a model that is one piece); the packed weights are those of the
+first call: changing the model's weights afterwards needs `torch._dynamo.reset()`.
 """
 
 from __future__ import annotations
@@ -26,59 +34,164 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.export import Dim
+
+from bitmix.errors import BitmixError
+
+OPTIONS = ("target", "method", "budget", "calibration", "chip_config")
+DEFAULTS: dict[str, Any] = {"target": "int8-npu", "method": "eagl", "budget": 1.0}
+
+
+def parse_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """The backend's options with defaults; unknown ones and labeled-data methods are one-line errors."""
+    from bitmix.compiler import sensitivity
+
+    given = dict(options or {})
+    unknown = sorted(set(given) - set(OPTIONS))
+    if unknown:
+        raise BitmixError(f"unknown option {unknown[0]!r} for torch.compile(backend='bitmix'); "
+                          f"known options: {', '.join(OPTIONS)}")
+    merged = {**DEFAULTS, **given}
+    free = sensitivity.data_free()
+    if sensitivity.resolve(merged["method"])[0].name not in free:
+        raise BitmixError(f"method {merged['method']!r} needs labeled data, which torch.compile cannot pass; "
+                          f"use one of {', '.join(free)} (or bitmix.compile with data=...)")
+    return merged
 
 
 class _Lifted(nn.Module):
-    """Dynamo lifts parameters to graph inputs; give them back to a module so export sees weights."""
+    """A Dynamo graph piece as a module: lifted parameters and buffers back as state, sizes from the inputs.
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> None:
+    `forward` takes only the piece's user tensors; Dynamo's symbolic-size arguments are read
+    off those tensors' shapes, so export traces them as symbolic dimensions.
+    """
+
+    def __init__(self, gm: fx.GraphModule, slots: list[tuple[str, Any]], state: list[torch.Tensor]) -> None:
         super().__init__()
         self.gm = gm
-        self.slots = [isinstance(t, nn.Parameter) for t in example_inputs]
-        self.weights = nn.ParameterList([t for t in example_inputs if isinstance(t, nn.Parameter)])
+        self.slots = slots
+        for i, t in enumerate(state):
+            if isinstance(t, nn.Parameter):
+                self.register_parameter(f"state{i}", nn.Parameter(t.detach(), requires_grad=False))
+            else:
+                self.register_buffer(f"state{i}", t.detach())
 
     def forward(self, *args: torch.Tensor) -> Any:
-        params, user = iter(self.weights), iter(args)
-        return self.gm(*[next(params) if is_param else next(user) for is_param in self.slots])
+        full = []
+        for kind, ref in self.slots:
+            if kind == "state":
+                full.append(getattr(self, f"state{ref}"))
+            elif kind == "user":
+                full.append(args[ref])
+            else:
+                k, method, index = ref
+                value = getattr(args[k], method)
+                full.append(value() if index is None else value(index))
+        return self.gm(*full)
 
 
 def bitmix_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
-    from bitmix.budget import Budget
-    from bitmix.compiler import sensitivity
-    from bitmix.compiler.pipeline import CompileOptions
-    from bitmix.compiler.pipeline import compile as bitmix_compile
-    from bitmix.errors import BitmixError, NoQuantizableLayers
-
-    options = dict(kwargs.get("options") or {})
-    method = options.pop("method", "eagl")
-    if sensitivity.resolve(method)[0].name not in sensitivity.data_free():
-        raise BitmixError(f"the torch.compile backend has no data; use one of {', '.join(sensitivity.data_free())}")
-    if not all(isinstance(t, torch.Tensor) for t in example_inputs):
-        warnings.warn("bitmix: a graph piece takes symbolic sizes (Dynamo's dynamic shapes) and runs in eager "
-                      "PyTorch; pass dynamic=False to torch.compile to keep it on the bitmix kernels", stacklevel=2)
-        return gm.forward
-    lifted = _Lifted(gm, example_inputs)
-    user_inputs = tuple(_real(t) for t in example_inputs if not isinstance(t, nn.Parameter))
-    budget = Budget.of(options.pop("budget", 0.75))
-    if budget.fraction is not None:  # small graph pieces may not reach 0.75: never break the user's model
-        budget = dataclasses.replace(budget, clamp=True)
-    try:
-        cm = bitmix_compile(lifted, user_inputs, method=method, budget=budget,
-                            options=CompileOptions(frontier_points=0), **options)
-    except NoQuantizableLayers:
-        return gm.forward  # e.g. the glue between two graph breaks: nothing to quantize
-    slots = lifted.slots
+    options = kwargs.get("options")
+    slots = _slots(gm, example_inputs)
+    compiled: dict[str, Callable[..., Any]] = {}
 
     def run(*args: Any) -> Any:
-        return cm(*[a for a, is_param in zip(args, slots, strict=True) if not is_param])
+        if "fn" not in compiled:
+            compiled["fn"] = _compile_piece(gm, slots, args, options)
+        return compiled["fn"](*args)
 
     return run
 
 
-def _real(t: Any) -> Any:
-    """Export needs real tensors; replace fake ones with random data of the same shape and dtype."""
-    if isinstance(t, torch.Tensor) and isinstance(t, torch._subclasses.fake_tensor.FakeTensor):
-        if t.dtype.is_floating_point:
-            return torch.randn(tuple(t.shape), dtype=t.dtype)
-        return torch.zeros(tuple(t.shape), dtype=t.dtype)
-    return t.detach() if isinstance(t, torch.Tensor) else t
+def _slots(gm: fx.GraphModule, example_inputs: list[Any]) -> list[tuple[str, Any]] | str:
+    """Per graph input: ("state", k), ("user", k) or ("size", (user k, method, index)).
+
+    A "size" is a size, stride or storage offset Dynamo passes for a symbolic input: it is
+    read off the user tensor it came from. Returns why the piece cannot be lifted, if so.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    slots: list[tuple[str, Any]] = []
+    state = user = 0
+    users: dict[str, int] = {}
+    for node, example in zip(placeholders, example_inputs, strict=True):
+        if _is_state(node, example):
+            slots.append(("state", state))
+            state += 1
+        elif isinstance(example, torch.Tensor):
+            slots.append(("user", user))
+            node.meta["bitmix_user"] = user
+            users[_source_name(_source(node))] = user
+            user += 1
+        else:
+            slots.append(("size", node))
+    for i, (kind, ref) in enumerate(slots):
+        if kind == "size":
+            source = _source(ref)
+            base = _source_name(getattr(source, "base", None))
+            prop = getattr(source, "prop", None)
+            if base not in users or prop is None:
+                return f"input {ref.name} is not a size of a tensor input"
+            slots[i] = ("size", (users[base], prop.method_name(), getattr(source, "idx", None)))
+    return slots
+
+
+def _source(node: fx.Node) -> Any:
+    return getattr(node.meta.get("grapharg"), "source", None)
+
+
+def _source_name(source: Any) -> str:
+    return str(getattr(source, "name", "")) if source is not None else ""
+
+
+def _is_state(node: fx.Node, example: Any) -> bool:
+    """Parameters, and buffers that Dynamo lifted from a module (BN running statistics)."""
+    if isinstance(example, nn.Parameter):
+        return True
+    guard = getattr(_source(node), "guard_source", None)
+    return guard is not None and (guard.is_unspecialized_nn_module() or guard.is_specialized_nn_module())
+
+
+def _compile_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args: tuple[Any, ...],
+                   options: dict[str, Any] | None) -> Callable[..., Any]:
+    """bitmix.compile one graph piece on its first real call; its tensors are the calibration data."""
+    from bitmix.budget import Budget
+    from bitmix.compiler.pipeline import CompileOptions
+    from bitmix.compiler.pipeline import compile as bitmix_compile
+    from bitmix.errors import NoQuantizableLayers
+    from bitmix.ir.targets import get_target
+
+    opts = parse_options(options)
+    if isinstance(slots, str):
+        warnings.warn(f"bitmix: a graph piece runs in eager PyTorch ({slots}); pass dynamic=False to "
+                      "torch.compile to keep it on the bitmix kernels", stacklevel=3)
+        return gm.forward
+    state = [a for (kind, _), a in zip(slots, args, strict=True) if kind == "state"]
+    user = tuple(a for (kind, _), a in zip(slots, args, strict=True) if kind == "user")
+    lifted = _Lifted(gm, slots, state)
+    calibration = opts.pop("calibration", None)
+    try:
+        budget = Budget.of(opts["budget"])
+        if budget.fraction is not None and budget.fraction < 1.0:  # may be under a small piece's cheapest
+            budget = dataclasses.replace(budget, clamp=True)
+        cm = bitmix_compile(lifted, user, get_target(opts["target"], opts.get("chip_config")), method=opts["method"],
+                            budget=budget, data=calibration if calibration is not None else user,
+                            options=CompileOptions(frontier_points=0, dynamic_shapes=_dims(gm, user)))
+    except NoQuantizableLayers:
+        return gm.forward  # e.g. the glue between two graph breaks: nothing to quantize
+    kinds = [kind for kind, _ in slots]
+
+    def run(*call_args: Any) -> Any:
+        return cm(*[a for a, kind in zip(call_args, kinds, strict=True) if kind == "user"])
+
+    return run
+
+
+def _dims(gm: fx.GraphModule, user: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any], ...] | None:
+    """The dimensions Dynamo made symbolic (a static piece bakes its sizes into views: nothing else can vary)."""
+    dims: list[dict[int, Any]] = [{} for _ in user]
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.meta.get("bitmix_user") is not None:
+            for d, size in enumerate(getattr(node.meta.get("example_value"), "shape", ())):
+                if isinstance(size, torch.SymInt):
+                    dims[node.meta["bitmix_user"]][d] = Dim.AUTO
+    return tuple(dims) if any(dims) else None

@@ -10,13 +10,16 @@ The caller's model is never touched: we export a deep copy in eval mode.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import warnings
+from typing import Any
 
 import networkx as nx
 import torch
 from torch import nn
 
+from bitmix.compiler.shapes import AUTO, export_error, normalize, traced_inputs
 from bitmix.errors import BitmixError, NoQuantizableLayers
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
 
@@ -43,14 +46,15 @@ LAYOUT_OPS = {
 }
 
 
-def capture(model: nn.Module, example_inputs: tuple | torch.Tensor, name: str | None = None) -> LayerGraph:
-    """Export `model` on `example_inputs` and index its quantizable layers."""
+def capture(model: nn.Module, example_inputs: tuple | torch.Tensor, name: str | None = None,
+            dynamic_shapes: Any = AUTO) -> LayerGraph:
+    """Export `model` on `example_inputs` (dynamic dimensions: `bitmix.compiler.shapes`) and index its layers."""
     if not isinstance(model, nn.Module):
         raise BitmixError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise BitmixError("example_inputs must be a tensor or a tuple of tensors (one per forward argument)")
-    exported = export(model, inputs)
+    exported = export(model, inputs, dynamic_shapes)
     layers, vector_ops, deps, unsupported = _index(exported)
     if not layers:
         raise NoQuantizableLayers(
@@ -67,29 +71,42 @@ def capture(model: nn.Module, example_inputs: tuple | torch.Tensor, name: str | 
     )
 
 
-def export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
-    """torch.export a deep copy in eval mode, batch dimension dynamic where the model allows.
+def export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: Any = AUTO
+           ) -> torch.export.ExportedProgram:
+    """torch.export a deep copy in eval mode with symbolic dimensions (`bitmix.compiler.shapes`).
 
-    A dynamic batch lets the prepared and lowered models run calibration, training and
-    evaluation batches of any size. torch.export specialises size-1 dimensions, so the
-    dynamic export traces a batch of 2 built from the example; shapes are read back at the
-    user's batch size (`_shape`). Models that pin their batch size get a static export.
+    A symbolic batch lets calibration, training and evaluation run batches of any size, and
+    one compiled model serve any batch and sequence length. Shapes are read back at the
+    example's sizes (`_shape`). If the inferred dimensions cannot be exported the model is
+    exported for the example shapes only, with a warning; a spec given by the user is never
+    replaced: its problems are reported as a one-line error.
     """
-    frozen = copy.deepcopy(model).eval()
-    if all(t.dim() > 0 for t in inputs):
-        doubled = tuple(torch.cat([t, t])[: max(2, t.shape[0])] for t in inputs)
-        dims = tuple({0: torch.export.Dim.AUTO} for _ in inputs)
+    dims = normalize(model, inputs, dynamic_shapes)
+    if dims is not None and any(dims):
         try:
-            with torch.no_grad():
-                exported = torch.export.export(frozen, doubled, dynamic_shapes=dims, strict=False)
-            _bind_batch(exported, inputs[0].shape[0])
+            exported = _export(model, traced_inputs(inputs, dims), dims)
+            _bind_symbols(exported, inputs)
             return exported
-        except Exception:  # fall back to a static export, which reports the real problem if any
-            frozen = copy.deepcopy(model).eval()
+        except BitmixError as exc:
+            if dynamic_shapes != AUTO:
+                raise
+            warnings.warn(f"bitmix: the model does not export with a symbolic batch/sequence ({exc}); "
+                          "it is compiled for the example shapes only", stacklevel=3)
+    return _export(model, inputs, None)
+
+
+def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dims: Any) -> torch.export.ExportedProgram:
+    frozen = copy.deepcopy(model).eval()
+    params = list(inspect.signature(frozen.forward).parameters.values())
+    if dims is not None and len(params) == 1 and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        dims = (dims,)  # forward(*args): torch.export wants one entry for the varargs
     try:
         with torch.no_grad():
-            return torch.export.export(frozen, inputs, strict=False)
+            return torch.export.export(frozen, inputs, dynamic_shapes=dims, strict=False)
     except Exception as exc:  # torch raises many types here; all mean "cannot capture"
+        shape_error = export_error(exc) if dims is not None else None
+        if shape_error is not None:
+            raise shape_error from None
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise BitmixError(
             f"torch.export could not capture the model ({type(exc).__name__}: {first[:200]}); "
@@ -98,16 +115,18 @@ def export(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.export.E
         ) from None
 
 
-def _bind_batch(exported: torch.export.ExportedProgram, batch: int) -> None:
-    """Record which symbols are batch dimensions, to evaluate shapes at the user's batch size."""
-    user_inputs = set(exported.graph_signature.user_inputs)
+def _bind_symbols(exported: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Record each input symbol's size in the user's example, to price shapes as traced."""
+    user_inputs = exported.graph_signature.user_inputs
+    placeholders = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
     symbols = {}
-    for node in exported.graph.nodes:
-        if node.op == "placeholder" and node.name in user_inputs:
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], torch.SymInt):
-                for sym in val.shape[0].node.expr.free_symbols:
-                    symbols[sym] = batch
+    for name, t in zip(user_inputs, inputs, strict=False):
+        val = placeholders[name].meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        for d, size in zip(val.shape, t.shape, strict=True):
+            if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol:
+                symbols[d.node.expr] = int(size)
     exported.graph.meta = {**getattr(exported.graph, "meta", {}), "bitmix_batch": symbols}
 
 
@@ -121,7 +140,8 @@ def _shape(node: torch.fx.Node) -> tuple[int, ...]:
 
 def _concrete(d: int | torch.SymInt, symbols: dict) -> int:
     if isinstance(d, torch.SymInt):
-        return int(d.node.expr.subs(symbols))
+        value = d.node.expr.subs(symbols)
+        return int(value) if value.is_number else int(d.node.hint)  # a symbol no input binds: as traced
     return int(d)
 
 

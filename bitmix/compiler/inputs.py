@@ -24,6 +24,8 @@ class CompileOptions:
     name: the model's name in the report (default: its class name).
     frontier_points: knapsack solutions across budgets on the report's frontier (0 = none; each is simulated,
       and measured when data has an eval role).
+    dynamic_shapes: "auto" (symbolic batch and, for integer inputs, sequence dims), None (static) or a
+      torch.export spec (tuple, or dict by argument name).
     executor: where a method's independent jobs (ALPS/HAWQ per layer) run: None / "local" (in this process),
       "ray" (a local Ray sized to the machine, shut down afterwards) or an executor object
       (`RayExecutor(address=...)`, `ProcessExecutor(2)`); the same seed gives the same result on each.
@@ -32,6 +34,7 @@ class CompileOptions:
     name: str | None = None
     frontier_points: int = 6
     executor: Executor | str | None = None
+    dynamic_shapes: Any = "auto"
 
 
 def resolve_data(data: Any) -> Data:

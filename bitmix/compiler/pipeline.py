@@ -24,11 +24,13 @@ from bitmix.compiler import inputs, legacy, sensitivity
 from bitmix.compiler.allocate import Allocation, allocate
 from bitmix.compiler.allocate import Budget as Caps
 from bitmix.compiler.capture import capture
+from bitmix.compiler.fidelity import guard
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.inputs import CompileOptions
 from bitmix.compiler.lower import CallRecorder, executed_layers, lower, torch_on_one_thread
 from bitmix.compiler.quantize import fake_quantize
 from bitmix.compiler.quantize import finetune as qat_finetune
+from bitmix.compiler.saving import Keepable
 from bitmix.compiler.sensitivity import MethodConfig
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import LayerGraph
@@ -40,7 +42,7 @@ from bitmix.task import Data, FinetuneConfig, Inputs, TaskData
 CALIBRATION_SAMPLES = inputs.CALIBRATION_SAMPLES
 
 
-class CompiledModel(nn.Module):
+class CompiledModel(Keepable, nn.Module):
     """The lowered model: `cm(x)` runs on the packed int kernels; `cm.report` says what it costs."""
 
     def __init__(self, lowered: nn.Module, graph: LayerGraph, assignment: dict[str, int], target: Target,
@@ -56,6 +58,7 @@ class CompiledModel(nn.Module):
         self.report: Report | None = None
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        self.input_spec.check(args)
         with torch.no_grad(), torch_on_one_thread():
             return self.lowered(*args)
 
@@ -115,7 +118,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         raise BitmixError("finetune needs training data; pass data=TaskData(...) or data=Data(train=...)")
 
     with _stage("capture", timings):
-        graph = capture(model, example_inputs, opts.name)
+        graph = capture(model, example_inputs, opts.name, opts.dynamic_shapes)
         _check_finite(graph)
     if graph.unsupported:
         msg = f"{len(graph.unsupported)} op(s) have no bitmix kernel and stay FP32: {', '.join(graph.unsupported)}"
@@ -160,6 +163,8 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         with _stage("frontier", timings):
             frontier, uniform_pts = _frontier(graph, float_model, scores, costs, tgt, chip, calib, roles.eval,
                                               opts.frontier_points)
+    with _stage("fidelity", timings):
+        accuracy.update(guard(float_model, cm, calib, warn, fallback=example_inputs))
     cm.recorder.calls.clear()
     cm.report = _report(graph, tgt, scorer.name, caps, chosen, scores, sim, accuracy, timings, frontier,
                         uniform_pts, warn)

@@ -1,26 +1,74 @@
+"""torch.compile(model, backend="bitmix") on nets and zoo models."""
+
+import warnings
+
+import pytest
 import torch
 from torch import nn
 
+from bitmix.errors import BitmixError
+from tests.conftest import zoo_entry
 
-def test_torch_compile_backend_runs_on_kernels():
-    assert "bitmix" in torch._dynamo.list_backends()
+
+def _cosine(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(nn.functional.cosine_similarity(out.flatten(1).double(), ref.flatten(1).double(), dim=1).mean())
+
+
+def _conv_bn_linear() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
-    x = torch.randn(8, 16)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    with torch.no_grad():  # non-trivial running statistics: folding them wrongly would show
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_batchnorm_buffers_go_back_into_the_module_and_the_model_runs_on_kernels():
+    torch._dynamo.reset()
+    model = _conv_bn_linear()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(16, 3, 8, 8)
     compiled = torch.compile(model, backend="bitmix")
     with torch.no_grad():
-        out = compiled(x)
-        ref = model(x)
-    assert out.shape == ref.shape
-    assert torch.nn.functional.cosine_similarity(out, ref, dim=-1).mean() > 0.8
+        out, ref = compiled(x), model(x)
+    assert not torch.equal(out, ref)  # quantized, not an eager fallback
+    assert _cosine(out, ref) > 0.99
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_graph_breaks_and_dynamic_recompiles_never_break_the_model():
-    """A data-dependent branch splits the graph (one piece has no layer); a second batch size makes Dynamo
-    recompile with symbolic sizes, which runs eagerly with a warning instead of failing."""
-    import pytest
+def test_backend_matches_bitmix_compile_calibrated_on_the_first_call():
+    """The backend calibrates on the first call's real tensors: same result as bitmix.compile(data=x)."""
+    import bitmix
+
+    torch._dynamo.reset()
+    model = _conv_bn_linear()
+    x = torch.randn(16, 3, 8, 8)
+    cm = bitmix.compile(model, x, target="int8-npu", budget=1.0, data=x,
+                        options=bitmix.CompileOptions(frontier_points=0))
+    compiled = torch.compile(model, backend="bitmix")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), cm(x), rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_option_is_one_line():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    compiled = torch.compile(model, backend="bitmix", options={"budgett": 0.5})
+    with pytest.raises(BitmixError, match="unknown option 'budgett'") as err:
+        compiled(torch.randn(2, 8))
+    assert "\n" not in str(err.value)
+
+
+def test_labeled_data_method_is_one_line():
+    torch._dynamo.reset()
+    compiled = torch.compile(nn.Sequential(nn.Linear(8, 4)).eval(), backend="bitmix", options={"method": "alps"})
+    with pytest.raises(BitmixError, match="needs labeled data"):
+        compiled(torch.randn(2, 8))
+
+
+def test_graph_breaks_and_dynamic_recompiles_stay_on_kernels():
+    """A data-dependent branch splits the graph (one piece has no layer and runs eagerly); a second batch
+    size makes Dynamo recompile with a symbolic batch, which bitmix exports symbolically too."""
 
     class Net(nn.Module):
         def __init__(self):
@@ -39,12 +87,45 @@ def test_graph_breaks_and_dynamic_recompiles_never_break_the_model():
     torch.manual_seed(0)
     model = Net().eval()
     compiled = torch.compile(model, backend="bitmix")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no eager fallback warning
+        for batch in (4, 6, 9):
+            x = torch.randn(batch, 3, 8, 8)
+            out, ref = compiled(x), model(x)
+            assert out.shape == (batch, 2)
+            assert not torch.equal(out, ref)
+            assert _cosine(out, ref) > 0.95
+
+
+def _zoo_case(name: str) -> tuple[float, tuple[torch.Tensor, ...]]:
+    torch._dynamo.reset()
+    model, inputs, data = zoo_entry(name)
+    if name.startswith("digits"):
+        inputs = (data.test.inputs[0][:32],)
+    compiled = torch.compile(model, backend="bitmix")
     with torch.no_grad():
-        x = torch.randn(4, 3, 8, 8)
-        cos = torch.nn.functional.cosine_similarity(compiled(x).flatten(), model(x).flatten(), dim=0)
-        assert cos > 0.95
-        y = torch.randn(6, 3, 8, 8)
-        with pytest.warns(UserWarning, match="symbolic sizes"):
-            out = compiled(y)
-        assert out.shape == (6, 2)
-        assert torch.nn.functional.cosine_similarity(out.flatten(), model(y).flatten(), dim=0) > 0.95
+        out, ref = compiled(*inputs), model(*inputs)
+    assert not torch.equal(out, ref)
+    return _cosine(out, ref), inputs
+
+
+# Measured cosine to FP32 at the defaults (int8-npu, budget 1.0, calibrated on the first call):
+# digits-cnn 0.998, digits-mlp 0.9998, minilm 0.956; the bars below hold on main's W8A8 range setting.
+@pytest.mark.parametrize("name", ["digits-cnn", "digits-mlp"])
+def test_zoo_digits(name):
+    cosine, _ = _zoo_case(name)
+    assert cosine > 0.995
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "resnet50"])
+def test_zoo_cnns(name):
+    cosine, _ = _zoo_case(name)
+    assert cosine > 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["minilm", "bert-base"])
+def test_zoo_transformers(name):
+    cosine, _ = _zoo_case(name)
+    assert cosine > 0.9

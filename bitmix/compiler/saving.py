@@ -1,0 +1,152 @@
+"""Keep a compiled model: `cm.save("model.pt2")` and `bitmix.load("model.pt2")`.
+
+The file is a `torch.export` program of the lowered model whose quantized layers are
+`bitmix::q*_packed` ops with their packed weights as constants (`portable.py`); the report
+and the input specification ride in the same archive (`extra_files`), so the file alone
+is enough. Loading needs only `import bitmix` (which registers the ops) and gives outputs
+bit-identical to the compiled model's, in any process on the same kernel path.
+
+A `CompiledModel` holds process-local kernel plans and the exported graph, which pickle
+cannot carry: `torch.save(cm)` raises one line pointing here instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from bitmix.compiler.shapes import InputSpec
+from bitmix.errors import BitmixError
+from bitmix.report.report import Report
+
+REPORT_KEY = "bitmix/report.json"
+INPUTS_KEY = "bitmix/inputs.json"
+
+
+class Keepable:
+    """Mixed into `CompiledModel`: save/load, the input check, and a clear torch.save error."""
+
+    graph: Any
+    lowered: nn.Module
+    report: Report | None
+
+    @cached_property
+    def input_spec(self) -> InputSpec:
+        return InputSpec.of(self.graph.exported)
+
+    def save(self, path: str | Path) -> Path:
+        """Write a torch.export program of the lowered model (report inside) to `path` (.pt2)."""
+        return save(self, path)
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise BitmixError("a CompiledModel cannot be pickled (torch.save); use cm.save('model.pt2') and "
+                          "bitmix.load('model.pt2')")
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+
+def save(cm: Any, path: str | Path) -> Path:
+    from bitmix.compiler.lower import torch_on_one_thread
+    from bitmix.compiler.portable import portable
+
+    out = Path(path)
+    if out.suffix != ".pt2":
+        raise BitmixError(f"save to a .pt2 file (torch.export's format), got {str(out)!r}")
+    spec: InputSpec = cm.input_spec
+    module = portable(cm.lowered)
+    examples = _examples(cm.graph.exported)
+    dims = tuple({i: Dim.AUTO for i, d in enumerate(ds) if isinstance(d, str)} for ds in spec.dims)
+    with torch.no_grad(), torch_on_one_thread():
+        program = torch.export.export(module, examples, dynamic_shapes=dims, strict=False)
+    report = cm.report.to_dict() if cm.report is not None else {}
+    extra = {REPORT_KEY: json.dumps(report, default=_json_default), INPUTS_KEY: json.dumps(asdict(spec))}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, out, extra_files=extra)
+    return out
+
+
+def _examples(exported: torch.export.ExportedProgram) -> tuple[torch.Tensor, ...]:
+    """Zero tensors at the traced sizes: export only needs shapes and dtypes here (the graph has no data-
+    dependent branches left: it was exported once already)."""
+    nodes = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
+    out = []
+    for name in exported.graph_signature.user_inputs:
+        val = nodes[name].meta.get("val")
+        if isinstance(val, torch.Tensor):
+            shape = tuple(int(d.node.hint) if isinstance(d, torch.SymInt) else int(d) for d in val.shape)
+            out.append(torch.zeros(shape, dtype=val.dtype))
+    return tuple(out)
+
+
+def _json_default(obj: object) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+class LoadedModel(nn.Module):
+    """A compiled model read back from a .pt2: runs the saved program; `report` says what it was."""
+
+    def __init__(self, program: torch.export.ExportedProgram, report: Report | None, spec: InputSpec) -> None:
+        super().__init__()
+        self.program = program
+        self.module = program.module()
+        _drop_guards(self.module)
+        self.report = report
+        self.input_spec = spec
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        from bitmix.compiler.lower import torch_on_one_thread
+
+        self.input_spec.check(args)
+        with torch.no_grad(), torch_on_one_thread():
+            return self.module(*args)
+
+
+def load(path: str | Path) -> LoadedModel:
+    """Read a model written by `cm.save`; the result runs on the bitmix kernels and carries `.report`."""
+    import bitmix.compiler.portable  # noqa: F401 - registers the ops the program calls
+
+    p = Path(path)
+    if not p.is_file():
+        raise BitmixError(f"no saved model at {p}; write one with cm.save('model.pt2')")
+    extra = {REPORT_KEY: "", INPUTS_KEY: ""}
+    try:
+        program = torch.export.load(p, extra_files=extra)
+    except Exception as exc:  # torch raises many types for a bad archive
+        raise BitmixError(f"{p} is not a torch.export program ({type(exc).__name__}); "
+                          "save compiled models with cm.save") from None
+    if not extra[INPUTS_KEY]:
+        raise BitmixError(f"{p} was not written by cm.save (no bitmix input spec); use torch.export.load for it")
+    raw = json.loads(extra[INPUTS_KEY])
+    spec = InputSpec(tuple(raw["names"]), tuple(tuple(d) for d in raw["dims"]),
+                     tuple(tuple(r) for r in raw["ranges"]))
+    report_dict = json.loads(extra[REPORT_KEY]) if extra[REPORT_KEY] else {}
+    report = Report.from_dict(report_dict) if report_dict else None
+    return LoadedModel(program, report, spec)
+
+
+def _drop_guards(gm: nn.Module) -> None:
+    """torch.export's input guards assume sizes >= 2 for symbolic dims; `InputSpec.check` checks instead."""
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            graph.erase_node(node)
+    for name, _ in list(gm.named_children()):
+        if name.startswith("_guards"):
+            delattr(gm, name)
+    gm.recompile()  # type: ignore[operator]

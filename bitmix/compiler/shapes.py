@@ -1,0 +1,158 @@
+"""Dynamic shapes: which input dimensions a compiled model takes at any size.
+
+`bitmix.compile` exports with symbolic dimensions so that one compiled model serves every
+batch size and, for sequence models, every sequence length up to the model's maximum.
+By default (`dynamic_shapes="auto"`) the batch dimension (dim 0) of every input and every
+dimension past the batch of integer inputs (token ids, attention masks, positions) are
+marked `Dim.AUTO`: torch.export keeps each one symbolic unless the model pins it, and
+derives the ranges (e.g. sequence <= 512 from BERT's position table). A torch.export
+`dynamic_shapes` spec (tuple per input, or dict keyed by forward argument) is used as
+given; `None` exports static shapes.
+
+torch.export specialises size-1 dimensions, so a symbolic dimension whose example size is
+1 is traced at size 2 (the example repeated); shapes are priced at the example's sizes.
+`InputSpec.check` turns a call at a shape the export did not allow into one line naming
+the input and dimension, instead of a torch shape error deep inside the graph.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.utils._sympy.numbers import IntInfinity
+
+from bitmix.errors import BitmixError
+
+AUTO = "auto"
+
+
+def normalize(model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: Any) -> tuple[dict[int, Any], ...] | None:
+    """A torch.export spec as one {dim: Dim} dict per positional input (None: static)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec != AUTO:
+            raise BitmixError(f"dynamic_shapes must be 'auto', None or a torch.export spec, got {spec!r}")
+        return tuple(_inferred(t) for t in inputs)
+    if isinstance(spec, dict):
+        names = [p for p in inspect.signature(model.forward).parameters if p not in ("self",)]
+        unknown = sorted(set(spec) - set(names[: len(inputs)]))
+        if unknown:
+            raise BitmixError(f"dynamic_shapes names {unknown[0]!r}, which is not one of the inputs "
+                              f"({', '.join(names[: len(inputs)])})")
+        spec = tuple(spec.get(n) for n in names[: len(inputs)])
+    if not isinstance(spec, Sequence) or len(spec) != len(inputs):
+        count = len(spec) if isinstance(spec, Sequence) else type(spec).__name__
+        raise BitmixError(f"dynamic_shapes has {count} entries but the model takes {len(inputs)} input(s); "
+                          "give one entry (a {dim: Dim} dict or None) per input")
+    return tuple(_per_input(i, t, s) for i, (t, s) in enumerate(zip(inputs, spec, strict=True)))
+
+
+def _inferred(t: torch.Tensor) -> dict[int, Any]:
+    if t.dim() == 0:
+        return {}
+    dims = range(t.dim()) if not (t.dtype.is_floating_point or t.dtype.is_complex) else range(1)
+    return {d: Dim.AUTO for d in dims}
+
+
+def _per_input(i: int, t: torch.Tensor, s: Any) -> dict[int, Any]:
+    if s is None:
+        return {}
+    if isinstance(s, list | tuple):
+        s = {d: v for d, v in enumerate(s) if v is not None}
+    if not isinstance(s, dict):
+        raise BitmixError(f"dynamic_shapes entry {i} must be a {{dim: Dim}} dict, a list or None, "
+                          f"got {type(s).__name__}")
+    bad = [d for d in s if not isinstance(d, int) or not -t.dim() <= d < t.dim()]
+    if bad:
+        raise BitmixError(f"dynamic_shapes entry {i} names dim {bad[0]!r}, but input {i} has shape "
+                          f"{tuple(t.shape)}")
+    return {d % t.dim(): v for d, v in s.items() if v is not None and not isinstance(v, int)}
+
+
+def traced_inputs(inputs: tuple[torch.Tensor, ...], dims: tuple[dict[int, Any], ...]) -> tuple[torch.Tensor, ...]:
+    """Repeat size-1 symbolic dimensions to size 2 (torch.export specialises size 1)."""
+    out = []
+    for t, d in zip(inputs, dims, strict=True):
+        for dim in d:
+            if t.shape[dim] == 1:
+                t = torch.cat([t, t], dim=dim)
+        out.append(t)
+    return tuple(out)
+
+
+def export_error(exc: Exception) -> BitmixError | None:
+    """One line for a dynamic_shapes spec torch.export rejects (None: not a shape-spec problem)."""
+    text = str(exc)
+    if "Constraints violated" not in text and "dynamic_shapes" not in text and "specialized" not in text:
+        return None
+    lines = [ln.strip(" -") for ln in text.splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if ln.startswith(("Not all values", "You marked", "Expected"))), lines[0])
+    detail = detail.split(" If you're")[0]  # drop torch's advice about mark_dynamic, which bitmix users never call
+    fixes = [ln for ln in lines if "= Dim(" in ln or ln.startswith("dynamic_shapes")]
+    hint = f"; torch suggests {', '.join(fixes)}" if fixes else ""
+    return BitmixError(f"dynamic_shapes does not match the model: {detail[:240]}{hint}")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Per input: its name and, per dimension, a fixed size or a symbol with its allowed range."""
+
+    names: tuple[str, ...]
+    dims: tuple[tuple[int | str, ...], ...]
+    ranges: tuple[tuple[str, int, int | None], ...]  # (symbol, min, max); None: unbounded
+
+    @classmethod
+    def of(cls, exported: torch.export.ExportedProgram) -> InputSpec:
+        user = exported.graph_signature.user_inputs
+        nodes = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
+        names, dims = [], []
+        for name in user:
+            val = nodes[name].meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                continue
+            names.append(name)
+            dims.append(tuple(str(d.node.expr) if isinstance(d, torch.SymInt) else int(d) for d in val.shape))
+        ranges = []
+        for sym, vr in exported.range_constraints.items():
+            hi = None if isinstance(vr.upper, IntInfinity) else int(vr.upper)
+            # export assumes >= 2 for a symbolic size (0/1 specialisation); size 1 runs the same graph
+            ranges.append((str(sym), min(int(vr.lower), 1), hi))
+        return cls(tuple(names), tuple(dims), tuple(ranges))
+
+    @property
+    def dynamic(self) -> dict[str, dict[int, str]]:
+        """{input: {dim: symbol}} for the report."""
+        return {n: {i: d for i, d in enumerate(ds) if isinstance(d, str)} for n, ds in zip(self.names, self.dims,
+                                                                                            strict=True)}
+
+    def check(self, args: tuple[Any, ...]) -> None:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if len(tensors) != len(self.names):
+            raise BitmixError(f"the compiled model takes {len(self.names)} tensor input(s) "
+                              f"({', '.join(self.names)}), got {len(tensors)}")
+        bounds = {s: (lo, hi) for s, lo, hi in self.ranges}
+        seen: dict[str, tuple[int, str]] = {}
+        for name, dims, t in zip(self.names, self.dims, tensors, strict=True):
+            if t.dim() != len(dims):
+                raise BitmixError(f"input {name!r} must have {len(dims)} dimensions, got shape {tuple(t.shape)}")
+            for i, (want, got) in enumerate(zip(dims, t.shape, strict=True)):
+                where = f"input {name!r} dim {i}"
+                if isinstance(want, int):
+                    if want != got:
+                        raise BitmixError(f"{where} is fixed at {want} by the model (got {got}); "
+                                          "compile with example inputs of that shape or pass dynamic_shapes")
+                    continue
+                if want in seen and seen[want][0] != got:
+                    raise BitmixError(f"{where} must equal {seen[want][1]} ({seen[want][0]}), got {got}")
+                seen.setdefault(want, (got, where))
+                lo, hi = bounds.get(want, (1, None))
+                if got < lo or (hi is not None and got > hi):
+                    top = "" if hi is None else f" to {hi}"
+                    raise BitmixError(f"{where} takes sizes {lo}{top}, got {got}")

@@ -1,0 +1,67 @@
+"""The fidelity guard: cosine and max relative error to FP32 in the report, one warning when lost."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import bitmix
+from bitmix.compiler.fidelity import MIN_COSINE, fidelity, guard
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+
+
+def test_fidelity_numbers_against_plain_torch():
+    x = torch.randn(8, 4)
+    noisy = x + 0.5 * torch.ones_like(x)
+    got = fidelity(lambda t: t, lambda t: noisy, (x,))
+    cos = torch.nn.functional.cosine_similarity(noisy.double(), x.double(), dim=1).mean()
+    assert got["example_cosine"] == pytest.approx(float(cos))
+    assert got["example_max_rel_err"] == pytest.approx(0.5 / float(x.abs().max()))
+
+
+def test_guard_warns_once_with_what_to_try():
+    x = torch.randn(8, 4)
+    log: list[str] = []
+    with pytest.warns(UserWarning, match="w4a8-npu or mixed-npu") as record:
+        guard(lambda t: t, lambda t: -t, (x,), log, fallback=(x,))
+    assert len(record) == 1 and len(log) == 1
+
+
+def test_silent_at_int8_and_in_report():
+    x = torch.randn(16, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        cm = bitmix.compile(_mlp(), x, target="int8-npu", budget=1.0, data=x,
+                            options=bitmix.CompileOptions(frontier_points=0))
+    acc = cm.report.to_dict()["accuracy"]
+    assert acc["example_cosine"] >= MIN_COSINE
+    assert 0 < acc["example_max_rel_err"] < 0.25
+    assert any("fidelity to FP32" in line for line in _summary(cm.report))
+
+
+def test_fires_on_a_broken_quantization():
+    """Inputs 50x larger than the data-free activation steps assume: almost every activation clips."""
+    x = 50 * torch.randn(16, 32)
+    with pytest.warns(UserWarning, match="far from FP32") as record:
+        cm = bitmix.compile(_mlp(), x, target="int4-npu", budget=1.0, options=bitmix.CompileOptions(frontier_points=0))
+    assert sum("far from FP32" in str(w.message) for w in record) == 1
+    assert cm.report.accuracy["example_cosine"] < MIN_COSINE
+    assert any("far from FP32" in w for w in cm.report.warnings)
+
+
+def test_static_export_checks_on_the_example_when_calibration_has_other_shapes():
+    x, calib = torch.randn(4, 32), torch.randn(64, 32)
+    cm = bitmix.compile(_mlp(), x, target="int8-npu", budget=1.0, data=calib,
+                        options=bitmix.CompileOptions(frontier_points=0, dynamic_shapes=None))
+    assert cm.report.accuracy["example_cosine"] >= MIN_COSINE
+
+
+def _summary(report) -> list[str]:
+    from bitmix.report.terminal import summary_lines
+
+    return summary_lines(report)

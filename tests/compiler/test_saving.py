@@ -1,0 +1,80 @@
+"""cm.save -> bitmix.load in a fresh process: bit-identical outputs, the report rides along."""
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import bitmix
+from bitmix.errors import BitmixError
+from tests.conftest import zoo_entry
+
+ROOT = Path(__file__).resolve().parents[2]
+CHECK = """
+import sys, torch, bitmix
+model = bitmix.load(sys.argv[1])
+saved = torch.load(sys.argv[2])
+for inputs, expected in saved:
+    out = model(*inputs)
+    assert torch.equal(out, expected), float((out - expected).abs().max())
+assert model.report is not None and model.report.accuracy["example_cosine"] > 0
+print("ok", model.report.model)
+"""
+
+
+def _roundtrip(tmp_path: Path, model: nn.Module, inputs: tuple, more: list[tuple], name: str) -> None:
+    cm = bitmix.compile(model, inputs, target="int8-npu", budget=1.0,
+                        options=bitmix.CompileOptions(frontier_points=0, name=name))
+    path = cm.save(tmp_path / f"{name}.pt2")
+    cases = [(x, cm(*x)) for x in [inputs, *more]]
+    torch.save(cases, tmp_path / "expected.pt")
+    run = subprocess.run([sys.executable, "-c", CHECK, str(path), str(tmp_path / "expected.pt")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900, env={"BITMIX_QUIET": "1", "HF_HUB_OFFLINE": "1",
+                                                                           "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == f"ok {name}"
+
+
+def _zoo(tmp_path: Path, name: str) -> None:
+    model, inputs, data = zoo_entry(name)
+    if name.startswith("digits"):
+        more = [(data.test.inputs[0][:3],)]
+    elif name in ("minilm", "bert-base"):
+        ids, mask = inputs
+        more = [(torch.cat([ids, ids, ids])[:, :32], torch.cat([mask, mask, mask])[:, :32])]
+    else:
+        more = [(torch.randn(2, *inputs[0].shape[1:]),)]
+    _roundtrip(tmp_path, model, inputs, more, name)
+
+
+@pytest.mark.parametrize("name", ["digits-cnn", "digits-mlp"])
+def test_zoo_roundtrip(tmp_path, name):
+    _zoo(tmp_path, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["minilm", "mobilenetv2", "resnet18", "resnet50", "bert-base"])
+def test_zoo_roundtrip_large(tmp_path, name):
+    _zoo(tmp_path, name)
+
+
+def test_torch_save_points_to_cm_save():
+    torch.manual_seed(0)
+    cm = bitmix.compile(nn.Sequential(nn.Linear(8, 4)).eval(), torch.randn(2, 8), target="int8-npu", budget=1.0,
+                        options=bitmix.CompileOptions(frontier_points=0))
+    with pytest.raises(BitmixError, match=r"cm.save\('model.pt2'\)"):
+        torch.save(cm, io.BytesIO())
+    with pytest.raises(BitmixError, match="save to a .pt2 file"):
+        cm.save("model.pth")
+
+
+def test_load_bad_paths(tmp_path):
+    with pytest.raises(BitmixError, match="no saved model"):
+        bitmix.load(tmp_path / "missing.pt2")
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip")
+    with pytest.raises(BitmixError, match="not a torch.export program"):
+        bitmix.load(tmp_path / "junk.pt2")

@@ -1,0 +1,84 @@
+"""Dynamic shapes: one bitmix.compile serves many batch sizes and sequence lengths; other shapes fail in one line."""
+
+import pytest
+import torch
+from torch import nn
+from torch.export import Dim
+
+import bitmix
+from bitmix.errors import BitmixError
+from tests.conftest import zoo_entry
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+
+
+def _compile(model, x, dynamic_shapes="auto"):
+    return bitmix.compile(model, x, target="int8-npu", budget=1.0,
+                          options=bitmix.CompileOptions(frontier_points=0, dynamic_shapes=dynamic_shapes))
+
+
+def test_batch_is_symbolic_and_priced_as_run():
+    cm = _compile(_mlp(), torch.randn(4, 16))
+    assert cm.input_spec.dynamic == {"input": {0: cm.input_spec.dims[0][0]}}
+    for batch in (1, 3, 64):
+        x = torch.randn(batch, 16)
+        cm.reset_calls()
+        with torch.no_grad():
+            assert torch.equal(cm(x), cm.fake_quant(x))  # kernels == fake-quant at every batch
+        assert cm.recorder.calls[0][1] == (batch, 16)  # cm.simulate() prices these shapes
+
+
+def test_a_fixed_dimension_is_a_one_line_error():
+    cm = _compile(_mlp(), torch.randn(4, 16))
+    with pytest.raises(BitmixError, match="input 'input' dim 1 is fixed at 16"):
+        cm(torch.randn(2, 8))
+
+
+def test_static_export_on_request():
+    cm = _compile(_mlp(), torch.randn(4, 16), dynamic_shapes=None)
+    with pytest.raises(BitmixError, match="dim 0 is fixed at 4"):
+        cm(torch.randn(2, 16))
+
+
+@pytest.mark.parametrize("spec, match", [
+    (({0: Dim("b")}, None), "2 entries but the model takes 1"),
+    (({0: Dim("b"), 1: Dim("f")},), "f as dynamic but your code specialized it"),
+    (({5: Dim("b")},), "names dim 5"),
+    ({"nope": {0: Dim("b")}}, "names 'nope'"),
+])
+def test_bad_dynamic_shapes_spec_is_one_line(spec, match):
+    with pytest.raises(BitmixError, match=match) as err:
+        _compile(_mlp(), torch.randn(4, 16), dynamic_shapes=spec)
+    assert "\n" not in str(err.value)
+
+
+def test_user_spec_by_argument_name():
+    cm = _compile(_mlp(), torch.randn(4, 16), dynamic_shapes={"input": {0: Dim("batch", max=64)}})
+    assert cm(torch.randn(64, 16)).shape == (64, 4)
+    with pytest.raises(BitmixError, match="takes sizes [01] to 64, got 65"):
+        cm(torch.randn(65, 16))
+
+
+@pytest.mark.slow
+def test_minilm_one_compile_serves_lengths_and_batches():
+    """One compile at (1, 64) runs 16-128 tokens at batch 1/3/8, kernels bit-identical to fake-quant."""
+    model, inputs, data = zoo_entry("minilm")
+    cm = _compile(model, inputs)
+    ids, mask = data.test.inputs
+    for length in (16, 32, 64, 128):
+        for batch in (1, 3, 8):
+            x = (ids[:batch, :length].repeat(1, 2)[:, :length].contiguous(),
+                 mask[:batch, :length].repeat(1, 2)[:, :length].contiguous())
+            cm.reset_calls()
+            out = cm(*x)
+            assert out.shape == (batch, 384)
+            with torch.no_grad():
+                assert torch.equal(out, cm.fake_quant(*x))
+            assert cm.simulate().cycles > 0
+    with pytest.raises(BitmixError, match="takes sizes 1 to 512, got 600"):
+        cm(torch.zeros(1, 600, dtype=torch.long), torch.ones(1, 600, dtype=torch.long))
+    with pytest.raises(BitmixError, match="must equal"):
+        cm(torch.zeros(1, 32, dtype=torch.long), torch.ones(1, 16, dtype=torch.long))
