@@ -34,7 +34,8 @@ class ScoreContext:
     calibration: tuple[torch.Tensor, ...] | None = field(default=None, compare=False)
     seed: int = 0
     calibration_size: int = 64
-    eagl_variant: str = "entropy"
+    eagl_variant: str = "entropy_drop"
+    pretrained: nn.Module | None = field(default=None, compare=False)  # trained at the highest choice (pretrain.py)
     alps_epochs: float = 1.0
     alps_base_epochs: int = 1
     alps_lr: float = 1e-4
