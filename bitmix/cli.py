@@ -76,7 +76,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     cm = compile(model, inputs, target=args.target, method=args.method, budget=args.budget, calibration=data,
                  data=data, finetune=finetune, eval=data if args.eval else None, fps=args.fps,
                  latency_s=args.latency, energy_j=args.energy, chip_config=args.config, seed=args.seed,
-                 name=args.model, frontier_points=args.frontier_points)
+                 name=args.model, frontier_points=args.frontier_points, strategy=args.strategy)
     assert cm.report is not None
     cm.report.print()
     html = cm.report.save(args.out)
@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a zoo model (see `bitmix models`)")
     p.add_argument("--target", default="int4int2-npu")
     p.add_argument("--method", default="eagl")
+    p.add_argument("--strategy", choices=("knapsack", "pareto-greedy", "pareto-greedy-normalised"),
+                   help="how scores become an assignment: the exact knapsack (default for scoring methods) or "
+                   "AIMET AMP's Pareto-greedy search")
     p.add_argument("--budget", type=_positive_float, default=0.75,
                    help="simulated cost allowed, as a fraction of the all-highest-choice cost")
     p.add_argument("--fps", type=_positive_float, help="absolute goal instead of --budget: frames/s")

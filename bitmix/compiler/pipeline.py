@@ -24,6 +24,7 @@ from bitmix.compiler.allocate import Allocation, Budget, allocate
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.lower import CallRecorder, executed_layers, lower, torch_on_one_thread
+from bitmix.compiler.pretrain import pretrain_stage
 from bitmix.compiler.quantize import fake_quantize
 from bitmix.compiler.quantize import finetune as qat_finetune
 from bitmix.errors import BitmixError
@@ -86,6 +87,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     frontier_points: int = 6,
     method_options: dict[str, Any] | None = None,
     clamp_budget: bool = False,
+    strategy: str | None = None,
 ) -> CompiledModel:
     """Compile `model` to per-layer 2/4/8-bit kernels for `target` within `budget`.
 
@@ -98,6 +100,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     eval: TaskData or a callable model -> quality (%), measured on FP32, fake-quant and kernels.
     clamp_budget: if the budget fraction is below the cheapest assignment, use the cheapest one
       (with a warning) instead of raising; the torch.compile backend sets it.
+    strategy: how scores become an assignment (default: the method's; "pareto-greedy" = AIMET AMP's search).
     """
     from bitmix.compiler import sensitivity
 
@@ -106,7 +109,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     tgt = get_target(target, chip_config)
     chip = load_chip_config(tgt.chip_config)
     goal = _budget(budget, fps, latency_s, energy_j, chip)
-    strategy = sensitivity.strategy(method)
+    strategy = strategy or sensitivity.strategy(method)
     if isinstance(calibration, TaskData) and data is None:
         data = calibration
     if isinstance(eval, TaskData) and data is None:
@@ -128,9 +131,11 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     with _stage("prepare", timings):
         float_model = prepare(graph)
     names = graph.names
+    with _stage("pretrain", timings):  # training at the highest choice, for methods that score a trained model
+        trained = pretrain_stage(method, float_model, graph.names, tgt, data, seed)
     with _stage("score", timings):
         ctx = sensitivity.ScoreContext(graph=graph, target=tgt, model=float_model, data=data, calibration=calib,
-                                       seed=seed, **dict(method_options or {}))
+                                       seed=seed, pretrained=trained, **dict(method_options or {}))
         scores = sensitivity.score(method, ctx)
     if clamp_budget and goal.fraction is not None:
         cheapest = _cheapest_fraction(costs, tgt, names)

@@ -114,3 +114,14 @@ def cached_train_at_highest(
         tmp.replace(path)
     _MEMORY[key] = model
     return Pretrained(model, assignment, time.perf_counter() - start, False)
+
+
+def pretrain_stage(method: str, prepared: nn.Module, layer_names: tuple[str, ...], target: Target,
+                   data: TaskData | None, seed: int) -> nn.Module | None:
+    """The pipeline's hook: the model trained at the highest choice when `method` scores one and data is there."""
+    if method != "eagl" or data is None or data.recipe.epochs < 1:
+        return None
+    from bitmix.compiler.sensitivity.eagl import EaglConfig
+
+    step_lr = data.recipe.lr * EaglConfig().step_lr_scale
+    return cached_train_at_highest(prepared, layer_names, target, data, step_lr=step_lr, seed=seed).model
