@@ -140,6 +140,7 @@ def ablate(study: str, seeds: int) -> dict:
     start = time.perf_counter()
     drops = layer_drops(gm, names, target, data, epochs, seeds)
     measure_s = time.perf_counter() - start
+    print(f"{study}: measured {len(drops)} layer drops in {measure_s:.0f} s", flush=True)
     ctx = ScoreContext(graph, target, gm, data, calibration_size=calib)
     free = list(ctx.free_layers)
     measured = [drops[n] for n in free]
@@ -148,6 +149,7 @@ def ablate(study: str, seeds: int) -> dict:
     for k in scales:
         pre = cached_train_at_highest(gm, names, target, data, step_lr=data.recipe.lr * k, seed=0)
         rules[f"learned(step lr x{k:g})"] = (replace(ctx, pretrained=pre.model), "learned", pre.seconds)
+        print(f"{study}: trained at {target.highest} bits (step lr x{k:g}) in {pre.seconds:.0f} s", flush=True)
     out: dict = {"free": free, "measured": drops, "measure_s": measure_s, "finetune_epochs": epochs,
                  "target": target.name, "rules": {}}
     params = [graph.layer(n).weight_elements for n in free]
@@ -167,7 +169,7 @@ def ablate(study: str, seeds: int) -> dict:
 def run_ablation(studies: list[str], seeds: int, json_path: str | None) -> dict:
     os.environ.setdefault("BITMIX_QUIET", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     results = {}
     for study in studies:
         res = ablate(study, seeds)
