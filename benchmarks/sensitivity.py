@@ -1,6 +1,11 @@
 """Sensitivity methods on digits-cnn: wall time, EAGL ablation, accuracy at a budget, additivity, DP speed.
 
     .venv/bin/python benchmarks/sensitivity.py [--quick] [--json out.json]
+    .venv/bin/python benchmarks/sensitivity.py --ablation digits-cnn digits-mlp [--json out.json]
+
+`--ablation` runs only the EAGL ablation (`run_ablation` below): step rule (LSQ init,
+MSE, learned after training at the highest choice) x entropy variant, Spearman rho against
+the measured per-layer loss increase.
 
 Costs come from the analytic simulator (`bitmix.simulator.analytic.price`) on the
 default 16x16 NorthPole-style chip, with digits-cnn priced per frame over its zoo serving
@@ -29,7 +34,7 @@ from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.quantize import fake_quantize, finetune
 from bitmix.compiler.sensitivity import METHODS, ProcessExecutor, ScoreContext, executor_for, score, strategy
-from bitmix.compiler.sensitivity.eagl import VARIANTS, eagl_scores
+from bitmix.compiler.sensitivity.eagl import VARIANTS, EAGLConfig, eagl_scores
 from bitmix.ir.cost import LayerCost
 from bitmix.ir.targets import get_target
 from bitmix.simulator.analytic import price
@@ -86,6 +91,104 @@ def dp_speed(layers: int = 60, repeats: int = 20) -> float:
     return 1e3 * statistics.median(times)
 
 
+# ---------------------------------------------------------------- EAGL ablation
+
+ABLATION_STEPS = ("init", "mse", "learned")
+STEP_LR_SCALES = (1.0, 10.0, 100.0)  # the steps' own learning rate while training at 4 bits, x the recipe's
+SELECTION = ("digits-cnn", "digits-mlp")  # the default variant is chosen on these only
+
+
+def _ablation_setup(study: str):
+    """(zoo name, target, measurement fine-tune epochs, calibration size) of one ablation study.
+
+    digits-mlp has a single free layer under int4int2-npu, so there it is ablated with the first and
+    last layers free too (3 layers; rho over 1 layer is undefined). The measured drop fine-tunes one
+    epoch (Adam 1e-4, as ALPS and the additivity check) where the study fine-tunes after allocation;
+    the -ptq study and minilm (one epoch there costs ~40 s per layer) measure the drop without it.
+    """
+    from bitmix.ir.targets import Target
+
+    name = study.removesuffix("-ptq")
+    target = Target("int4int2-free", (4, 2)) if name == "digits-mlp" else get_target("int4int2-npu")
+    epochs = 0 if study.endswith("-ptq") or name == "minilm" else 1
+    return name, target, epochs, 32 if name == "minilm" else 64
+
+
+def layer_drops(gm, names, target, data, epochs: int, seeds: int) -> dict[str, float]:
+    """Measured test-loss increase of lowering one free layer to the lowest choice (mean over seeds)."""
+    pinned = target.pinned(names)
+    free = [n for n in names if n not in pinned]
+    top = {n: target.highest for n in names} | pinned
+    assignments = [top | {n: target.lowest} for n in free]
+    runs = [measure_drops(gm, names, target, assignments, data, seed=s, finetune_epochs=epochs)
+            for s in range(seeds if epochs else 1)]
+    return {n: statistics.mean(r[i] for r in runs) for i, n in enumerate(free)}
+
+
+def ablate(study: str, seeds: int) -> dict:
+    """rho(step rule x variant) for one study, plus timings and the per-layer numbers behind them."""
+    from scipy.stats import spearmanr
+
+    from bitmix.compiler.pretrain import cached_train_at_highest
+    from bitmix.compiler.sensitivity.eagl import entropies, variant_scores
+
+    name, target, epochs, calib = _ablation_setup(study)
+    model, example, data = zoo.load(name)
+    graph = capture(model, example, name)
+    gm = prepare(graph)
+    names = graph.names
+    start = time.perf_counter()
+    drops = layer_drops(gm, names, target, data, epochs, seeds)
+    measure_s = time.perf_counter() - start
+    print(f"{study}: measured {len(drops)} layer drops in {measure_s:.0f} s", flush=True)
+    ctx = ScoreContext(graph, target, gm, data, calibration=data.calibration(calib))
+    free = list(ctx.free_layers)
+    measured = [drops[n] for n in free]
+    rules: dict[str, tuple[ScoreContext, str, float]] = {s: (ctx, s, 0.0) for s in ("init", "mse")}
+    scales = STEP_LR_SCALES if study in SELECTION else (EAGLConfig().step_lr_scale,)
+    for k in scales:
+        pre = cached_train_at_highest(gm, names, target, data, step_lr=data.recipe.lr * k, seed=0)
+        rules[f"learned(step lr x{k:g})"] = (replace(ctx, pretrained=pre.model), "learned", pre.seconds)
+        print(f"{study}: trained at {target.highest} bits (step lr x{k:g}) in {pre.seconds:.0f} s", flush=True)
+    out: dict = {"free": free, "measured": drops, "measure_s": measure_s, "finetune_epochs": epochs,
+                 "target": target.name, "rules": {}}
+    params = [graph.layer(n).weight_elements for n in free]
+    out["rho_params_alone"] = float(spearmanr(params, measured)[0])
+    for label, (rctx, steps, pretrain_s) in rules.items():
+        t0 = time.perf_counter()
+        h = entropies(rctx, EAGLConfig(steps=steps))
+        score_s = time.perf_counter() - t0
+        rhos = {}
+        for variant in VARIANTS:
+            s = variant_scores(rctx, h, variant)
+            rhos[variant] = float(spearmanr([s[n][target.lowest] for n in free], measured)[0])
+        out["rules"][label] = {"rho": rhos, "entropy": h, "score_s": score_s, "pretrain_s": pretrain_s}
+    return out
+
+
+def run_ablation(studies: list[str], seeds: int, json_path: str | None) -> dict:
+    os.environ.setdefault("BITMIX_QUIET", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    results = {}
+    for study in studies:
+        res = ablate(study, seeds)
+        results[study] = res
+        print(f"\n== {study}: Spearman rho(score at the lowest choice, measured test-loss increase), "
+              f"{len(res['free'])} layers, target {res['target']}, drop fine-tune {res['finetune_epochs']} epoch(s) ==")
+        print("measured: " + ", ".join(f"{n} {v:+.4f}" for n, v in res["measured"].items()))
+        print(f"parameter count alone: rho {res['rho_params_alone']:+.3f}")
+        print(f"{'variant':22s}" + "".join(f"{label:>26s}" for label in res["rules"]))
+        for variant in VARIANTS:
+            print(f"{variant:22s}" + "".join(f"{r['rho'][variant]:+26.3f}" for r in res["rules"].values()))
+        print(f"{'score s / pretrain s':22s}" + "".join(f"{r['score_s']:>17.3f} / {r['pretrain_s']:6.1f}"
+                                                      for r in res["rules"].values()))
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(results, fh, indent=1, default=str)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="1 seed, 3 random draws, short fine-tunes")
@@ -98,7 +201,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--additivity", type=int, default=16, help="random assignments for the rho check")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--ablation", nargs="+", default=None, metavar="MODEL",
+                        help="only the EAGL ablation on these studies (digits-cnn, digits-mlp, digits-cnn-ptq, minilm)")
+    parser.add_argument("--ablation-seeds", type=int, default=3, help="fine-tune seeds per measured layer drop")
     args = parser.parse_args()
+    if args.ablation:
+        run_ablation(args.ablation, args.ablation_seeds, args.json)
+        return
     if args.quick:
         args.seeds, args.draws, args.epochs, args.additivity = 1, 3, 1, 8
     os.environ.setdefault("BITMIX_QUIET", "1")
@@ -140,7 +249,7 @@ def main() -> None:
     alps_vec = [scores["alps"][n][2] for n in ctx.free_layers]
     ablation = {}
     for variant in VARIANTS:
-        s = eagl_scores(ctx, variant)
+        s = eagl_scores(ctx, EAGLConfig(variant=variant))
         rho = float(spearmanr([s[n][2] for n in ctx.free_layers], alps_vec)[0])
         accs = {}
         for b in args.budgets:

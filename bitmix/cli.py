@@ -87,7 +87,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     cm = compile(model, inputs, get_target(args.target, args.config), method=args.method, budget=budget,
                  data=Data(calibration=calibration, train=data, eval=data if args.eval else None), finetune=finetune,
                  seed=args.seed, options=CompileOptions(name=loaded.name, frontier_points=args.frontier_points,
-                                                       executor=executor))
+                                                       executor=executor, strategy=args.strategy))
     assert cm.report is not None
     print_report(cm.report)
     html = save_report(cm.report, args.out)
@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "one per input) saved with torch.save, batch first")
     p.add_argument("--target", default="int4int2-npu")
     p.add_argument("--method", default="eagl")
+    p.add_argument("--strategy", choices=("knapsack", "pareto-greedy", "pareto-greedy-normalised"),
+                   help="how scores become an assignment: the exact knapsack (default for scoring methods) or "
+                   "AIMET AMP's Pareto-greedy search")
     p.add_argument("--budget", type=_positive_float, default=0.75,
                    help="simulated cost allowed, as a fraction of the all-highest-choice cost")
     p.add_argument("--fps", type=_positive_float, help="absolute goal instead of --budget: frames/s")

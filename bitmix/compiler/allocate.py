@@ -28,7 +28,7 @@ from bitmix.ir.targets import Target
 
 Scores = dict[str, dict[int, float]]
 RESOURCES = ("cycles", "energy_j", "sram_bytes")
-STRATEGIES = ("knapsack", "uniform", "random")
+STRATEGIES = ("knapsack", "pareto-greedy", "pareto-greedy-normalised", "uniform", "random")
 DP_RESOLUTION = 4096  # integer cost units between the cheapest and the budgeted cost
 PARETO_LIMIT = 200_000  # states the exact gap-closing pass may keep before giving up
 
@@ -102,8 +102,14 @@ def allocate(
     """The precision assignment that minimises Σ score within `budget` (or a baseline strategy).
 
     `solver` is "auto" (DP for one constraint, ILP for several), "dp" or "ilp".
-    `strategy` "uniform" / "random" dispatch to the baselines of the same names.
+    `strategy` "uniform" / "random" dispatch to the baselines of the same names, "pareto-greedy"
+    ("-normalised") to AIMET AMP's search (`bitmix.compiler.pareto_greedy`).
     """
+    if strategy.startswith("pareto-greedy") and strategy in STRATEGIES:
+        from bitmix.compiler.pareto_greedy import pareto_greedy
+
+        order = "cost-normalised" if strategy.endswith("normalised") else "sensitivity"
+        return pareto_greedy(scores, costs, target, layer_names, budget, order)
     if strategy == "uniform":
         return uniform(costs, target, layer_names, budget, scores)
     if strategy == "random":

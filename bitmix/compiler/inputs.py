@@ -24,6 +24,8 @@ class CompileOptions:
     name: the model's name in the report (default: its class name).
     frontier_points: knapsack solutions across budgets on the report's frontier (0 = none; each is simulated,
       and measured when data has an eval role).
+    strategy: how scores become an assignment (None: the method's own, the exact knapsack for scoring methods;
+      "pareto-greedy" / "pareto-greedy-normalised": AIMET AMP's search, `compiler/pareto_greedy.py`).
     dynamic_shapes: "auto" (symbolic batch and, for integer inputs, sequence dims), None (static) or a
       torch.export spec (tuple, or dict by argument name).
     executor: where a method's independent jobs (ALPS/HAWQ per layer) run: None / "local" (in this process),
@@ -35,6 +37,7 @@ class CompileOptions:
     frontier_points: int = 6
     executor: Executor | str | None = None
     dynamic_shapes: Any = "auto"
+    strategy: str | None = None
 
 
 def resolve_data(data: Any) -> Data:

@@ -28,6 +28,7 @@ from bitmix.compiler.fidelity import guard
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.inputs import CompileOptions
 from bitmix.compiler.lower import CallRecorder, executed_layers, lower, torch_on_one_thread
+from bitmix.compiler.pretrain import pretrain_stage
 from bitmix.compiler.quantize import fake_quantize
 from bitmix.compiler.quantize import finetune as qat_finetune
 from bitmix.compiler.saving import Keepable
@@ -109,7 +110,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     chip = load_chip_config(tgt.chip_config)
     goal = Budget.of(budget)
     caps = inputs.caps(goal, chip.clock_hz)
-    scorer, _ = sensitivity.resolve(method)
+    scorer, method_config = sensitivity.resolve(method)
     roles = inputs.resolve_data(data)
     calib = inputs.calibration_inputs(roles.calibration if roles.calibration is not None else roles.train)
     sensitivity.check_inputs(scorer, roles.train is not None, calib is not None)  # before any slow stage
@@ -129,9 +130,11 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     with _stage("prepare", timings):
         float_model = prepare(graph)
     names = graph.names
+    with _stage("pretrain", timings):  # training at the highest choice, for methods that score a trained model
+        trained = pretrain_stage(method_config.pretrain_step_lr_scale(), float_model, names, tgt, roles.train, seed)
     with _stage("score", timings), sensitivity.open_executor(opts.executor) as runner:
         ctx = sensitivity.ScoreContext(graph=graph, target=tgt, model=float_model, data=roles.train,
-                                       calibration=calib, seed=seed, executor=runner)
+                                       calibration=calib, seed=seed, executor=runner, pretrained=trained)
         scores = sensitivity.score(method, ctx)
     if goal.clamp and caps.fraction is not None:
         cheapest = _cheapest_fraction(costs, tgt, names)
@@ -141,7 +144,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
             warn.append(msg)
             caps = Caps(fraction=cheapest)
     with _stage("allocate", timings):
-        chosen = allocate(scores, costs, tgt, names, caps, strategy=scorer.strategy, seed=seed)
+        chosen = allocate(scores, costs, tgt, names, caps, strategy=opts.strategy or scorer.strategy, seed=seed)
     assignment = dict(chosen.assignment)
     with _stage("quantize", timings):
         fq = fake_quantize(float_model, assignment, calib)

@@ -341,6 +341,7 @@ def finetune(
     batch_size: int = 64,
     teacher: nn.Module | None = None,
     max_batches: int | None = None,
+    step_lr: float | None = None,
 ) -> nn.Module:
     """Quantization-aware fine-tuning of a copy of `model`; the input module is untouched.
 
@@ -349,13 +350,15 @@ def finetune(
     already distillation); with a `teacher` on labeled data a KL term to the teacher's
     softmax (T = 1, weight 1, the LSQ+KD recipe) is added. Deterministic given `seed`
     at a fixed torch thread count. `max_batches` caps batches per epoch (fractional epochs).
+    `step_lr` puts the LSQ steps on their own learning rate (LSQ's gradient scale still applies).
     """
     if epochs < 0 or lr <= 0:
         raise BitmixError(f"finetune needs epochs >= 0 and lr > 0, got epochs={epochs}, lr={lr}")
     if optimizer not in ("sgd", "adam"):
         raise BitmixError(f"unknown optimizer {optimizer!r}; use 'sgd' or 'adam'")
     model = copy.deepcopy(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if epochs == 0 or not params:
         return model.eval()
     per_epoch = math.ceil(len(data.train) / batch_size)
@@ -363,10 +366,11 @@ def finetune(
         per_epoch = min(per_epoch, max_batches)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
+        steps = [p for n, p in named if n.endswith(".step")] if step_lr is not None else []
+        groups = [{"params": [p for _, p in named if not any(p is q for q in steps)]}]
+        groups += [{"params": steps, "lr": step_lr}] if steps else []
         opt: torch.optim.Optimizer = (
-            torch.optim.SGD(params, lr=lr, momentum=0.9)
-            if optimizer == "sgd"
-            else torch.optim.Adam(params, lr=lr)
+            torch.optim.SGD(groups, lr=lr, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(groups, lr=lr)
         )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * per_epoch)
         kd = teacher is not None and data.metric == "top1"

@@ -33,6 +33,11 @@ CALIBRATION_SIZE = 64  # unlabeled inputs taken from the training split when no 
 class MethodConfig:
     """Options of a method that has none; a method's own config subclasses it (frozen, with defaults)."""
 
+    def pretrain_step_lr_scale(self) -> float | None:
+        """The LSQ steps' learning rate (a multiple of the recipe's) when the method scores a model trained at
+        the highest choice first (`compiler/pretrain.py`); None: it scores the float model."""
+        return None
+
 
 @dataclass(frozen=True)
 class ScoreContext:
@@ -44,6 +49,7 @@ class ScoreContext:
     data: TaskData | None = field(default=None, compare=False)
     calibration: tuple[torch.Tensor, ...] | None = field(default=None, compare=False)
     seed: int = 0
+    pretrained: nn.Module | None = field(default=None, compare=False)  # trained at the highest choice (pretrain.py)
     executor: Executor | None = field(default=None, compare=False)  # None: jobs run one after another
 
     @property

@@ -1,32 +1,44 @@
-"""EAGL: entropy of each layer's quantized weight codes, data-free (Bablani et al. 2023).
+"""EAGL: entropy of each layer's quantized weight codes (Bablani et al. 2023, arXiv 2301.13330).
 
-The paper body is not available (shared/reference/methods.md §1.2), so this is the
-estimator as specified there. For layer l at precision b, weights are quantized per
-output channel with the LSQ step (the learned one if the layer already runs at b,
-else the LSQ init `2 <|w|> / sqrt(Q_P)`), giving codes q; with p_k = #(q == k) / N_l,
+For layer l at precision b, the weights are quantized per output channel with a step s,
+giving codes q; with p_k = #(q == k) / N_l,
 
     H_l(b) = -Σ_k p_k log2 p_k   (bits, in [0, b])
 
-Variants (choices c_0 > c_1 > ... highest first; scores are 0 at c_0):
+Where the step comes from (`EAGLConfig.steps`):
 
-- ``entropy``:             s_l(c_k) = Σ_{i<k} H_l(c_i)   ({4, 2}: s_l(2) = H_l(4))
-- ``entropy_params``:      N_l · s_l(c_k) of ``entropy`` (total information at the higher precision)
-- ``entropy_drop``:        s_l(b) = H_l(c_0) - H_l(b)    (information lost by requantizing)
-- ``entropy_drop_params``: N_l · (H_l(c_0) - H_l(b))
+- ``learned`` (default with training data): the paper's regime. The model is first trained at
+  the highest choice with LSQ (`bitmix.compiler.pretrain`, cached, shared by every budget);
+  H(highest) uses the learned steps on the trained weights, lower precisions the MSE-optimal
+  step on the trained weights (the paper's treatment of the lower precision is not known).
+- ``mse``: the MSE-optimal step on the FP32 weights. The documented data-free fallback (no
+  training data, e.g. the torch.compile backend).
+- ``init``: LSQ's initial step 2<|w|>/sqrt(Q_P) on the FP32 weights (what bitmix shipped
+  before; it normalises every layer's distribution to nearly the same shape).
 
-Default: ``entropy``. Ablation on digits-cnn (benchmarks/sensitivity.py, 2026-12-01;
-int4int2-npu on the default 16x16 chip with digits priced over a 256-frame batch, LSQ QAT
-3 epochs with KD, 5 seeds): the four variants rank the 7 free layers identically (layer
-sizes grow in the same order as their entropies), so they pick the same layers at budgets
-0.75 and 0.85 (top-1 98.78 % at both) and share one Spearman ρ with the ALPS scores
-(+0.04). Nothing separates them, so the simplest is kept. An earlier run priced on a
-1-core chip did separate them: ρ +0.536 for ``entropy``/``entropy_drop`` vs +0.429 for
-the ``*_params`` variants.
+Variants, named ``[neg_]entropy[_drop][_params]`` (choices c_0 > c_1 > ..., scores 0 at c_0):
 
-Matmul layers have no weights: with calibration inputs their
-H is the mean entropy of the two activation operands' codes (per-tensor LSQ init step)
-and N the elements of the second operand; without calibration they get the median
-score of the weighted layers, so the allocator neither favours nor avoids them.
+- ``entropy``: s_l(c_k) = Σ_{i<k} H_l(c_i)   ({4, 2}: s_l(2) = H_l(4));
+  ``neg_entropy`` uses the unused bits c_i − H_l(c_i) instead (low entropy = sensitive).
+- ``entropy_drop``: s_l(b) = H_l(c_0) − H_l(b) (information lost by requantizing);
+  ``neg_entropy_drop``: (c_0 − b) − (H_l(c_0) − H_l(b)).
+- ``_params``: times the parameter count N_l (total information rather than per weight).
+
+Default ``entropy_drop`` with learned steps: chosen on digits-cnn and digits-mlp only, by the
+Spearman ρ against measured per-layer loss increases (benchmarks/sensitivity.py --ablation,
+2026-12-01: ρ +0.14 on digits-cnn's 7 free layers, +1.0 on digits-mlp's 3 layers; every other
+variant and step rule lower on average), then reported unchanged on digits-cnn-ptq (ρ +0.39)
+and minilm (docs/eagl.md). No ρ there is significant: the learned steps move each layer's H(4)
+by < 0.05 bit, and the code entropy sees only the shape of the weight distribution, which is
+nearly the same in every layer, while sensitivity on digits-cnn follows depth.
+
+Not checkable against the paper (only its abstract is readable, methods.md §1): the exact
+estimator (sign, normalisation by N_l or MACs, entropy vs entropy drop), which step defines
+the lower precision's codes, per-tensor vs per-channel steps, the length of the
+higher-precision training, and whether activations enter. Matmul layers have no weights:
+with calibration inputs their H is the mean entropy of the two operands' codes (per-tensor
+steps, the learned ones at the highest choice when trained) and N the elements of the second
+operand; without calibration they get the median score of the weighted layers.
 """
 
 from __future__ import annotations
@@ -36,20 +48,42 @@ import statistics
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from bitmix.compiler.quantize import LSQQuantizer, QuantLayer, quant_layers
+from bitmix.compiler.quantize import LSQQuantizer, QuantLayer, qrange, quant_layers
 from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 from bitmix.errors import BitmixError
 
-VARIANTS = ("entropy", "entropy_params", "entropy_drop", "entropy_drop_params")
-DEFAULT_VARIANT = "entropy"
+VARIANTS = tuple(f"{sign}entropy{drop}{params}" for sign in ("", "neg_") for drop in ("", "_drop")
+                 for params in ("", "_params"))
+STEPS = ("learned", "mse", "init")
+DEFAULT_VARIANT = "entropy_drop"
+MSE_GRID = 32  # candidate clipping ranges for the MSE step, fractions of max|v| in (0, 1]
+MSE_SAMPLE = 1 << 16  # activation values the per-tensor MSE search looks at
 
 
 @dataclass(frozen=True)
 class EAGLConfig(MethodConfig):
-    """Which entropy score (see `VARIANTS` above)."""
+    """EAGL's options. `steps=None`: learned when training data is there, else mse.
+
+    `step_lr_scale`: the LSQ steps' own learning rate while training at the highest choice,
+    as a multiple of the recipe's learning rate.
+    """
 
     variant: str = DEFAULT_VARIANT
+    steps: str | None = None
+    step_lr_scale: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise BitmixError(f"unknown EAGL variant {self.variant!r}; valid: {', '.join(VARIANTS)}")
+        if self.steps is not None and self.steps not in STEPS:
+            raise BitmixError(f"unknown EAGL steps {self.steps!r}; valid: {', '.join(STEPS)}")
+        if not self.step_lr_scale > 0:
+            raise BitmixError(f"EAGL step_lr_scale must be > 0, got {self.step_lr_scale}")
+
+    def pretrain_step_lr_scale(self) -> float | None:
+        return self.step_lr_scale if self.steps in (None, "learned") else None
 
 
 def entropy_bits(codes: torch.Tensor) -> float:
@@ -60,22 +94,48 @@ def entropy_bits(codes: torch.Tensor) -> float:
     return float(-(p * torch.log2(p)).sum())
 
 
-def weight_codes(layer: QuantLayer, bits: int) -> torch.Tensor:
-    """The layer's signed per-channel weight codes at `bits` (learned step if available)."""
+@torch.no_grad()
+def mse_step(v: torch.Tensor, bits: int, signed: bool, per_channel: bool) -> torch.Tensor:
+    """The step minimising ‖v − Q(v)‖² over MSE_GRID clipping ranges (per output channel or per tensor)."""
+    rows = v.detach().float().reshape(v.shape[0], -1) if per_channel else v.detach().float().reshape(1, -1)
+    if not per_channel and rows.shape[1] > MSE_SAMPLE:
+        rows = rows[:, :: rows.shape[1] // MSE_SAMPLE]
+    q_n, q_p = qrange(bits, signed)
+    top = rows.abs().amax(dim=1).clamp(min=1e-12) / q_p
+    best, best_err = top.clone(), torch.full_like(top, math.inf)
+    for k in range(1, MSE_GRID + 1):
+        step = top * (k / MSE_GRID)
+        err = ((torch.round(torch.clamp(rows / step[:, None], -q_n, q_p)) * step[:, None] - rows) ** 2).sum(1)
+        better = err < best_err
+        best[better], best_err[better] = step[better], err[better]
+    return best if per_channel else best[0]
+
+
+def _codes(v: torch.Tensor, bits: int, signed: bool, per_channel: bool, steps: str,
+           learned: LSQQuantizer | None) -> torch.Tensor:
+    """Codes of `v` at `bits` under the chosen step rule."""
+    if learned is not None and learned.bits == bits and bool(learned.initialized):
+        return learned.codes(v)
+    q = LSQQuantizer(bits, signed, v.shape[0] if per_channel else None)
+    if steps == "init":
+        q.init_step(v)
+    else:
+        q.set_step(mse_step(v, bits, signed, per_channel))
+    return q.codes(v)
+
+
+def weight_entropies(layer: QuantLayer, bits: tuple[int, ...], steps: str) -> dict[int, float]:
     assert layer.weight is not None
-    q = layer.w_quant
-    if not (isinstance(q, LSQQuantizer) and q.bits == bits and bool(q.initialized)):
-        q = LSQQuantizer(bits, signed=True, channels=layer.weight.shape[0])
-        q.init_step(layer.weight)
-    return q.codes(layer.weight.detach())
+    learned = layer.w_quant if steps == "learned" and isinstance(layer.w_quant, LSQQuantizer) else None
+    return {b: entropy_bits(_codes(layer.weight.detach(), b, True, True, steps, learned)) for b in bits}
 
 
-def activation_entropies(ctx: ScoreContext, names: list[str], bits: tuple[int, ...]) -> dict[str, dict[int, float]]:
-    """Mean operand entropy per matmul layer and precision, from one float calibration pass."""
-    inputs = ctx.calibration_inputs()
+def activation_entropies(model: nn.Module, inputs: tuple[torch.Tensor, ...] | None, names: list[str],
+                         bits: tuple[int, ...], steps: str) -> dict[str, dict[int, float]]:
+    """Mean operand entropy per matmul layer and precision, from one calibration pass."""
     if inputs is None or not names:
         return {}
-    layers = quant_layers(ctx.model)
+    layers = quant_layers(model)
     seen: dict[str, tuple[torch.Tensor, ...]] = {}
     hooks = [
         layers[n].register_forward_pre_hook(lambda m, args: seen.setdefault(m.name, tuple(a.detach() for a in args)))
@@ -83,43 +143,68 @@ def activation_entropies(ctx: ScoreContext, names: list[str], bits: tuple[int, .
     ]
     try:
         with torch.no_grad():
-            ctx.model(*inputs)
+            model(*inputs)
     finally:
         for h in hooks:
             h.remove()
     out: dict[str, dict[int, float]] = {}
     for name, operands in seen.items():
         layer = layers[name]
+        quantizers = (layer.a_quant, layer.b_quant) if steps == "learned" else (None, None)
         out[name] = {}
         for b in bits:
             hs = []
-            for v, nonneg in zip(operands, (layer.a_nonneg, layer.b_nonneg), strict=True):
-                q = LSQQuantizer(b, signed=not (nonneg or float(v.min()) >= 0))
-                q.init_step(v)
-                hs.append(entropy_bits(q.codes(v)))
+            for v, nonneg, q in zip(operands, (layer.a_nonneg, layer.b_nonneg), quantizers, strict=True):
+                signed = q.signed if isinstance(q, LSQQuantizer) else not (nonneg or float(v.min()) >= 0)
+                learned = q if isinstance(q, LSQQuantizer) else None
+                hs.append(entropy_bits(_codes(v, b, signed, False, steps, learned)))
             out[name][b] = sum(hs) / len(hs)
     return out
 
 
-def eagl_scores(ctx: ScoreContext, variant: str = DEFAULT_VARIANT) -> Scores:
+def scoring_model(ctx: ScoreContext, config: EAGLConfig) -> tuple[nn.Module, str]:
+    """(model whose weights and steps define the codes, step rule): trained at the highest choice if possible."""
+    steps = config.steps or ("learned" if ctx.pretrained is not None or ctx.data is not None else "mse")
+    if steps != "learned":
+        return ctx.model, steps
+    if ctx.pretrained is not None:
+        return ctx.pretrained, steps
+    data = ctx.require_data("eagl (learned steps)")
+    from bitmix.compiler.pretrain import cached_train_at_highest
+
+    lr = data.recipe.lr * config.step_lr_scale
+    return cached_train_at_highest(ctx.model, ctx.graph.names, ctx.target, data, step_lr=lr, seed=ctx.seed).model, steps
+
+
+def entropies(ctx: ScoreContext, config: EAGLConfig) -> dict[str, dict[int, float]]:
+    """H_l(b) per free layer and choice (matmuls without calibration left out)."""
+    model, steps = scoring_model(ctx, config)
+    choices = ctx.target.choices
+    layers = quant_layers(model)
+    matmuls = [n for n in ctx.free_layers if layers[n].kind == "matmul"]
+    out = {n: weight_entropies(layers[n], choices, steps) for n in ctx.free_layers if n not in matmuls}
+    out.update(activation_entropies(model, ctx.calibration_inputs(), matmuls, choices, steps))
+    return out
+
+
+def variant_scores(ctx: ScoreContext, h: dict[str, dict[int, float]], variant: str) -> Scores:
+    """Scores of one variant from the entropies (pure arithmetic: the ablation reuses `h`)."""
     if variant not in VARIANTS:
         raise BitmixError(f"unknown EAGL variant {variant!r}; valid: {', '.join(VARIANTS)}")
-    choices = ctx.target.choices
-    layers = quant_layers(ctx.model)
-    free = ctx.free_layers
-    matmuls = [n for n in free if layers[n].kind == "matmul"]
-    entropies = {n: {b: entropy_bits(weight_codes(layers[n], b)) for b in choices} for n in free if n not in matmuls}
-    entropies.update(activation_entropies(ctx, matmuls, choices))
+    choices, neg = ctx.target.choices, variant.startswith("neg_")
     scores: Scores = {}
-    for name, h in entropies.items():
+    for name, hl in h.items():
         layer = ctx.graph.layer(name)
         n = layer.weight_elements if layer.kind != "matmul" else math.prod(layer.weight_shape)
-        if variant.startswith("entropy_drop"):
-            raw = {b: h[choices[0]] - h[b] for b in choices}
+        if "_drop" in variant:
+            raw = {b: hl[choices[0]] - hl[b] for b in choices}
+            raw = {b: (choices[0] - b) - v for b, v in raw.items()} if neg else raw
         else:
-            raw = {c: sum(h[choices[i]] for i in range(k)) for k, c in enumerate(choices)}
-        scale = float(n) if variant.endswith("params") else 1.0
+            per = [(c - hl[c]) if neg else hl[c] for c in choices]
+            raw = {c: sum(per[:k]) for k, c in enumerate(choices)}
+        scale = float(n) if variant.endswith("_params") else 1.0
         scores[name] = {b: scale * v for b, v in raw.items()}
+    free = ctx.free_layers
     missing = [n for n in free if n not in scores]
     if missing:
         if not scores:
@@ -129,7 +214,12 @@ def eagl_scores(ctx: ScoreContext, variant: str = DEFAULT_VARIANT) -> Scores:
     return {n: scores[n] for n in free}
 
 
+def eagl_scores(ctx: ScoreContext, config: EAGLConfig | None = None) -> Scores:
+    config = config or EAGLConfig()
+    return variant_scores(ctx, entropies(ctx, config), config.variant)
+
+
 @register("eagl", config=EAGLConfig)
 def eagl(ctx: ScoreContext, cfg: EAGLConfig) -> Scores:
-    """Data-free entropy scores (variant `cfg.variant`)."""
-    return eagl_scores(ctx, cfg.variant)
+    """Entropy scores (variant `cfg.variant`), from learned steps when the model can be trained."""
+    return eagl_scores(ctx, cfg)

@@ -8,8 +8,19 @@ import math
 import pytest
 import torch
 
+from bitmix.compiler.pretrain import train_at_highest
+from bitmix.compiler.quantize import LSQQuantizer, quant_layers
 from bitmix.compiler.sensitivity import score
-from bitmix.compiler.sensitivity.eagl import eagl_scores, entropy_bits
+from bitmix.compiler.sensitivity.eagl import (
+    VARIANTS,
+    EAGLConfig,
+    entropies,
+    entropy_bits,
+    mse_step,
+    variant_scores,
+)
+from bitmix.errors import BitmixError
+from bitmix.task import FinetuneConfig
 
 
 def test_entropy_of_known_distributions():
@@ -28,14 +39,53 @@ def test_eagl_is_data_free_and_zero_at_highest(mlp_ctx):
 
 
 def test_variants_follow_their_formulas(mlp_ctx):
-    base = eagl_scores(mlp_ctx, "entropy")
-    params = eagl_scores(mlp_ctx, "entropy_params")
-    drop = eagl_scores(mlp_ctx, "entropy_drop")
-    n = mlp_ctx.graph.layer("fc2").weight_elements
-    assert params["fc2"][2] == pytest.approx(n * base["fc2"][2])
-    assert drop["fc2"][8] == 0.0 and drop["fc2"][2] > drop["fc2"][4] > 0.0
-    with pytest.raises(ValueError, match="unknown EAGL variant"):
-        eagl_scores(mlp_ctx, "bogus")
+    ctx = dataclasses.replace(mlp_ctx, data=None)
+    h = entropies(ctx, EAGLConfig(steps="mse"))
+    s = {v: variant_scores(ctx, h, v) for v in VARIANTS}
+    n = ctx.graph.layer("fc2").weight_elements
+    h2 = h["fc2"]
+    assert s["entropy"]["fc2"] == pytest.approx({8: 0.0, 4: h2[8], 2: h2[8] + h2[4]})
+    assert s["neg_entropy"]["fc2"] == pytest.approx({8: 0.0, 4: 8 - h2[8], 2: 8 - h2[8] + 4 - h2[4]})
+    assert s["entropy_drop"]["fc2"] == pytest.approx({8: 0.0, 4: h2[8] - h2[4], 2: h2[8] - h2[2]})
+    assert s["neg_entropy_drop"]["fc2"][2] == pytest.approx(6 - (h2[8] - h2[2]))
+    assert s["entropy_drop_params"]["fc2"][2] == pytest.approx(n * s["entropy_drop"]["fc2"][2])
+    with pytest.raises(BitmixError, match="unknown EAGL variant"):
+        variant_scores(mlp_ctx, {}, "bogus")
+    with pytest.raises(BitmixError, match="unknown EAGL steps"):
+        EAGLConfig(steps="bogus")
+
+
+def test_mse_step_is_near_the_best_clipping_range_and_beats_the_lsq_init():
+    torch.manual_seed(0)
+    w = torch.randn(4, 200) * torch.tensor([[0.1], [1.0], [3.0], [0.01]])
+    step = mse_step(w, 2, signed=True, per_channel=True)
+
+    def err(s: torch.Tensor) -> torch.Tensor:
+        q = LSQQuantizer(2, True, 4)
+        q.set_step(s)
+        return ((q.codes(w).float() * s[:, None] - w) ** 2).sum(1)
+
+    init = LSQQuantizer(2, True, 4)
+    init.init_step(w)
+    assert (err(step) <= err(init.step.detach()) + 1e-9).all()
+    top = w.abs().amax(1) / 1  # Q_P = 1 at 2 bits signed
+    fine = torch.stack([err(top * k / 1000) for k in range(1, 1001)]).amin(0)
+    assert (err(step) <= 1.03 * fine).all()  # a 32-point grid, within 3 % of a 1000-point one
+
+
+def test_learned_steps_come_from_the_model_trained_at_the_highest_choice(mlp_ctx):
+    recipe = FinetuneConfig(epochs=1, lr=0.01, optimizer="sgd", batch_size=64)
+    trained = train_at_highest(mlp_ctx.model, mlp_ctx.graph.names, mlp_ctx.target, mlp_ctx.data, recipe,
+                               step_lr=0.1, seed=0)
+    layer = quant_layers(trained)["fc2"]
+    assert layer.bits == 8
+    init = LSQQuantizer(8, True, layer.weight.shape[0])
+    init.init_step(quant_layers(mlp_ctx.model)["fc2"].weight)
+    assert not torch.allclose(layer.w_quant.step, init.step)  # the steps did train
+    h = entropies(dataclasses.replace(mlp_ctx, pretrained=trained), EAGLConfig(steps="learned"))
+    assert h["fc2"][8] == pytest.approx(entropy_bits(layer.w_quant.codes(layer.weight)))
+    fallback = entropies(dataclasses.replace(mlp_ctx, data=None), EAGLConfig())  # no data: MSE on FP32 weights
+    assert fallback == entropies(dataclasses.replace(mlp_ctx, data=None), EAGLConfig(steps="mse"))
 
 
 def test_matmul_layers_use_activation_entropy_or_a_neutral_value(attention_ctx):

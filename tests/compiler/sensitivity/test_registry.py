@@ -60,5 +60,5 @@ def test_eagl_variant_comes_from_its_config(mlp_ctx):
     from bitmix.compiler.sensitivity.eagl import eagl_scores
 
     drop = score(EAGLConfig(variant="entropy_drop"), mlp_ctx)
-    assert drop == relative_to_highest(eagl_scores(mlp_ctx, "entropy_drop"), mlp_ctx.target)
+    assert drop == relative_to_highest(eagl_scores(mlp_ctx, EAGLConfig(variant="entropy_drop")), mlp_ctx.target)
     assert drop != score("eagl", mlp_ctx)  # the default variant (entropy) differs on this model

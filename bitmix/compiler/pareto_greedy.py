@@ -1,0 +1,158 @@
+"""Pareto-greedy allocation: AIMET AMP's phase 2 as shipped (Pandey et al. 2023), for any method's scores.
+
+What AMP does (shared/reference/quantization.md §1.2–1.3, read from quic/aimet
+`aimet_common/amp/{mixed_precision_algo,utils}.py`):
+
+- Phase 1 gives one entry per (group, lower candidate): its sensitivity and its BOPs saving.
+  Here a group is a free layer, a candidate a lower precision, the sensitivity the method's
+  score and the saving `cost(all-highest) − cost(all-highest with that one flip)`.
+- The entries are sorted once: least sensitive first; ties go to the milder flip (higher
+  bits), then the larger saving, then the earlier layer. Cost only breaks ties: AIMET does
+  not order by saving per unit of sensitivity. That order is a separate, labelled variant
+  here (`order="cost-normalised"`), not AMP.
+- Point i of the Pareto curve applies entries 0..i−1 cumulatively to the all-highest
+  baseline (point 0); a layer that appears twice takes its later entry. Nothing is
+  interpolated between points.
+- A binary search over the points, assuming they only get cheaper along the list, returns
+  the first point (fewest flips, so the least predicted loss) that meets the budget; the
+  budget is generally not filled, since the next cheaper assignment on the list may
+  already be far below it. AMP's target is an accuracy drop; a cost budget is its mirror.
+
+Costs are a callable `cost(assignment) -> float` of the whole assignment (an exact,
+non-additive cost model plugs in here) or a `CostTable`, whose cycles are summed and whose
+other resources (energy, SRAM) are checked as caps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from bitmix.compiler.allocate import Allocation, Budget, Scores
+from bitmix.errors import BitmixError
+from bitmix.ir.cost import CostTable, LayerCost
+from bitmix.ir.targets import Target
+
+CostFn = Callable[[dict[str, int]], float]
+ORDERS = ("sensitivity", "cost-normalised")
+
+
+@dataclass(frozen=True)
+class Flip:
+    """One phase-1 entry: lower `layer` to `bits`; its sensitivity and its saving on its own."""
+
+    layer: str
+    bits: int
+    score: float
+    saving: float
+
+
+def flip_order(scores: Scores, target: Target, layer_names: Sequence[str], cost: CostFn,
+               order: str = "sensitivity") -> list[Flip]:
+    """AMP's one cumulative order of (layer, lower precision) flips."""
+    if order not in ORDERS:
+        raise BitmixError(f"unknown pareto-greedy order {order!r}; valid: {', '.join(ORDERS)}")
+    names = tuple(layer_names)
+    base = _baseline(target, names)
+    base_cost = cost(base)
+    pinned = target.pinned(names)
+    entries = []
+    for index, name in enumerate(n for n in names if n not in pinned):
+        for bits in target.choices[1:]:
+            if bits not in scores.get(name, {}):
+                raise BitmixError(f"scores have no {bits}-bit value for layer {name!r}; re-run score()")
+            flip = Flip(name, bits, float(scores[name][bits]), base_cost - cost(base | {name: bits}))
+            if order == "sensitivity":
+                key: tuple = (flip.score, -bits, -flip.saving, index)
+            else:  # score lost per unit of cost saved; flips that save nothing go last
+                key = (flip.score / flip.saving if flip.saving > 0 else math.inf, -bits, -flip.saving, index)
+            entries.append((key, flip))
+    return [flip for _, flip in sorted(entries, key=lambda e: e[0])]
+
+
+def point(target: Target, layer_names: Sequence[str], flips: Sequence[Flip], i: int) -> dict[str, int]:
+    """Pareto point i: the first i flips applied to the all-highest baseline (later entries win)."""
+    assignment = _baseline(target, tuple(layer_names))
+    for flip in flips[:i]:
+        assignment[flip.layer] = flip.bits
+    return assignment
+
+
+def search(n_points: int, fits: Callable[[int], bool]) -> int:
+    """AMP's binary search: the first point that fits, assuming every later point fits too."""
+    if fits(0):
+        return 0
+    lo, hi = 0, n_points - 1  # point lo misses; point hi is the cheapest on the list
+    if not fits(hi):
+        raise ValueError("no point fits")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def pareto_greedy(scores: Scores, costs: CostTable | CostFn, target: Target, layer_names: Sequence[str],
+                  budget: Budget, order: str = "sensitivity") -> Allocation:
+    """The assignment AMP's phase 2 picks within `budget` (see the module docstring)."""
+    names = tuple(layer_names)
+    if not names:
+        raise BitmixError("no layers to allocate")
+    start = time.perf_counter()
+    cost, totals = _cost_model(costs, names, target)
+    reference = cost(_baseline(target, names))
+    if reference <= 0:
+        raise BitmixError("the all-highest assignment costs nothing; the cost model is empty or broken")
+    caps = budget.caps(reference)
+    if totals is None and set(caps) != {"cycles"}:
+        raise BitmixError("a cost function prices cycles only; give the budget as a fraction or in cycles")
+    flips = flip_order(scores, target, names, cost, order)
+    evaluated: dict[int, bool] = {}
+
+    def fits(i: int) -> bool:
+        if i not in evaluated:
+            a = point(target, names, flips, i)
+            used = totals(a) if totals is not None else {"cycles": cost(a)}
+            evaluated[i] = all(used[r] <= cap * (1 + 1e-12) for r, cap in caps.items())
+        return evaluated[i]
+
+    try:
+        chosen = search(len(flips) + 1, fits)
+    except ValueError:
+        cheapest = cost(point(target, names, flips, len(flips))) / reference
+        raise BitmixError(f"budget infeasible for pareto-greedy: its cheapest point costs {cheapest:.4f} of "
+                          f"all-highest; raise the budget to at least {math.ceil(cheapest * 1e4) / 1e4:.4f}") from None
+    assignment = point(target, names, flips, chosen)
+    pinned = target.pinned(names)
+    objective = sum(float(scores[n][b]) for n, b in assignment.items() if n not in pinned)
+    used = totals(assignment) if totals is not None else {"cycles": cost(assignment), "energy_j": math.nan,
+                                                          "sram_bytes": 0}
+    total = LayerCost(used["cycles"], used["energy_j"], int(round(used["sram_bytes"])))
+    label = "pareto-greedy" if order == "sensitivity" else f"pareto-greedy ({order})"
+    return Allocation(assignment, objective, total, total.cycles / reference, math.inf, label,
+                      time.perf_counter() - start)
+
+
+def _baseline(target: Target, names: tuple[str, ...]) -> dict[str, int]:
+    return {n: target.highest for n in names} | target.pinned(names)
+
+
+def _cost_model(costs: CostTable | CostFn, names: tuple[str, ...], target: Target
+                ) -> tuple[CostFn, Callable[[dict[str, int]], dict[str, float]] | None]:
+    """(cycles of an assignment, all resource totals or None for a scalar cost function)."""
+    if callable(costs):
+        return costs, None
+    for name in names:
+        needed = [target.pinned(names)[name]] if name in target.pinned(names) else list(target.choices)
+        if any(b not in costs.get(name, {}) for b in needed):
+            raise BitmixError(f"cost table has no price for layer {name!r} at {needed}; re-run price()")
+
+    def totals(a: dict[str, int]) -> dict[str, float]:
+        return {r: sum(float(getattr(costs[n][b], r)) for n, b in a.items())
+                for r in ("cycles", "energy_j", "sram_bytes")}
+
+    return (lambda a: totals(a)["cycles"]), totals

@@ -1,0 +1,126 @@
+"""Training at the highest free choice before scoring: the regime EAGL's paper scores in.
+
+Bablani et al. compute EAGL on a network already trained at the higher precision with LSQ
+(shared/reference/methods.md §1.2 [R]); its learned steps are what make the code
+distributions differ between layers. `train_at_highest` fake-quantizes a prepared model with
+every free layer at `target.highest` (pinned layers at their bits), calibrates activation
+steps, and fine-tunes it with a recipe (the zoo's `TaskData.recipe` by default), the steps on
+their own learning rate and LSQ's gradient scale 1/sqrt(N·Q_P) (`bitmix.compiler.quantize`).
+
+`cached_train_at_highest` memoises the result per (model weights, target, recipe, step lr,
+seed), in memory and as a state_dict under the zoo cache directory. Disk, because every
+method, budget and process (CLI compiles, study resumes) reuses it and on minilm it costs
+minutes; a state_dict, because GraphModules do not pickle; keyed on the weights' content, so
+a changed model can never hit a stale entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from bitmix.compiler.quantize import fake_quantize, finetune
+from bitmix.errors import BitmixError
+from bitmix.ir.targets import Target
+from bitmix.task import FinetuneConfig, TaskData
+
+CACHE_VERSION = 1
+CALIBRATION = 128  # examples for the activation steps, as the pipeline uses
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """The trained fake-quantized model, what it took and whether it came from the cache."""
+
+    model: nn.Module
+    assignment: dict[str, int]
+    seconds: float
+    cached: bool
+
+
+def highest_assignment(layer_names: tuple[str, ...], target: Target) -> dict[str, int]:
+    """Every free layer at the target's highest choice, pinned layers at their bits."""
+    return {n: target.highest for n in layer_names} | target.pinned(layer_names)
+
+
+def train_at_highest(
+    prepared: nn.Module,
+    layer_names: tuple[str, ...],
+    target: Target,
+    data: TaskData,
+    recipe: FinetuneConfig | None = None,
+    step_lr: float | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """A trained copy of `prepared` at the highest choice (the input is not modified)."""
+    recipe = recipe or data.recipe
+    if recipe.epochs < 1:
+        raise BitmixError(f"training at the highest choice needs >= 1 epoch, got {recipe.epochs}")
+    fq = fake_quantize(prepared, highest_assignment(layer_names, target), data.calibration(CALIBRATION))
+    return finetune(fq, data, recipe.epochs, recipe.lr, recipe.optimizer, seed=seed,
+                    batch_size=recipe.batch_size, step_lr=step_lr)
+
+
+_MEMORY: dict[str, nn.Module] = {}
+
+
+def cache_key(prepared: nn.Module, target: Target, recipe: FinetuneConfig, step_lr: float | None, seed: int) -> str:
+    """Content hash of everything that changes the trained model."""
+    h = hashlib.sha1()
+    for name, tensor in sorted(prepared.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    meta = {"v": CACHE_VERSION, "target": [target.choices, target.pin_first_last], "recipe": asdict(recipe),
+            "step_lr": step_lr, "seed": seed, "calibration": CALIBRATION}
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    return h.hexdigest()[:20]
+
+
+def cached_train_at_highest(
+    prepared: nn.Module,
+    layer_names: tuple[str, ...],
+    target: Target,
+    data: TaskData,
+    recipe: FinetuneConfig | None = None,
+    step_lr: float | None = None,
+    seed: int = 0,
+    disk: bool = True,
+) -> Pretrained:
+    """`train_at_highest`, memoised in memory and (with `disk`) under `zoo.cache.cache_dir()/pretrain`."""
+    from bitmix.zoo.cache import cache_dir
+
+    recipe = recipe or data.recipe
+    start = time.perf_counter()
+    assignment = highest_assignment(layer_names, target)
+    key = cache_key(prepared, target, recipe, step_lr, seed)
+    if key in _MEMORY:
+        return Pretrained(_MEMORY[key], assignment, time.perf_counter() - start, True)
+    path = cache_dir() / "pretrain" / f"{key}.pt"
+    if disk and path.exists():
+        model = fake_quantize(prepared, assignment, data.calibration(CALIBRATION))
+        model.load_state_dict(torch.load(path, weights_only=True))
+        _MEMORY[key] = model.eval()
+        return Pretrained(model, assignment, time.perf_counter() - start, True)
+    model = train_at_highest(prepared, layer_names, target, data, recipe, step_lr, seed)
+    if disk:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+    _MEMORY[key] = model
+    return Pretrained(model, assignment, time.perf_counter() - start, False)
+
+
+def pretrain_stage(step_lr_scale: float | None, prepared: nn.Module, layer_names: tuple[str, ...], target: Target,
+                   data: TaskData | None, seed: int) -> nn.Module | None:
+    """The pipeline's hook: the model trained at the highest choice, when the method scores one
+    (`MethodConfig.pretrain_step_lr_scale()` is not None) and there is data with a recipe."""
+    if step_lr_scale is None or data is None or data.recipe.epochs < 1:
+        return None
+    step_lr = data.recipe.lr * step_lr_scale
+    return cached_train_at_highest(prepared, layer_names, target, data, step_lr=step_lr, seed=seed).model
