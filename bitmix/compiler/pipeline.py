@@ -112,6 +112,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     if isinstance(eval, TaskData) and data is None:
         data = eval
     calib = _calibration_inputs(calibration if calibration is not None else data)
+    ranges_from = calib if calib is not None else _example_calibration(example_inputs, warn)
     ft = FinetuneConfig(epochs=finetune) if isinstance(finetune, int) else finetune
     if ft is not None and ft.epochs > 0 and data is None:
         raise BitmixError("finetune needs training data; pass data=TaskData(...) (or calibration=TaskData)")
@@ -143,7 +144,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         chosen = allocate(scores, costs, tgt, names, goal, strategy=strategy, seed=seed)
     assignment = dict(chosen.assignment)
     with _stage("quantize", timings):
-        fq = fake_quantize(float_model, assignment, calib)
+        fq = fake_quantize(float_model, assignment, ranges_from)
     if ft is not None and ft.epochs > 0:
         assert data is not None
         with _stage("finetune", timings):
@@ -160,7 +161,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     frontier, uniform_pts = [], []
     if frontier_points > 0:
         with _stage("frontier", timings):
-            frontier, uniform_pts = _frontier(graph, float_model, scores, costs, tgt, chip, calib, eval,
+            frontier, uniform_pts = _frontier(graph, float_model, scores, costs, tgt, chip, ranges_from, eval,
                                               frontier_points, goal)
     cm.recorder.calls.clear()
     cm.report = _report(graph, tgt, method, goal, chosen, scores, sim, accuracy, timings, frontier, uniform_pts, warn)
@@ -192,6 +193,15 @@ def _cheapest_fraction(costs: dict, tgt: Target, names: tuple[str, ...]) -> floa
     lowest = sum(costs[n][pinned.get(n, tgt.lowest)].cycles for n in names)
     highest = sum(costs[n][pinned.get(n, tgt.highest)].cycles for n in names)
     return lowest / highest * (1 + 1e-9)
+
+
+def _example_calibration(example_inputs: tuple[torch.Tensor, ...] | torch.Tensor, warn: list[str]) -> Inputs:
+    """Without calibration data the ranges come from the example inputs (better than a data-free guess)."""
+    msg = ("no calibration data: activation ranges come from the example inputs; "
+           "pass calibration= (a few real inputs) for better accuracy")
+    warnings.warn(msg, stacklevel=3)
+    warn.append(msg)
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
 def _calibration_inputs(source: Any) -> Inputs | None:

@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitmix.compiler import ranges
 from bitmix.errors import BitmixError
 from bitmix.task import TaskData
 
 # E|v| for v ~ N(0, 1) (signed) and for relu(v) (unsigned): the data-free activation prior.
 GAUSSIAN_ABS_MEAN = {True: math.sqrt(2.0 / math.pi), False: 1.0 / math.sqrt(2.0 * math.pi)}
-MIN_STEP = 1e-8
+MIN_STEP = ranges.MIN_STEP
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -70,8 +71,10 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
 class LSQQuantizer(nn.Module):
     """LSQ fake quantizer with one step per tensor (activations) or per output channel (weights).
 
-    The step is initialised on the first forward pass as `2 <|v|> / sqrt(Q_P)` (per
-    channel for weights) unless `init_step` was called before.
+    Unless a step was set before, the first forward pass sets it from the values it sees:
+    the MSE-optimal step (`init_range`, `bitmix.compiler.ranges`), the post-training range
+    the fine-tuning then starts from. `init_step` is LSQ's own `2 <|v|> / sqrt(Q_P)`.
+    `bits` is this operand's width; a layer's weight and activation quantizers each have their own.
     """
 
     def __init__(self, bits: int, signed: bool, channels: int | None = None) -> None:
@@ -99,6 +102,14 @@ class LSQQuantizer(nn.Module):
         self.set_step(2.0 * mean_abs / math.sqrt(self.q_p))
 
     @torch.no_grad()
+    def init_range(self, v: torch.Tensor) -> None:
+        """Post-training range: the step minimising the quantization MSE of `v` (per channel for weights)."""
+        if self.channels is not None:
+            self.set_step(ranges.weight_steps(v, self.q_n, self.q_p))
+        else:
+            self.set_step(ranges.activation_step(v, self.q_n, self.q_p))
+
+    @torch.no_grad()
     def init_gaussian(self) -> None:
         """Data-free activation step: assume unit-Gaussian values (ReLU'd if unsigned)."""
         self.set_step(torch.tensor(2.0 * GAUSSIAN_ABS_MEAN[self.signed] / math.sqrt(self.q_p)))
@@ -121,7 +132,7 @@ class LSQQuantizer(nn.Module):
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
-            self.init_step(v)
+            self.init_range(v)
         g = 1.0 / math.sqrt(self.elements_per_step(v) * self.q_p)
         s = _GradScale.apply(self._step_for(v), g)
         return _RoundSTE.apply(torch.clamp(v / s, -self.q_n, self.q_p)) * s
@@ -197,7 +208,7 @@ class QuantLayer(nn.Module):
             return
         assert self.weight is not None
         self.w_quant = LSQQuantizer(bits, signed=True, channels=self.weight.shape[0])
-        self.w_quant.init_step(self.weight)
+        self.w_quant.init_range(self.weight)
         self.b_quant = None
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
@@ -261,18 +272,20 @@ def fake_quantize(
     graph_or_model: object,
     assignment: dict[str, int],
     calibration: tuple[torch.Tensor, ...] | None = None,
+    bias_correction: bool = True,
 ) -> torch.fx.GraphModule:
     """A new fake-quantized copy of a prepared model with per-layer bits from `assignment`.
 
     `graph_or_model` is a `LayerGraph` (prepared here with `fold.prepare`) or an
     already prepared module (deep-copied). Layers missing from `assignment` stay float.
-    Weight steps come from the weights. Activation steps come from one forward pass
-    over `calibration` when given (an operand whose calibration values are all >= 0 is
-    then quantized unsigned); without calibration they use the data-free default
+    Weight steps are per-channel MSE steps of the weights. With `calibration`, activation
+    steps are MSE steps on the calibration activations (an operand whose calibration values
+    are all >= 0 is quantized unsigned), then biases are corrected empirically
+    (`bitmix.compiler.correct`). Without it they use the data-free default
     `s0 = 2 E|v| / sqrt(Q_P)` for unit-Gaussian values (E|v| = sqrt(2/pi) signed,
-    1/sqrt(2 pi) unsigned), which suits normalised activations and is refined by
-    fine-tuning.
+    1/sqrt(2 pi) unsigned); `compile` instead calibrates on the example inputs.
     """
+    from bitmix.compiler.correct import correct_biases, float_means
     from bitmix.compiler.fold import prepare
     from bitmix.ir.graph import LayerGraph
 
@@ -286,13 +299,18 @@ def fake_quantize(
     unknown = sorted(set(assignment) - set(layers))
     if unknown:
         raise BitmixError(f"assignment names unknown layer {unknown[0]!r}; valid layers: {', '.join(layers)}")
+    if calibration is not None:
+        ranges.check_calibration(calibration)
     signs = calibration_signs(model, layers, calibration) if calibration is not None else {}
+    reference = float_means(model, calibration) if calibration is not None and bias_correction else {}
     for name, layer in layers.items():
         a_signed, b_signed = signs.get(name, (None, None))
         layer.set_bits(assignment.get(name), a_signed=a_signed, b_signed=b_signed)
     if calibration is not None:
         with torch.no_grad():
             model(*calibration)
+        if reference:
+            correct_biases(model, reference, calibration)
     else:
         for layer in layers.values():
             for q in (layer.a_quant, layer.b_quant):
@@ -320,7 +338,12 @@ def calibration_signs(
         for layer in layers.values():
             layer.bits = None  # float pass: signs of the unquantized activations
         with torch.no_grad():
-            model(*calibration)
+            try:
+                model(*calibration)
+            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+                raise BitmixError(f"calibration inputs do not fit the model ({first[:160]}); pass inputs shaped "
+                                  "and typed like the example inputs") from None
     finally:
         for h in handles:
             h.remove()

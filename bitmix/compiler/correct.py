@@ -1,0 +1,80 @@
+"""Empirical bias correction: quantization must not shift a layer's mean output.
+
+Rounding weights and activations biases each output channel's mean (Nagel et al. 2019,
+"Data-Free Quantization", §4.2; AIMET's empirical variant, reference/quantization.md §3,
+A-BCt): `E[y_q] - E[y]` is a constant per channel that the next layers amplify. Measured on
+calibration data it is removed by adding `E[y] - E[y_q]` to the layer's bias — a float add
+the kernels already do, so the deployed model does the same integer work.
+
+Layers are corrected in execution order within one forward pass: a hook on each layer
+measures the shift of its output given the already-corrected layers upstream (the
+sequential form), fixes the bias and passes the corrected output on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bitmix.compiler.quantize import QuantLayer, quant_layers
+
+
+def channel_means(layer: QuantLayer, out: torch.Tensor) -> torch.Tensor:
+    """Mean of each output channel over everything else (dim 1 for conv, the last dim otherwise)."""
+    out = out.detach().double()
+    if layer.kind == "conv2d":
+        return out.transpose(0, 1).reshape(out.shape[1], -1).mean(dim=1)
+    return out.reshape(-1, out.shape[-1]).mean(dim=0)
+
+
+@torch.no_grad()
+def float_means(model: nn.Module, calibration: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    """Per weighted layer, its float output's channel means on `calibration` (quantization off)."""
+    layers = quant_layers(model)
+    saved = {name: layer.bits for name, layer in layers.items()}
+    means: dict[str, torch.Tensor] = {}
+
+    def hook(layer: QuantLayer, args: tuple, out: torch.Tensor) -> None:
+        means[layer.name] = channel_means(layer, out)
+
+    handles = [layer.register_forward_hook(hook) for layer in layers.values() if layer.kind != "matmul"]
+    try:
+        for layer in layers.values():
+            layer.bits = None
+        model(*calibration)
+    finally:
+        for h in handles:
+            h.remove()
+        for name, layer in layers.items():
+            layer.bits = saved[name]
+    return means
+
+
+@torch.no_grad()
+def correct_biases(model: nn.Module, reference: dict[str, torch.Tensor], calibration: tuple[torch.Tensor, ...]) -> int:
+    """Shift every quantized conv/linear's bias so its mean output on `calibration` is `reference`'s.
+
+    Layers without a bias get one. Returns how many layers were corrected.
+    """
+    corrected = 0
+
+    def hook(layer: QuantLayer, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        nonlocal corrected
+        if layer.bits is None or layer.name not in reference:
+            return out
+        assert layer.weight is not None
+        delta = (reference[layer.name] - channel_means(layer, out)).to(layer.weight.dtype)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros_like(delta))
+        layer.bias.add_(delta)
+        corrected += 1
+        return out + (delta.reshape(1, -1, 1, 1) if layer.kind == "conv2d" else delta)
+
+    layers = [layer for layer in quant_layers(model).values() if layer.kind != "matmul"]
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        model(*calibration)
+    finally:
+        for h in handles:
+            h.remove()
+    return corrected
