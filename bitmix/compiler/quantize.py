@@ -103,11 +103,14 @@ class LSQQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_range(self, v: torch.Tensor) -> None:
-        """Post-training range: the step minimising the quantization MSE of `v` (per channel for weights)."""
+        """Post-training range: the step minimising the quantization MSE of `v` (per channel for weights);
+        a signed activation turns unsigned where clipping its few negatives costs less (e.g. after GELU)."""
         if self.channels is not None:
             self.set_step(ranges.weight_steps(v, self.q_n, self.q_p))
-        else:
-            self.set_step(ranges.activation_step(v, self.q_n, self.q_p))
+            return
+        self.signed, step = ranges.activation_range(v, self.bits, self.signed)
+        self.q_n, self.q_p = qrange(self.bits, self.signed)
+        self.set_step(step)
 
     @torch.no_grad()
     def init_gaussian(self) -> None:

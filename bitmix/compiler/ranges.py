@@ -67,9 +67,23 @@ def weight_steps(weight: torch.Tensor, q_n: int, q_p: int) -> torch.Tensor:
     return mse_steps(rows, q_n, q_p)
 
 
-def activation_step(v: torch.Tensor, q_n: int, q_p: int) -> torch.Tensor:
-    """One MSE step for a whole activation tensor (all calibration examples together)."""
-    return mse_steps(sample(v).unsqueeze(0), q_n, q_p)[0]
+def activation_range(v: torch.Tensor, bits: int, signed: bool) -> tuple[bool, torch.Tensor]:
+    """(signed, step) for a whole activation tensor (all calibration examples together).
+
+    A signed tensor is tried both ways: unsigned codes clip its negatives to 0 but spend all
+    2^bits levels on the positive side, which wins when the negatives are few and small
+    (GELU's minimum is -0.17). The kernels take either kind of code.
+    """
+    values = sample(v).unsqueeze(0)
+    options = [(False, 0, 2**bits - 1)] + ([(True, 2 ** (bits - 1), 2 ** (bits - 1) - 1)] if signed else [])
+    best: tuple[float, bool, torch.Tensor] | None = None
+    for is_signed, q_n, q_p in options:
+        step = mse_steps(values, q_n, q_p)
+        error = float(quant_error(values, step.unsqueeze(1), q_n, q_p)[0])
+        if best is None or error < best[0]:
+            best = (error, is_signed, step[0])
+    assert best is not None
+    return best[1], best[2]
 
 
 def check_calibration(calibration: object) -> None:
