@@ -8,7 +8,10 @@ the kernels already do, so the deployed model does the same integer work.
 
 Layers are corrected in execution order within one forward pass: a hook on each layer
 measures the shift of its output given the already-corrected layers upstream (the
-sequential form), fixes the bias and passes the corrected output on.
+sequential form), fixes the bias and passes the corrected output on. The correction is
+kept only if it lowers the model's output error on the calibration data, as AIMET's
+AutoQuant keeps a technique only when it helps (reference/quantization.md, A-AQ): a
+channel mean over padded token positions, for one, is not the mean the output uses.
 """
 
 from __future__ import annotations
@@ -27,9 +30,22 @@ def channel_means(layer: QuantLayer, out: torch.Tensor) -> torch.Tensor:
     return out.reshape(-1, out.shape[-1]).mean(dim=0)
 
 
+def flat(out: object) -> torch.Tensor:
+    """A model output (tensor, or tuple / list / dict of them) as one float64 vector."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().reshape(-1).double()
+    if isinstance(out, list | tuple):
+        return torch.cat([flat(o) for o in out])
+    if isinstance(out, dict):
+        return torch.cat([flat(v) for v in out.values()])
+    return torch.zeros(0, dtype=torch.float64)
+
+
 @torch.no_grad()
-def float_means(model: nn.Module, calibration: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-    """Per weighted layer, its float output's channel means on `calibration` (quantization off)."""
+def float_reference(
+    model: nn.Module, calibration: tuple[torch.Tensor, ...]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Float channel means of every weighted layer's output on `calibration`, and the model's output."""
     layers = quant_layers(model)
     saved = {name: layer.bits for name, layer in layers.items()}
     means: dict[str, torch.Tensor] = {}
@@ -41,13 +57,35 @@ def float_means(model: nn.Module, calibration: tuple[torch.Tensor, ...]) -> dict
     try:
         for layer in layers.values():
             layer.bits = None
-        model(*calibration)
+        output = flat(model(*calibration))
     finally:
         for h in handles:
             h.remove()
         for name, layer in layers.items():
             layer.bits = saved[name]
-    return means
+    return means, output
+
+
+@torch.no_grad()
+def bias_correct(
+    model: nn.Module, reference: tuple[dict[str, torch.Tensor], torch.Tensor], calibration: tuple[torch.Tensor, ...]
+) -> bool:
+    """Correct the biases of a quantized model in place; undo it unless the output error drops."""
+    means, target = reference
+    before = float((flat(model(*calibration)) - target).pow(2).sum())
+    layers = quant_layers(model).values()
+    saved = {layer.name: None if layer.bias is None else layer.bias.detach().clone() for layer in layers}
+    correct_biases(model, means, calibration)
+    if float((flat(model(*calibration)) - target).pow(2).sum()) <= before:
+        return True
+    for layer in layers:
+        bias = saved[layer.name]
+        if bias is None:
+            layer.bias = None
+        else:
+            assert layer.bias is not None
+            layer.bias.copy_(bias)
+    return False
 
 
 @torch.no_grad()

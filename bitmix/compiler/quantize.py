@@ -281,14 +281,12 @@ def fake_quantize(
 
     `graph_or_model` is a `LayerGraph` (prepared here with `fold.prepare`) or an
     already prepared module (deep-copied). Layers missing from `assignment` stay float.
-    Weight steps are per-channel MSE steps of the weights. With `calibration`, activation
-    steps are MSE steps on the calibration activations (an operand whose calibration values
-    are all >= 0 is quantized unsigned), then biases are corrected empirically
-    (`bitmix.compiler.correct`). Without it they use the data-free default
-    `s0 = 2 E|v| / sqrt(Q_P)` for unit-Gaussian values (E|v| = sqrt(2/pi) signed,
-    1/sqrt(2 pi) unsigned); `compile` instead calibrates on the example inputs.
+    Weight steps are per-channel MSE steps (`bitmix.compiler.ranges`). With `calibration`,
+    activation steps are MSE steps on its activations, then biases are corrected
+    (`bitmix.compiler.correct`); without, the data-free `2 E|v| / sqrt(Q_P)` for unit-Gaussian
+    values (E|v| = sqrt(2/pi) signed, 1/sqrt(2 pi) unsigned). `compile` calibrates on the examples.
     """
-    from bitmix.compiler.correct import correct_biases, float_means
+    from bitmix.compiler.correct import bias_correct, float_reference
     from bitmix.compiler.fold import prepare
     from bitmix.ir.graph import LayerGraph
 
@@ -305,15 +303,15 @@ def fake_quantize(
     if calibration is not None:
         ranges.check_calibration(calibration)
     signs = calibration_signs(model, layers, calibration) if calibration is not None else {}
-    reference = float_means(model, calibration) if calibration is not None and bias_correction else {}
+    reference = float_reference(model, calibration) if calibration is not None and bias_correction else None
     for name, layer in layers.items():
         a_signed, b_signed = signs.get(name, (None, None))
         layer.set_bits(assignment.get(name), a_signed=a_signed, b_signed=b_signed)
     if calibration is not None:
         with torch.no_grad():
             model(*calibration)
-        if reference:
-            correct_biases(model, reference, calibration)
+        if reference is not None:
+            bias_correct(model, reference, calibration)
     else:
         for layer in layers.values():
             for q in (layer.a_quant, layer.b_quant):
