@@ -163,7 +163,7 @@ def test_finetune_is_deterministic_and_leaves_input_untouched(mlp):
 def test_finetune_recovers_two_bit_accuracy(mlp):
     gm, data = mlp
     fq = fake_quantize(gm, {"fc1": 8, "fc2": 2, "fc3": 8}, calibration=data.calibration(64))
-    tuned = finetune(fq, data, epochs=2, lr=0.01, optimizer="adam", seed=0, teacher=gm)
+    tuned = finetune(fq, data, epochs=2, lr=1e-3, optimizer="adam", seed=0, teacher=gm)
     assert data.evaluate(tuned) >= data.evaluate(fq) - 0.5
     assert data.evaluate(tuned) > 90.0
 
