@@ -164,8 +164,9 @@ def test_finetune_recovers_two_bit_accuracy(mlp):
     gm, data = mlp
     fq = fake_quantize(gm, {"fc1": 8, "fc2": 2, "fc3": 8}, calibration=data.calibration(64))
     tuned = finetune(fq, data, epochs=2, lr=1e-3, optimizer="adam", seed=0, teacher=gm)
-    assert data.evaluate(tuned) >= data.evaluate(fq) - 0.5
-    assert data.evaluate(tuned) > 90.0
+    # MSE ranges already put the 2-bit layer near FP32 (97.8 %): fine-tuning must keep it there
+    assert data.evaluate(tuned) >= data.evaluate(fq) - 1.0
+    assert data.evaluate(tuned) > 95.0
 
 
 def test_finetune_rejects_bad_arguments(mlp):
