@@ -6,7 +6,10 @@ Protocol (issue 12): per model, target (int8-npu, int4-npu, int4int2-npu at budg
 and 0.95) and seed, `bitmix.compile` with `--calib` calibration inputs (default 8: the
 training split's inputs in a seeded order, or seeded random N(0, 1) inputs for the
 image models, which have no data set) and either no fine-tuning (PTQ) or the zoo task's
-recipe. Fidelity is 1 - cosine between the quantized and the FP32 outputs on held-out
+recipe. 8 calibration inputs are the issue's int8 protocol; below 8 bits 8 digit images (8x8
+pixels each) are too few for 2-bit activation ranges (digits-cnn int4int2-npu at 0.8: 83.1 %
+top-1 with 8, 99.7 % with 128), so the other targets default to 128. Fidelity is
+1 - cosine between the quantized and the FP32 outputs on held-out
 inputs (test split, or 16 fresh random inputs); the task metric is the zoo task's (top-1
 or mean cosine to FP32 embeddings, %). Each figure is the median over seeds. Outputs are
 measured on the fake-quantized model, which the kernels match bit for bit
@@ -60,6 +63,7 @@ def run_one(name: str, target: str, budget: float, mode: str, seed: int, calib_n
     seconds = time.perf_counter() - start
     ref, out = _outputs(model.eval(), test), _outputs(cm.fake_quant, test)
     row = {"model": name, "target": target, "budget": budget, "mode": mode, "seed": seed, "method": method,
+           "calibration_inputs": calib_n,
            "one_minus_cosine": float(1 - F.cosine_similarity(out, ref, dim=-1).mean()), "seconds": seconds,
            "bits": sorted(set(cm.assignment.values()))}
     if data is not None:
@@ -104,7 +108,7 @@ def main() -> None:
     parser.add_argument("--targets", default=None, help="comma list of target[@budget], e.g. int8-npu,int4int2-npu@0.8")
     parser.add_argument("--modes", default="ptq,recipe")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--calib", type=int, default=8, help="calibration inputs")
+    parser.add_argument("--calib", type=int, default=None, help="calibration inputs (default 8 at int8-npu, else 128)")
     parser.add_argument("--method", default="sqnr", help="sensitivity method for the budgeted targets")
     parser.add_argument("--quick", action="store_true", help="int8-npu PTQ, one seed")
     parser.add_argument("--json", default=None)
@@ -124,14 +128,15 @@ def main() -> None:
                 if mode == "recipe" and not has_data:
                     continue  # nothing to fine-tune on
                 for seed in range(seeds):
-                    row = run_one(name, target, budget, mode, seed, args.calib, args.method)
+                    calib = args.calib or (8 if target == "int8-npu" else 128)
+                    row = run_one(name, target, budget, mode, seed, calib, args.method)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     summary = summarise(rows)
     print(table(summary))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "summary": summary, "calib": args.calib, "method": args.method}, f, indent=1)
+            json.dump({"rows": rows, "summary": summary, "method": args.method}, f, indent=1)
 
 
 if __name__ == "__main__":
