@@ -198,7 +198,39 @@ def _index(
             deps.add_edge(src, layer.name)
         reach[node] = frozenset({layer.name})
         last_layer = layer.name
-    return layers, vector_ops, deps, unsupported
+    return _live(exported.graph, layers, vector_ops, deps) + (unsupported,)
+
+
+def _live(
+    graph: torch.fx.Graph, layers: list[Layer], vector_ops: list[VectorOp], deps: nx.DiGraph
+) -> tuple[list[Layer], list[VectorOp], nx.DiGraph]:
+    """Only the work whose result reaches the model's output (a sentence encoder drops BERT's pooler).
+
+    Dead ops are never run by a deployed model, so they are neither priced nor quantized, and the
+    last layer (the one targets pin) is the last that reaches the output.
+    """
+    live: set[str] = set()
+    stack = [n for n in graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node.name not in live:
+            live.add(node.name)
+            stack.extend(node.all_input_nodes)
+    dead = {layer.name for layer in layers if layer.node not in live}
+    if not dead:
+        return layers, vector_ops, deps
+    order = [layer.name for layer in layers]
+    kept_ops = []
+    for op in vector_ops:
+        if op.name not in live:
+            continue
+        after = op.after
+        while after in dead:
+            i = order.index(after)
+            after = order[i - 1] if i else None
+        kept_ops.append(VectorOp(op.name, op.kind, op.elements, op.input_elements, after))
+    return [layer for layer in layers if layer.name not in dead], kept_ops, deps.subgraph(
+        [n for n in deps.nodes if n not in dead]).copy()
 
 
 def _renamed(layer: Layer, name: str) -> Layer:

@@ -16,7 +16,7 @@ import re
 import torch
 from torch import fx, nn
 
-from bitmix.compiler.quantize import QuantLayer
+from bitmix.compiler.qlayer import QuantLayer
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer, LayerGraph
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from bitmix import kernels
-from bitmix.compiler.quantize import QuantLayer, quant_layers
+from bitmix.compiler.qlayer import QuantLayer, quant_layers
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
 

@@ -114,6 +114,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     roles = inputs.resolve_data(data)
     calib = inputs.calibration_inputs(roles.calibration if roles.calibration is not None else roles.train)
     sensitivity.check_inputs(scorer, roles.train is not None, calib is not None)  # before any slow stage
+    ranges_from = calib if calib is not None else _example_calibration(example_inputs, warn)
     ft = FinetuneConfig(epochs=finetune) if isinstance(finetune, int) else finetune
     if ft is not None and ft.epochs > 0 and roles.train is None:
         raise BitmixError("finetune needs training data; pass data=TaskData(...) or data=Data(train=...)")
@@ -147,7 +148,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         chosen = allocate(scores, costs, tgt, names, caps, strategy=opts.strategy or scorer.strategy, seed=seed)
     assignment = dict(chosen.assignment)
     with _stage("quantize", timings):
-        fq = fake_quantize(float_model, assignment, calib)
+        fq = fake_quantize(float_model, assignment, ranges_from)
     if ft is not None and ft.epochs > 0:
         assert roles.train is not None
         with _stage("finetune", timings):
@@ -164,7 +165,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     frontier, uniform_pts = [], []
     if opts.frontier_points > 0:
         with _stage("frontier", timings):
-            frontier, uniform_pts = _frontier(graph, float_model, scores, costs, tgt, chip, calib, roles.eval,
+            frontier, uniform_pts = _frontier(graph, float_model, scores, costs, tgt, chip, ranges_from, roles.eval,
                                               opts.frontier_points)
     with _stage("fidelity", timings):
         accuracy.update(guard(float_model, cm, calib, warn, fallback=example_inputs))
@@ -179,6 +180,15 @@ def _cheapest_fraction(costs: dict, tgt: Target, names: tuple[str, ...]) -> floa
     lowest = sum(costs[n][pinned.get(n, tgt.lowest)].cycles for n in names)
     highest = sum(costs[n][pinned.get(n, tgt.highest)].cycles for n in names)
     return lowest / highest * (1 + 1e-9)
+
+
+def _example_calibration(example_inputs: tuple[torch.Tensor, ...] | torch.Tensor, warn: list[str]) -> Inputs:
+    """Without calibration data the ranges come from the example inputs (better than a data-free guess)."""
+    msg = ("no calibration data: activation ranges come from the example inputs; "
+           "pass data= (a few real inputs) for better accuracy")
+    warnings.warn(msg, stacklevel=3)
+    warn.append(msg)
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
 def _check_finite(graph: LayerGraph) -> None:

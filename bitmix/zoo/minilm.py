@@ -106,18 +106,31 @@ def load_minilm() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], TaskDat
 
 @torch.no_grad()
 def fidelity(model: nn.Module, data: TaskData) -> dict[str, float]:
-    """Cosine similarity to FP32 embeddings and top-1 nearest-neighbour agreement (both %)."""
+    """Cosine similarity to FP32 embeddings, top-1 nearest-neighbour agreement and retrieval recall@10 (all %).
+
+    recall@10: for each test sentence as a query over the others, the share of the FP32 model's ten
+    nearest neighbours that the quantized model also ranks in its ten.
+    """
     out = torch.cat([model(*inputs) for inputs, _ in data.batches("test", 64)]).float()
     ref = data.test.targets
     cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1).mean()
-    return {"cosine": 100.0 * float(cos), "nn_agreement": 100.0 * _nn_agreement(out, ref)}
+    return {"cosine": 100.0 * float(cos), "nn_agreement": 100.0 * _nn_agreement(out, ref),
+            "recall_at_10": 100.0 * recall_at_k(out, ref, 10)}
+
+
+def _neighbours(e: torch.Tensor, k: int) -> torch.Tensor:
+    e = torch.nn.functional.normalize(e, dim=-1)
+    sim = e @ e.T
+    sim.fill_diagonal_(-2.0)
+    return sim.topk(min(k, len(e) - 1), dim=-1).indices
 
 
 def _nn_agreement(out: torch.Tensor, ref: torch.Tensor) -> float:
-    def neighbours(e: torch.Tensor) -> torch.Tensor:
-        e = torch.nn.functional.normalize(e, dim=-1)
-        sim = e @ e.T
-        sim.fill_diagonal_(-2.0)
-        return sim.argmax(dim=-1)
+    return float((_neighbours(out, 1) == _neighbours(ref, 1)).float().mean())
 
-    return float((neighbours(out) == neighbours(ref)).float().mean())
+
+def recall_at_k(out: torch.Tensor, ref: torch.Tensor, k: int) -> float:
+    """Mean share of each query's k FP32 nearest neighbours that `out` also puts in its k nearest."""
+    found, truth = _neighbours(out, k), _neighbours(ref, k)
+    hits = (found.unsqueeze(-1) == truth.unsqueeze(-2)).any(dim=-1).float().sum(dim=-1)
+    return float((hits / truth.shape[1]).mean())

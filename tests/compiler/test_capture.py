@@ -39,7 +39,8 @@ def test_resnet18_counts(capture_zoo):
 def test_minilm_counts(capture_zoo):
     graph = capture_zoo("minilm")
     kinds = [layer.kind for layer in graph.layers]
-    assert kinds.count("linear") == 37  # 36 in the encoder + the pooler
+    assert kinds.count("linear") == 36  # the encoder's; the pooler's output never reaches the model's
+    assert graph.layers[-1].name == "bert.encoder.layer.5.output.dense"  # what targets pin
     assert kinds.count("matmul") == 12  # QK^T and AV in 6 layers
     qk = next(layer for layer in graph.layers if layer.kind == "matmul")
     assert qk.input_shape == (1, 12, 64, 32) and qk.weight_shape == (1, 12, 32, 64)

@@ -10,7 +10,7 @@ import torch
 from bitmix import zoo
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
-from bitmix.compiler.quantize import QuantLayer, quant_layers
+from bitmix.compiler.qlayer import QuantLayer, quant_layers
 
 torch.set_num_threads(2)
 

@@ -8,7 +8,8 @@ import torch
 from bitmix.compiler import pretrain
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
-from bitmix.compiler.quantize import fake_quantize, finetune, quant_layers
+from bitmix.compiler.qlayer import quant_layers
+from bitmix.compiler.quantize import fake_quantize, finetune
 from bitmix.errors import BitmixError
 from bitmix.ir.targets import get_target
 from bitmix.task import FinetuneConfig

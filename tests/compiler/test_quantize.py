@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from bitmix import zoo
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
-from bitmix.compiler.quantize import LSQQuantizer, QuantLayer, fake_quantize, finetune, qrange, quant_layers
+from bitmix.compiler.qlayer import LSQQuantizer, QuantLayer, qrange, quant_layers
+from bitmix.compiler.quantize import fake_quantize, finetune
 from bitmix.errors import BitmixError
 
 torch.set_num_threads(1)
@@ -75,10 +76,15 @@ def test_init_is_two_mean_abs_over_sqrt_qp():
     q = LSQQuantizer(2, signed=True, channels=4)
     q.init_step(w)
     assert torch.allclose(q.step, 2 * w.abs().mean(1) / math.sqrt(1))
-    a = torch.rand(8, 16)
+
+
+def test_first_forward_sets_the_mse_step_from_the_batch():
+    from bitmix.compiler.ranges import activation_range
+
+    a = torch.rand(8, 16, generator=torch.Generator().manual_seed(2))
     qa = LSQQuantizer(4, signed=False)
-    qa(a)  # first forward initialises from the batch
-    assert float(qa.step.detach()) == pytest.approx(2 * float(a.abs().mean()) / math.sqrt(15), rel=1e-6)
+    qa(a)
+    assert float(qa.step.detach()) == pytest.approx(float(activation_range(a, 4, False)[1]), rel=1e-6)
 
 
 @pytest.mark.parametrize(("bits", "signed"), [(2, True), (4, True), (8, False), (4, False)])
@@ -158,9 +164,10 @@ def test_finetune_is_deterministic_and_leaves_input_untouched(mlp):
 def test_finetune_recovers_two_bit_accuracy(mlp):
     gm, data = mlp
     fq = fake_quantize(gm, {"fc1": 8, "fc2": 2, "fc3": 8}, calibration=data.calibration(64))
-    tuned = finetune(fq, data, epochs=2, lr=0.01, optimizer="adam", seed=0, teacher=gm)
-    assert data.evaluate(tuned) >= data.evaluate(fq) - 0.5
-    assert data.evaluate(tuned) > 90.0
+    tuned = finetune(fq, data, epochs=2, lr=1e-3, optimizer="adam", seed=0, teacher=gm)
+    # MSE ranges already put the 2-bit layer near FP32 (97.8 %): fine-tuning must keep it there
+    assert data.evaluate(tuned) >= data.evaluate(fq) - 1.0
+    assert data.evaluate(tuned) > 95.0
 
 
 def test_finetune_rejects_bad_arguments(mlp):

@@ -66,3 +66,21 @@ def test_bert_base_shapes(load_zoo):
     model, (ids, mask), data = load_zoo("bert-base")
     assert ids.shape == (1, 128) and data is None
     assert sum(p.numel() for p in model.parameters()) > 100_000_000
+
+
+def test_recall_at_k_against_plain_sets():
+    from bitmix.zoo.minilm import recall_at_k
+
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(30, 8, generator=gen)
+    assert recall_at_k(ref, ref, 10) == 1.0
+    noisy = ref + 0.3 * torch.randn(30, 8, generator=gen)
+    e, q = (torch.nn.functional.normalize(t, dim=-1) for t in (ref, noisy))
+
+    def top(m: torch.Tensor, i: int) -> set[int]:
+        sims = m @ m[i]
+        sims[i] = -2.0
+        return set(sims.topk(10).indices.tolist())
+
+    expected = sum(len(top(e, i) & top(q, i)) / 10 for i in range(30))
+    assert abs(recall_at_k(noisy, ref, 10) - expected / 30) < 1e-6

@@ -23,7 +23,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from bitmix.compiler.quantize import LSQQuantizer, fake_quantize, finetune, quant_layers
+from bitmix.compiler.qlayer import LSQQuantizer, quant_layers
+from bitmix.compiler.quantize import fake_quantize, finetune
 from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 from bitmix.compiler.sensitivity.executor import SerialExecutor
 from bitmix.compiler.transport import PortableModel

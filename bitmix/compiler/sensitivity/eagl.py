@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bitmix.compiler.quantize import LSQQuantizer, QuantLayer, qrange, quant_layers
+from bitmix.compiler.qlayer import LSQQuantizer, QuantLayer, qrange, quant_layers
 from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 from bitmix.errors import BitmixError
 

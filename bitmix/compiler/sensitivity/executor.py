@@ -151,7 +151,7 @@ def executor_for(workers: int) -> Executor:
 @contextmanager
 def progress(total: int, label: str) -> Iterator[Callable[[], None]]:
     """A rich bar counting finished jobs, for a person at a terminal (else a no-op)."""
-    from bitmix.compiler.quantize import progress_enabled
+    from bitmix.compiler.progress import progress_enabled
 
     if not progress_enabled() or total <= 1:
         yield lambda: None

@@ -23,7 +23,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from bitmix.compiler.quantize import LSQQuantizer, quant_layers
+from bitmix.compiler.qlayer import LSQQuantizer, quant_layers
 from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 from bitmix.compiler.sensitivity.executor import SerialExecutor
 from bitmix.compiler.transport import PortableModel

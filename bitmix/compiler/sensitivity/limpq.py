@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bitmix.compiler.quantize import _GradScale, _RoundSTE, calibration_signs, qrange, quant_layers
+from bitmix.compiler.qlayer import _GradScale, _RoundSTE, qrange, quant_layers
+from bitmix.compiler.quantize import calibration_signs
 from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 
 ALPHA = 2.0

@@ -14,7 +14,8 @@ import copy
 
 import torch
 
-from bitmix.compiler.quantize import calibration_signs, quant_layers
+from bitmix.compiler.qlayer import quant_layers
+from bitmix.compiler.quantize import calibration_signs
 from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 from bitmix.errors import BitmixError
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bitmix.compiler.pretrain import train_at_highest
-from bitmix.compiler.quantize import LSQQuantizer, quant_layers
+from bitmix.compiler.qlayer import LSQQuantizer, quant_layers
 from bitmix.compiler.sensitivity import score
 from bitmix.compiler.sensitivity.eagl import (
     VARIANTS,

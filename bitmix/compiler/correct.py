@@ -1,0 +1,118 @@
+"""Empirical bias correction: quantization must not shift a layer's mean output.
+
+Rounding weights and activations biases each output channel's mean (Nagel et al. 2019,
+"Data-Free Quantization", §4.2; AIMET's empirical variant, reference/quantization.md §3,
+A-BCt): `E[y_q] - E[y]` is a constant per channel that the next layers amplify. Measured on
+calibration data it is removed by adding `E[y] - E[y_q]` to the layer's bias — a float add
+the kernels already do, so the deployed model does the same integer work.
+
+Layers are corrected in execution order within one forward pass: a hook on each layer
+measures the shift of its output given the already-corrected layers upstream (the
+sequential form), fixes the bias and passes the corrected output on. The correction is
+kept only if it lowers the model's output error on the calibration data, as AIMET's
+AutoQuant keeps a technique only when it helps (reference/quantization.md, A-AQ): a
+channel mean over padded token positions, for one, is not the mean the output uses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bitmix.compiler.qlayer import QuantLayer, quant_layers
+
+
+def channel_means(layer: QuantLayer, out: torch.Tensor) -> torch.Tensor:
+    """Mean of each output channel over everything else (dim 1 for conv, the last dim otherwise)."""
+    out = out.detach().double()
+    if layer.kind == "conv2d":
+        return out.transpose(0, 1).reshape(out.shape[1], -1).mean(dim=1)
+    return out.reshape(-1, out.shape[-1]).mean(dim=0)
+
+
+def flat(out: object) -> torch.Tensor:
+    """A model output (tensor, or tuple / list / dict of them) as one float64 vector."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().reshape(-1).double()
+    if isinstance(out, list | tuple):
+        return torch.cat([flat(o) for o in out])
+    if isinstance(out, dict):
+        return torch.cat([flat(v) for v in out.values()])
+    return torch.zeros(0, dtype=torch.float64)
+
+
+@torch.no_grad()
+def float_reference(
+    model: nn.Module, calibration: tuple[torch.Tensor, ...]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Float channel means of every weighted layer's output on `calibration`, and the model's output."""
+    layers = quant_layers(model)
+    saved = {name: layer.bits for name, layer in layers.items()}
+    means: dict[str, torch.Tensor] = {}
+
+    def hook(layer: QuantLayer, args: tuple, out: torch.Tensor) -> None:
+        means[layer.name] = channel_means(layer, out)
+
+    handles = [layer.register_forward_hook(hook) for layer in layers.values() if layer.kind != "matmul"]
+    try:
+        for layer in layers.values():
+            layer.bits = None
+        output = flat(model(*calibration))
+    finally:
+        for h in handles:
+            h.remove()
+        for name, layer in layers.items():
+            layer.bits = saved[name]
+    return means, output
+
+
+@torch.no_grad()
+def bias_correct(
+    model: nn.Module, reference: tuple[dict[str, torch.Tensor], torch.Tensor], calibration: tuple[torch.Tensor, ...]
+) -> bool:
+    """Correct the biases of a quantized model in place; undo it unless the output error drops."""
+    means, target = reference
+    before = float((flat(model(*calibration)) - target).pow(2).sum())
+    layers = quant_layers(model).values()
+    saved = {layer.name: None if layer.bias is None else layer.bias.detach().clone() for layer in layers}
+    correct_biases(model, means, calibration)
+    if float((flat(model(*calibration)) - target).pow(2).sum()) <= before:
+        return True
+    for layer in layers:
+        bias = saved[layer.name]
+        if bias is None:
+            layer.bias = None
+        else:
+            assert layer.bias is not None
+            layer.bias.copy_(bias)
+    return False
+
+
+@torch.no_grad()
+def correct_biases(model: nn.Module, reference: dict[str, torch.Tensor], calibration: tuple[torch.Tensor, ...]) -> int:
+    """Shift every quantized conv/linear's bias so its mean output on `calibration` is `reference`'s.
+
+    Layers without a bias get one. Returns how many layers were corrected.
+    """
+    corrected = 0
+
+    def hook(layer: QuantLayer, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        nonlocal corrected
+        if layer.bits is None or layer.name not in reference:
+            return out
+        assert layer.weight is not None
+        delta = (reference[layer.name] - channel_means(layer, out)).to(layer.weight.dtype)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros_like(delta))
+        layer.bias.add_(delta)
+        corrected += 1
+        return out + (delta.reshape(1, -1, 1, 1) if layer.kind == "conv2d" else delta)
+
+    layers = [layer for layer in quant_layers(model).values() if layer.kind != "matmul"]
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        model(*calibration)
+    finally:
+        for h in handles:
+            h.remove()
+    return corrected

@@ -1,0 +1,265 @@
+"""LSQ quantizers and the quantized layer that `fold.prepare` inserts for every conv2d / linear / matmul.
+
+Learned Step Size Quantization (Esser et al., ICLR 2020): a quantizer is
+`v_hat = round(clip(v / s, -Q_N, Q_P)) * s` with a learnable step `s`, a
+straight-through round, and the step's gradient scaled by `g = 1 / sqrt(N * Q_P)`.
+`QuantLayer` applies one precision to its weights and its input activations; with
+`bits=None` it is an exact float passthrough.
+
+The forward pass and `LSQQuantizer.codes` divide by the same float32 step, so the
+integer codes the lowering packs are exactly those the fake-quantized model used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitmix.compiler import ranges
+from bitmix.errors import BitmixError
+
+# E|v| for v ~ N(0, 1) (signed) and for relu(v) (unsigned): the data-free activation prior.
+GAUSSIAN_ABS_MEAN = {True: math.sqrt(2.0 / math.pi), False: 1.0 / math.sqrt(2.0 * math.pi)}
+MIN_STEP = ranges.MIN_STEP
+
+
+class _RoundSTE(torch.autograd.Function):
+    """round() forward, identity backward (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward, gradient times `scale` backward.
+
+    A custom function (rather than LSQ's `(x - x*g).detach() + x*g`) keeps the
+    forward value bit-identical to the stored step, which `codes` relies on.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """(Q_N, Q_P): codes lie in [-Q_N, Q_P]."""
+    if signed:
+        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+class LSQQuantizer(nn.Module):
+    """LSQ fake quantizer with one step per tensor (activations) or per output channel (weights).
+
+    Unless a step was set before, the first forward pass sets it from the values it sees:
+    the MSE-optimal step (`init_range`, `bitmix.compiler.ranges`), the post-training range
+    the fine-tuning then starts from. `init_step` is LSQ's own `2 <|v|> / sqrt(Q_P)`.
+    `bits` is this operand's width; a layer's weight and activation quantizers each have their own.
+    """
+
+    def __init__(self, bits: int, signed: bool, channels: int | None = None) -> None:
+        super().__init__()
+        if bits < 2:
+            raise BitmixError(f"LSQ needs at least 2 bits, got {bits}")
+        self.bits = bits
+        self.signed = signed
+        self.channels = channels
+        self.q_n, self.q_p = qrange(bits, signed)
+        self.step = nn.Parameter(torch.ones(channels if channels is not None else ()))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def extra_repr(self) -> str:
+        kind = f"per-channel({self.channels})" if self.channels is not None else "per-tensor"
+        return f"bits={self.bits}, signed={self.signed}, {kind}"
+
+    @torch.no_grad()
+    def init_step(self, v: torch.Tensor) -> None:
+        """LSQ initialisation s0 = 2 <|v|> / sqrt(Q_P) from weights or a calibration batch."""
+        if self.channels is not None:
+            mean_abs = v.detach().abs().reshape(v.shape[0], -1).mean(dim=1)
+        else:
+            mean_abs = v.detach().abs().mean()
+        self.set_step(2.0 * mean_abs / math.sqrt(self.q_p))
+
+    @torch.no_grad()
+    def init_range(self, v: torch.Tensor) -> None:
+        """Post-training range: the step minimising the quantization MSE of `v` (per channel for weights);
+        a signed activation turns unsigned where clipping its few negatives costs less (e.g. after GELU)."""
+        if self.channels is not None:
+            self.set_step(ranges.weight_steps(v, self.q_n, self.q_p))
+            return
+        self.signed, step = ranges.activation_range(v, self.bits, self.signed)
+        self.q_n, self.q_p = qrange(self.bits, self.signed)
+        self.set_step(step)
+
+    @torch.no_grad()
+    def init_gaussian(self) -> None:
+        """Data-free activation step: assume unit-Gaussian values (ReLU'd if unsigned)."""
+        self.set_step(torch.tensor(2.0 * GAUSSIAN_ABS_MEAN[self.signed] / math.sqrt(self.q_p)))
+
+    @torch.no_grad()
+    def set_step(self, step: torch.Tensor) -> None:
+        self.step.copy_(step.clamp(min=MIN_STEP).to(self.step.dtype).reshape(self.step.shape))
+        self.initialized.fill_(True)
+
+    def elements_per_step(self, v: torch.Tensor) -> int:
+        """N in the LSQ gradient scale: elements per channel, or features per example."""
+        if self.channels is not None:
+            return max(1, v.numel() // self.channels)
+        return max(1, v[0].numel() if v.dim() > 1 else v.numel())
+
+    def _step_for(self, v: torch.Tensor) -> torch.Tensor:
+        if self.channels is not None:
+            return self.step.reshape((-1,) + (1,) * (v.dim() - 1))
+        return self.step
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            self.init_range(v)
+        g = 1.0 / math.sqrt(self.elements_per_step(v) * self.q_p)
+        s = _GradScale.apply(self._step_for(v), g)
+        return _RoundSTE.apply(torch.clamp(v / s, -self.q_n, self.q_p)) * s
+
+    @torch.no_grad()
+    def codes(self, v: torch.Tensor) -> torch.Tensor:
+        """Integer codes (int32) of `v`, computed in float32 exactly as the forward pass does."""
+        s = self._step_for(v)
+        return torch.round(torch.clamp(v.float() / s.float(), -self.q_n, self.q_p)).to(torch.int32)
+
+
+class QuantLayer(nn.Module):
+    """One quantizable op of the captured graph: conv2d, linear, or activation x activation matmul.
+
+    `bits=None` runs the float op unchanged. With bits set, the op consumes
+    `a_quant(x)` and `w_quant(weight)` (matmul: `a_quant(a)`, `b_quant(b)`).
+    `a_nonneg` / `b_nonneg` record that the graph guarantees a non-negative operand
+    (after ReLU, softmax, ...), which makes its quantizer unsigned.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        groups: int = 1,
+        a_nonneg: bool = False,
+        b_nonneg: bool = False,
+    ) -> None:
+        super().__init__()
+        if kind not in ("conv2d", "linear", "matmul"):
+            raise BitmixError(f"layer {name!r}: unsupported kind {kind!r}; expected conv2d, linear or matmul")
+        if kind != "matmul" and weight is None:
+            raise BitmixError(f"layer {name!r}: a {kind} layer needs a weight")
+        self.name = name
+        self.kind = kind
+        self.bits: int | None = None
+        self.weight = nn.Parameter(weight.detach().clone()) if weight is not None else None
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.stride = tuple(stride)
+        self.padding = tuple(padding)
+        self.dilation = tuple(dilation)
+        self.groups = groups
+        self.a_nonneg = a_nonneg
+        self.b_nonneg = b_nonneg
+        self.w_quant: nn.Module | None = None
+        self.a_quant: nn.Module | None = None
+        self.b_quant: nn.Module | None = None
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, kind={self.kind}, bits={self.bits}"
+
+    def set_bits(self, bits: int | None, a_signed: bool | None = None, b_signed: bool | None = None) -> None:
+        """Switch precision; new quantizers start uninitialised except the weight step.
+
+        Activation signedness defaults to "signed unless the graph proves the operand
+        non-negative"; pass `a_signed` / `b_signed` to override (e.g. from calibration).
+        """
+        self.bits = bits
+        if bits is None:
+            self.w_quant = self.a_quant = self.b_quant = None
+            return
+        a_signed = (not self.a_nonneg) if a_signed is None else a_signed
+        self.a_quant = LSQQuantizer(bits, a_signed)
+        if self.kind == "matmul":
+            b_signed = (not self.b_nonneg) if b_signed is None else b_signed
+            self.b_quant = LSQQuantizer(bits, b_signed)
+            self.w_quant = None
+            return
+        assert self.weight is not None
+        self.w_quant = LSQQuantizer(bits, signed=True, channels=self.weight.shape[0])
+        self.w_quant.init_range(self.weight)
+        self.b_quant = None
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        quantized = self.bits is not None
+        if quantized and not self.training and not torch.is_grad_enabled() and self._initialized():
+            return self.integer_forward(x, other)
+        if self.kind == "matmul":
+            assert other is not None
+            if quantized:
+                assert self.a_quant is not None and self.b_quant is not None
+                x, other = self.a_quant(x), self.b_quant(other)
+            return torch.matmul(x, other)
+        assert self.weight is not None
+        weight = self.weight
+        if quantized:
+            assert self.a_quant is not None and self.w_quant is not None
+            x, weight = self.a_quant(x), self.w_quant(weight)
+        if self.kind == "linear":
+            return F.linear(x, weight, self.bias)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+    def _initialized(self) -> bool:
+        """The integer path needs plain LSQ quantizers with steps set (not e.g. LIMPQ's multi-step ones)."""
+        quantizers = [q for q in (self.a_quant, self.b_quant, self.w_quant) if q is not None]
+        return all(type(q) is LSQQuantizer and bool(q.initialized) for q in quantizers)
+
+    @torch.no_grad()
+    def integer_forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        """Inference as the kernels compute it: exact integer accumulation, then one float32 rescale.
+
+        Products of codes are summed in float64, which is exact for any int32 accumulator,
+        then cast to float32 and scaled by `a_step * w_step` (+ bias) in the same order as
+        `bitmix.kernels.qlinear` / `qconv2d`, so fake-quant inference and the packed
+        kernels produce bit-identical outputs and the same accuracy.
+        """
+        assert self.a_quant is not None
+        a_step = self.a_quant.step.detach().float()
+        a = self.a_quant.codes(x).double()
+        if self.kind == "matmul":
+            assert other is not None and self.b_quant is not None
+            acc = torch.matmul(a, self.b_quant.codes(other).double()).float()
+            return acc * (a_step * self.b_quant.step.detach().float())
+        assert self.weight is not None and self.w_quant is not None
+        w = self.w_quant.codes(self.weight).double()
+        scale = a_step * self.w_quant.step.detach().float()
+        if self.kind == "linear":
+            out = F.linear(a, w).float() * scale
+            return out + self.bias.detach().float() if self.bias is not None else out
+        out = F.conv2d(a, w, None, self.stride, self.padding, self.dilation, self.groups).float()
+        out = out * scale.reshape(1, -1, 1, 1)
+        return out + self.bias.detach().float().reshape(1, -1, 1, 1) if self.bias is not None else out
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    """Every `QuantLayer` of a prepared model, keyed by layer name, in registration order."""
+    return {m.name: m for m in model.modules() if isinstance(m, QuantLayer)}

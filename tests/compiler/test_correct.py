@@ -1,0 +1,63 @@
+"""Empirical bias correction against plain torch: the mean output error on calibration data vanishes."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from bitmix.compiler.capture import capture
+from bitmix.compiler.correct import correct_biases, float_reference
+from bitmix.compiler.fold import prepare
+from bitmix.compiler.qlayer import quant_layers
+from bitmix.compiler.quantize import fake_quantize
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, bias=False), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 5)).eval()
+
+
+def test_bias_correction_zeroes_mean_output_error_on_calibration():
+    net = _net()
+    calib = (torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(1)),)
+    gm = prepare(capture(net, (calib[0][:2],)))
+    plain = fake_quantize(gm, {n: 2 for n in quant_layers(gm)}, calib, bias_correction=False)
+    fixed = copy.deepcopy(plain)
+    means, _ = float_reference(fixed, calib)
+    assert correct_biases(fixed, means, calib) == 3
+    with torch.no_grad():
+        ref = net(*calib)
+        err_plain = (plain(*calib) - ref).mean(0)
+        err_fixed = (fixed(*calib) - ref).mean(0)
+    assert float(err_plain.abs().max()) > 1e-3  # 2-bit rounding does shift the mean
+    assert torch.allclose(err_fixed, torch.zeros_like(err_fixed), atol=1e-5)
+    layers = quant_layers(fixed)
+    assert layers[list(layers)[1]].bias is not None  # the bias-free conv got one
+    assert quant_layers(gm)[list(layers)[1]].bias is None  # the input module is untouched
+
+
+def test_guarded_correction_never_raises_the_calibration_error():
+    net = _net()
+    calib = (torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(5)),)
+    gm = prepare(capture(net, (calib[0][:2],)))
+    for bits in (2, 4, 8):
+        assignment = {n: bits for n in quant_layers(gm)}
+        plain = fake_quantize(gm, assignment, calib, bias_correction=False)
+        guarded = fake_quantize(gm, assignment, calib)
+        with torch.no_grad():
+            ref = net(*calib)
+            assert float((guarded(*calib) - ref).pow(2).sum()) <= float((plain(*calib) - ref).pow(2).sum())
+
+
+def test_bias_correction_needs_calibration_and_keeps_steps():
+    net = _net()
+    calib = (torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(2)),)
+    gm = prepare(capture(net, (calib[0][:2],)))
+    assignment = {n: 4 for n in quant_layers(gm)}
+    plain = fake_quantize(gm, assignment, calib, bias_correction=False)
+    fixed = fake_quantize(gm, assignment, calib)
+    for a, b in zip(quant_layers(plain).values(), quant_layers(fixed).values(), strict=True):
+        assert torch.equal(a.a_quant.step, b.a_quant.step) and torch.equal(a.w_quant.step, b.w_quant.step)
