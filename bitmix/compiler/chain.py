@@ -1,0 +1,301 @@
+"""Exact solvers for a multiple-choice knapsack whose costs couple consecutive layers.
+
+The cost of choices (j_0 … j_{n-1}) is Σ u_i[j_i] + Σ P_i[j_i, j_{i+1 mod n}] (a chain
+closed by the last → first edge, see `bitmix.ir.cost.CostModel`). Solvers here:
+
+- `min_cost`: the cheapest assignment (min-plus DP, first choice enumerated for the closing edge);
+- `solve_dp`: min Σ score s.t. cost <= cap, DP with state = (previous choice, budget slot), run
+  with costs rounded up (its answers are feasible) and down (its optimum is a lower bound), so
+  the returned gap is a proof; an exact Pareto DP over real costs closes the gap when it can;
+- `solve_ilp`: several caps at once, HiGHS with the pairwise terms linearised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from bitmix.errors import BitmixError
+
+DP_RESOLUTION = 4096  # integer cost units between the cheapest chain and the cap
+PARETO_LIMIT = 200_000  # states the exact gap-closing pass may keep before giving up
+TOL = 1e-12
+
+
+@dataclass(frozen=True)
+class Chain:
+    """One resource of a CostModel as per-layer arrays: W[0] (1 x k_0), W[i] = P[i-1] + u[i] (k_{i-1} x k_i),
+    and the closing edge C (k_{n-1} x k_0)."""
+
+    steps: tuple[np.ndarray, ...]
+    close: np.ndarray
+
+    @classmethod
+    def of(cls, unary: Sequence[np.ndarray], pair: Sequence[np.ndarray]) -> Chain:
+        n = len(unary)
+        steps = [np.asarray(unary[0], dtype=float)[None, :]]
+        steps += [np.asarray(pair[i - 1], dtype=float) + np.asarray(unary[i], dtype=float)[None, :]
+                  for i in range(1, n)]
+        close = np.asarray(pair[n - 1], dtype=float) if n > 1 else np.zeros((len(unary[0]), len(unary[0])))
+        if n > 1 and np.all(close == close[:, :1]):  # the closing edge ignores the first choice: fold it
+            steps[-1] = steps[-1] + close[:, 0][None, :]
+            close = np.zeros_like(close)
+        return cls(tuple(steps), close)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the last → first edge depends on the first choice (then solvers enumerate it)."""
+        return bool(self.close.any())
+
+    def cost(self, choice: Sequence[int]) -> float:
+        total = float(self.steps[0][0, choice[0]])
+        total += sum(float(self.steps[i][choice[i - 1], choice[i]]) for i in range(1, len(choice)))
+        return total + (float(self.close[choice[-1], choice[0]]) if len(choice) > 1 else 0.0)
+
+    def shifted(self) -> tuple[Chain, float]:
+        """The same chain with every table's minimum moved into one constant: (extras >= 0, base)."""
+        base = sum(float(s.min()) for s in self.steps) + float(self.close.min())
+        return Chain(tuple(s - s.min() for s in self.steps), self.close - self.close.min()), base
+
+
+def min_cost(chain: Chain) -> tuple[float, list[int]]:
+    """The cheapest assignment of the chain (exact, O(n k^3))."""
+    n = len(chain.steps)
+    best_total, best_choice = np.inf, [0] * n
+    for j0 in range(chain.steps[0].shape[1]) if chain.closed else [-1]:
+        dist = chain.steps[0][0].copy()
+        if j0 >= 0:
+            dist[np.arange(len(dist)) != j0] = np.inf
+        parents = []
+        for i in range(1, n):
+            tot = dist[:, None] + chain.steps[i]
+            parents.append(np.argmin(tot, axis=0))
+            dist = tot.min(axis=0)
+        end = dist + (chain.close[:, j0] if j0 >= 0 else 0.0)
+        j = int(np.argmin(end))
+        if end[j] < best_total:
+            best_total = float(end[j])
+            choice = [0] * n
+            choice[-1] = j
+            for i in range(n - 1, 0, -1):
+                choice[i - 1] = int(parents[i - 1][choice[i]])
+            best_choice = choice
+    return best_total, best_choice
+
+
+def solve_dp(scores: Sequence[np.ndarray], chain: Chain, cap: float) -> tuple[list[int], float]:
+    """min Σ score s.t. chain cost <= cap; returns (choices, proven gap). Raises if nothing fits."""
+    extra, base = chain.shifted()
+    capacity = cap * (1 + TOL) - base
+    if capacity < -TOL * abs(cap):
+        raise BitmixError("no assignment fits the cap")
+    capacity = max(capacity, 0.0)
+    span = sum(float(s.max()) for s in extra.steps) + float(extra.close.max())
+    free = [int(np.argmin(s)) for s in scores]
+    if span <= capacity or extra.cost(free) <= capacity:
+        return free, 0.0  # the best choice per layer already fits
+    unit = capacity / DP_RESOLUTION if capacity > 0 else 1.0
+    slots = DP_RESOLUTION if capacity > 0 else 0
+    up = _scaled(extra, unit, slots, np.ceil)
+    down = _scaled(extra, unit, slots, np.floor)
+    upper, up_choice = _dp(scores, up, slots)
+    lower, low_choice = _dp(scores, down, slots)
+    if up_choice is None:
+        if low_choice is None:
+            raise BitmixError("no assignment fits the cap")
+        upper = np.inf
+    if low_choice is not None and extra.cost(low_choice) <= capacity:
+        return low_choice, 0.0  # the relaxation's optimum is feasible, hence optimal
+    if up_choice is not None and upper <= lower:
+        return up_choice, 0.0  # a feasible answer scores the lower bound
+    exact = _pareto_dp(scores, extra, capacity, upper)
+    if exact is not None:
+        return exact, 0.0
+    if up_choice is None:
+        raise BitmixError("the scaled DP found no feasible assignment near the cap; use solver='ilp'")
+    return up_choice, max(0.0, upper - lower)
+
+
+def _scaled(chain: Chain, unit: float, slots: int, rounding) -> Chain:
+    def conv(a: np.ndarray) -> np.ndarray:
+        return np.minimum(rounding(a / unit), slots + 1).astype(np.int64)
+
+    return Chain(tuple(conv(s) for s in chain.steps), conv(chain.close))
+
+
+def _dp(scores: Sequence[np.ndarray], w: Chain, slots: int) -> tuple[float, list[int] | None]:
+    """Integer weights: min Σ score with Σ weight <= slots (first choice enumerated if the chain is closed)."""
+    n, k = len(scores), max(len(s) for s in scores)
+    sc = np.full((n, k), np.inf)
+    wt = np.full((n, k, k), slots + 1, dtype=np.int64)
+    for i, (s, st) in enumerate(zip(scores, w.steps, strict=True)):
+        sc[i, : len(s)] = s
+        wt[i, : st.shape[0], : st.shape[1]] = st
+    kcount = np.array([len(s) for s in scores], dtype=np.int64)
+    best_val, best_choice = np.inf, None
+    for j0 in range(len(scores[0])) if w.closed else [-1]:
+        best, parents = _dp_kernel(sc, wt, kcount, slots, j0)
+        for j in range(kcount[-1]):
+            c = slots - (int(w.close[j, j0]) if j0 >= 0 else 0)
+            if c < 0 or best[j, c] >= best_val:
+                continue
+            best_val = float(best[j, c])
+            choice = [0] * n
+            choice[-1] = j
+            for i in range(n - 1, 0, -1):
+                p = int(parents[i, choice[i], c])
+                c -= int(wt[i, p, choice[i]])
+                choice[i - 1] = p
+            best_choice = choice
+    return best_val, best_choice
+
+
+@njit(cache=True)
+def _dp_kernel(scores, w, kcount, slots, j0):  # pragma: no cover - compiled
+    """best[j, c]: min score of the whole chain ending in choice j with weight <= c; parents[i, j, c]."""
+    n, k = scores.shape
+    width = slots + 1
+    best = np.full((k, width), np.inf)
+    for j in range(kcount[0]):
+        if j0 >= 0 and j != j0:
+            continue
+        for c in range(w[0, 0, j], width):
+            best[j, c] = scores[0, j]
+    parents = np.zeros((n, k, width), np.int8)
+    for i in range(1, n):
+        new = np.full((k, width), np.inf)
+        for j in range(kcount[i]):
+            sj = scores[i, j]
+            for p in range(kcount[i - 1]):
+                wj = w[i, p, j]
+                for c in range(wj, width):
+                    v = best[p, c - wj] + sj
+                    if v < new[j, c]:
+                        new[j, c] = v
+                        parents[i, j, c] = p
+        best = new
+    return best, parents
+
+
+def _pareto_dp(scores: Sequence[np.ndarray], extra: Chain, capacity: float, upper: float) -> list[int] | None:
+    """Exact DP over real costs: per (first choice, current choice), the non-dominated (cost, score)
+    states, pruned by the bound `upper`. None if the states outgrow `PARETO_LIMIT`."""
+    n = len(scores)
+    rest = np.concatenate([np.cumsum([float(s.min()) for s in scores[::-1]])[::-1], [0.0]])
+    # least cost still to come after step i (the closing edge is >= 0 after the shift)
+    rest_cost = np.concatenate([np.cumsum([float(s.min()) for s in extra.steps[::-1]])[::-1], [0.0]])
+    bound = upper + 1e-12 * max(1.0, abs(upper)) if np.isfinite(upper) else np.inf
+    limit = capacity * (1 + TOL) + TOL
+    best_val, best_choice = np.inf, None
+    for j0 in range(len(scores[0])) if extra.closed else [-1]:
+        states = [(np.array([extra.steps[0][0, j]]), np.array([float(scores[0][j])])) if j0 in (-1, j)
+                  else (np.zeros(0), np.zeros(0)) for j in range(len(scores[0]))]
+        history = []
+        total = 1
+        for i in range(1, n):
+            new, hist = [], []
+            for j in range(len(scores[i])):
+                cs, ss, ps, ks = [], [], [], []
+                for p, (c, s) in enumerate(states):
+                    if len(c):
+                        cs.append(c + extra.steps[i][p, j])
+                        ss.append(s + scores[i][j])
+                        ps.append(np.full(len(c), p))
+                        ks.append(np.arange(len(c)))
+                if not cs:
+                    new.append((np.zeros(0), np.zeros(0)))
+                    hist.append((np.zeros(0, int), np.zeros(0, int)))
+                    continue
+                c, s, p, k = (np.concatenate(a) for a in (cs, ss, ps, ks))
+                keep = (c + rest_cost[i + 1] <= limit) & (s + rest[i + 1] <= bound)
+                order = np.lexsort((s[keep], c[keep]))
+                c, s, p, k = c[keep][order], s[keep][order], p[keep][order], k[keep][order]
+                front = np.ones(len(c), dtype=bool)
+                front[1:] = s[1:] < np.minimum.accumulate(s)[:-1]
+                new.append((c[front], s[front]))
+                hist.append((p[front], k[front]))
+                total += int(front.sum())
+            states = new
+            history.append(hist)
+            if total > PARETO_LIMIT:
+                return None
+        for j, (c, s) in enumerate(states):
+            if not len(c):
+                continue
+            ok = c + (extra.close[j, j0] if j0 >= 0 else 0.0) <= limit
+            if not ok.any():
+                continue
+            idx = int(np.flatnonzero(ok)[np.argmin(s[ok])])
+            if s[idx] < best_val:
+                best_val = float(s[idx])
+                choice = [0] * n
+                choice[-1] = j
+                for i in range(n - 1, 0, -1):
+                    parents, ks = history[i - 1][choice[i]]
+                    choice[i - 1] = int(parents[idx])
+                    idx = int(ks[idx])
+                best_choice = choice
+    return best_choice
+
+
+def solve_ilp(scores: Sequence[np.ndarray], rows: Sequence[tuple[Chain, float]],
+              extra_rows: Sequence[tuple[Sequence[np.ndarray], float]] = ()) -> list[int]:
+    """min Σ score s.t. every (chain, cap) row holds, plus linear rows over the choice variables.
+
+    Binary x[i, j]; a continuous y[i, p, j] per pairwise table, tied to x by its row and column
+    sums (which force y = x[i-1, p] · x[i, j] once x is integral). HiGHS to optimality.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+
+    n = len(scores)
+    sizes = [len(s) for s in scores]
+    xoff = np.concatenate([[0], np.cumsum(sizes)])
+    nx = int(xoff[-1])
+    edges = [(i - 1, i) for i in range(1, n)] + ([(n - 1, 0)] if n > 1 else [])
+    yoff = [nx]
+    for a, b in edges:
+        yoff.append(yoff[-1] + sizes[a] * sizes[b])
+    nv = yoff[-1]
+    r, c, v, lo, hi = [], [], [], [], []
+
+    def add_row(entries: list[tuple[int, float]], low: float, high: float) -> None:
+        row = len(lo)
+        for col, val in entries:
+            r.append(row)
+            c.append(col)
+            v.append(val)
+        lo.append(low)
+        hi.append(high)
+
+    for i in range(n):
+        add_row([(xoff[i] + j, 1.0) for j in range(sizes[i])], 1.0, 1.0)
+    for e, (a, b) in enumerate(edges):
+        ka, kb = sizes[a], sizes[b]
+        for p in range(ka):
+            add_row([(yoff[e] + p * kb + j, 1.0) for j in range(kb)] + [(xoff[a] + p, -1.0)], 0.0, 0.0)
+        for j in range(kb):
+            add_row([(yoff[e] + p * kb + j, 1.0) for p in range(ka)] + [(xoff[b] + j, -1.0)], 0.0, 0.0)
+    for chain, cap in rows:
+        extra, base = chain.shifted()
+        tables = [extra.steps[i] for i in range(1, n)] + ([extra.close] if n > 1 else [])
+        scale = max(max(float(t.max()) for t in [extra.steps[0], *tables]), 1e-300)
+        entries = [(xoff[0] + j, float(extra.steps[0][0, j]) / scale) for j in range(sizes[0])]
+        for e, t in enumerate(tables):
+            entries += [(yoff[e] + k, float(val) / scale) for k, val in enumerate(t.ravel()) if val]
+        add_row(entries, -np.inf, (cap * (1 + TOL) - base) / scale)
+    for coeffs, cap in extra_rows:
+        scale = max(max(float(np.abs(a).max()) for a in coeffs), 1e-300)
+        add_row([(xoff[i] + j, float(a[j]) / scale) for i, a in enumerate(coeffs) for j in range(sizes[i]) if a[j]],
+                -np.inf, cap / scale)
+    matrix = coo_matrix((v, (r, c)), shape=(len(lo), nv)).tocsr()
+    cost = np.concatenate([np.concatenate([np.asarray(s, dtype=float) for s in scores]), np.zeros(nv - nx)])
+    integrality = np.concatenate([np.ones(nx), np.zeros(nv - nx)])
+    res = milp(cost, constraints=LinearConstraint(matrix, lo, hi), integrality=integrality, bounds=Bounds(0, 1),
+               options={"mip_rel_gap": 0.0})
+    if res.x is None:
+        raise BitmixError(f"the ILP found no feasible assignment ({res.message}); raise the budget")
+    return [int(np.argmax(res.x[xoff[i]: xoff[i + 1]])) for i in range(n)]
