@@ -15,6 +15,7 @@ Baselines live here too: `uniform` (the best single precision that fits) and
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 import time
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bitmix.compiler.chain import Chain, min_cost, solve_dp, solve_ilp
+from bitmix.compiler.chain import Chain, min_cost, pareto_front, solve_dp, solve_ilp
 from bitmix.errors import BitmixError
 from bitmix.ir.cost import RESOURCES, CostModel, Evaluation, LayerCost
 from bitmix.ir.targets import Target
@@ -190,7 +191,19 @@ def frontier(
     feasible = [f for f in fractions if f >= lowest * (1 - TOL)]
     if not feasible:
         raise BitmixError(f"no fraction reaches the cheapest assignment; use fractions >= {lowest:.4f}")
-    found = [_knapsack(problem, Budget(fraction=max(f, lowest)), "auto") for f in sorted(feasible)]
+    start = time.perf_counter()
+    front = pareto_front(problem.scores, problem.chains["cycles"], max(feasible) * problem.reference.cycles
+                         ) if problem.model.one_chip else None
+    if front is None:  # chip splits (or a huge front): budget by budget
+        found = [_knapsack(problem, Budget(fraction=max(f, lowest)), "auto") for f in sorted(feasible)]
+    else:  # one exact Pareto pass answers every budget
+        costs = [c for c, _, _ in front]
+        found = []
+        for f in sorted(feasible):
+            k = bisect.bisect_right(costs, max(f, lowest) * problem.reference.cycles * (1 + TOL)) - 1
+            choice = front[max(k, 0)][2]
+            found.append(_allocation(problem, choice, problem.model.evaluate(choice), 0.0, "dp",
+                                     time.perf_counter() - start))
     pareto: list[Allocation] = []
     for alloc in sorted(found, key=lambda a: (a.cost.cycles, a.objective)):
         if not pareto or alloc.objective < pareto[-1].objective - 1e-12:

@@ -21,6 +21,7 @@ from numba import njit
 from bitmix.errors import BitmixError
 
 DP_RESOLUTION = 4096  # integer cost units between the cheapest chain and the cap
+COARSE_RESOLUTION = 256  # first pass: a feasible bound for the exact Pareto pass, 16x cheaper
 PARETO_LIMIT = 200_000  # states the exact gap-closing pass may keep before giving up
 TOL = 1e-12
 
@@ -97,26 +98,36 @@ def solve_dp(scores: Sequence[np.ndarray], chain: Chain, cap: float) -> tuple[li
     free = [int(np.argmin(s)) for s in scores]
     if span <= capacity or extra.cost(free) <= capacity:
         return free, 0.0  # the best choice per layer already fits
-    unit = capacity / DP_RESOLUTION if capacity > 0 else 1.0
-    slots = DP_RESOLUTION if capacity > 0 else 0
-    up = _scaled(extra, unit, slots, np.ceil)
-    down = _scaled(extra, unit, slots, np.floor)
-    upper, up_choice = _dp(scores, up, slots)
-    lower, low_choice = _dp(scores, down, slots)
-    if up_choice is None:
-        if low_choice is None:
-            raise BitmixError("no assignment fits the cap")
-        upper = np.inf
-    if low_choice is not None and extra.cost(low_choice) <= capacity:
-        return low_choice, 0.0  # the relaxation's optimum is feasible, hence optimal
-    if up_choice is not None and upper <= lower:
-        return up_choice, 0.0  # a feasible answer scores the lower bound
-    exact = _pareto_dp(scores, extra, capacity, upper)
-    if exact is not None:
-        return exact, 0.0
-    if up_choice is None:
+    best: tuple[list[int] | None, float, float] = (None, np.inf, -np.inf)
+    for resolution in (COARSE_RESOLUTION, DP_RESOLUTION):
+        choice, upper, lower, proven = _scaled_dp(scores, extra, capacity, resolution)
+        if proven:
+            return choice, 0.0
+        if np.isfinite(upper):
+            exact = _pareto_dp(scores, extra, capacity, upper)  # bounded by a feasible answer: cheap
+            if exact is not None:
+                return exact, 0.0
+        if upper - lower < best[1] - best[2]:
+            best = (choice, upper, lower)
+    if best[0] is None:
         raise BitmixError("the scaled DP found no feasible assignment near the cap; use solver='ilp'")
-    return up_choice, max(0.0, upper - lower)
+    return best[0], max(0.0, best[1] - best[2])
+
+
+def _scaled_dp(scores: Sequence[np.ndarray], extra: Chain, capacity: float, resolution: int
+               ) -> tuple[list[int] | None, float, float, bool]:
+    """DP on costs rounded up (feasible answer, `upper`) and down (`lower` bound): (choice, upper, lower, optimal?)."""
+    unit = capacity / resolution if capacity > 0 else 1.0
+    slots = resolution if capacity > 0 else 0
+    upper, up_choice = _dp(scores, _scaled(extra, unit, slots, np.ceil), slots)
+    lower, low_choice = _dp(scores, _scaled(extra, unit, slots, np.floor), slots)
+    if low_choice is None:
+        raise BitmixError("no assignment fits the cap")
+    if extra.cost(low_choice) <= capacity:
+        return low_choice, lower, lower, True  # the relaxation's optimum is feasible, hence optimal
+    if up_choice is not None and upper <= lower:
+        return up_choice, upper, lower, True
+    return up_choice, upper, lower, False
 
 
 def _scaled(chain: Chain, unit: float, slots: int, rounding) -> Chain:
@@ -181,64 +192,90 @@ def _dp_kernel(scores, w, kcount, slots, j0):  # pragma: no cover - compiled
 
 
 def _pareto_dp(scores: Sequence[np.ndarray], extra: Chain, capacity: float, upper: float) -> list[int] | None:
-    """Exact DP over real costs: per (first choice, current choice), the non-dominated (cost, score)
-    states, pruned by the bound `upper`. None if the states outgrow `PARETO_LIMIT`."""
+    """Exact DP over real costs: the best end state of `_pareto_ends`. None if the states outgrow `PARETO_LIMIT`."""
+    ends = _pareto_ends(scores, extra, capacity, upper)
+    if ends is None:
+        return None
+    cost, score, trace = ends
+    return trace(int(np.argmin(score))) if len(score) else None
+
+
+def pareto_front(scores: Sequence[np.ndarray], chain: Chain, cap: float) -> list[tuple[float, float, list[int]]] | None:
+    """Every non-dominated (cost, Σ score, choices) with cost <= cap, cheapest first (exact).
+    None if the states outgrow `PARETO_LIMIT` (then solve budget by budget)."""
+    extra, base = chain.shifted()
+    ends = _pareto_ends(scores, extra, cap * (1 + TOL) - base, np.inf)
+    if ends is None:
+        return None
+    cost, score, trace = ends
+    order = np.lexsort((score, cost))
+    front = []
+    for k in order:
+        if not front or score[k] < front[-1][1]:
+            front.append((float(cost[k]) + base, float(score[k]), trace(int(k))))
+    return front
+
+
+def _pareto_ends(scores: Sequence[np.ndarray], extra: Chain, capacity: float, upper: float):
+    """Per current choice, the non-dominated (cost, score) states layer by layer, pruned by the least
+    cost still to come and the score bound `upper`; returns the end states (closing edge added) and a
+    function tracing an end state back to its choices."""
     n = len(scores)
     rest = np.concatenate([np.cumsum([float(s.min()) for s in scores[::-1]])[::-1], [0.0]])
-    # least cost still to come after step i (the closing edge is >= 0 after the shift)
     rest_cost = np.concatenate([np.cumsum([float(s.min()) for s in extra.steps[::-1]])[::-1], [0.0]])
     bound = upper + 1e-12 * max(1.0, abs(upper)) if np.isfinite(upper) else np.inf
     limit = capacity * (1 + TOL) + TOL
-    best_val, best_choice = np.inf, None
+    costs, score_list, refs, histories = [], [], [], []
     for j0 in range(len(scores[0])) if extra.closed else [-1]:
-        states = [(np.array([extra.steps[0][0, j]]), np.array([float(scores[0][j])])) if j0 in (-1, j)
-                  else (np.zeros(0), np.zeros(0)) for j in range(len(scores[0]))]
-        history = []
-        total = 1
+        cur = np.arange(len(scores[0])) if j0 < 0 else np.array([j0])
+        cost, score = extra.steps[0][0, cur], np.asarray(scores[0], dtype=float)[cur]
+        history = [(np.full(len(cur), -1), cur)]
         for i in range(1, n):
-            new, hist = [], []
-            for j in range(len(scores[i])):
-                cs, ss, ps, ks = [], [], [], []
-                for p, (c, s) in enumerate(states):
-                    if len(c):
-                        cs.append(c + extra.steps[i][p, j])
-                        ss.append(s + scores[i][j])
-                        ps.append(np.full(len(c), p))
-                        ks.append(np.arange(len(c)))
-                if not cs:
-                    new.append((np.zeros(0), np.zeros(0)))
-                    hist.append((np.zeros(0, int), np.zeros(0, int)))
-                    continue
-                c, s, p, k = (np.concatenate(a) for a in (cs, ss, ps, ks))
-                keep = (c + rest_cost[i + 1] <= limit) & (s + rest[i + 1] <= bound)
-                order = np.lexsort((s[keep], c[keep]))
-                c, s, p, k = c[keep][order], s[keep][order], p[keep][order], k[keep][order]
-                front = np.ones(len(c), dtype=bool)
-                front[1:] = s[1:] < np.minimum.accumulate(s)[:-1]
-                new.append((c[front], s[front]))
-                hist.append((p[front], k[front]))
-                total += int(front.sum())
-            states = new
-            history.append(hist)
-            if total > PARETO_LIMIT:
+            cost, score, par, cur = _pareto_step(cost, score, cur, extra.steps[i], np.asarray(scores[i], dtype=float),
+                                                 rest_cost[i + 1], rest[i + 1], limit, bound)
+            history.append((par, cur))
+            if len(cost) > PARETO_LIMIT:
                 return None
-        for j, (c, s) in enumerate(states):
-            if not len(c):
-                continue
-            ok = c + (extra.close[j, j0] if j0 >= 0 else 0.0) <= limit
-            if not ok.any():
-                continue
-            idx = int(np.flatnonzero(ok)[np.argmin(s[ok])])
-            if s[idx] < best_val:
-                best_val = float(s[idx])
-                choice = [0] * n
-                choice[-1] = j
-                for i in range(n - 1, 0, -1):
-                    parents, ks = history[i - 1][choice[i]]
-                    choice[i - 1] = int(parents[idx])
-                    idx = int(ks[idx])
-                best_choice = choice
-    return best_choice
+        end = cost + (extra.close[cur, j0] if j0 >= 0 else 0.0)
+        ok = np.flatnonzero(end <= limit)
+        costs.append(end[ok])
+        score_list.append(score[ok])
+        refs += [(len(histories), int(k)) for k in ok]
+        histories.append(history)
+
+    def trace(k: int) -> list[int]:
+        h, idx = refs[k]
+        choice = [0] * n
+        for i in range(n - 1, -1, -1):
+            choice[i] = int(histories[h][i][1][idx])
+            idx = int(histories[h][i][0][idx])
+        return choice
+
+    return np.concatenate(costs), np.concatenate(score_list), trace
+
+
+@njit(cache=True)
+def _pareto_step(cost, score, cur, w, s, rest_cost, rest, limit, bound):  # pragma: no cover - compiled
+    """One layer of the Pareto DP: extend every state by every choice, keep the non-dominated ones per choice."""
+    m, k = cost.shape[0], s.shape[0]
+    out_c, out_s = np.empty(m * k), np.empty(m * k)
+    out_p, out_j = np.empty(m * k, np.int64), np.empty(m * k, np.int64)
+    kept = 0
+    c, sc, idx = np.empty(m), np.empty(m), np.empty(m, np.int64)
+    for j in range(k):
+        cnt = 0
+        for a in range(m):
+            cj, sj = cost[a] + w[cur[a], j], score[a] + s[j]
+            if cj + rest_cost <= limit and sj + rest <= bound:
+                c[cnt], sc[cnt], idx[cnt] = cj, sj, a
+                cnt += 1
+        run = np.inf
+        for o in np.argsort(c[:cnt], kind="mergesort"):  # cheapest first; keep strict score improvements
+            if sc[o] < run:
+                run = sc[o]
+                out_c[kept], out_s[kept], out_p[kept], out_j[kept] = c[o], sc[o], idx[o], j
+                kept += 1
+    return out_c[:kept], out_s[:kept], out_p[:kept], out_j[:kept]
 
 
 def solve_ilp(scores: Sequence[np.ndarray], rows: Sequence[tuple[Chain, float]],
