@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from bitmix.compiler.allocate import Allocation, Budget, allocate
+from bitmix.compiler.allocate import Allocation, Budget, allocate, cheapest_fraction
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.lower import CallRecorder, executed_layers, lower, torch_on_one_thread
 from bitmix.compiler.quantize import fake_quantize
 from bitmix.compiler.quantize import finetune as qat_finetune
 from bitmix.errors import BitmixError
+from bitmix.ir.cost import CostModel
 from bitmix.ir.graph import LayerGraph
 from bitmix.ir.targets import Target, get_target
 from bitmix.report.report import LayerRow, Report
@@ -105,7 +106,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     warn: list[str] = []
     tgt = get_target(target, chip_config)
     chip = load_chip_config(tgt.chip_config)
-    goal = _budget(budget, fps, latency_s, energy_j, chip)
+    goal = _budget(budget, fps, latency_s, energy_j)
     strategy = sensitivity.strategy(method)
     if isinstance(calibration, TaskData) and data is None:
         data = calibration
@@ -133,7 +134,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
                                        seed=seed, **dict(method_options or {}))
         scores = sensitivity.score(method, ctx)
     if clamp_budget and goal.fraction is not None:
-        cheapest = _cheapest_fraction(costs, tgt, names)
+        cheapest = cheapest_fraction(costs) * (1 + 1e-9)
         if goal.fraction < cheapest:
             msg = f"budget {goal.fraction} is below the cheapest assignment ({cheapest:.4f}); using {cheapest:.4f}"
             warnings.warn(msg, stacklevel=2)
@@ -167,31 +168,18 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     return cm
 
 
-def _budget(budget: float | None, fps: float | None, latency_s: float | None, energy_j: float | None,
-            chip: ChipConfig) -> Budget:
+def _budget(budget: float | None, fps: float | None, latency_s: float | None, energy_j: float | None) -> Budget:
     goals = {k: v for k, v in (("fps", fps), ("latency_s", latency_s), ("energy_j", energy_j)) if v is not None}
     for key, value in goals.items():
         if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
             raise BitmixError(f"{key} must be a positive number, got {value!r}")
-    if goals:
-        cycles = None
-        if "fps" in goals:
-            cycles = chip.clock_hz / goals["fps"]
-        if "latency_s" in goals:
-            cycles = min(cycles or math.inf, goals["latency_s"] * chip.clock_hz)
-        return Budget(cycles=cycles, energy_j=goals.get("energy_j"))
+    if goals:  # allocate holds the simulated fps / latency / energy per frame to these
+        return Budget(fps=fps, latency_s=latency_s, energy_j=energy_j)
     if budget is None or isinstance(budget, bool) or not isinstance(budget, int | float) or not math.isfinite(budget):
         raise BitmixError(f"budget must be a number (fraction of the all-highest cost), got {budget!r}")
     if budget <= 0:
         raise BitmixError(f"budget must be > 0 (a fraction of the all-highest cost, e.g. 0.75), got {budget}")
     return Budget(fraction=float(budget))
-
-
-def _cheapest_fraction(costs: dict, tgt: Target, names: tuple[str, ...]) -> float:
-    pinned = tgt.pinned(names)
-    lowest = sum(costs[n][pinned.get(n, tgt.lowest)].cycles for n in names)
-    highest = sum(costs[n][pinned.get(n, tgt.highest)].cycles for n in names)
-    return lowest / highest * (1 + 1e-9)
 
 
 def _calibration_inputs(source: Any) -> Inputs | None:
@@ -264,7 +252,7 @@ def _quality(evaluator: Any, model: nn.Module) -> float | None:
     return None
 
 
-def _frontier(graph: LayerGraph, float_model: nn.Module, scores: dict, costs: dict, tgt: Target, chip: ChipConfig,
+def _frontier(graph: LayerGraph, float_model: nn.Module, scores: dict, costs: CostModel, tgt: Target, chip: ChipConfig,
               calib: Inputs | None, evaluator: Any, points: int, goal: Budget) -> tuple[list[dict], list[dict]]:
     """Knapsack solutions across budgets plus the uniform points, each simulated (and measured if eval given)."""
     from bitmix.compiler.allocate import frontier as pareto
@@ -273,10 +261,8 @@ def _frontier(graph: LayerGraph, float_model: nn.Module, scores: dict, costs: di
     pinned = tgt.pinned(names)
     result = []
     if any(v for d in scores.values() for v in d.values()) and len(tgt.choices) > 1:
-        lowest = {n: pinned.get(n, tgt.lowest) for n in names}
-        lo = sum(costs[n][b].cycles for n, b in lowest.items())
-        hi = sum(costs[n][pinned.get(n, tgt.highest)].cycles for n in names)
-        fractions = sorted(set(np.linspace(lo / hi, 1.0, points).round(4).tolist()))
+        lowest = cheapest_fraction(costs)
+        fractions = sorted({max(lowest, f) for f in np.linspace(lowest, 1.0, points).round(4).tolist()})
         for alloc in pareto(scores, costs, tgt, names, fractions):
             result.append(_point(graph, float_model, alloc.assignment, chip, calib, evaluator,
                                  fraction=round(alloc.fraction, 4), predicted_drop=alloc.objective))
@@ -310,12 +296,14 @@ def _report(graph: LayerGraph, tgt: Target, method: str, goal: Budget, chosen: A
     for op in graph.unsupported:
         rows.append(LayerRow(op, "no kernel", None, 0, 0, 0.0, 0.0, None, "fp32", False))
     budget: float | dict[str, float] = goal.fraction if goal.fraction is not None else {
-        k: v for k, v in (("cycles", goal.cycles), ("energy_j", goal.energy_j)) if v is not None}
+        k: v for k, v in (("fps", goal.fps), ("latency_s", goal.latency_s), ("energy_j", goal.energy_j))
+        if v is not None}
     simulated = {k: getattr(sim, k) for k in ("cycles", "latency_s", "throughput_fps", "energy_per_frame_j",
                                                "power_w", "fps_per_w", "utilization", "chips", "frames")}
     from bitmix.kernels import ACTIVE_PATH
 
-    info = {"achieved_fraction": chosen.fraction, "solver": chosen.solver, "optimality_gap": chosen.gap,
+    info = {"achieved_fraction": chosen.fraction, "chips": chosen.chips, "solver": chosen.solver,
+            "optimality_gap": chosen.gap,
             "kernel_path": ACTIVE_PATH, "layers": len(graph.layers), "total_macs": graph.total_macs}
     return Report(graph.model_name, tgt.name, method, budget, tuple(rows), simulated, accuracy, timings,
                   tuple(frontier), tuple(uniform_pts), dict(sim.energy_breakdown_j), tuple(warn), info)

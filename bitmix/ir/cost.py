@@ -173,6 +173,31 @@ class CostModel:
         return Evaluation(cycles + xfer_total * f / self.frames, energy + (pcie_j + idle) / self.frames, sram,
                           len(stages), period)
 
+    @classmethod
+    def of_terms(cls, names: Sequence[str], choices: Sequence[Sequence[int]],
+                 unary: dict[str, Sequence[Sequence[float]]],
+                 pair: dict[str, Sequence[Sequence[Sequence[float]]]] | None = None) -> CostModel:
+        """A one-chip model from given terms (resources left out cost 0), e.g. a table measured elsewhere.
+
+        `pair[r][i]` is the (k_i x k_{i+1 mod n}) table of edge i; omit `pair` for an additive model.
+        """
+        n, ks = len(names), [len(c) for c in choices]
+
+        def zeros_pair() -> tuple[np.ndarray, ...]:
+            return tuple(np.zeros((ks[i], ks[(i + 1) % n])) for i in range(n))
+
+        un = {r: tuple(np.asarray(u, dtype=float) for u in unary[r]) if r in unary else
+              tuple(np.zeros(k) for k in ks) for r in RESOURCES}
+        pr = {r: tuple(np.asarray(p, dtype=float) for p in (pair or {})[r]) if r in (pair or {}) else zeros_pair()
+              for r in RESOURCES}
+        if n == 1:  # a one-layer chain's edge joins the layer to itself: only its diagonal counts
+            un = {r: (un[r][0] + np.diag(pr[r][0]),) for r in RESOURCES}
+            pr = {r: zeros_pair() for r in RESOURCES}
+        sizes = tuple(np.zeros(k, dtype=np.int64) for k in ks)
+        limits = ChipLimits(2**62, 0, 0.0, 1.0, 0.0, 0.0, 1.0)
+        return cls(tuple(names), tuple(tuple(c) for c in choices), 1, un, pr, zeros_pair(), zeros_pair(), sizes,
+                   sizes, sizes, limits, one_chip=True)
+
     def highest(self) -> list[int]:
         return [0] * len(self.names)
 

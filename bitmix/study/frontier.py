@@ -232,7 +232,7 @@ def run_frontier(config: StudyConfig, out_dir: str | Path, log: Log | None = Non
 def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str) -> dict:
     from bitmix import zoo
     from bitmix.compiler import sensitivity
-    from bitmix.compiler.allocate import Budget, allocate
+    from bitmix.compiler.allocate import Budget, allocate, cheapest_fraction
     from bitmix.compiler.capture import capture
     from bitmix.compiler.fold import prepare
     from bitmix.compiler.pipeline import CALIBRATION_SAMPLES
@@ -252,8 +252,8 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str) -> dic
     names = graph.names
     pinned = target.pinned(names)
     free = [n for n in names if n not in pinned]
-    highest = sum(costs[n][pinned.get(n, target.highest)].cycles for n in names)
-    min_fraction = sum(costs[n][pinned.get(n, target.lowest)].cycles for n in names) / highest
+    highest = simulate(graph, {n: pinned.get(n, target.highest) for n in names}).cycles
+    min_fraction = cheapest_fraction(costs)
     fp32 = data.evaluate(prepared)
     seeds = list(range(config.seeds))
     say(f"{config.label}: {len(names)} layers ({len(free)} free), FP32 {data.metric} {fp32:.2f}, "
@@ -289,7 +289,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str) -> dic
     def simulated(assignment: dict[str, int]) -> dict[str, float]:
         sim = simulate(graph, assignment)
         return {"throughput_fps": sim.throughput_fps, "energy_per_frame_j": sim.energy_per_frame_j,
-                "cycles": sim.cycles, "fraction": sum(costs[n][b].cycles for n, b in assignment.items()) / highest}
+                "cycles": sim.cycles, "fraction": sim.cycles / highest}
 
     def queue(row: dict) -> None:
         job = (_assignment_key(row["assignment"]), row["seed"])
