@@ -21,9 +21,9 @@ from numba import njit
 from bitmix.errors import BitmixError
 
 DP_RESOLUTION = 4096  # integer cost units between the cheapest chain and the cap
-COARSE_RESOLUTION = 256  # first pass: a feasible bound for the exact Pareto pass, 16x cheaper
 PARETO_LIMIT = 200_000  # states the exact gap-closing pass may keep before giving up
 TOL = 1e-12
+LAGRANGE_BISECTIONS = 12  # steps towards the dual optimum when looking for a good feasible answer
 
 
 @dataclass(frozen=True)
@@ -98,20 +98,61 @@ def solve_dp(scores: Sequence[np.ndarray], chain: Chain, cap: float) -> tuple[li
     free = [int(np.argmin(s)) for s in scores]
     if span <= capacity or extra.cost(free) <= capacity:
         return free, 0.0  # the best choice per layer already fits
-    best: tuple[list[int] | None, float, float] = (None, np.inf, -np.inf)
-    for resolution in (COARSE_RESOLUTION, DP_RESOLUTION):
-        choice, upper, lower, proven = _scaled_dp(scores, extra, capacity, resolution)
-        if proven:
-            return choice, 0.0
-        if np.isfinite(upper):
-            exact = _pareto_dp(scores, extra, capacity, upper)  # bounded by a feasible answer: cheap
-            if exact is not None:
-                return exact, 0.0
-        if upper - lower < best[1] - best[2]:
-            best = (choice, upper, lower)
-    if best[0] is None:
+    lagrangian = _lagrangian_choice(scores, extra, capacity)  # a good feasible answer bounds the exact pass
+    if lagrangian is not None:
+        upper = sum(float(sc[j]) for sc, j in zip(scores, lagrangian, strict=True))
+        exact = _pareto_dp(scores, extra, capacity, upper)
+        if exact is not None:
+            return exact, 0.0
+    choice, upper, lower, proven = _scaled_dp(scores, extra, capacity, DP_RESOLUTION)  # fallback: proven gap
+    if proven:
+        return choice, 0.0
+    if lagrangian is not None and sum(float(sc[j]) for sc, j in zip(scores, lagrangian, strict=True)) < upper:
+        choice, upper = lagrangian, sum(float(sc[j]) for sc, j in zip(scores, lagrangian, strict=True))
+    if choice is None:
         raise BitmixError("the scaled DP found no feasible assignment near the cap; use solver='ilp'")
-    return best[0], max(0.0, best[1] - best[2])
+    return choice, max(0.0, upper - lower)
+
+
+def _lagrangian_choice(scores: Sequence[np.ndarray], extra: Chain, capacity: float) -> list[int] | None:
+    """The min Σ (score + lam * cost) assignment for the smallest tried lam >= the dual optimum that fits."""
+    padded, kcount = _padded_scores(scores)
+    weights = _padded_weights(extra, np.inf)
+    lam = max(_best_multiplier(padded, weights, kcount, np.zeros(len(scores[-1])), capacity, -1)
+              if not extra.closed else 0.0, 1e-300)
+    if extra.closed:  # the dual with the closing edge: the best over first choices
+        lam = max(max(_best_multiplier(padded, weights, kcount, extra.close[:, j0], capacity, j0)
+                      for j0 in range(len(scores[0]))), 1e-300)
+
+    def path(lam: float) -> list[int]:
+        steps = tuple(np.asarray(sc, dtype=float)[None, :] + lam * st for sc, st in zip(scores, extra.steps,
+                                                                                        strict=True))
+        return min_cost(Chain(steps, lam * extra.close))[1]
+
+    low, high, best = lam, lam, None
+    for _ in range(40):  # bracket: `high` fits, `low` does not (or is tiny); then bisect between them
+        choice = path(high)
+        if extra.cost(choice) <= capacity:
+            best = choice
+            break
+        low, high = high, high * 1.5
+    if best is None:
+        return None
+    if low == high:
+        for _ in range(40):
+            low /= 1.5
+            choice = path(low)
+            if extra.cost(choice) > capacity:
+                break
+            high, best = low, choice
+    for _ in range(LAGRANGE_BISECTIONS):
+        mid = (low + high) / 2
+        choice = path(mid)
+        if extra.cost(choice) <= capacity:
+            high, best = mid, choice
+        else:
+            low = mid
+    return best
 
 
 def _scaled_dp(scores: Sequence[np.ndarray], extra: Chain, capacity: float, resolution: int
@@ -139,13 +180,9 @@ def _scaled(chain: Chain, unit: float, slots: int, rounding) -> Chain:
 
 def _dp(scores: Sequence[np.ndarray], w: Chain, slots: int) -> tuple[float, list[int] | None]:
     """Integer weights: min Σ score with Σ weight <= slots (first choice enumerated if the chain is closed)."""
-    n, k = len(scores), max(len(s) for s in scores)
-    sc = np.full((n, k), np.inf)
-    wt = np.full((n, k, k), slots + 1, dtype=np.int64)
-    for i, (s, st) in enumerate(zip(scores, w.steps, strict=True)):
-        sc[i, : len(s)] = s
-        wt[i, : st.shape[0], : st.shape[1]] = st
-    kcount = np.array([len(s) for s in scores], dtype=np.int64)
+    n = len(scores)
+    sc, kcount = _padded_scores(scores)
+    wt = _padded_weights(w, slots)
     best_val, best_choice = np.inf, None
     for j0 in range(len(scores[0])) if w.closed else [-1]:
         best, parents = _dp_kernel(sc, wt, kcount, slots, j0)
@@ -162,6 +199,59 @@ def _dp(scores: Sequence[np.ndarray], w: Chain, slots: int) -> tuple[float, list
                 choice[i - 1] = p
             best_choice = choice
     return best_val, best_choice
+
+
+def _padded_scores(scores: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    sc = np.full((len(scores), max(len(s) for s in scores)), np.inf)
+    for i, s in enumerate(scores):
+        sc[i, : len(s)] = s
+    return sc, np.array([len(s) for s in scores], dtype=np.int64)
+
+
+def _padded_weights(w: Chain, slots: float) -> np.ndarray:
+    k = max(st.shape[1] for st in w.steps)
+    wt = np.full((len(w.steps), k, k), slots + 1, dtype=np.int64 if np.isfinite(slots) else float)
+    for i, st in enumerate(w.steps):
+        wt[i, : st.shape[0], : st.shape[1]] = st
+    return wt
+
+
+def _best_multiplier(scores: np.ndarray, weights: np.ndarray, kcount: np.ndarray, close: np.ndarray,
+                     capacity: float, j0: int) -> float:
+    """The multiplier maximising the dual bound min Σ (score + lam * cost) - lam * capacity (concave in lam)."""
+    first = range(kcount[0]) if j0 < 0 else [j0]
+
+    def dual(lam: float) -> float:
+        suffix = _lagrange_suffix(scores, weights, kcount, close, lam)
+        return min(scores[0, j] + lam * weights[0, 0, j] + suffix[0, j] for j in first) - lam * capacity
+
+    finite = scores[np.isfinite(scores)]
+    scale = max(float(finite.max() - finite.min()), 1e-12) / max(capacity, 1e-12)
+    lo, hi = np.log(scale * 1e-6), np.log(scale * 1e6)
+    for _ in range(60):  # golden-section search on log lam (the dual is unimodal in it)
+        a, b = lo + 0.382 * (hi - lo), lo + 0.618 * (hi - lo)
+        if dual(np.exp(a)) < dual(np.exp(b)):
+            lo = a
+        else:
+            hi = b
+    return float(np.exp((lo + hi) / 2))
+
+
+@njit(cache=True)
+def _lagrange_suffix(scores, w, kcount, close, lam):  # pragma: no cover - compiled
+    """suffix[i, j] = min over completions after choice j at layer i of Σ (score + lam * cost), closing edge
+    included; then score_rest >= suffix[i, j] - lam * room for any completion costing <= room."""
+    n, k = scores.shape
+    suffix = np.full((n, k), np.inf)
+    for j in range(kcount[n - 1]):
+        suffix[n - 1, j] = lam * close[j]
+    for i in range(n - 2, -1, -1):
+        for j in range(kcount[i]):
+            for q in range(kcount[i + 1]):
+                v = scores[i + 1, q] + lam * w[i + 1, j, q] + suffix[i + 1, q]
+                if v < suffix[i, j]:
+                    suffix[i, j] = v
+    return suffix
 
 
 @njit(cache=True)
@@ -217,22 +307,31 @@ def pareto_front(scores: Sequence[np.ndarray], chain: Chain, cap: float) -> list
 
 
 def _pareto_ends(scores: Sequence[np.ndarray], extra: Chain, capacity: float, upper: float):
-    """Per current choice, the non-dominated (cost, score) states layer by layer, pruned by the least
-    cost still to come and the score bound `upper`; returns the end states (closing edge added) and a
-    function tracing an end state back to its choices."""
+    """Per current choice, the non-dominated (cost, score) states layer by layer; returns the end states
+    (closing edge added) and a function tracing an end state back to its choices.
+
+    A state is dropped when even the cheapest completion overflows `capacity`, or when its score plus a
+    lower bound on the best completion exceeds `upper`; that bound is Lagrangian (`_lagrange_suffix`,
+    with the multiplier that maximises the whole chain's dual bound)."""
     n = len(scores)
     rest = np.concatenate([np.cumsum([float(s.min()) for s in scores[::-1]])[::-1], [0.0]])
     rest_cost = np.concatenate([np.cumsum([float(s.min()) for s in extra.steps[::-1]])[::-1], [0.0]])
     bound = upper + 1e-12 * max(1.0, abs(upper)) if np.isfinite(upper) else np.inf
     limit = capacity * (1 + TOL) + TOL
+    padded_scores, kcount = _padded_scores(scores)
+    weights = _padded_weights(extra, np.inf)
     costs, score_list, refs, histories = [], [], [], []
     for j0 in range(len(scores[0])) if extra.closed else [-1]:
+        close = extra.close[:, j0] if j0 >= 0 else np.zeros(extra.close.shape[0])
+        lam = _best_multiplier(padded_scores, weights, kcount, close, capacity, j0) if np.isfinite(bound) else 0.0
+        suffix = _lagrange_suffix(padded_scores, weights, kcount, close, lam)
         cur = np.arange(len(scores[0])) if j0 < 0 else np.array([j0])
         cost, score = extra.steps[0][0, cur], np.asarray(scores[0], dtype=float)[cur]
         history = [(np.full(len(cur), -1), cur)]
         for i in range(1, n):
             cost, score, par, cur = _pareto_step(cost, score, cur, extra.steps[i], np.asarray(scores[i], dtype=float),
-                                                 rest_cost[i + 1], rest[i + 1], limit, bound)
+                                                 rest_cost[i + 1], rest[i + 1], limit, bound, suffix[i], capacity,
+                                                 lam)
             history.append((par, cur))
             if len(cost) > PARETO_LIMIT:
                 return None
@@ -255,7 +354,7 @@ def _pareto_ends(scores: Sequence[np.ndarray], extra: Chain, capacity: float, up
 
 
 @njit(cache=True)
-def _pareto_step(cost, score, cur, w, s, rest_cost, rest, limit, bound):  # pragma: no cover - compiled
+def _pareto_step(cost, score, cur, w, s, rest_cost, rest, limit, bound, suffix, capacity, lam):  # pragma: no cover
     """One layer of the Pareto DP: extend every state by every choice, keep the non-dominated ones per choice."""
     m, k = cost.shape[0], s.shape[0]
     out_c, out_s = np.empty(m * k), np.empty(m * k)
@@ -266,7 +365,9 @@ def _pareto_step(cost, score, cur, w, s, rest_cost, rest, limit, bound):  # prag
         cnt = 0
         for a in range(m):
             cj, sj = cost[a] + w[cur[a], j], score[a] + s[j]
-            if cj + rest_cost <= limit and sj + rest <= bound:
+            if cj + rest_cost > limit or sj + rest > bound:
+                continue
+            if sj + suffix[j] - lam * (capacity - cj) <= bound:
                 c[cnt], sc[cnt], idx[cnt] = cj, sj, a
                 cnt += 1
         run = np.inf
