@@ -24,11 +24,12 @@ def _check_model(capture_zoo, name: str) -> None:
     model = price(graph, target)
     top = simulate(graph, model.assignment(model.highest())).cycles
     lowest = cheapest_fraction(model)
+    all_lowest = model.evaluate(model.lowest()).cycles * model.frames / top  # uniform's cheapest point
     for method in METHODS:
         ctx = sensitivity.ScoreContext(graph=graph, target=target, model=prepare(graph))
         scores = sensitivity.score(method, ctx)
         for budget in BUDGETS:
-            clamped = max(budget, lowest)
+            clamped = max(budget, all_lowest if method == "uniform" else lowest)
             alloc = allocate(scores, model, target, graph.names, Budget(fraction=clamped),
                              strategy=sensitivity.strategy(method), seed=1)
             simulated = simulate(graph, alloc.assignment).cycles / top
