@@ -7,7 +7,7 @@
 MSE, learned after training at the highest choice) x entropy variant, Spearman rho against
 the measured per-layer loss increase.
 
-Costs come from the analytic simulator (`bitmix.simulator.analytic.price`) on the
+Costs come from the analytic simulator (`bitmix.simulator.price`, a CostModel equal to `simulate()`) on the
 default 16x16 NorthPole-style chip, with digits-cnn priced per frame over its zoo serving
 batch of 256 frames (at batch 1 every layer is latency-bound and all-2-bit costs 0.98 of
 all-4-bit; at batch 256 the cheapest assignment is 0.685). `--cores N` prices on an
@@ -35,9 +35,9 @@ from bitmix.compiler.fold import prepare
 from bitmix.compiler.quantize import fake_quantize, finetune
 from bitmix.compiler.sensitivity import METHODS, ProcessExecutor, ScoreContext, executor_for, score, strategy
 from bitmix.compiler.sensitivity.eagl import VARIANTS, EAGLConfig, eagl_scores
-from bitmix.ir.cost import LayerCost
+from bitmix.ir.cost import CostModel
 from bitmix.ir.targets import get_target
-from bitmix.simulator.analytic import price
+from bitmix.simulator import price
 from bitmix.simulator.config import ChipConfig
 from bitmix.study.drops import correlate, measure_drops, random_assignments
 
@@ -78,10 +78,10 @@ def dp_speed(layers: int = 60, repeats: int = 20) -> float:
     rng = np.random.default_rng(0)
     target = get_target("mixed-npu")
     names = tuple(f"l{i}" for i in range(layers))
-    costs = {
-        n: {b: LayerCost(float(rng.uniform(1e3, 1e5)) * b / 8 + 50, 1e-6 * b, 100 * b) for b in (8, 4, 2)}
-        for n in names
-    }
+    costs = CostModel.of_terms(names, [(8, 4, 2)] * layers, {
+        "cycles": [[float(rng.uniform(1e3, 1e5)) * b / 8 + 50 for b in (8, 4, 2)] for _ in names],
+        "energy_j": [[1e-6 * b for b in (8, 4, 2)] for _ in names],
+        "sram_bytes": [[100 * b for b in (8, 4, 2)] for _ in names]})
     scores = {n: {8: 0.0, 4: float(rng.exponential()), 2: float(rng.exponential() * 3 + 1)} for n in names}
     times = []
     for _ in range(repeats):

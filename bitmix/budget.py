@@ -53,9 +53,3 @@ class Budget:
             raise BitmixError(f"budget must be a number (fraction of the all-highest cost) or a bitmix.Budget, "
                               f"got {value!r}")
         return cls(float(value))
-
-    def cycles(self, clock_hz: float) -> float | None:
-        """The cycle cap implied by the fps and latency goals on a chip at `clock_hz` (None if neither)."""
-        caps = [clock_hz / self.fps] if self.fps is not None else []
-        caps += [self.latency_s * clock_hz] if self.latency_s is not None else []
-        return min(caps) if caps else None

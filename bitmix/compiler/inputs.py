@@ -51,11 +51,11 @@ def resolve_data(data: Any) -> Data:
     return roles
 
 
-def caps(budget: Budget, clock_hz: float) -> Caps:
-    """The allocator's constraint for a user's Budget on a chip running at `clock_hz`."""
+def caps(budget: Budget) -> Caps:
+    """The allocator's constraint for a user's Budget (it holds the simulated fps / latency / energy to the goals)."""
     if budget.fraction is not None:
         return Caps(fraction=float(budget.fraction))
-    return Caps(cycles=budget.cycles(clock_hz), energy_j=budget.energy_j)
+    return Caps(fps=budget.fps, latency_s=budget.latency_s, energy_j=budget.energy_j)
 
 
 def calibration_inputs(source: Any) -> Inputs | None:

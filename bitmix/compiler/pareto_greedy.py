@@ -18,22 +18,21 @@ What AMP does (shared/reference/quantization.md §1.2–1.3, read from quic/aime
   budget is generally not filled, since the next cheaper assignment on the list may
   already be far below it. AMP's target is an accuracy drop; a cost budget is its mirror.
 
-Costs are a callable `cost(assignment) -> float` of the whole assignment (an exact,
-non-additive cost model plugs in here) or a `CostTable`, whose cycles are summed and whose
-other resources (energy, SRAM) are checked as caps.
+Costs are a callable `cost(assignment) -> float` of the whole assignment: `allocate`
+passes the simulator's exact cycles (`CostModel.evaluate`), and checks every cap of the
+budget on the exact evaluation of each probed point.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bitmix.compiler.allocate import Allocation, Budget, Scores
 from bitmix.errors import BitmixError
-from bitmix.ir.cost import CostTable, LayerCost
 from bitmix.ir.targets import Target
+
+Scores = dict[str, dict[int, float]]
 
 CostFn = Callable[[dict[str, int]], float]
 ORDERS = ("sensitivity", "cost-normalised")
@@ -96,63 +95,25 @@ def search(n_points: int, fits: Callable[[int], bool]) -> int:
     return hi
 
 
-def pareto_greedy(scores: Scores, costs: CostTable | CostFn, target: Target, layer_names: Sequence[str],
-                  budget: Budget, order: str = "sensitivity") -> Allocation:
-    """The assignment AMP's phase 2 picks within `budget` (see the module docstring)."""
+def pareto_greedy(scores: Scores, cost: CostFn, fits: Callable[[dict[str, int]], bool], target: Target,
+                  layer_names: Sequence[str], order: str = "sensitivity") -> dict[str, int]:
+    """The assignment AMP's phase 2 picks: the first point of the flip order that `fits` the budget."""
     names = tuple(layer_names)
-    if not names:
-        raise BitmixError("no layers to allocate")
-    start = time.perf_counter()
-    cost, totals = _cost_model(costs, names, target)
-    reference = cost(_baseline(target, names))
-    if reference <= 0:
-        raise BitmixError("the all-highest assignment costs nothing; the cost model is empty or broken")
-    caps = budget.caps(reference)
-    if totals is None and set(caps) != {"cycles"}:
-        raise BitmixError("a cost function prices cycles only; give the budget as a fraction or in cycles")
     flips = flip_order(scores, target, names, cost, order)
-    evaluated: dict[int, bool] = {}
+    probed: dict[int, bool] = {}
 
-    def fits(i: int) -> bool:
-        if i not in evaluated:
-            a = point(target, names, flips, i)
-            used = totals(a) if totals is not None else {"cycles": cost(a)}
-            evaluated[i] = all(used[r] <= cap * (1 + 1e-12) for r, cap in caps.items())
-        return evaluated[i]
+    def fits_point(i: int) -> bool:
+        if i not in probed:
+            probed[i] = fits(point(target, names, flips, i))
+        return probed[i]
 
     try:
-        chosen = search(len(flips) + 1, fits)
+        return point(target, names, flips, search(len(flips) + 1, fits_point))
     except ValueError:
-        cheapest = cost(point(target, names, flips, len(flips))) / reference
+        cheapest = cost(point(target, names, flips, len(flips))) / cost(_baseline(target, names))
         raise BitmixError(f"budget infeasible for pareto-greedy: its cheapest point costs {cheapest:.4f} of "
                           f"all-highest; raise the budget to at least {math.ceil(cheapest * 1e4) / 1e4:.4f}") from None
-    assignment = point(target, names, flips, chosen)
-    pinned = target.pinned(names)
-    objective = sum(float(scores[n][b]) for n, b in assignment.items() if n not in pinned)
-    used = totals(assignment) if totals is not None else {"cycles": cost(assignment), "energy_j": math.nan,
-                                                          "sram_bytes": 0}
-    total = LayerCost(used["cycles"], used["energy_j"], int(round(used["sram_bytes"])))
-    label = "pareto-greedy" if order == "sensitivity" else f"pareto-greedy ({order})"
-    return Allocation(assignment, objective, total, total.cycles / reference, math.inf, label,
-                      time.perf_counter() - start)
 
 
 def _baseline(target: Target, names: tuple[str, ...]) -> dict[str, int]:
     return {n: target.highest for n in names} | target.pinned(names)
-
-
-def _cost_model(costs: CostTable | CostFn, names: tuple[str, ...], target: Target
-                ) -> tuple[CostFn, Callable[[dict[str, int]], dict[str, float]] | None]:
-    """(cycles of an assignment, all resource totals or None for a scalar cost function)."""
-    if callable(costs):
-        return costs, None
-    for name in names:
-        needed = [target.pinned(names)[name]] if name in target.pinned(names) else list(target.choices)
-        if any(b not in costs.get(name, {}) for b in needed):
-            raise BitmixError(f"cost table has no price for layer {name!r} at {needed}; re-run price()")
-
-    def totals(a: dict[str, int]) -> dict[str, float]:
-        return {r: sum(float(getattr(costs[n][b], r)) for n, b in a.items())
-                for r in ("cycles", "energy_j", "sram_bytes")}
-
-    return (lambda a: totals(a)["cycles"]), totals

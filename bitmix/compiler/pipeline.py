@@ -21,7 +21,7 @@ from torch import nn
 
 from bitmix.budget import Budget
 from bitmix.compiler import inputs, legacy, sensitivity
-from bitmix.compiler.allocate import Allocation, allocate
+from bitmix.compiler.allocate import Allocation, allocate, cheapest_fraction
 from bitmix.compiler.allocate import Budget as Caps
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fidelity import guard
@@ -34,6 +34,7 @@ from bitmix.compiler.quantize import finetune as qat_finetune
 from bitmix.compiler.saving import Keepable
 from bitmix.compiler.sensitivity import MethodConfig
 from bitmix.errors import BitmixError
+from bitmix.ir.cost import CostModel
 from bitmix.ir.graph import LayerGraph
 from bitmix.ir.targets import Target, get_target
 from bitmix.report.report import LayerRow, Report
@@ -109,7 +110,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     tgt = get_target(target)
     chip = load_chip_config(tgt.chip_config)
     goal = Budget.of(budget)
-    caps = inputs.caps(goal, chip.clock_hz)
+    caps = inputs.caps(goal)
     scorer, method_config = sensitivity.resolve(method)
     roles = inputs.resolve_data(data)
     calib = inputs.calibration_inputs(roles.calibration if roles.calibration is not None else roles.train)
@@ -138,7 +139,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
                                        calibration=calib, seed=seed, executor=runner, pretrained=trained)
         scores = sensitivity.score(method, ctx)
     if goal.clamp and caps.fraction is not None:
-        cheapest = _cheapest_fraction(costs, tgt, names)
+        cheapest = cheapest_fraction(costs) * (1 + 1e-9)
         if caps.fraction < cheapest:
             msg = f"budget {caps.fraction} is below the cheapest assignment ({cheapest:.4f}); using {cheapest:.4f}"
             warnings.warn(msg, stacklevel=2)
@@ -173,13 +174,6 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     cm.report = _report(graph, tgt, scorer.name, caps, chosen, scores, sim, accuracy, timings, frontier,
                         uniform_pts, warn)
     return cm
-
-
-def _cheapest_fraction(costs: dict, tgt: Target, names: tuple[str, ...]) -> float:
-    pinned = tgt.pinned(names)
-    lowest = sum(costs[n][pinned.get(n, tgt.lowest)].cycles for n in names)
-    highest = sum(costs[n][pinned.get(n, tgt.highest)].cycles for n in names)
-    return lowest / highest * (1 + 1e-9)
 
 
 def _example_calibration(example_inputs: tuple[torch.Tensor, ...] | torch.Tensor, warn: list[str]) -> Inputs:
@@ -224,7 +218,7 @@ def _quality(evaluator: Any, model: nn.Module) -> float | None:
     return None
 
 
-def _frontier(graph: LayerGraph, float_model: nn.Module, scores: dict, costs: dict, tgt: Target, chip: ChipConfig,
+def _frontier(graph: LayerGraph, float_model: nn.Module, scores: dict, costs: CostModel, tgt: Target, chip: ChipConfig,
               calib: Inputs | None, evaluator: Any, points: int) -> tuple[list[dict], list[dict]]:
     """Knapsack solutions across budgets plus the uniform points, each simulated (and measured if eval given)."""
     from bitmix.compiler.allocate import frontier as pareto
@@ -233,10 +227,8 @@ def _frontier(graph: LayerGraph, float_model: nn.Module, scores: dict, costs: di
     pinned = tgt.pinned(names)
     result = []
     if any(v for d in scores.values() for v in d.values()) and len(tgt.choices) > 1:
-        lowest = {n: pinned.get(n, tgt.lowest) for n in names}
-        lo = sum(costs[n][b].cycles for n, b in lowest.items())
-        hi = sum(costs[n][pinned.get(n, tgt.highest)].cycles for n in names)
-        fractions = sorted(set(np.linspace(lo / hi, 1.0, points).round(4).tolist()))
+        lowest = cheapest_fraction(costs)
+        fractions = sorted({max(lowest, f) for f in np.linspace(lowest, 1.0, points).round(4).tolist()})
         for alloc in pareto(scores, costs, tgt, names, fractions):
             result.append(_point(graph, float_model, alloc.assignment, chip, calib, evaluator,
                                  fraction=round(alloc.fraction, 4), predicted_drop=alloc.objective))
@@ -270,12 +262,14 @@ def _report(graph: LayerGraph, tgt: Target, method: str, goal: Caps, chosen: All
     for op in graph.unsupported:
         rows.append(LayerRow(op, "no kernel", None, 0, 0, 0.0, 0.0, None, "fp32", False))
     budget: float | dict[str, float] = goal.fraction if goal.fraction is not None else {
-        k: v for k, v in (("cycles", goal.cycles), ("energy_j", goal.energy_j)) if v is not None}
+        k: v for k, v in (("fps", goal.fps), ("latency_s", goal.latency_s), ("energy_j", goal.energy_j))
+        if v is not None}
     simulated = {k: getattr(sim, k) for k in ("cycles", "latency_s", "throughput_fps", "energy_per_frame_j",
                                                "power_w", "fps_per_w", "utilization", "chips", "frames")}
     from bitmix.kernels import dispatch
 
-    info = {"achieved_fraction": chosen.fraction, "solver": chosen.solver, "optimality_gap": chosen.gap,
+    info = {"achieved_fraction": chosen.fraction, "chips": chosen.chips, "solver": chosen.solver,
+            "optimality_gap": chosen.gap,
             "kernel_path": dispatch.path, "layers": len(graph.layers), "total_macs": graph.total_macs}
     return Report(graph.model_name, tgt.name, method, budget, tuple(rows), simulated, accuracy, timings,
                   tuple(frontier), tuple(uniform_pts), dict(sim.energy_breakdown_j), tuple(warn), info)

@@ -12,7 +12,9 @@ Per layer, for each used core (numpy arrays over cores, a Python loop over block
   towards the root, one hop per neighbour, serialised on the root's link.
 - Vector unit: the root requantises and runs the attached vector ops per block.
 The layer ends when the last core's vector unit drains (layers are sequential, as on
-NorthPole), or when the next layer's program and weights have landed, if that is later.
+NorthPole), or when the next layer's program and weights have landed, if that is later;
+they start streaming once every core of this layer has its first input block (after the
+longest producer hop latency), as in the analytic engine.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ def _model_hops(cores: Cores, chip: ChipConfig) -> np.ndarray:
     return dx + dy
 
 
-def simulate_layer(work: LayerWork, bits: int, chip: ChipConfig, prev: Cores | None) -> tuple[LayerEval, Cores]:
+def simulate_layer(work: LayerWork, bits: int, chip: ChipConfig, prev: Cores | None
+                   ) -> tuple[LayerEval, Cores, float]:
+    """One layer after the layer mapped as `prev`; also returns its lead (longest producer hop latency)."""
     m = map_layer(work, bits, chip)
     cores = cores_of(work, m, chip)
     cw = cores.work
@@ -78,7 +82,8 @@ def simulate_layer(work: LayerWork, bits: int, chip: ChipConfig, prev: Cores | N
     body = float(vec_end.max()) + chip.mac_latency_cycles + chip.vector_latency_cycles
     counts = count_actions(work.gemm, work, bits, chip, cw, act_hops, model_hops)
     stages = stage_cycles(busiest_core(work, m, chip), chip)
-    return LayerEval(work.layer.name, bits, body, stages, counts, m), cores
+    lead = float(act_hops.max()) * chip.noc_act.hop_cycles
+    return LayerEval(work.layer.name, bits, body, stages, counts, m), cores, lead
 
 
 def _prefetch(cores: Cores, chip: ChipConfig) -> float:
@@ -93,10 +98,13 @@ def run(works: list[LayerWork], assignment: dict[str, int], chip: ChipConfig) ->
     landed (the last layer overlaps the prefetch of the next frame's first layer).
     """
     bodies: list[LayerEval] = []
+    leads: list[float] = []
     prefetches: list[float] = []
     prev = None
     for w in works:
-        ev, prev = simulate_layer(w, assignment[w.layer.name], chip, prev)
+        ev, prev, lead = simulate_layer(w, assignment[w.layer.name], chip, prev)
         bodies.append(ev)
+        leads.append(lead)
         prefetches.append(_prefetch(prev, chip))
-    return [replace(ev, cycles=max(ev.cycles, prefetches[(i + 1) % len(works)])) for i, ev in enumerate(bodies)]
+    return [replace(ev, cycles=max(ev.cycles, leads[i] + prefetches[(i + 1) % len(works)]))
+            for i, ev in enumerate(bodies)]

@@ -10,19 +10,9 @@ the largest double-buffered activation working set among them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from bitmix.errors import BitmixError
+from bitmix.ir.cost import StageSpan, pack_stages
 from bitmix.simulator.config import ChipConfig
 from bitmix.simulator.mapping import LayerWork, weight_bytes
-
-
-@dataclass(frozen=True)
-class Stage:
-    start: int  # index of the first layer
-    stop: int  # one past the last layer
-    weight_bytes: int
-    capacity_bytes: int
 
 
 def activation_bytes(work: LayerWork, bits: int) -> int:
@@ -31,41 +21,31 @@ def activation_bytes(work: LayerWork, bits: int) -> int:
     return 2 * (-(-gm.in_elems * bits // 8) + -(-gm.operand_elems * bits // 8) + gm.out_elems)
 
 
-def stage_capacity(chip: ChipConfig, layers: int, act_bytes: int) -> int:
-    """Core SRAM left for weights once programs and activations have their share."""
-    return chip.sram_bytes - chip.cores * chip.program_bytes_per_layer * layers - act_bytes
+def partition(works: list[LayerWork], assignment: dict[str, int], chip: ChipConfig) -> list[StageSpan]:
+    """Greedy contiguous packing of layers into chips (`bitmix.ir.cost.pack_stages`, which the
+    cost model shares); fails if one layer alone cannot fit."""
+    bits = [assignment[w.layer.name] for w in works]
+    return pack_stages([weight_bytes(w.layer, b) for w, b in zip(works, bits, strict=True)],
+                       [activation_bytes(w, b) for w, b in zip(works, bits, strict=True)],
+                       chip.sram_bytes, program_bytes(chip), [w.layer.name for w in works])
 
 
-def partition(works: list[LayerWork], assignment: dict[str, int], chip: ChipConfig) -> list[Stage]:
-    """Greedy contiguous packing of layers into chips; fails if one layer alone cannot fit."""
-    stages: list[Stage] = []
-    start, wsum, act = 0, 0, 0
-    for i, w in enumerate(works):
-        bits = assignment[w.layer.name]
-        wb, ab = weight_bytes(w.layer, bits), activation_bytes(w, bits)
-        alone = stage_capacity(chip, 1, ab)
-        if wb > alone:
-            raise BitmixError(
-                f"layer {w.layer.name!r} needs {wb / 2**20:.1f} MiB of weights at {bits} bits plus "
-                f"{ab / 2**20:.1f} MiB of activations, but one chip has {chip.sram_bytes / 2**20:.1f} MiB "
-                f"(cores x core_sram_bytes); lower its precision or raise chip.core_sram_bytes"
-            )
-        if i > start and wsum + wb > stage_capacity(chip, i + 1 - start, max(act, ab)):
-            stages.append(Stage(start, i, wsum, stage_capacity(chip, i - start, act)))
-            start, wsum, act = i, 0, 0
-        wsum += wb
-        act = max(act, ab)
-    stages.append(Stage(start, len(works), wsum, stage_capacity(chip, len(works) - start, act)))
-    return stages
+def program_bytes(chip: ChipConfig) -> int:
+    """SRAM one layer's program takes on every core."""
+    return chip.cores * chip.program_bytes_per_layer
 
 
-def transfer_bytes(works: list[LayerWork], assignment: dict[str, int], stage: Stage) -> int:
+def transfer_bytes(works: list[LayerWork], assignment: dict[str, int], stage: StageSpan) -> int:
     """Activations crossing PCIe into the next stage: the next layer's inputs at its precision."""
     if stage.stop >= len(works):
         return 0
     nxt = works[stage.stop]
-    bits = assignment[nxt.layer.name]
-    return -(-(nxt.gemm.in_elems + nxt.gemm.operand_elems) * bits // 8)
+    return input_bytes(nxt, assignment[nxt.layer.name])
+
+
+def input_bytes(work: LayerWork, bits: int) -> int:
+    """A layer's inputs at its precision: what crosses PCIe when a chip boundary falls before it."""
+    return -(-(work.gemm.in_elems + work.gemm.operand_elems) * bits // 8)
 
 
 def transfer_seconds(nbytes: int, chip: ChipConfig) -> float:

@@ -70,7 +70,7 @@ def run_frontier(config: StudyConfig, out_dir: str | Path, log: Log | None = Non
 
 def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, executor: Any) -> dict:
     from bitmix import zoo
-    from bitmix.compiler.allocate import Budget, allocate
+    from bitmix.compiler.allocate import Budget, allocate, cheapest_fraction
     from bitmix.compiler.capture import capture
     from bitmix.compiler.fold import prepare
     from bitmix.compiler.inputs import CALIBRATION_SAMPLES
@@ -91,8 +91,8 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
     names = graph.names
     pinned = target.pinned(names)
     free = [n for n in names if n not in pinned]
-    highest = sum(costs[n][pinned.get(n, target.highest)].cycles for n in names)
-    min_fraction = sum(costs[n][pinned.get(n, target.lowest)].cycles for n in names) / highest
+    highest = simulate(graph, {n: pinned.get(n, target.highest) for n in names}).cycles
+    min_fraction = cheapest_fraction(costs)
     fp32 = data.evaluate(prepared)
     seeds = list(range(config.seeds))
     say(f"{config.label}: {len(names)} layers ({len(free)} free), FP32 {data.metric} {fp32:.2f}, "
@@ -129,7 +129,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
     def simulated(assignment: dict[str, int]) -> dict[str, float]:
         sim = simulate(graph, assignment)
         return {"throughput_fps": sim.throughput_fps, "energy_per_frame_j": sim.energy_per_frame_j,
-                "cycles": sim.cycles, "fraction": sum(costs[n][b].cycles for n, b in assignment.items()) / highest}
+                "cycles": sim.cycles, "fraction": sim.cycles / highest}
 
     def queue(row: dict) -> None:
         job = (assignment_key(row["assignment"]), row["seed"])

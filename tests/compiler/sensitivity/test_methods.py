@@ -10,7 +10,7 @@ import torch
 from bitmix.compiler.allocate import Budget, allocate
 from bitmix.compiler.sensitivity import ALPSConfig, HAWQConfig, LIMPQConfig, ProcessExecutor, SerialExecutor, score
 from bitmix.compiler.sensitivity.hawq import hutchinson_traces
-from bitmix.ir.cost import LayerCost
+from bitmix.ir.cost import CostModel
 
 
 def _check_shape(scores, ctx):
@@ -61,7 +61,10 @@ def test_alps_is_deterministic_and_executor_independent(mlp_ctx):
     pooled = score(quick, dataclasses.replace(mlp_ctx, executor=ProcessExecutor(2)))
     assert pooled == serial
     names = mlp_ctx.graph.names
-    costs = {n: {b: LayerCost(float(b * (i + 1)), 0.0, b) for b in (8, 4, 2)} for i, n in enumerate(names)}
+    pinned = mlp_ctx.target.pinned(names)
+    choices = [(pinned[n],) if n in pinned else mlp_ctx.target.choices for n in names]
+    costs = CostModel.of_terms(names, choices, {"cycles": [[float(b * (i + 1)) for b in c] for i, c in
+                                                           enumerate(choices)]})
     a1 = allocate(serial, costs, mlp_ctx.target, mlp_ctx.graph.names, Budget(fraction=0.6))
     a2 = allocate(pooled, costs, mlp_ctx.target, mlp_ctx.graph.names, Budget(fraction=0.6))
     assert a1 == a2
