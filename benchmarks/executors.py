@@ -29,7 +29,13 @@ from bitmix.study.frontier import TARGET, default_config  # noqa: E402
 from bitmix import zoo  # noqa: E402
 from bitmix.compiler.capture import capture  # noqa: E402
 from bitmix.compiler.fold import prepare  # noqa: E402
-from bitmix.compiler.sensitivity import ProcessExecutor, ScoreContext, SerialExecutor, score  # noqa: E402
+from bitmix.compiler.sensitivity import (  # noqa: E402
+    ALPSConfig,
+    ProcessExecutor,
+    ScoreContext,
+    SerialExecutor,
+    score,
+)
 from bitmix.compiler.sensitivity.ray_executor import RayExecutor, import_ray  # noqa: E402
 from bitmix.ir.targets import get_target  # noqa: E402
 
@@ -57,10 +63,12 @@ def main() -> None:
 
     model, example, data = zoo.load(args.model)
     graph = capture(model, example, args.model)
-    options = default_config(args.model).method_options
+    alps = default_config(args.model).method("alps")
+    alps = alps if isinstance(alps, ALPSConfig) else ALPSConfig()
     if args.alps_epochs is not None:
-        options = options | {"alps_epochs": args.alps_epochs}
-    ctx = ScoreContext(graph, get_target(TARGET), prepare(graph), data, seed=0, **options)
+        alps = dataclasses.replace(alps, epochs=args.alps_epochs)
+    options = dataclasses.asdict(alps)
+    ctx = ScoreContext(graph, get_target(TARGET), prepare(graph), data, seed=0)
     jobs = 1 + len(ctx.free_layers) * (len(ctx.target.choices) - 1)
     print(f"{args.model}: ALPS {jobs} jobs, options {options}", flush=True)
 
@@ -76,7 +84,7 @@ def main() -> None:
                 ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
                 ray_start_s = time.perf_counter() - start
             start = time.perf_counter()
-            scores[name] = score("alps", dataclasses.replace(ctx, executor=ex))
+            scores[name] = score(alps, dataclasses.replace(ctx, executor=ex))
             wall[name] = time.perf_counter() - start
             overhead[name] = per_job_ms(ex, args.noop_jobs)
             print(f"  {name}: {wall[name]:.1f} s; no-op job {overhead[name]:.2f} ms", flush=True)

@@ -15,7 +15,14 @@ import torch
 from bitmix.compiler.allocate import Budget, allocate
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.quantize import fake_quantize
-from bitmix.compiler.sensitivity import ProcessExecutor, ScoreContext, SerialExecutor, score
+from bitmix.compiler.sensitivity import (
+    ALPSConfig,
+    HAWQConfig,
+    ProcessExecutor,
+    ScoreContext,
+    SerialExecutor,
+    score,
+)
 from bitmix.compiler.transport import PortableModel
 from bitmix.errors import BitmixError
 from bitmix.ir.targets import get_target
@@ -44,8 +51,11 @@ def local_ray():
 def cnn_ctx() -> ScoreContext:
     graph = captured("digits-cnn")
     _, _, data = zoo_entry("digits-cnn")
-    return ScoreContext(graph, get_target(TARGET), prepare(graph), data, alps_epochs=0.05, hawq_samples=4,
-                        hawq_examples=64)
+    return ScoreContext(graph, get_target(TARGET), prepare(graph), data)
+
+
+ALPS = ALPSConfig(epochs=0.05)
+HAWQ = HAWQConfig(samples=4, examples=64)
 
 
 def _assignment(scores, ctx: ScoreContext) -> dict[str, int]:
@@ -95,7 +105,7 @@ def test_portable_model_rebuilds_the_same_module(cnn_ctx):
 
 
 def test_hawq_serial_process_ray_identical(cnn_ctx, local_ray):
-    runs = {name: score("hawq", dataclasses.replace(cnn_ctx, executor=ex)) for name, ex in
+    runs = {name: score(HAWQ, dataclasses.replace(cnn_ctx, executor=ex)) for name, ex in
             (("serial", SerialExecutor()), ("process", ProcessExecutor(2)), ("ray", RayExecutor()))}
     assert runs["serial"] == runs["process"] == runs["ray"]
     assert any(v[2] > 0 for v in runs["serial"].values())
@@ -112,7 +122,7 @@ def test_failing_job_is_named_in_one_line(local_ray):
 
 @pytest.mark.slow
 def test_alps_serial_process_ray_identical(cnn_ctx, local_ray):
-    runs = {name: score("alps", dataclasses.replace(cnn_ctx, executor=ex)) for name, ex in
+    runs = {name: score(ALPS, dataclasses.replace(cnn_ctx, executor=ex)) for name, ex in
             (("serial", SerialExecutor()), ("process", ProcessExecutor(2)), ("ray", RayExecutor()))}
     assert runs["serial"] == runs["process"] == runs["ray"]
     assert _assignment(runs["serial"], cnn_ctx) == _assignment(runs["ray"], cnn_ctx)
@@ -122,20 +132,20 @@ def test_alps_serial_process_ray_identical(cnn_ctx, local_ray):
 def test_killed_worker_is_retried_with_the_same_result(cnn_ctx, local_ray, tmp_path):
     victim = (cnn_ctx.free_layers[0], 2)
     marker = tmp_path / "killed"
-    serial = score("alps", dataclasses.replace(cnn_ctx, executor=SerialExecutor()))
-    killed = score("alps", dataclasses.replace(cnn_ctx, executor=Killing(RayExecutor(), victim, marker)))
+    serial = score(ALPS, dataclasses.replace(cnn_ctx, executor=SerialExecutor()))
+    killed = score(ALPS, dataclasses.replace(cnn_ctx, executor=Killing(RayExecutor(), victim, marker)))
     assert marker.exists()  # the first attempt did die
     assert killed == serial
 
 
 def test_compile_executor_ray_matches_local(local_ray):
-    from bitmix.compiler.pipeline import compile
+    from bitmix.compiler.pipeline import CompileOptions, compile
 
     model, example, data = zoo_entry("digits-cnn")
     reports = {}
     for name in ("local", "ray"):
-        cm = compile(model, example, target=TARGET, method="hawq", budget=0.8, data=data, frontier_points=0,
-                     method_options={"hawq_samples": 4, "hawq_examples": 64}, executor=name)
+        cm = compile(model, example, TARGET, method=HAWQ, budget=0.8, data=data,
+                     options=CompileOptions(frontier_points=0, executor=name))
         reports[name] = cm.report
     assert reports["ray"].layers == reports["local"].layers  # bits and scores per layer
     assert ray.is_initialized()  # a Ray the caller started is left running

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bitmix.compiler.fold import prepare
-from bitmix.compiler.sensitivity import ScoreContext, SerialExecutor, score
+from bitmix.compiler.sensitivity import ALPSConfig, HAWQConfig, ScoreContext, SerialExecutor, score
 from bitmix.ir.targets import get_target
 from tests.conftest import captured, zoo_entry
 
@@ -80,13 +80,12 @@ def two_nodes(tmp_path_factory):
 def test_two_node_cluster_matches_serial(two_nodes):
     graph = captured("digits-cnn")
     _, _, data = zoo_entry("digits-cnn")
-    ctx = ScoreContext(graph, get_target("int4int2-npu"), prepare(graph), data, alps_epochs=0.05, hawq_samples=4,
-                       hawq_examples=64)
+    ctx = ScoreContext(graph, get_target("int4int2-npu"), prepare(graph), data)
     with RayExecutor(address=two_nodes) as cluster:
         assert cluster.workers == 2
         nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert len(nodes) == 2
-        for method in ("hawq", "alps"):
+        for method in (HAWQConfig(samples=4, examples=64), ALPSConfig(epochs=0.05)):
             serial = score(method, dataclasses.replace(ctx, executor=SerialExecutor()))
             assert score(method, dataclasses.replace(ctx, executor=cluster)) == serial
     assert not ray.is_initialized()  # the executor left the cluster it joined
