@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bitmix.errors import BitmixError
+from bitmix.ir.precision import Precision
 
 RESOURCES = ("cycles", "energy_j", "sram_bytes")
 
@@ -108,7 +109,7 @@ class CostModel:
     """
 
     names: tuple[str, ...]
-    choices: tuple[tuple[int, ...], ...]  # bits per layer, highest first
+    choices: tuple[tuple, ...]  # per layer, highest first: `Precision` pairs (or opaque keys)
     frames: int
     unary: dict[str, tuple[np.ndarray, ...]]
     pair: dict[str, tuple[np.ndarray, ...]]
@@ -123,17 +124,19 @@ class CostModel:
     def __len__(self) -> int:
         return len(self.names)
 
-    def index(self, assignment: dict[str, int]) -> list[int]:
-        """Choice indices of an assignment {layer: bits}."""
+    def index(self, assignment: dict) -> list[int]:
+        """Choice indices of an assignment {layer: choice}; an int b also names the pair b/b."""
         out = []
         for name, opts in zip(self.names, self.choices, strict=True):
             bits = assignment.get(name)
+            if bits not in opts and isinstance(bits, int) and Precision(bits, bits) in opts:
+                bits = Precision(bits, bits)
             if bits not in opts:
                 raise BitmixError(f"layer {name!r} has no priced choice {bits!r}; valid: {list(opts)}")
             out.append(opts.index(bits))
         return out
 
-    def assignment(self, choice: Sequence[int]) -> dict[str, int]:
+    def assignment(self, choice: Sequence[int]) -> dict:
         return {n: opts[j] for n, opts, j in zip(self.names, self.choices, choice, strict=True)}
 
     def terms(self, resource: str, choice: Sequence[int]) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bitmix.ir.precision import Precision
 from bitmix.simulator.config import ChipConfig
 from bitmix.simulator.energy import ActionCounts, count_actions
 from bitmix.simulator.mapping import (
@@ -37,7 +38,7 @@ class Placed:
     """One layer mapped at one precision: what does not depend on its neighbours."""
 
     work: LayerWork
-    bits: int
+    bits: Precision
     mapping: Mapping
     cores: Cores
     busiest: CoreWork
@@ -45,8 +46,9 @@ class Placed:
     prefetch: float  # program + weight-slice load time, overlapped with the previous layer
 
 
-def place(work: LayerWork, bits: int, chip: ChipConfig) -> Placed:
+def place(work: LayerWork, bits: Precision | int, chip: ChipConfig) -> Placed:
     m = map_layer(work, bits, chip)
+    bits = m.bits
     busiest = busiest_core(work, m, chip)
     core = float(flow_cycles(busiest, chip, 0.0, m.s_k - 1))
     pre = float(prefetch_cycles(busiest, chip, weight_home_hops(chip)))
@@ -61,7 +63,7 @@ def entry(p: Placed, chip: ChipConfig, prev: Cores | None) -> tuple[float, Actio
     return lead, counts
 
 
-def run(works: list[LayerWork], assignment: dict[str, int], chip: ChipConfig) -> list[LayerEval]:
+def run(works: list[LayerWork], assignment: dict[str, Precision], chip: ChipConfig) -> list[LayerEval]:
     """Layers in order; the last one overlaps the prefetch of the next frame's first layer."""
     placed = [place(w, assignment[w.layer.name], chip) for w in works]
     evals = []

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
 from bitmix.simulator import analytic, engine
-from bitmix.simulator.config import ChipConfig, check_bits
+from bitmix.ir.precision import Precision, PrecisionLike, as_precision, chip_precision
+from bitmix.simulator.config import ChipConfig
 from bitmix.simulator.energy import COMPONENTS, dynamic_energy, pcie_energy, static_energy
 from bitmix.simulator.mapping import layer_works, weight_bytes
 from bitmix.simulator.multichip import partition, transfer_bytes, transfer_seconds
@@ -23,13 +24,13 @@ from bitmix.simulator.result import LayerResult, SimResult, StageResult
 ENGINES = {"analytic": analytic.run, "cycle": engine.run}
 
 
-def simulate(graph: LayerGraph, assignment: dict[str, int], config: ChipConfig | None = None,
+def simulate(graph: LayerGraph, assignment: dict[str, PrecisionLike], config: ChipConfig | None = None,
              engine: str = "analytic") -> SimResult:
-    """Simulate `graph` with `assignment[layer] in {8, 4, 2}` on one or more chips."""
+    """Simulate `graph` with `assignment[layer]` a `Precision` pair (an int b means b/b) on one or more chips."""
     return simulate_calls(graph.layers, assignment, graph.vector_ops, config, engine, graph.model_name)
 
 
-def simulate_calls(layers: Sequence[Layer], assignment: dict[str, int], vector_ops: Sequence[VectorOp] = (),
+def simulate_calls(layers: Sequence[Layer], assignment: dict[str, PrecisionLike], vector_ops: Sequence[VectorOp] = (),
                    config: ChipConfig | None = None, engine: str = "analytic", model: str = "model") -> SimResult:
     """Simulate Layer/VectorOp records as executed (e.g. shapes recorded at run time)."""
     chip = config or ChipConfig()
@@ -39,11 +40,7 @@ def simulate_calls(layers: Sequence[Layer], assignment: dict[str, int], vector_o
     missing = [w.layer.name for w in works if w.layer.name not in assignment]
     if missing:
         raise BitmixError(f"assignment has no precision for layer {missing[0]!r}; give every layer 8, 4 or 2")
-    for name, bits in assignment.items():
-        try:
-            check_bits(bits)
-        except BitmixError:
-            raise BitmixError(f"assignment[{name!r}] = {bits!r}: unknown precision; use 8, 4 or 2") from None
+    assignment = {name: chip_precision(bits, f"assignment[{name!r}] =") for name, bits in assignment.items()}
     stages = partition(works, assignment, chip)
     evals = ENGINES[engine](works, assignment, chip)
     frames = works[0].gemm.frames
@@ -63,7 +60,7 @@ def simulate_calls(layers: Sequence[Layer], assignment: dict[str, int], vector_o
             parts = {**{k: v / frames for k, v in dyn.items()}, "static": static_energy(t, chip.energy) / frames}
             for k, v in parts.items():
                 breakdown[k] += v
-            peak = chip.cores * chip.macs_per_cycle(ev.bits)
+            peak = chip.cores * chip.macs_per_cycle(ev.bits.compute)
             ideal += w.gemm.macs / peak
             layer_results.append(LayerResult(
                 name=w.layer.name, kind=w.layer.kind, bits=ev.bits, macs=w.layer.macs, params=w.layer.params,
@@ -95,7 +92,8 @@ def simulate_calls(layers: Sequence[Layer], assignment: dict[str, int], vector_o
     )
 
 
-def uniform(graph: LayerGraph | Sequence[Layer], bits: int) -> dict[str, int]:
+def uniform(graph: LayerGraph | Sequence[Layer], bits: PrecisionLike) -> dict[str, Precision]:
     """An assignment giving every layer the same precision."""
     layers = graph.layers if isinstance(graph, LayerGraph) else graph
-    return {layer.name: bits for layer in layers}
+    p = as_precision(bits)
+    return {layer.name: p for layer in layers}

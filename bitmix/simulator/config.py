@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bitmix.errors import BitmixError
-
-SUPPORTED_BITS = (8, 4, 2)
+from bitmix.ir.precision import SUPPORTED_BITS, Precision, chip_precision
 
 # Stillmaker & Baas (Integration 2017) energy scale factors evaluated with Accelergy's
 # hwcomponents `scaling/techscaling.py` at 0.8 V [D, northpole_sim.md §3.1].
@@ -199,15 +198,17 @@ class ChipConfig:
     def cores(self) -> int:
         return self.cores_x * self.cores_y
 
-    def ops_per_cycle(self, bits: int) -> int:
+    def ops_per_cycle(self, bits: int | Precision) -> int:
+        """Ops per core per cycle in the MAC mode of `bits` (a pair runs at its wider operand's rate)."""
+        bits = bits.compute if isinstance(bits, Precision) else bits
         check_bits(bits)
         return {8: self.ops_per_cycle_int8, 4: self.ops_per_cycle_int4, 2: self.ops_per_cycle_int2}[bits]
 
-    def macs_per_cycle(self, bits: int) -> float:
+    def macs_per_cycle(self, bits: int | Precision) -> float:
         """MACs one core retires per cycle at `bits`."""
         return self.ops_per_cycle(bits) / self.ops_per_mac
 
-    def red_lanes(self, bits: int) -> int:
+    def red_lanes(self, bits: int | Precision) -> int:
         """Reduction lanes of the MAC array at `bits` (the other dimension is `mac_out_lanes`)."""
         return max(1, int(self.macs_per_cycle(bits) // self.mac_out_lanes))
 
@@ -225,7 +226,10 @@ class ChipConfig:
         return self.cores_x - 1 + self.cores_y - 1
 
 
-def check_bits(bits: int) -> None:
+def check_bits(bits: int | Precision) -> None:
+    if isinstance(bits, Precision):
+        chip_precision(bits)
+        return
     if bits not in SUPPORTED_BITS:
         raise BitmixError(f"unknown precision {bits!r}; bits must be one of 8, 4, 2")
 

@@ -13,6 +13,7 @@ import numpy as np
 from bitmix.errors import BitmixError
 from bitmix.ir.cost import ChipLimits, CostModel, pack_stages
 from bitmix.ir.graph import LayerGraph
+from bitmix.ir.precision import Precision
 from bitmix.ir.targets import Target
 from bitmix.simulator.analytic import entry, place
 from bitmix.simulator.config import ChipConfig, load_chip_config
@@ -21,7 +22,7 @@ from bitmix.simulator.mapping import layer_works, weight_bytes
 from bitmix.simulator.multichip import activation_bytes, input_bytes, program_bytes
 
 
-def layer_choices(graph: LayerGraph, target: Target) -> tuple[tuple[int, ...], ...]:
+def layer_choices(graph: LayerGraph, target: Target) -> tuple[tuple[Precision, ...], ...]:
     """Per layer, the precisions it may take: the target's choices, or its pinned bits."""
     pinned = target.pinned(graph.names)
     return tuple((pinned[n],) if n in pinned else target.choices for n in graph.names)
@@ -35,7 +36,7 @@ def price(graph: LayerGraph, target: Target, chip: ChipConfig | None = None) -> 
     n, frames, f = len(works), works[0].gemm.frames, chip.clock_hz
     placed = [[place(w, b, chip) for b in opts] for w, opts in zip(works, choices, strict=True)]
 
-    def joules(counts, bits: int, cycles: float) -> float:
+    def joules(counts, bits: Precision, cycles: float) -> float:
         return sum(dynamic_energy(counts, bits, chip.energy).values()) + static_energy(cycles / f, chip.energy)
 
     enter, enter_j = [], []

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from bitmix.ir.precision import Precision, as_precision
 from bitmix.simulator.config import ChipConfig, EnergyTable
 from bitmix.simulator.mapping import CoreWork, Gemm, LayerWork
 
@@ -39,7 +40,7 @@ class ActionCounts:
         return ActionCounts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
 
-def count_actions(gm: Gemm, work: LayerWork, bits: int, chip: ChipConfig, cw: CoreWork,
+def count_actions(gm: Gemm, work: LayerWork, bits: Precision, chip: ChipConfig, cw: CoreWork,
                   act_hops: np.ndarray | float, model_hops: np.ndarray | float) -> ActionCounts:
     """Sum one layer's actions over its cores (arrays in `cw` are per core)."""
     nblk = np.maximum(1, -(-cw.rows // chip.pipeline_rows))
@@ -47,7 +48,7 @@ def count_actions(gm: Gemm, work: LayerWork, bits: int, chip: ChipConfig, cw: Co
     vec_bits = work.vector_sram_elems * VECTOR_ELEMENT_BITS
     return ActionCounts(
         macs=float(gm.macs),
-        lane_words=gm.macs * bits / 8,
+        lane_words=gm.macs * bits.compute / 8,
         sram_read_bits=float(np.sum(cw.in_read_bits + cw.weight_bits * nblk + cw.psum_bits)) + vec_bits,
         sram_write_bits=float(np.sum(received + cw.stream_bits + cw.psum_bits)) + vec_bits,
         noc_psum_bit_hops=float(np.sum(cw.psum_bits)),
@@ -58,10 +59,10 @@ def count_actions(gm: Gemm, work: LayerWork, bits: int, chip: ChipConfig, cw: Co
     )
 
 
-def dynamic_energy(counts: ActionCounts, bits: int, table: EnergyTable) -> dict[str, float]:
-    """Joules per component for one layer's actions."""
+def dynamic_energy(counts: ActionCounts, bits: Precision | int, table: EnergyTable) -> dict[str, float]:
+    """Joules per component for one layer's actions (a MAC costs what its mode, the wider operand, costs)."""
     return {
-        "mac": counts.macs * table.lookup("mac", "compute", bits),
+        "mac": counts.macs * table.lookup("mac", "compute", as_precision(bits).compute),
         "regfile": counts.lane_words * table.lookup("regfile", "access", 8),
         "sram": counts.sram_read_bits * table.lookup("sram", "read")
         + counts.sram_write_bits * table.lookup("sram", "write"),

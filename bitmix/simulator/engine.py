@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from bitmix.ir.precision import Precision
 from bitmix.simulator.config import ChipConfig
 from bitmix.simulator.energy import count_actions
 from bitmix.simulator.mapping import (
@@ -45,10 +46,11 @@ def _model_hops(cores: Cores, chip: ChipConfig) -> np.ndarray:
     return dx + dy
 
 
-def simulate_layer(work: LayerWork, bits: int, chip: ChipConfig, prev: Cores | None
+def simulate_layer(work: LayerWork, bits: Precision | int, chip: ChipConfig, prev: Cores | None
                    ) -> tuple[LayerEval, Cores, float]:
     """One layer after the layer mapped as `prev`; also returns its lead (longest producer hop latency)."""
     m = map_layer(work, bits, chip)
+    bits = m.bits
     cores = cores_of(work, m, chip)
     cw = cores.work
     act_hops = producer_hops(cores, prev)
@@ -91,7 +93,7 @@ def _prefetch(cores: Cores, chip: ChipConfig) -> float:
     return float(prefetch_cycles(cores.work, chip, _model_hops(cores, chip)).max())
 
 
-def run(works: list[LayerWork], assignment: dict[str, int], chip: ChipConfig) -> list[LayerEval]:
+def run(works: list[LayerWork], assignment: dict[str, Precision], chip: ChipConfig) -> list[LayerEval]:
     """Simulate the layers in execution order (each layer's inputs come from the one before).
 
     A layer lasts until its own cores drain and the next layer's program and weights have

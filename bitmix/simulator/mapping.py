@@ -15,6 +15,14 @@ that share them); the second operand of an activation x activation matmul does t
 Programs (Instruction NoC) and weight slices (Model NoC) for a layer arrive while the
 previous layer runs, so a layer lasts max(its own body, the next layer's prefetch).
 
+A precision is a pair (weight bits w, activation bits a). Assumption, after northpole_sim.md:
+the MAC array runs in the mode of the wider operand (§6.1: "b the compute mode =
+max(b_weight, b_activation)"; §5: the datapath is SIMD-packed into 8-bit words, so a narrow
+weight occupies a wide activation's lane), so the lanes, MAC rate and MAC energy follow
+`max(w, a)`; weights are stored, resident and streamed over the Model NoC at w bits; input
+activations (and a matmul's second operand, an activation too) move over the Activation NoC
+and are read by the MAC array at a bits (§5: "memory and NoC energy per operand scale with b").
+
 The mapper enumerates splits and keeps the one with the fewest cycles by the closed
 form `body_cycles` below, which the analytic engine also uses (Timeloop-style: the
 model is the mapper's objective).
@@ -31,6 +39,7 @@ import numpy as np
 
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer, VectorOp
+from bitmix.ir.precision import Precision, as_precision
 from bitmix.simulator.config import ChipConfig, check_bits
 
 # Vector-unit multiply-adds per output element of a non-quantized op [A: op counts of the
@@ -139,7 +148,7 @@ def layer_works(layers: tuple[Layer, ...] | list[Layer], vector_ops: tuple[Vecto
 class Mapping:
     """A chosen split of one layer at one precision, with the busiest core's work."""
 
-    bits: int
+    bits: Precision
     s_g: int
     s_p: int
     s_k: int
@@ -198,32 +207,34 @@ class CoreWork:
     in_read_bits: np.ndarray  # input reads by the MAC array: once per output-lane block
 
 
-def core_work(gm: Gemm, vector_ops: float, bits: int, chip: ChipConfig, g, p, k, n, sends_psum) -> CoreWork:
+def core_work(gm: Gemm, vector_ops: float, bits: Precision, chip: ChipConfig, g, p, k, n, sends_psum) -> CoreWork:
     """What one core with tile (g, p, k, n) does and receives; arguments may be arrays.
 
     `sends_psum` marks cores that pass partial sums down the reduction chain (all but its
-    root); the root applies the vector-unit work to the reduced outputs.
+    root); the root applies the vector-unit work to the reduced outputs. Lanes follow the MAC
+    mode `bits.compute`, weights the weight width, activations (matmul operands too) the activation width.
     """
-    kl, nl = chip.red_lanes(bits), chip.mac_out_lanes
+    kl, nl = chip.red_lanes(bits.compute), chip.mac_out_lanes
     g, p, k, n = (np.asarray(v, dtype=np.int64) for v in (g, p, k, n))
     pack = np.where(g > 1, np.clip(np.minimum(kl // np.maximum(k, 1), nl // np.maximum(n, 1)), 1, g), 1)
     blocks = _passes(g, k, n, pack, kl, nl) * (p > 0) * (k > 0) * (n > 0)
     share_in = (g / gm.groups) * (k / gm.red) * (p / gm.rows)
     share_out = (g / gm.groups) * (n / gm.cols) * (p / gm.rows)
-    w_bits = (g * k * n * bits).astype(np.float64)
-    resident_bits_per_core = gm.weight_elems * bits / chip.cores
+    matmul = gm.operand_elems > 0
+    w_bits = (g * k * n * (bits.a if matmul else bits.w)).astype(np.float64)
+    resident_bits_per_core = gm.weight_elems * bits.w / chip.cores
     sends = np.asarray(sends_psum, dtype=bool)
     return CoreWork(
         compute=(p * blocks).astype(np.float64),
         blocks=blocks,
         rows=p,
-        in_bits=gm.in_elems * share_in * bits,
-        operand_bits=w_bits * (gm.operand_elems > 0),
+        in_bits=gm.in_elems * share_in * bits.a,
+        operand_bits=w_bits * matmul,
         stream_bits=np.maximum(0.0, w_bits - resident_bits_per_core) * (gm.weight_elems > 0),
         psum_bits=np.where(sends, g * p * n * chip.psum_bits, 0).astype(np.float64),
         vector_ops=np.where(sends, 0.0, vector_ops * share_out),
         weight_bits=w_bits,
-        in_read_bits=(p * g * k * bits * np.where(pack > 1, 1, -(-n // nl))).astype(np.float64),
+        in_read_bits=(p * g * k * bits.a * np.where(pack > 1, 1, -(-n // nl))).astype(np.float64),
     )
 
 
@@ -282,14 +293,15 @@ def program_cycles(chip: ChipConfig) -> float:
     return chip.program_bytes_per_layer * 8 / chip.noc_instr.width_bits + chip.diameter_hops * chip.noc_instr.hop_cycles
 
 
-def map_layer(work: LayerWork, bits: int, chip: ChipConfig) -> Mapping:
+def map_layer(work: LayerWork, bits: Precision | int, chip: ChipConfig) -> Mapping:
     """The split with the fewest closed-form cycles (ties: fewer cores, less traffic)."""
+    bits = as_precision(bits)
     check_bits(bits)
     return _map(work.gemm, work.vector_ops, bits, chip)
 
 
 @cache
-def _map(gm: Gemm, vector_ops: float, bits: int, chip: ChipConfig) -> Mapping:
+def _map(gm: Gemm, vector_ops: float, bits: Precision, chip: ChipConfig) -> Mapping:
     table = _split_table(chip.cores)
     ok = (table[:, 0] <= gm.groups) & (table[:, 1] <= gm.rows) & (table[:, 2] <= gm.red) & (table[:, 3] <= gm.cols)
     cand = table[ok]
@@ -303,7 +315,7 @@ def _map(gm: Gemm, vector_ops: float, bits: int, chip: ChipConfig) -> Mapping:
     cores = s_g * s_p * s_k * s_n
     traffic = (cw.in_bits + cw.stream_bits + cw.psum_bits) * cores
     best = int(np.lexsort((traffic, cores, np.round(cycles, 6)))[0])
-    kl, nl = chip.red_lanes(bits), chip.mac_out_lanes
+    kl, nl = chip.red_lanes(bits.compute), chip.mac_out_lanes
     gb, kb, nb = int(g[best]), int(k[best]), int(n[best])
     pack = max(1, min(kl // kb, nl // nb, gb)) if gb > 1 else 1
     return Mapping(bits, int(s_g[best]), int(s_p[best]), int(s_k[best]), int(s_n[best]),
@@ -332,11 +344,11 @@ def placement(m: Mapping, chip: ChipConfig) -> tuple[np.ndarray, np.ndarray, np.
     return x, y, np.stack([gi, pi, ki, ni])
 
 
-def weight_bytes(layer: Layer, bits: int) -> int:
-    """Resident bytes of a layer at `bits`: packed weights plus int32 biases (0 for matmul)."""
+def weight_bytes(layer: Layer, bits: Precision | int) -> int:
+    """Resident bytes of a layer at its weight width: packed weights plus int32 biases (0 for matmul)."""
     if layer.kind == "matmul":
         return 0
-    return -(-layer.weight_elements * bits // 8) + 4 * max(0, layer.params - layer.weight_elements)
+    return -(-layer.weight_elements * as_precision(bits).w // 8) + 4 * max(0, layer.params - layer.weight_elements)
 
 
 @dataclass(frozen=True)

@@ -11,17 +11,18 @@ the largest double-buffered activation working set among them.
 from __future__ import annotations
 
 from bitmix.ir.cost import StageSpan, pack_stages
+from bitmix.ir.precision import Precision, as_precision
 from bitmix.simulator.config import ChipConfig
 from bitmix.simulator.mapping import LayerWork, weight_bytes
 
 
-def activation_bytes(work: LayerWork, bits: int) -> int:
-    """Double-buffered input + output of a layer (inputs at its precision, outputs at 8 bits)."""
-    gm = work.gemm
-    return 2 * (-(-gm.in_elems * bits // 8) + -(-gm.operand_elems * bits // 8) + gm.out_elems)
+def activation_bytes(work: LayerWork, bits: Precision | int) -> int:
+    """Double-buffered input + output of a layer (inputs at its activation width, outputs at 8 bits)."""
+    gm, a = work.gemm, as_precision(bits).a
+    return 2 * (-(-gm.in_elems * a // 8) + -(-gm.operand_elems * a // 8) + gm.out_elems)
 
 
-def partition(works: list[LayerWork], assignment: dict[str, int], chip: ChipConfig) -> list[StageSpan]:
+def partition(works: list[LayerWork], assignment: dict[str, Precision], chip: ChipConfig) -> list[StageSpan]:
     """Greedy contiguous packing of layers into chips (`bitmix.ir.cost.pack_stages`, which the
     cost model shares); fails if one layer alone cannot fit."""
     bits = [assignment[w.layer.name] for w in works]
@@ -35,7 +36,7 @@ def program_bytes(chip: ChipConfig) -> int:
     return chip.cores * chip.program_bytes_per_layer
 
 
-def transfer_bytes(works: list[LayerWork], assignment: dict[str, int], stage: StageSpan) -> int:
+def transfer_bytes(works: list[LayerWork], assignment: dict[str, Precision], stage: StageSpan) -> int:
     """Activations crossing PCIe into the next stage: the next layer's inputs at its precision."""
     if stage.stop >= len(works):
         return 0
@@ -43,9 +44,9 @@ def transfer_bytes(works: list[LayerWork], assignment: dict[str, int], stage: St
     return input_bytes(nxt, assignment[nxt.layer.name])
 
 
-def input_bytes(work: LayerWork, bits: int) -> int:
-    """A layer's inputs at its precision: what crosses PCIe when a chip boundary falls before it."""
-    return -(-(work.gemm.in_elems + work.gemm.operand_elems) * bits // 8)
+def input_bytes(work: LayerWork, bits: Precision | int) -> int:
+    """A layer's inputs at its activation width: what crosses PCIe when a chip boundary falls before it."""
+    return -(-(work.gemm.in_elems + work.gemm.operand_elems) * as_precision(bits).a // 8)
 
 
 def transfer_seconds(nbytes: int, chip: ChipConfig) -> float:

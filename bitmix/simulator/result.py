@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bitmix.ir.precision import Precision
 from bitmix.simulator.energy import ActionCounts
 from bitmix.simulator.mapping import Mapping
 
@@ -14,7 +15,7 @@ class LayerEval:
     """One engine's verdict on one layer at one precision (per run of the layer's batch)."""
 
     name: str
-    bits: int
+    bits: Precision
     cycles: float
     stages: dict[str, float]  # busy cycles of each resource on the critical core
     counts: ActionCounts
@@ -30,7 +31,7 @@ class LayerEval:
 class LayerResult:
     name: str
     kind: str
-    bits: int
+    bits: Precision
     macs: int
     params: int
     chip: int
