@@ -13,7 +13,7 @@ from bitmix.simulator import ChipConfig, price, simulate, uniform
 
 FAST = ("digits-cnn", "digits-mlp", "resnet18")
 SLOW = ("minilm", "resnet50", "mobilenetv2", "bert-base")
-TARGETS = ("mixed-npu", "int4int2-npu")
+TARGETS = ("mixed-npu", "int4int2-npu", "w4a8-npu")
 SMALL_CHIP = ChipConfig(core_sram_bytes=32 * 1024)  # 8 MiB: ResNet-18 needs 3 chips at 8 bits, 1 at 2 bits
 _MODELS: dict = {}
 
