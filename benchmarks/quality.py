@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/quality.py [--models resnet18,digits-cnn] [--quick] [--json out.json]
 
-Protocol (issue 12): per model, target (int8-npu, int4-npu, int4int2-npu at budget 0.8
-and 0.95) and seed, `bitmix.compile` with `--calib` calibration inputs (default 8: the
+Protocol (issue 12): per model, target (int8-npu, w4a8-npu, int4-npu, int4int2-npu at budget
+0.8 and 0.95; budget 1 is every free layer at the target's highest choice, e.g. 4/8) and seed, `bitmix.compile` with `--calib` calibration inputs (default 8: the
 training split's inputs in a seeded order, or seeded random N(0, 1) inputs for the
 image models, which have no data set) and either no fine-tuning (PTQ) or the zoo task's
 recipe. 8 calibration inputs are the issue's int8 protocol; below 8 bits 8 digit images (8x8
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import bitmix
 from bitmix import zoo
 
-SETTINGS = (("int8-npu", 1.0), ("int4-npu", 1.0), ("int4int2-npu", 0.8), ("int4int2-npu", 0.95))
+SETTINGS = (("int8-npu", 1.0), ("w4a8-npu", 1.0), ("int4-npu", 1.0), ("int4int2-npu", 0.8), ("int4int2-npu", 0.95))
 DEFAULT_MODELS = ("digits-cnn", "digits-mlp", "resnet18", "resnet50", "mobilenetv2", "minilm")
 RANDOM_TEST_INPUTS = 16
 
@@ -57,7 +57,7 @@ def run_one(name: str, target: str, budget: float, mode: str, seed: int, calib_n
     test = _inputs(example, data, RANDOM_TEST_INPUTS, seed, "test")
     finetune = data.recipe if (mode == "recipe" and data is not None) else None
     start = time.perf_counter()
-    cm = bitmix.compile(model, example, target=target, method=method if budget < 1 else "eagl", budget=budget,
+    cm = bitmix.compile(model, example, target=target, method=method if budget < 1 else "uniform", budget=budget,
                         calibration=calib, data=data, finetune=finetune, frontier_points=0, seed=seed,
                         name=name)
     seconds = time.perf_counter() - start
@@ -65,7 +65,7 @@ def run_one(name: str, target: str, budget: float, mode: str, seed: int, calib_n
     row = {"model": name, "target": target, "budget": budget, "mode": mode, "seed": seed, "method": method,
            "calibration_inputs": calib_n,
            "one_minus_cosine": float(1 - F.cosine_similarity(out, ref, dim=-1).mean()), "seconds": seconds,
-           "bits": sorted(set(cm.assignment.values()))}
+           "bits": [str(p) for p in sorted(set(cm.assignment.values()), reverse=True)]}
     if data is not None:
         row["metric"] = data.metric
         row["fp32"] = data.evaluate(model)

@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_executor_args(p)
     p = sub.add_parser("simulate", help="simulate a model at one precision on the NorthPole-style chip")
     _add_model(p)
-    p.add_argument("--bits", type=int, choices=(8, 4, 2), default=8)
+    p.add_argument("--bits", default="8", help="precision of every layer: 8, 4, 2 or a weight/activation pair "
+                   "such as 4/8 (weights no wider than activations)")
     p.add_argument("--config", help="chip configuration TOML")
     p.add_argument("--engine", choices=("analytic", "cycle"), default="analytic")
     p.add_argument("--json", help="write the SimResult as JSON to this file")

@@ -31,6 +31,7 @@ from bitmix import kernels
 from bitmix.compiler.qlayer import QuantLayer, quant_layers
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
+from bitmix.ir.precision import Precision, as_precision
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,7 +40,7 @@ class KernelPlan:
 
     name: str
     kind: str
-    bits: int
+    bits: Precision  # weight width packs the codes; activation width quantizes the inputs
     a_step: float
     a_signed: bool
     out_features: int = 0
@@ -53,6 +54,9 @@ class KernelPlan:
     groups: int = 1
     b_step: float = 1.0
     b_signed: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits", as_precision(self.bits))
 
 
 _PLANS: weakref.WeakValueDictionary[int, KernelPlan] = weakref.WeakValueDictionary()
@@ -76,7 +80,7 @@ def _plan(handle: int) -> KernelPlan:
 
 def _run_linear(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
     assert p.packed is not None and p.w_scales is not None
-    y = kernels.qlinear(_np(x), p.packed, p.w_scales, p.a_step, p.bits, p.a_signed, p.bias)
+    y = kernels.qlinear(_np(x), p.packed, p.w_scales, p.a_step, p.bits.a, p.a_signed, p.bias)
     return torch.from_numpy(y)
 
 
@@ -94,7 +98,7 @@ def _(x: torch.Tensor, handle: int) -> torch.Tensor:
 
 def _run_conv2d(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
     assert p.packed is not None and p.w_scales is not None
-    y = kernels.qconv2d(_np(x), p.packed, p.w_scales, p.a_step, p.bits, p.a_signed, p.bias, p.kernel_size,
+    y = kernels.qconv2d(_np(x), p.packed, p.w_scales, p.a_step, p.bits.a, p.a_signed, p.bias, p.kernel_size,
                         p.stride, p.padding, p.dilation, p.groups)
     return torch.from_numpy(y)
 
@@ -190,8 +194,8 @@ def _np(t: torch.Tensor) -> np.ndarray:
 def matmul_kernel(a: np.ndarray, b: np.ndarray, p: KernelPlan) -> np.ndarray:
     """Activation x activation matmul on both operands' codes (``kernels.bmm``: nothing to pack,
     since both change every call), scaled by the two step sizes."""
-    a_codes = kernels.quantize_activations(a, p.a_step, p.bits, p.a_signed)
-    b_codes = kernels.quantize_activations(b, p.b_step, p.bits, p.b_signed)
+    a_codes = kernels.quantize_activations(a, p.a_step, p.bits.a, p.a_signed)
+    b_codes = kernels.quantize_activations(b, p.b_step, p.bits.a, p.b_signed)
     batch = np.broadcast_shapes(a_codes.shape[:-2], b_codes.shape[:-2])
     a_codes = np.broadcast_to(a_codes, (*batch, *a_codes.shape[-2:])).reshape(-1, *a_codes.shape[-2:])
     b_codes = np.broadcast_to(b_codes, (*batch, *b_codes.shape[-2:])).reshape(-1, *b_codes.shape[-2:])
@@ -284,7 +288,7 @@ def plan_for(layer: QuantLayer) -> KernelPlan:
         geometry = dict(kernel_size=tuple(weight.shape[2:]), stride=layer.stride, padding=layer.padding,
                         dilation=layer.dilation, groups=layer.groups)
     return KernelPlan(layer.name, layer.kind, bits, a_step, layer.a_quant.signed, out_features=weight.shape[0],
-                      packed=kernels.pack_weights(codes, bits), w_scales=scales, bias=bias, **geometry)
+                      packed=kernels.pack_weights(codes, bits.w), w_scales=scales, bias=bias, **geometry)
 
 
 @dataclass

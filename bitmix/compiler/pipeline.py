@@ -36,6 +36,7 @@ from bitmix.compiler.sensitivity import MethodConfig
 from bitmix.errors import BitmixError
 from bitmix.ir.cost import CostModel
 from bitmix.ir.graph import LayerGraph
+from bitmix.ir.precision import format_assignment
 from bitmix.ir.targets import Target, get_target
 from bitmix.report.report import LayerRow, Report
 from bitmix.simulator import ChipConfig, SimResult, load_chip_config, price, simulate, simulate_calls
@@ -235,7 +236,7 @@ def _frontier(graph: LayerGraph, float_model: nn.Module, scores: dict, costs: Co
     uniform_pts = []
     for bits in tgt.choices:
         assignment = {n: pinned.get(n, bits) for n in names}
-        uniform_pts.append(_point(graph, float_model, assignment, chip, calib, evaluator, bits=bits,
+        uniform_pts.append(_point(graph, float_model, assignment, chip, calib, evaluator, bits=str(bits),
                                   predicted_drop=sum(scores.get(n, {}).get(bits, 0.0) for n in names)))
     return result, uniform_pts
 
@@ -245,7 +246,7 @@ def _point(graph: LayerGraph, float_model: nn.Module, assignment: dict[str, int]
     sim = simulate(graph, assignment, chip)
     quality = _quality(evaluator, fake_quantize(float_model, assignment, calib)) if evaluator is not None else None
     return {**extra, "throughput_fps": sim.throughput_fps, "energy_per_frame_j": sim.energy_per_frame_j,
-            "quality": quality, "assignment": assignment}
+            "quality": quality, "assignment": format_assignment(assignment)}
 
 
 def _report(graph: LayerGraph, tgt: Target, method: str, goal: Caps, chosen: Allocation, scores: dict,

@@ -18,6 +18,7 @@ from torch import nn
 
 from bitmix import kernels
 from bitmix.compiler.lower import KernelLayer, KernelPlan, matmul_kernel
+from bitmix.ir.precision import Precision
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -31,32 +32,32 @@ def _packed(data: torch.Tensor, row_sums: torch.Tensor, bits: int, k: int, k_pad
 
 @torch.library.custom_op("bitmix::qlinear_packed", mutates_args=())
 def qlinear_packed(x: torch.Tensor, data: torch.Tensor, row_sums: torch.Tensor, scales: torch.Tensor,
-                   bias: torch.Tensor | None, k: int, k_pad: int, offset: int, bits: int, a_step: float,
-                   a_signed: bool) -> torch.Tensor:
+                   bias: torch.Tensor | None, k: int, k_pad: int, offset: int, bits: int, a_bits: int,
+                   a_step: float, a_signed: bool) -> torch.Tensor:
     w = _packed(data, row_sums, bits, k, k_pad, offset)
     b = bias.numpy() if bias is not None else None
-    return torch.from_numpy(kernels.qlinear(_np(x), w, scales.numpy(), a_step, bits, a_signed, b))
+    return torch.from_numpy(kernels.qlinear(_np(x), w, scales.numpy(), a_step, a_bits, a_signed, b))
 
 
 @qlinear_packed.register_fake
-def _(x, data, row_sums, scales, bias, k, k_pad, offset, bits, a_step, a_signed):  # type: ignore[no-untyped-def]
+def _(x, data, row_sums, scales, bias, k, k_pad, offset, bits, a_bits, a_step, a_signed):  # type: ignore[no-untyped-def]
     return x.new_empty((*x.shape[:-1], data.shape[0]))
 
 
 @torch.library.custom_op("bitmix::qconv2d_packed", mutates_args=())
 def qconv2d_packed(x: torch.Tensor, data: torch.Tensor, row_sums: torch.Tensor, scales: torch.Tensor,
-                   bias: torch.Tensor | None, k: int, k_pad: int, offset: int, bits: int, a_step: float,
-                   a_signed: bool, geometry: list[int]) -> torch.Tensor:
+                   bias: torch.Tensor | None, k: int, k_pad: int, offset: int, bits: int, a_bits: int,
+                   a_step: float, a_signed: bool, geometry: list[int]) -> torch.Tensor:
     w = _packed(data, row_sums, bits, k, k_pad, offset)
     b = bias.numpy() if bias is not None else None
     kh, kw, sh, sw, ph, pw, dh, dw, groups = geometry
-    y = kernels.qconv2d(_np(x), w, scales.numpy(), a_step, bits, a_signed, b, (kh, kw), (sh, sw), (ph, pw),
+    y = kernels.qconv2d(_np(x), w, scales.numpy(), a_step, a_bits, a_signed, b, (kh, kw), (sh, sw), (ph, pw),
                         (dh, dw), groups)
     return torch.from_numpy(y)
 
 
 @qconv2d_packed.register_fake
-def _(x, data, row_sums, scales, bias, k, k_pad, offset, bits, a_step, a_signed, geometry):  # type: ignore[no-untyped-def]
+def _(x, data, row_sums, scales, bias, k, k_pad, offset, bits, a_bits, a_step, a_signed, geometry):  # type: ignore[no-untyped-def]
     kh, kw, sh, sw, ph, pw, dh, dw, _ = geometry
     ho, wo = ((size + 2 * p - d * (kk - 1) - 1) // s + 1
               for size, kk, s, p, d in zip(x.shape[2:], (kh, kw), (sh, sw), (ph, pw), (dh, dw), strict=True))
@@ -66,7 +67,7 @@ def _(x, data, row_sums, scales, bias, k, k_pad, offset, bits, a_step, a_signed,
 @torch.library.custom_op("bitmix::qmatmul_steps", mutates_args=())
 def qmatmul_steps(a: torch.Tensor, b: torch.Tensor, bits: int, a_step: float, a_signed: bool, b_step: float,
                   b_signed: bool) -> torch.Tensor:
-    plan = KernelPlan("", "matmul", bits, a_step, a_signed, b_step=b_step, b_signed=b_signed)
+    plan = KernelPlan("", "matmul", Precision(bits, bits), a_step, a_signed, b_step=b_step, b_signed=b_signed)
     return torch.from_numpy(matmul_kernel(_np(a), _np(b), plan))
 
 
@@ -97,9 +98,9 @@ class PortableLayer(nn.Module):
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         if self.kind == "matmul":
             assert other is not None
-            return qmatmul_steps(x, other, self.bits, self.a_step, self.a_signed, self.b_step, self.b_signed)
-        args = (x, self.data, self.row_sums, self.scales, self.bias, self.k, self.k_pad, self.offset, self.bits,
-                self.a_step, self.a_signed)
+            return qmatmul_steps(x, other, self.bits.a, self.a_step, self.a_signed, self.b_step, self.b_signed)
+        args = (x, self.data, self.row_sums, self.scales, self.bias, self.k, self.k_pad, self.offset, self.bits.w,
+                self.bits.a, self.a_step, self.a_signed)
         if self.kind == "linear":
             return qlinear_packed(*args)
         return qconv2d_packed(*args, self.geometry)

@@ -3,8 +3,9 @@
 Learned Step Size Quantization (Esser et al., ICLR 2020): a quantizer is
 `v_hat = round(clip(v / s, -Q_N, Q_P)) * s` with a learnable step `s`, a
 straight-through round, and the step's gradient scaled by `g = 1 / sqrt(N * Q_P)`.
-`QuantLayer` applies one precision to its weights and its input activations; with
-`bits=None` it is an exact float passthrough.
+`QuantLayer` applies a `Precision` pair: weight width to its weights, activation width to
+its input activations (both operands of an activation x activation matmul are activations);
+with `bits=None` it is an exact float passthrough.
 
 The forward pass and `LSQQuantizer.codes` divide by the same float32 step, so the
 integer codes the lowering packs are exactly those the fake-quantized model used.
@@ -20,6 +21,7 @@ from torch import nn
 
 from bitmix.compiler import ranges
 from bitmix.errors import BitmixError
+from bitmix.ir.precision import Precision, PrecisionLike, chip_precision
 
 # E|v| for v ~ N(0, 1) (signed) and for relu(v) (unsigned): the data-free activation prior.
 GAUSSIAN_ABS_MEAN = {True: math.sqrt(2.0 / math.pi), False: 1.0 / math.sqrt(2.0 * math.pi)}
@@ -144,8 +146,9 @@ class LSQQuantizer(nn.Module):
 class QuantLayer(nn.Module):
     """One quantizable op of the captured graph: conv2d, linear, or activation x activation matmul.
 
-    `bits=None` runs the float op unchanged. With bits set, the op consumes
-    `a_quant(x)` and `w_quant(weight)` (matmul: `a_quant(a)`, `b_quant(b)`).
+    `bits=None` runs the float op unchanged. With `bits` a pair (w, a), the op consumes
+    `a_quant(x)` at a bits and `w_quant(weight)` at w bits (matmul: `a_quant(a)`, `b_quant(b)`,
+    both at a bits: the second operand is an activation too).
     `a_nonneg` / `b_nonneg` record that the graph guarantees a non-negative operand
     (after ReLU, softmax, ...), which makes its quantizer unsigned.
     """
@@ -170,7 +173,7 @@ class QuantLayer(nn.Module):
             raise BitmixError(f"layer {name!r}: a {kind} layer needs a weight")
         self.name = name
         self.kind = kind
-        self.bits: int | None = None
+        self.bits: Precision | None = None
         self.weight = nn.Parameter(weight.detach().clone()) if weight is not None else None
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         self.stride = tuple(stride)
@@ -186,25 +189,35 @@ class QuantLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"name={self.name!r}, kind={self.kind}, bits={self.bits}"
 
-    def set_bits(self, bits: int | None, a_signed: bool | None = None, b_signed: bool | None = None) -> None:
-        """Switch precision; new quantizers start uninitialised except the weight step.
+    @property
+    def w_bits(self) -> int | None:
+        return None if self.bits is None else self.bits.w
+
+    @property
+    def a_bits(self) -> int | None:
+        return None if self.bits is None else self.bits.a
+
+    def set_bits(self, bits: PrecisionLike | None, a_signed: bool | None = None, b_signed: bool | None = None
+                 ) -> None:
+        """Switch precision (a pair, or an int b for b/b); new quantizers start uninitialised except the weight step.
 
         Activation signedness defaults to "signed unless the graph proves the operand
         non-negative"; pass `a_signed` / `b_signed` to override (e.g. from calibration).
         """
-        self.bits = bits
         if bits is None:
+            self.bits = None
             self.w_quant = self.a_quant = self.b_quant = None
             return
+        p = self.bits = chip_precision(bits, f"layer {self.name!r}: precision")
         a_signed = (not self.a_nonneg) if a_signed is None else a_signed
-        self.a_quant = LSQQuantizer(bits, a_signed)
+        self.a_quant = LSQQuantizer(p.a, a_signed)
         if self.kind == "matmul":
             b_signed = (not self.b_nonneg) if b_signed is None else b_signed
-            self.b_quant = LSQQuantizer(bits, b_signed)
+            self.b_quant = LSQQuantizer(p.a, b_signed)
             self.w_quant = None
             return
         assert self.weight is not None
-        self.w_quant = LSQQuantizer(bits, signed=True, channels=self.weight.shape[0])
+        self.w_quant = LSQQuantizer(p.w, signed=True, channels=self.weight.shape[0])
         self.w_quant.init_range(self.weight)
         self.b_quant = None
 

@@ -47,7 +47,7 @@ def render_html(report: Report, plots: dict[str, str], base: Path | None = None)
     ]
     rows = []
     for i, r in enumerate(report.layers):
-        bits = "fp32 (no kernel)" if r.bits is None else f"{r.bits}{' (pinned)' if r.pinned else ''}"
+        bits = "fp32 (no kernel)" if r.bits is None else f"{r.precision}{' (pinned)' if r.pinned else ''}"
         rows.append(
             f'<tr class="{"fp32" if r.bits is None else ""}"><td>{i}</td><td class="l">{html.escape(r.name)}</td>'
             f'<td class="l">{r.kind}</td><td>{bits}</td><td>{r.macs:,}</td><td>{r.params:,}</td>'
@@ -70,7 +70,7 @@ stage timings: {timings}</p>
 <div class="cards">{''.join(cards)}</div>
 {''.join(figures)}
 <h2>Layers</h2>
-<table><thead><tr><th>#</th><th>layer</th><th>kind</th><th>bits</th><th>MACs</th><th>params</th><th>cycles</th>
+<table><thead><tr><th>#</th><th>layer</th><th>kind</th><th>w/a bits</th><th>MACs</th><th>params</th><th>cycles</th>
 <th>energy µJ</th><th>score</th><th>bound</th></tr></thead><tbody>
 {''.join(rows)}
 </tbody></table>

@@ -36,7 +36,7 @@ def _frontier(report: Report, path: Path) -> str:
     for u in report.uniform:
         if u.get(key) is not None:
             ax.scatter([u["throughput_fps"]], [u[key]], marker="s", s=60, zorder=3)
-            ax.annotate(f"all {u['bits']}-bit", (u["throughput_fps"], u[key]), textcoords="offset points",
+            ax.annotate(f"all {u['bits']}", (u["throughput_fps"], u[key]), textcoords="offset points",
                         xytext=(5, 5), fontsize=8)
     chosen = report.simulated["throughput_fps"]
     ax.axvline(chosen, color="gray", ls="--", lw=1, label="compiled")
@@ -58,8 +58,10 @@ def _bits(report: Report, path: Path) -> str:
     rows = report.layers
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows) + 2), 4), dpi=110)
     x = range(len(rows))
-    ax.bar(x, [r.bits or 32 for r in rows], color=["#888" if r.pinned else "#3b7dd8" for r in rows])
-    ax.set_ylabel("bits (grey: pinned)")
+    ax.bar(x, [r.bits or 32 for r in rows], color=["#888" if r.pinned else "#3b7dd8" for r in rows],
+           label="weight bits")
+    ax.plot(list(x), [r.a_bits or 32 for r in rows], "_", color="k", ms=10, mew=2, label="activation bits")
+    ax.set_ylabel("bits (bar: weights, tick: activations; grey: pinned)")
     ax.set_xticks(list(x))
     ax.set_xticklabels([r.name for r in rows], rotation=90, fontsize=6)
     scores = [r.score for r in rows]

@@ -23,7 +23,7 @@ SIMULATED_KEYS = ("cycles", "latency_s", "throughput_fps", "energy_per_frame_j",
 class LayerRow:
     name: str
     kind: str
-    bits: int | None  # None: stays FP32 (no kernel)
+    bits: int | None  # weight bits; None: stays FP32 (no kernel)
     macs: int
     params: int
     cycles: float
@@ -31,6 +31,20 @@ class LayerRow:
     score: float | None
     bound: str = ""
     pinned: bool = False
+    a_bits: int | None = None  # activation bits (None with bits set: the same as `bits`)
+
+    def __post_init__(self) -> None:
+        bits = self.bits
+        if isinstance(bits, tuple):  # a Precision pair given whole
+            object.__setattr__(self, "bits", bits[0])
+            object.__setattr__(self, "a_bits", bits[1])
+        elif bits is not None and self.a_bits is None:
+            object.__setattr__(self, "a_bits", bits)
+
+    @property
+    def precision(self) -> str:
+        """"w/a" for display ("fp32" when no kernel runs the layer)."""
+        return "fp32" if self.bits is None else f"{self.bits}/{self.a_bits}"
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ def _console() -> Console:
 
 def layer_table(report: Report) -> Table:
     table = Table(title=f"{report.model} → {report.target} ({report.method}, budget {report.budget})")
-    for col in ("#", "layer", "kind", "bits", "MACs", "params", "cycles", "energy µJ", "score", "bound"):
+    for col in ("#", "layer", "kind", "w/a bits", "MACs", "params", "cycles", "energy µJ", "score", "bound"):
         table.add_column(col, justify="left" if col in ("layer", "kind", "bound") else "right",
                          overflow="fold" if col == "layer" else "ellipsis")
     for i, row in enumerate(report.layers):
-        bits = "fp32" if row.bits is None else f"{row.bits}{'*' if row.pinned else ''}"
+        bits = f"{row.precision}{'*' if row.pinned else ''}"
         score = "" if row.score is None else f"{row.score:.4g}"
         table.add_row(str(i), row.name, row.kind, bits, f"{row.macs:,}", f"{row.params:,}", f"{row.cycles:,.0f}",
                       f"{row.energy_j * 1e6:.3f}", score, row.bound)

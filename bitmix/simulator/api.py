@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
-from bitmix.simulator import analytic, engine
 from bitmix.ir.precision import Precision, PrecisionLike, as_precision, chip_precision
+from bitmix.simulator import analytic, engine
 from bitmix.simulator.config import ChipConfig
 from bitmix.simulator.energy import COMPONENTS, dynamic_energy, pcie_energy, static_energy
 from bitmix.simulator.mapping import layer_works, weight_bytes

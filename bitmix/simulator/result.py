@@ -47,7 +47,10 @@ class LayerResult:
     weight_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
+        """JSON-safe: `bits` is the weight width and `a_bits` the activation width (as in report.json)."""
+        out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
+        out["bits"], out["a_bits"] = self.bits.w, self.bits.a
+        return out
 
 
 @dataclass(frozen=True)

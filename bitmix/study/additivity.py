@@ -12,7 +12,9 @@ from torch import nn
 
 from bitmix.compiler import sensitivity
 from bitmix.compiler.sensitivity import ALPSConfig
+from bitmix.ir.precision import as_precision, format_assignment
 from bitmix.study.config import Log, StudyConfig
+from bitmix.study.store import read_assignment
 
 
 def additivity(config: StudyConfig, out: Path, fp: str, prepared: nn.Module, names: tuple[str, ...], target: Any,
@@ -40,7 +42,8 @@ def additivity(config: StudyConfig, out: Path, fp: str, prepared: nn.Module, nam
             assignments = random_assignments(tuple(names), target, config.additivity, seed=0, lowered=lowered)
             measured = measure_drops(prepared, tuple(names), target, assignments, data, seed=0,
                                      finetune_epochs=config.additivity_epochs, lr=lr, metric="loss")
-            cached["sets"][name] = {"lowered": lowered, "assignments": assignments, "measured": measured,
+            cached["sets"][name] = {"lowered": lowered, "assignments": [format_assignment(a) for a in assignments],
+                                    "measured": measured,
                                     "seconds": time.perf_counter() - start}
             say(f"  additivity ({name}): {config.additivity} random assignments measured in "
                 f"{cached['sets'][name]['seconds']:.0f} s")
@@ -49,9 +52,10 @@ def additivity(config: StudyConfig, out: Path, fp: str, prepared: nn.Module, nam
     for name, entry in cached["sets"].items():
         per_method = {}
         for method in methods:
-            r = correlate(scored[(method, 0)]["scores"], entry["assignments"], entry["measured"])
+            assignments = [read_assignment(a) for a in entry["assignments"]]
+            r = correlate(scored[(method, 0)]["scores"], assignments, entry["measured"])
             per_method[method] = {"rho": _finite(r.rho), "pvalue": _finite(r.pvalue), "predicted": list(r.predicted)}
-        lowered = [sum(1 for b in a.values() if b == target.lowest) for a in entry["assignments"]]
+        lowered = [sum(1 for b in a.values() if as_precision(b) == target.lowest) for a in entry["assignments"]]
         sets[name] = {"measured": entry["measured"], "seconds": entry["seconds"], "methods": per_method,
                       "lowered_layers": lowered}
     return {k: cached[k] for k in ("n", "finetune_epochs", "lr", "metric")} | {"free_layers": free, "sets": sets}

@@ -100,9 +100,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
 
     # 1. score once per (method, seed)
     scores_path, points_path = out / "scores.jsonl", out / "points.jsonl"
-    scored = {(r["method"], r["seed"]): r | {"scores": {n: {int(b): v for b, v in d.items()} for n, d in
-                                                        r["scores"].items()}}
-              for r in read_jsonl(scores_path, fp)}  # JSON keys are strings; bits are ints
+    scored = {(r["method"], r["seed"]): r for r in read_jsonl(scores_path, fp)}  # keys read back as Precision
     runner = executor or sensitivity.executor_for(config.workers)
     for method in config.methods:
         for seed in seeds:

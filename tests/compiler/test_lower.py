@@ -69,10 +69,10 @@ def test_int32_accumulators_equal_torch_on_codes(digits_lowered):
             ref = F.conv2d(a_codes.double(), w_codes.double(), None, layer.stride, layer.padding, layer.dilation,
                            layer.groups)
             acc = kernels.conv2d(a_np, plan.packed, plan.kernel_size, plan.stride, plan.padding, plan.dilation,
-                                 plan.groups, plan.bits, plan.a_signed)
+                                 plan.groups, plan.bits.a, plan.a_signed)
         else:
             ref = F.linear(a_codes.double(), w_codes.double())
-            acc = kernels.gemm(a_np.reshape(-1, a_np.shape[-1]), plan.packed, plan.bits, plan.a_signed)
+            acc = kernels.gemm(a_np.reshape(-1, a_np.shape[-1]), plan.packed, plan.bits.a, plan.a_signed)
         assert acc.dtype == np.int32
         np.testing.assert_array_equal(acc.reshape(ref.shape), ref.numpy().astype(np.int64))
         # float outputs agree up to the final rescale's rounding
@@ -126,6 +126,33 @@ def test_minilm_attention_lowers(capture_zoo, load_zoo):
     assert torch.equal(ref, out)  # fake-quant inference is the integer path: bit-identical outputs
     kinds = [m.kind for m in lowered.module.modules() if hasattr(m, "plan")]
     assert kinds.count("matmul") == 12 and kinds.count("linear") == 36  # the dropped pooler is not captured
+
+
+PAIRS = {"w4a8": ("4/8", "2/8"), "mixed": ("8/8", "4/8", "2/8", "4/4", "2/4", "2/2")}
+
+
+@pytest.mark.parametrize("name", ["digits-cnn", "digits-mlp", "minilm",
+                                  pytest.param("resnet18", marks=pytest.mark.slow),
+                                  pytest.param("mobilenetv2", marks=pytest.mark.slow),
+                                  pytest.param("resnet50", marks=pytest.mark.slow),
+                                  pytest.param("bert-base", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("pairs", PAIRS)
+def test_kernels_equal_fake_quant_on_pairs(capture_zoo, load_zoo, name, pairs):
+    """Every (weight, activation) pair: packed kernels == fake-quant inference, bit for bit."""
+    _, _, data = load_zoo(name)
+    graph = capture_zoo(name)
+    cycle = PAIRS[pairs]
+    assignment = {layer: cycle[i % len(cycle)] for i, layer in enumerate(graph.names)}
+    fq = fake_quantize(prepare(graph), assignment, data.calibration(8))
+    for layer in quant_layers(fq).values():
+        p = layer.bits
+        assert layer.a_quant.bits == p.a and (layer.w_quant or layer.b_quant).bits == (p.a if layer.kind == "matmul"
+                                                                                         else p.w)
+    lowered = lower(fq)
+    x = tuple(t[:2] for t in data.test.inputs)
+    with torch.no_grad():
+        ref, out = fq(*x), lowered.module(*x)
+    assert torch.equal(ref, out)
 
 
 def test_eager_calls_skip_the_dispatcher_tracers_see_the_ops():

@@ -53,6 +53,8 @@ from torch import nn
 from bitmix.compiler.qlayer import LSQQuantizer, QuantLayer, qrange, quant_layers
 from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 from bitmix.errors import BitmixError
+from bitmix.ir.graph import Layer
+from bitmix.ir.precision import Precision
 
 VARIANTS = tuple(f"{sign}entropy{drop}{params}" for sign in ("", "neg_") for drop in ("", "_drop")
                  for params in ("", "_params"))
@@ -124,14 +126,15 @@ def _codes(v: torch.Tensor, bits: int, signed: bool, per_channel: bool, steps: s
     return q.codes(v)
 
 
-def weight_entropies(layer: QuantLayer, bits: tuple[int, ...], steps: str) -> dict[int, float]:
+def weight_entropies(layer: QuantLayer, bits: tuple[Precision, ...], steps: str) -> dict[Precision, float]:
+    """H of the weight codes at each choice's weight width (EAGL is a weight-entropy method)."""
     assert layer.weight is not None
     learned = layer.w_quant if steps == "learned" and isinstance(layer.w_quant, LSQQuantizer) else None
-    return {b: entropy_bits(_codes(layer.weight.detach(), b, True, True, steps, learned)) for b in bits}
+    return {b: entropy_bits(_codes(layer.weight.detach(), b.w, True, True, steps, learned)) for b in bits}
 
 
 def activation_entropies(model: nn.Module, inputs: tuple[torch.Tensor, ...] | None, names: list[str],
-                         bits: tuple[int, ...], steps: str) -> dict[str, dict[int, float]]:
+                         bits: tuple[Precision, ...], steps: str) -> dict[str, dict[Precision, float]]:
     """Mean operand entropy per matmul layer and precision, from one calibration pass."""
     if inputs is None or not names:
         return {}
@@ -147,7 +150,7 @@ def activation_entropies(model: nn.Module, inputs: tuple[torch.Tensor, ...] | No
     finally:
         for h in hooks:
             h.remove()
-    out: dict[str, dict[int, float]] = {}
+    out: dict[str, dict[Precision, float]] = {}
     for name, operands in seen.items():
         layer = layers[name]
         quantizers = (layer.a_quant, layer.b_quant) if steps == "learned" else (None, None)
@@ -157,7 +160,7 @@ def activation_entropies(model: nn.Module, inputs: tuple[torch.Tensor, ...] | No
             for v, nonneg, q in zip(operands, (layer.a_nonneg, layer.b_nonneg), quantizers, strict=True):
                 signed = q.signed if isinstance(q, LSQQuantizer) else not (nonneg or float(v.min()) >= 0)
                 learned = q if isinstance(q, LSQQuantizer) else None
-                hs.append(entropy_bits(_codes(v, b, signed, False, steps, learned)))
+                hs.append(entropy_bits(_codes(v, b.a, signed, False, steps, learned)))
             out[name][b] = sum(hs) / len(hs)
     return out
 
@@ -176,7 +179,7 @@ def scoring_model(ctx: ScoreContext, config: EAGLConfig) -> tuple[nn.Module, str
     return cached_train_at_highest(ctx.model, ctx.graph.names, ctx.target, data, step_lr=lr, seed=ctx.seed).model, steps
 
 
-def entropies(ctx: ScoreContext, config: EAGLConfig) -> dict[str, dict[int, float]]:
+def entropies(ctx: ScoreContext, config: EAGLConfig) -> dict[str, dict[Precision, float]]:
     """H_l(b) per free layer and choice (matmuls without calibration left out)."""
     model, steps = scoring_model(ctx, config)
     choices = ctx.target.choices
@@ -187,7 +190,7 @@ def entropies(ctx: ScoreContext, config: EAGLConfig) -> dict[str, dict[int, floa
     return out
 
 
-def variant_scores(ctx: ScoreContext, h: dict[str, dict[int, float]], variant: str) -> Scores:
+def variant_scores(ctx: ScoreContext, h: dict[str, dict[Precision, float]], variant: str) -> Scores:
     """Scores of one variant from the entropies (pure arithmetic: the ablation reuses `h`)."""
     if variant not in VARIANTS:
         raise BitmixError(f"unknown EAGL variant {variant!r}; valid: {', '.join(VARIANTS)}")
@@ -198,9 +201,9 @@ def variant_scores(ctx: ScoreContext, h: dict[str, dict[int, float]], variant: s
         n = layer.weight_elements if layer.kind != "matmul" else math.prod(layer.weight_shape)
         if "_drop" in variant:
             raw = {b: hl[choices[0]] - hl[b] for b in choices}
-            raw = {b: (choices[0] - b) - v for b, v in raw.items()} if neg else raw
+            raw = {b: (_width(layer, choices[0]) - _width(layer, b)) - v for b, v in raw.items()} if neg else raw
         else:
-            per = [(c - hl[c]) if neg else hl[c] for c in choices]
+            per = [(_width(layer, c) - hl[c]) if neg else hl[c] for c in choices]
             raw = {c: sum(per[:k]) for k, c in enumerate(choices)}
         scale = float(n) if variant.endswith("_params") else 1.0
         scores[name] = {b: scale * v for b, v in raw.items()}
@@ -212,6 +215,11 @@ def variant_scores(ctx: ScoreContext, h: dict[str, dict[int, float]], variant: s
         neutral = {b: statistics.median(s[b] for s in scores.values()) for b in choices}
         scores.update({n: dict(neutral) for n in missing})
     return {n: scores[n] for n in free}
+
+
+def _width(layer: Layer, p: Precision) -> int:
+    """The width whose entropy EAGL measures: the weights', or a matmul's (activation) operands'."""
+    return p.a if layer.kind == "matmul" else p.w
 
 
 def eagl_scores(ctx: ScoreContext, config: EAGLConfig | None = None) -> Scores:

@@ -6,7 +6,9 @@ trace estimated by Hutchinson's method, `E[vᵀ H v]` over Rademacher v, with on
 Hessian-vector product (double backprop) per sample for all layers at once (cross-layer
 terms vanish in expectation). `Q_b` is per-channel LSQ-init quantization. Negative
 trace estimates (noise, non-convexity) are clamped to 0. Matmul layers have no weights;
-they get the median score of the weighted layers.
+they get the median score of the weighted layers. A (w, a) pair is scored at its weight width w:
+the method sees no activation error, so pairs that differ only in activation width tie (use
+sqnr or alps to score activation widths).
 
 Probe samples are independent jobs on the context's executor: sample i draws its probes
 from its own generator (seeded by (seed, i)), and the per-sample terms are summed in
@@ -110,7 +112,7 @@ def hawq(ctx: ScoreContext, cfg: HAWQConfig) -> Scores:
     for name, param, trace in zip(weighted, params, traces, strict=True):
         assert param is not None
         per_param = max(trace, 0.0) / param.numel()
-        scores[name] = {b: per_param * perturbation(param.detach(), b) for b in ctx.target.choices}
+        scores[name] = {b: per_param * perturbation(param.detach(), b.w) for b in ctx.target.choices}
     if len(weighted) < len(ctx.free_layers):
         neutral = {
             b: statistics.median(s[b] for s in scores.values()) if scores else 0.0 for b in ctx.target.choices

@@ -79,11 +79,12 @@ def limpq(ctx: ScoreContext, cfg: LIMPQConfig) -> Scores:
         layer = layers[name]
         layer.set_bits(choices[0], *signs[name])
         a_signed, b_signed = signs[name]
-        layer.a_quant = MultiStepLSQ(choices, a_signed)
+        a_widths, w_widths = tuple(c.a for c in choices), tuple(c.w for c in choices)
+        layer.a_quant = MultiStepLSQ(a_widths, a_signed)
         if layer.kind == "matmul":
-            layer.b_quant = MultiStepLSQ(choices, b_signed)
+            layer.b_quant = MultiStepLSQ(a_widths, b_signed)
         else:
-            layer.w_quant = MultiStepLSQ(choices, signed=True)
+            layer.w_quant = MultiStepLSQ(w_widths, signed=True)
         quantizers[name] = [q for q in (layer.a_quant, layer.b_quant, layer.w_quant) if isinstance(q, MultiStepLSQ)]
     with torch.no_grad():
         model(*calibration)  # initialise the pinned layers' activation steps
