@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/quality.py [--models resnet18,digits-cnn] [--quick] [--json out.json]
 
 Protocol (issue 12): per model, target (int8-npu, w4a8-npu, int4-npu, int4int2-npu at budget
-0.8 and 0.95; budget 1 is every free layer at the target's highest choice, e.g. 4/8) and seed, `bitmix.compile` with `--calib` calibration inputs (default 8: the
+0.8 and 0.95; budget 1 is every free layer at the target's highest choice, e.g. 4/8) and
+seed, `bitmix.compile` with `--calib` calibration inputs (default 8: the
 training split's inputs in a seeded order, or seeded random N(0, 1) inputs for the
 image models, which have no data set) and either no fine-tuning (PTQ) or the zoo task's
 recipe. 8 calibration inputs are the issue's int8 protocol; below 8 bits 8 digit images (8x8

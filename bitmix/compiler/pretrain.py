@@ -26,6 +26,7 @@ from torch import nn
 
 from bitmix.compiler.quantize import fake_quantize, finetune
 from bitmix.errors import BitmixError
+from bitmix.ir.precision import Precision
 from bitmix.ir.targets import Target
 from bitmix.task import FinetuneConfig, TaskData
 
@@ -43,7 +44,7 @@ class Pretrained:
     cached: bool
 
 
-def highest_assignment(layer_names: tuple[str, ...], target: Target) -> dict[str, int]:
+def highest_assignment(layer_names: tuple[str, ...], target: Target) -> dict[str, Precision]:
     """Every free layer at the target's highest choice, pinned layers at their bits."""
     return {n: target.highest for n in layer_names} | target.pinned(layer_names)
 
@@ -75,10 +76,16 @@ def cache_key(prepared: nn.Module, target: Target, recipe: FinetuneConfig, step_
     for name, tensor in sorted(prepared.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    meta = {"v": CACHE_VERSION, "target": [target.choices, target.pin_first_last], "recipe": asdict(recipe),
+    meta = {"v": CACHE_VERSION, "target": [[_key(c) for c in target.choices], _key(target.pin_first_last)],
+            "recipe": asdict(recipe),
             "step_lr": step_lr, "seed": seed, "calibration": CALIBRATION}
     h.update(json.dumps(meta, sort_keys=True).encode())
     return h.hexdigest()[:20]
+
+
+def _key(p: Precision | None) -> int | str | None:
+    """b/b as the int b (keys of caches written before pairs stay valid), other pairs as "w/a"."""
+    return p if p is None else (p.w if p.w == p.a else str(p))
 
 
 def cached_train_at_highest(

@@ -33,6 +33,8 @@ class Precision(NamedTuple):
     def __str__(self) -> str:
         return f"{self.w}/{self.a}"
 
+    __repr__ = __str__  # error messages list choices as [4/8, 2/8]
+
     def __eq__(self, other: object) -> bool:
         if isinstance(other, int) and not isinstance(other, bool):
             return self.w == self.a == other

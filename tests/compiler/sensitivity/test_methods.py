@@ -11,6 +11,7 @@ from bitmix.compiler.allocate import Budget, allocate
 from bitmix.compiler.sensitivity import ALPSConfig, HAWQConfig, LIMPQConfig, ProcessExecutor, SerialExecutor, score
 from bitmix.compiler.sensitivity.hawq import hutchinson_traces
 from bitmix.ir.cost import CostModel
+from bitmix.ir.precision import Precision
 
 
 def _check_shape(scores, ctx):
@@ -24,6 +25,22 @@ def test_sqnr_scores_grow_as_bits_drop(mlp_ctx):
     s = score("sqnr", mlp_ctx)
     _check_shape(s, mlp_ctx)
     assert all(v[2] > v[4] > 0 for v in s.values())
+
+
+def test_sqnr_scores_activation_widths(mlp_ctx):
+    """On (w, a) pairs: narrower activations at the same weight width lose more."""
+    s = score("sqnr", mlp_ctx)
+    for w, a_hi, a_lo in ((4, 8, 4), (2, 8, 4), (2, 4, 2)):
+        assert sum(v[Precision(w, a_lo)] for v in s.values()) > sum(v[Precision(w, a_hi)] for v in s.values())
+
+
+def test_weight_methods_score_the_weight_width(mlp_ctx):
+    """EAGL and HAWQ see weights only: pairs with the same weight width tie."""
+    for method in ("eagl", HAWQConfig(samples=2, examples=32)):
+        s = score(method, mlp_ctx)
+        _check_shape(s, mlp_ctx)
+        assert all(v[Precision(4, 8)] == v[Precision(4, 4)] and v[Precision(2, 8)] == v[Precision(2, 2)]
+                   for v in s.values())
 
 
 def test_sqnr_handles_matmul_layers(attention_ctx):
@@ -63,7 +80,7 @@ def test_alps_is_deterministic_and_executor_independent(mlp_ctx):
     names = mlp_ctx.graph.names
     pinned = mlp_ctx.target.pinned(names)
     choices = [(pinned[n],) if n in pinned else mlp_ctx.target.choices for n in names]
-    costs = CostModel.of_terms(names, choices, {"cycles": [[float(b * (i + 1)) for b in c] for i, c in
+    costs = CostModel.of_terms(names, choices, {"cycles": [[float((b.w + b.a) * (i + 1)) for b in c] for i, c in
                                                            enumerate(choices)]})
     a1 = allocate(serial, costs, mlp_ctx.target, mlp_ctx.graph.names, Budget(fraction=0.6))
     a2 = allocate(pooled, costs, mlp_ctx.target, mlp_ctx.graph.names, Budget(fraction=0.6))
