@@ -19,16 +19,18 @@ from bitmix.compiler.progress import limit as _limit
 from bitmix.compiler.progress import progress as _progress
 from bitmix.compiler.qlayer import MIN_STEP, LSQQuantizer, QuantLayer, quant_layers
 from bitmix.errors import BitmixError
+from bitmix.ir.precision import PrecisionLike
 from bitmix.task import TaskData
 
 
 def fake_quantize(
     model: nn.Module,
-    assignment: dict[str, int],
+    assignment: dict[str, PrecisionLike],
     calibration: tuple[torch.Tensor, ...] | None = None,
     bias_correction: bool = True,
 ) -> torch.fx.GraphModule:
-    """A new fake-quantized copy of a prepared model with per-layer bits from `assignment`.
+    """A new fake-quantized copy of a prepared model with per-layer `Precision` pairs from `assignment`
+    (weight width for the weights, activation width for the inputs; an int b means b/b).
 
     `model` is a module prepared by `fold.prepare` (deep-copied, never changed). Layers missing from
     `assignment` stay float.

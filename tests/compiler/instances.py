@@ -16,15 +16,15 @@ def random_instance(rng: np.random.Generator, n_layers: int, target: Target) -> 
     names = tuple(f"l{i}" for i in range(n_layers))
     pinned = target.pinned(names)
     choices = [(pinned[n],) if n in pinned else target.choices for n in names]
-    core = [np.array([rng.uniform(1e3, 1e5) * (b / 8) ** rng.uniform(0.3, 1.0) for b in c]) for c in choices]
-    pre = [np.array([rng.uniform(0, 6e4) * b / 8 for b in c]) for c in choices]
+    core = [np.array([rng.uniform(1e3, 1e5) * (b.compute / 8) ** rng.uniform(0.3, 1.0) for b in c]) for c in choices]
+    pre = [np.array([rng.uniform(0, 6e4) * b.w / 8 for b in c]) for c in choices]
     hop = [rng.uniform(0, 300, size=(len(choices[i - 1]), len(c))) for i, c in enumerate(choices)]
     nxt = [(i + 1) % n_layers for i in range(n_layers)]
     cycles_pair = [np.maximum(core[i][:, None], pre[nxt[i]][None, :]) + (hop[nxt[i]] if nxt[i] else 0.0)
                    for i in range(n_layers)]
     energy = [c * 1e-12 * rng.uniform(0.5, 2) for c in core]
     energy_pair = [p * 1e-13 for p in cycles_pair]
-    sram = [np.array([rng.uniform(1e3, 1e5) * b for b in c]).round() for c in choices]
+    sram = [np.array([rng.uniform(1e3, 1e5) * b.w for b in c]).round() for c in choices]
     model = CostModel.of_terms(names, choices, {"cycles": [np.zeros(len(c)) for c in choices], "energy_j": energy,
                                                 "sram_bytes": sram},
                                {"cycles": cycles_pair, "energy_j": energy_pair})

@@ -1,7 +1,8 @@
 """The sensitivity contract: `ScoreContext` + a method's own config in, `Scores` out; one registry of methods.
 
-`Scores[layer][bits]` estimates how much task quality is lost when `layer` runs at
-`bits`, relative to the target's highest choice (so it is 0 there). Only non-pinned
+`Scores[layer][p]` estimates how much task quality is lost when `layer` runs at the
+`Precision` pair p = (weight bits, activation bits), relative to the target's highest choice
+(so it is 0 there); as keys, b/b and the int b are the same. Only non-pinned
 layers are scored, over `target.choices`. Scores are additive by assumption; the
 knapsack in `bitmix.compiler.allocate` minimises their sum.
 
@@ -21,11 +22,12 @@ from torch import nn
 
 from bitmix.compiler.sensitivity.executor import Executor
 from bitmix.errors import BitmixError
+from bitmix.ir.precision import Precision
 from bitmix.ir.graph import LayerGraph
 from bitmix.ir.targets import Target
 from bitmix.task import TaskData
 
-Scores = dict[str, dict[int, float]]
+Scores = dict[str, dict[Precision, float]]
 CALIBRATION_SIZE = 64  # unlabeled inputs taken from the training split when no calibration set is given
 
 
