@@ -22,8 +22,8 @@ from torch import nn
 
 from bitmix.compiler.sensitivity.executor import Executor
 from bitmix.errors import BitmixError
-from bitmix.ir.precision import Precision
 from bitmix.ir.graph import LayerGraph
+from bitmix.ir.precision import Precision
 from bitmix.ir.targets import Target
 from bitmix.task import TaskData
 
