@@ -35,6 +35,8 @@ def test_compile_digits_writes_everything(tmp_path):
         (["compile", "digits-cnn", "--budget", "0.2", "--out", "x"], "minimum achievable"),
         (["compile", "resnet18", "--eval", "--out", "x"], "no evaluation data"),
         (["simulate", "digits-cnn", "--config", "/nonexistent.toml"], "nonexistent.toml"),
+        (["simulate", "digits-cnn", "--bits", "8/4"], "weights wider than activations"),
+        (["simulate", "digits-cnn", "--bits", "3"], "--bits '3'"),
         (["bench", "model", "nope"], "unknown model 'nope'"),
         (["bench", "model", "digits-mlp", "--repeats", "0"], "repeats=0"),
     ],
@@ -65,6 +67,9 @@ def test_simulate_json(tmp_path):
     assert main(["simulate", "digits-cnn", "--bits", "4", "--json", str(path)]) == 0
     d = json.loads(path.read_text())
     assert d["throughput_fps"] > 0 and d["chips"] == 1
+    assert main(["simulate", "digits-cnn", "--bits", "4/8", "--json", str(path)]) == 0
+    layers = json.loads(path.read_text())["layers"]
+    assert all((row["bits"], row["a_bits"]) == (4, 8) for row in layers)
 
 
 class TinyConvNet(torch.nn.Module):

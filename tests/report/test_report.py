@@ -82,3 +82,25 @@ def test_renderers_are_functions_of_plain_data(capsys):
             "print(sorted(m for m in sys.modules if m.startswith('bitmix.report.') or m == 'matplotlib'))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "['bitmix.report.report']"  # the data type pulls in no renderer
+
+
+def test_pairs_show_weight_and_activation_bits(tmp_path):
+    from bitmix.ir.precision import Precision
+
+    rows = (LayerRow("fc", "linear", Precision(4, 8), 50, 5, 400.0, 4e-7, 0.3, "compute", False),
+            LayerRow("old", "linear", 2, 50, 5, 400.0, 4e-7, 0.3, "compute", False))
+    report = Report("toy", "w4a8-npu", "sqnr", 1.0, rows, SIM, {}, {})
+    save_report(report, tmp_path)
+    layers = json.loads((tmp_path / "report.json").read_text())["layers"]
+    assert [(r["bits"], r["a_bits"]) for r in layers] == [(4, 8), (2, 2)]
+    old = json.loads((tmp_path / "report.json").read_text())
+    for row in old["layers"]:
+        del row["a_bits"]  # a report written before pairs: plain bits read as b/b
+    (tmp_path / "report.json").write_text(json.dumps(old))
+    assert [r.precision for r in load_report(tmp_path).layers] == ["4/4", "2/2"]
+    assert "4/8" in (tmp_path / "report.html").read_text()
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(layer_table(report))
+    assert "4/8" in console.export_text()
