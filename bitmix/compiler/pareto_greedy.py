@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bitmix.errors import BitmixError
+from bitmix.ir.precision import Precision, as_precision
 from bitmix.ir.targets import Target
 
 Scores = dict[str, dict[int, float]]
@@ -43,7 +44,7 @@ class Flip:
     """One phase-1 entry: lower `layer` to `bits`; its sensitivity and its saving on its own."""
 
     layer: str
-    bits: int
+    bits: Precision
     score: float
     saving: float
 
@@ -63,10 +64,11 @@ def flip_order(scores: Scores, target: Target, layer_names: Sequence[str], cost:
             if bits not in scores.get(name, {}):
                 raise BitmixError(f"scores have no {bits}-bit value for layer {name!r}; re-run score()")
             flip = Flip(name, bits, float(scores[name][bits]), base_cost - cost(base | {name: bits}))
+            higher_first = tuple(-k for k in as_precision(bits).key())
             if order == "sensitivity":
-                key: tuple = (flip.score, -bits, -flip.saving, index)
+                key: tuple = (flip.score, higher_first, -flip.saving, index)
             else:  # score lost per unit of cost saved; flips that save nothing go last
-                key = (flip.score / flip.saving if flip.saving > 0 else math.inf, -bits, -flip.saving, index)
+                key = (flip.score / flip.saving if flip.saving > 0 else math.inf, higher_first, -flip.saving, index)
             entries.append((key, flip))
     return [flip for _, flip in sorted(entries, key=lambda e: e[0])]
 

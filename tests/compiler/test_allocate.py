@@ -115,7 +115,7 @@ def test_bad_budgets_and_inputs_say_what_to_do():
             Budget(**bad)
     with pytest.raises(BitmixError, match="empty"):
         Budget()
-    with pytest.raises(BitmixError, match="no 4-bit value"):
+    with pytest.raises(BitmixError, match="no 4/4-bit value"):
         allocate({}, model, NPU, names, Budget(fraction=0.9))
     with pytest.raises(BitmixError, match="re-run price"):
         allocate(scores, model, MIXED, names, Budget(fraction=0.9))
