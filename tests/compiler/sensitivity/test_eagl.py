@@ -19,6 +19,7 @@ from bitmix.compiler.sensitivity.eagl import (
     mse_step,
     variant_scores,
 )
+from bitmix.ir.targets import Target
 from bitmix.errors import BitmixError
 from bitmix.task import FinetuneConfig
 
@@ -39,7 +40,7 @@ def test_eagl_is_data_free_and_zero_at_highest(mlp_ctx):
 
 
 def test_variants_follow_their_formulas(mlp_ctx):
-    ctx = dataclasses.replace(mlp_ctx, data=None)
+    ctx = dataclasses.replace(mlp_ctx, data=None, target=Target("b/b", (8, 4, 2)))  # type: ignore[arg-type]
     h = entropies(ctx, EAGLConfig(steps="mse"))
     s = {v: variant_scores(ctx, h, v) for v in VARIANTS}
     n = ctx.graph.layer("fc2").weight_elements
