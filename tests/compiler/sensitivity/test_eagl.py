@@ -19,8 +19,8 @@ from bitmix.compiler.sensitivity.eagl import (
     mse_step,
     variant_scores,
 )
-from bitmix.ir.targets import Target
 from bitmix.errors import BitmixError
+from bitmix.ir.targets import Target
 from bitmix.task import FinetuneConfig
 
 
