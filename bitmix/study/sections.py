@@ -57,7 +57,8 @@ def pretrain_note(result: dict) -> list[str]:
         if e["pretrain_s_median"] is not None:
             timing = f"{e['pretrain_s_median']:.1f} s per seed (median of {e['pretrain_trained']} trained here)"
         else:
-            timing = "not timed in this study (every seed came from the in-memory cache of another study)"
+            timing = ("not timed in this study (every seed came from the cache: trained by an earlier study or "
+                      "run of the same model, target, recipe and seed)")
         notes.append(f"{method.upper()} scores a model first trained at the highest choice (LSQ, the zoo recipe, "
                      f"`compiler/pretrain.py`, shared by every budget): {timing}; that training is not in its "
                      "score s above.")
@@ -85,7 +86,8 @@ def scope_note(result: dict) -> str | None:
         parts.append(f"{cfg['seeds']} seed(s) instead of {default.seeds}")
     if [b for b in default.budgets if b not in cfg["budgets"]]:
         parts.append(f"budgets {', '.join(f'{b:g}' for b in cfg['budgets'])} only")
-    return f"reduced run: {'; '.join(parts)}" if parts else None
+    return (f"reduced run: {'; '.join(parts)} (an earlier, fuller run on approximate costs is in this page's git "
+            "history)") if parts else None
 
 
 def claims_extra(results: list[dict]) -> list[str]:

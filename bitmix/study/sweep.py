@@ -63,16 +63,15 @@ def pretrain(config: StudyConfig, method: str, prepared: nn.Module, names: tuple
              data: Any, seed: int) -> Any:
     """The training at the highest choice a method scores on (`compiler/pretrain.py`), or None.
 
-    Once per (model, seed) in this process: the in-memory cache shares it between methods and studies;
-    not the disk cache, so that `pretrain_s` is the measured training time (or `cached` says it is not)."""
+    Once per (model, seed): the cache (memory, then disk) shares it between methods, studies and resumed
+    runs; `pretrain_s` is the measured training time unless `pretrain_cached` says it was a cache hit."""
     from bitmix.compiler.pretrain import cached_train_at_highest
 
     method_config = sensitivity.resolve(config.method(method))[1]
     scale = method_config.pretrain_step_lr_scale()
     if scale is None or data.recipe.epochs < 1:
         return None
-    return cached_train_at_highest(prepared, names, target, data, step_lr=data.recipe.lr * scale, seed=seed,
-                                   disk=False)
+    return cached_train_at_highest(prepared, names, target, data, step_lr=data.recipe.lr * scale, seed=seed)
 
 
 def run_frontier(config: StudyConfig, out_dir: str | Path, log: Log | None = None, command: str = "",
