@@ -48,7 +48,7 @@ def pairs(model: fx.GraphModule) -> list[tuple[QuantLayer, QuantLayer]]:
     found = []
     for node in model.graph.nodes:
         first = _is_layer(model, node)
-        if first is None or first.groups != 1 or len(node.users) != 1:
+        if first is None or len(node.users) != 1:
             continue
         nxt = next(iter(node.users))
         if nxt.op == "call_function" and _target_name(nxt) in HOMOGENEOUS and len(nxt.users) == 1:
