@@ -24,7 +24,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("BITMIX_QUIET", "1")
 
-from bitmix.study.frontier import TARGET, default_config  # noqa: E402
+from bitmix.study.config import TARGET, default_config  # noqa: E402
 
 from bitmix import zoo  # noqa: E402
 from bitmix.compiler.capture import capture  # noqa: E402
