@@ -29,10 +29,12 @@ _CONVS = (  # (c_in, c_out, kernel, stride, padding, groups, width): 1x1, k x k,
 def warm(path: str | None = None) -> float:
     """Run every kernel variant of ``path`` (default: this CPU's) once; returns the seconds it took."""
     from bitmix.kernels import bmm, qconv2d, qlinear
+    from bitmix.kernels.launch import serial_max_macs
 
     start = time.perf_counter()
     rng = np.random.default_rng(0)
-    for serial in (True, False):
+    serial_max_macs()  # the launch-cost probe the size-based choice runs once per process
+    for serial in (True, False, None):
         with dispatch.use(path, serial=serial, amx_min_macs=0):
             for bits in SUPPORTED_BITS:
                 lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
