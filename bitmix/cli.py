@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from rich.console import Console
@@ -247,7 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            # bitmix's own warnings land in the report, which the commands print once, on one line each
+            warnings.filterwarnings("ignore", category=UserWarning, module="bitmix")
+            return COMMANDS[args.command](args)
     except BitmixError as exc:
         print(f"bitmix: error: {exc}", file=sys.stderr)
         return 2
