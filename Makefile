@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt "torch==2.13.0"
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[nlp,dev,ray]"
+	$(BIN)/python -m bitmix.kernels.warmup
 	touch $(STAMP)
 
 demo: setup

@@ -24,8 +24,6 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("BITMIX_QUIET", "1")
 
-from bitmix.study.frontier import TARGET, default_config  # noqa: E402
-
 from bitmix import zoo  # noqa: E402
 from bitmix.compiler.capture import capture  # noqa: E402
 from bitmix.compiler.fold import prepare  # noqa: E402
@@ -38,6 +36,7 @@ from bitmix.compiler.sensitivity import (  # noqa: E402
 )
 from bitmix.compiler.sensitivity.ray_executor import RayExecutor, import_ray  # noqa: E402
 from bitmix.ir.targets import get_target  # noqa: E402
+from bitmix.study.config import TARGET, default_config  # noqa: E402
 
 
 def _noop(job: int) -> int:

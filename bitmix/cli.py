@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from rich.console import Console
@@ -105,7 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "model":
         from bitmix.tools.speed import run_model_bench
 
-        run_model_bench(args.models or None, repeats=args.repeats, json_path=args.json)
+        run_model_bench(args.models or None, repeats=args.repeats, json_path=args.json, ort=not args.no_ort)
         return 0
     from bitmix.kernels.bench import run_kernel_bench
 
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = bench.add_parser("model", help="compiled zoo models (all-4-bit, on the kernels) vs eager FP32 torch")
     m.add_argument("models", nargs="*", help="zoo models (default: digits-cnn resnet18 resnet50 mobilenetv2 minilm)")
     m.add_argument("--repeats", type=int, default=20, help="timed calls per model and contender (median)")
+    m.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime int8 baseline")
     m.add_argument("--json", help="write one record per model")
     p = sub.add_parser("study", help="studies over many compiles (accuracy-throughput frontier)")
     study = p.add_subparsers(dest="study", required=True)
@@ -247,7 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            # bitmix's own warnings land in the report, which the commands print once, on one line each
+            warnings.filterwarnings("ignore", category=UserWarning, module="bitmix")
+            return COMMANDS[args.command](args)
     except BitmixError as exc:
         print(f"bitmix: error: {exc}", file=sys.stderr)
         return 2

@@ -95,8 +95,10 @@ def _export(path, dynamic: bool = False) -> str:
 def test_compile_exported_program_without_warnings(tmp_path):
     """`python -m bitmix compile model.pt2`: report written, nothing printed on stderr (no torch FutureWarning)."""
     model, out = _export(tmp_path / "tiny.pt2"), tmp_path / "d"
+    torch.save(torch.randn(16, 3, 8, 8), tmp_path / "calib.pt")
     proc = subprocess.run([sys.executable, "-W", "default", "-m", "bitmix", "compile", model, "--target", "int8-npu",
-                           "--budget", "1.0", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           "--budget", "1.0", "--data", str(tmp_path / "calib.pt"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "Warning" not in proc.stderr, proc.stderr
     d = json.loads((out / "report.json").read_text())

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 
 from bitmix.errors import BitmixError
 
@@ -185,7 +184,7 @@ def _dp(scores: Sequence[np.ndarray], w: Chain, slots: int) -> tuple[float, list
     wt = _padded_weights(w, slots)
     best_val, best_choice = np.inf, None
     for j0 in range(len(scores[0])) if w.closed else [-1]:
-        best, parents = _dp_kernel(sc, wt, kcount, slots, j0)
+        best, parents = kernels().dp_kernel(sc, wt, kcount, slots, j0)
         for j in range(kcount[-1]):
             c = slots - (int(w.close[j, j0]) if j0 >= 0 else 0)
             if c < 0 or best[j, c] >= best_val:
@@ -222,7 +221,7 @@ def _best_multiplier(scores: np.ndarray, weights: np.ndarray, kcount: np.ndarray
     first = range(kcount[0]) if j0 < 0 else [j0]
 
     def dual(lam: float) -> float:
-        suffix = _lagrange_suffix(scores, weights, kcount, close, lam)
+        suffix = kernels().lagrange_suffix(scores, weights, kcount, close, lam)
         return min(scores[0, j] + lam * weights[0, 0, j] + suffix[0, j] for j in first) - lam * capacity
 
     finite = scores[np.isfinite(scores)]
@@ -235,50 +234,6 @@ def _best_multiplier(scores: np.ndarray, weights: np.ndarray, kcount: np.ndarray
         else:
             hi = b
     return float(np.exp((lo + hi) / 2))
-
-
-@njit(cache=True)
-def _lagrange_suffix(scores, w, kcount, close, lam):  # pragma: no cover - compiled
-    """suffix[i, j] = min over completions after choice j at layer i of Σ (score + lam * cost), closing edge
-    included; then score_rest >= suffix[i, j] - lam * room for any completion costing <= room."""
-    n, k = scores.shape
-    suffix = np.full((n, k), np.inf)
-    for j in range(kcount[n - 1]):
-        suffix[n - 1, j] = lam * close[j]
-    for i in range(n - 2, -1, -1):
-        for j in range(kcount[i]):
-            for q in range(kcount[i + 1]):
-                v = scores[i + 1, q] + lam * w[i + 1, j, q] + suffix[i + 1, q]
-                if v < suffix[i, j]:
-                    suffix[i, j] = v
-    return suffix
-
-
-@njit(cache=True)
-def _dp_kernel(scores, w, kcount, slots, j0):  # pragma: no cover - compiled
-    """best[j, c]: min score of the whole chain ending in choice j with weight <= c; parents[i, j, c]."""
-    n, k = scores.shape
-    width = slots + 1
-    best = np.full((k, width), np.inf)
-    for j in range(kcount[0]):
-        if j0 >= 0 and j != j0:
-            continue
-        for c in range(w[0, 0, j], width):
-            best[j, c] = scores[0, j]
-    parents = np.zeros((n, k, width), np.int8)
-    for i in range(1, n):
-        new = np.full((k, width), np.inf)
-        for j in range(kcount[i]):
-            sj = scores[i, j]
-            for p in range(kcount[i - 1]):
-                wj = w[i, p, j]
-                for c in range(wj, width):
-                    v = best[p, c - wj] + sj
-                    if v < new[j, c]:
-                        new[j, c] = v
-                        parents[i, j, c] = p
-        best = new
-    return best, parents
 
 
 def _pareto_dp(scores: Sequence[np.ndarray], extra: Chain, capacity: float, upper: float) -> list[int] | None:
@@ -324,14 +279,14 @@ def _pareto_ends(scores: Sequence[np.ndarray], extra: Chain, capacity: float, up
     for j0 in range(len(scores[0])) if extra.closed else [-1]:
         close = extra.close[:, j0] if j0 >= 0 else np.zeros(extra.close.shape[0])
         lam = _best_multiplier(padded_scores, weights, kcount, close, capacity, j0) if np.isfinite(bound) else 0.0
-        suffix = _lagrange_suffix(padded_scores, weights, kcount, close, lam)
+        suffix = kernels().lagrange_suffix(padded_scores, weights, kcount, close, lam)
         cur = np.arange(len(scores[0])) if j0 < 0 else np.array([j0])
         cost, score = extra.steps[0][0, cur], np.asarray(scores[0], dtype=float)[cur]
         history = [(np.full(len(cur), -1), cur)]
         for i in range(1, n):
-            cost, score, par, cur = _pareto_step(cost, score, cur, extra.steps[i], np.asarray(scores[i], dtype=float),
-                                                 rest_cost[i + 1], rest[i + 1], limit, bound, suffix[i], capacity,
-                                                 lam)
+            cost, score, par, cur = kernels().pareto_step(
+                cost, score, cur, extra.steps[i], np.asarray(scores[i], dtype=float), rest_cost[i + 1], rest[i + 1],
+                limit, bound, suffix[i], capacity, lam)
             history.append((par, cur))
             if len(cost) > PARETO_LIMIT:
                 return None
@@ -351,32 +306,6 @@ def _pareto_ends(scores: Sequence[np.ndarray], extra: Chain, capacity: float, up
         return choice
 
     return np.concatenate(costs), np.concatenate(score_list), trace
-
-
-@njit(cache=True)
-def _pareto_step(cost, score, cur, w, s, rest_cost, rest, limit, bound, suffix, capacity, lam):  # pragma: no cover
-    """One layer of the Pareto DP: extend every state by every choice, keep the non-dominated ones per choice."""
-    m, k = cost.shape[0], s.shape[0]
-    out_c, out_s = np.empty(m * k), np.empty(m * k)
-    out_p, out_j = np.empty(m * k, np.int64), np.empty(m * k, np.int64)
-    kept = 0
-    c, sc, idx = np.empty(m), np.empty(m), np.empty(m, np.int64)
-    for j in range(k):
-        cnt = 0
-        for a in range(m):
-            cj, sj = cost[a] + w[cur[a], j], score[a] + s[j]
-            if cj + rest_cost > limit or sj + rest > bound:
-                continue
-            if sj + suffix[j] - lam * (capacity - cj) <= bound:
-                c[cnt], sc[cnt], idx[cnt] = cj, sj, a
-                cnt += 1
-        run = np.inf
-        for o in np.argsort(c[:cnt], kind="mergesort"):  # cheapest first; keep strict score improvements
-            if sc[o] < run:
-                run = sc[o]
-                out_c[kept], out_s[kept], out_p[kept], out_j[kept] = c[o], sc[o], idx[o], j
-                kept += 1
-    return out_c[:kept], out_s[:kept], out_p[:kept], out_j[:kept]
 
 
 def solve_ilp(scores: Sequence[np.ndarray], rows: Sequence[tuple[Chain, float]],
@@ -437,3 +366,10 @@ def solve_ilp(scores: Sequence[np.ndarray], rows: Sequence[tuple[Chain, float]],
     if res.x is None:
         raise BitmixError(f"the ILP found no feasible assignment ({res.message}); raise the budget")
     return [int(np.argmax(res.x[xoff[i]: xoff[i + 1]])) for i in range(n)]
+
+
+def kernels():  # noqa: ANN201
+    """The Numba module, imported on first use so `import bitmix` stays Numba-free."""
+    from bitmix.compiler import chain_kernels
+
+    return chain_kernels

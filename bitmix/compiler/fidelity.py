@@ -54,8 +54,8 @@ def guard(fp32: Callable[..., Any], compiled: Callable[..., Any], inputs: Any, w
         result = fidelity(fp32, compiled, fallback)
     if not result["example_cosine"] >= MIN_COSINE:
         msg = (f"the compiled model's outputs are far from FP32 on the example inputs (cosine "
-               f"{result['example_cosine']:.4f} < {MIN_COSINE}); try calibration data (calibration=...), "
-               "a wider target (w4a8-npu or mixed-npu), a higher budget, or fine-tuning (finetune=..., data=...)")
+               f"{result['example_cosine']:.4f} < {MIN_COSINE}); try calibration data (data=...), "
+               "a wider target (mixed-npu or int8-npu), a higher budget, or fine-tuning (finetune=..., data=...)")
         warnings.warn(msg, stacklevel=3)
         warn.append(msg)
     return result

@@ -54,6 +54,7 @@ class KernelPlan:
     groups: int = 1
     b_step: float = 1.0
     b_signed: bool = True
+    a_scale: torch.Tensor | None = None  # per-input-channel multiplier before quantization (smoothing)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", as_precision(self.bits))
@@ -80,6 +81,8 @@ def _plan(handle: int) -> KernelPlan:
 
 def _run_linear(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
     assert p.packed is not None and p.w_scales is not None
+    if p.a_scale is not None:
+        x = x * p.a_scale  # the same float32 product as QuantLayer's, so the codes match bit for bit
     y = kernels.qlinear(_np(x), p.packed, p.w_scales, p.a_step, p.bits.a, p.a_signed, p.bias)
     return torch.from_numpy(y)
 
@@ -287,8 +290,10 @@ def plan_for(layer: QuantLayer) -> KernelPlan:
     if layer.kind == "conv2d":
         geometry = dict(kernel_size=tuple(weight.shape[2:]), stride=layer.stride, padding=layer.padding,
                         dilation=layer.dilation, groups=layer.groups)
+    a_scale = layer.a_scale.detach().float().clone() if layer.a_scale is not None else None
     return KernelPlan(layer.name, layer.kind, bits, a_step, layer.a_quant.signed, out_features=weight.shape[0],
-                      packed=kernels.pack_weights(codes, bits.w), w_scales=scales, bias=bias, **geometry)
+                      a_scale=a_scale, packed=kernels.pack_weights(codes, bits.w), w_scales=scales, bias=bias,
+                      **geometry)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from bitmix.ir.precision import Precision
 from bitmix.ir.targets import Target
 from bitmix.task import FinetuneConfig, TaskData
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: quantized layers carry smoothing scales (a_scale)
 CALIBRATION = 128  # examples for the activation steps, as the pipeline uses
 
 
@@ -110,9 +110,13 @@ def cached_train_at_highest(
     path = cache_dir() / "pretrain" / f"{key}.pt"
     if disk and path.exists():
         model = fake_quantize(prepared, assignment, data.calibration(CALIBRATION))
-        model.load_state_dict(torch.load(path, weights_only=True))
-        _MEMORY[key] = model.eval()
-        return Pretrained(model, assignment, time.perf_counter() - start, True)
+        try:
+            model.load_state_dict(torch.load(path, weights_only=True))
+        except RuntimeError:  # written by a bitmix whose quantized layers hold other state: train again
+            path.unlink()
+        else:
+            _MEMORY[key] = model.eval()
+            return Pretrained(model, assignment, time.perf_counter() - start, True)
     model = train_at_highest(prepared, layer_names, target, data, recipe, step_lr, seed)
     if disk:
         path.parent.mkdir(parents=True, exist_ok=True)

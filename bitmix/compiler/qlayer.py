@@ -185,6 +185,8 @@ class QuantLayer(nn.Module):
         self.w_quant: nn.Module | None = None
         self.a_quant: nn.Module | None = None
         self.b_quant: nn.Module | None = None
+        # per-input-channel activation multiplier of a smoothed linear (`bitmix.compiler.smooth`)
+        self.register_buffer("a_scale", None)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, kind={self.kind}, bits={self.bits}"
@@ -233,6 +235,8 @@ class QuantLayer(nn.Module):
             return torch.matmul(x, other)
         assert self.weight is not None
         weight = self.weight
+        if self.a_scale is not None:
+            x = x * self.a_scale
         if quantized:
             assert self.a_quant is not None and self.w_quant is not None
             x, weight = self.a_quant(x), self.w_quant(weight)
@@ -257,6 +261,8 @@ class QuantLayer(nn.Module):
         """
         assert self.a_quant is not None
         a_step = self.a_quant.step.detach().float()
+        if self.a_scale is not None:
+            x = x * self.a_scale
         a = self.a_quant.codes(x).double()
         if self.kind == "matmul":
             assert other is not None and self.b_quant is not None

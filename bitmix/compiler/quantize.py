@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitmix.compiler import ranges
+from bitmix.compiler.equalize import equalize, pairs
 from bitmix.compiler.progress import limit as _limit
 from bitmix.compiler.progress import progress as _progress
 from bitmix.compiler.qlayer import MIN_STEP, LSQQuantizer, QuantLayer, quant_layers
@@ -28,6 +29,8 @@ def fake_quantize(
     assignment: dict[str, PrecisionLike],
     calibration: tuple[torch.Tensor, ...] | None = None,
     bias_correction: bool = True,
+    smoothing: bool = True,
+    equalization: bool = True,
 ) -> torch.fx.GraphModule:
     """A new fake-quantized copy of a prepared model with per-layer `Precision` pairs from `assignment`
     (weight width for the weights, activation width for the inputs; an int b means b/b).
@@ -36,11 +39,12 @@ def fake_quantize(
     `assignment` stay float.
     Weight steps are per-channel MSE steps (`bitmix.compiler.ranges`). With `calibration`,
     activation steps are MSE steps on its activations, then biases are corrected
-    (`bitmix.compiler.correct`); without, the data-free `2 E|v| / sqrt(Q_P)` for unit-Gaussian
-    values (E|v| = sqrt(2/pi) signed, 1/sqrt(2 pi) unsigned). `compile` calibrates on the examples.
+    (`bitmix.compiler.correct`), after linears' activation outliers are smoothed into their weights
+    (`bitmix.compiler.smooth`, each layer only where it lowers its output error) and conv pairs are
+    equalised (`bitmix.compiler.equalize`, kept only if the calibration output error drops); without,
+    the data-free `2 E|v| / sqrt(Q_P)` for unit-Gaussian values (E|v| = sqrt(2/pi) signed,
+    1/sqrt(2 pi) unsigned). `compile` calibrates on the examples.
     """
-    from bitmix.compiler.correct import bias_correct, float_reference
-
     if not isinstance(model, nn.Module):
         raise BitmixError("fake_quantize needs a module prepared by bitmix.compiler.fold.prepare(graph)")
     model = copy.deepcopy(model)
@@ -48,9 +52,29 @@ def fake_quantize(
     unknown = sorted(set(assignment) - set(layers))
     if unknown:
         raise BitmixError(f"assignment names unknown layer {unknown[0]!r}; valid layers: {', '.join(layers)}")
-    if calibration is not None:
-        ranges.check_calibration(calibration)
+    if calibration is None:
+        return _quantize(model, assignment, None, bias_correction, smoothing)
+    ranges.check_calibration(calibration)
+    if not (equalization and isinstance(model, torch.fx.GraphModule) and pairs(model)):
+        return _quantize(model, assignment, calibration, bias_correction, smoothing)
+    target = _float_output(model, calibration)
+    plain = _quantize(copy.deepcopy(model), assignment, calibration, bias_correction, smoothing)
+    equalize(model)
+    equalized = _quantize(model, assignment, calibration, bias_correction, smoothing)
+    errors = [float((_flat(m(*calibration)) - target).pow(2).sum()) for m in (plain, equalized)]
+    return equalized if errors[1] < errors[0] else plain
+
+
+def _quantize(model: nn.Module, assignment: dict[str, int], calibration: tuple[torch.Tensor, ...] | None,
+              bias_correction: bool, smoothing: bool) -> torch.fx.GraphModule:
+    """`fake_quantize` on a private copy, after the optional equalisation."""
+    from bitmix.compiler.correct import bias_correct, float_reference
+    from bitmix.compiler.smooth import smooth_linears
+
+    layers = quant_layers(model)
     signs = calibration_signs(model, layers, calibration) if calibration is not None else {}
+    if calibration is not None and smoothing:
+        smooth_linears(model, layers, assignment, calibration, signs)
     reference = float_reference(model, calibration) if calibration is not None and bias_correction else None
     for name, layer in layers.items():
         a_signed, b_signed = signs.get(name, (None, None))
@@ -65,7 +89,26 @@ def fake_quantize(
             for q in (layer.a_quant, layer.b_quant):
                 if isinstance(q, LSQQuantizer):
                     q.init_gaussian()
-    return model
+    return model  # type: ignore[return-value]
+
+
+def _flat(out: object) -> torch.Tensor:
+    from bitmix.compiler.correct import flat
+
+    return flat(out)
+
+
+@torch.no_grad()
+def _float_output(model: nn.Module, calibration: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    layers = quant_layers(model)
+    saved = {name: layer.bits for name, layer in layers.items()}
+    try:
+        for layer in layers.values():
+            layer.bits = None
+        return _flat(model(*calibration))
+    finally:
+        for name, layer in layers.items():
+            layer.bits = saved[name]
 
 
 def calibration_signs(

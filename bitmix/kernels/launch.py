@@ -10,7 +10,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from bitmix.kernels import amx
+from bitmix.kernels import amx, gemm_vnni
 from bitmix.kernels.isa import isa_of
 from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.routing import DispatchSettings, dispatch
@@ -87,5 +87,9 @@ def run_core(a8, asum, w: PackedWeight, shift: int, groups: int, m: int, mp: int
         amx.driver(parallel)(a8, kp, amx.weight_tiles(w, taps), m, w.n, w.row_sums, shift, amx.tile_palette(),
                              m_step, n_step, rows_outer, _NO_I32 if out is None else out.reshape(-1), *epilogue)
         return
-    core_for(w.bits, isa_of(s.path), _parallel(s, macs))(a8, asum, w.data.reshape(-1), w.row_sums, shift, groups,
+    isa = isa_of(s.path)
+    if isa == "avx512vnni" and groups == 1 and m >= gemm_vnni.MIN_M and w.bits < 8:
+        gemm_vnni.run(a8, asum, w, shift, m, out, _parallel(s, macs))
+        return
+    core_for(w.bits, isa, _parallel(s, macs))(a8, asum, w.data.reshape(-1), w.row_sums, shift, groups,
                                                          m, mp, w.n // groups, w.k_pad, out)

@@ -29,6 +29,7 @@ from bitmix.kernels.conv import (
     depthwise_channels_last,
     depthwise_conv,
 )
+from bitmix.kernels.conv_simd import conv_simd
 from bitmix.kernels.matmul import check_activation_spec, check_packed, gemm
 from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.routing import dispatch
@@ -224,6 +225,13 @@ def qconv2d(
                 _dequantize_to_nchw(acc, scale, bias if has_bias else scale, has_bias, ho * wo, y)
             else:
                 conv_acc_channels_last(codes, w, geom, shift, nchw=(scale, bias, ho * wo, y), settings=settings)
+            return y.reshape(nb, w.n, ho, wo)
+        if geom[8] == 1:
+            lo, hi, shift = check_activation_spec(a_bits, a_signed)
+            acc = conv_simd(x, w, geom, _step(a_step), lo, hi, shift, settings, _quantize_to_channels_last)
+            if acc is None:
+                raise BitmixError("x: contains NaN; cannot quantize")
+            _dequantize_to_nchw(acc, scale, bias if has_bias else scale, has_bias, ho * wo, y)
             return y.reshape(nb, w.n, ho, wo)
     codes = quantize_activations(x, a_step, a_bits, a_signed)
     acc = conv2d(codes, w, kernel_size, stride, padding, dilation, groups, a_bits, a_signed)

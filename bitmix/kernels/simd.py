@@ -288,6 +288,67 @@ def flip_sign_i8x64(typingctx, v):
     return i8x64(v), codegen
 
 
+@intrinsic
+def bcast4_i8x64(typingctx, arr, idx):
+    """The 4 bytes at byte ``idx`` of a 1-D int8/uint8 array, repeated 16 times (``vpbroadcastd``)."""
+    if not (isinstance(arr, types.Array) and arr.dtype.bitwidth == 8 and isinstance(idx, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, value=args[0])
+        pos = context.cast(builder, args[1], sig.args[1], types.intp)
+        word = builder.load(builder.bitcast(builder.gep(ary.data, [pos]), ir.IntType(32).as_pointer()), align=1)
+        vec = builder.insert_element(ir.Constant(_llty(i32x16), None), word, ir.Constant(ir.IntType(32), 0))
+        splat = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+        return builder.bitcast(splat, _llty(i8x64))
+
+    return i8x64(arr, idx), codegen
+
+
+@intrinsic
+def splat_i32x16(typingctx, value):
+    """``value`` (any integer, truncated to 32 bits) in all 16 lanes."""
+    if not isinstance(value, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        word = context.cast(builder, args[0], sig.args[0], types.int32)
+        vec = builder.insert_element(ir.Constant(_llty(i32x16), None), word, ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+
+    return i32x16(value), codegen
+
+
+@intrinsic
+def load_i32x16(typingctx, arr, idx):
+    """Unaligned load of 16 int32 from a 1-D int32 array at element ``idx``."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int32 and isinstance(idx, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, value=args[0])
+        pos = context.cast(builder, args[1], sig.args[1], types.intp)
+        return builder.load(builder.bitcast(builder.gep(ary.data, [pos]), _llty(i32x16).as_pointer()), align=4)
+
+    return i32x16(arr, idx), codegen
+
+
+@intrinsic
+def store_i32x16(typingctx, arr, idx, v):
+    """Unaligned store of 16 int32 lanes into a 1-D int32 array at element ``idx``."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int32 and isinstance(idx, types.Integer)
+            and v == i32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, value=args[0])
+        pos = context.cast(builder, args[1], sig.args[1], types.intp)
+        builder.store(args[2], builder.bitcast(builder.gep(ary.data, [pos]), _llty(i32x16).as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(arr, idx, v), codegen
+
+
 def _make_hsum(vt: VecType):
     @intrinsic
     def hsum(typingctx, v):

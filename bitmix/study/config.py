@@ -23,8 +23,10 @@ BUDGETS = (0.55, 0.6, 0.7, 0.8, 0.9, 1.0)
 EXTRA_BUDGETS = {"digits-mlp": (0.95,), "minilm": (0.925, 0.95, 0.975)}
 QUICK_BUDGETS = (0.8, 1.0)
 QUICK_METHODS = ("eagl", "uniform")
+GREEDY_SUFFIX = "@pareto-greedy"  # points of a knapsack method's scores allocated by AIMET AMP's search
 REFERENCE_BITS = (8, 4, 2)
 TARGET = "int4int2-npu"
+COSTS = "exact"  # budgets on the simulator's exact costs (`simulator.price` equals `simulate()`; issue 11)
 # Study names: zoo models, plus "<model>-ptq" = the same sweep with no fine-tuning after allocation
 # (post-training quantization only), a harder regime where layer choices matter more.
 MODELS = ("digits-cnn", "digits-mlp", "minilm", "digits-cnn-ptq")
@@ -56,8 +58,10 @@ class StudyConfig:
 
     def fingerprint(self) -> str:
         """Hash of everything that changes a measured number (not the sweep ranges or workers)."""
+        methods = {m: asdict(sensitivity.resolve(self.method(m))[1]) for m in sorted(sensitivity.METHODS)}
         key = json.dumps({"model": self.model, "recipe": asdict(self.recipe), "options": self.method_options,
-                          "calibration_size": self.calibration_size, "target": TARGET}, sort_keys=True)
+                          "methods": methods, "calibration_size": self.calibration_size, "target": TARGET,
+                          "costs": COSTS}, sort_keys=True)
         return hashlib.sha1(key.encode()).hexdigest()[:12]
 
     def method(self, name: str) -> str | MethodConfig:

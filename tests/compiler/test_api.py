@@ -85,7 +85,8 @@ def test_task_detail_metrics_are_reported_without_the_compiler_knowing_the_task(
 def test_old_spellings_still_work_with_a_deprecation_warning():
     model, x, task = _mlp(), torch.randn(8, 16), _task()
     new = bitmix.compile(model, x, method=EAGLConfig(variant="entropy_drop"), budget=Budget(fps=1e7, clamp=True),
-                         data=Data(calibration=task, eval=task), options=CompileOptions(name="m", frontier_points=0))
+                         data=Data(calibration=task, train=task, eval=task),
+                         options=CompileOptions(name="m", frontier_points=0))
     with pytest.warns(DeprecationWarning, match="calibration=, eval=, fps=.*deprecated"):
         old = bitmix.compile(model, x, method="eagl", budget=None, calibration=task, eval=task, fps=1e7,
                              clamp_budget=True, method_options={"eagl_variant": "entropy_drop"}, name="m",

@@ -27,7 +27,7 @@ def test_fidelity_numbers_against_plain_torch():
 def test_guard_warns_once_with_what_to_try():
     x = torch.randn(8, 4)
     log: list[str] = []
-    with pytest.warns(UserWarning, match="w4a8-npu or mixed-npu") as record:
+    with pytest.warns(UserWarning, match="mixed-npu or int8-npu") as record:
         guard(lambda t: t, lambda t: -t, (x,), log, fallback=(x,))
     assert len(record) == 1 and len(log) == 1
 

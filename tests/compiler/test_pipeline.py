@@ -95,13 +95,13 @@ def test_same_seed_same_assignment(digits):
 
 def test_pareto_greedy_strategy_and_pretrain_stage(digits):
     model, inputs, data = digits
-    greedy = bitmix.compile(model, inputs, method="eagl", budget=0.8, calibration=data, frontier_points=0,
-                            strategy="pareto-greedy")
+    greedy = bitmix.compile(model, inputs, method="eagl", budget=0.8, data=data,
+                            options=bitmix.CompileOptions(frontier_points=0, strategy="pareto-greedy"))
     assert greedy.report.info["solver"] == "pareto-greedy" and greedy.report.info["achieved_fraction"] <= 0.8
     assert "pretrain" in greedy.report.timings_s  # EAGL with data scores the model trained at 4 bits
     with pytest.raises(BitmixError, match="unknown allocation strategy"):
-        bitmix.compile(model, inputs, method="sqnr", budget=0.8, calibration=data, frontier_points=0,
-                       strategy="bogus")
+        bitmix.compile(model, inputs, method="sqnr", budget=0.8, data=data,
+                       options=bitmix.CompileOptions(frontier_points=0, strategy="bogus"))
 
 
 def test_absolute_fps_goal(digits):

@@ -10,6 +10,7 @@ from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.qlayer import quant_layers
 from bitmix.compiler.quantize import fake_quantize, finetune
+from bitmix.compiler.sensitivity import EAGLConfig, HAWQConfig
 from bitmix.errors import BitmixError
 from bitmix.ir.targets import get_target
 from bitmix.task import FinetuneConfig
@@ -69,5 +70,5 @@ def test_cached_in_memory_and_on_disk(mlp, tmp_path, monkeypatch):
 def test_pipeline_hook_only_for_methods_that_score_a_trained_model(mlp):
     gm, names, data = mlp
     target = get_target("int4int2-npu")
-    assert pretrain.pretrain_stage("hawq", gm, names, target, data, 0) is None
-    assert pretrain.pretrain_stage("eagl", gm, names, target, None, 0) is None
+    assert pretrain.pretrain_stage(HAWQConfig().pretrain_step_lr_scale(), gm, names, target, data, 0) is None
+    assert pretrain.pretrain_stage(EAGLConfig().pretrain_step_lr_scale(), gm, names, target, None, 0) is None

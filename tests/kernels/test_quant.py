@@ -99,3 +99,33 @@ def test_qconv2d_depthwise_formula(kernel_path: str, multiplier: int, width: int
     x[0, 1, 2, 3] = np.nan
     with pytest.raises(BitmixError, match="NaN"):
         qconv2d(x, w, scales, 0.1, 8, False, bias, *geometry)
+
+
+@pytest.mark.parametrize(
+    ("c", "k", "stride", "pad", "dil", "w_bits", "a_bits", "a_signed"),
+    [
+        (70, 1, 1, 0, 1, 4, 8, False),  # 1x1: quantized straight into GEMM rows
+        (16, 1, 2, 0, 1, 8, 8, True),
+        (5, 3, 1, 1, 1, 4, 8, False),  # k x k: channels-last patches, weight re-packed (kh, kw, c)
+        (33, 3, 2, 1, 2, 2, 4, True),
+        (3, 7, 2, 3, 1, 8, 8, False),
+    ],
+)
+def test_qconv2d_one_group_matches_nchw_route(kernel_path: str, c: int, k: int, stride: int, pad: int, dil: int,
+                                              w_bits: int, a_bits: int, a_signed: bool) -> None:
+    """The channels-last route (``conv_simd``) gives the NCHW ``conv2d`` result bit for bit, padding included."""
+    rng = np.random.default_rng(c * k)
+    x = rng.normal(0, 2, size=(2, c, 9, 11)).astype(np.float32)
+    lo, hi = code_range(w_bits)
+    wc = rng.integers(lo, hi, (12, c, k, k), endpoint=True).astype(np.int8)
+    w = pack_weights(wc.reshape(12, -1), w_bits)
+    scales = rng.uniform(0.01, 0.1, 12).astype(np.float32)
+    bias = rng.normal(size=12).astype(np.float32)
+    geometry = ((k, k), (stride, stride), (pad, pad), (dil, dil), 1)
+    y = qconv2d(x, w, scales, 0.05, a_bits, a_signed, bias, *geometry)
+    acc = conv2d(quantize_activations(x, 0.05, a_bits, a_signed), w, *geometry, a_bits, a_signed)
+    want = acc.astype(np.float32) * (np.float32(0.05) * scales)[None, :, None, None] + bias[None, :, None, None]
+    np.testing.assert_array_equal(y, want)
+    ref = F.conv2d(torch.round(torch.clamp(torch.from_numpy(x) / 0.05, *code_range(a_bits, a_signed))).double(),
+                   torch.from_numpy(wc).double(), None, stride, pad, dil)
+    np.testing.assert_array_equal(acc, ref.numpy().astype(np.int32))

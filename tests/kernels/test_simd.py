@@ -102,3 +102,27 @@ def test_serial_and_parallel_variants_have_their_own_cache_entries() -> None:
         assert par.targetoptions.get("parallel") and not ser.targetoptions.get("parallel")
         cells = [tuple(c.cell_contents for c in d.py_func.__closure__) for d in (par, ser)]
         assert cells[0] != cells[1]  # same micro-kernels, different tile width
+
+
+_BCAST_PROBE = """
+import json
+from numba import types
+from bitmix.kernels import gemm_vnni
+i64, i32 = types.int64, types.int32[::1]
+sig = (types.int8[::1], types.int64[::1], types.uint8[::1], i32, i64, i64, i64, i64, i64, i32)
+d = gemm_vnni.driver(False, False)
+d.compile(sig)
+asm = d.inspect_asm(sig)
+print(json.dumps({op: asm.count(op) for op in ("vpdpbusd", "vpbroadcastd", "zmm")}))
+"""
+
+
+def test_broadcast_gemm_compiles_to_vpdpbusd_with_broadcasts(tmp_path) -> None:
+    """The register-blocked GEMM (``gemm_vnni``) keeps its 4x4 zmm tile: vpdpbusd fed by broadcast activations."""
+    feats = ",".join(f"+{f}" for f in sorted(AVX512 | {"avx", "fma", "bmi2", "avx512dq", "avx512cd"}))
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_CPU_NAME": "sapphirerapids",
+           "NUMBA_CPU_FEATURES": feats}
+    out = subprocess.run([sys.executable, "-c", _BCAST_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["vpdpbusd"] >= 16 and res["vpbroadcastd"] and res["zmm"], res

@@ -36,8 +36,11 @@ def test_quick_frontier_writes_outputs_and_resumes(tmp_path):
     assert {len(set(sets["fixed"]["lowered_layers"]))} == {1}  # fixed-size subsets: only the choice varies
     for entry in sets.values():
         assert "rho" in entry["methods"]["eagl"] and len(entry["measured"]) == result["additivity"]["n"]
+    # every knapsack method is also allocated by the Pareto-greedy search; the page reports knapsack − greedy
+    assert [(r["method"], r["budget"]) for r in result["knapsack_vs_greedy"]] == [("eagl", 1.0)]
     text = page.read_text()
     assert "(a)" in text and "(d)" in text and "digits-mlp" in text
+    assert "Knapsack vs Pareto-greedy" in text and "| eagl | 1 |" in text and "**(e) Exactness" in text
     assert (page.parent / "digits-mlp-frontier.png").exists()
     # resume: every point is cached, nothing is fine-tuned again, the numbers are unchanged
     lines = (d / "points.jsonl").read_text().count("\n")

@@ -17,3 +17,19 @@ def test_records_compare_eager_and_compiled(tmp_path):
     assert r["threading_layer"] == numba.threading_layer()
     bits = r["bits"]
     assert bits[0] == 4 and bits[-1] == 8 and set(bits) <= {4, 8}  # all-4-bit, first/last pinned to 8
+    assert r["ort_int8_s"] > 0 and r["vs_ort_int8"] == r["ort_int8_s"] / r["compiled_s"]
+
+
+def test_ort_baseline_runs_an_int8_model_close_to_fp32():
+    """The ORT column times a statically quantized (QDQ int8) export of the same model on the same input."""
+    import torch
+
+    from bitmix import zoo
+    from bitmix.tools.ort_baseline import ort_int8_session
+
+    model, inputs, data = zoo.load("digits-mlp")
+    (got,) = ort_int8_session(model, inputs, data, threads=1)()
+    with torch.no_grad():
+        want = model(*inputs).numpy()
+    assert got.shape == want.shape and not (got == want).all()  # quantized, not the FP32 graph
+    assert (got.argmax(1) == want.argmax(1)).mean() > 0.9

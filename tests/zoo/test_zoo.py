@@ -1,8 +1,11 @@
+import dataclasses
+
 import pytest
 import torch
 
 from bitmix import zoo
 from bitmix.errors import BitmixError
+from bitmix.task import Split
 from bitmix.zoo import digits
 
 
@@ -37,9 +40,10 @@ def test_minilm_is_pretrained_and_offline(load_zoo):
     from bitmix.zoo.minilm import fidelity
 
     model, (ids, mask), data = load_zoo("minilm")
-    assert data.metric == "cosine" and len(data.test) == 128
+    assert data.metric == "cosine" and len(data.train) > 1000 and len(data.test) > 300  # the whole stdlib
     assert data.details is fidelity  # the task supplies its own detail metrics to the compiler
-    fid = fidelity(model, data)
+    subset = dataclasses.replace(data, test=Split(tuple(t[:48] for t in data.test.inputs), data.test.targets[:48]))
+    fid = fidelity(model, subset)
     assert fid["cosine"] == pytest.approx(100.0, abs=1e-3) and fid["nn_agreement"] == 100.0
     # pretrained, not random: related sentences are closer than unrelated ones
     from transformers import AutoTokenizer

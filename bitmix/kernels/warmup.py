@@ -1,0 +1,62 @@
+"""Fill Numba's disk cache for this CPU's kernel path (``python -m bitmix.kernels.warmup``; ``make setup`` runs it).
+
+Every kernel is ``cache=True``, but the cache is only written on a kernel's first call, so a fresh
+clone's first compile spent 5-6 s (issue 15) JIT-compiling. This calls each kernel variant the
+path can reach once on tiny inputs -- weight widths 2/4/8, signed and unsigned activation codes
+(each dtype is its own compiled signature), serial and parallel drivers, GEMV and GEMM shapes,
+1x1, k x k, grouped and depthwise convs -- so later processes load machine code from the cache.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from bitmix.kernels import dispatch
+from bitmix.kernels.pack import SUPPORTED_BITS, pack_weights
+
+_CONVS = (  # (c_in, c_out, kernel, stride, padding, groups, width): 1x1, k x k, grouped, depthwise wide/narrow
+    (8, 16, 1, 1, 0, 1, 6),
+    (8, 16, 3, 2, 1, 1, 6),
+    (8, 16, 3, 1, 1, 2, 6),
+    (8, 8, 3, 1, 1, 8, 40),
+    (8, 8, 3, 1, 1, 8, 6),
+)
+
+
+def warm(path: str | None = None) -> float:
+    """Run every kernel variant of ``path`` (default: this CPU's) once; returns the seconds it took."""
+    from bitmix.kernels import bmm, qconv2d, qlinear
+    from bitmix.kernels.launch import serial_max_macs
+
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    serial_max_macs()  # the launch-cost probe the size-based choice runs once per process
+    for serial in (True, False, None):
+        with dispatch.use(path, serial=serial, amx_min_macs=0):
+            for bits in SUPPORTED_BITS:
+                lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+                w = pack_weights(rng.integers(lo, hi, (24, 40), endpoint=True).astype(np.int8), bits)
+                scales = np.full(24, 0.01, dtype=np.float32)
+                for signed in (True, False):
+                    for rows in (1, 2, 8, 40):  # GEMV, few rows, GEMM
+                        qlinear(rng.normal(size=(rows, 40)).astype(np.float32), w, scales, 0.05, 8, signed, scales)
+                    for c, n, k, s, p, g, width in _CONVS:
+                        wc = rng.integers(lo, hi, (n, c // g * k * k), endpoint=True).astype(np.int8)
+                        x = rng.normal(size=(1, c, 6, width)).astype(np.float32)
+                        qconv2d(x, pack_weights(wc, bits), np.full(n, 0.01, dtype=np.float32), 0.05, 8, signed,
+                                None, (k, k), (s, s), (p, p), (1, 1), g)
+            bmm(rng.integers(-8, 8, (2, 5, 7)).astype(np.int8), rng.integers(-8, 8, (2, 7, 4)).astype(np.int8))
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    seconds = warm()
+    print(f"bitmix: kernels compiled and cached for the {dispatch.path} path in {seconds:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

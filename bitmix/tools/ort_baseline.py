@@ -1,0 +1,93 @@
+"""ONNX Runtime int8 as a baseline for ``bitmix bench model``.
+
+The same zoo model is exported with ``torch.onnx``, quantized statically in QDQ format
+(uint8 activations, int8 per-channel weights -- ORT's recommended x86 pairing, MLAS's u8s8
+kernels; reference/quantization.md section 6) from a few calibration inputs, and timed on the
+same input with the same thread count as the eager and compiled models.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from bitmix.errors import BitmixError
+from bitmix.task import TaskData
+
+CALIBRATION_INPUTS = 4
+
+
+def _names(inputs: tuple[torch.Tensor, ...]) -> list[str]:
+    return [f"input{i}" for i in range(len(inputs))]
+
+
+def _calibration(inputs: tuple[torch.Tensor, ...], data: TaskData | None) -> list[tuple[torch.Tensor, ...]]:
+    """A few inputs shaped like ``inputs``: rows of the task's training split when there is one
+    (real text for MiniLM), else seeded noise around the example input."""
+    batch = inputs[0].shape[0]
+    if data is not None:
+        train = data.train.inputs if isinstance(data.train.inputs, tuple) else (data.train.inputs,)
+        if len(train) == len(inputs) and all(t.shape[1:] == x.shape[1:] for t, x in zip(train, inputs, strict=True)):
+            n = train[0].shape[0] // batch
+            return [tuple(t[i * batch : (i + 1) * batch] for t in train) for i in range(min(n, CALIBRATION_INPUTS))]
+    gen = torch.Generator().manual_seed(0)
+    samples = [inputs]
+    for _ in range(CALIBRATION_INPUTS - 1):
+        samples.append(tuple(x + torch.randn(x.shape, generator=gen) if x.is_floating_point() else x for x in inputs))
+    return samples
+
+
+def ort_int8_session(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: TaskData | None,
+                     threads: int) -> Callable[[], object]:
+    """Export, quantize (static QDQ, per-channel) and load ``model``; returns a no-argument call
+    that runs it once on ``inputs``."""
+    try:
+        import onnxruntime as ort
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as exc:
+        raise BitmixError("onnxruntime is not installed: pip install -e '.[dev]' (or --no-ort)") from exc
+    names = _names(inputs)
+    feeds = [{n: x.numpy() for n, x in zip(names, sample, strict=True)} for sample in _calibration(inputs, data)]
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = os.path.join(tmp, "model.onnx")
+        prep = os.path.join(tmp, "model.prep.onnx")
+        int8 = os.path.join(tmp, "model.int8.onnx")
+        with torch.no_grad():
+            torch.onnx.export(model, inputs, fp32, input_names=names, dynamo=False)
+        quant_pre_process(fp32, prep)  # shape inference + graph optimisation (constant biases become initializers)
+        quantize_static(prep, int8, _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        # idle pool threads would otherwise spin after each run and slow the eager/compiled timings
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(int8, opts, providers=["CPUExecutionProvider"])
+    feed = feeds[0] if data is None else {n: x.numpy() for n, x in zip(names, inputs, strict=True)}
+    return lambda: session.run(None, feed)
+
+
+def time_ort_int8(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: TaskData | None, threads: int,
+                  median: Callable[[Callable[[], object], int], float], repeats: int) -> tuple[float, float]:
+    """(median seconds per call, seconds to export + quantize + load)."""
+    start = time.perf_counter()
+    run = ort_int8_session(model, inputs, data, threads)
+    setup = time.perf_counter() - start
+    return median(run, repeats), setup
