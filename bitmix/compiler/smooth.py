@@ -17,31 +17,33 @@ from torch import nn
 
 from bitmix.compiler import ranges
 from bitmix.compiler.qlayer import QuantLayer, qrange
+from bitmix.ir.precision import Precision, as_precision
 
 ALPHAS = (0.25, 0.5, 0.75)  # SmoothQuant uses 0.5 for most models, up to 0.75-0.85 for larger ones
 MAX_ROWS = 4096  # calibration rows (tokens) per layer the choice is made on
 SCALE_LIMIT = 1e4
 
 
-def _held_out_error(fit: torch.Tensor, test: torch.Tensor, weight: torch.Tensor, bits: int, signed: bool,
+def _held_out_error(fit: torch.Tensor, test: torch.Tensor, weight: torch.Tensor, bits: Precision, signed: bool,
                     target: torch.Tensor) -> float:
     """Squared output error on `test` rows with the weight MSE-quantized and the activation step set on `fit`."""
-    q_n, q_p = qrange(bits, True)
+    q_n, q_p = qrange(bits.w, True)
     w_step = ranges.weight_steps(weight, q_n, q_p).unsqueeze(1)
     wq = torch.round(torch.clamp(weight / w_step, -q_n, q_p)) * w_step
-    a_signed, a_step = ranges.activation_range(fit, bits, signed)
-    a_n, a_p = qrange(bits, a_signed)
+    a_signed, a_step = ranges.activation_range(fit, bits.a, signed)
+    a_n, a_p = qrange(bits.a, a_signed)
     xq = torch.round(torch.clamp(test / a_step, -a_n, a_p)) * a_step
     return float((xq @ wq.T - target).pow(2).sum())
 
 
 @torch.no_grad()
-def choose_scale(x: torch.Tensor, weight: torch.Tensor, bits: int, signed: bool) -> torch.Tensor | None:
+def choose_scale(x: torch.Tensor, weight: torch.Tensor, bits: int | Precision, signed: bool) -> torch.Tensor | None:
     """The per-input-channel `s` of the best alpha for inputs `x` (rows, K), or None if no smoothing wins.
 
     Scales and ranges are fitted on half of the rows and judged on the other half: an equalised
     activation has no headroom left in any channel, so judging on the fitting rows favours it.
     """
+    bits = as_precision(bits)
     x, weight = x.float(), weight.detach().float()
     fit, test = x[0::2], x[1::2]
     target = test @ weight.T
