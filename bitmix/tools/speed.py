@@ -24,6 +24,7 @@ import torch
 
 from bitmix import zoo
 from bitmix.errors import BitmixError
+from bitmix.ir.precision import as_precision
 from bitmix.kernels import dispatch
 from bitmix.kernels.threads import configure_threading
 
@@ -70,7 +71,7 @@ def bench_model(name: str, repeats: int, ort: bool = True, threads: int = 1) -> 
         "ort_int8_s": ort_s,
         "vs_ort_int8": None if ort_s is None else ort_s / compiled,
         "compile_s": compile_s,
-        "bits": sorted(cm.assignment.values()),
+        "bits": [str(as_precision(b)) for b in sorted(cm.assignment.values())],  # "w/a"
     }
 
 

@@ -16,7 +16,7 @@ def test_records_compare_eager_and_compiled(tmp_path):
     assert r["eager_fp32_s"] > 0 and r["compiled_s"] > 0 and r["compile_s"] > 0
     assert r["threading_layer"] == numba.threading_layer()
     bits = r["bits"]
-    assert bits[0] == 4 and bits[-1] == 8 and set(bits) <= {4, 8}  # all-4-bit, first/last pinned to 8
+    assert bits[0] == "4/4" and bits[-1] == "8/8" and set(bits) <= {"4/4", "8/8"}  # all-4-bit, first/last pinned to 8
     assert r["ort_int8_s"] > 0 and r["vs_ort_int8"] == r["ort_int8_s"] / r["compiled_s"]
 
 
