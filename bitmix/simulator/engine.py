@@ -29,6 +29,8 @@ from bitmix.simulator.energy import count_actions
 from bitmix.simulator.mapping import (
     Cores,
     LayerWork,
+    act_start_cycles,
+    block_stages,
     busiest_core,
     cores_of,
     map_layer,
@@ -56,12 +58,8 @@ def simulate_layer(work: LayerWork, bits: Precision | int, chip: ChipConfig, pre
     act_hops = producer_hops(cores, prev)
     model_hops = _model_hops(cores, chip)
     n = cw.rows.shape[0]
-    nblk = np.maximum(1, -(-cw.rows // chip.pipeline_rows))
-    a = cw.in_bits / chip.noc_act.width_bits / nblk
-    c = cw.compute / nblk
-    ps = cw.psum_bits / chip.noc_psum.width_bits / nblk
-    v = cw.vector_ops / chip.vector_ops_per_cycle / nblk
-    act_start = act_hops * chip.noc_act.hop_cycles + cw.operand_bits / chip.noc_act.width_bits
+    nblk, a, c, ps, v = block_stages(cw, chip)
+    act_start = act_start_cycles(cw, chip, act_hops)
     mac_end = act_start + a + c
     chain = np.arange(n) % m.s_k  # position along the partial-sum chain (0 = root)
     hop_p = chip.noc_psum.hop_cycles

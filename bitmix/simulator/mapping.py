@@ -238,6 +238,19 @@ def core_work(gm: Gemm, vector_ops: float, bits: Precision, chip: ChipConfig, g,
     )
 
 
+def block_stages(cw: CoreWork, chip: ChipConfig) -> tuple[np.ndarray, ...]:
+    """Per core: blocks of `pipeline_rows` rows, and each block's cycles on the Activation NoC, MAC
+    array, partial-sum link and vector unit (both engines build on these)."""
+    nblk = np.maximum(1, -(-cw.rows // chip.pipeline_rows))
+    return (nblk, cw.in_bits / chip.noc_act.width_bits / nblk, cw.compute / nblk,
+            cw.psum_bits / chip.noc_psum.width_bits / nblk, cw.vector_ops / chip.vector_ops_per_cycle / nblk)
+
+
+def act_start_cycles(cw: CoreWork, chip: ChipConfig, act_hops) -> np.ndarray:
+    """When a core's first activation block can arrive: producer hops, then a matmul's second operand."""
+    return act_hops * chip.noc_act.hop_cycles + cw.operand_bits / chip.noc_act.width_bits
+
+
 def flow_cycles(cw: CoreWork, chip: ChipConfig, act_hops, chain_hops) -> np.ndarray:
     """Closed-form body cycles of a layer on a core (a deterministic flow line, see engine.py).
 
@@ -246,12 +259,8 @@ def flow_cycles(cw: CoreWork, chip: ChipConfig, act_hops, chain_hops) -> np.ndar
     first block through every stage + the slowest stage for each further block + latencies.
     Weights and the program are already on the core (prefetched, see `prefetch_cycles`).
     """
-    nblk = np.maximum(1, -(-cw.rows // chip.pipeline_rows))
-    a = cw.in_bits / chip.noc_act.width_bits / nblk
-    c = cw.compute / nblk
-    ps = cw.psum_bits / chip.noc_psum.width_bits / nblk
-    v = cw.vector_ops / chip.vector_ops_per_cycle / nblk
-    lat_a = act_hops * chip.noc_act.hop_cycles + cw.operand_bits / chip.noc_act.width_bits
+    nblk, a, c, ps, v = block_stages(cw, chip)
+    lat_a = act_start_cycles(cw, chip, act_hops)
     first = lat_a + a + c
     mac_done = np.maximum(first + (nblk - 1) * c, lat_a + nblk * a + c)
     chain = chain_hops * chip.noc_psum.hop_cycles
