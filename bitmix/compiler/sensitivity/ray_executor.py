@@ -6,6 +6,10 @@ to every task by reference; each worker deserialises it once and caches it. Task
 them bit for bit on workers of the same CPU kind. A task whose worker dies is re-run by Ray
 up to `max_retries` times (jobs are deterministic, so the result is unchanged); a task that
 raises is not retried and is reported in one line (reference/quantization.md §7, RAY-FT).
+Ray's memory monitor kills the newest task when the node's memory passes its threshold and by
+default retries such tasks forever, which on a full node looks like a hang (ALPS on minilm at
+batch 64 needs ~9 GB per worker); the local Ray started here retries them `max_retries` times
+and the job is then reported as out of memory (docs.ray.io, "Out-Of-Memory Prevention").
 """
 
 from __future__ import annotations
@@ -86,8 +90,13 @@ class RayExecutor(MapMixin):
             return False
         common: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
         if self.address is None:
-            ray.init(address="local", num_cpus=self._workers or os.cpu_count() or 1, include_dashboard=False,
-                     **common)  # "local": a new Ray, never one that `ray start` left running
+            try:  # "local": a new Ray, never one that `ray start` left running
+                ray.init(address="local", num_cpus=self._workers or os.cpu_count() or 1, include_dashboard=False,
+                         _system_config={"task_oom_retries": self.max_retries}, **common)
+            except Exception as exc:  # Ray raises a bare Exception when its raylet does not come up in 30 s
+                ray.shutdown()  # stop the daemons that did start
+                raise BitmixError(f"could not start a local Ray ({str(exc).strip().splitlines()[0]}); on a busy "
+                                  "machine try again, or use --executor local") from None
         else:
             check_reachable(self.address)
             try:
@@ -127,7 +136,7 @@ class RayExecutor(MapMixin):
             self.start()
         if not jobs:
             return
-        from ray.exceptions import RayError, RayTaskError
+        from ray.exceptions import OutOfMemoryError, RayError, RayTaskError
 
         task = ray.remote(_call).options(num_cpus=self.threads, max_retries=self.max_retries)
         shipped = ray.put(fn)  # once per run; every task gets the reference
@@ -140,6 +149,10 @@ class RayExecutor(MapMixin):
                     result = ray.get(done[0])
                 except RayTaskError as exc:
                     raise job_error(describe, jobs[i], exc.cause if exc.cause is not None else exc) from None
+                except OutOfMemoryError:
+                    raise BitmixError(f"job {describe(jobs[i])} was killed by Ray's memory monitor (the node ran "
+                                      "out of memory); run fewer jobs at once (workers) or give the method a "
+                                      "smaller batch_size") from None
                 except RayError as exc:
                     raise BitmixError(f"job {describe(jobs[i])} was lost after {self.max_retries} retries "
                                       f"({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") from None
