@@ -8,7 +8,8 @@ per executor is `executor.map` over ALPS's jobs (the reference plus one job per 
 lower precision), i.e. exactly the part an executor runs. Executors are interleaved in rounds
 (process, ray, process, ray, ...) because other work loads this machine; each run records the
 1-minute load average before and after and the peak RSS of this process and its children
-(pool workers, Ray's workers and daemons). Ray's local start (`ray.init`) is timed apart: on
+(pool workers, Ray's workers and daemons) and the CPU seconds each kind of process used
+(exited pool workers as "exited children"). Ray's local start (`ray.init`) is timed apart: on
 a running cluster it is paid once. Every run must return the same results, bit for bit.
 
 Per-job overhead, per executor: no-op jobs mapped in two sizes give the cost per job (dispatch,
@@ -66,23 +67,39 @@ def _rss_kb(pid: int) -> int:
         return 0
 
 
-def _tree_rss_gb() -> float:
-    """RSS of this process and all its descendants (Ray's raylet and workers descend from the driver)."""
-    parents: dict[int, int] = {}
+def _tree() -> dict[int, tuple[str, float]]:
+    """This process and all its descendants (Ray's daemons and workers descend from the driver):
+    pid -> (command name, CPU seconds so far)."""
+    stats: dict[int, tuple[int, str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                    head, tail = f.read().rsplit(")", 1)
+                fields = tail.split()
+                stats[int(entry)] = (int(fields[1]), head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / tick)
             except (OSError, IndexError, ValueError):
                 continue
     tree, frontier = {os.getpid()}, [os.getpid()]
     while frontier:
         pid = frontier.pop()
-        children = [c for c, p in parents.items() if p == pid and c not in tree]
+        children = [c for c, st in stats.items() if st[0] == pid and c not in tree]
         tree.update(children)
         frontier.extend(children)
-    return sum(_rss_kb(pid) for pid in tree) / 2**20
+    return {pid: stats[pid][1:] for pid in tree if pid in stats}
+
+
+def _tree_rss_gb() -> float:
+    return sum(_rss_kb(pid) for pid in _tree()) / 2**20
+
+
+def cpu_by_process(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds used between two `_tree()` snapshots, per command name (e.g. raylet, gcs_server, ray::_call)."""
+    used: dict[str, float] = {}
+    for pid, (name, cpu) in after.items():
+        used[name] = used.get(name, 0.0) + cpu - (before[pid][1] if pid in before else 0.0)
+    return {k: round(v, 1) for k, v in sorted(used.items(), key=lambda kv: -kv[1])}
 
 
 @contextmanager
@@ -104,13 +121,16 @@ def peak_rss(period_s: float = 1.0) -> Iterator[list[float]]:
         thread.join()
 
 
-def timed_map(executor: Any, work: ALPSJobs) -> tuple[float, list[float], float]:
-    """(wall s, results, peak RSS GB) of one executor over all ALPS jobs."""
+def timed_map(executor: Any, work: ALPSJobs) -> tuple[float, list[float], float, dict[str, float]]:
+    """(wall s, results, peak RSS GB, CPU s per process name) of one executor over all ALPS jobs."""
     with peak_rss() as peak:
+        before, reaped = _tree(), os.times()
         start = time.perf_counter()
         results = executor.map(work.run, work.jobs)
         wall = time.perf_counter() - start
-    return wall, results, peak[0]
+        cpu = cpu_by_process(before, _tree())
+        cpu["exited children"] = round(sum(os.times()[2:4]) - sum(reaped[2:4]), 1)
+    return wall, results, peak[0], cpu
 
 
 def overhead(executor: Any, jobs: int, workers: int) -> dict[str, float]:
@@ -146,13 +166,13 @@ def run_once(name: str, args: argparse.Namespace, work: ALPSJobs) -> dict[str, A
             start = time.perf_counter()
             ex.start()
             record["ray_start_s"] = time.perf_counter() - start
-            record["wall_s"], results, record["peak_rss_gb"] = timed_map(ex, work)
+            record["wall_s"], results, record["peak_rss_gb"], record["cpu_s"] = timed_map(ex, work)
             record["load_after"] = os.getloadavg()[0]
             record |= overhead(ex, args.noop_jobs, args.workers)
             record["shipping"] = ray_shipping(work.run)
     else:
         ex = SerialExecutor() if name == "serial" else ProcessExecutor(args.workers)
-        record["wall_s"], results, record["peak_rss_gb"] = timed_map(ex, work)
+        record["wall_s"], results, record["peak_rss_gb"], record["cpu_s"] = timed_map(ex, work)
         record["load_after"] = os.getloadavg()[0]
         record |= overhead(ex, args.noop_jobs, args.workers)
     record["results"] = results

@@ -1,7 +1,11 @@
 """Run jobs as Ray tasks on a local Ray or an existing cluster (`address=`).
 
 The job function (with its `PortableModel`s and data) is `ray.put` once per run and passed
-to every task by reference; each worker deserialises it once and caches it. Tasks run at
+to every task as a top-level argument, which Ray resolves before the task starts; it travels as
+pickled bytes under a run key (`_Shipped`), so a worker unpickles (rebuilds) it once per run and
+later tasks only look the key up. (Fetching it with `ray.get` inside the task instead makes
+the task release its CPU while it waits, and Ray starts extra workers for the queued tasks:
+more processes than CPUs, each rebuilding the model and fine-tuning at once.) Tasks run at
 `threads` torch threads (`num_cpus=threads`), like the local executors, so results match
 them bit for bit on workers of the same CPU kind. A task whose worker dies is re-run by Ray
 up to `max_retries` times (jobs are deterministic, so the result is unchanged); a task that
@@ -16,7 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
@@ -25,7 +31,7 @@ from bitmix.compiler.sensitivity.executor import Describe, MapMixin, job_error, 
 from bitmix.errors import BitmixError
 
 CONNECT_TIMEOUT_S = 5.0
-_FN: dict[str, Callable[[Any], Any]] = {}  # per worker: the current run's job function, by object id
+_FN: dict[str, Callable[[Any], Any]] = {}  # per worker: the current run's job function, by run key
 
 
 def import_ray() -> ModuleType:
@@ -37,17 +43,31 @@ def import_ray() -> ModuleType:
     return ray
 
 
-def _call(holder: list, job: Any, threads: int) -> Any:
-    """A task: fetch (once per worker) and run the shipped job function."""
-    ref = holder[0]  # inside a list, so Ray passes the reference and this worker caches the value
-    key = ref.hex()
-    if key not in _FN:
-        import ray
+class _Shipped:
+    """A job function as pickled bytes under a run key. Ray deserialises task arguments on every
+    call; this unpickles to the worker's cached function, so the bytes are unpickled once per run."""
 
-        _FN.clear()
-        _FN[key] = ray.get(ref)
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        from ray import cloudpickle  # Ray's own pickler: functions of __main__ and by-value modules travel
+
+        self.key = uuid.uuid4().hex
+        self.payload = cloudpickle.dumps(fn)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return _received, (self.key, pickle.PickleBuffer(self.payload))  # out of band: not copied per task
+
+
+def _received(key: str, payload: Any) -> Callable[[Any], Any]:
+    if key not in _FN:
+        _FN.clear()  # one run at a time per worker: drop the previous run's model
+        _FN[key] = pickle.loads(payload)
+    return _FN[key]
+
+
+def _call(fn: Callable[[Any], Any], job: Any, threads: int) -> Any:
+    """A task: run the shipped job function at `threads` threads."""
     worker_threads(threads)
-    return _FN[key](job)
+    return fn(job)
 
 
 def check_reachable(address: str) -> None:
@@ -139,8 +159,8 @@ class RayExecutor(MapMixin):
         from ray.exceptions import OutOfMemoryError, RayError, RayTaskError
 
         task = ray.remote(_call).options(num_cpus=self.threads, max_retries=self.max_retries)
-        shipped = ray.put(fn)  # once per run; every task gets the reference
-        pending = {task.remote([shipped], job, self.threads): i for i, job in enumerate(jobs)}
+        shipped = ray.put(_Shipped(fn))  # once per run; every task gets the reference
+        pending = {task.remote(shipped, job, self.threads): i for i, job in enumerate(jobs)}
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
