@@ -3,17 +3,17 @@
 The job function (with its `PortableModel`s and data) is `ray.put` once per run and passed
 to every task as a top-level argument, which Ray resolves before the task starts; it travels as
 pickled bytes under a run key (`_Shipped`), so a worker unpickles (rebuilds) it once per run and
-later tasks only look the key up. (Fetching it with `ray.get` inside the task instead makes
-the task release its CPU while it waits, and Ray starts extra workers for the queued tasks:
-more processes than CPUs, each rebuilding the model and fine-tuning at once.) Tasks run at
+later tasks only look the key up. (A `ray.get` inside the task would mark it blocked while the
+object is fetched, so on a multi-node cluster Ray could start extra workers on that CPU.) Tasks run at
 `threads` torch threads (`num_cpus=threads`), like the local executors, so results match
 them bit for bit on workers of the same CPU kind. A task whose worker dies is re-run by Ray
 up to `max_retries` times (jobs are deterministic, so the result is unchanged); a task that
 raises is not retried and is reported in one line (reference/quantization.md §7, RAY-FT).
-Ray's memory monitor kills the newest task when the node's memory passes its threshold and by
-default retries such tasks forever, which on a full node looks like a hang (ALPS on minilm at
-batch 64 needs ~9 GB per worker); the local Ray started here retries them `max_retries` times
-and the job is then reported as out of memory (docs.ray.io, "Out-Of-Memory Prevention").
+Ray's memory monitor kills the newest task when the node's memory (every process on it, not
+only Ray's) passes 95 %, and by default retries such tasks forever: on a shared machine that
+looks like a hang. The local Ray started here runs without it, like the local process pool (the
+kernel's OOM killer still acts; a killed worker's job is retried); on a cluster whose monitor
+gives up, the job is reported as out of memory in one line (docs.ray.io, "Out-Of-Memory Prevention").
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class RayExecutor(MapMixin):
         if self.address is None:
             try:  # "local": a new Ray, never one that `ray start` left running
                 ray.init(address="local", num_cpus=self._workers or os.cpu_count() or 1, include_dashboard=False,
-                         _system_config={"task_oom_retries": self.max_retries}, **common)
+                         _system_config={"memory_monitor_refresh_ms": 0}, **common)
             except Exception as exc:  # Ray raises a bare Exception when its raylet does not come up in 30 s
                 ray.shutdown()  # stop the daemons that did start
                 raise BitmixError(f"could not start a local Ray ({str(exc).strip().splitlines()[0]}); on a busy "

@@ -22,13 +22,16 @@ def _hold_memory(job: int) -> int:
     return job + len(block) * 0
 
 
-def test_out_of_memory_job_fails_in_one_line(monkeypatch):
-    # any node is above a 1 % threshold: the monitor kills every attempt (read by the raylet at start)
-    monkeypatch.setenv("RAY_memory_usage_threshold", "0.01")
-    monkeypatch.setenv("RAY_memory_monitor_refresh_ms", "100")
-    assert not ray.is_initialized()
-    with RayExecutor(workers=1, max_retries=1) as ex, pytest.raises(BitmixError) as info:
-        ex.map(_hold_memory, [7], describe=lambda j: f"layer l{j}")
-    assert not ray.is_initialized()
+def test_out_of_memory_job_fails_in_one_line():
+    # a Ray like a cluster's, with the memory monitor on: any node is above a 1 % threshold, so every
+    # attempt is killed; after one OOM retry the job must fail (the executor's own local Ray has no monitor)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, _system_config={
+        "memory_usage_threshold": 0.01, "memory_monitor_refresh_ms": 100, "task_oom_retries": 1})
+    try:
+        with RayExecutor(max_retries=1) as ex, pytest.raises(BitmixError) as info:
+            ex.map(_hold_memory, [7], describe=lambda j: f"layer l{j}")
+        assert ray.is_initialized()  # a Ray the caller started is left running
+    finally:
+        ray.shutdown()
     message = str(info.value)
     assert "\n" not in message and message.startswith("job layer l7 was killed by Ray's memory monitor"), message
