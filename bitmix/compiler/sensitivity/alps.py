@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -29,9 +30,11 @@ from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores,
 from bitmix.compiler.sensitivity.executor import SerialExecutor
 from bitmix.compiler.transport import PortableModel
 from bitmix.errors import BitmixError
+from bitmix.ir.precision import Precision
 from bitmix.task import TaskData
 
 HOLDOUT = 0.2
+Job = tuple[str, Precision] | None  # (layer, precision it is lowered to); None: the reference
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ def _epochs(epochs: float, batches_per_epoch: int) -> tuple[int, int | None]:
 
 
 def _job(
-    job: tuple[str, int] | None,
+    job: Job,
     base: PortableModel,
     fit: TaskData,
     calibration: tuple[torch.Tensor, ...],
@@ -104,7 +107,7 @@ def _job(
     return float(quality_drop_measure(metric)(tuned, fit, "test"))
 
 
-def _lowered(base: nn.Module, name: str, bits: int, calibration: tuple[torch.Tensor, ...]) -> nn.Module:
+def _lowered(base: nn.Module, name: str, bits: Precision, calibration: tuple[torch.Tensor, ...]) -> nn.Module:
     """A copy of `base` with one layer re-quantized at `bits` (its signedness kept)."""
     model = copy.deepcopy(base)
     layer = quant_layers(model)[name]
@@ -115,13 +118,31 @@ def _lowered(base: nn.Module, name: str, bits: int, calibration: tuple[torch.Ten
     return model
 
 
-def _describe(job: tuple[str, int] | None) -> str:
+def _describe(job: Job) -> str:
     return "alps reference (no layer lowered)" if job is None else f"alps: layer {job[0]} at {job[1]} bits"
 
 
-@register("alps", config=ALPSConfig, needs_data=True)
-def alps(ctx: ScoreContext, cfg: ALPSConfig) -> Scores:
-    """Quality change after one fine-tuning epoch with one layer lowered."""
+@dataclass(frozen=True)
+class ALPSJobs:
+    """ALPS's independent jobs: `run(job)` fine-tunes the shipped base with `job`'s layer lowered
+    (None: nothing lowered, the reference) and returns its measured quality."""
+
+    run: Callable[[Job], float]
+    jobs: list[Job]
+    choices: tuple[Precision, ...]
+    free_layers: tuple[str, ...]
+
+    def scores(self, results: list[float]) -> Scores:
+        """The per-layer scores from the jobs' results (in job order)."""
+        scores: Scores = {n: {self.choices[0]: results[0]} for n in self.free_layers}
+        for job, value in zip(self.jobs[1:], results[1:], strict=True):
+            assert job is not None
+            scores[job[0]][job[1]] = value
+        return scores
+
+
+def alps_jobs(ctx: ScoreContext, cfg: ALPSConfig) -> ALPSJobs:
+    """Fine-tune the base (in this process) and build the per-layer jobs around it."""
     data = ctx.require_data("alps")
     fit, _ = holdout(data)
     quality_drop_measure(cfg.metric)
@@ -131,15 +152,16 @@ def alps(ctx: ScoreContext, cfg: ALPSConfig) -> Scores:
     base = fake_quantize(ctx.model, assignment, calibration)
     base = finetune(base, fit, cfg.base_epochs, cfg.lr, optimizer="adam", seed=ctx.seed, batch_size=cfg.batch_size)
     epochs, max_batches = _epochs(cfg.epochs, math.ceil(len(fit.train) / cfg.batch_size))
-    jobs: list[tuple[str, int] | None] = [None] + [(n, b) for n in ctx.free_layers for b in choices[1:]]
+    jobs: list[Job] = [None] + [(n, b) for n in ctx.free_layers for b in choices[1:]]
     run = partial(
         _job, base=PortableModel(ctx.graph, base), fit=fit, calibration=calibration, epochs=epochs,
         max_batches=max_batches, lr=cfg.lr, seed=ctx.seed, metric=cfg.metric, batch_size=cfg.batch_size,
     )
-    results = (ctx.executor or SerialExecutor()).map(run, jobs, describe=_describe, label="alps")
-    reference = results[0]
-    scores: Scores = {n: {choices[0]: reference} for n in ctx.free_layers}
-    for job, value in zip(jobs[1:], results[1:], strict=True):
-        assert job is not None
-        scores[job[0]][job[1]] = value
-    return scores
+    return ALPSJobs(run, jobs, tuple(choices), tuple(ctx.free_layers))
+
+
+@register("alps", config=ALPSConfig, needs_data=True)
+def alps(ctx: ScoreContext, cfg: ALPSConfig) -> Scores:
+    """Quality change after one fine-tuning epoch with one layer lowered."""
+    work = alps_jobs(ctx, cfg)
+    return work.scores((ctx.executor or SerialExecutor()).map(work.run, work.jobs, describe=_describe, label="alps"))

@@ -1,18 +1,28 @@
 """Run jobs as Ray tasks on a local Ray or an existing cluster (`address=`).
 
 The job function (with its `PortableModel`s and data) is `ray.put` once per run and passed
-to every task by reference; each worker deserialises it once and caches it. Tasks run at
+to every task as a top-level argument, which Ray resolves before the task starts; it travels as
+pickled bytes under a run key (`_Shipped`), so a worker unpickles (rebuilds) it once per run and
+later tasks only look the key up. (A `ray.get` inside the task would mark it blocked while the
+object is fetched, so on a multi-node cluster Ray could start extra workers on that CPU.) Tasks run at
 `threads` torch threads (`num_cpus=threads`), like the local executors, so results match
 them bit for bit on workers of the same CPU kind. A task whose worker dies is re-run by Ray
 up to `max_retries` times (jobs are deterministic, so the result is unchanged); a task that
 raises is not retried and is reported in one line (reference/quantization.md §7, RAY-FT).
+Ray's memory monitor kills the newest task when the node's memory (every process on it, not
+only Ray's) passes 95 %, and by default retries such tasks forever: on a shared machine that
+looks like a hang. The local Ray started here runs without it, like the local process pool (the
+kernel's OOM killer still acts; a killed worker's job is retried); on a cluster whose monitor
+gives up, the job is reported as out of memory in one line (docs.ray.io, "Out-Of-Memory Prevention").
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
@@ -21,7 +31,7 @@ from bitmix.compiler.sensitivity.executor import Describe, MapMixin, job_error, 
 from bitmix.errors import BitmixError
 
 CONNECT_TIMEOUT_S = 5.0
-_FN: dict[str, Callable[[Any], Any]] = {}  # per worker: the current run's job function, by object id
+_FN: dict[str, Callable[[Any], Any]] = {}  # per worker: the current run's job function, by run key
 
 
 def import_ray() -> ModuleType:
@@ -33,17 +43,31 @@ def import_ray() -> ModuleType:
     return ray
 
 
-def _call(holder: list, job: Any, threads: int) -> Any:
-    """A task: fetch (once per worker) and run the shipped job function."""
-    ref = holder[0]  # inside a list, so Ray passes the reference and this worker caches the value
-    key = ref.hex()
-    if key not in _FN:
-        import ray
+class _Shipped:
+    """A job function as pickled bytes under a run key. Ray deserialises task arguments on every
+    call; this unpickles to the worker's cached function, so the bytes are unpickled once per run."""
 
-        _FN.clear()
-        _FN[key] = ray.get(ref)
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        from ray import cloudpickle  # Ray's own pickler: functions of __main__ and by-value modules travel
+
+        self.key = uuid.uuid4().hex
+        self.payload = cloudpickle.dumps(fn)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return _received, (self.key, pickle.PickleBuffer(self.payload))  # out of band: not copied per task
+
+
+def _received(key: str, payload: Any) -> Callable[[Any], Any]:
+    if key not in _FN:
+        _FN.clear()  # one run at a time per worker: drop the previous run's model
+        _FN[key] = pickle.loads(payload)
+    return _FN[key]
+
+
+def _call(fn: Callable[[Any], Any], job: Any, threads: int) -> Any:
+    """A task: run the shipped job function at `threads` threads."""
     worker_threads(threads)
-    return _FN[key](job)
+    return fn(job)
 
 
 def check_reachable(address: str) -> None:
@@ -86,8 +110,13 @@ class RayExecutor(MapMixin):
             return False
         common: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
         if self.address is None:
-            ray.init(address="local", num_cpus=self._workers or os.cpu_count() or 1, include_dashboard=False,
-                     **common)  # "local": a new Ray, never one that `ray start` left running
+            try:  # "local": a new Ray, never one that `ray start` left running
+                ray.init(address="local", num_cpus=self._workers or os.cpu_count() or 1, include_dashboard=False,
+                         _system_config={"memory_monitor_refresh_ms": 0}, **common)
+            except Exception as exc:  # Ray raises a bare Exception when its raylet does not come up in 30 s
+                ray.shutdown()  # stop the daemons that did start
+                raise BitmixError(f"could not start a local Ray ({str(exc).strip().splitlines()[0]}); on a busy "
+                                  "machine try again, or use --executor local") from None
         else:
             check_reachable(self.address)
             try:
@@ -127,11 +156,11 @@ class RayExecutor(MapMixin):
             self.start()
         if not jobs:
             return
-        from ray.exceptions import RayError, RayTaskError
+        from ray.exceptions import OutOfMemoryError, RayError, RayTaskError
 
         task = ray.remote(_call).options(num_cpus=self.threads, max_retries=self.max_retries)
-        shipped = ray.put(fn)  # once per run; every task gets the reference
-        pending = {task.remote([shipped], job, self.threads): i for i, job in enumerate(jobs)}
+        shipped = ray.put(_Shipped(fn))  # once per run; every task gets the reference
+        pending = {task.remote(shipped, job, self.threads): i for i, job in enumerate(jobs)}
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
@@ -140,6 +169,10 @@ class RayExecutor(MapMixin):
                     result = ray.get(done[0])
                 except RayTaskError as exc:
                     raise job_error(describe, jobs[i], exc.cause if exc.cause is not None else exc) from None
+                except OutOfMemoryError:
+                    raise BitmixError(f"job {describe(jobs[i])} was killed by Ray's memory monitor (the node ran "
+                                      "out of memory); run fewer jobs at once (workers) or give the method a "
+                                      "smaller batch_size") from None
                 except RayError as exc:
                     raise BitmixError(f"job {describe(jobs[i])} was lost after {self.max_retries} retries "
                                       f"({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") from None
