@@ -12,6 +12,13 @@ sequential form), fixes the bias and passes the corrected output on. The correct
 kept only if it lowers the model's output error on the calibration data, as AIMET's
 AutoQuant keeps a technique only when it helps (reference/quantization.md, A-AQ): a
 channel mean over padded token positions, for one, is not the mean the output uses.
+
+Only the part of a shift that the calibration examples agree on is corrected: the shift is
+measured per example (dim 0), and each channel's mean shift is shrunk by its sampling noise
+(positive-part James-Stein, `delta * max(0, 1 - se^2 / delta^2)`; one example: no correction).
+Corrected in full, the example-specific part fitted the calibration inputs and raised the
+error on other inputs (measured: MobileNetV2 int8 held-out 1 - cos 2.2e-2 corrected from 8
+inputs, 3.5e-2 from 1, 1.9e-2 uncorrected), while the calibration error, which decides, fell.
 """
 
 from __future__ import annotations
@@ -22,12 +29,24 @@ from torch import nn
 from bitmix.compiler.qlayer import QuantLayer, quant_layers
 
 
-def channel_means(layer: QuantLayer, out: torch.Tensor) -> torch.Tensor:
-    """Mean of each output channel over everything else (dim 1 for conv, the last dim otherwise)."""
+def example_means(layer: QuantLayer, out: torch.Tensor) -> torch.Tensor:
+    """(N, C): each example's (dim 0) mean of each output channel (dim 1 for conv, the last dim otherwise)."""
     out = out.detach().double()
     if layer.kind == "conv2d":
-        return out.transpose(0, 1).reshape(out.shape[1], -1).mean(dim=1)
-    return out.reshape(-1, out.shape[-1]).mean(dim=0)
+        return out.reshape(out.shape[0], out.shape[1], -1).mean(dim=2)
+    if out.dim() == 1:
+        return out.unsqueeze(0)
+    return out.reshape(out.shape[0], -1, out.shape[-1]).mean(dim=1)
+
+
+def agreed_shift(shifts: torch.Tensor) -> torch.Tensor:
+    """(C,): the mean of per-example shifts (N, C), shrunk by its standard error (zero for N = 1)."""
+    n = shifts.shape[0]
+    if n < 2:
+        return torch.zeros_like(shifts[0])
+    delta = shifts.mean(dim=0)
+    noise = shifts.var(dim=0) / n
+    return delta * (1 - noise / delta.pow(2).clamp(min=1e-300)).clamp(min=0)
 
 
 def flat(out: object) -> torch.Tensor:
@@ -45,13 +64,13 @@ def flat(out: object) -> torch.Tensor:
 def float_reference(
     model: nn.Module, calibration: tuple[torch.Tensor, ...]
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Float channel means of every weighted layer's output on `calibration`, and the model's output."""
+    """Float per-example channel means of every weighted layer's output on `calibration`, and the model's output."""
     layers = quant_layers(model)
     saved = {name: layer.bits for name, layer in layers.items()}
     means: dict[str, torch.Tensor] = {}
 
     def hook(layer: QuantLayer, args: tuple, out: torch.Tensor) -> None:
-        means[layer.name] = channel_means(layer, out)
+        means[layer.name] = example_means(layer, out)
 
     handles = [layer.register_forward_hook(hook) for layer in layers.values() if layer.kind != "matmul"]
     try:
@@ -90,7 +109,8 @@ def bias_correct(
 
 @torch.no_grad()
 def correct_biases(model: nn.Module, reference: dict[str, torch.Tensor], calibration: tuple[torch.Tensor, ...]) -> int:
-    """Shift every quantized conv/linear's bias so its mean output on `calibration` is `reference`'s.
+    """Shift every quantized conv/linear's bias by the output shift its `calibration` examples agree on
+    (`agreed_shift` of the per-example channel means against `reference`'s).
 
     Layers without a bias get one. Returns how many layers were corrected.
     """
@@ -101,7 +121,7 @@ def correct_biases(model: nn.Module, reference: dict[str, torch.Tensor], calibra
         if layer.bits is None or layer.name not in reference:
             return out
         assert layer.weight is not None
-        delta = (reference[layer.name] - channel_means(layer, out)).to(layer.weight.dtype)
+        delta = agreed_shift(reference[layer.name] - example_means(layer, out)).to(layer.weight.dtype)
         if layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros_like(delta))
         layer.bias.add_(delta)
