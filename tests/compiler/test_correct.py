@@ -74,3 +74,20 @@ def test_bias_correction_needs_calibration_and_keeps_steps():
     fixed = fake_quantize(gm, assignment, calib)
     for a, b in zip(quant_layers(plain).values(), quant_layers(fixed).values(), strict=True):
         assert torch.equal(a.a_quant.step, b.a_quant.step) and torch.equal(a.w_quant.step, b.w_quant.step)
+
+
+def test_correction_that_only_fits_its_own_examples_is_refused():
+    """A shift seen on the fitted (even) examples but not on the held-out (odd) ones is not applied."""
+    from bitmix.compiler.correct import bias_correct
+
+    net = _net()
+    calib = (torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(3)),)
+    gm = prepare(capture(net, (calib[0][:2],)))
+    model = fake_quantize(gm, {n: 8 for n in quant_layers(gm)}, calib, bias_correction=False)
+    means, output = float_reference(model, calib)
+    fake = {k: m + torch.tensor([5.0, 0.0]).repeat(4).reshape(8, 1).double() for k, m in means.items()}
+    before = {n: None if q.bias is None else q.bias.clone() for n, q in quant_layers(model).items()}
+    assert not bias_correct(model, (fake, output), calib)
+    for name, layer in quant_layers(model).items():
+        assert (layer.bias is None) == (before[name] is None)
+        assert before[name] is None or torch.equal(layer.bias, before[name])
