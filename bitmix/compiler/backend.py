@@ -20,7 +20,10 @@ exported for its shapes (Dynamo recompiles on a new shape, then with symbolic si
 Dynamo's symbolic sizes (also with `dynamic=True`) become symbolic dimensions of the export. A piece with no
 conv/linear/matmul (e.g. the glue between two graph breaks) runs eagerly.
 
-Limits: graph breaks compile each piece separately (first/last pinning applies per piece,
+Limits: Dynamo itself skips a frame that calls `nn.RNN`/`nn.GRU`/`nn.LSTM` unless
+`torch._dynamo.config.allow_rnn = True` (such a forward runs in eager FP32 and never reaches
+this backend; with it set, the recurrent op stays FP32 with a warning and the rest is quantized);
+graph breaks compile each piece separately (first/last pinning applies per piece,
 and `calibration` only fits a model that is one piece); the packed weights are those of the
 first call: changing the model's weights afterwards needs `torch._dynamo.reset()`.
 """

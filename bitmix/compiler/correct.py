@@ -9,9 +9,16 @@ the kernels already do, so the deployed model does the same integer work.
 Layers are corrected in execution order within one forward pass: a hook on each layer
 measures the shift of its output given the already-corrected layers upstream (the
 sequential form), fixes the bias and passes the corrected output on. The correction is
-kept only if it lowers the model's output error on the calibration data, as AIMET's
+kept only if it lowers the model's output error on held-out calibration examples, as AIMET's
 AutoQuant keeps a technique only when it helps (reference/quantization.md, A-AQ): a
 channel mean over padded token positions, for one, is not the mean the output uses.
+
+Only the part of a shift that the calibration examples agree on is corrected: the shift is
+measured per example (dim 0), and each channel's mean shift is shrunk by its sampling noise
+(positive-part James-Stein, `delta * max(0, 1 - se^2 / delta^2)`; one example: no correction).
+Corrected in full, the example-specific part fitted the calibration inputs and raised the
+error on other inputs (measured: MobileNetV2 int8 held-out 1 - cos 2.1e-2 corrected from 8
+inputs, 3.5e-2 from 1, 1.9e-2 uncorrected), while the calibration error, which decided, fell.
 """
 
 from __future__ import annotations
@@ -21,13 +28,27 @@ from torch import nn
 
 from bitmix.compiler.qlayer import QuantLayer, quant_layers
 
+SPLIT_MIN = 4  # calibration examples needed to check the correction on ones it was not fitted to
 
-def channel_means(layer: QuantLayer, out: torch.Tensor) -> torch.Tensor:
-    """Mean of each output channel over everything else (dim 1 for conv, the last dim otherwise)."""
+
+def example_means(layer: QuantLayer, out: torch.Tensor) -> torch.Tensor:
+    """(N, C): each example's (dim 0) mean of each output channel (dim 1 for conv, the last dim otherwise)."""
     out = out.detach().double()
     if layer.kind == "conv2d":
-        return out.transpose(0, 1).reshape(out.shape[1], -1).mean(dim=1)
-    return out.reshape(-1, out.shape[-1]).mean(dim=0)
+        return out.reshape(out.shape[0], out.shape[1], -1).mean(dim=2)
+    if out.dim() == 1:
+        return out.unsqueeze(0)
+    return out.reshape(out.shape[0], -1, out.shape[-1]).mean(dim=1)
+
+
+def agreed_shift(shifts: torch.Tensor) -> torch.Tensor:
+    """(C,): the mean of per-example shifts (N, C), shrunk by its standard error (zero for N = 1)."""
+    n = shifts.shape[0]
+    if n < 2:
+        return torch.zeros_like(shifts[0])
+    delta = shifts.mean(dim=0)
+    noise = shifts.var(dim=0) / n
+    return delta * (1 - noise / delta.pow(2).clamp(min=1e-300)).clamp(min=0)
 
 
 def flat(out: object) -> torch.Tensor:
@@ -45,13 +66,13 @@ def flat(out: object) -> torch.Tensor:
 def float_reference(
     model: nn.Module, calibration: tuple[torch.Tensor, ...]
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Float channel means of every weighted layer's output on `calibration`, and the model's output."""
+    """Float per-example channel means of every weighted layer's output on `calibration`, and the model's output."""
     layers = quant_layers(model)
     saved = {name: layer.bits for name, layer in layers.items()}
     means: dict[str, torch.Tensor] = {}
 
     def hook(layer: QuantLayer, args: tuple, out: torch.Tensor) -> None:
-        means[layer.name] = channel_means(layer, out)
+        means[layer.name] = example_means(layer, out)
 
     handles = [layer.register_forward_hook(hook) for layer in layers.values() if layer.kind != "matmul"]
     try:
@@ -70,13 +91,32 @@ def float_reference(
 def bias_correct(
     model: nn.Module, reference: tuple[dict[str, torch.Tensor], torch.Tensor], calibration: tuple[torch.Tensor, ...]
 ) -> bool:
-    """Correct the biases of a quantized model in place; undo it unless the output error drops."""
+    """Correct the biases of a quantized model in place if that lowers the output error on examples it
+    was not fitted to: fitted on the even calibration examples and checked on the odd ones, then (if it
+    helped) fitted on all. Below SPLIT_MIN examples, or when a layer's dim 0 is not the batch, it is
+    fitted and checked on all of them."""
     means, target = reference
-    before = float((flat(model(*calibration)) - target).pow(2).sum())
+    n = calibration[0].shape[0]
+    if n < SPLIT_MIN or any(m.shape[0] != n for m in means.values()):
+        return _correct_if_better(model, means, calibration, calibration, target, keep=True)
+    fit, check = tuple(t[0::2] for t in calibration), tuple(t[1::2] for t in calibration)
+    _, check_target = float_reference(model, check)
+    if not _correct_if_better(model, {k: m[0::2] for k, m in means.items()}, fit, check, check_target, keep=False):
+        return False
+    correct_biases(model, means, calibration)
+    return True
+
+
+def _correct_if_better(model: nn.Module, means: dict[str, torch.Tensor], fit: tuple[torch.Tensor, ...],
+                       check: tuple[torch.Tensor, ...], target: torch.Tensor, keep: bool) -> bool:
+    """Whether correcting on `fit` lowers the output error on `check`; the corrected biases stay only if
+    it does and `keep`."""
+    before = float((flat(model(*check)) - target).pow(2).sum())
     layers = quant_layers(model).values()
     saved = {layer.name: None if layer.bias is None else layer.bias.detach().clone() for layer in layers}
-    correct_biases(model, means, calibration)
-    if float((flat(model(*calibration)) - target).pow(2).sum()) <= before:
+    correct_biases(model, means, fit)
+    better = float((flat(model(*check)) - target).pow(2).sum()) <= before
+    if better and keep:
         return True
     for layer in layers:
         bias = saved[layer.name]
@@ -85,12 +125,13 @@ def bias_correct(
         else:
             assert layer.bias is not None
             layer.bias.copy_(bias)
-    return False
+    return better
 
 
 @torch.no_grad()
 def correct_biases(model: nn.Module, reference: dict[str, torch.Tensor], calibration: tuple[torch.Tensor, ...]) -> int:
-    """Shift every quantized conv/linear's bias so its mean output on `calibration` is `reference`'s.
+    """Shift every quantized conv/linear's bias by the output shift its `calibration` examples agree on
+    (`agreed_shift` of the per-example channel means against `reference`'s).
 
     Layers without a bias get one. Returns how many layers were corrected.
     """
@@ -101,7 +142,7 @@ def correct_biases(model: nn.Module, reference: dict[str, torch.Tensor], calibra
         if layer.bits is None or layer.name not in reference:
             return out
         assert layer.weight is not None
-        delta = (reference[layer.name] - channel_means(layer, out)).to(layer.weight.dtype)
+        delta = agreed_shift(reference[layer.name] - example_means(layer, out)).to(layer.weight.dtype)
         if layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros_like(delta))
         layer.bias.add_(delta)

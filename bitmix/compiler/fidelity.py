@@ -25,10 +25,12 @@ MAX_EXAMPLES = 32  # enough for a stable mean, cheap next to the compile itself
 
 
 def fidelity(fp32: Callable[..., Any], compiled: Callable[..., Any],
-             inputs: tuple[torch.Tensor, ...] | torch.Tensor) -> dict[str, float]:
-    """Mean per-example cosine and max relative error of `compiled` against `fp32` on `inputs`."""
+             inputs: tuple[torch.Tensor, ...] | torch.Tensor, limit: int | None = MAX_EXAMPLES) -> dict[str, float]:
+    """Mean per-example cosine and max relative error of `compiled` against `fp32` on (the first `limit` of)
+    `inputs`."""
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
-    inputs = tuple(t[:MAX_EXAMPLES] if t.dim() else t for t in inputs)
+    if limit is not None:
+        inputs = tuple(t[:limit] if t.dim() else t for t in inputs)
     with torch.no_grad():
         ref = _leaves(fp32(*inputs))
         out = _leaves(compiled(*inputs))
@@ -47,11 +49,14 @@ def fidelity(fp32: Callable[..., Any], compiled: Callable[..., Any],
 def guard(fp32: Callable[..., Any], compiled: Callable[..., Any], inputs: Any, warn: list[str],
           fallback: tuple[torch.Tensor, ...] | torch.Tensor) -> dict[str, float]:
     """`fidelity` on `inputs` (on `fallback`, the example inputs, if the compiled model does not take
-    their shapes, e.g. after a static export), plus one warning when the cosine is below MIN_COSINE."""
+    their shapes, e.g. after a static export), plus one warning when the cosine is below MIN_COSINE.
+
+    The fallback is run whole: a static export takes only the example's own batch size.
+    """
     try:
         result = fidelity(fp32, compiled, inputs if inputs is not None else fallback)
     except BitmixError:
-        result = fidelity(fp32, compiled, fallback)
+        result = fidelity(fp32, compiled, fallback, limit=None)
     if not result["example_cosine"] >= MIN_COSINE:
         msg = (f"the compiled model's outputs are far from FP32 on the example inputs (cosine "
                f"{result['example_cosine']:.4f} < {MIN_COSINE}); try calibration data (data=...), "

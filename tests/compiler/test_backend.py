@@ -97,20 +97,32 @@ def test_graph_breaks_and_dynamic_recompiles_stay_on_kernels():
             assert _cosine(out, ref) > 0.95
 
 
+def _held_out(inputs: tuple[torch.Tensor, ...], data) -> tuple[torch.Tensor, ...]:
+    """Inputs shaped like `inputs` that the first call (the calibration) never saw."""
+    if data is not None:
+        return tuple(t[-inputs[0].shape[0]:] for t in data.test.inputs)
+    gen = torch.Generator().manual_seed(1)
+    return tuple(torch.randn(t.shape, generator=gen) if t.is_floating_point() else
+                 torch.randint(0, int(t.max()) + 1, t.shape, generator=gen) if t.max() > 1 else t for t in inputs)
+
+
 def _zoo_case(name: str) -> tuple[float, tuple[torch.Tensor, ...]]:
+    """Cosine to FP32 on held-out inputs of the first call's shape (the first call calibrates on its own tensors)."""
     torch._dynamo.reset()
     model, inputs, data = zoo_entry(name)
     if name.startswith("digits"):
         inputs = (data.test.inputs[0][:32],)
     compiled = torch.compile(model, backend="bitmix")
+    other = _held_out(inputs, data)
     with torch.no_grad():
-        out, ref = compiled(*inputs), model(*inputs)
+        compiled(*inputs)
+        out, ref = compiled(*other), model(*other)
     assert not torch.equal(out, ref)
     return _cosine(out, ref), inputs
 
 
-# Measured cosine to FP32 at the defaults (int8-npu, budget 1.0, calibrated on the first call):
-# digits-cnn 0.998, digits-mlp 0.9998, minilm 0.956; the bars below hold on main's W8A8 range setting.
+# Measured held-out cosine to FP32 at the defaults (int8-npu, budget 1.0, calibrated on the first call):
+# digits-cnn 0.998, digits-mlp 0.9998, resnet18 0.99998; bars from issue 17 where the model allows them.
 @pytest.mark.parametrize("name", ["digits-cnn", "digits-mlp"])
 def test_zoo_digits(name):
     cosine, _ = _zoo_case(name)
@@ -118,10 +130,19 @@ def test_zoo_digits(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "resnet50"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_zoo_cnns(name):
     cosine, _ = _zoo_case(name)
-    assert cosine > 0.99
+    assert cosine > 0.999
+
+
+@pytest.mark.slow
+def test_zoo_mobilenetv2():
+    """The random-init MobileNetV2 amplifies any perturbation: relative weight noise of 1e-3 (about 10-bit
+    weights) alone costs 8.5e-4 of 1 - cosine in FP32 (resnet18: 1.4e-6), so int8 calibrated on one image
+    holds ~0.97-0.98 held out, as ONNX Runtime's int8 does on it."""
+    cosine, _ = _zoo_case("mobilenetv2")
+    assert cosine > 0.95
 
 
 @pytest.mark.slow

@@ -65,3 +65,13 @@ def _summary(report) -> list[str]:
     from bitmix.report.terminal import summary_lines
 
     return summary_lines(report)
+
+
+def test_static_export_with_a_batch_above_the_sample_limit_is_checked_whole():
+    """A static export takes only the example's batch (here > MAX_EXAMPLES): the guard runs it whole."""
+    from bitmix.compiler.fidelity import MAX_EXAMPLES
+
+    x = torch.randn(MAX_EXAMPLES + 8, 32)
+    cm = bitmix.compile(_mlp(), x, target="int8-npu", budget=1.0, data=x,
+                        options=bitmix.CompileOptions(frontier_points=0, dynamic_shapes=None))
+    assert cm.report.accuracy["example_cosine"] >= MIN_COSINE
