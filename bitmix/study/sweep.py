@@ -21,6 +21,7 @@ one torch thread). Outputs: `frontier.json`, `frontier.png`, `search_time.json`,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import os
 import sys
@@ -37,7 +38,7 @@ from torch import nn
 from bitmix.compiler import sensitivity
 from bitmix.errors import BitmixError
 from bitmix.study.additivity import additivity
-from bitmix.study.config import GREEDY_SUFFIX, REFERENCE_BITS, TARGET, Log, StudyConfig, default_config
+from bitmix.study.config import GREEDY_SUFFIX, Log, StudyConfig, default_config, references
 from bitmix.study.measure import measure
 from bitmix.study.render import render_results, write_outputs
 from bitmix.study.stats import summarise
@@ -74,6 +75,17 @@ def pretrain(config: StudyConfig, method: str, prepared: nn.Module, names: tuple
     return cached_train_at_highest(prepared, names, target, data, step_lr=data.recipe.lr * scale, seed=seed)
 
 
+def limit_data(data: Any, limits: tuple[int, int] | None) -> Any:
+    """The task with at most (train, test) examples, evenly spaced over each split (deterministic)."""
+    if limits is None:
+        return data
+
+    def keep(split: Any, n: int) -> Any:
+        return split if len(split) <= n else split.subset(torch.linspace(0, len(split) - 1, n).round().long())
+
+    return dataclasses.replace(data, train=keep(data.train, limits[0]), test=keep(data.test, limits[1]))
+
+
 def run_frontier(config: StudyConfig, out_dir: str | Path, log: Log | None = None, command: str = "",
                  executor: Any = None) -> dict:
     """Run (or resume) the study `config.label` into `out_dir/<label>/`; returns frontier.json's dict.
@@ -106,7 +118,8 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
     if data is None:
         raise BitmixError(f"model {config.model!r} has no data in the zoo; the study needs it")
     graph = capture(model, example, config.model)
-    target = get_target(TARGET)
+    data = limit_data(data, config.data_limits)
+    target = get_target(config.target)
     costs = price(graph, target)
     prepared = prepare(graph)
     calibration = data.calibration(CALIBRATION_SAMPLES)
@@ -146,7 +159,13 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
 
     # 2. allocate every (method, seed, budget); references; collect the fine-tunes still to run
     done = {(r["method"], r["seed"], r["budget"]): r for r in read_jsonl(points_path, fp)}
-    measured = {(assignment_key(r["assignment"]), r["seed"]): r for r in done.values() if r["status"] == "ok"}
+    # With no fine-tuning nothing in a measurement depends on the seed (fixed calibration inputs), so in the
+    # PTQ regime an assignment is measured once and shared by every seed that chose it.
+    def job_seed(seed: int) -> int:
+        return seed if config.recipe.epochs > 0 else 0
+
+    measured = {(assignment_key(r["assignment"]), job_seed(r["seed"])): r for r in done.values()
+                if r["status"] == "ok"}
     pending: dict[tuple, list[dict]] = {}
 
     def simulated(assignment: dict[str, int]) -> dict[str, float]:
@@ -155,7 +174,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
                 "cycles": sim.cycles, "fraction": sim.cycles / highest, "chips": sim.chips}
 
     def queue(row: dict) -> None:
-        job = (assignment_key(row["assignment"]), row["seed"])
+        job = (assignment_key(row["assignment"]), job_seed(row["seed"]))
         if job in measured:
             keep = ("quality", "quality_fake_quant", "details", "finetune_s", "measure_s")
             row |= {k: measured[job][k] for k in keep if k in measured[job]} | {"reused": True}
@@ -184,11 +203,11 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
                 row |= {"status": "ok", "allocate_s": time.perf_counter() - start, "assignment": alloc.assignment,
                         "predicted": alloc.objective, "gap": alloc.gap, **simulated(alloc.assignment)}
                 queue(row)
-    for bits in REFERENCE_BITS:
+    for label, bits in references(target):
         for seed in seeds:
-            if (f"all-{bits}", seed, None) not in done:
+            if (label, seed, None) not in done:
                 assignment = {n: pinned.get(n, bits) for n in names}
-                queue({"recipe": fp, "model": config.model, "method": f"all-{bits}", "seed": seed, "budget": None,
+                queue({"recipe": fp, "model": config.model, "method": label, "seed": seed, "budget": None,
                        "status": "ok", "assignment": assignment, **simulated(assignment)})
 
     # 3. fine-tune and measure on the kernels (executor jobs; each result is saved as it lands)
