@@ -45,7 +45,7 @@ MODELS = ("digits-cnn", "digits-mlp", "digits-cnn-ptq", "minilm-ptq",
 OTHER_STUDIES = ("minilm", "digits-mlp-ptq", "digits-mlp-w4a8", "minilm-w4a8")
 # minilm evaluates on an evenly spaced subset of its test sentences (and trains / calibrates on a subset of
 # its training sentences): one pass over all 542 test sentences takes ~100 s on one loaded core.
-DATA_LIMITS = {"minilm": (512, 160)}  # (train, test) examples
+DATA_LIMITS = {"minilm": (320, 160)}  # (train, test) examples
 
 Log = Callable[[str], None]
 
@@ -69,6 +69,7 @@ class StudyConfig:
     name: str = ""  # the study's name and output folder when it differs from the zoo model (e.g. digits-cnn-ptq)
     target: str = TARGET
     data_limits: tuple[int, int] | None = None  # (train, test) examples kept, evenly spaced; None = all
+    shared_pretrain: bool = False  # one training at the highest choice (seed 0) for every seed's scoring
 
     @property
     def label(self) -> str:
@@ -79,7 +80,8 @@ class StudyConfig:
         methods = {m: asdict(sensitivity.resolve(self.method(m))[1]) for m in sorted(sensitivity.METHODS)}
         key = json.dumps({"model": self.model, "recipe": asdict(self.recipe), "options": self.method_options,
                           "methods": methods, "calibration_size": self.calibration_size, "target": self.target,
-                          "costs": COSTS} | ({"data_limits": self.data_limits} if self.data_limits else {}),
+                          "costs": COSTS} | ({"data_limits": self.data_limits} if self.data_limits else {})
+                         | ({"shared_pretrain": True} if self.shared_pretrain else {}),
                          sort_keys=True)
         return hashlib.sha1(key.encode()).hexdigest()[:12]
 
@@ -115,20 +117,24 @@ def default_config(
     seeds: int | None = None,
     quick: bool = False,
     workers: int = 2,
+    additivity: int | None = None,
 ) -> StudyConfig:
     """The study's fixed recipe per model; `quick` = one seed, two budgets, two methods, one epoch."""
     name = model
     model, ptq, target = parse_study(name)
-    calibration_size, limits = 64, DATA_LIMITS.get(model)
+    calibration_size, limits, shared = 64, DATA_LIMITS.get(model), False
     default_methods = all_methods()
     if model.startswith("digits"):
-        recipe, n_seeds, additivity = digits.RECIPE, 5, 16
+        recipe, n_seeds, n_additivity = digits.RECIPE, 5, 16
         options: dict[str, dict[str, Any]] = {"alps": {"epochs": 1.0}}
         add_epochs, check = 1, True
     else:  # minilm: data.loss is 1 - cosine to the FP32 embeddings, i.e. distillation from FP32
         # a forward pass over its data is costly on 2 cores, so the data-driven scorers get smaller settings
-        # (ALPS: 2 batches of 16 per lowered layer); LIMPQ (a multi-bit LSQ training) is not in the default set
-        recipe, n_seeds, additivity, add_epochs, check = minilm.RECIPE, 5, 6, 0, False
+        # (ALPS: 2 batches of 16 per lowered layer); LIMPQ (a multi-bit LSQ training) is not in the default set;
+        # EAGL's training at the highest choice (1023 s per seed on the full data at load ~20, docs/eagl.md)
+        # is done once and shared by every seed
+        shared = True
+        recipe, n_seeds, n_additivity, add_epochs, check = minilm.RECIPE, 5, 6, 0, False
         small = {"calibration_size": 32, "batch_size": 16}
         options = {"alps": {"epochs": 0.1, **small}, "limpq": {"epochs": 1, **small},
                    "hawq": {"samples": 8, "examples": 64}}
@@ -137,19 +143,23 @@ def default_config(
     recipe = replace(recipe, epochs=0 if ptq else 1 if quick else recipe.epochs)
     add_epochs = 0 if ptq else add_epochs
     if quick:
-        methods, budgets, n_seeds, additivity = methods or QUICK_METHODS, budgets or QUICK_BUDGETS, 1, 4
+        methods, budgets, n_seeds, n_additivity = methods or QUICK_METHODS, budgets or QUICK_BUDGETS, 1, 4
     unknown = sorted(set(methods or ()) - set(all_methods()))
     if unknown:
         raise BitmixError(f"unknown method {unknown[0]!r}; choose from {', '.join(all_methods())}")
     if budgets is not None and any(not (b > 0 and math.isfinite(b)) for b in budgets):
         raise BitmixError(f"budgets must be positive fractions of the all-4-bit cost, got {list(budgets)}")
     n_seeds = seeds if seeds is not None and not quick else n_seeds
+    if additivity is not None:
+        if additivity < 0:
+            raise BitmixError(f"--additivity must be >= 0 (0 = skip the check), got {additivity}")
+        n_additivity = additivity
     if n_seeds < 1:
         raise BitmixError(f"--seeds must be >= 1, got {n_seeds}")
     budgets = budgets or TARGET_BUDGETS.get((model, target), BUDGETS + EXTRA_BUDGETS.get(model, ()))
     return StudyConfig(model, tuple(methods or default_methods), tuple(sorted(budgets)), n_seeds, recipe,
-                       options, calibration_size, additivity, 0 if quick else add_epochs, max(1, workers), quick,
-                       check, name if name != model else "", target, limits)
+                       options, calibration_size, n_additivity, 0 if quick else add_epochs, max(1, workers), quick,
+                       check, name if name != model else "", target, limits, shared)
 
 
 def all_methods() -> tuple[str, ...]:

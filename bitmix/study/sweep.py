@@ -72,7 +72,8 @@ def pretrain(config: StudyConfig, method: str, prepared: nn.Module, names: tuple
     scale = method_config.pretrain_step_lr_scale()
     if scale is None or data.recipe.epochs < 1:
         return None
-    return cached_train_at_highest(prepared, names, target, data, step_lr=data.recipe.lr * scale, seed=seed)
+    return cached_train_at_highest(prepared, names, target, data, step_lr=data.recipe.lr * scale,
+                                   seed=0 if config.shared_pretrain else seed)
 
 
 def limit_data(data: Any, limits: tuple[int, int] | None) -> Any:
@@ -254,7 +255,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
 def run_study(models: Sequence[str], out_dir: str | Path, methods: Sequence[str] | None = None,
               budgets: Sequence[float] | None = None, seeds: int | None = None, quick: bool = False,
               workers: int = 2, results: str | Path | None = None, log: Log | None = None,
-              executor: Any = None) -> list[dict]:
+              executor: Any = None, additivity: int | None = None) -> list[dict]:
     """Run the study for each model (resumable), then optionally render the results page.
     `executor`: None / "local" (forked pool of `workers`), "ray" or an executor object."""
     os.environ.setdefault("BITMIX_QUIET", "1")
@@ -263,7 +264,7 @@ def run_study(models: Sequence[str], out_dir: str | Path, methods: Sequence[str]
     done = []
     with sensitivity.open_executor(executor) as runner:
         for model in models:
-            config = default_config(model, methods, budgets, seeds, quick, workers)
+            config = default_config(model, methods, budgets, seeds, quick, workers, additivity)
             done.append(run_frontier(config, out_dir, log, command, runner))
     if results is not None:
         render_results(out_dir, results, command)
