@@ -15,6 +15,7 @@ from bitmix.study.sections import (
     knapsack_vs_greedy,
     pretrain_note,
     scope_note,
+    setup_notes,
     versus_random,
 )
 
@@ -65,6 +66,7 @@ def model_section(result: dict, heading: str = "##", images: tuple[str, str] | N
     scope = scope_note(result)
     if scope:
         lines += [f"**{scope[0].upper() + scope[1:]}.**", ""]
+    lines += [f"Setup: {'; '.join(setup_notes(result))}.", ""] if setup_notes(result) else []
     if "costs" not in result:
         lines += ["**Not regenerated: from the previous study (approximate simulator costs, EAGL on initial "
                   "steps without the training at the highest choice).**", ""]
