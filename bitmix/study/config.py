@@ -70,6 +70,10 @@ class StudyConfig:
     target: str = TARGET
     data_limits: tuple[int, int] | None = None  # (train, test) examples kept, evenly spaced; None = all
     shared_pretrain: bool = False  # one training at the highest choice (seed 0) for every seed's scoring
+    method_seeds: dict[str, int] = field(default_factory=dict, hash=False)  # {method: fewer seeds than `seeds`}
+
+    def seeds_of(self, method: str) -> int:
+        return min(self.seeds, self.method_seeds.get(method, self.seeds))
 
     @property
     def label(self) -> str:
@@ -118,6 +122,7 @@ def default_config(
     quick: bool = False,
     workers: int = 2,
     additivity: int | None = None,
+    method_seeds: dict[str, int] | None = None,
 ) -> StudyConfig:
     """The study's fixed recipe per model; `quick` = one seed, two budgets, two methods, one epoch."""
     name = model
@@ -156,10 +161,13 @@ def default_config(
         n_additivity = additivity
     if n_seeds < 1:
         raise BitmixError(f"--seeds must be >= 1, got {n_seeds}")
+    for method, n in (method_seeds or {}).items():
+        if method not in all_methods() or n < 1:
+            raise BitmixError(f"--method-seeds needs METHOD=N with a known method and N >= 1, got {method}={n}")
     budgets = budgets or TARGET_BUDGETS.get((model, target), BUDGETS + EXTRA_BUDGETS.get(model, ()))
     return StudyConfig(model, tuple(methods or default_methods), tuple(sorted(budgets)), n_seeds, recipe,
                        options, calibration_size, n_additivity, 0 if quick else add_epochs, max(1, workers), quick,
-                       check, name if name != model else "", target, limits, shared)
+                       check, name if name != model else "", target, limits, shared, dict(method_seeds or {}))
 
 
 def all_methods() -> tuple[str, ...]:

@@ -86,6 +86,8 @@ def scope_note(result: dict) -> str | None:
         parts.append(f"methods left out: {', '.join(missing)}")
     if cfg["seeds"] < default.seeds:
         parts.append(f"{cfg['seeds']} seed(s) instead of {default.seeds}")
+    parts += [f"{m.upper()} {n} seed(s) of {cfg['seeds']}" for m, n in (cfg.get("method_seeds") or {}).items()
+              if n < cfg["seeds"]]
     if [b for b in default.budgets if b not in cfg["budgets"]]:
         parts.append(f"budgets {', '.join(f'{b:g}' for b in cfg['budgets'])} only")
     return f"reduced run: {'; '.join(parts)}" if parts else None

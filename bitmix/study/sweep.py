@@ -139,7 +139,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
     scored = {(r["method"], r["seed"]): r for r in read_jsonl(scores_path, fp)}  # keys read back as Precision
     runner = executor or sensitivity.executor_for(config.workers)
     for method in config.methods:
-        for seed in seeds:
+        for seed in seeds[: config.seeds_of(method)]:
             if (method, seed) in scored:
                 continue
             trained = pretrain(config, method, prepared, names, target, data, seed)
@@ -186,7 +186,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
 
     for method, strategy in sweep_strategies(config.methods):
         label = method if strategy == sensitivity.strategy(method) else f"{method}{GREEDY_SUFFIX}"
-        for seed in seeds:
+        for seed in seeds[: config.seeds_of(method)]:
             for budget in config.budgets:
                 if (label, seed, budget) in done:
                     continue
@@ -255,7 +255,8 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
 def run_study(models: Sequence[str], out_dir: str | Path, methods: Sequence[str] | None = None,
               budgets: Sequence[float] | None = None, seeds: int | None = None, quick: bool = False,
               workers: int = 2, results: str | Path | None = None, log: Log | None = None,
-              executor: Any = None, additivity: int | None = None) -> list[dict]:
+              executor: Any = None, additivity: int | None = None,
+              method_seeds: dict[str, int] | None = None) -> list[dict]:
     """Run the study for each model (resumable), then optionally render the results page.
     `executor`: None / "local" (forked pool of `workers`), "ray" or an executor object."""
     os.environ.setdefault("BITMIX_QUIET", "1")
@@ -264,7 +265,7 @@ def run_study(models: Sequence[str], out_dir: str | Path, methods: Sequence[str]
     done = []
     with sensitivity.open_executor(executor) as runner:
         for model in models:
-            config = default_config(model, methods, budgets, seeds, quick, workers, additivity)
+            config = default_config(model, methods, budgets, seeds, quick, workers, additivity, method_seeds)
             done.append(run_frontier(config, out_dir, log, command, runner))
     if results is not None:
         render_results(out_dir, results, command)
