@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from bitmix.compiler import sensitivity
+from bitmix.compiler.inputs import CALIBRATION_SAMPLES
 from bitmix.compiler.sensitivity import MethodConfig
 from bitmix.errors import BitmixError
 from bitmix.ir.precision import Precision, as_precision
@@ -71,6 +72,7 @@ class StudyConfig:
     data_limits: tuple[int, int] | None = None  # (train, test) examples kept, evenly spaced; None = all
     shared_pretrain: bool = False  # one training at the highest choice (seed 0) for every seed's scoring
     method_seeds: dict[str, int] = field(default_factory=dict, hash=False)  # {method: fewer seeds than `seeds`}
+    point_calibration: int = CALIBRATION_SAMPLES  # inputs that set a measured point's activation steps
 
     def seeds_of(self, method: str) -> int:
         return min(self.seeds, self.method_seeds.get(method, self.seeds))
@@ -79,13 +81,16 @@ class StudyConfig:
     def label(self) -> str:
         return self.name or self.model
 
-    def fingerprint(self) -> str:
-        """Hash of everything that changes a measured number (not the sweep ranges or workers)."""
+    def fingerprint(self, scores_only: bool = False) -> str:
+        """Hash of everything that changes a measured number (not the sweep ranges or workers); with
+        `scores_only`, of what changes the scores (so a new measurement protocol keeps the scores)."""
         methods = {m: asdict(sensitivity.resolve(self.method(m))[1]) for m in sorted(sensitivity.METHODS)}
         key = json.dumps({"model": self.model, "recipe": asdict(self.recipe), "options": self.method_options,
                           "methods": methods, "calibration_size": self.calibration_size, "target": self.target,
                           "costs": COSTS} | ({"data_limits": self.data_limits} if self.data_limits else {})
-                         | ({"shared_pretrain": True} if self.shared_pretrain else {}),
+                         | ({"shared_pretrain": True} if self.shared_pretrain else {})
+                         | ({"point_calibration": self.point_calibration}
+                            if self.point_calibration != CALIBRATION_SAMPLES and not scores_only else {}),
                          sort_keys=True)
         return hashlib.sha1(key.encode()).hexdigest()[:12]
 
@@ -127,7 +132,7 @@ def default_config(
     """The study's fixed recipe per model; `quick` = one seed, two budgets, two methods, one epoch."""
     name = model
     model, ptq, target = parse_study(name)
-    calibration_size, limits, shared = 64, DATA_LIMITS.get(model), False
+    calibration_size, limits, shared, point_calibration = 64, DATA_LIMITS.get(model), False, CALIBRATION_SAMPLES
     default_methods = all_methods()
     if model.startswith("digits"):
         recipe, n_seeds, n_additivity = digits.RECIPE, 5, 16
@@ -138,7 +143,8 @@ def default_config(
         # (ALPS: 2 batches of 16 per lowered layer); LIMPQ (a multi-bit LSQ training) is not in the default set;
         # EAGL's training at the highest choice (1023 s per seed on the full data at load ~20, docs/eagl.md)
         # is done once and shared by every seed
-        shared = True
+        # and each point calibrates its activation steps (MSE search, smoothing, bias correction) on 32 inputs
+        shared, point_calibration = True, 32
         recipe, n_seeds, n_additivity, add_epochs, check = minilm.RECIPE, 5, 6, 0, False
         small = {"calibration_size": 32, "batch_size": 16}
         options = {"alps": {"epochs": 0.1, **small}, "limpq": {"epochs": 1, **small},
@@ -167,7 +173,8 @@ def default_config(
     budgets = budgets or TARGET_BUDGETS.get((model, target), BUDGETS + EXTRA_BUDGETS.get(model, ()))
     return StudyConfig(model, tuple(methods or default_methods), tuple(sorted(budgets)), n_seeds, recipe,
                        options, calibration_size, n_additivity, 0 if quick else add_epochs, max(1, workers), quick,
-                       check, name if name != model else "", target, limits, shared, dict(method_seeds or {}))
+                       check, name if name != model else "", target, limits, shared, dict(method_seeds or {}),
+                       point_calibration)
 
 
 def all_methods() -> tuple[str, ...]:

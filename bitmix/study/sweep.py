@@ -108,7 +108,6 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
     from bitmix.compiler.allocate import Budget, allocate, cheapest_fraction
     from bitmix.compiler.capture import capture
     from bitmix.compiler.fold import prepare
-    from bitmix.compiler.inputs import CALIBRATION_SAMPLES
     from bitmix.compiler.transport import PortableModel
     from bitmix.ir.targets import get_target
     from bitmix.simulator import price, simulate
@@ -123,7 +122,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
     target = get_target(config.target)
     costs = price(graph, target)
     prepared = prepare(graph)
-    calibration = data.calibration(CALIBRATION_SAMPLES)
+    calibration = data.calibration(config.point_calibration)
     names = graph.names
     pinned = target.pinned(names)
     free = [n for n in names if n not in pinned]
@@ -136,7 +135,8 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
 
     # 1. score once per (method, seed)
     scores_path, points_path = out / "scores.jsonl", out / "points.jsonl"
-    scored = {(r["method"], r["seed"]): r for r in read_jsonl(scores_path, fp)}  # keys read back as Precision
+    score_fp = config.fingerprint(scores_only=True)
+    scored = {(r["method"], r["seed"]): r for r in read_jsonl(scores_path, score_fp)}  # keys read back as Precision
     runner = executor or sensitivity.executor_for(config.workers)
     for method in config.methods:
         for seed in seeds[: config.seeds_of(method)]:
@@ -148,7 +148,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
                                            seed=seed, executor=runner, pretrained=trained and trained.model)
             start = time.perf_counter()
             scores = sensitivity.score(config.method(method), ctx)
-            row = {"recipe": fp, "model": config.model, "method": method, "seed": seed,
+            row = {"recipe": score_fp, "model": config.model, "method": method, "seed": seed,
                    "score_s": time.perf_counter() - start, "scores": scores}
             if trained is not None:  # the shared training before scoring, timed apart from the method's own
                 row |= {"pretrain_s": trained.seconds, "pretrain_cached": trained.cached}
