@@ -82,16 +82,20 @@ class StudyConfig:
         return self.name or self.model
 
     def fingerprint(self, scores_only: bool = False) -> str:
-        """Hash of everything that changes a measured number (not the sweep ranges or workers); with
-        `scores_only`, of what changes the scores (so a new measurement protocol keeps the scores)."""
+        """Hash of everything that changes a measured number (not the sweep ranges or workers). With
+        `scores_only`, of what changes the scores: not the recipe after allocation nor the points'
+        calibration (scoring trains with the task's own recipe), so a model's -ptq study and a new
+        measurement protocol score alike."""
         methods = {m: asdict(sensitivity.resolve(self.method(m))[1]) for m in sorted(sensitivity.METHODS)}
-        key = json.dumps({"model": self.model, "recipe": asdict(self.recipe), "options": self.method_options,
-                          "methods": methods, "calibration_size": self.calibration_size, "target": self.target,
-                          "costs": COSTS} | ({"data_limits": self.data_limits} if self.data_limits else {})
-                         | ({"shared_pretrain": True} if self.shared_pretrain else {})
-                         | ({"point_calibration": self.point_calibration}
-                            if self.point_calibration != CALIBRATION_SAMPLES and not scores_only else {}),
-                         sort_keys=True)
+        fields: dict[str, Any] = {"model": self.model, "options": self.method_options, "methods": methods,
+                                  "calibration_size": self.calibration_size, "target": self.target, "costs": COSTS}
+        fields |= {"data_limits": self.data_limits} if self.data_limits else {}
+        fields |= {"shared_pretrain": True} if self.shared_pretrain else {}
+        if not scores_only:
+            fields["recipe"] = asdict(self.recipe)
+            if self.point_calibration != CALIBRATION_SAMPLES:
+                fields["point_calibration"] = self.point_calibration
+        key = json.dumps(fields, sort_keys=True)
         return hashlib.sha1(key.encode()).hexdigest()[:12]
 
     def method(self, name: str) -> str | MethodConfig:
