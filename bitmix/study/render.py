@@ -183,19 +183,20 @@ def render_results(study_dir: str | Path, results_path: str | Path, command: str
     return page
 
 
-PROTOCOL = (
-    "Protocol: per model, each method is scored once per seed (EAGL on the model trained at the highest choice, "
-    "trained once per seed, or once for all seeds where the model's setup says so, and timed apart from its "
-    "scoring; the -ptq studies too, as the task has data); per budget the exact knapsack (or the method's baseline strategy) allocates the "
-    "target's choices, and every knapsack method's scores are also allocated by AIMET AMP's Pareto-greedy "
-    "search; the assignment is fake-quantized (LSQ, 128 calibration examples), fine-tuned with the model's one "
-    "recipe (same seed = same batches for every method; none in the -ptq studies), lowered onto the packed int "
-    "kernels and evaluated there; throughput and energy/frame are the simulator's. Budgets below the cheapest "
-    "assignment are reported as infeasible. Identical (assignment, seed) pairs are fine-tuned once and shared "
-    "(in -ptq studies run by this version, identical assignments, as nothing there depends on the seed). LIMPQ is scored on a "
-    "train-mode copy of the prepared model (its per-bit quantizers have no integer path, which eval-mode "
-    "no-grad inference now takes). Wall times are on a 2-core machine shared with other jobs, so single "
-    "timings can stall; medians are used for the search-time ratios.")
+PROTOCOL = " ".join((
+    "Protocol: per model, each method is scored once per seed (EAGL on the model trained at the highest choice,",
+    "trained once per seed, or once for all seeds where the model's setup says so, and timed apart from its",
+    "scoring; the -ptq studies too, as the task has data); per budget the exact knapsack (or the method's",
+    "baseline strategy) allocates the target's choices, and every knapsack method's scores are also allocated",
+    "by AIMET AMP's Pareto-greedy search; the assignment is fake-quantized (LSQ, 128 calibration examples),",
+    "fine-tuned with the model's one recipe (same seed = same batches for every method; none in the -ptq",
+    "studies), lowered onto the packed int kernels and evaluated there; throughput and energy/frame are the",
+    "simulator's. Budgets below the cheapest assignment are reported as infeasible. Identical (assignment,",
+    "seed) pairs are fine-tuned once and shared (in -ptq studies run by this version, identical assignments, as",
+    "nothing there depends on the seed). LIMPQ is scored on a train-mode copy of the prepared model (its",
+    "per-bit quantizers have no integer path, which eval-mode no-grad inference now takes). Wall times are on",
+    "a 2-core machine shared with other jobs, so single timings can stall; medians are used for the",
+    "search-time ratios."))
 
 
 def scoring_s(result: dict) -> float:
