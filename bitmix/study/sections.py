@@ -105,6 +105,8 @@ def setup_notes(result: dict) -> list[str]:
     if skipped:
         notes.append(f"not in this model's default methods: {', '.join(skipped)} (a multi-bit LSQ training per "
                      "seed, too costly here)")
+    if cfg.get("point_calibration", 128) != 128:
+        notes.append(f"each point's activation steps calibrate on {cfg['point_calibration']} inputs (not 128)")
     if cfg.get("shared_pretrain"):
         notes.append("EAGL's training at the highest choice is done once (seed 0) and shared by every seed, so "
                      "EAGL's seeds are identical")
