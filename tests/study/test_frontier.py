@@ -60,6 +60,19 @@ def test_ptq_variant_is_the_same_sweep_without_fine_tuning():
     assert ptq.recipe.epochs == 0 and base.recipe.epochs > 0 and ptq.additivity_epochs == 0
     assert (ptq.methods, ptq.budgets, ptq.seeds) == (base.methods, base.budgets, base.seeds)
     assert ptq.fingerprint() != base.fingerprint()
+    # scoring does not depend on the recipe after allocation: both studies score alike
+    assert ptq.fingerprint(scores_only=True) == base.fingerprint(scores_only=True)
+
+
+def test_method_seeds_cut_one_method_only():
+    from bitmix.errors import BitmixError
+    from bitmix.study import default_config
+
+    config = default_config("digits-cnn", method_seeds={"alps": 2})
+    assert (config.seeds_of("alps"), config.seeds_of("eagl"), config.seeds) == (2, 5, 5)
+    assert config.fingerprint() == default_config("digits-cnn").fingerprint()  # no measured number changes
+    with pytest.raises(BitmixError, match="method-seeds"):
+        default_config("digits-cnn", method_seeds={"nope": 2})
 
 
 def test_study_methods_and_options_come_from_the_registry():
