@@ -64,8 +64,9 @@ def pretrain(config: StudyConfig, method: str, prepared: nn.Module, names: tuple
              data: Any, seed: int) -> Any:
     """The training at the highest choice a method scores on (`compiler/pretrain.py`), or None.
 
-    Once per (model, seed): the cache (memory, then disk) shares it between methods, studies and resumed
-    runs; `pretrain_s` is the measured training time unless `pretrain_cached` says it was a cache hit."""
+    Once per (model, seed), or once per model with `shared_pretrain` (seed 0's): the cache (memory, then
+    disk) shares it between methods, studies and resumed runs; `pretrain_s` is the measured training time
+    unless `pretrain_cached` says it was a cache hit."""
     from bitmix.compiler.pretrain import cached_train_at_highest
 
     method_config = sensitivity.resolve(config.method(method))[1]
