@@ -132,7 +132,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
     fp32 = data.evaluate(prepared)
     seeds = list(range(config.seeds))
     say(f"{config.label}: {len(names)} layers ({len(free)} free), FP32 {data.metric} {fp32:.2f}, "
-        f"cheapest assignment {min_fraction:.4f} of all-4-bit")
+        f"cheapest assignment {min_fraction:.4f} of all-{target.highest}")
 
     # 1. score once per (method, seed)
     scores_path, points_path = out / "scores.jsonl", out / "points.jsonl"
