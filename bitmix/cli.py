@@ -120,7 +120,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     models = list(MODELS) if args.model == "all" else [args.model]
     run_study(models, args.out, methods=args.methods, budgets=args.budgets, seeds=args.seeds, quick=args.quick,
               workers=args.workers, results=args.results, log=lambda msg: console.print(msg, highlight=False),
-              executor=_executor(args))
+              executor=_executor(args), additivity=args.additivity, method_seeds=dict(args.method_seeds or []))
     console.print(f"study written under {args.out}" + (f"; results page {args.results}" if args.results else ""))
     return 0
 
@@ -157,6 +157,14 @@ def _positive_float(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _method_seeds(text: str) -> tuple[str, int]:
+    method, _, n = text.partition("=")
+    try:
+        return method, int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected METHOD=N (e.g. alps=2), got {text!r}") from None
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -225,13 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="studies over many compiles (accuracy-throughput frontier)")
     study = p.add_subparsers(dest="study", required=True)
     f = study.add_parser("frontier", help="every method x budget x seed: fine-tune, run on kernels, simulate")
-    f.add_argument("model", help="digits-cnn, digits-mlp, minilm, digits-cnn-ptq (no fine-tuning), or all")
+    f.add_argument("model", help="digits-cnn, digits-mlp, digits-cnn-ptq (no fine-tuning), minilm-ptq, a -w4a8 "
+                   "variant (target w4a8-npu: digits-cnn-w4a8, digits-cnn-ptq-w4a8, minilm-ptq-w4a8), minilm, or all")
     f.add_argument("--methods", nargs="+", help="default: eagl alps hawq limpq sqnr uniform random")
     f.add_argument("--budgets", type=_positive_float, nargs="+",
                    help="fractions of the all-4-bit cost (default: 0.55 0.6 0.7 0.8 0.9 1.0, plus "
                    "feasible ones for digits-mlp and minilm)")
-    f.add_argument("--seeds", type=int, help="seeds per point (default: 5, 3 for minilm)")
+    f.add_argument("--seeds", type=int, help="seeds per point (default: 5)")
     f.add_argument("--quick", action="store_true", help="one seed, two budgets, two methods, one epoch")
+    f.add_argument("--method-seeds", type=_method_seeds, nargs="+", metavar="METHOD=N",
+                   help="fewer seeds for a costly method (e.g. alps=2); the others keep --seeds")
+    f.add_argument("--additivity", type=int, help="random assignments per additivity set (0 = skip the check; "
+                   "default 16, 6 for minilm)")
     f.add_argument("--workers", type=int, default=2, help="forked worker processes (1 torch thread each)")
     f.add_argument("--results", help="also render this markdown page (e.g. docs/results.md) from every model in --out")
     f.add_argument("--out", required=True, help="directory; results are cached in <out>/<model>/ and resumed")

@@ -70,12 +70,17 @@ def train_at_highest(
 _MEMORY: dict[str, nn.Module] = {}
 
 
-def cache_key(prepared: nn.Module, target: Target, recipe: FinetuneConfig, step_lr: float | None, seed: int) -> str:
-    """Content hash of everything that changes the trained model."""
+def cache_key(prepared: nn.Module, target: Target, recipe: FinetuneConfig, step_lr: float | None, seed: int,
+              data: TaskData | None = None) -> str:
+    """Content hash of everything that changes the trained model (the training split too: a study may
+    train on a subset of the task's data)."""
     h = hashlib.sha1()
     for name, tensor in sorted(prepared.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    if data is not None:
+        for tensor in (*data.train.inputs, data.train.targets):
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     meta = {"v": CACHE_VERSION, "target": [[_key(c) for c in target.choices], _key(target.pin_first_last)],
             "recipe": asdict(recipe),
             "step_lr": step_lr, "seed": seed, "calibration": CALIBRATION}
@@ -104,7 +109,7 @@ def cached_train_at_highest(
     recipe = recipe or data.recipe
     start = time.perf_counter()
     assignment = highest_assignment(layer_names, target)
-    key = cache_key(prepared, target, recipe, step_lr, seed)
+    key = cache_key(prepared, target, recipe, step_lr, seed, data)
     if key in _MEMORY:
         return Pretrained(_MEMORY[key], assignment, time.perf_counter() - start, True)
     path = cache_dir() / "pretrain" / f"{key}.pt"

@@ -31,7 +31,7 @@ def plot_frontier(result: dict, path: Path) -> None:
                     fontsize=8)
     ax.axhline(result["fp32"], color="grey", ls="--", lw=0.8, label="FP32")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v / 1e6:g} M"))
-    ax.set_xlabel("simulated throughput (frames/s, NorthPole-style int4int2-npu)")
+    ax.set_xlabel(f"simulated throughput (frames/s, NorthPole-style {result.get('target', 'int4int2-npu')})")
     ax.set_ylabel(f"quality on packed kernels ({result['metric']}, %)")
     ax.set_title(f"{result['model']}: quality vs simulated throughput (mean ± std over seeds)")
     ax.grid(alpha=0.3)

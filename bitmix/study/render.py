@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from bitmix.errors import BitmixError
-from bitmix.study.config import MODELS, PROPOSED, TARGET
+from bitmix.study.config import MODELS, OTHER_STUDIES, PROPOSED
 from bitmix.study.plots import plot_additivity, plot_frontier
 from bitmix.study.sections import (
     chips_note,
@@ -15,6 +15,7 @@ from bitmix.study.sections import (
     knapsack_vs_greedy,
     pretrain_note,
     scope_note,
+    setup_notes,
     versus_random,
 )
 
@@ -27,6 +28,15 @@ def write_outputs(result: dict, out: Path) -> None:
     if result["additivity"]:
         plot_additivity(result, out / "additivity.png")
     (out / "README.md").write_text(model_section(result, heading="#", images=("frontier.png", "additivity.png")))
+
+
+def _target(result: dict) -> str:
+    return result.get("target", "int4int2-npu")
+
+
+def _highest(result: dict) -> str:
+    """The reference every budget is a fraction of: all-4 (int4int2-npu) or all-4/8 (w4a8-npu)."""
+    return next((k for k in result["references"] if k != "all-8"), "all-4")
 
 
 def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
@@ -48,21 +58,23 @@ def model_section(result: dict, heading: str = "##", images: tuple[str, str] | N
               f"batch {r['batch_size']}")
     lines = [f"{heading} {result['model']}", "",
              f"{result['layers']} quantizable layers ({result['free_layers']} free, first/last pinned at 8 bits), "
-             f"FP32 {result['metric']} {result['fp32']:.2f} %; cheapest int4int2 assignment = "
-             f"{result['min_fraction']:.3f} of the all-4-bit cost. Recipe: {recipe}; seeds {cfg['seeds']}; "
+             f"FP32 {result['metric']} {result['fp32']:.2f} %; target `{_target(result)}`; cheapest assignment = "
+             f"{result['min_fraction']:.3f} of the {_highest(result)} cost. Recipe: {recipe}; seeds {cfg['seeds']}; "
              f"method options {cfg['method_options']}; quality measured on the packed kernels. Study wall time "
              f"{result['study_wall_s'] / 60:.1f} min ({len(result['runs'])} run(s), {cfg['workers']} worker "
              f"process(es)); {chips_note(result)}.", ""]
     scope = scope_note(result)
     if scope:
         lines += [f"**{scope[0].upper() + scope[1:]}.**", ""]
+    lines += [f"Setup: {'; '.join(setup_notes(result))}.", ""] if setup_notes(result) else []
     if "costs" not in result:
         lines += ["**Not regenerated: from the previous study (approximate simulator costs, EAGL on initial "
                   "steps without the training at the highest choice).**", ""]
     if images:
         lines += [f"![frontier]({images[0]})", ""]
     budgets = cfg["budgets"]
-    lines += ["Quality (%, mean ± std over seeds) per budget (fraction of all-4-bit simulated cycles):", "",
+    lines += [f"Quality (%, mean ± std over seeds) per budget (fraction of {_highest(result)} simulated cycles):",
+              "",
               "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |",
               "|---|" + "---|" * len(budgets)]
     for method, rows in result["frontier"].items():
@@ -77,7 +89,8 @@ def model_section(result: dict, heading: str = "##", images: tuple[str, str] | N
     lines.append("| *sim. frames/s* | " + " | ".join(
         f"{_fps(min(fps_row[b]))}–{_fps(max(fps_row[b]))}" if b in fps_row else "–" for b in budgets) + " |")
     lines += ["", "Uniform references (same fine-tune; all-8 = every layer at 8 bits, the mixed-npu-style "
-              "reference):", "", "| reference | quality % | sim. frames/s | energy/frame | cost vs all-4 |",
+              "reference):", "",
+              f"| reference | quality % | sim. frames/s | energy/frame | cost vs {_highest(result)} |",
               "|---|---|---|---|---|"]
     for name, ref in result["references"].items():
         lines.append(f"| {name} | {_pm(ref['quality_mean'], ref['quality_std'])} | {_fps(ref['fps_mean'])} | "
@@ -114,7 +127,7 @@ def model_section(result: dict, heading: str = "##", images: tuple[str, str] | N
     if add:
         lines += ["", f"Additivity: random subsets of the {add['free_layers']} free layers lowered to 2 bits, each "
                   f"fine-tuned {add['finetune_epochs']} epoch(s) (Adam lr {add['lr']:g}); measured test-loss "
-                  "increase vs all-4-bit against the summed seed-0 scores (Spearman ρ, p):", "",
+                  f"increase vs {_highest(result)} against the summed seed-0 scores (Spearman ρ, p):", "",
                   "| subsets | " + " | ".join(next(iter(add["sets"].values()))["methods"]) + " |",
                   "|---|" + "---|" * len(next(iter(add["sets"].values()))["methods"])]
         for name, entry in add["sets"].items():
@@ -136,7 +149,7 @@ def render_results(study_dir: str | Path, results_path: str | Path, command: str
     next to it (`<model>-frontier.png|json`, `<model>-additivity.png`, `<model>-search_time.json`)."""
     study, page = Path(study_dir), Path(results_path)
     page.parent.mkdir(parents=True, exist_ok=True)
-    results = [json.loads((study / m / "frontier.json").read_text()) for m in MODELS
+    results = [json.loads((study / m / "frontier.json").read_text()) for m in MODELS + OTHER_STUDIES
                if (study / m / "frontier.json").exists()]
     if not results:
         raise BitmixError(f"no frontier.json under {study}/<model>/; run `bitmix study frontier` first")
@@ -153,20 +166,37 @@ def render_results(study_dir: str | Path, results_path: str | Path, command: str
         "# bitmix: accuracy–throughput frontier study (EAGL, ALPS, HAWQ-v3, LIMPQ, SQNR, uniform, random)", "",
         f"Regenerate: `{command}`" if command else "", "",
         f"Run on {mach['cpu']} ({mach['cores']} logical cores, SIMD {', '.join(mach['simd']) or 'none'}; "
-        f"torch {mach['torch']}), {results[0]['date']}. Costs: NorthPole-style simulator, target "
-        f"`{TARGET}` (free layers 4 or 2 bits, first conv / last linear pinned at 8), budgets on the simulator's "
+        f"torch {mach['torch']}), {results[0]['date']}. Costs: NorthPole-style simulator, targets "
+        "`int4int2-npu` (free layers 4 or 2 bits, first / last quantizable layer pinned at 8) and, for the "
+        "`-w4a8` studies, `w4a8-npu` (free layers 4/8 or 2/8 = weight/activation bits, first / last at 8/8); "
+        "budgets are fractions of the all-highest-choice cost (all-4, resp. all-4/8) on the simulator's "
         "exact costs (`bitmix.simulator.price` equals `simulate()`, the knapsack budgets it exactly). "
-        "`w4a8-npu` (a choice as (weight bits, activation bits)) is being built and will be added. "
         "Per-model commands "
         "as run: " + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in results if r.get("command")))
         + ".", "",
     ]
     absent = [m for m in MODELS if m not in {r["model"] for r in results}]
     if absent:
-        header += [f"**Not regenerated in this version: {', '.join(absent)}** (no results under `{study}/<model>/`); "
-                   "this page's git history has the earlier run on approximate costs.", ""]
+        header += [f"**Not in this version: {', '.join(absent)}** (no results under `{study}/<model>/`; run "
+                   f"`bitmix study frontier <model> --out {study} --results {page}`).", ""]
     page.write_text("\n".join(header + overview(results) + claims(results) + claims_extra(results) + sections))
     return page
+
+
+PROTOCOL = " ".join((
+    "Protocol: per model, each method is scored once per seed (EAGL on the model trained at the highest choice,",
+    "trained once per seed, or once for all seeds where the model's setup says so, and timed apart from its",
+    "scoring; the -ptq studies too, as the task has data); per budget the exact knapsack (or the method's",
+    "baseline strategy) allocates the target's choices, and every knapsack method's scores are also allocated",
+    "by AIMET AMP's Pareto-greedy search; the assignment is fake-quantized (LSQ, 128 calibration examples),",
+    "fine-tuned with the model's one recipe (same seed = same batches for every method; none in the -ptq",
+    "studies), lowered onto the packed int kernels and evaluated there; throughput and energy/frame are the",
+    "simulator's. Budgets below the cheapest assignment are reported as infeasible. Identical (assignment,",
+    "seed) pairs are fine-tuned once and shared (in -ptq studies run by this version, identical assignments, as",
+    "nothing there depends on the seed). LIMPQ is scored on a train-mode copy of the prepared model (its",
+    "per-bit quantizers have no integer path, which eval-mode no-grad inference now takes). Wall times are on",
+    "a 2-core machine shared with other jobs, so single timings can stall; medians are used for the",
+    "search-time ratios."))
 
 
 def scoring_s(result: dict) -> float:
@@ -195,17 +225,7 @@ def overview(results: list[dict]) -> list[str]:
     lines += ["", "Study wall time sums the runs that completed; scoring results are cached as they land, so a run "
               "that was interrupted and resumed can have scored in the interrupted run (then scoring exceeds the "
               "wall time shown).", "",
-              "Protocol: per model, each method is scored once per seed (EAGL on the model trained at the "
-              "highest choice, trained once per seed and timed apart from its scoring); per budget the exact "
-              "knapsack (or the method's baseline strategy) allocates 4/2 bits, and every knapsack method's "
-              "scores are also allocated by AIMET AMP's Pareto-greedy search; the assignment is fake-quantized "
-              "(LSQ, 128 calibration examples), fine-tuned with the model's one recipe (same seed = same "
-              "batches for every method), lowered onto the packed int kernels and evaluated there; throughput "
-              "and energy/frame are the simulator's. Budgets below the cheapest assignment are reported as "
-              "infeasible. Identical (assignment, seed) pairs are fine-tuned once and shared. LIMPQ is scored "
-              "on a train-mode copy of the prepared model (its per-bit quantizers have no integer path, which "
-              "eval-mode no-grad inference now takes). Wall times are on a 2-core machine shared with other "
-              "jobs, so single timings can stall; medians are used for the search-time ratios.", ""]
+              PROTOCOL, ""]
     for res in results:
         if res["free_layers"] <= 1:
             lines.append(f"- {res['model']}: only {res['free_layers']} free layer, so every method picks the same "
@@ -214,8 +234,8 @@ def overview(results: list[dict]) -> list[str]:
                              if r["status"] == "infeasible"})
         if infeasible:
             lines.append(f"- {res['model']}: budgets {', '.join(f'{b:g}' for b in infeasible)} are infeasible "
-                         f"(the cheapest int4int2 assignment costs {res['min_fraction']:.3f} of all-4-bit on the "
-                         "simulator).")
+                         f"(the cheapest {_target(res)} assignment costs {res['min_fraction']:.3f} of "
+                         f"{_highest(res)} on the simulator).")
     lines.append("")
     return lines
 
@@ -236,14 +256,14 @@ def claims(results: list[dict]) -> list[str]:
         recovered = [r for r in mixes if r["quality_mean"] >= ref8["quality_mean"] - tol]
         best_mix = min(recovered, key=lambda r: (r["budget"], -r["quality_mean"])) if recovered else None
         if best_mix:
-            a.append(f"**{m}: reproduced.** At budget {best_mix['budget']:g} of the all-4-bit cost a 4/2-bit mix "
+            a.append(f"**{m}: reproduced.** At budget {best_mix['budget']:g} of the {_highest(res)} cost a mix "
                      f"scores {best_mix['quality_mean']:.2f} ± {best_mix['quality_std']:.2f} % vs all-8 "
                      f"{ref8['quality_mean']:.2f} ± {ref8['quality_std']:.2f} % (FP32 {res['fp32']:.2f}), at "
                      f"{best_mix['fps_mean'] / ref8['fps_mean']:.2f}× the all-8 simulated throughput.")
         else:
             top = max(mixes, key=lambda r: r["quality_mean"]) if mixes else None
-            detail = (f"the best EAGL/ALPS mix below all-4 reaches {top['quality_mean']:.2f} % at budget "
-                      f"{top['budget']:g}" if top else "no budget below all-4-bit is feasible for a 4/2 mix")
+            detail = (f"the best EAGL/ALPS mix below {_highest(res)} reaches {top['quality_mean']:.2f} % at budget "
+                      f"{top['budget']:g}" if top else f"no budget below {_highest(res)} is feasible for a mix")
             a.append(f"**{m}: not reproduced.** All-8 scores {ref8['quality_mean']:.2f} ± {ref8['quality_std']:.2f} "
                      f"%; {detail} (criterion: within max(0.5 pp, all-8 std)).")
         for method in PROPOSED:

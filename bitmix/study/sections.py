@@ -54,7 +54,9 @@ def pretrain_note(result: dict) -> list[str]:
     for method, e in result["search_time"]["methods"].items():
         if "pretrain_trained" not in e:
             continue
-        if e["pretrain_s_median"] is not None:
+        if e["pretrain_s_median"] is not None and result["config"].get("shared_pretrain"):
+            timing = f"{e['pretrain_s_median']:.1f} s, once (seed 0's training serves every seed)"
+        elif e["pretrain_s_median"] is not None:
             timing = f"{e['pretrain_s_median']:.1f} s per seed (median of {e['pretrain_trained']} trained here)"
         else:
             timing = ("not timed in this study (every seed came from the cache: trained by an earlier study or "
@@ -76,7 +78,7 @@ def scope_note(result: dict) -> str | None:
     """What a reduced run left out compared with the default study of the model, or None."""
     cfg = result["config"]
     default = default_config(result["model"])
-    missing = [m for m in all_methods() if m not in cfg["methods"]]
+    missing = [m for m in default.methods if m not in cfg["methods"]]
     parts = []
     if cfg.get("quick"):
         parts.append("`--quick` (1 seed, 1 epoch)")
@@ -84,10 +86,31 @@ def scope_note(result: dict) -> str | None:
         parts.append(f"methods left out: {', '.join(missing)}")
     if cfg["seeds"] < default.seeds:
         parts.append(f"{cfg['seeds']} seed(s) instead of {default.seeds}")
+    parts += [f"{m.upper()} {n} seed(s) of {cfg['seeds']}" for m, n in (cfg.get("method_seeds") or {}).items()
+              if n < cfg["seeds"]]
     if [b for b in default.budgets if b not in cfg["budgets"]]:
         parts.append(f"budgets {', '.join(f'{b:g}' for b in cfg['budgets'])} only")
-    return (f"reduced run: {'; '.join(parts)} (an earlier, fuller run on approximate costs is in this page's git "
-            "history)") if parts else None
+    return f"reduced run: {'; '.join(parts)}" if parts else None
+
+
+def setup_notes(result: dict) -> list[str]:
+    """What the study's defaults leave out or shrink for this model (data subset, methods, shared training)."""
+    cfg = result["config"]
+    notes = []
+    if cfg.get("data_limits"):
+        notes.append(f"data: {result.get('test_examples')} test examples (evenly spaced over the test split) "
+                     f"and at most {cfg['data_limits'][0]} training examples (scoring, calibration, training) — "
+                     "a subset, to fit the 2-core machine")
+    skipped = [m for m in all_methods() if m not in default_config(result["model"]).methods]
+    if skipped:
+        notes.append(f"not in this model's default methods: {', '.join(skipped)} (a multi-bit LSQ training per "
+                     "seed, too costly here)")
+    if cfg.get("point_calibration", 128) != 128:
+        notes.append(f"each point's activation steps calibrate on {cfg['point_calibration']} inputs (not 128)")
+    if cfg.get("shared_pretrain"):
+        notes.append("EAGL's training at the highest choice is done once (seed 0) and shared by every seed, so "
+                     "EAGL's seeds are identical")
+    return notes
 
 
 def claims_extra(results: list[dict]) -> list[str]:

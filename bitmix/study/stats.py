@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from bitmix.study.config import COSTS, GREEDY_SUFFIX, PROPOSED, REFERENCE_BITS, TARGET, StudyConfig
+from bitmix.ir.targets import get_target
+from bitmix.study.config import COSTS, GREEDY_SUFFIX, PROPOSED, StudyConfig, references
 
 ZEN = {"23": ("Zen/Zen 2", "Zen/Zen 2"), "25": ("Zen 3", "Zen 4"), "26": ("Zen 5", "Zen 5")}  # cpu family, AVX-512
 
@@ -38,17 +39,17 @@ def summarise(config: StudyConfig, points: list[dict], scored: dict, additivity:
                 continue
             rows.append({"budget": budget, "status": "ok", "n": len(good), **_agg(good)})
         frontier[method] = rows
-    references = {}
-    for bits in REFERENCE_BITS:
-        good = [p for p in ok if p["method"] == f"all-{bits}"]
+    refs = {}
+    for label, _ in references(get_target(config.target)):
+        good = [p for p in ok if p["method"] == label]
         if good:
-            references[f"all-{bits}"] = {"n": len(good), **_agg(good)}
+            refs[label] = {"n": len(good), **_agg(good)}
     return {
-        "model": config.label, "zoo_model": config.model, "target": TARGET, "costs": COSTS, **meta,
+        "model": config.label, "zoo_model": config.model, "target": config.target, "costs": COSTS, **meta,
         "machine": machine(),
         "date": datetime.datetime.now(datetime.UTC).date().isoformat(),
         "config": asdict(config) | {"fingerprint": config.fingerprint()},
-        "frontier": frontier, "references": references,
+        "frontier": frontier, "references": refs,
         "dominance": dominance(config, ok), "search_time": search_time(config, scored, ok),
         "knapsack_vs_greedy": knapsack_vs_greedy(config, ok), "vs_random": versus(config, ok, "eagl", "random"),
         "additivity": additivity, "points": sorted(points, key=lambda p: (p["method"], p["seed"], p["budget"] or 0)),

@@ -21,6 +21,7 @@ one torch thread). Outputs: `frontier.json`, `frontier.png`, `search_time.json`,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import os
 import sys
@@ -37,7 +38,7 @@ from torch import nn
 from bitmix.compiler import sensitivity
 from bitmix.errors import BitmixError
 from bitmix.study.additivity import additivity
-from bitmix.study.config import GREEDY_SUFFIX, REFERENCE_BITS, TARGET, Log, StudyConfig, default_config
+from bitmix.study.config import GREEDY_SUFFIX, Log, StudyConfig, default_config, references
 from bitmix.study.measure import measure
 from bitmix.study.render import render_results, write_outputs
 from bitmix.study.stats import summarise
@@ -63,15 +64,28 @@ def pretrain(config: StudyConfig, method: str, prepared: nn.Module, names: tuple
              data: Any, seed: int) -> Any:
     """The training at the highest choice a method scores on (`compiler/pretrain.py`), or None.
 
-    Once per (model, seed): the cache (memory, then disk) shares it between methods, studies and resumed
-    runs; `pretrain_s` is the measured training time unless `pretrain_cached` says it was a cache hit."""
+    Once per (model, seed), or once per model with `shared_pretrain` (seed 0's): the cache (memory, then
+    disk) shares it between methods, studies and resumed runs; `pretrain_s` is the measured training time
+    unless `pretrain_cached` says it was a cache hit."""
     from bitmix.compiler.pretrain import cached_train_at_highest
 
     method_config = sensitivity.resolve(config.method(method))[1]
     scale = method_config.pretrain_step_lr_scale()
     if scale is None or data.recipe.epochs < 1:
         return None
-    return cached_train_at_highest(prepared, names, target, data, step_lr=data.recipe.lr * scale, seed=seed)
+    return cached_train_at_highest(prepared, names, target, data, step_lr=data.recipe.lr * scale,
+                                   seed=0 if config.shared_pretrain else seed)
+
+
+def limit_data(data: Any, limits: tuple[int, int] | None) -> Any:
+    """The task with at most (train, test) examples, evenly spaced over each split (deterministic)."""
+    if limits is None:
+        return data
+
+    def keep(split: Any, n: int) -> Any:
+        return split if len(split) <= n else split.subset(torch.linspace(0, len(split) - 1, n).round().long())
+
+    return dataclasses.replace(data, train=keep(data.train, limits[0]), test=keep(data.test, limits[1]))
 
 
 def run_frontier(config: StudyConfig, out_dir: str | Path, log: Log | None = None, command: str = "",
@@ -95,7 +109,6 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
     from bitmix.compiler.allocate import Budget, allocate, cheapest_fraction
     from bitmix.compiler.capture import capture
     from bitmix.compiler.fold import prepare
-    from bitmix.compiler.inputs import CALIBRATION_SAMPLES
     from bitmix.compiler.transport import PortableModel
     from bitmix.ir.targets import get_target
     from bitmix.simulator import price, simulate
@@ -106,10 +119,11 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
     if data is None:
         raise BitmixError(f"model {config.model!r} has no data in the zoo; the study needs it")
     graph = capture(model, example, config.model)
-    target = get_target(TARGET)
+    data = limit_data(data, config.data_limits)
+    target = get_target(config.target)
     costs = price(graph, target)
     prepared = prepare(graph)
-    calibration = data.calibration(CALIBRATION_SAMPLES)
+    calibration = data.calibration(config.point_calibration)
     names = graph.names
     pinned = target.pinned(names)
     free = [n for n in names if n not in pinned]
@@ -118,14 +132,15 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
     fp32 = data.evaluate(prepared)
     seeds = list(range(config.seeds))
     say(f"{config.label}: {len(names)} layers ({len(free)} free), FP32 {data.metric} {fp32:.2f}, "
-        f"cheapest assignment {min_fraction:.4f} of all-4-bit")
+        f"cheapest assignment {min_fraction:.4f} of all-{target.highest}")
 
     # 1. score once per (method, seed)
     scores_path, points_path = out / "scores.jsonl", out / "points.jsonl"
-    scored = {(r["method"], r["seed"]): r for r in read_jsonl(scores_path, fp)}  # keys read back as Precision
+    score_fp = config.fingerprint(scores_only=True)
+    scored = {(r["method"], r["seed"]): r for r in read_jsonl(scores_path, score_fp)}  # keys read back as Precision
     runner = executor or sensitivity.executor_for(config.workers)
     for method in config.methods:
-        for seed in seeds:
+        for seed in seeds[: config.seeds_of(method)]:
             if (method, seed) in scored:
                 continue
             trained = pretrain(config, method, prepared, names, target, data, seed)
@@ -134,7 +149,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
                                            seed=seed, executor=runner, pretrained=trained and trained.model)
             start = time.perf_counter()
             scores = sensitivity.score(config.method(method), ctx)
-            row = {"recipe": fp, "model": config.model, "method": method, "seed": seed,
+            row = {"recipe": score_fp, "model": config.model, "method": method, "seed": seed,
                    "score_s": time.perf_counter() - start, "scores": scores}
             if trained is not None:  # the shared training before scoring, timed apart from the method's own
                 row |= {"pretrain_s": trained.seconds, "pretrain_cached": trained.cached}
@@ -146,7 +161,13 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
 
     # 2. allocate every (method, seed, budget); references; collect the fine-tunes still to run
     done = {(r["method"], r["seed"], r["budget"]): r for r in read_jsonl(points_path, fp)}
-    measured = {(assignment_key(r["assignment"]), r["seed"]): r for r in done.values() if r["status"] == "ok"}
+    # With no fine-tuning nothing in a measurement depends on the seed (fixed calibration inputs), so in the
+    # PTQ regime an assignment is measured once and shared by every seed that chose it.
+    def job_seed(seed: int) -> int:
+        return seed if config.recipe.epochs > 0 else 0
+
+    measured = {(assignment_key(r["assignment"]), job_seed(r["seed"])): r for r in done.values()
+                if r["status"] == "ok"}
     pending: dict[tuple, list[dict]] = {}
 
     def simulated(assignment: dict[str, int]) -> dict[str, float]:
@@ -155,7 +176,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
                 "cycles": sim.cycles, "fraction": sim.cycles / highest, "chips": sim.chips}
 
     def queue(row: dict) -> None:
-        job = (assignment_key(row["assignment"]), row["seed"])
+        job = (assignment_key(row["assignment"]), job_seed(row["seed"]))
         if job in measured:
             keep = ("quality", "quality_fake_quant", "details", "finetune_s", "measure_s")
             row |= {k: measured[job][k] for k in keep if k in measured[job]} | {"reused": True}
@@ -166,7 +187,7 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
 
     for method, strategy in sweep_strategies(config.methods):
         label = method if strategy == sensitivity.strategy(method) else f"{method}{GREEDY_SUFFIX}"
-        for seed in seeds:
+        for seed in seeds[: config.seeds_of(method)]:
             for budget in config.budgets:
                 if (label, seed, budget) in done:
                     continue
@@ -184,11 +205,11 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
                 row |= {"status": "ok", "allocate_s": time.perf_counter() - start, "assignment": alloc.assignment,
                         "predicted": alloc.objective, "gap": alloc.gap, **simulated(alloc.assignment)}
                 queue(row)
-    for bits in REFERENCE_BITS:
+    for label, bits in references(target):
         for seed in seeds:
-            if (f"all-{bits}", seed, None) not in done:
+            if (label, seed, None) not in done:
                 assignment = {n: pinned.get(n, bits) for n in names}
-                queue({"recipe": fp, "model": config.model, "method": f"all-{bits}", "seed": seed, "budget": None,
+                queue({"recipe": fp, "model": config.model, "method": label, "seed": seed, "budget": None,
                        "status": "ok", "assignment": assignment, **simulated(assignment)})
 
     # 3. fine-tune and measure on the kernels (executor jobs; each result is saved as it lands)
@@ -235,7 +256,8 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
 def run_study(models: Sequence[str], out_dir: str | Path, methods: Sequence[str] | None = None,
               budgets: Sequence[float] | None = None, seeds: int | None = None, quick: bool = False,
               workers: int = 2, results: str | Path | None = None, log: Log | None = None,
-              executor: Any = None) -> list[dict]:
+              executor: Any = None, additivity: int | None = None,
+              method_seeds: dict[str, int] | None = None) -> list[dict]:
     """Run the study for each model (resumable), then optionally render the results page.
     `executor`: None / "local" (forked pool of `workers`), "ray" or an executor object."""
     os.environ.setdefault("BITMIX_QUIET", "1")
@@ -244,7 +266,7 @@ def run_study(models: Sequence[str], out_dir: str | Path, methods: Sequence[str]
     done = []
     with sensitivity.open_executor(executor) as runner:
         for model in models:
-            config = default_config(model, methods, budgets, seeds, quick, workers)
+            config = default_config(model, methods, budgets, seeds, quick, workers, additivity, method_seeds)
             done.append(run_frontier(config, out_dir, log, command, runner))
     if results is not None:
         render_results(out_dir, results, command)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -64,7 +66,10 @@ def test_cached_in_memory_and_on_disk(mlp, tmp_path, monkeypatch):
     keys = {pretrain.cache_key(gm, target, RECIPE, 0.1, s) for s in (0, 3)}
     keys.add(pretrain.cache_key(gm, get_target("mixed-npu"), RECIPE, 0.1, 3))
     keys.add(pretrain.cache_key(gm, target, RECIPE, None, 3))
-    assert len(keys) == 4
+    keys.add(pretrain.cache_key(gm, target, RECIPE, 0.1, 3, data))
+    fewer = dataclasses.replace(data, train=data.train.subset(torch.arange(len(data.train) - 1)))
+    keys.add(pretrain.cache_key(gm, target, RECIPE, 0.1, 3, fewer))  # trained on other data: another entry
+    assert len(keys) == 6
 
 
 def test_pipeline_hook_only_for_methods_that_score_a_trained_model(mlp):

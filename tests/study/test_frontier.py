@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bitmix.cli import main
 
 
@@ -58,6 +60,19 @@ def test_ptq_variant_is_the_same_sweep_without_fine_tuning():
     assert ptq.recipe.epochs == 0 and base.recipe.epochs > 0 and ptq.additivity_epochs == 0
     assert (ptq.methods, ptq.budgets, ptq.seeds) == (base.methods, base.budgets, base.seeds)
     assert ptq.fingerprint() != base.fingerprint()
+    # scoring does not depend on the recipe after allocation: both studies score alike
+    assert ptq.fingerprint(scores_only=True) == base.fingerprint(scores_only=True)
+
+
+def test_method_seeds_cut_one_method_only():
+    from bitmix.errors import BitmixError
+    from bitmix.study import default_config
+
+    config = default_config("digits-cnn", method_seeds={"alps": 2})
+    assert (config.seeds_of("alps"), config.seeds_of("eagl"), config.seeds) == (2, 5, 5)
+    assert config.fingerprint() == default_config("digits-cnn").fingerprint()  # no measured number changes
+    with pytest.raises(BitmixError, match="method-seeds"):
+        default_config("digits-cnn", method_seeds={"nope": 2})
 
 
 def test_study_methods_and_options_come_from_the_registry():
@@ -65,7 +80,53 @@ def test_study_methods_and_options_come_from_the_registry():
     from bitmix.study import all_methods, default_config
 
     config = default_config("minilm")
-    assert config.methods == all_methods() and {"eagl", "alps", "uniform"} <= set(config.methods)
-    assert config.method("alps") == ALPSConfig(epochs=0.25, calibration_size=32, batch_size=32)
+    assert set(config.methods) == set(all_methods()) - {"limpq"} and {"eagl", "alps", "uniform"} <= set(config.methods)
+    assert config.method("alps") == ALPSConfig(epochs=0.1, calibration_size=32, batch_size=16)
     assert config.method("hawq") == HAWQConfig(samples=8, examples=64)
     assert config.method("eagl") == "eagl"  # no study options: the registered defaults
+
+
+def test_w4a8_studies_name_their_target_and_feasible_budgets():
+    from bitmix.ir.precision import Precision
+    from bitmix.ir.targets import get_target
+    from bitmix.study import default_config
+    from bitmix.study.config import references
+
+    ptq = default_config("minilm-ptq-w4a8")
+    assert (ptq.model, ptq.label, ptq.target, ptq.recipe.epochs) == ("minilm", "minilm-ptq-w4a8", "w4a8-npu", 0)
+    assert ptq.data_limits is not None and min(ptq.budgets) > 0.99 and max(ptq.budgets) == 1.0
+    cnn = default_config("digits-cnn-w4a8")
+    assert cnn.target == "w4a8-npu" and cnn.recipe.epochs > 0 and cnn.data_limits is None
+    assert cnn.fingerprint() != default_config("digits-cnn").fingerprint()
+    assert default_config("digits-cnn").target == "int4int2-npu"
+    assert references(get_target("w4a8-npu")) == (("all-8", Precision(8, 8)), ("all-4/8", Precision(4, 8)),
+                                                  ("all-2/8", Precision(2, 8)))
+    assert [label for label, _ in references(get_target("int4int2-npu"))] == ["all-8", "all-4", "all-2"]
+
+
+def test_limit_data_keeps_evenly_spaced_examples():
+    import torch
+
+    from bitmix.study.sweep import limit_data
+    from bitmix.task import Split, TaskData
+
+    split = Split((torch.arange(10.0)[:, None],), torch.arange(10))
+    data = TaskData("t", "top1", split, split)
+    small = limit_data(data, (5, 3))
+    assert small.train.targets.tolist() == [0, 2, 4, 7, 9] and small.test.targets.tolist() == [0, 4, 9]
+    assert limit_data(data, None) is data and limit_data(data, (20, 20)).train is data.train
+
+
+@pytest.mark.slow
+def test_ptq_study_measures_an_assignment_once_for_every_seed(tmp_path):
+    out = tmp_path / "study"
+    args = ["study", "frontier", "digits-cnn-ptq-w4a8", "--methods", "uniform", "--seeds", "2", "--budgets", "1.0",
+            "--workers", "1", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads((out / "digits-cnn-ptq-w4a8" / "frontier.json").read_text())
+    assert result["target"] == "w4a8-npu" and set(result["references"]) == {"all-8", "all-4/8", "all-2/8"}
+    ok = [p for p in result["points"] if p["status"] == "ok"]
+    by_seed = {(p["method"], p["seed"]): p for p in ok}
+    for label in ("uniform", "all-8", "all-4/8", "all-2/8"):  # no fine-tuning: one measurement serves both seeds
+        assert by_seed[(label, 1)]["measure_s"] == by_seed[(label, 0)]["measure_s"]
+        assert by_seed[(label, 1)]["quality"] == by_seed[(label, 0)]["quality"]
