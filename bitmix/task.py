@@ -23,12 +23,18 @@ Inputs = tuple[torch.Tensor, ...]
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """LSQ quantization-aware fine-tuning after allocation; each zoo task carries one that works for it."""
+    """LSQ quantization-aware fine-tuning after allocation; each zoo task carries one that works for it.
+
+    `layer_distill` weighs layer-wise distillation to the float model (`bitmix.compiler.distill`);
+    `step_lr_scale` multiplies the LSQ steps' learning rates under Adam.
+    """
 
     epochs: int = 2
     lr: float = 0.01
     optimizer: str = "sgd"
     batch_size: int = 64
+    layer_distill: float = 0.0
+    step_lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,9 @@ def train_at_highest(
         raise BitmixError(f"training at the highest choice needs >= 1 epoch, got {recipe.epochs}")
     fq = fake_quantize(prepared, highest_assignment(layer_names, target), data.calibration(CALIBRATION))
     return finetune(fq, data, recipe.epochs, recipe.lr, recipe.optimizer, seed=seed,
-                    batch_size=recipe.batch_size, step_lr=step_lr)
+                    batch_size=recipe.batch_size, step_lr=step_lr,
+                    teacher=prepared if recipe.layer_distill > 0 else None, layer_distill=recipe.layer_distill,
+                    step_lr_scale=recipe.step_lr_scale)
 
 
 _MEMORY: dict[str, nn.Module] = {}
@@ -82,10 +84,16 @@ def cache_key(prepared: nn.Module, target: Target, recipe: FinetuneConfig, step_
         for tensor in (*data.train.inputs, data.train.targets):
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     meta = {"v": CACHE_VERSION, "target": [[_key(c) for c in target.choices], _key(target.pin_first_last)],
-            "recipe": asdict(recipe),
+            "recipe": _recipe_key(recipe),
             "step_lr": step_lr, "seed": seed, "calibration": CALIBRATION}
     h.update(json.dumps(meta, sort_keys=True).encode())
     return h.hexdigest()[:20]
+
+
+def _recipe_key(recipe: FinetuneConfig) -> dict:
+    """The recipe's fields, those added later only when set (keys of caches written before stay valid)."""
+    later = {"layer_distill": 0.0, "step_lr_scale": 1.0}
+    return {k: v for k, v in asdict(recipe).items() if k not in later or v != later[k]}
 
 
 def _key(p: Precision | None) -> int | str | None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitmix.compiler import ranges
+from bitmix.compiler.distill import LayerDistiller
 from bitmix.compiler.equalize import equalize, pairs
 from bitmix.compiler.progress import limit as _limit
 from bitmix.compiler.progress import progress as _progress
@@ -159,6 +160,8 @@ def finetune(
     teacher: nn.Module | None = None,
     max_batches: int | None = None,
     step_lr: float | None = None,
+    layer_distill: float = 0.0,
+    step_lr_scale: float = 1.0,
 ) -> nn.Module:
     """Quantization-aware fine-tuning of a copy of `model`; the input module is untouched.
 
@@ -168,6 +171,8 @@ def finetune(
     softmax (T = 1, weight 1, the LSQ+KD recipe) is added. Deterministic given `seed`
     at a fixed torch thread count. `max_batches` caps batches per epoch (fractional epochs).
     `step_lr` puts the LSQ steps on their own learning rate (LSQ's gradient scale still applies).
+    `layer_distill` > 0 adds that weight times the layer-wise distillation loss to the float `teacher`
+    (`bitmix.compiler.distill`); `step_lr_scale` multiplies Adam's per-step learning rates.
     """
     if epochs < 0 or lr <= 0:
         raise BitmixError(f"finetune needs epochs >= 0 and lr > 0, got epochs={epochs}, lr={lr}")
@@ -188,18 +193,18 @@ def finetune(
             groups = [{"params": [p for _, p in named if not any(p is q for q in steps)]}]
             groups += [{"params": steps, "lr": step_lr}] if steps else []
         else:
-            groups = _adam_groups(model, params, lr) if optimizer == "adam" else [{"params": params}]
+            groups = _adam_groups(model, params, lr, step_lr_scale) if optimizer == "adam" else [{"params": params}]
         opt: torch.optim.Optimizer = (
             torch.optim.SGD(groups, lr=lr, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(groups, lr=lr)
         )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * per_epoch)
         kd = teacher is not None and data.metric == "top1"
+        distiller = _distiller(model, teacher, layer_distill)
         model.train()
         with _progress(epochs, "fine-tune") as advance:
             for epoch in range(epochs):
                 for inputs, targets in _limit(data.batches("train", batch_size, True, seed + epoch), per_epoch):
-                    out = model(*inputs)
-                    loss = data.loss(out, targets)
+                    out, loss = _forward(model, inputs, targets, data, teacher, distiller, layer_distill)
                     if kd:
                         assert teacher is not None
                         with torch.no_grad():
@@ -214,13 +219,37 @@ def finetune(
     return model.eval()
 
 
-def _adam_groups(model: nn.Module, params: list[nn.Parameter], lr: float) -> list[dict]:
+def _distiller(model: nn.Module, teacher: nn.Module | None, weight: float) -> LayerDistiller | None:
+    if weight <= 0:
+        return None
+    if teacher is None:
+        raise BitmixError("layer distillation needs the float teacher model; pass teacher=")
+    return LayerDistiller(model, teacher)
+
+
+def _forward(model: nn.Module, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor, data: TaskData,
+             teacher: nn.Module | None, distiller: LayerDistiller | None, weight: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's output and its task loss, plus the layer-wise distillation term when asked."""
+    if distiller is None:
+        out = model(*inputs)
+        return out, data.loss(out, targets)
+    assert teacher is not None
+    with distiller.recording():
+        with torch.no_grad():
+            teacher(*inputs)
+        out = model(*inputs)
+        return out, data.loss(out, targets) + weight * distiller.loss()
+
+
+def _adam_groups(model: nn.Module, params: list[nn.Parameter], lr: float, scale: float = 1.0) -> list[dict]:
     """Adam moves every parameter ~lr per step whatever its gradient scale, which undoes LSQ's
     gradient scaling: a step of 0.004 (an 8-bit MSE range) went negative at lr 0.01. Each step
     size gets lr times its own magnitude instead."""
     steps = {id(q.step): q.step for q in model.modules() if isinstance(q, LSQQuantizer)}
     groups: list[dict] = [{"params": [p for p in params if id(p) not in steps]}]
-    groups += [{"params": [s], "lr": lr * float(s.detach().abs().mean())} for s in steps.values() if s.requires_grad]
+    groups += [{"params": [s], "lr": scale * lr * float(s.detach().abs().mean())}
+               for s in steps.values() if s.requires_grad]
     return groups
 
 

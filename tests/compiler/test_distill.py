@@ -1,0 +1,61 @@
+"""Layer-wise distillation: the loss compares each quantized layer's output with the float teacher's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitmix import zoo
+from bitmix.compiler.capture import capture
+from bitmix.compiler.distill import LayerDistiller
+from bitmix.compiler.fold import prepare
+from bitmix.compiler.qlayer import quant_layers
+from bitmix.compiler.quantize import fake_quantize, finetune
+from bitmix.errors import BitmixError
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model, example, data = zoo.load("digits-mlp")
+    return prepare(capture(model, example, "digits-mlp")), data
+
+
+def test_loss_is_zero_against_itself_and_matches_hand_formula(mlp):
+    gm, data = mlp
+    fq = fake_quantize(gm, {"fc1": 4, "fc2": 2}, calibration=data.calibration(32))
+    x = data.calibration(16)
+    distiller = LayerDistiller(fq, gm)
+    assert distiller.names == ["fc1", "fc2"]  # fc3 stays float: nothing to distil
+    with distiller.recording():
+        gm(*x)
+        fq(*x)
+        loss = float(distiller.loss().detach())
+    outs: dict[str, list[torch.Tensor]] = {}
+    hooks = [layer.register_forward_hook(lambda m, a, o: outs.setdefault(m.name, []).append(o))
+             for model in (gm, fq) for layer in quant_layers(model).values()]
+    with torch.no_grad():
+        gm(*x)
+        fq(*x)
+    for h in hooks:
+        h.remove()
+    expected = sum(float((q - t).pow(2).mean() / t.pow(2).mean()) for t, q in (outs["fc1"], outs["fc2"])) / 2
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert loss > 0
+    same = LayerDistiller(fq, fq)
+    with same.recording():
+        fq(*x)
+        assert float(same.loss().detach()) == 0.0
+
+
+def test_finetune_with_layer_distillation_is_deterministic_and_needs_a_teacher(mlp):
+    gm, data = mlp
+    fq = fake_quantize(gm, {"fc1": 8, "fc2": 2, "fc3": 8}, calibration=data.calibration(64))
+    a = finetune(fq, data, epochs=1, lr=1e-3, optimizer="adam", seed=1, max_batches=4, teacher=gm, layer_distill=1.0)
+    b = finetune(fq, data, epochs=1, lr=1e-3, optimizer="adam", seed=1, max_batches=4, teacher=gm, layer_distill=1.0)
+    plain = finetune(fq, data, epochs=1, lr=1e-3, optimizer="adam", seed=1, max_batches=4, teacher=gm)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert not torch.equal(a.state_dict()["bitmix_fc2.weight"], plain.state_dict()["bitmix_fc2.weight"])
+    with pytest.raises(BitmixError, match="teacher"):
+        finetune(fq, data, epochs=1, lr=1e-3, max_batches=1, layer_distill=1.0)
