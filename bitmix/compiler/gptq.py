@@ -47,8 +47,8 @@ def hessians(layer: QuantLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     for part in (x[0::2], x[1::2]):
         h = None
         for i in range(0, part.shape[0], CHUNK):
-            r = _rows(layer, part[i : i + CHUNK]).double()
-            term = torch.einsum("ngkl,ngjl->gkj", r, r)
+            r = _rows(layer, part[i : i + CHUNK]).permute(1, 2, 0, 3).flatten(2)  # (G, K, N*L)
+            term = torch.bmm(r, r.transpose(1, 2)).double()  # float32 products, summed per chunk
             h = term if h is None else h + term
         assert h is not None
         out.append(h)
