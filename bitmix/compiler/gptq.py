@@ -11,7 +11,8 @@ the same integer work.
 The stored weight of a GPTQ'd layer is each column as it was when it was rounded (the compensated
 weight): `round(clip(w / step))` of it is exactly the GPTQ code, so the fake-quant forward, `codes`
 and the packed kernels all use those codes, and LSQ fine-tuning starts from them with every weight's
-position inside its rounding bin kept. Layers are processed in execution order within one forward
+position inside its rounding bin kept. Like bias correction, this changes the layer's float function
+(`bits=None` no longer gives the original weights). Layers are processed in execution order within one forward
 pass, each seeing the inputs its already-rounded upstream layers produce (GPTQ's sequential form).
 A layer keeps GPTQ's codes only if they lower its output error on held-out calibration examples
 (Hessian fitted on the even examples, judged on the odd ones), then is refitted on all of them.
