@@ -32,6 +32,7 @@ def fake_quantize(
     bias_correction: bool = True,
     smoothing: bool = True,
     equalization: bool = True,
+    rounding: bool = True,
 ) -> torch.fx.GraphModule:
     """A new fake-quantized copy of a prepared model with per-layer `Precision` pairs from `assignment`
     (weight width for the weights, activation width for the inputs; an int b means b/b).
@@ -42,7 +43,9 @@ def fake_quantize(
     activation steps are MSE steps on its activations, then biases are corrected
     (`bitmix.compiler.correct`), after linears' activation outliers are smoothed into their weights
     (`bitmix.compiler.smooth`, each layer only where it lowers its output error) and conv pairs are
-    equalised (`bitmix.compiler.equalize`, kept only if the calibration output error drops); without,
+    equalised (`bitmix.compiler.equalize`, kept only if the calibration output error drops) and, with
+    `rounding`, weights are rounded by GPTQ (`bitmix.compiler.gptq`, each layer only where it lowers
+    its held-out output error); without calibration,
     the data-free `2 E|v| / sqrt(Q_P)` for unit-Gaussian values (E|v| = sqrt(2/pi) signed,
     1/sqrt(2 pi) unsigned). `compile` calibrates on the examples.
     """
@@ -54,22 +57,23 @@ def fake_quantize(
     if unknown:
         raise BitmixError(f"assignment names unknown layer {unknown[0]!r}; valid layers: {', '.join(layers)}")
     if calibration is None:
-        return _quantize(model, assignment, None, bias_correction, smoothing)
+        return _quantize(model, assignment, None, bias_correction, smoothing, rounding)
     ranges.check_calibration(calibration)
     if not (equalization and isinstance(model, torch.fx.GraphModule) and pairs(model)):
-        return _quantize(model, assignment, calibration, bias_correction, smoothing)
+        return _quantize(model, assignment, calibration, bias_correction, smoothing, rounding)
     target = _float_output(model, calibration)
-    plain = _quantize(copy.deepcopy(model), assignment, calibration, bias_correction, smoothing)
+    plain = _quantize(copy.deepcopy(model), assignment, calibration, bias_correction, smoothing, rounding)
     equalize(model)
-    equalized = _quantize(model, assignment, calibration, bias_correction, smoothing)
+    equalized = _quantize(model, assignment, calibration, bias_correction, smoothing, rounding)
     errors = [float((_flat(m(*calibration)) - target).pow(2).sum()) for m in (plain, equalized)]
     return equalized if errors[1] < errors[0] else plain
 
 
 def _quantize(model: nn.Module, assignment: dict[str, int], calibration: tuple[torch.Tensor, ...] | None,
-              bias_correction: bool, smoothing: bool) -> torch.fx.GraphModule:
+              bias_correction: bool, smoothing: bool, rounding: bool) -> torch.fx.GraphModule:
     """`fake_quantize` on a private copy, after the optional equalisation."""
     from bitmix.compiler.correct import bias_correct, float_reference
+    from bitmix.compiler.gptq import gptq_round
     from bitmix.compiler.smooth import smooth_linears
 
     layers = quant_layers(model)
@@ -83,6 +87,8 @@ def _quantize(model: nn.Module, assignment: dict[str, int], calibration: tuple[t
     if calibration is not None:
         with torch.no_grad():
             model(*calibration)
+        if rounding:
+            gptq_round(model, layers, calibration)
         if reference is not None:
             bias_correct(model, reference, calibration)
     else:

@@ -147,6 +147,10 @@ def test_fake_quantize_data_free_default_and_errors(mlp):
     assert float(q.step.detach()) == pytest.approx(2 / math.sqrt(2 * math.pi) / math.sqrt(15), rel=1e-6)
     with pytest.raises(BitmixError, match="unknown layer"):
         fake_quantize(gm, {"nope": 4})
+    with pytest.raises(BitmixError, match="'fc2'.*8/4: the chip does not run weights wider than activations; use"):
+        fake_quantize(gm, {"fc2": "8/4"})
+    with pytest.raises(BitmixError, match="'fc2'.*width 3\\); widths must be 8, 4 or 2"):
+        fake_quantize(gm, {"fc2": "3/8"})
 
 
 def test_finetune_is_deterministic_and_leaves_input_untouched(mlp):

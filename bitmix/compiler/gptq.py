@@ -1,0 +1,181 @@
+"""GPTQ: error-compensating weight rounding (Frantar et al., ICLR 2023, arXiv 2210.17323; after OBQ).
+
+Rounding each weight to its nearest code ignores that a layer's inputs are correlated: the output
+error of a weight row `d = w_q - w` is `d H d^T` with `H = X^T X` over the layer's calibration inputs.
+GPTQ quantizes one input column at a time and spreads its rounding error over the columns not yet
+quantized, in proportion to the inverse Hessian (the optimal brain surgeon update), so later columns
+cancel what earlier ones got wrong. The per-output-channel steps stay the MSE steps
+(`bitmix.compiler.ranges`); only which code each weight takes changes, so the deployed layer does
+the same integer work.
+
+The stored weight of a GPTQ'd layer is each column as it was when it was rounded (the compensated
+weight): `round(clip(w / step))` of it is exactly the GPTQ code, so the fake-quant forward, `codes`
+and the packed kernels all use those codes, and LSQ fine-tuning starts from them with every weight's
+position inside its rounding bin kept. Like bias correction, this changes the layer's float function
+(`bits=None` no longer gives the original weights). Layers are processed in execution order within one forward
+pass, each seeing the inputs its already-rounded upstream layers produce (GPTQ's sequential form).
+A layer keeps GPTQ's codes only if they lower its output error on held-out calibration examples
+(Hessian fitted on the even examples, judged on the odd ones), then is refitted on all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitmix.compiler.qlayer import LSQQuantizer, QuantLayer
+
+DAMP = 0.01  # lambda: dampening as a fraction of mean(diag H), GPTQ's default (paper §4, "Cholesky reformulation")
+BLOCK = 128  # columns per lazy-batch block (GPTQ's B = 128)
+CHUNK = 8  # examples unfolded at a time when a conv's Hessian is accumulated
+
+
+def _rows(layer: QuantLayer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as (N, G, K, L): per example and weight group, K-wide input columns at L positions."""
+    if layer.kind == "linear":
+        return x.reshape(x.shape[0], 1, -1, x.shape[-1]).transpose(2, 3)
+    assert layer.weight is not None
+    kh, kw = layer.weight.shape[-2:]
+    cols = F.unfold(x, (kh, kw), dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+    return cols.reshape(x.shape[0], layer.groups, -1, cols.shape[-1])
+
+
+def hessians(layer: QuantLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H of the even examples, H of the odd examples), each (G, K, K) float64, for the layer input `x`
+    exactly as the weights see it (smoothed and quantized)."""
+    out = []
+    for part in (x[0::2], x[1::2]):
+        h = None
+        for i in range(0, part.shape[0], CHUNK):
+            r = _rows(layer, part[i : i + CHUNK]).permute(1, 2, 0, 3).flatten(2)  # (G, K, N*L)
+            term = torch.bmm(r, r.transpose(1, 2)).double()  # float32 products, summed per chunk
+            h = term if h is None else h + term
+        assert h is not None
+        out.append(h)
+    return out[0], out[1]
+
+
+def _dequant(w: torch.Tensor, step: torch.Tensor, q_n: int, q_p: int) -> torch.Tensor:
+    """`round(clip(w / step)) * step` in float32, the forward pass's arithmetic."""
+    s = step.float()
+    return torch.round(torch.clamp(w.float() / s, -q_n, q_p)) * s
+
+
+def output_error(weight: torch.Tensor, rounded: torch.Tensor, h: torch.Tensor) -> float:
+    """Sum over groups and rows of `d H d^T`, d = rounded - weight (both (G, R, K)): the squared output error."""
+    d = rounded.double() - weight.double()
+    return float(torch.einsum("grk,gkj,grj->", d, h, d))
+
+
+def _inverse_factor(h: torch.Tensor) -> torch.Tensor | None:
+    """Upper Cholesky factor of the damped inverse Hessian (G, K, K), or None if H stays singular."""
+    k = h.shape[-1]
+    h = h.clone()
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    diag[diag <= 0] = 1.0  # an input that is always 0: its column couples to nothing
+    eye = torch.eye(k, dtype=h.dtype)
+    for damp in (DAMP, 10 * DAMP, 100 * DAMP):
+        damped = h + damp * diag.mean(dim=-1).reshape(-1, 1, 1) * eye
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if bool((info == 0).all()):
+            inv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if bool((info == 0).all()):
+                return upper
+    return None
+
+
+@torch.no_grad()
+def gptq_weights(weight: torch.Tensor, step: torch.Tensor, h: torch.Tensor, q_n: int, q_p: int,
+                 act_order: bool = True) -> torch.Tensor | None:
+    """Compensated weights (G, R, K) float32 whose rounding is GPTQ's; None if H cannot be factored.
+
+    `weight` (G, R, K), per-row `step` (G, R, 1), `h` (G, K, K). With `act_order` columns go in order
+    of decreasing diag(H) (GPTQ's act-order: the most active inputs first, while many columns remain
+    to absorb their error); free with one step per output row.
+    """
+    order = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True) if act_order else None
+    if order is not None:
+        weight = torch.gather(weight, 2, order.unsqueeze(1).expand_as(weight))
+        h = torch.gather(torch.gather(h, 1, order.unsqueeze(2).expand_as(h)), 2, order.unsqueeze(1).expand_as(h))
+    u = _inverse_factor(h)
+    if u is None:
+        return None
+    w = weight.double().clone()
+    out = torch.empty_like(weight, dtype=torch.float32)
+    k = w.shape[-1]
+    for i1 in range(0, k, BLOCK):
+        i2 = min(i1 + BLOCK, k)
+        block = w[..., i1:i2]
+        errors = torch.zeros_like(block)
+        for i in range(i2 - i1):
+            col = block[..., i].float()
+            out[..., i1 + i] = col
+            q = _dequant(col, step[..., 0], q_n, q_p).double()
+            err = (col.double() - q) / u[:, i1 + i, i1 + i].unsqueeze(-1)
+            block[..., i:] -= err.unsqueeze(-1) * u[:, None, i1 + i, i1 + i : i2]
+            errors[..., i] = err
+        w[..., i2:] -= errors @ u[:, i1:i2, i2:]
+    if order is not None:
+        out = torch.empty_like(out).scatter_(2, order.unsqueeze(1).expand_as(out), out)
+    return out
+
+
+def _grouped(layer: QuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's weight as (G, R, K) and its steps as (G, R, 1)."""
+    assert layer.weight is not None and isinstance(layer.w_quant, LSQQuantizer)
+    g = layer.groups if layer.kind == "conv2d" else 1
+    w = layer.weight.detach().float().reshape(g, layer.weight.shape[0] // g, -1)
+    return w, layer.w_quant.step.detach().float().reshape(g, -1, 1)
+
+
+@torch.no_grad()
+def round_layer(layer: QuantLayer, x: torch.Tensor) -> bool:
+    """GPTQ one layer in place on its input `x` (N, ...) when that lowers the held-out output error."""
+    q = layer.w_quant
+    if not isinstance(q, LSQQuantizer) or x.shape[0] < 2:
+        return False
+    if layer.a_scale is not None:
+        x = x * layer.a_scale
+    if isinstance(layer.a_quant, LSQQuantizer) and bool(layer.a_quant.initialized):
+        x = layer.a_quant(x)
+    fit, test = hessians(layer, x.float())
+    w, step = _grouped(layer)
+    trial = gptq_weights(w, step, fit, q.q_n, q.q_p)
+    if trial is None:
+        return False
+    rtn = _dequant(w, step, q.q_n, q.q_p)
+    if output_error(w, _dequant(trial, step, q.q_n, q.q_p), test) >= output_error(w, rtn, test):
+        return False
+    final = gptq_weights(w, step, fit + test, q.q_n, q.q_p)
+    if final is None:
+        return False
+    assert layer.weight is not None
+    layer.weight.copy_(final.reshape(layer.weight.shape))
+    return True
+
+
+@torch.no_grad()
+def gptq_round(model: nn.Module, layers: dict[str, QuantLayer], calibration: tuple[torch.Tensor, ...]) -> list[str]:
+    """GPTQ every quantized conv/linear of a fake-quantized model (steps set) in execution order, in place.
+
+    Returns the names of the layers that kept GPTQ's codes.
+    """
+    kept: list[str] = []
+    seen: set[str] = set()
+
+    def hook(layer: QuantLayer, args: tuple) -> None:
+        if layer.name not in seen:  # a layer called twice is rounded on its first call's inputs
+            seen.add(layer.name)
+            if round_layer(layer, args[0].detach()):
+                kept.append(layer.name)
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers.values()
+               if layer.kind != "matmul" and layer.bits is not None]
+    try:
+        model(*calibration)
+    finally:
+        for h in handles:
+            h.remove()
+    return kept
