@@ -22,6 +22,7 @@ LAYOUT_FREE = {
     "mul", "div", "neg", "sigmoid", "silu", "gelu", "hardswish", "hardsigmoid", "leaky_relu", "max_pool2d",
     "max_pool2d_with_indices", "cat", "clone", "alias", "detach", "dropout",
 }
+SHAPE_ONLY = {"sym_size", "sym_numel"}  # read sizes, which are the same in both layouts
 
 
 def _op_name(node: fx.Node) -> str:
@@ -48,7 +49,7 @@ def channels_last_between_convs(gm: fx.GraphModule) -> int:
             maybe.add(node)
     copies: dict[fx.Node, fx.Node] = {}
     for node in list(gm.graph.nodes):
-        if node in maybe:
+        if node in maybe or (node.op == "call_function" and _op_name(node) in SHAPE_ONLY):
             continue  # convs read either layout; layout-free ops pass it on
         for source in [n for n in node.all_input_nodes if n in maybe]:
             if source not in copies:
