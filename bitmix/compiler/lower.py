@@ -25,9 +25,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from bitmix import kernels
+from bitmix.compiler.layout import channels_last_between_convs
 from bitmix.compiler.qlayer import QuantLayer, quant_layers
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
@@ -104,6 +105,20 @@ def _run_conv2d(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
     y = kernels.qconv2d(_np(x), p.packed, p.w_scales, p.a_step, p.bits.a, p.a_signed, p.bias, p.kernel_size,
                         p.stride, p.padding, p.dilation, p.groups)
     return torch.from_numpy(y)
+
+
+def _run_conv2d_nhwc(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
+    """``_run_conv2d`` with a ``channels_last`` result, reading a ``channels_last`` input without a
+    copy (``kernels.qconv2d_nhwc``): the eager path of layers whose consumers lowering checked."""
+    if x.dim() != 4:
+        return _run_conv2d(x, p)
+    assert p.packed is not None and p.w_scales is not None
+    x = x.detach().to(torch.float32).cpu()
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    arr = x.permute(0, 2, 3, 1).numpy() if channels_last else _np(x)
+    y = kernels.qconv2d_nhwc(arr, p.packed, p.w_scales, p.a_step, p.bits.a, p.a_signed, p.bias, p.kernel_size,
+                             p.stride, p.padding, p.dilation, p.groups, channels_last=channels_last)
+    return torch.from_numpy(y).permute(0, 3, 1, 2)
 
 
 def _qconv2d(x: torch.Tensor, handle: int) -> torch.Tensor:
@@ -239,8 +254,9 @@ class KernelLayer(nn.Module):
     reach the plan through ``handle``, which a copy or unpickled layer gets afresh.
     """
 
-    def __init__(self, plan: KernelPlan, recorder: CallRecorder) -> None:
+    def __init__(self, plan: KernelPlan, recorder: CallRecorder, channels_last: bool = False) -> None:
         super().__init__()
+        self.channels_last = channels_last  # eager conv results in channels_last format (``layout``)
         self.name = plan.name
         self.kind = plan.kind
         self.bits = plan.bits
@@ -257,6 +273,8 @@ class KernelLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         impl, op = _IMPLS[self.kind]
+        if self.channels_last:
+            impl = _run_conv2d_nhwc
         assert (other is not None) == (self.kind == "matmul")
         operands: tuple = (x,) if other is None else (x, other)
         if not _plain_tensors(x, other):
@@ -315,6 +333,8 @@ def lower(fake_quant_model: nn.Module) -> LoweredModule:
             continue
         _set_submodule(module, _path_of(module, layer), KernelLayer(plan_for(layer), recorder))
         lowered.append(name)
+    if isinstance(module, fx.GraphModule):
+        channels_last_between_convs(module)
     return LoweredModule(module, recorder, tuple(lowered), tuple(kept))
 
 

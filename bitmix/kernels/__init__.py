@@ -21,13 +21,14 @@ if TYPE_CHECKING:
     from bitmix.kernels.batched import bmm
     from bitmix.kernels.conv import conv2d
     from bitmix.kernels.matmul import gemm
-    from bitmix.kernels.quant import qconv2d, qlinear, quantize_activations
+    from bitmix.kernels.quant import qconv2d, qconv2d_nhwc, qlinear, quantize_activations
 
 _LAZY = {  # kernel function -> the Numba module defining it
     "bmm": "bitmix.kernels.batched",
     "conv2d": "bitmix.kernels.conv",
     "gemm": "bitmix.kernels.matmul",
     "qconv2d": "bitmix.kernels.quant",
+    "qconv2d_nhwc": "bitmix.kernels.quant",
     "qlinear": "bitmix.kernels.quant",
     "quantize_activations": "bitmix.kernels.quant",
 }
@@ -52,6 +53,7 @@ __all__ = [
     "gemm",
     "pack_weights",
     "qconv2d",
+    "qconv2d_nhwc",
     "qlinear",
     "quantize_activations",
     "reference",

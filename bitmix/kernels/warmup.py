@@ -28,7 +28,7 @@ _CONVS = (  # (c_in, c_out, kernel, stride, padding, groups, width): 1x1, k x k,
 
 def warm(path: str | None = None) -> float:
     """Run every kernel variant of ``path`` (default: this CPU's) once; returns the seconds it took."""
-    from bitmix.kernels import bmm, qconv2d, qlinear
+    from bitmix.kernels import bmm, qconv2d, qconv2d_nhwc, qlinear
     from bitmix.kernels.launch import serial_max_macs
 
     start = time.perf_counter()
@@ -46,8 +46,12 @@ def warm(path: str | None = None) -> float:
                     for c, n, k, s, p, g, width in _CONVS:
                         wc = rng.integers(lo, hi, (n, c // g * k * k), endpoint=True).astype(np.int8)
                         x = rng.normal(size=(1, c, 6, width)).astype(np.float32)
-                        qconv2d(x, pack_weights(wc, bits), np.full(n, 0.01, dtype=np.float32), 0.05, 8, signed,
-                                None, (k, k), (s, s), (p, p), (1, 1), g)
+                        args = (pack_weights(wc, bits), np.full(n, 0.01, dtype=np.float32), 0.05, 8, signed)
+                        geometry = ((k, k), (s, s), (p, p), (1, 1), g)
+                        qconv2d(x, *args, None, *geometry)
+                        # lowered convs: NCHW or NHWC floats in, NHWC out
+                        qconv2d_nhwc(x, *args, None, *geometry, channels_last=False)
+                        qconv2d_nhwc(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), *args, None, *geometry)
             bmm(rng.integers(-8, 8, (2, 5, 7)).astype(np.int8), rng.integers(-8, 8, (2, 7, 4)).astype(np.int8))
     return time.perf_counter() - start
 

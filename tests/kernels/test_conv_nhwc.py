@@ -1,0 +1,66 @@
+"""Channels-last conv route: NHWC (or NCHW) floats in, NHWC floats out, bit-identical to ``qconv2d``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bitmix.errors import BitmixError
+from bitmix.kernels import pack_weights, qconv2d, qconv2d_nhwc
+from bitmix.kernels.pack import code_range
+
+CASES = [  # (c_in, c_out, k, stride, pad, dil, groups, w_bits, a_bits, a_signed)
+    (70, 12, 1, 1, 0, 1, 1, 4, 8, False),  # 1x1: quantized straight into GEMM rows
+    (64, 20, 1, 1, 0, 1, 1, 2, 4, True),
+    (16, 12, 1, 2, 0, 1, 1, 8, 8, True),  # strided 1x1: patches
+    (5, 12, 3, 1, 1, 1, 1, 4, 8, False),  # k x k: channels-last patches
+    (33, 12, 3, 2, 1, 2, 1, 2, 4, True),
+    (3, 12, 7, 2, 3, 1, 1, 8, 8, False),
+    (24, 24, 3, 1, 1, 1, 24, 4, 8, False),  # depthwise: direct loop over channels
+    (40, 40, 3, 2, 1, 1, 40, 8, 8, True),
+    (8, 8, 5, 1, 2, 2, 8, 2, 4, False),
+    (8, 16, 3, 1, 1, 1, 8, 4, 8, True),  # channel multiplier: the NCHW route, transposed
+    (8, 12, 3, 1, 1, 1, 2, 4, 8, False),  # grouped
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+def test_nhwc_route_equals_qconv2d(kernel_path: str, case: tuple, channels_last: bool) -> None:
+    c, n, k, stride, pad, dil, groups, w_bits, a_bits, a_signed = case
+    rng = np.random.default_rng(c * k + n)
+    x = rng.normal(0, 2, size=(2, c, 9, 11)).astype(np.float32)
+    lo, hi = code_range(w_bits)
+    wc = rng.integers(lo, hi, (n, c // groups, k, k), endpoint=True).astype(np.int8)
+    w = pack_weights(wc.reshape(n, -1), w_bits)
+    scales = rng.uniform(0.01, 0.1, n).astype(np.float32)
+    bias = rng.normal(size=n).astype(np.float32) if k != 5 else None
+    geometry = ((k, k), (stride, stride), (pad, pad), (dil, dil), groups)
+    want = qconv2d(x, w, scales, 0.05, a_bits, a_signed, bias, *geometry)
+    fed = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if channels_last else x
+    got = qconv2d_nhwc(fed, w, scales, 0.05, a_bits, a_signed, bias, *geometry, channels_last=channels_last)
+    assert got.shape == (want.shape[0], *want.shape[2:], want.shape[1]) and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want.transpose(0, 2, 3, 1))
+    # and the integer part against torch on the codes
+    codes = torch.round(torch.clamp(torch.from_numpy(x) / np.float32(0.05), *code_range(a_bits, a_signed)))
+    acc = F.conv2d(codes.double(), torch.from_numpy(wc).double(), None, stride, pad, dil, groups).float()
+    ref = acc * torch.from_numpy(np.float32(0.05) * scales)[None, :, None, None]
+    if bias is not None:
+        ref = ref + torch.from_numpy(bias)[None, :, None, None]
+    np.testing.assert_array_equal(got, ref.permute(0, 2, 3, 1).numpy())
+
+
+@pytest.mark.parametrize("k,groups", [(1, 1), (3, 1), (3, 4)])
+def test_nhwc_route_rejects_nan_and_bad_shapes(k: int, groups: int) -> None:
+    w = pack_weights(np.ones((4, 4 // groups * k * k), np.int8), 8)
+    s = np.ones(4, np.float32)
+    x = np.zeros((1, 5, 5, 4), np.float32)
+    x[0, 2, 2, 1] = np.nan
+    with pytest.raises(BitmixError, match="NaN"):
+        qconv2d_nhwc(x, w, s, 0.1, 8, True, None, (k, k), (1, 1), (k // 2, k // 2), (1, 1), groups)
+    with pytest.raises(BitmixError, match="x"):
+        qconv2d_nhwc(np.zeros((5, 5, 4), np.float32), w, s, 0.1, 8, True, None, (k, k))
+    with pytest.raises(BitmixError, match="K="):
+        qconv2d_nhwc(np.zeros((1, 5, 5, 3), np.float32), w, s, 0.1, 8, True, None, (k, k), groups=1)
