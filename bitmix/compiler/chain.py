@@ -62,28 +62,12 @@ class Chain:
 
 
 def min_cost(chain: Chain) -> tuple[float, list[int]]:
-    """The cheapest assignment of the chain (exact, O(n k^3))."""
-    n = len(chain.steps)
-    best_total, best_choice = np.inf, [0] * n
-    for j0 in range(chain.steps[0].shape[1]) if chain.closed else [-1]:
-        dist = chain.steps[0][0].copy()
-        if j0 >= 0:
-            dist[np.arange(len(dist)) != j0] = np.inf
-        parents = []
-        for i in range(1, n):
-            tot = dist[:, None] + chain.steps[i]
-            parents.append(np.argmin(tot, axis=0))
-            dist = tot.min(axis=0)
-        end = dist + (chain.close[:, j0] if j0 >= 0 else 0.0)
-        j = int(np.argmin(end))
-        if end[j] < best_total:
-            best_total = float(end[j])
-            choice = [0] * n
-            choice[-1] = j
-            for i in range(n - 1, 0, -1):
-                choice[i - 1] = int(parents[i - 1][choice[i]])
-            best_choice = choice
-    return best_total, best_choice
+    """The cheapest assignment of the chain (exact min-plus DP, O(n k^3))."""
+    weights = _padded_weights(chain, np.inf)
+    kcount = np.array([s.shape[1] for s in chain.steps], dtype=np.int64)
+    choice, cost = kernels().lagrange_path(np.zeros(weights.shape[:2]), weights, kcount, chain.close, 1.0,
+                                           chain.closed)
+    return float(cost), [int(j) for j in choice]
 
 
 def solve_dp(scores: Sequence[np.ndarray], chain: Chain, cap: float) -> tuple[list[int], float]:
@@ -97,10 +81,11 @@ def solve_dp(scores: Sequence[np.ndarray], chain: Chain, cap: float) -> tuple[li
     free = [int(np.argmin(s)) for s in scores]
     if span <= capacity or extra.cost(free) <= capacity:
         return free, 0.0  # the best choice per layer already fits
-    lagrangian = _lagrangian_choice(scores, extra, capacity)  # a good feasible answer bounds the exact pass
+    lams = _multipliers(scores, extra, capacity)
+    lagrangian = _lagrangian_choice(scores, extra, capacity, max(lams))  # a good feasible answer bounds the exact
     if lagrangian is not None:
         upper = sum(float(sc[j]) for sc, j in zip(scores, lagrangian, strict=True))
-        exact = _pareto_dp(scores, extra, capacity, upper)
+        exact = _pareto_dp(scores, extra, capacity, upper, lams)
         if exact is not None:
             return exact, 0.0
     choice, upper, lower, proven = _scaled_dp(scores, extra, capacity, DP_RESOLUTION)  # fallback: proven gap
@@ -113,25 +98,34 @@ def solve_dp(scores: Sequence[np.ndarray], chain: Chain, cap: float) -> tuple[li
     return choice, max(0.0, upper - lower)
 
 
-def _lagrangian_choice(scores: Sequence[np.ndarray], extra: Chain, capacity: float) -> list[int] | None:
-    """The min Σ (score + lam * cost) assignment for the smallest tried lam >= the dual optimum that fits."""
+def _multipliers(scores: Sequence[np.ndarray], extra: Chain, capacity: float) -> list[float]:
+    """Per first choice (one entry if the chain is open), the multiplier maximising the dual bound."""
     padded, kcount = _padded_scores(scores)
     weights = _padded_weights(extra, np.inf)
-    lam = max(_best_multiplier(padded, weights, kcount, np.zeros(len(scores[-1])), capacity, -1)
-              if not extra.closed else 0.0, 1e-300)
-    if extra.closed:  # the dual with the closing edge: the best over first choices
-        lam = max(max(_best_multiplier(padded, weights, kcount, extra.close[:, j0], capacity, j0)
-                      for j0 in range(len(scores[0]))), 1e-300)
+    if not extra.closed:
+        return [max(_best_multiplier(padded, weights, kcount, np.zeros(len(scores[-1])), capacity, -1), 1e-300)]
+    return [max(_best_multiplier(padded, weights, kcount, extra.close[:, j0], capacity, j0), 1e-300)
+            for j0 in range(len(scores[0]))]
 
-    def path(lam: float) -> list[int]:
-        steps = tuple(np.asarray(sc, dtype=float)[None, :] + lam * st for sc, st in zip(scores, extra.steps,
-                                                                                        strict=True))
-        return min_cost(Chain(steps, lam * extra.close))[1]
+
+def _lagrangian_choice(scores: Sequence[np.ndarray], extra: Chain, capacity: float, lam: float) -> list[int] | None:
+    """The best-scoring fitting min Σ (score + lam * cost) assignment over lams bisected towards the dual optimum."""
+    padded, kcount = _padded_scores(scores)
+    weights = _padded_weights(extra, np.inf)
+
+    fitting: list[tuple[float, list[int]]] = []  # every probe that fits, with its score
+
+    def path(lam: float) -> tuple[list[int], bool]:
+        found, cost = kernels().lagrange_path(padded, weights, kcount, extra.close, lam, extra.closed)
+        choice = [int(j) for j in found]
+        if cost <= capacity:
+            fitting.append((sum(float(sc[j]) for sc, j in zip(scores, choice, strict=True)), choice))
+        return choice, bool(cost <= capacity)
 
     low, high, best = lam, lam, None
     for _ in range(40):  # bracket: `high` fits, `low` does not (or is tiny); then bisect between them
-        choice = path(high)
-        if extra.cost(choice) <= capacity:
+        choice, ok = path(high)
+        if ok:
             best = choice
             break
         low, high = high, high * 1.5
@@ -140,18 +134,18 @@ def _lagrangian_choice(scores: Sequence[np.ndarray], extra: Chain, capacity: flo
     if low == high:
         for _ in range(40):
             low /= 1.5
-            choice = path(low)
-            if extra.cost(choice) > capacity:
+            choice, ok = path(low)
+            if not ok:
                 break
             high, best = low, choice
     for _ in range(LAGRANGE_BISECTIONS):
         mid = (low + high) / 2
-        choice = path(mid)
-        if extra.cost(choice) <= capacity:
+        choice, ok = path(mid)
+        if ok:
             high, best = mid, choice
         else:
             low = mid
-    return best
+    return min(fitting, key=lambda f: f[0])[1]
 
 
 def _scaled_dp(scores: Sequence[np.ndarray], extra: Chain, capacity: float, resolution: int
@@ -236,9 +230,10 @@ def _best_multiplier(scores: np.ndarray, weights: np.ndarray, kcount: np.ndarray
     return float(np.exp((lo + hi) / 2))
 
 
-def _pareto_dp(scores: Sequence[np.ndarray], extra: Chain, capacity: float, upper: float) -> list[int] | None:
+def _pareto_dp(scores: Sequence[np.ndarray], extra: Chain, capacity: float, upper: float, lams: Sequence[float]
+               ) -> list[int] | None:
     """Exact DP over real costs: the best end state of `_pareto_ends`. None if the states outgrow `PARETO_LIMIT`."""
-    ends = _pareto_ends(scores, extra, capacity, upper)
+    ends = _pareto_ends(scores, extra, capacity, upper, lams)
     if ends is None:
         return None
     cost, score, trace = ends
@@ -249,7 +244,7 @@ def pareto_front(scores: Sequence[np.ndarray], chain: Chain, cap: float) -> list
     """Every non-dominated (cost, Σ score, choices) with cost <= cap, cheapest first (exact).
     None if the states outgrow `PARETO_LIMIT` (then solve budget by budget)."""
     extra, base = chain.shifted()
-    ends = _pareto_ends(scores, extra, cap * (1 + TOL) - base, np.inf)
+    ends = _pareto_ends(scores, extra, cap * (1 + TOL) - base, np.inf, [0.0] * len(scores[0]))
     if ends is None:
         return None
     cost, score, trace = ends
@@ -261,31 +256,33 @@ def pareto_front(scores: Sequence[np.ndarray], chain: Chain, cap: float) -> list
     return front
 
 
-def _pareto_ends(scores: Sequence[np.ndarray], extra: Chain, capacity: float, upper: float):
+def _pareto_ends(scores: Sequence[np.ndarray], extra: Chain, capacity: float, upper: float, lams: Sequence[float]):
     """Per current choice, the non-dominated (cost, score) states layer by layer; returns the end states
     (closing edge added) and a function tracing an end state back to its choices.
 
-    A state is dropped when even the cheapest completion overflows `capacity`, or when its score plus a
-    lower bound on the best completion exceeds `upper`; that bound is Lagrangian (`_lagrange_suffix`,
-    with the multiplier that maximises the whole chain's dual bound)."""
+    A state is dropped when even the cheapest completion of its choice overflows `capacity`, or when
+    its score plus a lower bound on the best completion exceeds `upper` (or the best end of an earlier
+    first choice); that bound is Lagrangian (`lagrange_suffix` with `lams`, the multipliers that
+    maximise the whole chain's dual bound per first choice)."""
     n = len(scores)
-    rest = np.concatenate([np.cumsum([float(s.min()) for s in scores[::-1]])[::-1], [0.0]])
-    rest_cost = np.concatenate([np.cumsum([float(s.min()) for s in extra.steps[::-1]])[::-1], [0.0]])
     bound = upper + 1e-12 * max(1.0, abs(upper)) if np.isfinite(upper) else np.inf
     limit = capacity * (1 + TOL) + TOL
     padded_scores, kcount = _padded_scores(scores)
     weights = _padded_weights(extra, np.inf)
+    zeros = np.zeros_like(padded_scores)
     costs, score_list, refs, histories = [], [], [], []
     for j0 in range(len(scores[0])) if extra.closed else [-1]:
         close = extra.close[:, j0] if j0 >= 0 else np.zeros(extra.close.shape[0])
-        lam = _best_multiplier(padded_scores, weights, kcount, close, capacity, j0) if np.isfinite(bound) else 0.0
+        lam = lams[max(j0, 0)] if np.isfinite(bound) else 0.0
         suffix = kernels().lagrange_suffix(padded_scores, weights, kcount, close, lam)
+        rest_cost = kernels().lagrange_suffix(zeros, weights, kcount, close, 1.0)  # cheapest completion per choice
+        rest = kernels().lagrange_suffix(padded_scores, weights, kcount, close, 0.0)  # best score completion
         cur = np.arange(len(scores[0])) if j0 < 0 else np.array([j0])
         cost, score = extra.steps[0][0, cur], np.asarray(scores[0], dtype=float)[cur]
         history = [(np.full(len(cur), -1), cur)]
         for i in range(1, n):
             cost, score, par, cur = kernels().pareto_step(
-                cost, score, cur, extra.steps[i], np.asarray(scores[i], dtype=float), rest_cost[i + 1], rest[i + 1],
+                cost, score, cur, extra.steps[i], np.asarray(scores[i], dtype=float), rest_cost[i], rest[i],
                 limit, bound, suffix[i], capacity, lam)
             history.append((par, cur))
             if len(cost) > PARETO_LIMIT:
@@ -296,6 +293,8 @@ def _pareto_ends(scores: Sequence[np.ndarray], extra: Chain, capacity: float, up
         score_list.append(score[ok])
         refs += [(len(histories), int(k)) for k in ok]
         histories.append(history)
+        if np.isfinite(bound) and len(ok):  # later first choices need only beat the best end found so far
+            bound = min(bound, float(score[ok].min()) + 1e-12 * max(1.0, abs(upper)))
 
     def trace(k: int) -> list[int]:
         h, idx = refs[k]

@@ -223,31 +223,41 @@ def _quality(evaluator: Any, model: nn.Module) -> float | None:
 
 def _frontier(graph: LayerGraph, float_model: nn.Module, scores: dict, costs: CostModel, tgt: Target, chip: ChipConfig,
               calib: Inputs | None, evaluator: Any, points: int) -> tuple[list[dict], list[dict]]:
-    """Knapsack solutions across budgets plus the uniform points, each simulated (and measured if eval given)."""
+    """Knapsack solutions across budgets plus the uniform points, each simulated (and measured if eval given).
+
+    Budgets that pick the same assignment (and a uniform point equal to a knapsack one, e.g. all-highest)
+    are simulated, quantized and evaluated once: only the labels differ."""
     from bitmix.compiler.allocate import frontier as pareto
 
     names = graph.names
     pinned = tgt.pinned(names)
+    measured: dict[tuple, dict[str, Any]] = {}
+
+    def point(assignment: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        key = tuple(sorted(format_assignment(assignment).items()))
+        if key not in measured:
+            measured[key] = _measure(graph, float_model, assignment, chip, calib, evaluator)
+        return {**extra, **measured[key]}
+
     result = []
     if any(v for d in scores.values() for v in d.values()) and len(tgt.choices) > 1:
         lowest = cheapest_fraction(costs)
         fractions = sorted({max(lowest, f) for f in np.linspace(lowest, 1.0, points).round(4).tolist()})
         for alloc in pareto(scores, costs, tgt, names, fractions):
-            result.append(_point(graph, float_model, alloc.assignment, chip, calib, evaluator,
-                                 fraction=round(alloc.fraction, 4), predicted_drop=alloc.objective))
+            result.append(point(alloc.assignment, fraction=round(alloc.fraction, 4), predicted_drop=alloc.objective))
     uniform_pts = []
     for bits in tgt.choices:
         assignment = {n: pinned.get(n, bits) for n in names}
-        uniform_pts.append(_point(graph, float_model, assignment, chip, calib, evaluator, bits=str(bits),
-                                  predicted_drop=sum(scores.get(n, {}).get(bits, 0.0) for n in names)))
+        uniform_pts.append(point(assignment, bits=str(bits),
+                                 predicted_drop=sum(scores.get(n, {}).get(bits, 0.0) for n in names)))
     return result, uniform_pts
 
 
-def _point(graph: LayerGraph, float_model: nn.Module, assignment: dict[str, int], chip: ChipConfig,
-           calib: Inputs | None, evaluator: Any, **extra: Any) -> dict[str, Any]:
+def _measure(graph: LayerGraph, float_model: nn.Module, assignment: dict[str, int], chip: ChipConfig,
+             calib: Inputs | None, evaluator: Any) -> dict[str, Any]:
     sim = simulate(graph, assignment, chip)
     quality = _quality(evaluator, fake_quantize(float_model, assignment, calib)) if evaluator is not None else None
-    return {**extra, "throughput_fps": sim.throughput_fps, "energy_per_frame_j": sim.energy_per_frame_j,
+    return {"throughput_fps": sim.throughput_fps, "energy_per_frame_j": sim.energy_per_frame_j,
             "quality": quality, "assignment": format_assignment(assignment)}
 
 

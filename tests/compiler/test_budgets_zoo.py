@@ -9,32 +9,34 @@ from bitmix import zoo
 from bitmix.compiler import sensitivity
 from bitmix.compiler.allocate import Budget, allocate, cheapest_fraction
 from bitmix.compiler.fold import prepare
-from bitmix.ir.targets import get_target
+from bitmix.ir.targets import Target, get_target
 from bitmix.simulator import price, simulate
 
 FAST = ("digits-cnn", "digits-mlp")
 SLOW = tuple(n for n in zoo.names() if n not in FAST)
 METHODS = ("eagl", "random", "uniform")
 BUDGETS = (0.75, 0.8, 0.9)
+TARGETS = (get_target("int4int2-npu"), Target("bits-8-4-2", (8, 4, 2)))  # 4/2 with pins; 8/4/2 b/b, none pinned
 
 
 def _check_model(capture_zoo, name: str) -> None:
     graph = capture_zoo(name)
-    target = get_target("int4int2-npu")
-    model = price(graph, target)
-    top = simulate(graph, model.assignment(model.highest())).cycles
-    lowest = cheapest_fraction(model)
-    all_lowest = model.evaluate(model.lowest()).cycles * model.frames / top  # uniform's cheapest point
-    for method in METHODS:
-        ctx = sensitivity.ScoreContext(graph=graph, target=target, model=prepare(graph))
-        scores = sensitivity.score(method, ctx)
-        for budget in BUDGETS:
-            clamped = max(budget, all_lowest if method == "uniform" else lowest)
-            alloc = allocate(scores, model, target, graph.names, Budget(fraction=clamped),
-                             strategy=sensitivity.strategy(method), seed=1)
-            simulated = simulate(graph, alloc.assignment).cycles / top
-            assert simulated <= clamped * (1 + 1e-12), (name, method, budget)
-            assert alloc.fraction == pytest.approx(simulated, rel=1e-9, abs=0), (name, method, budget)
+    prepared = prepare(graph)
+    for target in TARGETS:
+        model = price(graph, target)
+        top = simulate(graph, model.assignment(model.highest())).cycles
+        lowest = cheapest_fraction(model)
+        all_lowest = model.evaluate(model.lowest()).cycles * model.frames / top  # uniform's cheapest point
+        for method in METHODS:
+            scores = sensitivity.score(method, sensitivity.ScoreContext(graph=graph, target=target, model=prepared))
+            for budget in BUDGETS:
+                clamped = max(budget, all_lowest if method == "uniform" else lowest)
+                alloc = allocate(scores, model, target, graph.names, Budget(fraction=clamped),
+                                 strategy=sensitivity.strategy(method), seed=1)
+                simulated = simulate(graph, alloc.assignment).cycles / top
+                case = (name, target.name, method, budget)
+                assert simulated <= clamped * (1 + 1e-12), case
+                assert alloc.fraction == pytest.approx(simulated, rel=1e-9, abs=0), case
 
 
 @pytest.mark.parametrize("name", FAST)

@@ -185,3 +185,27 @@ def test_generic_model_without_data():
                         options=CompileOptions(frontier_points=2))
     assert {r.kind for r in cm.report.layers} == {"conv2d", "linear", "matmul"}
     assert cm(torch.randn(3, 3, 6, 6)).shape == (3, 5)
+
+
+def test_frontier_measures_each_distinct_assignment_once(digits, capture_zoo, monkeypatch):
+    from bitmix.compiler import pipeline, sensitivity
+    from bitmix.compiler.fold import prepare
+    from bitmix.ir.targets import get_target
+    from bitmix.simulator import load_chip_config, price, simulate
+
+    graph = capture_zoo("digits-cnn")
+    target = get_target("int4int2-npu")
+    prepared = prepare(graph)
+    scores = sensitivity.score("eagl", sensitivity.ScoreContext(graph=graph, target=target, model=prepared))
+    quantized = []
+    real = pipeline.fake_quantize
+    monkeypatch.setattr(pipeline, "fake_quantize", lambda m, a, c: quantized.append(dict(a)) or real(m, a, c))
+    calibration = (digits[1][0][:32],)
+    front, uniform = pipeline._frontier(graph, prepared, scores, price(graph, target), target,
+                                        load_chip_config(target.chip_config), calibration, lambda m: 1.0, 6)
+    points = front + uniform
+    distinct = {tuple(sorted(p["assignment"].items())) for p in points}
+    assert len(quantized) == len(distinct) < len(points)  # all-highest is both a knapsack and a uniform point
+    for p in points:
+        assert p["quality"] == 1.0
+        assert p["throughput_fps"] == simulate(graph, p["assignment"]).throughput_fps
