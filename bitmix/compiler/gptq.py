@@ -25,9 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitmix.compiler.qlayer import LSQQuantizer, QuantLayer
+from bitmix.ir.precision import as_precision
 
 DAMP = 0.01  # lambda: dampening as a fraction of mean(diag H), GPTQ's default (paper §4, "Cholesky reformulation")
 BLOCK = 128  # columns per lazy-batch block (GPTQ's B = 128)
+GPTQ_MAX_BITS = 8  # weights at this width and above keep round-to-nearest (see gptq_round)
 CHUNK = 8  # examples unfolded at a time when a conv's Hessian is accumulated
 
 
@@ -158,7 +160,11 @@ def round_layer(layer: QuantLayer, x: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def gptq_round(model: nn.Module, layers: dict[str, QuantLayer], calibration: tuple[torch.Tensor, ...]) -> list[str]:
-    """GPTQ every quantized conv/linear of a fake-quantized model (steps set) in execution order, in place.
+    """GPTQ every quantized conv/linear below 8-bit weights (steps set) in execution order, in place.
+
+    At 8 bits round-to-nearest is already within noise of GPTQ (resnet18 int8 PTQ, 8 calibration
+    inputs: 1 - cos 3.93e-6 -> 3.81e-6) while the Hessians and the extra pass cost 4-5x the compile
+    time, so 8-bit weights keep plain rounding; GPTQ's gains are at 4 bits and below (Frantar et al.).
 
     Returns the names of the layers that kept GPTQ's codes.
     """
@@ -171,8 +177,11 @@ def gptq_round(model: nn.Module, layers: dict[str, QuantLayer], calibration: tup
             if round_layer(layer, args[0].detach()):
                 kept.append(layer.name)
 
-    handles = [layer.register_forward_pre_hook(hook) for layer in layers.values()
-               if layer.kind != "matmul" and layer.bits is not None]
+    targets = [layer for layer in layers.values()
+               if layer.kind != "matmul" and layer.bits is not None and as_precision(layer.bits).w < GPTQ_MAX_BITS]
+    if not targets:
+        return kept
+    handles = [layer.register_forward_pre_hook(hook) for layer in targets]
     try:
         model(*calibration)
     finally:

@@ -85,3 +85,13 @@ def test_gptq_layers_are_closer_to_float_and_lower_bit_exactly():
         err_rounded = float((rounded(*test) - ref).pow(2).mean())
         assert err_rounded < err_plain
         assert torch.equal(lower(rounded).module(*test), rounded(*test))
+
+
+def test_8_bit_weights_keep_round_to_nearest():
+    net = _Mixed().eval()
+    calib = (_correlated(256, 32, 5),)
+    gm = prepare(capture(net, (calib[0][:2],)))
+    assignment = {n: 8 for n in quant_layers(gm)}
+    plain = fake_quantize(gm, assignment, calib, rounding=False)
+    rounded = fake_quantize(gm, assignment, calib)
+    assert all(torch.equal(layer.weight, quant_layers(plain)[n].weight) for n, layer in quant_layers(rounded).items())
