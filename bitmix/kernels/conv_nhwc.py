@@ -28,9 +28,11 @@ import numpy as np
 from numba import njit, prange
 
 from bitmix.errors import BitmixError
+from bitmix.kernels import gemm_vnni
 from bitmix.kernels.conv import _weight_codes, conv_acc_channels_last
 from bitmix.kernels.conv_simd import _patches, _quantize_pixels, taps_first
-from bitmix.kernels.launch import activation_layout, run_core
+from bitmix.kernels.isa import isa_of
+from bitmix.kernels.launch import _parallel, activation_layout, run_core
 from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.routing import dispatch
 from bitmix.kernels.scratch import scratch
@@ -103,6 +105,46 @@ def _quantize_to_channels_last(x, step, lo, hi, out):
                     nan[t] = True
                     v = np.float32(0)
                 out[b, r, wi, ci] = np.rint(min(max(v, flo), fhi))
+    return nan.any()
+
+
+@njit(parallel=True, cache=True)
+def _pad_codes(x, channels_last, step, lo, hi, shift, ph, pw, out, psum):
+    """Padded NHWC shifted codes for the implicit GEMM (``gemm_vnni.conv``): ``out[b, ph + ih, pw + iw,
+    q] = rint(clip(x / step, lo, hi)) - shift``, border pixels ``-shift`` (the code 0 the reference
+    pads with), channels past C 0; ``psum`` = each padded pixel's sum over C. True if any NaN was seen."""
+    if channels_last:
+        nb, h, w, c = x.shape
+    else:
+        nb, c, h, w = x.shape
+    _, hp, wp, c4 = out.shape
+    flo = np.float32(lo)
+    fhi = np.float32(hi)
+    sh = np.int32(shift)
+    nan = np.zeros(nb * hp, dtype=np.bool_)
+    for t in prange(nb * hp):
+        b = t // hp
+        ih = t - b * hp - ph
+        seen = False
+        for pj in range(wp):
+            dst = out[b, t - b * hp, pj]
+            iw = pj - pw
+            if ih < 0 or ih >= h or iw < 0 or iw >= w:
+                for q in range(c):
+                    dst[np.uintp(q)] = -sh
+                psum[t * wp + pj] = -sh * c
+            else:
+                s = np.int32(0)
+                for q in range(c):
+                    v = (x[b, ih, iw, q] if channels_last else x[b, q, ih, iw]) / step
+                    seen |= v != v  # branch-free flag keeps the loop vectorised; NaN codes are discarded
+                    code = np.int32(np.rint(min(max(v, flo), fhi))) - sh
+                    dst[np.uintp(q)] = code
+                    s += code
+                psum[t * wp + pj] = s
+            for q in range(c, c4):
+                dst[np.uintp(q)] = 0
+        nan[t] = seen
     return nan.any()
 
 
@@ -198,6 +240,15 @@ def conv_nhwc(x: np.ndarray, w: PackedWeight, geom: tuple[int, ...], step: np.fl
                    sh, sw, ph, pw, dh, dw, ho, wo, y.reshape(m, w.n))
         return y
     settings = dispatch.settings
+    if isa_of(settings.path) == "avx512vnni" and not settings.uses_amx(w, m, 1) and m >= gemm_vnni.MIN_M:
+        hp, wp, c4 = h + 2 * ph, wd + 2 * pw, -(-c // 4) * 4
+        a8 = scratch("conv.padded", (nb, hp, wp, c4), np.int8)
+        psum = scratch("conv.psum", nb * hp * wp, np.int64)
+        if _pad_codes(x, channels_last, step, lo, hi, shift, ph, pw, a8, psum):
+            raise _nan()
+        gemm_vnni.conv(a8.reshape(-1), psum, w, shift, c, geom, hp, wp, m, scale, bias, y,
+                       _parallel(settings, m * w.n * w.k))
+        return y
     if settings.uses_amx(w, m, 1):
         acc = conv_acc_channels_last(_codes(x, channels_last, step, lo, hi), w, geom, shift, settings=settings)
     else:
