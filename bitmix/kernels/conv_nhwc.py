@@ -108,16 +108,24 @@ def _quantize_to_channels_last(x, step, lo, hi, out):
     return nan.any()
 
 
+@njit(inline="always")
+def _code(v, flo, fhi, sh):
+    return np.int32(np.rint(min(max(v, flo), fhi))) - sh
+
+
 @njit(parallel=True, cache=True)
 def _pad_codes(x, channels_last, step, lo, hi, shift, ph, pw, out, psum):
     """Padded NHWC shifted codes for the implicit GEMM (``gemm_vnni.conv``): ``out[b, ph + ih, pw + iw,
     q] = rint(clip(x / step, lo, hi)) - shift``, border pixels ``-shift`` (the code 0 the reference
-    pads with), channels past C 0; ``psum`` = each padded pixel's sum over C. True if any NaN was seen."""
+    pads with), channels past C 0; ``psum`` = each padded pixel's sum over C. One task per padded
+    row; True if any NaN was seen (NaN codes are discarded)."""
     if channels_last:
         nb, h, w, c = x.shape
     else:
         nb, c, h, w = x.shape
     _, hp, wp, c4 = out.shape
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
     flo = np.float32(lo)
     fhi = np.float32(hi)
     sh = np.int32(shift)
@@ -125,26 +133,46 @@ def _pad_codes(x, channels_last, step, lo, hi, shift, ph, pw, out, psum):
     for t in prange(nb * hp):
         b = t // hp
         ih = t - b * hp - ph
-        seen = False
-        for pj in range(wp):
-            dst = out[b, t - b * hp, pj]
-            iw = pj - pw
-            if ih < 0 or ih >= h or iw < 0 or iw >= w:
+        row = t * wp * c4
+        inside = 0 <= ih < h
+        for pj in range(wp):  # border pixels, and every pixel's pad channels
+            d = row + pj * c4
+            if not inside or pj < pw or pj >= pw + w:
                 for q in range(c):
-                    dst[np.uintp(q)] = -sh
-                psum[t * wp + pj] = -sh * c
-            else:
-                s = np.int32(0)
-                for q in range(c):
-                    v = (x[b, ih, iw, q] if channels_last else x[b, q, ih, iw]) / step
-                    seen |= v != v  # branch-free flag keeps the loop vectorised; NaN codes are discarded
-                    code = np.int32(np.rint(min(max(v, flo), fhi))) - sh
-                    dst[np.uintp(q)] = code
-                    s += code
-                psum[t * wp + pj] = s
+                    of[np.uintp(d + q)] = -sh
             for q in range(c, c4):
-                dst[np.uintp(q)] = 0
+                of[np.uintp(d + q)] = 0
+        if not inside:
+            continue
+        seen = False
+        d0 = row + pw * c4
+        if channels_last and c == c4:  # the row's interior is one contiguous run
+            s0 = (b * h + ih) * w * c
+            for q in range(w * c):
+                v = xf[np.uintp(s0 + q)] / step
+                seen |= v != v
+                of[np.uintp(d0 + q)] = _code(v, flo, fhi, sh)
+        elif channels_last:
+            for iw in range(w):
+                s0 = ((b * h + ih) * w + iw) * c
+                for q in range(c):
+                    v = xf[np.uintp(s0 + q)] / step
+                    seen |= v != v
+                    of[np.uintp(d0 + iw * c4 + q)] = _code(v, flo, fhi, sh)
+        else:
+            for q in range(c):
+                s0 = ((b * c + q) * h + ih) * w
+                for iw in range(w):
+                    v = xf[np.uintp(s0 + iw)] / step
+                    seen |= v != v
+                    of[np.uintp(d0 + iw * c4 + q)] = _code(v, flo, fhi, sh)
         nan[t] = seen
+        for pj in range(wp):
+            d = row + pj * c4
+            s = np.int32(0)
+            for q in range(c):
+                s += np.int32(of[np.uintp(d + q)])
+            psum[t * wp + pj] = s
     return nan.any()
 
 

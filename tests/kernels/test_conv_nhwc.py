@@ -18,6 +18,10 @@ CASES = [  # (c_in, c_out, k, stride, pad, dil, groups, w_bits, a_bits, a_signed
     (5, 12, 3, 1, 1, 1, 1, 4, 8, False),  # k x k: channels-last patches
     (33, 12, 3, 2, 1, 2, 1, 2, 4, True),
     (3, 12, 7, 2, 3, 1, 1, 8, 8, False),
+    (6, 70, 3, 1, 1, 1, 1, 4, 4, False),  # implicit GEMM: full 64-channel tiles plus a partial block
+    (21, 130, 3, 2, 0, 1, 1, 8, 8, True),
+    (64, 64, 1, 2, 0, 1, 1, 2, 8, False),
+    (10, 66, 2, 1, 1, 3, 1, 4, 8, True),
     (24, 24, 3, 1, 1, 1, 24, 4, 8, False),  # depthwise: direct loop over channels
     (40, 40, 3, 2, 1, 1, 40, 8, 8, True),
     (8, 8, 5, 1, 2, 2, 8, 2, 4, False),
