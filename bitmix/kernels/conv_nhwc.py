@@ -140,6 +140,7 @@ def _pad_codes(x, channels_last, step, lo, hi, shift, ph, pw, out, psum):
             if not inside or pj < pw or pj >= pw + w:
                 for q in range(c):
                     of[np.uintp(d + q)] = -sh
+                psum[t * wp + pj] = -sh * c
             for q in range(c, c4):
                 of[np.uintp(d + q)] = 0
         if not inside:
@@ -167,7 +168,7 @@ def _pad_codes(x, channels_last, step, lo, hi, shift, ph, pw, out, psum):
                     seen |= v != v
                     of[np.uintp(d0 + iw * c4 + q)] = _code(v, flo, fhi, sh)
         nan[t] = seen
-        for pj in range(wp):
+        for pj in range(pw, pw + w):
             d = row + pj * c4
             s = np.int32(0)
             for q in range(c):
