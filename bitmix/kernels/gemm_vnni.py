@@ -230,13 +230,24 @@ def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, o
                      w.k_pad, _GEMM_GEO, INT32, out.reshape(-1), _NO_F32, _NO_F32, _NO_F32)
 
 
-@functools.lru_cache(maxsize=256)
-def _taps(kh: int, kw: int, dh: int, dw: int, wpad: int, c4: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per tap: byte offset and pixel offset in the padded NHWC buffer (read-only, shared)."""
-    pix = np.array([i * dh * wpad + j * dw for i in range(kh) for j in range(kw)], dtype=np.int64)
-    off = pix * c4
-    pix.flags.writeable = off.flags.writeable = False
-    return off, pix
+_LAUNCH: weakref.WeakKeyDictionary[PackedWeight, dict] = weakref.WeakKeyDictionary()
+
+
+def _launch(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int) -> tuple:
+    """The constant arguments of one conv shape, built once: weight blocks, ``cw``, per-tap byte and
+    pixel offsets in the padded buffer, the output geometry."""
+    key = (shift, c, geom, hp, wpad)
+    cache = _LAUNCH.setdefault(w, {})
+    args = cache.get(key)
+    if args is None:
+        kh, kw, sh, sw, _, _, dh, dw, _, ho, wo = geom
+        blocks = channel_blocks(w, (c, kh, kw))
+        pix = np.array([i * dh * wpad + j * dw for i in range(kh) for j in range(kw)], dtype=np.int64)
+        cw = (shift * blocks.cw_base).astype(np.int32)
+        geo = np.array((ho, wo, hp, wpad, sh, sw), dtype=np.int64)
+        args = cache[key] = (pix * blocks.cq * 4, pix, blocks.data, cw, blocks.offset, w.n, blocks.n_pad, blocks.cq,
+                             blocks.cq * 4, geo)
+    return args
 
 
 def conv(a8: np.ndarray, psum: np.ndarray, w: PackedWeight, shift: int, c: int, geom: tuple[int, ...],
@@ -244,12 +255,7 @@ def conv(a8: np.ndarray, psum: np.ndarray, w: PackedWeight, shift: int, c: int, 
          parallel: bool) -> None:
     """``y`` (m, n) float32 = the dequantized conv of padded NHWC shifted codes ``a8`` (``hp x wpad``
     pixels of ``c4`` bytes, per-pixel sums ``psum``); ``geom`` from ``conv.conv_geometry``."""
-    kh, kw, sh, sw, _, _, dh, dw, _, ho, wo = geom
-    blocks = channel_blocks(w, (c, kh, kw))
-    c4 = blocks.cq * 4
-    off, pix = _taps(kh, kw, dh, dw, wpad, c4)
-    cw = (shift * blocks.cw_base).astype(np.int32)
-    geo = np.array((ho, wo, hp, wpad, sh, sw), dtype=np.int64)
-    mode = SCALED if bias is None else SCALED_BIASED
-    driver(parallel)(a8, psum, off, pix, blocks.data, cw, blocks.offset, m, w.n, blocks.n_pad, blocks.cq, c4, geo,
-                     mode, _NO_I32, y.reshape(-1), scale, scale if bias is None else bias)
+    off, pix, data, cw, offset, n, n_pad, cq, c4, geo = _launch(w, shift, c, geom, hp, wpad)
+    driver(parallel)(a8, psum, off, pix, data, cw, offset, m, n, n_pad, cq, c4, geo,
+                     SCALED if bias is None else SCALED_BIASED, _NO_I32, y.reshape(-1), scale,
+                     scale if bias is None else bias)
