@@ -196,43 +196,56 @@ def _scale_rows(acc, scale, bias, has_bias, out):
 
 @njit(parallel=True, cache=True)
 def _depthwise(x, taps, scale, bias, has_bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, out):
-    """``out[pixel, c] = float32(sum_ij x[b, ih, iw, c] * taps[ij, c]) * scale[c] (+ bias[c])``,
-    one task per output row, vectorised over channels."""
+    """``out[pixel, c] = float32(sum_ij x[b, ih, iw, c] * taps[ij, c]) * scale[c] (+ bias[c])``.
+
+    One task per output row; per tap, the row's in-bounds outputs accumulate one channel vector
+    each (bounds worked out once per tap, not per pixel: 112x112x32 at stride 1 took 1.4 ms, now 0.48), in
+    the dtype of ``taps``: int16 where every sum fits (twice the lanes of int32, one-uop multiply: 0.34)."""
     nb, h, w, c = x.shape
+    xf = x.reshape(-1)
     for t in prange(nb * ho):
         b = t // ho
         oh = t - b * ho
-        acc = np.empty(c, dtype=np.int32)
+        acc = np.zeros(wo * c, dtype=taps.dtype)
+        for i in range(kh):
+            ih = oh * sh - ph + i * dh
+            if ih < 0 or ih >= h:
+                continue
+            for j in range(kw):
+                wt = taps[i * kw + j]
+                off = j * dw - pw
+                ow0 = max(0, (sw - 1 - off) // sw)  # first output whose input column is >= 0
+                ow1 = min(wo, (w - 1 - off) // sw + 1)
+                row = (b * h + ih) * w
+                for ow in range(ow0, ow1):
+                    src = (row + ow * sw + off) * c
+                    dst = ow * c
+                    for q in range(c):
+                        acc[np.uintp(dst + q)] += xf[np.uintp(src + q)] * wt[np.uintp(q)]
         for ow in range(wo):
-            acc[:] = 0
-            for i in range(kh):
-                ih = oh * sh - ph + i * dh
-                if ih < 0 or ih >= h:
-                    continue
-                for j in range(kw):
-                    iw = ow * sw - pw + j * dw
-                    if 0 <= iw < w:
-                        src = x[b, ih, iw]
-                        wt = taps[i * kw + j]
-                        for q in range(c):
-                            acc[np.uintp(q)] += np.int32(src[np.uintp(q)]) * wt[np.uintp(q)]
-            dst = out[t * wo + ow]
+            d = out[t * wo + ow]
+            a = ow * c
             if has_bias:
                 for q in range(c):
-                    dst[np.uintp(q)] = np.float32(acc[np.uintp(q)]) * scale[np.uintp(q)] + bias[np.uintp(q)]
+                    d[np.uintp(q)] = np.float32(acc[np.uintp(a + q)]) * scale[np.uintp(q)] + bias[np.uintp(q)]
             else:
                 for q in range(c):
-                    dst[np.uintp(q)] = np.float32(acc[np.uintp(q)]) * scale[np.uintp(q)]
+                    d[np.uintp(q)] = np.float32(acc[np.uintp(a + q)]) * scale[np.uintp(q)]
 
 
-_TAPS: weakref.WeakKeyDictionary[PackedWeight, np.ndarray] = weakref.WeakKeyDictionary()
+_TAPS: weakref.WeakKeyDictionary[PackedWeight, dict] = weakref.WeakKeyDictionary()
 
 
-def _depthwise_taps(w: PackedWeight) -> np.ndarray:
-    """int32 ``(kh * kw, C)``: tap-major weight codes of a depthwise conv, cached per weight."""
-    taps = _TAPS.get(w)
+def _depthwise_taps(w: PackedWeight, code_max: int) -> np.ndarray:
+    """``(kh * kw, C)`` tap-major weight codes of a depthwise conv, cached per weight: int16 when every
+    channel's ``sum |w| * code_max`` (``code_max``: the largest activation code magnitude) fits in
+    int16, so the int16 sums are exact, else int32."""
+    cache = _TAPS.setdefault(w, {})
+    taps = cache.get(code_max)
     if taps is None:
-        taps = _TAPS[w] = np.ascontiguousarray(_weight_codes(w).T.astype(np.int32))
+        codes = _weight_codes(w).T.astype(np.int32)
+        narrow = int(np.abs(codes).sum(axis=0).max()) * code_max <= np.iinfo(np.int16).max
+        taps = cache[code_max] = np.ascontiguousarray(codes.astype(np.int16 if narrow else np.int32))
     return taps
 
 
@@ -265,8 +278,8 @@ def conv_nhwc(x: np.ndarray, w: PackedWeight, geom: tuple[int, ...], step: np.fl
     if groups > 1:
         if not (groups == c == w.n):
             raise BitmixError(f"groups={groups}: the NHWC route takes one group or depthwise convs")
-        _depthwise(_codes(x, channels_last, step, lo, hi), _depthwise_taps(w), scale, b_arg, has_bias, kh, kw,
-                   sh, sw, ph, pw, dh, dw, ho, wo, y.reshape(m, w.n))
+        _depthwise(_codes(x, channels_last, step, lo, hi), _depthwise_taps(w, max(-lo, hi)), scale, b_arg,
+                   has_bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, y.reshape(m, w.n))
         return y
     settings = dispatch.settings
     if isa_of(settings.path) == "avx512vnni" and not settings.uses_amx(w, m, 1) and m >= gemm_vnni.MIN_M:
