@@ -8,6 +8,13 @@ forward). One conv runs as parallel Numba passes, as ONNX Runtime/MLAS feed thei
 (``reference/quantization.md``, QLinearConv): NHWC in, 1x1 convs reading the input directly,
 a channels-last im2col for k x k, a direct depthwise kernel.
 
+* AVX-512 VNNI (no AMX), one group: an implicit GEMM. Floats are quantized once into a
+  zero-padded NHWC buffer of shifted codes with per-pixel sums (``_pad_codes``), and
+  ``gemm_vnni.conv`` reads every tap's activations from it directly and writes the dequantized
+  floats itself: no im2col, no int32 intermediate, no scale pass.
+
+Other paths (AVX2, portable) and the AMX engine:
+
 * 1x1, stride 1, no padding: the NHWC pixels *are* the GEMM's activation rows, so floats are
   quantized straight into the ``(pixels, k_pad)`` signed-byte rows with their row sums.
 * k x k (and strided 1x1): floats are quantized once into NHWC codes, then each patch row is
