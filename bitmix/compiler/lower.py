@@ -116,9 +116,16 @@ def _run_conv2d_nhwc(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
     x = x.detach().to(torch.float32).cpu()
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     arr = x.permute(0, 2, 3, 1).numpy() if channels_last else _np(x)
-    y = kernels.qconv2d_nhwc(arr, p.packed, p.w_scales, p.a_step, p.bits.a, p.a_signed, p.bias, p.kernel_size,
-                             p.stride, p.padding, p.dilation, p.groups, channels_last=channels_last)
-    return torch.from_numpy(y).permute(0, 3, 1, 2)
+    run = _PREPARED.get(p)
+    if run is None:
+        from bitmix.kernels.conv_prepared import PreparedConv  # loads Numba: only once a conv runs
+
+        run = _PREPARED[p] = PreparedConv(p.packed, p.w_scales, p.a_step, p.bits.a, p.a_signed, p.bias,
+                                          p.kernel_size, p.stride, p.padding, p.dilation, p.groups)
+    return torch.from_numpy(run(arr, channels_last)).permute(0, 3, 1, 2)
+
+
+_PREPARED: weakref.WeakKeyDictionary[KernelPlan, object] = weakref.WeakKeyDictionary()  # plan -> PreparedConv
 
 
 def _qconv2d(x: torch.Tensor, handle: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Register-blocked AVX-512 VNNI GEMM for products with 4 or more activation rows (issue 15).
+"""Register-blocked AVX-512 VNNI GEMM and implicit-GEMM conv for 4 or more activation rows (issue 15).
 
 The dot-product micro-kernels of ``isa.avx512vnni`` keep one accumulator per (row, output)
 pair and end every K loop with horizontal sums; on a conv GEMM (thousands of rows, K of a few
@@ -6,11 +6,21 @@ hundred) those sums and the per-row 32-byte gathers cost about as much as the ``
 Here, as in MLAS's and oneDNN's int8 kernels, the weights are re-laid once per layer as
 ``[n/16][k/4][16][4]`` bytes (16 output channels x 4 K codes = one zmm), the four activation
 bytes of a K step are broadcast, and a 4-row x 64-channel tile accumulates in 16 zmm
-registers with no reduction at all. The weights are stored unpacked (one byte per code, the
-stored ``u = code + offset`` for 2/4-bit, the signed code for 8-bit), so the layer's packed
-weight keeps its 2/4-bit form for the GEMV path and this copy costs one byte per weight.
+registers with no reduction at all. The weights are stored unpacked, one unsigned byte per
+code, ``u = code + offset`` (the packed layout's offset for 2/4-bit, 128 for 8-bit), so the
+broadcast activations are always vpdpbusd's signed operand and every width runs one loop body
+(with 8-bit activations as the unsigned operand instead, LLVM 22's instruction selection on the
+broadcast did not finish in 10 minutes). This copy costs one byte per weight.
 
-The exact result is the driver's (``tiling``): ``dot(u, a8) - offset * asum + (shift - wcorr) * row_sums``.
+Convolutions run as an implicit GEMM, as oneDNN's direct int8 convs do: K is ordered
+``(kh, kw, c4)`` (``c4`` = C rounded up to 4, weight bytes past C are 0) and the activation
+row of output pixel ``p`` at tap ``t`` is read straight from a zero-padded NHWC code buffer at
+``pixel(p) * c4 + tap_offset[t]``, so no im2col copy exists. A plain GEMM is the one-tap case
+(``pixel(i) = i``, rows ``k_pad`` bytes apart). The exact result is
+``dot(u, a8) - offset * asum + shift * row_sums``, ``asum`` of a row being the sum of its taps'
+pixel sums; every s32 lane stays below 2^31 because ``k_pad <= tiling.MAX_K_PAD``
+(65536 * 255 * 128 < 2^31). The epilogue either stores that int32 or the dequantized float
+``float32(acc) * scale + bias`` (``quant``'s formula) straight into the NHWC output.
 """
 
 from __future__ import annotations
@@ -28,80 +38,109 @@ from bitmix.kernels.simd import (
     add_i32x16,
     bcast4_i8x64,
     dpbusd512,
-    flip_sign_i8x64,
     load_i8x64,
     load_i32x16,
     splat_i32x16,
     store_i32x16,
+    store_scaled_biased_f32x16,
+    store_scaled_f32x16,
     zero_i32x16,
 )
 
 LANES = 16  # output channels per zmm
 MIN_M = 4  # fewer rows: the GEMV micro-kernels (one weight pass per row) are the right shape
 MT = 64  # activation rows per parallel task
+INT32, SCALED, SCALED_BIASED = 0, 1, 2  # epilogue modes
 
 
 @dataclass(frozen=True, eq=False)
 class ChannelBlocks:
-    """A packed weight re-laid for the broadcast kernel: ``data`` = ``[n_pad/16][k_pad/4][16][4]`` bytes."""
+    """A weight re-laid for the broadcast kernel: ``data`` = ``[n_pad/16][taps * cq][16][4]`` bytes."""
 
     data: np.ndarray
     n_pad: int
-    row_sums: np.ndarray  # int32 (n_pad,), zero past n
+    cq: int  # 4-byte K steps per tap
+    cw_base: np.ndarray  # int32 (n_pad,) row sums, zero past n (times ``shift`` = the ``cw`` term)
+    offset: int  # u = code + offset in ``data``
 
 
-_BLOCKS: weakref.WeakKeyDictionary[PackedWeight, ChannelBlocks] = weakref.WeakKeyDictionary()
+_BLOCKS: weakref.WeakKeyDictionary[PackedWeight, dict] = weakref.WeakKeyDictionary()
 
 
-def channel_blocks(w: PackedWeight) -> ChannelBlocks:
-    """``w`` in the broadcast kernel's layout, built once per packed weight (at its first large product)."""
-    blocks = _BLOCKS.get(w)
+def channel_blocks(w: PackedWeight, taps: tuple[int, int, int] | None = None) -> ChannelBlocks:
+    """``w`` in the broadcast layout, built once per packed weight and tap structure: ``taps`` =
+    ``(c, kh, kw)`` re-orders a conv weight's K ``(c, kh, kw)`` into ``(kh, kw, c4)``."""
+    cache = _BLOCKS.setdefault(w, {})
+    blocks = cache.get(taps)
     if blocks is None:
-        codes = unpack_weights(w).astype(np.int16) + w.offset
+        codes = unpack_weights(w).astype(np.int16)
+        c, kh, kw = taps if taps is not None else (w.k, 1, 1)
+        codes = codes.reshape(w.n, c, kh * kw).transpose(0, 2, 1)
+        offset = 128 if w.bits == 8 else w.offset
         n_pad = -(-w.n // LANES) * LANES
-        full = np.zeros((n_pad, w.k_pad), dtype=np.uint8)
-        full[: w.n, : w.k] = codes.astype(np.int8).view(np.uint8) if w.bits == 8 else codes.astype(np.uint8)
-        data = full.reshape(n_pad // LANES, LANES, w.k_pad // 4, 4).transpose(0, 2, 1, 3).reshape(-1)
+        c4 = -(-c // 4) * 4
+        full = np.zeros((n_pad, kh * kw, c4), dtype=np.uint8)  # pad bytes meet any activation: product 0
+        full[: w.n, :, :c] = (codes + offset).astype(np.uint8)
+        data = full.reshape(n_pad // LANES, LANES, kh * kw * c4 // 4, 4).transpose(0, 2, 1, 3).reshape(-1)
         sums = np.zeros(n_pad, dtype=np.int32)
         sums[: w.n] = w.row_sums
-        blocks = _BLOCKS[w] = ChannelBlocks(np.ascontiguousarray(data), n_pad, sums)
+        blocks = cache[taps] = ChannelBlocks(np.ascontiguousarray(data), n_pad, c4 // 4, sums, offset)
     return blocks
 
 
 @functools.cache
-def driver(w8: bool, parallel: bool):
-    """The GEMM over (row tile, 64-channel tile) tasks; ``w8``: signed 8-bit weights (activations
-    become the unsigned operand, as in ``isa.avx512vnni``)."""
+def driver(parallel: bool):
+    """The implicit GEMM over (row tile, 64-channel tile) tasks (module docstring)."""
 
     @njit(inline="always")
-    def dp(acc, wv, av):
-        if w8:
-            return dpbusd512(acc, flip_sign_i8x64(av), wv)
-        return dpbusd512(acc, wv, av)
+    def pixel(i, hw, wo, hp, wp, sh, sw):
+        b = i // hw
+        r = i - b * hw
+        oh = r // wo
+        return (b * hp + oh * sh) * wp + (r - oh * wo) * sw
 
     @njit(inline="always")
-    def put(out, tmp, row, col, n, v):
+    def taps_sum(psum, tappix, p):
+        s = 0
+        for t in range(tappix.shape[0]):
+            s += psum[p + tappix[t]]
+        return s
+
+    @njit(inline="always")
+    def put(mode, out_i, out_f, scale, bias, tmp, row, col, n, v):
         if col + LANES <= n:
-            store_i32x16(out, row * n + col, v)
+            if mode == INT32:
+                store_i32x16(out_i, row * n + col, v)
+            elif mode == SCALED:
+                store_scaled_f32x16(out_f, row * n + col, v, scale, bias, col)
+            else:
+                store_scaled_biased_f32x16(out_f, row * n + col, v, scale, bias, col)
         else:
             store_i32x16(tmp, 0, v)
             for q in range(n - col):
-                out[row * n + col + q] = tmp[q]
+                if mode == INT32:
+                    out_i[row * n + col + q] = tmp[q]
+                elif mode == SCALED:
+                    out_f[row * n + col + q] = np.float32(tmp[q]) * scale[col + q]
+                else:
+                    out_f[row * n + col + q] = np.float32(tmp[q]) * scale[col + q] + bias[col + q]
 
     @njit(inline="always")
-    def finish(out, tmp, cw, asum, offset, i, rows, col, n, v0, v1, v2, v3):
+    def finish(mode, out_i, out_f, scale, bias, tmp, cw, i, rows, col, n, s, v0, v1, v2, v3):
         c = load_i32x16(cw, col)
-        put(out, tmp, i, col, n, add_i32x16(add_i32x16(v0, c), splat_i32x16(-offset * asum[i])))
+        put(mode, out_i, out_f, scale, bias, tmp, i, col, n, add_i32x16(add_i32x16(v0, c), splat_i32x16(-s[0])))
         if rows > 1:
-            put(out, tmp, i + 1, col, n, add_i32x16(add_i32x16(v1, c), splat_i32x16(-offset * asum[i + 1])))
+            put(mode, out_i, out_f, scale, bias, tmp, i + 1, col, n, add_i32x16(add_i32x16(v1, c), splat_i32x16(-s[1])))
         if rows > 2:
-            put(out, tmp, i + 2, col, n, add_i32x16(add_i32x16(v2, c), splat_i32x16(-offset * asum[i + 2])))
+            put(mode, out_i, out_f, scale, bias, tmp, i + 2, col, n, add_i32x16(add_i32x16(v2, c), splat_i32x16(-s[2])))
         if rows > 3:
-            put(out, tmp, i + 3, col, n, add_i32x16(add_i32x16(v3, c), splat_i32x16(-offset * asum[i + 3])))
+            put(mode, out_i, out_f, scale, bias, tmp, i + 3, col, n, add_i32x16(add_i32x16(v3, c), splat_i32x16(-s[3])))
 
-    def core(a8, asum, wp, cw, offset, m, n, n_pad, kp, out):
-        kq4 = kp // 4
-        ws = kq4 * 64  # bytes per 16-channel block
+    def core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mode, out_i, out_f, scale, bias):
+        ho, wo, hp, wpad, sh, sw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
+        hw = ho * wo
+        ntaps = tapoff.shape[0]
+        ws = ntaps * cq * 64  # bytes per 16-channel block
         nblk = n_pad // LANES
         ntiles = (nblk + 3) // 4
         mtiles = (m + MT - 1) // MT
@@ -111,58 +150,112 @@ def driver(w8: bool, parallel: bool):
             b0 = nt * 4
             b1 = min(nblk, b0 + 4)
             tmp = np.empty(LANES, dtype=np.int32)
+            s = np.zeros(4, dtype=np.int64)
             for i in range(mt * MT, min(m, mt * MT + MT), 4):
                 rows = min(4, m - i)
-                a0 = i * kp
+                p0 = pixel(i, hw, wo, hp, wpad, sh, sw)
+                p1 = pixel(min(i + 1, m - 1), hw, wo, hp, wpad, sh, sw)  # rows past m: read, never stored
+                p2 = pixel(min(i + 2, m - 1), hw, wo, hp, wpad, sh, sw)
+                p3 = pixel(min(i + 3, m - 1), hw, wo, hp, wpad, sh, sw)
+                if offset != 0:
+                    s[0] = offset * taps_sum(psum, tappix, p0)
+                    s[1] = offset * taps_sum(psum, tappix, p1)
+                    s[2] = offset * taps_sum(psum, tappix, p2)
+                    s[3] = offset * taps_sum(psum, tappix, p3)
+                a0, a1, a2, a3 = p0 * ps, p1 * ps, p2 * ps, p3 * ps
                 if b1 - b0 == 4:
                     z = zero_i32x16()
                     c00, c01, c02, c03, c10, c11, c12, c13 = z, z, z, z, z, z, z, z
                     c20, c21, c22, c23, c30, c31, c32, c33 = z, z, z, z, z, z, z, z
-                    wb = b0 * ws
-                    for q in range(kq4):
-                        wo = wb + q * 64
-                        w0 = load_i8x64(wp, wo)
-                        w1 = load_i8x64(wp, wo + ws)
-                        w2 = load_i8x64(wp, wo + 2 * ws)
-                        w3 = load_i8x64(wp, wo + 3 * ws)
-                        x = bcast4_i8x64(a8, a0 + 4 * q)
-                        c00, c01, c02, c03 = dp(c00, w0, x), dp(c01, w1, x), dp(c02, w2, x), dp(c03, w3, x)
-                        x = bcast4_i8x64(a8, a0 + kp + 4 * q)
-                        c10, c11, c12, c13 = dp(c10, w0, x), dp(c11, w1, x), dp(c12, w2, x), dp(c13, w3, x)
-                        x = bcast4_i8x64(a8, a0 + 2 * kp + 4 * q)
-                        c20, c21, c22, c23 = dp(c20, w0, x), dp(c21, w1, x), dp(c22, w2, x), dp(c23, w3, x)
-                        x = bcast4_i8x64(a8, a0 + 3 * kp + 4 * q)
-                        c30, c31, c32, c33 = dp(c30, w0, x), dp(c31, w1, x), dp(c32, w2, x), dp(c33, w3, x)
+                    for tap in range(ntaps):
+                        d = tapoff[tap]
+                        wb = b0 * ws + tap * cq * 64
+                        for q in range(cq):
+                            wq = wb + q * 64
+                            w0 = load_i8x64(wp, wq)
+                            w1 = load_i8x64(wp, wq + ws)
+                            w2 = load_i8x64(wp, wq + 2 * ws)
+                            w3 = load_i8x64(wp, wq + 3 * ws)
+                            x = bcast4_i8x64(a8, a0 + d + 4 * q)
+                            c00, c01, c02, c03 = (dpbusd512(c00, w0, x), dpbusd512(c01, w1, x),
+                                                  dpbusd512(c02, w2, x), dpbusd512(c03, w3, x))
+                            x = bcast4_i8x64(a8, a1 + d + 4 * q)
+                            c10, c11, c12, c13 = (dpbusd512(c10, w0, x), dpbusd512(c11, w1, x),
+                                                  dpbusd512(c12, w2, x), dpbusd512(c13, w3, x))
+                            x = bcast4_i8x64(a8, a2 + d + 4 * q)
+                            c20, c21, c22, c23 = (dpbusd512(c20, w0, x), dpbusd512(c21, w1, x),
+                                                  dpbusd512(c22, w2, x), dpbusd512(c23, w3, x))
+                            x = bcast4_i8x64(a8, a3 + d + 4 * q)
+                            c30, c31, c32, c33 = (dpbusd512(c30, w0, x), dpbusd512(c31, w1, x),
+                                                  dpbusd512(c32, w2, x), dpbusd512(c33, w3, x))
                     col = b0 * LANES
-                    finish(out, tmp, cw, asum, offset, i, rows, col, n, c00, c10, c20, c30)
-                    finish(out, tmp, cw, asum, offset, i, rows, col + 16, n, c01, c11, c21, c31)
-                    finish(out, tmp, cw, asum, offset, i, rows, col + 32, n, c02, c12, c22, c32)
-                    finish(out, tmp, cw, asum, offset, i, rows, col + 48, n, c03, c13, c23, c33)
+                    finish(mode, out_i, out_f, scale, bias, tmp, cw, i, rows, col, n, s, c00, c10, c20, c30)
+                    finish(mode, out_i, out_f, scale, bias, tmp, cw, i, rows, col + 16, n, s, c01, c11, c21, c31)
+                    finish(mode, out_i, out_f, scale, bias, tmp, cw, i, rows, col + 32, n, s, c02, c12, c22, c32)
+                    finish(mode, out_i, out_f, scale, bias, tmp, cw, i, rows, col + 48, n, s, c03, c13, c23, c33)
                 else:
                     for b in range(b0, b1):
                         z = zero_i32x16()
                         c0, c1, c2, c3 = z, z, z, z
-                        wb = b * ws
-                        for q in range(kq4):
-                            w0 = load_i8x64(wp, wb + q * 64)
-                            c0 = dp(c0, w0, bcast4_i8x64(a8, a0 + 4 * q))
-                            c1 = dp(c1, w0, bcast4_i8x64(a8, a0 + kp + 4 * q))
-                            c2 = dp(c2, w0, bcast4_i8x64(a8, a0 + 2 * kp + 4 * q))
-                            c3 = dp(c3, w0, bcast4_i8x64(a8, a0 + 3 * kp + 4 * q))
-                        finish(out, tmp, cw, asum, offset, i, rows, b * LANES, n, c0, c1, c2, c3)
+                        for tap in range(ntaps):
+                            d = tapoff[tap]
+                            wb = b * ws + tap * cq * 64
+                            for q in range(cq):
+                                w0 = load_i8x64(wp, wb + q * 64)
+                                c0 = dpbusd512(c0, w0, bcast4_i8x64(a8, a0 + d + 4 * q))
+                                c1 = dpbusd512(c1, w0, bcast4_i8x64(a8, a1 + d + 4 * q))
+                                c2 = dpbusd512(c2, w0, bcast4_i8x64(a8, a2 + d + 4 * q))
+                                c3 = dpbusd512(c3, w0, bcast4_i8x64(a8, a3 + d + 4 * q))
+                        finish(mode, out_i, out_f, scale, bias, tmp, cw, i, rows, b * LANES, n, s, c0, c1, c2, c3)
 
-    simd.pin_kernels(f"gemm_vnni.{'w8' if w8 else 'wq'}", dp, put, finish)
-    fn = njit(parallel=parallel, cache=True)(core)
-    simd.pin_uuid(fn, f"gemm_vnni.core.{'w8' if w8 else 'wq'}" + ("" if parallel else ".serial"))
+    simd.pin_kernels("gemm_vnni", pixel, taps_sum, put, finish)
+    fn = njit(parallel=parallel, cache=True)(simd.cache_variant(core, "parallel" if parallel else "serial"))
+    simd.pin_uuid(fn, "gemm_vnni.core" + ("" if parallel else ".serial"))
     return fn
+
+
+_ONE_TAP = np.zeros(1, dtype=np.int64)
+_GEMM_GEO = np.ones(6, dtype=np.int64)  # pixel(i) = i
+_NO_F32 = np.zeros(LANES, dtype=np.float32)
+_NO_I32 = np.zeros(LANES, dtype=np.int32)
 
 
 def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, out: np.ndarray,
         parallel: bool) -> None:
-    """``out[:m]`` = the exact int32 product of one group (``a8`` rows of ``w.k_pad`` bytes, at least
-    ``m`` rounded up to 4 rows readable)."""
+    """``out[:m]`` = the exact int32 product of one group (``a8`` rows of ``w.k_pad`` bytes, pad columns
+    zero, ``asum`` their sums)."""
     blocks = channel_blocks(w)
-    wcorr = 128 if w.bits == 8 else 0
-    cw = (shift - wcorr) * blocks.row_sums
-    driver(w.bits == 8, parallel)(a8, asum, blocks.data, cw.astype(np.int32), w.offset, m, w.n, blocks.n_pad,
-                                  w.k_pad, out.reshape(-1))
+    cw = (shift * blocks.cw_base).astype(np.int32)
+    driver(parallel)(a8, asum, _ONE_TAP, _ONE_TAP, blocks.data, cw, blocks.offset, m, w.n, blocks.n_pad, blocks.cq,
+                     w.k_pad, _GEMM_GEO, INT32, out.reshape(-1), _NO_F32, _NO_F32, _NO_F32)
+
+
+_LAUNCH: weakref.WeakKeyDictionary[PackedWeight, dict] = weakref.WeakKeyDictionary()
+
+
+def _launch(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int) -> tuple:
+    """The constant arguments of one conv shape, built once: weight blocks, ``cw``, per-tap byte and
+    pixel offsets in the padded buffer, the output geometry."""
+    key = (shift, c, geom, hp, wpad)
+    cache = _LAUNCH.setdefault(w, {})
+    args = cache.get(key)
+    if args is None:
+        kh, kw, sh, sw, _, _, dh, dw, _, ho, wo = geom
+        blocks = channel_blocks(w, (c, kh, kw))
+        pix = np.array([i * dh * wpad + j * dw for i in range(kh) for j in range(kw)], dtype=np.int64)
+        cw = (shift * blocks.cw_base).astype(np.int32)
+        geo = np.array((ho, wo, hp, wpad, sh, sw), dtype=np.int64)
+        args = cache[key] = (pix * blocks.cq * 4, pix, blocks.data, cw, blocks.offset, w.n, blocks.n_pad, blocks.cq,
+                             blocks.cq * 4, geo)
+    return args
+
+
+def conv(a8: np.ndarray, psum: np.ndarray, w: PackedWeight, shift: int, c: int, geom: tuple[int, ...],
+         hp: int, wpad: int, m: int, scale: np.ndarray, bias: np.ndarray | None, y: np.ndarray,
+         parallel: bool) -> None:
+    """``y`` (m, n) float32 = the dequantized conv of padded NHWC shifted codes ``a8`` (``hp x wpad``
+    pixels of ``c4`` bytes, per-pixel sums ``psum``); ``geom`` from ``conv.conv_geometry``."""
+    off, pix, data, cw, offset, n, n_pad, cq, c4, geo = _launch(w, shift, c, geom, hp, wpad)
+    driver(parallel)(a8, psum, off, pix, data, cw, offset, m, n, n_pad, cq, c4, geo,
+                     SCALED if bias is None else SCALED_BIASED, _NO_I32, y.reshape(-1), scale,
+                     scale if bias is None else bias)

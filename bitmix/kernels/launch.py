@@ -88,7 +88,7 @@ def run_core(a8, asum, w: PackedWeight, shift: int, groups: int, m: int, mp: int
                              m_step, n_step, rows_outer, _NO_I32 if out is None else out.reshape(-1), *epilogue)
         return
     isa = isa_of(s.path)
-    if isa == "avx512vnni" and groups == 1 and m >= gemm_vnni.MIN_M and w.bits < 8:
+    if isa == "avx512vnni" and groups == 1 and m >= gemm_vnni.MIN_M:
         gemm_vnni.run(a8, asum, w, shift, m, out, _parallel(s, macs))
         return
     core_for(w.bits, isa, _parallel(s, macs))(a8, asum, w.data.reshape(-1), w.row_sums, shift, groups,

@@ -18,6 +18,10 @@ CASES = [  # (c_in, c_out, k, stride, pad, dil, groups, w_bits, a_bits, a_signed
     (5, 12, 3, 1, 1, 1, 1, 4, 8, False),  # k x k: channels-last patches
     (33, 12, 3, 2, 1, 2, 1, 2, 4, True),
     (3, 12, 7, 2, 3, 1, 1, 8, 8, False),
+    (6, 70, 3, 1, 1, 1, 1, 4, 4, False),  # implicit GEMM: full 64-channel tiles plus a partial block
+    (21, 130, 3, 2, 0, 1, 1, 8, 8, True),
+    (64, 64, 1, 2, 0, 1, 1, 2, 8, False),
+    (10, 66, 2, 1, 1, 3, 1, 4, 8, True),
     (24, 24, 3, 1, 1, 1, 24, 4, 8, False),  # depthwise: direct loop over channels
     (40, 40, 3, 2, 1, 1, 40, 8, 8, True),
     (8, 8, 5, 1, 2, 2, 8, 2, 4, False),
@@ -64,3 +68,21 @@ def test_nhwc_route_rejects_nan_and_bad_shapes(k: int, groups: int) -> None:
         qconv2d_nhwc(np.zeros((5, 5, 4), np.float32), w, s, 0.1, 8, True, None, (k, k))
     with pytest.raises(BitmixError, match="K="):
         qconv2d_nhwc(np.zeros((1, 5, 5, 3), np.float32), w, s, 0.1, 8, True, None, (k, k), groups=1)
+
+
+@pytest.mark.parametrize("k,w_bits,a_signed", [(3, 4, False), (5, 4, False), (3, 8, True), (3, 2, False)])
+def test_depthwise_extreme_codes_do_not_overflow(k: int, w_bits: int, a_signed: bool) -> None:
+    """Depthwise sums accumulate in int16 only when they fit (3x3 int4 x uint8: 9*8*255 = 18360);
+    5x5 int4 (51000) and int8 weights must take int32. All-extreme codes hit the bound."""
+    c = 20
+    lo, hi = code_range(w_bits)
+    wc = np.full((c, 1, k, k), lo, dtype=np.int8)
+    w = pack_weights(wc.reshape(c, -1), w_bits)
+    scales = np.full(c, 0.01, dtype=np.float32)
+    x = np.full((1, c, 7, 9), -1e4 if a_signed else 1e4, dtype=np.float32)
+    geometry = ((k, k), (1, 1), (k // 2, k // 2), (1, 1), c)
+    want = qconv2d(x, w, scales, 0.05, 8, a_signed, None, *geometry)
+    got = qconv2d_nhwc(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, scales, 0.05, 8, a_signed, None, *geometry)
+    np.testing.assert_array_equal(got, want.transpose(0, 2, 3, 1))
+    a = -128 if a_signed else 255
+    assert got[0, 3, 4, 0] == np.float32(k * k * lo * a) * np.float32(np.float32(0.05) * np.float32(0.01))

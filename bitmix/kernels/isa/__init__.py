@@ -17,6 +17,7 @@ wcorr)``. A new ISA is one module plus its line in ``KERNELS``; modules load on 
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 KERNELS = {  # dispatch path -> module whose micro-kernels it runs (AMX's small products run VNNI's)
@@ -27,6 +28,7 @@ KERNELS = {  # dispatch path -> module whose micro-kernels it runs (AMX's small 
 }
 
 
+@functools.cache
 def isa_of(path: str) -> str:
     """The micro-kernel set a dispatch path runs (its module's short name)."""
     return KERNELS[path].rsplit(".", 1)[1]
