@@ -20,7 +20,10 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic
 
 from bitmix.kernels import simd
 from bitmix.kernels.gemm_vnni import LANES, MT, channel_blocks
@@ -30,6 +33,7 @@ from bitmix.kernels.simd import (
     add_i32x16,
     bcast4_i8x64,
     dpbusd512,
+    i32x16,
     load_i8x64,
     load_i32x16,
     splat_i32x16,
@@ -38,6 +42,38 @@ from bitmix.kernels.simd import (
 )
 
 QROWS = 16  # rows per task of the quantize pass
+_F32X16 = ir.VectorType(ir.FloatType(), 16)
+
+
+def _f32_ptr(context, builder, arr_type, arr, idx, idx_type):
+    ary = context.make_array(arr_type)(context, builder, value=arr)
+    pos = context.cast(builder, idx, idx_type, types.intp)
+    return builder.bitcast(builder.gep(ary.data, [pos]), _F32X16.as_pointer())
+
+
+@intrinsic
+def scale_store(typingctx, out, at, v, scale, bias, col, has_bias):
+    """``out[at:at+16] = float32(v) * scale[col:col+16] (+ bias[col:col+16])``: one ``vcvtdq2ps``, a
+    ``vmulps`` and a ``vaddps`` (never fused into an FMA: the reference rounds the product first)."""
+    f32 = types.Array(types.float32, 1, "C")
+    if not (out == f32 and scale == f32 and bias == f32 and v == i32x16 and isinstance(at, types.Integer)
+            and isinstance(col, types.Integer) and isinstance(has_bias, types.Boolean)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        out_a, at_a, v_a, scale_a, bias_a, col_a, has_bias_a = args
+        y = builder.fmul(builder.sitofp(v_a, _F32X16),
+                         builder.load(_f32_ptr(context, builder, sig.args[3], scale_a, col_a, sig.args[5]), align=4))
+        with_bias = builder.fadd(y, builder.load(_f32_ptr(context, builder, sig.args[4], bias_a, col_a, sig.args[5]),
+                                                 align=4))
+        y = builder.select(has_bias_a, with_bias, y)
+        builder.store(y, _f32_ptr(context, builder, sig.args[0], out_a, at_a, sig.args[1]), align=4)
+        return context.get_dummy_value()
+
+    return types.none(out, at, v, scale, bias, col, has_bias), codegen
+
+
+simd.pin_uuid(scale_store, "linear_vnni.scale_store")
 
 
 @functools.cache
@@ -54,16 +90,11 @@ def driver(w8: bool, parallel: bool):
 
     @njit(inline="always")
     def put(out, tmp, scale, bias, has_bias, row, col, n, v):
-        store_i32x16(tmp, 0, v)
         base = row * n + col
         if col + LANES <= n:
-            if has_bias:
-                for q in range(LANES):
-                    out[base + q] = np.float32(tmp[q]) * scale[col + q] + bias[col + q]
-            else:
-                for q in range(LANES):
-                    out[base + q] = np.float32(tmp[q]) * scale[col + q]
+            scale_store(out, base, v, scale, bias, col, has_bias)
         else:
+            store_i32x16(tmp, 0, v)
             for q in range(n - col):
                 y = np.float32(tmp[q]) * scale[col + q]
                 if has_bias:
@@ -84,8 +115,7 @@ def driver(w8: bool, parallel: bool):
             v = add_i32x16(add_i32x16(v3, c), splat_i32x16(-offset * asum[i + 3]))
             put(out, tmp, scale, bias, has_bias, i + 3, col, n, v)
 
-    def fused(x, a_scale, has_scale, step, lo, hi, shift, wp, cw, offset, n, n_pad, kp, scale, bias, has_bias,
-              a8, asum, out):
+    def quantize(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum):
         m, k = x.shape
         flo = np.float32(lo)
         fhi = np.float32(hi)
@@ -117,8 +147,9 @@ def driver(w8: bool, parallel: bool):
                     a8[np.uintp(base + q)] = flip  # code 0 in the unsigned view
                 asum[i] = s
             nan[t] = seen
-        if nan.any():
-            return True
+        return nan.any()
+
+    def gemm(a8, asum, wp, cw, offset, m, n, n_pad, kp, scale, bias, has_bias, out):
         kq4 = kp // 4
         ws = kq4 * 64  # bytes per 16-channel block
         nblk = n_pad // LANES
@@ -173,12 +204,25 @@ def driver(w8: bool, parallel: bool):
                             c3 = dp(c3, w0, bcast4_i8x64(a8, a0 + 3 * kp + 4 * q))
                         finish(out, tmp, cw, asum, offset, scale, bias, has_bias, i, rows, b * LANES, n, c0, c1, c2,
                                c3)
-        return False
 
     tag = f"linear_vnni.{'w8' if w8 else 'wq'}"
     simd.pin_kernels(tag, dp, put, finish)
-    fn = njit(parallel=parallel, cache=True)(simd.cache_variant(fused, "parallel" if parallel else "serial"))
-    simd.pin_uuid(fn, f"{tag}.fused" + ("" if parallel else ".serial"))
+    variant = "parallel" if parallel else "serial"
+    # Two functions, not one: compiled as one serial body, the GEMM ran at half speed (register pressure).
+    quantize_rows = njit(parallel=parallel)(simd.cache_variant(quantize, variant))
+    gemm_tiles = njit(parallel=parallel)(simd.cache_variant(gemm, variant))
+    simd.pin_uuid(quantize_rows, f"{tag}.quantize.{variant}")
+    simd.pin_uuid(gemm_tiles, f"{tag}.gemm.{variant}")
+
+    def fused(x, a_scale, has_scale, step, lo, hi, shift, wp, cw, offset, n, n_pad, kp, scale, bias, has_bias,
+              a8, asum, out):
+        if quantize_rows(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum):
+            return True
+        gemm_tiles(a8, asum, wp, cw, offset, x.shape[0], n, n_pad, kp, scale, bias, has_bias, out)
+        return False
+
+    fn = njit(cache=True)(simd.cache_variant(fused, variant))
+    simd.pin_uuid(fn, f"{tag}.fused.{variant}")
     return fn
 
 
