@@ -18,6 +18,7 @@ Same float formulas and exact int32 products as ``quant.qlinear``, so outputs ar
 from __future__ import annotations
 
 import functools
+import weakref
 
 import numpy as np
 from llvmlite import ir
@@ -26,8 +27,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from bitmix.kernels import simd
-from bitmix.kernels.gemm_vnni import LANES, MT, channel_blocks
-from bitmix.kernels.pack import PackedWeight
+from bitmix.kernels.pack import PackedWeight, unpack_weights
 from bitmix.kernels.scratch import scratch
 from bitmix.kernels.simd import (
     add_i32x16,
@@ -41,7 +41,27 @@ from bitmix.kernels.simd import (
     zero_i32x16,
 )
 
+LANES = 16  # output channels per zmm
+MT = 64  # activation rows per parallel task of the GEMM
 QROWS = 16  # rows per task of the quantize pass
+_BLOCKS: weakref.WeakKeyDictionary[PackedWeight, tuple[np.ndarray, int, np.ndarray]] = weakref.WeakKeyDictionary()
+
+
+def channel_blocks(w: PackedWeight) -> tuple[np.ndarray, int, np.ndarray]:
+    """``(data, n_pad, row_sums)``: ``w`` re-laid as ``[n_pad/16][k_pad/4][16][4]`` bytes (one byte per
+    code: ``code + offset`` for 2/4-bit, the signed code for 8-bit; pad bytes 0), built once per weight.
+    The layout of ``gemm_vnni`` (MLAS/oneDNN style), kept here so linears do not follow conv changes."""
+    blocks = _BLOCKS.get(w)
+    if blocks is None:
+        codes = unpack_weights(w).astype(np.int16) + w.offset
+        n_pad = -(-w.n // LANES) * LANES
+        full = np.zeros((n_pad, w.k_pad), dtype=np.uint8)
+        full[: w.n, : w.k] = codes.astype(np.int8).view(np.uint8) if w.bits == 8 else codes.astype(np.uint8)
+        data = full.reshape(n_pad // LANES, LANES, w.k_pad // 4, 4).transpose(0, 2, 1, 3).reshape(-1)
+        sums = np.zeros(n_pad, dtype=np.int32)
+        sums[: w.n] = w.row_sums
+        blocks = _BLOCKS[w] = (np.ascontiguousarray(data), n_pad, sums)
+    return blocks
 _F32X16 = ir.VectorType(ir.FloatType(), 16)
 
 
@@ -235,11 +255,9 @@ class FusedLinear:
 
     def __init__(self, w: PackedWeight, w_scales: np.ndarray, a_step: np.float32, lo: int, hi: int, shift: int,
                  bias: np.ndarray | None, a_scale: np.ndarray | None) -> None:
-        blocks = channel_blocks(w)
         self.w = w
-        self.data = blocks.data
-        self.n_pad = blocks.n_pad
-        self.cw = ((shift - (128 if w.bits == 8 else 0)) * blocks.row_sums).astype(np.int32)
+        self.data, self.n_pad, row_sums = channel_blocks(w)
+        self.cw = ((shift - (128 if w.bits == 8 else 0)) * row_sums).astype(np.int32)
         self.step = np.float32(a_step)
         self.lo, self.hi, self.shift = lo, hi, shift
         self.scale = (self.step * w_scales).astype(np.float32)
