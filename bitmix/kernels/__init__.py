@@ -20,13 +20,17 @@ from bitmix.kernels.routing import DispatchSettings, dispatch
 if TYPE_CHECKING:
     from bitmix.kernels.batched import bmm
     from bitmix.kernels.conv import conv2d
+    from bitmix.kernels.linear import LinearKernel, prepare_linear
     from bitmix.kernels.matmul import gemm
-    from bitmix.kernels.quant import qconv2d, qconv2d_nhwc, qlinear, quantize_activations
+    from bitmix.kernels.quant import code_floats, qconv2d, qconv2d_nhwc, qlinear, quantize_activations
 
 _LAZY = {  # kernel function -> the Numba module defining it
     "bmm": "bitmix.kernels.batched",
+    "code_floats": "bitmix.kernels.quant",
     "conv2d": "bitmix.kernels.conv",
     "gemm": "bitmix.kernels.matmul",
+    "LinearKernel": "bitmix.kernels.linear",
+    "prepare_linear": "bitmix.kernels.linear",
     "qconv2d": "bitmix.kernels.quant",
     "qconv2d_nhwc": "bitmix.kernels.quant",
     "qlinear": "bitmix.kernels.quant",
@@ -45,13 +49,16 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "DispatchSettings",
+    "LinearKernel",
     "PackedWeight",
     "available_paths",
     "bmm",
+    "code_floats",
     "conv2d",
     "dispatch",
     "gemm",
     "pack_weights",
+    "prepare_linear",
     "qconv2d",
     "qconv2d_nhwc",
     "qlinear",

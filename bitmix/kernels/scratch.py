@@ -21,7 +21,7 @@ _LOCAL = threading.local()
 def scratch(slot: str, shape: int | tuple[int, ...], dtype: type) -> np.ndarray:
     """An uninitialised C-contiguous array backed by this thread's buffer for ``slot``."""
     dt = np.dtype(dtype)
-    count = shape if isinstance(shape, int) else math.prod(shape)
+    count = shape if isinstance(shape, int) else math.prod(shape)  # np.prod costs ~5 us a call
     nbytes = count * dt.itemsize
     pool = getattr(_LOCAL, "pool", None)
     if pool is None:

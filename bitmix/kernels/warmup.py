@@ -28,7 +28,7 @@ _CONVS = (  # (c_in, c_out, kernel, stride, padding, groups, width): 1x1, k x k,
 
 def warm(path: str | None = None) -> float:
     """Run every kernel variant of ``path`` (default: this CPU's) once; returns the seconds it took."""
-    from bitmix.kernels import bmm, qconv2d, qconv2d_nhwc, qlinear
+    from bitmix.kernels import bmm, code_floats, prepare_linear, qconv2d, qconv2d_nhwc, qlinear
     from bitmix.kernels.launch import serial_max_macs
 
     start = time.perf_counter()
@@ -43,6 +43,9 @@ def warm(path: str | None = None) -> float:
                 for signed in (True, False):
                     for rows in (1, 2, 8, 40):  # GEMV, few rows, GEMM
                         qlinear(rng.normal(size=(rows, 40)).astype(np.float32), w, scales, 0.05, 8, signed, scales)
+                    # lowered linears (the fused VNNI kernel), with a smoothing factor
+                    prepare_linear(w, scales, 0.05, 8, signed, scales, np.ones(40, dtype=np.float32))(
+                        rng.normal(size=(8, 40)).astype(np.float32))
                     for c, n, k, s, p, g, width in _CONVS:
                         wc = rng.integers(lo, hi, (n, c // g * k * k), endpoint=True).astype(np.int8)
                         x = rng.normal(size=(1, c, 6, width)).astype(np.float32)
@@ -53,6 +56,7 @@ def warm(path: str | None = None) -> float:
                         qconv2d_nhwc(x, *args, None, *geometry, channels_last=False)
                         qconv2d_nhwc(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), *args, None, *geometry)
             bmm(rng.integers(-8, 8, (2, 5, 7)).astype(np.int8), rng.integers(-8, 8, (2, 7, 4)).astype(np.int8))
+            code_floats(rng.normal(size=(2, 5, 7)).astype(np.float32), 0.05, 8, True)  # lowered attention matmuls
     return time.perf_counter() - start
 
 

@@ -14,7 +14,7 @@ from bitmix import kernels
 from bitmix.compiler import lower as lower_mod
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
-from bitmix.compiler.lower import KernelLayer, KernelPlan, lower, matmul_kernel, torch_on_one_thread
+from bitmix.compiler.lower import KernelLayer, KernelPlan, _run_matmul, lower, matmul_kernel, torch_on_one_thread
 from bitmix.compiler.qlayer import quant_layers
 from bitmix.compiler.quantize import fake_quantize
 from bitmix.errors import BitmixError
@@ -112,6 +112,20 @@ def test_matmul_kernel_exact(a_signed, b_signed):
     expected = (a_codes.double() @ b_codes.double()).float() * (np.float32(0.3) * np.float32(0.25))
     out = matmul_kernel(a.numpy(), b.numpy(), plan)
     np.testing.assert_allclose(out, expected.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("bits", "k"), [(8, 64), (8, 300), (4, 2000)])
+def test_run_matmul_float_codes_exact(bits, k):
+    """Attention products on float32 codes equal the int32 kernel's bit for bit, inside the exact
+    bound (8-bit, K = 64; 4-bit, K = 2000) and, through the fallback, beyond it (8-bit unsigned, K = 300)."""
+    g = torch.Generator().manual_seed(k)
+    a = torch.rand(1, 3, 6, k, generator=g) * 4
+    b = torch.randn(3, k, 5, generator=g) * 2
+    plan = KernelPlan("m", "matmul", bits, a_step=0.013, a_signed=False, b_step=0.021, b_signed=bits == 4)
+    want = matmul_kernel(a.numpy(), b.numpy(), plan)
+    got = _run_matmul(a, b, plan)
+    assert got.shape == (1, 3, 6, 5)
+    np.testing.assert_array_equal(got.numpy(), want)
 
 
 def test_minilm_attention_lowers(capture_zoo, load_zoo):

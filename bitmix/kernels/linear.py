@@ -1,0 +1,65 @@
+"""``prepare_linear``: a quantized linear's constant operands validated and laid out once, for many calls.
+
+``quant.qlinear`` checks every operand and derives the scales on each call, which is right for
+a one-off product and costs tens of microseconds a call; a lowered layer calls the same weights
+thousands of times. A ``LinearKernel`` does that work when it is built and then, per call, only
+checks ``x``. On the VNNI engine with at least ``gemm_vnni.MIN_M`` rows a call is one fused Numba
+kernel (``linear_vnni``); elsewhere (GEMV shapes, AVX2, AMX, scalar) it runs ``quant.qlinear``.
+Outputs are bit-identical either way; with ``a_scale`` (a per-input-channel smoothing factor)
+the input is first multiplied by it in float32, as the fake-quant forward does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bitmix.errors import BitmixError
+from bitmix.kernels import gemm_vnni
+from bitmix.kernels.launch import _parallel
+from bitmix.kernels.linear_vnni import FusedLinear
+from bitmix.kernels.matmul import check_activation_spec, check_packed
+from bitmix.kernels.pack import PackedWeight
+from bitmix.kernels.quant import _f32, _step, qlinear
+from bitmix.kernels.routing import dispatch
+
+
+class LinearKernel:
+    """``y = float32(gemm(codes(x * a_scale), w)) * (float32(a_step) * w_scales) + bias`` for (..., K) float32 ``x``."""
+
+    def __init__(self, w: PackedWeight, w_scales: np.ndarray, a_step: float, a_bits: int, a_signed: bool,
+                 bias: np.ndarray | None = None, a_scale: np.ndarray | None = None) -> None:
+        self.w = check_packed(w)
+        self.w_scales = np.ascontiguousarray(_f32(w_scales, "w_scales", (w.n,)))
+        self.bias = None if bias is None else np.ascontiguousarray(_f32(bias, "bias", (w.n,)))
+        self.a_scale = None if a_scale is None else np.ascontiguousarray(_f32(a_scale, "a_scale", (w.k,)))
+        self.a_step = _step(a_step)
+        self.a_bits, self.a_signed = a_bits, bool(a_signed)
+        self.codes = check_activation_spec(a_bits, a_signed)
+        self._fused: FusedLinear | None = None  # built at the first VNNI call (one byte per weight)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        w = self.w
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim < 1 or x.shape[-1] != w.k:
+            raise BitmixError(f"x: expected a float32 numpy array (..., {w.k}), got "
+                              f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+        lead = x.shape[:-1]
+        rows = np.ascontiguousarray(x).reshape(-1, w.k)
+        m = rows.shape[0]
+        settings = dispatch.settings
+        if m >= gemm_vnni.MIN_M and settings.engine(w, m, 1) == "avx512vnni":
+            out = np.empty((m, w.n), dtype=np.float32)
+            if self._fused is None:
+                self._fused = FusedLinear(w, self.w_scales, self.a_step, *self.codes, self.bias, self.a_scale)
+            if self._fused(rows, out, _parallel(settings, m * w.n * w.k_pad)):
+                raise BitmixError("x: contains NaN; cannot quantize")
+            return out.reshape(*lead, w.n)
+        if self.a_scale is not None:
+            rows = rows * self.a_scale
+        y = qlinear(rows, w, self.w_scales, self.a_step, self.a_bits, self.a_signed, self.bias)
+        return y.reshape(*lead, w.n)
+
+
+def prepare_linear(w: PackedWeight, w_scales: np.ndarray, a_step: float, a_bits: int, a_signed: bool,
+                   bias: np.ndarray | None = None, a_scale: np.ndarray | None = None) -> LinearKernel:
+    """A ``LinearKernel`` for these operands (validated here, once); see the module docstring."""
+    return LinearKernel(w, w_scales, a_step, a_bits, a_signed, bias, a_scale)
