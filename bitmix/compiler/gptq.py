@@ -58,7 +58,7 @@ def hessians(layer: QuantLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return out[0], out[1]
 
 
-def _dequant(w: torch.Tensor, step: torch.Tensor, q_n: int, q_p: int) -> torch.Tensor:
+def dequant(w: torch.Tensor, step: torch.Tensor, q_n: int, q_p: int) -> torch.Tensor:
     """`round(clip(w / step)) * step` in float32, the forward pass's arithmetic."""
     s = step.float()
     return torch.round(torch.clamp(w.float() / s, -q_n, q_p)) * s
@@ -114,7 +114,7 @@ def gptq_weights(weight: torch.Tensor, step: torch.Tensor, h: torch.Tensor, q_n:
         for i in range(i2 - i1):
             col = block[..., i].float()
             out[..., i1 + i] = col
-            q = _dequant(col, step[..., 0], q_n, q_p).double()
+            q = dequant(col, step[..., 0], q_n, q_p).double()
             err = (col.double() - q) / u[:, i1 + i, i1 + i].unsqueeze(-1)
             block[..., i:] -= err.unsqueeze(-1) * u[:, None, i1 + i, i1 + i : i2]
             errors[..., i] = err
@@ -133,8 +133,11 @@ def _grouped(layer: QuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def round_layer(layer: QuantLayer, x: torch.Tensor) -> bool:
-    """GPTQ one layer in place on its input `x` (N, ...) when that lowers the held-out output error."""
+def round_layer(layer: QuantLayer, x: torch.Tensor, live: torch.Tensor | None = None) -> bool:
+    """GPTQ one layer in place on its input `x` (N, ...) when that lowers the held-out output error.
+
+    `live` (a linear's input rows, `bitmix.compiler.live`) zeroes the rows that cannot reach the model's
+    output, which drops them from the Hessians."""
     q = layer.w_quant
     if not isinstance(q, LSQQuantizer) or x.shape[0] < 2:
         return False
@@ -142,13 +145,15 @@ def round_layer(layer: QuantLayer, x: torch.Tensor) -> bool:
         x = x * layer.a_scale
     if isinstance(layer.a_quant, LSQQuantizer) and bool(layer.a_quant.initialized):
         x = layer.a_quant(x)
+    if live is not None and live.shape == x.shape[:-1]:
+        x = x * live.unsqueeze(-1).to(x.dtype)
     fit, test = hessians(layer, x.float())
     w, step = _grouped(layer)
     trial = gptq_weights(w, step, fit, q.q_n, q.q_p)
     if trial is None:
         return False
-    rtn = _dequant(w, step, q.q_n, q.q_p)
-    if output_error(w, _dequant(trial, step, q.q_n, q.q_p), test) >= output_error(w, rtn, test):
+    rtn = dequant(w, step, q.q_n, q.q_p)
+    if output_error(w, dequant(trial, step, q.q_n, q.q_p), test) >= output_error(w, rtn, test):
         return False
     final = gptq_weights(w, step, fit + test, q.q_n, q.q_p)
     if final is None:
@@ -159,13 +164,15 @@ def round_layer(layer: QuantLayer, x: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def gptq_round(model: nn.Module, layers: dict[str, QuantLayer], calibration: tuple[torch.Tensor, ...]) -> list[str]:
+def gptq_round(model: nn.Module, layers: dict[str, QuantLayer], calibration: tuple[torch.Tensor, ...],
+               live: dict[str, torch.Tensor] | None = None) -> list[str]:
     """GPTQ every quantized conv/linear below 8-bit weights (steps set) in execution order, in place.
 
     At 8 bits round-to-nearest is already within noise of GPTQ (resnet18 int8 PTQ, 8 calibration
     inputs: 1 - cos 3.93e-6 -> 3.81e-6) while the Hessians and the extra pass cost 4-5x the compile
     time, so 8-bit weights keep plain rounding; GPTQ's gains are at 4 bits and below (Frantar et al.).
 
+    `live` masks each linear's input rows that can reach the output (`bitmix.compiler.live.live_rows`).
     Returns the names of the layers that kept GPTQ's codes.
     """
     kept: list[str] = []
@@ -174,7 +181,7 @@ def gptq_round(model: nn.Module, layers: dict[str, QuantLayer], calibration: tup
     def hook(layer: QuantLayer, args: tuple) -> None:
         if layer.name not in seen:  # a layer called twice is rounded on its first call's inputs
             seen.add(layer.name)
-            if round_layer(layer, args[0].detach()):
+            if round_layer(layer, args[0].detach(), (live or {}).get(layer.name)):
                 kept.append(layer.name)
 
     targets = [layer for layer in layers.values()

@@ -74,12 +74,14 @@ def _quantize(model: nn.Module, assignment: dict[str, int], calibration: tuple[t
     """`fake_quantize` on a private copy, after the optional equalisation."""
     from bitmix.compiler.correct import bias_correct, float_reference
     from bitmix.compiler.gptq import gptq_round
+    from bitmix.compiler.live import live_rows
     from bitmix.compiler.smooth import smooth_linears
 
     layers = quant_layers(model)
     signs = calibration_signs(model, layers, calibration) if calibration is not None else {}
     if calibration is not None and smoothing:
         smooth_linears(model, layers, assignment, calibration, signs)
+    live = live_rows(model, layers, calibration) if calibration is not None and rounding else {}
     reference = float_reference(model, calibration) if calibration is not None and bias_correction else None
     for name, layer in layers.items():
         a_signed, b_signed = signs.get(name, (None, None))
@@ -88,7 +90,7 @@ def _quantize(model: nn.Module, assignment: dict[str, int], calibration: tuple[t
         with torch.no_grad():
             model(*calibration)
         if rounding:
-            gptq_round(model, layers, calibration)
+            gptq_round(model, layers, calibration, live)
         if reference is not None:
             bias_correct(model, reference, calibration)
     else:

@@ -59,10 +59,20 @@ def choose_scale(x: torch.Tensor, weight: torch.Tensor, bits: int | Precision, s
     return best_s
 
 
+def _weights_narrower(bits: int | Precision) -> bool:
+    """Smoothing moves quantization difficulty from the activations into the weights: not where the weights
+    are the narrower operand. MiniLM at 4/8 (GPTQ-rounded weights, 128 calibration sentences): 97.11 %
+    cosine unsmoothed, 96.24 % smoothing the 31 of 34 linears whose own held-out output error it lowered
+    (even judged with GPTQ-rounded weights on the live rows): the per-layer judgement misses the cost."""
+    p = as_precision(bits)
+    return p.w < p.a
+
+
 @torch.no_grad()
 def smooth_linears(model: nn.Module, layers: dict[str, QuantLayer], assignment: dict[str, int],
                    calibration: tuple[torch.Tensor, ...], signs: dict[str, tuple[bool, bool]]) -> int:
-    """Smooth every linear layer in `assignment` in place (float model, before its steps are set).
+    """Smooth every linear layer in `assignment` whose weights are not narrower than its activations, in place
+    (float model, before its steps are set).
 
     Returns how many layers took a scale.
     """
@@ -78,8 +88,8 @@ def smooth_linears(model: nn.Module, layers: dict[str, QuantLayer], assignment: 
         if s is not None:
             chosen[layer.name] = s
 
-    targets = [layer for name, layer in layers.items()
-               if layer.kind == "linear" and assignment.get(name) is not None and layer.a_scale is None]
+    targets = [layer for name, layer in layers.items() if layer.kind == "linear" and layer.a_scale is None
+               and assignment.get(name) is not None and not _weights_narrower(assignment[name])]
     handles = [layer.register_forward_pre_hook(hook) for layer in targets]
     saved = {name: layer.bits for name, layer in layers.items()}
     try:

@@ -9,7 +9,7 @@ from torch import nn
 
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
-from bitmix.compiler.gptq import _dequant, gptq_weights, hessians, output_error
+from bitmix.compiler.gptq import dequant, gptq_weights, hessians, output_error
 from bitmix.compiler.lower import lower
 from bitmix.compiler.qlayer import QuantLayer, quant_layers
 from bitmix.compiler.quantize import fake_quantize
@@ -42,8 +42,8 @@ def test_gptq_lowers_held_out_error_on_correlated_inputs():
     h_fit, h_test = (fit.T @ fit).unsqueeze(0), (test.T @ test).unsqueeze(0)
     compensated = gptq_weights(w, step, h_fit, 8, 7)
     assert compensated is not None
-    gptq = output_error(w, _dequant(compensated, step, 8, 7), h_test)
-    rtn = output_error(w, _dequant(w, step, 8, 7), h_test)
+    gptq = output_error(w, dequant(compensated, step, 8, 7), h_test)
+    rtn = output_error(w, dequant(w, step, 8, 7), h_test)
     assert gptq < 0.5 * rtn  # measured ~0.2x
 
 
@@ -53,7 +53,7 @@ def test_gptq_is_round_to_nearest_when_inputs_are_uncorrelated():
     h = torch.diag_embed(torch.rand(2, 24, dtype=torch.float64) + 0.5)
     compensated = gptq_weights(w, step, h, 8, 7)
     assert compensated is not None
-    assert torch.equal(_dequant(compensated, step, 8, 7), _dequant(w, step, 8, 7))
+    assert torch.equal(dequant(compensated, step, 8, 7), dequant(w, step, 8, 7))
 
 
 class _Mixed(nn.Module):

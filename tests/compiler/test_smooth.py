@@ -68,3 +68,13 @@ def test_smoothing_keeps_the_float_function():
         layer.set_bits(None)
     with torch.no_grad():
         torch.testing.assert_close(fq(*calib), net(*calib), rtol=1e-4, atol=1e-4)
+
+
+def test_no_smoothing_where_the_weights_are_the_narrower_operand():
+    calib = _calib(4)
+    gm = prepare(capture(_Outliers().eval(), (calib[0][:2],)))
+    smoothed = {}
+    for bits in ("8/8", "4/8", "2/8"):
+        fq = fake_quantize(gm, {n: bits for n in quant_layers(gm)}, calib, bias_correction=False, rounding=False)
+        smoothed[bits] = any(layer.a_scale is not None for layer in quant_layers(fq).values())
+    assert smoothed == {"8/8": True, "4/8": False, "2/8": False}

@@ -1,0 +1,70 @@
+"""Which rows of a linear layer's input can change the model's output.
+
+A padded sequence (a batch of sentences padded to one length) computes hidden states at its padding
+positions that the attention mask hides from every real token and the output pooling drops: they
+cannot reach the output. Calibration statistics that count them fit the layer to inputs it never
+serves (MiniLM's calibration batches are 68 % padding). A row is live when the gradient of a random
+projection of the model's output reaches it: padded rows get exactly zero (the mask's -inf scores
+give softmax weights of exactly 0), every row that matters a non-zero value almost surely. Found
+from the float model, without knowing which input is the mask, so it holds for any graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bitmix.compiler.qlayer import QuantLayer
+
+CHUNK = 16  # calibration examples per backward pass (bounds the memory of the autograd graph)
+
+
+def _project(out: object, gen: torch.Generator) -> torch.Tensor:
+    """A random projection of a model output (tensor, or tuple / list / dict of them) to a scalar."""
+    if isinstance(out, torch.Tensor):
+        if not out.is_floating_point():
+            return torch.zeros(())
+        return (out.float() * torch.randn(out.shape, generator=gen)).sum()
+    if isinstance(out, list | tuple):
+        return sum((_project(o, gen) for o in out), torch.zeros(()))
+    if isinstance(out, dict):
+        return sum((_project(v, gen) for v in out.values()), torch.zeros(()))
+    return torch.zeros(())
+
+
+def live_rows(model: nn.Module, layers: dict[str, QuantLayer], calibration: tuple[torch.Tensor, ...]
+              ) -> dict[str, torch.Tensor]:
+    """Per linear layer of `layers` that the float model runs once per forward pass, a bool mask over its
+    input's rows (every dimension but the last, all calibration examples) that is True where the row can
+    change the output. Layers whose every row is live are left out: nothing to drop."""
+    targets = {name: layer for name, layer in layers.items() if layer.kind == "linear"}
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
+    calls: dict[str, int] = {}
+
+    def hook(layer: QuantLayer, args: tuple, out: torch.Tensor) -> None:
+        calls[layer.name] = calls.get(layer.name, 0) + 1
+        if out.requires_grad:
+            out.register_hook(lambda g, name=layer.name: parts[name].append(g.ne(0).any(dim=-1)))
+
+    saved = {name: layer.bits for name, layer in layers.items()}
+    handles = [layer.register_forward_hook(hook) for layer in targets.values()]
+    n = calibration[0].shape[0]
+    try:
+        for layer in layers.values():
+            layer.bits = None
+        with torch.enable_grad():
+            for i in range(0, n, CHUNK):
+                calls.clear()
+                gen = torch.Generator().manual_seed(i)
+                loss = _project(model(*(t[i : i + CHUNK] for t in calibration)), gen)
+                if loss.requires_grad:
+                    loss.backward()
+                    model.zero_grad(set_to_none=True)
+    finally:
+        for h in handles:
+            h.remove()
+        for name, layer in layers.items():
+            layer.bits = saved[name]
+    chunks = -(-n // CHUNK)
+    masks = {name: torch.cat(p) for name, p in parts.items() if len(p) == chunks and calls.get(name) == 1}
+    return {name: m for name, m in masks.items() if not bool(m.all())}
