@@ -170,9 +170,10 @@ def run_once(name: str, args: argparse.Namespace, work: ALPSJobs) -> dict[str, A
             record["ray_start_s"] = time.perf_counter() - start
             record["wall_s"], results, record["peak_rss_gb"], record["cpu_s"] = timed_map(ex, work)
             record["load_after"] = os.getloadavg()[0]
-            start = time.perf_counter()  # again on the now warm workers: a cluster that is already running
-            record["warm_identical"] = ex.map(work.run, work.jobs) == results
-            record["warm_wall_s"] = time.perf_counter() - start
+            if args.warm:  # again on the now warm workers: a cluster that is already running
+                start = time.perf_counter()
+                record["warm_identical"] = ex.map(work.run, work.jobs) == results
+                record["warm_wall_s"] = time.perf_counter() - start
             record |= overhead(ex, args.noop_jobs, args.workers)
             record["shipping"] = ray_shipping(work.run)
     else:
@@ -202,7 +203,8 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out["ray_with_start_over_process_median"] = statistics.median(
             (r["wall_s"] + r["ray_start_s"]) / p["wall_s"] for p, r in pairs)
         out["ray_over_process_of_medians"] = out["ray"]["median_wall_s"] / out["process"]["median_wall_s"]
-        out["warm_ray_over_process_median"] = statistics.median(r["warm_wall_s"] / p["wall_s"] for p, r in pairs)
+        if all("warm_wall_s" in r for _, r in pairs):
+            out["warm_ray_over_process_median"] = statistics.median(r["warm_wall_s"] / p["wall_s"] for p, r in pairs)
     if {"serial", "process"} <= set(out):
         out["process_over_serial"] = out["process"]["median_wall_s"] / out["serial"]["median_wall_s"]
     return out
@@ -219,6 +221,8 @@ def main() -> None:
     parser.add_argument("--executors", nargs="+", choices=("process", "ray", "serial"), default=["process", "ray"])
     parser.add_argument("--rounds", type=int, default=2, help="times the --executors sequence is run, interleaved")
     parser.add_argument("--serial", action="store_true", help="also one serial run (after the rounds)")
+    parser.add_argument("--no-warm", dest="warm", action="store_false",
+                        help="skip the second Ray map on the warm workers")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
