@@ -12,7 +12,9 @@ lower precision), i.e. exactly the part an executor runs. Executors are interlea
 (exited pool workers as "exited children"). Ray's local start (`ray.init`) is timed apart: on
 a running cluster it is paid once, and so is each worker's start (importing torch and bitmix):
 the Ray map is timed again on the warm workers (`warm_wall_s`). Every run must return the same
-results, bit for bit.
+results, bit for bit. Ray starts its workers at nice +15 by default (they yield to anything else on
+the machine); the benchmark sets `RAY_worker_niceness=0` so both executors' workers run at the
+driver's priority (run it under `nice -n -19` on a shared machine to keep other work off it).
 
 Per-job overhead, per executor: no-op jobs mapped in two sizes give the cost per job (dispatch,
 result, bookkeeping) and the fixed cost per `map` (the process pool forks its workers per map);
@@ -37,6 +39,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("BITMIX_QUIET", "1")
+os.environ.setdefault("RAY_worker_niceness", "0")  # the pool's workers run at the driver's priority too
 
 from bitmix import zoo  # noqa: E402
 from bitmix.compiler.capture import capture  # noqa: E402
