@@ -214,10 +214,10 @@ def driver(parallel: bool):
     return fn
 
 
-_ONE_TAP = np.zeros(1, dtype=np.int64)
-_GEMM_GEO = np.ones(6, dtype=np.int64)  # pixel(i) = i
-_NO_F32 = np.zeros(LANES, dtype=np.float32)
-_NO_I32 = np.zeros(LANES, dtype=np.int32)
+ONE_TAP = np.zeros(1, dtype=np.int64)  # a plain GEMM: one tap at offset 0
+GEMM_GEO = np.ones(6, dtype=np.int64)  # pixel(i) = i
+NO_F32 = np.zeros(LANES, dtype=np.float32)
+NO_I32 = np.zeros(LANES, dtype=np.int32)
 
 
 def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, out: np.ndarray,
@@ -226,8 +226,8 @@ def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, o
     zero, ``asum`` their sums)."""
     blocks = channel_blocks(w)
     cw = (shift * blocks.cw_base).astype(np.int32)
-    driver(parallel)(a8, asum, _ONE_TAP, _ONE_TAP, blocks.data, cw, blocks.offset, m, w.n, blocks.n_pad, blocks.cq,
-                     w.k_pad, _GEMM_GEO, INT32, out.reshape(-1), _NO_F32, _NO_F32, _NO_F32)
+    driver(parallel)(a8, asum, ONE_TAP, ONE_TAP, blocks.data, cw, blocks.offset, m, w.n, blocks.n_pad, blocks.cq,
+                     w.k_pad, GEMM_GEO, INT32, out.reshape(-1), NO_F32, NO_F32, NO_F32)
 
 
 _LAUNCH: weakref.WeakKeyDictionary[PackedWeight, dict] = weakref.WeakKeyDictionary()
@@ -257,5 +257,5 @@ def conv(a8: np.ndarray, psum: np.ndarray, w: PackedWeight, shift: int, c: int, 
     pixels of ``c4`` bytes, per-pixel sums ``psum``); ``geom`` from ``conv.conv_geometry``."""
     off, pix, data, cw, offset, n, n_pad, cq, c4, geo = _launch(w, shift, c, geom, hp, wpad)
     driver(parallel)(a8, psum, off, pix, data, cw, offset, m, n, n_pad, cq, c4, geo,
-                     SCALED if bias is None else SCALED_BIASED, _NO_I32, y.reshape(-1), scale,
+                     SCALED if bias is None else SCALED_BIASED, NO_I32, y.reshape(-1), scale,
                      scale if bias is None else bias)
