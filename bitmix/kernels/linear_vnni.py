@@ -30,8 +30,9 @@ QROWS = 16  # rows per task of the quantize pass
 
 
 @functools.cache
-def driver(parallel: bool):
-    """The fused kernel: the quantize pass, then ``gemm_vnni.driver(parallel)`` in the same call."""
+def driver():
+    """The fused kernel: the quantize pass, then ``gemm_vnni.driver()`` in the same call (run it
+    inside ``gemm_vnni.threads_if``)."""
 
     def quantize(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum):
         m, k = x.shape
@@ -66,22 +67,18 @@ def driver(parallel: bool):
             nan[t] = seen
         return nan.any()
 
-    variant = "parallel" if parallel else "serial"
-    quantize_rows = njit(parallel=parallel, cache=True)(simd.cache_variant(quantize, variant))
-    simd.pin_uuid(quantize_rows, f"linear_vnni.quantize.{variant}")
-    core = gemm_vnni.driver(parallel)
+    quantize_rows = simd.pin_uuid(njit(parallel=True, cache=True)(quantize), "linear_vnni.quantize")
+    core = gemm_vnni.driver()
 
     def fused(x, a_scale, has_scale, step, lo, hi, shift, wp, cw, offset, n, n_pad, cq, kp, mode, scale, bias,
-              a8, asum, out, one_tap, geo, no_i32):
+              a8, asum, out, one_tap, geo, no_i32, lo_f, hi_f):
         if quantize_rows(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum):
             return True
         core(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, mode, no_i32, out,
-             scale, bias)
+             scale, bias, out, lo_f, hi_f)
         return False
 
-    fn = njit(cache=True)(simd.cache_variant(fused, variant))
-    simd.pin_uuid(fn, f"linear_vnni.fused.{variant}")
-    return fn
+    return simd.pin_uuid(njit(cache=True)(fused), "linear_vnni.fused")
 
 
 class FusedLinear:
@@ -111,6 +108,8 @@ class FusedLinear:
         w, b = self.w, self.blocks
         a8 = scratch("linear.a8", m * w.k_pad, np.int8)
         asum = scratch("linear.asum", m, np.int64)
-        return driver(parallel)(x, self.a_scale, self.has_scale, self.step, self.lo, self.hi, self.shift, b.data,
-                                self.cw, b.offset, w.n, b.n_pad, b.cq, w.k_pad, self.mode, self.scale, self.bias,
-                                a8, asum, out.reshape(-1), gemm_vnni.ONE_TAP, gemm_vnni.GEMM_GEO, gemm_vnni.NO_I32)
+        with gemm_vnni.threads_if(parallel):
+            return driver()(x, self.a_scale, self.has_scale, self.step, self.lo, self.hi, self.shift, b.data, self.cw,
+                            b.offset, w.n, b.n_pad, b.cq, w.k_pad, self.mode, self.scale, self.bias, a8, asum,
+                            out.reshape(-1), gemm_vnni.ONE_TAP, gemm_vnni.GEMM_GEO, gemm_vnni.NO_I32,
+                            *gemm_vnni.NO_CLAMP)
