@@ -22,9 +22,9 @@ from torch import fx
 # Ops that accept any strides and compute each output element from the elements at the same
 # logical index (or a max over a window), so their values do not depend on the memory format.
 LAYOUT_FREE = {
-    "relu", "relu_", "relu6", "relu6_", "hardtanh", "hardtanh_", "clamp", "clamp_", "clamp_min", "clamp_max", "add", "add_", "sub",
-    "mul", "div", "neg", "sigmoid", "silu", "gelu", "hardswish", "hardsigmoid", "leaky_relu", "max_pool2d",
-    "max_pool2d_with_indices", "cat", "clone", "alias", "detach", "dropout",
+    "relu", "relu_", "relu6", "relu6_", "hardtanh", "hardtanh_", "clamp", "clamp_", "clamp_min", "clamp_max", "add",
+    "add_", "sub", "mul", "div", "neg", "sigmoid", "silu", "gelu", "hardswish", "hardsigmoid", "leaky_relu",
+    "max_pool2d", "max_pool2d_with_indices", "cat", "clone", "alias", "detach", "dropout",
 }
 SHAPE_ONLY = {"sym_size", "sym_numel"}  # read sizes, which are the same in both layouts
 
