@@ -109,7 +109,8 @@ import json
 from numba import types
 from bitmix.kernels import gemm_vnni
 i64, a64, i32, f32 = types.int64, types.int64[::1], types.int32[::1], types.float32[::1]
-sig = (types.int8[::1], a64, a64, a64, types.uint8[::1], i32, *[i64] * 6, a64, i64, i32, f32, f32, f32)
+sig = (types.int8[::1], a64, a64, a64, types.uint8[::1], i32, *[i64] * 6, a64, i64, i32, f32, f32, f32, f32,
+       types.float32, types.float32)
 d = gemm_vnni.driver()
 d.compile(sig)
 asm = d.inspect_asm(sig)
