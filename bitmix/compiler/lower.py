@@ -28,7 +28,7 @@ import torch
 from torch import fx, nn
 
 from bitmix import kernels
-from bitmix.compiler.layout import channels_last_between_convs
+from bitmix.compiler.layout import channels_last_between_convs, fuse_conv_epilogues, nhwc_max_pools
 from bitmix.compiler.qlayer import QuantLayer, quant_layers
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
@@ -125,11 +125,14 @@ def _run_conv2d(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
     return torch.from_numpy(y)
 
 
-def _run_conv2d_nhwc(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
+def _run_conv2d_nhwc(x: torch.Tensor, p: KernelPlan, residual: torch.Tensor | None = None,
+                     clamp: tuple[float, float] | None = None) -> torch.Tensor:
     """``_run_conv2d`` with a ``channels_last`` result, reading a ``channels_last`` input without a
-    copy (``kernels.qconv2d_nhwc``): the eager path of layers whose consumers lowering checked."""
+    copy (``kernels.qconv2d_nhwc``): the eager path of layers whose consumers lowering checked.
+    ``residual``/``clamp``: the add and ReLU/hardtanh after it (``layout.fuse_conv_epilogues``),
+    done in the kernel's epilogue."""
     if x.dim() != 4:
-        return _run_conv2d(x, p)
+        return _epilogue(_run_conv2d(x, p), residual, clamp)
     assert p.packed is not None and p.w_scales is not None
     x = x.detach().to(torch.float32).cpu()
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
@@ -140,7 +143,19 @@ def _run_conv2d_nhwc(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
 
         run = _PREPARED[p] = PreparedConv(p.packed, p.w_scales, p.a_step, p.bits.a, p.a_signed, p.bias,
                                           p.kernel_size, p.stride, p.padding, p.dilation, p.groups)
-    return torch.from_numpy(run(arr, channels_last)).permute(0, 3, 1, 2)
+    res = None if residual is None else _np(residual.detach().to(torch.float32).permute(0, 2, 3, 1))
+    lo, hi = (-math.inf, math.inf) if clamp is None else clamp
+    return torch.from_numpy(run(arr, channels_last, res, (np.float32(lo), np.float32(hi)))).permute(0, 3, 1, 2)
+
+
+def _epilogue(y: torch.Tensor, residual: torch.Tensor | None, clamp: tuple[float, float] | None) -> torch.Tensor:
+    """The fused epilogue's ops as torch ops (traced graphs, non-4-D inputs): ``clamp(y + residual)``."""
+    if residual is not None:
+        y = y + residual
+    if clamp is not None:
+        lo, hi = clamp
+        y = torch.clamp(y, None if lo == -math.inf else lo, None if hi == math.inf else hi)
+    return y
 
 
 _PREPARED: weakref.WeakKeyDictionary[KernelPlan, object] = weakref.WeakKeyDictionary()  # plan -> PreparedConv
@@ -298,6 +313,7 @@ class KernelLayer(nn.Module):
     def __init__(self, plan: KernelPlan, recorder: CallRecorder, channels_last: bool = False) -> None:
         super().__init__()
         self.channels_last = channels_last  # eager conv results in channels_last format (``layout``)
+        self.clamp: tuple[float, float] | None = None  # a fused ReLU/hardtanh after a conv (``layout``)
         self.name = plan.name
         self.kind = plan.kind
         self.bits = plan.bits
@@ -312,22 +328,31 @@ class KernelLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"name={self.name!r}, kind={self.kind}, bits={self.bits}, handle={self.handle}"
 
-    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's op; for a conv, ``residual`` is a fused add after it (``layout.fuse_conv_epilogues``)."""
         impl, op = _IMPLS[self.kind]
-        if self.channels_last:
-            impl = _run_conv2d_nhwc
         assert (other is not None) == (self.kind == "matmul")
         operands: tuple = (x,) if other is None else (x, other)
-        if not _plain_tensors(x, other):
+        fused = residual is not None or self.clamp is not None
+        if not _plain_tensors(x, other, residual):
             out = getattr(torch.ops.bitmix, op)(*operands, self.handle)
+            if fused:
+                out = _epilogue(out, residual, self.clamp)
         elif torch.autograd.profiler._is_profiler_enabled:  # profiles still name the op
             with torch.profiler.record_function(f"bitmix::{op}"):
-                out = impl(*operands, self.plan)
+                out = self._eager(impl, operands, residual)
         else:
-            out = impl(*operands, self.plan)
+            out = self._eager(impl, operands, residual)
         self.recorder.record(self.name, tuple(x.shape), tuple(other.shape) if other is not None else (),
                              tuple(out.shape))
         return out
+
+    def _eager(self, impl, operands: tuple, residual: torch.Tensor | None) -> torch.Tensor:
+        if self.channels_last:
+            return _run_conv2d_nhwc(operands[0], self.plan, residual, self.clamp)
+        out = impl(*operands, self.plan)
+        return out if residual is None and self.clamp is None else _epilogue(out, residual, self.clamp)
 
 
 def plan_for(layer: QuantLayer) -> KernelPlan:
@@ -375,6 +400,8 @@ def lower(fake_quant_model: nn.Module) -> LoweredModule:
         _set_submodule(module, _path_of(module, layer), KernelLayer(plan_for(layer), recorder))
         lowered.append(name)
     if isinstance(module, fx.GraphModule):
+        fuse_conv_epilogues(module)
+        nhwc_max_pools(module)
         channels_last_between_convs(module)
     return LoweredModule(module, recorder, tuple(lowered), tuple(kept))
 

@@ -202,8 +202,9 @@ def _scale_rows(acc, scale, bias, has_bias, out):
 
 
 @njit(parallel=True, cache=True)
-def _depthwise(x, taps, scale, bias, has_bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, out):
-    """``out[pixel, c] = float32(sum_ij x[b, ih, iw, c] * taps[ij, c]) * scale[c] (+ bias[c])``.
+def _depthwise(x, taps, scale, bias, has_bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, lo, hi, out):
+    """``out[pixel, c] = clamp(float32(sum_ij x[b, ih, iw, c] * taps[ij, c]) * scale[c] (+ bias[c]), lo, hi)``
+    (the clamp as ``gemm_vnni.store_epilogue``'s: NaN and -0.0 kept).
 
     One task per output row; per tap, the row's in-bounds outputs accumulate one channel vector
     each (bounds worked out once per tap, not per pixel: 112x112x32 at stride 1 took 1.4 ms, now 0.48), in
@@ -232,12 +233,12 @@ def _depthwise(x, taps, scale, bias, has_bias, kh, kw, sh, sw, ph, pw, dh, dw, h
         for ow in range(wo):
             d = out[t * wo + ow]
             a = ow * c
-            if has_bias:
-                for q in range(c):
-                    d[np.uintp(q)] = np.float32(acc[np.uintp(a + q)]) * scale[np.uintp(q)] + bias[np.uintp(q)]
-            else:
-                for q in range(c):
-                    d[np.uintp(q)] = np.float32(acc[np.uintp(a + q)]) * scale[np.uintp(q)]
+            for q in range(c):
+                v = np.float32(acc[np.uintp(a + q)]) * scale[np.uintp(q)]
+                if has_bias:
+                    v = v + bias[np.uintp(q)]
+                v = lo if v < lo else v
+                d[np.uintp(q)] = hi if v > hi else v
 
 
 _TAPS: weakref.WeakKeyDictionary[PackedWeight, dict] = weakref.WeakKeyDictionary()
@@ -271,11 +272,27 @@ def _codes(x: np.ndarray, channels_last: bool, step: np.float32, lo: int, hi: in
     return codes
 
 
+def _finish(y: np.ndarray, residual: np.ndarray | None, clamp: tuple) -> np.ndarray:
+    """``clamp(y + residual, lo, hi)`` in place, the fused epilogue's float ops for the paths that
+    do not fuse it."""
+    if residual is not None:
+        np.add(y, residual.reshape(y.shape), out=y)
+    lo, hi = clamp
+    if lo > -np.inf:
+        np.copyto(y, lo, where=y < lo)
+    if hi < np.inf:
+        np.copyto(y, hi, where=y > hi)
+    return y
+
+
 def conv_nhwc(x: np.ndarray, w: PackedWeight, geom: tuple[int, ...], step: np.float32, lo: int, hi: int,
-              shift: int, scale: np.ndarray, bias: np.ndarray | None, channels_last: bool = True) -> np.ndarray:
+              shift: int, scale: np.ndarray, bias: np.ndarray | None, channels_last: bool = True,
+              residual: np.ndarray | None = None, clamp: tuple = gemm_vnni.NO_CLAMP) -> np.ndarray:
     """float32 ``(B, Ho, Wo, C_out)`` of a conv of C-contiguous float32 ``x`` (NHWC, or NCHW when not
     ``channels_last``) with one group, or one input and one output channel per group (depthwise);
-    ``geom`` from ``conv.conv_geometry``, ``scale`` = ``a_step * w_scales``."""
+    ``geom`` from ``conv.conv_geometry``, ``scale`` = ``a_step * w_scales``. Optionally the layers
+    after it: ``+ residual`` (C-contiguous float32 ``(B, Ho, Wo, C_out)``), then clamped to
+    ``clamp`` = float32 ``(lo, hi)`` (ReLU: ``(0, inf)``), in the kernel's epilogue where it has one."""
     kh, kw, sh, sw, ph, pw, dh, dw, groups, ho, wo = geom
     nb, h, wd, c = x.shape if channels_last else (x.shape[0], x.shape[2], x.shape[3], x.shape[1])
     m = nb * ho * wo
@@ -285,9 +302,10 @@ def conv_nhwc(x: np.ndarray, w: PackedWeight, geom: tuple[int, ...], step: np.fl
     if groups > 1:
         if not (groups == c == w.n):
             raise BitmixError(f"groups={groups}: the NHWC route takes one group or depthwise convs")
+        fused = clamp if residual is None else gemm_vnni.NO_CLAMP  # a residual comes before the clamp
         _depthwise(_codes(x, channels_last, step, lo, hi), _depthwise_taps(w, max(-lo, hi)), scale, b_arg,
-                   has_bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, y.reshape(m, w.n))
-        return y
+                   has_bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, *fused, y.reshape(m, w.n))
+        return y if residual is None else _finish(y, residual, clamp)
     settings = dispatch.settings
     if isa_of(settings.path) == "avx512vnni" and not settings.uses_amx(w, m, 1) and m >= gemm_vnni.MIN_M:
         hp, wp, c4 = h + 2 * ph, wd + 2 * pw, -(-c // 4) * 4
@@ -296,7 +314,7 @@ def conv_nhwc(x: np.ndarray, w: PackedWeight, geom: tuple[int, ...], step: np.fl
         if _pad_codes(x, channels_last, step, lo, hi, shift, ph, pw, a8, psum):
             raise _nan()
         gemm_vnni.conv(a8.reshape(-1), psum, w, shift, c, geom, hp, wp, m, scale, bias, y,
-                       _parallel(settings, m * w.n * w.k))
+                       _parallel(settings, m * w.n * w.k), residual, clamp)
         return y
     if settings.uses_amx(w, m, 1):
         acc = conv_acc_channels_last(_codes(x, channels_last, step, lo, hi), w, geom, shift, settings=settings)
@@ -318,4 +336,4 @@ def conv_nhwc(x: np.ndarray, w: PackedWeight, geom: tuple[int, ...], step: np.fl
         acc = scratch("conv.acc", (m, w.n), np.int32)
         run_core(a8, asum, taps_first(w, c, kh, kw), shift, 1, m, mp, acc, settings=settings)
     _scale_rows(acc, scale, b_arg, has_bias, y.reshape(m, w.n))
-    return y
+    return _finish(y, residual, clamp)

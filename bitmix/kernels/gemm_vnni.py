@@ -25,12 +25,18 @@ pixel sums; every s32 lane stays below 2^31 because ``k_pad <= tiling.MAX_K_PAD`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from bitmix.kernels import simd
 from bitmix.kernels.pack import PackedWeight, unpack_weights
@@ -38,19 +44,69 @@ from bitmix.kernels.simd import (
     add_i32x16,
     bcast4_i8x64,
     dpbusd512,
+    i32x16,
     load_i8x64,
     load_i32x16,
     splat_i32x16,
     store_i32x16,
-    store_scaled_biased_f32x16,
-    store_scaled_f32x16,
     zero_i32x16,
 )
 
 LANES = 16  # output channels per zmm
 MIN_M = 4  # fewer rows: the GEMV micro-kernels (one weight pass per row) are the right shape
 MT = 64  # activation rows per parallel task
-INT32, SCALED, SCALED_BIASED = 0, 1, 2  # epilogue modes
+# Epilogue modes: the int32 product, or floats ``float32(acc) * scale`` (SCALED), ``+ bias`` (BIAS),
+# ``+ residual`` (RESIDUAL), then clamped to [lo, hi] (-inf/inf: no clamp).
+INT32, SCALED, BIAS, RESIDUAL = 0, 1, 2, 4
+SCALED_BIASED = SCALED | BIAS
+NO_CLAMP = (np.float32(-np.inf), np.float32(np.inf))
+_F32X16 = ir.VectorType(ir.FloatType(), 16)
+
+
+@intrinsic
+def store_epilogue(typingctx, out, idx, v, scale, bias, res, col, mode, lo, hi):
+    """``out[idx:idx+16] = clamp(float32(v) * scale[col:] (+ bias[col:]) (+ res[idx:]), lo, hi)``, the
+    float ops of the reference in its order (a ``vmulps`` and ``vaddps``s, never an FMA); the clamp
+    is two compare-selects that keep NaN and -0.0, as torch's relu/hardtanh do. ``res`` is read only
+    when ``mode & RESIDUAL``."""
+    f32 = types.Array(types.float32, 1, "C")
+    if not (out == f32 and scale == f32 and bias == f32 and res == f32 and v == i32x16
+            and all(isinstance(a, types.Integer) for a in (idx, col, mode)) and lo == hi == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        out_a, idx_a, v_a, scale_a, bias_a, res_a, col_a, mode_a, lo_a, hi_a = args
+
+        def ptr(k, pos_k):
+            ary = context.make_array(sig.args[k])(context, builder, value=args[k])
+            pos = context.cast(builder, args[pos_k], sig.args[pos_k], types.intp)
+            return builder.bitcast(builder.gep(ary.data, [pos]), _F32X16.as_pointer())
+
+        def flag(bit):
+            m = context.cast(builder, mode_a, sig.args[7], types.int64)
+            return builder.icmp_unsigned("!=", builder.and_(m, ir.Constant(ir.IntType(64), bit)),
+                                         ir.Constant(ir.IntType(64), 0))
+
+        def splat(x):
+            vec = builder.insert_element(ir.Constant(_F32X16, None), x, ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+
+        y = builder.fmul(builder.sitofp(v_a, _F32X16), builder.load(ptr(3, 6), align=4))
+        y = builder.select(flag(BIAS), builder.fadd(y, builder.load(ptr(4, 6), align=4)), y)
+        slot = cgutils.alloca_once_value(builder, y)
+        with builder.if_then(flag(RESIDUAL)):
+            builder.store(builder.fadd(y, builder.load(ptr(5, 1), align=4)), slot)
+        y = builder.load(slot)
+        low, high = splat(lo_a), splat(hi_a)
+        y = builder.select(builder.fcmp_ordered("<", y, low), low, y)
+        y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
+        builder.store(y, ptr(0, 1), align=4)
+        return context.get_dummy_value()
+
+    return types.none(out, idx, v, scale, bias, res, col, mode, lo, hi), codegen
+
+
+simd.pin_uuid(store_epilogue, "gemm_vnni.store_epilogue")
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,8 +145,9 @@ def channel_blocks(w: PackedWeight, taps: tuple[int, int, int] | None = None) ->
 
 
 @functools.cache
-def driver(parallel: bool):
-    """The implicit GEMM over (row tile, 64-channel tile) tasks (module docstring)."""
+def driver():
+    """The implicit GEMM over (row tile, 64-channel tile) tasks (module docstring); run it inside
+    ``threads_if(parallel)``."""
 
     @njit(inline="always")
     def pixel(i, hw, wo, hp, wp, sh, sw):
@@ -107,36 +164,45 @@ def driver(parallel: bool):
         return s
 
     @njit(inline="always")
-    def put(mode, out_i, out_f, scale, bias, tmp, row, col, n, v):
+    def put(mode, out_i, out_f, epi, tmp, row, col, n, v):
+        scale, bias, res, lo, hi = epi
         if col + LANES <= n:
             if mode == INT32:
                 store_i32x16(out_i, row * n + col, v)
-            elif mode == SCALED:
-                store_scaled_f32x16(out_f, row * n + col, v, scale, bias, col)
             else:
-                store_scaled_biased_f32x16(out_f, row * n + col, v, scale, bias, col)
+                store_epilogue(out_f, row * n + col, v, scale, bias, res, col, mode, lo, hi)
         else:
             store_i32x16(tmp, 0, v)
             for q in range(n - col):
+                at = row * n + col + q
                 if mode == INT32:
-                    out_i[row * n + col + q] = tmp[q]
-                elif mode == SCALED:
-                    out_f[row * n + col + q] = np.float32(tmp[q]) * scale[col + q]
+                    out_i[at] = tmp[q]
                 else:
-                    out_f[row * n + col + q] = np.float32(tmp[q]) * scale[col + q] + bias[col + q]
+                    y = np.float32(tmp[q]) * scale[col + q]
+                    if mode & BIAS:
+                        y = y + bias[col + q]
+                    if mode & RESIDUAL:
+                        y = y + res[at]
+                    if y < lo:
+                        y = lo
+                    if y > hi:
+                        y = hi
+                    out_f[at] = y
 
     @njit(inline="always")
-    def finish(mode, out_i, out_f, scale, bias, tmp, cw, i, rows, col, n, s, v0, v1, v2, v3):
+    def finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col, n, s, v0, v1, v2, v3):
         c = load_i32x16(cw, col)
-        put(mode, out_i, out_f, scale, bias, tmp, i, col, n, add_i32x16(add_i32x16(v0, c), splat_i32x16(-s[0])))
+        put(mode, out_i, out_f, epi, tmp, i, col, n, add_i32x16(add_i32x16(v0, c), splat_i32x16(-s[0])))
         if rows > 1:
-            put(mode, out_i, out_f, scale, bias, tmp, i + 1, col, n, add_i32x16(add_i32x16(v1, c), splat_i32x16(-s[1])))
+            put(mode, out_i, out_f, epi, tmp, i + 1, col, n, add_i32x16(add_i32x16(v1, c), splat_i32x16(-s[1])))
         if rows > 2:
-            put(mode, out_i, out_f, scale, bias, tmp, i + 2, col, n, add_i32x16(add_i32x16(v2, c), splat_i32x16(-s[2])))
+            put(mode, out_i, out_f, epi, tmp, i + 2, col, n, add_i32x16(add_i32x16(v2, c), splat_i32x16(-s[2])))
         if rows > 3:
-            put(mode, out_i, out_f, scale, bias, tmp, i + 3, col, n, add_i32x16(add_i32x16(v3, c), splat_i32x16(-s[3])))
+            put(mode, out_i, out_f, epi, tmp, i + 3, col, n, add_i32x16(add_i32x16(v3, c), splat_i32x16(-s[3])))
 
-    def core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mode, out_i, out_f, scale, bias):
+    def core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mode, out_i, out_f, scale, bias, res,
+             lo, hi):
+        epi = (scale, bias, res, lo, hi)
         ho, wo, hp, wpad, sh, sw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
         hw = ho * wo
         ntaps = tapoff.shape[0]
@@ -189,10 +255,10 @@ def driver(parallel: bool):
                             c30, c31, c32, c33 = (dpbusd512(c30, w0, x), dpbusd512(c31, w1, x),
                                                   dpbusd512(c32, w2, x), dpbusd512(c33, w3, x))
                     col = b0 * LANES
-                    finish(mode, out_i, out_f, scale, bias, tmp, cw, i, rows, col, n, s, c00, c10, c20, c30)
-                    finish(mode, out_i, out_f, scale, bias, tmp, cw, i, rows, col + 16, n, s, c01, c11, c21, c31)
-                    finish(mode, out_i, out_f, scale, bias, tmp, cw, i, rows, col + 32, n, s, c02, c12, c22, c32)
-                    finish(mode, out_i, out_f, scale, bias, tmp, cw, i, rows, col + 48, n, s, c03, c13, c23, c33)
+                    finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col, n, s, c00, c10, c20, c30)
+                    finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col + 16, n, s, c01, c11, c21, c31)
+                    finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col + 32, n, s, c02, c12, c22, c32)
+                    finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col + 48, n, s, c03, c13, c23, c33)
                 else:
                     for b in range(b0, b1):
                         z = zero_i32x16()
@@ -206,18 +272,33 @@ def driver(parallel: bool):
                                 c1 = dpbusd512(c1, w0, bcast4_i8x64(a8, a1 + d + 4 * q))
                                 c2 = dpbusd512(c2, w0, bcast4_i8x64(a8, a2 + d + 4 * q))
                                 c3 = dpbusd512(c3, w0, bcast4_i8x64(a8, a3 + d + 4 * q))
-                        finish(mode, out_i, out_f, scale, bias, tmp, cw, i, rows, b * LANES, n, s, c0, c1, c2, c3)
+                        finish(mode, out_i, out_f, epi, tmp, cw, i, rows, b * LANES, n, s, c0, c1, c2, c3)
 
     simd.pin_kernels("gemm_vnni", pixel, taps_sum, put, finish)
-    fn = njit(parallel=parallel, cache=True)(simd.cache_variant(core, "parallel" if parallel else "serial"))
-    simd.pin_uuid(fn, "gemm_vnni.core" + ("" if parallel else ".serial"))
-    return fn
+    return simd.pin_uuid(njit(parallel=True, cache=True)(core), "gemm_vnni.core")
 
 
-_ONE_TAP = np.zeros(1, dtype=np.int64)
-_GEMM_GEO = np.ones(6, dtype=np.int64)  # pixel(i) = i
-_NO_F32 = np.zeros(LANES, dtype=np.float32)
-_NO_I32 = np.zeros(LANES, dtype=np.int32)
+@contextlib.contextmanager
+def threads_if(parallel: bool) -> Iterator[None]:
+    """Numba's threads for the block if ``parallel``, else one. Serial GEMMs run the parallel
+    driver on one thread: compiled without ``prange`` (the task body inlined into one loop nest
+    that spills its registers), the same code ran 3-20x slower (1x1 conv 56x56, 64 -> 256:
+    8.7 ms against 0.53 ms)."""
+    if parallel:
+        yield
+        return
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(threads)
+
+
+ONE_TAP = np.zeros(1, dtype=np.int64)  # a plain GEMM: one tap at offset 0
+GEMM_GEO = np.ones(6, dtype=np.int64)  # pixel(i) = i
+NO_F32 = np.zeros(LANES, dtype=np.float32)
+NO_I32 = np.zeros(LANES, dtype=np.int32)
 
 
 def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, out: np.ndarray,
@@ -226,8 +307,9 @@ def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, o
     zero, ``asum`` their sums)."""
     blocks = channel_blocks(w)
     cw = (shift * blocks.cw_base).astype(np.int32)
-    driver(parallel)(a8, asum, _ONE_TAP, _ONE_TAP, blocks.data, cw, blocks.offset, m, w.n, blocks.n_pad, blocks.cq,
-                     w.k_pad, _GEMM_GEO, INT32, out.reshape(-1), _NO_F32, _NO_F32, _NO_F32)
+    with threads_if(parallel):
+        driver()(a8, asum, ONE_TAP, ONE_TAP, blocks.data, cw, blocks.offset, m, w.n, blocks.n_pad, blocks.cq,
+                 w.k_pad, GEMM_GEO, INT32, out.reshape(-1), NO_F32, NO_F32, NO_F32, NO_F32, *NO_CLAMP)
 
 
 _LAUNCH: weakref.WeakKeyDictionary[PackedWeight, dict] = weakref.WeakKeyDictionary()
@@ -242,20 +324,27 @@ def _launch(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int,
     if args is None:
         kh, kw, sh, sw, _, _, dh, dw, _, ho, wo = geom
         blocks = channel_blocks(w, (c, kh, kw))
+        c4 = blocks.cq * 4
         pix = np.array([i * dh * wpad + j * dw for i in range(kh) for j in range(kw)], dtype=np.int64)
         cw = (shift * blocks.cw_base).astype(np.int32)
         geo = np.array((ho, wo, hp, wpad, sh, sw), dtype=np.int64)
-        args = cache[key] = (pix * blocks.cq * 4, pix, blocks.data, cw, blocks.offset, w.n, blocks.n_pad, blocks.cq,
-                             blocks.cq * 4, geo)
+        if dw == 1:  # a filter row's kw taps are kw * c4 contiguous bytes of both operands: one K run
+            args = (pix[::kw] * c4, pix, blocks.data, cw, blocks.offset, w.n, blocks.n_pad, blocks.cq * kw, c4, geo)
+        else:
+            args = (pix * c4, pix, blocks.data, cw, blocks.offset, w.n, blocks.n_pad, blocks.cq, c4, geo)
+        cache[key] = args
     return args
 
 
 def conv(a8: np.ndarray, psum: np.ndarray, w: PackedWeight, shift: int, c: int, geom: tuple[int, ...],
          hp: int, wpad: int, m: int, scale: np.ndarray, bias: np.ndarray | None, y: np.ndarray,
-         parallel: bool) -> None:
+         parallel: bool, residual: np.ndarray | None = None, clamp: tuple = NO_CLAMP) -> None:
     """``y`` (m, n) float32 = the dequantized conv of padded NHWC shifted codes ``a8`` (``hp x wpad``
-    pixels of ``c4`` bytes, per-pixel sums ``psum``); ``geom`` from ``conv.conv_geometry``."""
+    pixels of ``c4`` bytes, per-pixel sums ``psum``); ``geom`` from ``conv.conv_geometry``. Then
+    ``+ residual`` (float32, ``y``'s layout) and clamped to ``clamp`` = float32 ``(lo, hi)``."""
     off, pix, data, cw, offset, n, n_pad, cq, c4, geo = _launch(w, shift, c, geom, hp, wpad)
-    driver(parallel)(a8, psum, off, pix, data, cw, offset, m, n, n_pad, cq, c4, geo,
-                     SCALED if bias is None else SCALED_BIASED, _NO_I32, y.reshape(-1), scale,
-                     scale if bias is None else bias)
+    mode = (SCALED if bias is None else SCALED_BIASED) | (0 if residual is None else RESIDUAL)
+    with threads_if(parallel):
+        driver()(a8, psum, off, pix, data, cw, offset, m, n, n_pad, cq, c4, geo, mode, NO_I32, y.reshape(-1), scale,
+                 scale if bias is None else bias, NO_F32 if residual is None else residual.reshape(-1),
+                 np.float32(clamp[0]), np.float32(clamp[1]))

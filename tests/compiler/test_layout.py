@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
+from bitmix.compiler.layout import max_pool2d
 from bitmix.compiler.lower import KernelLayer, lower
 from bitmix.compiler.quantize import fake_quantize
 
@@ -51,3 +53,63 @@ def test_channels_last_between_convs_is_bit_exact() -> None:
     handle.remove()
     assert seen["out"].is_contiguous(memory_format=torch.channels_last) and not seen["out"].is_contiguous()
     assert torch.equal(ref, out)
+
+
+def test_adds_and_relus_after_convs_fold_into_their_epilogues() -> None:
+    """relu(stem), relu(pw), relu6(dw) and relu(x + back(..)) leave the graph; the lowered model's
+    output stays bit-identical (``test_channels_last_between_convs_is_bit_exact``); a conv whose
+    output has two users keeps its separate ops."""
+    torch.manual_seed(1)
+    model = _Net().eval()
+    x = torch.randn(1, 3, 20, 18)
+    graph = capture(model, (x,), "fuse-net")
+    fq = fake_quantize(prepare(graph), dict.fromkeys(graph.names, "4/8"), (torch.randn(4, 3, 20, 18),))
+    lowered = lower(fq).module
+    ops = [getattr(n.target, "__name__", str(n.target)) for n in lowered.graph.nodes if n.op == "call_function"]
+    assert not [o for o in ops if o.split(".")[0] in {"relu", "relu6", "hardtanh", "add"}], ops
+    convs = {m.name: m for m in lowered.modules() if isinstance(m, KernelLayer) and m.kind == "conv2d"}
+    assert sorted(m.clamp for m in convs.values()) == [(0.0, 6.0)] + [(0.0, float("inf"))] * 3
+    residual = [n for n in lowered.graph.nodes if n.op == "call_module" and "residual" in n.kwargs]
+    assert len(residual) == 1
+    with torch.no_grad():
+        assert torch.equal(fq(x), lowered(x))
+
+
+class _Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, 1, 1)
+        self.b = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return F.relu(y) + self.b(y)  # ``a``'s output has two users: nothing folds into ``a``
+
+
+def test_a_conv_with_two_users_keeps_its_ops() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(1, 4, 6, 6)
+    graph = capture(_Shared().eval(), (x,), "shared-net")
+    fq = fake_quantize(prepare(graph), dict.fromkeys(graph.names, "8/8"), (torch.randn(4, 4, 6, 6),))
+    lowered = lower(fq).module
+    convs = {m.name: m for m in lowered.modules() if isinstance(m, KernelLayer)}
+    assert [m.clamp for m in convs.values()] == [None, None]
+    with torch.no_grad():
+        assert torch.equal(fq(x), lowered(x))
+
+
+@pytest.mark.parametrize("args", [(3, 2, 1), (2, 2, 0), ((3, 2), (1, 2), (1, 0), (2, 1))], ids=str)
+def test_nhwc_max_pool_equals_torch(args: tuple) -> None:
+    """The lowered graphs' ``max_pool2d`` on channels_last floats == torch's, NaN and -0.0 included;
+    other inputs go to torch's own."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 9, 8)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, :, :4] = 0.0
+    x[1, :, 4:6] = -0.0
+    want = F.max_pool2d(x, *args)
+    got = max_pool2d(x.contiguous(memory_format=torch.channels_last), *args)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    for out in (got, max_pool2d(x, *args)):  # channels_last: the kernel; NCHW: torch's own
+        assert torch.equal(out.isnan(), want.isnan())
+        assert torch.equal(torch.nan_to_num(out).view(torch.int32), torch.nan_to_num(want).view(torch.int32))  # -0.0

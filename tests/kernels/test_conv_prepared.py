@@ -27,3 +27,46 @@ def test_repeated_calls_match_qconv2d_nhwc(groups: int) -> None:
         conv(x, True)
     with pytest.raises(BitmixError, match="float32"):
         conv(x.astype(np.float64), True)
+
+
+EPILOGUE_CASES = [  # (c_in, c_out, k, stride, groups): implicit GEMM with a partial block, 1x1, depthwise
+    (6, 70, 3, 1, 1),
+    (16, 20, 1, 1, 1),
+    (12, 12, 3, 2, 12),
+]
+
+
+@pytest.mark.parametrize("case", EPILOGUE_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("clamp", [(0.0, np.inf), (0.0, 6.0), (-np.inf, np.inf)], ids=["relu", "relu6", "none"])
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "plain"])
+def test_fused_epilogue_equals_separate_ops(kernel_path: str, case: tuple, clamp: tuple, with_residual: bool) -> None:
+    """``clamp(conv(x) + r)`` in the kernel's epilogue == the conv, then numpy's add and the clamp
+    (NaN in the residual kept, as torch's relu/hardtanh keep it)."""
+    c, n, k, stride, groups = case
+    rng = np.random.default_rng(c + n + k)
+    w = pack_weights(rng.integers(-8, 8, (n, c // groups * k * k)).astype(np.int8), 4)
+    scales = rng.uniform(0.01, 0.1, n).astype(np.float32)
+    args = (w, scales, 0.05, 8, True, rng.normal(size=n).astype(np.float32), (k, k), (stride, stride),
+            (k // 2, k // 2), (1, 1), groups)
+    conv = PreparedConv(*args)
+    lo, hi = np.float32(clamp[0]), np.float32(clamp[1])
+    for _ in range(2):  # the checked first call, then the fast path
+        x = rng.normal(0, 2, size=(2, 9, 11, c)).astype(np.float32)
+        want = qconv2d_nhwc(x, *args)
+        res = None
+        if with_residual:
+            res = rng.normal(0, 3, size=want.shape).astype(np.float32)
+            res[0, 1, 2, 3] = np.nan
+            want = want + res
+        want = np.where(want < lo, lo, want)
+        want = np.where(want > hi, hi, want)
+        got = conv(x, True, res, (lo, hi))
+        np.testing.assert_array_equal(got, want)
+        assert np.isnan(got[0, 1, 2, 3]) == with_residual
+
+
+def test_residual_of_the_wrong_shape_is_an_error() -> None:
+    w = pack_weights(np.ones((4, 9), dtype=np.int8), 4)
+    conv = PreparedConv(w, np.ones(4, dtype=np.float32), 0.05, 8, True, None, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    with pytest.raises(BitmixError, match="residual"):
+        conv(np.ones((1, 5, 5, 1), dtype=np.float32), True, np.ones((1, 5, 5, 3), dtype=np.float32))

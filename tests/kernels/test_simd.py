@@ -90,10 +90,9 @@ def test_amx_engine_compiles_to_tile_instructions(tmp_path) -> None:
 def test_serial_and_parallel_variants_have_their_own_cache_entries() -> None:
     """Numba's disk cache ignores ``parallel=``: two variants of one function must differ in name
     (``simd.cache_variant``) or in their closure (which the cache key pickles)."""
-    from bitmix.kernels import amx, gemm_vnni, matmul, tiling
+    from bitmix.kernels import amx, matmul, tiling
 
-    pairs = [(amx.driver(True), amx.driver(False)), (matmul._prep_rows, matmul._prep_rows_serial),
-             (gemm_vnni.driver(True), gemm_vnni.driver(False))]
+    pairs = [(amx.driver(True), amx.driver(False)), (matmul._prep_rows, matmul._prep_rows_serial)]
     for par, ser in pairs:
         assert par.targetoptions.get("parallel") and not ser.targetoptions.get("parallel")
         assert par.py_func.__qualname__ != ser.py_func.__qualname__
@@ -110,8 +109,9 @@ import json
 from numba import types
 from bitmix.kernels import gemm_vnni
 i64, a64, i32, f32 = types.int64, types.int64[::1], types.int32[::1], types.float32[::1]
-sig = (types.int8[::1], a64, a64, a64, types.uint8[::1], i32, *[i64] * 6, a64, i64, i32, f32, f32, f32)
-d = gemm_vnni.driver(False)
+sig = (types.int8[::1], a64, a64, a64, types.uint8[::1], i32, *[i64] * 6, a64, i64, i32, f32, f32, f32, f32,
+       types.float32, types.float32)
+d = gemm_vnni.driver()
 d.compile(sig)
 asm = d.inspect_asm(sig)
 print(json.dumps({op: asm.count(op) for op in ("vpdpbusd", "vpbroadcastd", "zmm", "vcvtdq2ps")}))

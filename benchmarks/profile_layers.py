@@ -1,0 +1,138 @@
+"""Where a compiled zoo model's forward time goes: per lowered layer, per kernel pass, and glue.
+
+Compiles a zoo model as ``bitmix bench model`` does (all-4-bit), then times ``repeats`` forwards
+with wall-clock probes around each lowered layer and around the VNNI conv passes (quantize into the
+padded code buffer, implicit GEMM, depthwise). "glue" is the forward time outside lowered layers:
+torch's ReLU / adds / pooling / layout copies between kernels. Achieved GMAC/s per layer is against
+``--peak`` (the machine's int8 peak, GMAC/s, both cores). Probes add a few microseconds per call,
+so per-layer sums run slightly above the un-probed forward, which is reported too.
+
+    python benchmarks/profile_layers.py resnet18 --repeats 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+import warnings
+from collections import defaultdict
+
+import numba
+import torch
+
+import bitmix
+from bitmix import zoo
+from bitmix.compiler import lower
+from bitmix.kernels import conv_nhwc, gemm_vnni
+from bitmix.kernels.threads import configure_threading
+
+TIMES: dict[str, list[float]] = defaultdict(list)
+
+
+def _probe(owner, attr: str, label: str) -> None:
+    fn = getattr(owner, attr)
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            TIMES[label].append(time.perf_counter() - start)
+
+    setattr(owner, attr, timed)
+
+
+def _macs(layer: lower.KernelLayer, x: torch.Tensor, out: torch.Tensor) -> int:
+    p = layer.plan
+    if p.kind == "conv2d":
+        return out.numel() * (x.shape[1] // p.groups) * math.prod(p.kernel_size)
+    if p.kind == "linear":
+        return out.numel() * x.shape[-1]
+    return out.numel() * x.shape[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--peak", type=float, default=0.0, help="int8 peak GMAC/s of the machine (both cores)")
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    configure_threading()
+    numba.set_num_threads(threads)
+    model, inputs, _ = zoo.load(args.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = bitmix.compile(model, inputs, target="int4int2-npu", method="eagl", budget=1.0)
+    cm.recorder.enabled = False
+    with torch.no_grad():
+        for _ in range(5):
+            cm(*inputs)
+        plain = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            cm(*inputs)
+            plain.append(time.perf_counter() - start)
+    layer_t: dict[str, list[float]] = defaultdict(list)
+    macs: dict[str, int] = {}
+    original = lower.KernelLayer.forward
+
+    def forward(self, x, other=None):
+        start = time.perf_counter()
+        out = original(self, x, other)
+        layer_t[self.name].append(time.perf_counter() - start)
+        macs[self.name] = _macs(self, x, out)
+        return out
+
+    lower.KernelLayer.forward = forward
+    _probe(conv_nhwc, "_pad_codes", "conv: quantize+pad (_pad_codes)")
+    _probe(gemm_vnni, "conv", "conv: implicit GEMM (gemm_vnni.conv)")
+    _probe(conv_nhwc, "_depthwise", "conv: depthwise (_depthwise)")
+    _probe(conv_nhwc, "_codes", "conv: quantize (_codes, depthwise/other)")
+    _probe(conv_nhwc, "_quantize_rows", "conv: quantize rows (non-VNNI 1x1)")
+    _probe(conv_nhwc, "_scale_rows", "conv: scale rows (non-VNNI)")
+    totals = []
+    with torch.no_grad():
+        for _ in range(3):
+            cm(*inputs)
+        layer_t.clear()
+        TIMES.clear()
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            cm(*inputs)
+            totals.append(time.perf_counter() - start)
+    lower.KernelLayer.forward = original
+
+    def med(v: list[float]) -> float:
+        return sorted(v)[len(v) // 2]
+
+    total = med(totals)
+    per_layer = {name: med(v) * len(v) / args.repeats for name, v in layer_t.items()}
+    layers_sum = sum(per_layer.values())
+    print(f"{args.model}: forward {med(plain) * 1e3:.2f} ms un-probed, {total * 1e3:.2f} ms probed; "
+          f"lowered layers {layers_sum * 1e3:.2f} ms; glue (torch ops between layers) "
+          f"{(total - layers_sum) * 1e3:.2f} ms; load {os.getloadavg()[0]:.2f}")
+    print("kernel passes (median per forward):")
+    for label, v in sorted(TIMES.items(), key=lambda kv: -sum(kv[1])):
+        per_fwd = sum(v) / args.repeats
+        print(f"  {label:45s} {per_fwd * 1e3:7.3f} ms  ({len(v) // args.repeats} calls)")
+    all_macs = sum(macs.values())
+    print(f"total MACs {all_macs / 1e9:.3f} G -> {all_macs / total / 1e9:.1f} GMAC/s over the forward")
+    print(f"{'layer':40s} {'ms':>7s} {'GMAC':>7s} {'GMAC/s':>8s} {'%peak':>6s}")
+    for name, t in sorted(per_layer.items(), key=lambda kv: -kv[1])[: args.top]:
+        rate = macs[name] / t / 1e9
+        pk = f"{100 * rate / args.peak:5.1f}" if args.peak else "-"
+        print(f"{name:40s} {t * 1e3:7.3f} {macs[name] / 1e9:7.3f} {rate:8.1f} {pk:>6s}")
+    prof_inputs = inputs
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            cm(*prof_inputs)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
