@@ -8,12 +8,12 @@ forward). One conv runs as parallel Numba passes, as ONNX Runtime/MLAS feed thei
 (``reference/quantization.md``, QLinearConv): NHWC in, 1x1 convs reading the input directly,
 a channels-last im2col for k x k, a direct depthwise kernel.
 
-* AVX-512 VNNI (no AMX), one group: an implicit GEMM. Floats are quantized once into a
+* AVX-512 VNNI (no AMX) and AVX2, one group: an implicit GEMM. Floats are quantized once into a
   zero-padded NHWC buffer of shifted codes with per-pixel sums (``_pad_codes``), and
-  ``gemm_vnni.conv`` reads every tap's activations from it directly and writes the dequantized
-  floats itself: no im2col, no int32 intermediate, no scale pass.
+  ``gemm_vnni.conv`` (``gemm_avx2.conv``) reads every tap's activations from it directly and writes
+  the dequantized floats itself: no im2col, no int32 intermediate, no scale pass.
 
-Other paths (AVX2, portable) and the AMX engine:
+Other paths (portable), small products and the AMX engine:
 
 * 1x1, stride 1, no padding: the NHWC pixels *are* the GEMM's activation rows, so floats are
   quantized straight into the ``(pixels, k_pad)`` signed-byte rows with their row sums.
@@ -35,7 +35,7 @@ import numpy as np
 from numba import njit, prange
 
 from bitmix.errors import BitmixError
-from bitmix.kernels import gemm_vnni
+from bitmix.kernels import gemm_avx2, gemm_vnni
 from bitmix.kernels.conv import _weight_codes, conv_acc_channels_last
 from bitmix.kernels.conv_simd import _patches, _quantize_pixels, taps_first
 from bitmix.kernels.isa import isa_of
@@ -45,6 +45,7 @@ from bitmix.kernels.routing import dispatch
 from bitmix.kernels.scratch import scratch
 
 ROW_BLOCK = 64  # pixels per task of the row passes
+_IMPLICIT_GEMM = {"avx512vnni": gemm_vnni, "avx2": gemm_avx2}  # micro-kernel set -> its implicit-GEMM conv
 
 
 @njit(parallel=True, cache=True)
@@ -307,15 +308,20 @@ def conv_nhwc(x: np.ndarray, w: PackedWeight, geom: tuple[int, ...], step: np.fl
                    has_bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, *fused, y.reshape(m, w.n))
         return y if residual is None else _finish(y, residual, clamp)
     settings = dispatch.settings
-    if isa_of(settings.path) == "avx512vnni" and not settings.uses_amx(w, m, 1) and m >= gemm_vnni.MIN_M:
+    implicit = _IMPLICIT_GEMM.get(isa_of(settings.path))
+    if implicit is not None and not settings.uses_amx(w, m, 1) and m >= implicit.MIN_M:
         hp, wp, c4 = h + 2 * ph, wd + 2 * pw, -(-c // 4) * 4
         a8 = scratch("conv.padded", (nb, hp, wp, c4), np.int8)
         psum = scratch("conv.psum", nb * hp * wp, np.int64)
         if _pad_codes(x, channels_last, step, lo, hi, shift, ph, pw, a8, psum):
             raise _nan()
-        gemm_vnni.conv(a8.reshape(-1), psum, w, shift, c, geom, hp, wp, m, scale, bias, y,
-                       _parallel(settings, m * w.n * w.k), residual, clamp)
-        return y
+        parallel = _parallel(settings, m * w.n * w.k)
+        if implicit is gemm_vnni:  # the residual add and clamp run in its epilogue
+            gemm_vnni.conv(a8.reshape(-1), psum, w, shift, c, geom, hp, wp, m, scale, bias, y, parallel,
+                           residual, clamp)
+            return y
+        implicit.conv(a8.reshape(-1), psum, w, shift, c, geom, hp, wp, m, scale, bias, y, parallel)
+        return _finish(y, residual, clamp)
     if settings.uses_amx(w, m, 1):
         acc = conv_acc_channels_last(_codes(x, channels_last, step, lo, hi), w, geom, shift, settings=settings)
     else:

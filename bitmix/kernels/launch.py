@@ -10,7 +10,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from bitmix.kernels import amx, gemm_vnni
+from bitmix.kernels import amx, gemm_avx2, gemm_vnni
 from bitmix.kernels.isa import isa_of
 from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.routing import DispatchSettings, dispatch
@@ -90,6 +90,9 @@ def run_core(a8, asum, w: PackedWeight, shift: int, groups: int, m: int, mp: int
     isa = isa_of(s.path)
     if isa == "avx512vnni" and groups == 1 and m >= gemm_vnni.MIN_M:
         gemm_vnni.run(a8, asum, w, shift, m, out, _parallel(s, macs))
+        return
+    if isa == "avx2" and groups == 1 and m >= gemm_avx2.MIN_M:
+        gemm_avx2.run(a8, asum, w, shift, m, out, _parallel(s, macs))
         return
     core_for(w.bits, isa, _parallel(s, macs))(a8, asum, w.data.reshape(-1), w.row_sums, shift, groups,
                                                          m, mp, w.n // groups, w.k_pad, out)

@@ -3,8 +3,9 @@
 ``quant.qlinear`` checks every operand and derives the scales on each call, which is right for
 a one-off product and costs tens of microseconds a call; a lowered layer calls the same weights
 thousands of times. A ``LinearKernel`` does that work when it is built and then, per call, only
-checks ``x``. On the VNNI engine with at least ``gemm_vnni.MIN_M`` rows a call is one fused Numba
-kernel (``linear_vnni``); elsewhere (GEMV shapes, AVX2, AMX, scalar) it runs ``quant.qlinear``.
+checks ``x``. On the VNNI and AVX2 engines with at least ``gemm_vnni.MIN_M`` rows a call is one fused
+Numba kernel (``linear_vnni``, ``linear_avx2``); elsewhere (GEMV shapes, AMX, scalar) it runs
+``quant.qlinear``.
 Outputs are bit-identical either way; with ``a_scale`` (a per-input-channel smoothing factor)
 the input is first multiplied by it in float32, as the fake-quant forward does.
 """
@@ -16,11 +17,14 @@ import numpy as np
 from bitmix.errors import BitmixError
 from bitmix.kernels import gemm_vnni
 from bitmix.kernels.launch import _parallel
+from bitmix.kernels.linear_avx2 import Avx2Linear
 from bitmix.kernels.linear_vnni import FusedLinear
 from bitmix.kernels.matmul import check_activation_spec, check_packed
 from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.quant import _f32, _step, qlinear
 from bitmix.kernels.routing import dispatch
+
+_FUSED = {"avx512vnni": FusedLinear, "avx2": Avx2Linear}  # engine -> its fused quantize + GEMM + epilogue
 
 
 class LinearKernel:
@@ -35,7 +39,7 @@ class LinearKernel:
         self.a_step = _step(a_step)
         self.a_bits, self.a_signed = a_bits, bool(a_signed)
         self.codes = check_activation_spec(a_bits, a_signed)
-        self._fused: FusedLinear | None = None  # built at the first VNNI call (one byte per weight)
+        self._fused: dict[str, FusedLinear | Avx2Linear] = {}  # engine -> fused kernel, built at its first call
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         w = self.w
@@ -46,11 +50,14 @@ class LinearKernel:
         rows = np.ascontiguousarray(x).reshape(-1, w.k)
         m = rows.shape[0]
         settings = dispatch.settings
-        if m >= gemm_vnni.MIN_M and settings.engine(w, m, 1) == "avx512vnni":
+        engine = settings.engine(w, m, 1)
+        if m >= gemm_vnni.MIN_M and engine in _FUSED:
             out = np.empty((m, w.n), dtype=np.float32)
-            if self._fused is None:
-                self._fused = FusedLinear(w, self.w_scales, self.a_step, *self.codes, self.bias, self.a_scale)
-            if self._fused(rows, out, _parallel(settings, m * w.n * w.k_pad)):
+            fused = self._fused.get(engine)
+            if fused is None:
+                fused = self._fused[engine] = _FUSED[engine](w, self.w_scales, self.a_step, *self.codes, self.bias,
+                                                             self.a_scale)
+            if fused(rows, out, _parallel(settings, m * w.n * w.k_pad)):
                 raise BitmixError("x: contains NaN; cannot quantize")
             return out.reshape(*lead, w.n)
         if self.a_scale is not None:

@@ -349,39 +349,6 @@ def store_i32x16(typingctx, arr, idx, v):
     return types.none(arr, idx, v), codegen
 
 
-def _make_store_scaled(biased: bool):
-    @intrinsic
-    def store_scaled(typingctx, out, idx, v, scale, bias, col):
-        """``out[idx + l] = float32(v[l]) * scale[col + l] (+ bias[col + l])`` for the 16 lanes: the
-        dequantize formula of ``quant`` (separate multiply and add, never fused, so bit-exact)."""
-        f32 = types.float32
-        if not (all(isinstance(a, types.Array) and a.dtype == f32 for a in (out, scale, bias)) and v == i32x16
-                and isinstance(idx, types.Integer) and isinstance(col, types.Integer)):
-            return None
-
-        def codegen(context, builder, sig, args):
-            fv = ir.VectorType(ir.FloatType(), 16)
-
-            def ptr(k, pos_k):
-                ary = context.make_array(sig.args[k])(context, builder, value=args[k])
-                pos = context.cast(builder, args[pos_k], sig.args[pos_k], types.intp)
-                return builder.bitcast(builder.gep(ary.data, [pos]), fv.as_pointer())
-
-            y = builder.fmul(builder.sitofp(args[2], fv), builder.load(ptr(3, 5), align=4))
-            if biased:
-                y = builder.fadd(y, builder.load(ptr(4, 5), align=4))
-            builder.store(y, ptr(0, 1), align=4)
-            return context.get_dummy_value()
-
-        return types.none(out, idx, v, scale, bias, col), codegen
-
-    return store_scaled
-
-
-store_scaled_f32x16 = _make_store_scaled(False)
-store_scaled_biased_f32x16 = _make_store_scaled(True)
-
-
 def _make_hsum(vt: VecType):
     @intrinsic
     def hsum(typingctx, v):

@@ -1,0 +1,127 @@
+"""The AVX2 broadcast GEMM (``gemm_avx2``), implicit-GEMM conv and fused linear (``linear_avx2``):
+bit-exact against the integer reference, forced onto the ``avx2`` path (any x86 with AVX2), with the
+operand extremes that would saturate ``vpmaddubsw`` if the kernel's bounds were wrong."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from bitmix.kernels import dispatch, gemm, gemm_avx2, linear_avx2, pack_weights, prepare_linear, qconv2d_nhwc, reference
+from bitmix.kernels.cpu import available_paths
+from bitmix.kernels.pack import code_range
+
+from .conftest import random_codes
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def avx2(request, monkeypatch) -> Iterator[list]:
+    """Force the avx2 path; yields the names of the AVX2 broadcast kernels called (so a test fails if
+    the product silently ran on another kernel)."""
+    if "avx2" not in available_paths():
+        pytest.skip("CPU cannot run the avx2 path")
+    calls: list[str] = []
+    for owner, name in ((gemm_avx2, "run"), (gemm_avx2, "conv"), (linear_avx2.Avx2Linear, "__call__")):
+        original = getattr(owner, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, spy)
+    with dispatch.use("avx2", serial=request.param == "serial"):
+        yield calls
+
+
+def _extreme(shape, bits: int, signed: bool, pattern: str) -> np.ndarray:
+    lo, hi = code_range(bits, signed)
+    if pattern == "checker":  # alternating extremes: every vpmaddubsw pair mixes them
+        return np.where(np.indices(shape).sum(axis=0) % 2 == 0, lo, hi).astype(np.int16)
+    return np.full(shape, lo if pattern == "min" else hi, dtype=np.int16)
+
+
+@pytest.mark.parametrize("w_bits", [8, 4, 2])
+@pytest.mark.parametrize(("a_bits", "a_signed"), [(8, True), (8, False), (4, False), (2, True)])
+@pytest.mark.parametrize("k", [4, 12, 100, 700])  # one K step (the odd-step tail alone), odd and even step counts
+def test_gemm_extremes_do_not_saturate(avx2, w_bits, a_bits, a_signed, k) -> None:
+    """Largest weight bytes (u = 255 for 8-bit: a lone pair would be 2 * 255 * -128 = -65280) against
+    the most negative activation bytes, and mixed patterns; 4..9 rows and a partial 8-channel block."""
+    for a_pat in ("min", "max", "checker"):
+        for w_pat in ("min", "max", "checker"):
+            w = _extreme((21, k), w_bits, True, w_pat).astype(np.int8)
+            for m in (4, 9):
+                a = _extreme((m, k), a_bits, a_signed, a_pat)
+                np.testing.assert_array_equal(gemm(a, pack_weights(w, w_bits), a_bits, a_signed), reference.gemm(a, w))
+    assert avx2 and set(avx2) == {"run"}
+
+
+@pytest.mark.parametrize("w_bits", [8, 4, 2])
+def test_gemm_random_shapes(avx2, w_bits) -> None:
+    rng = np.random.default_rng(w_bits)
+    for m, n, k in ((4, 16, 4), (5, 8, 64), (67, 70, 129), (130, 200, 33), (64, 64, 576)):
+        for a_bits, a_signed in ((8, True), (8, False), (4, False)):
+            w = random_codes(rng, (n, k), w_bits).astype(np.int8)
+            a = random_codes(rng, (m, k), a_bits, a_signed)
+            np.testing.assert_array_equal(gemm(a, pack_weights(w, w_bits), a_bits, a_signed), reference.gemm(a, w))
+    assert set(avx2) == {"run"}
+
+
+CONVS = [  # (c_in, c_out, k, stride, pad, dil, w_bits, a_bits, a_signed)
+    (3, 64, 7, 2, 3, 1, 8, 8, False),  # a ResNet stem: 8-bit weights, one K step per tap
+    (64, 24, 3, 1, 1, 1, 4, 4, False),
+    (5, 12, 3, 2, 1, 2, 2, 8, True),
+    (16, 40, 1, 1, 0, 1, 4, 8, True),
+    (12, 17, 1, 2, 0, 1, 8, 4, False),
+]
+
+
+@pytest.mark.parametrize("case", CONVS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("fill", ["random", "extreme"])
+def test_implicit_gemm_conv_exact(avx2, case, fill) -> None:
+    c, n, k, stride, pad, dil, w_bits, a_bits, a_signed = case
+    rng = np.random.default_rng(c * n + k)
+    lo, hi = code_range(w_bits)
+    step = np.float32(0.05)
+    if fill == "random":
+        x = rng.normal(0, 2, size=(2, c, 10, 9)).astype(np.float32)
+        wc = rng.integers(lo, hi, (n, c, k, k), endpoint=True).astype(np.int8)
+    else:  # codes clip to the range ends; the largest weights meet them (padding meets code 0)
+        x = np.where(rng.random((2, c, 10, 9)) < 0.5, -1e3, 1e3).astype(np.float32)
+        wc = np.where(rng.random((n, c, k, k)) < 0.2, lo, hi).astype(np.int8)
+    w = pack_weights(wc.reshape(n, -1), w_bits)
+    scales = rng.uniform(0.01, 0.1, n).astype(np.float32)
+    bias = rng.normal(size=n).astype(np.float32)
+    got = qconv2d_nhwc(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, scales, step, a_bits, a_signed, bias,
+                       (k, k), (stride, stride), (pad, pad), (dil, dil), 1)
+    codes = torch.round(torch.clamp(torch.from_numpy(x) / step, *code_range(a_bits, a_signed)))
+    acc = reference.conv2d(codes.numpy().astype(np.int64), wc, (stride, stride), (pad, pad), (dil, dil))
+    want = torch.from_numpy(acc.astype(np.float32)) * torch.from_numpy(step * scales)[None, :, None, None]
+    want = want + torch.from_numpy(bias)[None, :, None, None]
+    np.testing.assert_array_equal(got, want.permute(0, 2, 3, 1).numpy())
+    assert avx2 == ["conv"]
+
+
+@pytest.mark.parametrize(("w_bits", "a_bits", "a_signed"), [(8, 8, True), (8, 8, False), (4, 8, True), (2, 4, False)])
+def test_fused_linear_exact(avx2, w_bits, a_bits, a_signed) -> None:
+    rng = np.random.default_rng(w_bits + a_bits)
+    n, k = 37, 260
+    lo, hi = code_range(w_bits)
+    for m, extreme in ((4, True), (70, False), (13, True)):
+        if extreme:
+            x = np.where(rng.random((m, k)) < 0.5, -1e4, 1e4).astype(np.float32)
+            wc = np.where(rng.random((n, k)) < 0.3, lo, hi).astype(np.int8)
+        else:
+            x = (rng.normal(size=(m, k)) * 3).astype(np.float32)
+            wc = rng.integers(lo, hi, (n, k), endpoint=True).astype(np.int8)
+        scales = rng.uniform(0.01, 0.1, n).astype(np.float32)
+        bias = rng.normal(size=n).astype(np.float32)
+        a_scale = rng.uniform(0.5, 2.0, k).astype(np.float32)
+        step = np.float32(0.07)
+        got = prepare_linear(pack_weights(wc, w_bits), scales, step, a_bits, a_signed, bias, a_scale)(x)
+        codes = np.rint(np.clip((x * a_scale) / step, *code_range(a_bits, a_signed)))
+        acc = reference.gemm(codes.astype(np.int64), wc)
+        np.testing.assert_array_equal(got, acc.astype(np.float32) * (step * scales)[None, :] + bias)
+    assert avx2 == ["__call__"] * 3
