@@ -46,8 +46,9 @@ def fake_quantize(
     (`bitmix.compiler.smooth`, each layer only where it lowers its output error) and conv pairs are
     equalised (`bitmix.compiler.equalize`, kept only if the calibration output error drops) and, with
     `rounding`, weights are rounded by GPTQ (`bitmix.compiler.gptq`, each layer only where it lowers
-    its held-out output error) and, with `activation_search`, linears' activation steps are chosen by
-    their output error (`bitmix.compiler.act_search`); without calibration,
+    its held-out output error) and, with `activation_search`, the activation steps of linears whose weights
+    are not the narrower operand are chosen by their output error (`bitmix.compiler.act_search`); without
+    calibration,
     the data-free `2 E|v| / sqrt(Q_P)` for unit-Gaussian values (E|v| = sqrt(2/pi) signed,
     1/sqrt(2 pi) unsigned). `compile` calibrates on the examples.
     """

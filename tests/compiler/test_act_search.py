@@ -60,7 +60,7 @@ def test_search_sets_every_step_and_lowers_bit_exactly():
     assignment = {n: 8 for n in quant_layers(gm)}
     searched = fake_quantize(gm, assignment, calib, rounding=False, bias_correction=False)
     plain = fake_quantize(gm, assignment, calib, rounding=False, bias_correction=False, activation_search=False)
-    steps = {n: (float(a.a_quant.step), float(b.a_quant.step))
+    steps = {n: (float(a.a_quant.step.detach()), float(b.a_quant.step.detach()))
              for (n, a), b in zip(quant_layers(searched).items(), quant_layers(plain).values(), strict=True)}
     assert any(s != p for s, p in steps.values())
     with torch.no_grad():
@@ -83,3 +83,13 @@ def test_search_sets_the_output_step_and_leaves_float_layers_alone():
     assert torch.equal(layers[first].a_quant.step.detach(), expected)
     assert moved == int(not torch.equal(expected, mse))
     assert all(layer.a_quant is None for name, layer in layers.items() if name != first)
+
+
+def test_layers_with_narrower_weights_keep_the_mse_step():
+    calib = (_outlier_inputs(5),)
+    gm = prepare(capture(_Net().eval(), (calib[0][:2],)))
+    assignment = {n: "4/8" for n in quant_layers(gm)}
+    searched = fake_quantize(gm, assignment, calib, rounding=False, bias_correction=False)
+    plain = fake_quantize(gm, assignment, calib, rounding=False, bias_correction=False, activation_search=False)
+    for a, b in zip(quant_layers(searched).values(), quant_layers(plain).values(), strict=True):
+        assert torch.equal(a.a_quant.step, b.a_quant.step)
