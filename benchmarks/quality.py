@@ -20,6 +20,7 @@ measured on the fake-quantized model, which the kernels match bit for bit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -52,11 +53,13 @@ def _outputs(model, inputs: tuple[torch.Tensor, ...], batch: int = 64) -> torch.
                       for i in range(0, n, batch)])
 
 
-def run_one(name: str, target: str, budget: float, mode: str, seed: int, calib_n: int, method: str) -> dict:
+def run_one(name: str, target: str, budget: float, mode: str, seed: int, calib_n: int, method: str,
+            recipe: dict | None = None) -> dict:
+    """One compile and its fidelity; `recipe` overrides fields of the zoo task's FinetuneConfig."""
     model, example, data = zoo.load(name)
     calib = _inputs(example, data, calib_n, seed, "train")
     test = _inputs(example, data, RANDOM_TEST_INPUTS, seed, "test")
-    finetune = data.recipe if (mode == "recipe" and data is not None) else None
+    finetune = dataclasses.replace(data.recipe, **(recipe or {})) if (mode == "recipe" and data is not None) else None
     start = time.perf_counter()
     cm = bitmix.compile(model, example, target=target, method=method if budget < 1 else "uniform", budget=budget,
                         calibration=calib, data=data, finetune=finetune, frontier_points=0, seed=seed,
@@ -64,7 +67,7 @@ def run_one(name: str, target: str, budget: float, mode: str, seed: int, calib_n
     seconds = time.perf_counter() - start
     ref, out = _outputs(model.eval(), test), _outputs(cm.fake_quant, test)
     row = {"model": name, "target": target, "budget": budget, "mode": mode, "seed": seed, "method": method,
-           "calibration_inputs": calib_n,
+           "calibration_inputs": calib_n, "recipe": dataclasses.asdict(finetune) if finetune else None,
            "one_minus_cosine": float(1 - F.cosine_similarity(out, ref, dim=-1).mean()), "seconds": seconds,
            "bits": [str(p) for p in sorted(set(cm.assignment.values()), reverse=True)]}
     if data is not None:
@@ -111,6 +114,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--calib", type=int, default=None, help="calibration inputs (default 8 at int8-npu, else 128)")
     parser.add_argument("--method", default="sqnr", help="sensitivity method for the budgeted targets")
+    parser.add_argument("--layer-distill", type=float, default=None, help="recipe's layer_distill weight override")
+    parser.add_argument("--step-lr-scale", type=float, default=None, help="recipe's step_lr_scale override")
     parser.add_argument("--quick", action="store_true", help="int8-npu PTQ, one seed")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -121,6 +126,8 @@ def main() -> None:
     if args.quick:
         settings, modes, seeds = [("int8-npu", 1.0)], ["ptq"], 1
     torch.set_num_threads(1)
+    recipe = {k: v for k, v in (("layer_distill", args.layer_distill), ("step_lr_scale", args.step_lr_scale))
+              if v is not None}
     rows = []
     for name in args.models.split(","):
         has_data = zoo.load(name)[2] is not None
@@ -130,7 +137,7 @@ def main() -> None:
                     continue  # nothing to fine-tune on
                 for seed in range(seeds):
                     calib = args.calib or (8 if target == "int8-npu" else 128)
-                    row = run_one(name, target, budget, mode, seed, calib, args.method)
+                    row = run_one(name, target, budget, mode, seed, calib, args.method, recipe)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     summary = summarise(rows)

@@ -10,8 +10,11 @@ Layers are corrected in execution order within one forward pass: a hook on each 
 measures the shift of its output given the already-corrected layers upstream (the
 sequential form), fixes the bias and passes the corrected output on. The correction is
 kept only if it lowers the model's output error on held-out calibration examples, as AIMET's
-AutoQuant keeps a technique only when it helps (reference/quantization.md, A-AQ): a
-channel mean over padded token positions, for one, is not the mean the output uses.
+AutoQuant keeps a technique only when it helps (reference/quantization.md, A-AQ).
+
+A channel mean over padded token positions is not the mean the output uses: with the live rows
+of `bitmix.compiler.live` (the positions that can reach the output), a linear's channel means
+are taken over its live rows only.
 
 Only the part of a shift that the calibration examples agree on is corrected: the shift is
 measured per example (dim 0), and each channel's mean shift is shrunk by its sampling noise
@@ -28,17 +31,30 @@ from torch import nn
 
 from bitmix.compiler.qlayer import QuantLayer, quant_layers
 
+Live = dict[str, torch.Tensor]  # per layer, a bool mask over its output rows (`bitmix.compiler.live`)
 SPLIT_MIN = 4  # calibration examples needed to check the correction on ones it was not fitted to
 
 
-def example_means(layer: QuantLayer, out: torch.Tensor) -> torch.Tensor:
-    """(N, C): each example's (dim 0) mean of each output channel (dim 1 for conv, the last dim otherwise)."""
+def example_means(layer: QuantLayer, out: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, C): each example's (dim 0) mean of each output channel (dim 1 for conv, the last dim otherwise).
+
+    `live` (the output's shape without its last dim) restricts a linear's means to its live rows; an
+    example without one gets mean 0 in every channel, so its shift is 0 (the float and quantized alike)."""
     out = out.detach().double()
     if layer.kind == "conv2d":
         return out.reshape(out.shape[0], out.shape[1], -1).mean(dim=2)
     if out.dim() == 1:
         return out.unsqueeze(0)
+    if live is not None and live.shape == out.shape[:-1]:
+        m = live.reshape(out.shape[0], -1, 1).to(out.dtype)
+        rows = out.reshape(out.shape[0], -1, out.shape[-1])
+        return (rows * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
     return out.reshape(out.shape[0], -1, out.shape[-1]).mean(dim=1)
+
+
+def _part(live: Live | None, part: slice) -> Live | None:
+    """The live masks of the examples `part` of dim 0."""
+    return None if live is None else {name: m[part] for name, m in live.items()}
 
 
 def agreed_shift(shifts: torch.Tensor) -> torch.Tensor:
@@ -64,15 +80,16 @@ def flat(out: object) -> torch.Tensor:
 
 @torch.no_grad()
 def float_reference(
-    model: nn.Module, calibration: tuple[torch.Tensor, ...]
+    model: nn.Module, calibration: tuple[torch.Tensor, ...], live: Live | None = None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Float per-example channel means of every weighted layer's output on `calibration`, and the model's output."""
+    """Float per-example channel means of every weighted layer's output on `calibration` (over `live` rows
+    where given), and the model's output."""
     layers = quant_layers(model)
     saved = {name: layer.bits for name, layer in layers.items()}
     means: dict[str, torch.Tensor] = {}
 
     def hook(layer: QuantLayer, args: tuple, out: torch.Tensor) -> None:
-        means[layer.name] = example_means(layer, out)
+        means[layer.name] = example_means(layer, out, (live or {}).get(layer.name))
 
     handles = [layer.register_forward_hook(hook) for layer in layers.values() if layer.kind != "matmul"]
     try:
@@ -89,32 +106,35 @@ def float_reference(
 
 @torch.no_grad()
 def bias_correct(
-    model: nn.Module, reference: tuple[dict[str, torch.Tensor], torch.Tensor], calibration: tuple[torch.Tensor, ...]
+    model: nn.Module, reference: tuple[dict[str, torch.Tensor], torch.Tensor], calibration: tuple[torch.Tensor, ...],
+    live: Live | None = None,
 ) -> bool:
     """Correct the biases of a quantized model in place if that lowers the output error on examples it
     was not fitted to: fitted on the even calibration examples and checked on the odd ones, then (if it
     helped) fitted on all. Below SPLIT_MIN examples, or when a layer's dim 0 is not the batch, it is
-    fitted and checked on all of them."""
+    fitted and checked on all of them. `reference` and `live` must come from the same calibration."""
     means, target = reference
     n = calibration[0].shape[0]
     if n < SPLIT_MIN or any(m.shape[0] != n for m in means.values()):
-        return _correct_if_better(model, means, calibration, calibration, target, keep=True)
+        return _correct_if_better(model, means, calibration, calibration, target, live, keep=True)
     fit, check = tuple(t[0::2] for t in calibration), tuple(t[1::2] for t in calibration)
     _, check_target = float_reference(model, check)
-    if not _correct_if_better(model, {k: m[0::2] for k, m in means.items()}, fit, check, check_target, keep=False):
+    fit_means = {k: m[0::2] for k, m in means.items()}
+    if not _correct_if_better(model, fit_means, fit, check, check_target, _part(live, slice(0, None, 2)), keep=False):
         return False
-    correct_biases(model, means, calibration)
+    correct_biases(model, means, calibration, live)
     return True
 
 
 def _correct_if_better(model: nn.Module, means: dict[str, torch.Tensor], fit: tuple[torch.Tensor, ...],
-                       check: tuple[torch.Tensor, ...], target: torch.Tensor, keep: bool) -> bool:
+                       check: tuple[torch.Tensor, ...], target: torch.Tensor, live: Live | None, keep: bool
+                       ) -> bool:
     """Whether correcting on `fit` lowers the output error on `check`; the corrected biases stay only if
     it does and `keep`."""
     before = float((flat(model(*check)) - target).pow(2).sum())
     layers = quant_layers(model).values()
     saved = {layer.name: None if layer.bias is None else layer.bias.detach().clone() for layer in layers}
-    correct_biases(model, means, fit)
+    correct_biases(model, means, fit, live)
     better = float((flat(model(*check)) - target).pow(2).sum()) <= before
     if better and keep:
         return True
@@ -129,9 +149,10 @@ def _correct_if_better(model: nn.Module, means: dict[str, torch.Tensor], fit: tu
 
 
 @torch.no_grad()
-def correct_biases(model: nn.Module, reference: dict[str, torch.Tensor], calibration: tuple[torch.Tensor, ...]) -> int:
+def correct_biases(model: nn.Module, reference: dict[str, torch.Tensor], calibration: tuple[torch.Tensor, ...],
+                   live: Live | None = None) -> int:
     """Shift every quantized conv/linear's bias by the output shift its `calibration` examples agree on
-    (`agreed_shift` of the per-example channel means against `reference`'s).
+    (`agreed_shift` of the per-example channel means, over `live` rows where given, against `reference`'s).
 
     Layers without a bias get one. Returns how many layers were corrected.
     """
@@ -142,7 +163,8 @@ def correct_biases(model: nn.Module, reference: dict[str, torch.Tensor], calibra
         if layer.bits is None or layer.name not in reference:
             return out
         assert layer.weight is not None
-        delta = agreed_shift(reference[layer.name] - example_means(layer, out)).to(layer.weight.dtype)
+        means = example_means(layer, out, (live or {}).get(layer.name))
+        delta = agreed_shift(reference[layer.name] - means).to(layer.weight.dtype)
         if layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros_like(delta))
         layer.bias.add_(delta)

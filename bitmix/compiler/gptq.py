@@ -4,9 +4,8 @@ Rounding each weight to its nearest code ignores that a layer's inputs are corre
 error of a weight row `d = w_q - w` is `d H d^T` with `H = X^T X` over the layer's calibration inputs.
 GPTQ quantizes one input column at a time and spreads its rounding error over the columns not yet
 quantized, in proportion to the inverse Hessian (the optimal brain surgeon update), so later columns
-cancel what earlier ones got wrong. The per-output-channel steps stay the MSE steps
-(`bitmix.compiler.ranges`); only which code each weight takes changes, so the deployed layer does
-the same integer work.
+cancel what earlier ones got wrong. Only which code each weight takes and each output row's step
+(see below) change, so the deployed layer does the same integer work.
 
 The stored weight of a GPTQ'd layer is each column as it was when it was rounded (the compensated
 weight): `round(clip(w / step))` of it is exactly the GPTQ code, so the fake-quant forward, `codes`
@@ -16,6 +15,15 @@ position inside its rounding bin kept. Like bias correction, this changes the la
 pass, each seeing the inputs its already-rounded upstream layers produce (GPTQ's sequential form).
 A layer keeps GPTQ's codes only if they lower its output error on held-out calibration examples
 (Hessian fitted on the even examples, judged on the odd ones), then is refitted on all of them.
+
+Each output row's step is chosen too (`search_steps`): the MSE step minimises the weights' own
+rounding error, but what matters is the output error left after GPTQ's compensation, `d H d^T`.
+Every row is GPTQ'd at each multiple of its MSE step in STEP_GRID on the even examples' Hessian and
+keeps the step whose result has the least error on the odd examples' Hessian. Rows are independent
+under GPTQ (one shared inverse-Hessian factor, per-row updates), so each row's choice is exact. This
+is the weight-clipping search of AWQ (Lin et al., arXiv 2306.00978: a grid of clipping ratios per
+output channel, judged by the layer's output error on calibration tokens) and OmniQuant's learned
+weight clipping (Shao et al., arXiv 2308.13137), judged after GPTQ's compensation and on held-out rows.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitmix.compiler import ranges
 from bitmix.compiler.qlayer import LSQQuantizer, QuantLayer
 from bitmix.ir.precision import as_precision
 
@@ -31,6 +40,7 @@ DAMP = 0.01  # lambda: dampening as a fraction of mean(diag H), GPTQ's default (
 BLOCK = 128  # columns per lazy-batch block (GPTQ's B = 128)
 GPTQ_MAX_BITS = 8  # weights at this width and above keep round-to-nearest (see gptq_round)
 CHUNK = 8  # examples unfolded at a time when a conv's Hessian is accumulated
+STEP_GRID = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2)  # row step multiples of the MSE step tried
 
 
 def _rows(layer: QuantLayer, x: torch.Tensor) -> torch.Tensor:
@@ -64,10 +74,15 @@ def dequant(w: torch.Tensor, step: torch.Tensor, q_n: int, q_p: int) -> torch.Te
     return torch.round(torch.clamp(w.float() / s, -q_n, q_p)) * s
 
 
+def row_errors(weight: torch.Tensor, rounded: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """(G, R): each row's `d H d^T`, d = rounded - weight (both (G, R, K)): its squared output error."""
+    d = rounded.double() - weight.double()
+    return torch.einsum("grk,gkj,grj->gr", d, h, d)
+
+
 def output_error(weight: torch.Tensor, rounded: torch.Tensor, h: torch.Tensor) -> float:
     """Sum over groups and rows of `d H d^T`, d = rounded - weight (both (G, R, K)): the squared output error."""
-    d = rounded.double() - weight.double()
-    return float(torch.einsum("grk,gkj,grj->", d, h, d))
+    return float(row_errors(weight, rounded, h).sum())
 
 
 def _inverse_factor(h: torch.Tensor) -> torch.Tensor | None:
@@ -124,6 +139,29 @@ def gptq_weights(weight: torch.Tensor, step: torch.Tensor, h: torch.Tensor, q_n:
     return out
 
 
+@torch.no_grad()
+def search_steps(weight: torch.Tensor, step: torch.Tensor, fit: torch.Tensor, test: torch.Tensor, q_n: int,
+                 q_p: int, grid: tuple[float, ...] = STEP_GRID) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per row, the multiple of `step` (G, R, 1) in `grid` whose GPTQ rounding on `fit` leaves the least
+    output error on `test`: (steps (G, R, 1) float32, their GPTQ'd weights on `fit`); None if H cannot be
+    factored."""
+    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    for c in grid:
+        s = (step.float() * c).clamp(min=ranges.MIN_STEP)
+        trial = gptq_weights(weight, s, fit, q_n, q_p)
+        if trial is None:
+            return None
+        err = row_errors(weight, dequant(trial, s, q_n, q_p), test)
+        if best is None:
+            best = (err, s, trial)
+            continue
+        win = err < best[0]
+        best = (torch.where(win, err, best[0]), torch.where(win.unsqueeze(-1), s, best[1]),
+                torch.where(win.unsqueeze(-1), trial, best[2]))
+    assert best is not None
+    return best[1], best[2]
+
+
 def _grouped(layer: QuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's weight as (G, R, K) and its steps as (G, R, 1)."""
     assert layer.weight is not None and isinstance(layer.w_quant, LSQQuantizer)
@@ -134,7 +172,8 @@ def _grouped(layer: QuantLayer) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def round_layer(layer: QuantLayer, x: torch.Tensor, live: torch.Tensor | None = None) -> bool:
-    """GPTQ one layer in place on its input `x` (N, ...) when that lowers the held-out output error.
+    """GPTQ one layer in place on its input `x` (N, ...), with each row's step from `search_steps`, when that
+    lowers the held-out output error below round-to-nearest at the MSE steps.
 
     `live` (a linear's input rows, `bitmix.compiler.live`) zeroes the rows that cannot reach the model's
     output, which drops them from the Hessians."""
@@ -148,11 +187,12 @@ def round_layer(layer: QuantLayer, x: torch.Tensor, live: torch.Tensor | None = 
     if live is not None and live.shape == x.shape[:-1]:
         x = x * live.unsqueeze(-1).to(x.dtype)
     fit, test = hessians(layer, x.float())
-    w, step = _grouped(layer)
-    trial = gptq_weights(w, step, fit, q.q_n, q.q_p)
-    if trial is None:
+    w, mse_step = _grouped(layer)
+    searched = search_steps(w, mse_step, fit, test, q.q_n, q.q_p, STEP_GRID)
+    if searched is None:
         return False
-    rtn = dequant(w, step, q.q_n, q.q_p)
+    step, trial = searched
+    rtn = dequant(w, mse_step, q.q_n, q.q_p)
     if output_error(w, dequant(trial, step, q.q_n, q.q_p), test) >= output_error(w, rtn, test):
         return False
     final = gptq_weights(w, step, fit + test, q.q_n, q.q_p)
@@ -160,6 +200,7 @@ def round_layer(layer: QuantLayer, x: torch.Tensor, live: torch.Tensor | None = 
         return False
     assert layer.weight is not None
     layer.weight.copy_(final.reshape(layer.weight.shape))
+    q.set_step(step.reshape(-1))
     return True
 
 

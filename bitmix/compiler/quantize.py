@@ -33,6 +33,7 @@ def fake_quantize(
     smoothing: bool = True,
     equalization: bool = True,
     rounding: bool = True,
+    activation_search: bool = True,
 ) -> torch.fx.GraphModule:
     """A new fake-quantized copy of a prepared model with per-layer `Precision` pairs from `assignment`
     (weight width for the weights, activation width for the inputs; an int b means b/b).
@@ -45,7 +46,9 @@ def fake_quantize(
     (`bitmix.compiler.smooth`, each layer only where it lowers its output error) and conv pairs are
     equalised (`bitmix.compiler.equalize`, kept only if the calibration output error drops) and, with
     `rounding`, weights are rounded by GPTQ (`bitmix.compiler.gptq`, each layer only where it lowers
-    its held-out output error); without calibration,
+    its held-out output error) and, with `activation_search`, the activation steps of linears whose weights
+    are not the narrower operand are chosen by their output error (`bitmix.compiler.act_search`); without
+    calibration,
     the data-free `2 E|v| / sqrt(Q_P)` for unit-Gaussian values (E|v| = sqrt(2/pi) signed,
     1/sqrt(2 pi) unsigned). `compile` calibrates on the examples.
     """
@@ -57,21 +60,24 @@ def fake_quantize(
     if unknown:
         raise BitmixError(f"assignment names unknown layer {unknown[0]!r}; valid layers: {', '.join(layers)}")
     if calibration is None:
-        return _quantize(model, assignment, None, bias_correction, smoothing, rounding)
+        return _quantize(model, assignment, None, bias_correction, smoothing, rounding, activation_search)
     ranges.check_calibration(calibration)
     if not (equalization and isinstance(model, torch.fx.GraphModule) and pairs(model)):
-        return _quantize(model, assignment, calibration, bias_correction, smoothing, rounding)
+        return _quantize(model, assignment, calibration, bias_correction, smoothing, rounding, activation_search)
     target = _float_output(model, calibration)
-    plain = _quantize(copy.deepcopy(model), assignment, calibration, bias_correction, smoothing, rounding)
+    options = (bias_correction, smoothing, rounding, activation_search)
+    plain = _quantize(copy.deepcopy(model), assignment, calibration, *options)
     equalize(model)
-    equalized = _quantize(model, assignment, calibration, bias_correction, smoothing, rounding)
+    equalized = _quantize(model, assignment, calibration, *options)
     errors = [float((_flat(m(*calibration)) - target).pow(2).sum()) for m in (plain, equalized)]
     return equalized if errors[1] < errors[0] else plain
 
 
 def _quantize(model: nn.Module, assignment: dict[str, int], calibration: tuple[torch.Tensor, ...] | None,
-              bias_correction: bool, smoothing: bool, rounding: bool) -> torch.fx.GraphModule:
+              bias_correction: bool, smoothing: bool, rounding: bool, activation_search: bool
+              ) -> torch.fx.GraphModule:
     """`fake_quantize` on a private copy, after the optional equalisation."""
+    from bitmix.compiler.act_search import search_activation_steps
     from bitmix.compiler.correct import bias_correct, float_reference
     from bitmix.compiler.gptq import gptq_round
     from bitmix.compiler.live import live_rows
@@ -81,18 +87,21 @@ def _quantize(model: nn.Module, assignment: dict[str, int], calibration: tuple[t
     signs = calibration_signs(model, layers, calibration) if calibration is not None else {}
     if calibration is not None and smoothing:
         smooth_linears(model, layers, assignment, calibration, signs)
-    live = live_rows(model, layers, calibration) if calibration is not None and rounding else {}
-    reference = float_reference(model, calibration) if calibration is not None and bias_correction else None
+    live = live_rows(model, layers, calibration) if calibration is not None else {}
+    reference = float_reference(model, calibration, live) if calibration is not None and bias_correction else None
     for name, layer in layers.items():
         a_signed, b_signed = signs.get(name, (None, None))
         layer.set_bits(assignment.get(name), a_signed=a_signed, b_signed=b_signed)
     if calibration is not None:
         with torch.no_grad():
-            model(*calibration)
+            if activation_search:
+                search_activation_steps(model, layers, calibration, live)
+            else:
+                model(*calibration)
         if rounding:
             gptq_round(model, layers, calibration, live)
         if reference is not None:
-            bias_correct(model, reference, calibration)
+            bias_correct(model, reference, calibration, live)
     else:
         for layer in layers.values():
             for q in (layer.a_quant, layer.b_quant):

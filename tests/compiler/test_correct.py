@@ -37,8 +37,10 @@ def test_bias_correction_lowers_mean_output_error_on_calibration():
     net = _net()
     calib = (torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(1)),)
     gm = prepare(capture(net, (calib[0][:2],)))
-    # without GPTQ rounding, which changes the weights' float function (the reference here is `net`)
-    plain = fake_quantize(gm, {n: 2 for n in quant_layers(gm)}, calib, bias_correction=False, rounding=False)
+    # without GPTQ rounding, which changes the weights' float function (the reference here is `net`), and with
+    # the plain MSE activation steps: the correction alone is under test
+    plain = fake_quantize(gm, {n: 2 for n in quant_layers(gm)}, calib, bias_correction=False, rounding=False,
+                          activation_search=False)
     fixed = copy.deepcopy(plain)
     means, _ = float_reference(fixed, calib)
     assert correct_biases(fixed, means, calib) == 3
@@ -94,3 +96,37 @@ def test_correction_that_only_fits_its_own_examples_is_refused():
     for name, layer in quant_layers(model).items():
         assert (layer.bias is None) == (before[name] is None)
         assert before[name] is None or torch.equal(layer.bias, before[name])
+
+
+def test_live_rows_restrict_channel_means():
+    from bitmix.compiler.correct import example_means
+    from bitmix.compiler.qlayer import QuantLayer
+
+    layer = QuantLayer("fc", "linear", torch.zeros(3, 2))
+    out = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    live = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    means = example_means(layer, out, live)
+    torch.testing.assert_close(means[0], out[0, :2].double().mean(0))
+    assert torch.equal(means[1], torch.zeros(3, dtype=torch.float64))  # no live row: no shift either way
+    assert torch.equal(example_means(layer, out, None), out.double().mean(1))
+
+
+def test_bias_correction_ignores_what_dead_rows_hold():
+    """With live rows, what a padded position computes does not change the correction."""
+    from bitmix.compiler.live import live_rows
+    from tests.compiler.test_live import _batch, _Padded
+
+    x, mask = _batch(16, 3)
+    gm = prepare(capture(_Padded().eval(), (x[:2], mask[:2])))
+    plain = fake_quantize(gm, {n: 2 for n in quant_layers(gm)}, (x, mask), bias_correction=False, rounding=False,
+                          activation_search=False)
+    live = live_rows(plain, quant_layers(plain), (x, mask))
+    biases = []
+    for junk in (0.0, 50.0):  # whatever the padded tokens hold
+        xj = torch.where(mask.bool().unsqueeze(-1), x, junk)
+        fixed = copy.deepcopy(plain)
+        means, _ = float_reference(fixed, (xj, mask), live)
+        assert correct_biases(fixed, means, (xj, mask), live) == 2
+        biases.append({n: layer.bias.detach().clone() for n, layer in quant_layers(fixed).items()})
+    for name, bias in biases[0].items():
+        torch.testing.assert_close(bias, biases[1][name], rtol=0, atol=1e-6)

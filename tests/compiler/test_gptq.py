@@ -95,3 +95,44 @@ def test_8_bit_weights_keep_round_to_nearest():
     plain = fake_quantize(gm, assignment, calib, rounding=False)
     rounded = fake_quantize(gm, assignment, calib)
     assert all(torch.equal(layer.weight, quant_layers(plain)[n].weight) for n, layer in quant_layers(rounded).items())
+
+
+def test_step_search_keeps_each_rows_best_held_out_step():
+    from bitmix.compiler.gptq import row_errors, search_steps
+
+    w = torch.randn(1, 24, 48, generator=torch.Generator().manual_seed(7))
+    step = (w.abs().amax(dim=-1, keepdim=True) / 7).float()
+    fit, test = _correlated(1024, 48, 8).double(), _correlated(1024, 48, 9).double()
+    h_fit, h_test = (fit.T @ fit).unsqueeze(0), (test.T @ test).unsqueeze(0)
+    grid = (0.6, 0.8, 1.0, 1.2)
+    searched = search_steps(w, step, h_fit, h_test, 8, 7, grid)
+    assert searched is not None
+    chosen, weights = searched
+    errors = []
+    for c in grid:
+        s = step * c
+        trial = gptq_weights(w, s, h_fit, 8, 7)
+        assert trial is not None
+        errors.append(row_errors(w, dequant(trial, s, 8, 7), h_test))
+    best = torch.stack(errors).amin(dim=0)
+    torch.testing.assert_close(row_errors(w, dequant(weights, chosen, 8, 7), h_test), best)
+    ratios = (chosen / step).flatten()
+    assert all(any(abs(float(r) - c) < 1e-6 for c in grid) for r in ratios)
+    assert len({round(float(r), 6) for r in ratios}) > 1  # rows differ in their best step
+    only_mse = search_steps(w, step, h_fit, h_test, 8, 7, (1.0,))
+    assert only_mse is not None and torch.equal(only_mse[0], step)
+    assert torch.equal(only_mse[1], gptq_weights(w, step, h_fit, 8, 7))
+
+
+def test_searched_steps_lower_bit_exactly():
+    net = _Mixed().eval()
+    calib, test = (_correlated(256, 32, 5),), (_correlated(64, 32, 6),)
+    gm = prepare(capture(net, (calib[0][:2],)))
+    assignment = {n: "4/8" for n in quant_layers(gm)}
+    plain = fake_quantize(gm, assignment, calib, rounding=False)
+    rounded = fake_quantize(gm, assignment, calib)
+    moved = [n for n, layer in quant_layers(rounded).items()
+             if not torch.equal(layer.w_quant.step, quant_layers(plain)[n].w_quant.step)]
+    assert moved  # some row left its MSE step
+    with torch.no_grad():
+        assert torch.equal(lower(rounded).module(*test), rounded(*test))
