@@ -75,9 +75,13 @@ def test_int32_accumulators_equal_torch_on_codes(digits_lowered):
             acc = kernels.gemm(a_np.reshape(-1, a_np.shape[-1]), plan.packed, plan.bits.a, plan.a_signed)
         assert acc.dtype == np.int32
         np.testing.assert_array_equal(acc.reshape(ref.shape), ref.numpy().astype(np.int64))
-        # float outputs agree up to the final rescale's rounding
+        # float outputs agree up to the final rescale's rounding (a conv's fused ReLU applied to both)
         with torch.no_grad():
-            torch.testing.assert_close(kernel_layers[name](x), layer(x), rtol=1e-5, atol=1e-5)
+            expected = layer(x)
+            if kernel_layers[name].clamp is not None:
+                lo, hi = kernel_layers[name].clamp
+                expected = expected.clamp(min=lo, max=hi)
+            torch.testing.assert_close(kernel_layers[name](x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_accuracy_equals_fake_quant_accuracy(digits_lowered):
