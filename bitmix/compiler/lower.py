@@ -132,7 +132,7 @@ def _run_conv2d_nhwc(x: torch.Tensor, p: KernelPlan, residual: torch.Tensor | No
     ``residual``/``clamp``: the add and ReLU/hardtanh after it (``layout.fuse_conv_epilogues``),
     done in the kernel's epilogue."""
     if x.dim() != 4:
-        return _epilogue(_run_conv2d(x, p), residual, clamp)
+        return conv_epilogue(_run_conv2d(x, p), residual, clamp)
     assert p.packed is not None and p.w_scales is not None
     x = x.detach().to(torch.float32).cpu()
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
@@ -148,7 +148,7 @@ def _run_conv2d_nhwc(x: torch.Tensor, p: KernelPlan, residual: torch.Tensor | No
     return torch.from_numpy(run(arr, channels_last, res, (np.float32(lo), np.float32(hi)))).permute(0, 3, 1, 2)
 
 
-def _epilogue(y: torch.Tensor, residual: torch.Tensor | None, clamp: tuple[float, float] | None) -> torch.Tensor:
+def conv_epilogue(y: torch.Tensor, residual: torch.Tensor | None, clamp: tuple[float, float] | None) -> torch.Tensor:
     """The fused epilogue's ops as torch ops (traced graphs, non-4-D inputs): ``clamp(y + residual)``."""
     if residual is not None:
         y = y + residual
@@ -338,7 +338,7 @@ class KernelLayer(nn.Module):
         if not _plain_tensors(x, other, residual):
             out = getattr(torch.ops.bitmix, op)(*operands, self.handle)
             if fused:
-                out = _epilogue(out, residual, self.clamp)
+                out = conv_epilogue(out, residual, self.clamp)
         elif torch.autograd.profiler._is_profiler_enabled:  # profiles still name the op
             with torch.profiler.record_function(f"bitmix::{op}"):
                 out = self._eager(impl, operands, residual)
@@ -352,7 +352,7 @@ class KernelLayer(nn.Module):
         if self.channels_last:
             return _run_conv2d_nhwc(operands[0], self.plan, residual, self.clamp)
         out = impl(*operands, self.plan)
-        return out if residual is None and self.clamp is None else _epilogue(out, residual, self.clamp)
+        return out if residual is None and self.clamp is None else conv_epilogue(out, residual, self.clamp)
 
 
 def plan_for(layer: QuantLayer) -> KernelPlan:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bitmix import kernels
-from bitmix.compiler.lower import KernelLayer, KernelPlan, matmul_kernel
+from bitmix.compiler.lower import KernelLayer, KernelPlan, conv_epilogue, matmul_kernel
 from bitmix.ir.precision import Precision
 
 
@@ -79,9 +79,10 @@ def _(a, b, bits, a_step, a_signed, b_step, b_signed):  # type: ignore[no-untype
 class PortableLayer(nn.Module):
     """A `KernelLayer` with its plan as buffers and plain scalars: exportable, saveable."""
 
-    def __init__(self, plan: KernelPlan) -> None:
+    def __init__(self, plan: KernelPlan, clamp: tuple[float, float] | None = None) -> None:
         super().__init__()
         self.name, self.kind, self.bits = plan.name, plan.kind, plan.bits
+        self.clamp = clamp  # the kernel layer's fused ReLU/hardtanh (``layout.fuse_conv_epilogues``)
         self.a_step, self.a_signed = plan.a_step, plan.a_signed
         self.b_step, self.b_signed = plan.b_step, plan.b_signed
         if plan.kind == "matmul":
@@ -96,7 +97,8 @@ class PortableLayer(nn.Module):
         self.k, self.k_pad, self.offset = p.k, p.k_pad, p.offset
         self.geometry = [*plan.kernel_size, *plan.stride, *plan.padding, *plan.dilation, plan.groups]
 
-    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.kind == "matmul":
             assert other is not None
             return qmatmul_steps(x, other, self.bits.a, self.a_step, self.a_signed, self.b_step, self.b_signed)
@@ -104,9 +106,8 @@ class PortableLayer(nn.Module):
             x = x * self.a_scale  # the lowered layer's float32 product, so the codes match bit for bit
         args = (x, self.data, self.row_sums, self.scales, self.bias, self.k, self.k_pad, self.offset, self.bits.w,
                 self.bits.a, self.a_step, self.a_signed)
-        if self.kind == "linear":
-            return qlinear_packed(*args)
-        return qconv2d_packed(*args, self.geometry)
+        out = qlinear_packed(*args) if self.kind == "linear" else qconv2d_packed(*args, self.geometry)
+        return out if residual is None and self.clamp is None else conv_epilogue(out, residual, self.clamp)
 
 
 def portable(lowered: nn.Module) -> nn.Module:
@@ -116,5 +117,5 @@ def portable(lowered: nn.Module) -> nn.Module:
         if isinstance(layer, KernelLayer):
             parent_path, _, attr = path.rpartition(".")
             parent = module.get_submodule(parent_path) if parent_path else module
-            setattr(parent, attr, PortableLayer(layer.plan))
+            setattr(parent, attr, PortableLayer(layer.plan, layer.clamp))
     return module
