@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitmix.compiler.qlayer import QuantLayer, quant_layers
+from bitmix.compiler.qlayer import QuantLayer, fixed_batch, quant_layers
 
 Live = dict[str, torch.Tensor]  # per layer, a bool mask over its output rows (`bitmix.compiler.live`)
 SPLIT_MIN = 4  # calibration examples needed to check the correction on ones it was not fitted to
@@ -111,11 +111,12 @@ def bias_correct(
 ) -> bool:
     """Correct the biases of a quantized model in place if that lowers the output error on examples it
     was not fitted to: fitted on the even calibration examples and checked on the odd ones, then (if it
-    helped) fitted on all. Below SPLIT_MIN examples, or when a layer's dim 0 is not the batch, it is
-    fitted and checked on all of them. `reference` and `live` must come from the same calibration."""
+    helped) fitted on all. Below SPLIT_MIN examples, when a layer's dim 0 is not the batch, or when the
+    model runs only its traced batch (`fixed_batch`), it is fitted and checked on all of them.
+    `reference` and `live` must come from the same calibration."""
     means, target = reference
     n = calibration[0].shape[0]
-    if n < SPLIT_MIN or any(m.shape[0] != n for m in means.values()):
+    if n < SPLIT_MIN or fixed_batch(model) is not None or any(m.shape[0] != n for m in means.values()):
         return _correct_if_better(model, means, calibration, calibration, target, live, keep=True)
     fit, check = tuple(t[0::2] for t in calibration), tuple(t[1::2] for t in calibration)
     _, check_target = float_reference(model, check)

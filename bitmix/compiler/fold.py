@@ -61,8 +61,21 @@ def prepare(graph: LayerGraph) -> fx.GraphModule:
     gm.recompile()
     gm = copy.deepcopy(gm)  # own every tensor: fine-tuning must not write into graph.exported
     gm.bitmix_layers = attrs
-    gm.meta[PRESERVED] = {"bitmix_layers": attrs}  # GraphModule.__deepcopy__ re-attaches these
+    gm.bitmix_fixed_batch = _fixed_batch(graph.exported)
+    # GraphModule.__deepcopy__ re-attaches these
+    gm.meta[PRESERVED] = {"bitmix_layers": attrs, "bitmix_fixed_batch": gm.bitmix_fixed_batch}
     return gm.eval()
+
+
+def _fixed_batch(exported: torch.export.ExportedProgram) -> int | None:
+    """The traced batch if no input's dim 0 is symbolic (a static export, e.g. a torch.compile piece on its
+    first call, whose views bake the batch in): the quantize stage then runs calibration only whole."""
+    placeholders = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
+    vals = [placeholders[name].meta.get("val") for name in exported.graph_signature.user_inputs]
+    dims = [v.shape[0] for v in vals if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if not dims or any(isinstance(d, torch.SymInt) for d in dims):
+        return None
+    return int(dims[0])
 
 
 def drop_guards(gm: fx.GraphModule) -> None:

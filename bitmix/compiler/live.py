@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitmix.compiler.qlayer import QuantLayer
+from bitmix.compiler.qlayer import QuantLayer, fixed_batch
 
 CHUNK = 16  # calibration examples per backward pass (bounds the memory of the autograd graph)
 
@@ -49,14 +49,15 @@ def live_rows(model: nn.Module, layers: dict[str, QuantLayer], calibration: tupl
     saved = {name: layer.bits for name, layer in layers.items()}
     handles = [layer.register_forward_hook(hook) for layer in targets.values()]
     n = calibration[0].shape[0]
+    chunk = n if fixed_batch(model) is not None else CHUNK  # a static graph runs only its traced batch
     try:
         for layer in layers.values():
             layer.bits = None
         with torch.enable_grad():
-            for i in range(0, n, CHUNK):
+            for i in range(0, n, chunk):
                 calls.clear()
                 gen = torch.Generator().manual_seed(i)
-                loss = _project(model(*(t[i : i + CHUNK] for t in calibration)), gen)
+                loss = _project(model(*(t[i : i + chunk] for t in calibration)), gen)
                 if loss.requires_grad:
                     loss.backward()
                     model.zero_grad(set_to_none=True)
@@ -65,6 +66,6 @@ def live_rows(model: nn.Module, layers: dict[str, QuantLayer], calibration: tupl
             h.remove()
         for name, layer in layers.items():
             layer.bits = saved[name]
-    chunks = -(-n // CHUNK)
+    chunks = -(-n // chunk)
     masks = {name: torch.cat(p) for name, p in parts.items() if len(p) == chunks and calls.get(name) == 1}
     return {name: m for name, m in masks.items() if not bool(m.all())}

@@ -282,3 +282,8 @@ class QuantLayer(nn.Module):
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
     """Every `QuantLayer` of a prepared model, keyed by layer name, in registration order."""
     return {m.name: m for m in model.modules() if isinstance(m, QuantLayer)}
+
+
+def fixed_batch(model: nn.Module) -> int | None:
+    """The only batch a prepared model runs, if it was exported with static shapes (`fold.prepare`)."""
+    return getattr(model, "bitmix_fixed_batch", None)

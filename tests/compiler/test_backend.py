@@ -50,6 +50,33 @@ def test_backend_matches_bitmix_compile_calibrated_on_the_first_call():
         torch.testing.assert_close(compiled(x), cm(x), rtol=1e-4, atol=1e-4)
 
 
+class _Heads(nn.Module):
+    """Reshapes by its input's sizes, as attention does: Dynamo's first call bakes the batch into the views."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.out = nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        h = self.proj(x).view(b, t, 4, 4).transpose(1, 2).reshape(b, t, 16)
+        return self.out(torch.relu(h))
+
+
+def test_a_piece_traced_at_a_fixed_batch_calibrates_on_that_batch_only():
+    """A static first-call piece runs only its traced batch: bias correction and live rows must not split
+    or chunk the calibration (they did: a 4-row half of an 8-row call failed inside the static views)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Heads().eval()
+    x = torch.randn(20, 6, 16)
+    compiled = torch.compile(model, backend="bitmix")
+    with torch.no_grad():
+        out, ref = compiled(x), model(x)
+    assert not torch.equal(out, ref)
+    assert _cosine(out, ref) > 0.999
+
+
 def test_unknown_option_is_one_line():
     torch._dynamo.reset()
     model = nn.Sequential(nn.Linear(8, 4)).eval()
