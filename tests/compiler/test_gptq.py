@@ -136,3 +136,28 @@ def test_searched_steps_lower_bit_exactly():
     assert moved  # some row left its MSE step
     with torch.no_grad():
         assert torch.equal(lower(rounded).module(*test), rounded(*test))
+
+
+def test_inverse_factor_is_the_damped_inverse_hessians_upper_cholesky():
+    from bitmix.compiler.gptq import DAMP, inverse_factor
+
+    x = _correlated(512, 40, 10).double()
+    h = torch.stack([x.T @ x, 2 * x.T @ x + torch.eye(40, dtype=torch.float64)])
+    u = inverse_factor(h)
+    assert u is not None and torch.equal(u, u.triu())
+    damped = h + DAMP * h.diagonal(dim1=-2, dim2=-1).mean(dim=-1).reshape(-1, 1, 1) * torch.eye(40, dtype=h.dtype)
+    torch.testing.assert_close(u.transpose(1, 2) @ u, torch.linalg.inv(damped))
+
+
+def test_step_search_is_the_same_in_any_number_of_stacked_chunks(monkeypatch):
+    from bitmix.compiler import gptq
+
+    w = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(11))
+    step = (w.abs().amax(dim=-1, keepdim=True) / 7).float()
+    fit, test = _correlated(512, 32, 12).double(), _correlated(512, 32, 13).double()
+    h_fit, h_test = torch.stack([fit.T @ fit] * 2), torch.stack([test.T @ test] * 2)
+    stacked = gptq.search_steps(w, step, h_fit, h_test, 8, 7)
+    monkeypatch.setattr(gptq, "MAX_STACK", 1)  # one candidate step per compensate pass
+    one_by_one = gptq.search_steps(w, step, h_fit, h_test, 8, 7)
+    assert stacked is not None and one_by_one is not None
+    assert torch.equal(stacked[0], one_by_one[0]) and torch.equal(stacked[1], one_by_one[1])
