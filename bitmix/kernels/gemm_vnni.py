@@ -215,6 +215,7 @@ def driver():
             mt = t - nt * mtiles
             b0 = nt * 4
             b1 = min(nblk, b0 + 4)
+            o1, o2, o3 = min(1, b1 - b0 - 1) * ws, min(2, b1 - b0 - 1) * ws, min(3, b1 - b0 - 1) * ws
             tmp = np.empty(LANES, dtype=np.int32)
             s = np.zeros(4, dtype=np.int64)
             for i in range(mt * MT, min(m, mt * MT + MT), 4):
@@ -229,50 +230,41 @@ def driver():
                     s[2] = offset * taps_sum(psum, tappix, p2)
                     s[3] = offset * taps_sum(psum, tappix, p3)
                 a0, a1, a2, a3 = p0 * ps, p1 * ps, p2 * ps, p3 * ps
-                if b1 - b0 == 4:
-                    z = zero_i32x16()
-                    c00, c01, c02, c03, c10, c11, c12, c13 = z, z, z, z, z, z, z, z
-                    c20, c21, c22, c23, c30, c31, c32, c33 = z, z, z, z, z, z, z, z
-                    for tap in range(ntaps):
-                        d = tapoff[tap]
-                        wb = b0 * ws + tap * cq * 64
-                        for q in range(cq):
-                            wq = wb + q * 64
-                            w0 = load_i8x64(wp, wq)
-                            w1 = load_i8x64(wp, wq + ws)
-                            w2 = load_i8x64(wp, wq + 2 * ws)
-                            w3 = load_i8x64(wp, wq + 3 * ws)
-                            x = bcast4_i8x64(a8, a0 + d + 4 * q)
-                            c00, c01, c02, c03 = (dpbusd512(c00, w0, x), dpbusd512(c01, w1, x),
-                                                  dpbusd512(c02, w2, x), dpbusd512(c03, w3, x))
-                            x = bcast4_i8x64(a8, a1 + d + 4 * q)
-                            c10, c11, c12, c13 = (dpbusd512(c10, w0, x), dpbusd512(c11, w1, x),
-                                                  dpbusd512(c12, w2, x), dpbusd512(c13, w3, x))
-                            x = bcast4_i8x64(a8, a2 + d + 4 * q)
-                            c20, c21, c22, c23 = (dpbusd512(c20, w0, x), dpbusd512(c21, w1, x),
-                                                  dpbusd512(c22, w2, x), dpbusd512(c23, w3, x))
-                            x = bcast4_i8x64(a8, a3 + d + 4 * q)
-                            c30, c31, c32, c33 = (dpbusd512(c30, w0, x), dpbusd512(c31, w1, x),
-                                                  dpbusd512(c32, w2, x), dpbusd512(c33, w3, x))
-                    col = b0 * LANES
-                    finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col, n, s, c00, c10, c20, c30)
+                # a partial tile (n_pad not a multiple of 64) re-reads its last block in the missing
+                # slots and stores only its own: one loop body (the per-block loop it replaced ran
+                # 3-6x slower per block, 1x1 conv 112x112 16 -> 96: 6.3 ms vs 2.0 ms for 16 -> 128)
+                z = zero_i32x16()
+                c00, c01, c02, c03, c10, c11, c12, c13 = z, z, z, z, z, z, z, z
+                c20, c21, c22, c23, c30, c31, c32, c33 = z, z, z, z, z, z, z, z
+                for tap in range(ntaps):
+                    d = tapoff[tap]
+                    wb = b0 * ws + tap * cq * 64
+                    for q in range(cq):
+                        wq = wb + q * 64
+                        w0 = load_i8x64(wp, wq)
+                        w1 = load_i8x64(wp, wq + o1)
+                        w2 = load_i8x64(wp, wq + o2)
+                        w3 = load_i8x64(wp, wq + o3)
+                        x = bcast4_i8x64(a8, a0 + d + 4 * q)
+                        c00, c01, c02, c03 = (dpbusd512(c00, w0, x), dpbusd512(c01, w1, x),
+                                              dpbusd512(c02, w2, x), dpbusd512(c03, w3, x))
+                        x = bcast4_i8x64(a8, a1 + d + 4 * q)
+                        c10, c11, c12, c13 = (dpbusd512(c10, w0, x), dpbusd512(c11, w1, x),
+                                              dpbusd512(c12, w2, x), dpbusd512(c13, w3, x))
+                        x = bcast4_i8x64(a8, a2 + d + 4 * q)
+                        c20, c21, c22, c23 = (dpbusd512(c20, w0, x), dpbusd512(c21, w1, x),
+                                              dpbusd512(c22, w2, x), dpbusd512(c23, w3, x))
+                        x = bcast4_i8x64(a8, a3 + d + 4 * q)
+                        c30, c31, c32, c33 = (dpbusd512(c30, w0, x), dpbusd512(c31, w1, x),
+                                              dpbusd512(c32, w2, x), dpbusd512(c33, w3, x))
+                col = b0 * LANES
+                finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col, n, s, c00, c10, c20, c30)
+                if b1 - b0 > 1:
                     finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col + 16, n, s, c01, c11, c21, c31)
+                if b1 - b0 > 2:
                     finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col + 32, n, s, c02, c12, c22, c32)
+                if b1 - b0 > 3:
                     finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col + 48, n, s, c03, c13, c23, c33)
-                else:
-                    for b in range(b0, b1):
-                        z = zero_i32x16()
-                        c0, c1, c2, c3 = z, z, z, z
-                        for tap in range(ntaps):
-                            d = tapoff[tap]
-                            wb = b * ws + tap * cq * 64
-                            for q in range(cq):
-                                w0 = load_i8x64(wp, wb + q * 64)
-                                c0 = dpbusd512(c0, w0, bcast4_i8x64(a8, a0 + d + 4 * q))
-                                c1 = dpbusd512(c1, w0, bcast4_i8x64(a8, a1 + d + 4 * q))
-                                c2 = dpbusd512(c2, w0, bcast4_i8x64(a8, a2 + d + 4 * q))
-                                c3 = dpbusd512(c3, w0, bcast4_i8x64(a8, a3 + d + 4 * q))
-                        finish(mode, out_i, out_f, epi, tmp, cw, i, rows, b * LANES, n, s, c0, c1, c2, c3)
 
     simd.pin_kernels("gemm_vnni", pixel, taps_sum, put, finish)
     return simd.pin_uuid(njit(parallel=True, cache=True)(core), "gemm_vnni.core")
