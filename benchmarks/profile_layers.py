@@ -93,7 +93,6 @@ def main() -> None:
     _probe(gemm_vnni, "conv", "conv: implicit GEMM (gemm_vnni.conv)")
     _probe(conv_nhwc, "_depthwise", "conv: depthwise (_depthwise)")
     _probe(conv_nhwc, "_codes", "conv: quantize (_codes, depthwise/other)")
-    _probe(conv_nhwc, "_quantize_rows", "conv: quantize rows (non-VNNI 1x1)")
     _probe(conv_nhwc, "_scale_rows", "conv: scale rows (non-VNNI)")
     totals = []
     with torch.no_grad():
