@@ -81,9 +81,9 @@ def main() -> None:
     macs: dict[str, int] = {}
     original = lower.KernelLayer.forward
 
-    def forward(self, x, other=None):
+    def forward(self, x, other=None, residual=None):
         start = time.perf_counter()
-        out = original(self, x, other)
+        out = original(self, x, other, residual)
         layer_t[self.name].append(time.perf_counter() - start)
         macs[self.name] = _macs(self, x, out)
         return out
@@ -93,7 +93,6 @@ def main() -> None:
     _probe(gemm_vnni, "conv", "conv: implicit GEMM (gemm_vnni.conv)")
     _probe(conv_nhwc, "_depthwise", "conv: depthwise (_depthwise)")
     _probe(conv_nhwc, "_codes", "conv: quantize (_codes, depthwise/other)")
-    _probe(conv_nhwc, "_quantize_rows", "conv: quantize rows (non-VNNI 1x1)")
     _probe(conv_nhwc, "_scale_rows", "conv: scale rows (non-VNNI)")
     totals = []
     with torch.no_grad():

@@ -36,6 +36,7 @@ from numba import njit, prange
 
 from bitmix.errors import BitmixError
 from bitmix.kernels import gemm_avx2, gemm_vnni
+from bitmix.kernels.broadcast import NO_SCALE, quantize_rows
 from bitmix.kernels.conv import _weight_codes, conv_acc_channels_last
 from bitmix.kernels.conv_simd import _patches, _quantize_pixels, taps_first
 from bitmix.kernels.isa import isa_of
@@ -46,35 +47,6 @@ from bitmix.kernels.scratch import scratch
 
 ROW_BLOCK = 64  # pixels per task of the row passes
 _IMPLICIT_GEMM = {"avx512vnni": gemm_vnni, "avx2": gemm_avx2}  # micro-kernel set -> its implicit-GEMM conv
-
-
-@njit(parallel=True, cache=True)
-def _quantize_rows(x, step, lo, hi, shift, kp, a8, asum):
-    """``a8[i, c] = rint(clip(x[i, c] / step, lo, hi)) - shift`` (pad columns 0), ``asum[i]`` its
-    row sum; True if any NaN was seen."""
-    m, c = x.shape
-    flo = np.float32(lo)
-    fhi = np.float32(hi)
-    sh = np.int32(shift)
-    blocks = (m + ROW_BLOCK - 1) // ROW_BLOCK
-    nan = np.zeros(blocks, dtype=np.bool_)
-    for t in prange(blocks):
-        seen = False
-        for i in range(t * ROW_BLOCK, min(m, t * ROW_BLOCK + ROW_BLOCK)):
-            src = x[i]
-            base = i * kp
-            s = np.int32(0)
-            for q in range(c):
-                v = src[np.uintp(q)] / step
-                seen |= v != v  # branch-free flag keeps the loop vectorised; NaN codes are discarded
-                code = np.int32(np.rint(min(max(v, flo), fhi))) - sh
-                a8[np.uintp(base + q)] = code
-                s += code
-            for q in range(c, kp):
-                a8[np.uintp(base + q)] = 0
-            asum[i] = s
-        nan[t] = seen
-    return nan.any()
 
 
 @njit(parallel=True, cache=True)
@@ -329,7 +301,8 @@ def conv_nhwc(x: np.ndarray, w: PackedWeight, geom: tuple[int, ...], step: np.fl
         a8 = scratch("conv.a8", mp * kp, np.int8)
         asum = scratch("conv.asum", mp, np.int64)
         if kh == kw == sh == sw == 1 and ph == pw == 0:
-            nan = (_quantize_rows(x.reshape(m, c), step, lo, hi, shift, kp, a8, asum) if channels_last
+            nan = (quantize_rows(True)(x.reshape(m, c), NO_SCALE, False, step, lo, hi, shift, kp, a8, asum)
+                   if channels_last
                    else _quantize_pixels(x.reshape(nb, c, h * wd), step, lo, hi, shift, kp, a8, asum))
             if nan:
                 raise _nan()

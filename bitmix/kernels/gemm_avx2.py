@@ -29,14 +29,13 @@ the epilogue stores the int32 or ``float32(acc) * scale (+ bias)`` (``quant``'s 
 from __future__ import annotations
 
 import functools
-import weakref
-from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
 
 from bitmix.kernels import simd
-from bitmix.kernels.pack import PackedWeight, unpack_weights
+from bitmix.kernels.broadcast import BLOCK, GEMM_GEO, ONE_TAP, conv_launch, pixel, weight_blocks
+from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.simd import add_i16x16, add_i32x8, load_i8x32, madd_ones, maddubs, unpack_i8x32, zero_i32x8
 from bitmix.kernels.simd_avx2 import (
     bcast4_i8x32,
@@ -47,47 +46,11 @@ from bitmix.kernels.simd_avx2 import (
     store_i32x8,
 )
 
-BLOCK = 16  # output channels per weight block (two ymm)
 LANES = 8  # output channels per ymm
 MIN_M = 4  # fewer rows: the GEMV micro-kernels (one weight pass per row) are the right shape
 MT = 64  # activation rows per parallel task
 NB = 4  # weight blocks (64 channels) per parallel task
 INT32, SCALED = 0, 1  # epilogue modes (SCALED adds the bias when there is one)
-
-
-@dataclass(frozen=True, eq=False)
-class Blocks:
-    """A weight re-laid for the broadcast kernel: ``data`` = ``[n_pad/16][taps * cq][16][4]`` bytes."""
-
-    data: np.ndarray
-    n_pad: int
-    cq: int  # 4-byte K steps per tap
-    cw_base: np.ndarray  # int32 (n_pad,) row sums, zero past n (times ``shift`` = the ``cw`` term)
-    offset: int  # u = code + offset in ``data``
-
-
-_BLOCKS: weakref.WeakKeyDictionary[PackedWeight, dict] = weakref.WeakKeyDictionary()
-
-
-def weight_blocks(w: PackedWeight, taps: tuple[int, int, int] | None = None) -> Blocks:
-    """``w`` in the broadcast layout, built once per packed weight and tap structure: ``taps`` =
-    ``(c, kh, kw)`` re-orders a conv weight's K ``(c, kh, kw)`` into ``(kh, kw, c4)``."""
-    cache = _BLOCKS.setdefault(w, {})
-    blocks = cache.get(taps)
-    if blocks is None:
-        codes = unpack_weights(w).astype(np.int16)
-        c, kh, kw = taps if taps is not None else (w.k, 1, 1)
-        codes = codes.reshape(w.n, c, kh * kw).transpose(0, 2, 1)
-        offset = 128 if w.bits == 8 else w.offset
-        n_pad = -(-w.n // BLOCK) * BLOCK
-        c4 = -(-c // 4) * 4
-        full = np.zeros((n_pad, kh * kw, c4), dtype=np.uint8)  # pad bytes meet any activation: product 0
-        full[: w.n, :, :c] = (codes + offset).astype(np.uint8)
-        data = full.reshape(n_pad // BLOCK, BLOCK, kh * kw * c4 // 4, 4).transpose(0, 2, 1, 3).reshape(-1)
-        sums = np.zeros(n_pad, dtype=np.int32)
-        sums[: w.n] = w.row_sums
-        blocks = cache[taps] = Blocks(np.ascontiguousarray(data), n_pad, c4 // 4, sums, offset)
-    return blocks
 
 
 @njit(inline="always")
@@ -113,15 +76,7 @@ def _fix(v, c, s):
     return add_i32x8(add_i32x8(v, c), s)
 
 
-@njit(inline="always")
-def _pixel(i, hw, wo, hp, wp, sh, sw):
-    b = i // hw
-    r = i - b * hw
-    oh = r // wo
-    return (b * hp + oh * sh) * wp + (r - oh * wo) * sw
-
-
-simd.pin_kernels("gemm_avx2", _mac, _mac2, _mac_w8, _fix, _pixel)
+simd.pin_kernels("gemm_avx2", _mac, _mac2, _mac_w8, _fix)
 
 
 @functools.cache
@@ -149,10 +104,10 @@ def driver(w8: bool, parallel: bool):
             tmp = np.empty(4 * BLOCK, dtype=np.int32)
             for i in range(mt * MT, min(m, mt * MT + MT), 4):
                 rows = min(4, m - i)
-                p0 = _pixel(i, hw, wo, hp, wpad, sh, sw)
-                p1 = _pixel(min(i + 1, m - 1), hw, wo, hp, wpad, sh, sw)  # rows past m: read, never stored
-                p2 = _pixel(min(i + 2, m - 1), hw, wo, hp, wpad, sh, sw)
-                p3 = _pixel(min(i + 3, m - 1), hw, wo, hp, wpad, sh, sw)
+                p0 = pixel(i, hw, wo, hp, wpad, sh, sw)
+                p1 = pixel(min(i + 1, m - 1), hw, wo, hp, wpad, sh, sw)  # rows past m: read, never stored
+                p2 = pixel(min(i + 2, m - 1), hw, wo, hp, wpad, sh, sw)
+                p3 = pixel(min(i + 3, m - 1), hw, wo, hp, wpad, sh, sw)
                 s0, s1, s2, s3 = 0, 0, 0, 0
                 for j in range(tappix.shape[0]):
                     d = tappix[j]
@@ -250,8 +205,6 @@ def driver(w8: bool, parallel: bool):
     return fn
 
 
-ONE_TAP = np.zeros(1, dtype=np.int64)
-GEMM_GEO = np.ones(6, dtype=np.int64)  # pixel(i) = i
 NO_F32 = np.zeros(LANES, dtype=np.float32)
 NO_I32 = np.zeros(LANES, dtype=np.int32)
 
@@ -267,36 +220,12 @@ def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, o
                                   False)
 
 
-_LAUNCH: weakref.WeakKeyDictionary[PackedWeight, dict] = weakref.WeakKeyDictionary()
-
-
-def _launch(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int) -> tuple:
-    """The constant arguments of one conv shape, built once: weight blocks, ``cw``, per-tap byte and
-    pixel offsets in the padded buffer, the output geometry. With dilation 1 along W, a kernel row's
-    ``kw`` taps are ``kw * c4`` contiguous bytes of the buffer, in the weights' K order ``(kh, kw, c4)``:
-    the GEMM runs them as one tap of ``kw * cq`` K steps (longer inner loops; a 7x7 stem on 3 channels
-    has 1 step per tap otherwise), while the activation sums still visit every tap's pixel."""
-    key = (shift, c, geom, hp, wpad)
-    cache = _LAUNCH.setdefault(w, {})
-    args = cache.get(key)
-    if args is None:
-        kh, kw, sh, sw, _, _, dh, dw, _, ho, wo = geom
-        blocks = weight_blocks(w, (c, kh, kw))
-        pix = np.array([i * dh * wpad + j * dw for i in range(kh) for j in range(kw)], dtype=np.int64)
-        cw = (shift * blocks.cw_base).astype(np.int32)
-        geo = np.array((ho, wo, hp, wpad, sh, sw), dtype=np.int64)
-        rows, steps = (pix[::kw], kw * blocks.cq) if dw == 1 else (pix, blocks.cq)
-        args = cache[key] = (rows * blocks.cq * 4, pix, blocks.data, cw, blocks.offset, w.n, blocks.n_pad, steps,
-                             blocks.cq * 4, geo)
-    return args
-
-
 def conv(a8: np.ndarray, psum: np.ndarray, w: PackedWeight, shift: int, c: int, geom: tuple[int, ...],
          hp: int, wpad: int, m: int, scale: np.ndarray, bias: np.ndarray | None, y: np.ndarray,
          parallel: bool) -> None:
     """``y`` (m, n) float32 = the dequantized conv of padded NHWC shifted codes ``a8`` (``hp x wpad``
     pixels of ``c4`` bytes, per-pixel sums ``psum``, from ``conv_nhwc._pad_codes``); ``geom`` from
     ``conv.conv_geometry``."""
-    off, pix, data, cw, offset, n, n_pad, steps, c4, geo = _launch(w, shift, c, geom, hp, wpad)
+    off, pix, data, cw, offset, n, n_pad, steps, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
     driver(w.bits == 8, parallel)(a8, psum, off, pix, data, cw, offset, m, n, n_pad, steps, c4, geo, SCALED, NO_I32,
                                   y.reshape(-1), scale, scale if bias is None else bias, bias is not None)
