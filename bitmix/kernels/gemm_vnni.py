@@ -108,54 +108,62 @@ def store_epilogue(typingctx, out, idx, v, scale, bias, res, col, mode, lo, hi):
 simd.pin_uuid(store_epilogue, "gemm_vnni.store_epilogue")
 
 
+# Module level, not closures of `driver`: Numba keys a cached closure by pickling its cells, and these
+# dispatchers pickle differently once compiled, so the core saved under one key and looked up another.
+@njit(inline="always")
+def taps_sum(psum, tappix, p):
+    s = 0
+    for t in range(tappix.shape[0]):
+        s += psum[p + tappix[t]]
+    return s
+
+
+@njit(inline="always")
+def put(mode, out_i, out_f, epi, tmp, row, col, n, v):
+    scale, bias, res, lo, hi = epi
+    if col + LANES <= n:
+        if mode == INT32:
+            store_i32x16(out_i, row * n + col, v)
+        else:
+            store_epilogue(out_f, row * n + col, v, scale, bias, res, col, mode, lo, hi)
+    else:
+        store_i32x16(tmp, 0, v)
+        for q in range(n - col):
+            at = row * n + col + q
+            if mode == INT32:
+                out_i[at] = tmp[q]
+            else:
+                y = np.float32(tmp[q]) * scale[col + q]
+                if mode & BIAS:
+                    y = y + bias[col + q]
+                if mode & RESIDUAL:
+                    y = y + res[at]
+                if y < lo:
+                    y = lo
+                if y > hi:
+                    y = hi
+                out_f[at] = y
+
+
+@njit(inline="always")
+def finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col, n, s, v0, v1, v2, v3):
+    c = load_i32x16(cw, col)
+    put(mode, out_i, out_f, epi, tmp, i, col, n, add_i32x16(add_i32x16(v0, c), splat_i32x16(-s[0])))
+    if rows > 1:
+        put(mode, out_i, out_f, epi, tmp, i + 1, col, n, add_i32x16(add_i32x16(v1, c), splat_i32x16(-s[1])))
+    if rows > 2:
+        put(mode, out_i, out_f, epi, tmp, i + 2, col, n, add_i32x16(add_i32x16(v2, c), splat_i32x16(-s[2])))
+    if rows > 3:
+        put(mode, out_i, out_f, epi, tmp, i + 3, col, n, add_i32x16(add_i32x16(v3, c), splat_i32x16(-s[3])))
+
+
+simd.pin_kernels("gemm_vnni", taps_sum, put, finish)
+
+
 @functools.cache
 def driver():
     """The implicit GEMM over (row tile, 64-channel tile) tasks (module docstring); run it inside
     ``threads_if(parallel)``."""
-
-    @njit(inline="always")
-    def taps_sum(psum, tappix, p):
-        s = 0
-        for t in range(tappix.shape[0]):
-            s += psum[p + tappix[t]]
-        return s
-
-    @njit(inline="always")
-    def put(mode, out_i, out_f, epi, tmp, row, col, n, v):
-        scale, bias, res, lo, hi = epi
-        if col + LANES <= n:
-            if mode == INT32:
-                store_i32x16(out_i, row * n + col, v)
-            else:
-                store_epilogue(out_f, row * n + col, v, scale, bias, res, col, mode, lo, hi)
-        else:
-            store_i32x16(tmp, 0, v)
-            for q in range(n - col):
-                at = row * n + col + q
-                if mode == INT32:
-                    out_i[at] = tmp[q]
-                else:
-                    y = np.float32(tmp[q]) * scale[col + q]
-                    if mode & BIAS:
-                        y = y + bias[col + q]
-                    if mode & RESIDUAL:
-                        y = y + res[at]
-                    if y < lo:
-                        y = lo
-                    if y > hi:
-                        y = hi
-                    out_f[at] = y
-
-    @njit(inline="always")
-    def finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col, n, s, v0, v1, v2, v3):
-        c = load_i32x16(cw, col)
-        put(mode, out_i, out_f, epi, tmp, i, col, n, add_i32x16(add_i32x16(v0, c), splat_i32x16(-s[0])))
-        if rows > 1:
-            put(mode, out_i, out_f, epi, tmp, i + 1, col, n, add_i32x16(add_i32x16(v1, c), splat_i32x16(-s[1])))
-        if rows > 2:
-            put(mode, out_i, out_f, epi, tmp, i + 2, col, n, add_i32x16(add_i32x16(v2, c), splat_i32x16(-s[2])))
-        if rows > 3:
-            put(mode, out_i, out_f, epi, tmp, i + 3, col, n, add_i32x16(add_i32x16(v3, c), splat_i32x16(-s[3])))
 
     def core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mode, out_i, out_f, scale, bias, res,
              lo, hi):
@@ -223,7 +231,6 @@ def driver():
                 if b1 - b0 > 3:
                     finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col + 48, n, s, c03, c13, c23, c33)
 
-    simd.pin_kernels("gemm_vnni", taps_sum, put, finish)
     return simd.pin_uuid(njit(parallel=True, cache=True)(core), "gemm_vnni.core")
 
 
