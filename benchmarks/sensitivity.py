@@ -162,7 +162,8 @@ def ablate(study: str, seeds: int) -> dict:
         for variant in VARIANTS:
             s = variant_scores(rctx, h, variant)
             rhos[variant] = float(spearmanr([s[n][target.lowest] for n in free], measured)[0])
-        out["rules"][label] = {"rho": rhos, "entropy": h, "score_s": score_s, "pretrain_s": pretrain_s}
+        entropy = {n: {str(b): v for b, v in hl.items()} for n, hl in h.items()}  # JSON keys are strings
+        out["rules"][label] = {"rho": rhos, "entropy": entropy, "score_s": score_s, "pretrain_s": pretrain_s}
     return out
 
 

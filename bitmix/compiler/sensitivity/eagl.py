@@ -11,7 +11,8 @@ Where the step comes from (`EAGLConfig.steps`):
   the highest choice with LSQ (`bitmix.compiler.pretrain`, cached, shared by every budget);
   H(highest) uses the learned steps on the trained weights, lower precisions the MSE-optimal
   step on the trained weights (the paper's treatment of the lower precision is not known).
-- ``mse``: the MSE-optimal step on the FP32 weights. The documented data-free fallback (no
+- ``mse``: the MSE-optimal step on the FP32 weights, the PTQ range setting itself
+  (`LSQQuantizer.init_range`, `bitmix.compiler.ranges`). The documented data-free fallback (no
   training data, e.g. the torch.compile backend).
 - ``init``: LSQ's initial step 2<|w|>/sqrt(Q_P) on the FP32 weights (what bitmix shipped
   before; it normalises every layer's distribution to nearly the same shape).
@@ -50,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bitmix.compiler.qlayer import LSQQuantizer, QuantLayer, qrange, quant_layers
+from bitmix.compiler.qlayer import LSQQuantizer, QuantLayer, quant_layers
 from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer
@@ -60,8 +61,6 @@ VARIANTS = tuple(f"{sign}entropy{drop}{params}" for sign in ("", "neg_") for dro
                  for params in ("", "_params"))
 STEPS = ("learned", "mse", "init")
 DEFAULT_VARIANT = "entropy_drop"
-MSE_GRID = 32  # candidate clipping ranges for the MSE step, fractions of max|v| in (0, 1]
-MSE_SAMPLE = 1 << 16  # activation values the per-tensor MSE search looks at
 
 
 @dataclass(frozen=True)
@@ -96,23 +95,6 @@ def entropy_bits(codes: torch.Tensor) -> float:
     return float(-(p * torch.log2(p)).sum())
 
 
-@torch.no_grad()
-def mse_step(v: torch.Tensor, bits: int, signed: bool, per_channel: bool) -> torch.Tensor:
-    """The step minimising ‖v − Q(v)‖² over MSE_GRID clipping ranges (per output channel or per tensor)."""
-    rows = v.detach().float().reshape(v.shape[0], -1) if per_channel else v.detach().float().reshape(1, -1)
-    if not per_channel and rows.shape[1] > MSE_SAMPLE:
-        rows = rows[:, :: rows.shape[1] // MSE_SAMPLE]
-    q_n, q_p = qrange(bits, signed)
-    top = rows.abs().amax(dim=1).clamp(min=1e-12) / q_p
-    best, best_err = top.clone(), torch.full_like(top, math.inf)
-    for k in range(1, MSE_GRID + 1):
-        step = top * (k / MSE_GRID)
-        err = ((torch.round(torch.clamp(rows / step[:, None], -q_n, q_p)) * step[:, None] - rows) ** 2).sum(1)
-        better = err < best_err
-        best[better], best_err[better] = step[better], err[better]
-    return best if per_channel else best[0]
-
-
 def _codes(v: torch.Tensor, bits: int, signed: bool, per_channel: bool, steps: str,
            learned: LSQQuantizer | None) -> torch.Tensor:
     """Codes of `v` at `bits` under the chosen step rule."""
@@ -122,7 +104,7 @@ def _codes(v: torch.Tensor, bits: int, signed: bool, per_channel: bool, steps: s
     if steps == "init":
         q.init_step(v)
     else:
-        q.set_step(mse_step(v, bits, signed, per_channel))
+        q.init_range(v)
     return q.codes(v)
 
 

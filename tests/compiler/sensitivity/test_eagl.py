@@ -14,9 +14,9 @@ from bitmix.compiler.sensitivity import score
 from bitmix.compiler.sensitivity.eagl import (
     VARIANTS,
     EAGLConfig,
+    _codes,
     entropies,
     entropy_bits,
-    mse_step,
     variant_scores,
 )
 from bitmix.errors import BitmixError
@@ -56,22 +56,17 @@ def test_variants_follow_their_formulas(mlp_ctx):
         EAGLConfig(steps="bogus")
 
 
-def test_mse_step_is_near_the_best_clipping_range_and_beats_the_lsq_init():
+def test_mse_rule_codes_are_the_ptq_ranges_codes():
+    """The data-free rule scores the codes PTQ would deploy: the range setting's per-channel MSE steps."""
     torch.manual_seed(0)
     w = torch.randn(4, 200) * torch.tensor([[0.1], [1.0], [3.0], [0.01]])
-    step = mse_step(w, 2, signed=True, per_channel=True)
-
-    def err(s: torch.Tensor) -> torch.Tensor:
-        q = LSQQuantizer(2, True, 4)
-        q.set_step(s)
-        return ((q.codes(w).float() * s[:, None] - w) ** 2).sum(1)
-
+    ptq = LSQQuantizer(2, True, 4)
+    ptq.init_range(w)
     init = LSQQuantizer(2, True, 4)
     init.init_step(w)
-    assert (err(step) <= err(init.step.detach()) + 1e-9).all()
-    top = w.abs().amax(1) / 1  # Q_P = 1 at 2 bits signed
-    fine = torch.stack([err(top * k / 1000) for k in range(1, 1001)]).amin(0)
-    assert (err(step) <= 1.03 * fine).all()  # a 32-point grid, within 3 % of a 1000-point one
+    assert torch.equal(_codes(w, 2, True, True, "mse", None), ptq.codes(w))
+    assert torch.equal(_codes(w, 2, True, True, "init", None), init.codes(w))
+    assert not torch.equal(ptq.codes(w), init.codes(w))
 
 
 def test_learned_steps_come_from_the_model_trained_at_the_highest_choice(mlp_ctx):
