@@ -69,6 +69,35 @@ def channels_last_between_convs(gm: fx.GraphModule) -> int:
 
 
 
+def code_chains(gm: fx.GraphModule) -> int:
+    """Let each lowered depthwise conv whose result feeds one lowered one-group conv alone hand it input
+    codes instead of floats (``kernels.padded``): the depthwise layer's ``codes_for`` becomes the next
+    layer's plan, and its kernel quantizes for that layer in its epilogue where the kernels can (else
+    floats, as before). Both must return ``channels_last`` (the NHWC kernels) and be called once; the
+    depthwise conv must have no fused residual. Values are unchanged. Returns the number of chains."""
+    modules = dict(gm.named_modules())
+    calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+
+    def nhwc_conv(node: fx.Node):
+        mod = modules.get(str(node.target)) if node.op == "call_module" else None
+        if (mod is None or getattr(mod, "kind", None) != "conv2d" or not getattr(mod, "channels_last", False)
+                or not hasattr(mod, "codes_for") or calls[str(node.target)] != 1):
+            return None
+        return mod
+
+    chains = 0
+    for node in gm.graph.nodes:
+        first = nhwc_conv(node)
+        if first is None or node.kwargs or len(node.users) != 1 or not 1 < first.plan.groups == first.plan.out_features:
+            continue
+        user = next(iter(node.users))
+        second = nhwc_conv(user)
+        if second is not None and second.plan.groups == 1 and user.args == (node,) and node not in user.kwargs.values():
+            first.codes_for = second.plan
+            chains += 1
+    return chains
+
+
 def _clamp_of(node: fx.Node) -> tuple[float, float] | None:
     """``(lo, hi)`` of a ReLU / ReLU6 / hardtanh node on one tensor, else None."""
     name = _op_name(node) if node.op == "call_function" else ""

@@ -14,13 +14,10 @@ than what was traced.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import math
-import threading
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -28,11 +25,13 @@ import torch
 from torch import fx, nn
 
 from bitmix import kernels
-from bitmix.compiler.layout import channels_last_between_convs, fuse_conv_epilogues, nhwc_max_pools
+from bitmix.compiler.layout import channels_last_between_convs, code_chains, fuse_conv_epilogues, nhwc_max_pools
 from bitmix.compiler.qlayer import QuantLayer, quant_layers
+from bitmix.compiler.torch_threads import torch_on_one_thread as torch_on_one_thread  # re-exported
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
 from bitmix.ir.precision import Precision, as_precision
+from bitmix.kernels.padded import PaddedCodes
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,27 +124,42 @@ def _run_conv2d(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
     return torch.from_numpy(y)
 
 
-def _run_conv2d_nhwc(x: torch.Tensor, p: KernelPlan, residual: torch.Tensor | None = None,
-                     clamp: tuple[float, float] | None = None) -> torch.Tensor:
+def _run_conv2d_nhwc(x: torch.Tensor | PaddedCodes, p: KernelPlan, residual: torch.Tensor | None = None,
+                     clamp: tuple[float, float] | None = None,
+                     codes_for: KernelPlan | None = None) -> torch.Tensor | PaddedCodes:
     """``_run_conv2d`` with a ``channels_last`` result, reading a ``channels_last`` input without a
     copy (``kernels.qconv2d_nhwc``): the eager path of layers whose consumers lowering checked.
     ``residual``/``clamp``: the add and ReLU/hardtanh after it (``layout.fuse_conv_epilogues``),
-    done in the kernel's epilogue."""
-    if x.dim() != 4:
+    done in the kernel's epilogue. ``codes_for``: the conv this one's result feeds alone, which
+    then gets its input codes instead of floats where the kernels can (``layout.code_chains``)."""
+    codes = isinstance(x, PaddedCodes)
+    if not codes and x.dim() != 4:
         return conv_epilogue(_run_conv2d(x, p), residual, clamp)
-    assert p.packed is not None and p.w_scales is not None
-    x = x.detach().to(torch.float32).cpu()
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    arr = x.permute(0, 2, 3, 1).numpy() if channels_last else _np(x)
+    channels_last, arr = True, x
+    if not codes:
+        x = x.detach().to(torch.float32).cpu()
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        arr = x.permute(0, 2, 3, 1).numpy() if channels_last else _np(x)
+    run = _prepared(p)
+    res = None if residual is None else _np(residual.detach().to(torch.float32).permute(0, 2, 3, 1))
+    lo, hi = (-math.inf, math.inf) if clamp is None else clamp
+    if codes_for is not None and res is None and not codes:
+        out = run.to_codes(arr, channels_last, (np.float32(lo), np.float32(hi)), _prepared(codes_for))
+        if out is not None:
+            return out
+    return torch.from_numpy(run(arr, channels_last, res, (np.float32(lo), np.float32(hi)))).permute(0, 3, 1, 2)
+
+
+def _prepared(p: KernelPlan):
+    """The plan's ``PreparedConv``, built at its first call."""
     run = _PREPARED.get(p)
     if run is None:
         from bitmix.kernels.conv_prepared import PreparedConv  # loads Numba: only once a conv runs
 
+        assert p.packed is not None and p.w_scales is not None
         run = _PREPARED[p] = PreparedConv(p.packed, p.w_scales, p.a_step, p.bits.a, p.a_signed, p.bias,
                                           p.kernel_size, p.stride, p.padding, p.dilation, p.groups)
-    res = None if residual is None else _np(residual.detach().to(torch.float32).permute(0, 2, 3, 1))
-    lo, hi = (-math.inf, math.inf) if clamp is None else clamp
-    return torch.from_numpy(run(arr, channels_last, res, (np.float32(lo), np.float32(hi)))).permute(0, 3, 1, 2)
+    return run
 
 
 def conv_epilogue(y: torch.Tensor, residual: torch.Tensor | None, clamp: tuple[float, float] | None) -> torch.Tensor:
@@ -210,57 +224,6 @@ def _(a: torch.Tensor, b: torch.Tensor, handle: int) -> torch.Tensor:
     return torch.matmul(a, b)
 
 
-class _TorchThreads:
-    """Bookkeeping for ``torch_on_one_thread`` (see there): nesting per thread, windows across threads."""
-
-    lock = threading.Lock()
-    open_windows = 0  # threads currently inside one-thread mode
-    base = 1  # torch's thread count seen by the first of them
-    local = threading.local()  # .depth: 1 inside this thread's outermost block
-
-
-@contextlib.contextmanager
-def torch_on_one_thread(enabled: bool | None = None) -> Iterator[None]:
-    """Run torch's own ops (ReLU, adds, pooling, ...) on one thread while lowered layers run.
-
-    The kernels' TBB threads and torch's OpenMP pool share the cores, and after each torch
-    op torch's threads spin waiting for the next one, taking CPU time from the kernel that
-    follows. Measured on the 2-vCPU VM: resnet50 batch 1 49.8 -> 41.7 ms, digits-cnn batch 256
-    11.8 -> 8.1 ms, mobilenetv2 125 -> 102 ms; resnet18 and minilm unchanged.
-
-    On when ``enabled`` is True, or when None and ``kernels.dispatch.settings.torch_one_thread``
-    (the default; ``kernels.dispatch.use(torch_one_thread=False)`` turns it off for a block).
-    torch keeps a thread count per Python thread, copied from a process-wide value when a thread
-    first runs a torch op, and ``torch.set_num_threads`` sets both; so the calling thread's count
-    is restored on exit (the outermost block of nested ones), also on error. A thread that first
-    touches torch while another is inside this block starts from 1: torch gives no way to set the
-    process-wide value alone, which is why this is a switch. Threads entering while another's
-    block is open and seeing 1 restore the count seen by the first of them.
-    """
-    state = _TorchThreads
-    on = kernels.dispatch.settings.torch_one_thread if enabled is None else enabled
-    if not on or getattr(state.local, "depth", 0):  # off, or an outer block of this thread holds the mode
-        yield
-        return
-    with state.lock:
-        own = torch.get_num_threads()
-        if state.open_windows == 0:
-            state.base = own
-        restore = own if state.open_windows == 0 or own != 1 else state.base
-        state.open_windows += 1
-        if own != 1:
-            torch.set_num_threads(1)
-    state.local.depth = 1
-    try:
-        yield
-    finally:
-        state.local.depth = 0
-        with state.lock:
-            state.open_windows -= 1
-            if torch.get_num_threads() != restore:
-                torch.set_num_threads(restore)
-
-
 def _np(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().to(torch.float32).cpu().numpy())
 
@@ -285,7 +248,8 @@ def _plain_tensors(*tensors: torch.Tensor | None) -> bool:
     48 calls per forward); tracers (``torch.export``, Dynamo) see fake or proxy tensors and
     still get the op, so exported graphs keep ``bitmix::q*`` nodes.
     """
-    return not torch.compiler.is_compiling() and all(t is None or type(t) is torch.Tensor for t in tensors)
+    return not torch.compiler.is_compiling() and all(t is None or type(t) in (torch.Tensor, PaddedCodes)
+                                                     for t in tensors)
 
 
 _IMPLS = {"linear": (_run_linear, "qlinear"), "conv2d": (_run_conv2d, "qconv2d"), "matmul": (_run_matmul, "qmatmul")}
@@ -314,6 +278,7 @@ class KernelLayer(nn.Module):
         super().__init__()
         self.channels_last = channels_last  # eager conv results in channels_last format (``layout``)
         self.clamp: tuple[float, float] | None = None  # a fused ReLU/hardtanh after a conv (``layout``)
+        self.codes_for: KernelPlan | None = None  # the conv fed input codes by this one (``layout.code_chains``)
         self.name = plan.name
         self.kind = plan.kind
         self.bits = plan.bits
@@ -350,7 +315,7 @@ class KernelLayer(nn.Module):
 
     def _eager(self, impl, operands: tuple, residual: torch.Tensor | None) -> torch.Tensor:
         if self.channels_last:
-            return _run_conv2d_nhwc(operands[0], self.plan, residual, self.clamp)
+            return _run_conv2d_nhwc(operands[0], self.plan, residual, self.clamp, self.codes_for)
         out = impl(*operands, self.plan)
         return out if residual is None and self.clamp is None else conv_epilogue(out, residual, self.clamp)
 
@@ -403,6 +368,7 @@ def lower(fake_quant_model: nn.Module) -> LoweredModule:
         fuse_conv_epilogues(module)
         nhwc_max_pools(module)
         channels_last_between_convs(module)
+        code_chains(module)
     return LoweredModule(module, recorder, tuple(lowered), tuple(kept))
 
 

@@ -42,6 +42,7 @@ from bitmix.kernels.conv_simd import _patches, _quantize_pixels, taps_first
 from bitmix.kernels.isa import isa_of
 from bitmix.kernels.launch import _parallel, activation_layout, run_core
 from bitmix.kernels.pack import PackedWeight
+from bitmix.kernels.padded import PaddedCodes
 from bitmix.kernels.routing import dispatch
 from bitmix.kernels.scratch import scratch
 
@@ -175,9 +176,12 @@ def _scale_rows(acc, scale, bias, has_bias, out):
 
 
 @njit(parallel=True, cache=True)
-def _depthwise(x, taps, scale, bias, has_bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, lo, hi, out):
+def _depthwise(x, taps, scale, bias, has_bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, lo, hi, out, to_codes, nxt,
+               out8, psum):
     """``out[pixel, c] = clamp(float32(sum_ij x[b, ih, iw, c] * taps[ij, c]) * scale[c] (+ bias[c]), lo, hi)``
-    (the clamp as ``gemm_vnni.store_epilogue``'s: NaN and -0.0 kept).
+    (the clamp as ``gemm_vnni.store_epilogue``'s: NaN and -0.0 kept). With ``to_codes``, those floats
+    are instead quantized as the next conv's ``_pad_codes`` would (``nxt`` = its float32 step, code
+    range, shift and padding) into the interior of its padded buffer ``out8`` and sums ``psum``.
 
     One task per output row; per tap, the row's in-bounds outputs accumulate one channel vector
     each (bounds worked out once per tap, not per pixel: 112x112x32 at stride 1 took 1.4 ms, now 0.48), in
@@ -203,6 +207,27 @@ def _depthwise(x, taps, scale, bias, has_bias, kh, kw, sh, sw, ph, pw, dh, dw, h
                     dst = ow * c
                     for q in range(c):
                         acc[np.uintp(dst + q)] += xf[np.uintp(src + q)] * wt[np.uintp(q)]
+        if to_codes:
+            step, flo, fhi, qsh = nxt[0], nxt[1], nxt[2], np.int32(nxt[3])
+            _, hp, wp, c4 = out8.shape
+            of = out8.reshape(-1)
+            pix = (b * hp + oh + np.int64(nxt[4])) * wp + np.int64(nxt[5])
+            for ow in range(wo):
+                a = ow * c
+                d = (pix + ow) * c4
+                s = np.int32(0)
+                for q in range(c):
+                    v = np.float32(acc[np.uintp(a + q)]) * scale[np.uintp(q)]
+                    if has_bias:
+                        v = v + bias[np.uintp(q)]
+                    v = lo if v < lo else v
+                    code = _code((hi if v > hi else v) / step, flo, fhi, qsh)
+                    of[np.uintp(d + q)] = code
+                    s += code
+                for q in range(c, c4):
+                    of[np.uintp(d + q)] = 0
+                psum[pix + ow] = s
+            continue
         for ow in range(wo):
             d = out[t * wo + ow]
             a = ow * c
@@ -228,6 +253,34 @@ def _depthwise_taps(w: PackedWeight, code_max: int) -> np.ndarray:
         narrow = int(np.abs(codes).sum(axis=0).max()) * code_max <= np.iinfo(np.int16).max
         taps = cache[code_max] = np.ascontiguousarray(codes.astype(np.int16 if narrow else np.int32))
     return taps
+
+
+NO_NEXT = np.zeros(6, dtype=np.float32)  # ``_depthwise``'s code-output arguments when it writes floats
+NO_CODES = np.zeros((1, 1, 1, 4), dtype=np.int8)
+NO_SUMS = np.zeros(1, dtype=np.int64)
+NO_OUT = np.zeros((1, 1), dtype=np.float32)  # ... and its float output when it writes codes
+
+
+def implicit_route(w: PackedWeight, m: int):
+    """The implicit-GEMM module (``gemm_vnni``/``gemm_avx2``) a one-group conv with ``m`` output pixels runs
+    on under the current dispatch settings, or None (AMX, portable, too few rows)."""
+    settings = dispatch.settings
+    implicit = _IMPLICIT_GEMM.get(isa_of(settings.path))
+    return implicit if implicit is not None and not settings.uses_amx(w, m, 1) and m >= implicit.MIN_M else None
+
+
+def _implicit_conv(implicit, a8: np.ndarray, psum: np.ndarray, w: PackedWeight, geom: tuple[int, ...], shift: int,
+                   c: int, scale: np.ndarray, bias: np.ndarray | None, y: np.ndarray, residual: np.ndarray | None,
+                   clamp: tuple) -> np.ndarray:
+    """``y`` = the implicit GEMM on padded codes ``a8`` (``(B, Hp, Wp, c4)``, sums ``psum``), then the epilogue."""
+    _, hp, wp, _ = a8.shape
+    m = y.size // w.n
+    parallel = _parallel(dispatch.settings, m * w.n * w.k)
+    if implicit is gemm_vnni:  # the residual add and clamp run in its epilogue
+        gemm_vnni.conv(a8.reshape(-1), psum, w, shift, c, geom, hp, wp, m, scale, bias, y, parallel, residual, clamp)
+        return y
+    implicit.conv(a8.reshape(-1), psum, w, shift, c, geom, hp, wp, m, scale, bias, y, parallel)
+    return _finish(y, residual, clamp)
 
 
 def _nan() -> BitmixError:
@@ -277,23 +330,18 @@ def conv_nhwc(x: np.ndarray, w: PackedWeight, geom: tuple[int, ...], step: np.fl
             raise BitmixError(f"groups={groups}: the NHWC route takes one group or depthwise convs")
         fused = clamp if residual is None else gemm_vnni.NO_CLAMP  # a residual comes before the clamp
         _depthwise(_codes(x, channels_last, step, lo, hi), _depthwise_taps(w, max(-lo, hi)), scale, b_arg,
-                   has_bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, *fused, y.reshape(m, w.n))
+                   has_bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, *fused, y.reshape(m, w.n), False, NO_NEXT,
+                   NO_CODES, NO_SUMS)
         return y if residual is None else _finish(y, residual, clamp)
     settings = dispatch.settings
-    implicit = _IMPLICIT_GEMM.get(isa_of(settings.path))
-    if implicit is not None and not settings.uses_amx(w, m, 1) and m >= implicit.MIN_M:
+    implicit = implicit_route(w, m)
+    if implicit is not None:
         hp, wp, c4 = h + 2 * ph, wd + 2 * pw, -(-c // 4) * 4
         a8 = scratch("conv.padded", (nb, hp, wp, c4), np.int8)
         psum = scratch("conv.psum", nb * hp * wp, np.int64)
         if _pad_codes(x, channels_last, step, lo, hi, shift, ph, pw, a8, psum):
             raise _nan()
-        parallel = _parallel(settings, m * w.n * w.k)
-        if implicit is gemm_vnni:  # the residual add and clamp run in its epilogue
-            gemm_vnni.conv(a8.reshape(-1), psum, w, shift, c, geom, hp, wp, m, scale, bias, y, parallel,
-                           residual, clamp)
-            return y
-        implicit.conv(a8.reshape(-1), psum, w, shift, c, geom, hp, wp, m, scale, bias, y, parallel)
-        return _finish(y, residual, clamp)
+        return _implicit_conv(implicit, a8, psum, w, geom, shift, c, scale, bias, y, residual, clamp)
     if settings.uses_amx(w, m, 1):
         acc = conv_acc_channels_last(_codes(x, channels_last, step, lo, hi), w, geom, shift, settings=settings)
     else:
@@ -316,3 +364,46 @@ def conv_nhwc(x: np.ndarray, w: PackedWeight, geom: tuple[int, ...], step: np.fl
         run_core(a8, asum, taps_first(w, c, kh, kw), shift, 1, m, mp, acc, settings=settings)
     _scale_rows(acc, scale, b_arg, has_bias, y.reshape(m, w.n))
     return _finish(y, residual, clamp)
+
+
+def _fill_border(a8: np.ndarray, psum: np.ndarray, ph: int, pw: int, c: int, shift: int) -> None:
+    """The padding pixels of a padded code buffer, as ``_pad_codes`` writes them: code 0 (``-shift``)."""
+    nb, hp, wp, _ = a8.shape
+    sums = psum.reshape(nb, hp, wp)
+    for rows, cols in ((slice(0, ph), slice(None)), (slice(hp - ph, hp), slice(None)),
+                       (slice(None), slice(0, pw)), (slice(None), slice(wp - pw, wp))):
+        a8[:, rows, cols, :c] = -shift
+        a8[:, rows, cols, c:] = 0
+        sums[:, rows, cols] = -shift * c
+
+
+def depthwise_to_codes(x: np.ndarray, channels_last: bool, w: PackedWeight, geom: tuple[int, ...], step: np.float32,
+                       lo: int, hi: int, scale: np.ndarray, bias: np.ndarray | None, clamp: tuple,
+                       nxt: tuple, owner: object) -> PaddedCodes:
+    """A depthwise ``conv_nhwc`` (no residual) whose output goes straight into the next conv's padded
+    codes: ``nxt`` = that conv's ``(step, lo, hi, shift, ph, pw)`` (its ``_pad_codes`` arguments),
+    ``owner`` that conv. The floats are never stored; the codes equal ``_pad_codes``' on them, provided
+    they hold no NaN (finite ``scale`` and ``bias``: the caller checks)."""
+    kh, kw, sh, sw, ph, pw, dh, dw, _, ho, wo = geom
+    nb, n = x.shape[0], w.n
+    qph, qpw, qshift = int(nxt[4]), int(nxt[5]), int(nxt[3])
+    a8 = np.empty((nb, ho + 2 * qph, wo + 2 * qpw, -(-n // 4) * 4), dtype=np.int8)  # the next conv's input
+    psum = np.empty(a8.shape[0] * a8.shape[1] * a8.shape[2], dtype=np.int64)
+    if qph or qpw:
+        _fill_border(a8, psum, qph, qpw, n, qshift)
+    _depthwise(_codes(x, channels_last, step, lo, hi), _depthwise_taps(w, max(-lo, hi)), scale,
+               bias if bias is not None else scale, bias is not None, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, *clamp,
+               NO_OUT, True, np.array(nxt, dtype=np.float32), a8, psum)
+    return PaddedCodes(a8, psum, (nb, n, ho, wo), owner)
+
+
+def conv_from_codes(codes: PaddedCodes, w: PackedWeight, geom: tuple[int, ...], shift: int, scale: np.ndarray,
+                    bias: np.ndarray | None, residual: np.ndarray | None = None,
+                    clamp: tuple = gemm_vnni.NO_CLAMP) -> np.ndarray:
+    """``conv_nhwc`` of a one-group conv on an input the layer before quantized for it (``depthwise_to_codes``)."""
+    nb, c = codes.shape[0], codes.shape[1]
+    y = np.empty((nb, geom[9], geom[10], w.n), dtype=np.float32)
+    implicit = implicit_route(w, y.size // w.n)
+    if implicit is None:
+        raise BitmixError("x: codes for the implicit GEMM, but this conv runs on another path; pass floats")
+    return _implicit_conv(implicit, codes.a8, codes.psum, w, geom, shift, c, scale, bias, y, residual, clamp)

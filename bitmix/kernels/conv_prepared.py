@@ -16,10 +16,11 @@ import numpy as np
 
 from bitmix.errors import BitmixError
 from bitmix.kernels.conv import conv_geometry
-from bitmix.kernels.conv_nhwc import _finish, conv_nhwc
+from bitmix.kernels.conv_nhwc import _finish, conv_from_codes, conv_nhwc, depthwise_to_codes, implicit_route
 from bitmix.kernels.gemm_vnni import NO_CLAMP
 from bitmix.kernels.matmul import check_activation_spec
 from bitmix.kernels.pack import PackedWeight
+from bitmix.kernels.padded import PaddedCodes
 from bitmix.kernels.quant import _step, qconv2d_nhwc
 
 
@@ -44,6 +45,8 @@ class PreparedConv:
                  clamp: tuple = NO_CLAMP) -> np.ndarray:
         """``qconv2d_nhwc(x, ..., channels_last=channels_last)``, then ``+ residual`` (C-contiguous float32,
         the output's NHWC shape) and clamped to float32 ``clamp = (lo, hi)``, in the kernel's epilogue."""
+        if isinstance(x, PaddedCodes):
+            return self._from_codes(x, residual, clamp)
         key = (x.shape, channels_last)
         fast = self._geoms.get(key)
         if fast is not None and x.dtype == np.float32 and x.flags.c_contiguous and (
@@ -64,3 +67,31 @@ class PreparedConv:
             step = _step(self.a_step)
             self._geoms[key] = (geom, step, lo, hi, shift, step * self.w_scales)
         return y
+
+    def to_codes(self, x: np.ndarray, channels_last: bool, clamp: tuple, nxt: PreparedConv) -> PaddedCodes | None:
+        """This depthwise conv's output as ``nxt``'s padded input codes (``conv_nhwc.depthwise_to_codes``), or
+        None (the caller runs the float path): unless both layers ran at these shapes before (checks done),
+        ``nxt`` takes the implicit GEMM on them, and this layer's scale and bias are finite (no NaN to catch)."""
+        fast = self._geoms.get((x.shape, channels_last))
+        if fast is None or fast[0][8] == 1 or x.dtype != np.float32 or not x.flags.c_contiguous:
+            return None
+        geom, step, lo, hi, _, scale = fast
+        after = nxt._geoms.get(((x.shape[0], geom[9], geom[10], self.w.n), True))
+        if (after is None or after[0][8] != 1 or implicit_route(nxt.w, x.shape[0] * after[0][9] * after[0][10]) is None
+                or not np.isfinite(scale).all() or (self.bias is not None and not np.isfinite(self.bias).all())):
+            return None
+        g, qstep, qlo, qhi, qshift, _ = after
+        return depthwise_to_codes(x, channels_last, self.w, geom, step, lo, hi, scale, self.bias, clamp,
+                                  (qstep, qlo, qhi, qshift, g[4], g[5]), nxt)
+
+    def _from_codes(self, codes: PaddedCodes, residual: np.ndarray | None, clamp: tuple) -> np.ndarray:
+        nb, c, h, w = codes.shape
+        fast = self._geoms.get(((nb, h, w, c), True))
+        if codes.owner is not self or fast is None:
+            raise BitmixError("x: codes quantized for another layer; pass the float activations")
+        geom, _, _, _, shift, scale = fast
+        if residual is not None and (residual.dtype != np.float32 or not residual.flags.c_contiguous
+                                     or residual.shape != (nb, geom[9], geom[10], self.w.n)):
+            raise BitmixError(f"residual: expected C-contiguous float32 {(nb, geom[9], geom[10], self.w.n)}, got "
+                              f"{residual.dtype} {residual.shape}")
+        return conv_from_codes(codes, self.w, geom, shift, scale, self.bias, residual, clamp)

@@ -18,25 +18,25 @@ from numba import njit
 from bitmix.kernels import broadcast, gemm_avx2, simd
 from bitmix.kernels.scratch import scratch
 
+_quantize = _gemm = None  # the kernels ``_fused`` calls, bound per variant (``simd.cache_variant``)
+
+
+def _fused(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum, one_tap, geo, wp, cw, offset, n, n_pad, cq,
+           no_i32, scale, bias, has_bias, out):
+    if _quantize(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum):
+        return True
+    _gemm(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_avx2.SCALED, no_i32,
+          out, scale, bias, has_bias)
+    return False
+
 
 @functools.cache
 def driver(w8: bool, parallel: bool):
     """Quantize, then the ``gemm_avx2`` GEMM with the float epilogue, in one compiled call."""
-    variant = "parallel" if parallel else "serial"
-    quantize_rows = broadcast.quantize_rows(parallel)
-    gemm = gemm_avx2.driver(w8, parallel)
-
-    def fused(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum, one_tap, geo, wp, cw, offset, n, n_pad, cq,
-              no_i32, scale, bias, has_bias, out):
-        if quantize_rows(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum):
-            return True
-        gemm(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_avx2.SCALED, no_i32,
-             out, scale, bias, has_bias)
-        return False
-
-    fn = njit(cache=True)(simd.cache_variant(fused, variant))
-    simd.pin_uuid(fn, f"linear_avx2.fused.{'w8' if w8 else 'wq'}.{variant}")
-    return fn
+    variant = f"{'w8' if w8 else 'wq'}_{'parallel' if parallel else 'serial'}"
+    fn = njit(cache=True)(simd.cache_variant(_fused, variant, _quantize=broadcast.quantize_rows(parallel),
+                                             _gemm=gemm_avx2.driver(w8, parallel)))
+    return simd.pin_uuid(fn, f"linear_avx2.fused.{variant}")
 
 
 class Avx2Linear(broadcast.LinearOperands):

@@ -25,24 +25,24 @@ from numba import njit
 from bitmix.kernels import broadcast, gemm_vnni, simd
 from bitmix.kernels.scratch import scratch
 
+_quantize = _core = None  # the kernels ``_fused`` calls, bound once (``simd.cache_variant``)
+
+
+def _fused(x, a_scale, has_scale, step, lo, hi, shift, wp, cw, offset, n, n_pad, cq, kp, mode, scale, bias, a8, asum,
+           out, one_tap, geo, no_i32, lo_f, hi_f):
+    if _quantize(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum):
+        return True
+    _core(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, mode, no_i32, out, scale,
+          bias, out, lo_f, hi_f)
+    return False
+
 
 @functools.cache
 def driver():
     """The fused kernel: the quantize pass, then ``gemm_vnni.driver()`` in the same call (run it
     inside ``gemm_vnni.threads_if``)."""
-
-    quantize_rows = broadcast.quantize_rows(True)
-    core = gemm_vnni.driver()
-
-    def fused(x, a_scale, has_scale, step, lo, hi, shift, wp, cw, offset, n, n_pad, cq, kp, mode, scale, bias,
-              a8, asum, out, one_tap, geo, no_i32, lo_f, hi_f):
-        if quantize_rows(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum):
-            return True
-        core(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, mode, no_i32, out,
-             scale, bias, out, lo_f, hi_f)
-        return False
-
-    return simd.pin_uuid(njit(cache=True)(fused), "linear_vnni.fused")
+    fn = simd.cache_variant(_fused, "vnni", _quantize=broadcast.quantize_rows(True), _core=gemm_vnni.driver())
+    return simd.pin_uuid(njit(cache=True)(fn), "linear_vnni.fused")
 
 
 class FusedLinear(broadcast.LinearOperands):

@@ -32,10 +32,13 @@ NT = 32  # weight rows per parallel tile
 PF_BYTES = 16384  # GEMV: software-prefetch weights this far ahead (cold 4096^2: best of 4-32 rows, int4 and int2)
 
 
+dot1x1 = dot1x4 = dot4x2 = None  # the micro-kernels ``core`` calls, bound per driver (``simd.cache_variant``)
+
+
 @functools.cache
 def core_for(bits: int, isa: str, parallel: bool = True):
     """The GEMM driver for one (micro-kernel set, weight bits): ``prange`` over tiles, or the same loop serially."""
-    (dot1x1, dot1x4, dot4x2), wcorr = micro_kernels(isa, bits)
+    kernels, wcorr = micro_kernels(isa, bits)
     offset = 0 if bits == 8 else 1 << (bits - 1)
     row_bytes_per_code = bits
     cpb = codes_per_block(bits)
@@ -96,6 +99,6 @@ def core_for(bits: int, isa: str, parallel: bool = True):
                         sa = offset * asum[g * mp + i]
                         out[i, n] = dot1x1(w, n * wrow, a8, abase + i * kp, nblk) - sa + corr * wsum[n]
 
-    driver = njit(parallel=parallel, cache=True)(core)
-    simd.pin_uuid(driver, f"tiling.{isa}.{bits}.core" + ("" if parallel else ".serial"))
-    return driver
+    variant = f"{isa}_w{bits}_{'parallel' if parallel else 'serial'}"
+    bound = simd.cache_variant(core, variant, **dict(zip(("dot1x1", "dot1x4", "dot4x2"), kernels, strict=True)))
+    return simd.pin_uuid(njit(parallel=parallel, cache=True)(bound), f"tiling.{variant}.core")

@@ -75,6 +75,37 @@ def test_adds_and_relus_after_convs_fold_into_their_epilogues() -> None:
         assert torch.equal(fq(x), lowered(x))
 
 
+@pytest.mark.parametrize("path", ["avx512vnni", "avx2", "portable"])
+@pytest.mark.parametrize("bits", ["4/8", "4/4"])
+def test_depthwise_hands_the_next_conv_its_input_codes(path: str, bits: str) -> None:
+    """``layout.code_chains``: the dw -> back pair passes codes from the second call at a shape on (the
+    first checks both layers); outputs stay bit-identical to the fake-quant reference on every path,
+    and the portable layers ``cm.save`` exports (floats throughout) give the same values."""
+    from bitmix import kernels
+    from bitmix.compiler.portable import portable
+    from bitmix.kernels.padded import PaddedCodes
+
+    if path not in kernels.available_paths():
+        pytest.skip(f"CPU cannot run the {path} path")
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 33, 30)
+    graph = capture(_Net().eval(), (x,), "chain-net")
+    fq = fake_quantize(prepare(graph), dict.fromkeys(graph.names, bits), (torch.randn(8, 3, 33, 30),))
+    lowered = lower(fq).module
+    convs = {m.name.split(".")[-1]: m for m in lowered.modules() if isinstance(m, KernelLayer) and m.kind == "conv2d"}
+    assert convs["dw"].codes_for is convs["back"].plan
+    assert [m.codes_for for name, m in convs.items() if name != "dw"] == [None] * 3
+    inputs: list[type] = []
+    handle = convs["back"].register_forward_pre_hook(lambda m, args: inputs.append(type(args[0])))
+    with torch.no_grad(), kernels.dispatch.use(path):
+        ref = fq(x)
+        outs = [lowered(x), lowered(x), portable(lowered)(x)]
+    handle.remove()
+    assert all(torch.equal(ref, out) for out in outs)
+    assert inputs[0] is torch.Tensor
+    assert inputs[1] is (torch.Tensor if path == "portable" else PaddedCodes)
+
+
 class _Shared(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -70,3 +70,46 @@ def test_residual_of_the_wrong_shape_is_an_error() -> None:
     conv = PreparedConv(w, np.ones(4, dtype=np.float32), 0.05, 8, True, None, (3, 3), (1, 1), (1, 1), (1, 1), 1)
     with pytest.raises(BitmixError, match="residual"):
         conv(np.ones((1, 5, 5, 1), dtype=np.float32), True, np.ones((1, 5, 5, 3), dtype=np.float32))
+
+
+@pytest.mark.parametrize("nxt_geometry", [(1, 1, 0), (3, 1, 1), (3, 2, 1)], ids=["1x1", "3x3", "3x3-stride2"])
+@pytest.mark.parametrize("spec", [(8, False), (4, True), (8, True)], ids=["u8", "s4", "s8"])
+def test_depthwise_codes_for_the_next_conv_equal_its_float_path(kernel_path: str, nxt_geometry: tuple,
+                                                                 spec: tuple) -> None:
+    """A depthwise conv quantizing its output for the next conv (``to_codes``: the integer pipeline) gives
+    that conv exactly ``_pad_codes``' codes of the floats, so the next conv's result is bit-identical."""
+    from bitmix.kernels.conv_nhwc import _pad_codes, implicit_route
+    from bitmix.kernels.matmul import check_activation_spec
+    from bitmix.kernels.padded import PaddedCodes
+
+    k, stride, pad = nxt_geometry
+    a_bits, a_signed = spec
+    rng = np.random.default_rng(k * 10 + a_bits)
+    c, n = 22, 20  # 22 channels: the padded buffer has 2 pad channels per pixel
+    dw = PreparedConv(pack_weights(rng.integers(-8, 8, (c, 9)).astype(np.int8), 4),
+                      rng.uniform(0.01, 0.1, c).astype(np.float32), 0.05, 8, True,
+                      rng.normal(size=c).astype(np.float32), (3, 3), (1, 1), (1, 1), (1, 1), c)
+    nxt = PreparedConv(pack_weights(rng.integers(-8, 8, (n, c * k * k)).astype(np.int8), 4),
+                       rng.uniform(0.01, 0.1, n).astype(np.float32), 0.04, a_bits, a_signed, None, (k, k),
+                       (stride, stride), (pad, pad), (1, 1), 1)
+    x = rng.normal(0, 2, size=(2, 9, 11, c)).astype(np.float32)
+    clamp = (np.float32(-1.5), np.float32(6.0))
+    assert dw.to_codes(x, True, clamp, nxt) is None  # neither layer has run at these shapes yet
+    y = dw(x, True, None, clamp)
+    ref = nxt(y, True)
+    codes = dw.to_codes(x, True, clamp, nxt)
+    if implicit_route(nxt.w, y.shape[0] * ref.shape[1] * ref.shape[2]) is None:  # AMX, portable
+        assert codes is None
+        return
+    assert isinstance(codes, PaddedCodes) and codes.shape == (2, c, 9, 11)
+    lo, hi, shift = check_activation_spec(a_bits, a_signed)
+    a8 = np.zeros_like(codes.a8)
+    psum = np.zeros_like(codes.psum)
+    _pad_codes(y, True, np.float32(0.04), lo, hi, shift, pad, pad, a8, psum)
+    np.testing.assert_array_equal(codes.a8, a8)
+    np.testing.assert_array_equal(codes.psum, psum)
+    np.testing.assert_array_equal(nxt(codes, True), ref)
+    residual = rng.normal(size=ref.shape).astype(np.float32)
+    np.testing.assert_array_equal(nxt(codes, True, residual, clamp), nxt(y, True, residual, clamp))
+    with pytest.raises(BitmixError, match="another layer"):
+        dw(codes, True)
