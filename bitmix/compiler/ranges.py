@@ -20,12 +20,13 @@ COARSE = 10  # alpha in {1/10, ..., 10/10}
 FINE = 10  # then alpha +- 1/20 in steps of 1/100 around the coarse best
 MAX_SAMPLES = 1 << 18  # values searched per tensor or weight (the max is taken over all of them)
 MIN_STEP = 1e-8
+BATCH_ELEMENTS = 1 << 22  # values x candidates per pass of the search (16 MiB of float32)
 
 
 def quant_error(v: torch.Tensor, step: torch.Tensor, q_n: int, q_p: int) -> torch.Tensor:
-    """Sum over the last dimension of (Q(v) - v)^2 for v (..., K) and step (..., 1)."""
-    q = torch.round(torch.clamp(v / step, -q_n, q_p)) * step
-    return (q - v).pow(2).sum(dim=-1)
+    """Sum over the last dimension of (Q(v) - v)^2 for v (..., K) and step (..., 1) (broadcast)."""
+    q = torch.div(v, step).clamp_(-q_n, q_p).round_().mul_(step).sub_(v)
+    return q.square_().sum(dim=-1)
 
 
 @torch.no_grad()
@@ -35,9 +36,12 @@ def mse_steps(rows: torch.Tensor, q_n: int, q_p: int) -> torch.Tensor:
     top = v.abs().amax(dim=1) if q_n else v.clamp(min=0).amax(dim=1)
     top = top.clamp(min=MIN_STEP * q_p)
     base = (top / q_p).unsqueeze(1)
+    per_pass = max(1, BATCH_ELEMENTS // max(1, v.numel()))  # candidates evaluated in one broadcast pass
 
     def search(alphas: torch.Tensor) -> torch.Tensor:
-        errors = torch.stack([quant_error(v, base * a.unsqueeze(1), q_n, q_p) for a in alphas.T], dim=1)
+        steps = (base * alphas).unsqueeze(2)  # (C, A, 1)
+        errors = torch.cat([quant_error(v.unsqueeze(1), steps[:, i:i + per_pass], q_n, q_p)
+                            for i in range(0, alphas.shape[1], per_pass)], dim=1)
         return alphas.gather(1, errors.argmin(dim=1, keepdim=True)).squeeze(1)
 
     coarse = torch.arange(1, COARSE + 1, dtype=torch.float32) / COARSE
