@@ -20,13 +20,15 @@ COARSE = 10  # alpha in {1/10, ..., 10/10}
 FINE = 10  # then alpha +- 1/20 in steps of 1/100 around the coarse best
 MAX_SAMPLES = 1 << 18  # values searched per tensor or weight (the max is taken over all of them)
 MIN_STEP = 1e-8
-BATCH_ELEMENTS = 1 << 22  # values x candidates per pass of the search (16 MiB of float32)
 
 
 def quant_error(v: torch.Tensor, step: torch.Tensor, q_n: int, q_p: int) -> torch.Tensor:
-    """Sum over the last dimension of (Q(v) - v)^2 for v (..., K) and step (..., 1) (broadcast)."""
-    q = torch.div(v, step).clamp_(-q_n, q_p).round_().mul_(step).sub_(v)
-    return q.square_().sum(dim=-1)
+    """Σ_k (Q(v[r, k]) − v[r, k])² per row of v (R, K), for one step per row (R, 1) or candidates (R, A)."""
+    from bitmix.kernels.range_search import step_errors
+
+    rows = v.detach().float().reshape(-1, v.shape[-1])
+    steps = step.detach().float().reshape(rows.shape[0], -1)
+    return torch.from_numpy(step_errors(rows.numpy(), steps.numpy(), q_n, q_p)).squeeze(1)
 
 
 @torch.no_grad()
@@ -36,12 +38,9 @@ def mse_steps(rows: torch.Tensor, q_n: int, q_p: int) -> torch.Tensor:
     top = v.abs().amax(dim=1) if q_n else v.clamp(min=0).amax(dim=1)
     top = top.clamp(min=MIN_STEP * q_p)
     base = (top / q_p).unsqueeze(1)
-    per_pass = max(1, BATCH_ELEMENTS // max(1, v.numel()))  # candidates evaluated in one broadcast pass
 
     def search(alphas: torch.Tensor) -> torch.Tensor:
-        steps = (base * alphas).unsqueeze(2)  # (C, A, 1)
-        errors = torch.cat([quant_error(v.unsqueeze(1), steps[:, i:i + per_pass], q_n, q_p)
-                            for i in range(0, alphas.shape[1], per_pass)], dim=1)
+        errors = quant_error(v, base * alphas, q_n, q_p)
         return alphas.gather(1, errors.argmin(dim=1, keepdim=True)).squeeze(1)
 
     coarse = torch.arange(1, COARSE + 1, dtype=torch.float32) / COARSE
@@ -83,7 +82,7 @@ def activation_range(v: torch.Tensor, bits: int, signed: bool) -> tuple[bool, to
     best: tuple[float, bool, torch.Tensor] | None = None
     for is_signed, q_n, q_p in options:
         step = mse_steps(values, q_n, q_p)
-        error = float(quant_error(values, step.unsqueeze(1), q_n, q_p)[0])
+        error = float(quant_error(values, step, q_n, q_p)[0])
         if best is None or error < best[0]:
             best = (error, is_signed, step[0])
     assert best is not None

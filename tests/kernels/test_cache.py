@@ -12,7 +12,8 @@ import pytest
 from bitmix.kernels.cpu import available_paths
 
 # Runs every kernel variant of the given paths (``warmup.warm``: tiled GEMM/GEMV, broadcast GEMMs, fused
-# linears, NCHW/NHWC/grouped/depthwise convs, bmm, quantize passes), then reports on every cached bitmix kernel.
+# linears, NCHW/NHWC/grouped/depthwise convs, bmm, quantize passes, range-search errors), then reports on
+# every cached bitmix kernel.
 _PROBE = """
 import gc, json, sys
 from numba.core.caching import NullCache
@@ -52,7 +53,7 @@ def test_every_kernel_family_loads_from_the_cache_in_a_fresh_process() -> None:
     first = _probe(_PATHS)
     assert first["closures"] == []
     families = {n.split(".")[2] for n in first["ran"]}
-    assert {"tiling", "broadcast", "conv", "conv_nhwc", "batched", "quant"} <= families, families
+    assert {"tiling", "broadcast", "conv", "conv_nhwc", "batched", "quant", "range_search"} <= families, families
     assert "avx2" not in _PATHS or {"gemm_avx2", "linear_avx2"} <= families
     assert "avx512vnni" not in _PATHS or {"gemm_vnni", "linear_vnni"} <= families
     if first["misses"]:
