@@ -144,7 +144,7 @@ def pretrain_stage(step_lr_scale: float | None, prepared: nn.Module, layer_names
                    data: TaskData | None, seed: int) -> nn.Module | None:
     """The pipeline's hook: the model trained at the highest choice, when the method scores one
     (`MethodConfig.pretrain_step_lr_scale()` is not None) and there is data with a recipe."""
-    if step_lr_scale is None or data is None or data.recipe.epochs < 1:
-        return None
+    if step_lr_scale is None or data is None or data.recipe.epochs < 1 or len(target.choices) == 1:
+        return None  # one choice: nothing to score, so nothing to train for
     step_lr = data.recipe.lr * step_lr_scale
     return cached_train_at_highest(prepared, layer_names, target, data, step_lr=step_lr, seed=seed).model

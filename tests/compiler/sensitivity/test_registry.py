@@ -42,6 +42,17 @@ def test_baselines_score_zero_on_free_layers_only(mlp_ctx):
     assert score("random", ctx) == {"fc2": {4: 0.0, 2: 0.0}}
 
 
+@pytest.mark.parametrize("method", ["eagl", "alps", "hawq", "limpq", "sqnr"])
+def test_a_single_choice_target_scores_zero_without_running_the_method(mlp_ctx, method, monkeypatch):
+    ctx = dataclasses.replace(mlp_ctx, target=get_target("int4-npu"))
+    monkeypatch.setitem(METHODS, method, dataclasses.replace(METHODS[method], fn=lambda *_: pytest.fail("ran")))
+    assert score(method, ctx) == dict.fromkeys(ctx.free_layers, {4: 0.0})
+    ctx = dataclasses.replace(ctx, data=None, calibration=None)
+    if method != "eagl":  # a missing input is still reported, before anything is skipped
+        with pytest.raises(BitmixError, match="needs"):
+            score(method, ctx)
+
+
 def test_configs_resolve_by_name_or_instance():
     from bitmix.compiler.sensitivity import ALPSConfig, EAGLConfig, data_free, resolve
 
