@@ -26,6 +26,7 @@ from bitmix.ir.precision import Precision, PrecisionLike, chip_precision
 # E|v| for v ~ N(0, 1) (signed) and for relu(v) (unsigned): the data-free activation prior.
 GAUSSIAN_ABS_MEAN = {True: math.sqrt(2.0 / math.pi), False: 1.0 / math.sqrt(2.0 * math.pi)}
 MIN_STEP = ranges.MIN_STEP
+EXACT_F32 = float(2**24)  # float32 represents every integer up to this exactly
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -254,7 +255,7 @@ class QuantLayer(nn.Module):
     def integer_forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         """Inference as the kernels compute it: exact integer accumulation, then one float32 rescale.
 
-        Products of codes are summed in float64, which is exact for any int32 accumulator,
+        Products of codes are summed exactly (in float64, or float32 chunks for convs: `exact_conv`),
         then cast to float32 and scaled by `a_step * w_step` (+ bias) in the same order as
         `bitmix.kernels.qlinear` / `qconv2d`, so fake-quant inference and the packed
         kernels produce bit-identical outputs and the same accuracy.
@@ -263,20 +264,52 @@ class QuantLayer(nn.Module):
         a_step = self.a_quant.step.detach().float()
         if self.a_scale is not None:
             x = x * self.a_scale
-        a = self.a_quant.codes(x).double()
+        a = self.a_quant.codes(x)
         if self.kind == "matmul":
             assert other is not None and self.b_quant is not None
-            acc = torch.matmul(a, self.b_quant.codes(other).double()).float()
+            acc = torch.matmul(a.double(), self.b_quant.codes(other).double()).float()
             return acc * (a_step * self.b_quant.step.detach().float())
         assert self.weight is not None and self.w_quant is not None
-        w = self.w_quant.codes(self.weight).double()
+        w = self.w_quant.codes(self.weight)
         scale = a_step * self.w_quant.step.detach().float()
         if self.kind == "linear":
-            out = F.linear(a, w).float() * scale
+            out = F.linear(a.double(), w.double()).float() * scale
             return out + self.bias.detach().float() if self.bias is not None else out
-        out = F.conv2d(a, w, None, self.stride, self.padding, self.dilation, self.groups).float()
+        out = exact_conv(a.float(), w.float(), self.stride, self.padding, self.dilation, self.groups)
         out = out * scale.reshape(1, -1, 1, 1)
         return out + self.bias.detach().float().reshape(1, -1, 1, 1) if self.bias is not None else out
+
+
+def exact_conv(a: torch.Tensor, w: torch.Tensor, stride: tuple[int, ...], padding: tuple[int, ...] | str,
+               dilation: tuple[int, ...], groups: int) -> torch.Tensor:
+    """conv2d of integer codes (held in float32), exactly, cast to float32 once at the end.
+
+    float32 adds integers exactly while every partial sum stays below 2^24, whatever the order, so
+    input channels are taken in chunks small enough for that (|a|·|w| per tap, times taps per
+    channel) and the chunks are summed in float64 (a single channel over the bound, or a narrower
+    oneDNN float32 setting, falls back to a float64 conv). One chunk covers every 2- and 4-bit conv
+    and depthwise ones; a float64 conv instead runs torch's slow non-oneDNN path (a MobileNetV2 int8
+    compile spent 64 s in it, cProfile 2026-12-02)."""
+    per_channel = float(a.abs().amax()) * float(w.abs().amax()) * w.shape[2] * w.shape[3]
+    in_per_group = w.shape[1]
+    if per_channel > EXACT_F32 or _reduced_precision_conv():
+        return F.conv2d(a.double(), w.double(), None, stride, padding, dilation, groups).float()
+    chunk = in_per_group if per_channel == 0 else max(1, min(in_per_group, int(EXACT_F32 // per_channel)))
+    if chunk == in_per_group:
+        return F.conv2d(a, w, None, stride, padding, dilation, groups)
+    n, _, h, width = a.shape
+    grouped = a.reshape(n, groups, in_per_group, h, width)
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, in_per_group, chunk):
+        part = grouped[:, :, start:start + chunk].reshape(n, -1, h, width)
+        total = total + F.conv2d(part, w[:, start:start + chunk], None, stride, padding, dilation, groups).double()
+    return total.float()
+
+
+def _reduced_precision_conv() -> bool:
+    """Whether the user let oneDNN run float32 convs in a narrower type (then float32 is not exact)."""
+    conv = getattr(torch.backends.mkldnn, "conv", None)
+    return getattr(conv, "fp32_precision", "none") not in ("none", "ieee")
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:

@@ -195,3 +195,22 @@ def test_calibration_signs_cover_layers_the_forward_never_reaches():
     signs = calibration_signs(gm, {**layers, "ghost": ghost}, (torch.randn(8, 4),))
     assert signs["ghost"] == (True, True)
     assert signs[list(layers)[1]][0] is False  # after the ReLU: unsigned
+
+
+@pytest.mark.parametrize(("bits_a", "bits_w", "c_in", "groups", "k"),
+                         [(8, 8, 96, 1, 3), (8, 8, 512, 4, 3), (8, 8, 32, 32, 3), (4, 4, 96, 1, 3), (8, 8, 40, 1, 7)])
+def test_exact_conv_equals_the_float64_conv_of_the_codes(bits_a, bits_w, c_in, groups, k):
+    from bitmix.compiler.qlayer import exact_conv
+
+    g = torch.Generator().manual_seed(c_in + k)
+    a = torch.randint(0, 2**bits_a, (2, c_in, 9, 11), generator=g).float()
+    w = torch.randint(-(2 ** (bits_w - 1)), 2 ** (bits_w - 1), (48 if groups < c_in else c_in, c_in // groups, k, k),
+                      generator=g).float()
+    top_a, top_w = 2**bits_a - 1, 2 ** (bits_w - 1) - 1  # sample 0, channel 0: every product large and positive
+    a[0] = torch.randint(top_a * 3 // 4, top_a + 1, a[0].shape, generator=g).float()
+    w[0] = torch.randint(top_w * 3 // 4, top_w + 1, w[0].shape, generator=g).float()
+    args = ((1, 2), (1, 1), (1, 1), groups)
+    exact = F.conv2d(a.double(), w.double(), None, *args)
+    assert torch.equal(exact_conv(a, w, *args), exact.float())
+    if bits_a == 8 and groups < c_in:  # sums past 2^24: a single float32 conv rounds them
+        assert exact.abs().max() > 2**24 and not torch.equal(F.conv2d(a, w, None, *args), exact.float())
