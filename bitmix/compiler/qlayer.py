@@ -289,7 +289,7 @@ def exact_conv(a: torch.Tensor, w: torch.Tensor, stride: tuple[int, ...], paddin
     channel) and the chunks are summed in float64 (a single channel over the bound, or a narrower
     oneDNN float32 setting, falls back to a float64 conv). One chunk covers every 2- and 4-bit conv
     and depthwise ones; a float64 conv instead runs torch's slow non-oneDNN path (a MobileNetV2 int8
-    compile spent 64 s in it, cProfile 2026-12-02)."""
+    compile spent 64 s in it at load 7, cProfile 2026-12-02)."""
     per_channel = float(a.abs().amax()) * float(w.abs().amax()) * w.shape[2] * w.shape[3]
     in_per_group = w.shape[1]
     if per_channel > EXACT_F32 or _reduced_precision_conv():

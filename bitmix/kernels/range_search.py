@@ -3,8 +3,8 @@
 Range setting (``compiler/ranges.py``) scores ~21 candidate steps per weight row and per
 activation tensor. In torch each candidate is seven memory passes (divide, clamp, round,
 multiply, subtract, square, sum); MiniLM's compile spent 101 of its 151 s there (cProfile,
-2026-12-02, `torch.compile(backend="bitmix")`). Here each value is read once per candidate
-from cache and the error accumulates in float64 in registers.
+2026-12-02, `torch.compile(backend="bitmix")`, at load ~6; quiet, that compile takes ~10 s).
+Here each value is read once per candidate from cache and the error accumulates in float64 in registers.
 
 The quantizer is the deployed one, ``rint(clip(v / s, -q_n, q_p)) * s`` (round half to even);
 the sum is reassociated (SIMD), so errors may differ from torch's in the last bits — this is

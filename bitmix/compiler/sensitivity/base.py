@@ -143,7 +143,7 @@ def score(method: str | MethodConfig, ctx: ScoreContext) -> Scores:
     """Run a registered method on the data it declares it needs; scores relative to the highest choice.
 
     A target with one choice (int8-npu, ...) leaves nothing to rank: every score is 0 by definition, so
-    the method is not run (EAGL spent 11 s of a MiniLM int8 compile computing entropies that cancel)."""
+    the method is not run (EAGL spent 11 s of a MiniLM int8 compile at load ~6 on entropies that cancel)."""
     m, config = resolve(method)
     check_inputs(m, ctx.data is not None, ctx.calibration_inputs() is not None)
     if len(ctx.target.choices) == 1:
