@@ -39,7 +39,9 @@ from bitmix.ir.cost import CostModel
 from bitmix.ir.targets import get_target
 from bitmix.simulator import price
 from bitmix.simulator.config import ChipConfig
+from bitmix.study.config import DATA_LIMITS
 from bitmix.study.drops import correlate, measure_drops, random_assignments
+from bitmix.study.sweep import limit_data
 
 KNAPSACK_METHODS = tuple(m for m in METHODS if strategy(m) == "knapsack")  # from the registry
 
@@ -134,6 +136,7 @@ def ablate(study: str, seeds: int) -> dict:
 
     name, target, epochs, calib = _ablation_setup(study)
     model, example, data = zoo.load(name)
+    data = limit_data(data, DATA_LIMITS.get(name))  # the study's own data: drops measured on the test set it scores
     graph = capture(model, example, name)
     gm = prepare(graph)
     names = graph.names
