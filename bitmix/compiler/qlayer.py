@@ -267,17 +267,39 @@ class QuantLayer(nn.Module):
         a = self.a_quant.codes(x)
         if self.kind == "matmul":
             assert other is not None and self.b_quant is not None
-            acc = torch.matmul(a.double(), self.b_quant.codes(other).double()).float()
+            acc = exact_matmul(a, self.b_quant.codes(other))
             return acc * (a_step * self.b_quant.step.detach().float())
         assert self.weight is not None and self.w_quant is not None
         w = self.w_quant.codes(self.weight)
         scale = a_step * self.w_quant.step.detach().float()
         if self.kind == "linear":
-            out = F.linear(a.double(), w.double()).float() * scale
+            out = exact_matmul(a, w.t()) * scale
             return out + self.bias.detach().float() if self.bias is not None else out
         out = exact_conv(a.float(), w.float(), self.stride, self.padding, self.dilation, self.groups)
         out = out * scale.reshape(1, -1, 1, 1)
         return out + self.bias.detach().float().reshape(1, -1, 1, 1) if self.bias is not None else out
+
+
+def exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of integer codes (held in float), exactly, cast to float32 once at the end.
+
+    As `exact_conv`: float32 sums integers exactly while every partial sum stays below 2^24, so the
+    reduction runs in float32 chunks within that bound, summed in float64 (one chunk covers 4-bit
+    weights up to K = 9400 and 8/8 up to K = 1040). It replaces a float64 matmul, which torch runs
+    several times slower than float32; above the bound, or when the user has let float32 matmuls run
+    in a narrower type, it falls back to float64."""
+    per_term = float(a.abs().amax()) * float(b.abs().amax()) if a.numel() and b.numel() else 0.0
+    k = a.shape[-1]
+    if per_term > EXACT_F32 or _reduced_precision_matmul():
+        return torch.matmul(a.double(), b.double()).float()
+    chunk = k if per_term == 0 else max(1, min(k, int(EXACT_F32 // per_term)))
+    a32, b32 = a.float(), b.float()
+    if chunk >= k:
+        return torch.matmul(a32, b32)
+    out = torch.matmul(a32[..., :chunk], b32[..., :chunk, :]).double()
+    for start in range(chunk, k, chunk):
+        out += torch.matmul(a32[..., start:start + chunk], b32[..., start:start + chunk, :]).double()
+    return out.float()
 
 
 def exact_conv(a: torch.Tensor, w: torch.Tensor, stride: tuple[int, ...], padding: tuple[int, ...] | str,
@@ -304,6 +326,13 @@ def exact_conv(a: torch.Tensor, w: torch.Tensor, stride: tuple[int, ...], paddin
         part = grouped[:, :, start:start + chunk].reshape(n, -1, h, width)
         total = total + F.conv2d(part, w[:, start:start + chunk], None, stride, padding, dilation, groups).double()
     return total.float()
+
+
+def _reduced_precision_matmul() -> bool:
+    """Whether the user let float32 matmuls run in a narrower type (TF32/bf16: then float32 is not exact)."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    return (torch.get_float32_matmul_precision() != "highest"
+            or getattr(matmul, "fp32_precision", "none") not in ("none", "ieee"))
 
 
 def _reduced_precision_conv() -> bool:

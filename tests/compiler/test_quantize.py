@@ -214,3 +214,36 @@ def test_exact_conv_equals_the_float64_conv_of_the_codes(bits_a, bits_w, c_in, g
     assert torch.equal(exact_conv(a, w, *args), exact.float())
     if bits_a == 8 and groups < c_in:  # sums past 2^24: a single float32 conv rounds them
         assert exact.abs().max() > 2**24 and not torch.equal(F.conv2d(a, w, None, *args), exact.float())
+
+
+@pytest.mark.parametrize(("bits_a", "bits_w", "k", "batch"),
+                         [(8, 8, 384, ()), (8, 8, 3000, ()), (8, 4, 1536, (2,)), (8, 8, 1600, (2, 3)), (4, 4, 64, ())])
+def test_exact_matmul_equals_the_float64_matmul_of_the_codes(bits_a, bits_w, k, batch):
+    from bitmix.compiler.qlayer import exact_matmul
+
+    g = torch.Generator().manual_seed(k + len(batch))
+    top_a, top_w = 2**bits_a - 1, 2 ** (bits_w - 1) - 1
+    a = torch.randint(0, top_a + 1, (*batch, 5, k), generator=g).float()
+    b = torch.randint(-top_w - 1, top_w + 1, (*batch, k, 7), generator=g).float()
+    a[..., 0, :] = torch.randint(top_a * 3 // 4, top_a + 1, a[..., 0, :].shape, generator=g).float()
+    b[..., :, 0] = torch.randint(top_w * 3 // 4, top_w + 1, b[..., :, 0].shape, generator=g).float()
+    exact = torch.matmul(a.double(), b.double())
+    assert torch.equal(exact_matmul(a, b), exact.float())
+    if k * top_a * top_w > 2**26:  # sums well past 2^24: a single float32 matmul rounds some of them
+        assert exact.abs().max() > 2**24 and not torch.equal(torch.matmul(a, b), exact.float())
+
+
+def test_exact_matmul_falls_back_to_float64_when_float32_matmuls_are_narrowed():
+    from bitmix.compiler.qlayer import _reduced_precision_matmul, exact_matmul
+
+    a, b = torch.full((2, 3000), 255.0), torch.full((3000, 3), 127.0)
+    expected = torch.full((2, 3), 255.0 * 127 * 3000, dtype=torch.float64).float()
+    before = torch.get_float32_matmul_precision()
+    assert before == "highest" and not _reduced_precision_matmul()
+    try:
+        torch.set_float32_matmul_precision("medium")  # may let oneDNN run float32 matmuls in bf16
+        assert _reduced_precision_matmul()
+        assert torch.equal(exact_matmul(a, b), expected)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(exact_matmul(a, b), expected)
