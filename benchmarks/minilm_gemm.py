@@ -28,6 +28,7 @@ import torch
 
 from bitmix.kernels import dispatch, gemm, pack_weights, prepare_linear
 from bitmix.kernels.pack import code_range
+from bitmix.tools.speed import median_seconds
 
 SHAPES = [(64, 384, 384), (64, 1536, 384), (64, 384, 1536)]  # (M, N, K)
 
@@ -36,14 +37,7 @@ def _median(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``fn()``; after a pause, so torch's OpenMP threads, which spin ~1 ms after
     each torch call (``bitmix.kernels.bench._median_times``), have gone idle and tax no contender."""
     time.sleep(0.05)
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[repeats // 2]
+    return median_seconds(fn, repeats, warmup=5)
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from bitmix.kernels.threads import configure_threading
 DEFAULT_MODELS = ("digits-cnn", "resnet18", "resnet50", "mobilenetv2", "minilm")
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -53,15 +53,15 @@ def bench_model(name: str, repeats: int, ort: bool = True, threads: int = 1) -> 
         cm = bitmix.compile(model, inputs, target="int4int2-npu", method="eagl", budget=1.0)
     compile_s = time.perf_counter() - start
     with torch.no_grad():
-        eager = _median_seconds(lambda: model(*inputs), repeats)
-        compiled = _median_seconds(lambda: cm(*inputs), repeats)
+        eager = median_seconds(lambda: model(*inputs), repeats)
+        compiled = median_seconds(lambda: cm(*inputs), repeats)
     ort_s = None
     if ort:
         from bitmix.tools.ort_baseline import time_ort_int8
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ort_s, _ = time_ort_int8(model, inputs, data, threads, _median_seconds, repeats)
+            ort_s, _ = time_ort_int8(model, inputs, data, threads, median_seconds, repeats)
     return {
         "model": name,
         "input_shapes": [list(x.shape) for x in inputs],
