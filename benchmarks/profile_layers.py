@@ -47,10 +47,8 @@ def _probe(owner, attr: str, label: str) -> None:
 def _macs(layer: lower.KernelLayer, x: torch.Tensor, out: torch.Tensor) -> int:
     p = layer.plan
     if p.kind == "conv2d":
-        return out.numel() * (x.shape[1] // p.groups) * math.prod(p.kernel_size)
-    if p.kind == "linear":
-        return out.numel() * x.shape[-1]
-    return out.numel() * x.shape[-1]
+        return math.prod(out.shape) * (x.shape[1] // p.groups) * math.prod(p.kernel_size)
+    return math.prod(out.shape) * x.shape[-1]
 
 
 def main() -> None:

@@ -42,8 +42,9 @@ def fake_quantize(
     `assignment` stay float.
     Weight steps are per-channel MSE steps (`bitmix.compiler.ranges`). With `calibration`,
     activation steps are MSE steps on its activations, then biases are corrected
-    (`bitmix.compiler.correct`), after linears' activation outliers are smoothed into their weights
-    (`bitmix.compiler.smooth`, each layer only where it lowers its output error) and conv pairs are
+    (`bitmix.compiler.correct`), after per-input-channel scales are migrated between linears' activations
+    and weights (`bitmix.compiler.smooth`: SmoothQuant's where the weights are at least as wide as the
+    activations, AWQ's where they are narrower; each layer only where it lowers its output error) and conv pairs are
     equalised (`bitmix.compiler.equalize`, kept only if the calibration output error drops) and, with
     `rounding`, weights are rounded by GPTQ (`bitmix.compiler.gptq`, each layer only where it lowers
     its held-out output error) and, with `activation_search`, the activation steps of linears whose weights
@@ -85,9 +86,9 @@ def _quantize(model: nn.Module, assignment: dict[str, int], calibration: tuple[t
 
     layers = quant_layers(model)
     signs = calibration_signs(model, layers, calibration) if calibration is not None else {}
-    if calibration is not None and smoothing:
-        smooth_linears(model, layers, assignment, calibration, signs)
     live = live_rows(model, layers, calibration) if calibration is not None else {}
+    if calibration is not None and smoothing:
+        smooth_linears(model, layers, assignment, calibration, signs, live)
     reference = float_reference(model, calibration, live) if calibration is not None and bias_correction else None
     for name, layer in layers.items():
         a_signed, b_signed = signs.get(name, (None, None))

@@ -230,8 +230,9 @@ def overview(results: list[dict]) -> list[str]:
         if res["free_layers"] <= 1:
             lines.append(f"- {res['model']}: only {res['free_layers']} free layer, so every method picks the same "
                          "assignment at every budget; it cannot separate methods, only test the pipeline.")
+        # below the cheapest assignment of any method; a budget only uniform precision cannot meet is not one
         infeasible = sorted({r["budget"] for rows in res["frontier"].values() for r in rows
-                             if r["status"] == "infeasible"})
+                             if r["status"] == "infeasible" and r["budget"] < res["min_fraction"]})
         if infeasible:
             lines.append(f"- {res['model']}: budgets {', '.join(f'{b:g}' for b in infeasible)} are infeasible "
                          f"(the cheapest {_target(res)} assignment costs {res['min_fraction']:.3f} of "

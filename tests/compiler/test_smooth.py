@@ -1,4 +1,4 @@
-"""Activation-outlier smoothing: float-exact migration, lower error on outlier channels, kernels == fake quant."""
+"""Scale migration (SmoothQuant, AWQ): float-exact, lower error on outlier channels, kernels == fake quant."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from bitmix.compiler.fold import prepare
 from bitmix.compiler.lower import lower
 from bitmix.compiler.qlayer import quant_layers
 from bitmix.compiler.quantize import fake_quantize
-from bitmix.compiler.smooth import choose_scale
+from bitmix.compiler.smooth import choose_scale, smooth_linears
 
 
 class _Outliers(nn.Module):
@@ -70,11 +70,40 @@ def test_smoothing_keeps_the_float_function():
         torch.testing.assert_close(fq(*calib), net(*calib), rtol=1e-4, atol=1e-4)
 
 
-def test_no_smoothing_where_the_weights_are_the_narrower_operand():
-    calib = _calib(4)
+def test_awq_scales_where_the_weights_are_the_narrower_operand():
+    """At 4/8 and 2/8 the candidates are AWQ's (mean |x| based, normalised to sqrt(max * min) = 1): salient input
+    channels get the largest weight scale, and the scaled model is closer to float than the plain one."""
+    calib, test = _calib(4), _calib(5)
+    net = _Outliers().eval()
+    gm = prepare(capture(net, (calib[0][:2],)))
+    for bits in ("4/8", "2/8"):
+        assignment = {n: bits for n in quant_layers(gm)}
+        plain = fake_quantize(gm, assignment, calib, smoothing=False)
+        scaled = fake_quantize(gm, assignment, calib)
+        (a_scale,) = [layer.a_scale for layer in quant_layers(scaled).values()]
+        assert a_scale is not None
+        s = 1 / a_scale
+        assert float(s[:3].min()) > float(s[3:].max())
+        torch.testing.assert_close(float(s.max() * s.min()), 1.0, rtol=1e-5, atol=0)
+        with torch.no_grad():
+            ref = net(*test)
+            errors = [float((m(*test) - ref).pow(2).mean()) for m in (plain, scaled)]
+            assert errors[1] < errors[0]
+            assert torch.equal(lower(scaled).module(*test), scaled(*test))
+
+
+def test_scales_are_chosen_on_live_rows_only():
+    """Rows that cannot reach the output (padding) take no part in choosing the scale."""
+    calib = _calib(6)
     gm = prepare(capture(_Outliers().eval(), (calib[0][:2],)))
-    smoothed = {}
-    for bits in ("8/8", "4/8", "2/8"):
-        fq = fake_quantize(gm, {n: bits for n in quant_layers(gm)}, calib, bias_correction=False, rounding=False)
-        smoothed[bits] = any(layer.a_scale is not None for layer in quant_layers(fq).values())
-    assert smoothed == {"8/8": True, "4/8": False, "2/8": False}
+    layers = quant_layers(gm)
+    (name,) = layers
+    x = calib[0].clone()
+    x[1::4, 5] = 1e3  # dead rows with an outlier in a channel the live rows keep small
+    live = torch.ones(x.shape[0], dtype=torch.bool)
+    live[1::4] = False
+    weight = layers[name].weight.detach().clone()
+    expected = choose_scale(x[live] * gm.gain, weight, "4/8", True)
+    assert expected is not None
+    assert smooth_linears(gm, layers, {name: "4/8"}, (x,), {name: (True, True)}, {name: live}) == 1
+    torch.testing.assert_close(layers[name].a_scale, 1 / expected)
