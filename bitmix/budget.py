@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from bitmix.errors import BitmixError
 
+DEFAULT_FRACTION = 0.75  # of the all-highest-choice cost, when compile is given no budget
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -43,6 +45,14 @@ class Budget:
 
     def goals(self) -> dict[str, float | None]:
         return {"fraction": self.fraction, "fps": self.fps, "latency_s": self.latency_s, "energy_j": self.energy_j}
+
+    @classmethod
+    def default(cls, one_choice: bool) -> Budget:
+        """What `compile` budgets when given nothing: DEFAULT_FRACTION of the all-highest cost, raised (with a
+        warning) to the cheapest assignment where that costs more, e.g. w4a8-npu on a transformer whose
+        precision-independent work dominates; all of it for a one-choice target (int8-npu), whose every
+        layer's precision is fixed, so there is nothing to budget."""
+        return cls(1.0) if one_choice else cls(DEFAULT_FRACTION, clamp=True)
 
     @classmethod
     def of(cls, value: Budget | float | int | None) -> Budget:

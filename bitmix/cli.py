@@ -199,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=("knapsack", "pareto-greedy", "pareto-greedy-normalised"),
                    help="how scores become an assignment: the exact knapsack (default for scoring methods) or "
                    "AIMET AMP's Pareto-greedy search")
-    p.add_argument("--budget", type=_positive_float, default=0.75,
-                   help="simulated cost allowed, as a fraction of the all-highest-choice cost")
+    p.add_argument("--budget", type=_positive_float, default=None,
+                   help="simulated cost allowed, as a fraction of the all-highest-choice cost (default 0.75, raised "
+                   "to the cheapest assignment where that costs more; 1 for a one-choice target such as int8-npu)")
     p.add_argument("--fps", type=_positive_float, help="absolute goal instead of --budget: frames/s")
     p.add_argument("--latency", type=_positive_float, help="absolute goal: latency per frame in seconds")
     p.add_argument("--energy", type=_positive_float, help="absolute goal: energy per frame in joules")

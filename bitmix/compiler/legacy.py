@@ -13,7 +13,7 @@ import dataclasses
 import warnings
 from typing import Any
 
-from bitmix.budget import Budget
+from bitmix.budget import DEFAULT_FRACTION, Budget
 from bitmix.compiler.inputs import CompileOptions
 from bitmix.compiler.sensitivity import METHODS, MethodConfig, executor_for, resolve
 from bitmix.errors import BitmixError
@@ -41,7 +41,7 @@ def translate(method: str | MethodConfig, budget: Any, data: Any, target: str | 
     if goals:
         budget = Budget(**goals)
     if old.get("clamp_budget"):
-        budget = dataclasses.replace(Budget.of(budget), clamp=True)
+        budget = dataclasses.replace(Budget.of(budget if budget is not None else DEFAULT_FRACTION), clamp=True)
     if old.get("method_options"):
         method, executor = _method_config(method, dict(old["method_options"]))
         if executor is not None:

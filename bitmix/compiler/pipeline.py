@@ -83,7 +83,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     target: str | Target = "int4int2-npu",
     *,
     method: str | MethodConfig = "eagl",
-    budget: Budget | float = 0.75,
+    budget: Budget | float | None = None,
     data: Data | TaskData | Any = None,
     finetune: FinetuneConfig | int | None = None,
     seed: int = 0,
@@ -95,7 +95,8 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     target: a name in `bitmix.targets` or a `Target` (`.with_chip_config("chip.toml")` for another chip).
     method: a registered method's name (`eagl`, `alps`, ...) or its config (`ALPSConfig(epochs=0.5)`).
     budget: a fraction of the all-highest-choice simulated cost, or a `Budget` (absolute fps / latency_s /
-      energy_j goals, `clamp=True`).
+      energy_j goals, `clamp=True`); None is `Budget.default`: 0.75, raised to the cheapest assignment
+      where that costs more, and 1 for a one-choice target such as int8-npu.
     data: a TaskData (calibration, training and evaluation at once), unlabeled inputs (a tensor, tuple or
       iterable of batches: calibration only), or `Data(calibration=, train=, eval=)`.
     finetune: epochs (or a FinetuneConfig) of LSQ fine-tuning after allocation; needs a train role.
@@ -110,7 +111,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     warn: list[str] = []
     tgt = get_target(target)
     chip = load_chip_config(tgt.chip_config)
-    goal = Budget.of(budget)
+    goal = Budget.default(len(tgt.choices) == 1) if budget is None else Budget.of(budget)
     caps = inputs.caps(goal)
     scorer, method_config = sensitivity.resolve(method)
     roles = inputs.resolve_data(data)

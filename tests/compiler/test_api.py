@@ -67,6 +67,24 @@ def test_clamped_budget_uses_the_cheapest_assignment():
     assert cm.report.info["achieved_fraction"] == pytest.approx(cheapest)
 
 
+def test_default_budget_fits_the_target():
+    """No budget given: a one-choice target compiles at its only precision without a budget warning; where
+    the cheapest assignment costs more than 0.75 (pinned first/last layers dominate), it is taken, with a
+    warning; an explicit budget below it is still an error."""
+    calib = torch.randn(32, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        cm = bitmix.compile(_mlp(), calib[:4], "int8-npu", data=calib, options=QUICK)
+    assert set(cm.assignment.values()) == {8} and cm.report.budget == 1.0
+    torch.manual_seed(0)
+    pinned_heavy = nn.Sequential(nn.Linear(16, 512), nn.ReLU(), nn.Linear(512, 2), nn.ReLU(), nn.Linear(2, 512)).eval()
+    with pytest.warns(UserWarning, match="below the cheapest assignment"):
+        cm = bitmix.compile(pinned_heavy, calib[:4], "int4int2-npu", data=calib, options=QUICK)
+    assert cm.report.budget > 0.75 and cm.report.info["achieved_fraction"] <= cm.report.budget
+    with pytest.raises(bitmix.BitmixError, match="minimum achievable"):
+        bitmix.compile(pinned_heavy, calib[:4], "int4int2-npu", budget=0.75, data=calib, options=QUICK)
+
+
 def test_task_detail_metrics_are_reported_without_the_compiler_knowing_the_task():
     seen = []
 
