@@ -25,6 +25,6 @@ def hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def rotate_input(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """The online rotation of a linear's input: `hadamard(x * d, b)`, b the largest power of two dividing K."""
+    """The online rotation of a linear's input: `hadamard(x * s, b)`, b the largest power of two dividing K."""
     k = signs.numel()
     return hadamard(x * signs, k & -k)

@@ -2,8 +2,8 @@
 
 At 4-bit and narrower activations a transformer's hidden states carry per-channel outliers that one
 per-tensor step cannot serve. Rotating a linear layer's input by a randomized block Hadamard transform,
-`x -> (x * d) H_b` (d a fixed +-1 vector, H_b the block-diagonal Walsh-Hadamard matrix of b x b blocks),
-with `W -> (W * d) H_b / b` folded into the weight, keeps the float function (H_b H_b^T = b I) and spreads
+`x -> (x * s) H_b` (s = d / sqrt(b), d a fixed +-1 vector, H_b the block-diagonal Walsh-Hadamard matrix of
+b x b blocks), with `W -> (W * s) H_b` folded into the weight, keeps the float function (H_b H_b^T = b I) and spreads
 each outlier over b channels (QuaRot, Ashkboos et al. 2024, arXiv 2404.00456). MiniLM with every free
 linear at 4/4, PTQ: 66.5 % cosine to FP32 without, 92.3 % with (docs/quality.md). A post-LN encoder has
 no LayerNorm the rotation could be folded into, so it is run-time work: one sign flip and log2(b)
