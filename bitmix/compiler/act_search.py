@@ -68,9 +68,7 @@ def search_activation_steps(model: nn.Module, layers: dict[str, QuantLayer], cal
         if not isinstance(quant, LSQQuantizer) or bool(quant.initialized) or layer.w_quant is None:
             return
         assert layer.weight is not None
-        x = args[0].detach()
-        if layer.a_scale is not None:
-            x = x * layer.a_scale
+        x = layer.prepare_input(args[0].detach())
         quant.init_range(x)
         mse = quant.step.detach().clone()
         quant.set_step(output_step(_rows(x, (live or {}).get(layer.name)), layer.w_quant(layer.weight), quant, GRID))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bitmix.compiler.shapes import AUTO, export_error, normalize, traced_inputs
+from bitmix.compiler.signs import nonneg_nodes
 from bitmix.errors import BitmixError, NoQuantizableLayers
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
 
@@ -169,6 +170,7 @@ def _index(
     deps = nx.DiGraph()
     reach: dict[torch.fx.Node, frozenset[str]] = {}
     used_names: dict[str, int] = {}
+    nonneg = nonneg_nodes(exported.graph)
     last_layer: str | None = None
 
     for node in exported.graph.nodes:
@@ -177,7 +179,7 @@ def _index(
         if node.op != "call_function":
             reach[node] = sources
             continue
-        layer = _layer_for(node, params)
+        layer = _layer_for(node, params, nonneg)
         if layer is None:
             reach[node] = sources
             op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
@@ -239,7 +241,7 @@ def _renamed(layer: Layer, name: str) -> Layer:
     return Layer(**fields)
 
 
-def _layer_for(node: torch.fx.Node, params: dict[str, str]) -> Layer | None:
+def _layer_for(node: torch.fx.Node, params: dict[str, str], nonneg: set[torch.fx.Node]) -> Layer | None:
     target = node.target
     out_shape = _shape(node)
     module = _module_path(node)
@@ -280,6 +282,7 @@ def _layer_for(node: torch.fx.Node, params: dict[str, str]) -> Layer | None:
             macs=math.prod(out_shape) * w_shape[1],
             params=math.prod(w_shape) + (w_shape[0] if has_bias else 0), has_bias=has_bias,
             weight_param=params[w.name], bias_param=params.get(bias.name) if has_bias else None,
+            input_nonneg=x in nonneg,
         )
     if target in MATMUL_OPS:
         a, b = node.args[0], node.args[1]

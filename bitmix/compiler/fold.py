@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from bitmix.compiler.qlayer import QuantLayer
+from bitmix.compiler.signs import nonneg_nodes
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer, LayerGraph
 
@@ -24,17 +25,6 @@ aten = torch.ops.aten
 PRESERVED = "_user_preserved_attributes"
 
 BN_OPS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
-# Ops whose output is >= 0 whatever their input (hardtanh / clamp only with a lower bound >= 0).
-NONNEG_SOURCES = {"relu", "relu_", "relu6", "softmax", "_softmax", "_safe_softmax", "sigmoid", "exp"}
-BOUNDED_BELOW = {"hardtanh", "hardtanh_", "clamp", "clamp_min"}
-# Ops that keep "every input >= 0" true (scalar operands must be >= 0 too).
-NONNEG_PRESERVING = {
-    "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "expand", "contiguous", "unsqueeze",
-    "squeeze", "flatten", "getitem", "clone", "alias", "detach", "dropout", "to", "_to_copy", "slice",
-    "select", "max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d", "mean", "sum",
-    "cat", "add", "mul", "div", "pad", "constant_pad_nd", "repeat",
-}
-LAYOUT_INT_ARGS = NONNEG_PRESERVING - {"add", "mul", "div", "pad", "constant_pad_nd"}
 
 
 def prepare(graph: LayerGraph) -> fx.GraphModule:
@@ -50,7 +40,7 @@ def prepare(graph: LayerGraph) -> fx.GraphModule:
     missing = [layer.name for layer in graph.layers if layer.node not in nodes]
     if missing:
         raise BitmixError(f"layer {missing[0]!r} is not in the exported graph; re-run capture on the model")
-    nonneg = _nonneg_nodes(gm.graph)
+    nonneg = nonneg_nodes(gm.graph)
     folded = _fold_batchnorms(gm, graph, nodes)
     attrs: dict[str, str] = {}
     for layer in graph.layers:
@@ -86,39 +76,6 @@ def drop_guards(gm: fx.GraphModule) -> None:
     for name, _ in list(gm.named_children()):
         if name.startswith("_guards"):
             delattr(gm, name)
-
-
-def _op_name(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
-
-
-def _nonneg_nodes(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes whose value is provably >= 0 (after ReLU-like ops, softmax, and sign-preserving ops)."""
-    nonneg: set[fx.Node] = set()
-    for node in graph.nodes:
-        if node.op != "call_function":
-            continue
-        op = _op_name(node)
-        if op in NONNEG_SOURCES:
-            nonneg.add(node)
-        elif op in BOUNDED_BELOW:
-            low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min", node.kwargs.get("min_val"))
-            if isinstance(low, int | float) and low >= 0:
-                nonneg.add(node)
-        elif op in NONNEG_PRESERVING:
-            tensors = node.all_input_nodes
-            scalars_ok = op in LAYOUT_INT_ARGS or all(
-                a >= 0 for a in _flat(node.args[1:]) if isinstance(a, int | float) and not isinstance(a, bool)
-            )
-            if tensors and scalars_ok and all(t in nonneg for t in tensors):
-                nonneg.add(node)
-    return nonneg
-
-
-def _flat(args: object) -> list[object]:
-    if isinstance(args, list | tuple):
-        return [x for a in args for x in _flat(a)]
-    return [args]
 
 
 def _fetch(gm: nn.Module, node: object) -> torch.Tensor | None:

@@ -222,8 +222,7 @@ def round_layer(layer: QuantLayer, x: torch.Tensor, live: torch.Tensor | None = 
     q = layer.w_quant
     if not isinstance(q, LSQQuantizer) or x.shape[0] < 2:
         return False
-    if layer.a_scale is not None:
-        x = x * layer.a_scale
+    x = layer.prepare_input(x)
     if isinstance(layer.a_quant, LSQQuantizer) and bool(layer.a_quant.initialized):
         x = layer.a_quant(x)
     if live is not None and live.shape == x.shape[:-1]:

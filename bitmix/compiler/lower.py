@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from bitmix import kernels
+from bitmix.compiler.hadamard import rotate_input
 from bitmix.compiler.layout import channels_last_between_convs, code_chains, fuse_conv_epilogues, nhwc_max_pools
 from bitmix.compiler.qlayer import QuantLayer, quant_layers
 from bitmix.compiler.torch_threads import torch_on_one_thread as torch_on_one_thread  # re-exported
@@ -55,6 +56,7 @@ class KernelPlan:
     b_step: float = 1.0
     b_signed: bool = True
     a_scale: torch.Tensor | None = None  # per-input-channel multiplier before quantization (smoothing)
+    rotation_signs: torch.Tensor | None = None  # online input rotation before that (`bitmix.compiler.rotate`)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", as_precision(self.bits))
@@ -102,6 +104,8 @@ def _run_linear(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
     x = x.detach()
     if x.dtype != torch.float32 or x.device.type != "cpu":
         x = x.to("cpu", torch.float32)
+    if p.rotation_signs is not None:
+        x = rotate_input(x, p.rotation_signs)
     return torch.from_numpy(linear_kernel(p)(x.numpy()))
 
 
@@ -340,9 +344,10 @@ def plan_for(layer: QuantLayer) -> KernelPlan:
         geometry = dict(kernel_size=tuple(weight.shape[2:]), stride=layer.stride, padding=layer.padding,
                         dilation=layer.dilation, groups=layer.groups)
     a_scale = layer.a_scale.detach().float().clone() if layer.a_scale is not None else None
+    signs = layer.rotation_signs.detach().float().clone() if layer.rotation_signs is not None else None
     return KernelPlan(layer.name, layer.kind, bits, a_step, layer.a_quant.signed, out_features=weight.shape[0],
-                      a_scale=a_scale, packed=kernels.pack_weights(codes, bits.w), w_scales=scales, bias=bias,
-                      **geometry)
+                      a_scale=a_scale, rotation_signs=signs, packed=kernels.pack_weights(codes, bits.w),
+                      w_scales=scales, bias=bias, **geometry)
 
 
 @dataclass

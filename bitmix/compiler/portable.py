@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from bitmix import kernels
+from bitmix.compiler.hadamard import rotate_input
 from bitmix.compiler.lower import KernelLayer, KernelPlan, conv_epilogue, matmul_kernel
 from bitmix.ir.precision import Precision
 
@@ -94,6 +95,7 @@ class PortableLayer(nn.Module):
         self.register_buffer("scales", torch.from_numpy(np.ascontiguousarray(plan.w_scales, dtype=np.float32)))
         self.register_buffer("bias", None if plan.bias is None else torch.from_numpy(plan.bias.copy()))
         self.register_buffer("a_scale", None if plan.a_scale is None else plan.a_scale.clone())  # smoothing
+        self.register_buffer("rotation_signs", None if plan.rotation_signs is None else plan.rotation_signs.clone())
         self.k, self.k_pad, self.offset = p.k, p.k_pad, p.offset
         self.geometry = [*plan.kernel_size, *plan.stride, *plan.padding, *plan.dilation, plan.groups]
 
@@ -102,6 +104,8 @@ class PortableLayer(nn.Module):
         if self.kind == "matmul":
             assert other is not None
             return qmatmul_steps(x, other, self.bits.a, self.a_step, self.a_signed, self.b_step, self.b_signed)
+        if self.rotation_signs is not None:
+            x = rotate_input(x, self.rotation_signs)  # the fake-quant layer's transform, bit for bit
         if self.a_scale is not None:
             x = x * self.a_scale  # the lowered layer's float32 product, so the codes match bit for bit
         args = (x, self.data, self.row_sums, self.scales, self.bias, self.k, self.k_pad, self.offset, self.bits.w,

@@ -30,7 +30,7 @@ from bitmix.ir.precision import Precision
 from bitmix.ir.targets import Target
 from bitmix.task import FinetuneConfig, TaskData
 
-CACHE_VERSION = 3  # 2: quantized layers carry smoothing scales (a_scale); 3: AWQ scales where weights are narrower
+CACHE_VERSION = 3  # 2: smoothing scales (a_scale); 3: AWQ scales, Hadamard-rotated inputs (rotation_signs)
 CALIBRATION = 128  # examples for the activation steps, as the pipeline uses
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitmix.compiler import ranges
+from bitmix.compiler.hadamard import rotate_input
 from bitmix.errors import BitmixError
 from bitmix.ir.precision import Precision, PrecisionLike, chip_precision
 
@@ -188,6 +189,21 @@ class QuantLayer(nn.Module):
         self.b_quant: nn.Module | None = None
         # per-input-channel activation multiplier of a smoothed linear (`bitmix.compiler.smooth`)
         self.register_buffer("a_scale", None)
+        # +-1 vector of a linear whose input is Hadamard-rotated (`bitmix.compiler.rotate`)
+        self.register_buffer("rotation_signs", None)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation as this layer quantizes it: rotated (`bitmix.compiler.rotate`), then smoothed."""
+        if self.rotation_signs is not None:
+            x = rotate_input(x, self.rotation_signs)
+        if self.a_scale is not None:
+            x = x * self.a_scale
+        return x
+
+    @property
+    def input_nonneg(self) -> bool:
+        """The graph guarantees a non-negative quantized input (a rotation makes any input signed)."""
+        return self.a_nonneg and self.rotation_signs is None
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, kind={self.kind}, bits={self.bits}"
@@ -212,7 +228,7 @@ class QuantLayer(nn.Module):
             self.w_quant = self.a_quant = self.b_quant = None
             return
         p = self.bits = chip_precision(bits, f"layer {self.name!r}: precision")
-        a_signed = (not self.a_nonneg) if a_signed is None else a_signed
+        a_signed = (not self.input_nonneg) if a_signed is None else a_signed
         self.a_quant = LSQQuantizer(p.a, a_signed)
         if self.kind == "matmul":
             b_signed = (not self.b_nonneg) if b_signed is None else b_signed
@@ -236,8 +252,7 @@ class QuantLayer(nn.Module):
             return torch.matmul(x, other)
         assert self.weight is not None
         weight = self.weight
-        if self.a_scale is not None:
-            x = x * self.a_scale
+        x = self.prepare_input(x)
         if quantized:
             assert self.a_quant is not None and self.w_quant is not None
             x, weight = self.a_quant(x), self.w_quant(weight)
@@ -262,8 +277,8 @@ class QuantLayer(nn.Module):
         """
         assert self.a_quant is not None
         a_step = self.a_quant.step.detach().float()
-        if self.a_scale is not None:
-            x = x * self.a_scale
+        if self.kind != "matmul":
+            x = self.prepare_input(x)
         a = self.a_quant.codes(x)
         if self.kind == "matmul":
             assert other is not None and self.b_quant is not None

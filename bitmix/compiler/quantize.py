@@ -34,12 +34,16 @@ def fake_quantize(
     equalization: bool = True,
     rounding: bool = True,
     activation_search: bool = True,
+    rotation: bool = True,
 ) -> torch.fx.GraphModule:
     """A new fake-quantized copy of a prepared model with per-layer `Precision` pairs from `assignment`
     (weight width for the weights, activation width for the inputs; an int b means b/b).
 
     `model` is a module prepared by `fold.prepare` (deep-copied, never changed). Layers missing from
     `assignment` stay float.
+    Linears at 4-bit or narrower activations read their input through a fixed randomized Hadamard rotation
+    folded into their weights (`bitmix.compiler.rotate`, the rule in `bitmix.ir.rotation`, which the
+    simulator prices; `rotation=False` is for ablations only: the simulator still prices it).
     Weight steps are per-channel MSE steps (`bitmix.compiler.ranges`). With `calibration`,
     activation steps are MSE steps on its activations, then biases are corrected
     (`bitmix.compiler.correct`), after per-input-channel scales are migrated between linears' activations
@@ -61,12 +65,13 @@ def fake_quantize(
     if unknown:
         raise BitmixError(f"assignment names unknown layer {unknown[0]!r}; valid layers: {', '.join(layers)}")
     if calibration is None:
-        return _quantize(model, assignment, None, bias_correction, smoothing, rounding, activation_search)
+        return _quantize(model, assignment, None, bias_correction, smoothing, rounding, activation_search, rotation)
     ranges.check_calibration(calibration)
     if not (equalization and isinstance(model, torch.fx.GraphModule) and pairs(model)):
-        return _quantize(model, assignment, calibration, bias_correction, smoothing, rounding, activation_search)
+        return _quantize(model, assignment, calibration, bias_correction, smoothing, rounding, activation_search,
+                         rotation)
     target = _float_output(model, calibration)
-    options = (bias_correction, smoothing, rounding, activation_search)
+    options = (bias_correction, smoothing, rounding, activation_search, rotation)
     plain = _quantize(copy.deepcopy(model), assignment, calibration, *options)
     equalize(model)
     equalized = _quantize(model, assignment, calibration, *options)
@@ -75,16 +80,19 @@ def fake_quantize(
 
 
 def _quantize(model: nn.Module, assignment: dict[str, int], calibration: tuple[torch.Tensor, ...] | None,
-              bias_correction: bool, smoothing: bool, rounding: bool, activation_search: bool
+              bias_correction: bool, smoothing: bool, rounding: bool, activation_search: bool, rotation: bool
               ) -> torch.fx.GraphModule:
     """`fake_quantize` on a private copy, after the optional equalisation."""
     from bitmix.compiler.act_search import search_activation_steps
     from bitmix.compiler.correct import bias_correct, float_reference
     from bitmix.compiler.gptq import gptq_round
     from bitmix.compiler.live import live_rows
+    from bitmix.compiler.rotate import rotate_linears
     from bitmix.compiler.smooth import smooth_linears
 
     layers = quant_layers(model)
+    if rotation:
+        rotate_linears(layers, assignment)
     signs = calibration_signs(model, layers, calibration) if calibration is not None else {}
     live = live_rows(model, layers, calibration) if calibration is not None else {}
     if calibration is not None and smoothing:
@@ -141,7 +149,8 @@ def calibration_signs(
 
     def hook(layer: QuantLayer, args: tuple) -> None:
         b_min = float(args[1].min()) if layer.kind == "matmul" else 0.0
-        minima[layer.name] = (float(args[0].min()), b_min)
+        a = args[0] if layer.kind == "matmul" else layer.prepare_input(args[0])
+        minima[layer.name] = (float(a.min()), b_min)
 
     saved = {name: layer.bits for name, layer in layers.items()}
     handles = [layer.register_forward_pre_hook(hook) for layer in layers.values()]
@@ -161,7 +170,7 @@ def calibration_signs(
         for name, layer in layers.items():
             layer.bits = saved[name]
     return {
-        name: (not (layer.a_nonneg or a_min >= 0.0), not (layer.b_nonneg or b_min >= 0.0))
+        name: (not (layer.input_nonneg or a_min >= 0.0), not (layer.b_nonneg or b_min >= 0.0))
         for name, layer in layers.items()
         for a_min, b_min in [minima.get(name, (-1.0, -1.0))]
     }

@@ -120,7 +120,8 @@ def smooth_linears(model: nn.Module, layers: dict[str, QuantLayer], assignment: 
     chosen: dict[str, torch.Tensor] = {}
 
     def hook(layer: QuantLayer, args: tuple) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1])
+        x = layer.prepare_input(args[0].detach())
+        x = x.reshape(-1, x.shape[-1])
         mask = (live or {}).get(layer.name)
         if mask is not None and mask.numel() == x.shape[0] and _weights_narrower(assignment[layer.name]):
             x = x[mask.reshape(-1)]

@@ -40,6 +40,7 @@ class Layer:
     groups: int = 1
     weight_param: str | None = None  # state-dict key of the weight (None for matmul)
     bias_param: str | None = None
+    input_nonneg: bool = False  # the graph proves the (first) input >= 0 (after ReLU, softmax, ...)
 
     @property
     def weight_elements(self) -> int:

@@ -21,6 +21,7 @@ from bitmix.simulator.mapping import (
     CoreWork,
     LayerWork,
     Mapping,
+    at_precision,
     busiest_core,
     cores_of,
     flow_cycles,
@@ -49,6 +50,7 @@ class Placed:
 def place(work: LayerWork, bits: Precision | int, chip: ChipConfig) -> Placed:
     m = map_layer(work, bits, chip)
     bits = m.bits
+    work = at_precision(work, bits)
     busiest = busiest_core(work, m, chip)
     core = float(flow_cycles(busiest, chip, 0.0, m.s_k - 1))
     pre = float(prefetch_cycles(busiest, chip, weight_home_hops(chip)))

@@ -30,6 +30,7 @@ from bitmix.simulator.mapping import (
     Cores,
     LayerWork,
     act_start_cycles,
+    at_precision,
     block_stages,
     busiest_core,
     cores_of,
@@ -53,6 +54,7 @@ def simulate_layer(work: LayerWork, bits: Precision | int, chip: ChipConfig, pre
     """One layer after the layer mapped as `prev`; also returns its lead (longest producer hop latency)."""
     m = map_layer(work, bits, chip)
     bits = m.bits
+    work = at_precision(work, bits)
     cores = cores_of(work, m, chip)
     cw = cores.work
     act_hops = producer_hops(cores, prev)

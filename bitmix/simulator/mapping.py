@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import numpy as np
@@ -40,6 +40,7 @@ import numpy as np
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer, VectorOp
 from bitmix.ir.precision import Precision, as_precision
+from bitmix.ir.rotation import rotation_block, rotation_ops_per_element
 from bitmix.simulator.config import ChipConfig, check_bits
 
 # Vector-unit multiply-adds per output element of a non-quantized op [A: op counts of the
@@ -142,6 +143,17 @@ def layer_works(layers: tuple[Layer, ...] | list[Layer], vector_ops: tuple[Vecto
         works.append(LayerWork(layer, gemm, gemm.out_elems * REQUANT_OPS_PER_OUTPUT + ops[layer.name],
                                sram[layer.name]))
     return works
+
+
+def at_precision(work: LayerWork, bits: Precision) -> LayerWork:
+    """`work` plus the precision-dependent vector work: the online input rotation (`bitmix.ir.rotation`),
+    one pass over the layer's input in FP16 on the vector unit."""
+    block = rotation_block(work.layer.kind, work.gemm.red, bits, work.layer.input_nonneg)
+    if block is None:
+        return work
+    elems = float(work.gemm.in_elems)
+    return replace(work, vector_ops=work.vector_ops + elems * rotation_ops_per_element(block),
+                   vector_sram_elems=work.vector_sram_elems + 2 * elems)
 
 
 @dataclass(frozen=True)
@@ -306,7 +318,7 @@ def map_layer(work: LayerWork, bits: Precision | int, chip: ChipConfig) -> Mappi
     """The split with the fewest closed-form cycles (ties: fewer cores, less traffic)."""
     bits = as_precision(bits)
     check_bits(bits)
-    return _map(work.gemm, work.vector_ops, bits, chip)
+    return _map(work.gemm, at_precision(work, bits).vector_ops, bits, chip)
 
 
 @cache

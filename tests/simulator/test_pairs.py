@@ -5,6 +5,7 @@ import pytest
 from bitmix.errors import BitmixError
 from bitmix.ir.precision import Precision
 from bitmix.simulator import ChipConfig, simulate, simulate_calls
+from bitmix.simulator.engine import simulate_layer
 from bitmix.simulator.mapping import core_work, layer_works
 
 from .conftest import conv, linear
@@ -55,3 +56,15 @@ def test_analytic_matches_cycle_level_on_pairs(zoo_graph, p):
     a, c = simulate(graph, assignment), simulate(graph, assignment, engine="cycle")
     assert a.cycles == pytest.approx(c.cycles, rel=0.05)
     assert a.energy_per_frame_j == pytest.approx(c.energy_per_frame_j, rel=0.05)
+
+
+def test_rotated_inputs_cost_vector_work_at_narrow_activations_only():
+    """A linear at <= 4-bit activations pays the online Hadamard rotation (bitmix.ir.rotation): one sign flip
+    and log2(b) butterflies per input element on the vector unit, and their FP16 traffic."""
+    layer = linear("fc", 384, 384, rows=64)
+    work = layer_works([layer])[0]
+    base = work.vector_ops
+    counts = {p: simulate_layer(work, p, ChipConfig(), None)[0].counts
+              for p in (Precision(4, 8), Precision(4, 4), Precision(2, 2))}
+    assert counts[Precision(4, 8)].vector_ops == base
+    assert counts[Precision(4, 4)].vector_ops == counts[Precision(2, 2)].vector_ops == base + 64 * 384 * (1 + 7)

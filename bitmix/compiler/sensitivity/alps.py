@@ -26,6 +26,7 @@ from torch import nn
 
 from bitmix.compiler.qlayer import LSQQuantizer, quant_layers
 from bitmix.compiler.quantize import fake_quantize, finetune
+from bitmix.compiler.rotate import rotate_linears
 from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 from bitmix.compiler.sensitivity.executor import SerialExecutor
 from bitmix.compiler.transport import PortableModel
@@ -112,6 +113,8 @@ def _lowered(base: nn.Module, name: str, bits: Precision, calibration: tuple[tor
     model = copy.deepcopy(base)
     layer = quant_layers(model)[name]
     signs = [q.signed if isinstance(q, LSQQuantizer) else None for q in (layer.a_quant, layer.b_quant)]
+    if rotate_linears({name: layer}, {name: bits}):  # rotated at these bits as deployed: its input turns signed
+        signs[0] = True
     layer.set_bits(bits, a_signed=signs[0], b_signed=signs[1])
     with torch.no_grad():
         model(*calibration)  # initialise the new activation steps; the others are already set

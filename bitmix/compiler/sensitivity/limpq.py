@@ -24,6 +24,7 @@ from torch import nn
 
 from bitmix.compiler.qlayer import _GradScale, _RoundSTE, qrange, quant_layers
 from bitmix.compiler.quantize import calibration_signs
+from bitmix.compiler.rotate import rotate_linears
 from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 
 ALPHA = 2.0
@@ -69,6 +70,7 @@ def limpq(ctx: ScoreContext, cfg: LIMPQConfig) -> Scores:
     choices = ctx.target.choices
     model = copy.deepcopy(ctx.model)
     layers = quant_layers(model)
+    rotate_linears(layers, dict.fromkeys(ctx.free_layers, ctx.target.lowest))  # as deployed below 8-bit inputs
     calibration = data.calibration(cfg.calibration_size)
     signs = calibration_signs(model, layers, calibration)
     pinned = ctx.target.pinned(ctx.graph.names)

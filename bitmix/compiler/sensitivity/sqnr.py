@@ -16,6 +16,7 @@ import torch
 
 from bitmix.compiler.qlayer import quant_layers
 from bitmix.compiler.quantize import calibration_signs
+from bitmix.compiler.rotate import rotate_linears
 from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 from bitmix.errors import BitmixError
 
@@ -38,6 +39,7 @@ def sqnr(ctx: ScoreContext, cfg: MethodConfig) -> Scores:
     assert inputs is not None  # registered with needs_calibration: `score` checked
     model = copy.deepcopy(ctx.model)
     layers = quant_layers(model)
+    rotate_linears(layers, dict.fromkeys(ctx.free_layers, ctx.target.lowest))  # as deployed below 8-bit inputs
     signs = calibration_signs(model, layers, inputs)
     reference = _flat(model(*inputs))
     power = float(reference.pow(2).sum()) or 1.0
