@@ -25,6 +25,13 @@ def hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def rotate_input(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """The online rotation of a linear's input: `hadamard(x * s, b)`, b the largest power of two dividing K."""
+    """The online rotation of a linear's input: `hadamard(x * s, b)`, b the largest power of two dividing K.
+    Without autograd, float32 CPU tensors go through `bitmix.kernels.hadamard` (same bits, one pass)."""
     k = signs.numel()
-    return hadamard(x * signs, k & -k)
+    block = k & -k
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or signs.requires_grad)
+    if needs_grad or x.dtype != torch.float32 or signs.dtype != torch.float32 or x.device.type != "cpu":
+        return hadamard(x * signs, block)
+    from bitmix.kernels.hadamard import rotate_rows  # loads Numba: only once a rotated layer runs
+
+    return torch.from_numpy(rotate_rows(x.detach().numpy(), signs.detach().numpy(), block))
