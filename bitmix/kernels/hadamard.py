@@ -27,6 +27,16 @@ def _butterfly(row, j, h):
     row[j + h] = a - b
 
 
+@njit(inline="always")
+def _stages(row, k, h, block):
+    """The stages h, 2h, ... < block over the whole row."""
+    while h < block:
+        for i in range(0, k, 2 * h):
+            for j in range(i, i + h):
+                _butterfly(row, j, h)
+        h *= 2
+
+
 @njit(cache=True)
 def _rotate(x, signs, block, out):
     m, k = x.shape
@@ -44,18 +54,8 @@ def _rotate(x, signs, block, out):
                         for j in range(i, i + h):
                             _butterfly(row, j, h)
         else:
-            h = 1
-            while h < first:
-                for i in range(0, k, 2 * h):
-                    for j in range(i, i + h):
-                        _butterfly(row, j, h)
-                h *= 2
-        h = first
-        while h < block:
-            for i in range(0, k, 2 * h):
-                for j in range(i, i + h):
-                    _butterfly(row, j, h)
-            h *= 2
+            _stages(row, k, 1, first)
+        _stages(row, k, first, block)
 
 
 def rotate_rows(x: np.ndarray, signs: np.ndarray, block: int) -> np.ndarray:
