@@ -12,8 +12,8 @@ model's output (`bitmix.compiler.live`) are left out. Layers whose weights are n
 activations (4/8, 2/8) keep the MSE step: there the search was measured to hurt (MiniLM w4a8-npu,
 128 calibration sentences, seed 0, with GPTQ: 96.97 % cosine with it, see docs/quality.md), while at
 8/8 it helped (MiniLM int8-npu 99.45 -> 99.64 %): the step is judged against round-to-nearest 4-bit
-weights that GPTQ then changes. The step is still one float32 per tensor, so the
-kernels do the same integer work. Layers are set in execution order within one pass, each on the inputs
+weights that GPTQ then changes. The step is still one float32 per tensor (or per-row fraction), so
+the kernels do the same integer work. Layers are set in execution order within one pass, each on the inputs
 its already-quantized upstream layers produce.
 """
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitmix.compiler.qlayer import LSQQuantizer, QuantLayer
+from bitmix.compiler.qlayer import LSQQuantizer, QuantLayer, row_max
 
 GRID = tuple(round(0.5 + 0.05 * i, 2) for i in range(21))  # 0.5 .. 1.5 times the MSE step
 MAX_ROWS = 2048  # calibration rows per layer the step is chosen on
@@ -43,10 +43,12 @@ def output_step(x: torch.Tensor, weight: torch.Tensor, quant: LSQQuantizer, grid
     """The multiple of `quant`'s step in `grid` minimising `|(Q(x) - x) weight^T|^2` over rows `x` (R, K),
     `weight` (C, K) as quantized."""
     base = quant.step.detach().float()
+    rows = row_max(x, quant.axis) if quant.axis is not None else torch.ones(())  # per-row steps: `step * max`
     best: tuple[float, torch.Tensor] | None = None
     for c in grid:
         s = base * c
-        xq = torch.round(torch.clamp(x / s, -quant.q_n, quant.q_p)) * s
+        step = s * rows
+        xq = torch.round(torch.clamp(x / step, -quant.q_n, quant.q_p)) * step
         error = float(F.linear(xq - x, weight).pow(2).sum())
         if best is None or error < best[0]:
             best = (error, s)

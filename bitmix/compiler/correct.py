@@ -111,8 +111,9 @@ def bias_correct(
 ) -> bool:
     """Correct the biases of a quantized model in place if that lowers the output error on examples it
     was not fitted to: fitted on the even calibration examples and checked on the odd ones, then (if it
-    helped) fitted on all. Below SPLIT_MIN examples, when a layer's dim 0 is not the batch, or when the
-    model runs only its traced batch (`fixed_batch`), it is fitted and checked on all of them.
+    helped) fitted on all and kept if that does not raise the error on all of them. Below SPLIT_MIN
+    examples, when a layer's dim 0 is not the batch, or when the model runs only its traced batch
+    (`fixed_batch`), it is fitted and checked on all of them.
     `reference` and `live` must come from the same calibration."""
     means, target = reference
     n = calibration[0].shape[0]
@@ -123,8 +124,7 @@ def bias_correct(
     fit_means = {k: m[0::2] for k, m in means.items()}
     if not _correct_if_better(model, fit_means, fit, check, check_target, _part(live, slice(0, None, 2)), keep=False):
         return False
-    correct_biases(model, means, calibration, live)
-    return True
+    return _correct_if_better(model, means, calibration, calibration, target, live, keep=True)
 
 
 def _correct_if_better(model: nn.Module, means: dict[str, torch.Tensor], fit: tuple[torch.Tensor, ...],

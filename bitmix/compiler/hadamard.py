@@ -26,11 +26,13 @@ def hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def rotate_input(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """The online rotation of a linear's input: `hadamard(x * s, b)`, b the largest power of two dividing K.
-    Without autograd, float32 CPU tensors go through `bitmix.kernels.hadamard` (same bits, one pass)."""
+    Without autograd, plain float32 CPU tensors go through `bitmix.kernels.hadamard` (same bits, one pass);
+    tracers (torch.export of a saved model) see the torch ops."""
     k = signs.numel()
     block = k & -k
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or signs.requires_grad)
-    if needs_grad or x.dtype != torch.float32 or signs.dtype != torch.float32 or x.device.type != "cpu":
+    traced = torch.compiler.is_compiling() or type(x) is not torch.Tensor or type(signs) is not torch.Tensor
+    if needs_grad or traced or x.dtype != torch.float32 or signs.dtype != torch.float32 or x.device.type != "cpu":
         return hadamard(x * signs, block)
     from bitmix.kernels.hadamard import rotate_rows  # loads Numba: only once a rotated layer runs
 

@@ -27,7 +27,7 @@ from torch import fx, nn
 from bitmix import kernels
 from bitmix.compiler.hadamard import rotate_input
 from bitmix.compiler.layout import channels_last_between_convs, code_chains, fuse_conv_epilogues, nhwc_max_pools
-from bitmix.compiler.qlayer import QuantLayer, quant_layers
+from bitmix.compiler.qlayer import QuantLayer, quant_layers, row_max
 from bitmix.compiler.torch_threads import torch_on_one_thread as torch_on_one_thread  # re-exported
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
@@ -57,6 +57,8 @@ class KernelPlan:
     b_signed: bool = True
     a_scale: torch.Tensor | None = None  # per-input-channel multiplier before quantization (smoothing)
     rotation_signs: torch.Tensor | None = None  # online input rotation before that (`bitmix.compiler.rotate`)
+    a_axis: int | None = None  # per-row activation steps (`bitmix.ir.row_steps`): a_step times the max along it
+    b_axis: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", as_precision(self.bits))
@@ -94,10 +96,18 @@ def linear_kernel(p: KernelPlan) -> kernels.LinearKernel:
     kernel = _LINEARS.get(p)
     if kernel is None:
         assert p.packed is not None and p.w_scales is not None
-        a_scale = None if p.a_scale is None else p.a_scale.numpy()
-        kernel = _LINEARS[p] = kernels.prepare_linear(p.packed, p.w_scales, p.a_step, p.bits.a, p.a_signed,
-                                                      p.bias, a_scale)
+        if p.a_axis is not None:  # `_run_linear` divides by the row steps, smooths and adds the bias itself
+            kernel = kernels.prepare_linear(p.packed, p.w_scales, 1.0, p.bits.a, p.a_signed)
+        else:
+            a_scale = None if p.a_scale is None else p.a_scale.numpy()
+            kernel = kernels.prepare_linear(p.packed, p.w_scales, p.a_step, p.bits.a, p.a_signed, p.bias, a_scale)
+        _LINEARS[p] = kernel
     return kernel
+
+
+def row_steps_of(v: torch.Tensor, step: float, axis: int) -> torch.Tensor:
+    """`LSQQuantizer.step_for` of a per-row quantizer with this step: the same float32 product."""
+    return torch.tensor(step, dtype=torch.float32) * row_max(v, axis)
 
 
 def _run_linear(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
@@ -106,7 +116,13 @@ def _run_linear(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
         x = x.to("cpu", torch.float32)
     if p.rotation_signs is not None:
         x = rotate_input(x, p.rotation_signs)
-    return torch.from_numpy(linear_kernel(p)(x.numpy()))
+    if p.a_axis is None:
+        return torch.from_numpy(linear_kernel(p)(x.numpy()))
+    if p.a_scale is not None:
+        x = x * p.a_scale
+    step = row_steps_of(x, p.a_step, p.a_axis)
+    out = torch.from_numpy(linear_kernel(p)((x / step).numpy())) * step  # codes at step 1, then (acc * w) * step
+    return out if p.bias is None else out + torch.from_numpy(p.bias)
 
 
 def _qlinear(x: torch.Tensor, handle: int) -> torch.Tensor:
@@ -201,7 +217,13 @@ def _run_matmul(a: torch.Tensor, b: torch.Tensor, p: KernelPlan) -> torch.Tensor
     stays within float32's exact integers (``K * max|a code| * max|b code| <= 2^24``: MiniLM's
     QK^T and PV at 8 bits up to 258 keys), torch's float32 matmul on the codes *is* the exact int32
     product, summed in any order, at BLAS speed (12 heads x 64 x 64 x 32: ~5x ``kernels.bmm``);
-    otherwise, and below 2-D, ``matmul_kernel``. Same codes and scaling either way."""
+    otherwise, and below 2-D, ``matmul_kernel``. Same codes and scaling either way. Per-row steps: both
+    operands divided by them, the product at step 1, then scaled by ``a_rows * b_cols`` as the fake-quant layer."""
+    if p.a_axis is not None and p.b_axis is not None:
+        a, b = a.detach().float(), b.detach().float()
+        a_rows, b_cols = row_steps_of(a, p.a_step, p.a_axis), row_steps_of(b, p.b_step, p.b_axis)
+        unit = replace(p, a_step=1.0, b_step=1.0, a_axis=None, b_axis=None)
+        return _run_matmul(a / a_rows, b / b_cols, unit) * (a_rows * b_cols)
     k = a.shape[-1]
     if a.dim() < 2 or b.dim() < 2 or k * _max_code(p.bits.a, p.a_signed) * _max_code(p.bits.a, p.b_signed) > F32_EXACT:
         return torch.from_numpy(matmul_kernel(_np(a), _np(b), p))
@@ -333,7 +355,8 @@ def plan_for(layer: QuantLayer) -> KernelPlan:
     if layer.kind == "matmul":
         assert layer.b_quant is not None
         return KernelPlan(layer.name, "matmul", bits, a_step, layer.a_quant.signed,
-                          b_step=float(layer.b_quant.step.detach()), b_signed=layer.b_quant.signed)
+                          b_step=float(layer.b_quant.step.detach()), b_signed=layer.b_quant.signed,
+                          a_axis=layer.a_quant.axis, b_axis=layer.b_quant.axis)
     assert layer.weight is not None and layer.w_quant is not None
     weight = layer.weight.detach().float()
     codes = layer.w_quant.codes(weight).reshape(weight.shape[0], -1).numpy().astype(np.int8)
@@ -346,8 +369,8 @@ def plan_for(layer: QuantLayer) -> KernelPlan:
     a_scale = layer.a_scale.detach().float().clone() if layer.a_scale is not None else None
     signs = layer.rotation_signs.detach().float().clone() if layer.rotation_signs is not None else None
     return KernelPlan(layer.name, layer.kind, bits, a_step, layer.a_quant.signed, out_features=weight.shape[0],
-                      a_scale=a_scale, rotation_signs=signs, packed=kernels.pack_weights(codes, bits.w),
-                      w_scales=scales, bias=bias, **geometry)
+                      a_scale=a_scale, rotation_signs=signs, a_axis=layer.a_quant.axis,
+                      packed=kernels.pack_weights(codes, bits.w), w_scales=scales, bias=bias, **geometry)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from torch import nn
 
 from bitmix import kernels
 from bitmix.compiler.hadamard import rotate_input
-from bitmix.compiler.lower import KernelLayer, KernelPlan, conv_epilogue, matmul_kernel
+from bitmix.compiler.lower import KernelLayer, KernelPlan, conv_epilogue, matmul_kernel, row_steps_of
 from bitmix.ir.precision import Precision
 
 
@@ -86,6 +86,7 @@ class PortableLayer(nn.Module):
         self.clamp = clamp  # the kernel layer's fused ReLU/hardtanh (``layout.fuse_conv_epilogues``)
         self.a_step, self.a_signed = plan.a_step, plan.a_signed
         self.b_step, self.b_signed = plan.b_step, plan.b_signed
+        self.a_axis, self.b_axis = plan.a_axis, plan.b_axis  # per-row steps (`bitmix.ir.row_steps`)
         if plan.kind == "matmul":
             return
         p = plan.packed
@@ -103,11 +104,21 @@ class PortableLayer(nn.Module):
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.kind == "matmul":
             assert other is not None
-            return qmatmul_steps(x, other, self.bits.a, self.a_step, self.a_signed, self.b_step, self.b_signed)
+            if self.a_axis is None or self.b_axis is None:
+                return qmatmul_steps(x, other, self.bits.a, self.a_step, self.a_signed, self.b_step, self.b_signed)
+            x, other = x.float(), other.float()
+            a_rows, b_cols = row_steps_of(x, self.a_step, self.a_axis), row_steps_of(other, self.b_step, self.b_axis)
+            out = qmatmul_steps(x / a_rows, other / b_cols, self.bits.a, 1.0, self.a_signed, 1.0, self.b_signed)
+            return out * (a_rows * b_cols)  # the lowered layer's order (`lower._run_matmul`)
         if self.rotation_signs is not None:
             x = rotate_input(x, self.rotation_signs)  # the fake-quant layer's transform, bit for bit
         if self.a_scale is not None:
             x = x * self.a_scale  # the lowered layer's float32 product, so the codes match bit for bit
+        if self.a_axis is not None:  # per-row steps, as `lower._run_linear`
+            step = row_steps_of(x, self.a_step, self.a_axis)
+            out = qlinear_packed(x / step, self.data, self.row_sums, self.scales, None, self.k, self.k_pad,
+                                 self.offset, self.bits.w, self.bits.a, 1.0, self.a_signed) * step
+            return out if self.bias is None else out + self.bias
         args = (x, self.data, self.row_sums, self.scales, self.bias, self.k, self.k_pad, self.offset, self.bits.w,
                 self.bits.a, self.a_step, self.a_signed)
         out = qlinear_packed(*args) if self.kind == "linear" else qconv2d_packed(*args, self.geometry)

@@ -30,7 +30,8 @@ from bitmix.ir.precision import Precision
 from bitmix.ir.targets import Target
 from bitmix.task import FinetuneConfig, TaskData
 
-CACHE_VERSION = 3  # 2: smoothing scales (a_scale); 3: AWQ scales, Hadamard-rotated inputs (rotation_signs)
+CACHE_VERSION = 4  # 2: smoothing scales (a_scale); 3: AWQ scales, Hadamard-rotated inputs (rotation_signs);
+# 4: per-row activation steps (a step is a fraction of the row max)
 CALIBRATION = 128  # examples for the activation steps, as the pipeline uses
 
 

@@ -23,6 +23,7 @@ from bitmix.compiler import ranges
 from bitmix.compiler.hadamard import rotate_input
 from bitmix.errors import BitmixError
 from bitmix.ir.precision import Precision, PrecisionLike, chip_precision
+from bitmix.ir.row_steps import row_steps
 
 # E|v| for v ~ N(0, 1) (signed) and for relu(v) (unsigned): the data-free activation prior.
 GAUSSIAN_ABS_MEAN = {True: math.sqrt(2.0 / math.pi), False: 1.0 / math.sqrt(2.0 * math.pi)}
@@ -66,8 +67,16 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def row_max(v: torch.Tensor, axis: int) -> torch.Tensor:
+    """max |v| along `axis` (kept), floored so an all-zero row gets codes 0: the per-row step's scale."""
+    return v.detach().float().abs().amax(dim=axis, keepdim=True).clamp(min=MIN_STEP)
+
+
 class LSQQuantizer(nn.Module):
     """LSQ fake quantizer with one step per tensor (activations) or per output channel (weights).
+
+    With `axis`, an activation's step is per row: `step * max |v|` along `axis` (`bitmix.ir.row_steps`), and
+    the learned `step` is a fraction of that max.
 
     Unless a step was set before, the first forward pass sets it from the values it sees:
     the MSE-optimal step (`init_range`, `bitmix.compiler.ranges`), the post-training range
@@ -75,19 +84,21 @@ class LSQQuantizer(nn.Module):
     `bits` is this operand's width; a layer's weight and activation quantizers each have their own.
     """
 
-    def __init__(self, bits: int, signed: bool, channels: int | None = None) -> None:
+    def __init__(self, bits: int, signed: bool, channels: int | None = None, axis: int | None = None) -> None:
         super().__init__()
         if bits < 2:
             raise BitmixError(f"LSQ needs at least 2 bits, got {bits}")
         self.bits = bits
         self.signed = signed
         self.channels = channels
+        self.axis = axis
         self.q_n, self.q_p = qrange(bits, signed)
         self.step = nn.Parameter(torch.ones(channels if channels is not None else ()))
         self.register_buffer("initialized", torch.tensor(False))
 
     def extra_repr(self) -> str:
-        kind = f"per-channel({self.channels})" if self.channels is not None else "per-tensor"
+        kind = (f"per-channel({self.channels})" if self.channels is not None
+                else f"per-row(axis={self.axis})" if self.axis is not None else "per-tensor")
         return f"bits={self.bits}, signed={self.signed}, {kind}"
 
     @torch.no_grad()
@@ -96,7 +107,7 @@ class LSQQuantizer(nn.Module):
         if self.channels is not None:
             mean_abs = v.detach().abs().reshape(v.shape[0], -1).mean(dim=1)
         else:
-            mean_abs = v.detach().abs().mean()
+            mean_abs = self.normalised(v).abs().mean()
         self.set_step(2.0 * mean_abs / math.sqrt(self.q_p))
 
     @torch.no_grad()
@@ -106,14 +117,21 @@ class LSQQuantizer(nn.Module):
         if self.channels is not None:
             self.set_step(ranges.weight_steps(v, self.q_n, self.q_p))
             return
-        self.signed, step = ranges.activation_range(v, self.bits, self.signed)
+        self.signed, step = ranges.activation_range(self.normalised(v), self.bits, self.signed)
         self.q_n, self.q_p = qrange(self.bits, self.signed)
         self.set_step(step)
 
     @torch.no_grad()
     def init_gaussian(self) -> None:
-        """Data-free activation step: assume unit-Gaussian values (ReLU'd if unsigned)."""
+        """Data-free activation step: assume unit-Gaussian values (ReLU'd if unsigned); per row, the row's max."""
+        if self.axis is not None:
+            self.set_step(torch.tensor(1.0 / self.q_p))
+            return
         self.set_step(torch.tensor(2.0 * GAUSSIAN_ABS_MEAN[self.signed] / math.sqrt(self.q_p)))
+
+    def normalised(self, v: torch.Tensor) -> torch.Tensor:
+        """`v` as the learned step sees it: divided by its rows' max when the step is per row."""
+        return v if self.axis is None else v.detach().float() / row_max(v, self.axis)
 
     @torch.no_grad()
     def set_step(self, step: torch.Tensor) -> None:
@@ -126,22 +144,25 @@ class LSQQuantizer(nn.Module):
             return max(1, v.numel() // self.channels)
         return max(1, v[0].numel() if v.dim() > 1 else v.numel())
 
-    def _step_for(self, v: torch.Tensor) -> torch.Tensor:
+    def step_for(self, v: torch.Tensor) -> torch.Tensor:
+        """The step each element of `v` is quantized with (broadcastable to `v`)."""
         if self.channels is not None:
             return self.step.reshape((-1,) + (1,) * (v.dim() - 1))
+        if self.axis is not None:
+            return self.step * row_max(v, self.axis)
         return self.step
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
             self.init_range(v)
         g = 1.0 / math.sqrt(self.elements_per_step(v) * self.q_p)
-        s = _GradScale.apply(self._step_for(v), g)
+        s = _GradScale.apply(self.step_for(v), g)
         return _RoundSTE.apply(torch.clamp(v / s, -self.q_n, self.q_p)) * s
 
     @torch.no_grad()
     def codes(self, v: torch.Tensor) -> torch.Tensor:
         """Integer codes (int32) of `v`, computed in float32 exactly as the forward pass does."""
-        s = self._step_for(v)
+        s = self.step_for(v)
         return torch.round(torch.clamp(v.float() / s.float(), -self.q_n, self.q_p)).to(torch.int32)
 
 
@@ -229,10 +250,11 @@ class QuantLayer(nn.Module):
             return
         p = self.bits = chip_precision(bits, f"layer {self.name!r}: precision")
         a_signed = (not self.input_nonneg) if a_signed is None else a_signed
-        self.a_quant = LSQQuantizer(p.a, a_signed)
+        per_row = row_steps(self.kind, p)
+        self.a_quant = LSQQuantizer(p.a, a_signed, axis=-1 if per_row else None)
         if self.kind == "matmul":
             b_signed = (not self.b_nonneg) if b_signed is None else b_signed
-            self.b_quant = LSQQuantizer(p.a, b_signed)
+            self.b_quant = LSQQuantizer(p.a, b_signed, axis=-2 if per_row else None)
             self.w_quant = None
             return
         assert self.weight is not None
@@ -276,20 +298,24 @@ class QuantLayer(nn.Module):
         kernels produce bit-identical outputs and the same accuracy.
         """
         assert self.a_quant is not None
-        a_step = self.a_quant.step.detach().float()
         if self.kind != "matmul":
             x = self.prepare_input(x)
+        a_step = self.a_quant.step_for(x).detach().float()
         a = self.a_quant.codes(x)
         if self.kind == "matmul":
             assert other is not None and self.b_quant is not None
             acc = exact_matmul(a, self.b_quant.codes(other))
-            return acc * (a_step * self.b_quant.step.detach().float())
+            return acc * (a_step * self.b_quant.step_for(other).detach().float())
         assert self.weight is not None and self.w_quant is not None
         w = self.w_quant.codes(self.weight)
-        scale = a_step * self.w_quant.step.detach().float()
+        w_step = self.w_quant.step.detach().float()
         if self.kind == "linear":
-            out = exact_matmul(a, w.t()) * scale
+            if self.a_quant.axis is not None:  # (acc * w_step) * row step: the lowered layer's order
+                out = exact_matmul(a, w.t()) * w_step * a_step
+            else:
+                out = exact_matmul(a, w.t()) * (a_step * w_step)
             return out + self.bias.detach().float() if self.bias is not None else out
+        scale = a_step * w_step
         out = exact_conv(a.float(), w.float(), self.stride, self.padding, self.dilation, self.groups)
         out = out * scale.reshape(1, -1, 1, 1)
         return out + self.bias.detach().float().reshape(1, -1, 1, 1) if self.bias is not None else out

@@ -41,6 +41,7 @@ from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer, VectorOp
 from bitmix.ir.precision import Precision, as_precision
 from bitmix.ir.rotation import rotation_block, rotation_ops_per_element
+from bitmix.ir.row_steps import ROW_MAX_OPS_PER_INPUT, ROW_STEP_OPS_PER_OUTPUT, row_steps
 from bitmix.simulator.config import ChipConfig, check_bits
 
 # Vector-unit multiply-adds per output element of a non-quantized op [A: op counts of the
@@ -146,12 +147,18 @@ def layer_works(layers: tuple[Layer, ...] | list[Layer], vector_ops: tuple[Vecto
 
 
 def at_precision(work: LayerWork, bits: Precision) -> LayerWork:
-    """`work` plus the precision-dependent vector work: the online input rotation (`bitmix.ir.rotation`),
+    """`work` plus the precision-dependent vector work: per-row activation steps (`bitmix.ir.row_steps`), a max
+    over every input element and a multiply per output, and the online input rotation (`bitmix.ir.rotation`),
     one pass over the layer's input in FP16 on the vector unit."""
-    block = rotation_block(work.layer.kind, work.gemm.red, bits, work.layer.input_nonneg)
+    gemm = work.gemm
+    if row_steps(work.layer.kind, bits):
+        ops = ((gemm.in_elems + gemm.operand_elems) * ROW_MAX_OPS_PER_INPUT
+               + gemm.out_elems * ROW_STEP_OPS_PER_OUTPUT)
+        work = replace(work, vector_ops=work.vector_ops + float(ops))
+    block = rotation_block(work.layer.kind, gemm.red, bits, work.layer.input_nonneg)
     if block is None:
         return work
-    elems = float(work.gemm.in_elems)
+    elems = float(gemm.in_elems)
     return replace(work, vector_ops=work.vector_ops + elems * rotation_ops_per_element(block),
                    vector_sram_elems=work.vector_sram_elems + 2 * elems)
 

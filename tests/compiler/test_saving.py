@@ -26,8 +26,9 @@ print("ok", model.report.model)
 """
 
 
-def _roundtrip(tmp_path: Path, model: nn.Module, inputs: tuple, more: list[tuple], name: str) -> None:
-    cm = bitmix.compile(model, inputs, target="int8-npu", budget=1.0,
+def _roundtrip(tmp_path: Path, model: nn.Module, inputs: tuple, more: list[tuple], name: str,
+               target: str = "int8-npu", data: object = None) -> None:
+    cm = bitmix.compile(model, inputs, target=target, budget=1.0, data=data,
                         options=bitmix.CompileOptions(frontier_points=0, name=name))
     path = cm.save(tmp_path / f"{name}.pt2")
     cases = [(x, cm(*x)) for x in [inputs, *more]]
@@ -60,6 +61,24 @@ def test_zoo_roundtrip(tmp_path, name):
 @pytest.mark.parametrize("name", ["minilm", "mobilenetv2", "resnet18", "resnet50", "bert-base"])
 def test_zoo_roundtrip_large(tmp_path, name):
     _zoo(tmp_path, name)
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.out = (nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 32**0.5, dim=-1)
+        return self.out(scores @ self.v(x))
+
+
+def test_4_bit_attention_roundtrip_keeps_rotations_and_row_steps(tmp_path):
+    """At 4-bit activations linears rotate their inputs online and linears and matmuls step per row."""
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0))
+    calib = torch.randn(16, 8, 32, generator=torch.Generator().manual_seed(1))
+    _roundtrip(tmp_path, _Attention(), (x,), [(torch.randn(3, 8, 32),)], "attention4", "int4-npu", calib)
 
 
 def test_torch_save_points_to_cm_save():

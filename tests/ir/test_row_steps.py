@@ -1,0 +1,16 @@
+"""The per-row activation-step rule: linears and matmuls at <= 4-bit activations, never convs."""
+
+from bitmix.ir.precision import Precision
+from bitmix.ir.row_steps import row_steps
+
+
+def test_linears_and_matmuls_at_narrow_activations_step_per_row():
+    for kind in ("linear", "matmul"):
+        assert all(row_steps(kind, Precision(w, a)) for w, a in ((4, 4), (2, 2), (2, 4)))
+
+
+def test_8_bit_activations_and_convs_keep_one_step_per_tensor():
+    assert not row_steps("linear", Precision(4, 8))
+    assert not row_steps("matmul", Precision(8, 8))
+    assert not row_steps("conv2d", Precision(4, 4))
+    assert not row_steps("conv2d", Precision(2, 2))
