@@ -45,10 +45,10 @@ def test_a_row_step_scales_with_its_row_so_its_codes_do_not():
     assert int(q.codes(x).abs().amax(dim=-1).min()) >= q.q_p - 1  # each row's max reaches the top codes
 
 
-def test_narrow_linears_and_matmuls_step_per_row_convs_and_8_bit_per_tensor():
+def test_4_bit_linears_and_matmuls_step_per_row_convs_2_and_8_bit_per_tensor():
     calib = _data(1)
     gm = prepare(capture(_Attention().eval(), (calib[0][:2],)))
-    for bits, per_row in ((4, True), (2, True), ("2/4", True), ("4/8", False), (8, False)):
+    for bits, per_row in ((4, True), ("2/4", True), (2, False), ("4/8", False), (8, False)):
         fq = fake_quantize(gm, dict.fromkeys(quant_layers(gm), bits), calib)
         for layer in quant_layers(fq).values():
             axes = (layer.a_quant.axis, layer.b_quant.axis if layer.b_quant is not None else None)
