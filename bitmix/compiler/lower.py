@@ -27,7 +27,7 @@ from torch import fx, nn
 from bitmix import kernels
 from bitmix.compiler.hadamard import rotate_input
 from bitmix.compiler.layout import channels_last_between_convs, code_chains, fuse_conv_epilogues, nhwc_max_pools
-from bitmix.compiler.qlayer import QuantLayer, quant_layers, row_max
+from bitmix.compiler.qlayer import MIN_STEP, QuantLayer, quant_layers, row_max
 from bitmix.compiler.torch_threads import torch_on_one_thread as torch_on_one_thread  # re-exported
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
@@ -120,9 +120,10 @@ def _run_linear(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
         return torch.from_numpy(linear_kernel(p)(x.numpy()))
     if p.a_scale is not None:
         x = x * p.a_scale
-    step = row_steps_of(x, p.a_step, p.a_axis)
-    out = torch.from_numpy(linear_kernel(p)((x / step).numpy())) * step  # codes at step 1, then (acc * w) * step
-    return out if p.bias is None else out + torch.from_numpy(p.bias)
+    from bitmix.kernels.row_steps import divide_rows, scale_rows  # loads Numba: only once such a layer runs
+
+    scaled, steps = divide_rows(x.numpy(), p.a_step, MIN_STEP)  # x / `row_steps_of`, the same bits
+    return torch.from_numpy(scale_rows(linear_kernel(p)(scaled), steps, p.bias))  # (acc * w) * step + bias
 
 
 def _qlinear(x: torch.Tensor, handle: int) -> torch.Tensor:

@@ -29,8 +29,10 @@ _CONVS = (  # (c_in, c_out, kernel, stride, padding, groups, width): 1x1, k x k,
 def warm(path: str | None = None) -> float:
     """Run every kernel variant of ``path`` (default: this CPU's) once; returns the seconds it took."""
     from bitmix.kernels import bmm, code_floats, prepare_linear, qconv2d, qconv2d_nhwc, qlinear
+    from bitmix.kernels.hadamard import rotate_rows
     from bitmix.kernels.launch import serial_max_macs
     from bitmix.kernels.range_search import step_errors
+    from bitmix.kernels.row_steps import divide_rows, scale_rows
 
     start = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -59,6 +61,10 @@ def warm(path: str | None = None) -> float:
             bmm(rng.integers(-8, 8, (2, 5, 7)).astype(np.int8), rng.integers(-8, 8, (2, 7, 4)).astype(np.int8))
             code_floats(rng.normal(size=(2, 5, 7)).astype(np.float32), 0.05, 8, True)  # lowered attention matmuls
     step_errors(rng.normal(size=(3, 16)).astype(np.float32), np.full((3, 4), 0.1, dtype=np.float32), 8, 7)  # ranges
+    x = rng.normal(size=(3, 32)).astype(np.float32)  # 4-bit linears: the online rotation and per-row steps
+    rotate_rows(x, np.ones(32, dtype=np.float32), 32)
+    for bias in (None, np.zeros(32, dtype=np.float32)):
+        scale_rows(*divide_rows(x, 0.1, 1e-8), bias)
     return time.perf_counter() - start
 
 
