@@ -221,10 +221,16 @@ def _run_matmul(a: torch.Tensor, b: torch.Tensor, p: KernelPlan) -> torch.Tensor
     otherwise, and below 2-D, ``matmul_kernel``. Same codes and scaling either way. Per-row steps: both
     operands divided by them, the product at step 1, then scaled by ``a_rows * b_cols`` as the fake-quant layer."""
     if p.a_axis is not None and p.b_axis is not None:
-        a, b = a.detach().float(), b.detach().float()
-        a_rows, b_cols = row_steps_of(a, p.a_step, p.a_axis), row_steps_of(b, p.b_step, p.b_axis)
-        unit = replace(p, a_step=1.0, b_step=1.0, a_axis=None, b_axis=None)
-        return _run_matmul(a / a_rows, b / b_cols, unit) * (a_rows * b_cols)
+        from bitmix.kernels.row_steps import divide_rows  # loads Numba: only once such a layer runs
+
+        assert p.a_axis == -1 and p.b_axis == -2, "row steps run along the contraction dimension"
+        a_scaled, a_rows = divide_rows(_np(a), p.a_step, MIN_STEP)
+        bt_scaled, b_cols = divide_rows(_np(b.transpose(-1, -2)), p.b_step, MIN_STEP)
+        unit = _UNIT_STEPS.get(p)
+        if unit is None:
+            unit = _UNIT_STEPS[p] = replace(p, a_step=1.0, b_step=1.0, a_axis=None, b_axis=None)
+        out = _run_matmul(torch.from_numpy(a_scaled), torch.from_numpy(bt_scaled).transpose(-1, -2), unit)
+        return out * (torch.from_numpy(a_rows) * torch.from_numpy(b_cols).transpose(-1, -2))
     k = a.shape[-1]
     if a.dim() < 2 or b.dim() < 2 or k * _max_code(p.bits.a, p.a_signed) * _max_code(p.bits.a, p.b_signed) > F32_EXACT:
         return torch.from_numpy(matmul_kernel(_np(a), _np(b), p))
@@ -232,6 +238,9 @@ def _run_matmul(a: torch.Tensor, b: torch.Tensor, p: KernelPlan) -> torch.Tensor
     qb = torch.from_numpy(kernels.code_floats(_np(b), p.b_step, p.bits.a, p.b_signed))
     acc = torch.matmul(qa, qb)
     return acc.mul_(float(np.float32(p.a_step) * np.float32(p.b_step)))
+
+
+_UNIT_STEPS: weakref.WeakKeyDictionary[KernelPlan, KernelPlan] = weakref.WeakKeyDictionary()  # plan at steps 1
 
 
 def _max_code(bits: int, signed: bool) -> int:

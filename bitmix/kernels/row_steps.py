@@ -12,19 +12,33 @@ import numpy as np
 from numba import njit
 
 
+@njit(inline="always")
+def _row_steps(x, step, floor, steps):
+    """`step * max(max_c |x[r, c]|, floor)` per row. The max runs on the float32 bit patterns with the sign
+    cleared: for non-negative IEEE floats the unsigned order is the float order, and a NaN (above +inf
+    there) wins as it does in torch's amax; an integer max vectorises where a float one with NaN
+    semantics does not (64 x 1536: 8 us vs 55 us)."""
+    m, k = x.shape
+    bits = x.view(np.uint32)
+    tops = np.empty(m, np.uint32)
+    for r in range(m):
+        row = bits[r]
+        top = np.uint32(0)
+        for c in range(k):
+            v = row[c] & np.uint32(0x7FFFFFFF)
+            top = v if v > top else top
+        tops[r] = top
+    magnitudes = tops.view(np.float32)
+    for r in range(m):
+        steps[r] = step * max(magnitudes[r], floor)
+
+
 @njit(cache=True)
 def _divide_rows(x, step, floor, out, steps):
+    _row_steps(x, step, floor, steps)
     m, k = x.shape
     for r in range(m):
-        top = np.float32(0.0)
-        for c in range(k):
-            v = abs(x[r, c])
-            if v > top or v != v:  # NaN propagates as torch's amax does
-                top = v
-        if top < floor:
-            top = floor
-        s = step * top
-        steps[r] = s
+        s = steps[r]
         for c in range(k):
             out[r, c] = x[r, c] / s
 
@@ -42,6 +56,9 @@ def _scale_rows(y, steps, bias, has_bias):
                 y[r, c] = y[r, c] * s
 
 
+_NO_BIAS = np.zeros(1, dtype=np.float32)
+
+
 def divide_rows(x: np.ndarray, step: float, floor: float) -> tuple[np.ndarray, np.ndarray]:
     """`x / (step * max(max|x| over the last axis, floor))` and those row steps (shape `x.shape[:-1] + (1,)`)."""
     flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
@@ -54,7 +71,6 @@ def divide_rows(x: np.ndarray, step: float, floor: float) -> tuple[np.ndarray, n
 def scale_rows(y: np.ndarray, steps: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     """`y * steps + bias` over float32 `y` (..., N), one step per row; in place when `y` is contiguous."""
     flat = np.ascontiguousarray(y, dtype=np.float32).reshape(-1, y.shape[-1])
-    empty = np.zeros(1, dtype=np.float32)
     _scale_rows(flat, np.ascontiguousarray(steps, dtype=np.float32).reshape(-1),
-                empty if bias is None else np.ascontiguousarray(bias, dtype=np.float32), bias is not None)
+                _NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32), bias is not None)
     return flat.reshape(y.shape)

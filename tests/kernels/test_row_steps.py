@@ -24,8 +24,11 @@ def test_divide_and_scale_rows_equal_the_torch_ops(shape):
     assert np.array_equal(scale_rows(y.numpy().copy(), steps, None), (y * ref_steps).numpy())
 
 
-def test_nan_rows_stay_nan():
-    x = np.ones((2, 4), dtype=np.float32)
-    x[1, 2] = np.nan
-    scaled, steps = divide_rows(x, 0.5, MIN_STEP)
-    assert np.isfinite(steps[0]).all() and np.isnan(steps[1]).all() and np.isnan(scaled[1]).all()
+def test_nan_and_inf_rows_as_torch():
+    x = torch.ones(3, 4)
+    x[1, 2] = float("nan")
+    x[2, 0] = -float("inf")
+    scaled, steps = divide_rows(x.numpy(), 0.5, MIN_STEP)
+    ref = row_steps_of(x, 0.5, -1)
+    assert np.array_equal(steps, ref.numpy(), equal_nan=True)
+    assert np.array_equal(scaled, (x / ref).numpy(), equal_nan=True)
