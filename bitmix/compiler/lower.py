@@ -96,11 +96,10 @@ def linear_kernel(p: KernelPlan) -> kernels.LinearKernel:
     kernel = _LINEARS.get(p)
     if kernel is None:
         assert p.packed is not None and p.w_scales is not None
-        if p.a_axis is not None:  # `_run_linear` divides by the row steps, smooths and adds the bias itself
-            kernel = kernels.prepare_linear(p.packed, p.w_scales, 1.0, p.bits.a, p.a_signed)
-        else:
-            a_scale = None if p.a_scale is None else p.a_scale.numpy()
-            kernel = kernels.prepare_linear(p.packed, p.w_scales, p.a_step, p.bits.a, p.a_signed, p.bias, a_scale)
+        a_scale = None if p.a_scale is None else p.a_scale.numpy()
+        row_floor = None if p.a_axis is None else MIN_STEP  # per-row steps: `row_steps_of`'s floor
+        kernel = kernels.prepare_linear(p.packed, p.w_scales, p.a_step, p.bits.a, p.a_signed, p.bias, a_scale,
+                                        row_floor)
         _LINEARS[p] = kernel
     return kernel
 
@@ -116,14 +115,7 @@ def _run_linear(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
         x = x.to("cpu", torch.float32)
     if p.rotation_signs is not None:
         x = rotate_input(x, p.rotation_signs)
-    if p.a_axis is None:
-        return torch.from_numpy(linear_kernel(p)(x.numpy()))
-    if p.a_scale is not None:
-        x = x * p.a_scale
-    from bitmix.kernels.row_steps import divide_rows, scale_rows  # loads Numba: only once such a layer runs
-
-    scaled, steps = divide_rows(x.numpy(), p.a_step, MIN_STEP)  # x / `row_steps_of`, the same bits
-    return torch.from_numpy(scale_rows(linear_kernel(p)(scaled), steps, p.bias))  # (acc * w) * step + bias
+    return torch.from_numpy(linear_kernel(p)(x.numpy()))
 
 
 def _qlinear(x: torch.Tensor, handle: int) -> torch.Tensor:
@@ -220,10 +212,20 @@ def _run_matmul(a: torch.Tensor, b: torch.Tensor, p: KernelPlan) -> torch.Tensor
     product, summed in any order, at BLAS speed (12 heads x 64 x 64 x 32: ~5x ``kernels.bmm``);
     otherwise, and below 2-D, ``matmul_kernel``. Same codes and scaling either way. Per-row steps: both
     operands divided by them, the product at step 1, then scaled by ``a_rows * b_cols`` as the fake-quant layer."""
+    exact_on_floats = (a.dim() >= 2 and b.dim() >= 2
+                       and a.shape[-1] * _max_code(p.bits.a, p.a_signed) * _max_code(p.bits.a, p.b_signed) <= F32_EXACT)
     if p.a_axis is not None and p.b_axis is not None:
-        from bitmix.kernels.row_steps import divide_rows  # loads Numba: only once such a layer runs
+        from bitmix.kernels.pack import code_range
+        from bitmix.kernels.row_steps import column_codes, divide_rows, row_codes  # loads Numba: only once needed
 
         assert p.a_axis == -1 and p.b_axis == -2, "row steps run along the contraction dimension"
+        if exact_on_floats:  # the codes straight from one pass per operand, the product scaled once
+            qa, a_rows, a_nan = row_codes(_np(a), p.a_step, MIN_STEP, *code_range(p.bits.a, p.a_signed))
+            qb, b_cols, b_nan = column_codes(_np(b), p.b_step, MIN_STEP, *code_range(p.bits.a, p.b_signed))
+            if a_nan or b_nan:
+                raise BitmixError("x: contains NaN; cannot quantize")
+            acc = torch.matmul(torch.from_numpy(qa), torch.from_numpy(qb))
+            return acc.mul_(torch.from_numpy(a_rows) * torch.from_numpy(b_cols))
         a_scaled, a_rows = divide_rows(_np(a), p.a_step, MIN_STEP)
         bt_scaled, b_cols = divide_rows(_np(b.transpose(-1, -2)), p.b_step, MIN_STEP)
         unit = _UNIT_STEPS.get(p)
@@ -231,8 +233,7 @@ def _run_matmul(a: torch.Tensor, b: torch.Tensor, p: KernelPlan) -> torch.Tensor
             unit = _UNIT_STEPS[p] = replace(p, a_step=1.0, b_step=1.0, a_axis=None, b_axis=None)
         out = _run_matmul(torch.from_numpy(a_scaled), torch.from_numpy(bt_scaled).transpose(-1, -2), unit)
         return out * (torch.from_numpy(a_rows) * torch.from_numpy(b_cols).transpose(-1, -2))
-    k = a.shape[-1]
-    if a.dim() < 2 or b.dim() < 2 or k * _max_code(p.bits.a, p.a_signed) * _max_code(p.bits.a, p.b_signed) > F32_EXACT:
+    if not exact_on_floats:
         return torch.from_numpy(matmul_kernel(_np(a), _np(b), p))
     qa = torch.from_numpy(kernels.code_floats(_np(a), p.a_step, p.bits.a, p.a_signed))
     qb = torch.from_numpy(kernels.code_floats(_np(b), p.b_step, p.bits.a, p.b_signed))

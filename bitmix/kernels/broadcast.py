@@ -145,16 +145,19 @@ def quantize_rows(parallel: bool):
 class LinearOperands:
     """A quantized linear's constant operands for a fused quantize + broadcast-GEMM kernel, prepared
     once (at lowering) so a call only checks ``x``; ``w_scales``/``bias`` float32 ``(n,)``,
-    ``a_scale`` float32 ``(k,)`` or None, validated by the caller (``linear.LinearKernel``)."""
+    ``a_scale`` float32 ``(k,)`` or None, validated by the caller (``linear.LinearKernel``).
+    ``row_floor``: per-row steps (``row_steps``), row i's ``a_step * max(max|x[i]|, row_floor)``;
+    the GEMM then scales by ``w_scales`` alone and the row pass after it by the row's step."""
 
     def __init__(self, w: PackedWeight, w_scales: np.ndarray, a_step: np.float32, lo: int, hi: int, shift: int,
-                 bias: np.ndarray | None, a_scale: np.ndarray | None) -> None:
+                 bias: np.ndarray | None, a_scale: np.ndarray | None, row_floor: float | None = None) -> None:
         self.w = w
         self.blocks = weight_blocks(w)
         self.cw = (shift * self.blocks.cw_base).astype(np.int32)
         self.step = np.float32(a_step)
         self.lo, self.hi, self.shift = lo, hi, shift
-        self.scale = (self.step * w_scales).astype(np.float32)
+        self.row_floor = None if row_floor is None else np.float32(row_floor)
+        self.scale = ((self.step if row_floor is None else np.float32(1)) * w_scales).astype(np.float32)
         self.has_bias = bias is not None
         self.bias = np.ascontiguousarray(bias, dtype=np.float32) if bias is not None else self.scale
         self.has_scale = a_scale is not None

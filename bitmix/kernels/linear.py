@@ -7,7 +7,9 @@ checks ``x``. On the VNNI and AVX2 engines with at least ``gemm_vnni.MIN_M`` row
 Numba kernel (``linear_vnni``, ``linear_avx2``); elsewhere (GEMV shapes, AMX, scalar) it runs
 ``quant.qlinear``.
 Outputs are bit-identical either way; with ``a_scale`` (a per-input-channel smoothing factor)
-the input is first multiplied by it in float32, as the fake-quant forward does.
+the input is first multiplied by it in float32, as the fake-quant forward does. With ``row_floor``
+the activations have per-row steps (``bitmix.ir.row_steps``): row i's step is
+``a_step * max(max_k |x[i, k]|, row_floor)``, and its output row is scaled by it after the GEMM.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from bitmix.kernels.matmul import check_activation_spec, check_packed
 from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.quant import _f32, _step, qlinear
 from bitmix.kernels.routing import dispatch
+from bitmix.kernels.row_steps import divide_rows, scale_rows
 
 _FUSED = {"avx512vnni": FusedLinear, "avx2": Avx2Linear}  # engine -> its fused quantize + GEMM + epilogue
 
@@ -31,12 +34,14 @@ class LinearKernel:
     """``y = float32(gemm(codes(x * a_scale), w)) * (float32(a_step) * w_scales) + bias`` for (..., K) float32 ``x``."""
 
     def __init__(self, w: PackedWeight, w_scales: np.ndarray, a_step: float, a_bits: int, a_signed: bool,
-                 bias: np.ndarray | None = None, a_scale: np.ndarray | None = None) -> None:
+                 bias: np.ndarray | None = None, a_scale: np.ndarray | None = None,
+                 row_floor: float | None = None) -> None:
         self.w = check_packed(w)
         self.w_scales = np.ascontiguousarray(_f32(w_scales, "w_scales", (w.n,)))
         self.bias = None if bias is None else np.ascontiguousarray(_f32(bias, "bias", (w.n,)))
         self.a_scale = None if a_scale is None else np.ascontiguousarray(_f32(a_scale, "a_scale", (w.k,)))
         self.a_step = _step(a_step)
+        self.row_floor = None if row_floor is None else _step(row_floor)
         self.a_bits, self.a_signed = a_bits, bool(a_signed)
         self.codes = check_activation_spec(a_bits, a_signed)
         self._fused: dict[str, FusedLinear | Avx2Linear] = {}  # engine -> fused kernel, built at its first call
@@ -56,17 +61,22 @@ class LinearKernel:
             fused = self._fused.get(engine)
             if fused is None:
                 fused = self._fused[engine] = _FUSED[engine](w, self.w_scales, self.a_step, *self.codes, self.bias,
-                                                             self.a_scale)
+                                                             self.a_scale, self.row_floor)
             if fused(rows, out, _parallel(settings, m * w.n * w.k_pad)):
                 raise BitmixError("x: contains NaN; cannot quantize")
             return out.reshape(*lead, w.n)
         if self.a_scale is not None:
             rows = rows * self.a_scale
-        y = qlinear(rows, w, self.w_scales, self.a_step, self.a_bits, self.a_signed, self.bias)
+        if self.row_floor is None:
+            y = qlinear(rows, w, self.w_scales, self.a_step, self.a_bits, self.a_signed, self.bias)
+        else:
+            rows, steps = divide_rows(rows, self.a_step, self.row_floor)
+            y = scale_rows(qlinear(rows, w, self.w_scales, 1.0, self.a_bits, self.a_signed, None), steps, self.bias)
         return y.reshape(*lead, w.n)
 
 
 def prepare_linear(w: PackedWeight, w_scales: np.ndarray, a_step: float, a_bits: int, a_signed: bool,
-                   bias: np.ndarray | None = None, a_scale: np.ndarray | None = None) -> LinearKernel:
+                   bias: np.ndarray | None = None, a_scale: np.ndarray | None = None,
+                   row_floor: float | None = None) -> LinearKernel:
     """A ``LinearKernel`` for these operands (validated here, once); see the module docstring."""
-    return LinearKernel(w, w_scales, a_step, a_bits, a_signed, bias, a_scale)
+    return LinearKernel(w, w_scales, a_step, a_bits, a_signed, bias, a_scale, row_floor)

@@ -5,7 +5,8 @@ scale, when the layer has one) are quantized straight into the signed-byte, zero
 ``gemm_avx2`` reads, with their row sums (``codes = rint(clip(x * a_scale / step, lo, hi))`` in
 float32, as ``quant``), then ``gemm_avx2``'s broadcast GEMM runs on them and its epilogue writes
 ``float32(acc) * scale + bias`` (``scale = float32(a_step) * w_scales``). Same float formulas and
-exact int32 products as ``quant.qlinear``, so outputs are bit-identical.
+exact int32 products as ``quant.qlinear``, so outputs are bit-identical. A layer with per-row steps
+runs ``row_steps``' quantize and row-scale passes around the GEMM (as ``linear_vnni``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import functools
 import numpy as np
 from numba import njit
 
-from bitmix.kernels import broadcast, gemm_avx2, simd
+from bitmix.kernels import broadcast, gemm_avx2, row_steps, simd
 from bitmix.kernels.scratch import scratch
 
-_quantize = _gemm = None  # the kernels ``_fused`` calls, bound per variant (``simd.cache_variant``)
+_quantize = _gemm = _epilogue = None  # what ``_fused``/``_fused_rows`` call, bound per variant (``simd.cache_variant``)
 
 
 def _fused(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum, one_tap, geo, wp, cw, offset, n, n_pad, cq,
@@ -27,6 +28,16 @@ def _fused(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum, one_tap, ge
         return True
     _gemm(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_avx2.SCALED, no_i32,
           out, scale, bias, has_bias)
+    return False
+
+
+def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, kp, a8, asum, one_tap, geo, wp, cw, offset,
+                n, n_pad, cq, no_i32, scale, bias, has_bias, out):
+    if _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps):
+        return True
+    _gemm(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_avx2.SCALED, no_i32,
+          out, scale, bias, False)
+    _epilogue(out, n, steps, bias, has_bias)
     return False
 
 
@@ -39,6 +50,16 @@ def driver(w8: bool, parallel: bool):
     return simd.pin_uuid(fn, f"linear_avx2.fused.{variant}")
 
 
+@functools.cache
+def driver_rows(w8: bool, parallel: bool):
+    """``driver`` for a per-row-step layer: ``row_steps``' quantize pass, the GEMM, the row scales."""
+    variant = f"{'w8' if w8 else 'wq'}_{'parallel' if parallel else 'serial'}"
+    fn = njit(cache=True)(simd.cache_variant(_fused_rows, variant, _quantize=row_steps.quantize_pass(parallel),
+                                             _gemm=gemm_avx2.driver(w8, parallel),
+                                             _epilogue=row_steps.epilogue_pass(parallel)))
+    return simd.pin_uuid(fn, f"linear_avx2.fused_rows.{variant}")
+
+
 class Avx2Linear(broadcast.LinearOperands):
     """The fused AVX2 linear of a layer (its operands: ``broadcast.LinearOperands``)."""
 
@@ -48,6 +69,13 @@ class Avx2Linear(broadcast.LinearOperands):
         w, blocks = self.w, self.blocks
         a8 = scratch("linear.a8", m * w.k_pad, np.int8)
         asum = scratch("linear.asum", m, np.int64)
+        if self.row_floor is not None:
+            steps = scratch("linear.row_steps", m, np.float32)
+            return driver_rows(w.bits == 8, parallel)(x, self.a_scale, self.has_scale, self.step, self.row_floor,
+                                                      self.lo, self.hi, self.shift, steps, w.k_pad, a8, asum,
+                                                      broadcast.ONE_TAP, broadcast.GEMM_GEO, blocks.data, self.cw,
+                                                      blocks.offset, w.n, blocks.n_pad, blocks.cq, gemm_avx2.NO_I32,
+                                                      self.scale, self.bias, self.has_bias, out.reshape(-1))
         return driver(w.bits == 8, parallel)(x, self.a_scale, self.has_scale, self.step, self.lo, self.hi, self.shift,
                                              w.k_pad, a8, asum, broadcast.ONE_TAP, broadcast.GEMM_GEO, blocks.data,
                                              self.cw, blocks.offset, w.n, blocks.n_pad, blocks.cq, gemm_avx2.NO_I32,

@@ -12,6 +12,8 @@ kernel does all of it:
    plain-GEMM geometry -- multiplies them with the weight in its broadcast layout;
 3. its epilogue writes ``float32(acc) * scale + bias`` (``scale = float32(a_step) * w_scales``).
 
+A layer with per-row steps (``row_steps``) runs ``row_steps``' quantize pass (the row's step from its
+max) in place of 1., the GEMM scaled by ``w_scales`` alone, then the row-scale + bias pass, still in one call.
 Same float formulas and exact int32 products as ``quant.qlinear``, so outputs are bit-identical.
 """
 
@@ -22,10 +24,10 @@ import functools
 import numpy as np
 from numba import njit
 
-from bitmix.kernels import broadcast, gemm_vnni, simd
+from bitmix.kernels import broadcast, gemm_vnni, row_steps, simd
 from bitmix.kernels.scratch import scratch
 
-_quantize = _core = None  # the kernels ``_fused`` calls, bound once (``simd.cache_variant``)
+_quantize = _core = _epilogue = None  # the kernels ``_fused``/``_fused_rows`` call, bound once (``simd.cache_variant``)
 
 
 def _fused(x, a_scale, has_scale, step, lo, hi, shift, wp, cw, offset, n, n_pad, cq, kp, mode, scale, bias, a8, asum,
@@ -37,12 +39,30 @@ def _fused(x, a_scale, has_scale, step, lo, hi, shift, wp, cw, offset, n, n_pad,
     return False
 
 
+def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, wp, cw, offset, n, n_pad, cq, kp, scale,
+                bias, has_bias, a8, asum, out, one_tap, geo, no_i32, lo_f, hi_f):
+    if _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps):
+        return True
+    _core(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_vnni.SCALED, no_i32,
+          out, scale, bias, out, lo_f, hi_f)
+    _epilogue(out, n, steps, bias, has_bias)
+    return False
+
+
 @functools.cache
 def driver():
     """The fused kernel: the quantize pass, then ``gemm_vnni.driver()`` in the same call (run it
     inside ``gemm_vnni.threads_if``)."""
     fn = simd.cache_variant(_fused, "vnni", _quantize=broadcast.quantize_rows(True), _core=gemm_vnni.driver())
     return simd.pin_uuid(njit(cache=True)(fn), "linear_vnni.fused")
+
+
+@functools.cache
+def driver_rows():
+    """The fused kernel of a per-row-step layer: ``row_steps``' quantize pass, the GEMM, the row scales."""
+    fn = simd.cache_variant(_fused_rows, "vnni", _quantize=row_steps.quantize_pass(True), _core=gemm_vnni.driver(),
+                            _epilogue=row_steps.epilogue_pass(True))
+    return simd.pin_uuid(njit(cache=True)(fn), "linear_vnni.fused_rows")
 
 
 class FusedLinear(broadcast.LinearOperands):
@@ -55,6 +75,13 @@ class FusedLinear(broadcast.LinearOperands):
         mode = gemm_vnni.SCALED_BIASED if self.has_bias else gemm_vnni.SCALED
         a8 = scratch("linear.a8", m * w.k_pad, np.int8)
         asum = scratch("linear.asum", m, np.int64)
+        if self.row_floor is not None:
+            steps = scratch("linear.row_steps", m, np.float32)
+            with gemm_vnni.threads_if(parallel):
+                return driver_rows()(x, self.a_scale, self.has_scale, self.step, self.row_floor, self.lo, self.hi,
+                                     self.shift, steps, b.data, self.cw, b.offset, w.n, b.n_pad, b.cq, w.k_pad,
+                                     self.scale, self.bias, self.has_bias, a8, asum, out.reshape(-1),
+                                     broadcast.ONE_TAP, broadcast.GEMM_GEO, gemm_vnni.NO_I32, *gemm_vnni.NO_CLAMP)
         with gemm_vnni.threads_if(parallel):
             return driver()(x, self.a_scale, self.has_scale, self.step, self.lo, self.hi, self.shift, b.data, self.cw,
                             b.offset, w.n, b.n_pad, b.cq, w.k_pad, mode, self.scale, self.bias, a8, asum,

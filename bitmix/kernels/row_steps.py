@@ -1,44 +1,50 @@
-"""Per-row activation steps (`bitmix.ir.row_steps`) around a lowered linear, as two Numba passes.
+"""Per-row activation steps (`bitmix.ir.row_steps`): the row max, division and row-scale epilogue as Numba passes.
 
 The torch form (`row_max`, the step product, a division, then `out * step + bias`) is five small ops
 and allocations per call, ~35 us per MiniLM linear (64 x 384 in, 64 x 1536 out; AMD EPYC, 2026-12-04).
 These loops compute the same float32 operations in the same order (max of |x| over the row, floored at
 `floor`; `step * max`; `x / row_step`; then `out * row_step + bias`), so their bits equal the torch form's.
+`divide_rows`/`scale_rows` serve the matmuls and the unfused linears; `quantize_pass`/`epilogue_pass` are
+the same arithmetic as the first and last pass of the fused VNNI/AVX2 linears (`linear_vnni`,
+`linear_avx2`), which then run a per-row-step layer in one Numba call.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
-from numba import njit
+from numba import njit, prange
+
+from bitmix.kernels import simd
+from bitmix.kernels.broadcast import QROWS
+
+ABS_BITS = np.uint32(0x7FFFFFFF)
 
 
 @njit(inline="always")
-def _row_steps(x, step, floor, steps):
-    """`step * max(max_c |x[r, c]|, floor)` per row. The max runs on the float32 bit patterns with the sign
-    cleared: for non-negative IEEE floats the unsigned order is the float order, and a NaN (above +inf
-    there) wins as it does in torch's amax; an integer max vectorises where a float one with NaN
-    semantics does not (64 x 1536: 8 us vs 55 us)."""
-    m, k = x.shape
-    bits = x.view(np.uint32)
-    tops = np.empty(m, np.uint32)
-    for r in range(m):
-        row = bits[r]
-        top = np.uint32(0)
-        for c in range(k):
-            v = row[c] & np.uint32(0x7FFFFFFF)
-            top = v if v > top else top
-        tops[r] = top
-    magnitudes = tops.view(np.float32)
-    for r in range(m):
-        steps[r] = step * max(magnitudes[r], floor)
+def _top(bits):
+    """Max of |v| over a 1-D float32 row seen as uint32 bits, as uint32: with the sign cleared the unsigned
+    order is the float order and a NaN (above +inf there) wins as in torch's amax; an integer max
+    vectorises where a float one with NaN semantics does not (64 x 1536: 8 us vs 55 us)."""
+    top = np.uint32(0)
+    for c in range(bits.shape[0]):
+        v = bits[c] & ABS_BITS
+        top = v if v > top else top
+    return top
 
 
 @njit(cache=True)
 def _divide_rows(x, step, floor, out, steps):
-    _row_steps(x, step, floor, steps)
     m, k = x.shape
+    bits = x.view(np.uint32)
+    tops = np.empty(m, np.uint32)
     for r in range(m):
-        s = steps[r]
+        tops[r] = _top(bits[r])
+    magnitudes = tops.view(np.float32)
+    for r in range(m):
+        s = step * max(magnitudes[r], floor)
+        steps[r] = s
         for c in range(k):
             out[r, c] = x[r, c] / s
 
@@ -74,3 +80,138 @@ def scale_rows(y: np.ndarray, steps: np.ndarray, bias: np.ndarray | None) -> np.
     _scale_rows(flat, np.ascontiguousarray(steps, dtype=np.float32).reshape(-1),
                 _NO_BIAS if bias is None else np.ascontiguousarray(bias, dtype=np.float32), bias is not None)
     return flat.reshape(y.shape)
+
+
+def _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps):
+    """`broadcast._quantize` with per-row steps: `v = x[i, q] (* a_scale[q])`, row i's step
+    `steps[i] = step * max(max_q |v|, floor)`, `a8[i, q] = rint(clip(v / steps[i], lo, hi)) - shift`
+    (pad columns 0), `asum[i]` the row's code sum; True if any NaN was seen."""
+    m, k = x.shape
+    flo = np.float32(lo)
+    fhi = np.float32(hi)
+    sh = np.int32(shift)
+    qblocks = (m + QROWS - 1) // QROWS
+    nan = np.zeros(qblocks, dtype=np.bool_)
+    for t in prange(qblocks):
+        seen = False
+        row = np.empty(k, dtype=np.float32)
+        top = np.empty(1, dtype=np.uint32)
+        for i in range(t * QROWS, min(m, t * QROWS + QROWS)):
+            src = x[i]
+            if has_scale:
+                for q in range(k):
+                    row[q] = src[q] * a_scale[q]
+            else:
+                row[:] = src
+            top[0] = _top(row.view(np.uint32))
+            s = step * max(top.view(np.float32)[0], floor)
+            steps[i] = s
+            base = i * kp
+            total = np.int32(0)
+            for q in range(k):
+                v = row[np.uintp(q)] / s
+                seen |= v != v  # branch-free flag keeps the loop vectorised
+                code = np.int32(np.rint(min(max(v, flo), fhi))) - sh
+                a8[np.uintp(base + q)] = code
+                total += code
+            for q in range(k, kp):
+                a8[np.uintp(base + q)] = 0
+            asum[i] = total
+        nan[t] = seen
+    return nan.any()
+
+
+def _epilogue(out, n, steps, bias, has_bias):
+    """`out[i, c] = out[i, c] * steps[i] (+ bias[c])` over the flat (M * N) float32 result."""
+    m = steps.shape[0]
+    for i in prange(m):
+        s = steps[i]
+        base = i * n
+        if has_bias:
+            for c in range(n):
+                out[base + c] = out[base + c] * s + bias[c]
+        else:
+            for c in range(n):
+                out[base + c] = out[base + c] * s
+
+
+@functools.cache
+def quantize_pass(parallel: bool):
+    """`_quantize` compiled with (`parallel`) or without `prange` threads, one cache entry each."""
+    variant = "parallel" if parallel else "serial"
+    fn = njit(parallel=parallel, cache=True)(simd.cache_variant(_quantize, variant))
+    return simd.pin_uuid(fn, f"row_steps.quantize.{variant}")
+
+
+@functools.cache
+def epilogue_pass(parallel: bool):
+    """`_epilogue` compiled with or without `prange` threads."""
+    variant = "parallel" if parallel else "serial"
+    fn = njit(parallel=parallel, cache=True)(simd.cache_variant(_epilogue, variant))
+    return simd.pin_uuid(fn, f"row_steps.epilogue.{variant}")
+
+
+@njit(cache=True)
+def _row_codes(x, step, floor, lo, hi, codes, steps):
+    """Float codes `rint(clip(x[r] / steps[r], lo, hi))` of (R, K) `x`, `steps[r] = step * max(max|x[r]|, floor)`;
+    True if any NaN was seen."""
+    m, k = x.shape
+    bits = x.view(np.uint32)
+    top = np.empty(1, dtype=np.uint32)
+    flo, fhi = np.float32(lo), np.float32(hi)
+    seen = False
+    for r in range(m):
+        top[0] = _top(bits[r])
+        s = step * max(top.view(np.float32)[0], floor)
+        steps[r] = s
+        for c in range(k):
+            v = x[r, c] / s
+            seen |= v != v
+            codes[r, c] = np.rint(min(max(v, flo), fhi))
+    return seen
+
+
+@njit(cache=True)
+def _column_codes(x, step, floor, lo, hi, codes, steps):
+    """`_row_codes` along the columns of each (K, N) matrix of (B, K, N) `x`: `steps[b, n]` from
+    `max_k |x[b, k, n]|`."""
+    nb, k, n = x.shape
+    flo, fhi = np.float32(lo), np.float32(hi)
+    tops = np.empty(n, dtype=np.uint32)
+    seen = False
+    for b in range(nb):
+        bits = x[b].view(np.uint32)
+        tops[:] = 0
+        for r in range(k):
+            for c in range(n):
+                v = bits[r, c] & ABS_BITS
+                tops[c] = v if v > tops[c] else tops[c]
+        magnitudes = tops.view(np.float32)
+        for c in range(n):
+            steps[b, c] = step * max(magnitudes[c], floor)
+        for r in range(k):
+            for c in range(n):
+                v = x[b, r, c] / steps[b, c]
+                seen |= v != v
+                codes[b, r, c] = np.rint(min(max(v, flo), fhi))
+    return seen
+
+
+def row_codes(x: np.ndarray, step: float, floor: float, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Float codes of `x` (..., K) at per-row steps over the last axis, those steps (`x.shape[:-1] + (1,)`), NaN
+    seen."""
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    codes = np.empty_like(flat)
+    steps = np.empty(flat.shape[0], dtype=np.float32)
+    nan = _row_codes(flat, np.float32(step), np.float32(floor), lo, hi, codes, steps)
+    return codes.reshape(x.shape), steps.reshape(*x.shape[:-1], 1), nan
+
+
+def column_codes(x: np.ndarray, step: float, floor: float, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Float codes of `x` (..., K, N) at per-column steps over axis -2, those steps (`(..., 1, N)`), NaN
+    seen."""
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, *x.shape[-2:])
+    codes = np.empty_like(flat)
+    steps = np.empty((flat.shape[0], flat.shape[2]), dtype=np.float32)
+    nan = _column_codes(flat, np.float32(step), np.float32(floor), lo, hi, codes, steps)
+    return codes.reshape(x.shape), steps.reshape(*x.shape[:-2], 1, x.shape[-1]), nan

@@ -32,7 +32,7 @@ def warm(path: str | None = None) -> float:
     from bitmix.kernels.hadamard import rotate_rows
     from bitmix.kernels.launch import serial_max_macs
     from bitmix.kernels.range_search import step_errors
-    from bitmix.kernels.row_steps import divide_rows, scale_rows
+    from bitmix.kernels.row_steps import column_codes, divide_rows, row_codes, scale_rows
 
     start = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -48,6 +48,8 @@ def warm(path: str | None = None) -> float:
                         qlinear(rng.normal(size=(rows, 40)).astype(np.float32), w, scales, 0.05, 8, signed, scales)
                     # lowered linears (the fused VNNI kernel), with a smoothing factor
                     prepare_linear(w, scales, 0.05, 8, signed, scales, np.ones(40, dtype=np.float32))(
+                        rng.normal(size=(8, 40)).astype(np.float32))
+                    prepare_linear(w, scales, 0.05, 4, signed, scales, row_floor=1e-8)(  # per-row steps
                         rng.normal(size=(8, 40)).astype(np.float32))
                     for c, n, k, s, p, g, width in _CONVS:
                         wc = rng.integers(lo, hi, (n, c // g * k * k), endpoint=True).astype(np.int8)
@@ -65,6 +67,8 @@ def warm(path: str | None = None) -> float:
     rotate_rows(x, np.ones(32, dtype=np.float32), 32)
     for bias in (None, np.zeros(32, dtype=np.float32)):
         scale_rows(*divide_rows(x, 0.1, 1e-8), bias)
+    row_codes(x, 0.1, 1e-8, -8, 7)  # 4-bit attention matmuls' operands
+    column_codes(x.reshape(1, 3, 32), 0.1, 1e-8, -8, 7)
     return time.perf_counter() - start
 
 

@@ -43,6 +43,36 @@ def test_linear_kernel_exact(kernel_path, w_bits, a_bits, a_signed, m) -> None:
         np.testing.assert_array_equal(got, _expected(x, w_codes, scales, step, a_bits, a_signed, b, s))
 
 
+@pytest.mark.parametrize(("w_bits", "a_signed"), [(4, True), (2, False), (8, True)])
+@pytest.mark.parametrize("m", [1, 3, 4, 17, 64])
+def test_linear_kernel_with_row_steps_exact(kernel_path, w_bits, a_signed, m) -> None:
+    """Per-row steps (``row_floor``): row i quantized at ``step * max(max|x[i] * a_scale|, floor)``, its
+    output row scaled by that step after the exact product, then the bias (the fake-quant formula)."""
+    rng = np.random.default_rng(w_bits * 100 + m)
+    k, n, step, floor = 100, 37, 0.125, 1e-8
+    lo, hi = code_range(w_bits, True)
+    w_codes = rng.integers(lo, hi, (n, k), endpoint=True).astype(np.int8)
+    scales = rng.uniform(0.01, 0.1, n).astype(np.float32)
+    x = (rng.normal(size=(m, k)) * np.exp(3 * rng.normal(size=(m, 1)))).astype(np.float32)
+    x[0] = 0.0  # an all-zero row takes the floor
+    if not a_signed:
+        x = np.abs(x)
+    w = pack_weights(w_codes, w_bits)
+    for bias, a_scale in ((rng.normal(size=n).astype(np.float32), rng.uniform(0.5, 2.0, k).astype(np.float32)),
+                          (None, None)):
+        xs = x if a_scale is None else x * a_scale
+        rows = np.float32(step) * np.maximum(np.abs(xs).max(axis=1, keepdims=True), np.float32(floor))
+        codes = quantize_activations(xs / rows, 1.0, 4, a_signed)
+        want = reference.gemm(codes.astype(np.int64), w_codes.astype(np.int64)).astype(np.float32) * scales * rows
+        if bias is not None:
+            want = want + bias
+        got = prepare_linear(w, scales, step, 4, a_signed, bias, a_scale, row_floor=floor)(x)
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(BitmixError, match="NaN"):
+        x[-1, 5] = np.nan
+        prepare_linear(w, scales, step, 4, a_signed, row_floor=floor)(x)
+
+
 def test_linear_kernel_keeps_leading_dims_and_reads_strided_input(kernel_path) -> None:
     rng = np.random.default_rng(3)
     w_codes = rng.integers(-8, 7, (20, 64), endpoint=True).astype(np.int8)

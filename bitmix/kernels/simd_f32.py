@@ -1,0 +1,119 @@
+"""Eight-lane float32 vectors for the Numba kernels: LLVM ``<8 x float>`` values, no ISA intrinsics.
+
+Numba's loop vectoriser gives up on in-place butterflies (the loads and stores of one row may alias
+as far as LLVM knows), so kernels that need float SIMD write it here explicitly. The operations are
+plain LLVM IR (``fadd``, ``fsub``, ``fmul``, ``shufflevector``): LLVM lowers them to the host's
+widest unit (one ymm register on AVX2 and AVX-512 machines), and each lane does exactly the float32
+operation the scalar code would, so results are bit-identical to it.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba.core import types
+from numba.core.extending import _Intrinsic
+from numba.extending import intrinsic, models, register_model
+
+from bitmix.kernels import simd
+
+
+class F32Vec(types.Type):
+    """An LLVM float32 vector living in a SIMD register (never stored in arrays)."""
+
+    def __init__(self, lanes: int) -> None:
+        self.lanes = lanes
+        super().__init__(name=f"f32x{lanes}")
+
+
+@register_model(F32Vec)
+class _F32VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type: F32Vec) -> None:
+        super().__init__(dmm, fe_type, ir.VectorType(ir.FloatType(), fe_type.lanes))
+
+
+f32x8 = F32Vec(8)
+_F32X8 = ir.VectorType(ir.FloatType(), 8)
+
+
+def _pointer(context, builder, sig, args) -> ir.Value:
+    ary = context.make_array(sig.args[0])(context, builder, value=args[0])
+    pos = context.cast(builder, args[1], sig.args[1], types.intp)
+    return builder.bitcast(builder.gep(ary.data, [pos]), _F32X8.as_pointer())
+
+
+def _is_f32_array(arr, idx) -> bool:
+    return isinstance(arr, types.Array) and arr.dtype == types.float32 and isinstance(idx, types.Integer)
+
+
+@intrinsic
+def load_f32x8(typingctx, arr, idx):
+    """Unaligned load of 8 float32 from a 1-D float32 array at element ``idx``."""
+    if not _is_f32_array(arr, idx):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_pointer(context, builder, sig, args), align=4)
+
+    return f32x8(arr, idx), codegen
+
+
+@intrinsic
+def store_f32x8(typingctx, arr, idx, v):
+    """Unaligned store of 8 float32 lanes into a 1-D float32 array at element ``idx``."""
+    if not (_is_f32_array(arr, idx) and v == f32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _pointer(context, builder, sig, args), align=4)
+        return context.get_dummy_value()
+
+    return types.none(arr, idx, v), codegen
+
+
+def _make_binary(op: str):
+    @intrinsic
+    def binary(typingctx, a, b):
+        """Lane-wise float32 ``a <op> b`` (IEEE, round to nearest: the scalar operation per lane)."""
+        if a != f32x8 or b != f32x8:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, op)(args[0], args[1])
+
+        return f32x8(a, b), codegen
+
+    return binary
+
+
+add_f32x8 = _make_binary("fadd")
+sub_f32x8 = _make_binary("fsub")
+mul_f32x8 = _make_binary("fmul")
+
+
+def _lanes(order: list[int]) -> ir.Constant:
+    return ir.Constant(ir.VectorType(ir.IntType(32), len(order)), order)
+
+
+@intrinsic
+def hadamard_f32x8(typingctx, v):
+    """The butterfly stages h = 1, 2, 4 inside one vector: per stage, lane j (with bit h clear) becomes
+    ``v[j] + v[j + h]`` and lane j + h ``v[j] - v[j + h]``, the scalar butterflies' operations, in registers."""
+    if v != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        x = args[0]
+        for h in (1, 2, 4):
+            first = [j if j & h == 0 else j - h for j in range(8)]
+            a = builder.shuffle_vector(x, x, _lanes(first))
+            b = builder.shuffle_vector(x, x, _lanes([j + h for j in first]))
+            x = builder.shuffle_vector(builder.fadd(a, b), builder.fsub(a, b),
+                                       _lanes([j if j & h == 0 else 8 + j for j in range(8)]))
+        return x
+
+    return f32x8(v), codegen
+
+
+for _name, _obj in list(globals().items()):
+    if isinstance(_obj, _Intrinsic):
+        simd.pin_uuid(_obj, f"simd_f32.{_name}")
