@@ -34,7 +34,16 @@ import numpy as np
 from numba import njit, prange
 
 from bitmix.kernels import simd
-from bitmix.kernels.broadcast import BLOCK, GEMM_GEO, ONE_TAP, conv_launch, pixel, weight_blocks
+from bitmix.kernels.broadcast import (
+    BLOCK,
+    GEMM_GEO,
+    ONE_TAP,
+    conv_launch,
+    first_pixel,
+    next_pixel,
+    pixel_at,
+    weight_blocks,
+)
 from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.simd import add_i16x16, add_i32x8, load_i8x32, madd_ones, maddubs, unpack_i8x32, zero_i32x8
 from bitmix.kernels.simd_avx2 import (
@@ -102,12 +111,17 @@ def driver(w8: bool, parallel: bool):
             nt = t // mtiles
             mt = t - nt * mtiles
             tmp = np.empty(4 * BLOCK, dtype=np.int32)
+            pb, poh, pw = first_pixel(mt * MT, hw, wo)
             for i in range(mt * MT, min(m, mt * MT + MT), 4):
                 rows = min(4, m - i)
-                p0 = pixel(i, hw, wo, hp, wpad, sh, sw)
-                p1 = pixel(min(i + 1, m - 1), hw, wo, hp, wpad, sh, sw)  # rows past m: read, never stored
-                p2 = pixel(min(i + 2, m - 1), hw, wo, hp, wpad, sh, sw)
-                p3 = pixel(min(i + 3, m - 1), hw, wo, hp, wpad, sh, sw)
+                p0 = pixel_at(pb, poh, pw, hp, wpad, sh, sw)
+                pb, poh, pw = next_pixel(pb, poh, pw, ho, wo)
+                p1 = pixel_at(pb, poh, pw, hp, wpad, sh, sw) if rows > 1 else p0  # rows past m: read, never stored
+                pb, poh, pw = next_pixel(pb, poh, pw, ho, wo)
+                p2 = pixel_at(pb, poh, pw, hp, wpad, sh, sw) if rows > 2 else p1
+                pb, poh, pw = next_pixel(pb, poh, pw, ho, wo)
+                p3 = pixel_at(pb, poh, pw, hp, wpad, sh, sw) if rows > 3 else p2
+                pb, poh, pw = next_pixel(pb, poh, pw, ho, wo)
                 s0, s1, s2, s3 = 0, 0, 0, 0
                 for j in range(tappix.shape[0]):
                     d = tappix[j]

@@ -37,7 +37,15 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from bitmix.kernels import simd
-from bitmix.kernels.broadcast import GEMM_GEO, ONE_TAP, conv_launch, pixel, weight_blocks
+from bitmix.kernels.broadcast import (
+    GEMM_GEO,
+    ONE_TAP,
+    conv_launch,
+    first_pixel,
+    next_pixel,
+    pixel_at,
+    weight_blocks,
+)
 from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.simd import (
     add_i32x16,
@@ -183,12 +191,17 @@ def driver():
             o1, o2, o3 = min(1, b1 - b0 - 1) * ws, min(2, b1 - b0 - 1) * ws, min(3, b1 - b0 - 1) * ws
             tmp = np.empty(LANES, dtype=np.int32)
             s = np.zeros(4, dtype=np.int64)
+            pb, poh, pw = first_pixel(mt * MT, hw, wo)
             for i in range(mt * MT, min(m, mt * MT + MT), 4):
                 rows = min(4, m - i)
-                p0 = pixel(i, hw, wo, hp, wpad, sh, sw)
-                p1 = pixel(min(i + 1, m - 1), hw, wo, hp, wpad, sh, sw)  # rows past m: read, never stored
-                p2 = pixel(min(i + 2, m - 1), hw, wo, hp, wpad, sh, sw)
-                p3 = pixel(min(i + 3, m - 1), hw, wo, hp, wpad, sh, sw)
+                p0 = pixel_at(pb, poh, pw, hp, wpad, sh, sw)
+                pb, poh, pw = next_pixel(pb, poh, pw, ho, wo)
+                p1 = pixel_at(pb, poh, pw, hp, wpad, sh, sw) if rows > 1 else p0  # rows past m: read, never stored
+                pb, poh, pw = next_pixel(pb, poh, pw, ho, wo)
+                p2 = pixel_at(pb, poh, pw, hp, wpad, sh, sw) if rows > 2 else p1
+                pb, poh, pw = next_pixel(pb, poh, pw, ho, wo)
+                p3 = pixel_at(pb, poh, pw, hp, wpad, sh, sw) if rows > 3 else p2
+                pb, poh, pw = next_pixel(pb, poh, pw, ho, wo)
                 if offset != 0:
                     s[0] = offset * taps_sum(psum, tappix, p0)
                     s[1] = offset * taps_sum(psum, tappix, p1)
