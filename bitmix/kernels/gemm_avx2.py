@@ -59,7 +59,9 @@ LANES = 8  # output channels per ymm
 MIN_M = 4  # fewer rows: the GEMV micro-kernels (one weight pass per row) are the right shape
 MT = 64  # activation rows per parallel task
 NB = 4  # weight blocks (64 channels) per parallel task
-INT32, SCALED = 0, 1  # epilogue modes (SCALED adds the bias when there is one)
+INT32, SCALED, ROWS = 0, 1, 2  # epilogue modes (SCALED adds the bias when there is one; ROWS is SCALED
+# with each row also multiplied by its ``row_scale`` before the bias: per-row activation steps)
+ONE = np.float32(1)
 
 
 @njit(inline="always")
@@ -98,7 +100,7 @@ def driver(w8: bool, parallel: bool):
     """
 
     def core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mode, out_i, out_f, scale, bias,
-             has_bias):
+             has_bias, row_scale):
         # tapoff: byte offset of each tap run (cq 4-byte K steps each); tappix: pixel offset of every tap (sums)
         ho, wo, hp, wpad, sh, sw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
         hw = ho * wo
@@ -184,15 +186,20 @@ def driver(w8: bool, parallel: bool):
                     c00, c01, c10, c11 = _fix(c00, e0, v0), _fix(c01, e1, v0), _fix(c10, e0, v1), _fix(c11, e1, v1)
                     c20, c21, c30, c31 = _fix(c20, e0, v2), _fix(c21, e1, v2), _fix(c30, e0, v3), _fix(c31, e1, v3)
                     o = i * n + col
-                    if rows == 4 and col + BLOCK <= n and mode == SCALED:
-                        scale_store_f32x8(out_f, o, c00, scale, bias, col, has_bias)
-                        scale_store_f32x8(out_f, o + LANES, c01, scale, bias, col + LANES, has_bias)
-                        scale_store_f32x8(out_f, o + n, c10, scale, bias, col, has_bias)
-                        scale_store_f32x8(out_f, o + n + LANES, c11, scale, bias, col + LANES, has_bias)
-                        scale_store_f32x8(out_f, o + 2 * n, c20, scale, bias, col, has_bias)
-                        scale_store_f32x8(out_f, o + 2 * n + LANES, c21, scale, bias, col + LANES, has_bias)
-                        scale_store_f32x8(out_f, o + 3 * n, c30, scale, bias, col, has_bias)
-                        scale_store_f32x8(out_f, o + 3 * n + LANES, c31, scale, bias, col + LANES, has_bias)
+                    if rows == 4 and col + BLOCK <= n and mode != INT32:
+                        by_row = mode == ROWS
+                        r0, r1, r2, r3 = (row_scale[i], row_scale[i + 1], row_scale[i + 2],
+                                          row_scale[i + 3]) if by_row else (ONE, ONE, ONE, ONE)
+                        scale_store_f32x8(out_f, o, c00, scale, bias, col, has_bias, r0, by_row)
+                        scale_store_f32x8(out_f, o + LANES, c01, scale, bias, col + LANES, has_bias, r0, by_row)
+                        scale_store_f32x8(out_f, o + n, c10, scale, bias, col, has_bias, r1, by_row)
+                        scale_store_f32x8(out_f, o + n + LANES, c11, scale, bias, col + LANES, has_bias, r1, by_row)
+                        scale_store_f32x8(out_f, o + 2 * n, c20, scale, bias, col, has_bias, r2, by_row)
+                        scale_store_f32x8(out_f, o + 2 * n + LANES, c21, scale, bias, col + LANES, has_bias, r2,
+                                          by_row)
+                        scale_store_f32x8(out_f, o + 3 * n, c30, scale, bias, col, has_bias, r3, by_row)
+                        scale_store_f32x8(out_f, o + 3 * n + LANES, c31, scale, bias, col + LANES, has_bias, r3,
+                                          by_row)
                     else:  # int32 output, a partial block or the last rows: through ``tmp``
                         store_i32x8(tmp, 0, c00)
                         store_i32x8(tmp, LANES, c01)
@@ -208,10 +215,13 @@ def driver(w8: bool, parallel: bool):
                                 acc = tmp[r * BLOCK + q]
                                 if mode == INT32:
                                     out_i[o + r * n + q] = acc
-                                elif has_bias:
-                                    out_f[o + r * n + q] = np.float32(acc) * scale[col + q] + bias[col + q]
-                                else:
-                                    out_f[o + r * n + q] = np.float32(acc) * scale[col + q]
+                                    continue
+                                y = np.float32(acc) * scale[col + q]
+                                if mode == ROWS:
+                                    y = y * row_scale[i + r]
+                                if has_bias:
+                                    y = y + bias[col + q]
+                                out_f[o + r * n + q] = y
 
     variant = "parallel" if parallel else "serial"
     fn = njit(parallel=parallel, cache=True)(simd.cache_variant(core, variant))
@@ -231,7 +241,7 @@ def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, o
     cw = (shift * blocks.cw_base).astype(np.int32)
     driver(w.bits == 8, parallel)(a8, asum, ONE_TAP, ONE_TAP, blocks.data, cw, blocks.offset, m, w.n, blocks.n_pad,
                                   blocks.cq, w.k_pad, GEMM_GEO, INT32, out.reshape(-1), NO_F32, NO_F32, NO_F32,
-                                  False)
+                                  False, NO_F32)
 
 
 def conv(a8: np.ndarray, psum: np.ndarray, w: PackedWeight, shift: int, c: int, geom: tuple[int, ...],
@@ -242,4 +252,4 @@ def conv(a8: np.ndarray, psum: np.ndarray, w: PackedWeight, shift: int, c: int, 
     ``conv.conv_geometry``."""
     off, pix, data, cw, offset, n, n_pad, steps, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
     driver(w.bits == 8, parallel)(a8, psum, off, pix, data, cw, offset, m, n, n_pad, steps, c4, geo, SCALED, NO_I32,
-                                  y.reshape(-1), scale, scale if bias is None else bias, bias is not None)
+                                  y.reshape(-1), scale, scale if bias is None else bias, bias is not None, NO_F32)

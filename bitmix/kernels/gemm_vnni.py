@@ -63,26 +63,29 @@ LANES = 16  # output channels per zmm
 MIN_M = 4  # fewer rows: the GEMV micro-kernels (one weight pass per row) are the right shape
 MT = 64  # activation rows per parallel task
 # Epilogue modes: the int32 product, or floats ``float32(acc) * scale`` (SCALED), ``+ bias`` (BIAS),
-# ``+ residual`` (RESIDUAL), then clamped to [lo, hi] (-inf/inf: no clamp).
-INT32, SCALED, BIAS, RESIDUAL = 0, 1, 2, 4
+# ``+ residual`` (RESIDUAL), then clamped to [lo, hi] (-inf/inf: no clamp). ROWS: the product is also
+# multiplied by its row's factor ``res[row]`` before the bias (per-row activation steps; ``res`` then
+# holds one float32 per row and no residual is added).
+INT32, SCALED, BIAS, RESIDUAL, ROWS = 0, 1, 2, 4, 8
 SCALED_BIASED = SCALED | BIAS
 NO_CLAMP = (np.float32(-np.inf), np.float32(np.inf))
 _F32X16 = ir.VectorType(ir.FloatType(), 16)
 
 
 @intrinsic
-def store_epilogue(typingctx, out, idx, v, scale, bias, res, col, mode, lo, hi):
-    """``out[idx:idx+16] = clamp(float32(v) * scale[col:] (+ bias[col:]) (+ res[idx:]), lo, hi)``, the
-    float ops of the reference in its order (a ``vmulps`` and ``vaddps``s, never an FMA); the clamp
-    is two compare-selects that keep NaN and -0.0, as torch's relu/hardtanh do. ``res`` is read only
-    when ``mode & RESIDUAL``."""
+def store_epilogue(typingctx, out, idx, v, scale, bias, res, col, mode, lo, hi, row_scale):
+    """``out[idx:idx+16] = clamp(float32(v) * scale[col:] (* row_scale) (+ bias[col:]) (+ res[idx:]), lo,
+    hi)``, the float ops of the reference in its order (``vmulps`` and ``vaddps``s, never an FMA); the
+    clamp is two compare-selects that keep NaN and -0.0, as torch's relu/hardtanh do. ``res`` is read
+    only when ``mode & RESIDUAL``, ``row_scale`` used only when ``mode & ROWS``."""
     f32 = types.Array(types.float32, 1, "C")
     if not (out == f32 and scale == f32 and bias == f32 and res == f32 and v == i32x16
-            and all(isinstance(a, types.Integer) for a in (idx, col, mode)) and lo == hi == types.float32):
+            and all(isinstance(a, types.Integer) for a in (idx, col, mode))
+            and lo == hi == row_scale == types.float32):
         return None
 
     def codegen(context, builder, sig, args):
-        out_a, idx_a, v_a, scale_a, bias_a, res_a, col_a, mode_a, lo_a, hi_a = args
+        out_a, idx_a, v_a, scale_a, bias_a, res_a, col_a, mode_a, lo_a, hi_a, rs_a = args
 
         def ptr(k, pos_k):
             ary = context.make_array(sig.args[k])(context, builder, value=args[k])
@@ -99,6 +102,7 @@ def store_epilogue(typingctx, out, idx, v, scale, bias, res, col, mode, lo, hi):
             return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
 
         y = builder.fmul(builder.sitofp(v_a, _F32X16), builder.load(ptr(3, 6), align=4))
+        y = builder.select(flag(ROWS), builder.fmul(y, splat(rs_a)), y)
         y = builder.select(flag(BIAS), builder.fadd(y, builder.load(ptr(4, 6), align=4)), y)
         slot = cgutils.alloca_once_value(builder, y)
         with builder.if_then(flag(RESIDUAL)):
@@ -110,7 +114,7 @@ def store_epilogue(typingctx, out, idx, v, scale, bias, res, col, mode, lo, hi):
         builder.store(y, ptr(0, 1), align=4)
         return context.get_dummy_value()
 
-    return types.none(out, idx, v, scale, bias, res, col, mode, lo, hi), codegen
+    return types.none(out, idx, v, scale, bias, res, col, mode, lo, hi, row_scale), codegen
 
 
 simd.pin_uuid(store_epilogue, "gemm_vnni.store_epilogue")
@@ -129,11 +133,12 @@ def taps_sum(psum, tappix, p):
 @njit(inline="always")
 def put(mode, out_i, out_f, epi, tmp, row, col, n, v):
     scale, bias, res, lo, hi = epi
+    row_scale = res[row] if mode & ROWS else np.float32(1)
     if col + LANES <= n:
         if mode == INT32:
             store_i32x16(out_i, row * n + col, v)
         else:
-            store_epilogue(out_f, row * n + col, v, scale, bias, res, col, mode, lo, hi)
+            store_epilogue(out_f, row * n + col, v, scale, bias, res, col, mode, lo, hi, row_scale)
     else:
         store_i32x16(tmp, 0, v)
         for q in range(n - col):
@@ -142,6 +147,8 @@ def put(mode, out_i, out_f, epi, tmp, row, col, n, v):
                 out_i[at] = tmp[q]
             else:
                 y = np.float32(tmp[q]) * scale[col + q]
+                if mode & ROWS:
+                    y = y * row_scale
                 if mode & BIAS:
                     y = y + bias[col + q]
                 if mode & RESIDUAL:

@@ -6,7 +6,7 @@ scale, when the layer has one) are quantized straight into the signed-byte, zero
 float32, as ``quant``), then ``gemm_avx2``'s broadcast GEMM runs on them and its epilogue writes
 ``float32(acc) * scale + bias`` (``scale = float32(a_step) * w_scales``). Same float formulas and
 exact int32 products as ``quant.qlinear``, so outputs are bit-identical. A layer with per-row steps
-runs ``row_steps``' quantize and row-scale passes around the GEMM (as ``linear_vnni``).
+runs ``row_steps``' quantize pass and the GEMM's ``ROWS`` epilogue (as ``linear_vnni``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from numba import njit
 from bitmix.kernels import broadcast, gemm_avx2, row_steps, simd
 from bitmix.kernels.scratch import scratch
 
-_quantize = _gemm = _epilogue = None  # what ``_fused``/``_fused_rows`` call, bound per variant (``simd.cache_variant``)
+_quantize = _gemm = None  # the kernels ``_fused``/``_fused_rows`` call, bound per variant (``simd.cache_variant``)
 
 
 def _fused(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum, one_tap, geo, wp, cw, offset, n, n_pad, cq,
@@ -27,7 +27,7 @@ def _fused(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum, one_tap, ge
     if _quantize(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum):
         return True
     _gemm(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_avx2.SCALED, no_i32,
-          out, scale, bias, has_bias)
+          out, scale, bias, has_bias, gemm_avx2.NO_F32)
     return False
 
 
@@ -35,9 +35,8 @@ def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, kp, a8
                 n, n_pad, cq, no_i32, scale, bias, has_bias, out):
     if _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps):
         return True
-    _gemm(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_avx2.SCALED, no_i32,
-          out, scale, bias, False)
-    _epilogue(out, n, steps, bias, has_bias)
+    _gemm(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_avx2.ROWS, no_i32,
+          out, scale, bias, has_bias, steps)
     return False
 
 
@@ -55,8 +54,7 @@ def driver_rows(w8: bool, parallel: bool):
     """``driver`` for a per-row-step layer: ``row_steps``' quantize pass, the GEMM, the row scales."""
     variant = f"{'w8' if w8 else 'wq'}_{'parallel' if parallel else 'serial'}"
     fn = njit(cache=True)(simd.cache_variant(_fused_rows, variant, _quantize=row_steps.quantize_pass(parallel),
-                                             _gemm=gemm_avx2.driver(w8, parallel),
-                                             _epilogue=row_steps.epilogue_pass(parallel)))
+                                             _gemm=gemm_avx2.driver(w8, parallel)))
     return simd.pin_uuid(fn, f"linear_avx2.fused_rows.{variant}")
 
 

@@ -13,7 +13,9 @@ kernel does all of it:
 3. its epilogue writes ``float32(acc) * scale + bias`` (``scale = float32(a_step) * w_scales``).
 
 A layer with per-row steps (``row_steps``) runs ``row_steps``' quantize pass (the row's step from its
-max) in place of 1., the GEMM scaled by ``w_scales`` alone, then the row-scale + bias pass, still in one call.
+max) in place of 1., and the epilogue multiplies by the row's step before the bias (``gemm_vnni.ROWS``):
+a separate row-scale pass after the GEMM cost 15-40 us per MiniLM linear, since it read the output
+tiles across cores (the GEMM splits 64-row products by columns, the pass by rows).
 Same float formulas and exact int32 products as ``quant.qlinear``, so outputs are bit-identical.
 """
 
@@ -27,7 +29,7 @@ from numba import njit
 from bitmix.kernels import broadcast, gemm_vnni, row_steps, simd
 from bitmix.kernels.scratch import scratch
 
-_quantize = _core = _epilogue = None  # the kernels ``_fused``/``_fused_rows`` call, bound once (``simd.cache_variant``)
+_quantize = _core = None  # the kernels ``_fused``/``_fused_rows`` call, bound once (``simd.cache_variant``)
 
 
 def _fused(x, a_scale, has_scale, step, lo, hi, shift, wp, cw, offset, n, n_pad, cq, kp, mode, scale, bias, a8, asum,
@@ -43,9 +45,9 @@ def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, wp, cw
                 bias, has_bias, a8, asum, out, one_tap, geo, no_i32, lo_f, hi_f):
     if _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps):
         return True
-    _core(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_vnni.SCALED, no_i32,
-          out, scale, bias, out, lo_f, hi_f)
-    _epilogue(out, n, steps, bias, has_bias)
+    mode = gemm_vnni.SCALED | gemm_vnni.ROWS | (gemm_vnni.BIAS if has_bias else 0)
+    _core(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, mode, no_i32, out, scale,
+          bias, steps, lo_f, hi_f)
     return False
 
 
@@ -60,8 +62,7 @@ def driver():
 @functools.cache
 def driver_rows():
     """The fused kernel of a per-row-step layer: ``row_steps``' quantize pass, the GEMM, the row scales."""
-    fn = simd.cache_variant(_fused_rows, "vnni", _quantize=row_steps.quantize_pass(True), _core=gemm_vnni.driver(),
-                            _epilogue=row_steps.epilogue_pass(True))
+    fn = simd.cache_variant(_fused_rows, "vnni", _quantize=row_steps.quantize_pass(True), _core=gemm_vnni.driver())
     return simd.pin_uuid(njit(cache=True)(fn), "linear_vnni.fused_rows")
 
 

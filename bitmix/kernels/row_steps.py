@@ -4,9 +4,10 @@ The torch form (`row_max`, the step product, a division, then `out * step + bias
 and allocations per call, ~35 us per MiniLM linear (64 x 384 in, 64 x 1536 out; AMD EPYC, 2026-12-04).
 These loops compute the same float32 operations in the same order (max of |x| over the row, floored at
 `floor`; `step * max`; `x / row_step`; then `out * row_step + bias`), so their bits equal the torch form's.
-`divide_rows`/`scale_rows` serve the matmuls and the unfused linears; `quantize_pass`/`epilogue_pass` are
-the same arithmetic as the first and last pass of the fused VNNI/AVX2 linears (`linear_vnni`,
-`linear_avx2`), which then run a per-row-step layer in one Numba call.
+`divide_rows`/`scale_rows` serve the unfused linears (GEMV shapes, AMX, scalar); `quantize_pass` is the
+same arithmetic as the first pass of the fused VNNI/AVX2 linears (`linear_vnni`, `linear_avx2`), whose GEMM
+epilogue then multiplies by the row steps (their `ROWS` mode): one Numba call per per-row-step layer.
+`row_codes`/`column_codes` give the attention matmuls' operands their codes in one pass each.
 """
 
 from __future__ import annotations
@@ -120,34 +121,12 @@ def _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, s
     return nan.any()
 
 
-def _epilogue(out, n, steps, bias, has_bias):
-    """`out[i, c] = out[i, c] * steps[i] (+ bias[c])` over the flat (M * N) float32 result."""
-    m = steps.shape[0]
-    for i in prange(m):
-        s = steps[i]
-        base = i * n
-        if has_bias:
-            for c in range(n):
-                out[np.uintp(base + c)] = out[np.uintp(base + c)] * s + bias[np.uintp(c)]
-        else:
-            for c in range(n):
-                out[np.uintp(base + c)] = out[np.uintp(base + c)] * s
-
-
 @functools.cache
 def quantize_pass(parallel: bool):
     """`_quantize` compiled with (`parallel`) or without `prange` threads, one cache entry each."""
     variant = "parallel" if parallel else "serial"
     fn = njit(parallel=parallel, cache=True)(simd.cache_variant(_quantize, variant))
     return simd.pin_uuid(fn, f"row_steps.quantize.{variant}")
-
-
-@functools.cache
-def epilogue_pass(parallel: bool):
-    """`_epilogue` compiled with or without `prange` threads."""
-    variant = "parallel" if parallel else "serial"
-    fn = njit(parallel=parallel, cache=True)(simd.cache_variant(_epilogue, variant))
-    return simd.pin_uuid(fn, f"row_steps.epilogue.{variant}")
 
 
 @njit(cache=True)

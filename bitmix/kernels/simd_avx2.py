@@ -94,25 +94,29 @@ def store_i32x8(typingctx, arr, idx, v):
 
 
 @intrinsic
-def scale_store_f32x8(typingctx, out, idx, v, scale, bias, col, has_bias):
-    """``out[idx + l] = float32(v[l]) * scale[col + l] (+ bias[col + l])`` for the 8 lanes: ``quant``'s
-    dequantize formula (``vcvtdq2ps``, ``vmulps``, ``vaddps``; never an FMA, which would skip the
-    product's rounding)."""
+def scale_store_f32x8(typingctx, out, idx, v, scale, bias, col, has_bias, row_scale, has_row_scale):
+    """``out[idx + l] = float32(v[l]) * scale[col + l] (* row_scale) (+ bias[col + l])`` for the 8 lanes:
+    ``quant``'s dequantize formula, times the row's step where activations step per row
+    (``vcvtdq2ps``, ``vmulps``, ``vaddps``; never an FMA, which would skip the product's rounding)."""
     f32 = types.Array(types.float32, 1, "C")
     if not (out == f32 and scale == f32 and bias == f32 and v == i32x8 and isinstance(idx, types.Integer)
-            and isinstance(col, types.Integer) and isinstance(has_bias, types.Boolean)):
+            and isinstance(col, types.Integer) and isinstance(has_bias, types.Boolean)
+            and row_scale == types.float32 and isinstance(has_row_scale, types.Boolean)):
         return None
 
     def codegen(context, builder, sig, args):
-        out_a, idx_a, v_a, scale_a, bias_a, col_a, has_bias_a = args
+        out_a, idx_a, v_a, scale_a, bias_a, col_a, has_bias_a, rs_a, has_rs_a = args
         s = builder.load(_ptr(context, builder, sig.args[3], scale_a, sig.args[5], col_a, _F32X8), align=4)
         y = builder.fmul(builder.sitofp(v_a, _F32X8), s)
+        rs = builder.insert_element(ir.Constant(_F32X8, None), rs_a, ir.Constant(ir.IntType(32), 0))
+        rs = builder.shuffle_vector(rs, rs, ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+        y = builder.select(has_rs_a, builder.fmul(y, rs), y)
         b = builder.load(_ptr(context, builder, sig.args[4], bias_a, sig.args[5], col_a, _F32X8), align=4)
         y = builder.select(has_bias_a, builder.fadd(y, b), y)
         builder.store(y, _ptr(context, builder, sig.args[0], out_a, sig.args[1], idx_a, _F32X8), align=4)
         return context.get_dummy_value()
 
-    return types.none(out, idx, v, scale, bias, col, has_bias), codegen
+    return types.none(out, idx, v, scale, bias, col, has_bias, row_scale, has_row_scale), codegen
 
 
 for _name, _obj in list(globals().items()):
