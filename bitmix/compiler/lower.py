@@ -223,7 +223,7 @@ def _run_matmul(a: torch.Tensor, b: torch.Tensor, p: KernelPlan) -> torch.Tensor
             qa, a_rows, a_nan = row_codes(_np(a), p.a_step, MIN_STEP, *code_range(p.bits.a, p.a_signed))
             qb, b_cols, b_nan = column_codes(_np(b), p.b_step, MIN_STEP, *code_range(p.bits.a, p.b_signed))
             if a_nan or b_nan:
-                raise BitmixError("x: contains NaN; cannot quantize")
+                raise BitmixError("x: contains NaN or Inf (a row's step from its max); cannot quantize")
             acc = torch.matmul(torch.from_numpy(qa), torch.from_numpy(qb))
             return acc.mul_(torch.from_numpy(a_rows) * torch.from_numpy(b_cols))
         a_scaled, a_rows = divide_rows(_np(a), p.a_step, MIN_STEP)

@@ -54,6 +54,8 @@ class LinearKernel:
         lead = x.shape[:-1]
         rows = np.ascontiguousarray(x).reshape(-1, w.k)
         m = rows.shape[0]
+        if m == 0:  # an empty batch: nothing to quantize, as torch's linear
+            return np.empty((*lead, w.n), dtype=np.float32)
         settings = dispatch.settings
         engine = settings.engine(w, m, 1)
         if m >= gemm_vnni.MIN_M and engine in _FUSED:
@@ -63,7 +65,8 @@ class LinearKernel:
                 fused = self._fused[engine] = _FUSED[engine](w, self.w_scales, self.a_step, *self.codes, self.bias,
                                                              self.a_scale, self.row_floor)
             if fused(rows, out, _parallel(settings, m * w.n * w.k_pad)):
-                raise BitmixError("x: contains NaN; cannot quantize")
+                raise BitmixError("x: contains NaN; cannot quantize" if self.row_floor is None else
+                                  "x: contains NaN or Inf (a row's step from its max); cannot quantize")
             return out.reshape(*lead, w.n)
         if self.a_scale is not None:
             rows = rows * self.a_scale

@@ -83,6 +83,15 @@ def test_linear_kernel_keeps_leading_dims_and_reads_strided_input(kernel_path) -
     np.testing.assert_array_equal(got, _expected(x, w_codes, scales, 0.2, 4, True, None, None))
 
 
+def test_linear_kernel_takes_an_empty_batch() -> None:
+    w = pack_weights(np.zeros((4, 8), dtype=np.int8), 4)
+    ones = np.ones(4, dtype=np.float32)
+    for row_floor in (None, 1e-8):
+        kernel = prepare_linear(w, ones, 0.1, 4, True, ones, row_floor=row_floor)
+        assert kernel(np.zeros((0, 8), dtype=np.float32)).shape == (0, 4)
+        assert kernel(np.zeros((2, 0, 8), dtype=np.float32)).shape == (2, 0, 4)
+
+
 def test_linear_kernel_rejects_bad_inputs() -> None:
     w = pack_weights(np.zeros((4, 8), dtype=np.int8), 4)
     ones = np.ones(4, dtype=np.float32)
