@@ -114,7 +114,22 @@ def pixel_at(b, oh, ow, hp, wp, sh, sw):
     return (b * hp + oh * sh) * wp + ow * sw
 
 
-simd.pin_kernels("broadcast", first_pixel, next_pixel, pixel_at)
+@njit(inline="always")
+def four_pixels(b, oh, ow, rows, ho, wo, hp, wp, sh, sw):
+    """``pixel_at`` of the next four output rows from the walker's ``(b, oh, ow)`` (rows past the
+    ``rows`` left repeat the last real one: read, never stored), and the walker's state after them."""
+    p0 = pixel_at(b, oh, ow, hp, wp, sh, sw)
+    b, oh, ow = next_pixel(b, oh, ow, ho, wo)
+    p1 = pixel_at(b, oh, ow, hp, wp, sh, sw) if rows > 1 else p0
+    b, oh, ow = next_pixel(b, oh, ow, ho, wo)
+    p2 = pixel_at(b, oh, ow, hp, wp, sh, sw) if rows > 2 else p1
+    b, oh, ow = next_pixel(b, oh, ow, ho, wo)
+    p3 = pixel_at(b, oh, ow, hp, wp, sh, sw) if rows > 3 else p2
+    b, oh, ow = next_pixel(b, oh, ow, ho, wo)
+    return p0, p1, p2, p3, b, oh, ow
+
+
+simd.pin_kernels("broadcast", first_pixel, next_pixel, pixel_at, four_pixels)
 
 
 def _quantize(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum):

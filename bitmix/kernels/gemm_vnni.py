@@ -42,8 +42,7 @@ from bitmix.kernels.broadcast import (
     ONE_TAP,
     conv_launch,
     first_pixel,
-    next_pixel,
-    pixel_at,
+    four_pixels,
     weight_blocks,
 )
 from bitmix.kernels.pack import PackedWeight
@@ -201,14 +200,7 @@ def driver():
             pb, poh, pw = first_pixel(mt * MT, hw, wo)
             for i in range(mt * MT, min(m, mt * MT + MT), 4):
                 rows = min(4, m - i)
-                p0 = pixel_at(pb, poh, pw, hp, wpad, sh, sw)
-                pb, poh, pw = next_pixel(pb, poh, pw, ho, wo)
-                p1 = pixel_at(pb, poh, pw, hp, wpad, sh, sw) if rows > 1 else p0  # rows past m: read, never stored
-                pb, poh, pw = next_pixel(pb, poh, pw, ho, wo)
-                p2 = pixel_at(pb, poh, pw, hp, wpad, sh, sw) if rows > 2 else p1
-                pb, poh, pw = next_pixel(pb, poh, pw, ho, wo)
-                p3 = pixel_at(pb, poh, pw, hp, wpad, sh, sw) if rows > 3 else p2
-                pb, poh, pw = next_pixel(pb, poh, pw, ho, wo)
+                p0, p1, p2, p3, pb, poh, pw = four_pixels(pb, poh, pw, rows, ho, wo, hp, wpad, sh, sw)
                 if offset != 0:
                     s[0] = offset * taps_sum(psum, tappix, p0)
                     s[1] = offset * taps_sum(psum, tappix, p1)

@@ -41,21 +41,14 @@ def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, kp, a8
 
 
 @functools.cache
-def driver(w8: bool, parallel: bool):
-    """Quantize, then the ``gemm_avx2`` GEMM with the float epilogue, in one compiled call."""
+def driver(w8: bool, parallel: bool, per_row: bool = False):
+    """Quantize, then the ``gemm_avx2`` GEMM with the float epilogue, in one compiled call; ``per_row``:
+    ``row_steps``' quantize pass and the GEMM's ``ROWS`` epilogue (``_fused_rows``)."""
     variant = f"{'w8' if w8 else 'wq'}_{'parallel' if parallel else 'serial'}"
-    fn = njit(cache=True)(simd.cache_variant(_fused, variant, _quantize=broadcast.quantize_rows(parallel),
+    fused, quantize = (_fused_rows, row_steps.quantize_pass) if per_row else (_fused, broadcast.quantize_rows)
+    fn = njit(cache=True)(simd.cache_variant(fused, variant, _quantize=quantize(parallel),
                                              _gemm=gemm_avx2.driver(w8, parallel)))
-    return simd.pin_uuid(fn, f"linear_avx2.fused.{variant}")
-
-
-@functools.cache
-def driver_rows(w8: bool, parallel: bool):
-    """``driver`` for a per-row-step layer: ``row_steps``' quantize pass, the GEMM, the row scales."""
-    variant = f"{'w8' if w8 else 'wq'}_{'parallel' if parallel else 'serial'}"
-    fn = njit(cache=True)(simd.cache_variant(_fused_rows, variant, _quantize=row_steps.quantize_pass(parallel),
-                                             _gemm=gemm_avx2.driver(w8, parallel)))
-    return simd.pin_uuid(fn, f"linear_avx2.fused_rows.{variant}")
+    return simd.pin_uuid(fn, f"linear_avx2.{fused.__name__.lstrip('_')}.{variant}")
 
 
 class Avx2Linear(broadcast.LinearOperands):
@@ -69,7 +62,7 @@ class Avx2Linear(broadcast.LinearOperands):
         asum = scratch("linear.asum", m, np.int64)
         if self.row_floor is not None:
             steps = scratch("linear.row_steps", m, np.float32)
-            return driver_rows(w.bits == 8, parallel)(x, self.a_scale, self.has_scale, self.step, self.row_floor,
+            return driver(w.bits == 8, parallel, True)(x, self.a_scale, self.has_scale, self.step, self.row_floor,
                                                       self.lo, self.hi, self.shift, steps, w.k_pad, a8, asum,
                                                       broadcast.ONE_TAP, broadcast.GEMM_GEO, blocks.data, self.cw,
                                                       blocks.offset, w.n, blocks.n_pad, blocks.cq, gemm_avx2.NO_I32,
