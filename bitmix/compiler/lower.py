@@ -150,17 +150,27 @@ def _run_conv2d_nhwc(x: torch.Tensor | PaddedCodes, p: KernelPlan, residual: tor
         return conv_epilogue(_run_conv2d(x, p), residual, clamp)
     channels_last, arr = True, x
     if not codes:
-        x = x.detach().to(torch.float32).cpu()
+        x = _cpu_f32(x)
         channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        arr = x.permute(0, 2, 3, 1).numpy() if channels_last else _np(x)
+        arr = x.numpy().transpose(0, 2, 3, 1) if channels_last else _np(x)
     run = _prepared(p)
-    res = None if residual is None else _np(residual.detach().to(torch.float32).permute(0, 2, 3, 1))
-    lo, hi = (-math.inf, math.inf) if clamp is None else clamp
+    res = None if residual is None else np.ascontiguousarray(_cpu_f32(residual).numpy().transpose(0, 2, 3, 1))
+    bounds = NO_CLAMP if clamp is None else (np.float32(clamp[0]), np.float32(clamp[1]))
     if codes_for is not None and res is None and not codes:
-        out = run.to_codes(arr, channels_last, (np.float32(lo), np.float32(hi)), _prepared(codes_for))
+        out = run.to_codes(arr, channels_last, bounds, _prepared(codes_for))
         if out is not None:
             return out
-    return torch.from_numpy(run(arr, channels_last, res, (np.float32(lo), np.float32(hi)))).permute(0, 3, 1, 2)
+    return torch.from_numpy(run(arr, channels_last, res, bounds).transpose(0, 3, 1, 2))
+
+
+NO_CLAMP = (np.float32(-np.inf), np.float32(np.inf))
+
+
+def _cpu_f32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a float32 CPU tensor without autograd history, copied only where it is not one."""
+    if x.requires_grad:
+        x = x.detach()
+    return x if x.dtype is torch.float32 and x.is_cpu else x.to("cpu", torch.float32)
 
 
 def _prepared(p: KernelPlan):

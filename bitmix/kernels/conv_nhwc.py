@@ -30,6 +30,8 @@ and exact int32 products, so outputs are bit-identical to ``qconv2d``'s.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
@@ -269,18 +271,53 @@ def implicit_route(w: PackedWeight, m: int):
     return implicit if implicit is not None and not settings.uses_amx(w, m, 1) and m >= implicit.MIN_M else None
 
 
-def _implicit_conv(implicit, a8: np.ndarray, psum: np.ndarray, w: PackedWeight, geom: tuple[int, ...], shift: int,
-                   c: int, scale: np.ndarray, bias: np.ndarray | None, y: np.ndarray, residual: np.ndarray | None,
-                   clamp: tuple) -> np.ndarray:
-    """``y`` = the implicit GEMM on padded codes ``a8`` (``(B, Hp, Wp, c4)``, sums ``psum``), then the epilogue."""
-    _, hp, wp, _ = a8.shape
-    m = y.size // w.n
+@dataclass(frozen=True, eq=False)
+class ImplicitConv:
+    """A one-group conv at one input shape on the implicit GEMM with every constant bound
+    (``implicit_conv``): a call is the float -> code pass, the GEMM and, off VNNI, the epilogue's float
+    ops. ``PreparedConv`` keeps one per shape, so a compiled model's call skips rebuilding them."""
+
+    channels_last: bool
+    pad_args: tuple  # ``_pad_codes``' (step, lo, hi, shift, ph, pw)
+    padded: tuple[int, int, int, int]  # the padded code buffer (B, Hp, Wp, c4)
+    out_shape: tuple[int, int, int, int]  # NHWC
+    gemm: Callable
+    fused: bool  # the GEMM adds the residual and clamps in its epilogue (VNNI)
+    clamp: tuple
+
+    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        nb, hp, wp, _ = self.padded
+        a8 = scratch("conv.padded", self.padded, np.int8)
+        psum = scratch("conv.psum", nb * hp * wp, np.int64)
+        if _pad_codes(x, self.channels_last, *self.pad_args, a8, psum):
+            raise _nan()
+        return self.on_codes(a8, psum, residual)
+
+    def on_codes(self, a8: np.ndarray, psum: np.ndarray, residual: np.ndarray | None) -> np.ndarray:
+        """The conv of input codes already padded (``a8``, sums ``psum``), then the epilogue."""
+        y = np.empty(self.out_shape, dtype=np.float32)
+        if self.fused:
+            self.gemm(a8.reshape(-1), psum, y, residual)
+            return y
+        self.gemm(a8.reshape(-1), psum, y)
+        return _finish(y, residual, self.clamp)
+
+
+def implicit_conv(implicit, x_shape: tuple[int, ...], channels_last: bool, w: PackedWeight, geom: tuple[int, ...],
+                  step: np.float32, lo: int, hi: int, shift: int, scale: np.ndarray, bias: np.ndarray | None,
+                  residual: bool, clamp: tuple) -> ImplicitConv:
+    """``conv_nhwc``'s implicit-GEMM route (``implicit`` = ``implicit_route``'s module) for inputs of
+    ``x_shape``, bound once; ``residual``: calls pass one."""
+    _, _, sh, sw, ph, pw, _, _, _, ho, wo = geom
+    nb, h, wd, c = x_shape if channels_last else (x_shape[0], x_shape[2], x_shape[3], x_shape[1])
+    hp, wp, c4 = h + 2 * ph, wd + 2 * pw, -(-c // 4) * 4
+    m = nb * ho * wo
     parallel = _parallel(dispatch.settings, m * w.n * w.k)
-    if implicit is gemm_vnni:  # the residual add and clamp run in its epilogue
-        gemm_vnni.conv(a8.reshape(-1), psum, w, shift, c, geom, hp, wp, m, scale, bias, y, parallel, residual, clamp)
-        return y
-    implicit.conv(a8.reshape(-1), psum, w, shift, c, geom, hp, wp, m, scale, bias, y, parallel)
-    return _finish(y, residual, clamp)
+    fused = implicit is gemm_vnni
+    gemm = (gemm_vnni.conv_gemm(w, shift, c, geom, hp, wp, m, scale, bias, residual, clamp, parallel) if fused
+            else implicit.conv_gemm(w, shift, c, geom, hp, wp, m, scale, bias, parallel))
+    return ImplicitConv(channels_last, (step, lo, hi, shift, ph, pw), (nb, hp, wp, c4), (nb, ho, wo, w.n), gemm,
+                        fused, clamp)
 
 
 def _nan() -> BitmixError:
@@ -322,6 +359,10 @@ def conv_nhwc(x: np.ndarray, w: PackedWeight, geom: tuple[int, ...], step: np.fl
     kh, kw, sh, sw, ph, pw, dh, dw, groups, ho, wo = geom
     nb, h, wd, c = x.shape if channels_last else (x.shape[0], x.shape[2], x.shape[3], x.shape[1])
     m = nb * ho * wo
+    implicit = implicit_route(w, m) if groups == 1 else None
+    if implicit is not None:
+        return implicit_conv(implicit, x.shape, channels_last, w, geom, step, lo, hi, shift, scale, bias,
+                             residual is not None, clamp)(x, residual)
     y = np.empty((nb, ho, wo, w.n), dtype=np.float32)
     has_bias = bias is not None
     b_arg = bias if bias is not None else scale
@@ -334,14 +375,6 @@ def conv_nhwc(x: np.ndarray, w: PackedWeight, geom: tuple[int, ...], step: np.fl
                    NO_CODES, NO_SUMS)
         return y if residual is None else _finish(y, residual, clamp)
     settings = dispatch.settings
-    implicit = implicit_route(w, m)
-    if implicit is not None:
-        hp, wp, c4 = h + 2 * ph, wd + 2 * pw, -(-c // 4) * 4
-        a8 = scratch("conv.padded", (nb, hp, wp, c4), np.int8)
-        psum = scratch("conv.psum", nb * hp * wp, np.int64)
-        if _pad_codes(x, channels_last, step, lo, hi, shift, ph, pw, a8, psum):
-            raise _nan()
-        return _implicit_conv(implicit, a8, psum, w, geom, shift, c, scale, bias, y, residual, clamp)
     if settings.uses_amx(w, m, 1):
         acc = conv_acc_channels_last(_codes(x, channels_last, step, lo, hi), w, geom, shift, settings=settings)
     else:
@@ -401,9 +434,10 @@ def conv_from_codes(codes: PaddedCodes, w: PackedWeight, geom: tuple[int, ...], 
                     bias: np.ndarray | None, residual: np.ndarray | None = None,
                     clamp: tuple = gemm_vnni.NO_CLAMP) -> np.ndarray:
     """``conv_nhwc`` of a one-group conv on an input the layer before quantized for it (``depthwise_to_codes``)."""
-    nb, c = codes.shape[0], codes.shape[1]
-    y = np.empty((nb, geom[9], geom[10], w.n), dtype=np.float32)
-    implicit = implicit_route(w, y.size // w.n)
+    nb, c, h, wd = codes.shape
+    implicit = implicit_route(w, nb * geom[9] * geom[10])
     if implicit is None:
         raise BitmixError("x: codes for the implicit GEMM, but this conv runs on another path; pass floats")
-    return _implicit_conv(implicit, codes.a8, codes.psum, w, geom, shift, c, scale, bias, y, residual, clamp)
+    run = implicit_conv(implicit, (nb, h, wd, c), True, w, geom, np.float32(1), 0, 0, shift, scale, bias,
+                        residual is not None, clamp)
+    return run.on_codes(codes.a8, codes.psum, residual)

@@ -16,12 +16,21 @@ import numpy as np
 
 from bitmix.errors import BitmixError
 from bitmix.kernels.conv import conv_geometry
-from bitmix.kernels.conv_nhwc import _finish, conv_from_codes, conv_nhwc, depthwise_to_codes, implicit_route
+from bitmix.kernels.conv_nhwc import (
+    ImplicitConv,
+    _finish,
+    conv_from_codes,
+    conv_nhwc,
+    depthwise_to_codes,
+    implicit_conv,
+    implicit_route,
+)
 from bitmix.kernels.gemm_vnni import NO_CLAMP
 from bitmix.kernels.matmul import check_activation_spec
 from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.padded import PaddedCodes
 from bitmix.kernels.quant import _step, qconv2d_nhwc
+from bitmix.kernels.routing import dispatch
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,6 +49,7 @@ class PreparedConv:
     dilation: tuple[int, int]
     groups: int
     _geoms: dict = field(default_factory=dict, repr=False)  # (shape, channels_last) -> geometry, once checked
+    _launches: dict = field(default_factory=dict, repr=False)  # (that key, residual?, clamp) -> (settings, launch)
 
     def __call__(self, x: np.ndarray, channels_last: bool, residual: np.ndarray | None = None,
                  clamp: tuple = NO_CLAMP) -> np.ndarray:
@@ -52,6 +62,9 @@ class PreparedConv:
         if fast is not None and x.dtype == np.float32 and x.flags.c_contiguous and (
                 residual is None or (residual.dtype == np.float32 and residual.flags.c_contiguous
                                      and residual.shape == (x.shape[0], fast[0][9], fast[0][10], self.w.n))):
+            launch = self._implicit(key, fast, residual is not None, clamp)
+            if launch is not None:
+                return launch(x, residual)
             geom, step, lo, hi, shift, scale = fast
             return conv_nhwc(x, self.w, geom, step, lo, hi, shift, scale, self.bias, channels_last, residual, clamp)
         y = qconv2d_nhwc(x, self.w, self.w_scales, self.a_step, self.a_bits, self.a_signed, self.bias,
@@ -67,6 +80,20 @@ class PreparedConv:
             step = _step(self.a_step)
             self._geoms[key] = (geom, step, lo, hi, shift, step * self.w_scales)
         return y
+
+    def _implicit(self, key: tuple, fast: tuple, residual: bool, clamp: tuple) -> ImplicitConv | None:
+        """This shape's bound implicit-GEMM launch under the dispatch settings in force (built at the first
+        call with them), or None where the conv takes another route."""
+        settings = dispatch.settings
+        hit = self._launches.get((key, residual, clamp))
+        if hit is not None and hit[0] is settings:
+            return hit[1]
+        geom, step, lo, hi, shift, scale = fast
+        implicit = implicit_route(self.w, key[0][0] * geom[9] * geom[10]) if geom[8] == 1 else None
+        launch = None if implicit is None else implicit_conv(implicit, key[0], key[1], self.w, geom, step, lo, hi,
+                                                             shift, scale, self.bias, residual, clamp)
+        self._launches[(key, residual, clamp)] = (settings, launch)
+        return launch
 
     def to_codes(self, x: np.ndarray, channels_last: bool, clamp: tuple, nxt: PreparedConv) -> PaddedCodes | None:
         """This depthwise conv's output as ``nxt``'s padded input codes (``conv_nhwc.depthwise_to_codes``), or

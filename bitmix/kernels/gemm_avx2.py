@@ -29,6 +29,7 @@ the epilogue stores the int32 or ``float32(acc) * scale (+ bias)`` (``quant``'s 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 from numba import njit, prange
@@ -236,12 +237,26 @@ def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, o
                                   False, NO_F32)
 
 
+def conv_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
+              scale: np.ndarray, bias: np.ndarray | None,
+              parallel: bool) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+    """``conv`` with every argument that is the same from call to call bound once: ``run(a8, psum, y)``
+    (``gemm_vnni.conv_gemm``)."""
+    off, pix, data, cw, offset, n, n_pad, steps, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
+    core = driver(w.bits == 8, parallel)
+    head = (off, pix, data, cw, offset, m, n, n_pad, steps, c4, geo, SCALED, NO_I32)
+    tail = (scale, scale if bias is None else bias, bias is not None, NO_F32)
+
+    def run(a8: np.ndarray, psum: np.ndarray, y: np.ndarray) -> None:
+        core(a8, psum, *head, y.reshape(-1), *tail)
+
+    return run
+
+
 def conv(a8: np.ndarray, psum: np.ndarray, w: PackedWeight, shift: int, c: int, geom: tuple[int, ...],
          hp: int, wpad: int, m: int, scale: np.ndarray, bias: np.ndarray | None, y: np.ndarray,
          parallel: bool) -> None:
     """``y`` (m, n) float32 = the dequantized conv of padded NHWC shifted codes ``a8`` (``hp x wpad``
     pixels of ``c4`` bytes, per-pixel sums ``psum``, from ``conv_nhwc._pad_codes``); ``geom`` from
     ``conv.conv_geometry``."""
-    off, pix, data, cw, offset, n, n_pad, steps, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
-    driver(w.bits == 8, parallel)(a8, psum, off, pix, data, cw, offset, m, n, n_pad, steps, c4, geo, SCALED, NO_I32,
-                                  y.reshape(-1), scale, scale if bias is None else bias, bias is not None, NO_F32)
+    conv_gemm(w, shift, c, geom, hp, wpad, m, scale, bias, parallel)(a8, psum, y)

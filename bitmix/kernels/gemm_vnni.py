@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numba
 import numpy as np
@@ -278,15 +278,34 @@ def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, o
                  w.k_pad, GEMM_GEO, INT32, out.reshape(-1), NO_F32, NO_F32, NO_F32, NO_F32, *NO_CLAMP)
 
 
+def conv_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
+              scale: np.ndarray, bias: np.ndarray | None, residual: bool, clamp: tuple,
+              parallel: bool) -> Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None], None]:
+    """``conv`` with every argument that is the same from call to call bound once: ``run(a8, psum, y,
+    residual)``. A compiled model calls a layer at one shape over and over, and building the ~20
+    arguments took as long as a small layer's GEMM."""
+    off, pix, data, cw, offset, n, n_pad, cq, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
+    mode = (SCALED if bias is None else SCALED_BIASED) | (RESIDUAL if residual else 0)
+    core = driver()
+    head = (off, pix, data, cw, offset, m, n, n_pad, cq, c4, geo, mode, NO_I32)
+    tail = (np.float32(clamp[0]), np.float32(clamp[1]))
+    bias_arg = scale if bias is None else bias
+
+    def run(a8: np.ndarray, psum: np.ndarray, y: np.ndarray, res: np.ndarray | None) -> None:
+        args = (a8, psum, *head, y.reshape(-1), scale, bias_arg, NO_F32 if res is None else res.reshape(-1), *tail)
+        if parallel:
+            core(*args)
+            return
+        with threads_if(False):
+            core(*args)
+
+    return run
+
+
 def conv(a8: np.ndarray, psum: np.ndarray, w: PackedWeight, shift: int, c: int, geom: tuple[int, ...],
          hp: int, wpad: int, m: int, scale: np.ndarray, bias: np.ndarray | None, y: np.ndarray,
          parallel: bool, residual: np.ndarray | None = None, clamp: tuple = NO_CLAMP) -> None:
     """``y`` (m, n) float32 = the dequantized conv of padded NHWC shifted codes ``a8`` (``hp x wpad``
     pixels of ``c4`` bytes, per-pixel sums ``psum``); ``geom`` from ``conv.conv_geometry``. Then
     ``+ residual`` (float32, ``y``'s layout) and clamped to ``clamp`` = float32 ``(lo, hi)``."""
-    off, pix, data, cw, offset, n, n_pad, cq, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
-    mode = (SCALED if bias is None else SCALED_BIASED) | (0 if residual is None else RESIDUAL)
-    with threads_if(parallel):
-        driver()(a8, psum, off, pix, data, cw, offset, m, n, n_pad, cq, c4, geo, mode, NO_I32, y.reshape(-1), scale,
-                 scale if bias is None else bias, NO_F32 if residual is None else residual.reshape(-1),
-                 np.float32(clamp[0]), np.float32(clamp[1]))
+    conv_gemm(w, shift, c, geom, hp, wpad, m, scale, bias, residual is not None, clamp, parallel)(a8, psum, y, residual)

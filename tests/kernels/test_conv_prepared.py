@@ -113,3 +113,25 @@ def test_depthwise_codes_for_the_next_conv_equal_its_float_path(kernel_path: str
     np.testing.assert_array_equal(nxt(codes, True, residual, clamp), nxt(y, True, residual, clamp))
     with pytest.raises(BitmixError, match="another layer"):
         dw(codes, True)
+
+
+def test_bound_launch_follows_the_dispatch_settings() -> None:
+    """A launch bound under one path, or serial/parallel setting, is not reused under another: each call's
+    result is ``qconv2d_nhwc``'s under the settings in force."""
+    from bitmix.kernels import dispatch
+    from bitmix.kernels.cpu import available_paths
+
+    rng = np.random.default_rng(3)
+    w = pack_weights(rng.integers(-8, 8, (20, 8 * 9)).astype(np.int8), 4)
+    args = (w, rng.uniform(0.01, 0.1, 20).astype(np.float32), 0.05, 8, False, None, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    conv = PreparedConv(*args)
+    x = rng.normal(0, 2, size=(1, 6, 7, 8)).astype(np.float32)
+    for path in [p for p in ("avx512vnni", "avx2", "portable", "avx512vnni") if p in available_paths()]:
+        for serial in (True, False):
+            with dispatch.use(path, serial=serial):
+                want = qconv2d_nhwc(x, *args)
+                for _ in range(2):
+                    np.testing.assert_array_equal(conv(x, True), want)
+                launch = conv._launches[((x.shape, True), False, (np.float32(-np.inf), np.float32(np.inf)))]
+                assert launch[0] is dispatch.settings
+

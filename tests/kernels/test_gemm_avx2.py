@@ -24,7 +24,7 @@ def avx2(request, monkeypatch) -> Iterator[list]:
     if "avx2" not in available_paths():
         pytest.skip("CPU cannot run the avx2 path")
     calls: list[str] = []
-    for owner, name in ((gemm_avx2, "run"), (gemm_avx2, "conv"), (linear_avx2.Avx2Linear, "__call__")):
+    for owner, name in ((gemm_avx2, "run"), (gemm_avx2, "conv_gemm"), (linear_avx2.Avx2Linear, "__call__")):
         original = getattr(owner, name)
 
         def spy(*args, _name=name, _original=original, **kwargs):
@@ -101,7 +101,7 @@ def test_implicit_gemm_conv_exact(avx2, case, fill) -> None:
     want = torch.from_numpy(acc.astype(np.float32)) * torch.from_numpy(step * scales)[None, :, None, None]
     want = want + torch.from_numpy(bias)[None, :, None, None]
     np.testing.assert_array_equal(got, want.permute(0, 2, 3, 1).numpy())
-    assert avx2 == ["conv"]
+    assert avx2 == ["conv_gemm"]
 
 
 @pytest.mark.parametrize(("w_bits", "a_bits", "a_signed"), [(8, 8, True), (8, 8, False), (4, 8, True), (2, 4, False)])
