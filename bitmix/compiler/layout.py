@@ -70,11 +70,11 @@ def channels_last_between_convs(gm: fx.GraphModule) -> int:
 
 
 def code_chains(gm: fx.GraphModule) -> int:
-    """Let each lowered depthwise conv whose result feeds one lowered one-group conv alone hand it input
-    codes instead of floats (``kernels.padded``): the depthwise layer's ``codes_for`` becomes the next
+    """Let each lowered depthwise or one-group conv whose result feeds one lowered one-group conv alone hand
+    it input codes instead of floats (``kernels.padded``): the first layer's ``codes_for`` becomes the next
     layer's plan, and its kernel quantizes for that layer in its epilogue where the kernels can (else
     floats, as before). Both must return ``channels_last`` (the NHWC kernels) and be called once; the
-    depthwise conv must have no fused residual. Values are unchanged. Returns the number of chains."""
+    first conv must have no fused residual. Values are unchanged. Returns the number of chains."""
     modules = dict(gm.named_modules())
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
 
@@ -88,7 +88,9 @@ def code_chains(gm: fx.GraphModule) -> int:
     chains = 0
     for node in gm.graph.nodes:
         first = nhwc_conv(node)
-        if first is None or node.kwargs or len(node.users) != 1 or not 1 < first.plan.groups == first.plan.out_features:
+        if first is None or node.kwargs or len(node.users) != 1:
+            continue
+        if first.plan.groups not in (1, first.plan.out_features):  # one group or depthwise
             continue
         user = next(iter(node.users))
         second = nhwc_conv(user)

@@ -156,7 +156,7 @@ def _run_conv2d_nhwc(x: torch.Tensor | PaddedCodes, p: KernelPlan, residual: tor
     run = _prepared(p)
     res = None if residual is None else np.ascontiguousarray(_cpu_f32(residual).numpy().transpose(0, 2, 3, 1))
     bounds = NO_CLAMP if clamp is None else (np.float32(clamp[0]), np.float32(clamp[1]))
-    if codes_for is not None and res is None and not codes:
+    if codes_for is not None and res is None:
         out = run.to_codes(arr, channels_last, bounds, _prepared(codes_for))
         if out is not None:
             return out

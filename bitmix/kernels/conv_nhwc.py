@@ -29,9 +29,10 @@ and exact int32 products, so outputs are bit-identical to ``qconv2d``'s.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import njit, prange
@@ -280,18 +281,23 @@ class ImplicitConv:
     channels_last: bool
     pad_args: tuple  # ``_pad_codes``' (step, lo, hi, shift, ph, pw)
     padded: tuple[int, int, int, int]  # the padded code buffer (B, Hp, Wp, c4)
+    channels: int  # C of the input
     out_shape: tuple[int, int, int, int]  # NHWC
     gemm: Callable
     fused: bool  # the GEMM adds the residual and clamps in its epilogue (VNNI)
     clamp: tuple
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        return self.on_codes(*self.pad(x), residual)
+
+    def pad(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``x``'s padded codes and per-pixel sums (``_pad_codes``), in this thread's scratch buffers."""
         nb, hp, wp, _ = self.padded
         a8 = scratch("conv.padded", self.padded, np.int8)
         psum = scratch("conv.psum", nb * hp * wp, np.int64)
         if _pad_codes(x, self.channels_last, *self.pad_args, a8, psum):
             raise _nan()
-        return self.on_codes(a8, psum, residual)
+        return a8, psum
 
     def on_codes(self, a8: np.ndarray, psum: np.ndarray, residual: np.ndarray | None) -> np.ndarray:
         """The conv of input codes already padded (``a8``, sums ``psum``), then the epilogue."""
@@ -316,8 +322,73 @@ def implicit_conv(implicit, x_shape: tuple[int, ...], channels_last: bool, w: Pa
     fused = implicit is gemm_vnni
     gemm = (gemm_vnni.conv_gemm(w, shift, c, geom, hp, wp, m, scale, bias, residual, clamp, parallel) if fused
             else implicit.conv_gemm(w, shift, c, geom, hp, wp, m, scale, bias, parallel))
-    return ImplicitConv(channels_last, (step, lo, hi, shift, ph, pw), (nb, hp, wp, c4), (nb, ho, wo, w.n), gemm,
+    return ImplicitConv(channels_last, (step, lo, hi, shift, ph, pw), (nb, hp, wp, c4), c, (nb, ho, wo, w.n), gemm,
                         fused, clamp)
+
+
+@njit(parallel=True, cache=True)
+def _code_borders(a8, psum, ph, pw, h, w, c, shift):
+    """Complete a padded code buffer whose interior pixels' first ``c`` channels a GEMM epilogue wrote
+    (``gemm_vnni.CODES``) into ``_pad_codes``' layout: border pixels code 0 (``-shift``), channels past
+    ``c`` zero, ``psum`` each pixel's sum over ``c``. One task per padded row."""
+    nb, hp, wp, c4 = a8.shape
+    of = a8.reshape(-1)
+    sh = np.int32(shift)
+    for t in prange(nb * hp):
+        ih = t - (t // hp) * hp - ph
+        inside = 0 <= ih < h
+        for pj in range(wp):
+            d = (t * wp + pj) * c4
+            if inside and pw <= pj < pw + w:
+                s = np.int32(0)
+                for q in range(c):
+                    s += np.int32(of[np.uintp(d + q)])
+                psum[t * wp + pj] = s
+            else:
+                for q in range(c):
+                    of[np.uintp(d + q)] = -sh
+                psum[t * wp + pj] = -sh * c
+            for q in range(c, c4):
+                of[np.uintp(d + q)] = 0
+
+
+@dataclass(frozen=True, eq=False)
+class CodesConv:
+    """A one-group conv on VNNI whose results go straight into the next conv's padded input codes
+    (``gemm_vnni.conv_codes_gemm``; ``PreparedConv.to_codes``): the floats are never stored, and the next
+    conv skips its float -> code pass. Buffers are per thread and per link, valid until its next call."""
+
+    own: ImplicitConv  # this conv's launch (its input's code pass)
+    gemm: Callable
+    padded: tuple[int, int, int, int]  # the next conv's padded buffer (B, Hp, Wp, c4)
+    borders: tuple[int, int, int, int, int]  # (ph, pw, Ho, Wo, C_out) and the next conv's shift: ``_code_borders``
+    owner: object  # the next conv
+    buffers: threading.local = field(default_factory=threading.local, repr=False)
+
+    def __call__(self, x: np.ndarray | PaddedCodes) -> PaddedCodes:
+        a8, psum = (x.a8, x.psum) if isinstance(x, PaddedCodes) else self.own.pad(x)
+        out = getattr(self.buffers, "codes", None)
+        if out is None:
+            nb, hp, wp, _ = self.padded
+            out = self.buffers.codes = (np.empty(self.padded, dtype=np.int8), np.empty(nb * hp * wp, dtype=np.int64))
+        self.gemm(a8.reshape(-1), psum, out[0].reshape(-1))
+        _code_borders(out[0], out[1], *self.borders)
+        _, _, ho, wo, n, _ = self.borders
+        return PaddedCodes(out[0], out[1], (self.padded[0], n, ho, wo), self.owner)
+
+
+def codes_conv(own: ImplicitConv, w: PackedWeight, geom: tuple[int, ...], scale: np.ndarray, bias: np.ndarray | None,
+               clamp: tuple, nxt: tuple, owner: object) -> CodesConv:
+    """``own``'s conv writing codes for the next conv ``owner``: ``nxt`` = its ``(step, lo, hi, shift, ph, pw)``."""
+    nb, hp, wp, _ = own.padded
+    ho, wo = geom[9], geom[10]
+    step, qlo, qhi, qshift, qph, qpw = nxt
+    padded = (nb, ho + 2 * qph, wo + 2 * qpw, -(-w.n // 4) * 4)
+    m = nb * ho * wo
+    gemm = gemm_vnni.conv_codes_gemm(w, own.pad_args[3], own.channels, geom, hp, wp, m,
+                                     scale, bias, clamp, _parallel(dispatch.settings, m * w.n * w.k), padded,
+                                     (qph, qpw), (step, qlo, qhi, qshift))
+    return CodesConv(own, gemm, padded, (qph, qpw, ho, wo, w.n, qshift), owner)
 
 
 def _nan() -> BitmixError:
@@ -428,16 +499,3 @@ def depthwise_to_codes(x: np.ndarray, channels_last: bool, w: PackedWeight, geom
                bias if bias is not None else scale, bias is not None, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, *clamp,
                NO_OUT, True, np.array(nxt, dtype=np.float32), a8, psum)
     return PaddedCodes(a8, psum, (nb, n, ho, wo), owner)
-
-
-def conv_from_codes(codes: PaddedCodes, w: PackedWeight, geom: tuple[int, ...], shift: int, scale: np.ndarray,
-                    bias: np.ndarray | None, residual: np.ndarray | None = None,
-                    clamp: tuple = gemm_vnni.NO_CLAMP) -> np.ndarray:
-    """``conv_nhwc`` of a one-group conv on an input the layer before quantized for it (``depthwise_to_codes``)."""
-    nb, c, h, wd = codes.shape
-    implicit = implicit_route(w, nb * geom[9] * geom[10])
-    if implicit is None:
-        raise BitmixError("x: codes for the implicit GEMM, but this conv runs on another path; pass floats")
-    run = implicit_conv(implicit, (nb, h, wd, c), True, w, geom, np.float32(1), 0, 0, shift, scale, bias,
-                        residual is not None, clamp)
-    return run.on_codes(codes.a8, codes.psum, residual)

@@ -17,9 +17,10 @@ import numpy as np
 from bitmix.errors import BitmixError
 from bitmix.kernels.conv import conv_geometry
 from bitmix.kernels.conv_nhwc import (
+    CodesConv,
     ImplicitConv,
     _finish,
-    conv_from_codes,
+    codes_conv,
     conv_nhwc,
     depthwise_to_codes,
     implicit_conv,
@@ -50,6 +51,7 @@ class PreparedConv:
     groups: int
     _geoms: dict = field(default_factory=dict, repr=False)  # (shape, channels_last) -> geometry, once checked
     _launches: dict = field(default_factory=dict, repr=False)  # (that key, residual?, clamp) -> (settings, launch)
+    _links: dict = field(default_factory=dict, repr=False)  # (that key, clamp, next conv) -> (settings, CodesConv)
 
     def __call__(self, x: np.ndarray, channels_last: bool, residual: np.ndarray | None = None,
                  clamp: tuple = NO_CLAMP) -> np.ndarray:
@@ -95,21 +97,47 @@ class PreparedConv:
         self._launches[(key, residual, clamp)] = (settings, launch)
         return launch
 
-    def to_codes(self, x: np.ndarray, channels_last: bool, clamp: tuple, nxt: PreparedConv) -> PaddedCodes | None:
-        """This depthwise conv's output as ``nxt``'s padded input codes (``conv_nhwc.depthwise_to_codes``), or
-        None (the caller runs the float path): unless both layers ran at these shapes before (checks done),
-        ``nxt`` takes the implicit GEMM on them, and this layer's scale and bias are finite (no NaN to catch)."""
-        fast = self._geoms.get((x.shape, channels_last))
-        if fast is None or fast[0][8] == 1 or x.dtype != np.float32 or not x.flags.c_contiguous:
+    def to_codes(self, x: np.ndarray | PaddedCodes, channels_last: bool, clamp: tuple,
+                 nxt: PreparedConv) -> PaddedCodes | None:
+        """This conv's output as ``nxt``'s padded input codes, or None (the caller runs the float path):
+        a depthwise conv quantizes in its epilogue (``conv_nhwc.depthwise_to_codes``), a one-group conv on
+        VNNI in its GEMM's (``conv_nhwc.CodesConv``; its input may be codes itself). Only once both layers
+        ran at these shapes (checks done), ``nxt`` takes the implicit GEMM on them, and this layer's scale
+        and bias are finite (no NaN to catch)."""
+        if isinstance(x, PaddedCodes):
+            nb, c, h, w = x.shape
+            key = ((nb, h, w, c), True)
+        elif x.dtype == np.float32 and x.flags.c_contiguous:
+            key = (x.shape, channels_last)
+        else:
+            return None
+        fast = self._geoms.get(key)
+        if fast is None or (isinstance(x, PaddedCodes) and (x.owner is not self or fast[0][8] != 1)):
             return None
         geom, step, lo, hi, _, scale = fast
-        after = nxt._geoms.get(((x.shape[0], geom[9], geom[10], self.w.n), True))
-        if (after is None or after[0][8] != 1 or implicit_route(nxt.w, x.shape[0] * after[0][9] * after[0][10]) is None
+        after = nxt._geoms.get(((key[0][0], geom[9], geom[10], self.w.n), True))
+        if (after is None or after[0][8] != 1 or implicit_route(nxt.w, key[0][0] * after[0][9] * after[0][10]) is None
                 or not np.isfinite(scale).all() or (self.bias is not None and not np.isfinite(self.bias).all())):
             return None
         g, qstep, qlo, qhi, qshift, _ = after
-        return depthwise_to_codes(x, channels_last, self.w, geom, step, lo, hi, scale, self.bias, clamp,
-                                  (qstep, qlo, qhi, qshift, g[4], g[5]), nxt)
+        quant = (qstep, qlo, qhi, qshift, g[4], g[5])
+        if fast[0][8] != 1:
+            return depthwise_to_codes(x, channels_last, self.w, geom, step, lo, hi, scale, self.bias, clamp, quant, nxt)
+        link = self._link(key, fast, clamp, quant, nxt)
+        return None if link is None else link(x)
+
+    def _link(self, key: tuple, fast: tuple, clamp: tuple, quant: tuple, nxt: PreparedConv) -> CodesConv | None:
+        """The bound ``CodesConv`` of this shape into ``nxt`` under the dispatch settings in force, or None
+        (not on VNNI's implicit GEMM)."""
+        settings = dispatch.settings
+        hit = self._links.get((key, clamp, nxt))
+        if hit is not None and hit[0] is settings:
+            return hit[1]
+        own = self._implicit(key, fast, False, clamp)
+        link = None if own is None or not own.fused else codes_conv(own, self.w, fast[0], fast[5], self.bias, clamp,
+                                                                    quant, nxt)
+        self._links[(key, clamp, nxt)] = (settings, link)
+        return link
 
     def _from_codes(self, codes: PaddedCodes, residual: np.ndarray | None, clamp: tuple) -> np.ndarray:
         nb, c, h, w = codes.shape
@@ -121,4 +149,7 @@ class PreparedConv:
                                      or residual.shape != (nb, geom[9], geom[10], self.w.n)):
             raise BitmixError(f"residual: expected C-contiguous float32 {(nb, geom[9], geom[10], self.w.n)}, got "
                               f"{residual.dtype} {residual.shape}")
-        return conv_from_codes(codes, self.w, geom, shift, scale, self.bias, residual, clamp)
+        launch = self._implicit(((nb, h, w, c), True), fast, residual is not None, clamp)
+        if launch is None:
+            raise BitmixError("x: codes for the implicit GEMM, but this conv runs on another path; pass floats")
+        return launch.on_codes(codes.a8, codes.psum, residual)

@@ -43,6 +43,7 @@ from bitmix.kernels.broadcast import (
     conv_launch,
     first_pixel,
     four_pixels,
+    next_pixel,
     weight_blocks,
 )
 from bitmix.kernels.pack import PackedWeight
@@ -65,10 +66,13 @@ MT = 64  # activation rows per parallel task
 # ``+ residual`` (RESIDUAL), then clamped to [lo, hi] (-inf/inf: no clamp). ROWS: the product is also
 # multiplied by its row's factor ``res[row]`` before the bias (per-row activation steps; ``res`` then
 # holds one float32 per row and no residual is added).
-INT32, SCALED, BIAS, RESIDUAL, ROWS = 0, 1, 2, 4, 8
+# CODES: those floats (no residual) are quantized with the next conv's step into its padded input codes
+# (``out8``, pixel of each row in ``dst``), as ``conv_nhwc._pad_codes`` would quantize them.
+INT32, SCALED, BIAS, RESIDUAL, ROWS, CODES = 0, 1, 2, 4, 8, 16
 SCALED_BIASED = SCALED | BIAS
 NO_CLAMP = (np.float32(-np.inf), np.float32(np.inf))
 _F32X16 = ir.VectorType(ir.FloatType(), 16)
+_I32X16 = ir.VectorType(ir.IntType(32), 16)
 
 
 @intrinsic
@@ -119,6 +123,58 @@ def store_epilogue(typingctx, out, idx, v, scale, bias, res, col, mode, lo, hi, 
 simd.pin_uuid(store_epilogue, "gemm_vnni.store_epilogue")
 
 
+@intrinsic
+def store_codes(typingctx, out8, idx, v, scale, bias, col, mode, lo, hi, q):
+    """``out8[idx:idx+16]`` = the int8 codes ``rint(clip(y / q[0], q[1], q[2])) - q[3]`` of ``y = clamp(float32(v)
+    * scale[col:] (+ bias[col:]), lo, hi)``: ``store_epilogue``'s floats (no residual), quantized with the
+    float ops of ``conv_nhwc._pad_codes`` (a true division, round half to even), so the next conv reads the
+    codes it would have made from them. ``y`` is never NaN here (finite scale and bias: the caller checks)."""
+    f32 = types.Array(types.float32, 1, "C")
+    if not (out8 == types.Array(types.int8, 1, "C") and scale == f32 and bias == f32 and q == f32 and v == i32x16
+            and all(isinstance(a, types.Integer) for a in (idx, col, mode)) and lo == hi == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        out_a, idx_a, v_a, scale_a, bias_a, col_a, mode_a, lo_a, hi_a, q_a = args
+
+        def data(k):
+            return context.make_array(sig.args[k])(context, builder, value=args[k]).data
+
+        def at(k, pos_k, vec):
+            pos = context.cast(builder, args[pos_k], sig.args[pos_k], types.intp)
+            return builder.bitcast(builder.gep(data(k), [pos]), vec.as_pointer())
+
+        def splat(x):
+            vec = builder.insert_element(ir.Constant(_F32X16, None), x, ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+
+        def q_at(i):
+            return splat(builder.load(builder.gep(data(9), [ir.Constant(ir.IntType(64), i)])))
+
+        m = context.cast(builder, mode_a, sig.args[6], types.int64)
+        biased = builder.icmp_unsigned("!=", builder.and_(m, ir.Constant(ir.IntType(64), BIAS)),
+                                       ir.Constant(ir.IntType(64), 0))
+        y = builder.fmul(builder.sitofp(v_a, _F32X16), builder.load(at(3, 5, _F32X16), align=4))
+        y = builder.select(biased, builder.fadd(y, builder.load(at(4, 5, _F32X16), align=4)), y)
+        low, high = splat(lo_a), splat(hi_a)
+        y = builder.select(builder.fcmp_ordered("<", y, low), low, y)
+        y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
+        y = builder.fdiv(y, q_at(0))
+        qlo, qhi = q_at(1), q_at(2)
+        y = builder.select(builder.fcmp_ordered("<", y, qlo), qlo, y)
+        y = builder.select(builder.fcmp_ordered(">", y, qhi), qhi, y)
+        rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32X16, [_F32X16]), "llvm.rint.v16f32")
+        code = builder.sub(builder.fptosi(builder.call(rint, [y]), _I32X16), builder.fptosi(q_at(3), _I32X16))
+        i8x16 = ir.VectorType(ir.IntType(8), 16)
+        builder.store(builder.trunc(code, i8x16), at(0, 1, i8x16), align=1)
+        return context.get_dummy_value()
+
+    return types.none(out8, idx, v, scale, bias, col, mode, lo, hi, q), codegen
+
+
+simd.pin_uuid(store_codes, "gemm_vnni.store_codes")
+
+
 # Module level, not closures of `driver`: Numba keys a cached closure by pickling its cells, and these
 # dispatchers pickle differently once compiled, so the core saved under one key and looked up another.
 @njit(inline="always")
@@ -130,8 +186,8 @@ def taps_sum(psum, tappix, p):
 
 
 @njit(inline="always")
-def put(mode, out_i, out_f, epi, tmp, row, col, n, v):
-    scale, bias, res, lo, hi = epi
+def put(mode, out_i, out_f, epi, tmp, row, pix, col, n, v):
+    scale, bias, res, lo, hi, _, _, _ = epi
     row_scale = res[row] if mode & ROWS else np.float32(1)
     if col + LANES <= n:
         if mode == INT32:
@@ -160,90 +216,142 @@ def put(mode, out_i, out_f, epi, tmp, row, col, n, v):
 
 
 @njit(inline="always")
-def finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col, n, s, v0, v1, v2, v3):
+def put_codes(mode, out_i, out_f, epi, tmp, row, pix, col, n, v):
+    """``put`` of the CODES mode: the row goes to pixel ``pix`` of the next conv's padded codes."""
+    scale, bias, _, lo, hi, out8, q8, c4n = epi
+    if col + LANES <= n:
+        store_codes(out8, pix * c4n + col, v, scale, bias, col, mode, lo, hi, q8)
+        return
+    store_i32x16(tmp, 0, v)
+    for q in range(n - col):
+        y = np.float32(tmp[q]) * scale[col + q]
+        if mode & BIAS:
+            y = y + bias[col + q]
+        y = lo if y < lo else y
+        y = (hi if y > hi else y) / q8[0]
+        y = q8[1] if y < q8[1] else y
+        y = q8[2] if y > q8[2] else y
+        out8[pix * c4n + col + q] = np.int32(np.rint(y)) - np.int32(q8[3])
+
+
+@njit(inline="always")
+def finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col, n, s, pix, v0, v1, v2, v3):
+    """Store rows ``i..i+rows`` of one 16-channel block (``pix``: their pixels in CODES mode)."""
     c = load_i32x16(cw, col)
-    put(mode, out_i, out_f, epi, tmp, i, col, n, add_i32x16(add_i32x16(v0, c), splat_i32x16(-s[0])))
+    put(mode, out_i, out_f, epi, tmp, i, pix[0], col, n, add_i32x16(add_i32x16(v0, c), splat_i32x16(-s[0])))
     if rows > 1:
-        put(mode, out_i, out_f, epi, tmp, i + 1, col, n, add_i32x16(add_i32x16(v1, c), splat_i32x16(-s[1])))
+        put(mode, out_i, out_f, epi, tmp, i + 1, pix[1], col, n, add_i32x16(add_i32x16(v1, c), splat_i32x16(-s[1])))
     if rows > 2:
-        put(mode, out_i, out_f, epi, tmp, i + 2, col, n, add_i32x16(add_i32x16(v2, c), splat_i32x16(-s[2])))
+        put(mode, out_i, out_f, epi, tmp, i + 2, pix[2], col, n, add_i32x16(add_i32x16(v2, c), splat_i32x16(-s[2])))
     if rows > 3:
-        put(mode, out_i, out_f, epi, tmp, i + 3, col, n, add_i32x16(add_i32x16(v3, c), splat_i32x16(-s[3])))
+        put(mode, out_i, out_f, epi, tmp, i + 3, pix[3], col, n, add_i32x16(add_i32x16(v3, c), splat_i32x16(-s[3])))
 
 
-simd.pin_kernels("gemm_vnni", taps_sum, put, finish)
+@njit(inline="always")
+def four_dests(b, oh, ow, ho, wo, hp, wp, ph, pw):
+    """The pixels, in the next conv's padded buffer (``hp x wp``, padding ``ph, pw``), of the four output rows
+    before the walker's ``(b, oh, ow)`` (``four_pixels`` always steps four). Worked out after the K loop from
+    state it keeps anyway: four more values live across that loop, or a task-local array passed to the
+    inlined epilogue (an NRT reference-count call per store), each made the GEMM 10-40 % slower."""
+    for _ in range(4):
+        ow -= 1
+        if ow < 0:
+            ow = wo - 1
+            oh -= 1
+            if oh < 0:
+                oh = ho - 1
+                b -= 1
+    d0 = (b * hp + oh + ph) * wp + ow + pw
+    b, oh, ow = next_pixel(b, oh, ow, ho, wo)
+    d1 = (b * hp + oh + ph) * wp + ow + pw
+    b, oh, ow = next_pixel(b, oh, ow, ho, wo)
+    d2 = (b * hp + oh + ph) * wp + ow + pw
+    b, oh, ow = next_pixel(b, oh, ow, ho, wo)
+    return d0, d1, d2, (b * hp + oh + ph) * wp + ow + pw
+
+
+simd.pin_kernels("gemm_vnni", taps_sum, put, put_codes, finish, four_dests)
+finish_codes = simd.pin_uuid(njit(inline="always")(simd.cache_variant(finish.py_func, "codes", put=put_codes)),
+                             "gemm_vnni.finish_codes")
+
+
+# The task body of ``driver``: module level, so ``simd.cache_variant`` can bind its epilogue (``finish``).
+def _core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mode, out_i, out_f, scale, bias, res,
+         lo, hi, out8, cgeo, q8):
+    # CODES: out8 = the next conv's padded codes, cgeo = its (Hp, Wp, ph, pw, c4), q8 = (step, lo, hi, shift)
+    ho, wo, hp, wpad, sh, sw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
+    hp2, wp2, ph2, pw2 = cgeo[0], cgeo[1], cgeo[2], cgeo[3]
+    hw = ho * wo
+    ntaps = tapoff.shape[0]
+    ws = ntaps * cq * 64  # bytes per 16-channel block
+    nblk = n_pad // LANES
+    ntiles = (nblk + 3) // 4
+    mtiles = (m + MT - 1) // MT
+    for t in prange(ntiles * mtiles):
+        nt = t // mtiles
+        mt = t - nt * mtiles
+        b0 = nt * 4
+        b1 = min(nblk, b0 + 4)
+        o1, o2, o3 = min(1, b1 - b0 - 1) * ws, min(2, b1 - b0 - 1) * ws, min(3, b1 - b0 - 1) * ws
+        tmp = np.empty(LANES, dtype=np.int32)
+        s = np.zeros(4, dtype=np.int64)
+        epi = (scale, bias, res, lo, hi, out8, q8, cgeo[4])
+        pb, poh, pw = first_pixel(mt * MT, hw, wo)
+        for i in range(mt * MT, min(m, mt * MT + MT), 4):
+            rows = min(4, m - i)
+            p0, p1, p2, p3, pb, poh, pw = four_pixels(pb, poh, pw, rows, ho, wo, hp, wpad, sh, sw)
+            if offset != 0:
+                s[0] = offset * taps_sum(psum, tappix, p0)
+                s[1] = offset * taps_sum(psum, tappix, p1)
+                s[2] = offset * taps_sum(psum, tappix, p2)
+                s[3] = offset * taps_sum(psum, tappix, p3)
+            a0, a1, a2, a3 = p0 * ps, p1 * ps, p2 * ps, p3 * ps
+            # a partial tile (n_pad not a multiple of 64) re-reads its last block in the missing
+            # slots and stores only its own: one loop body (the per-block loop it replaced ran
+            # 3-6x slower per block, 1x1 conv 112x112 16 -> 96: 6.3 ms vs 2.0 ms for 16 -> 128)
+            z = zero_i32x16()
+            c00, c01, c02, c03, c10, c11, c12, c13 = z, z, z, z, z, z, z, z
+            c20, c21, c22, c23, c30, c31, c32, c33 = z, z, z, z, z, z, z, z
+            for tap in range(ntaps):
+                d = tapoff[tap]
+                wb = b0 * ws + tap * cq * 64
+                for q in range(cq):
+                    wq = wb + q * 64
+                    w0 = load_i8x64(wp, wq)
+                    w1 = load_i8x64(wp, wq + o1)
+                    w2 = load_i8x64(wp, wq + o2)
+                    w3 = load_i8x64(wp, wq + o3)
+                    x = bcast4_i8x64(a8, a0 + d + 4 * q)
+                    c00, c01, c02, c03 = (dpbusd512(c00, w0, x), dpbusd512(c01, w1, x),
+                                          dpbusd512(c02, w2, x), dpbusd512(c03, w3, x))
+                    x = bcast4_i8x64(a8, a1 + d + 4 * q)
+                    c10, c11, c12, c13 = (dpbusd512(c10, w0, x), dpbusd512(c11, w1, x),
+                                          dpbusd512(c12, w2, x), dpbusd512(c13, w3, x))
+                    x = bcast4_i8x64(a8, a2 + d + 4 * q)
+                    c20, c21, c22, c23 = (dpbusd512(c20, w0, x), dpbusd512(c21, w1, x),
+                                          dpbusd512(c22, w2, x), dpbusd512(c23, w3, x))
+                    x = bcast4_i8x64(a8, a3 + d + 4 * q)
+                    c30, c31, c32, c33 = (dpbusd512(c30, w0, x), dpbusd512(c31, w1, x),
+                                          dpbusd512(c32, w2, x), dpbusd512(c33, w3, x))
+            col = b0 * LANES
+            pix = four_dests(pb, poh, pw, ho, wo, hp2, wp2, ph2, pw2) if mode & CODES else (0, 0, 0, 0)
+            finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col, n, s, pix, c00, c10, c20, c30)
+            if b1 - b0 > 1:
+                finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col + 16, n, s, pix, c01, c11, c21, c31)
+            if b1 - b0 > 2:
+                finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col + 32, n, s, pix, c02, c12, c22, c32)
+            if b1 - b0 > 3:
+                finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col + 48, n, s, pix, c03, c13, c23, c33)
 
 
 @functools.cache
-def driver():
+def driver(codes: bool = False):
     """The implicit GEMM over (row tile, 64-channel tile) tasks (module docstring); run it inside
-    ``threads_if(parallel)``."""
-
-    def core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mode, out_i, out_f, scale, bias, res,
-             lo, hi):
-        epi = (scale, bias, res, lo, hi)
-        ho, wo, hp, wpad, sh, sw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
-        hw = ho * wo
-        ntaps = tapoff.shape[0]
-        ws = ntaps * cq * 64  # bytes per 16-channel block
-        nblk = n_pad // LANES
-        ntiles = (nblk + 3) // 4
-        mtiles = (m + MT - 1) // MT
-        for t in prange(ntiles * mtiles):
-            nt = t // mtiles
-            mt = t - nt * mtiles
-            b0 = nt * 4
-            b1 = min(nblk, b0 + 4)
-            o1, o2, o3 = min(1, b1 - b0 - 1) * ws, min(2, b1 - b0 - 1) * ws, min(3, b1 - b0 - 1) * ws
-            tmp = np.empty(LANES, dtype=np.int32)
-            s = np.zeros(4, dtype=np.int64)
-            pb, poh, pw = first_pixel(mt * MT, hw, wo)
-            for i in range(mt * MT, min(m, mt * MT + MT), 4):
-                rows = min(4, m - i)
-                p0, p1, p2, p3, pb, poh, pw = four_pixels(pb, poh, pw, rows, ho, wo, hp, wpad, sh, sw)
-                if offset != 0:
-                    s[0] = offset * taps_sum(psum, tappix, p0)
-                    s[1] = offset * taps_sum(psum, tappix, p1)
-                    s[2] = offset * taps_sum(psum, tappix, p2)
-                    s[3] = offset * taps_sum(psum, tappix, p3)
-                a0, a1, a2, a3 = p0 * ps, p1 * ps, p2 * ps, p3 * ps
-                # a partial tile (n_pad not a multiple of 64) re-reads its last block in the missing
-                # slots and stores only its own: one loop body (the per-block loop it replaced ran
-                # 3-6x slower per block, 1x1 conv 112x112 16 -> 96: 6.3 ms vs 2.0 ms for 16 -> 128)
-                z = zero_i32x16()
-                c00, c01, c02, c03, c10, c11, c12, c13 = z, z, z, z, z, z, z, z
-                c20, c21, c22, c23, c30, c31, c32, c33 = z, z, z, z, z, z, z, z
-                for tap in range(ntaps):
-                    d = tapoff[tap]
-                    wb = b0 * ws + tap * cq * 64
-                    for q in range(cq):
-                        wq = wb + q * 64
-                        w0 = load_i8x64(wp, wq)
-                        w1 = load_i8x64(wp, wq + o1)
-                        w2 = load_i8x64(wp, wq + o2)
-                        w3 = load_i8x64(wp, wq + o3)
-                        x = bcast4_i8x64(a8, a0 + d + 4 * q)
-                        c00, c01, c02, c03 = (dpbusd512(c00, w0, x), dpbusd512(c01, w1, x),
-                                              dpbusd512(c02, w2, x), dpbusd512(c03, w3, x))
-                        x = bcast4_i8x64(a8, a1 + d + 4 * q)
-                        c10, c11, c12, c13 = (dpbusd512(c10, w0, x), dpbusd512(c11, w1, x),
-                                              dpbusd512(c12, w2, x), dpbusd512(c13, w3, x))
-                        x = bcast4_i8x64(a8, a2 + d + 4 * q)
-                        c20, c21, c22, c23 = (dpbusd512(c20, w0, x), dpbusd512(c21, w1, x),
-                                              dpbusd512(c22, w2, x), dpbusd512(c23, w3, x))
-                        x = bcast4_i8x64(a8, a3 + d + 4 * q)
-                        c30, c31, c32, c33 = (dpbusd512(c30, w0, x), dpbusd512(c31, w1, x),
-                                              dpbusd512(c32, w2, x), dpbusd512(c33, w3, x))
-                col = b0 * LANES
-                finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col, n, s, c00, c10, c20, c30)
-                if b1 - b0 > 1:
-                    finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col + 16, n, s, c01, c11, c21, c31)
-                if b1 - b0 > 2:
-                    finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col + 32, n, s, c02, c12, c22, c32)
-                if b1 - b0 > 3:
-                    finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col + 48, n, s, c03, c13, c23, c33)
-
-    return simd.pin_uuid(njit(parallel=True, cache=True)(core), "gemm_vnni.core")
+    ``threads_if(parallel)``. ``codes``: the variant whose epilogue writes the next conv's input codes
+    (CODES mode), compiled apart so the float epilogues' kernel stays as large as it was (compiling
+    both stores in one kernel doubled its compile time)."""
+    core = simd.cache_variant(_core, "codes" if codes else "floats", finish=finish_codes if codes else finish)
+    return simd.pin_uuid(njit(parallel=True, cache=True)(core), f"gemm_vnni.core.{'codes' if codes else 'floats'}")
 
 
 @contextlib.contextmanager
@@ -265,6 +373,7 @@ def threads_if(parallel: bool) -> Iterator[None]:
 
 NO_F32 = np.zeros(LANES, dtype=np.float32)
 NO_I32 = np.zeros(LANES, dtype=np.int32)
+NO_CODES = (np.zeros(LANES, dtype=np.int8), np.zeros(5, dtype=np.int64), np.ones(4, dtype=np.float32))  # out8, cgeo, q8
 
 
 def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, out: np.ndarray,
@@ -275,7 +384,7 @@ def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, o
     cw = (shift * blocks.cw_base).astype(np.int32)
     with threads_if(parallel):
         driver()(a8, asum, ONE_TAP, ONE_TAP, blocks.data, cw, blocks.offset, m, w.n, blocks.n_pad, blocks.cq,
-                 w.k_pad, GEMM_GEO, INT32, out.reshape(-1), NO_F32, NO_F32, NO_F32, NO_F32, *NO_CLAMP)
+                 w.k_pad, GEMM_GEO, INT32, out.reshape(-1), NO_F32, NO_F32, NO_F32, NO_F32, *NO_CLAMP, *NO_CODES)
 
 
 def conv_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
@@ -292,12 +401,37 @@ def conv_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: in
     bias_arg = scale if bias is None else bias
 
     def run(a8: np.ndarray, psum: np.ndarray, y: np.ndarray, res: np.ndarray | None) -> None:
-        args = (a8, psum, *head, y.reshape(-1), scale, bias_arg, NO_F32 if res is None else res.reshape(-1), *tail)
+        args = (a8, psum, *head, y.reshape(-1), scale, bias_arg, NO_F32 if res is None else res.reshape(-1), *tail,
+                *NO_CODES)
         if parallel:
             core(*args)
             return
         with threads_if(False):
             core(*args)
+
+    return run
+
+
+def conv_codes_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
+                    scale: np.ndarray, bias: np.ndarray | None, clamp: tuple, parallel: bool, nxt_padded: tuple,
+                    nxt_pad: tuple[int, int], nxt_quant: tuple) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+    """``conv_gemm`` whose results go straight into the next conv's padded input codes: ``run(a8, psum,
+    out8)`` writes the interior pixels' first ``n`` channels of ``out8`` (``nxt_padded`` = its (B, Hp, Wp,
+    c4), ``nxt_pad`` its (ph, pw)), quantized with ``nxt_quant`` = (step, lo, hi, shift), the next conv's
+    ``_pad_codes`` arguments. The floats are never stored."""
+    off, pix, data, cw, offset, n, n_pad, cq, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
+    core = driver(codes=True)
+    head = (off, pix, data, cw, offset, m, n, n_pad, cq, c4, geo, CODES | (0 if bias is None else BIAS), NO_I32,
+            NO_F32, scale, scale if bias is None else bias, NO_F32, np.float32(clamp[0]), np.float32(clamp[1]))
+    cgeo = np.array((nxt_padded[1], nxt_padded[2], nxt_pad[0], nxt_pad[1], nxt_padded[3]), dtype=np.int64)
+    q8 = np.array(nxt_quant, dtype=np.float32)
+
+    def run(a8: np.ndarray, psum: np.ndarray, out8: np.ndarray) -> None:
+        if parallel:
+            core(a8, psum, *head, out8, cgeo, q8)
+            return
+        with threads_if(False):
+            core(a8, psum, *head, out8, cgeo, q8)
 
     return run
 

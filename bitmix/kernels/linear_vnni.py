@@ -32,12 +32,21 @@ from bitmix.kernels.scratch import scratch
 _quantize = _core = None  # the kernels ``_fused``/``_fused_rows`` call, bound once (``simd.cache_variant``)
 
 
+@njit(inline="always")
+def _no_codes():
+    """The core's code-output arguments, unused by a linear (``gemm_vnni.CODES``)."""
+    return np.zeros(16, dtype=np.int8), np.zeros(5, dtype=np.int64), np.ones(4, dtype=np.float32)
+
+
+simd.pin_kernels("linear_vnni", _no_codes)
+
+
 def _fused(x, a_scale, has_scale, step, lo, hi, shift, wp, cw, offset, n, n_pad, cq, kp, mode, scale, bias, a8, asum,
            out, one_tap, geo, no_i32, lo_f, hi_f):
     if _quantize(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum):
         return True
     _core(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, mode, no_i32, out, scale,
-          bias, out, lo_f, hi_f)
+          bias, out, lo_f, hi_f, *_no_codes())
     return False
 
 
@@ -47,7 +56,7 @@ def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, wp, cw
         return True
     mode = gemm_vnni.SCALED | gemm_vnni.ROWS | (gemm_vnni.BIAS if has_bias else 0)
     _core(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, mode, no_i32, out, scale,
-          bias, steps, lo_f, hi_f)
+          bias, steps, lo_f, hi_f, *_no_codes())
     return False
 
 

@@ -62,6 +62,8 @@ def warm(path: str | None = None) -> float:
                         qconv2d_nhwc(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), *args, None, *geometry)
             bmm(rng.integers(-8, 8, (2, 5, 7)).astype(np.int8), rng.integers(-8, 8, (2, 7, 4)).astype(np.int8))
             code_floats(rng.normal(size=(2, 5, 7)).astype(np.float32), 0.05, 8, True)  # lowered attention matmuls
+    with dispatch.use(path):
+        _warm_code_chain(rng)
     step_errors(rng.normal(size=(3, 16)).astype(np.float32), np.full((3, 4), 0.1, dtype=np.float32), 8, 7)  # ranges
     x = rng.normal(size=(3, 32)).astype(np.float32)  # 4-bit linears: the online rotation and per-row steps
     rotate_rows(x, np.ones(32, dtype=np.float32), 32)
@@ -70,6 +72,24 @@ def warm(path: str | None = None) -> float:
     row_codes(x, 0.1, 1e-8, -8, 7)  # 4-bit attention matmuls' operands
     column_codes(x.reshape(1, 3, 32), 0.1, 1e-8, -8, 7)
     return time.perf_counter() - start
+
+
+def _warm_code_chain(rng: np.random.Generator) -> None:
+    """A conv handing the next its input codes (``PreparedConv.to_codes``: the CODES GEMM on VNNI, the
+    border pass), as lowered conv -> conv chains run from their second call on."""
+    from bitmix.kernels.conv_prepared import PreparedConv
+
+    def conv(c: int, n: int) -> PreparedConv:
+        w = pack_weights(rng.integers(-8, 7, (n, c * 9), endpoint=True).astype(np.int8), 4)
+        return PreparedConv(w, np.full(n, 0.01, dtype=np.float32), 0.05, 4, False, None, (3, 3), (1, 1), (1, 1),
+                            (1, 1), 1)
+
+    first, second = conv(8, 16), conv(16, 8)
+    x = np.abs(rng.normal(size=(1, 6, 6, 8))).astype(np.float32)
+    second(first(x, True), True)  # both layers checked at these shapes
+    codes = first.to_codes(x, True, (np.float32(0), np.float32(np.inf)), second)
+    if codes is not None:
+        second(codes, True)
 
 
 def main() -> int:

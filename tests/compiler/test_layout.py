@@ -75,6 +75,23 @@ def test_adds_and_relus_after_convs_fold_into_their_epilogues() -> None:
         assert torch.equal(fq(x), lowered(x))
 
 
+def _chain_lowered(net: type[nn.Module], shape: tuple, bits: str, path: str, seed: int) -> tuple:
+    """(an input, fake-quant reference, lowered module, its convs by short name) of a ``net`` at ``bits``
+    everywhere, calibrated on 8 random inputs of ``shape``; skips a path this CPU cannot run."""
+    from bitmix import kernels
+
+    if path not in kernels.available_paths():
+        pytest.skip(f"CPU cannot run the {path} path")
+    torch.manual_seed(seed)
+    model = net().eval()
+    x = torch.randn(shape)
+    graph = capture(model, (x,), f"{net.__name__.lower()}-net")
+    fq = fake_quantize(prepare(graph), dict.fromkeys(graph.names, bits), (torch.randn(8, *shape[1:]),))
+    lowered = lower(fq).module
+    convs = {m.name.split(".")[-1]: m for m in lowered.modules() if isinstance(m, KernelLayer) and m.kind == "conv2d"}
+    return x, fq, lowered, convs
+
+
 @pytest.mark.parametrize("path", ["avx512vnni", "avx2", "portable"])
 @pytest.mark.parametrize("bits", ["4/8", "4/4"])
 def test_depthwise_hands_the_next_conv_its_input_codes(path: str, bits: str) -> None:
@@ -85,14 +102,7 @@ def test_depthwise_hands_the_next_conv_its_input_codes(path: str, bits: str) -> 
     from bitmix.compiler.portable import portable
     from bitmix.kernels.padded import PaddedCodes
 
-    if path not in kernels.available_paths():
-        pytest.skip(f"CPU cannot run the {path} path")
-    torch.manual_seed(3)
-    x = torch.randn(2, 3, 33, 30)
-    graph = capture(_Net().eval(), (x,), "chain-net")
-    fq = fake_quantize(prepare(graph), dict.fromkeys(graph.names, bits), (torch.randn(8, 3, 33, 30),))
-    lowered = lower(fq).module
-    convs = {m.name.split(".")[-1]: m for m in lowered.modules() if isinstance(m, KernelLayer) and m.kind == "conv2d"}
+    x, fq, lowered, convs = _chain_lowered(_Net, (2, 3, 33, 30), bits, path, 3)
     assert convs["dw"].codes_for is convs["back"].plan
     assert [m.codes_for for name, m in convs.items() if name != "dw"] == [None] * 3
     inputs: list[type] = []
@@ -104,6 +114,44 @@ def test_depthwise_hands_the_next_conv_its_input_codes(path: str, bits: str) -> 
     assert all(torch.equal(ref, out) for out in outs)
     assert inputs[0] is torch.Tensor
     assert inputs[1] is (torch.Tensor if path == "portable" else PaddedCodes)
+
+
+class _Bottleneck(nn.Module):
+    """A ResNet bottleneck: 1x1 -> 3x3 (stride 2) -> 1x1 chained alone, a residual on the last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(12, 20, 1)
+        self.b = nn.Conv2d(20, 22, 3, 2, 1)
+        self.c = nn.Conv2d(22, 12, 1)
+        self.down = nn.Conv2d(12, 12, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c(F.relu(self.b(F.relu(self.a(x)))))
+        return F.relu(y + self.down(x))
+
+
+@pytest.mark.parametrize("path", ["avx512vnni", "avx2", "portable"])
+@pytest.mark.parametrize("bits", ["4/8", "4/4", "2/4"])
+def test_one_group_convs_hand_the_next_conv_its_input_codes(path: str, bits: str) -> None:
+    """``layout.code_chains`` on one-group convs: a -> b -> c pass codes on VNNI (b gets codes and makes
+    them for c), floats elsewhere; outputs bit-identical to the fake-quant reference on every path."""
+    from bitmix import kernels
+    from bitmix.kernels.padded import PaddedCodes
+
+    x, fq, lowered, convs = _chain_lowered(_Bottleneck, (2, 12, 15, 14), bits, path, 4)
+    assert convs["a"].codes_for is convs["b"].plan and convs["b"].codes_for is convs["c"].plan
+    assert convs["c"].codes_for is None and convs["down"].codes_for is None
+    inputs: list[type] = []
+    hooks = [convs[n].register_forward_pre_hook(lambda m, args: inputs.append(type(args[0]))) for n in "bc"]
+    with torch.no_grad(), kernels.dispatch.use(path):
+        ref = fq(x)
+        outs = [lowered(x), lowered(x), lowered(x)]
+    for h in hooks:
+        h.remove()
+    assert all(torch.equal(ref, out) for out in outs)
+    chained = PaddedCodes if path == "avx512vnni" else torch.Tensor
+    assert inputs[:2] == [torch.Tensor, torch.Tensor] and inputs[-2:] == [chained, chained]
 
 
 class _Shared(nn.Module):

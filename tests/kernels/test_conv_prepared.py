@@ -135,3 +135,52 @@ def test_bound_launch_follows_the_dispatch_settings() -> None:
                 launch = conv._launches[((x.shape, True), False, (np.float32(-np.inf), np.float32(np.inf)))]
                 assert launch[0] is dispatch.settings
 
+
+
+@pytest.mark.parametrize("first", [(3, 1, 1, 20), (3, 2, 1, 22), (1, 1, 0, 70)],
+                         ids=["3x3-n20", "3x3s2-n22", "1x1-n70"])
+@pytest.mark.parametrize("spec", [(8, False), (4, True), (2, False)], ids=["u8", "s4", "u2"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_conv_codes_for_the_next_conv_equal_its_float_path(kernel_path: str, first: tuple, spec: tuple,
+                                                          bias: bool) -> None:
+    """A one-group conv writing the next conv's input codes from its GEMM epilogue (VNNI ``CodesConv``) gives
+    exactly ``_pad_codes``' codes and sums of its float output (22 channels: pad channels; 70: a partial
+    16-channel block), and a chain of three (codes in, codes out) ends bit-identical to the float path."""
+    from bitmix.kernels.conv_nhwc import _pad_codes
+    from bitmix.kernels.matmul import check_activation_spec
+    from bitmix.kernels.padded import PaddedCodes
+
+    k, stride, pad, n = first
+    a_bits, a_signed = spec
+    rng = np.random.default_rng(k * 100 + n + a_bits)
+    c = 12
+    a = PreparedConv(pack_weights(rng.integers(-8, 8, (n, c * k * k)).astype(np.int8), 4),
+                     rng.uniform(0.01, 0.1, n).astype(np.float32), 0.05, 8, False,
+                     rng.normal(size=n).astype(np.float32) if bias else None, (k, k), (stride, stride), (pad, pad),
+                     (1, 1), 1)
+    b = PreparedConv(pack_weights(rng.integers(-2, 2, (n, n * 9)).astype(np.int8), 2),
+                     rng.uniform(0.01, 0.1, n).astype(np.float32), 0.04, a_bits, a_signed,
+                     rng.normal(size=n).astype(np.float32), (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    last = PreparedConv(pack_weights(rng.integers(-8, 8, (9, n)).astype(np.int8), 4),
+                        rng.uniform(0.01, 0.1, 9).astype(np.float32), 0.03, 4, True, None, (1, 1), (1, 1), (0, 0),
+                        (1, 1), 1)
+    x = np.abs(rng.normal(0, 2, size=(2, 9, 11, c))).astype(np.float32)
+    relu, wide = (np.float32(0), np.float32(np.inf)), (np.float32(-1.5), np.float32(6.0))
+    assert a.to_codes(x, True, relu, b) is None  # neither layer has run at these shapes yet
+    ya = a(x, True, None, relu)
+    yb = b(ya, True, None, wide)
+    ref = last(yb, True)
+    codes = a.to_codes(x, True, relu, b)
+    if codes is None:  # not the VNNI implicit GEMM (AVX2, AMX, portable): the float path stays
+        assert kernel_path != "avx512vnni"
+        return
+    assert isinstance(codes, PaddedCodes) and codes.shape == (2, n, ya.shape[1], ya.shape[2])
+    lo, hi, shift = check_activation_spec(a_bits, a_signed)
+    a8, psum = np.full_like(codes.a8, 99), np.zeros_like(codes.psum)
+    _pad_codes(ya, True, np.float32(0.04), lo, hi, shift, 1, 1, a8, psum)
+    np.testing.assert_array_equal(codes.a8, a8)
+    np.testing.assert_array_equal(codes.psum, psum)
+    np.testing.assert_array_equal(b(codes, True, None, wide), yb)
+    codes_b = b.to_codes(a.to_codes(x, True, relu, b), True, wide, last)  # codes in, codes out
+    assert isinstance(codes_b, PaddedCodes)
+    np.testing.assert_array_equal(last(codes_b, True), ref)

@@ -110,21 +110,26 @@ from numba import types
 from bitmix.kernels import gemm_vnni
 i64, a64, i32, f32 = types.int64, types.int64[::1], types.int32[::1], types.float32[::1]
 sig = (types.int8[::1], a64, a64, a64, types.uint8[::1], i32, *[i64] * 6, a64, i64, i32, f32, f32, f32, f32,
-       types.float32, types.float32)
-d = gemm_vnni.driver()
-d.compile(sig)
-asm = d.inspect_asm(sig)
-print(json.dumps({op: asm.count(op) for op in ("vpdpbusd", "vpbroadcastd", "zmm", "vcvtdq2ps")}))
+       types.float32, types.float32, types.int8[::1], a64, f32)
+res = {}
+for name, d in (("floats", gemm_vnni.driver()), ("codes", gemm_vnni.driver(codes=True))):
+    d.compile(sig)
+    asm = d.inspect_asm(sig)
+    res[name] = {op: asm.count(op) for op in ("vpdpbusd", "vpbroadcastd", "zmm", "vcvtdq2ps", "vcvtps2dq")}
+print(json.dumps(res))
 """
 
 
 def test_broadcast_gemm_compiles_to_vpdpbusd_with_broadcasts(tmp_path) -> None:
-    """The register-blocked GEMM (``gemm_vnni``) keeps its 4x4 zmm tile: vpdpbusd fed by broadcast activations."""
+    """The register-blocked GEMM (``gemm_vnni``, both epilogue variants) keeps its 4x4 zmm tile: vpdpbusd fed by
+    broadcast activations."""
     feats = ",".join(f"+{f}" for f in sorted(AVX512 | {"avx", "fma", "bmi2", "avx512dq", "avx512cd"}))
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_CPU_NAME": "sapphirerapids",
            "NUMBA_CPU_FEATURES": feats}
     out = subprocess.run([sys.executable, "-c", _BCAST_PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["vpdpbusd"] >= 16 and res["vpbroadcastd"] and res["zmm"], res
-    assert res["vcvtdq2ps"], res  # the dequantizing epilogue is vectorised too
+    for variant in res.values():
+        assert variant["vpdpbusd"] >= 16 and variant["vpbroadcastd"] and variant["zmm"], res
+        assert variant["vcvtdq2ps"], res  # the dequantizing epilogue is vectorised too
+    assert res["codes"]["vcvtps2dq"], res  # ... and the one quantizing for the next conv (CODES)
