@@ -62,11 +62,12 @@ class CompiledModel(Keepable, nn.Module):
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         self.input_spec.check(args)
+        self.recorder.calls.clear()  # one forward's calls: a serving loop's record stays one pass long
         with torch.no_grad(), torch_on_one_thread():
             return self.lowered(*args)
 
     def simulate(self, engine: str = "analytic") -> SimResult:
-        """Price the kernel calls executed since the last `reset_calls()` (shapes as run)."""
+        """Price the kernel calls of the last forward pass (shapes as run; `reset_calls()` forgets them)."""
         if not self.recorder.calls:
             raise BitmixError("no kernel calls recorded yet; run the compiled model on an input first")
         layers, vector_ops = executed_layers(self.graph, self.recorder.calls)

@@ -79,6 +79,11 @@ def test_compiled_model_runs_and_prices_what_ran(compiled, digits):
     sim = cm.simulate()
     assert sim.frames == 4
     assert sum(layer.macs for layer in sim.layers) == 4 * cm.graph.total_macs // 256
+    for _ in range(3):  # a serving loop: the record is the last pass, not a growing list of all of them
+        cm(x)
+    assert cm.simulate().cycles == sim.cycles and len(cm.recorder.calls) == len(cm.graph.layers)
+    cm(x[:2])
+    assert cm.simulate().frames == 2
     cm.reset_calls()
     with pytest.raises(BitmixError, match="no kernel calls"):
         cm.simulate()
