@@ -10,6 +10,8 @@ function's, so bit-identical.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +19,6 @@ import numpy as np
 from bitmix.errors import BitmixError
 from bitmix.kernels.conv import conv_geometry
 from bitmix.kernels.conv_nhwc import (
-    CodesConv,
     ImplicitConv,
     _finish,
     codes_conv,
@@ -51,7 +52,7 @@ class PreparedConv:
     groups: int
     _geoms: dict = field(default_factory=dict, repr=False)  # (shape, channels_last) -> geometry, once checked
     _launches: dict = field(default_factory=dict, repr=False)  # (that key, residual?, clamp) -> (settings, launch)
-    _links: dict = field(default_factory=dict, repr=False)  # (that key, clamp, next conv) -> (settings, CodesConv)
+    _links: dict = field(default_factory=dict, repr=False)  # (that key, clamp, next conv) -> (settings, hand-off)
 
     def __call__(self, x: np.ndarray, channels_last: bool, residual: np.ndarray | None = None,
                  clamp: tuple = NO_CLAMP) -> np.ndarray:
@@ -114,28 +115,34 @@ class PreparedConv:
         fast = self._geoms.get(key)
         if fast is None or (isinstance(x, PaddedCodes) and (x.owner is not self or fast[0][8] != 1)):
             return None
-        geom, step, lo, hi, _, scale = fast
-        after = nxt._geoms.get(((key[0][0], geom[9], geom[10], self.w.n), True))
-        if (after is None or after[0][8] != 1 or implicit_route(nxt.w, key[0][0] * after[0][9] * after[0][10]) is None
-                or not np.isfinite(scale).all() or (self.bias is not None and not np.isfinite(self.bias).all())):
-            return None
-        g, qstep, qlo, qhi, qshift, _ = after
-        quant = (qstep, qlo, qhi, qshift, g[4], g[5])
-        if fast[0][8] != 1:
-            return depthwise_to_codes(x, channels_last, self.w, geom, step, lo, hi, scale, self.bias, clamp, quant, nxt)
-        link = self._link(key, fast, clamp, quant, nxt)
+        link = self._link(key, fast, channels_last, clamp, nxt)
         return None if link is None else link(x)
 
-    def _link(self, key: tuple, fast: tuple, clamp: tuple, quant: tuple, nxt: PreparedConv) -> CodesConv | None:
-        """The bound ``CodesConv`` of this shape into ``nxt`` under the dispatch settings in force, or None
-        (not on VNNI's implicit GEMM)."""
+    def _link(self, key: tuple, fast: tuple, channels_last: bool, clamp: tuple,
+              nxt: PreparedConv) -> Callable[[np.ndarray | PaddedCodes], PaddedCodes] | None:
+        """This shape's bound code hand-off into ``nxt`` under the dispatch settings in force (``to_codes``'
+        conditions checked once, when both layers have run at these shapes), or None."""
         settings = dispatch.settings
         hit = self._links.get((key, clamp, nxt))
         if hit is not None and hit[0] is settings:
             return hit[1]
-        own = self._implicit(key, fast, False, clamp)
-        link = None if own is None or not own.fused else codes_conv(own, self.w, fast[0], fast[5], self.bias, clamp,
-                                                                    quant, nxt)
+        geom, step, lo, hi, _, scale = fast
+        after = nxt._geoms.get(((key[0][0], geom[9], geom[10], self.w.n), True))
+        if after is None:  # the next conv has not run at this shape yet: ask again next time
+            return None
+        link = None
+        if (after[0][8] == 1 and implicit_route(nxt.w, key[0][0] * after[0][9] * after[0][10]) is not None
+                and np.isfinite(scale).all() and (self.bias is None or np.isfinite(self.bias).all())):
+            g, qstep, qlo, qhi, qshift, _ = after
+            quant = (qstep, qlo, qhi, qshift, g[4], g[5])
+            if geom[8] != 1:
+                link = functools.partial(depthwise_to_codes, channels_last=channels_last, w=self.w, geom=geom,
+                                         step=step, lo=lo, hi=hi, scale=scale, bias=self.bias, clamp=clamp,
+                                         nxt=quant, owner=nxt)
+            else:
+                own = self._implicit(key, fast, False, clamp)
+                if own is not None and own.fused:
+                    link = codes_conv(own, self.w, geom, scale, self.bias, clamp, quant, nxt)
         self._links[(key, clamp, nxt)] = (settings, link)
         return link
 
