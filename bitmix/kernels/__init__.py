@@ -12,10 +12,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from bitmix.kernels import reference
+from bitmix.kernels import cache_guard, reference
 from bitmix.kernels.cpu import available_paths
 from bitmix.kernels.pack import PackedWeight, pack_weights, unpack_weights
 from bitmix.kernels.routing import DispatchSettings, dispatch
+
+cache_guard.drop_stale()  # before any kernel loads machine code from Numba's cache
 
 if TYPE_CHECKING:
     from bitmix.kernels.batched import bmm

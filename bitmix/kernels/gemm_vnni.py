@@ -270,12 +270,19 @@ def four_dests(b, oh, ow, ho, wo, hp, wp, ph, pw):
     return d0, d1, d2, (b * hp + oh + ph) * wp + ow + pw
 
 
-simd.pin_kernels("gemm_vnni", taps_sum, put, put_codes, finish, four_dests)
+@njit(inline="always")
+def no_dests(b, oh, ow, ho, wo, hp, wp, ph, pw):
+    """``four_dests`` of the float epilogues, which store by row: nothing to work out."""
+    return 0, 0, 0, 0
+
+
+simd.pin_kernels("gemm_vnni", taps_sum, put, put_codes, finish, four_dests, no_dests)
+dests = no_dests  # what ``_core`` calls: ``driver`` binds it per variant (``simd.cache_variant``), as ``finish``
 finish_codes = simd.pin_uuid(njit(inline="always")(simd.cache_variant(finish.py_func, "codes", put=put_codes)),
                              "gemm_vnni.finish_codes")
 
 
-# The task body of ``driver``: module level, so ``simd.cache_variant`` can bind its epilogue (``finish``).
+# The task body of ``driver``: module level, so ``simd.cache_variant`` can bind its epilogue (``finish``, ``dests``).
 def _core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mode, out_i, out_f, scale, bias, res,
          lo, hi, out8, cgeo, q8):
     # CODES: out8 = the next conv's padded codes, cgeo = its (Hp, Wp, ph, pw, c4), q8 = (step, lo, hi, shift)
@@ -334,7 +341,7 @@ def _core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mo
                     c30, c31, c32, c33 = (dpbusd512(c30, w0, x), dpbusd512(c31, w1, x),
                                           dpbusd512(c32, w2, x), dpbusd512(c33, w3, x))
             col = b0 * LANES
-            pix = four_dests(pb, poh, pw, ho, wo, hp2, wp2, ph2, pw2) if mode & CODES else (0, 0, 0, 0)
+            pix = dests(pb, poh, pw, ho, wo, hp2, wp2, ph2, pw2)
             finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col, n, s, pix, c00, c10, c20, c30)
             if b1 - b0 > 1:
                 finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col + 16, n, s, pix, c01, c11, c21, c31)
@@ -350,7 +357,8 @@ def driver(codes: bool = False):
     ``threads_if(parallel)``. ``codes``: the variant whose epilogue writes the next conv's input codes
     (CODES mode), compiled apart so the float epilogues' kernel stays as large as it was (compiling
     both stores in one kernel doubled its compile time)."""
-    core = simd.cache_variant(_core, "codes" if codes else "floats", finish=finish_codes if codes else finish)
+    core = simd.cache_variant(_core, "codes" if codes else "floats", finish=finish_codes if codes else finish,
+                              dests=four_dests if codes else no_dests)
     return simd.pin_uuid(njit(parallel=True, cache=True)(core), f"gemm_vnni.core.{'codes' if codes else 'floats'}")
 
 
