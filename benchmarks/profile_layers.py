@@ -25,7 +25,7 @@ import torch
 import bitmix
 from bitmix import zoo
 from bitmix.compiler import lower
-from bitmix.kernels import conv_nhwc, gemm_vnni
+from bitmix.kernels import conv_nhwc
 from bitmix.kernels.threads import configure_threading
 
 TIMES: dict[str, list[float]] = defaultdict(list)
@@ -88,7 +88,8 @@ def main() -> None:
 
     lower.KernelLayer.forward = forward
     _probe(conv_nhwc, "_pad_codes", "conv: quantize+pad (_pad_codes)")
-    _probe(gemm_vnni, "conv", "conv: implicit GEMM (gemm_vnni.conv)")
+    _probe(conv_nhwc.ImplicitConv, "on_codes", "conv: implicit GEMM + epilogue (ImplicitConv.on_codes)")
+    _probe(conv_nhwc.CodesConv, "__call__", "conv: GEMM into the next conv's codes, with its code pass (CodesConv)")
     _probe(conv_nhwc, "_depthwise", "conv: depthwise (_depthwise)")
     _probe(conv_nhwc, "_codes", "conv: quantize (_codes, depthwise/other)")
     _probe(conv_nhwc, "_scale_rows", "conv: scale rows (non-VNNI)")

@@ -10,7 +10,7 @@ a channels-last im2col for k x k, a direct depthwise kernel.
 
 * AVX-512 VNNI (no AMX) and AVX2, one group: an implicit GEMM. Floats are quantized once into a
   zero-padded NHWC buffer of shifted codes with per-pixel sums (``_pad_codes``), and
-  ``gemm_vnni.conv`` (``gemm_avx2.conv``) reads every tap's activations from it directly and writes
+  ``gemm_vnni.conv_gemm`` (``gemm_avx2.conv_gemm``) reads every tap's activations from it directly and writes
   the dequantized floats itself: no im2col, no int32 intermediate, no scale pass.
 
 Other paths (portable), small products and the AMX engine:
@@ -99,7 +99,7 @@ def _code(v, flo, fhi, sh):
 
 @njit(parallel=True, cache=True)
 def _pad_codes(x, channels_last, step, lo, hi, shift, ph, pw, out, psum):
-    """Padded NHWC shifted codes for the implicit GEMM (``gemm_vnni.conv``): ``out[b, ph + ih, pw + iw,
+    """Padded NHWC shifted codes for the implicit GEMM (``gemm_vnni.conv_gemm``): ``out[b, ph + ih, pw + iw,
     q] = rint(clip(x / step, lo, hi)) - shift``, border pixels ``-shift`` (the code 0 the reference
     pads with), channels past C 0; ``psum`` = each padded pixel's sum over C. One task per padded
     row; True if any NaN was seen (NaN codes are discarded)."""

@@ -240,8 +240,9 @@ def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, o
 def conv_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
               scale: np.ndarray, bias: np.ndarray | None,
               parallel: bool) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
-    """``conv`` with every argument that is the same from call to call bound once: ``run(a8, psum, y)``
-    (``gemm_vnni.conv_gemm``)."""
+    """The implicit-GEMM conv, ``run(a8, psum, y)``: ``y`` (m, n) float32 = the dequantized conv of padded NHWC
+    shifted codes ``a8`` (per-pixel sums ``psum``, from ``conv_nhwc._pad_codes``), every constant argument bound
+    once (``gemm_vnni.conv_gemm``; the residual and clamp run after it, in ``conv_nhwc``)."""
     off, pix, data, cw, offset, n, n_pad, steps, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
     core = driver(w.bits == 8, parallel)
     head = (off, pix, data, cw, offset, m, n, n_pad, steps, c4, geo, SCALED, NO_I32)
@@ -251,12 +252,3 @@ def conv_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: in
         core(a8, psum, *head, y.reshape(-1), *tail)
 
     return run
-
-
-def conv(a8: np.ndarray, psum: np.ndarray, w: PackedWeight, shift: int, c: int, geom: tuple[int, ...],
-         hp: int, wpad: int, m: int, scale: np.ndarray, bias: np.ndarray | None, y: np.ndarray,
-         parallel: bool) -> None:
-    """``y`` (m, n) float32 = the dequantized conv of padded NHWC shifted codes ``a8`` (``hp x wpad``
-    pixels of ``c4`` bytes, per-pixel sums ``psum``, from ``conv_nhwc._pad_codes``); ``geom`` from
-    ``conv.conv_geometry``."""
-    conv_gemm(w, shift, c, geom, hp, wpad, m, scale, bias, parallel)(a8, psum, y)

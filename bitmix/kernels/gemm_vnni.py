@@ -398,9 +398,11 @@ def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, o
 def conv_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
               scale: np.ndarray, bias: np.ndarray | None, residual: bool, clamp: tuple,
               parallel: bool) -> Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None], None]:
-    """``conv`` with every argument that is the same from call to call bound once: ``run(a8, psum, y,
-    residual)``. A compiled model calls a layer at one shape over and over, and building the ~20
-    arguments took as long as a small layer's GEMM."""
+    """The implicit-GEMM conv, ``run(a8, psum, y, res)``: ``y`` (m, n) float32 = the dequantized conv of padded
+    NHWC shifted codes ``a8`` (``hp x wpad`` pixels of ``c4`` bytes, per-pixel sums ``psum``; ``geom`` from
+    ``conv.conv_geometry``), ``+ res`` (float32, ``y``'s layout, when ``residual``), clamped to ``clamp``.
+    Every argument that is the same from call to call is bound once: a compiled model calls a layer at one
+    shape over and over, and building the ~20 arguments took as long as a small layer's GEMM."""
     off, pix, data, cw, offset, n, n_pad, cq, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
     mode = (SCALED if bias is None else SCALED_BIASED) | (RESIDUAL if residual else 0)
     core = driver()
@@ -442,12 +444,3 @@ def conv_codes_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], 
             core(a8, psum, *head, out8, cgeo, q8)
 
     return run
-
-
-def conv(a8: np.ndarray, psum: np.ndarray, w: PackedWeight, shift: int, c: int, geom: tuple[int, ...],
-         hp: int, wpad: int, m: int, scale: np.ndarray, bias: np.ndarray | None, y: np.ndarray,
-         parallel: bool, residual: np.ndarray | None = None, clamp: tuple = NO_CLAMP) -> None:
-    """``y`` (m, n) float32 = the dequantized conv of padded NHWC shifted codes ``a8`` (``hp x wpad``
-    pixels of ``c4`` bytes, per-pixel sums ``psum``); ``geom`` from ``conv.conv_geometry``. Then
-    ``+ residual`` (float32, ``y``'s layout) and clamped to ``clamp`` = float32 ``(lo, hi)``."""
-    conv_gemm(w, shift, c, geom, hp, wpad, m, scale, bias, residual is not None, clamp, parallel)(a8, psum, y, residual)
