@@ -70,11 +70,13 @@ def channels_last_between_convs(gm: fx.GraphModule) -> int:
 
 
 def code_chains(gm: fx.GraphModule) -> int:
-    """Let each lowered depthwise or one-group conv whose result feeds one lowered one-group conv alone hand
-    it input codes instead of floats (``kernels.padded``): the first layer's ``codes_for`` becomes the next
-    layer's plan, and its kernel quantizes for that layer in its epilogue where the kernels can (else
-    floats, as before). Both must return ``channels_last`` (the NHWC kernels) and be called once; the
-    first conv must have no fused residual. Values are unchanged. Returns the number of chains."""
+    """Let each lowered conv whose result feeds one lowered conv alone hand it input codes instead of floats
+    (``kernels.padded``): a depthwise or one-group conv into a one-group conv, or a one-group conv into a
+    depthwise one (MobileNet's expansion -> depthwise -> projection runs on codes throughout). The first
+    layer's ``codes_for`` becomes the next layer's plan, and its kernel quantizes for that layer in its
+    epilogue where the kernels can (else floats, as before). Both must return ``channels_last`` (the NHWC
+    kernels) and be called once; the first conv must have no fused residual. Values are unchanged.
+    Returns the number of chains."""
     modules = dict(gm.named_modules())
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
 
@@ -94,7 +96,10 @@ def code_chains(gm: fx.GraphModule) -> int:
             continue
         user = next(iter(node.users))
         second = nhwc_conv(user)
-        if second is not None and second.plan.groups == 1 and user.args == (node,) and node not in user.kwargs.values():
+        if second is None or user.args != (node,) or node in user.kwargs.values():
+            continue
+        depthwise_next = first.plan.groups == 1 and second.plan.groups == second.plan.out_features > 1
+        if second.plan.groups == 1 or depthwise_next:
             first.codes_for = second.plan
             chains += 1
     return chains

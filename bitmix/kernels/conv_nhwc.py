@@ -361,34 +361,40 @@ class CodesConv:
     own: ImplicitConv  # this conv's launch (its input's code pass)
     gemm: Callable
     padded: tuple[int, int, int, int]  # the next conv's padded buffer (B, Hp, Wp, c4)
-    borders: tuple[int, int, int, int, int]  # (ph, pw, Ho, Wo, C_out) and the next conv's shift: ``_code_borders``
+    borders: tuple[int, int, int, int, int, int] | None  # (ph, pw, Ho, Wo, C_out, shift): ``_code_borders``;
+    # None: the next conv is depthwise, whose input is the bare NHWC codes (``depthwise_input``)
     owner: object  # the next conv
     buffers: threading.local = field(default_factory=threading.local, repr=False)
 
     def __call__(self, x: np.ndarray | PaddedCodes) -> PaddedCodes:
         a8, psum = (x.a8, x.psum) if isinstance(x, PaddedCodes) else self.own.pad(x)
         out = getattr(self.buffers, "codes", None)
+        nb, hp, wp, c4 = self.padded
         if out is None:
-            nb, hp, wp, _ = self.padded
-            out = self.buffers.codes = (np.empty(self.padded, dtype=np.int8), np.empty(nb * hp * wp, dtype=np.int64))
+            sums = NO_SUMS if self.borders is None else np.empty(nb * hp * wp, dtype=np.int64)
+            out = self.buffers.codes = (np.empty(self.padded, dtype=np.int8), sums)
         self.gemm(a8.reshape(-1), psum, out[0].reshape(-1))
+        if self.borders is None:
+            return PaddedCodes(out[0], out[1], (nb, c4, hp, wp), self.owner)
         _code_borders(out[0], out[1], *self.borders)
         _, _, ho, wo, n, _ = self.borders
-        return PaddedCodes(out[0], out[1], (self.padded[0], n, ho, wo), self.owner)
+        return PaddedCodes(out[0], out[1], (nb, n, ho, wo), self.owner)
 
 
 def codes_conv(own: ImplicitConv, w: PackedWeight, geom: tuple[int, ...], scale: np.ndarray, bias: np.ndarray | None,
-               clamp: tuple, nxt: tuple, owner: object) -> CodesConv:
-    """``own``'s conv writing codes for the next conv ``owner``: ``nxt`` = its ``(step, lo, hi, shift, ph, pw)``."""
+               clamp: tuple, nxt: tuple, owner: object, depthwise: bool = False) -> CodesConv:
+    """``own``'s conv writing codes for the next conv ``owner``: ``nxt`` = its ``(step, lo, hi, shift, ph, pw)``;
+    a ``depthwise`` one reads bare NHWC codes (``depthwise_input``: no padding, shift or sums; ``nxt``'s
+    shift and padding 0)."""
     nb, hp, wp, _ = own.padded
     ho, wo = geom[9], geom[10]
     step, qlo, qhi, qshift, qph, qpw = nxt
-    padded = (nb, ho + 2 * qph, wo + 2 * qpw, -(-w.n // 4) * 4)
+    padded = (nb, ho + 2 * qph, wo + 2 * qpw, w.n if depthwise else -(-w.n // 4) * 4)
     m = nb * ho * wo
     gemm = gemm_vnni.conv_codes_gemm(w, own.pad_args[3], own.channels, geom, hp, wp, m,
                                      scale, bias, clamp, _parallel(dispatch.settings, m * w.n * w.k), padded,
                                      (qph, qpw), (step, qlo, qhi, qshift))
-    return CodesConv(own, gemm, padded, (qph, qpw, ho, wo, w.n, qshift), owner)
+    return CodesConv(own, gemm, padded, None if depthwise else (qph, qpw, ho, wo, w.n, qshift), owner)
 
 
 def _nan() -> BitmixError:
@@ -434,17 +440,13 @@ def conv_nhwc(x: np.ndarray, w: PackedWeight, geom: tuple[int, ...], step: np.fl
     if implicit is not None:
         return implicit_conv(implicit, x.shape, channels_last, w, geom, step, lo, hi, shift, scale, bias,
                              residual is not None, clamp)(x, residual)
-    y = np.empty((nb, ho, wo, w.n), dtype=np.float32)
-    has_bias = bias is not None
-    b_arg = bias if bias is not None else scale
     if groups > 1:
         if not (groups == c == w.n):
             raise BitmixError(f"groups={groups}: the NHWC route takes one group or depthwise convs")
-        fused = clamp if residual is None else gemm_vnni.NO_CLAMP  # a residual comes before the clamp
-        _depthwise(_codes(x, channels_last, step, lo, hi), _depthwise_taps(w, max(-lo, hi)), scale, b_arg,
-                   has_bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, *fused, y.reshape(m, w.n), False, NO_NEXT,
-                   NO_CODES, NO_SUMS)
-        return y if residual is None else _finish(y, residual, clamp)
+        return depthwise(_codes(x, channels_last, step, lo, hi), w, geom, lo, hi, scale, bias, residual, clamp)
+    y = np.empty((nb, ho, wo, w.n), dtype=np.float32)
+    has_bias = bias is not None
+    b_arg = bias if bias is not None else scale
     settings = dispatch.settings
     if settings.uses_amx(w, m, 1):
         acc = conv_acc_channels_last(_codes(x, channels_last, step, lo, hi), w, geom, shift, settings=settings)
@@ -481,21 +483,42 @@ def _fill_border(a8: np.ndarray, psum: np.ndarray, ph: int, pw: int, c: int, shi
         sums[:, rows, cols] = -shift * c
 
 
-def depthwise_to_codes(x: np.ndarray, channels_last: bool, w: PackedWeight, geom: tuple[int, ...], step: np.float32,
-                       lo: int, hi: int, scale: np.ndarray, bias: np.ndarray | None, clamp: tuple,
-                       nxt: tuple, owner: object) -> PaddedCodes:
-    """A depthwise ``conv_nhwc`` (no residual) whose output goes straight into the next conv's padded
-    codes: ``nxt`` = that conv's ``(step, lo, hi, shift, ph, pw)`` (its ``_pad_codes`` arguments),
-    ``owner`` that conv. The floats are never stored; the codes equal ``_pad_codes``' on them, provided
-    they hold no NaN (finite ``scale`` and ``bias``: the caller checks)."""
+def depthwise_input(x: np.ndarray | PaddedCodes, channels_last: bool, step: np.float32, lo: int,
+                    hi: int) -> np.ndarray:
+    """A depthwise conv's NHWC input codes (``_codes``' array: uint8 for an unsigned spec): quantized from
+    floats ``x``, or the codes a previous conv's epilogue wrote for it (``CodesConv``, unpadded, unshifted)."""
+    if isinstance(x, PaddedCodes):
+        return x.a8.view(np.uint8) if lo >= 0 else x.a8
+    return _codes(x, channels_last, step, lo, hi)
+
+
+def depthwise(codes: np.ndarray, w: PackedWeight, geom: tuple[int, ...], lo: int, hi: int, scale: np.ndarray,
+              bias: np.ndarray | None, residual: np.ndarray | None, clamp: tuple) -> np.ndarray:
+    """float32 ``(B, Ho, Wo, C)`` of a depthwise conv of NHWC ``codes`` (``depthwise_input``; ``lo, hi`` its
+    code range), ``+ residual``, clamped to ``clamp``."""
     kh, kw, sh, sw, ph, pw, dh, dw, _, ho, wo = geom
-    nb, n = x.shape[0], w.n
+    y = np.empty((codes.shape[0], ho, wo, w.n), dtype=np.float32)
+    fused = clamp if residual is None else gemm_vnni.NO_CLAMP  # a residual comes before the clamp
+    _depthwise(codes, _depthwise_taps(w, max(-lo, hi)), scale, scale if bias is None else bias, bias is not None,
+               kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, *fused, y.reshape(-1, w.n), False, NO_NEXT, NO_CODES, NO_SUMS)
+    return y if residual is None else _finish(y, residual, clamp)
+
+
+def depthwise_to_codes(codes: np.ndarray, w: PackedWeight, geom: tuple[int, ...], lo: int, hi: int,
+                       scale: np.ndarray, bias: np.ndarray | None, clamp: tuple, nxt: tuple,
+                       owner: object) -> PaddedCodes:
+    """``depthwise`` (no residual) whose output goes straight into the next conv's padded codes: ``nxt`` =
+    that conv's ``(step, lo, hi, shift, ph, pw)`` (its ``_pad_codes`` arguments), ``owner`` that conv. The
+    floats are never stored; the codes equal ``_pad_codes``' on them, provided they hold no NaN (finite
+    ``scale`` and ``bias``: the caller checks)."""
+    kh, kw, sh, sw, ph, pw, dh, dw, _, ho, wo = geom
+    nb, n = codes.shape[0], w.n
     qph, qpw, qshift = int(nxt[4]), int(nxt[5]), int(nxt[3])
     a8 = np.empty((nb, ho + 2 * qph, wo + 2 * qpw, -(-n // 4) * 4), dtype=np.int8)  # the next conv's input
     psum = np.empty(a8.shape[0] * a8.shape[1] * a8.shape[2], dtype=np.int64)
     if qph or qpw:
         _fill_border(a8, psum, qph, qpw, n, qshift)
-    _depthwise(_codes(x, channels_last, step, lo, hi), _depthwise_taps(w, max(-lo, hi)), scale,
-               bias if bias is not None else scale, bias is not None, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, *clamp,
-               NO_OUT, True, np.array(nxt, dtype=np.float32), a8, psum)
+    _depthwise(codes, _depthwise_taps(w, max(-lo, hi)), scale, bias if bias is not None else scale,
+               bias is not None, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, *clamp, NO_OUT, True,
+               np.array(nxt, dtype=np.float32), a8, psum)
     return PaddedCodes(a8, psum, (nb, n, ho, wo), owner)

@@ -23,6 +23,8 @@ from bitmix.kernels.conv_nhwc import (
     _finish,
     codes_conv,
     conv_nhwc,
+    depthwise,
+    depthwise_input,
     depthwise_to_codes,
     implicit_conv,
     implicit_route,
@@ -100,11 +102,11 @@ class PreparedConv:
 
     def to_codes(self, x: np.ndarray | PaddedCodes, channels_last: bool, clamp: tuple,
                  nxt: PreparedConv) -> PaddedCodes | None:
-        """This conv's output as ``nxt``'s padded input codes, or None (the caller runs the float path):
-        a depthwise conv quantizes in its epilogue (``conv_nhwc.depthwise_to_codes``), a one-group conv on
-        VNNI in its GEMM's (``conv_nhwc.CodesConv``; its input may be codes itself). Only once both layers
-        ran at these shapes (checks done), ``nxt`` takes the implicit GEMM on them, and this layer's scale
-        and bias are finite (no NaN to catch)."""
+        """This conv's output as ``nxt``'s input codes, or None (the caller runs the float path): a depthwise
+        conv quantizes in its epilogue (``conv_nhwc.depthwise_to_codes``) for a one-group ``nxt`` on the
+        implicit GEMM, a one-group conv on VNNI in its GEMM's (``conv_nhwc.CodesConv``) for a one-group ``nxt``
+        on the implicit GEMM or a depthwise one; the input may be codes itself. Only once both layers ran at
+        these shapes (checks done) and this layer's scale and bias are finite (no NaN to catch)."""
         if isinstance(x, PaddedCodes):
             nb, c, h, w = x.shape
             key = ((nb, h, w, c), True)
@@ -113,7 +115,7 @@ class PreparedConv:
         else:
             return None
         fast = self._geoms.get(key)
-        if fast is None or (isinstance(x, PaddedCodes) and (x.owner is not self or fast[0][8] != 1)):
+        if fast is None or (isinstance(x, PaddedCodes) and x.owner is not self):
             return None
         link = self._link(key, fast, channels_last, clamp, nxt)
         return None if link is None else link(x)
@@ -130,19 +132,18 @@ class PreparedConv:
         after = nxt._geoms.get(((key[0][0], geom[9], geom[10], self.w.n), True))
         if after is None:  # the next conv has not run at this shape yet: ask again next time
             return None
+        g, qstep, qlo, qhi, qshift, _ = after
+        into_gemm = g[8] == 1 and implicit_route(nxt.w, key[0][0] * g[9] * g[10]) is not None
+        finite = np.isfinite(scale).all() and (self.bias is None or np.isfinite(self.bias).all())
         link = None
-        if (after[0][8] == 1 and implicit_route(nxt.w, key[0][0] * after[0][9] * after[0][10]) is not None
-                and np.isfinite(scale).all() and (self.bias is None or np.isfinite(self.bias).all())):
-            g, qstep, qlo, qhi, qshift, _ = after
+        if finite and geom[8] != 1 and into_gemm:  # depthwise -> its epilogue quantizes for the GEMM
             quant = (qstep, qlo, qhi, qshift, g[4], g[5])
-            if geom[8] != 1:
-                link = functools.partial(depthwise_to_codes, channels_last=channels_last, w=self.w, geom=geom,
-                                         step=step, lo=lo, hi=hi, scale=scale, bias=self.bias, clamp=clamp,
-                                         nxt=quant, owner=nxt)
-            else:
-                own = self._implicit(key, fast, False, clamp)
-                if own is not None and own.fused:
-                    link = codes_conv(own, self.w, geom, scale, self.bias, clamp, quant, nxt)
+            link = functools.partial(_depthwise_link, self, channels_last, fast, clamp, quant, nxt)
+        elif finite and geom[8] == 1 and (into_gemm or g[8] != 1):  # one group -> the GEMM's CODES epilogue
+            own = self._implicit(key, fast, False, clamp)
+            if own is not None and own.fused:  # VNNI
+                quant = (qstep, qlo, qhi, qshift, g[4], g[5]) if into_gemm else (qstep, qlo, qhi, 0, 0, 0)
+                link = codes_conv(own, self.w, geom, scale, self.bias, clamp, quant, nxt, depthwise=not into_gemm)
         self._links[(key, clamp, nxt)] = (settings, link)
         return link
 
@@ -151,12 +152,23 @@ class PreparedConv:
         fast = self._geoms.get(((nb, h, w, c), True))
         if codes.owner is not self or fast is None:
             raise BitmixError("x: codes quantized for another layer; pass the float activations")
-        geom, _, _, _, shift, scale = fast
+        geom, step, lo, hi, shift, scale = fast
         if residual is not None and (residual.dtype != np.float32 or not residual.flags.c_contiguous
                                      or residual.shape != (nb, geom[9], geom[10], self.w.n)):
             raise BitmixError(f"residual: expected C-contiguous float32 {(nb, geom[9], geom[10], self.w.n)}, got "
                               f"{residual.dtype} {residual.shape}")
+        if geom[8] != 1:
+            return depthwise(depthwise_input(codes, True, step, lo, hi), self.w, geom, lo, hi, scale, self.bias,
+                             residual, clamp)
         launch = self._implicit(((nb, h, w, c), True), fast, residual is not None, clamp)
         if launch is None:
             raise BitmixError("x: codes for the implicit GEMM, but this conv runs on another path; pass floats")
         return launch.on_codes(codes.a8, codes.psum, residual)
+
+
+def _depthwise_link(conv: PreparedConv, channels_last: bool, fast: tuple, clamp: tuple, quant: tuple,
+                    nxt: PreparedConv, x: np.ndarray | PaddedCodes) -> PaddedCodes:
+    """``conv`` (depthwise) on floats or its input codes, quantizing for ``nxt`` (``PreparedConv._link``)."""
+    geom, step, lo, hi, _, scale = fast
+    return depthwise_to_codes(depthwise_input(x, channels_last, step, lo, hi), conv.w, geom, lo, hi, scale, conv.bias,
+                              clamp, quant, nxt)

@@ -95,25 +95,30 @@ def _chain_lowered(net: type[nn.Module], shape: tuple, bits: str, path: str, see
 @pytest.mark.parametrize("path", ["avx512vnni", "avx2", "portable"])
 @pytest.mark.parametrize("bits", ["4/8", "4/4"])
 def test_depthwise_hands_the_next_conv_its_input_codes(path: str, bits: str) -> None:
-    """``layout.code_chains``: the dw -> back pair passes codes from the second call at a shape on (the
-    first checks both layers); outputs stay bit-identical to the fake-quant reference on every path,
-    and the portable layers ``cm.save`` exports (floats throughout) give the same values."""
+    """``layout.code_chains``: pw -> dw -> back (MobileNet's expansion, depthwise, projection) pass codes
+    from the second call at a shape on (the first checks the layers): dw -> back wherever the next conv
+    runs the implicit GEMM, pw -> dw from the VNNI GEMM's epilogue; outputs stay bit-identical to the
+    fake-quant reference on every path, and the portable layers ``cm.save`` exports (floats throughout)
+    give the same values."""
     from bitmix import kernels
     from bitmix.compiler.portable import portable
     from bitmix.kernels.padded import PaddedCodes
 
     x, fq, lowered, convs = _chain_lowered(_Net, (2, 3, 33, 30), bits, path, 3)
-    assert convs["dw"].codes_for is convs["back"].plan
-    assert [m.codes_for for name, m in convs.items() if name != "dw"] == [None] * 3
-    inputs: list[type] = []
-    handle = convs["back"].register_forward_pre_hook(lambda m, args: inputs.append(type(args[0])))
+    assert convs["pw"].codes_for is convs["dw"].plan and convs["dw"].codes_for is convs["back"].plan
+    assert convs["stem"].codes_for is None and convs["back"].codes_for is None
+    inputs: dict[str, list[type]] = {"dw": [], "back": []}
+    hooks = [convs[n].register_forward_pre_hook(lambda m, args, n=n: inputs[n].append(type(args[0])))
+             for n in inputs]
     with torch.no_grad(), kernels.dispatch.use(path):
         ref = fq(x)
-        outs = [lowered(x), lowered(x), portable(lowered)(x)]
-    handle.remove()
+        outs = [lowered(x), lowered(x), lowered(x), portable(lowered)(x)]
+    for h in hooks:
+        h.remove()
     assert all(torch.equal(ref, out) for out in outs)
-    assert inputs[0] is torch.Tensor
-    assert inputs[1] is (torch.Tensor if path == "portable" else PaddedCodes)
+    assert inputs["back"][0] is inputs["dw"][0] is torch.Tensor
+    assert inputs["back"][1:3] == [torch.Tensor if path == "portable" else PaddedCodes] * 2
+    assert inputs["dw"][1:3] == [PaddedCodes if path == "avx512vnni" else torch.Tensor] * 2
 
 
 class _Bottleneck(nn.Module):

@@ -184,3 +184,52 @@ def test_conv_codes_for_the_next_conv_equal_its_float_path(kernel_path: str, fir
     codes_b = b.to_codes(a.to_codes(x, True, relu, b), True, wide, last)  # codes in, codes out
     assert isinstance(codes_b, PaddedCodes)
     np.testing.assert_array_equal(last(codes_b, True), ref)
+
+
+@pytest.mark.parametrize("first", [(3, 2, 1, 22), (1, 1, 0, 70)], ids=["3x3s2-n22", "1x1-n70"])
+@pytest.mark.parametrize("spec", [(8, False), (4, True), (2, False)], ids=["u8", "s4", "u2"])
+@pytest.mark.parametrize("dw_stride", [1, 2])
+def test_conv_codes_for_a_depthwise_conv_equal_its_float_path(kernel_path: str, first: tuple, spec: tuple,
+                                                              dw_stride: int) -> None:
+    """A one-group conv writing a depthwise conv's input codes from its GEMM epilogue (VNNI ``CodesConv``:
+    MobileNet's expansion -> depthwise) gives exactly ``_codes``' NHWC codes of its float output (uint8 ones
+    for an unsigned 8-bit spec; 22 and 70 channels: no whole 16-channel block), the depthwise conv on them
+    its float result, and expansion -> depthwise -> projection on codes the float path's output."""
+    from bitmix.kernels.conv_nhwc import _codes
+    from bitmix.kernels.matmul import check_activation_spec
+    from bitmix.kernels.padded import PaddedCodes
+
+    k, stride, pad, n = first
+    a_bits, a_signed = spec
+    rng = np.random.default_rng(k * 100 + n + a_bits + dw_stride)
+    c = 12
+    a = PreparedConv(pack_weights(rng.integers(-8, 8, (n, c * k * k)).astype(np.int8), 4),
+                     rng.uniform(0.01, 0.1, n).astype(np.float32), 0.05, 8, False,
+                     rng.normal(size=n).astype(np.float32), (k, k), (stride, stride), (pad, pad), (1, 1), 1)
+    dw = PreparedConv(pack_weights(rng.integers(-8, 8, (n, 9)).astype(np.int8), 4),
+                      rng.uniform(0.01, 0.1, n).astype(np.float32), 0.04, a_bits, a_signed,
+                      rng.normal(size=n).astype(np.float32), (3, 3), (dw_stride, dw_stride), (1, 1), (1, 1), n)
+    proj = PreparedConv(pack_weights(rng.integers(-8, 8, (9, n)).astype(np.int8), 4),
+                        rng.uniform(0.01, 0.1, 9).astype(np.float32), 0.03, 4, True, None, (1, 1), (1, 1), (0, 0),
+                        (1, 1), 1)
+    x = np.abs(rng.normal(0, 2, size=(2, 17, 19, c))).astype(np.float32)
+    relu6, wide = (np.float32(0), np.float32(6)), (np.float32(-1.5), np.float32(6.0))
+    ya = a(x, True, None, relu6)
+    ydw = dw(ya, True, None, wide)
+    ref = proj(ydw, True)
+    codes = a.to_codes(x, True, relu6, dw)
+    if codes is None:  # not the VNNI implicit GEMM (AVX2, AMX, portable): the float path stays
+        assert kernel_path != "avx512vnni"
+        return
+    lo, hi, _ = check_activation_spec(a_bits, a_signed)
+    assert isinstance(codes, PaddedCodes) and codes.shape == (2, n, ya.shape[1], ya.shape[2])
+    want = _codes(ya, True, np.float32(0.04), lo, hi)
+    np.testing.assert_array_equal(codes.a8.view(want.dtype), want)
+    np.testing.assert_array_equal(dw(codes, True, None, wide), ydw)
+    residual = rng.normal(size=ydw.shape).astype(np.float32)
+    np.testing.assert_array_equal(dw(codes, True, residual, wide), dw(ya, True, residual, wide))
+    into_proj = dw.to_codes(a.to_codes(x, True, relu6, dw), True, wide, proj)  # codes in, codes out
+    assert isinstance(into_proj, PaddedCodes)
+    np.testing.assert_array_equal(proj(into_proj, True), ref)
+    with pytest.raises(BitmixError, match="another layer"):
+        proj(codes, True)
