@@ -119,38 +119,53 @@ def _pad_codes(x, channels_last, step, lo, hi, shift, ph, pw, out, psum):
         ih = t - b * hp - ph
         row = t * wp * c4
         inside = 0 <= ih < h
-        for pj in range(wp):  # border pixels, and every pixel's pad channels
+        for pj in range(wp):  # border pixels
+            if inside and pw <= pj < pw + w:
+                continue
             d = row + pj * c4
-            if not inside or pj < pw or pj >= pw + w:
-                for q in range(c):
-                    of[np.uintp(d + q)] = -sh
-                psum[t * wp + pj] = -sh * c
+            for q in range(c):
+                of[np.uintp(d + q)] = -sh
             for q in range(c, c4):
                 of[np.uintp(d + q)] = 0
+            psum[t * wp + pj] = -sh * c
         if not inside:
             continue
         seen = False
         d0 = row + pw * c4
-        if channels_last and c == c4:  # the row's interior is one contiguous run
+        if not channels_last:  # NCHW: each channel's row quantized contiguously, then interleaved
+            codes = np.empty(w, dtype=np.int32)
+            sums = np.zeros(w, dtype=np.int32)
+            for q in range(c):
+                s0 = ((b * c + q) * h + ih) * w
+                for iw in range(w):
+                    v = xf[np.uintp(s0 + iw)] / step
+                    seen |= v != v
+                    codes[iw] = _code(v, flo, fhi, sh)
+                for iw in range(w):
+                    of[np.uintp(d0 + iw * c4 + q)] = codes[iw]
+                    sums[iw] += codes[iw]
+            for q in range(c, c4):
+                for iw in range(w):
+                    of[np.uintp(d0 + iw * c4 + q)] = 0
+            for iw in range(w):
+                psum[t * wp + pw + iw] = sums[iw]
+            nan[t] = seen
+            continue
+        if c == c4:  # the row's interior is one contiguous run
             s0 = (b * h + ih) * w * c
             for q in range(w * c):
                 v = xf[np.uintp(s0 + q)] / step
                 seen |= v != v
                 of[np.uintp(d0 + q)] = _code(v, flo, fhi, sh)
-        elif channels_last:
+        else:
             for iw in range(w):
                 s0 = ((b * h + ih) * w + iw) * c
                 for q in range(c):
                     v = xf[np.uintp(s0 + q)] / step
                     seen |= v != v
                     of[np.uintp(d0 + iw * c4 + q)] = _code(v, flo, fhi, sh)
-        else:
-            for q in range(c):
-                s0 = ((b * c + q) * h + ih) * w
-                for iw in range(w):
-                    v = xf[np.uintp(s0 + iw)] / step
-                    seen |= v != v
-                    of[np.uintp(d0 + iw * c4 + q)] = _code(v, flo, fhi, sh)
+                for q in range(c, c4):
+                    of[np.uintp(d0 + iw * c4 + q)] = 0
         nan[t] = seen
         for pj in range(pw, pw + w):
             d = row + pj * c4
@@ -179,8 +194,8 @@ def _scale_rows(acc, scale, bias, has_bias, out):
 
 
 @njit(parallel=True, cache=True)
-def _depthwise(x, taps, scale, bias, has_bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, lo, hi, out, to_codes, nxt,
-               out8, psum):
+def _depthwise(x, taps, tiled, scale, bias, has_bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, lo, hi, out, to_codes,
+               nxt, out8, psum):
     """``out[pixel, c] = clamp(float32(sum_ij x[b, ih, iw, c] * taps[ij, c]) * scale[c] (+ bias[c]), lo, hi)``
     (the clamp as ``gemm_vnni.store_epilogue``'s: NaN and -0.0 kept). With ``to_codes``, those floats
     are instead quantized as the next conv's ``_pad_codes`` would (``nxt`` = its float32 step, code
@@ -188,9 +203,13 @@ def _depthwise(x, taps, scale, bias, has_bias, kh, kw, sh, sw, ph, pw, dh, dw, h
 
     One task per output row; per tap, the row's in-bounds outputs accumulate one channel vector
     each (bounds worked out once per tap, not per pixel: 112x112x32 at stride 1 took 1.4 ms, now 0.48), in
-    the dtype of ``taps``: int16 where every sum fits (twice the lanes of int32, one-uop multiply: 0.34)."""
+    the dtype of ``taps``: int16 where every sum fits (twice the lanes of int32, one-uop multiply: 0.34).
+    At stride 1 a tap's inputs for the whole row are one contiguous run, accumulated in chunks of
+    ``tiled``'s width (``taps`` repeated along each row, ``_depthwise_taps``): a loop of 32 channels is too
+    short for LLVM's unrolled vector body (112x112x32: 250 -> 105 us)."""
     nb, h, w, c = x.shape
     xf = x.reshape(-1)
+    span = tiled.shape[1]
     for t in prange(nb * ho):
         b = t // ho
         oh = t - b * ho
@@ -205,6 +224,13 @@ def _depthwise(x, taps, scale, bias, has_bias, kh, kw, sh, sw, ph, pw, dh, dw, h
                 ow0 = max(0, (sw - 1 - off) // sw)  # first output whose input column is >= 0
                 ow1 = min(wo, (w - 1 - off) // sw + 1)
                 row = (b * h + ih) * w
+                if sw == 1 and span > c:
+                    run = tiled[i * kw + j]
+                    src, dst, n = (row + ow0 + off) * c, ow0 * c, max(0, ow1 - ow0) * c
+                    for e0 in range(0, n, span):
+                        for e in range(min(span, n - e0)):
+                            acc[np.uintp(dst + e0 + e)] += xf[np.uintp(src + e0 + e)] * run[np.uintp(e)]
+                    continue
                 for ow in range(ow0, ow1):
                     src = (row + ow * sw + off) * c
                     dst = ow * c
@@ -245,17 +271,26 @@ def _depthwise(x, taps, scale, bias, has_bias, kh, kw, sh, sw, ph, pw, dh, dw, h
 _TAPS: weakref.WeakKeyDictionary[PackedWeight, dict] = weakref.WeakKeyDictionary()
 
 
-def _depthwise_taps(w: PackedWeight, code_max: int) -> np.ndarray:
-    """``(kh * kw, C)`` tap-major weight codes of a depthwise conv, cached per weight: int16 when every
+# ``_depthwise``'s contiguous runs at stride 1: convs with fewer channels than SHORT_RUN accumulate chunks of
+# at least TILED_SPAN values (112x112: 32 channels 250 -> 105 us, 24: 51 -> 23); wider ones per pixel, which
+# was as fast or faster (144 channels 112 vs 111 us, 192: 32 vs 39).
+SHORT_RUN, TILED_SPAN = 64, 512
+
+
+def _depthwise_taps(w: PackedWeight, code_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(kh * kw, C)`` tap-major weight codes of a depthwise conv and, for C < ``SHORT_RUN``, the same
+    repeated along each row to ``TILED_SPAN`` values (else ``taps`` itself), cached per weight: int16 when every
     channel's ``sum |w| * code_max`` (``code_max``: the largest activation code magnitude) fits in
     int16, so the int16 sums are exact, else int32."""
     cache = _TAPS.setdefault(w, {})
-    taps = cache.get(code_max)
-    if taps is None:
+    hit = cache.get(code_max)
+    if hit is None:
         codes = _weight_codes(w).T.astype(np.int32)
         narrow = int(np.abs(codes).sum(axis=0).max()) * code_max <= np.iinfo(np.int16).max
-        taps = cache[code_max] = np.ascontiguousarray(codes.astype(np.int16 if narrow else np.int32))
-    return taps
+        taps = np.ascontiguousarray(codes.astype(np.int16 if narrow else np.int32))
+        reps = -(-TILED_SPAN // taps.shape[1]) if taps.shape[1] < SHORT_RUN else 1
+        hit = cache[code_max] = (taps, np.ascontiguousarray(np.tile(taps, (1, reps))) if reps > 1 else taps)
+    return hit
 
 
 NO_NEXT = np.zeros(6, dtype=np.float32)  # ``_depthwise``'s code-output arguments when it writes floats
@@ -499,7 +534,7 @@ def depthwise(codes: np.ndarray, w: PackedWeight, geom: tuple[int, ...], lo: int
     kh, kw, sh, sw, ph, pw, dh, dw, _, ho, wo = geom
     y = np.empty((codes.shape[0], ho, wo, w.n), dtype=np.float32)
     fused = clamp if residual is None else gemm_vnni.NO_CLAMP  # a residual comes before the clamp
-    _depthwise(codes, _depthwise_taps(w, max(-lo, hi)), scale, scale if bias is None else bias, bias is not None,
+    _depthwise(codes, *_depthwise_taps(w, max(-lo, hi)), scale, scale if bias is None else bias, bias is not None,
                kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, *fused, y.reshape(-1, w.n), False, NO_NEXT, NO_CODES, NO_SUMS)
     return y if residual is None else _finish(y, residual, clamp)
 
@@ -518,7 +553,7 @@ def depthwise_to_codes(codes: np.ndarray, w: PackedWeight, geom: tuple[int, ...]
     psum = np.empty(a8.shape[0] * a8.shape[1] * a8.shape[2], dtype=np.int64)
     if qph or qpw:
         _fill_border(a8, psum, qph, qpw, n, qshift)
-    _depthwise(codes, _depthwise_taps(w, max(-lo, hi)), scale, bias if bias is not None else scale,
+    _depthwise(codes, *_depthwise_taps(w, max(-lo, hi)), scale, bias if bias is not None else scale,
                bias is not None, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, *clamp, NO_OUT, True,
                np.array(nxt, dtype=np.float32), a8, psum)
     return PaddedCodes(a8, psum, (nb, n, ho, wo), owner)
