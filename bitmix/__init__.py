@@ -8,7 +8,7 @@ from bitmix.budget import Budget
 from bitmix.compiler.capture import capture
 from bitmix.compiler.pipeline import CompiledModel, CompileOptions, compile
 from bitmix.compiler.saving import load
-from bitmix.compiler.sensitivity import ALPSConfig, EAGLConfig, HAWQConfig, LIMPQConfig, MethodConfig
+from bitmix.compiler.sensitivity import ALPSConfig, EAGLConfig, HAWQConfig, LIMPQConfig, MethodConfig, SQNRConfig
 from bitmix.errors import BitmixError
 from bitmix.ir.targets import TARGETS as targets
 from bitmix.ir.targets import Target
@@ -17,7 +17,8 @@ from bitmix.task import Data, FinetuneConfig, TaskData
 
 __all__ = [
     "ALPSConfig", "BitmixError", "Budget", "CompileOptions", "CompiledModel", "Data", "EAGLConfig",
-    "FinetuneConfig", "HAWQConfig", "LIMPQConfig", "MethodConfig", "Report", "TaskData", "Target", "capture",
+    "FinetuneConfig", "HAWQConfig", "LIMPQConfig", "MethodConfig", "Report", "SQNRConfig", "TaskData", "Target",
+    "capture",
     "compile", "load", "load_report", "print_report", "save_report", "targets",
 ]
 __version__ = "0.1.0"

@@ -86,3 +86,31 @@ def test_depthwise_extreme_codes_do_not_overflow(k: int, w_bits: int, a_signed: 
     np.testing.assert_array_equal(got, want.transpose(0, 2, 3, 1))
     a = -128 if a_signed else 255
     assert got[0, 3, 4, 0] == np.float32(k * k * lo * a) * np.float32(np.float32(0.05) * np.float32(0.01))
+
+
+@pytest.mark.parametrize("c", [1, 3, 4, 5, 8])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("spec", [(8, False), (4, True), (8, True)], ids=["u8", "s4", "s8"])
+def test_pad_codes_match_numpy(c: int, channels_last: bool, spec: tuple) -> None:
+    """``_pad_codes``' every layout branch (NHWC runs, pad channels, NCHW rows, an RGB stem's one word per pixel)
+    writes numpy's shifted codes into the padded buffer, code 0 at the border, zero pad channels, and each
+    pixel's sum."""
+    from bitmix.kernels.conv_nhwc import _pad_codes
+    from bitmix.kernels.matmul import check_activation_spec
+
+    lo, hi, shift = check_activation_spec(*spec)
+    rng = np.random.default_rng(c)
+    x = rng.normal(0, 3, size=(2, 5, 7, c)).astype(np.float32)
+    step, ph, pw = np.float32(0.07), 2, 3
+    c4 = -(-c // 4) * 4
+    want = np.zeros((2, 5 + 2 * ph, 7 + 2 * pw, c4), dtype=np.int32)
+    want[..., :c] = -shift
+    want[:, ph:ph + 5, pw:pw + 7, :c] = np.rint(np.clip(x / step, lo, hi)).astype(np.int32) - shift
+    out = np.full(want.shape, 99, dtype=np.int8)
+    psum = np.zeros(want.shape[0] * want.shape[1] * want.shape[2], dtype=np.int64)
+    arg = x if channels_last else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    assert not _pad_codes(arg, channels_last, step, lo, hi, shift, ph, pw, out, psum)
+    np.testing.assert_array_equal(out, want.astype(np.int8))
+    np.testing.assert_array_equal(psum, want.sum(axis=-1).reshape(-1))
+    arg.reshape(-1)[5] = np.nan
+    assert _pad_codes(arg, channels_last, step, lo, hi, shift, ph, pw, out, psum)

@@ -38,13 +38,14 @@ from bitmix.compiler.sensitivity.executor import (
 from bitmix.compiler.sensitivity.hawq import HAWQConfig
 from bitmix.compiler.sensitivity.launch import open_executor
 from bitmix.compiler.sensitivity.limpq import LIMPQConfig
+from bitmix.compiler.sensitivity.sqnr import SQNRConfig
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "METHODS", "ALPSConfig", "EAGLConfig", "Executor", "HAWQConfig", "LIMPQConfig", "Method", "MethodConfig",
-    "ProcessExecutor", "ScoreContext", "Scores", "SerialExecutor", "check_inputs", "data_free", "executor_for",
-    "open_executor",
+    "ProcessExecutor", "SQNRConfig", "ScoreContext", "Scores", "SerialExecutor", "check_inputs", "data_free",
+    "executor_for", "open_executor",
     "register", "relative_to_highest", "resolve", "score", "strategy",
 ]
