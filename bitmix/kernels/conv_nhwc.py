@@ -29,7 +29,6 @@ and exact int32 products, so outputs are bit-identical to ``qconv2d``'s.
 
 from __future__ import annotations
 
-import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -51,7 +50,6 @@ from bitmix.kernels.routing import dispatch
 from bitmix.kernels.scratch import scratch
 
 ROW_BLOCK = 64  # pixels per task of the row passes
-LITTLE_ENDIAN = sys.byteorder == "little"  # a pixel's four code bytes packed into one word (``_pad_codes``)
 _IMPLICIT_GEMM = {"avx512vnni": gemm_vnni, "avx2": gemm_avx2}  # micro-kernel set -> its implicit-GEMM conv
 
 
@@ -134,23 +132,6 @@ def _pad_codes(x, channels_last, step, lo, hi, shift, ph, pw, out, psum):
             continue
         seen = False
         d0 = row + pw * c4
-        if not channels_last and c4 == 4 and LITTLE_ENDIAN:  # NCHW, <= 4 channels (an RGB stem): a word per pixel
-            words = out.reshape(-1).view(np.uint32)
-            w0 = (row + pw * c4) // 4
-            s0 = (b * c * h + ih) * w
-            for iw in range(w):
-                word = np.uint32(0)
-                s = np.int32(0)
-                for q in range(c):
-                    v = xf[np.uintp(s0 + q * h * w + iw)] / step
-                    seen |= v != v
-                    code = _code(v, flo, fhi, sh)
-                    s += code
-                    word |= np.uint32(code & 0xFF) << np.uint32(8 * q)
-                words[np.uintp(w0 + iw)] = word
-                psum[t * wp + pw + iw] = s
-            nan[t] = seen
-            continue
         if not channels_last:  # NCHW: each channel's row quantized contiguously, then interleaved
             codes = np.empty(w, dtype=np.int32)
             sums = np.zeros(w, dtype=np.int32)

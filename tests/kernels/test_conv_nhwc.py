@@ -92,7 +92,7 @@ def test_depthwise_extreme_codes_do_not_overflow(k: int, w_bits: int, a_signed: 
 @pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("spec", [(8, False), (4, True), (8, True)], ids=["u8", "s4", "s8"])
 def test_pad_codes_match_numpy(c: int, channels_last: bool, spec: tuple) -> None:
-    """``_pad_codes``' every layout branch (NHWC runs, pad channels, NCHW rows, an RGB stem's one word per pixel)
+    """``_pad_codes``' every layout branch (NHWC runs, NHWC with pad channels, NCHW rows)
     writes numpy's shifted codes into the padded buffer, code 0 at the border, zero pad channels, and each
     pixel's sum."""
     from bitmix.kernels.conv_nhwc import _pad_codes
