@@ -154,16 +154,9 @@ def test_conv_codes_for_the_next_conv_equal_its_float_path(kernel_path: str, fir
     a_bits, a_signed = spec
     rng = np.random.default_rng(k * 100 + n + a_bits)
     c = 12
-    a = PreparedConv(pack_weights(rng.integers(-8, 8, (n, c * k * k)).astype(np.int8), 4),
-                     rng.uniform(0.01, 0.1, n).astype(np.float32), 0.05, 8, False,
-                     rng.normal(size=n).astype(np.float32) if bias else None, (k, k), (stride, stride), (pad, pad),
-                     (1, 1), 1)
-    b = PreparedConv(pack_weights(rng.integers(-2, 2, (n, n * 9)).astype(np.int8), 2),
-                     rng.uniform(0.01, 0.1, n).astype(np.float32), 0.04, a_bits, a_signed,
-                     rng.normal(size=n).astype(np.float32), (3, 3), (1, 1), (1, 1), (1, 1), 1)
-    last = PreparedConv(pack_weights(rng.integers(-8, 8, (9, n)).astype(np.int8), 4),
-                        rng.uniform(0.01, 0.1, 9).astype(np.float32), 0.03, 4, True, None, (1, 1), (1, 1), (0, 0),
-                        (1, 1), 1)
+    a = _random_conv(rng, n, c, 4, 0.05, (8, False), bias, k, stride, pad)
+    b = _random_conv(rng, n, n, 2, 0.04, spec, True, 3, 1, 1)
+    last = _random_conv(rng, 9, n, 4, 0.03, (4, True), False, 1, 1, 0)
     x = np.abs(rng.normal(0, 2, size=(2, 9, 11, c))).astype(np.float32)
     relu, wide = (np.float32(0), np.float32(np.inf)), (np.float32(-1.5), np.float32(6.0))
     assert a.to_codes(x, True, relu, b) is None  # neither layer has run at these shapes yet
@@ -203,15 +196,9 @@ def test_conv_codes_for_a_depthwise_conv_equal_its_float_path(kernel_path: str, 
     a_bits, a_signed = spec
     rng = np.random.default_rng(k * 100 + n + a_bits + dw_stride)
     c = 12
-    a = PreparedConv(pack_weights(rng.integers(-8, 8, (n, c * k * k)).astype(np.int8), 4),
-                     rng.uniform(0.01, 0.1, n).astype(np.float32), 0.05, 8, False,
-                     rng.normal(size=n).astype(np.float32), (k, k), (stride, stride), (pad, pad), (1, 1), 1)
-    dw = PreparedConv(pack_weights(rng.integers(-8, 8, (n, 9)).astype(np.int8), 4),
-                      rng.uniform(0.01, 0.1, n).astype(np.float32), 0.04, a_bits, a_signed,
-                      rng.normal(size=n).astype(np.float32), (3, 3), (dw_stride, dw_stride), (1, 1), (1, 1), n)
-    proj = PreparedConv(pack_weights(rng.integers(-8, 8, (9, n)).astype(np.int8), 4),
-                        rng.uniform(0.01, 0.1, 9).astype(np.float32), 0.03, 4, True, None, (1, 1), (1, 1), (0, 0),
-                        (1, 1), 1)
+    a = _random_conv(rng, n, c, 4, 0.05, (8, False), True, k, stride, pad)
+    dw = _random_conv(rng, n, n, 4, 0.04, spec, True, 3, dw_stride, 1, groups=n)
+    proj = _random_conv(rng, 9, n, 4, 0.03, (4, True), False, 1, 1, 0)
     x = np.abs(rng.normal(0, 2, size=(2, 17, 19, c))).astype(np.float32)
     relu6, wide = (np.float32(0), np.float32(6)), (np.float32(-1.5), np.float32(6.0))
     ya = a(x, True, None, relu6)
@@ -233,3 +220,13 @@ def test_conv_codes_for_a_depthwise_conv_equal_its_float_path(kernel_path: str, 
     np.testing.assert_array_equal(proj(into_proj, True), ref)
     with pytest.raises(BitmixError, match="another layer"):
         proj(codes, True)
+
+
+def _random_conv(rng: np.random.Generator, n: int, c: int, w_bits: int, a_step: float, spec: tuple, bias: bool,
+                 k: int, stride: int, pad: int, groups: int = 1) -> PreparedConv:
+    """A k x k conv of ``c`` -> ``n`` channels with random ``w_bits`` weight codes, per-channel scales (and bias)."""
+    half = 2 ** (w_bits - 1)
+    w = pack_weights(rng.integers(-half, half, (n, c // groups * k * k)).astype(np.int8), w_bits)
+    return PreparedConv(w, rng.uniform(0.01, 0.1, n).astype(np.float32), a_step, *spec,
+                        rng.normal(size=n).astype(np.float32) if bias else None, (k, k), (stride, stride), (pad, pad),
+                        (1, 1), groups)
