@@ -39,7 +39,7 @@ def floor(name: str, seed: int = 0) -> dict[str, float]:
         noisy = tuple(t + frac * t.std() * torch.randn(t.shape, generator=gen) for t in test)
         row[f"noise {frac:g} of std"] = _one_minus_cos(_outputs(model, noisy), ref)
     steps = [c.abs().max() / 127 for c in calib]
-    rounded = tuple(torch.clamp(torch.round(t / s), -128, 127) * s for t, s in zip(test, steps))
+    rounded = tuple(torch.clamp(torch.round(t / s), -128, 127) * s for t, s in zip(test, steps, strict=True))
     row["input at 8 bits"] = _one_minus_cos(_outputs(model, rounded), ref)
     return row
 
