@@ -48,7 +48,7 @@ def output_step(x: torch.Tensor, weight: torch.Tensor, quant: LSQQuantizer, grid
     for c in grid:
         s = base * c
         step = s * rows
-        xq = torch.round(torch.clamp(x / step, -quant.q_n, quant.q_p)) * step
+        xq = quant.dequantized(x, step)
         error = float(F.linear(xq - x, weight).pow(2).sum())
         if best is None or error < best[0]:
             best = (error, s)

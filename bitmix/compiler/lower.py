@@ -27,7 +27,7 @@ from torch import fx, nn
 from bitmix import kernels
 from bitmix.compiler.hadamard import rotate_input
 from bitmix.compiler.layout import channels_last_between_convs, code_chains, fuse_conv_epilogues, nhwc_max_pools
-from bitmix.compiler.qlayer import MIN_STEP, QuantLayer, quant_layers, row_max
+from bitmix.compiler.qlayer import MIN_STEP, LSQQuantizer, QuantLayer, quant_layers, row_max
 from bitmix.compiler.torch_threads import torch_on_one_thread as torch_on_one_thread  # re-exported
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
@@ -59,6 +59,7 @@ class KernelPlan:
     rotation_signs: torch.Tensor | None = None  # online input rotation before that (`bitmix.compiler.rotate`)
     a_axis: int | None = None  # per-row activation steps (`bitmix.ir.row_steps`): a_step times the max along it
     b_axis: int | None = None
+    a_shift: torch.Tensor | None = None  # a mid-rise input grid's half step, subtracted before the kernel
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", as_precision(self.bits))
@@ -96,7 +97,7 @@ def linear_kernel(p: KernelPlan) -> kernels.LinearKernel:
     kernel = _LINEARS.get(p)
     if kernel is None:
         assert p.packed is not None and p.w_scales is not None
-        a_scale = None if p.a_scale is None else p.a_scale.numpy()
+        a_scale = None if p.a_scale is None or p.a_shift is not None else p.a_scale.numpy()
         row_floor = None if p.a_axis is None else MIN_STEP  # per-row steps: `row_steps_of`'s floor
         kernel = kernels.prepare_linear(p.packed, p.w_scales, p.a_step, p.bits.a, p.a_signed, p.bias, a_scale,
                                         row_floor)
@@ -115,7 +116,17 @@ def _run_linear(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
         x = x.to("cpu", torch.float32)
     if p.rotation_signs is not None:
         x = rotate_input(x, p.rotation_signs)
+    if p.a_shift is not None:
+        x = mid_rise_input(x, p.a_scale, p.a_shift)
     return torch.from_numpy(linear_kernel(p)(x.numpy()))
+
+
+def mid_rise_input(x: torch.Tensor, a_scale: torch.Tensor | None, half_step: torch.Tensor) -> torch.Tensor:
+    """What a mid-rise linear's kernel quantizes on the plain grid: `QuantLayer.prepare_input`'s smoothing
+    product, minus the half step (`LSQQuantizer.codes`), in the same float32 ops."""
+    if a_scale is not None:
+        x = x * a_scale
+    return x - half_step
 
 
 def _qlinear(x: torch.Tensor, handle: int) -> torch.Tensor:
@@ -382,7 +393,9 @@ def plan_for(layer: QuantLayer) -> KernelPlan:
     weight = layer.weight.detach().float()
     codes = layer.w_quant.codes(weight).reshape(weight.shape[0], -1).numpy().astype(np.int8)
     scales = layer.w_quant.step.detach().float().reshape(-1).expand(weight.shape[0]).numpy().copy()
-    bias = layer.bias.detach().float().numpy().copy() if layer.bias is not None else None
+    folded = layer.folded_bias()
+    bias = folded.numpy().copy() if folded is not None else None
+    half = layer.a_quant.half_step() if isinstance(layer.a_quant, LSQQuantizer) else None
     geometry = {}
     if layer.kind == "conv2d":
         geometry = dict(kernel_size=tuple(weight.shape[2:]), stride=layer.stride, padding=layer.padding,
@@ -390,7 +403,7 @@ def plan_for(layer: QuantLayer) -> KernelPlan:
     a_scale = layer.a_scale.detach().float().clone() if layer.a_scale is not None else None
     signs = layer.rotation_signs.detach().float().clone() if layer.rotation_signs is not None else None
     return KernelPlan(layer.name, layer.kind, bits, a_step, layer.a_quant.signed, out_features=weight.shape[0],
-                      a_scale=a_scale, rotation_signs=signs, a_axis=layer.a_quant.axis,
+                      a_scale=a_scale, rotation_signs=signs, a_axis=layer.a_quant.axis, a_shift=half,
                       packed=kernels.pack_weights(codes, bits.w), w_scales=scales, bias=bias, **geometry)
 
 

@@ -97,6 +97,7 @@ class PortableLayer(nn.Module):
         self.register_buffer("bias", None if plan.bias is None else torch.from_numpy(plan.bias.copy()))
         self.register_buffer("a_scale", None if plan.a_scale is None else plan.a_scale.clone())  # smoothing
         self.register_buffer("rotation_signs", None if plan.rotation_signs is None else plan.rotation_signs.clone())
+        self.register_buffer("a_shift", None if plan.a_shift is None else plan.a_shift.clone())  # mid-rise grid
         self.k, self.k_pad, self.offset = p.k, p.k_pad, p.offset
         self.geometry = [*plan.kernel_size, *plan.stride, *plan.padding, *plan.dilation, plan.groups]
 
@@ -114,6 +115,8 @@ class PortableLayer(nn.Module):
             x = rotate_input(x, self.rotation_signs)  # the fake-quant layer's transform, bit for bit
         if self.a_scale is not None:
             x = x * self.a_scale  # the lowered layer's float32 product, so the codes match bit for bit
+        if self.a_shift is not None:
+            x = x - self.a_shift  # `lower.mid_rise_input`
         if self.a_axis is not None:  # per-row steps, as `lower._run_linear`
             step = row_steps_of(x, self.a_step, self.a_axis)
             out = qlinear_packed(x / step, self.data, self.row_sums, self.scales, None, self.k, self.k_pad,

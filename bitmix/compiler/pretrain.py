@@ -30,8 +30,8 @@ from bitmix.ir.precision import Precision
 from bitmix.ir.targets import Target
 from bitmix.task import FinetuneConfig, TaskData
 
-CACHE_VERSION = 4  # 2: smoothing scales (a_scale); 3: AWQ scales, Hadamard-rotated inputs (rotation_signs);
-# 4: per-row activation steps (a step is a fraction of the row max)
+CACHE_VERSION = 5  # 2: smoothing scales (a_scale); 3: AWQ scales, Hadamard-rotated inputs (rotation_signs);
+# 4: per-row activation steps (a step is a fraction of the row max); 5: mid-rise 2-bit activation grids
 CALIBRATION = 128  # examples for the activation steps, as the pipeline uses
 
 

@@ -28,6 +28,7 @@ from bitmix.ir.row_steps import row_steps
 # E|v| for v ~ N(0, 1) (signed) and for relu(v) (unsigned): the data-free activation prior.
 GAUSSIAN_ABS_MEAN = {True: math.sqrt(2.0 / math.pi), False: 1.0 / math.sqrt(2.0 * math.pi)}
 MIN_STEP = ranges.MIN_STEP
+MIDRISE_BITS = 2  # the widest activation offered the mid-rise grid: at 4 bits and up one level of 16 is noise
 EXACT_F32 = float(2**24)  # float32 represents every integer up to this exactly
 
 
@@ -82,9 +83,16 @@ class LSQQuantizer(nn.Module):
     the MSE-optimal step (`init_range`, `bitmix.compiler.ranges`), the post-training range
     the fine-tuning then starts from. `init_step` is LSQ's own `2 <|v|> / sqrt(Q_P)`.
     `bits` is this operand's width; a layer's weight and activation quantizers each have their own.
+
+    With `midrise` allowed (a signed per-tensor activation of at most `MIDRISE_BITS`), `init_range` may put
+    the codes on the mid-rise grid: code c stands for (c + 1/2) * step, so 2-bit codes -2..1 are the
+    symmetric levels -1.5, -0.5, 0.5, 1.5 steps instead of -2, -1, 0, 1 (one of four levels wasted on a
+    symmetric distribution). The half step times the weights' column sums is a constant per output channel,
+    folded into the bias (`QuantLayer.folded_bias`): the integer work is the same.
     """
 
-    def __init__(self, bits: int, signed: bool, channels: int | None = None, axis: int | None = None) -> None:
+    def __init__(self, bits: int, signed: bool, channels: int | None = None, axis: int | None = None,
+                 midrise: bool = False) -> None:
         super().__init__()
         if bits < 2:
             raise BitmixError(f"LSQ needs at least 2 bits, got {bits}")
@@ -92,14 +100,16 @@ class LSQQuantizer(nn.Module):
         self.signed = signed
         self.channels = channels
         self.axis = axis
+        self.may_midrise = midrise and signed and channels is None and axis is None and bits <= MIDRISE_BITS
         self.q_n, self.q_p = qrange(bits, signed)
         self.step = nn.Parameter(torch.ones(channels if channels is not None else ()))
         self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("midrise", torch.tensor(False))  # codes c stand for (c + 1/2) * step
 
     def extra_repr(self) -> str:
         kind = (f"per-channel({self.channels})" if self.channels is not None
                 else f"per-row(axis={self.axis})" if self.axis is not None else "per-tensor")
-        return f"bits={self.bits}, signed={self.signed}, {kind}"
+        return f"bits={self.bits}, signed={self.signed}, {kind}" + (", mid-rise" if bool(self.midrise) else "")
 
     @torch.no_grad()
     def init_step(self, v: torch.Tensor) -> None:
@@ -117,8 +127,10 @@ class LSQQuantizer(nn.Module):
         if self.channels is not None:
             self.set_step(ranges.weight_steps(v, self.q_n, self.q_p))
             return
-        self.signed, step = ranges.activation_range(self.normalised(v), self.bits, self.signed)
+        self.signed, midrise, step = ranges.activation_grid(self.normalised(v), self.bits, self.signed,
+                                                            self.may_midrise)
         self.q_n, self.q_p = qrange(self.bits, self.signed)
+        self.midrise.fill_(midrise)
         self.set_step(step)
 
     @torch.no_grad()
@@ -152,18 +164,34 @@ class LSQQuantizer(nn.Module):
             return self.step * row_max(v, self.axis)
         return self.step
 
+    def half_step(self) -> torch.Tensor | None:
+        """The mid-rise grid's shift (step / 2, exact in float32), or None on the plain grid."""
+        return self.step.detach().float() * 0.5 if bool(self.midrise) else None
+
+    def dequantized(self, v: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """`v` rounded on this quantizer's grid with `step` (a candidate in a step search)."""
+        if bool(self.midrise):
+            half = step * 0.5
+            return torch.round(torch.clamp((v - half) / step, -self.q_n, self.q_p)) * step + half
+        return torch.round(torch.clamp(v / step, -self.q_n, self.q_p)) * step
+
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized):
             self.init_range(v)
         g = 1.0 / math.sqrt(self.elements_per_step(v) * self.q_p)
         s = _GradScale.apply(self.step_for(v), g)
+        if bool(self.midrise):
+            half = s * 0.5
+            return _RoundSTE.apply(torch.clamp((v - half) / s, -self.q_n, self.q_p)) * s + half
         return _RoundSTE.apply(torch.clamp(v / s, -self.q_n, self.q_p)) * s
 
     @torch.no_grad()
     def codes(self, v: torch.Tensor) -> torch.Tensor:
-        """Integer codes (int32) of `v`, computed in float32 exactly as the forward pass does."""
-        s = self.step_for(v)
-        return torch.round(torch.clamp(v.float() / s.float(), -self.q_n, self.q_p)).to(torch.int32)
+        """Integer codes (int32) of `v`, computed in float32 exactly as the forward pass does
+        (on the mid-rise grid: of `v - step / 2`, the subtraction the lowered layer does before its kernel)."""
+        s = self.step_for(v).float()
+        v = v.float() if not bool(self.midrise) else v.float() - s * 0.5
+        return torch.round(torch.clamp(v / s, -self.q_n, self.q_p)).to(torch.int32)
 
 
 class QuantLayer(nn.Module):
@@ -251,7 +279,9 @@ class QuantLayer(nn.Module):
         p = self.bits = chip_precision(bits, f"layer {self.name!r}: precision")
         a_signed = (not self.input_nonneg) if a_signed is None else a_signed
         per_row = row_steps(self.kind, p)
-        self.a_quant = LSQQuantizer(p.a, a_signed, axis=-1 if per_row else None)
+        # mid-rise only for linears: a conv's zero padding has no code on that grid, and a matmul's second
+        # operand would add an input-dependent cross term
+        self.a_quant = LSQQuantizer(p.a, a_signed, axis=-1 if per_row else None, midrise=self.kind == "linear")
         if self.kind == "matmul":
             b_signed = (not self.b_nonneg) if b_signed is None else b_signed
             self.b_quant = LSQQuantizer(p.a, b_signed, axis=-2 if per_row else None)
@@ -314,11 +344,25 @@ class QuantLayer(nn.Module):
                 out = exact_matmul(a, w.t()) * w_step * a_step
             else:
                 out = exact_matmul(a, w.t()) * (a_step * w_step)
-            return out + self.bias.detach().float() if self.bias is not None else out
+            bias = self.folded_bias()
+            return out + bias if bias is not None else out
         scale = a_step * w_step
         out = exact_conv(a.float(), w.float(), self.stride, self.padding, self.dilation, self.groups)
         out = out * scale.reshape(1, -1, 1, 1)
         return out + self.bias.detach().float().reshape(1, -1, 1, 1) if self.bias is not None else out
+
+
+    @torch.no_grad()
+    def folded_bias(self) -> torch.Tensor | None:
+        """The float32 bias the kernel adds: the layer's, plus on a mid-rise input grid the half step's
+        product with the quantized weights, `(step / 2 * w_step) * Σ_k w_codes[:, k]` per output channel."""
+        bias = self.bias.detach().float() if self.bias is not None else None
+        half = self.a_quant.half_step() if isinstance(self.a_quant, LSQQuantizer) else None
+        if half is None or self.weight is None or self.w_quant is None:
+            return bias
+        sums = self.w_quant.codes(self.weight).reshape(self.weight.shape[0], -1).sum(dim=1).float()
+        shift = (half * self.w_quant.step.detach().float()) * sums
+        return shift if bias is None else bias + shift
 
 
 def exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
