@@ -7,7 +7,10 @@ torch's ReLU / adds / pooling / layout copies between kernels. Achieved GMAC/s p
 ``--peak`` (the machine's int8 peak, GMAC/s, both cores). Probes add a few microseconds per call,
 so per-layer sums run slightly above the un-probed forward, which is reported too.
 
-    python benchmarks/profile_layers.py resnet18 --repeats 30
+    python benchmarks/profile_layers.py resnet18 --repeats 30 [--ort]
+
+``--ort`` adds ONNX Runtime int8's per-conv times from its own profiler, paired with bitmix's layers in
+execution order.
 """
 
 from __future__ import annotations
@@ -57,12 +60,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--peak", type=float, default=0.0, help="int8 peak GMAC/s of the machine (both cores)")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--ort", action="store_true", help="also ONNX Runtime int8's per-conv times (its profiler)")
     args = parser.parse_args()
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     configure_threading()
     numba.set_num_threads(threads)
-    model, inputs, _ = zoo.load(args.model)
+    model, inputs, data = zoo.load(args.model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cm = bitmix.compile(model, inputs, target="int4int2-npu", method="eagl", budget=1.0)
@@ -76,6 +80,7 @@ def main() -> None:
             cm(*inputs)
             plain.append(time.perf_counter() - start)
     layer_t: dict[str, list[float]] = defaultdict(list)
+    layer_order: dict[str, None] = {}  # call order
     macs: dict[str, int] = {}
     original = lower.KernelLayer.forward
 
@@ -83,6 +88,7 @@ def main() -> None:
         start = time.perf_counter()
         out = original(self, x, other, residual)
         layer_t[self.name].append(time.perf_counter() - start)
+        layer_order.setdefault(self.name, None)
         macs[self.name] = _macs(self, x, out)
         return out
 
@@ -125,11 +131,39 @@ def main() -> None:
         rate = macs[name] / t / 1e9
         pk = f"{100 * rate / args.peak:5.1f}" if args.peak else "-"
         print(f"{name:40s} {t * 1e3:7.3f} {macs[name] / 1e9:7.3f} {rate:8.1f} {pk:>6s}")
+    if args.ort:
+        _compare_ort(model, inputs, data, threads, args.repeats, per_layer, layer_order, args.top)
     prof_inputs = inputs
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(5):
             cm(*prof_inputs)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+ORT_WEIGHTED = ("QLinearConv", "ConvInteger", "Conv")
+
+
+def _compare_ort(model, inputs, data, threads: int, runs: int, per_layer: dict[str, float],
+                 layer_order: dict[str, None], top: int) -> None:
+    """ONNX Runtime int8's convs beside bitmix's, paired in execution order (ORT may run a block's
+    downsample conv before its last conv, so such pairs swap: compare sums, or shapes, not names)."""
+    from bitmix.tools.ort_baseline import ort_int8_node_times
+
+    nodes = ort_int8_node_times(model.eval(), inputs, data, threads, runs)
+    convs = [(node, t) for node, op, t in nodes if op in ORT_WEIGHTED]
+    ours = [name for name in layer_order if name in per_layer][: len(convs)]
+    other: dict[str, float] = defaultdict(float)
+    for _, op, t in nodes:
+        if op not in ORT_WEIGHTED:
+            other[op] += t
+    print(f"\nONNX Runtime int8 (profiler, median of {runs}): {len(convs)} convs "
+          f"{sum(t for _, t in convs) * 1e3:.2f} ms (bitmix's first {len(ours)} layers "
+          f"{sum(per_layer[n] for n in ours) * 1e3:.2f} ms); other ops "
+          + ", ".join(f"{op} {t * 1e3:.2f}" for op, t in sorted(other.items(), key=lambda kv: -kv[1])))
+    pairs = sorted(zip(ours, convs, strict=False), key=lambda p: -(per_layer[p[0]] - p[1][1]))
+    print(f"{'bitmix layer':32s} {'ORT node':40s} {'ORT us':>8s} {'bitmix us':>9s} {'ratio':>6s}")
+    for name, (node, t) in pairs[:top]:
+        print(f"{name:32s} {node[-40:]:40s} {t * 1e6:8.1f} {per_layer[name] * 1e6:9.1f} {per_layer[name] / t:6.2f}")
 
 
 if __name__ == "__main__":

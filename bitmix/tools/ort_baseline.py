@@ -8,7 +8,9 @@ same input with the same thread count as the eager and compiled models.
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -47,6 +49,32 @@ def ort_int8_session(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: T
                      threads: int) -> Callable[[], object]:
     """Export, quantize (static QDQ, per-channel) and load ``model``; returns a no-argument call
     that runs it once on ``inputs``."""
+    session, feed = _int8_session(model, inputs, data, threads, None)
+    return lambda: session.run(None, feed)
+
+
+def ort_int8_node_times(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: TaskData | None, threads: int,
+                        runs: int) -> list[tuple[str, str, float]]:
+    """(node, op type, median seconds) of every node ORT's profiler reports, in execution order, over
+    ``runs`` calls after 5 warm-up calls (`benchmarks/profile_layers.py --ort`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        session, feed = _int8_session(model, inputs, data, threads, os.path.join(tmp, "profile"))
+        for _ in range(5 + runs):
+            session.run(None, feed)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    times: dict[str, list[float]] = {}
+    ops: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            node = e["name"].removesuffix("_kernel_time")
+            times.setdefault(node, []).append(e["dur"] * 1e-6)
+            ops[node] = e["args"].get("op_name", "")
+    return [(node, ops[node], statistics.median(t[-runs:])) for node, t in times.items()]
+
+
+def _int8_session(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: TaskData | None, threads: int,
+                  profile_prefix: str | None) -> tuple[object, dict[str, np.ndarray]]:
     try:
         import onnxruntime as ort
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -79,9 +107,12 @@ def ort_int8_session(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: T
         opts.log_severity_level = 3
         # idle pool threads would otherwise spin after each run and slow the eager/compiled timings
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if profile_prefix is not None:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
         session = ort.InferenceSession(int8, opts, providers=["CPUExecutionProvider"])
     feed = feeds[0] if data is None else {n: x.numpy() for n, x in zip(names, inputs, strict=True)}
-    return lambda: session.run(None, feed)
+    return session, feed
 
 
 def time_ort_int8(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: TaskData | None, threads: int,
