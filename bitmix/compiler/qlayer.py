@@ -351,7 +351,6 @@ class QuantLayer(nn.Module):
         out = out * scale.reshape(1, -1, 1, 1)
         return out + self.bias.detach().float().reshape(1, -1, 1, 1) if self.bias is not None else out
 
-
     @torch.no_grad()
     def folded_bias(self) -> torch.Tensor | None:
         """The float32 bias the kernel adds: the layer's, plus on a mid-rise input grid the half step's
