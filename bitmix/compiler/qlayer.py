@@ -344,7 +344,7 @@ class QuantLayer(nn.Module):
                 out = exact_matmul(a, w.t()) * w_step * a_step
             else:
                 out = exact_matmul(a, w.t()) * (a_step * w_step)
-            bias = self.folded_bias()
+            bias = self.folded_bias(w)
             return out + bias if bias is not None else out
         scale = a_step * w_step
         out = exact_conv(a.float(), w.float(), self.stride, self.padding, self.dilation, self.groups)
@@ -352,14 +352,16 @@ class QuantLayer(nn.Module):
         return out + self.bias.detach().float().reshape(1, -1, 1, 1) if self.bias is not None else out
 
     @torch.no_grad()
-    def folded_bias(self) -> torch.Tensor | None:
+    def folded_bias(self, w_codes: torch.Tensor | None = None) -> torch.Tensor | None:
         """The float32 bias the kernel adds: the layer's, plus on a mid-rise input grid the half step's
-        product with the quantized weights, `(step / 2 * w_step) * Σ_k w_codes[:, k]` per output channel."""
+        product with the quantized weights, `(step / 2 * w_step) * Σ_k w_codes[:, k]` per output channel
+        (`w_codes`: the weight's codes when the caller has them already)."""
         bias = self.bias.detach().float() if self.bias is not None else None
         half = self.a_quant.half_step() if isinstance(self.a_quant, LSQQuantizer) else None
         if half is None or self.weight is None or self.w_quant is None:
             return bias
-        sums = self.w_quant.codes(self.weight).reshape(self.weight.shape[0], -1).sum(dim=1).float()
+        codes = self.w_quant.codes(self.weight) if w_codes is None else w_codes
+        sums = codes.reshape(self.weight.shape[0], -1).sum(dim=1).float()
         shift = (half * self.w_quant.step.detach().float()) * sums
         return shift if bias is None else bias + shift
 
