@@ -55,7 +55,6 @@ from bitmix.kernels.simd import (
     load_i8x64,
     load_i32x16,
     splat_i32x16,
-    store_i32x16,
     zero_i32x16,
 )
 
@@ -73,22 +72,54 @@ SCALED_BIASED = SCALED | BIAS
 NO_CLAMP = (np.float32(-np.inf), np.float32(np.inf))
 _F32X16 = ir.VectorType(ir.FloatType(), 16)
 _I32X16 = ir.VectorType(ir.IntType(32), 16)
+_I8X16 = ir.VectorType(ir.IntType(8), 16)
+_MASK16 = ir.VectorType(ir.IntType(1), 16)
+
+
+def _first_lanes(context, builder, count, count_type) -> ir.Value:
+    """The ``<16 x i1>`` mask of lanes ``0 .. count-1`` (``count`` >= 16: all)."""
+    c = context.cast(builder, count, count_type, types.int32)
+    vec = builder.insert_element(ir.Constant(_I32X16, None), c, ir.Constant(ir.IntType(32), 0))
+    splat = builder.shuffle_vector(vec, vec, ir.Constant(_I32X16, [0] * 16))
+    return builder.icmp_signed("<", ir.Constant(_I32X16, list(range(16))), splat)
+
+
+def _masked_load(builder, ptr, vec: ir.VectorType, mask, align: int) -> ir.Value:
+    """``llvm.masked.load`` of ``vec`` at ``ptr``, lanes outside ``mask`` zero and never read: a partial
+    channel block costs one masked ``vmovups`` instead of a scalar loop, and never reads past the array."""
+    name = f"llvm.masked.load.v16{'f32' if vec == _F32X16 else f'i{vec.element.width}'}.p0"
+    fnty = ir.FunctionType(vec, [ptr.type, ir.IntType(32), _MASK16, vec])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+    return builder.call(fn, [ptr, ir.Constant(ir.IntType(32), align), mask, ir.Constant(vec, None)])
+
+
+def _masked_store(builder, value, ptr, mask, align: int) -> None:
+    """``llvm.masked.store`` of the lanes of ``value`` in ``mask`` at ``ptr``."""
+    vec = value.type
+    name = f"llvm.masked.store.v16{'f32' if vec == _F32X16 else f'i{vec.element.width}'}.p0"
+    fnty = ir.FunctionType(ir.VoidType(), [vec, ptr.type, ir.IntType(32), _MASK16])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+    builder.call(fn, [value, ptr, ir.Constant(ir.IntType(32), align), mask])
 
 
 @intrinsic
-def store_epilogue(typingctx, out, idx, v, scale, bias, res, col, mode, lo, hi, row_scale):
-    """``out[idx:idx+16] = clamp(float32(v) * scale[col:] (* row_scale) (+ bias[col:]) (+ res[idx:]), lo,
-    hi)``, the float ops of the reference in its order (``vmulps`` and ``vaddps``s, never an FMA); the
-    clamp is two compare-selects that keep NaN and -0.0, as torch's relu/hardtanh do. ``res`` is read
-    only when ``mode & RESIDUAL``, ``row_scale`` used only when ``mode & ROWS``."""
+def store_epilogue(typingctx, out, idx, v, scale, bias, res, col, mode, lo, hi, row_scale, count):
+    """``out[idx:idx+count] = clamp(float32(v) * scale[col:] (* row_scale) (+ bias[col:]) (+ res[idx:]),
+    lo, hi)`` for the first ``count`` (<= 16) lanes, the float ops of the reference in its order (``vmulps``
+    and ``vaddps``s, never an FMA); the clamp is two compare-selects that keep NaN and -0.0, as torch's
+    relu/hardtanh do. ``res`` is read only when ``mode & RESIDUAL``, ``row_scale`` used only when ``mode &
+    ROWS``. Loads and the store are masked to the ``count`` lanes, so a partial channel block (``n`` not a
+    multiple of 16) takes the same path: the scalar loop it had, inlined 16 times per tile, spilled the
+    tile's registers and cost 25-40 % of a K = 64 conv GEMM."""
     f32 = types.Array(types.float32, 1, "C")
     if not (out == f32 and scale == f32 and bias == f32 and res == f32 and v == i32x16
-            and all(isinstance(a, types.Integer) for a in (idx, col, mode))
+            and all(isinstance(a, types.Integer) for a in (idx, col, mode, count))
             and lo == hi == row_scale == types.float32):
         return None
 
     def codegen(context, builder, sig, args):
-        out_a, idx_a, v_a, scale_a, bias_a, res_a, col_a, mode_a, lo_a, hi_a, rs_a = args
+        out_a, idx_a, v_a, scale_a, bias_a, res_a, col_a, mode_a, lo_a, hi_a, rs_a, count_a = args
+        mask = _first_lanes(context, builder, count_a, sig.args[11])
 
         def ptr(k, pos_k):
             ary = context.make_array(sig.args[k])(context, builder, value=args[k])
@@ -104,38 +135,40 @@ def store_epilogue(typingctx, out, idx, v, scale, bias, res, col, mode, lo, hi, 
             vec = builder.insert_element(ir.Constant(_F32X16, None), x, ir.Constant(ir.IntType(32), 0))
             return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
 
-        y = builder.fmul(builder.sitofp(v_a, _F32X16), builder.load(ptr(3, 6), align=4))
+        y = builder.fmul(builder.sitofp(v_a, _F32X16), _masked_load(builder, ptr(3, 6), _F32X16, mask, 4))
         y = builder.select(flag(ROWS), builder.fmul(y, splat(rs_a)), y)
-        y = builder.select(flag(BIAS), builder.fadd(y, builder.load(ptr(4, 6), align=4)), y)
+        y = builder.select(flag(BIAS), builder.fadd(y, _masked_load(builder, ptr(4, 6), _F32X16, mask, 4)), y)
         slot = cgutils.alloca_once_value(builder, y)
         with builder.if_then(flag(RESIDUAL)):
-            builder.store(builder.fadd(y, builder.load(ptr(5, 1), align=4)), slot)
+            builder.store(builder.fadd(y, _masked_load(builder, ptr(5, 1), _F32X16, mask, 4)), slot)
         y = builder.load(slot)
         low, high = splat(lo_a), splat(hi_a)
         y = builder.select(builder.fcmp_ordered("<", y, low), low, y)
         y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
-        builder.store(y, ptr(0, 1), align=4)
+        _masked_store(builder, y, ptr(0, 1), mask, 4)
         return context.get_dummy_value()
 
-    return types.none(out, idx, v, scale, bias, res, col, mode, lo, hi, row_scale), codegen
+    return types.none(out, idx, v, scale, bias, res, col, mode, lo, hi, row_scale, count), codegen
 
 
 simd.pin_uuid(store_epilogue, "gemm_vnni.store_epilogue")
 
 
 @intrinsic
-def store_codes(typingctx, out8, idx, v, scale, bias, col, mode, lo, hi, q):
-    """``out8[idx:idx+16]`` = the int8 codes ``rint(clip(y / q[0], q[1], q[2])) - q[3]`` of ``y = clamp(float32(v)
-    * scale[col:] (+ bias[col:]), lo, hi)``: ``store_epilogue``'s floats (no residual), quantized with the
-    float ops of ``conv_nhwc._pad_codes`` (a true division, round half to even), so the next conv reads the
-    codes it would have made from them. ``y`` is never NaN here (finite scale and bias: the caller checks)."""
+def store_codes(typingctx, out8, idx, v, scale, bias, col, mode, lo, hi, q, count):
+    """``out8[idx:idx+count]`` (``count`` <= 16 lanes, masked as in ``store_epilogue``) = the int8 codes
+    ``rint(clip(y / q[0], q[1], q[2])) - q[3]`` of ``y = clamp(float32(v) * scale[col:] (+ bias[col:]), lo, hi)``:
+    ``store_epilogue``'s floats (no residual), quantized with the float ops of ``conv_nhwc._pad_codes`` (a true
+    division, round half to even), so the next conv reads the codes it would have made from them. ``y`` is
+    never NaN here (finite scale and bias: the caller checks)."""
     f32 = types.Array(types.float32, 1, "C")
     if not (out8 == types.Array(types.int8, 1, "C") and scale == f32 and bias == f32 and q == f32 and v == i32x16
-            and all(isinstance(a, types.Integer) for a in (idx, col, mode)) and lo == hi == types.float32):
+            and all(isinstance(a, types.Integer) for a in (idx, col, mode, count)) and lo == hi == types.float32):
         return None
 
     def codegen(context, builder, sig, args):
-        out_a, idx_a, v_a, scale_a, bias_a, col_a, mode_a, lo_a, hi_a, q_a = args
+        out_a, idx_a, v_a, scale_a, bias_a, col_a, mode_a, lo_a, hi_a, q_a, count_a = args
+        mask = _first_lanes(context, builder, count_a, sig.args[10])
 
         def data(k):
             return context.make_array(sig.args[k])(context, builder, value=args[k]).data
@@ -154,8 +187,8 @@ def store_codes(typingctx, out8, idx, v, scale, bias, col, mode, lo, hi, q):
         m = context.cast(builder, mode_a, sig.args[6], types.int64)
         biased = builder.icmp_unsigned("!=", builder.and_(m, ir.Constant(ir.IntType(64), BIAS)),
                                        ir.Constant(ir.IntType(64), 0))
-        y = builder.fmul(builder.sitofp(v_a, _F32X16), builder.load(at(3, 5, _F32X16), align=4))
-        y = builder.select(biased, builder.fadd(y, builder.load(at(4, 5, _F32X16), align=4)), y)
+        y = builder.fmul(builder.sitofp(v_a, _F32X16), _masked_load(builder, at(3, 5, _F32X16), _F32X16, mask, 4))
+        y = builder.select(biased, builder.fadd(y, _masked_load(builder, at(4, 5, _F32X16), _F32X16, mask, 4)), y)
         low, high = splat(lo_a), splat(hi_a)
         y = builder.select(builder.fcmp_ordered("<", y, low), low, y)
         y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
@@ -165,14 +198,33 @@ def store_codes(typingctx, out8, idx, v, scale, bias, col, mode, lo, hi, q):
         y = builder.select(builder.fcmp_ordered(">", y, qhi), qhi, y)
         rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32X16, [_F32X16]), "llvm.rint.v16f32")
         code = builder.sub(builder.fptosi(builder.call(rint, [y]), _I32X16), builder.fptosi(q_at(3), _I32X16))
-        i8x16 = ir.VectorType(ir.IntType(8), 16)
-        builder.store(builder.trunc(code, i8x16), at(0, 1, i8x16), align=1)
+        _masked_store(builder, builder.trunc(code, _I8X16), at(0, 1, _I8X16), mask, 1)
         return context.get_dummy_value()
 
-    return types.none(out8, idx, v, scale, bias, col, mode, lo, hi, q), codegen
+    return types.none(out8, idx, v, scale, bias, col, mode, lo, hi, q, count), codegen
 
 
 simd.pin_uuid(store_codes, "gemm_vnni.store_codes")
+
+
+@intrinsic
+def store_first_i32(typingctx, out, idx, v, count):
+    """``out[idx:idx+count] = v[:count]`` (int32, ``count`` <= 16 lanes, one masked store)."""
+    if not (out == types.Array(types.int32, 1, "C") and v == i32x16
+            and isinstance(idx, types.Integer) and isinstance(count, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, value=args[0])
+        pos = context.cast(builder, args[1], sig.args[1], types.intp)
+        ptr = builder.bitcast(builder.gep(ary.data, [pos]), _I32X16.as_pointer())
+        _masked_store(builder, args[2], ptr, _first_lanes(context, builder, args[3], sig.args[3]), 4)
+        return context.get_dummy_value()
+
+    return types.none(out, idx, v, count), codegen
+
+
+simd.pin_uuid(store_first_i32, "gemm_vnni.store_first_i32")
 
 
 # Module level, not closures of `driver`: Numba keys a cached closure by pickling its cells, and these
@@ -186,65 +238,35 @@ def taps_sum(psum, tappix, p):
 
 
 @njit(inline="always")
-def put(mode, out_i, out_f, epi, tmp, row, pix, col, n, v):
+def put(mode, out_i, out_f, epi, row, pix, col, n, v):
+    """Store one row's 16-channel block (fewer at the last block of an ``n`` not a multiple of 16)."""
     scale, bias, res, lo, hi, _, _, _ = epi
-    row_scale = res[row] if mode & ROWS else np.float32(1)
-    if col + LANES <= n:
-        if mode == INT32:
-            store_i32x16(out_i, row * n + col, v)
-        else:
-            store_epilogue(out_f, row * n + col, v, scale, bias, res, col, mode, lo, hi, row_scale)
+    count = min(LANES, n - col)
+    if mode == INT32:
+        store_first_i32(out_i, row * n + col, v, count)
     else:
-        store_i32x16(tmp, 0, v)
-        for q in range(n - col):
-            at = row * n + col + q
-            if mode == INT32:
-                out_i[at] = tmp[q]
-            else:
-                y = np.float32(tmp[q]) * scale[col + q]
-                if mode & ROWS:
-                    y = y * row_scale
-                if mode & BIAS:
-                    y = y + bias[col + q]
-                if mode & RESIDUAL:
-                    y = y + res[at]
-                if y < lo:
-                    y = lo
-                if y > hi:
-                    y = hi
-                out_f[at] = y
+        row_scale = res[row] if mode & ROWS else np.float32(1)
+        store_epilogue(out_f, row * n + col, v, scale, bias, res, col, mode, lo, hi, row_scale, count)
 
 
 @njit(inline="always")
-def put_codes(mode, out_i, out_f, epi, tmp, row, pix, col, n, v):
+def put_codes(mode, out_i, out_f, epi, row, pix, col, n, v):
     """``put`` of the CODES mode: the row goes to pixel ``pix`` of the next conv's padded codes."""
     scale, bias, _, lo, hi, out8, q8, c4n = epi
-    if col + LANES <= n:
-        store_codes(out8, pix * c4n + col, v, scale, bias, col, mode, lo, hi, q8)
-        return
-    store_i32x16(tmp, 0, v)
-    for q in range(n - col):
-        y = np.float32(tmp[q]) * scale[col + q]
-        if mode & BIAS:
-            y = y + bias[col + q]
-        y = lo if y < lo else y
-        y = (hi if y > hi else y) / q8[0]
-        y = q8[1] if y < q8[1] else y
-        y = q8[2] if y > q8[2] else y
-        out8[pix * c4n + col + q] = np.int32(np.rint(y)) - np.int32(q8[3])
+    store_codes(out8, pix * c4n + col, v, scale, bias, col, mode, lo, hi, q8, min(LANES, n - col))
 
 
 @njit(inline="always")
-def finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col, n, s, pix, v0, v1, v2, v3):
+def finish(mode, out_i, out_f, epi, cw, i, rows, col, n, s, pix, v0, v1, v2, v3):
     """Store rows ``i..i+rows`` of one 16-channel block (``pix``: their pixels in CODES mode)."""
     c = load_i32x16(cw, col)
-    put(mode, out_i, out_f, epi, tmp, i, pix[0], col, n, add_i32x16(add_i32x16(v0, c), splat_i32x16(-s[0])))
+    put(mode, out_i, out_f, epi, i, pix[0], col, n, add_i32x16(add_i32x16(v0, c), splat_i32x16(-s[0])))
     if rows > 1:
-        put(mode, out_i, out_f, epi, tmp, i + 1, pix[1], col, n, add_i32x16(add_i32x16(v1, c), splat_i32x16(-s[1])))
+        put(mode, out_i, out_f, epi, i + 1, pix[1], col, n, add_i32x16(add_i32x16(v1, c), splat_i32x16(-s[1])))
     if rows > 2:
-        put(mode, out_i, out_f, epi, tmp, i + 2, pix[2], col, n, add_i32x16(add_i32x16(v2, c), splat_i32x16(-s[2])))
+        put(mode, out_i, out_f, epi, i + 2, pix[2], col, n, add_i32x16(add_i32x16(v2, c), splat_i32x16(-s[2])))
     if rows > 3:
-        put(mode, out_i, out_f, epi, tmp, i + 3, pix[3], col, n, add_i32x16(add_i32x16(v3, c), splat_i32x16(-s[3])))
+        put(mode, out_i, out_f, epi, i + 3, pix[3], col, n, add_i32x16(add_i32x16(v3, c), splat_i32x16(-s[3])))
 
 
 @njit(inline="always")
@@ -300,7 +322,6 @@ def _core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mo
         b0 = nt * 4
         b1 = min(nblk, b0 + 4)
         o1, o2, o3 = min(1, b1 - b0 - 1) * ws, min(2, b1 - b0 - 1) * ws, min(3, b1 - b0 - 1) * ws
-        tmp = np.empty(LANES, dtype=np.int32)
         s = np.zeros(4, dtype=np.int64)
         epi = (scale, bias, res, lo, hi, out8, q8, cgeo[4])
         pb, poh, pw = first_pixel(mt * MT, hw, wo)
@@ -342,13 +363,13 @@ def _core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mo
                                           dpbusd512(c32, w2, x), dpbusd512(c33, w3, x))
             col = b0 * LANES
             pix = dests(pb, poh, pw, ho, wo, hp2, wp2, ph2, pw2)
-            finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col, n, s, pix, c00, c10, c20, c30)
+            finish(mode, out_i, out_f, epi, cw, i, rows, col, n, s, pix, c00, c10, c20, c30)
             if b1 - b0 > 1:
-                finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col + 16, n, s, pix, c01, c11, c21, c31)
+                finish(mode, out_i, out_f, epi, cw, i, rows, col + 16, n, s, pix, c01, c11, c21, c31)
             if b1 - b0 > 2:
-                finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col + 32, n, s, pix, c02, c12, c22, c32)
+                finish(mode, out_i, out_f, epi, cw, i, rows, col + 32, n, s, pix, c02, c12, c22, c32)
             if b1 - b0 > 3:
-                finish(mode, out_i, out_f, epi, tmp, cw, i, rows, col + 48, n, s, pix, c03, c13, c23, c33)
+                finish(mode, out_i, out_f, epi, cw, i, rows, col + 48, n, s, pix, c03, c13, c23, c33)
 
 
 @functools.cache
