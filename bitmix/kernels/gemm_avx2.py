@@ -50,9 +50,8 @@ from bitmix.kernels.simd_avx2 import (
     bcast4_i8x32,
     load_i32x8,
     madd16_x16,
-    scale_store_f32x8,
     splat_i32x8,
-    store_i32x8,
+    store_lanes_x8,
 )
 
 LANES = 8  # output channels per ymm
@@ -112,7 +111,6 @@ def driver(w8: bool, parallel: bool):
         for t in prange(ntiles * mtiles):
             nt = t // mtiles
             mt = t - nt * mtiles
-            tmp = np.empty(4 * BLOCK, dtype=np.int32)
             pb, poh, pw = first_pixel(mt * MT, hw, wo)
             for i in range(mt * MT, min(m, mt * MT + MT), 4):
                 rows = min(4, m - i)
@@ -179,42 +177,29 @@ def driver(w8: bool, parallel: bool):
                     c00, c01, c10, c11 = _fix(c00, e0, v0), _fix(c01, e1, v0), _fix(c10, e0, v1), _fix(c11, e1, v1)
                     c20, c21, c30, c31 = _fix(c20, e0, v2), _fix(c21, e1, v2), _fix(c30, e0, v3), _fix(c31, e1, v3)
                     o = i * n + col
-                    if rows == 4 and col + BLOCK <= n and mode != INT32:
-                        by_row = mode == ROWS
-                        r0, r1, r2, r3 = (row_scale[i], row_scale[i + 1], row_scale[i + 2],
-                                          row_scale[i + 3]) if by_row else (ONE, ONE, ONE, ONE)
-                        scale_store_f32x8(out_f, o, c00, scale, bias, col, has_bias, r0, by_row)
-                        scale_store_f32x8(out_f, o + LANES, c01, scale, bias, col + LANES, has_bias, r0, by_row)
-                        scale_store_f32x8(out_f, o + n, c10, scale, bias, col, has_bias, r1, by_row)
-                        scale_store_f32x8(out_f, o + n + LANES, c11, scale, bias, col + LANES, has_bias, r1, by_row)
-                        scale_store_f32x8(out_f, o + 2 * n, c20, scale, bias, col, has_bias, r2, by_row)
-                        scale_store_f32x8(out_f, o + 2 * n + LANES, c21, scale, bias, col + LANES, has_bias, r2,
-                                          by_row)
-                        scale_store_f32x8(out_f, o + 3 * n, c30, scale, bias, col, has_bias, r3, by_row)
-                        scale_store_f32x8(out_f, o + 3 * n + LANES, c31, scale, bias, col + LANES, has_bias, r3,
-                                          by_row)
-                    else:  # int32 output, a partial block or the last rows: through ``tmp``
-                        store_i32x8(tmp, 0, c00)
-                        store_i32x8(tmp, LANES, c01)
-                        store_i32x8(tmp, BLOCK, c10)
-                        store_i32x8(tmp, BLOCK + LANES, c11)
-                        store_i32x8(tmp, 2 * BLOCK, c20)
-                        store_i32x8(tmp, 2 * BLOCK + LANES, c21)
-                        store_i32x8(tmp, 3 * BLOCK, c30)
-                        store_i32x8(tmp, 3 * BLOCK + LANES, c31)
-                        cols = min(BLOCK, n - col)
-                        for r in range(rows):
-                            for q in range(cols):
-                                acc = tmp[r * BLOCK + q]
-                                if mode == INT32:
-                                    out_i[o + r * n + q] = acc
-                                    continue
-                                y = np.float32(acc) * scale[col + q]
-                                if mode == ROWS:
-                                    y = y * row_scale[i + r]
-                                if has_bias:
-                                    y = y + bias[col + q]
-                                out_f[o + r * n + q] = y
+                    cols = min(BLOCK, n - col)  # stored lanes: a partial block ends early
+                    as_int, by_row = mode == INT32, mode == ROWS
+                    r = row_scale[i] if by_row else ONE
+                    store_lanes_x8(out_f, out_i, o, c00, scale, bias, col, has_bias, r, by_row, cols, as_int)
+                    store_lanes_x8(out_f, out_i, o + LANES, c01, scale, bias, col + LANES, has_bias, r, by_row,
+                                   cols - LANES, as_int)
+                    if rows > 1:
+                        r = row_scale[i + 1] if by_row else ONE
+                        store_lanes_x8(out_f, out_i, o + n, c10, scale, bias, col, has_bias, r, by_row, cols, as_int)
+                        store_lanes_x8(out_f, out_i, o + n + LANES, c11, scale, bias, col + LANES, has_bias, r,
+                                       by_row, cols - LANES, as_int)
+                    if rows > 2:
+                        r = row_scale[i + 2] if by_row else ONE
+                        store_lanes_x8(out_f, out_i, o + 2 * n, c20, scale, bias, col, has_bias, r, by_row, cols,
+                                       as_int)
+                        store_lanes_x8(out_f, out_i, o + 2 * n + LANES, c21, scale, bias, col + LANES, has_bias, r,
+                                       by_row, cols - LANES, as_int)
+                    if rows > 3:
+                        r = row_scale[i + 3] if by_row else ONE
+                        store_lanes_x8(out_f, out_i, o + 3 * n, c30, scale, bias, col, has_bias, r, by_row, cols,
+                                       as_int)
+                        store_lanes_x8(out_f, out_i, o + 3 * n + LANES, c31, scale, bias, col + LANES, has_bias, r,
+                                       by_row, cols - LANES, as_int)
 
     variant = "parallel" if parallel else "serial"
     fn = njit(parallel=parallel, cache=True)(simd.cache_variant(core, variant))

@@ -1,0 +1,239 @@
+"""Register-blocked AVX2 GEMM and implicit-GEMM conv for 4 or more activation rows (issue 15).
+
+The AVX2 counterpart of ``gemm_vnni``, with the same weight layout, activation buffers and
+exact result, so the callers (``conv_nhwc``, ``launch``, ``linear``) only choose the module.
+Weights are re-laid once per layer as ``[n/16][k/4][16][4]`` unsigned bytes ``u = code + offset``
+(the packed layout's offset for 2/4-bit, 128 for 8-bit); the four activation bytes of a K step
+are broadcast (``vpbroadcastd``) and a 4-row x 16-channel tile accumulates in 8 ymm registers,
+as ONNX Runtime's ``MlasConvSymKernelAvx2`` does (``reference/quantization.md`` section 6:
+4 outputs x 16 channels, ``vpmaddubsw`` + ``vpmaddwd`` with ones + ``vpaddd``). AVX2 has 16 ymm
+registers, so the tile is a quarter of the VNNI one (4 rows x 64 channels in 16 zmm).
+
+``vpmaddubsw`` (u8 x s8, adjacent pairs summed to s16) *saturates*, so exactness needs a bound
+on every s16 it produces. The activations are signed bytes, ``|a8| <= 128``:
+
+* 2/4-bit weights: ``u <= 15``, so a pair is at most ``2 * 15 * 128 = 3840`` in magnitude. Two
+  K steps are summed in s16 before the ``vpmaddwd`` (``7680 < 32767``), which saves a third of
+  the multiplies.
+* 8-bit weights: ``u <= 255`` and a pair can reach ``2 * 255 * 128 = 65280``, which saturates.
+  Each byte is split into nibbles, ``u = 16 * h + l`` with ``h, l <= 15``: ``vpmaddubsw`` on ``h``
+  and on ``l`` stays within 3840, and ``vpmaddwd`` widens ``h``'s pairs with weight 16 and ``l``'s
+  with weight 1, exactly, to s32.
+
+The result is ``dot(u, a8) - offset * asum + shift * row_sums``; every s32 lane stays below
+2^31 because ``k_pad <= tiling.MAX_K_PAD`` (65536 * 255 * 128 < 2^31). Convolutions run as
+an implicit GEMM over a zero-padded NHWC code buffer, exactly as in ``gemm_vnni`` (see there);
+the epilogue stores the int32 or ``float32(acc) * scale (+ bias)`` (``quant``'s formula).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import numpy as np
+from numba import njit, prange
+
+from bitmix.kernels import simd
+from bitmix.kernels.broadcast import (
+    BLOCK,
+    GEMM_GEO,
+    ONE_TAP,
+    conv_launch,
+    first_pixel,
+    four_pixels,
+    weight_blocks,
+)
+from bitmix.kernels.pack import PackedWeight
+from bitmix.kernels.simd import add_i16x16, add_i32x8, load_i8x32, madd_ones, maddubs, unpack_i8x32, zero_i32x8
+from bitmix.kernels.simd_avx2_new import (
+    bcast4_i8x32,
+    load_i32x8,
+    madd16_x16,
+    splat_i32x8,
+    store_lanes_x8,
+)
+
+LANES = 8  # output channels per ymm
+MIN_M = 4  # fewer rows: the GEMV micro-kernels (one weight pass per row) are the right shape
+MT = 64  # activation rows per parallel task
+NB = 4  # weight blocks (64 channels) per parallel task
+INT32, SCALED, ROWS = 0, 1, 2  # epilogue modes (SCALED adds the bias when there is one; ROWS is SCALED
+# with each row also multiplied by its ``row_scale`` before the bias: per-row activation steps)
+ONE = np.float32(1)
+
+
+@njit(inline="always")
+def _mac(c, u, x):
+    return add_i32x8(c, madd_ones(maddubs(u, x)))
+
+
+@njit(inline="always")
+def _mac2(c, u, x, v, y):
+    """Two K steps summed in s16 before widening (2/4-bit weights only: |sum| <= 7680)."""
+    return add_i32x8(c, madd_ones(add_i16x16(maddubs(u, x), maddubs(v, y))))
+
+
+@njit(inline="always")
+def _mac_w8(c, h, lo, x):
+    """8-bit weights as nibbles, ``u = 16 h + lo``: each ``vpmaddubsw`` within 3840, widened exactly."""
+    return add_i32x8(c, add_i32x8(madd16_x16(maddubs(h, x)), madd_ones(maddubs(lo, x))))
+
+
+@njit(inline="always")
+def _fix(v, c, s):
+    """``v + shift * row_sums - offset * asum`` (``c`` and ``s`` already splat/loaded)."""
+    return add_i32x8(add_i32x8(v, c), s)
+
+
+simd.pin_kernels("gemm_avx2", _mac, _mac2, _mac_w8, _fix)
+
+
+@functools.cache
+def driver(w8: bool, parallel: bool):
+    """The implicit GEMM over (64-row, 64-channel) tasks (module docstring).
+
+    Everything that touches an array is written out in this one function: a jitted helper taking
+    arrays, even inlined, kept an NRT incref/decref pair per array per call, about 100 atomic
+    operations per 4 x 16 tile (1 us: a 1x1 conv with K = 64 ran at 4 GMAC/s instead of 40).
+    """
+
+    def core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mode, out_i, out_f, scale, bias,
+             has_bias, row_scale):
+        # tapoff: byte offset of each tap run (cq 4-byte K steps each); tappix: pixel offset of every tap (sums)
+        ho, wo, hp, wpad, sh, sw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
+        hw = ho * wo
+        ntaps = tapoff.shape[0]
+        ws = ntaps * cq * 64  # bytes per 16-channel block
+        nblk = n_pad // BLOCK
+        ntiles = (nblk + NB - 1) // NB
+        mtiles = (m + MT - 1) // MT
+        for t in prange(ntiles * mtiles):
+            nt = t // mtiles
+            mt = t - nt * mtiles
+            pb, poh, pw = first_pixel(mt * MT, hw, wo)
+            for i in range(mt * MT, min(m, mt * MT + MT), 4):
+                rows = min(4, m - i)
+                p0, p1, p2, p3, pb, poh, pw = four_pixels(pb, poh, pw, rows, ho, wo, hp, wpad, sh, sw)
+                s0, s1, s2, s3 = 0, 0, 0, 0
+                for j in range(tappix.shape[0]):
+                    d = tappix[j]
+                    s0 += psum[p0 + d]
+                    s1 += psum[p1 + d]
+                    s2 += psum[p2 + d]
+                    s3 += psum[p3 + d]
+                v0, v1 = splat_i32x8(-offset * s0), splat_i32x8(-offset * s1)
+                v2, v3 = splat_i32x8(-offset * s2), splat_i32x8(-offset * s3)
+                a0, a1, a2, a3 = p0 * ps, p1 * ps, p2 * ps, p3 * ps
+                for b in range(nt * NB, min(nblk, nt * NB + NB)):
+                    z = zero_i32x8()
+                    c00, c01, c10, c11, c20, c21, c30, c31 = z, z, z, z, z, z, z, z
+                    for tap in range(ntaps):
+                        d = tapoff[tap]
+                        wt = b * ws + tap * cq * 64
+                        if w8:
+                            for q in range(cq):
+                                g0 = load_i8x32(wp, wt + 64 * q)
+                                g1 = load_i8x32(wp, wt + 64 * q + 32)
+                                h0, l0 = unpack_i8x32(g0, 4, 15), unpack_i8x32(g0, 0, 15)
+                                h1, l1 = unpack_i8x32(g1, 4, 15), unpack_i8x32(g1, 0, 15)
+                                k = d + 4 * q
+                                x = bcast4_i8x32(a8, a0 + k)
+                                c00, c01 = _mac_w8(c00, h0, l0, x), _mac_w8(c01, h1, l1, x)
+                                x = bcast4_i8x32(a8, a1 + k)
+                                c10, c11 = _mac_w8(c10, h0, l0, x), _mac_w8(c11, h1, l1, x)
+                                x = bcast4_i8x32(a8, a2 + k)
+                                c20, c21 = _mac_w8(c20, h0, l0, x), _mac_w8(c21, h1, l1, x)
+                                x = bcast4_i8x32(a8, a3 + k)
+                                c30, c31 = _mac_w8(c30, h0, l0, x), _mac_w8(c31, h1, l1, x)
+                        else:
+                            for q in range(0, cq - 1, 2):
+                                wq = wt + 64 * q
+                                u0, u1 = load_i8x32(wp, wq), load_i8x32(wp, wq + 32)
+                                g0, g1 = load_i8x32(wp, wq + 64), load_i8x32(wp, wq + 96)
+                                k = d + 4 * q
+                                x, y = bcast4_i8x32(a8, a0 + k), bcast4_i8x32(a8, a0 + k + 4)
+                                c00, c01 = _mac2(c00, u0, x, g0, y), _mac2(c01, u1, x, g1, y)
+                                x, y = bcast4_i8x32(a8, a1 + k), bcast4_i8x32(a8, a1 + k + 4)
+                                c10, c11 = _mac2(c10, u0, x, g0, y), _mac2(c11, u1, x, g1, y)
+                                x, y = bcast4_i8x32(a8, a2 + k), bcast4_i8x32(a8, a2 + k + 4)
+                                c20, c21 = _mac2(c20, u0, x, g0, y), _mac2(c21, u1, x, g1, y)
+                                x, y = bcast4_i8x32(a8, a3 + k), bcast4_i8x32(a8, a3 + k + 4)
+                                c30, c31 = _mac2(c30, u0, x, g0, y), _mac2(c31, u1, x, g1, y)
+                            if cq % 2 == 1:
+                                wq = wt + 64 * (cq - 1)
+                                u0, u1 = load_i8x32(wp, wq), load_i8x32(wp, wq + 32)
+                                k = d + 4 * (cq - 1)
+                                x = bcast4_i8x32(a8, a0 + k)
+                                c00, c01 = _mac(c00, u0, x), _mac(c01, u1, x)
+                                x = bcast4_i8x32(a8, a1 + k)
+                                c10, c11 = _mac(c10, u0, x), _mac(c11, u1, x)
+                                x = bcast4_i8x32(a8, a2 + k)
+                                c20, c21 = _mac(c20, u0, x), _mac(c21, u1, x)
+                                x = bcast4_i8x32(a8, a3 + k)
+                                c30, c31 = _mac(c30, u0, x), _mac(c31, u1, x)
+                    col = b * BLOCK
+                    e0, e1 = load_i32x8(cw, col), load_i32x8(cw, col + LANES)
+                    c00, c01, c10, c11 = _fix(c00, e0, v0), _fix(c01, e1, v0), _fix(c10, e0, v1), _fix(c11, e1, v1)
+                    c20, c21, c30, c31 = _fix(c20, e0, v2), _fix(c21, e1, v2), _fix(c30, e0, v3), _fix(c31, e1, v3)
+                    o = i * n + col
+                    cols = min(BLOCK, n - col)  # stored lanes: a partial block ends early
+                    as_int, by_row = mode == INT32, mode == ROWS
+                    r = row_scale[i] if by_row else ONE
+                    store_lanes_x8(out_f, out_i, o, c00, scale, bias, col, has_bias, r, by_row, cols, as_int)
+                    store_lanes_x8(out_f, out_i, o + LANES, c01, scale, bias, col + LANES, has_bias, r, by_row,
+                                   cols - LANES, as_int)
+                    if rows > 1:
+                        r = row_scale[i + 1] if by_row else ONE
+                        store_lanes_x8(out_f, out_i, o + n, c10, scale, bias, col, has_bias, r, by_row, cols, as_int)
+                        store_lanes_x8(out_f, out_i, o + n + LANES, c11, scale, bias, col + LANES, has_bias, r,
+                                       by_row, cols - LANES, as_int)
+                    if rows > 2:
+                        r = row_scale[i + 2] if by_row else ONE
+                        store_lanes_x8(out_f, out_i, o + 2 * n, c20, scale, bias, col, has_bias, r, by_row, cols,
+                                       as_int)
+                        store_lanes_x8(out_f, out_i, o + 2 * n + LANES, c21, scale, bias, col + LANES, has_bias, r,
+                                       by_row, cols - LANES, as_int)
+                    if rows > 3:
+                        r = row_scale[i + 3] if by_row else ONE
+                        store_lanes_x8(out_f, out_i, o + 3 * n, c30, scale, bias, col, has_bias, r, by_row, cols,
+                                       as_int)
+                        store_lanes_x8(out_f, out_i, o + 3 * n + LANES, c31, scale, bias, col + LANES, has_bias, r,
+                                       by_row, cols - LANES, as_int)
+
+    variant = "parallel" if parallel else "serial"
+    fn = njit(parallel=parallel, cache=True)(simd.cache_variant(core, variant))
+    simd.pin_uuid(fn, f"gemm_avx2.{'w8' if w8 else 'wq'}.core.{variant}")
+    return fn
+
+
+NO_F32 = np.zeros(LANES, dtype=np.float32)
+NO_I32 = np.zeros(LANES, dtype=np.int32)
+
+
+def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, out: np.ndarray,
+        parallel: bool) -> None:
+    """``out[:m]`` = the exact int32 product of one group (``a8`` rows of ``w.k_pad`` bytes, pad columns
+    zero, ``asum`` their sums)."""
+    blocks = weight_blocks(w)
+    cw = (shift * blocks.cw_base).astype(np.int32)
+    driver(w.bits == 8, parallel)(a8, asum, ONE_TAP, ONE_TAP, blocks.data, cw, blocks.offset, m, w.n, blocks.n_pad,
+                                  blocks.cq, w.k_pad, GEMM_GEO, INT32, out.reshape(-1), NO_F32, NO_F32, NO_F32,
+                                  False, NO_F32)
+
+
+def conv_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
+              scale: np.ndarray, bias: np.ndarray | None,
+              parallel: bool) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+    """The implicit-GEMM conv, ``run(a8, psum, y)``: ``y`` (m, n) float32 = the dequantized conv of padded NHWC
+    shifted codes ``a8`` (per-pixel sums ``psum``, from ``conv_nhwc._pad_codes``), every constant argument bound
+    once (``gemm_vnni.conv_gemm``; the residual and clamp run after it, in ``conv_nhwc``)."""
+    off, pix, data, cw, offset, n, n_pad, steps, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
+    core = driver(w.bits == 8, parallel)
+    head = (off, pix, data, cw, offset, m, n, n_pad, steps, c4, geo, SCALED, NO_I32)
+    tail = (scale, scale if bias is None else bias, bias is not None, NO_F32)
+
+    def run(a8: np.ndarray, psum: np.ndarray, y: np.ndarray) -> None:
+        core(a8, psum, *head, y.reshape(-1), *tail)
+
+    return run

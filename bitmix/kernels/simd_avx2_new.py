@@ -1,0 +1,152 @@
+"""256-bit intrinsics for the broadcast GEMM on the AVX2 path (``gemm_avx2``), beside ``simd``'s.
+
+Same conventions as ``simd``: opaque LLVM vector values, one ``@intrinsic`` per instruction
+(or per fixed instruction pair), uuids pinned so Numba's disk cache stays effective.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.core.extending import _Intrinsic
+from numba.extending import intrinsic
+
+from bitmix.kernels.simd import _call, _llty, i8x32, i16x16, i32x8, pin_uuid
+
+_F32X8 = ir.VectorType(ir.FloatType(), 8)
+
+
+def _ptr(context, builder, arr_type, arr, idx_type, idx, vty):
+    ary = context.make_array(arr_type)(context, builder, value=arr)
+    pos = context.cast(builder, idx, idx_type, types.intp)
+    return builder.bitcast(builder.gep(ary.data, [pos]), vty.as_pointer())
+
+
+def _splat_value(builder, vty: ir.VectorType, word: ir.Value) -> ir.Value:
+    vec = builder.insert_element(ir.Constant(vty, None), word, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), vty.count), [0] * vty.count))
+
+
+@intrinsic
+def bcast4_i8x32(typingctx, arr, idx):
+    """The 4 bytes at byte ``idx`` of a 1-D int8/uint8 array, repeated 8 times (``vpbroadcastd ymm``)."""
+    if not (isinstance(arr, types.Array) and arr.dtype.bitwidth == 8 and isinstance(idx, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        word = builder.load(_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.IntType(32)),
+                            align=1)
+        return builder.bitcast(_splat_value(builder, _llty(i32x8), word), _llty(i8x32))
+
+    return i8x32(arr, idx), codegen
+
+
+@intrinsic
+def madd16_x16(typingctx, v):
+    """``vpmaddwd`` with 16s: ``16 * (v[2l] + v[2l+1])`` in s32 lane ``l`` (exact: |v| <= 2^15)."""
+    if v != i16x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        sixteen = ir.Constant(_llty(i16x16), [16] * 16)
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", i32x8, (args[0], sixteen), (i16x16, i16x16))
+
+    return i32x8(v), codegen
+
+
+@intrinsic
+def splat_i32x8(typingctx, value):
+    """``value`` (any integer, truncated to 32 bits) in all 8 lanes."""
+    if not isinstance(value, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _splat_value(builder, _llty(i32x8), context.cast(builder, args[0], sig.args[0], types.int32))
+
+    return i32x8(value), codegen
+
+
+@intrinsic
+def load_i32x8(typingctx, arr, idx):
+    """Unaligned load of 8 int32 from a 1-D int32 array at element ``idx``."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int32 and isinstance(idx, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _llty(i32x8)), align=4)
+
+    return i32x8(arr, idx), codegen
+
+
+_MASK8 = ir.VectorType(ir.IntType(1), 8)
+
+
+def _masked(builder, op: str, vty: ir.VectorType, ptr, mask, value=None):
+    """``llvm.masked.load``/``store`` of an 8-lane vector (AVX2 ``vmaskmovps``/``vpmaskmovd``)."""
+    kind = "f32" if vty == _F32X8 else "i32"
+    i32 = ir.IntType(32)
+    if op == "load":
+        fnty = ir.FunctionType(vty, [ptr.type, i32, _MASK8, vty])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.masked.load.v8{kind}.p0")
+        return builder.call(fn, [ptr, ir.Constant(i32, 4), mask, ir.Constant(vty, None)])
+    fnty = ir.FunctionType(ir.VoidType(), [vty, ptr.type, i32, _MASK8])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.masked.store.v8{kind}.p0")
+    return builder.call(fn, [value, ptr, ir.Constant(i32, 4), mask])
+
+
+@intrinsic
+def store_lanes_x8(typingctx, out, out_i, idx, v, scale, bias, col, has_bias, row_scale, has_row_scale, count,
+                   as_int):
+    """The first ``count`` lanes (<= 0: none, >= 8: all) of one output vector: ``out_i[idx + l] = v[l]`` when
+    ``as_int``, else ``out[idx + l] = float32(v[l]) * scale[col + l] (* row_scale) (+ bias[col + l])``:
+    ``quant``'s dequantize formula, times the row's step where activations step per row (``vcvtdq2ps``,
+    ``vmulps``, ``vaddps``; never an FMA, which would skip the product's rounding). A full vector takes plain
+    loads and stores; a partial one (the last block of an ``n`` not a multiple of 16, or rows past ``m``)
+    masked ones, so the tile's epilogue has no scalar loop: one beside it spilled the tile's registers
+    (a 1x1 conv with K = 64 ran 1.3-1.5x slower)."""
+    f32, i32a = types.Array(types.float32, 1, "C"), types.Array(types.int32, 1, "C")
+    if not (out == f32 and out_i == i32a and scale == f32 and bias == f32 and v == i32x8
+            and all(isinstance(a, types.Integer) for a in (idx, col, count))
+            and isinstance(has_bias, types.Boolean) and row_scale == types.float32
+            and isinstance(has_row_scale, types.Boolean) and isinstance(as_int, types.Boolean)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        out_a, outi_a, idx_a, v_a, scale_a, bias_a, col_a, has_bias_a, rs_a, has_rs_a, count_a, as_int_a = args
+        n = context.cast(builder, count_a, sig.args[10], types.int32)
+        full = builder.icmp_signed(">=", n, ir.Constant(ir.IntType(32), 8))
+        lanes = _splat_value(builder, ir.VectorType(ir.IntType(32), 8), n)
+        mask = builder.icmp_signed("<", ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(8))), lanes)
+        out_ptr = _ptr(context, builder, sig.args[0], out_a, sig.args[2], idx_a, _F32X8)
+        int_ptr = _ptr(context, builder, sig.args[1], outi_a, sig.args[2], idx_a, _llty(i32x8))
+        scale_ptr = _ptr(context, builder, sig.args[4], scale_a, sig.args[6], col_a, _F32X8)
+        bias_ptr = _ptr(context, builder, sig.args[5], bias_a, sig.args[6], col_a, _F32X8)
+        rs = _splat_value(builder, _F32X8, rs_a)
+
+        def floats(load):
+            y = builder.fmul(builder.sitofp(v_a, _F32X8), load(scale_ptr))
+            y = builder.select(has_rs_a, builder.fmul(y, rs), y)
+            return builder.select(has_bias_a, builder.fadd(y, load(bias_ptr)), y)
+
+        with builder.if_else(as_int_a) as (integer, real):
+            with integer:
+                with builder.if_else(full, likely=True) as (whole, part):
+                    with whole:
+                        builder.store(v_a, int_ptr, align=4)
+                    with part:
+                        _masked(builder, "store", _llty(i32x8), int_ptr, mask, v_a)
+            with real:
+                with builder.if_else(full, likely=True) as (whole, part):
+                    with whole:
+                        builder.store(floats(lambda p: builder.load(p, align=4)), out_ptr, align=4)
+                    with part:
+                        y = floats(lambda p: _masked(builder, "load", _F32X8, p, mask))
+                        _masked(builder, "store", _F32X8, out_ptr, mask, y)
+        return context.get_dummy_value()
+
+    return types.none(out, out_i, idx, v, scale, bias, col, has_bias, row_scale, has_row_scale, count, as_int), codegen
+
+
+for _name, _obj in list(globals().items()):
+    if isinstance(_obj, _Intrinsic):
+        pin_uuid(_obj, f"simd_avx2.{_name}")
