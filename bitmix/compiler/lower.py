@@ -32,6 +32,7 @@ from bitmix.compiler.torch_threads import torch_on_one_thread as torch_on_one_th
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
 from bitmix.ir.precision import Precision, as_precision
+from bitmix.kernels.pack import code_range
 from bitmix.kernels.padded import PaddedCodes
 
 
@@ -229,24 +230,29 @@ def _(x: torch.Tensor, handle: int) -> torch.Tensor:
 def _run_matmul(a: torch.Tensor, b: torch.Tensor, p: KernelPlan) -> torch.Tensor:
     """Attention's activation x activation products. When every partial sum of the integer product
     stays within float32's exact integers (``K * max|a code| * max|b code| <= 2^24``: MiniLM's
-    QK^T and PV at 8 bits up to 258 keys), torch's float32 matmul on the codes *is* the exact int32
-    product, summed in any order, at BLAS speed (12 heads x 64 x 64 x 32: ~5x ``kernels.bmm``);
-    otherwise, and below 2-D, ``matmul_kernel``. Same codes and scaling either way. Per-row steps: both
-    operands divided by them, the product at step 1, then scaled by ``a_rows * b_cols`` as the fake-quant layer."""
+    QK^T and PV at 8 bits up to 258 keys), ``kernels.code_matmul`` forms both operands' codes and
+    their product on float32 units in one call, which *is* the exact int32 product summed in any
+    order; otherwise, and below 2-D, ``matmul_kernel``. Same codes and scaling either way. Per-row
+    steps: each row of ``a`` and column of ``b`` at its own step, the product scaled by
+    ``a_rows * b_cols`` as the fake-quant layer."""
     exact_on_floats = (a.dim() >= 2 and b.dim() >= 2
                        and a.shape[-1] * _max_code(p.bits.a, p.a_signed) * _max_code(p.bits.a, p.b_signed) <= F32_EXACT)
-    if p.a_axis is not None and p.b_axis is not None:
-        from bitmix.kernels.pack import code_range
-        from bitmix.kernels.row_steps import column_codes, divide_rows, row_codes  # loads Numba: only once needed
-
+    row_steps = p.a_axis is not None and p.b_axis is not None
+    if row_steps:
         assert p.a_axis == -1 and p.b_axis == -2, "row steps run along the contraction dimension"
-        if exact_on_floats:  # the codes straight from one pass per operand, the product scaled once
-            qa, a_rows, a_nan = row_codes(_np(a), p.a_step, MIN_STEP, *code_range(p.bits.a, p.a_signed))
-            qb, b_cols, b_nan = column_codes(_np(b), p.b_step, MIN_STEP, *code_range(p.bits.a, p.b_signed))
-            if a_nan or b_nan:
-                raise BitmixError("x: contains NaN or Inf (a row's step from its max); cannot quantize")
-            acc = torch.matmul(torch.from_numpy(qa), torch.from_numpy(qb))
-            return acc.mul_(torch.from_numpy(a_rows) * torch.from_numpy(b_cols))
+    if exact_on_floats:
+        from bitmix.kernels.code_matmul import code_matmul  # loads Numba: only once needed
+
+        out, nan = code_matmul(_cpu_f32(a).numpy(), _cpu_f32(b).numpy(), p.a_step, p.b_step,
+                               MIN_STEP if row_steps else None, code_range(p.bits.a, p.a_signed),
+                               code_range(p.bits.a, p.b_signed))
+        if nan:
+            raise BitmixError("x: contains NaN or Inf (a row's step from its max); cannot quantize" if row_steps
+                              else "x: contains NaN; cannot quantize")
+        return torch.from_numpy(out)
+    if row_steps:
+        from bitmix.kernels.row_steps import divide_rows  # loads Numba: only once needed
+
         a_scaled, a_rows = divide_rows(_np(a), p.a_step, MIN_STEP)
         bt_scaled, b_cols = divide_rows(_np(b.transpose(-1, -2)), p.b_step, MIN_STEP)
         unit = _UNIT_STEPS.get(p)
@@ -254,12 +260,7 @@ def _run_matmul(a: torch.Tensor, b: torch.Tensor, p: KernelPlan) -> torch.Tensor
             unit = _UNIT_STEPS[p] = replace(p, a_step=1.0, b_step=1.0, a_axis=None, b_axis=None)
         out = _run_matmul(torch.from_numpy(a_scaled), torch.from_numpy(bt_scaled).transpose(-1, -2), unit)
         return out * (torch.from_numpy(a_rows) * torch.from_numpy(b_cols).transpose(-1, -2))
-    if not exact_on_floats:
-        return torch.from_numpy(matmul_kernel(_np(a), _np(b), p))
-    qa = torch.from_numpy(kernels.code_floats(_np(a), p.a_step, p.bits.a, p.a_signed))
-    qb = torch.from_numpy(kernels.code_floats(_np(b), p.b_step, p.bits.a, p.b_signed))
-    acc = torch.matmul(qa, qb)
-    return acc.mul_(float(np.float32(p.a_step) * np.float32(p.b_step)))
+    return torch.from_numpy(matmul_kernel(_np(a), _np(b), p))
 
 
 _UNIT_STEPS: weakref.WeakKeyDictionary[KernelPlan, KernelPlan] = weakref.WeakKeyDictionary()  # plan at steps 1

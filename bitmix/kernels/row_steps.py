@@ -7,7 +7,6 @@ These loops compute the same float32 operations in the same order (max of |x| ov
 `divide_rows`/`scale_rows` serve the unfused linears (GEMV shapes, AMX, scalar); `quantize_pass` is the
 same arithmetic as the first pass of the fused VNNI/AVX2 linears (`linear_vnni`, `linear_avx2`), whose GEMM
 epilogue then multiplies by the row steps (their `ROWS` mode): one Numba call per per-row-step layer.
-`row_codes`/`column_codes` give the attention matmuls' operands their codes in one pass each.
 """
 
 from __future__ import annotations
@@ -127,75 +126,3 @@ def quantize_pass(parallel: bool):
     variant = "parallel" if parallel else "serial"
     fn = njit(parallel=parallel, cache=True)(simd.cache_variant(_quantize, variant))
     return simd.pin_uuid(fn, f"row_steps.quantize.{variant}")
-
-
-@njit(cache=True)
-def _row_codes(x, step, floor, lo, hi, codes, steps):
-    """Float codes `rint(clip(x[r] / steps[r], lo, hi))` of (R, K) `x`, `steps[r] = step * max(max|x[r]|, floor)`;
-    True if any NaN was seen."""
-    m, k = x.shape
-    bits = x.view(np.uint32)
-    top = np.empty(1, dtype=np.uint32)
-    flo, fhi = np.float32(lo), np.float32(hi)
-    seen = False
-    for r in range(m):
-        top[0] = _top(bits[r])
-        s = step * max(top.view(np.float32)[0], floor)
-        steps[r] = s
-        row = x[r]
-        out = codes[r]
-        for c in range(k):
-            v = row[np.uintp(c)] / s
-            seen |= v != v
-            out[np.uintp(c)] = np.rint(min(max(v, flo), fhi))
-    return seen
-
-
-@njit(cache=True)
-def _column_codes(x, step, floor, lo, hi, codes, steps):
-    """`_row_codes` along the columns of each (K, N) matrix of (B, K, N) `x`: `steps[b, n]` from
-    `max_k |x[b, k, n]|`."""
-    nb, k, n = x.shape
-    flo, fhi = np.float32(lo), np.float32(hi)
-    tops = np.empty(n, dtype=np.uint32)
-    seen = False
-    for b in range(nb):
-        bits = x[b].view(np.uint32)
-        tops[:] = 0
-        for r in range(k):
-            row = bits[r]
-            for c in range(n):
-                v = row[np.uintp(c)] & ABS_BITS
-                tops[np.uintp(c)] = v if v > tops[np.uintp(c)] else tops[np.uintp(c)]
-        magnitudes = tops.view(np.float32)
-        col_steps = steps[b]
-        for c in range(n):
-            col_steps[np.uintp(c)] = step * max(magnitudes[np.uintp(c)], floor)
-        for r in range(k):
-            row = x[b, r]
-            out = codes[b, r]
-            for c in range(n):
-                v = row[np.uintp(c)] / col_steps[np.uintp(c)]
-                seen |= v != v
-                out[np.uintp(c)] = np.rint(min(max(v, flo), fhi))
-    return seen
-
-
-def row_codes(x: np.ndarray, step: float, floor: float, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Float codes of `x` (..., K) at per-row steps over the last axis, those steps (`x.shape[:-1] + (1,)`), NaN
-    seen."""
-    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
-    codes = np.empty_like(flat)
-    steps = np.empty(flat.shape[0], dtype=np.float32)
-    nan = _row_codes(flat, np.float32(step), np.float32(floor), lo, hi, codes, steps)
-    return codes.reshape(x.shape), steps.reshape(*x.shape[:-1], 1), nan
-
-
-def column_codes(x: np.ndarray, step: float, floor: float, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Float codes of `x` (..., K, N) at per-column steps over axis -2, those steps (`(..., 1, N)`), NaN
-    seen."""
-    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, *x.shape[-2:])
-    codes = np.empty_like(flat)
-    steps = np.empty((flat.shape[0], flat.shape[2]), dtype=np.float32)
-    nan = _column_codes(flat, np.float32(step), np.float32(floor), lo, hi, codes, steps)
-    return codes.reshape(x.shape), steps.reshape(*x.shape[:-2], 1, x.shape[-1]), nan

@@ -10,7 +10,7 @@ operation the scalar code would, so results are bit-identical to it.
 from __future__ import annotations
 
 from llvmlite import ir
-from numba.core import types
+from numba.core import cgutils, types
 from numba.core.extending import _Intrinsic
 from numba.extending import intrinsic, models, register_model
 
@@ -88,6 +88,33 @@ def _make_binary(op: str):
 add_f32x8 = _make_binary("fadd")
 sub_f32x8 = _make_binary("fsub")
 mul_f32x8 = _make_binary("fmul")
+
+
+@intrinsic
+def fma_f32x8(typingctx, a, b, c):
+    """Lane-wise ``a * b + c`` rounded once (``llvm.fma``): the same as the two scalar operations wherever
+    both are exact, as for products of integer codes summed below 2^24 (``code_matmul``)."""
+    if a != f32x8 or b != f32x8 or c != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(_F32X8, [_F32X8] * 3)
+        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v8f32"), args)
+
+    return f32x8(a, b, c), codegen
+
+
+@intrinsic
+def splat_f32x8(typingctx, x):
+    """Eight lanes of the float32 scalar ``x``."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        one = builder.insert_element(ir.Constant(_F32X8, ir.Undefined), args[0], ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(one, one, _lanes([0] * 8))
+
+    return f32x8(x), codegen
 
 
 def _lanes(order: list[int]) -> ir.Constant:

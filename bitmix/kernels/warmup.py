@@ -29,10 +29,11 @@ _CONVS = (  # (c_in, c_out, kernel, stride, padding, groups, width): 1x1, k x k,
 def warm(path: str | None = None) -> float:
     """Run every kernel variant of ``path`` (default: this CPU's) once; returns the seconds it took."""
     from bitmix.kernels import bmm, code_floats, prepare_linear, qconv2d, qconv2d_nhwc, qlinear
+    from bitmix.kernels.code_matmul import code_matmul
     from bitmix.kernels.hadamard import rotate_rows
     from bitmix.kernels.launch import serial_max_macs
     from bitmix.kernels.range_search import step_errors
-    from bitmix.kernels.row_steps import column_codes, divide_rows, row_codes, scale_rows
+    from bitmix.kernels.row_steps import divide_rows, scale_rows
 
     start = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -69,8 +70,12 @@ def warm(path: str | None = None) -> float:
     rotate_rows(x, np.ones(32, dtype=np.float32), 32)
     for bias in (None, np.zeros(32, dtype=np.float32)):
         scale_rows(*divide_rows(x, 0.1, 1e-8), bias)
-    row_codes(x, 0.1, 1e-8, -8, 7)  # 4-bit attention matmuls' operands
-    column_codes(x.reshape(1, 3, 32), 0.1, 1e-8, -8, 7)
+    q = rng.normal(size=(1, 3, 2, 8)).astype(np.float32).transpose(0, 2, 1, 3)  # attention matmuls (1, 2, 3, 8)
+    v = rng.normal(size=(1, 8, 2, 3)).astype(np.float32).transpose(0, 2, 1, 3)  # and (1, 2, 8, 3) operands
+    for a in (q, np.ascontiguousarray(q)):  # heads' views and contiguous tensors; K^T is a transposed view
+        for b in (v, np.ascontiguousarray(v), q.transpose(0, 1, 3, 2)):
+            for floor in (1e-8, None):  # per-row steps, per-tensor steps
+                code_matmul(a, b, 0.1, 0.1, floor, (-8, 7), (-8, 7))
     return time.perf_counter() - start
 
 

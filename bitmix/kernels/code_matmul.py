@@ -1,0 +1,197 @@
+"""Attention's activation x activation products (Q K^T, P V) as one Numba call: both operands' codes,
+their exact product and its scaling.
+
+The lowered form ran five passes with torch and Python between them (a contiguous copy of each
+operand, one code pass each, torch's batched matmul on the float codes, then the scale product):
+MiniLM's 12-head 64 x 64 x 32 products took 127-142 us a call alone and ~190 us in the model, 12 calls
+per forward (AMD EPYC, 2026-12-04). Here each of ``b``'s (K, N) matrices gets its column steps and
+codes in one pass, then each row of ``a`` its step and codes and its output row, read through any
+strides (the heads' transposed views need no copy).
+
+Same float32 operations as the passes it replaces, so the same bits: steps ``step * max(max|x|,
+floor)`` along the contraction axis (per-row mode) or ``step`` (per-tensor), codes
+``rint(clip(x / step, lo, hi))``, and ``acc * (a_step * b_step)``. The product of float32 codes is
+accumulated in float32, exact while ``K * max|a code| * max|b code| <= 2^24`` (the caller checks;
+below it every partial sum is an integer float32 represents), so its order does not matter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from bitmix.kernels import threads
+from bitmix.kernels.row_steps import _top
+from bitmix.kernels.simd_f32 import fma_f32x8, load_f32x8, mul_f32x8, splat_f32x8, store_f32x8
+
+threads.configure_threading()  # before this module's parallel loops first run
+LANES = 8
+ROWS, COLS = 4, 16  # a register block: 4 rows of ``a`` x 16 columns of ``b`` (8 accumulator vectors)
+
+
+@njit(inline="always")
+def _step(x, per_row, step, floor, top):
+    """``step * max(max|x|, floor)`` over contiguous 1-D ``x`` in per-row mode, else ``step``; ``top`` is a
+    1-element uint32 scratch array. The max runs on the float bits (``row_steps._top``: a float max
+    reduction stays scalar, one compare-and-select latency per element); a NaN wins it, which the
+    codes then report."""
+    if not per_row:
+        return step
+    top[0] = _top(x.view(np.uint32))
+    return step * max(top.view(np.float32)[0], floor)
+
+
+@njit(inline="always")
+def _codes(x, steps, lo, hi, codes):
+    """``codes[c] = rint(clip(x[c] / steps[c], lo, hi))``; True if one is NaN. Unsigned indices: Numba's
+    wraparound check on signed ones keeps loops scalar."""
+    seen = False
+    for c in range(x.shape[0]):
+        v = x[np.uintp(c)] / steps[np.uintp(c)]
+        seen |= v != v
+        codes[np.uintp(c)] = np.rint(min(max(v, lo), hi))
+    return seen
+
+
+@njit(inline="always")
+def _row_codes(x, step, lo, hi, codes):
+    """``_codes`` at one step for the whole row."""
+    seen = False
+    for c in range(x.shape[0]):
+        v = x[np.uintp(c)] / step
+        seen |= v != v
+        codes[np.uintp(c)] = np.rint(min(max(v, lo), hi))
+    return seen
+
+
+@njit(inline="always")
+def _store(dst, c0, n, acc0, acc1, step, col_steps, tmp):
+    """Columns ``c0 .. c0 + 15`` (those below ``n``) of one output row: ``acc * (step * col_steps)``."""
+    s = splat_f32x8(step)
+    v0 = mul_f32x8(acc0, mul_f32x8(s, load_f32x8(col_steps, c0)))
+    v1 = mul_f32x8(acc1, mul_f32x8(s, load_f32x8(col_steps, c0 + LANES)))
+    if c0 + COLS <= n:
+        store_f32x8(dst, c0, v0)
+        store_f32x8(dst, c0 + LANES, v1)
+        return
+    store_f32x8(tmp, 0, v0)
+    store_f32x8(tmp, LANES, v1)
+    for c in range(c0, n):
+        dst[c] = tmp[c - c0]
+
+
+@njit(inline="always")
+def _copy(src, dst):
+    """``dst[:] = src`` for a row read through arbitrary strides: the passes after it run on a contiguous
+    row (Numba cannot vectorise loads through a stride it only knows at run time)."""
+    for c in range(src.shape[0]):
+        dst[np.uintp(c)] = src[c]
+
+
+@njit(parallel=True, cache=True)
+def _code_matmul(a, b, by_columns, a_step, b_step, floor, per_row, a_lo, a_hi, b_lo, b_hi, out):
+    """``out[i] = (codes(a[i]) @ codes(b[i])) * (a_steps x b_steps)`` for (B, M, K) ``a`` and (B, K, N) ``b``,
+    or ``b`` given as its (B, N, K) transpose when ``by_columns`` (then each column is a contiguous row);
+    True if a NaN was seen (an operand's NaN, or Inf in per-row mode, makes a code NaN)."""
+    nb, m, k = a.shape
+    n = b.shape[1] if by_columns else b.shape[2]
+    n_pad = (n + COLS - 1) // COLS * COLS
+    blocks = (m + ROWS - 1) // ROWS
+    b_codes = np.zeros((nb, k * n_pad), dtype=np.float32)  # row kk of matrix i at kk * n_pad, zero padded
+    b_steps = np.zeros((nb, n_pad), dtype=np.float32)
+    nan = np.zeros(nb * blocks + nb, dtype=np.bool_)
+    lo_b, hi_b = np.float32(b_lo), np.float32(b_hi)
+    for i in prange(nb):
+        steps = b_steps[i]
+        codes = b_codes[i]
+        seen = False
+        if by_columns:  # each column's codes along its contiguous row, then transposed into place
+            col = np.empty(k, dtype=np.float32)
+            col_codes = np.empty((n, k), dtype=np.float32)
+            top = np.empty(1, dtype=np.uint32)
+            for c in range(n):
+                _copy(b[i, c], col)
+                steps[c] = _step(col, per_row, b_step, floor, top)
+                seen |= _row_codes(col, steps[c], lo_b, hi_b, col_codes[c])
+            for kk in range(k):
+                for c in range(n):
+                    codes[kk * n_pad + c] = col_codes[c, kk]
+        else:
+            row = np.empty(n, dtype=np.float32)
+            if per_row:
+                for r in range(k):
+                    _copy(b[i, r], row)
+                    for c in range(n):
+                        v = abs(row[np.uintp(c)])
+                        steps[np.uintp(c)] = v if v > steps[np.uintp(c)] else steps[np.uintp(c)]
+                for c in range(n):
+                    steps[np.uintp(c)] = b_step * max(steps[np.uintp(c)], floor)
+            else:
+                steps[:n] = b_step
+            for r in range(k):
+                _copy(b[i, r], row)
+                seen |= _codes(row, steps, lo_b, hi_b, codes[r * n_pad:r * n_pad + n])
+        nan[nb * blocks + i] = seen
+    lo_a, hi_a = np.float32(a_lo), np.float32(a_hi)
+    for t in prange(nb * blocks):
+        i = t // blocks
+        r0 = (t - i * blocks) * ROWS
+        codes = np.empty((ROWS, k), dtype=np.float32)
+        steps = np.empty(ROWS, dtype=np.float32)
+        seen = False
+        row = np.empty(k, dtype=np.float32)
+        top = np.empty(1, dtype=np.uint32)
+        for j in range(ROWS):  # rows past the end repeat the last one; their results are not stored
+            _copy(a[i, min(r0 + j, m - 1)], row)
+            steps[j] = _step(row, per_row, a_step, floor, top)
+            seen |= _row_codes(row, steps[j], lo_a, hi_a, codes[j])
+        nan[t] = seen
+        bi = b_codes[i]
+        col_steps = b_steps[i]
+        tmp = np.empty(COLS, dtype=np.float32)
+        for c0 in range(0, n_pad, COLS):
+            acc00 = acc01 = acc10 = acc11 = acc20 = acc21 = acc30 = acc31 = splat_f32x8(np.float32(0.0))
+            for kk in range(k):
+                at = kk * n_pad + c0
+                b0 = load_f32x8(bi, at)
+                b1 = load_f32x8(bi, at + LANES)
+                q = splat_f32x8(codes[0, kk])
+                acc00 = fma_f32x8(q, b0, acc00)
+                acc01 = fma_f32x8(q, b1, acc01)
+                q = splat_f32x8(codes[1, kk])
+                acc10 = fma_f32x8(q, b0, acc10)
+                acc11 = fma_f32x8(q, b1, acc11)
+                q = splat_f32x8(codes[2, kk])
+                acc20 = fma_f32x8(q, b0, acc20)
+                acc21 = fma_f32x8(q, b1, acc21)
+                q = splat_f32x8(codes[3, kk])
+                acc30 = fma_f32x8(q, b0, acc30)
+                acc31 = fma_f32x8(q, b1, acc31)
+            _store(out[i, r0], c0, n, acc00, acc01, steps[0], col_steps, tmp)
+            if r0 + 1 < m:
+                _store(out[i, r0 + 1], c0, n, acc10, acc11, steps[1], col_steps, tmp)
+            if r0 + 2 < m:
+                _store(out[i, r0 + 2], c0, n, acc20, acc21, steps[2], col_steps, tmp)
+            if r0 + 3 < m:
+                _store(out[i, r0 + 3], c0, n, acc30, acc31, steps[3], col_steps, tmp)
+    return nan.any()
+
+
+def code_matmul(a: np.ndarray, b: np.ndarray, a_step: float, b_step: float, floor: float | None,
+                a_range: tuple[int, int], b_range: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    """The scaled code product of float32 ``a`` (..., M, K) and ``b`` (..., K, N) (batch dims broadcast):
+    per-row steps of ``a`` and per-column steps of ``b`` from their maxima when ``floor`` is given, else the
+    two steps; codes in ``a_range`` / ``b_range`` (lo, hi). Returns (float32 (..., M, N), NaN seen)."""
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    a3 = (a if a.shape[:-2] == batch else np.broadcast_to(a, (*batch, m, k))).reshape(-1, m, k)
+    b3 = (b if b.shape[:-2] == batch else np.broadcast_to(b, (*batch, k, n))).reshape(-1, k, n)
+    by_columns = b3.strides[1] == b3.itemsize != b3.strides[2]  # a transposed view: its columns are rows
+    if by_columns:
+        b3 = b3.transpose(0, 2, 1)
+    out = np.empty((a3.shape[0], m, n), dtype=np.float32)
+    per_row = floor is not None
+    nan = _code_matmul(a3, b3, by_columns, np.float32(a_step), np.float32(b_step),
+                       np.float32(floor if per_row else 0.0), per_row, *a_range, *b_range, out)
+    return out.reshape(*batch, m, n), bool(nan)
