@@ -93,15 +93,18 @@ def linear_kernel(p: KernelPlan) -> kernels.LinearKernel:
     """The plan's ``kernels.LinearKernel`` (operands validated and laid out once), built at its first call.
 
     The smoothing factor goes in with the weights: the kernel multiplies by it in float32, the
-    same product as QuantLayer's, so the codes match bit for bit.
+    same product as QuantLayer's, so the codes match bit for bit. So does the input rotation
+    (``kernels.hadamard``, the same float32 butterflies as ``rotate_input``), except before a mid-rise
+    shift, which ``_run_linear`` applies between the two.
     """
     kernel = _LINEARS.get(p)
     if kernel is None:
         assert p.packed is not None and p.w_scales is not None
         a_scale = None if p.a_scale is None or p.a_shift is not None else p.a_scale.numpy()
         row_floor = None if p.a_axis is None else MIN_STEP  # per-row steps: `row_steps_of`'s floor
+        rotation = None if p.rotation_signs is None or p.a_shift is not None else p.rotation_signs.numpy()
         kernel = kernels.prepare_linear(p.packed, p.w_scales, p.a_step, p.bits.a, p.a_signed, p.bias, a_scale,
-                                        row_floor)
+                                        row_floor, rotation)
         _LINEARS[p] = kernel
     return kernel
 
@@ -115,9 +118,9 @@ def _run_linear(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
     x = x.detach()
     if x.dtype != torch.float32 or x.device.type != "cpu":
         x = x.to("cpu", torch.float32)
-    if p.rotation_signs is not None:
-        x = rotate_input(x, p.rotation_signs)
     if p.a_shift is not None:
+        if p.rotation_signs is not None:
+            x = rotate_input(x, p.rotation_signs)
         x = mid_rise_input(x, p.a_scale, p.a_shift)
     return torch.from_numpy(linear_kernel(p)(x.numpy()))
 

@@ -182,11 +182,16 @@ class LinearOperands:
     once (at lowering) so a call only checks ``x``; ``w_scales``/``bias`` float32 ``(n,)``,
     ``a_scale`` float32 ``(k,)`` or None, validated by the caller (``linear.LinearKernel``).
     ``row_floor``: per-row steps (``row_steps``), row i's ``a_step * max(max|x[i]|, row_floor)``;
-    the GEMM then scales by ``w_scales`` alone and the row pass after it by the row's step."""
+    the GEMM then scales by ``w_scales`` alone and the row pass after it by the row's step.
+    ``rotation``: float32 ``(k,)`` signs of the input's online rotation, which per-row-step kernels run in
+    their quantize pass (``row_steps._quantize``; block 0: none)."""
 
     def __init__(self, w: PackedWeight, w_scales: np.ndarray, a_step: np.float32, lo: int, hi: int, shift: int,
-                 bias: np.ndarray | None, a_scale: np.ndarray | None, row_floor: float | None = None) -> None:
+                 bias: np.ndarray | None, a_scale: np.ndarray | None, row_floor: float | None = None,
+                 rotation: np.ndarray | None = None) -> None:
         self.w = w
+        self.signs = NO_SCALE if rotation is None else np.ascontiguousarray(rotation, dtype=np.float32)
+        self.block = 0 if rotation is None else w.k & -w.k
         self.blocks = weight_blocks(w)
         self.cw = (shift * self.blocks.cw_base).astype(np.int32)
         self.step = np.float32(a_step)

@@ -54,13 +54,19 @@ def _vector_row(src, signs, block, row):
         h *= 2
 
 
+@njit(inline="always")
+def rotate_row(src, signs, block, row):
+    """``row = hadamard(src * signs, block)`` for one contiguous row (also the fused linears' quantize pass)."""
+    if block >= LANES:
+        _vector_row(src, signs, block, row)
+    else:
+        _scalar_row(src, signs, block, row)
+
+
 @njit(cache=True)
 def _rotate(x, signs, block, out):
     for r in range(x.shape[0]):
-        if block >= LANES:
-            _vector_row(x[r], signs, block, out[r])
-        else:
-            _scalar_row(x[r], signs, block, out[r])
+        rotate_row(x[r], signs, block, out[r])
 
 
 def rotate_rows(x: np.ndarray, signs: np.ndarray, block: int) -> np.ndarray:

@@ -31,9 +31,9 @@ def _fused(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum, one_tap, ge
     return False
 
 
-def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, kp, a8, asum, one_tap, geo, wp, cw, offset,
-                n, n_pad, cq, no_i32, scale, bias, has_bias, out):
-    if _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps):
+def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, signs, block, kp, a8, asum, one_tap, geo,
+                wp, cw, offset, n, n_pad, cq, no_i32, scale, bias, has_bias, out):
+    if _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block):
         return True
     _gemm(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_avx2.ROWS, no_i32,
           out, scale, bias, has_bias, steps)
@@ -63,10 +63,11 @@ class Avx2Linear(broadcast.LinearOperands):
         if self.row_floor is not None:
             steps = scratch("linear.row_steps", m, np.float32)
             return driver(w.bits == 8, parallel, True)(x, self.a_scale, self.has_scale, self.step, self.row_floor,
-                                                      self.lo, self.hi, self.shift, steps, w.k_pad, a8, asum,
-                                                      broadcast.ONE_TAP, broadcast.GEMM_GEO, blocks.data, self.cw,
-                                                      blocks.offset, w.n, blocks.n_pad, blocks.cq, gemm_avx2.NO_I32,
-                                                      self.scale, self.bias, self.has_bias, out.reshape(-1))
+                                                      self.lo, self.hi, self.shift, steps, self.signs, self.block,
+                                                      w.k_pad, a8, asum, broadcast.ONE_TAP, broadcast.GEMM_GEO,
+                                                      blocks.data, self.cw, blocks.offset, w.n, blocks.n_pad,
+                                                      blocks.cq, gemm_avx2.NO_I32, self.scale, self.bias,
+                                                      self.has_bias, out.reshape(-1))
         return driver(w.bits == 8, parallel)(x, self.a_scale, self.has_scale, self.step, self.lo, self.hi, self.shift,
                                              w.k_pad, a8, asum, broadcast.ONE_TAP, broadcast.GEMM_GEO, blocks.data,
                                              self.cw, blocks.offset, w.n, blocks.n_pad, blocks.cq, gemm_avx2.NO_I32,

@@ -50,9 +50,9 @@ def _fused(x, a_scale, has_scale, step, lo, hi, shift, wp, cw, offset, n, n_pad,
     return False
 
 
-def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, wp, cw, offset, n, n_pad, cq, kp, scale,
-                bias, has_bias, a8, asum, out, one_tap, geo, no_i32, lo_f, hi_f):
-    if _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps):
+def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, signs, block, wp, cw, offset, n, n_pad, cq,
+                kp, scale, bias, has_bias, a8, asum, out, one_tap, geo, no_i32, lo_f, hi_f):
+    if _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block):
         return True
     mode = gemm_vnni.SCALED | gemm_vnni.ROWS | (gemm_vnni.BIAS if has_bias else 0)
     _core(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, mode, no_i32, out, scale,
@@ -89,9 +89,10 @@ class FusedLinear(broadcast.LinearOperands):
             steps = scratch("linear.row_steps", m, np.float32)
             with gemm_vnni.threads_if(parallel):
                 return driver_rows()(x, self.a_scale, self.has_scale, self.step, self.row_floor, self.lo, self.hi,
-                                     self.shift, steps, b.data, self.cw, b.offset, w.n, b.n_pad, b.cq, w.k_pad,
-                                     self.scale, self.bias, self.has_bias, a8, asum, out.reshape(-1),
-                                     broadcast.ONE_TAP, broadcast.GEMM_GEO, gemm_vnni.NO_I32, *gemm_vnni.NO_CLAMP)
+                                     self.shift, steps, self.signs, self.block, b.data, self.cw, b.offset, w.n,
+                                     b.n_pad, b.cq, w.k_pad, self.scale, self.bias, self.has_bias, a8, asum,
+                                     out.reshape(-1), broadcast.ONE_TAP, broadcast.GEMM_GEO, gemm_vnni.NO_I32,
+                                     *gemm_vnni.NO_CLAMP)
         with gemm_vnni.threads_if(parallel):
             return driver()(x, self.a_scale, self.has_scale, self.step, self.lo, self.hi, self.shift, b.data, self.cw,
                             b.offset, w.n, b.n_pad, b.cq, w.k_pad, mode, self.scale, self.bias, a8, asum,

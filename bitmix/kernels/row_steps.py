@@ -18,6 +18,7 @@ from numba import njit, prange
 
 from bitmix.kernels import simd
 from bitmix.kernels.broadcast import QROWS
+from bitmix.kernels.hadamard import rotate_row
 
 ABS_BITS = np.uint32(0x7FFFFFFF)
 
@@ -82,8 +83,9 @@ def scale_rows(y: np.ndarray, steps: np.ndarray, bias: np.ndarray | None) -> np.
     return flat.reshape(y.shape)
 
 
-def _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps):
-    """`broadcast._quantize` with per-row steps: `v = x[i, q] (* a_scale[q])`, row i's step
+def _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block):
+    """`broadcast._quantize` with per-row steps: `v = x[i, q] (* a_scale[q])` (first rotated,
+    `hadamard.rotate_row(x[i], signs, block)`, when `block` > 0), row i's step
     `steps[i] = step * max(max_q |v|, floor)`, `a8[i, q] = rint(clip(v / steps[i], lo, hi)) - shift`
     (pad columns 0), `asum[i]` the row's code sum; True if any NaN was seen."""
     m, k = x.shape
@@ -95,9 +97,13 @@ def _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, s
     for t in prange(qblocks):
         seen = False
         scaled = np.empty(k, dtype=np.float32)
+        rotated = np.empty(k if block > 0 else 0, dtype=np.float32)
         top = np.empty(1, dtype=np.uint32)
         for i in range(t * QROWS, min(m, t * QROWS + QROWS)):
             row = x[i]
+            if block > 0:
+                rotate_row(row, signs, block, rotated)
+                row = rotated
             if has_scale:
                 for q in range(k):
                     scaled[np.uintp(q)] = row[np.uintp(q)] * a_scale[np.uintp(q)]

@@ -73,6 +73,28 @@ def test_linear_kernel_with_row_steps_exact(kernel_path, w_bits, a_signed, m) ->
         prepare_linear(w, scales, step, 4, a_signed, row_floor=floor)(x)
 
 
+@pytest.mark.parametrize(("k", "row_floor"), [(96, 1e-8), (100, 1e-8), (1536, 1e-8), (96, None), (12, 1e-8)])
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_linear_kernel_with_rotation_equals_rotating_first(kernel_path, k, row_floor, m) -> None:
+    """``rotation``: the same as ``hadamard.rotate_rows`` on the input and the kernel without it, bit for bit
+    (inside the fused per-row quantize pass, or before the other paths), with and without smoothing."""
+    from bitmix.kernels.hadamard import rotate_rows
+
+    rng = np.random.default_rng(k + m)
+    n = 37
+    w = pack_weights(rng.integers(-8, 7, (n, k), endpoint=True).astype(np.int8), 4)
+    scales = rng.uniform(0.01, 0.1, n).astype(np.float32)
+    bias = rng.normal(size=n).astype(np.float32)
+    signs = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), k)
+    x = (rng.normal(size=(2, m, k)) * np.exp(2 * rng.normal(size=(2, m, 1)))).astype(np.float32)
+    for a_scale in (None, rng.uniform(0.5, 2.0, k).astype(np.float32)):
+        got = prepare_linear(w, scales, 0.125, 4, True, bias, a_scale, row_floor, rotation=signs)(x)
+        plain = prepare_linear(w, scales, 0.125, 4, True, bias, a_scale, row_floor)
+        np.testing.assert_array_equal(got, plain(rotate_rows(x, signs, k & -k)))
+    with pytest.raises(BitmixError, match="rotation"):
+        prepare_linear(w, scales, 0.125, 4, True, rotation=signs[:-1])
+
+
 def test_linear_kernel_keeps_leading_dims_and_reads_strided_input(kernel_path) -> None:
     rng = np.random.default_rng(3)
     w_codes = rng.integers(-8, 7, (20, 64), endpoint=True).astype(np.int8)
