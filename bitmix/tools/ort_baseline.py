@@ -12,7 +12,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -113,12 +112,3 @@ def _int8_session(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: Task
         session = ort.InferenceSession(int8, opts, providers=["CPUExecutionProvider"])
     feed = feeds[0] if data is None else {n: x.numpy() for n, x in zip(names, inputs, strict=True)}
     return session, feed
-
-
-def time_ort_int8(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: TaskData | None, threads: int,
-                  median: Callable[[Callable[[], object], int], float], repeats: int) -> tuple[float, float]:
-    """(median seconds per call, seconds to export + quantize + load)."""
-    start = time.perf_counter()
-    run = ort_int8_session(model, inputs, data, threads)
-    setup = time.perf_counter() - start
-    return median(run, repeats), setup

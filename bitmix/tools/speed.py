@@ -3,8 +3,10 @@ model, timed in the same process (``bitmix bench model``).
 
 Each zoo model is compiled all-4-bit (``int4int2-npu`` at budget 1.0: first and last
 quantizable layers 8-bit, every other one 4-bit; no data needed) at its zoo example input,
-then each contender is timed: warm-up calls, then the median of ``repeats`` calls, threads
-fixed to the machine's cores for torch, Numba and ONNX Runtime. Contenders: eager FP32, and
+then the contenders are timed in turns (``interleaved_medians``): each takes ``ROUNDS`` blocks of
+warm-up calls and back-to-back timed calls, the blocks alternating between contenders, and its
+median over all ``repeats`` timed calls is reported; threads fixed to the machine's cores for torch,
+Numba and ONNX Runtime. Contenders: eager FP32, and
 (``ort=True``) the same model exported to ONNX and run by ONNX Runtime as static QDQ int8
 (``tools/ort_baseline.py``). "vs eager" / "vs ORT int8" are the contender's time over the
 compiled time (> 1: bitmix wins). Quantization, layout changes and dequantization are inside
@@ -31,6 +33,9 @@ from bitmix.kernels.threads import configure_threading
 DEFAULT_MODELS = ("digits-cnn", "resnet18", "resnet50", "mobilenetv2", "minilm")
 
 
+ROUNDS = 5  # blocks per contender in ``interleaved_medians``
+
+
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
@@ -40,6 +45,30 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> f
         fn()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def interleaved_medians(contenders: dict[str, Callable[[], object]], repeats: int, rounds: int = ROUNDS,
+                        warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each contender over ``repeats`` timed calls, taken in ``rounds`` blocks
+    in turn (a block: ``warmup`` untimed calls, then its share of the timed calls back to back).
+
+    The shared VMs this runs on have slow spells minutes long (one contender timed alone during one
+    moved a ratio by 20-40 %); in turns, a spell hits every contender alike. Calls inside a block run
+    back to back, as a user's would: alternating single calls would time each contender right after
+    another's thread pools, which is not how either runs (MiniLM compiled 9.5 ms back to back, 12.1 ms
+    alternating with eager torch; AMD EPYC, 2026-12-04)."""
+    rounds = max(1, min(rounds, repeats))
+    per_block = -(-repeats // rounds)
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            for _ in range(warmup):
+                fn()
+            for _ in range(per_block):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def bench_model(name: str, repeats: int, ort: bool = True, threads: int = 1) -> dict:
@@ -52,16 +81,16 @@ def bench_model(name: str, repeats: int, ort: bool = True, threads: int = 1) -> 
         warnings.simplefilter("ignore")
         cm = bitmix.compile(model, inputs, target="int4int2-npu", method="eagl", budget=1.0)
     compile_s = time.perf_counter() - start
-    with torch.no_grad():
-        eager = median_seconds(lambda: model(*inputs), repeats)
-        compiled = median_seconds(lambda: cm(*inputs), repeats)
-    ort_s = None
+    contenders = {"eager": lambda: model(*inputs), "compiled": lambda: cm(*inputs)}
     if ort:
-        from bitmix.tools.ort_baseline import time_ort_int8
+        from bitmix.tools.ort_baseline import ort_int8_session
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ort_s, _ = time_ort_int8(model, inputs, data, threads, median_seconds, repeats)
+            contenders["ort"] = ort_int8_session(model, inputs, data, threads)
+    with torch.no_grad():
+        medians = interleaved_medians(contenders, repeats)
+    eager, compiled, ort_s = medians["eager"], medians["compiled"], medians.get("ort")
     return {
         "model": name,
         "input_shapes": [list(x.shape) for x in inputs],

@@ -33,3 +33,26 @@ def test_ort_baseline_runs_an_int8_model_close_to_fp32():
         want = model(*inputs).numpy()
     assert got.shape == want.shape and not (got == want).all()  # quantized, not the FP32 graph
     assert (got.argmax(1) == want.argmax(1)).mean() > 0.9
+
+
+def test_interleaved_medians_times_blocks_in_turn(monkeypatch):
+    """Each contender runs ``rounds`` blocks of warm-up + timed calls, the blocks alternating; the median is
+    over its timed calls only (a fake clock: each call advances it by the contender's cost)."""
+    clock = [0.0]
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
+    order = []
+
+    def contender(name, costs):
+        calls = iter(costs)
+
+        def fn():
+            order.append(name)
+            clock[0] += next(calls)
+        return fn
+
+    # a: warm-up calls cost 100 (never timed), timed calls 1..6; b: 7 everywhere
+    a_costs = [100, 100, 1, 2, 100, 100, 3, 4, 100, 100, 5, 6]
+    medians = speed.interleaved_medians({"a": contender("a", a_costs), "b": contender("b", [7] * 12)},
+                                        repeats=6, rounds=3, warmup=2)
+    assert order == (["a"] * 4 + ["b"] * 4) * 3
+    assert medians == {"a": 4, "b": 7}
