@@ -55,8 +55,8 @@ def interleaved_medians(contenders: dict[str, Callable[[], object]], repeats: in
     The shared VMs this runs on have slow spells minutes long (one contender timed alone during one
     moved a ratio by 20-40 %); in turns, a spell hits every contender alike. Calls inside a block run
     back to back, as a user's would: alternating single calls would time each contender right after
-    another's thread pools, which is not how either runs (MiniLM compiled 9.5 ms back to back, 12.1 ms
-    alternating with eager torch; AMD EPYC, 2026-12-04)."""
+    another's thread pools, which is not how either runs (compiled MiniLM: 9.4-9.6 ms in blocks, 12.1-12.2 ms
+    in single calls alternating with eager torch, the same half hour; AMD EPYC, 2026-12-04)."""
     rounds = max(1, min(rounds, repeats))
     per_block = -(-repeats // rounds)
     times: dict[str, list[float]] = {name: [] for name in contenders}
