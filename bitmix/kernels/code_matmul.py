@@ -5,8 +5,9 @@ The lowered form ran five passes with torch and Python between them (a contiguou
 operand, one code pass each, torch's batched matmul on the float codes, then the scale product):
 MiniLM's 12-head 64 x 64 x 32 products took 127-142 us a call alone and ~190 us in the model, 12 calls
 per forward (AMD EPYC, 2026-12-04). Here each of ``b``'s (K, N) matrices gets its column steps and
-codes in one pass, then each row of ``a`` its step and codes and its output row, read through any
-strides (the heads' transposed views need no copy).
+codes in one pass, then each 4-row block of ``a`` its steps and codes and its output rows, the product
+on 8-lane FMA register blocks; operands are read through their strides (the heads' views need no copy,
+and K^T, a transposed view, is read along its contiguous rows). MiniLM: 10.79 -> 10.16 ms a forward.
 
 Same float32 operations as the passes it replaces, so the same bits: steps ``step * max(max|x|,
 floor)`` along the contraction axis (per-row mode) or ``step`` (per-tensor), codes
@@ -16,6 +17,8 @@ below it every partial sum is an integer float32 represents), so its order does 
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import njit, prange
@@ -185,12 +188,13 @@ def code_matmul(a: np.ndarray, b: np.ndarray, a_step: float, b_step: float, floo
     batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     m, k = a.shape[-2:]
     n = b.shape[-1]
-    a3 = (a if a.shape[:-2] == batch else np.broadcast_to(a, (*batch, m, k))).reshape(-1, m, k)
-    b3 = (b if b.shape[:-2] == batch else np.broadcast_to(b, (*batch, k, n))).reshape(-1, k, n)
+    nb = math.prod(batch)
+    a3 = (a if a.shape[:-2] == batch else np.broadcast_to(a, (*batch, m, k))).reshape(nb, m, k)
+    b3 = (b if b.shape[:-2] == batch else np.broadcast_to(b, (*batch, k, n))).reshape(nb, k, n)
     by_columns = b3.strides[1] == b3.itemsize != b3.strides[2]  # a transposed view: its columns are rows
     if by_columns:
         b3 = b3.transpose(0, 2, 1)
-    out = np.empty((a3.shape[0], m, n), dtype=np.float32)
+    out = np.empty((nb, m, n), dtype=np.float32)
     per_row = floor is not None
     nan = _code_matmul(a3, b3, by_columns, np.float32(a_step), np.float32(b_step),
                        np.float32(floor if per_row else 0.0), per_row, *a_range, *b_range, out)

@@ -67,3 +67,14 @@ def test_nan_and_inf_are_reported(where, bad):
     (a if where == "a" else b)[0, 2, 1] = bad
     assert code_matmul(a, b, 0.1, 0.1, MIN_STEP, (-8, 7), (-8, 7))[1]
     assert code_matmul(a, b, 0.1, 0.1, None, (-8, 7), (-8, 7))[1] == (bad != bad)
+
+
+@pytest.mark.parametrize(("a_shape", "b_shape"), [((0, 3, 4), (0, 4, 5)), ((2, 0, 4), (2, 4, 5)),
+                                                  ((2, 3, 0), (2, 0, 5)), ((2, 3, 4), (2, 4, 0)),
+                                                  ((0, 3, 4), (1, 4, 5))])
+def test_empty_operands_give_torchs_shape(a_shape, b_shape):
+    """Empty batches, rows, columns or K: the shape ``torch.matmul`` gives, zeros where K is empty."""
+    a, b = torch.ones(a_shape), torch.ones(b_shape)
+    for floor in (MIN_STEP, None):
+        got, nan = code_matmul(a.numpy(), b.numpy(), 0.1, 0.1, floor, (-8, 7), (-8, 7))
+        assert not nan and got.shape == torch.matmul(a, b).shape and not got.any()
