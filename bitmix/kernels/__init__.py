@@ -24,11 +24,10 @@ if TYPE_CHECKING:
     from bitmix.kernels.conv import conv2d
     from bitmix.kernels.linear import LinearKernel, prepare_linear
     from bitmix.kernels.matmul import gemm
-    from bitmix.kernels.quant import code_floats, qconv2d, qconv2d_nhwc, qlinear, quantize_activations
+    from bitmix.kernels.quant import qconv2d, qconv2d_nhwc, qlinear, quantize_activations
 
 _LAZY = {  # kernel function -> the Numba module defining it
     "bmm": "bitmix.kernels.batched",
-    "code_floats": "bitmix.kernels.quant",
     "conv2d": "bitmix.kernels.conv",
     "gemm": "bitmix.kernels.matmul",
     "LinearKernel": "bitmix.kernels.linear",
@@ -55,7 +54,6 @@ __all__ = [
     "PackedWeight",
     "available_paths",
     "bmm",
-    "code_floats",
     "conv2d",
     "dispatch",
     "gemm",

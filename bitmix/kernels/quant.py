@@ -67,16 +67,6 @@ def quantize_activations(x: np.ndarray, step: float, bits: int, signed: bool) ->
     return codes
 
 
-def code_floats(x: np.ndarray, step: float, bits: int, signed: bool) -> np.ndarray:
-    """``quantize_activations`` as float32 codes, for integer products run exactly on float units."""
-    x = np.ascontiguousarray(_f32(x, "x"))
-    lo, hi, _ = check_activation_spec(bits, signed)
-    codes = np.empty(x.shape, dtype=np.float32)
-    if x.size and _quantize_flat(x.reshape(-1), _step(step), lo, hi, codes.reshape(-1)):
-        raise BitmixError("x: contains NaN; cannot quantize")
-    return codes
-
-
 @njit(parallel=True, cache=True)
 def _dequantize_to_nchw(acc, scale, bias, has_bias, hw, out):
     """``out[b, c, p] = float32(acc[b * hw + p, c]) * scale[c] (+ bias[c])``, 64 pixels per block."""

@@ -28,7 +28,7 @@ _CONVS = (  # (c_in, c_out, kernel, stride, padding, groups, width): 1x1, k x k,
 
 def warm(path: str | None = None) -> float:
     """Run every kernel variant of ``path`` (default: this CPU's) once; returns the seconds it took."""
-    from bitmix.kernels import bmm, code_floats, prepare_linear, qconv2d, qconv2d_nhwc, qlinear
+    from bitmix.kernels import bmm, prepare_linear, qconv2d, qconv2d_nhwc, qlinear
     from bitmix.kernels.code_matmul import code_matmul
     from bitmix.kernels.hadamard import rotate_rows
     from bitmix.kernels.launch import serial_max_macs
@@ -62,7 +62,6 @@ def warm(path: str | None = None) -> float:
                         qconv2d_nhwc(x, *args, None, *geometry, channels_last=False)
                         qconv2d_nhwc(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), *args, None, *geometry)
             bmm(rng.integers(-8, 8, (2, 5, 7)).astype(np.int8), rng.integers(-8, 8, (2, 7, 4)).astype(np.int8))
-            code_floats(rng.normal(size=(2, 5, 7)).astype(np.float32), 0.05, 8, True)  # lowered attention matmuls
     with dispatch.use(path):
         _warm_code_chain(rng)
     step_errors(rng.normal(size=(3, 16)).astype(np.float32), np.full((3, 4), 0.1, dtype=np.float32), 8, 7)  # ranges
