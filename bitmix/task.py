@@ -10,13 +10,15 @@ inputs), train (labeled, for methods that train and for fine-tuning) and eval.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bitmix.ir.precision import PrecisionLike, as_precision
 
 Inputs = tuple[torch.Tensor, ...]
 
@@ -26,7 +28,8 @@ class FinetuneConfig:
     """LSQ quantization-aware fine-tuning after allocation; each zoo task carries one that works for it.
 
     `layer_distill` weighs layer-wise distillation to the float model (`bitmix.compiler.distill`);
-    `step_lr_scale` multiplies the LSQ steps' learning rates under Adam.
+    `step_lr_scale` multiplies the LSQ steps' learning rates under Adam; `lr_8bit_activations`, when set,
+    replaces `lr` for assignments whose every layer reads 8-bit activations (`lr_for`).
     """
 
     epochs: int = 2
@@ -35,6 +38,16 @@ class FinetuneConfig:
     batch_size: int = 64
     layer_distill: float = 0.0
     step_lr_scale: float = 1.0
+    lr_8bit_activations: float | None = None
+
+    def lr_for(self, assignment: Mapping[str, PrecisionLike]) -> float:
+        """The learning rate for fine-tuning `assignment`: `lr_8bit_activations` when it is set and no layer
+        reads activations narrower than 8 bits (less activation noise to undo, so smaller moves: see the zoo
+        MiniLM recipe), else `lr`."""
+        if self.lr_8bit_activations is not None and assignment and all(
+                as_precision(bits, f"layer {name!r}").a >= 8 for name, bits in assignment.items()):
+            return self.lr_8bit_activations
+        return self.lr
 
 
 @dataclass(frozen=True)

@@ -156,8 +156,8 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     if ft is not None and ft.epochs > 0:
         assert roles.train is not None
         with _stage("finetune", timings):
-            fq = qat_finetune(fq, roles.train, ft.epochs, ft.lr, ft.optimizer, seed=seed, batch_size=ft.batch_size,
-                              teacher=float_model if ft.layer_distill > 0 else None,
+            fq = qat_finetune(fq, roles.train, ft.epochs, ft.lr_for(assignment), ft.optimizer, seed=seed,
+                              batch_size=ft.batch_size, teacher=float_model if ft.layer_distill > 0 else None,
                               layer_distill=ft.layer_distill, step_lr_scale=ft.step_lr_scale)
     with _stage("lower", timings):
         lowered = lower(fq)

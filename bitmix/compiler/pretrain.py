@@ -63,8 +63,9 @@ def train_at_highest(
     recipe = recipe or data.recipe
     if recipe.epochs < 1:
         raise BitmixError(f"training at the highest choice needs >= 1 epoch, got {recipe.epochs}")
-    fq = fake_quantize(prepared, highest_assignment(layer_names, target), data.calibration(CALIBRATION))
-    return finetune(fq, data, recipe.epochs, recipe.lr, recipe.optimizer, seed=seed,
+    assignment = highest_assignment(layer_names, target)
+    fq = fake_quantize(prepared, assignment, data.calibration(CALIBRATION))
+    return finetune(fq, data, recipe.epochs, recipe.lr_for(assignment), recipe.optimizer, seed=seed,
                     batch_size=recipe.batch_size, step_lr=step_lr,
                     teacher=prepared if recipe.layer_distill > 0 else None, layer_distill=recipe.layer_distill,
                     step_lr_scale=recipe.step_lr_scale)
@@ -93,7 +94,7 @@ def cache_key(prepared: nn.Module, target: Target, recipe: FinetuneConfig, step_
 
 def _recipe_key(recipe: FinetuneConfig) -> dict:
     """The recipe's fields, those added later only when set (keys of caches written before stay valid)."""
-    later = {"layer_distill": 0.0, "step_lr_scale": 1.0}
+    later = {"layer_distill": 0.0, "step_lr_scale": 1.0, "lr_8bit_activations": None}
     return {k: v for k, v in asdict(recipe).items() if k not in later or v != later[k]}
 
 

@@ -18,7 +18,8 @@ def measure(job: tuple[tuple[tuple[str, int], ...], int], prepared: Any, data: T
     assignment, seed = dict(job[0]), job[1]
     start = time.perf_counter()
     fq = fake_quantize(prepared.module, assignment, calibration)
-    tuned = finetune(fq, data, recipe.epochs, recipe.lr, recipe.optimizer, seed=seed, batch_size=recipe.batch_size)
+    tuned = finetune(fq, data, recipe.epochs, recipe.lr_for(assignment), recipe.optimizer, seed=seed,
+                     batch_size=recipe.batch_size)
     finetune_s = time.perf_counter() - start
     kernels = lower(tuned).module
     result: dict[str, Any] = {"finetune_s": finetune_s}

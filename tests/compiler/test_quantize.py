@@ -142,11 +142,13 @@ def test_fake_quantize_returns_new_module_with_assigned_bits(mlp):
 
 def test_fake_quantize_data_free_default_and_errors(mlp):
     gm, _ = mlp
-    fq = fake_quantize(gm, {"fc2": "4/8"})
+    fq = fake_quantize(gm, {"fc2": 8})
     q = quant_layers(fq)["fc2"].a_quant
     assert float(q.step.detach()) == pytest.approx(2 / math.sqrt(2 * math.pi) / math.sqrt(255), rel=1e-6)
     q = quant_layers(fake_quantize(gm, {"fc2": 4}))["fc2"].a_quant  # per row (bitmix.ir.row_steps): the row's max
     assert q.axis == -1 and float(q.step.detach()) == pytest.approx(1 / 15, rel=1e-6)
+    q = quant_layers(fake_quantize(gm, {"fc2": "4/8"}))["fc2"].a_quant  # per row beside narrower weights
+    assert q.axis == -1 and float(q.step.detach()) == pytest.approx(1 / 255, rel=1e-6)
     with pytest.raises(BitmixError, match="unknown layer"):
         fake_quantize(gm, {"nope": 4})
     with pytest.raises(BitmixError, match="'fc2'.*8/4: the chip does not run weights wider than activations; use"):

@@ -45,10 +45,10 @@ def test_a_row_step_scales_with_its_row_so_its_codes_do_not():
     assert int(q.codes(x).abs().amax(dim=-1).min()) >= q.q_p - 1  # each row's max reaches the top codes
 
 
-def test_4_bit_linears_and_matmuls_step_per_row_convs_2_and_8_bit_per_tensor():
+def test_4_bit_and_narrow_weight_linears_and_matmuls_step_per_row_convs_2_2_and_8_8_per_tensor():
     calib = _data(1)
     gm = prepare(capture(_Attention().eval(), (calib[0][:2],)))
-    for bits, per_row in ((4, True), ("2/4", True), (2, False), ("4/8", False), (8, False)):
+    for bits, per_row in ((4, True), ("2/4", True), ("4/8", True), ("2/8", True), (2, False), (8, False)):
         fq = fake_quantize(gm, dict.fromkeys(quant_layers(gm), bits), calib)
         for layer in quant_layers(fq).values():
             axes = (layer.a_quant.axis, layer.b_quant.axis if layer.b_quant is not None else None)
@@ -60,7 +60,7 @@ def test_4_bit_linears_and_matmuls_step_per_row_convs_2_and_8_bit_per_tensor():
                 assert axes[0] == -1, (layer.name, bits)
 
 
-@pytest.mark.parametrize("bits", [4, 2, "2/4"])
+@pytest.mark.parametrize("bits", [4, 2, "2/4", "4/8", "2/8"])
 def test_row_stepped_layers_lower_bit_exactly(bits):
     calib, test = _data(2), _data(3, 5)
     gm = prepare(capture(_Attention().eval(), (calib[0][:2],)))

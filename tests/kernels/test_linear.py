@@ -43,13 +43,14 @@ def test_linear_kernel_exact(kernel_path, w_bits, a_bits, a_signed, m) -> None:
         np.testing.assert_array_equal(got, _expected(x, w_codes, scales, step, a_bits, a_signed, b, s))
 
 
-@pytest.mark.parametrize(("w_bits", "a_signed"), [(4, True), (2, False), (8, True)])
+@pytest.mark.parametrize(("w_bits", "a_bits", "a_signed"),
+                         [(4, 4, True), (2, 4, False), (8, 4, True), (4, 8, True), (2, 8, False)])
 @pytest.mark.parametrize("m", [1, 3, 4, 17, 64])
-def test_linear_kernel_with_row_steps_exact(kernel_path, w_bits, a_signed, m) -> None:
+def test_linear_kernel_with_row_steps_exact(kernel_path, w_bits, a_bits, a_signed, m) -> None:
     """Per-row steps (``row_floor``): row i quantized at ``step * max(max|x[i] * a_scale|, floor)``, its
     output row scaled by that step after the exact product, then the bias (the fake-quant formula)."""
-    rng = np.random.default_rng(w_bits * 100 + m)
-    k, n, step, floor = 100, 37, 0.125, 1e-8
+    rng = np.random.default_rng(w_bits * 100 + a_bits * 10 + m)
+    k, n, step, floor = 100, 37, 0.125 if a_bits == 4 else 1 / 120, 1e-8
     lo, hi = code_range(w_bits, True)
     w_codes = rng.integers(lo, hi, (n, k), endpoint=True).astype(np.int8)
     scales = rng.uniform(0.01, 0.1, n).astype(np.float32)
@@ -62,15 +63,15 @@ def test_linear_kernel_with_row_steps_exact(kernel_path, w_bits, a_signed, m) ->
                           (None, None)):
         xs = x if a_scale is None else x * a_scale
         rows = np.float32(step) * np.maximum(np.abs(xs).max(axis=1, keepdims=True), np.float32(floor))
-        codes = quantize_activations(xs / rows, 1.0, 4, a_signed)
+        codes = quantize_activations(xs / rows, 1.0, a_bits, a_signed)
         want = reference.gemm(codes.astype(np.int64), w_codes.astype(np.int64)).astype(np.float32) * scales * rows
         if bias is not None:
             want = want + bias
-        got = prepare_linear(w, scales, step, 4, a_signed, bias, a_scale, row_floor=floor)(x)
+        got = prepare_linear(w, scales, step, a_bits, a_signed, bias, a_scale, row_floor=floor)(x)
         np.testing.assert_array_equal(got, want)
     with pytest.raises(BitmixError, match="NaN"):
         x[-1, 5] = np.nan
-        prepare_linear(w, scales, step, 4, a_signed, row_floor=floor)(x)
+        prepare_linear(w, scales, step, a_bits, a_signed, row_floor=floor)(x)
 
 
 @pytest.mark.parametrize(("k", "row_floor"), [(96, 1e-8), (100, 1e-8), (1536, 1e-8), (96, None), (12, 1e-8)])

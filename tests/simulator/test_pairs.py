@@ -61,12 +61,14 @@ def test_analytic_matches_cycle_level_on_pairs(zoo_graph, p):
 def test_rotated_inputs_and_row_steps_cost_vector_work_at_narrow_activations_only():
     """A linear at <= 4-bit activations pays the online Hadamard rotation (bitmix.ir.rotation): one sign flip
     and log2(b) butterflies per input element on the vector unit, and their FP16 traffic; at 4 bits also its
-    per-row steps (bitmix.ir.row_steps): a max per input element, a multiply per output element."""
+    per-row steps (bitmix.ir.row_steps): a max per input element, a multiply per output element; a 4/8 linear pays the
+    row steps (beside narrower weights) without the rotation."""
     layer = linear("fc", 384, 384, rows=64)
     work = layer_works([layer])[0]
     base = work.vector_ops
     counts = {p: simulate_layer(work, p, ChipConfig(), None)[0].counts
-              for p in (Precision(4, 8), Precision(4, 4), Precision(2, 2))}
-    assert counts[Precision(4, 8)].vector_ops == base
+              for p in (Precision(8, 8), Precision(4, 8), Precision(4, 4), Precision(2, 2))}
+    assert counts[Precision(8, 8)].vector_ops == base
+    assert counts[Precision(4, 8)].vector_ops == base + 64 * 384 * (1 + 1)
     assert counts[Precision(2, 2)].vector_ops == base + 64 * 384 * (1 + 7)
     assert counts[Precision(4, 4)].vector_ops == base + 64 * 384 * (1 + 7 + 1 + 1)
