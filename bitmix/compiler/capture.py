@@ -31,7 +31,7 @@ aten = torch.ops.aten
 # inside torch (torch/utils/_pytree.py, `class LeafSpec`). bitmix never uses LeafSpec: hide exactly that message.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
-CONV_OPS = {aten.conv2d.default, aten.convolution.default}
+CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.convolution.default}
 LINEAR_OPS = {aten.linear.default}
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.mm.default}
 # Ops that multiply by weights but have no bitmix kernel: they stay FP32 and are reported.
@@ -154,6 +154,11 @@ def _module_path(node: torch.fx.Node) -> str:
     return str(path)
 
 
+def _unit_height(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A conv1d shape (N, C, L) or weight (C_out, C_in/g, k) as its conv2d of height 1."""
+    return (*shape[:2], 1, *shape[2:])
+
+
 def _pair(v: object) -> tuple[int, int]:
     if isinstance(v, list | tuple):
         return (int(v[0]), int(v[-1]))
@@ -247,26 +252,32 @@ def _layer_for(node: torch.fx.Node, params: dict[str, str], nonneg: set[torch.fx
     module = _module_path(node)
     if target in CONV_OPS:
         x, w = node.args[0], node.args[1]
-        if not isinstance(w, torch.fx.Node) or w.name not in params or len(_shape(w)) != 4:
+        if not isinstance(w, torch.fx.Node) or w.name not in params:
+            return None
+        w_shape, in_shape = _shape(w), _shape(x)
+        if len(w_shape) not in (3, 4) or len(in_shape) != len(w_shape):  # conv3d; an unbatched input
             return None
         bias = node.args[2] if len(node.args) > 2 else None
-        if target == aten.conv2d.default:
-            stride, padding, dilation, groups = (list(node.args[3:7]) + [1, 0, 1, 1][len(node.args[3:7]) :])
-        else:
+        if target == aten.convolution.default:
             if node.args[6]:  # transposed convolution: not a supported layer kind
                 return None
             stride, padding, dilation, groups = node.args[3], node.args[4], node.args[5], node.args[8]
+        else:
+            stride, padding, dilation, groups = (list(node.args[3:7]) + [1, 0, 1, 1][len(node.args[3:7]) :])
         if isinstance(padding, str):
             return None
-        w_shape = _shape(w)
+        stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+        if len(w_shape) == 3:  # conv1d: a conv2d of height 1 (`fold.prepare` inserts the unit dimension)
+            w_shape, in_shape, out_shape = (_unit_height(s) for s in (w_shape, in_shape, out_shape))
+            stride, padding, dilation = (1, stride[0]), (0, padding[0]), (1, dilation[0])
         c_out, c_in_g, kh, kw = w_shape
         macs = math.prod(out_shape) * c_in_g * kh * kw
         has_bias = isinstance(bias, torch.fx.Node)
         return Layer(
             name=module or node.name, kind="conv2d", node=node.name, module=module,
-            weight_shape=w_shape, input_shape=_shape(x), output_shape=out_shape, macs=macs,
+            weight_shape=w_shape, input_shape=in_shape, output_shape=out_shape, macs=macs,
             params=math.prod(w_shape) + (c_out if has_bias else 0), has_bias=has_bias,
-            stride=_pair(stride), padding=_pair(padding), dilation=_pair(dilation), groups=int(groups),
+            stride=stride, padding=padding, dilation=dilation, groups=int(groups),
             weight_param=params[w.name], bias_param=params.get(bias.name) if has_bias else None,
         )
     if target in LINEAR_OPS:

@@ -119,7 +119,7 @@ def _fold_batchnorms(
             shift = shift + bias.double() * scale
         if beta is not None:
             shift = shift + beta.double()
-        w = weight.double() * scale.reshape(-1, 1, 1, 1)
+        w = weight.double() * scale.reshape(-1, *[1] * (weight.dim() - 1))  # conv2d or conv1d
         folded[layer.name] = (w.to(weight.dtype), shift.to(weight.dtype))
         if bn.target == aten.batch_norm.default:
             bn.replace_all_uses_with(conv)
@@ -162,6 +162,8 @@ def _insert_quant_layer(
             weight = _fetch(gm, node.args[1])
             bias = _fetch(gm, node.args[2] if len(node.args) > 2 else None)
         assert weight is not None
+        if layer.kind == "conv2d" and weight.dim() == 3:  # conv1d: `capture` reads it as a conv2d of height 1
+            return _insert_conv1d(gm, layer, node, weight.unsqueeze(2), bias, a in nonneg, taken)
         module = QuantLayer(
             layer.name, layer.kind, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups,
             a_nonneg=a in nonneg,
@@ -173,6 +175,26 @@ def _insert_quant_layer(
         call = gm.graph.call_module(attr, args=args)
     call.meta = dict(node.meta)
     node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    return attr
+
+
+def _insert_conv1d(gm: fx.GraphModule, layer: Layer, node: fx.Node, weight: torch.Tensor, bias: torch.Tensor | None,
+                   a_nonneg: bool, taken: dict[str, str]) -> str:
+    """A conv1d as `unsqueeze(2) -> conv2d of height 1 -> squeeze(2)`: the same sums in the same order, and
+    the conv2d is an ordinary layer for every later stage (quantizers, kernels, simulator)."""
+    module = QuantLayer(layer.name, "conv2d", weight, bias, layer.stride, layer.padding, layer.dilation,
+                        layer.groups, a_nonneg=a_nonneg)
+    attr = _attr_name(gm, layer.name, taken)
+    gm.add_submodule(attr, module)
+    with gm.graph.inserting_before(node):
+        wide = gm.graph.call_function(aten.unsqueeze.default, (node.args[0], 2))
+        call = gm.graph.call_module(attr, args=(wide,))
+        out = gm.graph.call_function(aten.squeeze.dims, (call, [2]))
+    meta = {k: v for k, v in node.meta.items() if k != "val"}
+    for new in (wide, call, out):
+        new.meta = dict(meta)
+    node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
     return attr
 

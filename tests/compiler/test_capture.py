@@ -154,3 +154,36 @@ def test_recurrent_layers_are_listed_as_without_kernel():
     graph = capture(Net(), (torch.randn(2, 7, 8),))
     assert graph.names == ("fc",)
     assert any("lstm" in entry for entry in graph.unsupported)
+
+
+class Conv1dNet(nn.Module):
+    """Conv1d in the forms 1-D models use: BatchNorm1d after it, depthwise, strided and dilated, a residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(4, 16, 5, padding=2, bias=False)
+        self.bn = nn.BatchNorm1d(16)
+        self.dw = nn.Conv1d(16, 16, 3, padding=1, groups=16)
+        self.down = nn.Conv1d(16, 24, 3, stride=2, dilation=2)
+        self.same = nn.Conv1d(24, 24, 3, padding="same")
+        self.fc = nn.Linear(24, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.stem(x)))
+        y = torch.relu(self.down(y + self.dw(y)))
+        return self.fc(self.same(y).mean(-1))
+
+
+def test_conv1d_is_a_conv2d_of_height_one():
+    net = Conv1dNet().eval()
+    net.bn.running_mean.uniform_(-0.5, 0.5)
+    net.bn.running_var.uniform_(0.5, 2.0)
+    graph = capture(net, (torch.randn(2, 4, 33),))
+    assert graph.names == ("stem", "dw", "down", "fc")
+    stem, dw, down, _ = graph.layers
+    assert stem.kind == "conv2d" and stem.weight_shape == (16, 4, 1, 5) and stem.padding == (0, 2)
+    assert stem.input_shape == (2, 4, 1, 33) and stem.output_shape == (2, 16, 1, 33)
+    assert stem.macs == 2 * 16 * 33 * 4 * 5 and stem.params == 16 * 4 * 5
+    assert dw.groups == 16 and dw.weight_shape == (16, 1, 1, 3)
+    assert down.stride == (1, 2) and down.dilation == (1, 2) and down.output_shape == (2, 24, 1, 15)
+    assert any(entry.startswith("same") for entry in graph.unsupported)  # "same" padding: no kernel, reported

@@ -94,3 +94,18 @@ def test_minilm_matches_original_and_marks_softmax_nonneg():
     matmuls = [layer for layer in quant_layers(gm).values() if layer.kind == "matmul"]
     assert len(matmuls) == 12
     assert sum(layer.a_nonneg for layer in matmuls) == 6  # attention probabilities @ V
+
+
+def test_conv1d_net_matches_original_with_batchnorm_folded():
+    from tests.compiler.test_capture import Conv1dNet
+
+    net = Conv1dNet().eval()
+    net.bn.running_mean.uniform_(-0.5, 0.5)
+    net.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(5, 4, 40)  # another batch and length than captured
+    gm = prepare(capture(net, (torch.randn(2, 4, 33),)))
+    layers = quant_layers(gm)
+    assert layers["stem"].weight.shape == (16, 4, 1, 5) and layers["stem"].bias is not None  # BN folded in
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in gm.modules())
+    with torch.no_grad():
+        assert _relative_error(gm(x), net(x)) < 1e-5

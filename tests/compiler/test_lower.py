@@ -294,3 +294,20 @@ def test_profiles_name_the_kernel_ops(digits_lowered):
         lowered.module(data.test.inputs[0][:4])
     names = {e.key for e in prof.key_averages()}
     assert {"bitmix::qconv2d", "bitmix::qlinear"} <= names
+
+
+@pytest.mark.parametrize("pairs", PAIRS)
+def test_conv1d_kernels_equal_fake_quant(pairs):
+    """Conv1d runs as a conv2d of height 1 on the packed kernels: bit for bit the fake-quant result."""
+    from tests.compiler.test_capture import Conv1dNet
+
+    torch.manual_seed(0)
+    graph = capture(Conv1dNet().eval(), (torch.randn(2, 4, 33),))
+    cycle = PAIRS[pairs]
+    assignment = {layer: cycle[i % len(cycle)] for i, layer in enumerate(graph.names)}
+    fq = fake_quantize(prepare(graph), assignment, (torch.randn(8, 4, 33),))
+    lowered = lower(fq)
+    assert {layer.kind for layer in lowered.module.modules() if isinstance(layer, KernelLayer)} == {"conv2d", "linear"}
+    x = torch.randn(3, 4, 29)
+    with torch.no_grad():
+        assert torch.equal(fq(x), lowered.module(x))
