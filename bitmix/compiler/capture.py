@@ -31,7 +31,8 @@ aten = torch.ops.aten
 # inside torch (torch/utils/_pytree.py, `class LeafSpec`). bitmix never uses LeafSpec: hide exactly that message.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
-CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.convolution.default}
+CONV_OPS = {aten.conv1d.default, aten.conv1d.padding, aten.conv2d.default, aten.conv2d.padding,
+            aten.convolution.default}
 LINEAR_OPS = {aten.linear.default}
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.mm.default}
 # Ops that multiply by weights but have no bitmix kernel: they stay FP32 and are reported.
@@ -154,6 +155,19 @@ def _module_path(node: torch.fx.Node) -> str:
     return str(path)
 
 
+def _explicit_padding(mode: str, kernel: tuple[int, ...], dilation: object) -> list[int] | None:
+    """torch's `padding="valid"` / `"same"` as explicit symmetric padding per spatial dimension; None where
+    "same" pads one side more than the other (an odd total `dilation * (k - 1)`), which a layer cannot express."""
+    dil = [int(d) for d in dilation] if isinstance(dilation, list | tuple) else [int(dilation)]  # type: ignore[call-overload]
+    dil = dil * len(kernel) if len(dil) == 1 else dil
+    if mode == "valid":
+        return [0] * len(kernel)
+    totals = [d * (k - 1) for d, k in zip(dil, kernel, strict=True)]
+    if mode != "same" or any(t % 2 for t in totals):
+        return None
+    return [t // 2 for t in totals]
+
+
 def _unit_height(shape: tuple[int, ...]) -> tuple[int, ...]:
     """A conv1d shape (N, C, L) or weight (C_out, C_in/g, k) as its conv2d of height 1."""
     return (*shape[:2], 1, *shape[2:])
@@ -265,7 +279,9 @@ def _layer_for(node: torch.fx.Node, params: dict[str, str], nonneg: set[torch.fx
         else:
             stride, padding, dilation, groups = (list(node.args[3:7]) + [1, 0, 1, 1][len(node.args[3:7]) :])
         if isinstance(padding, str):
-            return None
+            padding = _explicit_padding(padding, w_shape[2:], dilation)
+            if padding is None:
+                return None
         stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
         if len(w_shape) == 3:  # conv1d: a conv2d of height 1 (`fold.prepare` inserts the unit dimension)
             w_shape, in_shape, out_shape = (_unit_height(s) for s in (w_shape, in_shape, out_shape))

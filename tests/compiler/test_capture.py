@@ -165,13 +165,14 @@ class Conv1dNet(nn.Module):
         self.bn = nn.BatchNorm1d(16)
         self.dw = nn.Conv1d(16, 16, 3, padding=1, groups=16)
         self.down = nn.Conv1d(16, 24, 3, stride=2, dilation=2)
-        self.same = nn.Conv1d(24, 24, 3, padding="same")
+        self.same = nn.Conv1d(24, 24, 3, padding="same", dilation=2)
+        self.even = nn.Conv1d(24, 24, 4, padding="same")  # pads one side more: no layer kind for it
         self.fc = nn.Linear(24, 3)
 
     def forward(self, x):
         y = torch.relu(self.bn(self.stem(x)))
         y = torch.relu(self.down(y + self.dw(y)))
-        return self.fc(self.same(y).mean(-1))
+        return self.fc(self.even(self.same(y)).mean(-1))
 
 
 def test_conv1d_is_a_conv2d_of_height_one():
@@ -179,11 +180,27 @@ def test_conv1d_is_a_conv2d_of_height_one():
     net.bn.running_mean.uniform_(-0.5, 0.5)
     net.bn.running_var.uniform_(0.5, 2.0)
     graph = capture(net, (torch.randn(2, 4, 33),))
-    assert graph.names == ("stem", "dw", "down", "fc")
-    stem, dw, down, _ = graph.layers
+    assert graph.names == ("stem", "dw", "down", "same", "fc")
+    stem, dw, down, same, _ = graph.layers
     assert stem.kind == "conv2d" and stem.weight_shape == (16, 4, 1, 5) and stem.padding == (0, 2)
     assert stem.input_shape == (2, 4, 1, 33) and stem.output_shape == (2, 16, 1, 33)
     assert stem.macs == 2 * 16 * 33 * 4 * 5 and stem.params == 16 * 4 * 5
     assert dw.groups == 16 and dw.weight_shape == (16, 1, 1, 3)
     assert down.stride == (1, 2) and down.dilation == (1, 2) and down.output_shape == (2, 24, 1, 15)
-    assert any(entry.startswith("same") for entry in graph.unsupported)  # "same" padding: no kernel, reported
+    assert same.padding == (0, 2) and same.output_shape == (2, 24, 1, 15)  # padding="same" made explicit
+    assert graph.unsupported == ("even (conv1d)",)  # reported, stays FP32
+
+
+def test_conv2d_padding_same_and_valid():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.same = nn.Conv2d(3, 8, (3, 5), padding="same", dilation=(1, 2))
+            self.valid = nn.Conv2d(8, 8, 3, padding="valid")
+
+        def forward(self, x):
+            return self.valid(self.same(x))
+
+    same, valid = capture(Net(), (torch.randn(1, 3, 12, 12),)).layers
+    assert same.padding == (1, 4) and same.output_shape == (1, 8, 12, 12)
+    assert valid.padding == (0, 0) and valid.output_shape == (1, 8, 10, 10)
