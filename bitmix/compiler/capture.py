@@ -56,6 +56,7 @@ def capture(model: nn.Module, example_inputs: tuple | torch.Tensor, name: str | 
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise BitmixError("example_inputs must be a tensor or a tuple of tensors (one per forward argument)")
+    _check_float32(model)
     exported = export(model, inputs, dynamic_shapes)
     layers, vector_ops, deps, unsupported = _index(exported)
     if not layers:
@@ -110,11 +111,36 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dims: Any) -> to
         if shape_error is not None:
             raise shape_error from None
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        eager = _eager_error(frozen, inputs)
+        if eager is not None:
+            raise BitmixError(f"the model does not run on the example inputs ({eager}); "
+                              "pass inputs it accepts (shapes, dtypes, one tensor per forward argument)") from None
         raise BitmixError(
             f"torch.export could not capture the model ({type(exc).__name__}: {first[:200]}); "
             "make control flow independent of tensor values (or use torch.cond) and avoid "
             "Python-side data conversions such as .item() or .tolist() in forward"
         ) from None
+
+
+def _eager_error(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> str | None:
+    """Why a plain forward pass on `inputs` fails (first line), or None if it runs: an export failure the model
+    itself would raise is the user's input, not something torch.export cannot trace."""
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:  # whatever the model raises
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        return f"{type(exc).__name__}: {first[:200]}"
+    return None
+
+
+def _check_float32(model: nn.Module) -> None:
+    """The quantizers, kernels and simulator read float32 weights; a half / bfloat16 / double model fails deep in
+    calibration otherwise."""
+    for name, t in model.named_parameters():
+        if t.dtype != torch.float32:
+            raise BitmixError(f"model parameter {name!r} is {t.dtype}; bitmix compiles float32 models: "
+                              "pass model.float() and float32 example inputs")
 
 
 def _bind_symbols(exported: torch.export.ExportedProgram, inputs: tuple[torch.Tensor, ...]) -> None:

@@ -43,7 +43,7 @@ def live_rows(model: nn.Module, layers: dict[str, QuantLayer], calibration: tupl
 
     def hook(layer: QuantLayer, args: tuple, out: torch.Tensor) -> None:
         calls[layer.name] = calls.get(layer.name, 0) + 1
-        if out.requires_grad:
+        if out.requires_grad and out.dim() > 1:  # a 1-D output (an unbatched input) is one row: nothing to drop
             out.register_hook(lambda g, name=layer.name: parts[name].append(g.ne(0).any(dim=-1)))
 
     saved = {name: layer.bits for name, layer in layers.items()}

@@ -131,6 +131,10 @@ def test_capture_errors():
         capture(lambda x: x, (torch.randn(1, 4),))  # type: ignore[arg-type]
     with pytest.raises(BitmixError, match="example_inputs"):
         capture(nn.Linear(4, 4), ([1, 2, 3],))
+    with pytest.raises(BitmixError, match=r"'weight' is torch.float16; bitmix compiles float32 models"):
+        capture(nn.Linear(4, 4).half(), (torch.randn(1, 4).half(),))
+    with pytest.raises(BitmixError, match=r"does not run on the example inputs \(RuntimeError: .*\); pass inputs"):
+        capture(nn.Conv2d(3, 4, 3), (torch.randint(0, 5, (1, 3, 8, 8)),))  # integer pixels into a float conv
 
 
 def test_single_tensor_example_input():

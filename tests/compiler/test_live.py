@@ -63,3 +63,20 @@ def test_dead_rows_do_not_change_gptq():
         rounded.append(layer.weight.detach().clone())
     assert torch.equal(rounded[0], rounded[1])
 
+
+
+def test_a_one_row_output_has_nothing_to_drop():
+    """An unbatched input: the head's output is one vector (no rows), so it gets no mask (and no crash)."""
+
+    class Unbatched(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens = nn.Linear(16, 24)
+            self.head = nn.Linear(24, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.tokens(x)).mean(0))
+
+    x = torch.randn(10, 16)
+    gm = prepare(capture(Unbatched().eval(), (x,)))
+    assert live_rows(gm, quant_layers(gm), (x,)) == {}
