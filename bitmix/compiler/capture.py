@@ -19,6 +19,7 @@ import networkx as nx
 import torch
 from torch import nn
 
+from bitmix.compiler import transposed
 from bitmix.compiler.shapes import AUTO, export_error, normalize, traced_inputs
 from bitmix.compiler.signs import nonneg_nodes
 from bitmix.errors import BitmixError, NoQuantizableLayers
@@ -181,6 +182,34 @@ def _module_path(node: torch.fx.Node) -> str:
     return str(path)
 
 
+def _transposed_layer(node: torch.fx.Node, params: dict[str, str], module: str) -> Layer | None:
+    """A transposed conv as its equivalent conv2d (`bitmix.compiler.transposed`): weight, shapes and MACs are
+    those of the conv the kernels run; groups and dilation other than 1 have no equivalent here (None)."""
+    x, w = node.args[0], node.args[1]
+    if not isinstance(w, torch.fx.Node) or w.name not in params:
+        return None
+    w_shape, in_shape = _shape(w), _shape(x)
+    if len(w_shape) not in (3, 4) or len(in_shape) != len(w_shape):
+        return None
+    if len(w_shape) == 3:  # conv_transpose1d: height 1
+        w_shape, in_shape = _unit_height(w_shape), _unit_height(in_shape)
+    g = transposed.node_geometry(node, in_shape)
+    if g is None:
+        return None
+    c_in, c_out = w_shape[0], w_shape[1] * g.stride[0] * g.stride[1]
+    eq_shape = (c_out, c_in, *g.taps)
+    out_shape = (in_shape[0], c_out, *g.conv_out)
+    bias = node.args[2] if len(node.args) > 2 else None
+    has_bias = isinstance(bias, torch.fx.Node)
+    return Layer(
+        name=module or node.name, kind="conv2d", node=node.name, module=module,
+        weight_shape=eq_shape, input_shape=in_shape, output_shape=out_shape,
+        macs=math.prod(out_shape) * math.prod(eq_shape[1:]), params=math.prod(eq_shape) + (c_out if has_bias else 0),
+        has_bias=has_bias, stride=(1, 1), padding=(g.pad[0], g.pad[1]), dilation=(1, 1), groups=1,
+        weight_param=params[w.name], bias_param=params.get(bias.name) if has_bias else None,
+    )
+
+
 def _explicit_padding(mode: str, kernel: tuple[int, ...], dilation: object) -> list[int] | None:
     """torch's `padding="valid"` / `"same"` as explicit symmetric padding per spatial dimension; None where
     "same" pads one side more than the other (an odd total `dilation * (k - 1)`), which a layer cannot express."""
@@ -290,6 +319,8 @@ def _layer_for(node: torch.fx.Node, params: dict[str, str], nonneg: set[torch.fx
     target = node.target
     out_shape = _shape(node)
     module = _module_path(node)
+    if transposed.is_transposed(node):
+        return _transposed_layer(node, params, module)
     if target in CONV_OPS:
         x, w = node.args[0], node.args[1]
         if not isinstance(w, torch.fx.Node) or w.name not in params:
@@ -299,8 +330,6 @@ def _layer_for(node: torch.fx.Node, params: dict[str, str], nonneg: set[torch.fx
             return None
         bias = node.args[2] if len(node.args) > 2 else None
         if target == aten.convolution.default:
-            if node.args[6]:  # transposed convolution: not a supported layer kind
-                return None
             stride, padding, dilation, groups = node.args[3], node.args[4], node.args[5], node.args[8]
         else:
             stride, padding, dilation, groups = (list(node.args[3:7]) + [1, 0, 1, 1][len(node.args[3:7]) :])

@@ -16,6 +16,7 @@ import re
 import torch
 from torch import fx, nn
 
+from bitmix.compiler import transposed
 from bitmix.compiler.qlayer import QuantLayer
 from bitmix.compiler.signs import nonneg_nodes
 from bitmix.errors import BitmixError
@@ -99,6 +100,8 @@ def _fold_batchnorms(
         if layer.kind != "conv2d":
             continue
         conv = nodes[layer.node]
+        if transposed.is_transposed(conv):  # its weight is (C_in, C_out, ...): a BN after it stays a float op
+            continue
         users = list(conv.users)
         if len(users) != 1 or users[0].target not in BN_OPS:
             continue
@@ -162,6 +165,8 @@ def _insert_quant_layer(
             weight = _fetch(gm, node.args[1])
             bias = _fetch(gm, node.args[2] if len(node.args) > 2 else None)
         assert weight is not None
+        if transposed.is_transposed(node):
+            return _insert_transposed(gm, layer, node, weight, bias, a in nonneg, taken)
         if layer.kind == "conv2d" and weight.dim() == 3:  # conv1d: `capture` reads it as a conv2d of height 1
             return _insert_conv1d(gm, layer, node, weight.unsqueeze(2), bias, a in nonneg, taken)
         module = QuantLayer(
@@ -195,6 +200,38 @@ def _insert_conv1d(gm: fx.GraphModule, layer: Layer, node: fx.Node, weight: torc
     for new in (wide, call, out):
         new.meta = dict(meta)
     node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    return attr
+
+
+def _insert_transposed(gm: fx.GraphModule, layer: Layer, node: fx.Node, weight: torch.Tensor,
+                       bias: torch.Tensor | None, a_nonneg: bool, taken: dict[str, str]) -> str:
+    """A transposed conv as its equivalent conv2d (`bitmix.compiler.transposed`, the geometry `capture` read),
+    then the pixel shuffle and crop as float layout ops; a 1-D one gets the unit height around it."""
+    one_d = weight.dim() == 3
+    g = transposed.node_geometry(node, layer.input_shape)
+    assert g is not None  # capture made it a layer
+    w = weight.unsqueeze(2) if one_d else weight
+    module = QuantLayer(layer.name, "conv2d", transposed.equivalent_weight(w, g), transposed.equivalent_bias(bias, g),
+                        layer.stride, layer.padding, layer.dilation, layer.groups, a_nonneg=a_nonneg)
+    attr = _attr_name(gm, layer.name, taken)
+    gm.add_submodule(attr, module)
+    meta = {k: v for k, v in node.meta.items() if k != "val"}
+    created = []
+    with gm.graph.inserting_before(node):
+        x = node.args[0]
+        if one_d:
+            x = gm.graph.call_function(aten.unsqueeze.default, (x, 2))
+            created.append(x)
+        conv = gm.graph.call_module(attr, args=(x,))
+        y = gm.graph.call_function(transposed.shuffle_and_crop, (conv, *transposed.shuffle_args(g)))
+        created += [conv, y]
+        if one_d:
+            y = gm.graph.call_function(aten.squeeze.dims, (y, [2]))
+            created.append(y)
+    for new in created:
+        new.meta = dict(meta)
+    node.replace_all_uses_with(y)
     gm.graph.erase_node(node)
     return attr
 

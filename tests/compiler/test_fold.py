@@ -109,3 +109,17 @@ def test_conv1d_net_matches_original_with_batchnorm_folded():
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in gm.modules())
     with torch.no_grad():
         assert _relative_error(gm(x), net(x)) < 1e-5
+
+
+def test_decoder_with_transposed_convs_matches_original():
+    from tests.compiler.test_capture import Decoder
+
+    torch.manual_seed(0)
+    net = Decoder().eval()
+    net.bn.running_mean.uniform_(-0.5, 0.5)
+    net.bn.running_var.uniform_(0.5, 2.0)
+    gm = prepare(capture(net, (torch.randn(2, 3, 12, 10),)))
+    assert quant_layers(gm)["up"].weight.shape == (24, 8, 2, 2)
+    x = torch.randn(3, 3, 12, 10)
+    with torch.no_grad():
+        assert _relative_error(gm(x), net(x)) < 1e-5

@@ -310,15 +310,16 @@ class SamePadded(torch.nn.Module):
 
 
 @pytest.mark.parametrize("pairs", PAIRS)
-@pytest.mark.parametrize(("net", "shape"), [("conv1d", (4, 33)), ("same", (3, 12, 12))])
-def test_conv1d_and_same_padding_kernels_equal_fake_quant(pairs, net, shape):
-    """Conv1d runs as a conv2d of height 1, `padding="same"` as explicit padding: on the packed kernels, bit for
-    bit the fake-quant result."""
-    from tests.compiler.test_capture import Conv1dNet
+@pytest.mark.parametrize(("net", "shape"), [("conv1d", (4, 33)), ("same", (3, 12, 12)), ("decoder", (3, 12, 10))])
+def test_conv1d_same_padding_and_transposed_kernels_equal_fake_quant(pairs, net, shape):
+    """Conv1d runs as a conv2d of height 1, `padding="same"` as explicit padding, a transposed conv as its
+    equivalent conv2d: on the packed kernels, bit for bit the fake-quant result."""
+    from tests.compiler.test_capture import Conv1dNet, Decoder
 
     torch.manual_seed(0)
-    graph = capture((Conv1dNet() if net == "conv1d" else SamePadded()).eval(), (torch.randn(2, *shape),))
-    assert not graph.unsupported or net == "conv1d"
+    model = {"conv1d": Conv1dNet, "same": SamePadded, "decoder": Decoder}[net]().eval()
+    graph = capture(model, (torch.randn(2, *shape),))
+    assert not graph.unsupported or net != "same"
     cycle = PAIRS[pairs]
     assignment = {layer: cycle[i % len(cycle)] for i, layer in enumerate(graph.names)}
     fq = fake_quantize(prepare(graph), assignment, (torch.randn(8, *shape),))
