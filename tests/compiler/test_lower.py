@@ -310,21 +310,24 @@ class SamePadded(torch.nn.Module):
 
 
 @pytest.mark.parametrize("pairs", PAIRS)
-@pytest.mark.parametrize(("net", "shape"), [("conv1d", (4, 33)), ("same", (3, 12, 12)), ("decoder", (3, 12, 10))])
-def test_conv1d_same_padding_and_transposed_kernels_equal_fake_quant(pairs, net, shape):
+@pytest.mark.parametrize(("net", "shape"), [("conv1d", (4, 33)), ("same", (3, 12, 12)), ("decoder", (3, 12, 10)),
+                                           ("attention", (9, 32))])
+def test_rewritten_ops_kernels_equal_fake_quant(pairs, net, shape):
     """Conv1d runs as a conv2d of height 1, `padding="same"` as explicit padding, a transposed conv as its
-    equivalent conv2d: on the packed kernels, bit for bit the fake-quant result."""
+    equivalent conv2d, fused attention as two matmuls: on the packed kernels, bit for bit the fake-quant result."""
+    from tests.compiler.test_attention import Encoder
     from tests.compiler.test_capture import Conv1dNet, Decoder
 
     torch.manual_seed(0)
-    model = {"conv1d": Conv1dNet, "same": SamePadded, "decoder": Decoder}[net]().eval()
+    model = {"conv1d": Conv1dNet, "same": SamePadded, "decoder": Decoder, "attention": Encoder}[net]().eval()
     graph = capture(model, (torch.randn(2, *shape),))
-    assert not graph.unsupported or net != "same"
+    assert not graph.unsupported or net in ("conv1d", "decoder")
     cycle = PAIRS[pairs]
     assignment = {layer: cycle[i % len(cycle)] for i, layer in enumerate(graph.names)}
     fq = fake_quantize(prepare(graph), assignment, (torch.randn(8, *shape),))
     lowered = lower(fq)
-    assert {layer.kind for layer in lowered.module.modules() if isinstance(layer, KernelLayer)} >= {"conv2d"}
+    kinds = {layer.kind for layer in lowered.module.modules() if isinstance(layer, KernelLayer)}
+    assert kinds >= ({"linear", "matmul"} if net == "attention" else {"conv2d"})
     x = torch.randn(3, *shape)
     with torch.no_grad():
         assert torch.equal(fq(x), lowered.module(x))
