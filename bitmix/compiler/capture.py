@@ -19,7 +19,7 @@ import networkx as nx
 import torch
 from torch import nn
 
-from bitmix.compiler import attention, transposed
+from bitmix.compiler import decompose, transposed
 from bitmix.compiler.shapes import AUTO, export_error, normalize, traced_inputs
 from bitmix.compiler.signs import nonneg_nodes
 from bitmix.errors import BitmixError, NoQuantizableLayers
@@ -106,7 +106,7 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dims: Any) -> to
         dims = (dims,)  # forward(*args): torch.export wants one entry for the varargs
     try:
         with torch.no_grad():
-            return attention.decompose(torch.export.export(frozen, inputs, dynamic_shapes=dims, strict=False))
+            return decompose.decompose(torch.export.export(frozen, inputs, dynamic_shapes=dims, strict=False))
     except Exception as exc:  # torch raises many types here; all mean "cannot capture"
         shape_error = export_error(exc) if dims is not None else None
         if shape_error is not None:

@@ -1,12 +1,13 @@
-"""`scaled_dot_product_attention` as the two matmuls it is, so both are quantizable layers.
+"""Fused ops written out as the matmuls they are, so every matmul is a quantizable layer.
 
-torch's fused attention op (what `nn.MultiheadAttention`, `nn.TransformerEncoderLayer` and Hugging Face's
-default "sdpa" attention export to) is one graph node: captured as-is it would stay FP32 and the simulator
-would see one elementwise op where `Q K^T` and `P V` do `2 * L * S * E` MACs per head. `decompose` rewrites it
-in the exported program into the reference math of torch's documentation (`F.scaled_dot_product_attention`):
-`softmax(Q K^T * scale + mask) V`, the causal and boolean masks as `-inf` fills, grouped-query attention by
-repeating the key/value heads. The float result matches the fused op to float rounding. Dropout is left out:
-an exported model is compiled for inference.
+`scaled_dot_product_attention` (what `nn.MultiheadAttention`, `nn.TransformerEncoderLayer` and Hugging Face's
+default "sdpa" attention export to) and `einsum` are single graph nodes: captured as-is they would stay FP32
+and the simulator would see one elementwise op where `Q K^T` and `P V` do `2 * L * S * E` MACs per head.
+`decompose` rewrites them in the exported program: attention into the reference math of torch's documentation
+(`F.scaled_dot_product_attention`), `softmax(Q K^T * scale + mask) V`, the causal and boolean masks as `-inf`
+fills, grouped-query attention by repeating the key/value heads (the float result matches the fused op to float
+rounding; dropout is left out, an exported model is compiled for inference); einsum into torch's own
+decomposition (permutes, views and `bmm`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
+EINSUM = aten.einsum.default
 
 
 def attention_math(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -40,7 +42,9 @@ def attention_math(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 
 
 def decompose(exported: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """`exported` with every fused attention node written out (`attention_math`); unchanged if it has none."""
-    if not any(node.target == SDPA for node in exported.graph.nodes):
+    """`exported` with every fused attention and einsum node written out; unchanged if it has none."""
+    found = {node.target for node in exported.graph.nodes} & {SDPA, EINSUM}
+    if not found:
         return exported
-    return exported.run_decompositions({SDPA: attention_math})
+    table = {SDPA: attention_math, EINSUM: torch.export.default_decompositions()[EINSUM]}
+    return exported.run_decompositions({op: table[op] for op in found})

@@ -1,4 +1,4 @@
-"""Fused attention written out as its two matmuls (`bitmix.compiler.attention`)."""
+"""Fused attention and einsum written out as matmuls (`bitmix.compiler.decompose`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitmix.compiler.attention import SDPA, attention_math, decompose
 from bitmix.compiler.capture import capture
+from bitmix.compiler.decompose import EINSUM, SDPA, attention_math, decompose
 
 
 @pytest.mark.parametrize("case", ["plain", "causal", "bool mask", "float mask", "scale", "gqa", "cross"])
@@ -61,3 +61,26 @@ def test_fused_attention_becomes_two_matmul_layers():
 def test_programs_without_fused_attention_are_left_alone():
     exported = torch.export.export(nn.Linear(4, 4), (torch.randn(2, 4),))
     assert decompose(exported) is exported
+
+
+class EinsumAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(24, 72)
+        self.out = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, 3, 8).unbind(2)
+        p = torch.einsum("bihd,bjhd->bhij", q, k).softmax(-1)
+        return self.out(torch.einsum("bhij,bjhd->bihd", p, v).reshape(b, t, 24))
+
+
+def test_einsum_becomes_matmul_layers():
+    model = EinsumAttention().eval()
+    graph = capture(model, (torch.randn(2, 6, 24),))
+    assert not any(node.target == EINSUM for node in graph.exported.graph.nodes)
+    assert [layer.kind for layer in graph.layers] == ["linear", "matmul", "matmul", "linear"]
+    y = torch.randn(3, 6, 24)
+    with torch.no_grad():
+        assert torch.allclose(graph.exported.module()(y), model(y), atol=1e-5)
