@@ -182,6 +182,45 @@ def _module_path(node: torch.fx.Node) -> str:
     return str(path)
 
 
+def weight_second_operands(node: torch.fx.Node) -> tuple[object, object, object] | None:
+    """(input, weight, bias) of `x @ W (+ b)` written as mm / matmul / addmm with the weight (in, out) second, as
+    GPT-2's `Conv1D` and hand-written layers do; None for any other node. The weight and bias are graph nodes
+    here; the caller checks they are parameters."""
+    if node.target in (aten.mm.default, aten.matmul.default) and len(node.args) == 2:
+        return node.args[0], node.args[1], None
+    if node.target == aten.addmm.default and len(node.args) == 3 and node.kwargs.get("beta", 1) == 1 \
+            and node.kwargs.get("alpha", 1) == 1:
+        return node.args[1], node.args[2], node.args[0]
+    return None
+
+
+def _weight_second_layer(node: torch.fx.Node, params: dict[str, str], module: str,
+                         nonneg: set[torch.fx.Node]) -> Layer | None:
+    """`x @ W (+ b)` with a 2-D weight parameter W (in, out): a linear layer of weight W^T (`fold.prepare` inserts
+    it so)."""
+    operands = weight_second_operands(node)
+    if operands is None:
+        return None
+    x, w, bias = operands
+    if not (isinstance(w, torch.fx.Node) and w.name in params and isinstance(x, torch.fx.Node)) or x.name in params:
+        return None
+    w_shape = _shape(w)
+    if len(w_shape) != 2 or len(_shape(x)) < 1:
+        return None
+    has_bias = bias is not None
+    if has_bias and not (isinstance(bias, torch.fx.Node) and bias.name in params and _shape(bias) == (w_shape[1],)):
+        return None
+    out_shape = _shape(node)
+    return Layer(
+        name=module or node.name, kind="linear", node=node.name, module=module,
+        weight_shape=(w_shape[1], w_shape[0]), input_shape=_shape(x), output_shape=out_shape,
+        macs=math.prod(out_shape) * w_shape[0], params=math.prod(w_shape) + (w_shape[1] if has_bias else 0),
+        has_bias=has_bias, weight_param=params[w.name],
+        bias_param=params[bias.name] if has_bias else None,  # type: ignore[union-attr]
+        input_nonneg=x in nonneg,
+    )
+
+
 def _transposed_layer(node: torch.fx.Node, params: dict[str, str], module: str) -> Layer | None:
     """A transposed conv as its equivalent conv2d (`bitmix.compiler.transposed`): weight, shapes and MACs are
     those of the conv the kernels run; groups and dilation other than 1 have no equivalent here (None)."""
@@ -366,6 +405,9 @@ def _layer_for(node: torch.fx.Node, params: dict[str, str], nonneg: set[torch.fx
             weight_param=params[w.name], bias_param=params.get(bias.name) if has_bias else None,
             input_nonneg=x in nonneg,
         )
+    weight_second = _weight_second_layer(node, params, module, nonneg)
+    if weight_second is not None:
+        return weight_second
     if target in MATMUL_OPS:
         a, b = node.args[0], node.args[1]
         if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):

@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from bitmix.compiler import transposed
+from bitmix.compiler.capture import weight_second_operands
 from bitmix.compiler.qlayer import QuantLayer
 from bitmix.compiler.signs import nonneg_nodes
 from bitmix.errors import BitmixError
@@ -159,7 +160,13 @@ def _insert_quant_layer(
         module = QuantLayer(layer.name, "matmul", a_nonneg=a in nonneg, b_nonneg=b in nonneg)
         args: tuple = (a, b)
     else:
-        if layer.name in folded:
+        weight_second = weight_second_operands(node) if layer.kind == "linear" else None
+        if weight_second is not None:  # x @ W (+ b), W (in, out): the linear's weight is W^T
+            a, w_node, b_node = weight_second
+            w_t = _fetch(gm, w_node)
+            assert w_t is not None
+            weight, bias = w_t.T.contiguous(), _fetch(gm, b_node)
+        elif layer.name in folded:
             weight, bias = folded[layer.name]
         else:
             weight = _fetch(gm, node.args[1])

@@ -241,3 +241,35 @@ def test_transposed_convs_are_their_equivalent_conv2d():
     assert up2.weight_shape == (16, 6, 2, 2) and not up2.has_bias
     assert line.weight_shape == (12, 4, 1, 2) and line.input_shape == (2, 4, 1, 20)  # 1-D: height 1
     assert graph.unsupported == ("grouped (conv_transpose2d)",)
+
+
+class WeightSecond(nn.Module):
+    """`x @ W (+ b)` with the weight (in, out) as the second operand: GPT-2's `Conv1D` (addmm), a bare matmul
+    and mm; a weight as the *first* operand has no linear form (stays FP32, reported)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(12, 16) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(16) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(16, 8) * 0.3)
+        self.w3 = nn.Parameter(torch.randn(8, 4) * 0.3)
+        self.left = nn.Parameter(torch.randn(5, 7) * 0.3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = torch.addmm(self.b1, x.reshape(-1, 12), self.w1).reshape(b, t, 16)  # GPT-2's Conv1D
+        h = torch.relu(h) @ self.w2
+        y = torch.mm(torch.tanh(h).reshape(-1, 8), self.w3).reshape(b, t, 4)
+        return y + (self.left @ x[:, :, :4].transpose(1, 2).reshape(-1, 7, 1)).reshape(b, 5, 4).mean(1, keepdim=True)
+
+
+def test_weight_as_second_matmul_operand_is_a_linear():
+    graph = capture(WeightSecond().eval(), (torch.randn(2, 7, 12),))
+    assert [(layer.name, layer.kind) for layer in graph.layers] == [
+        ("addmm", "linear"), ("matmul", "linear"), ("mm", "linear")]
+    conv1d, bare, mm = graph.layers
+    assert conv1d.weight_shape == (16, 12) and conv1d.has_bias and conv1d.input_shape == (14, 12)
+    assert conv1d.params == 12 * 16 + 16 and conv1d.macs == 14 * 12 * 16
+    assert bare.weight_shape == (8, 16) and not bare.has_bias and bare.input_nonneg and bare.macs == 2 * 7 * 16 * 8
+    assert mm.weight_shape == (4, 8)
+    assert len(graph.unsupported) == 1 and "matmul" in graph.unsupported[0]

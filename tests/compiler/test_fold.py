@@ -123,3 +123,19 @@ def test_decoder_with_transposed_convs_matches_original():
     x = torch.randn(3, 3, 12, 10)
     with torch.no_grad():
         assert _relative_error(gm(x), net(x)) < 1e-5
+
+
+def test_weight_second_matmuls_become_linears_with_the_same_function():
+    from tests.compiler.test_capture import WeightSecond
+
+    torch.manual_seed(0)
+    net = WeightSecond().eval()
+    gm = prepare(capture(net, (torch.randn(2, 7, 12),)))
+    layers = quant_layers(gm)
+    assert layers["addmm"].weight.shape == (16, 12) and layers["addmm"].bias is not None
+    x = torch.randn(3, 7, 12)
+    with torch.no_grad():
+        assert _relative_error(gm(x), net(x)) < 1e-5
+    before = net.w2.detach().clone()
+    layers["matmul"].weight.data.mul_(2)  # a layer's weight is its own copy of W^T: the user's model keeps W
+    assert torch.equal(net.w2, before)
