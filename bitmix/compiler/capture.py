@@ -223,7 +223,7 @@ def _weight_second_layer(node: torch.fx.Node, params: dict[str, str], module: st
 
 def _transposed_layer(node: torch.fx.Node, params: dict[str, str], module: str) -> Layer | None:
     """A transposed conv as its equivalent conv2d (`bitmix.compiler.transposed`): weight, shapes and MACs are
-    those of the conv the kernels run; groups and dilation other than 1 have no equivalent here (None)."""
+    those of the conv the kernels run; a dilation other than 1 has no equivalent here (None)."""
     x, w = node.args[0], node.args[1]
     if not isinstance(w, torch.fx.Node) or w.name not in params:
         return None
@@ -235,8 +235,8 @@ def _transposed_layer(node: torch.fx.Node, params: dict[str, str], module: str) 
     g = transposed.node_geometry(node, in_shape)
     if g is None:
         return None
-    c_in, c_out = w_shape[0], w_shape[1] * g.stride[0] * g.stride[1]
-    eq_shape = (c_out, c_in, *g.taps)
+    c_in, c_out = w_shape[0], w_shape[1] * g.groups * g.stride[0] * g.stride[1]
+    eq_shape = (c_out, c_in // g.groups, *g.taps)
     out_shape = (in_shape[0], c_out, *g.conv_out)
     bias = node.args[2] if len(node.args) > 2 else None
     has_bias = isinstance(bias, torch.fx.Node)
@@ -244,7 +244,7 @@ def _transposed_layer(node: torch.fx.Node, params: dict[str, str], module: str) 
         name=module or node.name, kind="conv2d", node=node.name, module=module,
         weight_shape=eq_shape, input_shape=in_shape, output_shape=out_shape,
         macs=math.prod(out_shape) * math.prod(eq_shape[1:]), params=math.prod(eq_shape) + (c_out if has_bias else 0),
-        has_bias=has_bias, stride=(1, 1), padding=(g.pad[0], g.pad[1]), dilation=(1, 1), groups=1,
+        has_bias=has_bias, stride=(1, 1), padding=(g.pad[0], g.pad[1]), dilation=(1, 1), groups=g.groups,
         weight_param=params[w.name], bias_param=params.get(bias.name) if has_bias else None,
     )
 

@@ -8,7 +8,7 @@ conv2d of stride 1 over the original input, `s^2 * C_out` channels, kernel M x M
 Shi et al. 2016 (arXiv 1609.05158) / the "deconvolution" of Zeiler et al., run on the quantized kernels
 with no zeros inserted between input pixels (their MACs are the transposed conv's, up to the zero taps when
 s does not divide k). A pixel shuffle interleaves the phases; a crop applies `p` and `o`.
-Supported: groups 1, dilation 1 (anything else stays FP32 and is reported).
+Grouped ones too (each group's phases stay inside its group); dilation 1 only (else FP32, reported).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class Geometry:
     conv_out: tuple[int, ...]  # its output size: input + 2 * pad - taps + 1
     start: tuple[int, ...]  # first row / column kept after the shuffle
     out: tuple[int, ...]  # the transposed conv's output size
+    groups: int = 1
 
 
 def is_transposed(node: fx.Node) -> bool:
@@ -44,11 +45,11 @@ def is_transposed(node: fx.Node) -> bool:
 
 def node_geometry(node: fx.Node, in_shape: tuple[int, ...]) -> Geometry | None:
     """The geometry of transposed-conv `node` on a conv2d-shaped input (N, C, H, W; H = 1 for a 1-D one), or
-    None where no equivalent conv is built (groups or dilation other than 1)."""
+    None where no equivalent conv is built (dilation other than 1)."""
     values = [node.args[i] if len(node.args) > i else d for i, d in zip(_ARGS[node.target], _DEFAULTS, strict=True)]
     stride, padding, output_padding, groups, dilation = (
         [int(i) for i in v] if isinstance(v, list | tuple) else [int(v)] for v in values)
-    if groups != [1] or any(d != 1 for d in dilation):
+    if any(d != 1 for d in dilation):
         return None
     w = node.args[1]
     kernel = tuple(w.meta["val"].shape[2:]) if isinstance(w, fx.Node) and "val" in w.meta else ()
@@ -57,11 +58,11 @@ def node_geometry(node: fx.Node, in_shape: tuple[int, ...]) -> Geometry | None:
     if len(kernel) != 2 or len(in_shape) != 4:
         return None
     stride, padding, output_padding = ((v * 2 if len(v) == 1 else v) for v in (stride, padding, output_padding))
-    return geometry(tuple(in_shape[2:]), kernel, tuple(stride), tuple(padding), tuple(output_padding))
+    return geometry(tuple(in_shape[2:]), kernel, tuple(stride), tuple(padding), tuple(output_padding), groups[0])
 
 
 def geometry(in_size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
-             output_padding: tuple[int, ...]) -> Geometry:
+             output_padding: tuple[int, ...], groups: int = 1) -> Geometry:
     """The equivalent conv of a transposed conv on inputs of `in_size` (spatial sizes)."""
     taps, pad, conv_out, start, out = [], [], [], [], []
     for n, k, s, p, o in zip(in_size, kernel, stride, padding, output_padding, strict=True):
@@ -73,15 +74,16 @@ def geometry(in_size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[in
         conv_out.append(n + m - 1 + 2 * extra)
         start.append(p + s * extra)
         out.append(length)
-    return Geometry(tuple(stride), tuple(taps), tuple(pad), tuple(conv_out), tuple(start), tuple(out))
+    return Geometry(tuple(stride), tuple(taps), tuple(pad), tuple(conv_out), tuple(start), tuple(out), groups)
 
 
 def equivalent_weight(weight: torch.Tensor, g: Geometry) -> torch.Tensor:
-    """(C_in, C_out, kh, kw) transposed-conv weight -> (C_out * sh * sw, C_in, Mh, Mw) conv weight, channel
-    `c * sh * sw + rh * sw + rw` holding phase (rh, rw) of output channel c."""
+    """(C_in, C_out / G, kh, kw) transposed-conv weight -> (C_out * sh * sw, C_in / G, Mh, Mw) conv weight of the
+    same G groups, channel `c * sh * sw + rh * sw + rw` holding phase (rh, rw) of output channel c."""
     c_in, c_out, kh, kw = weight.shape
     (sh, sw), (mh, mw) = g.stride, g.taps
-    eq = weight.new_zeros(c_out, sh, sw, c_in, mh, mw)
+    eq = weight.new_zeros(c_out * g.groups, sh, sw, c_in // g.groups, mh, mw)
+    per_group = weight.reshape(g.groups, c_in // g.groups, c_out, kh, kw).transpose(1, 2)  # (G, C_out/G, C_in/G, ..)
     for rh in range(sh):
         for uh in range(mh):
             th = rh + sh * (mh - 1 - uh)
@@ -91,8 +93,8 @@ def equivalent_weight(weight: torch.Tensor, g: Geometry) -> torch.Tensor:
                 for uw in range(mw):
                     tw = rw + sw * (mw - 1 - uw)
                     if tw < kw:
-                        eq[:, rh, rw, :, uh, uw] = weight[:, :, th, tw].T
-    return eq.reshape(c_out * sh * sw, c_in, mh, mw)
+                        eq[:, rh, rw, :, uh, uw] = per_group[:, :, :, th, tw].reshape(-1, c_in // g.groups)
+    return eq.reshape(c_out * g.groups * sh * sw, c_in // g.groups, mh, mw)
 
 
 def equivalent_bias(bias: torch.Tensor | None, g: Geometry) -> torch.Tensor | None:

@@ -212,7 +212,7 @@ def test_conv2d_padding_same_and_valid():
 
 class Decoder(nn.Module):
     """Transposed convs as decoders use them: overlapping (k 4, s 2, p 1) with a BatchNorm after it, output
-    padding, a bias-free one, a 1-D one, and a grouped one (no equivalent conv here: stays FP32)."""
+    padding, a bias-free one, a grouped one, a 1-D one, and a dilated one (no equivalent conv here: FP32)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -222,25 +222,28 @@ class Decoder(nn.Module):
         self.up2 = nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1, bias=False)
         self.grouped = nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2)
         self.line = nn.ConvTranspose1d(4, 4, 5, stride=3, padding=1, output_padding=2)
+        self.dilated = nn.ConvTranspose2d(4, 2, 3, stride=2, dilation=2)
         self.head = nn.Conv2d(4, 2, 1)
 
     def forward(self, x):
         y = torch.relu(self.up2(torch.relu(self.bn(self.up(torch.relu(self.down(x)))))))
         y = self.grouped(y)[:, :, ::2, ::2]
-        return self.head(y) + self.line(y.mean(2)).mean(-1)[:, :2, None, None]
+        side = self.line(y.mean(2)).mean(-1)[:, :2, None, None] + self.dilated(y).mean((2, 3))[:, :, None, None]
+        return self.head(y) + side
 
 
 def test_transposed_convs_are_their_equivalent_conv2d():
     graph = capture(Decoder().eval(), (torch.randn(2, 3, 12, 10),))
-    assert graph.names == ("down", "up", "up2", "head", "line")  # execution order
-    _, up, up2, _, line = graph.layers
+    assert graph.names == ("down", "up", "up2", "grouped", "line", "head")  # execution order
+    _, up, up2, grouped, line, _ = graph.layers
     # k 4, s 2: 2 x 2 taps per phase, 4 phases as output channels, padding taps - 1
     assert up.kind == "conv2d" and up.weight_shape == (24, 8, 2, 2) and up.padding == (1, 1) and up.stride == (1, 1)
     assert up.input_shape == (2, 8, 6, 5) and up.output_shape == (2, 24, 7, 6)
     assert up.macs == 2 * 24 * 7 * 6 * 8 * 4 and up.params == 24 * 8 * 4 + 24
     assert up2.weight_shape == (16, 6, 2, 2) and not up2.has_bias
     assert line.weight_shape == (12, 4, 1, 2) and line.input_shape == (2, 4, 1, 20)  # 1-D: height 1
-    assert graph.unsupported == ("grouped (conv_transpose2d)",)
+    assert grouped.weight_shape == (16, 2, 1, 1) and grouped.groups == 2
+    assert graph.unsupported == ("dilated (conv_transpose2d)",)
 
 
 class WeightSecond(nn.Module):

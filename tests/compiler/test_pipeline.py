@@ -148,7 +148,7 @@ def test_op_without_kernel_stays_fp32_with_warning():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.up = nn.ConvTranspose1d(4, 8, 3, padding=1, groups=2)  # grouped: no equivalent conv
+            self.up = nn.ConvTranspose1d(4, 8, 3, padding=1, dilation=2)  # dilated: no equivalent conv
             self.fc1 = nn.Linear(8, 16)
             self.fc2 = nn.Linear(16, 16)
             self.fc3 = nn.Linear(16, 2)
