@@ -186,7 +186,7 @@ def _check_float32(model: nn.Module) -> None:
     """The quantizers, kernels and simulator read float32 weights; a half / bfloat16 / double model fails deep in
     calibration otherwise."""
     for name, t in model.named_parameters():
-        if t.dtype != torch.float32:
+        if t.is_floating_point() and t.dtype != torch.float32:
             raise BitmixError(f"model parameter {name!r} is {t.dtype}; bitmix compiles float32 models: "
                               "pass model.float() and float32 example inputs")
 
