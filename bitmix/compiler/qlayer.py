@@ -347,7 +347,10 @@ class QuantLayer(nn.Module):
             bias = self.folded_bias(w)
             return out + bias if bias is not None else out
         scale = a_step * w_step
-        out = exact_conv(a.float(), w.float(), self.stride, self.padding, self.dilation, self.groups)
+        # contiguous as the lowered conv hands it on: a channels-last-strided input (a transposed sequence under
+        # a conv1d's unit height) makes torch's conv return channels-last, and elementwise ops after it then
+        # round in another order
+        out = exact_conv(a.float(), w.float(), self.stride, self.padding, self.dilation, self.groups).contiguous()
         out = out * scale.reshape(1, -1, 1, 1)
         return out + self.bias.detach().float().reshape(1, -1, 1, 1) if self.bias is not None else out
 

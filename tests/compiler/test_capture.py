@@ -3,6 +3,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bitmix.compiler.capture import capture
@@ -315,3 +316,21 @@ def test_parametrized_weights_are_baked_into_plain_layers():
     assert type(net.a).__name__ == "ParametrizedLinear" and hasattr(net.c, "weight_g")
     assert before.keys() == net.state_dict().keys()
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+class SequenceConv(nn.Module):
+    """A conv1d over a transposed sequence (wav2vec2's positional conv): its input is channels-last strided once
+    the unit height is added, so torch's conv returns channels-last, and the GELU on a slice after it sees
+    other strides than after the lowered conv unless both are made contiguous."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(12, 16)
+        self.conv = nn.Conv1d(16, 16, 16, padding=8, groups=4)
+        self.norm = nn.LayerNorm(16)
+        self.out = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = self.proj(x)
+        pos = F.gelu(self.conv(h.transpose(1, 2))[:, :, :-1]).transpose(1, 2)
+        return self.out(self.norm(h + pos))
