@@ -4,12 +4,11 @@ torch.export (not fx.symbolic_trace, which fails on Hugging Face BERT) gives an 
 graph with shapes on every node. We walk it once: each conv2d / linear /
 activation x activation matmul becomes a `Layer`; every other compute op becomes a
 `VectorOp`; data dependencies between layers are traced through everything else.
-The caller's model is never touched: we export a deep copy in eval mode.
+The caller's model is never touched: we export a copy (`bitmix.compiler.frozen`).
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import warnings
@@ -18,11 +17,9 @@ from typing import Any
 import networkx as nx
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
-from torch.nn.utils.spectral_norm import SpectralNorm
-from torch.nn.utils.weight_norm import WeightNorm
 
 from bitmix.compiler import decompose, transposed
+from bitmix.compiler.frozen import frozen_copy
 from bitmix.compiler.shapes import AUTO, export_error, normalize, traced_inputs
 from bitmix.compiler.signs import nonneg_nodes
 from bitmix.errors import BitmixError, NoQuantizableLayers
@@ -103,7 +100,7 @@ def export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: A
 
 
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dims: Any) -> torch.export.ExportedProgram:
-    frozen = bake_parametrizations(_copy(model).eval())
+    frozen = frozen_copy(model)
     params = list(inspect.signature(frozen.forward).parameters.values())
     if dims is not None and len(params) == 1 and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
         dims = (dims,)  # forward(*args): torch.export wants one entry for the varargs
@@ -124,50 +121,6 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dims: Any) -> to
             "make control flow independent of tensor values (or use torch.cond) and avoid "
             "Python-side data conversions such as .item() or .tolist() in forward"
         ) from None
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    """A deep copy, also of a model whose hook-based weight / spectral norm keeps its computed weight as a
-    non-leaf tensor attribute (which `copy.deepcopy` refuses, torch PR 103001): those are copied detached."""
-    memo: dict[int, object] = {}
-    for module in model.modules():
-        for hook in module._forward_pre_hooks.values():
-            value = getattr(module, hook.name, None) if isinstance(hook, WeightNorm | SpectralNorm) else None
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-                memo[id(value)] = value.detach().clone()
-    return copy.deepcopy(model, memo)
-
-
-def bake_parametrizations(model: nn.Module) -> nn.Module:
-    """`model` (a copy) with every weight computed from other parameters made a plain parameter of its value.
-
-    Weight norm, spectral norm and other `torch.nn.utils.parametrize` parametrizations (and the older hook-based
-    `weight_norm`) compute a layer's weight in the forward pass; exported as-is the weight is an op's output,
-    not a parameter, so the layer could not be quantized (a linear stayed FP32 without even a report).
-    In eval mode the computed value is fixed: the layer is that weight."""
-    for module in list(model.modules()):  # a list: the loop edits the module tree
-        if parametrize.is_parametrized(module):
-            # not `parametrize.remove_parametrizations`: it deletes the property from the parametrized class,
-            # which the copy shares with the user's model
-            with torch.no_grad():
-                values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
-            del module.parametrizations
-            module.__class__ = module.__class__.__bases__[0]
-            for name, value in values.items():
-                module.register_parameter(name, nn.Parameter(value))
-        for key, hook in list(module._forward_pre_hooks.items()):
-            if isinstance(hook, WeightNorm | SpectralNorm):
-                with torch.no_grad():
-                    value = (hook.compute_weight(module, do_power_iteration=False) if isinstance(hook, SpectralNorm)
-                             else hook.compute_weight(module)).detach().clone()
-                del module._forward_pre_hooks[key]
-                for suffix in ("_g", "_v", "_orig", "_u"):
-                    if hasattr(module, hook.name + suffix):
-                        delattr(module, hook.name + suffix)
-                if hasattr(module, hook.name):
-                    delattr(module, hook.name)
-                module.register_parameter(hook.name, nn.Parameter(value))
-    return model
 
 
 def _eager_error(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> str | None:

@@ -1,5 +1,4 @@
 import math
-import warnings
 
 import pytest
 import torch
@@ -278,44 +277,6 @@ def test_weight_as_second_matmul_operand_is_a_linear():
     assert bare.weight_shape == (8, 16) and not bare.has_bias and bare.input_nonneg and bare.macs == 2 * 7 * 16 * 8
     assert mm.weight_shape == (4, 8)
     assert len(graph.unsupported) == 1 and "matmul" in graph.unsupported[0]
-
-
-def test_parametrized_weights_are_baked_into_plain_layers():
-    """Weight / spectral norm compute a weight in the forward pass; the layers must still be layers (a weight-normed
-    linear used to stay FP32 without a report) and the user's model must keep its parametrizations."""
-    from torch.nn.utils import parametrizations
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = parametrizations.weight_norm(nn.Linear(8, 16))
-            self.b = parametrizations.spectral_norm(nn.Linear(16, 4))
-            self.conv = parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
-            with warnings.catch_warnings():  # the hook-based forms torch deprecates, still in older models
-                warnings.simplefilter("ignore")
-                self.c = nn.utils.weight_norm(nn.Linear(4, 4))
-                self.d = nn.utils.spectral_norm(nn.Linear(4, 3))
-
-        def forward(self, x, img):
-            return self.d(self.c(self.b(torch.relu(self.a(x))))), self.conv(img)
-
-    torch.manual_seed(0)
-    net = Net().eval()
-    x, img = torch.randn(2, 8), torch.randn(1, 3, 8, 8)
-    with torch.no_grad():
-        ref = net(x, img)
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    graph = capture(net, (x, img))
-    assert [(layer.name, layer.kind) for layer in graph.layers] == [
-        ("a", "linear"), ("b", "linear"), ("c", "linear"), ("d", "linear"), ("conv", "conv2d")]
-    assert not graph.unsupported
-    with torch.no_grad():
-        out = graph.exported.module()(x, img)
-        assert all(torch.allclose(o, r, atol=1e-6) for o, r in zip(out, ref, strict=True))
-        assert all(torch.equal(o, r) for o, r in zip(net(x, img), ref, strict=True))  # the user's model still runs
-    assert type(net.a).__name__ == "ParametrizedLinear" and hasattr(net.c, "weight_g")
-    assert before.keys() == net.state_dict().keys()
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
 class SequenceConv(nn.Module):
