@@ -46,3 +46,33 @@ def test_parametrized_weights_are_baked_into_plain_layers():
     assert type(net.a).__name__ == "ParametrizedLinear" and hasattr(net.c, "weight_g")
     assert before.keys() == net.state_dict().keys()
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_pruned_weights_are_baked_with_their_zeros():
+    """`torch.nn.utils.prune` keeps the masked weight as a computed attribute: `copy.deepcopy` refused such a
+    model (a traceback from compile) and the layer's weight was not a parameter."""
+    from torch.nn.utils import prune
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.conv, self.b = nn.Linear(16, 32), nn.Conv1d(32, 8, 1), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.b(self.conv(torch.relu(self.a(x)).transpose(1, 2)).mean(-1))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    prune.l1_unstructured(net.a, "weight", 0.5)
+    prune.random_unstructured(net.conv, "weight", 0.3)
+    prune.l1_unstructured(net.conv, "weight", 0.3)  # a second pruning of one tensor: a PruningContainer
+    prune.l1_unstructured(net.b, "bias", 0.5)
+    x = torch.randn(4, 5, 16)
+    graph = capture(net, (x,))
+    assert graph.names == ("a", "conv", "b") and not graph.unsupported
+    state = graph.exported.state_dict
+    assert int((state["a.weight"] == 0).sum()) == 256 and torch.equal(state["a.weight"], net.a.weight)
+    assert torch.equal(state["conv.weight"], net.conv.weight) and torch.equal(state["b.bias"], net.b.bias)
+    with torch.no_grad():
+        assert torch.allclose(graph.exported.module()(x), net(x), atol=1e-6)
+    assert hasattr(net.a, "weight_mask") and hasattr(net.b, "bias_orig")  # the user's model is still pruned
