@@ -101,8 +101,6 @@ def _fold_batchnorms(
         if layer.kind != "conv2d":
             continue
         conv = nodes[layer.node]
-        if transposed.is_transposed(conv):  # its weight is (C_in, C_out, ...): a BN after it stays a float op
-            continue
         users = list(conv.users)
         if len(users) != 1 or users[0].target not in BN_OPS:
             continue
@@ -123,7 +121,12 @@ def _fold_batchnorms(
             shift = shift + bias.double() * scale
         if beta is not None:
             shift = shift + beta.double()
-        w = weight.double() * scale.reshape(-1, *[1] * (weight.dim() - 1))  # conv2d or conv1d
+        if transposed.is_transposed(conv):  # weight (C_in, C_out / G, ...): output channel g * C_out / G + j
+            g = layer.groups
+            grouped = weight.double().reshape(g, weight.shape[0] // g, *weight.shape[1:])
+            w = (grouped * scale.reshape(g, 1, -1, *[1] * (weight.dim() - 2))).reshape(weight.shape)
+        else:
+            w = weight.double() * scale.reshape(-1, *[1] * (weight.dim() - 1))  # conv2d or conv1d
         folded[layer.name] = (w.to(weight.dtype), shift.to(weight.dtype))
         if bn.target == aten.batch_norm.default:
             bn.replace_all_uses_with(conv)

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from bitmix import zoo
 from bitmix.compiler.capture import capture
@@ -120,6 +121,7 @@ def test_decoder_with_transposed_convs_matches_original():
     net.bn.running_var.uniform_(0.5, 2.0)
     gm = prepare(capture(net, (torch.randn(2, 3, 12, 10),)))
     assert quant_layers(gm)["up"].weight.shape == (24, 8, 2, 2)
+    assert not any("batch_norm" in str(node.target) for node in gm.graph.nodes)  # folded into the phases
     x = torch.randn(3, 3, 12, 10)
     with torch.no_grad():
         assert _relative_error(gm(x), net(x)) < 1e-5
@@ -139,3 +141,30 @@ def test_weight_second_matmuls_become_linears_with_the_same_function():
     before = net.w2.detach().clone()
     layers["matmul"].weight.data.mul_(2)  # a layer's weight is its own copy of W^T: the user's model keeps W
     assert torch.equal(net.w2, before)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_batchnorm_after_a_transposed_conv_is_folded_into_its_phases(groups):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=groups)
+            self.bn = nn.BatchNorm2d(6)
+            self.line = nn.ConvTranspose1d(6, 4, 4, stride=2, padding=1, groups=groups)
+            self.bn1 = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(self.up(x)))
+            return self.bn1(self.line(y.mean(2)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    for bn in (net.bn, net.bn1):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+    gm = prepare(capture(net, (torch.randn(2, 4, 5, 6),)))
+    assert not any("batch_norm" in str(node.target) for node in gm.graph.nodes)
+    x = torch.randn(3, 4, 5, 6)
+    with torch.no_grad():
+        assert _relative_error(gm(x), net(x)) < 1e-5
