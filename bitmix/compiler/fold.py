@@ -161,87 +161,58 @@ def _insert_quant_layer(
     if layer.kind == "matmul":
         b = node.args[1]
         module = QuantLayer(layer.name, "matmul", a_nonneg=a in nonneg, b_nonneg=b in nonneg)
-        args: tuple = (a, b)
+        return _replace(gm, node, layer.name, module, (a, b), taken)
+    weight_second = weight_second_operands(node) if layer.kind == "linear" else None
+    if weight_second is not None:  # x @ W (+ b), W (in, out): the linear's weight is W^T
+        a, w_node, b_node = weight_second
+        w_t = _fetch(gm, w_node)
+        assert w_t is not None
+        weight, bias = w_t.T.contiguous(), _fetch(gm, b_node)
+    elif layer.name in folded:
+        weight, bias = folded[layer.name]
     else:
-        weight_second = weight_second_operands(node) if layer.kind == "linear" else None
-        if weight_second is not None:  # x @ W (+ b), W (in, out): the linear's weight is W^T
-            a, w_node, b_node = weight_second
-            w_t = _fetch(gm, w_node)
-            assert w_t is not None
-            weight, bias = w_t.T.contiguous(), _fetch(gm, b_node)
-        elif layer.name in folded:
-            weight, bias = folded[layer.name]
-        else:
-            weight = _fetch(gm, node.args[1])
-            bias = _fetch(gm, node.args[2] if len(node.args) > 2 else None)
-        assert weight is not None
-        if transposed.is_transposed(node):
-            return _insert_transposed(gm, layer, node, weight, bias, a in nonneg, taken)
-        if layer.kind == "conv2d" and weight.dim() == 3:  # conv1d: `capture` reads it as a conv2d of height 1
-            return _insert_conv1d(gm, layer, node, weight.unsqueeze(2), bias, a in nonneg, taken)
-        module = QuantLayer(
-            layer.name, layer.kind, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups,
-            a_nonneg=a in nonneg,
-        )
-        args = (a,)
-    attr = _attr_name(gm, layer.name, taken)
+        weight = _fetch(gm, node.args[1])
+        bias = _fetch(gm, node.args[2] if len(node.args) > 2 else None)
+    assert weight is not None
+    # a conv1d (or conv_transpose1d) is a conv2d of height 1 to `capture`: the same sums in the same order
+    unit_height = layer.kind == "conv2d" and weight.dim() == 3
+    if unit_height:
+        weight = weight.unsqueeze(2)
+    post = None
+    if transposed.is_transposed(node):  # its equivalent conv2d, then the pixel shuffle and crop as float ops
+        g = transposed.node_geometry(node, layer.input_shape)
+        assert g is not None  # capture made it a layer
+        weight, bias = transposed.equivalent_weight(weight, g), transposed.equivalent_bias(bias, g)
+        post = (transposed.shuffle_and_crop, *transposed.shuffle_args(g))
+    module = QuantLayer(layer.name, layer.kind, weight, bias, layer.stride, layer.padding, layer.dilation,
+                        layer.groups, a_nonneg=a in nonneg)
+    return _replace(gm, node, layer.name, module, (a,), taken, unit_height, post)
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, name: str, module: QuantLayer, args: tuple, taken: dict[str, str],
+             unit_height: bool = False, post: tuple | None = None) -> str:
+    """Swap `node` for a call of `module` on `args`; with `unit_height` an `unsqueeze(2)` before it and a
+    `squeeze(2)` after, with `post` (a function, then its further arguments) applied to its output before that."""
+    attr = _attr_name(gm, name, taken)
     gm.add_submodule(attr, module)
-    with gm.graph.inserting_before(node):
-        call = gm.graph.call_module(attr, args=args)
-    call.meta = dict(node.meta)
-    node.replace_all_uses_with(call)
-    gm.graph.erase_node(node)
-    return attr
-
-
-def _insert_conv1d(gm: fx.GraphModule, layer: Layer, node: fx.Node, weight: torch.Tensor, bias: torch.Tensor | None,
-                   a_nonneg: bool, taken: dict[str, str]) -> str:
-    """A conv1d as `unsqueeze(2) -> conv2d of height 1 -> squeeze(2)`: the same sums in the same order, and
-    the conv2d is an ordinary layer for every later stage (quantizers, kernels, simulator)."""
-    module = QuantLayer(layer.name, "conv2d", weight, bias, layer.stride, layer.padding, layer.dilation,
-                        layer.groups, a_nonneg=a_nonneg)
-    attr = _attr_name(gm, layer.name, taken)
-    gm.add_submodule(attr, module)
-    with gm.graph.inserting_before(node):
-        wide = gm.graph.call_function(aten.unsqueeze.default, (node.args[0], 2))
-        call = gm.graph.call_module(attr, args=(wide,))
-        out = gm.graph.call_function(aten.squeeze.dims, (call, [2]))
-    meta = {k: v for k, v in node.meta.items() if k != "val"}
-    for new in (wide, call, out):
-        new.meta = dict(meta)
-    node.replace_all_uses_with(out)
-    gm.graph.erase_node(node)
-    return attr
-
-
-def _insert_transposed(gm: fx.GraphModule, layer: Layer, node: fx.Node, weight: torch.Tensor,
-                       bias: torch.Tensor | None, a_nonneg: bool, taken: dict[str, str]) -> str:
-    """A transposed conv as its equivalent conv2d (`bitmix.compiler.transposed`, the geometry `capture` read),
-    then the pixel shuffle and crop as float layout ops; a 1-D one gets the unit height around it."""
-    one_d = weight.dim() == 3
-    g = transposed.node_geometry(node, layer.input_shape)
-    assert g is not None  # capture made it a layer
-    w = weight.unsqueeze(2) if one_d else weight
-    module = QuantLayer(layer.name, "conv2d", transposed.equivalent_weight(w, g), transposed.equivalent_bias(bias, g),
-                        layer.stride, layer.padding, layer.dilation, layer.groups, a_nonneg=a_nonneg)
-    attr = _attr_name(gm, layer.name, taken)
-    gm.add_submodule(attr, module)
-    meta = {k: v for k, v in node.meta.items() if k != "val"}
     created = []
     with gm.graph.inserting_before(node):
-        x = node.args[0]
-        if one_d:
-            x = gm.graph.call_function(aten.unsqueeze.default, (x, 2))
-            created.append(x)
-        conv = gm.graph.call_module(attr, args=(x,))
-        y = gm.graph.call_function(transposed.shuffle_and_crop, (conv, *transposed.shuffle_args(g)))
-        created += [conv, y]
-        if one_d:
-            y = gm.graph.call_function(aten.squeeze.dims, (y, [2]))
-            created.append(y)
+        if unit_height:
+            args = (gm.graph.call_function(aten.unsqueeze.default, (args[0], 2)),)
+            created.append(args[0])
+        out = gm.graph.call_module(attr, args=args)
+        created.append(out)
+        if post is not None:
+            out = gm.graph.call_function(post[0], (out, *post[1:]))
+            created.append(out)
+        if unit_height:
+            out = gm.graph.call_function(aten.squeeze.dims, (out, [2]))
+            created.append(out)
+    # the node's shape metadata describes only the last result when nothing was inserted around the call
+    meta = dict(node.meta) if len(created) == 1 else {k: v for k, v in node.meta.items() if k != "val"}
     for new in created:
         new.meta = dict(meta)
-    node.replace_all_uses_with(y)
+    node.replace_all_uses_with(out)
     gm.graph.erase_node(node)
     return attr
 
