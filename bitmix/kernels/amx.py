@@ -2,10 +2,11 @@
 
 A Sapphire Rapids core multiplies a 16x64 s8 tile by a 64x16 s8 tile into 16x16 s32 in one
 ``tdpbssd`` (16,384 MACs, throughput one per 16 cycles: 1,024 MAC/cycle, 16x a ``vpdpbusd
-zmm``). Once M is large enough to fill tiles, this beats any unpack-and-``vpdpbusd`` loop
-(measured on 3136x64x576: 0.087 ms vs 1.34 ms), so on the ``avx512amx`` path ``dispatch`` routes
-products with one group and at least ``amx_min_m`` rows and ``amx_min_macs`` MACs here
-(``routing.DispatchSettings``).
+zmm``). Its passes around the tiles (quantize, pad, dequantize) and int8 weights make it win only
+on large products against the fused ``vpdpbusd`` linear, so on the ``avx512amx`` path ``dispatch``
+routes linears and matmuls with one group and at least ``amx_min_m`` rows and ``amx_min_macs`` MACs
+here (``routing.DispatchSettings``, with the measured crossover); convolutions take the implicit GEMM
+(``conv_nhwc.implicit_route``) unless called through the functional ``conv2d``/``qconv2d``.
 
 Layout. Activations are the same signed bytes ``a8 = a - shift`` the other paths use, in a
 ``(mp, kp)`` buffer with ``mp`` a multiple of ``BLOCK`` and ``kp`` = K rounded up to 64; pad

@@ -22,8 +22,13 @@ from bitmix.errors import BitmixError
 from bitmix.kernels import cpu
 from bitmix.kernels.pack import PackedWeight
 
-AMX_MIN_M = 16  # fewer activation rows than a tile holds: the vpdpbusd micro-kernels win
-AMX_MIN_MACS = 1 << 20  # below ~1-2 M MACs the engine's fixed cost loses to them (measured 16-256 x 32-4096)
+# Below these the fused vpdpbusd linear beats the tile engine, which quantizes, pads and dequantizes in
+# separate passes and reads int8 (not packed) weights. Sapphire Rapids, 2 threads, 2026-12-05, AMX / VNNI time:
+# 16x384x384 2.2x, 64x384x1536 1.1-1.3x, 128x512x512 1.2-1.3x, 16x4096x4096 int4 1.3x (weight streaming);
+# 256x512x512 0.76x, 64x4096x4096 0.3-0.7x, 256x1024x1024 0.68x, 3136x576x64 0.85x.
+TILE_ROWS = 16  # activation rows one AMX tile holds: the engine's smallest product
+AMX_MIN_M = 64
+AMX_MIN_MACS = 1 << 26
 
 
 @dataclass(frozen=True)

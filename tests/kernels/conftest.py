@@ -9,6 +9,7 @@ import pytest
 
 from bitmix.kernels import dispatch
 from bitmix.kernels.cpu import PATHS, available_paths
+from bitmix.kernels.routing import TILE_ROWS
 from bitmix.kernels.pack import code_range
 
 
@@ -20,7 +21,7 @@ def kernel_path(request) -> Iterator[str]:
     path, driver = request.param
     if path not in available_paths():
         pytest.skip(f"CPU cannot run the {path} path")
-    with dispatch.use(path, serial=driver == "serial", amx_min_macs=0):
+    with dispatch.use(path, serial=driver == "serial", amx_min_m=TILE_ROWS, amx_min_macs=0):
         yield path
 
 
