@@ -9,8 +9,8 @@ import pytest
 
 from bitmix.kernels import dispatch
 from bitmix.kernels.cpu import PATHS, available_paths
-from bitmix.kernels.routing import TILE_ROWS
 from bitmix.kernels.pack import code_range
+from bitmix.kernels.routing import TILE_ROWS
 
 
 @pytest.fixture(params=[(p, d) for p in PATHS for d in ("serial", "parallel")], ids="-".join)
