@@ -129,3 +129,19 @@ def test_products_run_on_the_chosen_driver(monkeypatch, path: str, serial: bool)
     with dispatch.use(path, serial=serial):
         np.testing.assert_array_equal(gemm(a, pack_weights(w, 4), 8, True), reference.gemm(a, w))
     assert drivers == [(4, path, not serial)]
+
+
+@pytest.mark.skipif("avx512amx" not in available_paths(), reason="CPU lacks AMX (or the kernel refused it)")
+def test_amx_path_routes_convs_and_small_linears_to_vpdpbusd() -> None:
+    """On ``avx512amx`` one-group convs take the implicit GEMM and the tile engine only large linears
+    (measured crossover in ``routing.py``): the engine behind an im2col was 2-8x slower per conv."""
+    from bitmix.kernels import conv_nhwc, gemm_vnni
+
+    rng = np.random.default_rng(0)
+    small = pack_weights(rng.integers(-8, 8, (384, 384)).astype(np.int8), 4)
+    large = pack_weights(rng.integers(-8, 8, (1024, 1024)).astype(np.int8), 4)
+    with dispatch.use("avx512amx") as s:
+        assert conv_nhwc.implicit_route(small, 3136) is gemm_vnni
+        assert s.engine(small, 64, 1) == "avx512vnni"  # MiniLM's 64 x 384 x 384: 1.6x slower on the engine
+        assert s.engine(large, 16, 1) == "avx512vnni"  # too few rows to fill the engine's tiles well
+        assert s.engine(large, 256, 1) == "amx"
