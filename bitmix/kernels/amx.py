@@ -2,11 +2,12 @@
 
 A Sapphire Rapids core multiplies a 16x64 s8 tile by a 64x16 s8 tile into 16x16 s32 in one
 ``tdpbssd`` (16,384 MACs, throughput one per 16 cycles: 1,024 MAC/cycle, 16x a ``vpdpbusd
-zmm``). Its passes around the tiles (quantize, pad, dequantize) and int8 weights make it win only
-on large products against the fused ``vpdpbusd`` linear, so on the ``avx512amx`` path ``dispatch``
-routes linears and matmuls with one group and at least ``amx_min_m`` rows and ``amx_min_macs`` MACs
-here (``routing.DispatchSettings``, with the measured crossover); convolutions take the implicit GEMM
-(``conv_nhwc.implicit_route``) unless called through the functional ``conv2d``/``qconv2d``.
+zmm``). Once M is large enough to fill tiles it beats the ``vpdpbusd`` loops on codes, so on the
+``avx512amx`` path ``dispatch`` routes products with one group and at least ``amx_min_m`` rows and
+``amx_min_macs`` MACs here (``routing.DispatchSettings``). Its quantize, pad and dequantize passes make
+it lose to the fused ``vpdpbusd`` linear below ``amx_fused_min_m`` rows / ``amx_fused_min_macs``, and to
+the implicit-GEMM conv pipeline on every conv measured (``conv_nhwc.implicit_route``), so lowered
+linears below those sizes and lowered convs do not come here.
 
 Layout. Activations are the same signed bytes ``a8 = a - shift`` the other paths use, in a
 ``(mp, kp)`` buffer with ``mp`` a multiple of ``BLOCK`` and ``kp`` = K rounded up to 64; pad

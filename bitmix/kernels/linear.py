@@ -63,7 +63,7 @@ class LinearKernel:
         if m == 0:  # an empty batch: nothing to quantize, as torch's linear
             return np.empty((*lead, w.n), dtype=np.float32)
         settings = dispatch.settings
-        engine = settings.engine(w, m, 1)
+        engine = settings.engine(w, m, 1, fused=True)
         one_call = m >= gemm_vnni.MIN_M and engine in _FUSED
         if self.rotation is not None and not (one_call and self.row_floor is not None):
             rows = rotate_rows(rows, self.rotation, w.k & -w.k)

@@ -22,13 +22,15 @@ from bitmix.errors import BitmixError
 from bitmix.kernels import cpu
 from bitmix.kernels.pack import PackedWeight
 
-# Below these the fused vpdpbusd linear beats the tile engine, which quantizes, pads and dequantizes in
-# separate passes and reads int8 (not packed) weights. Sapphire Rapids, 2 threads, 2026-12-05, AMX / VNNI time:
-# 16x384x384 2.2x, 64x384x1536 1.1-1.3x, 128x512x512 1.2-1.3x, 16x4096x4096 int4 1.3x (weight streaming);
-# 256x512x512 0.76x, 64x4096x4096 0.3-0.7x, 256x1024x1024 0.68x, 3136x576x64 0.85x.
-TILE_ROWS = 16  # activation rows one AMX tile holds: the engine's smallest product
-AMX_MIN_M = 64
-AMX_MIN_MACS = 1 << 26
+AMX_MIN_M = 16  # fewer activation rows than a tile holds: the vpdpbusd micro-kernels win
+AMX_MIN_MACS = 1 << 20  # below ~1-2 M MACs the engine's fixed cost loses to them (measured 16-256 x 32-4096)
+# A lowered linear on avx512amx: the engine takes it from the fused vpdpbusd linear (quantize, GEMM and epilogue in
+# one call) only from these sizes; below, the engine's separate quantize/pad/dequantize passes and int8 (not packed)
+# weights lose. Sapphire Rapids, 2 threads, 2026-12-05, AMX / fused time: 16x384x384 2.2x, 64x384x384 1.6x,
+# 64x384x1536 1.1-1.3x, 128x512x512 1.2-1.3x, 16x4096x4096 int4 1.3x; 256x512x512 0.76x, 128x1024x1024 0.55-0.87x,
+# 64x4096x4096 0.3-0.7x, 3136x576x64 0.85x. (On codes, without those passes, the engine wins from 64x384x384: 0.80x.)
+AMX_FUSED_MIN_M = 64
+AMX_FUSED_MIN_MACS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,10 @@ class DispatchSettings:
     ``path``: the SIMD path (``cpu.PATHS``). ``serial``: True runs every product on one thread,
     False always on the parallel drivers, None chooses by size against the measured cost of a
     parallel launch. ``amx_min_m``/``amx_min_macs``: the smallest product (rows, MACs) the AMX
-    tile engine takes on ``avx512amx``. ``torch_one_thread``: while a compiled model runs, torch's
-    own ops use one thread of the calling thread (``bitmix.compiler.lower.torch_on_one_thread``).
+    tile engine takes on ``avx512amx``; ``amx_fused_min_m``/``amx_fused_min_macs``: the smallest it takes
+    from a lowered linear, whose alternative is the fused vpdpbusd kernel. ``torch_one_thread``: while a
+    compiled model runs, torch's own ops use one thread of the calling thread
+    (``bitmix.compiler.lower.torch_on_one_thread``).
     """
 
     path: str
@@ -47,15 +51,19 @@ class DispatchSettings:
     amx_min_m: int = AMX_MIN_M
     amx_min_macs: int = AMX_MIN_MACS
     torch_one_thread: bool = True
+    amx_fused_min_m: int = AMX_FUSED_MIN_M
+    amx_fused_min_macs: int = AMX_FUSED_MIN_MACS
 
     def uses_amx(self, w: PackedWeight, m: int, groups: int) -> bool:
         """Whether a product runs on the AMX tile engine (its path, enough rows, one group)."""
         return (self.path == "avx512amx" and groups == 1 and m >= self.amx_min_m
                 and m * w.n * w.k >= self.amx_min_macs)
 
-    def engine(self, w: PackedWeight, m: int, groups: int) -> str:
-        """What runs a product: ``amx``, or the vpdpbusd/vpmaddubsw/scalar kernels of the path."""
-        if self.uses_amx(w, m, groups):
+    def engine(self, w: PackedWeight, m: int, groups: int, fused: bool = False) -> str:
+        """What runs a product: ``amx``, or the vpdpbusd/vpmaddubsw/scalar kernels of the path; ``fused``: a
+        product that has the fused vpdpbusd linear as its alternative (``amx_fused_min_*``)."""
+        if self.uses_amx(w, m, groups) and (not fused or (m >= self.amx_fused_min_m
+                                                          and m * w.n * w.k >= self.amx_fused_min_macs)):
             return "amx"
         return "avx512vnni" if self.path == "avx512amx" else self.path
 
@@ -68,7 +76,8 @@ KEEP = _Keep.KEEP  # "leave this setting as it is" where None is a meaningful va
 
 
 def _changed(base: DispatchSettings, path: str | None, serial: bool | None | _Keep, amx_min_m: int | None,
-             amx_min_macs: int | None, torch_one_thread: bool | None) -> DispatchSettings:
+             amx_min_macs: int | None, torch_one_thread: bool | None, amx_fused_min_m: int | None = None,
+             amx_fused_min_macs: int | None = None) -> DispatchSettings:
     """``base`` with the given fields replaced, each validated (one-line ``BitmixError``)."""
     changes: dict[str, object] = {}
     if path is not None:
@@ -77,7 +86,8 @@ def _changed(base: DispatchSettings, path: str | None, serial: bool | None | _Ke
         if serial not in (True, False, None):
             raise BitmixError(f"serial={serial!r}: expected True (one thread), False (parallel) or None (by size)")
         changes["serial"] = serial
-    for name, value in (("amx_min_m", amx_min_m), ("amx_min_macs", amx_min_macs)):
+    for name, value in (("amx_min_m", amx_min_m), ("amx_min_macs", amx_min_macs),
+                        ("amx_fused_min_m", amx_fused_min_m), ("amx_fused_min_macs", amx_fused_min_macs)):
         if value is not None:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise BitmixError(f"{name}={value!r}: expected a non-negative int")
@@ -123,19 +133,23 @@ class KernelDispatch:
         return cpu.available_paths()
 
     def configure(self, path: str | None = None, *, serial: bool | None | _Keep = KEEP, amx_min_m: int | None = None,
-                  amx_min_macs: int | None = None, torch_one_thread: bool | None = None) -> DispatchSettings:
+                  amx_min_macs: int | None = None, torch_one_thread: bool | None = None,
+                  amx_fused_min_m: int | None = None, amx_fused_min_macs: int | None = None) -> DispatchSettings:
         """Change the process-wide defaults (fields of ``DispatchSettings``); returns the new defaults."""
         base = self._default_settings()
         with self._lock:
-            self._defaults = _changed(base, path, serial, amx_min_m, amx_min_macs, torch_one_thread)
+            self._defaults = _changed(base, path, serial, amx_min_m, amx_min_macs, torch_one_thread,
+                                      amx_fused_min_m, amx_fused_min_macs)
             return self._defaults
 
     @contextmanager
     def use(self, path: str | None = None, *, serial: bool | None | _Keep = KEEP, amx_min_m: int | None = None,
-            amx_min_macs: int | None = None, torch_one_thread: bool | None = None) -> Iterator[DispatchSettings]:
+            amx_min_macs: int | None = None, torch_one_thread: bool | None = None, amx_fused_min_m: int | None = None,
+            amx_fused_min_macs: int | None = None) -> Iterator[DispatchSettings]:
         """Run the block with these settings in the calling thread, e.g. ``use("avx2", serial=True)``;
         the previous settings come back on exit, also on error."""
-        settings = _changed(self.settings, path, serial, amx_min_m, amx_min_macs, torch_one_thread)
+        settings = _changed(self.settings, path, serial, amx_min_m, amx_min_macs, torch_one_thread,
+                            amx_fused_min_m, amx_fused_min_macs)
         token = self._override.set(settings)
         try:
             yield settings

@@ -16,7 +16,6 @@ import numpy as np
 
 from bitmix.kernels import dispatch
 from bitmix.kernels.pack import SUPPORTED_BITS, pack_weights
-from bitmix.kernels.routing import TILE_ROWS
 
 _CONVS = (  # (c_in, c_out, kernel, stride, padding, groups, width): 1x1, k x k, grouped, depthwise wide/narrow
     (8, 16, 1, 1, 0, 1, 6),
@@ -40,7 +39,7 @@ def warm(path: str | None = None) -> float:
     rng = np.random.default_rng(0)
     serial_max_macs()  # the launch-cost probe the size-based choice runs once per process
     for serial in (True, False, None):
-        with dispatch.use(path, serial=serial, amx_min_m=TILE_ROWS, amx_min_macs=0):
+        with dispatch.use(path, serial=serial, amx_min_macs=0):
             for bits in SUPPORTED_BITS:
                 lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
                 w = pack_weights(rng.integers(lo, hi, (24, 40), endpoint=True).astype(np.int8), bits)

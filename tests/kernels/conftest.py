@@ -10,18 +10,17 @@ import pytest
 from bitmix.kernels import dispatch
 from bitmix.kernels.cpu import PATHS, available_paths
 from bitmix.kernels.pack import code_range
-from bitmix.kernels.routing import TILE_ROWS
 
 
 @pytest.fixture(params=[(p, d) for p in PATHS for d in ("serial", "parallel")], ids="-".join)
 def kernel_path(request) -> Iterator[str]:
     """Force one dispatch path and driver (serial, or prange over tiles whatever the size);
     skip paths this CPU cannot execute (e.g. AVX-512 VNNI on Zen 3). On ``avx512amx`` every
-    product with enough rows goes to the tile engine, however few its MACs."""
+    product with enough rows goes to the tile engine, however few its MACs, lowered linears too."""
     path, driver = request.param
     if path not in available_paths():
         pytest.skip(f"CPU cannot run the {path} path")
-    with dispatch.use(path, serial=driver == "serial", amx_min_m=TILE_ROWS, amx_min_macs=0):
+    with dispatch.use(path, serial=driver == "serial", amx_min_macs=0, amx_fused_min_m=0, amx_fused_min_macs=0):
         yield path
 
 

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from bitmix.errors import BitmixError
 from bitmix.kernels import amx, conv2d, dispatch, gemm, pack_weights, qconv2d, quantize_activations, reference
 from bitmix.kernels.cpu import available_paths
-from bitmix.kernels.routing import TILE_ROWS
 from tests.kernels.conftest import random_codes
 
 pytestmark = pytest.mark.skipif(
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(params=["serial", "parallel"])
 def amx_path(request) -> Iterator[str]:
     """The AMX path with every product of at least ``amx_min_m`` rows on the engine, however few its MACs."""
-    with dispatch.use("avx512amx", serial=request.param == "serial", amx_min_m=TILE_ROWS, amx_min_macs=0):
+    with dispatch.use("avx512amx", serial=request.param == "serial", amx_min_macs=0):
         yield request.param
 
 
@@ -58,7 +57,7 @@ def test_extremes(amx_path, fill: str, w_bits: int) -> None:
 @given(m=st.integers(16, 300), n=st.integers(1, 100), k=st.integers(1, 700),
        bits=st.sampled_from([(8, 2), (8, 4), (8, 8), (4, 4), (2, 2)]), a_signed=st.booleans(), seed=st.integers(0, 99))
 def test_random_shapes(m, n, k, bits, a_signed, seed) -> None:
-    with dispatch.use("avx512amx", serial=seed % 2 == 0, amx_min_m=TILE_ROWS, amx_min_macs=0):
+    with dispatch.use("avx512amx", serial=seed % 2 == 0, amx_min_macs=0):
         _check(np.random.default_rng(seed), m, n, k, bits[0], bits[1], a_signed)
 
 

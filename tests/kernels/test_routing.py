@@ -133,7 +133,7 @@ def test_products_run_on_the_chosen_driver(monkeypatch, path: str, serial: bool)
 
 @pytest.mark.skipif("avx512amx" not in available_paths(), reason="CPU lacks AMX (or the kernel refused it)")
 def test_amx_path_routes_convs_and_small_linears_to_vpdpbusd() -> None:
-    """On ``avx512amx`` one-group convs take the implicit GEMM and the tile engine only large linears
+    """On ``avx512amx`` one-group convs take the implicit GEMM and the tile engine only large lowered linears
     (measured crossover in ``routing.py``): the engine behind an im2col was 2-8x slower per conv."""
     from bitmix.kernels import conv_nhwc, gemm_vnni
 
@@ -142,6 +142,9 @@ def test_amx_path_routes_convs_and_small_linears_to_vpdpbusd() -> None:
     large = pack_weights(rng.integers(-8, 8, (1024, 1024)).astype(np.int8), 4)
     with dispatch.use("avx512amx") as s:
         assert conv_nhwc.implicit_route(small, 3136) is gemm_vnni
-        assert s.engine(small, 64, 1) == "avx512vnni"  # MiniLM's 64 x 384 x 384: 1.6x slower on the engine
-        assert s.engine(large, 16, 1) == "avx512vnni"  # too few rows to fill the engine's tiles well
-        assert s.engine(large, 256, 1) == "amx"
+        assert s.engine(small, 64, 1, fused=True) == "avx512vnni"  # MiniLM's 64 x 384 x 384: 1.6x slower on AMX
+        assert s.engine(large, 16, 1, fused=True) == "avx512vnni"  # too few rows for the engine's passes to pay
+        assert s.engine(large, 256, 1, fused=True) == "amx"
+        assert s.engine(small, 64, 1) == "amx"  # on codes the engine wins from here (0.80x)
+    with dispatch.use("avx512amx", amx_fused_min_m=0, amx_fused_min_macs=0) as s:
+        assert s.engine(small, 64, 1, fused=True) == "amx"
