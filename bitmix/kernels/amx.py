@@ -6,8 +6,8 @@ zmm``). Once M is large enough to fill tiles it beats the ``vpdpbusd`` loops on 
 ``avx512amx`` path ``dispatch`` routes products with one group and at least ``amx_min_m`` rows and
 ``amx_min_macs`` MACs here (``routing.DispatchSettings``). Its quantize, pad and dequantize passes make
 it lose to the fused ``vpdpbusd`` linear below ``amx_fused_min_m`` rows / ``amx_fused_min_macs``, and to
-the implicit-GEMM conv pipeline on every conv measured (``conv_nhwc.implicit_route``), so lowered
-linears below those sizes and lowered convs do not come here.
+the implicit-GEMM conv pipeline on every resnet50 conv measured, so lowered linears below those sizes
+and convs on the channels-last route (``conv_nhwc.implicit_route``) do not come here.
 
 Layout. Activations are the same signed bytes ``a8 = a - shift`` the other paths use, in a
 ``(mp, kp)`` buffer with ``mp`` a multiple of ``BLOCK`` and ``kp`` = K rounded up to 64; pad
