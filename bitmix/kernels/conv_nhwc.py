@@ -311,17 +311,16 @@ def implicit_route(w: PackedWeight, m: int):
 @dataclass(frozen=True, eq=False)
 class ImplicitConv:
     """A one-group conv at one input shape on the implicit GEMM with every constant bound
-    (``implicit_conv``): a call is the float -> code pass, the GEMM and, off VNNI, the epilogue's float
-    ops. ``PreparedConv`` keeps one per shape, so a compiled model's call skips rebuilding them."""
+    (``implicit_conv``): a call is the float -> code pass and the GEMM with its epilogue.
+    ``PreparedConv`` keeps one per shape, so a compiled model's call skips rebuilding them."""
 
     channels_last: bool
     pad_args: tuple  # ``_pad_codes``' (step, lo, hi, shift, ph, pw)
     padded: tuple[int, int, int, int]  # the padded code buffer (B, Hp, Wp, c4)
     channels: int  # C of the input
     out_shape: tuple[int, int, int, int]  # NHWC
-    gemm: Callable
-    fused: bool  # the GEMM adds the residual and clamps in its epilogue (VNNI)
-    clamp: tuple
+    gemm: Callable  # adds the residual and clamps in its epilogue
+    writes_codes: bool  # its GEMM has the epilogue that quantizes into the next conv's codes (VNNI: ``codes_conv``)
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         return self.on_codes(*self.pad(x), residual)
@@ -338,11 +337,8 @@ class ImplicitConv:
     def on_codes(self, a8: np.ndarray, psum: np.ndarray, residual: np.ndarray | None) -> np.ndarray:
         """The conv of input codes already padded (``a8``, sums ``psum``), then the epilogue."""
         y = np.empty(self.out_shape, dtype=np.float32)
-        if self.fused:
-            self.gemm(a8.reshape(-1), psum, y, residual)
-            return y
-        self.gemm(a8.reshape(-1), psum, y)
-        return _finish(y, residual, self.clamp)
+        self.gemm(a8.reshape(-1), psum, y, residual)
+        return y
 
 
 def implicit_conv(implicit, x_shape: tuple[int, ...], channels_last: bool, w: PackedWeight, geom: tuple[int, ...],
@@ -355,11 +351,9 @@ def implicit_conv(implicit, x_shape: tuple[int, ...], channels_last: bool, w: Pa
     hp, wp, c4 = h + 2 * ph, wd + 2 * pw, -(-c // 4) * 4
     m = nb * ho * wo
     parallel = _parallel(dispatch.settings, m * w.n * w.k)
-    fused = implicit is gemm_vnni
-    gemm = (gemm_vnni.conv_gemm(w, shift, c, geom, hp, wp, m, scale, bias, residual, clamp, parallel) if fused
-            else implicit.conv_gemm(w, shift, c, geom, hp, wp, m, scale, bias, parallel))
+    gemm = implicit.conv_gemm(w, shift, c, geom, hp, wp, m, scale, bias, residual, clamp, parallel)
     return ImplicitConv(channels_last, (step, lo, hi, shift, ph, pw), (nb, hp, wp, c4), c, (nb, ho, wo, w.n), gemm,
-                        fused, clamp)
+                        implicit is gemm_vnni)
 
 
 @njit(parallel=True, cache=True)
@@ -448,16 +442,33 @@ def _codes(x: np.ndarray, channels_last: bool, step: np.float32, lo: int, hi: in
     return codes
 
 
+@njit(parallel=True, cache=True)
+def _residual_clamp(y, res, has_res, lo, hi):
+    """``y = clamp(y (+ res), lo, hi)`` over flat float32 arrays, the clamp as two selects that keep NaN and
+    -0.0 (``gemm_vnni.store_epilogue``'s), ``ROW_BLOCK * 64`` values per task."""
+    chunk = ROW_BLOCK * 64
+    for t in prange((y.size + chunk - 1) // chunk):
+        if has_res:
+            for i in range(t * chunk, min(y.size, t * chunk + chunk)):
+                v = y[i] + res[i]
+                v = lo if v < lo else v
+                y[i] = hi if v > hi else v
+        else:
+            for i in range(t * chunk, min(y.size, t * chunk + chunk)):
+                v = y[i]
+                v = lo if v < lo else v
+                y[i] = hi if v > hi else v
+
+
 def _finish(y: np.ndarray, residual: np.ndarray | None, clamp: tuple) -> np.ndarray:
-    """``clamp(y + residual, lo, hi)`` in place, the fused epilogue's float ops for the paths that
-    do not fuse it."""
-    if residual is not None:
-        np.add(y, residual.reshape(y.shape), out=y)
-    lo, hi = clamp
-    if lo > -np.inf:
-        np.copyto(y, lo, where=y < lo)
-    if hi < np.inf:
-        np.copyto(y, hi, where=y > hi)
+    """``clamp(y + residual, lo, hi)`` in place, the fused epilogue's float ops for the paths that do not
+    fuse it. One branch-free pass: numpy's ``copyto(y, lo, where=y < lo)`` mispredicted a branch per
+    element (1.7 ms on a 56x56x64 ReLU output, 0.03 ms on an all-positive mask)."""
+    lo, hi = np.float32(clamp[0]), np.float32(clamp[1])
+    if residual is None and lo == -np.inf and hi == np.inf:
+        return y
+    res = NO_OUT.reshape(-1) if residual is None else np.ascontiguousarray(residual, dtype=np.float32).reshape(-1)
+    _residual_clamp(y.reshape(-1), res, residual is not None, lo, hi)
     return y
 
 

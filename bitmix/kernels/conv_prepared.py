@@ -141,7 +141,7 @@ class PreparedConv:
             link = functools.partial(_depthwise_link, self, channels_last, fast, clamp, quant, nxt)
         elif finite and geom[8] == 1 and (into_gemm or g[8] != 1):  # one group -> the GEMM's CODES epilogue
             own = self._implicit(key, fast, False, clamp)
-            if own is not None and own.fused:  # VNNI
+            if own is not None and own.writes_codes:
                 quant = (qstep, qlo, qhi, qshift, g[4], g[5]) if into_gemm else (qstep, qlo, qhi, 0, 0, 0)
                 link = codes_conv(own, self.w, geom, scale, self.bias, clamp, quant, nxt, depthwise=not into_gemm)
         self._links[(key, clamp, nxt)] = (settings, link)

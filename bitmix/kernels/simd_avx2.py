@@ -96,11 +96,13 @@ def _masked(builder, op: str, vty: ir.VectorType, ptr, mask, value=None):
 
 @intrinsic
 def store_lanes_x8(typingctx, out, out_i, idx, v, scale, bias, col, has_bias, row_scale, has_row_scale, count,
-                   as_int):
+                   as_int, res, has_res, lo, hi):
     """The first ``count`` lanes (<= 0: none, >= 8: all) of one output vector: ``out_i[idx + l] = v[l]`` when
     ``as_int``, else ``out[idx + l] = float32(v[l]) * scale[col + l] (* row_scale) (+ bias[col + l])``:
     ``quant``'s dequantize formula, times the row's step where activations step per row (``vcvtdq2ps``,
-    ``vmulps``, ``vaddps``; never an FMA, which would skip the product's rounding). A full vector takes plain
+    ``vmulps``, ``vaddps``; never an FMA, which would skip the product's rounding), ``+ res[idx + l]`` when
+    ``has_res``, then clamped to ``[lo, hi]`` by two compare-selects that keep NaN and -0.0 (``gemm_vnni``'s
+    ``store_epilogue``: the residual add and ReLU of a conv, with no float pass after it). A full vector takes plain
     loads and stores; a partial one (the last block of an ``n`` not a multiple of 16, or rows past ``m``)
     masked ones, so the tile's epilogue has no scalar loop: one beside it spilled the tile's registers
     (a 1x1 conv with K = 64 ran 1.3-1.5x slower)."""
@@ -108,11 +110,13 @@ def store_lanes_x8(typingctx, out, out_i, idx, v, scale, bias, col, has_bias, ro
     if not (out == f32 and out_i == i32a and scale == f32 and bias == f32 and v == i32x8
             and all(isinstance(a, types.Integer) for a in (idx, col, count))
             and isinstance(has_bias, types.Boolean) and row_scale == types.float32
-            and isinstance(has_row_scale, types.Boolean) and isinstance(as_int, types.Boolean)):
+            and isinstance(has_row_scale, types.Boolean) and isinstance(as_int, types.Boolean)
+            and res == f32 and isinstance(has_res, types.Boolean) and lo == hi == types.float32):
         return None
 
     def codegen(context, builder, sig, args):
-        out_a, outi_a, idx_a, v_a, scale_a, bias_a, col_a, has_bias_a, rs_a, has_rs_a, count_a, as_int_a = args
+        (out_a, outi_a, idx_a, v_a, scale_a, bias_a, col_a, has_bias_a, rs_a, has_rs_a, count_a, as_int_a, res_a,
+         has_res_a, lo_a, hi_a) = args
         n = context.cast(builder, count_a, sig.args[10], types.int32)
         full = builder.icmp_signed(">=", n, ir.Constant(ir.IntType(32), 8))
         lanes = _splat_value(builder, ir.VectorType(ir.IntType(32), 8), n)
@@ -121,12 +125,20 @@ def store_lanes_x8(typingctx, out, out_i, idx, v, scale, bias, col, has_bias, ro
         int_ptr = _ptr(context, builder, sig.args[1], outi_a, sig.args[2], idx_a, _llty(i32x8))
         scale_ptr = _ptr(context, builder, sig.args[4], scale_a, sig.args[6], col_a, _F32X8)
         bias_ptr = _ptr(context, builder, sig.args[5], bias_a, sig.args[6], col_a, _F32X8)
+        res_ptr = _ptr(context, builder, sig.args[12], res_a, sig.args[2], idx_a, _F32X8)
         rs = _splat_value(builder, _F32X8, rs_a)
+        low, high = _splat_value(builder, _F32X8, lo_a), _splat_value(builder, _F32X8, hi_a)
 
         def floats(load):
             y = builder.fmul(builder.sitofp(v_a, _F32X8), load(scale_ptr))
             y = builder.select(has_rs_a, builder.fmul(y, rs), y)
-            return builder.select(has_bias_a, builder.fadd(y, load(bias_ptr)), y)
+            y = builder.select(has_bias_a, builder.fadd(y, load(bias_ptr)), y)
+            slot = cgutils.alloca_once_value(builder, y)
+            with builder.if_then(has_res_a):
+                builder.store(builder.fadd(y, load(res_ptr)), slot)
+            y = builder.load(slot)
+            y = builder.select(builder.fcmp_ordered("<", y, low), low, y)
+            return builder.select(builder.fcmp_ordered(">", y, high), high, y)
 
         with builder.if_else(as_int_a) as (integer, real):
             with integer:
@@ -144,7 +156,8 @@ def store_lanes_x8(typingctx, out, out_i, idx, v, scale, bias, col, has_bias, ro
                         _masked(builder, "store", _F32X8, out_ptr, mask, y)
         return context.get_dummy_value()
 
-    return types.none(out, out_i, idx, v, scale, bias, col, has_bias, row_scale, has_row_scale, count, as_int), codegen
+    return types.none(out, out_i, idx, v, scale, bias, col, has_bias, row_scale, has_row_scale, count, as_int, res,
+                      has_res, lo, hi), codegen
 
 
 for _name, _obj in list(globals().items()):

@@ -80,17 +80,19 @@ def warm(path: str | None = None) -> float:
 
 def _warm_code_chain(rng: np.random.Generator) -> None:
     """A conv handing the next its input codes (``PreparedConv.to_codes``: the CODES GEMM on VNNI, the
-    border pass), as lowered conv -> conv chains run from their second call on."""
+    border pass), as lowered conv -> conv chains run from their second call on; residual adds and ReLUs."""
     from bitmix.kernels.conv_prepared import PreparedConv
 
-    def conv(c: int, n: int) -> PreparedConv:
-        w = pack_weights(rng.integers(-8, 7, (n, c * 9), endpoint=True).astype(np.int8), 4)
+    def conv(c: int, n: int, groups: int = 1) -> PreparedConv:
+        w = pack_weights(rng.integers(-8, 7, (n, c // groups * 9), endpoint=True).astype(np.int8), 4)
         return PreparedConv(w, np.full(n, 0.01, dtype=np.float32), 0.05, 4, False, None, (3, 3), (1, 1), (1, 1),
-                            (1, 1), 1)
+                            (1, 1), groups)
 
-    first, second = conv(8, 16), conv(16, 8)
+    first, second, depthwise = conv(8, 16), conv(16, 8), conv(8, 8, 8)
     x = np.abs(rng.normal(size=(1, 6, 6, 8))).astype(np.float32)
-    second(first(x, True), True)  # both layers checked at these shapes
+    y = second(first(x, True), True)  # both layers checked at these shapes
+    second(first(x, True), True, y, (np.float32(0), np.float32(np.inf)))  # + residual, ReLU: the GEMM's epilogue
+    depthwise(x, True, y, (np.float32(0), np.float32(np.inf)))  # ... or one pass after the kernel (``_finish``)
     codes = first.to_codes(x, True, (np.float32(0), np.float32(np.inf)), second)
     if codes is not None:
         second(codes, True)
