@@ -129,7 +129,30 @@ def four_pixels(b, oh, ow, rows, ho, wo, hp, wp, sh, sw):
     return p0, p1, p2, p3, b, oh, ow
 
 
-simd.pin_kernels("broadcast", first_pixel, next_pixel, pixel_at, four_pixels)
+@njit(inline="always")
+def four_dests(b, oh, ow, ho, wo, hp, wp, ph, pw):
+    """The pixels, in the next conv's padded buffer (``hp x wp``, padding ``ph, pw``), of the four output rows
+    before the walker's ``(b, oh, ow)`` (``four_pixels`` always steps four). Worked out after the K loop from
+    state it keeps anyway: four more values live across that loop, or a task-local array passed to the
+    inlined epilogue (an NRT reference-count call per store), each made the GEMM 10-40 % slower."""
+    for _ in range(4):
+        ow -= 1
+        if ow < 0:
+            ow = wo - 1
+            oh -= 1
+            if oh < 0:
+                oh = ho - 1
+                b -= 1
+    d0 = (b * hp + oh + ph) * wp + ow + pw
+    b, oh, ow = next_pixel(b, oh, ow, ho, wo)
+    d1 = (b * hp + oh + ph) * wp + ow + pw
+    b, oh, ow = next_pixel(b, oh, ow, ho, wo)
+    d2 = (b * hp + oh + ph) * wp + ow + pw
+    b, oh, ow = next_pixel(b, oh, ow, ho, wo)
+    return d0, d1, d2, (b * hp + oh + ph) * wp + ow + pw
+
+
+simd.pin_kernels("broadcast", first_pixel, next_pixel, pixel_at, four_pixels, four_dests)
 
 
 def _quantize(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum):

@@ -33,6 +33,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import numpy as np
 from numba import njit, prange
@@ -320,7 +321,7 @@ class ImplicitConv:
     channels: int  # C of the input
     out_shape: tuple[int, int, int, int]  # NHWC
     gemm: Callable  # adds the residual and clamps in its epilogue
-    writes_codes: bool  # its GEMM has the epilogue that quantizes into the next conv's codes (VNNI: ``codes_conv``)
+    engine: ModuleType  # ``gemm_vnni`` or ``gemm_avx2``: its ``conv_codes_gemm`` is ``codes_conv``'s kernel
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         return self.on_codes(*self.pad(x), residual)
@@ -353,7 +354,7 @@ def implicit_conv(implicit, x_shape: tuple[int, ...], channels_last: bool, w: Pa
     parallel = _parallel(dispatch.settings, m * w.n * w.k)
     gemm = implicit.conv_gemm(w, shift, c, geom, hp, wp, m, scale, bias, residual, clamp, parallel)
     return ImplicitConv(channels_last, (step, lo, hi, shift, ph, pw), (nb, hp, wp, c4), c, (nb, ho, wo, w.n), gemm,
-                        implicit is gemm_vnni)
+                        implicit)
 
 
 @njit(parallel=True, cache=True)
@@ -384,8 +385,8 @@ def _code_borders(a8, psum, ph, pw, h, w, c, shift):
 
 @dataclass(frozen=True, eq=False)
 class CodesConv:
-    """A one-group conv on VNNI whose results go straight into the next conv's padded input codes
-    (``gemm_vnni.conv_codes_gemm``; ``PreparedConv.to_codes``): the floats are never stored, and the next
+    """A one-group conv on VNNI or AVX2 whose results go straight into the next conv's padded input codes
+    (``conv_codes_gemm``; ``PreparedConv.to_codes``): the floats are never stored, and the next
     conv skips its float -> code pass. Buffers are per thread and per link, valid until its next call."""
 
     own: ImplicitConv  # this conv's launch (its input's code pass)
@@ -421,9 +422,9 @@ def codes_conv(own: ImplicitConv, w: PackedWeight, geom: tuple[int, ...], scale:
     step, qlo, qhi, qshift, qph, qpw = nxt
     padded = (nb, ho + 2 * qph, wo + 2 * qpw, w.n if depthwise else -(-w.n // 4) * 4)
     m = nb * ho * wo
-    gemm = gemm_vnni.conv_codes_gemm(w, own.pad_args[3], own.channels, geom, hp, wp, m,
-                                     scale, bias, clamp, _parallel(dispatch.settings, m * w.n * w.k), padded,
-                                     (qph, qpw), (step, qlo, qhi, qshift))
+    gemm = own.engine.conv_codes_gemm(w, own.pad_args[3], own.channels, geom, hp, wp, m, scale, bias, clamp,
+                                      _parallel(dispatch.settings, m * w.n * w.k), padded, (qph, qpw),
+                                      (step, qlo, qhi, qshift))
     return CodesConv(own, gemm, padded, None if depthwise else (qph, qpw, ho, wo, w.n, qshift), owner)
 
 

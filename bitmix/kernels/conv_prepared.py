@@ -104,9 +104,9 @@ class PreparedConv:
                  nxt: PreparedConv) -> PaddedCodes | None:
         """This conv's output as ``nxt``'s input codes, or None (the caller runs the float path): a depthwise
         conv quantizes in its epilogue (``conv_nhwc.depthwise_to_codes``) for a one-group ``nxt`` on the
-        implicit GEMM, a one-group conv on VNNI in its GEMM's (``conv_nhwc.CodesConv``) for a one-group ``nxt``
-        on the implicit GEMM or a depthwise one; the input may be codes itself. Only once both layers ran at
-        these shapes (checks done) and this layer's scale and bias are finite (no NaN to catch)."""
+        implicit GEMM, a one-group conv on the implicit GEMM (VNNI or AVX2) in its GEMM's (``conv_nhwc.CodesConv``)
+        for a one-group ``nxt`` on the implicit GEMM or a depthwise one; the input may be codes itself. Only once
+        both layers ran at these shapes (checks done) and this layer's scale and bias are finite (no NaN to catch)."""
         if isinstance(x, PaddedCodes):
             nb, c, h, w = x.shape
             key = ((nb, h, w, c), True)
@@ -141,7 +141,7 @@ class PreparedConv:
             link = functools.partial(_depthwise_link, self, channels_last, fast, clamp, quant, nxt)
         elif finite and geom[8] == 1 and (into_gemm or g[8] != 1):  # one group -> the GEMM's CODES epilogue
             own = self._implicit(key, fast, False, clamp)
-            if own is not None and own.writes_codes:
+            if own is not None:
                 quant = (qstep, qlo, qhi, qshift, g[4], g[5]) if into_gemm else (qstep, qlo, qhi, 0, 0, 0)
                 link = codes_conv(own, self.w, geom, scale, self.bias, clamp, quant, nxt, depthwise=not into_gemm)
         self._links[(key, clamp, nxt)] = (settings, link)

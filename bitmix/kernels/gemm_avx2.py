@@ -44,6 +44,7 @@ from bitmix.kernels.broadcast import (
     ONE_TAP,
     conv_launch,
     first_pixel,
+    four_dests,
     four_pixels,
     weight_blocks,
 )
@@ -54,6 +55,7 @@ from bitmix.kernels.simd_avx2 import (
     load_i32x8,
     madd16_x16,
     splat_i32x8,
+    store_codes_x8,
     store_lanes_x8,
 )
 
@@ -93,8 +95,9 @@ simd.pin_kernels("gemm_avx2", _mac, _mac2, _mac_w8, _fix)
 
 
 @functools.cache
-def driver(w8: bool, parallel: bool):
-    """The implicit GEMM over (64-row, 64-channel) tasks (module docstring).
+def driver(w8: bool, parallel: bool, codes: bool = False):
+    """The implicit GEMM over (64-row, 64-channel) tasks (module docstring); ``codes``: the variant whose
+    epilogue writes the next conv's input codes (``gemm_vnni``'s CODES mode), compiled apart.
 
     Everything that touches an array is written out in this one function: a jitted helper taking
     arrays, even inlined, kept an NRT incref/decref pair per array per call, about 100 atomic
@@ -102,9 +105,11 @@ def driver(w8: bool, parallel: bool):
     """
 
     def core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mode, out_i, out_f, scale, bias,
-             has_bias, row_scale, res, has_res, lo, hi):
+             has_bias, row_scale, res, has_res, lo, hi, out8, cgeo, q8):
         # tapoff: byte offset of each tap run (cq 4-byte K steps each); tappix: pixel offset of every tap (sums)
+        # codes: out8 = the next conv's padded codes, cgeo = its (Hp, Wp, ph, pw, c4), q8 = (step, lo, hi, shift)
         ho, wo, hp, wpad, sh, sw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
+        hp2, wp2, ph2, pw2, c4n = cgeo[0], cgeo[1], cgeo[2], cgeo[3], cgeo[4]
         hw = ho * wo
         ntaps = tapoff.shape[0]
         ws = ntaps * cq * 64  # bytes per 16-channel block
@@ -179,8 +184,26 @@ def driver(w8: bool, parallel: bool):
                     e0, e1 = load_i32x8(cw, col), load_i32x8(cw, col + LANES)
                     c00, c01, c10, c11 = _fix(c00, e0, v0), _fix(c01, e1, v0), _fix(c10, e0, v1), _fix(c11, e1, v1)
                     c20, c21, c30, c31 = _fix(c20, e0, v2), _fix(c21, e1, v2), _fix(c30, e0, v3), _fix(c31, e1, v3)
-                    o = i * n + col
                     cols = min(BLOCK, n - col)  # stored lanes: a partial block ends early
+                    if codes:
+                        d0, d1, d2, d3 = four_dests(pb, poh, pw, ho, wo, hp2, wp2, ph2, pw2)
+                        hi8 = col + LANES
+                        store_codes_x8(out8, d0 * c4n + col, c00, scale, bias, col, has_bias, lo, hi, q8, cols)
+                        store_codes_x8(out8, d0 * c4n + hi8, c01, scale, bias, hi8, has_bias, lo, hi, q8, cols - LANES)
+                        if rows > 1:
+                            store_codes_x8(out8, d1 * c4n + col, c10, scale, bias, col, has_bias, lo, hi, q8, cols)
+                            store_codes_x8(out8, d1 * c4n + hi8, c11, scale, bias, hi8, has_bias, lo, hi, q8,
+                                           cols - LANES)
+                        if rows > 2:
+                            store_codes_x8(out8, d2 * c4n + col, c20, scale, bias, col, has_bias, lo, hi, q8, cols)
+                            store_codes_x8(out8, d2 * c4n + hi8, c21, scale, bias, hi8, has_bias, lo, hi, q8,
+                                           cols - LANES)
+                        if rows > 3:
+                            store_codes_x8(out8, d3 * c4n + col, c30, scale, bias, col, has_bias, lo, hi, q8, cols)
+                            store_codes_x8(out8, d3 * c4n + hi8, c31, scale, bias, hi8, has_bias, lo, hi, q8,
+                                           cols - LANES)
+                        continue
+                    o = i * n + col
                     as_int, by_row = mode == INT32, mode == ROWS
                     r = row_scale[i] if by_row else ONE
                     store_lanes_x8(out_f, out_i, o, c00, scale, bias, col, has_bias, r, by_row, cols, as_int,
@@ -206,7 +229,7 @@ def driver(w8: bool, parallel: bool):
                         store_lanes_x8(out_f, out_i, o + 3 * n + LANES, c31, scale, bias, col + LANES, has_bias, r,
                                        by_row, cols - LANES, as_int, res, has_res, lo, hi)
 
-    variant = "parallel" if parallel else "serial"
+    variant = ("parallel" if parallel else "serial") + ("_codes" if codes else "")
     fn = njit(parallel=parallel, cache=True)(simd.cache_variant(core, variant))
     simd.pin_uuid(fn, f"gemm_avx2.{'w8' if w8 else 'wq'}.core.{variant}")
     return fn
@@ -215,6 +238,7 @@ def driver(w8: bool, parallel: bool):
 NO_F32 = np.zeros(LANES, dtype=np.float32)
 NO_I32 = np.zeros(LANES, dtype=np.int32)
 NO_RESIDUAL = (NO_F32, False, np.float32(-np.inf), np.float32(np.inf))  # no residual add, no clamp
+NO_CODES = (np.zeros(LANES, dtype=np.int8), np.zeros(5, dtype=np.int64), np.ones(4, dtype=np.float32))  # out8, cgeo, q8
 
 
 def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, out: np.ndarray,
@@ -225,7 +249,7 @@ def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, o
     cw = (shift * blocks.cw_base).astype(np.int32)
     driver(w.bits == 8, parallel)(a8, asum, ONE_TAP, ONE_TAP, blocks.data, cw, blocks.offset, m, w.n, blocks.n_pad,
                                   blocks.cq, w.k_pad, GEMM_GEO, INT32, out.reshape(-1), NO_F32, NO_F32, NO_F32,
-                                  False, NO_F32, *NO_RESIDUAL)
+                                  False, NO_F32, *NO_RESIDUAL, *NO_CODES)
 
 
 def conv_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
@@ -242,6 +266,26 @@ def conv_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: in
     lo, hi = np.float32(clamp[0]), np.float32(clamp[1])
 
     def run(a8: np.ndarray, psum: np.ndarray, y: np.ndarray, res: np.ndarray | None) -> None:
-        core(a8, psum, *head, y.reshape(-1), *tail, NO_F32 if res is None else res.reshape(-1), residual, lo, hi)
+        core(a8, psum, *head, y.reshape(-1), *tail, NO_F32 if res is None else res.reshape(-1), residual, lo, hi,
+             *NO_CODES)
+
+    return run
+
+
+def conv_codes_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
+                    scale: np.ndarray, bias: np.ndarray | None, clamp: tuple, parallel: bool, nxt_padded: tuple,
+                    nxt_pad: tuple[int, int], nxt_quant: tuple) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+    """``conv_gemm`` whose results go straight into the next conv's padded input codes, as
+    ``gemm_vnni.conv_codes_gemm`` (same arguments, same codes): the floats are never stored."""
+    off, pix, data, cw, offset, n, n_pad, steps, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
+    core = driver(w.bits == 8, parallel, codes=True)
+    head = (off, pix, data, cw, offset, m, n, n_pad, steps, c4, geo, SCALED, NO_I32, NO_F32, scale,
+            scale if bias is None else bias, bias is not None, NO_F32, NO_F32, False, np.float32(clamp[0]),
+            np.float32(clamp[1]))
+    cgeo = np.array((nxt_padded[1], nxt_padded[2], nxt_pad[0], nxt_pad[1], nxt_padded[3]), dtype=np.int64)
+    q8 = np.array(nxt_quant, dtype=np.float32)
+
+    def run(a8: np.ndarray, psum: np.ndarray, out8: np.ndarray) -> None:
+        core(a8, psum, *head, out8, cgeo, q8)
 
     return run

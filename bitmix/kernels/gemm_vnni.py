@@ -42,8 +42,8 @@ from bitmix.kernels.broadcast import (
     ONE_TAP,
     conv_launch,
     first_pixel,
+    four_dests,
     four_pixels,
-    next_pixel,
     weight_blocks,
 )
 from bitmix.kernels.pack import PackedWeight
@@ -270,35 +270,12 @@ def finish(mode, out_i, out_f, epi, cw, i, rows, col, n, s, pix, v0, v1, v2, v3)
 
 
 @njit(inline="always")
-def four_dests(b, oh, ow, ho, wo, hp, wp, ph, pw):
-    """The pixels, in the next conv's padded buffer (``hp x wp``, padding ``ph, pw``), of the four output rows
-    before the walker's ``(b, oh, ow)`` (``four_pixels`` always steps four). Worked out after the K loop from
-    state it keeps anyway: four more values live across that loop, or a task-local array passed to the
-    inlined epilogue (an NRT reference-count call per store), each made the GEMM 10-40 % slower."""
-    for _ in range(4):
-        ow -= 1
-        if ow < 0:
-            ow = wo - 1
-            oh -= 1
-            if oh < 0:
-                oh = ho - 1
-                b -= 1
-    d0 = (b * hp + oh + ph) * wp + ow + pw
-    b, oh, ow = next_pixel(b, oh, ow, ho, wo)
-    d1 = (b * hp + oh + ph) * wp + ow + pw
-    b, oh, ow = next_pixel(b, oh, ow, ho, wo)
-    d2 = (b * hp + oh + ph) * wp + ow + pw
-    b, oh, ow = next_pixel(b, oh, ow, ho, wo)
-    return d0, d1, d2, (b * hp + oh + ph) * wp + ow + pw
-
-
-@njit(inline="always")
 def no_dests(b, oh, ow, ho, wo, hp, wp, ph, pw):
     """``four_dests`` of the float epilogues, which store by row: nothing to work out."""
     return 0, 0, 0, 0
 
 
-simd.pin_kernels("gemm_vnni", taps_sum, put, put_codes, finish, four_dests, no_dests)
+simd.pin_kernels("gemm_vnni", taps_sum, put, put_codes, finish, no_dests)
 dests = no_dests  # what ``_core`` calls: ``driver`` binds it per variant (``simd.cache_variant``), as ``finish``
 finish_codes = simd.pin_uuid(njit(inline="always")(simd.cache_variant(finish.py_func, "codes", put=put_codes)),
                              "gemm_vnni.finish_codes")

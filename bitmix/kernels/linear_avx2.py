@@ -27,7 +27,8 @@ def _fused(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum, one_tap, ge
     if _quantize(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum):
         return True
     _gemm(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_avx2.SCALED, no_i32,
-          out, scale, bias, has_bias, gemm_avx2.NO_F32, *gemm_avx2.NO_RESIDUAL)
+          out, scale, bias, has_bias, gemm_avx2.NO_F32, *gemm_avx2.NO_RESIDUAL,
+          *gemm_avx2.NO_CODES)
     return False
 
 
@@ -36,7 +37,8 @@ def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, signs,
     if _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block):
         return True
     _gemm(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_avx2.ROWS, no_i32,
-          out, scale, bias, has_bias, steps, *gemm_avx2.NO_RESIDUAL)
+          out, scale, bias, has_bias, steps, *gemm_avx2.NO_RESIDUAL,
+          *gemm_avx2.NO_CODES)
     return False
 
 

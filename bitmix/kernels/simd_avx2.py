@@ -160,6 +160,60 @@ def store_lanes_x8(typingctx, out, out_i, idx, v, scale, bias, col, has_bias, ro
                       has_res, lo, hi), codegen
 
 
+@intrinsic
+def store_codes_x8(typingctx, out8, idx, v, scale, bias, col, has_bias, lo, hi, q, count):
+    """The first ``count`` lanes (<= 0: none, >= 8: all) of one output vector as the next conv's input codes:
+    ``out8[idx + l] = rint(clip(y / q[0], q[1], q[2])) - q[3]`` with ``y = clamp(float32(v[l]) * scale[col + l]
+    (+ bias[col + l]), lo, hi)``, the float ops of ``gemm_vnni.store_codes`` (and so of ``conv_nhwc._pad_codes``
+    on ``store_lanes_x8``'s floats). ``y`` is never NaN here (finite scale and bias: the caller checks)."""
+    f32 = types.Array(types.float32, 1, "C")
+    if not (out8 == types.Array(types.int8, 1, "C") and scale == f32 and bias == f32 and q == f32 and v == i32x8
+            and all(isinstance(a, types.Integer) for a in (idx, col, count)) and isinstance(has_bias, types.Boolean)
+            and lo == hi == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        out_a, idx_a, v_a, scale_a, bias_a, col_a, has_bias_a, lo_a, hi_a, q_a, count_a = args
+        i8x8 = ir.VectorType(ir.IntType(8), 8)
+        i32x8_ty = ir.VectorType(ir.IntType(32), 8)
+        n = context.cast(builder, count_a, sig.args[10], types.int32)
+        full = builder.icmp_signed(">=", n, ir.Constant(ir.IntType(32), 8))
+        mask = builder.icmp_signed("<", ir.Constant(i32x8_ty, list(range(8))), _splat_value(builder, i32x8_ty, n))
+        out_ptr = _ptr(context, builder, sig.args[0], out_a, sig.args[1], idx_a, i8x8)
+        scale_ptr = _ptr(context, builder, sig.args[3], scale_a, sig.args[5], col_a, _F32X8)
+        bias_ptr = _ptr(context, builder, sig.args[4], bias_a, sig.args[5], col_a, _F32X8)
+        qdata = context.make_array(sig.args[9])(context, builder, value=q_a).data
+
+        def q_at(i):
+            return _splat_value(builder, _F32X8, builder.load(builder.gep(qdata, [ir.Constant(ir.IntType(64), i)])))
+
+        def codes(load):
+            y = builder.fmul(builder.sitofp(v_a, _F32X8), load(scale_ptr))
+            y = builder.select(has_bias_a, builder.fadd(y, load(bias_ptr)), y)
+            low, high = _splat_value(builder, _F32X8, lo_a), _splat_value(builder, _F32X8, hi_a)
+            y = builder.select(builder.fcmp_ordered("<", y, low), low, y)
+            y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
+            y = builder.fdiv(y, q_at(0))
+            qlo, qhi = q_at(1), q_at(2)
+            y = builder.select(builder.fcmp_ordered("<", y, qlo), qlo, y)
+            y = builder.select(builder.fcmp_ordered(">", y, qhi), qhi, y)
+            rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32X8, [_F32X8]), "llvm.rint.v8f32")
+            code = builder.sub(builder.fptosi(builder.call(rint, [y]), i32x8_ty), builder.fptosi(q_at(3), i32x8_ty))
+            return builder.trunc(code, i8x8)
+
+        with builder.if_else(full, likely=True) as (whole, part):
+            with whole:
+                builder.store(codes(lambda p: builder.load(p, align=4)), out_ptr, align=1)
+            with part:
+                value = codes(lambda p: _masked(builder, "load", _F32X8, p, mask))
+                fnty = ir.FunctionType(ir.VoidType(), [i8x8, out_ptr.type, ir.IntType(32), _MASK8])
+                fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.store.v8i8.p0")
+                builder.call(fn, [value, out_ptr, ir.Constant(ir.IntType(32), 1), mask])
+        return context.get_dummy_value()
+
+    return types.none(out8, idx, v, scale, bias, col, has_bias, lo, hi, q, count), codegen
+
+
 for _name, _obj in list(globals().items()):
     if isinstance(_obj, _Intrinsic):
         pin_uuid(_obj, f"simd_avx2.{_name}")

@@ -62,8 +62,10 @@ def warm(path: str | None = None) -> float:
                         qconv2d_nhwc(x, *args, None, *geometry, channels_last=False)
                         qconv2d_nhwc(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), *args, None, *geometry)
             bmm(rng.integers(-8, 8, (2, 5, 7)).astype(np.int8), rng.integers(-8, 8, (2, 7, 4)).astype(np.int8))
-    with dispatch.use(path):
-        _warm_code_chain(rng)
+    for serial in (True, False):
+        with dispatch.use(path, serial=serial):
+            for bits in (4, 8):  # AVX2 compiles 8-bit weights apart
+                _warm_code_chain(rng, bits)
     step_errors(rng.normal(size=(3, 16)).astype(np.float32), np.full((3, 4), 0.1, dtype=np.float32), 8, 7)  # ranges
     x = rng.normal(size=(3, 32)).astype(np.float32)  # 4-bit linears: the online rotation and per-row steps
     rotate_rows(x, np.ones(32, dtype=np.float32), 32)
@@ -78,13 +80,14 @@ def warm(path: str | None = None) -> float:
     return time.perf_counter() - start
 
 
-def _warm_code_chain(rng: np.random.Generator) -> None:
-    """A conv handing the next its input codes (``PreparedConv.to_codes``: the CODES GEMM on VNNI, the
+def _warm_code_chain(rng: np.random.Generator, bits: int) -> None:
+    """A conv handing the next its input codes (``PreparedConv.to_codes``: the CODES GEMM on VNNI and AVX2, the
     border pass), as lowered conv -> conv chains run from their second call on; residual adds and ReLUs."""
     from bitmix.kernels.conv_prepared import PreparedConv
 
     def conv(c: int, n: int, groups: int = 1) -> PreparedConv:
-        w = pack_weights(rng.integers(-8, 7, (n, c // groups * 9), endpoint=True).astype(np.int8), 4)
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        w = pack_weights(rng.integers(lo, hi, (n, c // groups * 9), endpoint=True).astype(np.int8), bits)
         return PreparedConv(w, np.full(n, 0.01, dtype=np.float32), 0.05, 4, False, None, (3, 3), (1, 1), (1, 1),
                             (1, 1), groups)
 

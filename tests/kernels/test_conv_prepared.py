@@ -143,8 +143,8 @@ def test_bound_launch_follows_the_dispatch_settings() -> None:
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_conv_codes_for_the_next_conv_equal_its_float_path(kernel_path: str, first: tuple, spec: tuple,
                                                           bias: bool) -> None:
-    """A one-group conv writing the next conv's input codes from its GEMM epilogue (VNNI ``CodesConv``) gives
-    exactly ``_pad_codes``' codes and sums of its float output (22 channels: pad channels; 70: a partial
+    """A one-group conv writing the next conv's input codes from its GEMM epilogue (``CodesConv``, VNNI or AVX2)
+    gives exactly ``_pad_codes``' codes and sums of its float output (22 channels: pad channels; 70: a partial
     16-channel block), and a chain of three (codes in, codes out) ends bit-identical to the float path."""
     from bitmix.kernels.conv_nhwc import _pad_codes
     from bitmix.kernels.matmul import check_activation_spec
@@ -164,8 +164,8 @@ def test_conv_codes_for_the_next_conv_equal_its_float_path(kernel_path: str, fir
     yb = b(ya, True, None, wide)
     ref = last(yb, True)
     codes = a.to_codes(x, True, relu, b)
-    if codes is None:  # not the VNNI implicit GEMM (AVX2, AMX, portable): the float path stays
-        assert kernel_path != "avx512vnni"
+    if codes is None:  # not on the implicit GEMM (portable): the float path stays
+        assert kernel_path == "portable"
         return
     assert isinstance(codes, PaddedCodes) and codes.shape == (2, n, ya.shape[1], ya.shape[2])
     lo, hi, shift = check_activation_spec(a_bits, a_signed)
@@ -184,7 +184,7 @@ def test_conv_codes_for_the_next_conv_equal_its_float_path(kernel_path: str, fir
 @pytest.mark.parametrize("dw_stride", [1, 2])
 def test_conv_codes_for_a_depthwise_conv_equal_its_float_path(kernel_path: str, first: tuple, spec: tuple,
                                                               dw_stride: int) -> None:
-    """A one-group conv writing a depthwise conv's input codes from its GEMM epilogue (VNNI ``CodesConv``:
+    """A one-group conv writing a depthwise conv's input codes from its GEMM epilogue (``CodesConv``, VNNI or AVX2:
     MobileNet's expansion -> depthwise) gives exactly ``_codes``' NHWC codes of its float output (uint8 ones
     for an unsigned 8-bit spec; 22 and 70 channels: no whole 16-channel block), the depthwise conv on them
     its float result, and expansion -> depthwise -> projection on codes the float path's output."""
@@ -205,8 +205,8 @@ def test_conv_codes_for_a_depthwise_conv_equal_its_float_path(kernel_path: str, 
     ydw = dw(ya, True, None, wide)
     ref = proj(ydw, True)
     codes = a.to_codes(x, True, relu6, dw)
-    if codes is None:  # not the VNNI implicit GEMM (AVX2, AMX, portable): the float path stays
-        assert kernel_path != "avx512vnni"
+    if codes is None:  # not on the implicit GEMM (portable): the float path stays
+        assert kernel_path == "portable"
         return
     lo, hi, _ = check_activation_spec(a_bits, a_signed)
     assert isinstance(codes, PaddedCodes) and codes.shape == (2, n, ya.shape[1], ya.shape[2])
