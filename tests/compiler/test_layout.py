@@ -97,7 +97,7 @@ def _chain_lowered(net: type[nn.Module], shape: tuple, bits: str, path: str, see
 def test_depthwise_hands_the_next_conv_its_input_codes(path: str, bits: str) -> None:
     """``layout.code_chains``: pw -> dw -> back (MobileNet's expansion, depthwise, projection) pass codes
     from the second call at a shape on (the first checks the layers): dw -> back wherever the next conv
-    runs the implicit GEMM, pw -> dw from the VNNI GEMM's epilogue; outputs stay bit-identical to the
+    runs the implicit GEMM, pw -> dw from the GEMM's epilogue (VNNI, AVX2); outputs stay bit-identical to the
     fake-quant reference on every path, and the portable layers ``cm.save`` exports (floats throughout)
     give the same values."""
     from bitmix import kernels
@@ -118,7 +118,7 @@ def test_depthwise_hands_the_next_conv_its_input_codes(path: str, bits: str) -> 
     assert all(torch.equal(ref, out) for out in outs)
     assert inputs["back"][0] is inputs["dw"][0] is torch.Tensor
     assert inputs["back"][1:3] == [torch.Tensor if path == "portable" else PaddedCodes] * 2
-    assert inputs["dw"][1:3] == [PaddedCodes if path == "avx512vnni" else torch.Tensor] * 2
+    assert inputs["dw"][1:3] == [torch.Tensor if path == "portable" else PaddedCodes] * 2
 
 
 class _Bottleneck(nn.Module):
@@ -139,8 +139,8 @@ class _Bottleneck(nn.Module):
 @pytest.mark.parametrize("path", ["avx512vnni", "avx2", "portable"])
 @pytest.mark.parametrize("bits", ["4/8", "4/4", "2/4"])
 def test_one_group_convs_hand_the_next_conv_its_input_codes(path: str, bits: str) -> None:
-    """``layout.code_chains`` on one-group convs: a -> b -> c pass codes on VNNI (b gets codes and makes
-    them for c), floats elsewhere; outputs bit-identical to the fake-quant reference on every path."""
+    """``layout.code_chains`` on one-group convs: a -> b -> c pass codes on VNNI and AVX2 (b gets codes and
+    makes them for c), floats on the portable path; outputs bit-identical to the fake-quant reference on every path."""
     from bitmix import kernels
     from bitmix.kernels.padded import PaddedCodes
 
@@ -155,7 +155,7 @@ def test_one_group_convs_hand_the_next_conv_its_input_codes(path: str, bits: str
     for h in hooks:
         h.remove()
     assert all(torch.equal(ref, out) for out in outs)
-    chained = PaddedCodes if path == "avx512vnni" else torch.Tensor
+    chained = torch.Tensor if path == "portable" else PaddedCodes
     assert inputs[:2] == [torch.Tensor, torch.Tensor] and inputs[-2:] == [chained, chained]
 
 
