@@ -8,6 +8,9 @@ per forward (AMD EPYC, 2026-12-04). Here each of ``b``'s (K, N) matrices gets it
 codes in one pass, then each 4-row block of ``a`` its steps and codes and its output rows, the product
 on 8-lane FMA register blocks; operands are read through their strides (the heads' views need no copy,
 and K^T, a transposed view, is read along its contiguous rows). MiniLM: 10.79 -> 10.16 ms a forward.
+Rows with unit stride are copied eight lanes at a time, and no scratch is allocated inside the parallel
+loops (2026-12-05, Sapphire Rapids, same process A/B: 12-head QK^T 151 -> 104 us, PV 130 -> 85 us;
+MiniLM all-4-bit 8.86 -> 8.40 ms a forward).
 
 Same float32 operations as the passes it replaces, so the same bits: steps ``step * max(max|x|,
 floor)`` along the contraction axis (per-row mode) or ``step`` (per-tensor), codes
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -30,6 +34,7 @@ from bitmix.kernels.simd_f32 import fma_f32x8, load_f32x8, mul_f32x8, splat_f32x
 threads.configure_threading()  # before this module's parallel loops first run
 LANES = 8
 ROWS, COLS = 4, 16  # a register block: 4 rows of ``a`` x 16 columns of ``b`` (8 accumulator vectors)
+GROUP = 4  # register blocks (16 rows of ``a``) per parallel task
 
 
 @njit(inline="always")
@@ -86,75 +91,69 @@ def _store(dst, c0, n, acc0, acc1, step, col_steps, tmp):
 @njit(inline="always")
 def _copy(src, dst):
     """``dst[:] = src`` for a row read through arbitrary strides: the passes after it run on a contiguous
-    row (Numba cannot vectorise loads through a stride it only knows at run time)."""
-    for c in range(src.shape[0]):
-        dst[np.uintp(c)] = src[c]
+    row (Numba cannot vectorise loads through a stride it only knows at run time). A row with unit stride
+    (attention's heads are views whose rows are contiguous) is copied eight lanes at a time: element by
+    element the two copies took a third of MiniLM's 12-head 64 x 64 x 32 product."""
+    n = src.shape[0]
+    c = 0
+    if src.strides[0] == 4:
+        while c + LANES <= n:
+            store_f32x8(dst, c, load_f32x8(src, c))
+            c += LANES
+    for j in range(c, n):
+        dst[np.uintp(j)] = src[j]
 
 
-@njit(parallel=True, cache=True)
-def _code_matmul(a, b, by_columns, a_step, b_step, floor, per_row, a_lo, a_hi, b_lo, b_hi, out):
-    """``out[i] = (codes(a[i]) @ codes(b[i])) * (a_steps x b_steps)`` for (B, M, K) ``a`` and (B, K, N) ``b``,
-    or ``b`` given as its (B, N, K) transpose when ``by_columns`` (then each column is a contiguous row);
-    True if a NaN was seen (an operand's NaN, or Inf in per-row mode, makes a code NaN)."""
-    nb, m, k = a.shape
-    n = b.shape[1] if by_columns else b.shape[2]
-    n_pad = (n + COLS - 1) // COLS * COLS
-    blocks = (m + ROWS - 1) // ROWS
-    b_codes = np.zeros((nb, k * n_pad), dtype=np.float32)  # row kk of matrix i at kk * n_pad, zero padded
-    b_steps = np.zeros((nb, n_pad), dtype=np.float32)
-    nan = np.zeros(nb * blocks + nb, dtype=np.bool_)
-    lo_b, hi_b = np.float32(b_lo), np.float32(b_hi)
-    for i in prange(nb):
-        steps = b_steps[i]
-        codes = b_codes[i]
-        seen = False
-        if by_columns:  # each column's codes along its contiguous row, then transposed into place
-            col = np.empty(k, dtype=np.float32)
-            col_codes = np.empty((n, k), dtype=np.float32)
-            top = np.empty(1, dtype=np.uint32)
+@njit(inline="always")
+def _b_codes(b, i, by_columns, per_row, b_step, floor, lo, hi, n_pad, codes, steps, line, col_codes, top):
+    """Matrix ``i`` of ``b``: its column steps and codes (row kk at ``kk * n_pad``, zero padded) into
+    ``codes``/``steps``; True if a code is NaN."""
+    seen = False
+    if by_columns:  # each column's codes along its contiguous row, then transposed into place
+        n, k = b.shape[1], b.shape[2]
+        col = line[:k]
+        for c in range(n):
+            _copy(b[i, c], col)
+            steps[c] = _step(col, per_row, b_step, floor, top)
+            seen |= _row_codes(col, steps[c], lo, hi, col_codes[c])
+        for kk in range(k):
             for c in range(n):
-                _copy(b[i, c], col)
-                steps[c] = _step(col, per_row, b_step, floor, top)
-                seen |= _row_codes(col, steps[c], lo_b, hi_b, col_codes[c])
-            for kk in range(k):
-                for c in range(n):
-                    codes[kk * n_pad + c] = col_codes[c, kk]
-        else:
-            row = np.empty(n, dtype=np.float32)
-            if per_row:
-                for r in range(k):
-                    _copy(b[i, r], row)
-                    for c in range(n):
-                        v = abs(row[np.uintp(c)])
-                        steps[np.uintp(c)] = v if v > steps[np.uintp(c)] else steps[np.uintp(c)]
-                for c in range(n):
-                    steps[np.uintp(c)] = b_step * max(steps[np.uintp(c)], floor)
-            else:
-                steps[:n] = b_step
-            for r in range(k):
-                _copy(b[i, r], row)
-                seen |= _codes(row, steps, lo_b, hi_b, codes[r * n_pad:r * n_pad + n])
-        nan[nb * blocks + i] = seen
-    lo_a, hi_a = np.float32(a_lo), np.float32(a_hi)
-    for t in prange(nb * blocks):
-        i = t // blocks
-        r0 = (t - i * blocks) * ROWS
-        codes = np.empty((ROWS, k), dtype=np.float32)
-        steps = np.empty(ROWS, dtype=np.float32)
-        seen = False
-        row = np.empty(k, dtype=np.float32)
-        top = np.empty(1, dtype=np.uint32)
+                codes[kk * n_pad + c] = col_codes[c, kk]
+        return seen
+    k, n = b.shape[1], b.shape[2]
+    row = line[:n]
+    if per_row:
+        for r in range(k):
+            _copy(b[i, r], row)
+            for c in range(n):
+                v = abs(row[np.uintp(c)])
+                steps[np.uintp(c)] = v if v > steps[np.uintp(c)] else steps[np.uintp(c)]
+        for c in range(n):
+            steps[np.uintp(c)] = b_step * max(steps[np.uintp(c)], floor)
+    else:
+        steps[:n] = b_step
+    for r in range(k):
+        _copy(b[i, r], row)
+        seen |= _codes(row, steps, lo, hi, codes[r * n_pad:r * n_pad + n])
+    return seen
+
+
+@njit(inline="always")
+def _a_blocks(a, i, first, last, per_row, a_step, floor, lo, hi, bi, col_steps, n, n_pad, codes, steps, row, top,
+              tmp, out):
+    """Output rows of 4-row blocks ``first .. last - 1`` of matrix ``i``: each block's codes of ``a``, then
+    its product with ``b``'s codes ``bi`` (column steps ``col_steps``); True if a code is NaN."""
+    m = a.shape[1]
+    seen = False
+    for blk in range(first, last):
+        r0 = blk * ROWS
         for j in range(ROWS):  # rows past the end repeat the last one; their results are not stored
             _copy(a[i, min(r0 + j, m - 1)], row)
             steps[j] = _step(row, per_row, a_step, floor, top)
-            seen |= _row_codes(row, steps[j], lo_a, hi_a, codes[j])
-        nan[t] = seen
-        bi = b_codes[i]
-        col_steps = b_steps[i]
-        tmp = np.empty(COLS, dtype=np.float32)
+            seen |= _row_codes(row, steps[j], lo, hi, codes[j])
         for c0 in range(0, n_pad, COLS):
             acc00 = acc01 = acc10 = acc11 = acc20 = acc21 = acc30 = acc31 = splat_f32x8(np.float32(0.0))
-            for kk in range(k):
+            for kk in range(a.shape[2]):
                 at = kk * n_pad + c0
                 b0 = load_f32x8(bi, at)
                 b1 = load_f32x8(bi, at + LANES)
@@ -177,7 +176,72 @@ def _code_matmul(a, b, by_columns, a_step, b_step, floor, per_row, a_lo, a_hi, b
                 _store(out[i, r0 + 2], c0, n, acc20, acc21, steps[2], col_steps, tmp)
             if r0 + 3 < m:
                 _store(out[i, r0 + 3], c0, n, acc30, acc31, steps[3], col_steps, tmp)
-    return nan.any()
+    return seen
+
+
+@njit(inline="always")
+def _fill_zero(x):
+    """``x[:] = 0`` as a plain loop: in a ``parallel=True`` function ``np.zeros`` is a parallel loop of its own."""
+    for i in range(x.shape[0]):
+        x[i] = 0
+
+
+@njit(inline="always")
+def _any(flags):
+    """``flags.any()`` as a plain loop (a reduction would be another parallel launch)."""
+    seen = False
+    for i in range(flags.shape[0]):
+        seen |= flags[i]
+    return seen
+
+
+@njit(parallel=True, cache=True)
+def _code_matmul(a, b, by_columns, a_step, b_step, floor, per_row, a_lo, a_hi, b_lo, b_hi, threads, out):
+    """``out[i] = (codes(a[i]) @ codes(b[i])) * (a_steps x b_steps)`` for (B, M, K) ``a`` and (B, K, N) ``b``,
+    or ``b`` given as its (B, N, K) transpose when ``by_columns`` (then each column is a contiguous row);
+    True if a NaN was seen (an operand's NaN, or Inf in per-row mode, makes a code NaN).
+
+    With at least two matrices per ``threads`` (Numba's thread count), one parallel loop over matrices does
+    each one's ``b`` pass and then its rows; else a loop over matrices (``b``), then one over 16-row groups:
+    one parallel launch fewer where there are enough matrices to share out."""
+    nb, m, k = a.shape
+    n = b.shape[1] if by_columns else b.shape[2]
+    n_pad = (n + COLS - 1) // COLS * COLS
+    blocks = (m + ROWS - 1) // ROWS
+    groups = (blocks + GROUP - 1) // GROUP
+    tasks = nb * groups
+    # Scratch, allocated once per call rather than inside the parallel loops.
+    b_codes = np.empty((nb, k * n_pad), dtype=np.float32)
+    b_steps = np.empty((nb, n_pad), dtype=np.float32)
+    _fill_zero(b_codes.reshape(-1))
+    _fill_zero(b_steps.reshape(-1))
+    b_line = np.empty((nb, max(k, n)), dtype=np.float32)  # one copied row (or column) of b[i]
+    col_codes = np.empty((nb, n if by_columns else 0, k), dtype=np.float32)
+    a_codes = np.empty((tasks, ROWS, k), dtype=np.float32)
+    a_steps = np.empty((tasks, ROWS), dtype=np.float32)
+    a_line = np.empty((tasks, k), dtype=np.float32)
+    tops = np.empty((nb + tasks, 1), dtype=np.uint32)
+    tails = np.empty((tasks, COLS), dtype=np.float32)
+    nan = np.empty(tasks + nb, dtype=np.bool_)  # every entry is written below
+    lo_a, hi_a, lo_b, hi_b = np.float32(a_lo), np.float32(a_hi), np.float32(b_lo), np.float32(b_hi)
+    if nb >= 2 * threads:
+        for i in prange(nb):
+            seen = _b_codes(b, i, by_columns, per_row, b_step, floor, lo_b, hi_b, n_pad, b_codes[i], b_steps[i],
+                            b_line[i], col_codes[i], tops[i])
+            seen |= _a_blocks(a, i, 0, blocks, per_row, a_step, floor, lo_a, hi_a, b_codes[i], b_steps[i], n, n_pad,
+                              a_codes[i], a_steps[i], a_line[i], tops[nb + i], tails[i], out)
+            nan[i] = seen
+        return _any(nan[:nb])
+    for i in prange(nb):
+        nan[tasks + i] = _b_codes(b, i, by_columns, per_row, b_step, floor, lo_b, hi_b, n_pad, b_codes[i],
+                                  b_steps[i], b_line[i], col_codes[i], tops[i])
+    for t in prange(tasks):
+        i = t // groups
+        g = t - i * groups
+        nan[t] = _a_blocks(a, i, g * GROUP, min(blocks, g * GROUP + GROUP), per_row, a_step, floor, lo_a, hi_a,
+                           b_codes[i], b_steps[i], n, n_pad, a_codes[t], a_steps[t], a_line[t], tops[nb + t], tails[t],
+                           out)
+    return _any(nan)
 
 
 def code_matmul(a: np.ndarray, b: np.ndarray, a_step: float, b_step: float, floor: float | None,
@@ -197,5 +261,5 @@ def code_matmul(a: np.ndarray, b: np.ndarray, a_step: float, b_step: float, floo
     out = np.empty((nb, m, n), dtype=np.float32)
     per_row = floor is not None
     nan = _code_matmul(a3, b3, by_columns, np.float32(a_step), np.float32(b_step),
-                       np.float32(floor if per_row else 0.0), per_row, *a_range, *b_range, out)
+                       np.float32(floor if per_row else 0.0), per_row, *a_range, *b_range, numba.get_num_threads(), out)
     return out.reshape(*batch, m, n), bool(nan)

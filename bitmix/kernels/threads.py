@@ -14,7 +14,9 @@ launches of an empty ``prange`` loop; worst case over 200 launches, each right a
 So TBB is the default. The ``tbb`` wheel puts ``libtbb.so.12`` in ``<prefix>/lib``, which
 is not on the loader path of a virtualenv, so it is loaded here by its installed location
 before Numba's ``tbbpool`` needs it. Without a loadable TBB we fall back to ``workqueue``
-(never a spinning pool). ``NUMBA_THREADING_LAYER`` set by the user always wins.
+(never a spinning pool). ``NUMBA_THREADING_LAYER`` set by the user always wins; the TBB library is
+loaded for it too (``tbb``, or ``safe`` and ``threadsafe``, which pick TBB first), else Numba finds no
+TBB in a virtualenv and stops with "No threading layer could be loaded".
 """
 
 from __future__ import annotations
@@ -62,11 +64,17 @@ def configure_threading() -> str:
     Called once per process by the kernel modules as they load (``simd``, ``batched``), i.e. at
     the first kernel call, never by ``import bitmix``.
     """
-    if os.environ.get("NUMBA_THREADING_LAYER"):
-        return os.environ["NUMBA_THREADING_LAYER"]
     if parallel._is_initialized:
         return numba.threading_layer()
     lib = _tbb_library()
+    chosen = os.environ.get("NUMBA_THREADING_LAYER")
+    if chosen:
+        if lib is not None and chosen in ("tbb", "safe", "threadsafe", "default"):
+            try:
+                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                pass  # Numba then reports the layer it cannot load, in its own words
+        return chosen
     if lib is not None and _start_tbb(lib):
         return "tbb"
     numba.config.THREADING_LAYER = "workqueue"

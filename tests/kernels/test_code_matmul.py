@@ -22,13 +22,15 @@ def _torch_form(a: torch.Tensor, b: torch.Tensor, a_step: float, b_step: float, 
 
 def _operands(g: torch.Generator, batch: tuple[int, ...], m: int, k: int, n: int, layout: str):
     """(..., M, K) and (..., K, N) operands laid out as attention's are: contiguous, heads' strided views,
-    or ``b`` as a transposed view (K^T)."""
+    or ``b`` as a transposed view (K^T); or ``a`` as a transposed view (rows not contiguous)."""
     a = torch.randn((*batch, m, k), generator=g) * torch.exp(2 * torch.randn((*batch, m, 1), generator=g))
     b = torch.randn((*batch, k, n), generator=g) * torch.exp(2 * torch.randn((*batch, 1, n), generator=g))
     a[..., :1, :] = 0.0  # an all-zero row and column take the floor
     b[..., :, :1] = 0.0
     if layout == "transposed":
         b = b.transpose(-1, -2).contiguous().transpose(-1, -2)
+    elif layout == "a_transposed":
+        a = a.transpose(-1, -2).contiguous().transpose(-1, -2)
     elif layout == "strided":
         a = a.transpose(-2, -3).contiguous().transpose(-2, -3) if a.dim() > 2 else a.t().contiguous().t()
     return a, b
@@ -36,7 +38,7 @@ def _operands(g: torch.Generator, batch: tuple[int, ...], m: int, k: int, n: int
 
 @pytest.mark.parametrize(("batch", "m", "k", "n"), [((1, 12), 64, 32, 64), ((2, 3), 5, 7, 19), ((), 1, 1, 1),
                                                     ((4,), 9, 33, 16), ((1, 2), 17, 64, 33)])
-@pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed", "a_transposed"])
 @pytest.mark.parametrize("per_row", [True, False])
 @pytest.mark.parametrize(("a_range", "b_range"), [((-8, 7), (-8, 7)), ((0, 15), (-2, 1)), ((-128, 127), (0, 255))])
 def test_equals_the_torch_form(batch, m, k, n, layout, per_row, a_range, b_range):

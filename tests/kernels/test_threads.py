@@ -40,6 +40,15 @@ def test_default_layer() -> None:
     assert _layers() == [want, want]
 
 
-@pytest.mark.parametrize("layer", ["workqueue", "omp"])
+@pytest.mark.parametrize("layer", ["workqueue", "omp", "tbb"])
 def test_user_choice_wins(layer: str) -> None:
+    if layer == "tbb" and not _tbb_installed():
+        pytest.skip("the tbb distribution is not installed")
     assert _layers(NUMBA_THREADING_LAYER=layer) == [layer, layer]
+
+
+def test_safe_layer_finds_the_installed_tbb() -> None:
+    """``safe`` picks TBB; a virtualenv's TBB is not on the loader path, so it must be loaded for it."""
+    if not _tbb_installed():
+        pytest.skip("the tbb distribution is not installed")
+    assert _layers(NUMBA_THREADING_LAYER="safe") == ["safe", "tbb"]
