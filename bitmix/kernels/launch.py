@@ -1,5 +1,6 @@
-"""Run one prepared product on the engine ``dispatch`` chooses: the AMX tile engine or the tiled
-SIMD driver, serially or in parallel."""
+"""Run one prepared product on the engine ``dispatch`` chooses: the AMX tile engine, the tiled
+SIMD driver (serially or in parallel), or on the ``portable`` path the exact float BLAS product
+(``gemm_float``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from bitmix.kernels import amx, gemm_avx2, gemm_vnni
+from bitmix.kernels import amx, gemm_avx2, gemm_float, gemm_vnni
 from bitmix.kernels.isa import isa_of
 from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.routing import DispatchSettings, dispatch
@@ -93,6 +94,9 @@ def run_core(a8, asum, w: PackedWeight, shift: int, groups: int, m: int, mp: int
         return
     if isa == "avx2" and groups == 1 and m >= gemm_avx2.MIN_M:
         gemm_avx2.run(a8, asum, w, shift, m, out, _parallel(s, macs))
+        return
+    if isa == "portable" and out is not None:
+        gemm_float.run(a8, w, shift, groups, m, mp, out)
         return
     core_for(w.bits, isa, _parallel(s, macs))(a8, asum, w.data.reshape(-1), w.row_sums, shift, groups,
                                                          m, mp, w.n // groups, w.k_pad, out)

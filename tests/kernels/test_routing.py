@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from bitmix.errors import BitmixError
 from bitmix.kernels import dispatch, gemm, launch, pack_weights, reference, tiling
@@ -117,7 +118,7 @@ def test_configure_changes_the_defaults(monkeypatch) -> None:
     assert fresh.path == "portable"
 
 
-@pytest.mark.parametrize(("path", "serial"), [("portable", True), ("avx2", False), ("avx512vnni", True)])
+@pytest.mark.parametrize(("path", "serial"), [("avx2", False), ("avx512vnni", True)])
 def test_products_run_on_the_chosen_driver(monkeypatch, path: str, serial: bool) -> None:
     if path not in available_paths():
         pytest.skip(f"CPU cannot run {path}")
@@ -129,6 +130,39 @@ def test_products_run_on_the_chosen_driver(monkeypatch, path: str, serial: bool)
     with dispatch.use(path, serial=serial):
         np.testing.assert_array_equal(gemm(a, pack_weights(w, 4), 8, True), reference.gemm(a, w))
     assert drivers == [(4, path, not serial)]
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_portable_products_run_exactly_on_float_blas(monkeypatch, groups: int) -> None:
+    """The portable path's products go to ``gemm_float`` (never the scalar tiled driver), bit-exact; a
+    large K at 8-bit weights takes float64 (float32 would round partial sums above 2^24)."""
+    calls, drivers = [], []
+    monkeypatch.setattr(launch, "core_for", lambda *key: drivers.append(key) or tiling.core_for(*key))
+    real = launch.gemm_float.run
+    monkeypatch.setattr(launch.gemm_float, "run", lambda *args: calls.append(args[1].bits) or real(*args))
+    rng = np.random.default_rng(groups)
+    for bits, k in ((4, 70), (8, 4000), (2, 9)):
+        lim = 1 << (bits - 1)
+        w = rng.integers(-lim, lim, (6, k), dtype=np.int8)
+        a = rng.integers(0, 256, (5, k * groups)).astype(np.int64)
+        w_all = np.concatenate([w] * groups) if groups > 1 else w
+        packed = pack_weights(w_all, bits)
+        if groups == 1:
+            with dispatch.use("portable"):
+                got = gemm(a, packed, 8, False)
+            np.testing.assert_array_equal(got, reference.gemm(a, w))
+        else:
+            a8 = np.zeros((groups, 8, packed.k_pad), dtype=np.int8)
+            asum = np.zeros(groups * 8, dtype=np.int64)
+            for g in range(groups):
+                a8[g, :5, :k] = a[:, g * k:(g + 1) * k] - 128
+            out = np.empty((5, 6 * groups), dtype=np.int32)
+            with dispatch.use("portable"):
+                launch.run_core(a8.reshape(-1), asum, packed, 128, groups, 5, 8, out)
+            want = np.concatenate([reference.gemm(a[:, g * k:(g + 1) * k], w) for g in range(groups)], axis=1)
+            np.testing.assert_array_equal(out, want)
+    assert calls == [4, 8, 2] and drivers == []
+    assert launch.gemm_float._dtype(pack_weights(np.zeros((1, 4000), np.int8), 8)) == torch.float64
 
 
 @pytest.mark.skipif("avx512amx" not in available_paths(), reason="CPU lacks AMX (or the kernel refused it)")

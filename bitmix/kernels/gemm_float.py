@@ -1,0 +1,55 @@
+"""The ``portable`` path's products on the platform's float BLAS (through torch), exactly.
+
+The ``portable`` micro-kernels are plain Numba loops over the packed layout: 0.3-2 GMAC/s, so a CPU
+without AVX2 (ARM, older x86) ran a ResNet 1x1 conv (3136 x 64 -> 256) in 28 ms and a 196 x 2304 -> 256
+one in 84 ms, 30-100x behind torch's float32 GEMM on the same shapes (Sapphire Rapids, 2026-12-05).
+
+A product of integer codes is exact in floating point when every partial sum is an integer the
+format holds: here ``|a8| <= 128`` and ``|w| <= 2^(bits-1)``, so float32 is exact while
+``K * 128 * 2^(bits-1) <= 2^24`` (K <= 1024 at 8-bit weights, 16384 at 4-bit) and float64 up to
+2^53 (any K the kernels take, ``tiling.MAX_K_PAD``). In that range BLAS's blocking, summation order
+and FMAs cannot change a bit, so the result equals the integer kernels'. The engine keeps an
+unpacked float copy of each weight (4 or 8 bytes a code, built at its first product): the
+portable path trades memory for speed; the SIMD paths never build it.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+
+from bitmix.kernels.pack import PackedWeight, unpack_weights
+
+F32_EXACT = 1 << 24  # float32's largest run of consecutive integers
+
+_FLOATS: weakref.WeakKeyDictionary[PackedWeight, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+def _dtype(w: PackedWeight) -> torch.dtype:
+    """float32 when every partial sum of a product with int8 activations stays within its exact integers."""
+    return torch.float32 if w.k_pad * 128 * (1 << (w.bits - 1)) <= F32_EXACT else torch.float64
+
+
+def _weight(w: PackedWeight, groups: int) -> torch.Tensor:
+    """``w``'s codes as (groups, N / groups, k_pad) floats, zero padded; built once per weight."""
+    t = _FLOATS.get(w)
+    if t is None:
+        codes = np.zeros((w.n, w.k_pad), dtype=np.float32)
+        codes[:, : w.k] = unpack_weights(w)
+        t = _FLOATS[w] = torch.from_numpy(codes).to(_dtype(w))
+    return t.view(groups, w.n // groups, w.k_pad)
+
+
+def run(a8: np.ndarray, w: PackedWeight, shift: int, groups: int, m: int, mp: int, out: np.ndarray) -> None:
+    """``out[:m]`` (int32, (M, N)) = the exact product of ``a8`` (``groups`` blocks of ``mp`` rows of
+    ``w.k_pad`` signed bytes, pad columns zero) with ``w``, plus ``shift`` times each weight row's sum:
+    the tiled driver's result (``tiling``), on ``torch.bmm``."""
+    wt = _weight(w, groups)
+    a = torch.from_numpy(a8[: groups * mp * w.k_pad].reshape(groups, mp, w.k_pad)[:, :m]).to(wt.dtype)
+    acc = torch.bmm(a, wt.transpose(1, 2))  # (groups, M, N / groups), exact integers
+    y = acc.transpose(0, 1).reshape(m, w.n).numpy().astype(np.int32)
+    if shift:
+        y += np.int32(shift) * w.row_sums
+    out[:m] = y
