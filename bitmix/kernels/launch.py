@@ -95,7 +95,7 @@ def run_core(a8, asum, w: PackedWeight, shift: int, groups: int, m: int, mp: int
     if isa == "avx2" and groups == 1 and m >= gemm_avx2.MIN_M:
         gemm_avx2.run(a8, asum, w, shift, m, out, _parallel(s, macs))
         return
-    if isa == "portable" and out is not None:
+    if isa == "portable" and out is not None and m >= gemm_float.MIN_M:
         gemm_float.run(a8, w, shift, groups, m, mp, out)
         return
     core_for(w.bits, isa, _parallel(s, macs))(a8, asum, w.data.reshape(-1), w.row_sums, shift, groups,

@@ -134,8 +134,8 @@ def test_products_run_on_the_chosen_driver(monkeypatch, path: str, serial: bool)
 
 @pytest.mark.parametrize("groups", [1, 3])
 def test_portable_products_run_exactly_on_float_blas(monkeypatch, groups: int) -> None:
-    """The portable path's products go to ``gemm_float`` (never the scalar tiled driver), bit-exact; a
-    large K at 8-bit weights takes float64 (float32 would round partial sums above 2^24)."""
+    """The portable path's products of 4 rows or more go to ``gemm_float`` (not the scalar tiled driver),
+    bit-exact; a large K at 8-bit weights takes float64 (float32 would round partial sums above 2^24)."""
     calls, drivers = [], []
     monkeypatch.setattr(launch, "core_for", lambda *key: drivers.append(key) or tiling.core_for(*key))
     real = launch.gemm_float.run
@@ -162,6 +162,11 @@ def test_portable_products_run_exactly_on_float_blas(monkeypatch, groups: int) -
             want = np.concatenate([reference.gemm(a[:, g * k:(g + 1) * k], w) for g in range(groups)], axis=1)
             np.testing.assert_array_equal(out, want)
     assert calls == [4, 8, 2] and drivers == []
+    with dispatch.use("portable", serial=True):  # a GEMV keeps the packed loops (no float copy)
+        w = rng.integers(-8, 8, (6, 70), dtype=np.int8)
+        a = rng.integers(-128, 128, (1, 70), dtype=np.int8)
+        np.testing.assert_array_equal(gemm(a, pack_weights(w, 4), 8, True), reference.gemm(a, w))
+    assert calls == [4, 8, 2] and drivers == [(4, "portable", False)]
     assert launch.gemm_float._dtype(pack_weights(np.zeros((1, 4000), np.int8), 8)) == torch.float64
 
 
