@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import weakref
 
+import numba
 import numpy as np
 import torch
 
@@ -46,13 +47,24 @@ def _weight(w: PackedWeight, groups: int) -> torch.Tensor:
     return t.view(groups, w.n // groups, w.k_pad)
 
 
-def run(a8: np.ndarray, w: PackedWeight, shift: int, groups: int, m: int, mp: int, out: np.ndarray) -> None:
+def run(a8: np.ndarray, w: PackedWeight, shift: int, groups: int, m: int, mp: int, out: np.ndarray,
+        parallel: bool) -> None:
     """``out[:m]`` (int32, (M, N)) = the exact product of ``a8`` (``groups`` blocks of ``mp`` rows of
     ``w.k_pad`` signed bytes, pad columns zero) with ``w``, plus ``shift`` times each weight row's sum:
-    the tiled driver's result (``tiling``), on ``torch.bmm``."""
+    the tiled driver's result (``tiling``), on ``torch.bmm`` with Numba's thread count when ``parallel``,
+    else one thread. (A compiled model's forward holds torch to one thread for its own ops,
+    ``compiler.torch_threads``; switching costs well under a microsecond, the second core halves a conv.)"""
     wt = _weight(w, groups)
     a = torch.from_numpy(a8[: groups * mp * w.k_pad].reshape(groups, mp, w.k_pad)[:, :m]).to(wt.dtype)
-    acc = torch.bmm(a, wt.transpose(1, 2))  # (groups, M, N / groups), exact integers
+    own = torch.get_num_threads()
+    want = numba.get_num_threads() if parallel else 1
+    if want != own:
+        torch.set_num_threads(want)
+    try:
+        acc = torch.bmm(a, wt.transpose(1, 2))  # (groups, M, N / groups), exact integers
+    finally:
+        if want != own:
+            torch.set_num_threads(own)
     y = acc.transpose(0, 1).reshape(m, w.n).numpy().astype(np.int32)
     if shift:
         y += np.int32(shift) * w.row_sums

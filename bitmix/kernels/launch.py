@@ -96,7 +96,7 @@ def run_core(a8, asum, w: PackedWeight, shift: int, groups: int, m: int, mp: int
         gemm_avx2.run(a8, asum, w, shift, m, out, _parallel(s, macs))
         return
     if isa == "portable" and out is not None and m >= gemm_float.MIN_M:
-        gemm_float.run(a8, w, shift, groups, m, mp, out)
+        gemm_float.run(a8, w, shift, groups, m, mp, out, _parallel(s, macs))
         return
     core_for(w.bits, isa, _parallel(s, macs))(a8, asum, w.data.reshape(-1), w.row_sums, shift, groups,
                                                          m, mp, w.n // groups, w.k_pad, out)
