@@ -65,7 +65,6 @@ def run(a8: np.ndarray, w: PackedWeight, shift: int, groups: int, m: int, mp: in
     finally:
         if want != own:
             torch.set_num_threads(own)
-    y = acc.transpose(0, 1).reshape(m, w.n).numpy().astype(np.int32)
+    out[:m] = acc.transpose(0, 1).reshape(m, w.n).numpy()  # whole numbers: the int32 cast is exact
     if shift:
-        y += np.int32(shift) * w.row_sums
-    out[:m] = y
+        out[:m] += np.int32(shift) * w.row_sums
