@@ -132,7 +132,7 @@ def load(path: str | Path) -> LoadedModel:
         raise BitmixError(f"{p} was not written by cm.save (no bitmix input spec); use torch.export.load for it")
     raw = json.loads(extra[INPUTS_KEY])
     spec = InputSpec(tuple(raw["names"]), tuple(tuple(d) for d in raw["dims"]),
-                     tuple(tuple(r) for r in raw["ranges"]))
+                     tuple(tuple(r) for r in raw["ranges"]), tuple(raw.get("kinds", ())))
     report_dict = json.loads(extra[REPORT_KEY]) if extra[REPORT_KEY] else {}
     report = Report.from_dict(report_dict) if report_dict else None
     return LoadedModel(program, report, spec)

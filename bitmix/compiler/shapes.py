@@ -100,6 +100,17 @@ def export_error(exc: Exception) -> BitmixError | None:
     return BitmixError(f"dynamic_shapes does not match the model: {detail[:240]}{hint}")
 
 
+def dtype_kind(dtype: torch.dtype) -> str:
+    """What a call may change about an input's dtype: a float width, an integer width, never the kind.
+
+    The compiled model computes in float32 whatever float width it gets (as its layers' steps are float32);
+    an integer image or float token ids would be silently misread, so those are refused.
+    """
+    if dtype == torch.bool:
+        return "bool"
+    return "float" if dtype.is_floating_point or dtype.is_complex else "integer"
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """Per input: its name and, per dimension, a fixed size or a symbol with its allowed range."""
@@ -107,24 +118,26 @@ class InputSpec:
     names: tuple[str, ...]
     dims: tuple[tuple[int | str, ...], ...]
     ranges: tuple[tuple[str, int, int | None], ...]  # (symbol, min, max); None: unbounded
+    kinds: tuple[str, ...] = ()  # per input: "float", "integer" or "bool" (empty: files saved before kinds)
 
     @classmethod
     def of(cls, exported: torch.export.ExportedProgram) -> InputSpec:
         user = exported.graph_signature.user_inputs
         nodes = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
-        names, dims = [], []
+        names, dims, kinds = [], [], []
         for name in user:
             val = nodes[name].meta.get("val")
             if not isinstance(val, torch.Tensor):
                 continue
             names.append(name)
+            kinds.append(dtype_kind(val.dtype))
             dims.append(tuple(str(d.node.expr) if isinstance(d, torch.SymInt) else int(d) for d in val.shape))
         ranges = []
         for sym, vr in exported.range_constraints.items():
             hi = None if isinstance(vr.upper, IntInfinity) else int(vr.upper)
             # export assumes >= 2 for a symbolic size (0/1 specialisation); size 1 runs the same graph
             ranges.append((str(sym), min(int(vr.lower), 1), hi))
-        return cls(tuple(names), tuple(dims), tuple(ranges))
+        return cls(tuple(names), tuple(dims), tuple(ranges), tuple(kinds))
 
     @property
     def dynamic(self) -> dict[str, dict[int, str]]:
@@ -138,10 +151,14 @@ class InputSpec:
             raise BitmixError(f"the compiled model takes {len(self.names)} tensor input(s) "
                               f"({', '.join(self.names)}), got {len(tensors)}")
         bounds = {s: (lo, hi) for s, lo, hi in self.ranges}
+        kinds = dict(zip(self.names, self.kinds, strict=True)) if self.kinds else {}
         seen: dict[str, tuple[int, str]] = {}
         for name, dims, t in zip(self.names, self.dims, tensors, strict=True):
             if t.dim() != len(dims):
                 raise BitmixError(f"input {name!r} must have {len(dims)} dimensions, got shape {tuple(t.shape)}")
+            if kinds.get(name, dtype_kind(t.dtype)) != dtype_kind(t.dtype):
+                raise BitmixError(f"input {name!r} must be a {kinds[name]} tensor like the example input, got "
+                                  f"{t.dtype}; convert it (e.g. x.float() for images, x.long() for token ids)")
             for i, (want, got) in enumerate(zip(dims, t.shape, strict=True)):
                 where = f"input {name!r} dim {i}"
                 if isinstance(want, int):

@@ -37,6 +37,16 @@ def test_a_fixed_dimension_is_a_one_line_error():
         cm(torch.randn(2, 8))
 
 
+def test_an_input_of_another_kind_is_a_one_line_error(tmp_path):
+    cm = _compile(_mlp(), torch.randn(4, 16))
+    x = torch.randn(2, 16)
+    assert torch.equal(cm(x.double()), cm(x.double().float()))  # another float width is read as float32
+    with pytest.raises(BitmixError, match=r"input 'input' must be a float tensor .* got torch.int64"):
+        cm(x.long())
+    with pytest.raises(BitmixError, match="must be a float tensor"):
+        bitmix.load(cm.save(tmp_path / "mlp.pt2"))(x.bool())
+
+
 def test_static_export_on_request():
     cm = _compile(_mlp(), torch.randn(4, 16), dynamic_shapes=None)
     with pytest.raises(BitmixError, match="dim 0 is fixed at 4"):
