@@ -6,8 +6,10 @@ import argparse
 import dataclasses
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -259,10 +261,39 @@ def _version() -> str:
     return __version__
 
 
+OUTPUT_DIRS = ("out",)  # argument names that are directories bitmix writes into
+OUTPUT_FILES = ("json", "results")  # ... and files it writes
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse an output path bitmix could not write before any work (a compile can take minutes).
+
+    Writes (and drops) a probe file in the nearest existing directory on the path, creating nothing.
+    """
+    for name, is_dir in [(n, True) for n in OUTPUT_DIRS] + [(n, False) for n in OUTPUT_FILES]:
+        value = getattr(args, name, None)
+        if not value:
+            continue
+        path = Path(value)
+        if path.exists() and path.is_dir() != is_dir:
+            raise BitmixError(f"--{name} {value!r} is {'a file' if is_dir else 'a directory'}; give a "
+                              f"{'directory' if is_dir else 'file path'}")
+        where = path.absolute() if is_dir else path.absolute().parent
+        while not where.exists():
+            where = where.parent
+        try:
+            with tempfile.TemporaryFile(dir=where):
+                pass
+        except OSError as exc:
+            raise BitmixError(f"--{name} {value!r}: cannot write there ({exc.strerror or exc}); "
+                              "choose a writable path") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_outputs(args)
         with warnings.catch_warnings():
             # bitmix's own warnings land in the report, which the commands print once, on one line each
             warnings.filterwarnings("ignore", category=UserWarning, module="bitmix")
