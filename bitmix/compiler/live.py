@@ -17,6 +17,7 @@ from torch import nn
 from bitmix.compiler.qlayer import QuantLayer, fixed_batch
 
 CHUNK = 16  # calibration examples per backward pass (bounds the memory of the autograd graph)
+MIN_LIVE = 2  # fewer live rows than this: keep every row (smoothing's fit/judge split needs two)
 
 
 def _project(out: object, gen: torch.Generator) -> torch.Tensor:
@@ -36,7 +37,9 @@ def live_rows(model: nn.Module, layers: dict[str, QuantLayer], calibration: tupl
               ) -> dict[str, torch.Tensor]:
     """Per linear layer of `layers` that the float model runs once per forward pass, a bool mask over its
     input's rows (every dimension but the last, all calibration examples) that is True where the row can
-    change the output. Layers whose every row is live are left out: nothing to drop."""
+    change the output. Layers whose every row is live are left out: nothing to drop. So are layers with
+    fewer than MIN_LIVE live rows: a layer the output does not depend on (behind a ReLU that never fires,
+    or whose gradient underflows in a deep float32 net) still gets its statistics from all its rows."""
     targets = {name: layer for name, layer in layers.items() if layer.kind == "linear"}
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
     calls: dict[str, int] = {}
@@ -68,4 +71,4 @@ def live_rows(model: nn.Module, layers: dict[str, QuantLayer], calibration: tupl
             layer.bits = saved[name]
     chunks = -(-n // chunk)
     masks = {name: torch.cat(p) for name, p in parts.items() if len(p) == chunks and calls.get(name) == 1}
-    return {name: m for name, m in masks.items() if not bool(m.all())}
+    return {name: m for name, m in masks.items() if not bool(m.all()) and int(m.sum()) >= MIN_LIVE}

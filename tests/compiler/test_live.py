@@ -3,8 +3,11 @@ dropped from GPTQ's Hessians and smoothing's statistics."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
+
+import bitmix
 
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
@@ -80,3 +83,31 @@ def test_a_one_row_output_has_nothing_to_drop():
     x = torch.randn(10, 16)
     gm = prepare(capture(Unbatched().eval(), (x,)))
     assert live_rows(gm, quant_layers(gm), (x,)) == {}
+
+
+class _DeadBranch(nn.Module):
+    """`a`'s output cannot reach the output: the ReLU after `b` never fires."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x))) - 100.0))
+
+
+def test_a_layer_without_live_rows_keeps_them_all():
+    x = torch.randn(8, 32)
+    gm = prepare(capture(_DeadBranch().eval(), (x[:1],)))
+    layers = quant_layers(gm)
+    assert live_rows(gm, layers, (x,)) == {}  # `a`, `b`: every row dead -> no mask, not an empty one
+
+
+@pytest.mark.parametrize("target", ["w4a8-npu", "mixed-npu"])
+def test_a_dead_layer_compiles_at_narrow_weights(target):
+    x = torch.randn(8, 32)
+    cm = bitmix.compile(_DeadBranch().eval(), (x[:1],), target, data=x,
+                        options=bitmix.CompileOptions(frontier_points=0))
+    with torch.no_grad():
+        assert torch.equal(cm(x), cm.fake_quant(x))
