@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 import bitmix
-
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.gptq import round_layer
