@@ -2,8 +2,12 @@
 
 Every compile runs a few inputs (the calibration inputs when given, else the example
 inputs) through the FP32 model and the compiled one and records, for `report.json`'s
-`accuracy`, the mean per-example cosine similarity of the outputs (`example_cosine`) and
-the largest absolute error relative to the largest FP32 output (`example_max_rel_err`).
+`accuracy`, the cosine similarity of the outputs (`example_cosine`: per output, the mean over
+examples of each example's cosine; the worst output's, so a good output cannot hide a bad one)
+and the largest absolute error relative to the largest FP32 output (`example_max_rel_err`).
+An output with one value per example (a score, a regression target) is judged as one vector
+across the examples; a 0-d output (a mean, a loss) has no direction, so only the relative
+error covers it, and integer outputs (argmax) are not compared.
 Below `MIN_COSINE` it warns once, saying what to try: nothing else tells a user who
 compiled without data that the outputs have become unrelated to FP32.
 """
@@ -26,8 +30,8 @@ MAX_EXAMPLES = 32  # enough for a stable mean, cheap next to the compile itself
 
 def fidelity(fp32: Callable[..., Any], compiled: Callable[..., Any],
              inputs: tuple[torch.Tensor, ...] | torch.Tensor, limit: int | None = MAX_EXAMPLES) -> dict[str, float]:
-    """Mean per-example cosine and max relative error of `compiled` against `fp32` on (the first `limit` of)
-    `inputs`."""
+    """The worst output's mean per-example cosine, and the max relative error, of `compiled` against `fp32`
+    on (the first `limit` of) `inputs`."""
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
     if limit is not None:
         inputs = tuple(t[:limit] if t.dim() else t for t in inputs)
@@ -37,19 +41,24 @@ def fidelity(fp32: Callable[..., Any], compiled: Callable[..., Any],
     cosines, err, scale = [], 0.0, 0.0
     for r, o in zip(ref, out, strict=True):
         r, o = r.double(), o.double()
-        rows = r.shape[0] if r.dim() > 1 else 1
-        cos = torch.nn.functional.cosine_similarity(o.reshape(rows, -1), r.reshape(rows, -1), dim=1)
-        cosines.append(cos)
+        if r.numel() == 0:
+            continue
+        rows = r.shape[0] if r.dim() > 1 and r[0].numel() > 1 else 1
+        if r.numel() > rows:
+            cos = torch.nn.functional.cosine_similarity(o.reshape(rows, -1), r.reshape(rows, -1), dim=1)
+            cosines.append(float(cos.mean()))
         err = max(err, float((o - r).abs().max()))
         scale = max(scale, float(r.abs().max()))
-    cosine = float(torch.cat(cosines).mean()) if cosines else 1.0
+    cosine = min(cosines, key=lambda c: (c == c, c)) if cosines else 1.0  # NaN first: it must warn
     return {"example_cosine": cosine, "example_max_rel_err": err / scale if scale > 0 else err}
 
 
 def guard(fp32: Callable[..., Any], compiled: Callable[..., Any], inputs: Any, warn: list[str],
-          fallback: tuple[torch.Tensor, ...] | torch.Tensor) -> dict[str, float]:
+          fallback: tuple[torch.Tensor, ...] | torch.Tensor, target: str | None = None,
+          full_budget: bool = False, finetuned: bool = False) -> dict[str, float]:
     """`fidelity` on `inputs` (on `fallback`, the example inputs, if the compiled model does not take
-    their shapes, e.g. after a static export), plus one warning when the cosine is below MIN_COSINE.
+    their shapes, e.g. after a static export), plus one warning when the cosine is below MIN_COSINE that
+    names only what this compile did not already try.
 
     The fallback is run whole: a static export takes only the example's own batch size.
     """
@@ -58,9 +67,14 @@ def guard(fp32: Callable[..., Any], compiled: Callable[..., Any], inputs: Any, w
     except BitmixError:
         result = fidelity(fp32, compiled, fallback, limit=None)
     if not result["example_cosine"] >= MIN_COSINE:
+        wider = [t for t in ("mixed-npu", "int8-npu") if t != target and not (target == "int8-npu")]
+        hints = (["calibration data (data=...)"] if inputs is None else []) + (
+            [f"a wider target ({' or '.join(wider)})"] if wider else []) + (
+            [] if full_budget else ["a higher budget"]) + (
+            [] if finetuned else ["fine-tuning (finetune=..., data=...)"])
+        todo = "try " + ", ".join(hints) if hints else "look for layers whose inputs 8 bits cannot cover"
         msg = (f"the compiled model's outputs are far from FP32 on the example inputs (cosine "
-               f"{result['example_cosine']:.4f} < {MIN_COSINE}); try calibration data (data=...), "
-               "a wider target (mixed-npu or int8-npu), a higher budget, or fine-tuning (finetune=..., data=...)")
+               f"{result['example_cosine']:.4f} < {MIN_COSINE}); {todo}")
         warnings.warn(msg, stacklevel=3)
         warn.append(msg)
     return result

@@ -36,7 +36,7 @@ from bitmix.compiler.sensitivity import MethodConfig
 from bitmix.errors import BitmixError
 from bitmix.ir.cost import CostModel
 from bitmix.ir.graph import LayerGraph
-from bitmix.ir.precision import format_assignment
+from bitmix.ir.precision import as_precision, format_assignment
 from bitmix.ir.targets import Target, get_target
 from bitmix.report.report import LayerRow, Report
 from bitmix.simulator import ChipConfig, SimResult, load_chip_config, price, simulate, simulate_calls
@@ -174,11 +174,19 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
             frontier, uniform_pts = _frontier(graph, float_model, scores, costs, tgt, chip, ranges_from, roles.eval,
                                               opts.frontier_points)
     with _stage("fidelity", timings):
-        accuracy.update(guard(float_model, cm, calib, warn, fallback=example_inputs))
+        accuracy.update(guard(float_model, cm, calib, warn, fallback=example_inputs, target=tgt.name,
+                              full_budget=_all_highest(assignment, tgt),
+                              finetuned=ft is not None and ft.epochs > 0))
     cm.recorder.calls.clear()
     cm.report = _report(graph, tgt, scorer.name, caps, chosen, scores, sim, accuracy, timings, frontier,
                         uniform_pts, warn)
     return cm
+
+
+def _all_highest(assignment: dict[str, Any], tgt: Target) -> bool:
+    """Every layer at the target's highest choice (or its pinned precision): a higher budget buys nothing."""
+    top = {tgt.choices[0], tgt.pin_first_last}
+    return all(as_precision(bits) in top for bits in assignment.values())
 
 
 def _example_calibration(example_inputs: tuple[torch.Tensor, ...] | torch.Tensor, warn: list[str]) -> Inputs:

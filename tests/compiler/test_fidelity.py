@@ -24,12 +24,44 @@ def test_fidelity_numbers_against_plain_torch():
     assert got["example_max_rel_err"] == pytest.approx(0.5 / float(x.abs().max()))
 
 
+def test_each_output_is_judged_and_the_worst_is_reported():
+    x = torch.randn(8, 16)
+    bad = x + torch.randn(8, 16)
+    got = fidelity(lambda t: (t, t.softmax(-1)), lambda t: (bad, t.softmax(-1)), (x,))
+    cos = torch.nn.functional.cosine_similarity(bad.double(), x.double(), dim=1).mean()
+    assert got["example_cosine"] == pytest.approx(float(cos))  # the good second output does not lift it
+
+
+def test_one_value_per_example_is_one_vector_and_a_scalar_only_an_error():
+    x = torch.randn(8, 1)
+    flipped = fidelity(lambda t: t.squeeze(1), lambda t: -t.squeeze(1), (x,))
+    assert flipped["example_cosine"] == pytest.approx(-1.0)  # per example this would be a sign test only
+    scaled = fidelity(lambda t: t.mean(), lambda t: 7 * t.mean(), (x,))
+    assert scaled["example_cosine"] == 1.0 and scaled["example_max_rel_err"] == pytest.approx(6.0)
+    nan = fidelity(lambda t: (t, t), lambda t: (t, t * float("nan")), (x.expand(8, 4),))
+    assert nan["example_cosine"] != nan["example_cosine"]
+
+
 def test_guard_warns_once_with_what_to_try():
     x = torch.randn(8, 4)
     log: list[str] = []
     with pytest.warns(UserWarning, match="mixed-npu or int8-npu") as record:
-        guard(lambda t: t, lambda t: -t, (x,), log, fallback=(x,))
+        guard(lambda t: t, lambda t: -t, None, log, fallback=(x,))  # no calibration data: the example
     assert len(record) == 1 and len(log) == 1
+    assert "calibration data" in log[0] and "a higher budget" in log[0]
+
+
+def test_guard_names_only_what_was_not_tried():
+    x = torch.randn(8, 4)
+    log: list[str] = []
+    with pytest.warns(UserWarning):
+        guard(lambda t: t, lambda t: -t, (x,), log, fallback=(x,), target="mixed-npu", finetuned=True)
+    assert "int8-npu" in log[0] and "mixed-npu or" not in log[0]
+    assert "calibration data" not in log[0] and "fine-tuning" not in log[0]
+    with pytest.warns(UserWarning):
+        guard(lambda t: t, lambda t: -t, (x,), log, fallback=(x,), target="int8-npu", full_budget=True,
+              finetuned=True)
+    assert "wider target" not in log[1] and "higher budget" not in log[1] and "8 bits cannot cover" in log[1]
 
 
 def test_silent_at_int8_and_in_report():
