@@ -63,7 +63,7 @@ class CompiledModel(Keepable, nn.Module):
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         self.input_spec.check(args)
         self.recorder.calls.clear()  # one forward's calls: a serving loop's record stays one pass long
-        with torch.no_grad(), torch_on_one_thread():
+        with torch.no_grad(), torch_on_one_thread(), self.input_spec.index_errors(args):
             return self.lowered(*args)
 
     def simulate(self, engine: str = "analytic") -> SimResult:

@@ -111,7 +111,7 @@ class LoadedModel(nn.Module):
         from bitmix.compiler.lower import torch_on_one_thread
 
         self.input_spec.check(args)
-        with torch.no_grad(), torch_on_one_thread():
+        with torch.no_grad(), torch_on_one_thread(), self.input_spec.index_errors(args):
             return self.module(*args)
 
 

@@ -18,7 +18,8 @@ the input and dimension, instead of a torch shape error deep inside the graph.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,3 +174,17 @@ class InputSpec:
                 if got < lo or (hi is not None and got > hi):
                     top = "" if hi is None else f" to {hi}"
                     raise BitmixError(f"{where} takes sizes {lo}{top}, got {got}")
+
+    @contextmanager
+    def index_errors(self, args: tuple[Any, ...]) -> Iterator[None]:
+        """An IndexError inside the graph (a sequence past a learned position table, a token id past the
+        vocabulary: eager torch fails there too) as one line naming the inputs' shapes."""
+        try:
+            yield
+        except IndexError as exc:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            shapes = ", ".join(f"{n!r} {tuple(t.shape)}" for n, t in zip(self.names, tensors, strict=False))
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise BitmixError(f"the model indexed out of range on inputs {shapes} ({detail}): e.g. a sequence "
+                              "longer than its position table or a token id past its vocabulary; "
+                              "call it with inputs it can take") from None

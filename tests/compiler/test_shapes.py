@@ -47,6 +47,28 @@ def test_an_input_of_another_kind_is_a_one_line_error(tmp_path):
         bitmix.load(cm.save(tmp_path / "mlp.pt2"))(x.bool())
 
 
+class _LearnedPositions(nn.Module):
+    """GPT-2-style positions `pos(arange(T))`: export cannot bound T by the table, indexing past it fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok, self.pos, self.head = nn.Embedding(50, 16), nn.Embedding(12, 16), nn.Linear(16, 50)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tok(ids) + self.pos(torch.arange(ids.shape[1])))
+
+
+def test_indexing_past_a_table_is_a_one_line_error(tmp_path):
+    cm = _compile(_LearnedPositions().eval(), torch.randint(0, 50, (2, 8)))
+    assert cm(torch.randint(0, 50, (1, 12))).shape == (1, 12, 50)
+    for model in (cm, bitmix.load(cm.save(tmp_path / "gpt.pt2"))):
+        with pytest.raises(BitmixError, match=r"indexed out of range on inputs 'ids' \(1, 13\)"):
+            model(torch.randint(0, 50, (1, 13)))
+        with pytest.raises(BitmixError, match="token id past its vocabulary"):
+            model(torch.full((1, 4), 50))
+
+
 def test_static_export_on_request():
     cm = _compile(_mlp(), torch.randn(4, 16), dynamic_shapes=None)
     with pytest.raises(BitmixError, match="dim 0 is fixed at 4"):
