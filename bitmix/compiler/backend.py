@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.nn import functional as F  # noqa: N812
 
 from bitmix.errors import BitmixError
 
@@ -164,6 +165,11 @@ def _compile_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args:
     from bitmix.ir.targets import get_target
 
     opts = parse_options(options)
+    training = _training_ops(gm)
+    if training:
+        warnings.warn(f"bitmix: this graph piece was traced in training mode ({training}); bitmix compiles it "
+                      "as traced, but quantizes for inference: call model.eval() before torch.compile",
+                      stacklevel=3)
     if isinstance(slots, str):
         warnings.warn(f"bitmix: a graph piece runs in eager PyTorch ({slots}); pass dynamic=False to "
                       "torch.compile to keep it on the bitmix kernels", stacklevel=3)
@@ -187,6 +193,22 @@ def _compile_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args:
         return cm(*[a for a, kind in zip(call_args, kinds, strict=True) if kind == "user"])
 
     return run
+
+
+_DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+
+
+def _training_ops(gm: fx.GraphModule) -> str:
+    """The training-mode ops of a Dynamo graph ("" if none): batch statistics in batch_norm, live dropout."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is F.batch_norm and node.kwargs.get("training", len(node.args) > 5 and node.args[5]):
+            found.append("batch_norm on batch statistics")
+        elif node.target in _DROPOUTS and node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True):
+            found.append("dropout")
+    return ", ".join(dict.fromkeys(found))
 
 
 def _dims(gm: fx.GraphModule, user: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any], ...] | None:

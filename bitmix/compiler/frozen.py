@@ -20,6 +20,17 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return _bake_parametrizations(_deep_copy(model).eval())
 
 
+TRAIN_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+                   nn.modules.dropout._DropoutNd)
+
+
+def train_mode_modules(model: nn.Module) -> list[str]:
+    """Submodules left in training mode whose output depends on it (BatchNorm, InstanceNorm, dropout): the
+    frozen copy computes what `model.eval()` would, which such a model does not compute now."""
+    return [f"{name} ({type(m).__name__})" if name else type(m).__name__ for name, m in model.named_modules()
+            if m.training and isinstance(m, TRAIN_DEPENDENT)]
+
+
 def _deep_copy(model: nn.Module) -> nn.Module:
     """A deep copy, also of a model whose hooks keep a computed weight as a non-leaf tensor attribute (hook-based
     weight / spectral norm, `torch.nn.utils.prune`), which `copy.deepcopy` refuses (torch PR 103001): those

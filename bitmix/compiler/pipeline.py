@@ -26,6 +26,7 @@ from bitmix.compiler.allocate import Budget as Caps
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fidelity import guard
 from bitmix.compiler.fold import prepare
+from bitmix.compiler.frozen import train_mode_modules
 from bitmix.compiler.inputs import CompileOptions
 from bitmix.compiler.lower import CallRecorder, executed_layers, lower, torch_on_one_thread
 from bitmix.compiler.pretrain import pretrain_stage
@@ -123,6 +124,13 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     if ft is not None and ft.epochs > 0 and roles.train is None:
         raise BitmixError("finetune needs training data; pass data=TaskData(...) or data=Data(train=...)")
 
+    training = train_mode_modules(model)
+    if training:
+        msg = (f"the model is in training mode ({', '.join(training[:3])}{', ...' if len(training) > 3 else ''}); "
+               "bitmix compiles what model.eval() computes (BatchNorm running statistics, no dropout): "
+               "call model.eval() before compiling")
+        warnings.warn(msg, stacklevel=2)
+        warn.append(msg)
     with _stage("capture", timings):
         graph = capture(model, example_inputs, opts.name, opts.dynamic_shapes)
         _check_finite(graph)

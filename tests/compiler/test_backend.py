@@ -36,6 +36,18 @@ def test_batchnorm_buffers_go_back_into_the_module_and_the_model_runs_on_kernels
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_a_graph_traced_in_training_mode_is_compiled_as_traced_with_a_warning():
+    torch._dynamo.reset()
+    model = _conv_bn_linear().train()
+    x = torch.randn(16, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"traced in training mode \(batch_norm on batch statistics\)"):
+        with torch.no_grad():
+            out = torch.compile(model, backend="bitmix")(x)
+    with torch.no_grad():
+        assert _cosine(out, model(x)) > 0.99  # batch statistics, as torch.compile would compute
+    assert model.training
+
+
 def test_backend_matches_bitmix_compile_calibrated_on_the_first_call():
     """The backend calibrates on the first call's real tensors: same result as bitmix.compile(data=x)."""
     import bitmix

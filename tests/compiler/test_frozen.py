@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
+import bitmix
 from bitmix.compiler.capture import capture
 
 
@@ -76,3 +78,20 @@ def test_pruned_weights_are_baked_with_their_zeros():
     with torch.no_grad():
         assert torch.allclose(graph.exported.module()(x), net(x), atol=1e-6)
     assert hasattr(net.a, "weight_mask") and hasattr(net.b, "bias_orig")  # the user's model is still pruned
+
+
+def test_a_model_in_training_mode_compiles_its_eval_behaviour_with_a_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+    x = torch.randn(32, 8)
+    with pytest.warns(UserWarning, match=r"training mode \(1 \(BatchNorm1d\), 2 \(Dropout\)\)"):
+        cm = bitmix.compile(model, (x,), "int8-npu", data=x)
+    assert model.training and model[1].training  # the user's model untouched
+    with torch.no_grad():
+        ref = model.eval()(x)
+        assert float(nn.functional.cosine_similarity(cm(x), ref, dim=1).mean()) > 0.99
+    assert any("training mode" in w for w in cm.report.warnings)
+    again = bitmix.compile(model, (x,), "int8-npu", data=x)  # now in eval mode: nothing to say
+    assert not any("training mode" in w for w in again.report.warnings)
