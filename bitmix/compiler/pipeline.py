@@ -7,6 +7,7 @@ Each stage is a function over frozen records; this file wires them and times the
 
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 import time
@@ -104,6 +105,11 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     finetune: epochs (or a FinetuneConfig) of LSQ fine-tuning after allocation; needs a train role.
     The 0.1 keywords (calibration=, eval=, fps=, ...) still work for one release, with a DeprecationWarning.
     """
+    if not isinstance(model, nn.Module):
+        raise BitmixError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise BitmixError(f"seed must be an int, got {seed!r}")
+    seed = int(seed)
     opts = options or CompileOptions()
     if not isinstance(opts, CompileOptions):
         raise BitmixError(f"options must be a bitmix.CompileOptions, got {type(opts).__name__}")

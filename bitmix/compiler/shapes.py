@@ -172,7 +172,7 @@ class InputSpec:
                 seen.setdefault(want, (got, where))
                 lo, hi = bounds.get(want, (1, None))
                 if got < lo or (hi is not None and got > hi):
-                    top = "" if hi is None else f" to {hi}"
+                    top = " or more" if hi is None else f" to {hi}"
                     raise BitmixError(f"{where} takes sizes {lo}{top}, got {got}")
 
     @contextmanager

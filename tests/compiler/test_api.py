@@ -46,6 +46,17 @@ def test_budget_values():
         Budget.of(True)
 
 
+@pytest.mark.parametrize("model, seed, match", [
+    (lambda t: 2 * t, 0, "model must be a torch.nn.Module, got function"),
+    (None, "0", "seed must be an int, got '0'"),
+    (None, 1.5, "seed must be an int, got 1.5"),
+])
+def test_bad_model_or_seed_is_one_line(model, seed, match):
+    net = nn.Linear(4, 2).eval() if model is None else model
+    with pytest.raises(bitmix.BitmixError, match=match):
+        bitmix.compile(net, (torch.randn(2, 4),), "int8-npu", seed=seed)
+
+
 def test_data_roles():
     task, x = _task(), torch.randn(4, 16)
     assert Data.of(task) == Data(calibration=task, train=task, eval=task)

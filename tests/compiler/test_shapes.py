@@ -35,6 +35,8 @@ def test_a_fixed_dimension_is_a_one_line_error():
     cm = _compile(_mlp(), torch.randn(4, 16))
     with pytest.raises(BitmixError, match="input 'input' dim 1 is fixed at 16"):
         cm(torch.randn(2, 8))
+    with pytest.raises(BitmixError, match="input 'input' dim 0 takes sizes 1 or more, got 0"):
+        cm(torch.randn(0, 16))
 
 
 def test_an_input_of_another_kind_is_a_one_line_error(tmp_path):
