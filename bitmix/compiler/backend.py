@@ -6,7 +6,8 @@ Registered through the `torch_dynamo_backends` entry point. Options
 - `target` (default `"int8-npu"`): a bitmix target name or `Target`;
 - `budget` (default `1.0`): simulated cost allowed, as a fraction of the all-highest assignment
   (below the cheapest assignment of a graph piece the cheapest is used, with a warning);
-- `method` (default `"eagl"`): a sensitivity method that needs no labeled data;
+- `method` (default `"eagl"`): a sensitivity method that needs no labeled data (`sqnr` scores on the
+  calibration inputs, which the backend always has);
 - `calibration`: unlabeled inputs of the model for activation step sizes (a tensor, a tuple
   of tensors or an iterable of batches); by default the real inputs of the first call;
 - `chip_config`: a chip TOML file overriding the target's chip.
@@ -56,7 +57,7 @@ def parse_options(options: dict[str, Any] | None) -> dict[str, Any]:
         raise BitmixError(f"unknown option {unknown[0]!r} for torch.compile(backend='bitmix'); "
                           f"known options: {', '.join(OPTIONS)}")
     merged = {**DEFAULTS, **given}
-    free = sensitivity.data_free()
+    free = sensitivity.label_free()
     if sensitivity.resolve(merged["method"])[0].name not in free:
         raise BitmixError(f"method {merged['method']!r} needs labeled data, which torch.compile cannot pass; "
                           f"use one of {', '.join(free)} (or bitmix.compile with data=...)")
@@ -165,6 +166,12 @@ def _compile_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args:
     from bitmix.ir.targets import get_target
 
     opts = parse_options(options)
+    fused = sorted({name for node in gm.graph.nodes if (name := getattr(node.target, "__name__", "")) in FUSED_OPS})
+    if fused:
+        warnings.warn(f"bitmix: this graph piece calls PyTorch's fused transformer inference op ({', '.join(fused)}: "
+                      "nn.TransformerEncoderLayer / nn.MultiheadAttention in eval mode under no_grad), whose linears "
+                      "bitmix cannot reach, so it stays FP32; call torch.backends.mha.set_fastpath_enabled(False) "
+                      "before torch.compile to have them quantized", stacklevel=3)
     training = _training_ops(gm)
     if training:
         warnings.warn(f"bitmix: this graph piece was traced in training mode ({training}); bitmix compiles it "
@@ -195,6 +202,7 @@ def _compile_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args:
     return run
 
 
+FUSED_OPS = {"_transformer_encoder_layer_fwd", "_native_multi_head_attention"}
 _DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
 
 

@@ -62,7 +62,10 @@ def live_rows(model: nn.Module, layers: dict[str, QuantLayer], calibration: tupl
                 gen = torch.Generator().manual_seed(i)
                 loss = _project(model(*(t[i : i + chunk] for t in calibration)), gen)
                 if loss.requires_grad:
-                    loss.backward()
+                    try:
+                        loss.backward()
+                    except RuntimeError:  # an op without a derivative (a fused inference kernel): no masks
+                        return {}
                     model.zero_grad(set_to_none=True)
     finally:
         for h in handles:

@@ -48,6 +48,25 @@ def test_a_graph_traced_in_training_mode_is_compiled_as_traced_with_a_warning():
     assert model.training
 
 
+def test_the_fused_transformer_fast_path_is_named_and_the_switch_it_names_quantizes():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True))
+    model.eval()
+    x = torch.randn(1, 9, 16)
+    with torch.no_grad():
+        ref = model(x)
+        with pytest.warns(UserWarning, match=r"fused transformer inference op \(_transformer_encoder_layer_fwd"):
+            torch.compile(model, backend="bitmix")(x)  # stays FP32 inside, without crashing
+        torch._dynamo.reset()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            out = torch.compile(model, backend="bitmix")(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    assert not torch.equal(out, ref) and _cosine(out, ref) > 0.99  # the encoder's linears on kernels now
+
+
 def test_backend_matches_bitmix_compile_calibrated_on_the_first_call():
     """The backend calibrates on the first call's real tensors: same result as bitmix.compile(data=x)."""
     import bitmix
@@ -103,6 +122,17 @@ def test_labeled_data_method_is_one_line():
     compiled = torch.compile(nn.Sequential(nn.Linear(8, 4)).eval(), backend="bitmix", options={"method": "alps"})
     with pytest.raises(BitmixError, match="needs labeled data"):
         compiled(torch.randn(2, 8))
+
+
+def test_sqnr_scores_on_the_first_call_inputs():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(16, 8)
+    compiled = torch.compile(model, backend="bitmix", options={"method": "sqnr", "target": "int4int2-npu"})
+    with torch.no_grad():
+        out, ref = compiled(x), model(x)
+    assert not torch.equal(out, ref) and _cosine(out, ref) > 0.9
 
 
 def test_graph_breaks_and_dynamic_recompiles_stay_on_kernels():

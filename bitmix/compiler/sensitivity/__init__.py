@@ -22,6 +22,7 @@ from bitmix.compiler.sensitivity.base import (
     Scores,
     check_inputs,
     data_free,
+    label_free,
     register,
     relative_to_highest,
     resolve,
@@ -46,6 +47,6 @@ for _module in pkgutil.iter_modules(__path__):
 __all__ = [
     "METHODS", "ALPSConfig", "EAGLConfig", "Executor", "HAWQConfig", "LIMPQConfig", "Method", "MethodConfig",
     "ProcessExecutor", "SQNRConfig", "ScoreContext", "Scores", "SerialExecutor", "check_inputs", "data_free",
-    "executor_for", "open_executor",
+    "executor_for", "label_free", "open_executor",
     "register", "relative_to_highest", "resolve", "score", "strategy",
 ]

@@ -113,6 +113,12 @@ def data_free() -> tuple[str, ...]:
     return tuple(m.name for m in METHODS.values() if not m.needs_calibration)
 
 
+def label_free() -> tuple[str, ...]:
+    """Methods that need no labeled data (calibration inputs at most): what torch.compile's backend can run, as it
+    always has the first call's inputs."""
+    return tuple(m.name for m in METHODS.values() if not m.needs_data)
+
+
 def resolve(method: str | MethodConfig) -> tuple[Method, MethodConfig]:
     """A method name (default options) or a config instance → the registered method and its config."""
     if isinstance(method, MethodConfig):
