@@ -36,6 +36,7 @@ class Geometry:
     conv_out: tuple[int, ...]  # its output size: input + 2 * pad - taps + 1
     start: tuple[int, ...]  # first row / column kept after the shuffle
     out: tuple[int, ...]  # the transposed conv's output size
+    trim: tuple[int, ...]  # rows / columns dropped at the end: independent of the input size, unlike `out`
     groups: int = 1
 
 
@@ -64,7 +65,7 @@ def node_geometry(node: fx.Node, in_shape: tuple[int, ...]) -> Geometry | None:
 def geometry(in_size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
              output_padding: tuple[int, ...], groups: int = 1) -> Geometry:
     """The equivalent conv of a transposed conv on inputs of `in_size` (spatial sizes)."""
-    taps, pad, conv_out, start, out = [], [], [], [], []
+    taps, pad, conv_out, start, out, trim = [], [], [], [], [], []
     for n, k, s, p, o in zip(in_size, kernel, stride, padding, output_padding, strict=True):
         m = math.ceil(k / s)
         length = (n - 1) * s - 2 * p + k + o
@@ -74,7 +75,9 @@ def geometry(in_size: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[in
         conv_out.append(n + m - 1 + 2 * extra)
         start.append(p + s * extra)
         out.append(length)
-    return Geometry(tuple(stride), tuple(taps), tuple(pad), tuple(conv_out), tuple(start), tuple(out), groups)
+        trim.append(s * m + s * extra + p - k - o)  # (conv_out * s) - start - length, for any n
+    return Geometry(tuple(stride), tuple(taps), tuple(pad), tuple(conv_out), tuple(start), tuple(out), tuple(trim),
+                    groups)
 
 
 def equivalent_weight(weight: torch.Tensor, g: Geometry) -> torch.Tensor:
@@ -101,14 +104,15 @@ def equivalent_bias(bias: torch.Tensor | None, g: Geometry) -> torch.Tensor | No
     return None if bias is None else bias.repeat_interleave(g.stride[0] * g.stride[1])
 
 
-def shuffle_and_crop(y: torch.Tensor, stride_h: int, stride_w: int, start_h: int, start_w: int, out_h: int,
-                     out_w: int) -> torch.Tensor:
+def shuffle_and_crop(y: torch.Tensor, stride_h: int, stride_w: int, start_h: int, start_w: int, trim_h: int,
+                     trim_w: int) -> torch.Tensor:
     """The equivalent conv's output (N, C_out * sh * sw, H', W') -> the transposed conv's (N, C_out, H, W).
-    Plain ints (`shuffle_args`), so a graph can call it."""
+    Plain ints (`shuffle_args`), so a graph can call it; the crop is relative to the ends, so one graph serves
+    every input size (symbolic spatial dimensions, torch.compile's recompiles)."""
     n, _, h, w = y.shape
     y = y.reshape(n, -1, stride_h, stride_w, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, -1, h * stride_h, w * stride_w)
-    return y[:, :, start_h : start_h + out_h, start_w : start_w + out_w]
+    return y[:, :, start_h : h * stride_h - trim_h, start_w : w * stride_w - trim_w]
 
 
 def shuffle_args(g: Geometry) -> tuple[int, ...]:
-    return (*g.stride, *g.start, *g.out)
+    return (*g.stride, *g.start, *g.trim)
