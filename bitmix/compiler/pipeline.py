@@ -35,6 +35,7 @@ from bitmix.compiler.quantize import fake_quantize
 from bitmix.compiler.quantize import finetune as qat_finetune
 from bitmix.compiler.saving import Keepable
 from bitmix.compiler.sensitivity import MethodConfig
+from bitmix.compiler.shapes import InputSpec
 from bitmix.errors import BitmixError
 from bitmix.ir.cost import CostModel
 from bitmix.ir.graph import LayerGraph
@@ -140,6 +141,8 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     with _stage("capture", timings):
         graph = capture(model, example_inputs, opts.name, opts.dynamic_shapes)
         _check_finite(graph)
+        if calib is not None:
+            _check_calibration(graph, calib)
     if graph.unsupported:
         msg = f"{len(graph.unsupported)} op(s) have no bitmix kernel and stay FP32: {', '.join(graph.unsupported)}"
         warnings.warn(msg, stacklevel=2)
@@ -210,6 +213,15 @@ def _example_calibration(example_inputs: tuple[torch.Tensor, ...] | torch.Tensor
     warnings.warn(msg, stacklevel=3)
     warn.append(msg)
     return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def _check_calibration(graph: LayerGraph, calib: Inputs) -> None:
+    """Calibration batches the captured graph cannot run (another image size into a fixed-size graph) are one
+    line here, not a shape error deep in the first calibration pass."""
+    try:
+        InputSpec.of(graph.exported).check(calib, batch=False)
+    except BitmixError as exc:
+        raise BitmixError(f"calibration data does not fit the model: {exc}") from None
 
 
 def _check_finite(graph: LayerGraph) -> None:

@@ -146,7 +146,9 @@ class InputSpec:
         return {n: {i: d for i, d in enumerate(ds) if isinstance(d, str)} for n, ds in zip(self.names, self.dims,
                                                                                             strict=True)}
 
-    def check(self, args: tuple[Any, ...]) -> None:
+    def check(self, args: tuple[Any, ...], batch: bool = True) -> None:
+        """One line for `args` the compiled model cannot take (`batch=False`: any size in dim 0, for
+        calibration batches of a static export)."""
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if len(tensors) != len(self.names):
             raise BitmixError(f"the compiled model takes {len(self.names)} tensor input(s) "
@@ -161,6 +163,8 @@ class InputSpec:
                 raise BitmixError(f"input {name!r} must be a {kinds[name]} tensor like the example input, got "
                                   f"{t.dtype}; convert it (e.g. x.float() for images, x.long() for token ids)")
             for i, (want, got) in enumerate(zip(dims, t.shape, strict=True)):
+                if i == 0 and not batch:
+                    continue
                 where = f"input {name!r} dim {i}"
                 if isinstance(want, int):
                     if want != got:

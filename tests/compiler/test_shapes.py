@@ -116,3 +116,23 @@ def test_minilm_one_compile_serves_lengths_and_batches():
         cm(torch.zeros(1, 600, dtype=torch.long), torch.ones(1, 600, dtype=torch.long))
     with pytest.raises(BitmixError, match="must equal"):
         cm(torch.zeros(1, 32, dtype=torch.long), torch.ones(1, 16, dtype=torch.long))
+
+
+class _SkipJoin(nn.Module):
+    """Down and up again, joined with the input: a calibration image of another size breaks only the join."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.down = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(4, 3, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.up(torch.relu(self.down(x))), x], dim=1)
+
+
+def test_calibration_of_another_size_is_a_one_line_error():
+    with pytest.raises(BitmixError, match="calibration data does not fit the model: input 'x' dim 2 is fixed at 16"):
+        bitmix.compile(_SkipJoin().eval(), torch.randn(1, 3, 16, 16), "int8-npu", data=torch.randn(4, 3, 32, 32))
+    with pytest.raises(BitmixError, match="calibration data does not fit the model: input 'x' must have 4 dim"):
+        bitmix.compile(_SkipJoin().eval(), torch.randn(1, 3, 16, 16), "int8-npu", data=torch.randn(4, 3, 16))
