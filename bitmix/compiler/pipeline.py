@@ -63,7 +63,8 @@ class CompiledModel(Keepable, nn.Module):
         self.fake_quant = fake_quant
         self.report: Report | None = None
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        args = self.input_spec.bind(args, kwargs)
         self.input_spec.check(args)
         self.recorder.calls.clear()  # one forward's calls: a serving loop's record stays one pass long
         with torch.no_grad(), torch_on_one_thread(), self.input_spec.index_errors(args):

@@ -107,9 +107,10 @@ class LoadedModel(nn.Module):
         self.report = report
         self.input_spec = spec
 
-    def forward(self, *args: torch.Tensor) -> Any:
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
         from bitmix.compiler.lower import torch_on_one_thread
 
+        args = self.input_spec.bind(args, kwargs)
         self.input_spec.check(args)
         with torch.no_grad(), torch_on_one_thread(), self.input_spec.index_errors(args):
             return self.module(*args)

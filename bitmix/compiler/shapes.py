@@ -179,6 +179,22 @@ class InputSpec:
                     top = " or more" if hi is None else f" to {hi}"
                     raise BitmixError(f"{where} takes sizes {lo}{top}, got {got}")
 
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """Inputs given by name (`cm(input_ids=..., attention_mask=...)`) put in the compiled graph's order."""
+        if not kwargs:
+            return args
+        takes = f"the compiled model takes {', '.join(self.names)}"
+        unknown = [k for k in kwargs if k not in self.names]
+        if unknown:
+            raise BitmixError(f"unexpected input {unknown[0]!r}; {takes} (the inputs it was compiled with)")
+        twice = [k for k in kwargs if k in self.names[: len(args)]]
+        if twice:
+            raise BitmixError(f"input {twice[0]!r} is given by position and by name; {takes}")
+        missing = [n for n in self.names[len(args):] if n not in kwargs]
+        if missing:
+            raise BitmixError(f"missing input {missing[0]!r}; {takes}")
+        return (*args, *(kwargs[n] for n in self.names[len(args):]))
+
     @contextmanager
     def index_errors(self, args: tuple[Any, ...]) -> Iterator[None]:
         """An IndexError inside the graph (a sequence past a learned position table, a token id past the

@@ -136,3 +136,29 @@ def test_calibration_of_another_size_is_a_one_line_error():
         bitmix.compile(_SkipJoin().eval(), torch.randn(1, 3, 16, 16), "int8-npu", data=torch.randn(4, 3, 32, 32))
     with pytest.raises(BitmixError, match="calibration data does not fit the model: input 'x' must have 4 dim"):
         bitmix.compile(_SkipJoin().eval(), torch.randn(1, 3, 16, 16), "int8-npu", data=torch.randn(4, 3, 16))
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(30, 8), nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids) * mask.unsqueeze(-1))
+
+
+def test_inputs_by_name_as_in_eager(tmp_path):
+    ids, mask = torch.randint(0, 30, (2, 5)), torch.ones(2, 5)
+    cm = _compile(_TwoInputs().eval(), (ids, mask))
+    want = cm(ids, mask)
+    for model in (cm, bitmix.load(cm.save(tmp_path / "two.pt2"))):
+        assert torch.equal(model(ids=ids, mask=mask), want) and torch.equal(model(mask=mask, ids=ids), want)
+        assert torch.equal(model(ids, mask=mask), want)
+        for kwargs, match in (({"ids": ids, "masks": mask}, "unexpected input 'masks'; the compiled model takes ids, "
+                                                             "mask"),
+                              ({"ids": ids}, "missing input 'mask'")):
+            with pytest.raises(BitmixError, match=match):
+                model(**kwargs)
+        with pytest.raises(BitmixError, match="'ids' is given by position and by name"):
+            model(ids, ids=ids)
