@@ -282,8 +282,7 @@ def check_outputs(args: argparse.Namespace) -> None:
         while not where.exists():
             where = where.parent
         try:
-            with tempfile.TemporaryFile(dir=where):
-                pass
+            tempfile.TemporaryFile(dir=where).close()  # the probe: created, then dropped
         except OSError as exc:
             raise BitmixError(f"--{name} {value!r}: cannot write there ({exc.strerror or exc}); "
                               "choose a writable path") from None

@@ -166,7 +166,10 @@ def _compile_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args:
     from bitmix.ir.targets import get_target
 
     opts = parse_options(options)
-    fused = sorted({name for node in gm.graph.nodes if (name := getattr(node.target, "__name__", "")) in FUSED_OPS})
+    from bitmix.compiler.capture import FUSED_INFERENCE_OPS
+
+    fused = sorted({name for node in gm.graph.nodes
+                    if (name := getattr(node.target, "__name__", "")) in FUSED_INFERENCE_OPS})
     if fused:
         warnings.warn(f"bitmix: this graph piece calls PyTorch's fused transformer inference op ({', '.join(fused)}: "
                       "nn.TransformerEncoderLayer / nn.MultiheadAttention in eval mode under no_grad), whose linears "
@@ -202,7 +205,6 @@ def _compile_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args:
     return run
 
 
-FUSED_OPS = {"_transformer_encoder_layer_fwd", "_native_multi_head_attention"}
 _DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
 
 

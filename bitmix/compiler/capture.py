@@ -37,11 +37,12 @@ CONV_OPS = {aten.conv1d.default, aten.conv1d.padding, aten.conv2d.default, aten.
 LINEAR_OPS = {aten.linear.default}
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.mm.default}
 # Ops that multiply by weights but have no bitmix kernel: they stay FP32 and are reported.
+# PyTorch's fused inference kernels (nn.TransformerEncoderLayer / nn.MultiheadAttention in eval mode under
+# no_grad, as TorchDynamo captures them): one op, linears inside
+FUSED_INFERENCE_OPS = {"_transformer_encoder_layer_fwd", "_native_multi_head_attention"}
 NO_KERNEL_OPS = {"conv1d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution",
                  "addmm", "matmul", "mm", "bmm", "einsum", "baddbmm", "conv2d", "lstm", "gru", "rnn_tanh", "rnn_relu",
-                 # PyTorch's fused inference kernels (nn.TransformerEncoderLayer / nn.MultiheadAttention in eval
-                 # mode under no_grad, as TorchDynamo captures them): one op, linears inside
-                 "_transformer_encoder_layer_fwd", "_native_multi_head_attention"}
+                 *FUSED_INFERENCE_OPS}
 
 # Ops that only move or relabel data: free on the vector unit, not worth a VectorOp.
 LAYOUT_OPS = {
