@@ -5,9 +5,11 @@ The cost is a `CostModel` (unary + pairwise terms between consecutive layers) wh
 layer; minimise Σ score subject to the exact cost staying within the budget. One cap goes
 to the chain DP (state = previous choice × budget slot, proven gap), several to the HiGHS
 ILP (`bitmix.compiler.chain`). When an assignment spreads over several chips its PCIe and
-idle-chip terms come on top of Σ terms: the solver then re-solves with the caps tightened
-by those terms until the exact cost fits, and the gap is proven against the one-chip
-relaxation (Σ terms never exceeds the exact cost).
+idle-chip terms come on top of Σ terms, and a pipeline's fps is set by its slowest chip,
+not by Σ cycles: the solver then bisects the caps it hands the solver between their floors
+and the budget, keeps the best solution the exact cost admits (the cheapest assignment is
+always one), and proves its gap against the one-chip relaxation (Σ terms never exceeds
+the exact cost).
 
 Baselines live here too: `uniform` (the best single precision that fits) and
 `random_feasible` (random descents from all-highest until the budget is met).
@@ -19,7 +21,7 @@ import bisect
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +35,9 @@ from bitmix.ir.targets import Target
 Scores = dict[str, dict[int, float]]
 STRATEGIES = ("knapsack", "pareto-greedy", "pareto-greedy-normalised", "uniform", "random")
 TOL = 1e-12  # relative slack on caps (floating-point summation order)
-MAX_ROUNDS = 30  # multi-chip tightening rounds before giving up
+MAX_ROUNDS = 30  # multi-chip bisection rounds on the solver's caps
+BISECTION_WIDTH = 1e-3  # ... or until the bracket is this narrow (fraction of the way from floor to cap)
+SEARCH_SOLVE_S = 1.0  # HiGHS time limit per bisection step (its best answer so far is still exact-checked)
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,8 @@ class Budget:
 
     `fraction` = 1.0 is the simulated cycles of every non-pinned layer at the target's
     highest choice (pinned layers at their pinned bits). `latency_s` is the latency of a
-    run (all frames of the batch), `fps` frames per second, `chips` the most chips allowed.
+    run (all frames of the batch), `fps` frames per second (a multi-chip pipeline's rate,
+    set by its slowest chip), `chips` the most chips allowed.
     """
 
     fraction: float | None = None
@@ -65,18 +70,22 @@ class Budget:
     def caps(self, model: CostModel, reference: Evaluation) -> dict[str, float]:
         """Absolute caps per resource in the cost model's units (per frame), plus "chips"."""
         caps = {r: float(getattr(self, r)) for r in RESOURCES if getattr(self, r) is not None}
-        cycles = [caps.get("cycles", math.inf)]
-        if self.fraction is not None:
-            cycles.append(self.fraction * reference.cycles)
-        if self.latency_s is not None:
-            cycles.append(self.latency_s * model.chip.clock_hz / model.frames)
-        if self.fps is not None:  # one chip: period = latency; several: latency >= period, so this suffices
-            cycles.append(model.chip.clock_hz / self.fps)
-        if min(cycles) < math.inf:
-            caps["cycles"] = min(cycles)
+        cycles = self.cycle_goals(model, reference)
+        if cycles:
+            caps["cycles"] = min(cycles.values())
+        if self.fps is not None and not model.one_chip:  # a pipeline: its period (the slowest chip) is not linear
+            caps["period_s"] = model.frames / self.fps
         if self.chips is not None:
             caps["chips"] = float(self.chips)
         return caps
+
+    def cycle_goals(self, model: CostModel, reference: Evaluation) -> dict[str, float]:
+        """Each goal that caps the per-frame cycles, as that cap (one chip: a run's period is its latency)."""
+        per_frame = model.chip.clock_hz / model.frames
+        goals = {"cycles": self.cycles, "fraction": None if self.fraction is None else self.fraction * reference.cycles,
+                 "latency_s": None if self.latency_s is None else self.latency_s * per_frame,
+                 "fps": None if self.fps is None or not model.one_chip else model.chip.clock_hz / self.fps}
+        return {k: float(v) for k, v in goals.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -146,7 +155,7 @@ def _pareto_greedy(problem: _Problem, scores: Scores, target: Target, budget: Bu
     start = time.perf_counter()
     model = problem.model
     caps = budget.caps(model, problem.reference)
-    _check_feasible(problem, caps)
+    _check_feasible(problem, caps, budget)
     assignment = pareto_greedy(scores, lambda a: model.evaluate(model.index(a)).cycles,
                                lambda a: _fits(model.evaluate(model.index(a)), caps), target, model.names, order)
     choice = model.index(assignment)
@@ -158,36 +167,100 @@ def _knapsack(problem: _Problem, budget: Budget, solver: str) -> Allocation:
     start = time.perf_counter()
     model = problem.model
     caps = budget.caps(model, problem.reference)
-    _check_feasible(problem, caps)
-    linear = {r: c for r, c in caps.items() if r != "chips"}
+    _check_feasible(problem, caps, budget)
+    linear = _linear_caps(problem, caps)
     one_chip_rows = _one_chip_rows(model) if caps.get("chips", math.inf) < 2 and not model.one_chip else []
     if solver == "dp" and (len(linear) != 1 or one_chip_rows):
         raise BitmixError("the DP solver handles one constraint; use solver='ilp' (or 'auto') for several caps")
-    use_ilp = solver == "ilp" or len(linear) != 1 or bool(one_chip_rows)
-    tight, lower = dict(linear), None
-    for _ in range(MAX_ROUNDS):
+    label = "ilp" if solver == "ilp" or len(linear) != 1 or one_chip_rows else "dp"
+
+    def solve(tight: dict[str, float], time_limit: float | None = None) -> tuple[list[int], float] | None:
+        rows = [(problem.chains[r], c) for r, c in tight.items()]
+        if solver != "ilp" and len(rows) == 1 and not one_chip_rows:
+            try:
+                return solve_dp(problem.scores, *rows[0])
+            except BitmixError:  # infeasible, or the scaled DP found nothing near the cap: the ILP decides
+                pass
         try:
-            if use_ilp:
-                choice, gap = solve_ilp(problem.scores, [(problem.chains[r], c) for r, c in tight.items()],
-                                        one_chip_rows), 0.0
-            else:
-                ((resource, cap),) = tight.items()
-                choice, gap = solve_dp(problem.scores, problem.chains[resource], cap)
+            return solve_ilp(problem.scores, rows, one_chip_rows, time_limit), 0.0
         except BitmixError:
-            raise BitmixError(_infeasible_message(problem, caps, "no assignment meets every cap")) from None
-        objective = problem.objective(choice)
-        lower = objective - gap if lower is None else lower
-        ev = model.evaluate(choice)
-        if _fits(ev, caps):
-            return _allocation(problem, choice, ev, max(0.0, objective - lower), "ilp" if use_ilp else "dp",
-                               time.perf_counter() - start)
-        for r in tight:  # the chip split's terms (or solver tolerance) pushed it over: tighten by the excess
-            excess = ev.value(r) - caps[r]
-            if excess > 0:
-                tight[r] = min(tight[r], problem.chains[r].cost(choice)) - excess - TOL * caps[r]
-        if ev.chips > caps.get("chips", math.inf):
-            tight["sram_bytes"] = min(tight.get("sram_bytes", math.inf), ev.sram_bytes * 0.98)
-    raise BitmixError(_infeasible_message(problem, caps, "the multi-chip terms kept every solution over the budget"))
+            return None
+
+    relaxed = solve(linear)
+    if relaxed is None:
+        raise BitmixError(_infeasible_message(problem, caps, budget, "infeasible together with the other limits"))
+    choice, gap = relaxed
+    lower = problem.objective(choice) - gap  # Σ terms <= the exact cost, so this bounds every fitting assignment
+    ev = model.evaluate(choice)
+    if _fits(ev, caps):
+        return _allocation(problem, choice, ev, gap, label, time.perf_counter() - start)
+    floor = _fitting_floor(problem, caps)
+    weights = problem.chains["sram_bytes"].cost(choice)
+    levers = {**linear, "sram_bytes": min(linear.get("sram_bytes", math.inf), weights)}
+    floors = {r: min(problem.minimum(r)[0], cap) for r, cap in levers.items()}
+    found = [c for c in (floor,) if c is not None]
+    for scaled in (("sram_bytes",), tuple(levers)):  # fewer weight bytes = fewer chips; then every cap at once
+        found += _bisect(lambda s, scaled=scaled: solve({r: floors[r] + s * (cap - floors[r]) if r in scaled else cap
+                                                         for r, cap in levers.items()}, SEARCH_SOLVE_S), problem, caps)
+    if not found:
+        raise BitmixError(_infeasible_message(problem, caps, budget, "out of reach of every assignment tried"))
+    best = _improve(problem, min(found, key=problem.objective), caps)
+    return _allocation(problem, best, model.evaluate(best), max(0.0, problem.objective(best) - lower), label,
+                       time.perf_counter() - start)
+
+
+def _bisect(solve_at: Callable[[float], tuple[list[int], float] | None], problem: _Problem,
+            caps: dict[str, float]) -> list[list[int]]:
+    """Bisect s in [0, 1] on whether the solver's answer at s fits exactly; every fitting answer it meets."""
+    low, high, fitting = 0.0, 1.0, []
+    for _ in range(MAX_ROUNDS):
+        if high - low < BISECTION_WIDTH:
+            break
+        mid = (low + high) / 2
+        found = solve_at(mid)
+        if found is not None and not _fits(problem.model.evaluate(found[0]), caps):
+            high = mid
+            continue
+        low = mid
+        if found is not None:
+            fitting.append(found[0])
+    return fitting
+
+
+def _improve(problem: _Problem, choice: list[int], caps: dict[str, float]) -> list[int]:
+    """Local search on the exact cost: take the best-scoring single-layer change that still fits, until none does."""
+    choice = list(choice)
+    while True:
+        now = problem.objective(choice)
+        moves = sorted((float(problem.scores[i][j] - problem.scores[i][c]), i, j) for i, c in enumerate(choice)
+                       for j in range(len(problem.scores[i])) if problem.scores[i][j] < problem.scores[i][c])
+        for _, i, j in moves:
+            trial = [*choice[:i], j, *choice[i + 1:]]
+            if problem.objective(trial) < now and _fits(problem.model.evaluate(trial), caps):
+                choice = trial
+                break
+        else:
+            return choice
+
+
+def _linear_caps(problem: _Problem, caps: dict[str, float]) -> dict[str, float]:
+    """What the solver constrains: the linear caps; a pipeline's period and a chip count through relaxations
+    (Σ cycles up to its most costly value, Σ weight bytes within the chips' SRAM)."""
+    linear = {r: c for r, c in caps.items() if r in RESOURCES}
+    if "period_s" in caps and "cycles" not in linear:
+        most = Chain.of([-u for u in problem.model.unary["cycles"]], [-p for p in problem.model.pair["cycles"]])
+        linear["cycles"] = -min_cost(most)[0]
+    if caps.get("chips", 0) >= 2 and not problem.model.one_chip:
+        room = caps["chips"] * problem.model.chip.sram_bytes
+        linear["sram_bytes"] = min(linear.get("sram_bytes", math.inf), room)
+    return linear
+
+
+def _fitting_floor(problem: _Problem, caps: dict[str, float]) -> list[int] | None:
+    """The best-scoring of the known cheap assignments (each resource's minimum, all-lowest) that fits."""
+    candidates = [problem.minimum(r)[1] for r in RESOURCES] + [problem.model.lowest()]
+    fitting = [c for c in candidates if _fits(problem.model.evaluate(c), caps)]
+    return min(fitting, key=problem.objective) if fitting else None
 
 
 def frontier(
@@ -257,7 +330,7 @@ def uniform(
     """The highest single precision (for all non-pinned layers) that fits the budget."""
     problem = _problem(scores or {}, costs, target, layer_names, require_scores=False)
     caps = budget.caps(problem.model, problem.reference)
-    _check_feasible(problem, caps)
+    _check_feasible(problem, caps, budget)
     for bits in target.choices:
         choice = [opts.index(bits) if free else 0
                   for opts, free in zip(problem.model.choices, problem.free, strict=True)]
@@ -288,14 +361,14 @@ def random_feasible(
     problem = _problem(scores or {}, costs, target, layer_names, require_scores=False)
     model = problem.model
     caps = budget.caps(model, problem.reference)
-    _check_feasible(problem, caps)
+    _check_feasible(problem, caps, budget)
     rng = random.Random(seed)
     choice = model.highest()
     ev = model.evaluate(choice)
     while not _fits(ev, caps):
         lowerable = [i for i, c in enumerate(choice) if c + 1 < len(model.choices[i])]
         if not lowerable:
-            choice = _cheapest(problem, caps)
+            choice = _cheapest(problem, caps, budget)
             ev = model.evaluate(choice)
             break
         choice[rng.choice(lowerable)] += 1
@@ -303,11 +376,10 @@ def random_feasible(
     return _allocation(problem, choice, ev, 0.0, "random", 0.0)
 
 
-def _cheapest(problem: _Problem, caps: dict[str, float]) -> list[int]:
-    resource = "cycles" if "cycles" in caps else next(r for r in caps if r != "chips")
-    choice = problem.minimum(resource)[1]
-    if not _fits(problem.model.evaluate(choice), caps):
-        raise BitmixError(_infeasible_message(problem, caps, "no assignment meets every cap"))
+def _cheapest(problem: _Problem, caps: dict[str, float], budget: Budget) -> list[int]:
+    choice = _fitting_floor(problem, caps)
+    if choice is None:
+        raise BitmixError(_infeasible_message(problem, caps, budget, "out of reach of every assignment tried"))
     return choice
 
 
@@ -354,31 +426,45 @@ def _fits(ev: Evaluation, caps: dict[str, float]) -> bool:
     return all(ev.value(r) <= cap * (1 + TOL) for r, cap in caps.items())
 
 
-def _check_feasible(problem: _Problem, caps: dict[str, float]) -> None:
-    """Raise with the cheapest achievable cost when a cap cannot be met."""
+def _check_feasible(problem: _Problem, caps: dict[str, float], budget: Budget) -> None:
+    """Raise with the cheapest achievable cost when a cap cannot be met (a pipeline's period is checked by search)."""
     for resource, cap in caps.items():
         if resource == "chips":
             least = problem.model.evaluate(problem.model.lowest()).chips
             if least > cap:
                 raise BitmixError(f"budget of {cap:g} chips is infeasible; even the lowest precisions need {least} "
                                   f"chips: allow at least {least}")
-            continue
-        if problem.minimum(resource)[0] > cap * (1 + TOL):
-            raise BitmixError(_infeasible_message(problem, {resource: cap}, "infeasible"))
+        elif resource in RESOURCES and problem.minimum(resource)[0] > cap * (1 + TOL):
+            raise BitmixError(_infeasible_message(problem, {resource: cap}, budget, "infeasible"))
 
 
-def _infeasible_message(problem: _Problem, caps: dict[str, float], why: str) -> str:
-    ref = problem.reference.cycles
+def _infeasible_message(problem: _Problem, caps: dict[str, float], budget: Budget, why: str) -> str:
+    """One line in the units the user gave: a fraction, cycles, seconds, frames per second or joules."""
+    model, ref = problem.model, problem.reference.cycles
     for resource, cap in caps.items():
-        if resource == "chips":
+        if resource == "period_s":
+            fastest = min(model.evaluate(c).period_s for c in
+                          (problem.minimum("cycles")[1], model.lowest(), model.highest()))
+            return (f"a throughput of {model.frames / cap:.6g} fps is {why}; the fastest pipeline found runs "
+                    f"{model.frames / fastest:.6g} fps: ask for at most that")
+        if resource not in RESOURCES:
             continue
         lowest = problem.minimum(resource)[0]
         if resource == "cycles":
+            goals = budget.cycle_goals(model, problem.reference)
+            binding = min(goals, key=goals.__getitem__) if goals else "cycles"
+            seconds = lowest * model.frames / model.chip.clock_hz
+            if binding == "fps":
+                return (f"a throughput of {budget.fps:.6g} fps is {why}; the fastest assignment runs "
+                        f"{model.frames / seconds:.6g} fps: ask for at most that")
+            if binding == "latency_s":
+                return (f"a latency of {budget.latency_s:.6g} s per run is {why}; the fastest assignment takes "
+                        f"{seconds:.6g} s: ask for at least that")
             least = math.ceil(lowest / ref * 1e4) / 1e4
-            return (f"budget of {cap:.6g} cycles ({cap / ref:.4f} of all-highest) is {why}; the minimum achievable "
+            return (f"a budget of {cap:.6g} cycles ({cap / ref:.4f} of all-highest) is {why}; the minimum achievable "
                     f"is {lowest:.6g} cycles ({lowest / ref:.4f}): ask for a budget of at least {least:.4f}")
-        if lowest > cap * (1 + TOL):
-            return (f"budget of {cap:.6g} {resource} is {why}; the minimum achievable is {lowest:.6g} {resource}: "
+        if lowest > cap * (1 + TOL) or len(caps) == 1:
+            return (f"a budget of {cap:.6g} {resource} is {why}; the minimum achievable is {lowest:.6g} {resource}: "
                     "relax that limit")
     return f"the budget is {why}; relax one of its limits ({', '.join(caps)})"
 

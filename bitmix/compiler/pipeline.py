@@ -160,7 +160,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
                                        calibration=calib, seed=seed, executor=runner, pretrained=trained)
         scores = sensitivity.score(method, ctx)
     if goal.clamp and caps.fraction is not None:
-        cheapest = cheapest_fraction(costs) * (1 + 1e-9)
+        cheapest = cheapest_fraction(costs)
         if caps.fraction < cheapest:
             msg = f"budget {caps.fraction} is below the cheapest assignment ({cheapest:.4f}); using {cheapest:.4f}"
             warnings.warn(msg, stacklevel=2)

@@ -65,3 +65,75 @@ def test_absolute_goals_hold_on_the_simulator(capture_zoo):
                 assert r.throughput_fps >= fps * (1 - 1e-12)
             if budget.energy_j:
                 assert r.energy_per_frame_j <= energy * (1 + 1e-12)
+
+
+TINY_CHIP = ChipConfig(cores_x=2, cores_y=2, core_sram_bytes=128 * 1024)  # 512 KiB: a 512x512 MLP needs 2-4 chips
+
+
+def _mlp_on_tiny_chip(seed):
+    import itertools
+
+    import torch
+    from torch import nn
+
+    from bitmix.compiler.capture import capture
+
+    rng = np.random.default_rng(seed)
+    widths = [int(w) for w in rng.choice([128, 256, 384, 512, 640], size=7)]
+    layers = [nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(widths[:-1], widths[1:], strict=True)]
+    mlp = nn.Sequential(*layers).eval()
+    graph = capture(mlp, (torch.randn(int(rng.integers(1, 6)), widths[0]),))
+    model = price(graph, NPU, TINY_CHIP)
+    scores = _scores(graph.names, NPU, seed)
+    every = [(list(c), model.evaluate(list(c))) for c in itertools.product(*[range(len(c)) for c in model.choices])]
+    return graph, model, scores, every
+
+
+@pytest.mark.parametrize("seed", [0, 1, 4])
+def test_multi_chip_budgets_are_answered_within_the_proven_gap_of_brute_force(seed):
+    graph, model, scores, every = _mlp_on_tiny_chip(seed)
+    top = simulate(graph, model.assignment(model.highest()), TINY_CHIP)
+    assert not model.one_chip and top.chips > 1
+    answered = 0
+    for fraction in (cheapest_fraction(model), 0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+        fitting = [c for c, ev in every if ev.cycles * top.frames <= fraction * top.cycles * (1 + 1e-12)]
+        if not fitting:
+            with pytest.raises(BitmixError, match="ask for a budget of at least"):
+                allocate(scores, model, NPU, graph.names, Budget(fraction=fraction))
+            continue
+        alloc = allocate(scores, model, NPU, graph.names, Budget(fraction=fraction))
+        best = min(sum(scores[n][model.choices[i][j]] if len(model.choices[i]) > 1 else 0.0
+                       for i, (n, j) in enumerate(zip(graph.names, c, strict=True))) for c in fitting)
+        r = simulate(graph, alloc.assignment, TINY_CHIP)
+        assert r.cycles <= fraction * top.cycles * (1 + 1e-12) and alloc.chips == r.chips
+        assert alloc.objective - alloc.gap <= best + 1e-9 <= alloc.objective + 2e-9 + alloc.gap
+        answered += 1
+    assert answered >= 4
+
+
+def test_a_pipelines_fps_goal_is_its_rate_not_its_latency():
+    graph, model, scores, every = _mlp_on_tiny_chip(0)
+    fastest = max(model.frames / ev.period_s for _, ev in every)
+    slowest_latency = max(ev.cycles for _, ev in every) * model.frames / model.chip.clock_hz
+    assert fastest > model.frames / slowest_latency  # pipelining beats 1 / latency
+    goal = fastest * 0.999
+    alloc = allocate(scores, model, NPU, graph.names, Budget(fps=goal))
+    assert simulate(graph, alloc.assignment, TINY_CHIP).throughput_fps >= goal
+    with pytest.raises(BitmixError, match=r"fps is out of reach .* runs [0-9.e+]+ fps"):
+        allocate(scores, model, NPU, graph.names, Budget(fps=fastest * 1.5))
+
+
+def test_compile_meets_the_default_budget_on_a_multi_chip_model(tmp_path):
+    import torch
+    from torch import nn
+
+    import bitmix
+
+    config = tmp_path / "chip.toml"
+    config.write_text("[chip]\ncores_x = 2\ncores_y = 2\ncore_sram_bytes = 131072\n")
+    torch.manual_seed(0)
+    mlp = nn.Sequential(*[nn.Sequential(nn.Linear(512, 512), nn.ReLU()) for _ in range(8)]).eval()
+    x = torch.randn(4, 512)
+    target = bitmix.targets["int4int2-npu"].with_chip_config(str(config))
+    cm = bitmix.compile(mlp, (x,), target, options=bitmix.CompileOptions(frontier_points=0))
+    assert cm.report.simulated["chips"] > 1 and cm.report.info["achieved_fraction"] <= 0.75
