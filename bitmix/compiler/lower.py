@@ -322,6 +322,7 @@ class CallRecorder:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = []
+        self.frames: int | None = None  # the batch of the pass recorded (`bitmix.ir.graph.frames_of` its inputs)
         self.enabled = True
 
     def record(self, name: str, in_shape: tuple[int, ...], other: tuple[int, ...], out_shape: tuple[int, ...]) -> None:

@@ -38,7 +38,7 @@ from bitmix.compiler.sensitivity import MethodConfig
 from bitmix.compiler.shapes import InputSpec
 from bitmix.errors import BitmixError
 from bitmix.ir.cost import CostModel
-from bitmix.ir.graph import LayerGraph
+from bitmix.ir.graph import LayerGraph, frames_of
 from bitmix.ir.precision import as_precision, format_assignment
 from bitmix.ir.targets import Target, get_target
 from bitmix.report.report import LayerRow, Report
@@ -67,6 +67,7 @@ class CompiledModel(Keepable, nn.Module):
         args = self.input_spec.bind(args, kwargs)
         self.input_spec.check(args)
         self.recorder.calls.clear()  # one forward's calls: a serving loop's record stays one pass long
+        self.recorder.frames = frames_of([tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
         with torch.no_grad(), torch_on_one_thread(), self.input_spec.index_errors(args):
             return self.lowered(*args)
 
@@ -76,7 +77,8 @@ class CompiledModel(Keepable, nn.Module):
             raise BitmixError("no kernel calls recorded yet; run the compiled model on an input first")
         layers, vector_ops = executed_layers(self.graph, self.recorder.calls)
         assignment = {layer.name: self.assignment[self.recorder.calls[i][0]] for i, layer in enumerate(layers)}
-        return simulate_calls(layers, assignment, vector_ops, self.chip, engine, self.graph.model_name)
+        return simulate_calls(layers, assignment, vector_ops, self.chip, engine, self.graph.model_name,
+                              self.recorder.frames)
 
     def reset_calls(self) -> None:
         self.recorder.calls.clear()

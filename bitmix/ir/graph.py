@@ -7,6 +7,7 @@ modified after capture.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,12 +97,24 @@ class LayerGraph:
         return tuple(layer.name for layer in self.layers)
 
     @property
+    def frames(self) -> int | None:
+        """Frames per run: dim 0 (the batch) of the model's first input of rank >= 2, else 1 (None: inputs
+        unknown). Not a layer's dim 0, which is the sequence where a module runs sequence-first
+        (nn.MultiheadAttention transposes a batch-first input)."""
+        return frames_of(self.input_shapes) if self.input_shapes else None
+
+    @property
     def total_macs(self) -> int:
         return sum(layer.macs for layer in self.layers)
 
     @property
     def total_params(self) -> int:
         return sum(layer.params for layer in self.layers)
+
+
+def frames_of(shapes: Sequence[Sequence[int]]) -> int:
+    """The batch of a run's inputs: dim 0 of the first input of rank >= 2 (a rank-1 input is one frame)."""
+    return next((int(s[0]) for s in shapes if len(s) >= 2), 1)
 
 
 def _prod(shape: tuple[int, ...]) -> int:

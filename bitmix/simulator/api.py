@@ -27,12 +27,17 @@ ENGINES = {"analytic": analytic.run, "cycle": engine.run}
 def simulate(graph: LayerGraph, assignment: dict[str, PrecisionLike], config: ChipConfig | None = None,
              engine: str = "analytic") -> SimResult:
     """Simulate `graph` with `assignment[layer]` a `Precision` pair (an int b means b/b) on one or more chips."""
-    return simulate_calls(graph.layers, assignment, graph.vector_ops, config, engine, graph.model_name)
+    return simulate_calls(graph.layers, assignment, graph.vector_ops, config, engine, graph.model_name, graph.frames)
 
 
 def simulate_calls(layers: Sequence[Layer], assignment: dict[str, PrecisionLike], vector_ops: Sequence[VectorOp] = (),
-                   config: ChipConfig | None = None, engine: str = "analytic", model: str = "model") -> SimResult:
-    """Simulate Layer/VectorOp records as executed (e.g. shapes recorded at run time)."""
+                   config: ChipConfig | None = None, engine: str = "analytic", model: str = "model",
+                   frames: int | None = None) -> SimResult:
+    """Simulate Layer/VectorOp records as executed (e.g. shapes recorded at run time).
+
+    `frames`: frames per run (the inputs' batch, `bitmix.ir.graph.frames_of`); None reads the first layer's
+    dim 0, which is right only where that layer runs batch-first.
+    """
     chip = config or ChipConfig()
     if engine not in ENGINES:
         raise BitmixError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
@@ -43,7 +48,7 @@ def simulate_calls(layers: Sequence[Layer], assignment: dict[str, PrecisionLike]
     assignment = {name: chip_precision(bits, f"assignment[{name!r}] =") for name, bits in assignment.items()}
     stages = partition(works, assignment, chip)
     evals = ENGINES[engine](works, assignment, chip)
-    frames = works[0].gemm.frames
+    frames = frames or works[0].gemm.frames
     f = chip.clock_hz
 
     layer_results = []

@@ -33,7 +33,7 @@ def price(graph: LayerGraph, target: Target, chip: ChipConfig | None = None) -> 
     chip = chip or load_chip_config(target.chip_config)
     works = layer_works(graph.layers, graph.vector_ops)
     choices = layer_choices(graph, target)
-    n, frames, f = len(works), works[0].gemm.frames, chip.clock_hz
+    n, frames, f = len(works), graph.frames or works[0].gemm.frames, chip.clock_hz
     placed = [[place(w, b, chip) for b in opts] for w, opts in zip(works, choices, strict=True)]
 
     def joules(counts, bits: Precision, cycles: float) -> float:

@@ -38,3 +38,32 @@ def test_bad_assignments():
     with pytest.raises(BitmixError, match="unknown engine"):
         simulate_calls(layers, {"a": 8}, engine="spice")
 
+
+
+def test_frames_are_the_inputs_batch_where_a_layer_runs_sequence_first():
+    import torch
+    from torch import nn
+
+    import bitmix
+    from bitmix.compiler.capture import capture
+    from bitmix.simulator import price
+
+    class Attention(nn.Module):  # batch-first outside, (T, B, D) inside nn.MultiheadAttention
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = nn.MultiheadAttention(64, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    model = Attention().eval()
+    for batch, seq in ((1, 16), (3, 16), (2, 40)):
+        graph = capture(model, (torch.randn(batch, seq, 64),))
+        assert graph.layers[0].input_shape[0] == seq  # what frames was read from before
+        r = simulate(graph, uniform(graph, 8))
+        assert r.frames == batch and r.throughput_fps == pytest.approx(batch / r.latency_s)
+        assert price(graph, bitmix.targets["int8-npu"]).frames == batch
+    cm = bitmix.compile(model, (torch.randn(2, 16, 64),), "int8-npu", options=bitmix.CompileOptions(frontier_points=0))
+    assert cm.report.simulated["frames"] == 2
+    cm(torch.randn(5, 16, 64))
+    assert cm.simulate().frames == 5
