@@ -55,8 +55,9 @@ def pack_stages(weight_bytes: Sequence[int], act_bytes: Sequence[int], sram_byte
         if wb > capacity(1, ab):
             name = names[i] if names else f"#{i}"
             raise BitmixError(
-                f"layer {name!r} needs {wb / 2**20:.1f} MiB of weights plus {ab / 2**20:.1f} MiB of "
-                f"activations, but one chip has {sram_bytes / 2**20:.1f} MiB (cores x core_sram_bytes); "
+                f"layer {name!r} needs {_size(wb)} of weights plus {_size(ab)} of activations, but one chip "
+                f"has {_size(sram_bytes)} (cores x core_sram_bytes) and its programs take "
+                f"{_size(program_bytes)} per layer; "
                 f"lower its precision or raise chip.core_sram_bytes")
         if i > start and wsum + wb > capacity(i + 1 - start, max(act, ab)):
             stages.append(StageSpan(start, i, wsum, capacity(i - start, act)))
@@ -65,6 +66,13 @@ def pack_stages(weight_bytes: Sequence[int], act_bytes: Sequence[int], sram_byte
         act = max(act, ab)
     stages.append(StageSpan(start, len(weight_bytes), wsum, capacity(len(weight_bytes) - start, act)))
     return stages
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
 
 
 @dataclass(frozen=True)

@@ -304,7 +304,7 @@ def load_chip_config(path: str | None) -> ChipConfig:
         return ChipConfig()
     p = Path(path)
     if not p.is_file():
-        raise BitmixError(f"chip config file {path!r} not found; pass an existing TOML file or omit --config")
+        raise BitmixError(f"chip config file {path!r} not found; pass the path of an existing TOML file")
     try:
         data = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as exc:
@@ -320,21 +320,32 @@ def config_from_dict(data: dict[str, Any]) -> ChipConfig:
     defaults = {f.name: getattr(ChipConfig(), f.name) for f in fields(ChipConfig)}
     chip = dict(defaults)
     scalar = {k for k in _RANGES} | {"name"}
-    for key, value in data.get("chip", {}).items():
+    for key, value in _table("chip", data.get("chip", {})).items():
         if key not in scalar:
             raise BitmixError(f"chip config: unknown field chip.{key}; allowed: {', '.join(sorted(scalar))}")
         chip[key] = _typed(f"chip.{key}", value, type(defaults[key]))
-    for noc_name, table in data.get("noc", {}).items():
+    for noc_name, table in _table("noc", data.get("noc", {})).items():
         key = f"noc_{noc_name}"
-        if key not in defaults or not isinstance(table, dict):
+        if key not in defaults:
             raise BitmixError(f"chip config: unknown NoC noc.{noc_name}; allowed: psum, act, model, instr")
-        chip[key] = _override(f"noc.{noc_name}", defaults[key], table)
-    chip["pcie"] = _override("pcie", defaults["pcie"], data.get("pcie", {}))
-    energy = dict(data.get("energy", {}))
-    rows = _merge_rows(energy.pop("rows", []), defaults["energy"].rows)
+        chip[key] = _override(f"noc.{noc_name}", defaults[key], _table(f"noc.{noc_name}", table))
+    chip["pcie"] = _override("pcie", defaults["pcie"], _table("pcie", data.get("pcie", {})))
+    energy = dict(_table("energy", data.get("energy", {})))
+    rows = energy.pop("rows", [])
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise BitmixError(f"chip config: energy.rows must be an array of tables ([[energy.rows]] blocks), "
+                          f"got {rows!r}")
+    rows = _merge_rows(rows, defaults["energy"].rows)
     table = _override("energy", defaults["energy"], energy)
     chip["energy"] = replace(table, rows=rows)
     return ChipConfig(**chip)
+
+
+def _table(where: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BitmixError(f"chip config: {where} must be a table (a [{where}] header over key = value lines), "
+                          f"got {value!r}")
+    return value
 
 
 def _typed(where: str, value: Any, kind: type) -> Any:
@@ -370,6 +381,10 @@ def _merge_rows(new_rows: list[dict[str, Any]], rows: tuple[EnergyRow, ...]) -> 
                 f"each row needs exactly {', '.join(names)}"
             )
         row = EnergyRow(**{n: _typed(f"energy.rows[{i}].{n}", raw[n], type(getattr(rows[0], n))) for n in names})
+        known = sorted({f"{r.component}/{r.action}" for r in rows})
+        if f"{row.component}/{row.action}" not in known:
+            raise BitmixError(f"chip config: energy.rows[{i}] prices {row.component}/{row.action}, which the "
+                              f"simulator never charges; component/action is one of {', '.join(known)}")
         merged = [r for r in merged if (r.component, r.action, r.bits) != (row.component, row.action, row.bits)]
         merged.append(row)
     return tuple(merged)

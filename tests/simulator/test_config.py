@@ -48,6 +48,15 @@ def test_toml_overrides(tmp_path):
         ("[energy]\nstatic_power_w = -1\n", "energy.static_power_w"),
         ("[[energy.rows]]\ncomponent = \"mac\"\n", "energy.rows[0]"),
         ("[chip]\nmac_out_lanes = 4096\n", "mac_out_lanes"),
+        ("chip = 5\n", "chip must be a table"),
+        ("noc = 5\n", "noc must be a table"),
+        ("[noc]\nact = 5\n", "noc.act must be a table"),
+        ("pcie = \"fast\"\n", "pcie must be a table"),
+        ("energy = 3\n", "energy must be a table"),
+        ("[energy]\nrows = 5\n", "energy.rows must be an array of tables"),
+        ("[energy]\nrows = [1, 2]\n", "energy.rows must be an array of tables"),
+        ("[[energy.rows]]\ncomponent = \"sram\"\naction = \"fly\"\nbits = 1\nnode_nm = 7\nenergy_pj = 0.1\n"
+         "source = \"x\"\n", "sram/fly, which the simulator never charges"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, toml, field):
