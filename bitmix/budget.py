@@ -1,8 +1,9 @@
 """`Budget`: what a compiled model may cost on the simulated chip, as the user states it.
 
 Either a fraction of the all-highest-choice cost (`Budget(0.8)`; 1.0 = every free layer at
-the target's highest precision) or absolute goals per frame (`Budget(fps=5e7)`,
-`Budget(latency_s=1e-4)`, `Budget(energy_j=2e-6)`; several at once all hold). `clamp=True`
+the target's highest precision) or absolute goals (`Budget(fps=5e7)` frames per second,
+`Budget(latency_s=1e-4)` for one run of the example's whole batch, `Budget(energy_j=2e-6)` per
+frame; several at once all hold). A frame is one item of the batch. `clamp=True`
 turns a fraction below the cheapest assignment into the cheapest one (with a warning)
 instead of an error; the torch.compile backend uses it so a small graph piece never fails.
 The pipeline resolves a Budget against the chip into the allocator's constraint.

@@ -86,7 +86,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise BitmixError(f"model {args.model!r} has no training data in the zoo; drop --finetune-epochs")
     finetune = dataclasses.replace(data.recipe, epochs=epochs) if epochs else None
     goals = {"fps": args.fps, "latency_s": args.latency, "energy_j": args.energy}
-    budget = Budget(**goals) if any(v is not None for v in goals.values()) else args.budget
+    given = any(v is not None for v in goals.values())
+    if given and args.budget is not None:
+        raise BitmixError("give --budget or absolute goals (--fps, --latency, --energy), not both")
+    budget = Budget(**goals) if given else args.budget
     cm = compile(model, inputs, get_target(args.target, args.config), method=args.method, budget=budget,
                  data=Data(calibration=calibration, train=data, eval=data if args.eval else None), finetune=finetune,
                  seed=args.seed, options=CompileOptions(name=loaded.name, frontier_points=args.frontier_points,
@@ -204,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=_positive_float, default=None,
                    help="simulated cost allowed, as a fraction of the all-highest-choice cost (default 0.75, raised "
                    "to the cheapest assignment where that costs more; 1 for a one-choice target such as int8-npu)")
-    p.add_argument("--fps", type=_positive_float, help="absolute goal instead of --budget: frames/s")
-    p.add_argument("--latency", type=_positive_float, help="absolute goal: latency per frame in seconds")
+    p.add_argument("--fps", type=_positive_float, help="absolute goal instead of --budget: frames/s (a frame is "
+                   "one item of the input's batch; several chips: the pipeline's rate)")
+    p.add_argument("--latency", type=_positive_float, help="absolute goal: latency of one run (the input's whole "
+                   "batch) in seconds, as the report's simulated latency")
     p.add_argument("--energy", type=_positive_float, help="absolute goal: energy per frame in joules")
     p.add_argument("--finetune-epochs", type=int, default=None,
                    help="LSQ fine-tuning epochs after allocation (default: the zoo task's recipe -- digits 3 "

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +44,12 @@ def test_compile_digits_writes_everything(tmp_path):
         (["compile", "digits-cnn", "--out", "/etc/hostname"], "is a file; give a directory"),
         (["simulate", "digits-cnn", "--json", "/proc/none/sim.json"], "--json '/proc/none/sim.json': cannot write"),
         (["study", "frontier", "digits-mlp", "--out", "/tmp", "--results", "/proc/r.md"], "--results '/proc/r.md'"),
+        (["compile", "digits-mlp", "--budget", "0.5", "--fps", "1e6", "--out", "x"], "--budget or absolute goals"),
+        (["compile", "digits-mlp", "--frontier-points", "-3", "--out", "x"], "frontier_points must be an int >= 0"),
+        (["compile", "digits-mlp", "--finetune-epochs", "0", "--fps", "1e15", "--out", "x"], "fps is infeasible"),
+        (["compile", "digits-mlp", "--finetune-epochs", "0", "--latency", "1e-12", "--out", "x"],
+         "s per run is infeasible"),
+        (["simulate", "digits-cnn", "--config", str(Path(__file__).parent / "test_cli.py")], "not valid TOML"),
     ],
 )
 def test_errors_are_one_line_exit_2(args, message):

@@ -117,6 +117,9 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     opts = options or CompileOptions()
     if not isinstance(opts, CompileOptions):
         raise BitmixError(f"options must be a bitmix.CompileOptions, got {type(opts).__name__}")
+    points = opts.frontier_points
+    if isinstance(points, bool) or not isinstance(points, numbers.Integral) or points < 0:
+        raise BitmixError(f"frontier_points must be an int >= 0 (0 = no frontier), got {points!r}")
     if deprecated:
         method, budget, data, target, opts = legacy.translate(method, budget, data, target, opts, deprecated)
     timings: dict[str, float] = {}
