@@ -58,6 +58,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
     table.add_row("", "total", "", "", "", "", f"{graph.total_macs:,}", f"{graph.total_params:,}")
     console.print(table)
     console.print(f"{len(graph.vector_ops)} non-quantizable ops stay in floating point on the vector unit")
+    if graph.unsupported:
+        console.print(f"{len(graph.unsupported)} weight-bearing op(s) have no bitmix kernel and stay FP32 (not priced "
+                      f"by the simulator): {', '.join(graph.unsupported)}")
     return 0
 
 

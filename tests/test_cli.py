@@ -183,3 +183,20 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"bitmix {__version__}"
+
+
+def test_capture_names_the_ops_that_stay_fp32(tmp_path, capsys):
+    class Recurrent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = torch.nn.LSTM(8, 16, batch_first=True)
+            self.fc = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    path = tmp_path / "rnn.pt2"
+    torch.export.save(torch.export.export(Recurrent().eval(), (torch.randn(2, 5, 8),)), str(path))
+    assert main(["capture", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "no bitmix kernel and stay FP32" in out and "lstm" in out

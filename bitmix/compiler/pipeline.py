@@ -150,7 +150,8 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         if calib is not None:
             _check_calibration(graph, calib)
     if graph.unsupported:
-        msg = f"{len(graph.unsupported)} op(s) have no bitmix kernel and stay FP32: {', '.join(graph.unsupported)}"
+        msg = (f"{len(graph.unsupported)} op(s) have no bitmix kernel and stay FP32 (the simulated cost leaves them "
+               f"out): {', '.join(graph.unsupported)}")
         warnings.warn(msg, stacklevel=2)
         warn.append(msg)
     with _stage("price", timings):
