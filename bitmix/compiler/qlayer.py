@@ -14,6 +14,7 @@ integer codes the lowering packs are exactly those the fake-quantized model used
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,8 @@ from bitmix.ir.row_steps import row_steps
 GAUSSIAN_ABS_MEAN = {True: math.sqrt(2.0 / math.pi), False: 1.0 / math.sqrt(2.0 * math.pi)}
 MIN_STEP = ranges.MIN_STEP
 MIDRISE_BITS = 2  # the widest activation offered the mid-rise grid: at 4 bits and up one level of 16 is noise
+# weight codes per weight quantizer, until the weight or its step changes (calibration passes reuse them)
+_WEIGHT_CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 EXACT_F32 = float(2**24)  # float32 represents every integer up to this exactly
 
 
@@ -328,8 +331,10 @@ class QuantLayer(nn.Module):
         kernels produce bit-identical outputs and the same accuracy.
         """
         assert self.a_quant is not None
+        x, other = x.float(), None if other is None else other.float()  # the kernels read float64 as float32
         if self.kind != "matmul":
             x = self.prepare_input(x)
+        _check_quantizable(x, self.a_quant)
         a_step = self.a_quant.step_for(x).detach().float()
         a = self.a_quant.codes(x)
         if self.kind == "matmul":
@@ -337,7 +342,7 @@ class QuantLayer(nn.Module):
             acc = exact_matmul(a, self.b_quant.codes(other))
             return acc * (a_step * self.b_quant.step_for(other).detach().float())
         assert self.weight is not None and self.w_quant is not None
-        w = self.w_quant.codes(self.weight)
+        w = self.weight_codes()
         w_step = self.w_quant.step.detach().float()
         if self.kind == "linear":
             if self.a_quant.axis is not None:  # (acc * w_step) * row step: the lowered layer's order
@@ -355,6 +360,21 @@ class QuantLayer(nn.Module):
         return out + self.bias.detach().float().reshape(1, -1, 1, 1) if self.bias is not None else out
 
     @torch.no_grad()
+    def weight_codes(self) -> torch.Tensor:
+        """`w_quant.codes(weight)`, computed once per weight and step: every in-place change (an optimizer
+        step, `copy_`, `set_step`) bumps a tensor's version, a new weight or quantizer misses the cache, and
+        the float64 sums catch writes through `.data` (which bypass the version counter)."""
+        assert self.weight is not None and self.w_quant is not None
+        w, q = self.weight, self.w_quant
+        sums = [float(torch.sum(t.detach(), dtype=torch.float64)) for t in (w, q.step)]
+        key = (w.data_ptr(), w._version, q.step._version, q.midrise._version, *sums)
+        cached = _WEIGHT_CODES.get(q)
+        if cached is None or cached[0] is not w or cached[1] != key:
+            cached = (w, key, q.codes(w))
+            _WEIGHT_CODES[q] = cached
+        return cached[2]
+
+    @torch.no_grad()
     def folded_bias(self, w_codes: torch.Tensor | None = None) -> torch.Tensor | None:
         """The float32 bias the kernel adds: the layer's, plus on a mid-rise input grid the half step's
         product with the quantized weights, `(step / 2 * w_step) * Σ_k w_codes[:, k]` per output channel
@@ -363,10 +383,18 @@ class QuantLayer(nn.Module):
         half = self.a_quant.half_step() if isinstance(self.a_quant, LSQQuantizer) else None
         if half is None or self.weight is None or self.w_quant is None:
             return bias
-        codes = self.w_quant.codes(self.weight) if w_codes is None else w_codes
+        codes = self.weight_codes() if w_codes is None else w_codes
         sums = codes.reshape(self.weight.shape[0], -1).sum(dim=1).float()
         shift = (half * self.w_quant.step.detach().float()) * sums
         return shift if bias is None else bias + shift
+
+
+def _check_quantizable(x: torch.Tensor, quant: LSQQuantizer) -> None:
+    """The kernels' refusal, word for word: NaN has no code, and a row's step from an infinite max is NaN."""
+    if quant.axis is not None and not bool(torch.isfinite(x).all()):
+        raise BitmixError("x: contains NaN or Inf (a row's step from its max); cannot quantize")
+    if bool(torch.isnan(x).any()):
+        raise BitmixError("x: contains NaN; cannot quantize")
 
 
 def exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -335,3 +335,23 @@ def test_rewritten_ops_kernels_equal_fake_quant(pairs, net, shape):
     x = torch.randn(3, *shape)
     with torch.no_grad():
         assert torch.equal(fq(x), lowered.module(x))
+
+
+@pytest.mark.parametrize("target", ["int8-npu", "int4-npu"])
+def test_float64_and_nan_inputs_behave_the_same_on_kernels_and_fake_quant(target):
+    import bitmix
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64)).eval()
+    gen = torch.Generator().manual_seed(11)
+    cm = bitmix.compile(model, (torch.randn(2, 33, 64, generator=gen),), target,
+                        data=torch.randn(8, 33, 64, generator=gen) * 2,
+                        options=bitmix.CompileOptions(frontier_points=0))
+    x = torch.randn(2, 33, 64, generator=gen) * 1.5
+    with torch.no_grad():
+        assert torch.equal(cm(x.double()), cm.fake_quant(x.double()))  # both read float64 as float32
+        assert torch.equal(cm(x.double()), cm(x))
+        x[1, 3, 5] = float("nan")
+        for run in (cm, cm.fake_quant):
+            with pytest.raises(BitmixError, match="contains NaN"):
+                run(x)

@@ -251,3 +251,31 @@ def test_exact_matmul_falls_back_to_float64_when_float32_matmuls_are_narrowed():
     finally:
         torch.set_float32_matmul_precision(before)
     assert torch.equal(exact_matmul(a, b), expected)
+
+
+def test_cached_weight_codes_follow_every_change_of_weight_or_step():
+    torch.manual_seed(0)
+    layer = QuantLayer("fc", "linear", torch.randn(16, 32), torch.randn(16))
+    layer.set_bits(4)
+    x = torch.randn(8, 32)
+    layer.a_quant.init_range(x)
+    layer.eval()
+
+    def fresh():
+        return layer.w_quant.codes(layer.weight)
+
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(layer.weight_codes(), fresh())
+        layer.weight.mul_(1.7)  # in place, as an optimizer step
+        assert torch.equal(layer.weight_codes(), fresh())
+        layer.w_quant.set_step(layer.w_quant.step * 0.5)
+        assert torch.equal(layer.weight_codes(), fresh())
+        layer.weight = torch.nn.Parameter(torch.randn(16, 32))  # a new weight
+        assert torch.equal(layer.weight_codes(), fresh())
+        layer.weight.data.mul_(3.0)  # `.data` bypasses the version counter
+        assert torch.equal(layer.weight_codes(), fresh())
+        assert not torch.equal(layer(x), first)
+    copy = __import__("copy").deepcopy(layer)
+    copy.weight.data.zero_()
+    assert torch.equal(copy.weight_codes(), torch.zeros_like(fresh())) and torch.equal(layer.weight_codes(), fresh())
