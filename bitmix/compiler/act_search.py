@@ -41,15 +41,17 @@ def _rows(x: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor:
 def output_step(x: torch.Tensor, weight: torch.Tensor, quant: LSQQuantizer, grid: tuple[float, ...] = GRID
                 ) -> torch.Tensor:
     """The multiple of `quant`'s step in `grid` minimising `|(Q(x) - x) weight^T|^2` over rows `x` (R, K),
-    `weight` (C, K) as quantized."""
+    `weight` (C, K) as quantized. With more outputs than inputs (C > K) the error is summed through the
+    Gram matrix, `Σ (E G) ∘ E` with G = weight^T weight: R K^2 multiply-adds per candidate, not R K C."""
     base = quant.step.detach().float()
     rows = row_max(x, quant.axis) if quant.axis is not None else torch.ones(())  # per-row steps: `step * max`
+    gram = weight.t() @ weight if weight.shape[0] > weight.shape[1] else None
     best: tuple[float, torch.Tensor] | None = None
     for c in grid:
         s = base * c
         step = s * rows
-        xq = quant.dequantized(x, step)
-        error = float(F.linear(xq - x, weight).pow(2).sum())
+        e = quant.dequantized(x, step) - x
+        error = float(F.linear(e, weight).pow(2).sum() if gram is None else ((e @ gram) * e).sum())
         if best is None or error < best[0]:
             best = (error, s)
     assert best is not None

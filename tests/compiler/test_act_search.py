@@ -93,3 +93,14 @@ def test_layers_with_narrower_weights_keep_the_mse_step():
     plain = fake_quantize(gm, assignment, calib, rounding=False, bias_correction=False, activation_search=False)
     for a, b in zip(quant_layers(searched).values(), quant_layers(plain).values(), strict=True):
         assert torch.equal(a.a_quant.step, b.a_quant.step)
+
+
+def test_output_step_through_the_gram_matrix_finds_the_same_minimum_for_wide_layers():
+    x = _outlier_inputs(0)
+    w = torch.randn(48, 16, generator=torch.Generator().manual_seed(2))  # more outputs than inputs: Gram form
+    q = LSQQuantizer(8, signed=True)
+    q.init_range(x)
+    mse = q.step.detach().clone()
+    grid = tuple(0.5 + 0.05 * i for i in range(21))
+    errors = [_error(x, w, mse * c, q) for c in grid]
+    assert _error(x, w, output_step(x, w, q, grid), q) <= min(errors) * (1 + 1e-5)
