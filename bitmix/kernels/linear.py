@@ -67,6 +67,8 @@ class LinearKernel:
         one_call = m >= gemm_vnni.MIN_M and engine in _FUSED
         if self.rotation is not None and not (one_call and self.row_floor is not None):
             rows = rotate_rows(rows, self.rotation, w.k & -w.k)
+        refusal = ("x: contains NaN; cannot quantize" if self.row_floor is None else
+                   "x: contains NaN or Inf (a row's step from its max); cannot quantize")
         if one_call:
             out = np.empty((m, w.n), dtype=np.float32)
             fused = self._fused.get(engine)
@@ -75,8 +77,7 @@ class LinearKernel:
                     w, self.w_scales, self.a_step, *self.codes, self.bias, self.a_scale, self.row_floor,
                     None if self.row_floor is None else self.rotation)
             if fused(rows, out, _parallel(settings, m * w.n * w.k_pad)):
-                raise BitmixError("x: contains NaN; cannot quantize" if self.row_floor is None else
-                                  "x: contains NaN or Inf (a row's step from its max); cannot quantize")
+                raise BitmixError(refusal)
             return out.reshape(*lead, w.n)
         if self.a_scale is not None:
             rows = rows * self.a_scale
@@ -84,6 +85,8 @@ class LinearKernel:
             y = qlinear(rows, w, self.w_scales, self.a_step, self.a_bits, self.a_signed, self.bias)
         else:
             rows, steps = divide_rows(rows, self.a_step, self.row_floor)
+            if not np.isfinite(steps).all():  # an infinite row max: its step, and so its codes, are NaN
+                raise BitmixError(refusal)
             y = scale_rows(qlinear(rows, w, self.w_scales, 1.0, self.a_bits, self.a_signed, None), steps, self.bias)
         return y.reshape(*lead, w.n)
 
