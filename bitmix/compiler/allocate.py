@@ -97,7 +97,7 @@ class Allocation:
     cost: LayerCost  # the simulator's per-frame cycles, energy and resident weight bytes
     fraction: float  # cost.cycles / all-highest cycles (both simulated)
     gap: float  # proven bound on objective - optimum (0 = optimal)
-    solver: str  # "dp", "ilp", "uniform" or "random"
+    solver: str  # "dp", "ilp", "ilp + chip search" (multi-chip, see `_knapsack`), "uniform" or "random"
     chips: int = 1  # chips the assignment needs
     solve_s: float = field(default=0.0, compare=False)  # wall time, excluded from equality
 
@@ -205,8 +205,8 @@ def _knapsack(problem: _Problem, budget: Budget, solver: str) -> Allocation:
     if not found:
         raise BitmixError(_infeasible_message(problem, caps, budget, "out of reach of every assignment tried"))
     best = _improve(problem, min(found, key=problem.objective), caps)
-    return _allocation(problem, best, model.evaluate(best), max(0.0, problem.objective(best) - lower), label,
-                       time.perf_counter() - start)
+    return _allocation(problem, best, model.evaluate(best), max(0.0, problem.objective(best) - lower),
+                       "ilp + chip search", time.perf_counter() - start)
 
 
 def _bisect(solve_at: Callable[[float], tuple[list[int], float] | None], problem: _Problem,
