@@ -50,7 +50,7 @@ def output_step(x: torch.Tensor, weight: torch.Tensor, quant: LSQQuantizer, grid
     for c in grid:
         s = base * c
         step = s * rows
-        e = quant.dequantized(x, step) - x
+        e = quant.dequantized(x, step).sub_(x)
         error = float(F.linear(e, weight).pow(2).sum() if gram is None else ((e @ gram) * e).sum())
         if best is None or error < best[0]:
             best = (error, s)

@@ -40,11 +40,11 @@ def _held_out_error(fit: torch.Tensor, test: torch.Tensor, weight: torch.Tensor,
     """Squared output error on `test` rows with the weight MSE-quantized and the activation step set on `fit`."""
     q_n, q_p = qrange(bits.w, True)
     w_step = ranges.weight_steps(weight, q_n, q_p).unsqueeze(1)
-    wq = torch.round(torch.clamp(weight / w_step, -q_n, q_p)) * w_step
+    wq = torch.div(weight, w_step).clamp_(-q_n, q_p).round_().mul_(w_step)
     a_signed, a_step = ranges.activation_range(fit, bits.a, signed)
     a_n, a_p = qrange(bits.a, a_signed)
-    xq = torch.round(torch.clamp(test / a_step, -a_n, a_p)) * a_step
-    return float((xq @ wq.T - target).pow(2).sum())
+    xq = torch.div(test, a_step).clamp_(-a_n, a_p).round_().mul_(a_step)
+    return float((xq @ wq.T).sub_(target).pow_(2).sum())
 
 
 def _smoothquant_scales(fit: torch.Tensor, weight: torch.Tensor) -> Iterator[torch.Tensor]:
