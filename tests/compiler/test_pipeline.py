@@ -144,6 +144,18 @@ def test_nan_weights_rejected():
         bitmix.compile(model, torch.randn(2, 4), options=QUICK)
 
 
+def test_constant_calibration_warns():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    with pytest.warns(UserWarning, match=r"calibration input 0 holds one value \(0\) in every example"):
+        cm = bitmix.compile(mlp, (torch.randn(4, 32),), "int8-npu", data=torch.zeros(16, 32),
+                            options=CompileOptions(frontier_points=0))
+    assert any("holds one value" in w for w in cm.report.warnings)
+    x = torch.randn(16, 32)
+    with torch.no_grad():  # what the warning is about: real inputs are clipped
+        assert float(nn.functional.cosine_similarity(cm(x).flatten(), mlp(x).flatten(), dim=0)) < 0.9
+
+
 def test_op_without_kernel_stays_fp32_with_warning():
     class Net(nn.Module):
         def __init__(self):
