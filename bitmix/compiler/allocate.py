@@ -18,6 +18,7 @@ Baselines live here too: `uniform` (the best single precision that fits) and
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 import random
 import time
@@ -177,10 +178,8 @@ def _knapsack(problem: _Problem, budget: Budget, solver: str) -> Allocation:
     def solve(tight: dict[str, float], time_limit: float | None = None) -> tuple[list[int], float] | None:
         rows = [(problem.chains[r], c) for r, c in tight.items()]
         if solver != "ilp" and len(rows) == 1 and not one_chip_rows:
-            try:
-                return solve_dp(problem.scores, *rows[0])
-            except BitmixError:  # infeasible, or the scaled DP found nothing near the cap: the ILP decides
-                pass
+            with contextlib.suppress(BitmixError):  # infeasible, or the scaled DP found nothing near the cap:
+                return solve_dp(problem.scores, *rows[0])  # the ILP decides
         try:
             return solve_ilp(problem.scores, rows, one_chip_rows, time_limit), 0.0
         except BitmixError:
