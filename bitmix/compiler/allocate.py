@@ -158,7 +158,8 @@ def _pareto_greedy(problem: _Problem, scores: Scores, target: Target, budget: Bu
     caps = budget.caps(model, problem.reference)
     _check_feasible(problem, caps, budget)
     assignment = pareto_greedy(scores, lambda a: model.evaluate(model.index(a)).cycles,
-                               lambda a: _fits(model.evaluate(model.index(a)), caps), target, model.names, order)
+                               lambda a: _fits(model.evaluate(model.index(a)), caps), target, model.names, order,
+                               dict(zip(model.names, model.choices, strict=True)))
     choice = model.index(assignment)
     label = "pareto-greedy" if order == "sensitivity" else f"pareto-greedy ({order})"
     return _allocation(problem, choice, model.evaluate(choice), math.inf, label, time.perf_counter() - start)
@@ -331,6 +332,8 @@ def uniform(
     caps = budget.caps(problem.model, problem.reference)
     _check_feasible(problem, caps, budget)
     for bits in target.choices:
+        if any(free and bits not in opts for opts, free in zip(problem.model.choices, problem.free, strict=True)):
+            continue  # some layer does not fit one chip at these bits
         choice = [opts.index(bits) if free else 0
                   for opts, free in zip(problem.model.choices, problem.free, strict=True)]
         ev = problem.model.evaluate(choice)
@@ -393,14 +396,15 @@ def _problem(scores: Scores, costs: CostModel, target: Target, layer_names: Sequ
         raise BitmixError("the cost model was priced for other layers than those given; re-run price() on this graph")
     pinned = target.pinned(names)
     free = tuple(n not in pinned for n in names)
-    for name, opts in zip(names, costs.choices, strict=True):
+    unfit = costs.unfit or ((),) * len(names)
+    for name, opts, left_out in zip(names, costs.choices, unfit, strict=True):
         needed = (pinned[name],) if name in pinned else target.choices
-        if opts != needed:
+        if tuple(b for b in needed if b in opts) != tuple(opts) or {*opts, *left_out} != set(needed):
             raise BitmixError(f"the cost model prices layer {name!r} at {list(opts)} bits but target "
                               f"{target.name!r} needs {list(needed)}; re-run price() for this target")
     if require_scores:
-        for name in (n for n, f in zip(names, free, strict=True) if f):
-            missing = [b for b in target.choices if b not in scores.get(name, {})]
+        for name, opts, f in zip(names, costs.choices, free, strict=True):
+            missing = [b for b in opts if b not in scores.get(name, {})] if f else []
             if missing:
                 raise BitmixError(f"scores have no {missing[0]}-bit value for layer {name!r}; re-run score()")
     score_arrays = tuple(np.array([float(scores.get(n, {}).get(b, 0.0)) if f else 0.0 for b in opts])

@@ -20,13 +20,15 @@ What AMP does (shared/reference/quantization.md §1.2–1.3, read from quic/aime
 
 Costs are a callable `cost(assignment) -> float` of the whole assignment: `allocate`
 passes the simulator's exact cycles (`CostModel.evaluate`), and checks every cap of the
-budget on the exact evaluation of each probed point.
+budget on the exact evaluation of each probed point. `choices` narrows a layer's candidates
+(highest first) where the cost model left some out (a layer that overflows a chip at 8 bits):
+its highest fitting choice is the baseline's, and only its other fitting choices are flips.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from bitmix.errors import BitmixError
@@ -36,6 +38,7 @@ from bitmix.ir.targets import Target
 Scores = dict[str, dict[int, float]]
 
 CostFn = Callable[[dict[str, int]], float]
+Choices = Mapping[str, Sequence[Precision]] | None  # per layer, its candidates highest first (None: the target's)
 ORDERS = ("sensitivity", "cost-normalised")
 
 
@@ -50,17 +53,17 @@ class Flip:
 
 
 def flip_order(scores: Scores, target: Target, layer_names: Sequence[str], cost: CostFn,
-               order: str = "sensitivity") -> list[Flip]:
+               order: str = "sensitivity", choices: Choices = None) -> list[Flip]:
     """AMP's one cumulative order of (layer, lower precision) flips."""
     if order not in ORDERS:
         raise BitmixError(f"unknown pareto-greedy order {order!r}; valid: {', '.join(ORDERS)}")
     names = tuple(layer_names)
-    base = _baseline(target, names)
+    base = _baseline(target, names, choices)
     base_cost = cost(base)
     pinned = target.pinned(names)
     entries = []
     for index, name in enumerate(n for n in names if n not in pinned):
-        for bits in target.choices[1:]:
+        for bits in (target.choices if choices is None else choices[name])[1:]:
             if bits not in scores.get(name, {}):
                 raise BitmixError(f"scores have no {bits}-bit value for layer {name!r}; re-run score()")
             flip = Flip(name, bits, float(scores[name][bits]), base_cost - cost(base | {name: bits}))
@@ -73,9 +76,10 @@ def flip_order(scores: Scores, target: Target, layer_names: Sequence[str], cost:
     return [flip for _, flip in sorted(entries, key=lambda e: e[0])]
 
 
-def point(target: Target, layer_names: Sequence[str], flips: Sequence[Flip], i: int) -> dict[str, int]:
+def point(target: Target, layer_names: Sequence[str], flips: Sequence[Flip], i: int,
+          choices: Choices = None) -> dict[str, int]:
     """Pareto point i: the first i flips applied to the all-highest baseline (later entries win)."""
-    assignment = _baseline(target, tuple(layer_names))
+    assignment = _baseline(target, tuple(layer_names), choices)
     for flip in flips[:i]:
         assignment[flip.layer] = flip.bits
     return assignment
@@ -98,24 +102,26 @@ def search(n_points: int, fits: Callable[[int], bool]) -> int:
 
 
 def pareto_greedy(scores: Scores, cost: CostFn, fits: Callable[[dict[str, int]], bool], target: Target,
-                  layer_names: Sequence[str], order: str = "sensitivity") -> dict[str, int]:
+                  layer_names: Sequence[str], order: str = "sensitivity", choices: Choices = None) -> dict[str, int]:
     """The assignment AMP's phase 2 picks: the first point of the flip order that `fits` the budget."""
     names = tuple(layer_names)
-    flips = flip_order(scores, target, names, cost, order)
+    flips = flip_order(scores, target, names, cost, order, choices)
     probed: dict[int, bool] = {}
 
     def fits_point(i: int) -> bool:
         if i not in probed:
-            probed[i] = fits(point(target, names, flips, i))
+            probed[i] = fits(point(target, names, flips, i, choices))
         return probed[i]
 
     try:
-        return point(target, names, flips, search(len(flips) + 1, fits_point))
+        return point(target, names, flips, search(len(flips) + 1, fits_point), choices)
     except ValueError:
-        cheapest = cost(point(target, names, flips, len(flips))) / cost(_baseline(target, names))
+        cheapest = cost(point(target, names, flips, len(flips), choices)) / cost(_baseline(target, names, choices))
         raise BitmixError(f"budget infeasible for pareto-greedy: its cheapest point costs {cheapest:.4f} of "
                           f"all-highest; raise the budget to at least {math.ceil(cheapest * 1e4) / 1e4:.4f}") from None
 
 
-def _baseline(target: Target, names: tuple[str, ...]) -> dict[str, int]:
+def _baseline(target: Target, names: tuple[str, ...], choices: Choices = None) -> dict[str, int]:
+    if choices is not None:
+        return {n: choices[n][0] for n in names}
     return {n: target.highest for n in names} | target.pinned(names)

@@ -162,6 +162,13 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         warn.append(msg)
     with _stage("price", timings):
         costs = price(graph, tgt, chip)
+    for name, left_out in zip(costs.names, costs.unfit, strict=True):
+        if left_out:
+            msg = (f"layer {name!r} does not fit one chip at {', '.join(map(str, left_out))} (a layer is never split "
+                   f"over chips): it is allocated among {', '.join(map(str, costs.choices[costs.names.index(name)]))}, "
+                   "and budget fractions are of the all-highest assignment that fits")
+            warnings.warn(msg, stacklevel=2)
+            warn.append(msg)
     with _stage("prepare", timings):
         float_model = prepare(graph)
     names = graph.names
@@ -303,6 +310,8 @@ def _frontier(graph: LayerGraph, float_model: nn.Module, scores: dict, costs: Co
             result.append(point(alloc.assignment, fraction=round(alloc.fraction, 4), predicted_drop=alloc.objective))
     uniform_pts = []
     for bits in tgt.choices:
+        if any(bits in left_out for left_out in costs.unfit):
+            continue  # a layer overflows a chip at these bits (`price`)
         assignment = {n: pinned.get(n, bits) for n in names}
         uniform_pts.append(point(assignment, bits=str(bits),
                                  predicted_drop=sum(scores.get(n, {}).get(bits, 0.0) for n in names)))

@@ -39,6 +39,11 @@ class StageSpan:
     capacity_bytes: int
 
 
+def fits_one_chip(weight_bytes: int, act_bytes: int, sram_bytes: int, program_bytes: int) -> bool:
+    """Whether one layer alone fits a chip: its weights, its program and its activations (`pack_stages`)."""
+    return weight_bytes <= sram_bytes - program_bytes - act_bytes
+
+
 def pack_stages(weight_bytes: Sequence[int], act_bytes: Sequence[int], sram_bytes: int, program_bytes: int,
                 names: Sequence[str] = ()) -> list[StageSpan]:
     """Greedy contiguous packing of layers into chips (minimises the chip count of a contiguous split).
@@ -52,12 +57,12 @@ def pack_stages(weight_bytes: Sequence[int], act_bytes: Sequence[int], sram_byte
     stages: list[StageSpan] = []
     start, wsum, act = 0, 0, 0
     for i, (wb, ab) in enumerate(zip(weight_bytes, act_bytes, strict=True)):
-        if wb > capacity(1, ab):
+        if not fits_one_chip(wb, ab, sram_bytes, program_bytes):
             name = names[i] if names else f"#{i}"
             raise BitmixError(
-                f"layer {name!r} needs {_size(wb)} of weights plus {_size(ab)} of activations, but one chip "
-                f"has {_size(sram_bytes)} (cores x core_sram_bytes) and its programs take "
-                f"{_size(program_bytes)} per layer; "
+                f"layer {name!r} needs {size_text(wb)} of weights plus {size_text(ab)} of activations, but one chip "
+                f"has {size_text(sram_bytes)} (cores x core_sram_bytes) and its programs take "
+                f"{size_text(program_bytes)} per layer; "
                 f"lower its precision or raise chip.core_sram_bytes")
         if i > start and wsum + wb > capacity(i + 1 - start, max(act, ab)):
             stages.append(StageSpan(start, i, wsum, capacity(i - start, act)))
@@ -68,7 +73,8 @@ def pack_stages(weight_bytes: Sequence[int], act_bytes: Sequence[int], sram_byte
     return stages
 
 
-def _size(nbytes: int) -> str:
+def size_text(nbytes: int) -> str:
+    """A byte count in the largest of MiB / KiB / bytes it reaches."""
     for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= scale:
             return f"{nbytes / scale:.1f} {unit}"
@@ -128,6 +134,7 @@ class CostModel:
     xfer_bytes: tuple[np.ndarray, ...]
     chip: ChipLimits
     one_chip: bool  # every assignment fits one chip (then Σ terms is exact)
+    unfit: tuple[tuple, ...] = ()  # per layer, the target's choices left out: alone they overflow one chip
 
     def __len__(self) -> int:
         return len(self.names)

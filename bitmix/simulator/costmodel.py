@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from bitmix.errors import BitmixError
-from bitmix.ir.cost import ChipLimits, CostModel, pack_stages
+from bitmix.ir.cost import ChipLimits, CostModel, fits_one_chip, pack_stages, size_text
 from bitmix.ir.graph import LayerGraph
 from bitmix.ir.precision import Precision
 from bitmix.ir.targets import Target
@@ -29,10 +29,13 @@ def layer_choices(graph: LayerGraph, target: Target) -> tuple[tuple[Precision, .
 
 
 def price(graph: LayerGraph, target: Target, chip: ChipConfig | None = None) -> CostModel:
-    """The CostModel of `graph` on `target` (pinned layers get their pinned bits only)."""
+    """The CostModel of `graph` on `target` (pinned layers get their pinned bits only).
+
+    A choice at which a layer alone overflows one chip (weights, program and activations: a layer
+    is never split over chips) is left out of that layer's choices and listed in `unfit`."""
     chip = chip or load_chip_config(target.chip_config)
     works = layer_works(graph.layers, graph.vector_ops)
-    choices = layer_choices(graph, target)
+    choices, unfit = _fitting_choices(works, layer_choices(graph, target), chip)
     n, frames, f = len(works), graph.frames or works[0].gemm.frames, chip.clock_hz
     placed = [[place(w, b, chip) for b in opts] for w, opts in zip(works, choices, strict=True)]
 
@@ -71,8 +74,30 @@ def price(graph: LayerGraph, target: Target, chip: ChipConfig | None = None) -> 
         pair={"cycles": cyc_p, "energy_j": eng_p, "sram_bytes": tuple(np.zeros_like(p) for p in cyc_p)},
         enter=tuple(enter), hold=tuple(hold), weight_bytes=wbytes, act_bytes=abytes,
         xfer_bytes=tuple(np.array([input_bytes(w, b) for b in opts]) for w, opts in zip(works, choices, strict=True)),
-        chip=limits, one_chip=_always_one_chip(wbytes, abytes, limits),
+        chip=limits, one_chip=_always_one_chip(wbytes, abytes, limits), unfit=unfit,
     )
+
+
+def _fitting_choices(works, offered, chip: ChipConfig) -> tuple[tuple[tuple[Precision, ...], ...],
+                                                               tuple[tuple[Precision, ...], ...]]:
+    """Per layer, the offered choices at which it fits one chip by itself, and those at which it does not."""
+    sram, programs = chip.sram_bytes, program_bytes(chip)
+    kept, dropped = [], []
+    for w, opts in zip(works, offered, strict=True):
+        need = {b: (weight_bytes(w.layer, b), activation_bytes(w, b)) for b in opts}
+        fit = tuple(b for b in opts if fits_one_chip(*need[b], sram, programs))
+        if not fit:
+            b = min(opts, key=lambda c: sum(need[c]))
+            wb, ab = need[b]
+            at = f"even at its narrowest, {b}," if len(opts) > 1 else f"at {b}"
+            raise BitmixError(
+                f"layer {w.layer.name!r} fits one chip at none of its choices: {at} it needs {size_text(wb)} "
+                f"of weights plus {size_text(ab)} of activations, but one chip has {size_text(sram)} (cores x "
+                f"core_sram_bytes) and a layer's program takes {size_text(programs)}; raise chip.core_sram_bytes "
+                "or the core count (a layer is never split over chips)")
+        kept.append(fit)
+        dropped.append(tuple(b for b in opts if b not in fit))
+    return tuple(kept), tuple(dropped)
 
 
 def _always_one_chip(wbytes, abytes, chip: ChipLimits) -> bool:

@@ -137,3 +137,69 @@ def test_compile_meets_the_default_budget_on_a_multi_chip_model(tmp_path):
     target = bitmix.targets["int4int2-npu"].with_chip_config(str(config))
     cm = bitmix.compile(mlp, (x,), target, options=bitmix.CompileOptions(frontier_points=0))
     assert cm.report.simulated["chips"] > 1 and cm.report.info["achieved_fraction"] <= 0.75
+
+
+def _wide_middle_layer():
+    """An MLP whose middle layer (1024 -> 800) is 803 KiB at 8-bit weights, 402 KiB at 4: on `TINY_CHIP`
+    (512 KiB) it fits one chip only at 4 bits and below."""
+    import torch
+    from torch import nn
+
+    from bitmix.compiler.capture import capture
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 800), nn.ReLU(), nn.Linear(800, 10)).eval()
+    x = torch.randn(16, 64)
+    return mlp, x, capture(mlp, (x,))
+
+
+@pytest.mark.parametrize("strategy", ["knapsack", "uniform", "random", "pareto-greedy"])
+def test_a_layer_too_wide_for_a_chip_at_8_bits_is_allocated_among_the_choices_that_fit(strategy):
+    mixed = get_target("mixed-npu")
+    _, _, graph = _wide_middle_layer()
+    model = price(graph, mixed, TINY_CHIP)
+    middle = graph.names.index("2")
+    assert [str(b) for b in model.unfit[middle]] == ["8/8"]
+    assert model.choices[middle] == mixed.choices[1:] and all(not u for i, u in enumerate(model.unfit) if i != middle)
+    top = simulate(graph, model.assignment(model.highest()), TINY_CHIP)  # the reference: 4/8 in the middle
+    assert model.evaluate(model.highest()).cycles == pytest.approx(top.cycles / top.frames, rel=1e-9)
+    for fraction in (1.0, 0.8, 0.6):
+        if fraction < cheapest_fraction(model):
+            continue
+        alloc = allocate(_scores(graph.names, mixed), model, mixed, graph.names, Budget(fraction=fraction),
+                         strategy=strategy)
+        assert str(alloc.assignment["2"]) != "8/8"
+        r = simulate(graph, alloc.assignment, TINY_CHIP)
+        assert r.cycles / r.frames <= fraction * top.cycles / top.frames * (1 + 1e-9)
+
+
+def test_a_layer_that_fits_a_chip_at_no_choice_is_refused_in_one_line():
+    _, _, graph = _wide_middle_layer()
+    with pytest.raises(BitmixError, match=r"^layer '2' fits one chip at none of its choices: at 8/8 it needs 803.1 KiB"
+                                          r"[^\n]*raise chip.core_sram_bytes[^\n]*$"):
+        price(graph, get_target("int8-npu"), TINY_CHIP)
+    tiny = ChipConfig(cores_x=1, cores_y=1, core_sram_bytes=64 * 1024)
+    with pytest.raises(BitmixError, match=r"even at its narrowest, 2/2, it needs"):
+        price(graph, get_target("mixed-npu"), tiny)
+
+
+def test_compile_warns_which_choices_a_layer_cannot_take(tmp_path):
+    import bitmix
+
+    config = tmp_path / "chip.toml"
+    config.write_text("[chip]\ncores_x = 2\ncores_y = 2\ncore_sram_bytes = 131072\n")
+    mlp, x, _ = _wide_middle_layer()
+    target = bitmix.targets["mixed-npu"].with_chip_config(str(config))
+    with pytest.warns(UserWarning, match=r"layer '2' does not fit one chip at 8/8 .* allocated among 4/8, 2/8"):
+        cm = bitmix.compile(mlp, (x,), target, method="sqnr", data=x, budget=0.9,
+                            options=bitmix.CompileOptions(frontier_points=3))
+    assert str(cm.assignment["2"]) != "8/8"
+    assert "8/8" not in [p["bits"] for p in cm.report.uniform]
+    assert torch_equal_to_fake_quant(cm, x)
+
+
+def torch_equal_to_fake_quant(cm, x) -> bool:
+    import torch
+
+    with torch.no_grad():
+        return torch.equal(cm(x), cm.fake_quant(x))
