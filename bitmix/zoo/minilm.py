@@ -88,7 +88,14 @@ def load_minilm() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], TaskDat
     """The encoder and every first docstring paragraph of the stdlib, split by module (`stdlib_text`)."""
     transformers = _require_transformers()
     path = model_dir()
-    bert = transformers.AutoModel.from_pretrained(path, attn_implementation="eager")
+    hf_logging = transformers.utils.logging
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a local load: its "Loading weights" bar is noise in every run's output
+    try:
+        bert = transformers.AutoModel.from_pretrained(path, attn_implementation="eager")
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = SentenceEncoder(bert).eval()
     train_text, test_text, targets = _cached_text(model, tokenizer)
