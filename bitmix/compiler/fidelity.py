@@ -33,7 +33,7 @@ def fidelity(fp32: Callable[..., Any], compiled: Callable[..., Any],
     """The worst output's mean per-example cosine, and the max relative error, of `compiled` against `fp32`
     on (the first `limit` of) `inputs`."""
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
-    if limit is not None:
+    if limit is not None and len({t.shape[:1] for t in inputs}) == 1:  # examples only along a shared batch dim
         inputs = tuple(t[:limit] if t.dim() else t for t in inputs)
     with torch.no_grad():
         ref = _leaves(fp32(*inputs))

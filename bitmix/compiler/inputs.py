@@ -58,20 +58,31 @@ def caps(budget: Budget) -> Caps:
     return Caps(fps=budget.fps, latency_s=budget.latency_s, energy_j=budget.energy_j)
 
 
-def calibration_inputs(source: Any) -> Inputs | None:
-    """First CALIBRATION_SAMPLES inputs from a tensor, tuple, TaskData or iterable of batches."""
+def calibration_inputs(source: Any, example_ranks: tuple[int, ...] = ()) -> Inputs | None:
+    """First CALIBRATION_SAMPLES inputs from a tensor, tuple, TaskData or iterable of batches; floating
+    tensors as float32, what the compiled model computes in (as its calls cast them). An iterable whose
+    items have one dimension fewer than the example inputs (`example_ranks`) is a list of single examples."""
     if source is None:
         return None
+    return tuple(t.float() if t.is_floating_point() else t for t in _calibration(source, example_ranks))
+
+
+def _calibration(source: Any, example_ranks: tuple[int, ...]) -> Inputs:
     if isinstance(source, TaskData):
         return source.calibration(CALIBRATION_SAMPLES)
     if isinstance(source, torch.Tensor):
         return (source[:CALIBRATION_SAMPLES],)
     if isinstance(source, tuple) and all(isinstance(t, torch.Tensor) for t in source):
+        if len({t.shape[:1] for t in source}) > 1:  # no shared batch dimension (1-D ids beside their offsets)
+            return source
         return tuple(t[:CALIBRATION_SAMPLES] for t in source)
     if isinstance(source, Iterable):
         batches: list[Inputs] = []
         count = 0
         for batch in _iter(source):
+            if len(batch) == len(example_ranks) and all(t.dim() + 1 == r for t, r in zip(batch, example_ranks,
+                                                                                           strict=True)):
+                batch = tuple(t.unsqueeze(0) for t in batch)  # one example without its batch dimension
             batches.append(batch)
             count += batch[0].shape[0]
             if count >= CALIBRATION_SAMPLES:

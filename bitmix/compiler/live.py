@@ -52,7 +52,10 @@ def live_rows(model: nn.Module, layers: dict[str, QuantLayer], calibration: tupl
     saved = {name: layer.bits for name, layer in layers.items()}
     handles = [layer.register_forward_hook(hook) for layer in targets.values()]
     n = calibration[0].shape[0]
-    chunk = n if fixed_batch(model) is not None else CHUNK  # a static graph runs only its traced batch
+    # A static graph runs only its traced batch; inputs without one shared leading batch dimension (an
+    # EmbeddingBag's 1-D ids beside its offsets) cannot be cut into examples either.
+    batched = all(t.dim() >= 1 and t.shape[0] == n for t in calibration)
+    chunk = n if fixed_batch(model) is not None or not batched else CHUNK
     try:
         for layer in layers.values():
             layer.bits = None

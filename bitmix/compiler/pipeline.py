@@ -130,7 +130,9 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     caps = inputs.caps(goal)
     scorer, method_config = sensitivity.resolve(method)
     roles = inputs.resolve_data(data)
-    calib = inputs.calibration_inputs(roles.calibration if roles.calibration is not None else roles.train)
+    ranks = tuple(t.dim() for t in (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,))
+                  if isinstance(t, torch.Tensor))
+    calib = inputs.calibration_inputs(roles.calibration if roles.calibration is not None else roles.train, ranks)
     sensitivity.check_inputs(scorer, roles.train is not None, calib is not None)  # before any slow stage
     ranges_from = calib if calib is not None else _example_calibration(example_inputs, warn)
     ft = FinetuneConfig(epochs=finetune) if isinstance(finetune, int) else finetune

@@ -430,6 +430,8 @@ def exact_conv(a: torch.Tensor, w: torch.Tensor, stride: tuple[int, ...], paddin
     oneDNN float32 setting, falls back to a float64 conv). One chunk covers every 2- and 4-bit conv
     and depthwise ones; a float64 conv instead runs torch's slow non-oneDNN path (a MobileNetV2 int8
     compile spent 64 s in it at load 7, cProfile 2026-12-02)."""
+    if a.numel() == 0 or w.numel() == 0:  # an empty batch: nothing to sum, as torch's conv
+        return F.conv2d(a, w, None, stride, padding, dilation, groups)
     per_channel = float(a.abs().amax()) * float(w.abs().amax()) * w.shape[2] * w.shape[3]
     in_per_group = w.shape[1]
     if per_channel > EXACT_F32 or _reduced_precision_conv():

@@ -19,7 +19,7 @@ from bitmix.compiler.distill import LayerDistiller
 from bitmix.compiler.equalize import equalize, pairs
 from bitmix.compiler.progress import limit as _limit
 from bitmix.compiler.progress import progress as _progress
-from bitmix.compiler.qlayer import MIN_STEP, LSQQuantizer, QuantLayer, quant_layers
+from bitmix.compiler.qlayer import MIN_STEP, LSQQuantizer, QuantLayer, fixed_batch, quant_layers
 from bitmix.errors import BitmixError
 from bitmix.ir.precision import PrecisionLike
 from bitmix.task import TaskData
@@ -162,6 +162,13 @@ def calibration_signs(
                 model(*calibration)
             except (RuntimeError, TypeError, ValueError, IndexError) as exc:
                 first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+                batch = fixed_batch(model)
+                if batch is not None and calibration and calibration[0].shape[:1] != (batch,):
+                    raise BitmixError(
+                        f"calibration inputs do not fit the model ({first[:160]}): it was captured with static "
+                        f"shapes (batch {batch}), which its reshapes keep; compile with a dynamic batch (the "
+                        f"default, or CompileOptions(dynamic_shapes=...)) or pass {batch} calibration examples"
+                    ) from None
                 raise BitmixError(f"calibration inputs do not fit the model ({first[:160]}); pass inputs shaped "
                                   "and typed like the example inputs") from None
     finally:

@@ -150,6 +150,11 @@ class InputSpec:
         """One line for `args` the compiled model cannot take (`batch=False`: any size in dim 0, for
         calibration batches of a static export)."""
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        others = [f"{type(a).__module__}.{type(a).__name__}" for a in args
+                  if not isinstance(a, torch.Tensor) and hasattr(a, "shape")]
+        if others and len(tensors) != len(self.names):
+            raise BitmixError(f"the compiled model takes torch tensors, got {others[0]}; convert it first "
+                              "(torch.from_numpy(x) for a numpy array)")
         if len(tensors) != len(self.names):
             raise BitmixError(f"the compiled model takes {len(self.names)} tensor input(s) "
                               f"({', '.join(self.names)}), got {len(tensors)}")
@@ -160,8 +165,9 @@ class InputSpec:
             if t.dim() != len(dims):
                 raise BitmixError(f"input {name!r} must have {len(dims)} dimensions, got shape {tuple(t.shape)}")
             if kinds.get(name, dtype_kind(t.dtype)) != dtype_kind(t.dtype):
+                convert = {"float": "x.float()", "integer": "x.long()", "bool": "x.bool()"}[kinds[name]]
                 raise BitmixError(f"input {name!r} must be a {kinds[name]} tensor like the example input, got "
-                                  f"{t.dtype}; convert it (e.g. x.float() for images, x.long() for token ids)")
+                                  f"{t.dtype}; convert it ({convert})")
             for i, (want, got) in enumerate(zip(dims, t.shape, strict=True)):
                 if i == 0 and not batch:
                     continue

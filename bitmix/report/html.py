@@ -64,7 +64,7 @@ def render_html(report: Report, plots: dict[str, str], base: Path | None = None)
 <html lang="en"><head><meta charset="utf-8"><title>bitmix report: {html.escape(report.model)}</title>
 <style>{CSS}</style></head><body>
 <h1>bitmix: {html.escape(report.model)} → {html.escape(report.target)}</h1>
-<p class="sub">method {html.escape(report.method)}, budget {html.escape(str(report.budget))};
+<p class="sub">method {html.escape(report.method)}, budget {html.escape(report.budget_text)};
 stage timings: {timings}</p>
 {warnings}
 <div class="cards">{''.join(cards)}</div>

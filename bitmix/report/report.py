@@ -63,6 +63,13 @@ class Report:
     warnings: tuple[str, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def budget_text(self) -> str:
+        """The budget for titles: a fraction to 4 significant digits, or the goals given."""
+        if isinstance(self.budget, dict):
+            return ", ".join(f"{k} {v:.4g}" for k, v in self.budget.items())
+        return f"{self.budget:.4g}"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,

@@ -17,7 +17,7 @@ def _console() -> Console:
 
 
 def layer_table(report: Report) -> Table:
-    table = Table(title=f"{report.model} → {report.target} ({report.method}, budget {report.budget})")
+    table = Table(title=f"{report.model} → {report.target} ({report.method}, budget {report.budget_text})")
     for col in ("#", "layer", "kind", "w/a bits", "MACs", "params", "cycles", "energy µJ", "score", "bound"):
         table.add_column(col, justify="left" if col in ("layer", "kind", "bound") else "right",
                          overflow="fold" if col == "layer" else "ellipsis")

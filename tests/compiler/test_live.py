@@ -110,3 +110,26 @@ def test_a_dead_layer_compiles_at_narrow_weights(target):
                         options=bitmix.CompileOptions(frontier_points=0))
     with torch.no_grad():
         assert torch.equal(cm(x), cm.fake_quant(x))
+
+
+class _BagWithOffsets(nn.Module):
+    """An EmbeddingBag fed 1-D ids and their offsets: no input has a batch dimension to cut examples from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.fc1, self.fc2 = nn.EmbeddingBag(100, 16, mode="sum"), nn.Linear(16, 32), nn.Linear(32, 3)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(self.emb(ids, offsets))))
+
+
+def test_inputs_without_a_shared_batch_dimension_are_not_cut_into_examples():
+    model = _BagWithOffsets().eval()
+    ids, offsets = torch.randint(0, 100, (40,)), torch.tensor([0, 5, 11, 20, 33])  # more ids than a chunk
+    cm = bitmix.compile(model, (ids, offsets), "int4int2-npu", data=(ids, offsets),
+                        options=bitmix.CompileOptions(frontier_points=0))
+    other = torch.randint(0, 100, (30,)), torch.tensor([0, 7, 29])
+    with torch.no_grad():
+        assert torch.equal(cm(*other), cm.fake_quant(*other))
+        assert torch.nn.functional.cosine_similarity(cm(*other), model(*other)).min() > 0.9

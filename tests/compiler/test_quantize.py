@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+import bitmix
 from bitmix import zoo
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
@@ -279,3 +281,12 @@ def test_cached_weight_codes_follow_every_change_of_weight_or_step():
     copy = __import__("copy").deepcopy(layer)
     copy.weight.data.zero_()
     assert torch.equal(copy.weight_codes(), torch.zeros_like(fresh())) and torch.equal(layer.weight_codes(), fresh())
+
+
+def test_fake_quant_of_an_empty_batch_is_empty_as_in_torch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    cm = bitmix.compile(model, torch.randn(2, 3, 6, 6), "int8-npu", data=torch.randn(8, 3, 6, 6),
+                        options=bitmix.CompileOptions(frontier_points=0))
+    with torch.no_grad():
+        assert cm.fake_quant(torch.randn(0, 3, 6, 6)).shape == (0, 4)

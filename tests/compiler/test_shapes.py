@@ -162,3 +162,40 @@ def test_inputs_by_name_as_in_eager(tmp_path):
                 model(**kwargs)
         with pytest.raises(BitmixError, match="'ids' is given by position and by name"):
             model(ids, ids=ids)
+
+
+def test_a_numpy_input_or_a_mask_of_another_kind_names_the_conversion():
+    cm = _compile(_mlp(), torch.randn(4, 16))
+    with pytest.raises(BitmixError, match=r"takes torch tensors, got numpy.ndarray; .*torch.from_numpy"):
+        cm(torch.randn(2, 16).numpy())
+    masked = _compile(_TwoInputs().eval(), (torch.randint(0, 30, (2, 5)), torch.ones(2, 5, dtype=torch.bool)))
+    with pytest.raises(BitmixError, match=r"'mask' must be a bool tensor .* got torch.int64; convert it \(x.bool"):
+        masked(torch.randint(0, 30, (2, 5)), torch.ones(2, 5, dtype=torch.long))
+
+
+class _ViewsTheBatch(nn.Module):
+    """A reshape that names the batch: a static export keeps it, so only that batch runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(x.shape[0], 2, 8)).reshape(x.shape[0], -1)
+
+
+def test_calibration_beside_a_static_batch_names_the_fix():
+    with pytest.raises(BitmixError, match=r"static shapes \(batch 2\).*dynamic batch.*pass 2 calibration"):
+        bitmix.compile(_ViewsTheBatch().eval(), torch.randn(2, 16), "int8-npu", data=torch.randn(12, 16),
+                       options=bitmix.CompileOptions(frontier_points=0, dynamic_shapes=None))
+
+
+def test_calibration_as_float64_or_as_a_list_of_single_examples():
+    model, x = _mlp(), torch.randn(4, 16)
+    calib = torch.randn(12, 16)
+    want = bitmix.compile(model, x, "int8-npu", data=calib, options=bitmix.CompileOptions(frontier_points=0))
+    for data in (calib.double(), list(calib)):
+        cm = bitmix.compile(model, x, "int8-npu", data=data, options=bitmix.CompileOptions(frontier_points=0))
+        with torch.no_grad():
+            assert torch.equal(cm(x), want(x))

@@ -104,3 +104,15 @@ def test_pairs_show_weight_and_activation_bits(tmp_path):
     console = Console(record=True, width=200)
     console.print(layer_table(report))
     assert "4/8" in console.export_text()
+
+
+def test_titles_show_the_budget_rounded_or_its_goals():
+    from dataclasses import replace
+
+    from bitmix.report.html import render_html
+
+    clamped = replace(_report(), budget=0.9865319865319865)
+    assert clamped.budget_text == "0.9865" and "budget 0.9865)" in str(layer_table(clamped).title)
+    assert "budget 0.9865;" in render_html(clamped, {})
+    goals = replace(_report(), budget={"fps": 1234567.0, "energy_j": 2.5e-6})
+    assert goals.budget_text == "fps 1.235e+06, energy_j 2.5e-06"
