@@ -49,6 +49,8 @@ def test_compile_digits_writes_everything(tmp_path):
         (["compile", "digits-mlp", "--finetune-epochs", "0", "--fps", "1e15", "--out", "x"], "fps is infeasible"),
         (["compile", "digits-mlp", "--finetune-epochs", "0", "--latency", "1e-12", "--out", "x"],
          "s per run is infeasible"),
+        (["compile", "digits-mlp", "--finetune-epochs", "0", "--energy", "1e-15", "--out", "x"],
+         "an energy of 1e-15 J per frame is infeasible"),
         (["simulate", "digits-cnn", "--config", str(Path(__file__).parent / "test_cli.py")], "not valid TOML"),
     ],
 )
@@ -175,6 +177,26 @@ def test_data_a_static_program_cannot_run(tmp_path, capfd):
     assert main(["compile", str(model), "--data", str(calib), "--out", str(tmp_path / "d")]) == 2
     err = capfd.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not run on --data" in err and "Dim('batch')" in err, err
+
+
+class TokenHead(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = torch.nn.Embedding(100, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(ids).mean(dim=1))
+
+
+def test_data_the_program_cannot_take_is_not_blamed_on_the_batch(tmp_path, capfd):
+    model, calib = tmp_path / "tokens.pt2", tmp_path / "ids.pt"
+    ids = torch.randint(0, 100, (2, 5))
+    torch.export.save(torch.export.export(TokenHead().eval(), (ids,)), model)
+    torch.save(torch.randint(0, 1000, (16, 5)), calib)  # ids past the vocabulary
+    assert main(["compile", str(model), "--data", str(calib), "--out", str(tmp_path / "d")]) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "index out of range" in err and "vocabulary" in err, err
+    assert "Dim('batch')" not in err
 
 
 def test_version(capsys):

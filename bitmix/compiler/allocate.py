@@ -466,6 +466,9 @@ def _infeasible_message(problem: _Problem, caps: dict[str, float], budget: Budge
             least = math.ceil(lowest / ref * 1e4) / 1e4
             return (f"a budget of {cap:.6g} cycles ({cap / ref:.4f} of all-highest) is {why}; the minimum achievable "
                     f"is {lowest:.6g} cycles ({lowest / ref:.4f}): ask for a budget of at least {least:.4f}")
+        if resource == "energy_j" and (lowest > cap * (1 + TOL) or len(caps) == 1):
+            return (f"an energy of {cap:.6g} J per frame is {why}; the most frugal assignment takes {lowest:.6g} J "
+                    "per frame: ask for at least that")
         if lowest > cap * (1 + TOL) or len(caps) == 1:
             return (f"a budget of {cap:.6g} {resource} is {why}; the minimum achievable is {lowest:.6g} {resource}: "
                     "relax that limit")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
@@ -72,8 +73,12 @@ def save(cm: Any, path: str | Path) -> Path:
         program = torch.export.export(module, examples, dynamic_shapes=dims, strict=False)
     report = cm.report.to_dict() if cm.report is not None else {}
     extra = {REPORT_KEY: json.dumps(report, default=_json_default), INPUTS_KEY: json.dumps(asdict(spec))}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, out, extra_files=extra)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(program, out, extra_files=extra)
+    except (OSError, RuntimeError) as exc:  # a read-only or special folder: torch's writer raises RuntimeError
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise BitmixError(f"cannot write {str(out)!r} ({first[:120]}); save to a writable folder") from None
     return out
 
 
@@ -124,11 +129,16 @@ def load(path: str | Path) -> LoadedModel:
     if not p.is_file():
         raise BitmixError(f"no saved model at {p}; write one with cm.save('model.pt2')")
     extra = {REPORT_KEY: "", INPUTS_KEY: ""}
+    torch_log = logging.getLogger("torch.export")  # logs a bad archive's traceback itself; ours is one line
+    level = torch_log.level
+    torch_log.setLevel(logging.CRITICAL)
     try:
         program = torch.export.load(p, extra_files=extra)
     except Exception as exc:  # torch raises many types for a bad archive
         raise BitmixError(f"{p} is not a torch.export program ({type(exc).__name__}); "
                           "save compiled models with cm.save") from None
+    finally:
+        torch_log.setLevel(level)
     if not extra[INPUTS_KEY]:
         raise BitmixError(f"{p} was not written by cm.save (no bitmix input spec); use torch.export.load for it")
     raw = json.loads(extra[INPUTS_KEY])

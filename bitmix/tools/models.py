@@ -178,21 +178,35 @@ def load_calibration(path: str, inputs: tuple[torch.Tensor, ...], model: nn.Modu
             raise BitmixError(f"--data tensor {i} is {t.dtype} but the model's input {i} is {x.dtype}")
     tensors = tuple(t.to(x.dtype) for t, x in zip(tensors, inputs, strict=True))
     if model is not None:
-        _check_batch(model, tuple(t[:8] for t in tensors), path)
+        _check_batch(model, tuple(t[:8] for t in tensors), path, inputs[0].shape[0])
     return tensors
 
 
-def _check_batch(model: nn.Module, sample: tuple[torch.Tensor, ...], path: str) -> None:
+def _check_batch(model: nn.Module, sample: tuple[torch.Tensor, ...], path: str, batch: int) -> None:
+    """Run `sample`; on failure, tell a batch baked into the program's ops (the same rows at the example's
+    `batch` run) from data the program cannot take at all (token ids past its vocabulary, say)."""
     from bitmix.compiler.fold import drop_guards
 
     module = copy.deepcopy(model)
     if isinstance(module, fx.GraphModule):
         drop_guards(module)
         module.recompile()
+    failure = _failure(module, sample)
+    if failure is None:
+        return
+    at_batch = tuple(t[torch.arange(batch) % t.shape[0]] for t in sample)  # the same rows, the example's count
+    if sample[0].shape[0] != batch and _failure(module, at_batch) is None:
+        raise BitmixError(f"the program does not run on --data {path!r} at batch {sample[0].shape[0]} "
+                          f"({failure}); export it with dynamic_shapes={{0: torch.export.Dim('batch')}}")
+    raise BitmixError(f"the program does not run on --data {path!r} ({failure}); pass inputs the program can "
+                      "take, like its example inputs (e.g. token ids below the vocabulary size)")
+
+
+def _failure(module: nn.Module, args: tuple[torch.Tensor, ...]) -> str | None:
+    """The first line of what running `module` on `args` raises, or None if it runs."""
     try:
         with torch.no_grad():
-            module(*sample)
-    except Exception as exc:  # shape errors from ops that baked the exported batch size
-        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise BitmixError(f"the program does not run on --data {path!r} at batch {sample[0].shape[0]} "
-                          f"({first[:100]}); export it with dynamic_shapes={{0: torch.export.Dim('batch')}}") from None
+            module(*args)
+    except Exception as exc:  # whatever the program raises
+        return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)[:100]
+    return None
