@@ -9,7 +9,8 @@ What AMP does (shared/reference/quantization.md §1.2–1.3, read from quic/aime
 - The entries are sorted once: least sensitive first; ties go to the milder flip (higher
   bits), then the larger saving, then the earlier layer. Cost only breaks ties: AIMET does
   not order by saving per unit of sensitivity. That order is a separate, labelled variant
-  here (`order="cost-normalised"`), not AMP.
+  here (`order="cost-normalised"`), not AMP; it keeps only the entries that take a layer
+  deeper than its earlier ones (`_deepening`).
 - Point i of the Pareto curve applies entries 0..i−1 cumulatively to the all-highest
   baseline (point 0); a layer that appears twice takes its later entry. Nothing is
   interpolated between points.
@@ -73,7 +74,24 @@ def flip_order(scores: Scores, target: Target, layer_names: Sequence[str], cost:
             else:  # score lost per unit of cost saved; flips that save nothing go last
                 key = (flip.score / flip.saving if flip.saving > 0 else math.inf, higher_first, -flip.saving, index)
             entries.append((key, flip))
-    return [flip for _, flip in sorted(entries, key=lambda e: e[0])]
+    ordered = [flip for _, flip in sorted(entries, key=lambda e: e[0])]
+    return ordered if order == "sensitivity" else _deepening(ordered)
+
+
+def _deepening(flips: list[Flip]) -> list[Flip]:
+    """The cost-normalised order without the entries that would undo a layer's earlier, deeper flip.
+
+    Ranked by score per unit saved, a layer's 2/2 can come before its 4/8; applied cumulatively, the
+    later, milder entry would win and take back the saving, so the points' costs would climb again and the
+    binary search (which assumes they only fall) would miss fitting points. AMP's own order does not need
+    this: there the milder flip is also the less sensitive one and comes first."""
+    deepest: dict[str, float] = {}
+    kept = []
+    for flip in flips:
+        if flip.saving > deepest.get(flip.layer, 0.0):
+            deepest[flip.layer] = flip.saving
+            kept.append(flip)
+    return kept
 
 
 def point(target: Target, layer_names: Sequence[str], flips: Sequence[Flip], i: int,
@@ -116,7 +134,8 @@ def pareto_greedy(scores: Scores, cost: CostFn, fits: Callable[[dict[str, int]],
     try:
         return point(target, names, flips, search(len(flips) + 1, fits_point), choices)
     except ValueError:
-        cheapest = cost(point(target, names, flips, len(flips), choices)) / cost(_baseline(target, names, choices))
+        base = cost(_baseline(target, names, choices))
+        cheapest = min(cost(point(target, names, flips, i, choices)) for i in range(len(flips) + 1)) / base
         raise BitmixError(f"budget infeasible for pareto-greedy: its cheapest point costs {cheapest:.4f} of "
                           f"all-highest; raise the budget to at least {math.ceil(cheapest * 1e4) / 1e4:.4f}") from None
 

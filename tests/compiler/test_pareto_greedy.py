@@ -136,3 +136,21 @@ def test_knapsack_is_never_worse_than_greedy(seed):
             exact = allocate(scores, model(costs), target, names, Budget(fraction=fraction))
             assert exact.objective <= found.objective + 1e-9
             assert found.fraction <= fraction * (1 + 1e-9)
+
+
+def test_cost_normalised_order_never_takes_a_deeper_flip_back():
+    """Per unit saved, x's 2-bit flip ranks before its milder 4-bit one; applied after it, the 4-bit entry would
+    raise the cost again and the binary search would miss the fitting point between."""
+    scores = {"x": {8: 0.0, 4: 0.5, 2: 0.6}, "y": {8: 0.0, 4: 0.05, 2: 5.0}}
+    costs = {"x": {8: 80.0, 4: 40.0, 2: 5.0}, "y": {8: 20.0, 4: 19.0, 2: 18.0}}
+    names = ("x", "y")
+
+    def cost(a):
+        return sum(costs[n][b] for n, b in a.items())
+
+    flips = flip_order(scores, THREE, names, cost, order="cost-normalised")
+    assert [(f.layer, f.bits) for f in flips] == [("x", 2), ("y", 4), ("y", 2)]  # x -> 4 bits would undo x -> 2
+    along = [cost(point(THREE, names, flips, i)) for i in range(len(flips) + 1)]
+    assert along == sorted(along, reverse=True)
+    chosen = greedy(scores, costs, THREE, names, 0.3, order="cost-normalised")
+    assert chosen.assignment == {"x": 2, "y": 8} and chosen.fraction <= 0.3
