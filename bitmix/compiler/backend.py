@@ -31,6 +31,7 @@ first call: changing the model's weights afterwards needs `torch._dynamo.reset()
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch._dynamo.source import AttrSource
 from torch.export import Dim
 from torch.nn import functional as F  # noqa: N812
 
@@ -88,6 +90,8 @@ class _Lifted(nn.Module):
                 full.append(getattr(self, f"state{ref}"))
             elif kind == "user":
                 full.append(args[ref])
+            elif kind == "scalar":
+                full.append(torch.tensor(ref, dtype=torch.float64))  # unused: the graph holds its value
             else:
                 k, method, index = ref
                 value = getattr(args[k], method)
@@ -97,10 +101,14 @@ class _Lifted(nn.Module):
 
 def bitmix_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
     options = kwargs.get("options")
-    slots = _slots(gm, example_inputs)
+    eager = copy.deepcopy(gm)  # as traced, before `_specialize_scalars` writes floats into `gm`
+    scalars = _specialize_scalars(gm, example_inputs)
+    slots = _slots(gm, example_inputs, scalars)
     compiled: dict[str, Callable[..., Any]] = {}
 
     def run(*args: Any) -> Any:
+        if any(float(args[i]) != value for i, value in scalars.items()):
+            return eager(*args)  # a module float changed since it was compiled in: the graph as traced
         if "fn" not in compiled:
             compiled["fn"] = _compile_piece(gm, slots, args, options)
         return compiled["fn"](*args)
@@ -108,8 +116,35 @@ def bitmix_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any)
     return run
 
 
-def _slots(gm: fx.GraphModule, example_inputs: list[Any]) -> list[tuple[str, Any]] | str:
-    """Per graph input: ("state", k), ("user", k) or ("size", (user k, method, index)).
+def _specialize_scalars(gm: fx.GraphModule, example_inputs: list[Any]) -> dict[int, float]:
+    """Write into the graph the attribute floats Dynamo passes as 0-d tensors only to read them back with
+    `.item()` (with `dynamic=True`, a LayerNorm's or BatchNorm's `eps` and `momentum`): export cannot trace
+    an op whose argument is a tensor's value. A float computed in the model (a `.item()` before a graph
+    break) changes every call and stays an input. Returns {input index: value}."""
+    values: dict[int, float] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (node, example) in enumerate(zip(placeholders, example_inputs, strict=True)):
+        grapharg = node.meta.get("grapharg")
+        if not (getattr(grapharg, "pass_arg_as_tensor", False) and isinstance(_source(node), AttrSource)
+                and isinstance(example, torch.Tensor)
+                and example.dim() == 0 and example.is_floating_point() and node.users
+                and all(u.op == "call_method" and u.target == "item" for u in node.users)):
+            continue
+        values[i] = float(example)
+        for item in list(node.users):
+            for use in list(item.users):
+                use.args = tuple(values[i] if a is item else a for a in use.args)
+                use.kwargs = {k: values[i] if v is item else v for k, v in use.kwargs.items()}
+            gm.graph.erase_node(item)
+    if values:
+        gm.recompile()
+    return values
+
+
+def _slots(gm: fx.GraphModule, example_inputs: list[Any], scalars: dict[int, float] | None = None
+           ) -> list[tuple[str, Any]] | str:
+    """Per graph input: ("state", k), ("user", k), ("size", (user k, method, index)) or ("scalar", value)
+    (`_specialize_scalars`).
 
     A "size" is a size, stride or storage offset Dynamo passes for a symbolic input: it is
     read off the user tensor it came from. Returns why the piece cannot be lifted, if so.
@@ -118,8 +153,10 @@ def _slots(gm: fx.GraphModule, example_inputs: list[Any]) -> list[tuple[str, Any
     slots: list[tuple[str, Any]] = []
     state = user = 0
     users: dict[str, int] = {}
-    for node, example in zip(placeholders, example_inputs, strict=True):
-        if _is_state(node, example):
+    for i, (node, example) in enumerate(zip(placeholders, example_inputs, strict=True)):
+        if i in (scalars or {}):
+            slots.append(("scalar", scalars[i]))
+        elif _is_state(node, example):
             slots.append(("state", state))
             state += 1
         elif isinstance(example, torch.Tensor):

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from bitmix.compiler.qlayer import QuantLayer, fixed_batch, quant_layers
+from bitmix.compiler.ranges import examples_of
 
 Live = dict[str, torch.Tensor]  # per layer, a bool mask over its output rows (`bitmix.compiler.live`)
 SPLIT_MIN = 4  # calibration examples needed to check the correction on ones it was not fitted to
@@ -116,8 +117,8 @@ def bias_correct(
     (`fixed_batch`), it is fitted and checked on all of them.
     `reference` and `live` must come from the same calibration."""
     means, target = reference
-    n = calibration[0].shape[0]
-    if n < SPLIT_MIN or fixed_batch(model) is not None or any(m.shape[0] != n for m in means.values()):
+    n = examples_of(calibration)
+    if n is None or n < SPLIT_MIN or fixed_batch(model) is not None or any(m.shape[0] != n for m in means.values()):
         return _correct_if_better(model, means, calibration, calibration, target, live, keep=True)
     fit, check = tuple(t[0::2] for t in calibration), tuple(t[1::2] for t in calibration)
     _, check_target = float_reference(model, check)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from bitmix.compiler.ranges import examples_of
 from bitmix.errors import BitmixError
 
 # The acceptance bar of issue 17 for minilm; the zoo CNNs reach >= 0.999 at int8.
@@ -33,8 +34,8 @@ def fidelity(fp32: Callable[..., Any], compiled: Callable[..., Any],
     """The worst output's mean per-example cosine, and the max relative error, of `compiled` against `fp32`
     on (the first `limit` of) `inputs`."""
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
-    if limit is not None and len({t.shape[:1] for t in inputs}) == 1:  # examples only along a shared batch dim
-        inputs = tuple(t[:limit] if t.dim() else t for t in inputs)
+    if limit is not None and examples_of(inputs) is not None:  # examples only along a shared batch dimension
+        inputs = tuple(t[:limit] for t in inputs)
     with torch.no_grad():
         ref = _leaves(fp32(*inputs))
         out = _leaves(compiled(*inputs))

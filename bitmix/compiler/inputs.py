@@ -10,6 +10,7 @@ import torch
 
 from bitmix.budget import Budget
 from bitmix.compiler.allocate import Budget as Caps
+from bitmix.compiler.ranges import examples_of
 from bitmix.compiler.sensitivity.executor import Executor
 from bitmix.errors import BitmixError
 from bitmix.task import Data, Inputs, TaskData
@@ -73,7 +74,7 @@ def _calibration(source: Any, example_ranks: tuple[int, ...]) -> Inputs:
     if isinstance(source, torch.Tensor):
         return (source[:CALIBRATION_SAMPLES],)
     if isinstance(source, tuple) and all(isinstance(t, torch.Tensor) for t in source):
-        if len({t.shape[:1] for t in source}) > 1:  # no shared batch dimension (1-D ids beside their offsets)
+        if examples_of(source) is None:  # no shared batch dimension (1-D ids beside their offsets, a scalar)
             return source
         return tuple(t[:CALIBRATION_SAMPLES] for t in source)
     if isinstance(source, Iterable):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from bitmix.compiler.qlayer import QuantLayer, fixed_batch
+from bitmix.compiler.ranges import examples_of
 
 CHUNK = 16  # calibration examples per backward pass (bounds the memory of the autograd graph)
 MIN_LIVE = 2  # fewer live rows than this: keep every row (smoothing's fit/judge split needs two)
@@ -51,19 +52,19 @@ def live_rows(model: nn.Module, layers: dict[str, QuantLayer], calibration: tupl
 
     saved = {name: layer.bits for name, layer in layers.items()}
     handles = [layer.register_forward_hook(hook) for layer in targets.values()]
-    n = calibration[0].shape[0]
     # A static graph runs only its traced batch; inputs without one shared leading batch dimension (an
-    # EmbeddingBag's 1-D ids beside its offsets) cannot be cut into examples either.
-    batched = all(t.dim() >= 1 and t.shape[0] == n for t in calibration)
-    chunk = n if fixed_batch(model) is not None or not batched else CHUNK
+    # EmbeddingBag's 1-D ids beside its offsets, a scalar) cannot be cut into examples either.
+    n = examples_of(calibration)
+    starts = [0] if n is None or fixed_batch(model) is not None else list(range(0, n, CHUNK))
     try:
         for layer in layers.values():
             layer.bits = None
         with torch.enable_grad():
-            for i in range(0, n, chunk):
+            for i in starts:
                 calls.clear()
                 gen = torch.Generator().manual_seed(i)
-                loss = _project(model(*(t[i : i + chunk] for t in calibration)), gen)
+                part = calibration if len(starts) == 1 else tuple(t[i : i + CHUNK] for t in calibration)
+                loss = _project(model(*part), gen)
                 if loss.requires_grad:
                     try:
                         loss.backward()
@@ -75,6 +76,6 @@ def live_rows(model: nn.Module, layers: dict[str, QuantLayer], calibration: tupl
             h.remove()
         for name, layer in layers.items():
             layer.bits = saved[name]
-    chunks = -(-n // chunk)
+    chunks = len(starts)
     masks = {name: torch.cat(p) for name, p in parts.items() if len(p) == chunks and calls.get(name) == 1}
     return {name: m for name, m in masks.items() if not bool(m.all()) and int(m.sum()) >= MIN_LIVE}

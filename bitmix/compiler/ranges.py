@@ -104,12 +104,19 @@ def activation_grid(v: torch.Tensor, bits: int, signed: bool, midrise: bool) -> 
     return best[1], best[2], best[3]
 
 
+def examples_of(inputs: tuple[torch.Tensor, ...]) -> int | None:
+    """How many examples `inputs` hold when every one has them along a shared leading dimension, else None:
+    a scalar input (a float a graph break passes in), or 1-D ids beside their offsets, cannot be cut."""
+    sizes = {t.shape[0] if t.dim() else None for t in inputs}
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+
+
 def check_calibration(calibration: object) -> None:
-    """Calibration must be a tuple of finite float tensors with a batch dimension."""
+    """Calibration must be a tuple of finite float tensors, each with examples (or a scalar)."""
     if not isinstance(calibration, tuple) or not all(isinstance(t, torch.Tensor) for t in calibration):
         raise BitmixError("calibration must be a tuple of tensors (one per model input); wrap a tensor as (x,)")
     for i, t in enumerate(calibration):
-        if t.dim() == 0 or t.shape[0] == 0:
+        if t.dim() and t.shape[0] == 0:
             raise BitmixError(f"calibration input {i} has no examples (shape {tuple(t.shape)}); pass a batch")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise BitmixError(f"calibration input {i} contains NaN or Inf; drop or fix those examples")

@@ -135,6 +135,8 @@ class InputSpec:
             dims.append(tuple(str(d.node.expr) if isinstance(d, torch.SymInt) else int(d) for d in val.shape))
         ranges = []
         for sym, vr in exported.range_constraints.items():
+            if not vr.is_int:  # a float a graph break passes in (torch.compile's unspecialised `.item()`): no size
+                continue
             hi = None if isinstance(vr.upper, IntInfinity) else int(vr.upper)
             # export assumes >= 2 for a symbolic size (0/1 specialisation); size 1 runs the same graph
             ranges.append((str(sym), min(int(vr.lower), 1), hi))

@@ -166,6 +166,62 @@ def test_graph_breaks_and_dynamic_recompiles_stay_on_kernels():
             assert _cosine(out, ref) > 0.95
 
 
+def test_dynamic_true_with_norm_layers_and_an_item_that_changes_every_call():
+    """`dynamic=True` passes a LayerNorm's / BatchNorm's eps as a 0-d tensor read back with .item(), which export
+    cannot trace: it is written into the graph, and a changed eps runs the graph as traced. A `.item()` graph
+    break passes a float that changes every call into the next piece as a 0-d tensor input."""
+
+    class Norms(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.fc, self.ln, self.out = nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+            return self.out(torch.relu(self.ln(self.fc(h))))
+
+    class Item(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h + h.mean().item())
+
+    torch.manual_seed(0)
+    for model, shape, kwargs in ((Norms().eval(), (3, 8, 8), {"dynamic": True}), (Item().eval(), (16,), {})):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="bitmix", **kwargs)
+        with torch.no_grad():
+            for batch in (4, 7, 5):
+                x = torch.randn(batch, *shape)
+                out, ref = compiled(x), model(x)
+                assert not torch.equal(out, ref) and _cosine(out, ref) > 0.99
+
+    # The piece checks the written-in values on every call: another eps runs the graph as traced, in float.
+    from bitmix.compiler.backend import bitmix_backend
+
+    seen: dict = {}
+
+    def spy(gm, example_inputs, **kwargs):
+        seen.update(args=list(example_inputs), run=bitmix_backend(gm, example_inputs, **kwargs))
+        return seen["run"]
+
+    torch._dynamo.reset()
+    model, x = Norms().eval(), torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.compile(model, backend=spy, dynamic=True)(x)
+        args = [int(a.node.hint) if isinstance(a, torch.SymInt) else a for a in seen["args"]]  # sizes as a call has
+        eps = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() == 0 and float(a) == 1e-5]
+        assert len(eps) == 2  # the BatchNorm's and the LayerNorm's (the BatchNorm's momentum is a third float)
+        for i in eps:
+            args[i] = torch.tensor(0.5, dtype=args[i].dtype)
+        model.bn.eps = model.ln.eps = 0.5
+        torch.testing.assert_close(seen["run"](*args)[0], model(x))  # a Dynamo graph returns a tuple
+
+
 def _held_out(inputs: tuple[torch.Tensor, ...], data) -> tuple[torch.Tensor, ...]:
     """Inputs shaped like `inputs` that the first call (the calibration) never saw."""
     if data is not None:
