@@ -37,8 +37,8 @@ from torch import nn
 
 from bitmix.compiler import ranges
 from bitmix.compiler.qlayer import LSQQuantizer, QuantLayer
-from bitmix.compiler.torch_threads import torch_on_one_thread
 from bitmix.ir.precision import as_precision
+from bitmix.kernels.gptq_columns import block_columns
 
 DAMP = 0.01  # lambda: dampening as a fraction of mean(diag H), GPTQ's default (paper §4, "Cholesky reformulation")
 BLOCK = 128  # columns per lazy-batch block (GPTQ's B = 128)
@@ -145,19 +145,12 @@ def compensate(weight: torch.Tensor, step: torch.Tensor, f: Factor, q_n: int, q_
     for i1 in range(0, k, BLOCK):
         i2 = min(i1 + BLOCK, k)
         block = w[:, i1:i2].clone()
-        ublock = u[:, i1:i2, i1:i2].unsqueeze(-1)  # (G, b, b, 1)
         errors = torch.empty_like(block)
-        # K rounds of a few small ops: on torch's OpenMP pool each is a parallel region whose barrier waits
-        # for every pool thread, so beside another busy process the loop stalls a time slice per op (a
-        # 2000 x 1500 pass: 25.4 s on two threads, 0.73 s on one; Sapphire Rapids, 2 vCPUs, 2026-12-05).
-        # One thread here; the block products between use all.
-        with torch_on_one_thread(enabled=True):
-            for i in range(i2 - i1):
-                col = block[:, i].float()
-                out[:, i1 + i] = col
-                err = (col.double() - dequant(col, s[:, 0], q_n, q_p).double()) / ublock[:, i, i]
-                block[:, i + 1 :] -= ublock[:, i, i + 1 :] * err.unsqueeze(1)
-                errors[:, i] = err
+        columns = torch.empty(block.shape, dtype=torch.float32)
+        # the column loop, each column's updates of the later ones in the block: one Numba pass (its docstring)
+        block_columns(block.numpy(), u[:, i1:i2, i1:i2].contiguous().numpy(), s[:, 0].contiguous().numpy(),
+                      q_n, q_p, columns.numpy(), errors.numpy())
+        out[:, i1:i2] = columns
         if i2 < k:
             w[:, i2:] -= u[:, i1:i2, i2:].transpose(1, 2) @ errors
     out = out.transpose(1, 2)
