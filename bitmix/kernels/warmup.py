@@ -30,6 +30,7 @@ def warm(path: str | None = None) -> float:
     """Run every kernel variant of ``path`` (default: this CPU's) once; returns the seconds it took."""
     from bitmix.kernels import bmm, prepare_linear, qconv2d, qconv2d_nhwc, qlinear
     from bitmix.kernels.code_matmul import code_matmul
+    from bitmix.kernels.gptq_columns import block_columns
     from bitmix.kernels.hadamard import rotate_rows
     from bitmix.kernels.launch import serial_max_macs
     from bitmix.kernels.range_search import step_errors
@@ -67,6 +68,9 @@ def warm(path: str | None = None) -> float:
             for bits in (4, 8):  # AVX2 compiles 8-bit weights apart
                 _warm_code_chain(rng, bits)
     step_errors(rng.normal(size=(3, 16)).astype(np.float32), np.full((3, 4), 0.1, dtype=np.float32), 8, 7)  # ranges
+    block = rng.normal(size=(1, 4, 5))  # GPTQ's column loop (float64 columns, float32 steps)
+    block_columns(block, np.eye(4)[None], np.full((1, 5), 0.1, dtype=np.float32), 8, 7,
+                  np.empty(block.shape, dtype=np.float32), np.empty_like(block))
     x = rng.normal(size=(3, 32)).astype(np.float32)  # 4-bit linears: the online rotation and per-row steps
     rotate_rows(x, np.ones(32, dtype=np.float32), 32)
     for bias in (None, np.zeros(32, dtype=np.float32)):
