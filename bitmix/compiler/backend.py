@@ -101,8 +101,9 @@ class _Lifted(nn.Module):
 
 def bitmix_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
     options = kwargs.get("options")
-    eager = copy.deepcopy(gm)  # as traced, before `_specialize_scalars` writes floats into `gm`
-    scalars = _specialize_scalars(gm, example_inputs)
+    scalars = _attribute_floats(gm, example_inputs)
+    eager = copy.deepcopy(gm) if scalars else gm  # as traced, before `_write_floats` changes `gm`
+    _write_floats(gm, scalars)
     slots = _slots(gm, example_inputs, scalars)
     compiled: dict[str, Callable[..., Any]] = {}
 
@@ -116,35 +117,36 @@ def bitmix_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any)
     return run
 
 
-def _specialize_scalars(gm: fx.GraphModule, example_inputs: list[Any]) -> dict[int, float]:
-    """Write into the graph the attribute floats Dynamo passes as 0-d tensors only to read them back with
-    `.item()` (with `dynamic=True`, a LayerNorm's or BatchNorm's `eps` and `momentum`): export cannot trace
-    an op whose argument is a tensor's value. A float computed in the model (a `.item()` before a graph
-    break) changes every call and stays an input. Returns {input index: value}."""
-    values: dict[int, float] = {}
+def _attribute_floats(gm: fx.GraphModule, example_inputs: list[Any]) -> dict[int, float]:
+    """{input index: value} of the attribute floats Dynamo passes as 0-d tensors only to read them back with
+    `.item()` (with `dynamic=True`, a LayerNorm's or BatchNorm's `eps` and `momentum`). Export cannot trace an
+    op whose argument is a tensor's value, so `_write_floats` puts them into the graph. A float computed in
+    the model (a `.item()` before a graph break) is no attribute: it changes every call and stays an input."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for i, (node, example) in enumerate(zip(placeholders, example_inputs, strict=True)):
-        grapharg = node.meta.get("grapharg")
-        if not (getattr(grapharg, "pass_arg_as_tensor", False) and isinstance(_source(node), AttrSource)
-                and isinstance(example, torch.Tensor)
-                and example.dim() == 0 and example.is_floating_point() and node.users
-                and all(u.op == "call_method" and u.target == "item" for u in node.users)):
-            continue
-        values[i] = float(example)
-        for item in list(node.users):
+    return {i: float(example) for i, (node, example) in enumerate(zip(placeholders, example_inputs, strict=True))
+            if getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", False)
+            and isinstance(_source(node), AttrSource) and isinstance(example, torch.Tensor)
+            and example.dim() == 0 and example.is_floating_point() and node.users
+            and all(u.op == "call_method" and u.target == "item" for u in node.users)}
+
+
+def _write_floats(gm: fx.GraphModule, values: dict[int, float]) -> None:
+    """Replace each `.item()` of the inputs `values` names by the value itself, in place."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, value in values.items():
+        for item in list(placeholders[i].users):
             for use in list(item.users):
-                use.args = tuple(values[i] if a is item else a for a in use.args)
-                use.kwargs = {k: values[i] if v is item else v for k, v in use.kwargs.items()}
+                use.args = tuple(value if a is item else a for a in use.args)
+                use.kwargs = {k: value if v is item else v for k, v in use.kwargs.items()}
             gm.graph.erase_node(item)
     if values:
         gm.recompile()
-    return values
 
 
 def _slots(gm: fx.GraphModule, example_inputs: list[Any], scalars: dict[int, float] | None = None
            ) -> list[tuple[str, Any]] | str:
     """Per graph input: ("state", k), ("user", k), ("size", (user k, method, index)) or ("scalar", value)
-    (`_specialize_scalars`).
+    (`_attribute_floats`).
 
     A "size" is a size, stride or storage offset Dynamo passes for a symbolic input: it is
     read off the user tensor it came from. Returns why the piece cannot be lifted, if so.
