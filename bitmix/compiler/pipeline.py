@@ -164,10 +164,10 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         warn.append(msg)
     with _stage("price", timings):
         costs = price(graph, tgt, chip)
-    for name, left_out in zip(costs.names, costs.unfit, strict=True):
+    for name, kept, left_out in zip(costs.names, costs.choices, costs.unfit, strict=True):
         if left_out:
             msg = (f"layer {name!r} does not fit one chip at {', '.join(map(str, left_out))} (a layer is never split "
-                   f"over chips): it is allocated among {', '.join(map(str, costs.choices[costs.names.index(name)]))}, "
+                   f"over chips): it is allocated among {', '.join(map(str, kept))}, "
                    "and budget fractions are of the all-highest assignment that fits")
             warnings.warn(msg, stacklevel=2)
             warn.append(msg)
