@@ -10,6 +10,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
 from rich.table import Table
@@ -135,6 +136,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def _executor(args: argparse.Namespace) -> object:
     """--executor / --ray-address -> None (local) or a RayExecutor (an address implies ray)."""
+    if args.ray_address is not None and not args.ray_address.strip():
+        raise BitmixError("--ray-address is empty; give the cluster's host:port (or 'auto'), or drop it")
     if args.executor == "local" and args.ray_address:
         raise BitmixError("--ray-address needs --executor ray (or drop --executor)")
     if args.executor == "ray" or args.ray_address:
@@ -190,8 +193,16 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="example input shape for a .pt2 program (once per input; default: the program's own)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with bitmix's one-line errors (exit 2) instead of the usage block before them; subcommands'
+    parsers are made from the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"bitmix: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bitmix", description="Mixed-precision quantization for NPUs")
+    parser = _Parser(prog="bitmix", description="Mixed-precision quantization for NPUs")
     parser.add_argument("--version", action="version", version=f"bitmix {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("models", help="list the offline model zoo")

@@ -51,6 +51,8 @@ def test_compile_digits_writes_everything(tmp_path):
          "s per run is infeasible"),
         (["compile", "digits-mlp", "--finetune-epochs", "0", "--energy", "1e-15", "--out", "x"],
          "an energy of 1e-15 J per frame is infeasible"),
+        (["compile", "digits-mlp", "--ray-address", "", "--out", "x"], "--ray-address is empty"),
+        (["study", "frontier", "digits-mlp", "--workers", "0", "--out", "/tmp/bitmix-w0"], "--workers must be >= 1"),
         (["simulate", "digits-cnn", "--config", str(Path(__file__).parent / "test_cli.py")], "not valid TOML"),
     ],
 )
@@ -197,6 +199,15 @@ def test_data_the_program_cannot_take_is_not_blamed_on_the_batch(tmp_path, capfd
     err = capfd.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "index out of range" in err and "vocabulary" in err, err
     assert "Dim('batch')" not in err
+
+
+@pytest.mark.parametrize("args", [["compile", "digits-mlp", "--budget", "abc", "--out", "x"],
+                                  ["study", "frontier", "digits-mlp", "--budgets", "abc"], ["--bogus"]])
+def test_argument_errors_are_one_line_without_the_usage_block(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("bitmix: error:"), err
 
 
 def test_version(capsys):

@@ -31,6 +31,7 @@ from bitmix.compiler.frozen import train_mode_modules
 from bitmix.compiler.inputs import CompileOptions
 from bitmix.compiler.lower import CallRecorder, executed_layers, lower, torch_on_one_thread
 from bitmix.compiler.pretrain import pretrain_stage
+from bitmix.compiler.qlayer import MIN_STEP, LSQQuantizer, quant_layers
 from bitmix.compiler.quantize import fake_quantize
 from bitmix.compiler.quantize import finetune as qat_finetune
 from bitmix.compiler.saving import Keepable
@@ -120,6 +121,10 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     points = opts.frontier_points
     if isinstance(points, bool) or not isinstance(points, numbers.Integral) or points < 0:
         raise BitmixError(f"frontier_points must be an int >= 0 (0 = no frontier), got {points!r}")
+    if not (opts.executor is None or isinstance(opts.executor, str) or callable(getattr(opts.executor, "map", None))):
+        raise BitmixError(f"executor must be 'local', 'ray' or an executor object with a map method (e.g. "
+                          f"RayExecutor(address=...) from bitmix.compiler.sensitivity.ray_executor), "
+                          f"got {type(opts.executor).__name__}")
     if deprecated:
         method, budget, data, target, opts = legacy.translate(method, budget, data, target, opts, deprecated)
     timings: dict[str, float] = {}
@@ -192,6 +197,14 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     assignment = dict(chosen.assignment)
     with _stage("quantize", timings):
         fq = fake_quantize(float_model, assignment, ranges_from)
+    floored = [name for name, layer in quant_layers(fq).items() if isinstance(layer.a_quant, LSQQuantizer)
+               and layer.a_quant.axis is None and float(layer.a_quant.step.detach().min()) <= MIN_STEP]
+    if floored:
+        msg = (f"the inputs of {len(floored)} layer(s) ({', '.join(floored[:3])}{', ...' if len(floored) > 3 else ''}) "
+               f"span less than the smallest activation step ({MIN_STEP:g}) can resolve: they quantize to (nearly) "
+               "zero; scale the model's inputs up (normalise them) before compiling")
+        warnings.warn(msg, stacklevel=2)
+        warn.append(msg)
     if ft is not None and ft.epochs > 0:
         assert roles.train is not None
         with _stage("finetune", timings):

@@ -157,6 +157,10 @@ class InputSpec:
         if others and len(tensors) != len(self.names):
             raise BitmixError(f"the compiled model takes torch tensors, got {others[0]}; convert it first "
                               "(torch.from_numpy(x) for a numpy array)")
+        if len(tensors) != len(self.names) and len(args) == len(self.names):
+            name, arg = next((n, a) for n, a in zip(self.names, args, strict=True) if not isinstance(a, torch.Tensor))
+            raise BitmixError(f"input {name!r} must be a tensor, as in the example inputs, got {type(arg).__name__} "
+                              f"{arg!r:.40}; pass torch.tensor(...)")
         if len(tensors) != len(self.names):
             raise BitmixError(f"the compiled model takes {len(self.names)} tensor input(s) "
                               f"({', '.join(self.names)}), got {len(tensors)}")

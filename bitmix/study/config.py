@@ -172,12 +172,14 @@ def default_config(
         n_additivity = additivity
     if n_seeds < 1:
         raise BitmixError(f"--seeds must be >= 1, got {n_seeds}")
+    if workers < 1:
+        raise BitmixError(f"--workers must be >= 1, got {workers}")
     for method, n in (method_seeds or {}).items():
         if method not in all_methods() or n < 1:
             raise BitmixError(f"--method-seeds needs METHOD=N with a known method and N >= 1, got {method}={n}")
     budgets = budgets or TARGET_BUDGETS.get((model, target), BUDGETS + EXTRA_BUDGETS.get(model, ()))
     return StudyConfig(model, tuple(methods or default_methods), tuple(sorted(budgets)), n_seeds, recipe,
-                       options, calibration_size, n_additivity, 0 if quick else add_epochs, max(1, workers), quick,
+                       options, calibration_size, n_additivity, 0 if quick else add_epochs, workers, quick,
                        check, name if name != model else "", target, limits, shared, dict(method_seeds or {}),
                        point_calibration)
 

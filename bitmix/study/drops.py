@@ -10,6 +10,7 @@ the task metric drop in percentage points (`"quality"`).
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -83,6 +84,8 @@ def measure_drops(
 def correlate(scores: Scores, assignments: list[dict[str, int]], measured: list[float]) -> AdditivityResult:
     """Spearman ρ between Σ scores per assignment and the measured drops."""
     predicted = [sum(scores[name][bits] for name, bits in a.items() if name in scores) for a in assignments]
+    if len(set(predicted)) < 2 or len(set(measured)) < 2:  # no ranking to compare: rho is undefined (n/a)
+        return AdditivityResult(math.nan, math.nan, tuple(predicted), tuple(measured), tuple(assignments))
     rho, pvalue = spearmanr(predicted, measured)
     return AdditivityResult(float(rho), float(pvalue), tuple(predicted), tuple(measured), tuple(assignments))
 

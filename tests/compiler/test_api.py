@@ -134,3 +134,26 @@ def test_new_spelling_warns_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         bitmix.compile(_mlp(), torch.randn(8, 16), budget=1.0, data=torch.randn(32, 16), options=QUICK)
+
+
+def test_a_bad_executor_or_ray_address_is_one_line_before_any_stage():
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    with pytest.raises(bitmix.BitmixError, match=r"executor must be 'local', 'ray' or an executor object .* got int"):
+        bitmix.compile(model, torch.randn(2, 8), options=CompileOptions(executor=3))
+    from bitmix.compiler.sensitivity.ray_executor import RayExecutor
+
+    with pytest.raises(bitmix.BitmixError, match=r"Ray address must be a string .* got 12345"):
+        RayExecutor(address=12345)
+
+
+def test_inputs_below_the_smallest_step_are_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32, bias=False), nn.ReLU(), nn.Linear(32, 4, bias=False)).eval()
+    calib = torch.randn(32, 16) * 1e-10
+    with pytest.warns(UserWarning, match=r"span less than the smallest activation step \(1e-08\).*scale the model"):
+        bitmix.compile(model, calib[:4], "int8-npu", data=calib, options=CompileOptions(frontier_points=0))
+    with warnings.catch_warnings(record=True) as seen:  # inputs of an ordinary scale: no such warning
+        warnings.simplefilter("always")
+        bitmix.compile(model, calib[:4] * 1e10, "int8-npu", data=calib * 1e10,
+                       options=CompileOptions(frontier_points=0))
+    assert not [w for w in seen if "smallest activation step" in str(w.message)]

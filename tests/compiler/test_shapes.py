@@ -171,6 +171,8 @@ def test_a_numpy_input_or_a_mask_of_another_kind_names_the_conversion():
     masked = _compile(_TwoInputs().eval(), (torch.randint(0, 30, (2, 5)), torch.ones(2, 5, dtype=torch.bool)))
     with pytest.raises(BitmixError, match=r"'mask' must be a bool tensor .* got torch.int64; convert it \(x.bool"):
         masked(torch.randint(0, 30, (2, 5)), torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(BitmixError, match=r"input 'mask' must be a tensor, as in the example inputs, got int 1"):
+        masked(torch.randint(0, 30, (2, 5)), 1)
 
 
 class _ViewsTheBatch(nn.Module):

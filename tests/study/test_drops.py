@@ -39,3 +39,16 @@ def test_sqnr_scores_predict_measured_drop_on_digits_mlp():
     result = check_additivity(gm, graph.names, MIXED, scores, data, n=8, seed=0)
     assert len(result.predicted) == len(result.measured) == 8
     assert result.rho > 0.3  # noise powers roughly add: the ranking carries over
+
+
+def test_a_constant_ranking_has_no_rho_and_no_warning():
+    import math
+    import warnings
+
+    from bitmix.study.drops import correlate
+
+    assignments = [{"a": 4}, {"a": 2}, {"a": 4}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = correlate({"a": {4: 0.0, 2: 0.0}}, assignments, [0.1, 0.2, 0.3])
+    assert math.isnan(result.rho) and math.isnan(result.pvalue)

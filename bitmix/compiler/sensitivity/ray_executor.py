@@ -94,6 +94,8 @@ class RayExecutor(MapMixin):
         import_ray()
         if workers is not None and workers < 1:
             raise BitmixError(f"Ray workers must be >= 1, got {workers}")
+        if address is not None and not isinstance(address, str):
+            raise BitmixError(f"Ray address must be a string such as '10.0.0.5:6379', got {address!r}")
         if address is not None:
             check_reachable(address)  # fail before any work is done
         self.address = address
