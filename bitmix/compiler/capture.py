@@ -277,6 +277,15 @@ def _pair(v: object) -> tuple[int, int]:
     return (int(v), int(v))  # type: ignore[call-overload]
 
 
+def _behind_layout(node: torch.fx.Node) -> torch.fx.Node:
+    """The tensor a chain of layout ops (a transpose, a view) starts from: a linear fed `weight.t()` (weights
+    tied transposed) still reads a parameter."""
+    while (node.op == "call_function" and node.all_input_nodes
+           and getattr(node.target, "__name__", "").split(".")[0] in LAYOUT_OPS):
+        node = node.all_input_nodes[0]
+    return node
+
+
 def _index(
     exported: torch.export.ExportedProgram,
 ) -> tuple[list[Layer], list[VectorOp], nx.DiGraph, list[str]]:
@@ -300,7 +309,7 @@ def _index(
         if layer is None:
             reach[node] = sources
             op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-            if op in NO_KERNEL_OPS and any(a.name in params for a in inputs):
+            if (op in NO_KERNEL_OPS or op == "linear") and any(_behind_layout(a).name in params for a in inputs):
                 unsupported.append(f"{_module_path(node) or node.name} ({op})")
             if op not in LAYOUT_OPS and _shape(node):
                 in_elems = sum(math.prod(_shape(a)) for a in inputs if _shape(a))

@@ -295,3 +295,21 @@ class SequenceConv(nn.Module):
         h = self.proj(x)
         pos = F.gelu(self.conv(h.transpose(1, 2))[:, :, :-1]).transpose(1, 2)
         return self.out(self.norm(h + pos))
+
+
+class _TiedAutoencoder(nn.Module):
+    """A decoder that reuses the encoder's weight transposed: `F.linear(h, enc.weight.t())`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(16, 64)
+        self.dec_bias = nn.Parameter(torch.zeros(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.relu(self.enc(x)), self.enc.weight.t(), self.dec_bias)
+
+
+def test_a_linear_on_a_transposed_parameter_is_named_as_fp32():
+    graph = capture(_TiedAutoencoder().eval(), (torch.randn(8, 16),))
+    assert [layer.name for layer in graph.layers] == ["enc"]
+    assert len(graph.unsupported) == 1 and graph.unsupported[0].endswith("(linear)")
