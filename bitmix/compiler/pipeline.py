@@ -149,8 +149,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         msg = (f"the model is in training mode ({', '.join(training[:3])}{', ...' if len(training) > 3 else ''}); "
                "bitmix compiles what model.eval() computes (BatchNorm running statistics, no dropout): "
                "call model.eval() before compiling")
-        warnings.warn(msg, stacklevel=2)
-        warn.append(msg)
+        _warn(msg, warn)
     with _stage("capture", timings):
         graph = capture(model, example_inputs, opts.name, opts.dynamic_shapes)
         _check_finite(graph)
@@ -160,13 +159,11 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         msg = (f"calibration input {i} holds one value ({float(calib[i].reshape(-1)[0]):g}) in every example: "
                "activation ranges set from it will not cover real inputs, and the fidelity check on it cannot "
                "tell; pass representative inputs")
-        warnings.warn(msg, stacklevel=2)
-        warn.append(msg)
+        _warn(msg, warn)
     if graph.unsupported:
         msg = (f"{len(graph.unsupported)} op(s) have no bitmix kernel and stay FP32 (the simulated cost leaves them "
                f"out): {', '.join(graph.unsupported)}")
-        warnings.warn(msg, stacklevel=2)
-        warn.append(msg)
+        _warn(msg, warn)
     with _stage("price", timings):
         costs = price(graph, tgt, chip)
     for name, kept, left_out in zip(costs.names, costs.choices, costs.unfit, strict=True):
@@ -174,8 +171,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
             msg = (f"layer {name!r} does not fit one chip at {', '.join(map(str, left_out))} (a layer is never split "
                    f"over chips): it is allocated among {', '.join(map(str, kept))}, "
                    "and budget fractions are of the all-highest assignment that fits")
-            warnings.warn(msg, stacklevel=2)
-            warn.append(msg)
+            _warn(msg, warn)
     with _stage("prepare", timings):
         float_model = prepare(graph)
     names = graph.names
@@ -189,8 +185,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         cheapest = cheapest_fraction(costs)
         if caps.fraction < cheapest:
             msg = f"budget {caps.fraction} is below the cheapest assignment ({cheapest:.4f}); using {cheapest:.4f}"
-            warnings.warn(msg, stacklevel=2)
-            warn.append(msg)
+            _warn(msg, warn)
             caps = Caps(fraction=cheapest)
     with _stage("allocate", timings):
         chosen = allocate(scores, costs, tgt, names, caps, strategy=opts.strategy or scorer.strategy, seed=seed)
@@ -203,8 +198,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         msg = (f"the inputs of {len(floored)} layer(s) ({', '.join(floored[:3])}{', ...' if len(floored) > 3 else ''}) "
                f"span less than the smallest activation step ({MIN_STEP:g}) can resolve: they quantize to (nearly) "
                "zero; scale the model's inputs up (normalise them) before compiling")
-        warnings.warn(msg, stacklevel=2)
-        warn.append(msg)
+        _warn(msg, warn)
     if ft is not None and ft.epochs > 0:
         assert roles.train is not None
         with _stage("finetune", timings):
@@ -248,6 +242,12 @@ def _example_calibration(example_inputs: tuple[torch.Tensor, ...] | torch.Tensor
     warnings.warn(msg, stacklevel=3)
     warn.append(msg)
     return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def _warn(msg: str, warn: list[str]) -> None:
+    """A compile warning: raised to the caller of `compile` and kept for the report."""
+    warnings.warn(msg, stacklevel=3)
+    warn.append(msg)
 
 
 def _check_calibration(graph: LayerGraph, calib: Inputs) -> None:
