@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import networkx as nx
@@ -326,7 +327,8 @@ def _index(
             deps.add_edge(src, layer.name)
         reach[node] = frozenset({layer.name})
         last_layer = layer.name
-    return _live(exported.graph, layers, vector_ops, deps) + (unsupported,)
+    layers, vector_ops, deps = _live(exported.graph, layers, vector_ops, deps)
+    return _with_crossing(exported.graph, layers), vector_ops, deps, unsupported
 
 
 def _live(
@@ -337,13 +339,7 @@ def _live(
     Dead ops are never run by a deployed model, so they are neither priced nor quantized, and the
     last layer (the one targets pin) is the last that reaches the output.
     """
-    live: set[str] = set()
-    stack = [n for n in graph.nodes if n.op == "output"]
-    while stack:
-        node = stack.pop()
-        if node.name not in live:
-            live.add(node.name)
-            stack.extend(node.all_input_nodes)
+    live = _live_nodes(graph)
     dead = {layer.name for layer in layers if layer.node not in live}
     if not dead:
         return layers, vector_ops, deps
@@ -359,6 +355,65 @@ def _live(
         kept_ops.append(VectorOp(op.name, op.kind, op.elements, op.input_elements, after))
     return [layer for layer in layers if layer.name not in dead], kept_ops, deps.subgraph(
         [n for n in deps.nodes if n not in dead]).copy()
+
+
+def _live_nodes(graph: torch.fx.Graph) -> set[str]:
+    """Names of the nodes whose result reaches the model's output."""
+    live: set[str] = set()
+    stack = [n for n in graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node.name not in live:
+            live.add(node.name)
+            stack.extend(node.all_input_nodes)
+    return live
+
+
+def _with_crossing(graph: torch.fx.Graph, layers: list[Layer]) -> list[Layer]:
+    """`Layer.crossing` for each layer: what a multi-chip pipeline's PCIe link carries beyond the layer's inputs.
+
+    Every op runs on the chip of the layer it follows (chip 0 before any layer). A tensor made on chip
+    before the boundary that an op at or after it reads must cross; layout ops (a view, a transpose) read
+    the tensor they relabel. Model inputs and constants are not counted: the host hands them to any chip.
+    """
+    index = {layer.node: i for i, layer in enumerate(layers)}
+    live = _live_nodes(graph)
+    source: dict[torch.fx.Node, torch.fx.Node | None] = {}
+    made_at: dict[torch.fx.Node, int] = {}
+    read_until: dict[torch.fx.Node, int] = {}
+    own: list[set[torch.fx.Node]] = [set() for _ in layers]
+    at = 0
+    for node in graph.nodes:
+        if node.op != "call_function" or node.name not in live:
+            source[node] = None  # inputs, parameters, constants: the host's (dead ops never run)
+            continue
+        at = index.get(node.name, at)
+        inputs = node.all_input_nodes
+        op = getattr(node.target, "__name__", "").split(".")[0]
+        if op in LAYOUT_OPS and (not inputs or _shape(inputs[0])):
+            # an alias of its input's tensor; a layout op without inputs (arange, zeros) makes a constant
+            source[node] = source[inputs[0]] if inputs else None
+            continue
+        source[node] = node  # a new tensor (a getitem of a tuple result is one too)
+        made_at[node] = at
+        for a in inputs:
+            t = source[a]
+            if t is not None and _shape(t):
+                read_until[t] = max(read_until.get(t, at), at)
+                if node.name in index:
+                    own[at].add(t)
+    per_boundary = [0] * (len(layers) + 1)
+    for t, last in read_until.items():
+        if last > made_at[t]:  # read on a later layer's chip: crosses every boundary in (made, last]
+            n = math.prod(_shape(t))
+            per_boundary[made_at[t] + 1] += n
+            per_boundary[last + 1] -= n
+    out, carried = [], 0
+    for i, layer in enumerate(layers):
+        carried += per_boundary[i]
+        inputs = sum(math.prod(_shape(t)) for t in own[i] if made_at[t] < i)
+        out.append(replace(layer, crossing=carried - inputs) if carried > inputs else layer)
+    return out
 
 
 def _renamed(layer: Layer, name: str) -> Layer:

@@ -452,27 +452,41 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def executed_layers(graph: LayerGraph, calls: list[tuple]) -> tuple[list[Layer], list[VectorOp]]:
-    """Layer records re-shaped to the calls actually executed, for the simulator.
+def executed_layers(graph: LayerGraph, calls: list[tuple], assignment: dict
+                    ) -> tuple[list[Layer], list[VectorOp], dict]:
+    """Layer records re-shaped to the calls actually executed, and their precisions, for the simulator.
 
-    MACs are recomputed from the run shapes; vector-op work is scaled by the ratio of
-    executed to traced MACs, since it grows with the same batch/sequence dimensions.
+    Layers keep the graph's order, which is the accelerator's schedule (the report's cost); the order
+    the CPU ran them in can differ (a shortcut conv lowered before its block's second conv) and would
+    price other producer hops and prefetch overlaps. MACs are recomputed from the run shapes; each vector
+    op's work is scaled by how the layer it follows grew (the first layer's input for ops before any
+    layer): it shares that layer's batch and sequence dimensions (a softmax grows as its matmul, T^2).
     """
     by_name = {layer.name: layer for layer in graph.layers}
+    rank = {name: i for i, name in enumerate(by_name)}
+    ordered = sorted(calls, key=lambda call: rank[call[0]])  # stable: repeated calls of a layer keep their order
     layers: list[Layer] = []
-    for i, (name, in_shape, other, out_shape) in enumerate(calls):
+    bits: dict = {}
+    growth: dict[str | None, float] = {}
+    for name, in_shape, other, out_shape in ordered:
         layer = by_name[name]
         out = math.prod(out_shape)
         if layer.kind == "conv2d":
             macs = out * math.prod(layer.weight_shape[1:])
         else:
             macs = out * in_shape[-1]
-        layers.append(replace(layer, name=f"{name}@{i}" if _seen(layers, name) else name, input_shape=in_shape,
-                              output_shape=out_shape, weight_shape=other or layer.weight_shape, macs=macs))
-    ratio = sum(layer.macs for layer in layers) / max(1, graph.total_macs)
-    vector_ops = [replace(op, elements=round(op.elements * ratio), input_elements=round(op.input_elements * ratio))
+        if name not in growth:
+            growth[name] = out / max(1, layer.output_elements)
+            if not layers:
+                growth[None] = math.prod(in_shape) / max(1, layer.input_elements)
+        layers.append(replace(layer, name=f"{name}@{len(layers)}" if _seen(layers, name) else name,
+                              input_shape=in_shape, output_shape=out_shape, weight_shape=other or layer.weight_shape,
+                              macs=macs))
+        bits[layers[-1].name] = assignment[name]
+    vector_ops = [replace(op, elements=round(op.elements * growth.get(op.after, 1.0)),
+                          input_elements=round(op.input_elements * growth.get(op.after, 1.0)))
                   for op in graph.vector_ops]
-    return layers, vector_ops
+    return layers, vector_ops, bits
 
 
 def _seen(layers: list[Layer], name: str) -> bool:

@@ -76,8 +76,7 @@ class CompiledModel(Keepable, nn.Module):
         """Price the kernel calls of the last forward pass (shapes as run; `reset_calls()` forgets them)."""
         if not self.recorder.calls:
             raise BitmixError("no kernel calls recorded yet; run the compiled model on an input first")
-        layers, vector_ops = executed_layers(self.graph, self.recorder.calls)
-        assignment = {layer.name: self.assignment[self.recorder.calls[i][0]] for i, layer in enumerate(layers)}
+        layers, vector_ops, assignment = executed_layers(self.graph, self.recorder.calls, self.assignment)
         return simulate_calls(layers, assignment, vector_ops, self.chip, engine, self.graph.model_name,
                               self.recorder.frames)
 

@@ -4,8 +4,9 @@
 terms per layer and choice, plus pairwise terms between consecutive layers in execution
 order (layer i -> layer i+1, and the last layer -> the first, whose prefetch the last
 layer overlaps). On one chip Σ terms *is* `simulate()`; when an assignment's weights do
-not fit one chip, `evaluate` adds the pipeline terms (PCIe hand-offs, idle static power)
-by the same greedy packing `simulator.multichip` uses, so the two cannot drift.
+not fit one chip, `evaluate` re-sums each chip's run as a chip of its own (its first layer fed from the
+frame buffer, its last overlapping its own first layer's prefetch) and adds the pipeline terms (PCIe
+hand-offs, idle static power), by the same greedy packing `simulator.multichip` uses, so the two cannot drift.
 All costs are per frame.
 """
 
@@ -135,6 +136,14 @@ class CostModel:
     chip: ChipLimits
     one_chip: bool  # every assignment fits one chip (then Σ terms is exact)
     unfit: tuple[tuple, ...] = ()  # per layer, the target's choices left out: alone they overflow one chip
+    # What a chip's first and last layer cost when a stage starts or ends at them (per run, [layer][choice]):
+    # the lead from the frame buffer and its joules (dynamic + static), the body (`core`) and the prefetch
+    # that a stage's last layer overlaps with its first; `enter_j` are the joules of `enter`.
+    fresh: tuple[np.ndarray, ...] = ()
+    fresh_j: tuple[np.ndarray, ...] = ()
+    enter_j: tuple[np.ndarray, ...] = ()
+    core: tuple[np.ndarray, ...] = ()
+    prefetch: tuple[np.ndarray, ...] = ()
 
     def __len__(self) -> int:
         return len(self.names)
@@ -175,21 +184,35 @@ class CostModel:
         run_s = cycles * self.frames / self.chip.clock_hz
         if len(stages) == 1:
             return Evaluation(cycles, energy, sram, 1, run_s)
-        n, f, chip = len(self.names), self.chip.clock_hz, self.chip
-        period, busy, xfer_total, pcie_j = 0.0, 0.0, 0.0, 0.0
+        f, chip = self.chip.clock_hz, self.chip
+        period, busy, xfer_total, pcie_j, run_cycles, run_j = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
         for st in stages:
-            c = float(self.enter[st.start][0 if st.start == 0 else choice[st.start - 1], choice[st.start]])
-            c += sum(float(self.enter[i][choice[i - 1], choice[i]]) for i in range(st.start + 1, st.stop))
-            c += sum(float(self.hold[i][choice[i], choice[(i + 1) % n]]) for i in range(st.start, st.stop))
-            nbytes = int(self.xfer_bytes[st.stop][choice[st.stop]]) if st.stop < n else 0
+            c, j = self._stage_run(st, choice)
+            nbytes = int(self.xfer_bytes[st.stop][choice[st.stop]]) if st.stop < len(self.names) else 0
             xfer = chip.transfer_s(nbytes)
             period = max(period, c / f, xfer)
             busy += c / f
+            run_cycles += c
+            run_j += j
             xfer_total += xfer
             pcie_j += nbytes * chip.pcie_j_per_byte
         idle = (len(stages) * period - busy) * chip.static_power_w
-        return Evaluation(cycles + xfer_total * f / self.frames, energy + (pcie_j + idle) / self.frames, sram,
+        return Evaluation((run_cycles + xfer_total * f) / self.frames, (run_j + pcie_j + idle) / self.frames, sram,
                           len(stages), period)
+
+    def _stage_run(self, st: StageSpan, choice: Sequence[int]) -> tuple[float, float]:
+        """Cycles and joules of one run of a chip's layers: its first reads the frame buffer, its last
+        overlaps the prefetch of its first (`simulator.analytic.run` with stages)."""
+        j_per_cycle = self.chip.static_power_w / self.chip.clock_hz
+        first, last = st.start, st.stop - 1
+        cycles = float(self.fresh[first][choice[first]])
+        joules = float(self.fresh_j[first][choice[first]])
+        for i in range(first + 1, st.stop):
+            cycles += float(self.enter[i][choice[i - 1], choice[i]])
+            joules += float(self.enter_j[i][choice[i - 1], choice[i]])
+        held = sum(float(self.hold[i][choice[i], choice[i + 1]]) for i in range(first, last))
+        held += max(float(self.core[last][choice[last]]), float(self.prefetch[first][choice[first]]))
+        return cycles + held, joules + held * j_per_cycle
 
     @classmethod
     def of_terms(cls, names: Sequence[str], choices: Sequence[Sequence[int]],

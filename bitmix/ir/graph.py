@@ -42,6 +42,9 @@ class Layer:
     weight_param: str | None = None  # state-dict key of the weight (None for matmul)
     bias_param: str | None = None
     input_nonneg: bool = False  # the graph proves the (first) input >= 0 (after ReLU, softmax, ...)
+    # activation elements besides this layer's own inputs that a chip boundary just before it must carry:
+    # tensors made earlier and read at or after it (a residual block's skip branch); see `capture._crossing`
+    crossing: int = 0
 
     @property
     def weight_elements(self) -> int:

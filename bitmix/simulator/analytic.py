@@ -11,6 +11,7 @@ are also what `costmodel.price` tabulates, so its terms sum to this engine's res
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bitmix.ir.precision import Precision
@@ -65,14 +66,20 @@ def entry(p: Placed, chip: ChipConfig, prev: Cores | None) -> tuple[float, Actio
     return lead, counts
 
 
-def run(works: list[LayerWork], assignment: dict[str, Precision], chip: ChipConfig) -> list[LayerEval]:
-    """Layers in order; the last one overlaps the prefetch of the next frame's first layer."""
+def run(works: list[LayerWork], assignment: dict[str, Precision], chip: ChipConfig,
+        stages: Sequence[tuple[int, int]] = ()) -> list[LayerEval]:
+    """Layers in order, chip by chip (`stages`: (start, stop) spans; none: one chip). A chip's first layer
+    reads its input from the frame buffer (it arrives over PCIe); its last overlaps the prefetch of its own
+    first layer for the next run, as the one chip's last layer does for the model's first."""
     placed = [place(w, assignment[w.layer.name], chip) for w in works]
     evals = []
-    prev = None
-    for i, p in enumerate(placed):
-        lead, counts = entry(p, chip, prev)
-        cycles = lead + max(p.core, placed[(i + 1) % len(placed)].prefetch)
-        evals.append(LayerEval(p.work.layer.name, p.bits, cycles, stage_cycles(p.busiest, chip), counts, p.mapping))
-        prev = p.cores
+    for start, stop in stages or [(0, len(placed))]:
+        prev = None
+        for i in range(start, stop):
+            p = placed[i]
+            lead, counts = entry(p, chip, prev)
+            cycles = lead + max(p.core, placed[i + 1 if i + 1 < stop else start].prefetch)
+            evals.append(LayerEval(p.work.layer.name, p.bits, cycles, stage_cycles(p.busiest, chip), counts,
+                                   p.mapping))
+            prev = p.cores
     return evals

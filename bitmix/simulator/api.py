@@ -47,7 +47,7 @@ def simulate_calls(layers: Sequence[Layer], assignment: dict[str, PrecisionLike]
         raise BitmixError(f"assignment has no precision for layer {missing[0]!r}; give every layer 8, 4 or 2")
     assignment = {name: chip_precision(bits, f"assignment[{name!r}] =") for name, bits in assignment.items()}
     stages = partition(works, assignment, chip)
-    evals = ENGINES[engine](works, assignment, chip)
+    evals = ENGINES[engine](works, assignment, chip, [(st.start, st.stop) for st in stages])
     frames = frames or works[0].gemm.frames
     f = chip.clock_hz
 

@@ -53,6 +53,10 @@ def price(graph: LayerGraph, target: Target, chip: ChipConfig | None = None) -> 
                 dyn[a, b] = joules(counts, p.bits, lead[a, b])
         enter.append(lead)
         enter_j.append(dyn)
+    fresh = [enter[0][0]] + [np.array([entry(p, chip, None)[0] for p in row]) for row in placed[1:]]
+    fresh_j = [enter_j[0][0]] + [np.array([joules(entry(p, chip, None)[1], p.bits, lead)
+                                           for p, lead in zip(row, fresh[i + 1], strict=True)])
+                                 for i, row in enumerate(placed[1:])]
     hold = [np.array([[max(p.core, q.prefetch) for q in placed[(i + 1) % n]] for p in row])
             for i, row in enumerate(placed)]
     hold_j = [static_energy(h / f, chip.energy) for h in hold]
@@ -75,6 +79,9 @@ def price(graph: LayerGraph, target: Target, chip: ChipConfig | None = None) -> 
         enter=tuple(enter), hold=tuple(hold), weight_bytes=wbytes, act_bytes=abytes,
         xfer_bytes=tuple(np.array([input_bytes(w, b) for b in opts]) for w, opts in zip(works, choices, strict=True)),
         chip=limits, one_chip=_always_one_chip(wbytes, abytes, limits), unfit=unfit,
+        fresh=tuple(fresh), fresh_j=tuple(fresh_j), enter_j=tuple(enter_j),
+        core=tuple(np.array([p.core for p in row]) for row in placed),
+        prefetch=tuple(np.array([p.prefetch for p in row]) for row in placed),
     )
 
 

@@ -19,6 +19,7 @@ longest producer hop latency), as in the analytic engine.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -93,20 +94,25 @@ def _prefetch(cores: Cores, chip: ChipConfig) -> float:
     return float(prefetch_cycles(cores.work, chip, _model_hops(cores, chip)).max())
 
 
-def run(works: list[LayerWork], assignment: dict[str, Precision], chip: ChipConfig) -> list[LayerEval]:
-    """Simulate the layers in execution order (each layer's inputs come from the one before).
+def run(works: list[LayerWork], assignment: dict[str, Precision], chip: ChipConfig,
+        stages: Sequence[tuple[int, int]] = ()) -> list[LayerEval]:
+    """Simulate the layers in execution order, chip by chip (`stages`: (start, stop) spans; none: one chip).
 
-    A layer lasts until its own cores drain and the next layer's program and weights have
-    landed (the last layer overlaps the prefetch of the next frame's first layer).
+    Each layer's inputs come from the one before on its chip (a chip's first layer reads the frame
+    buffer). A layer lasts until its own cores drain and the next layer's program and weights have
+    landed; a chip's last layer overlaps the prefetch of its own first layer for the next run.
     """
-    bodies: list[LayerEval] = []
-    leads: list[float] = []
-    prefetches: list[float] = []
-    prev = None
-    for w in works:
-        ev, prev, lead = simulate_layer(w, assignment[w.layer.name], chip, prev)
-        bodies.append(ev)
-        leads.append(lead)
-        prefetches.append(_prefetch(prev, chip))
-    return [replace(ev, cycles=max(ev.cycles, leads[i] + prefetches[(i + 1) % len(works)]))
-            for i, ev in enumerate(bodies)]
+    evals: list[LayerEval] = []
+    for start, stop in stages or [(0, len(works))]:
+        bodies: list[LayerEval] = []
+        leads: list[float] = []
+        prefetches: list[float] = []
+        prev = None
+        for w in works[start:stop]:
+            ev, prev, lead = simulate_layer(w, assignment[w.layer.name], chip, prev)
+            bodies.append(ev)
+            leads.append(lead)
+            prefetches.append(_prefetch(prev, chip))
+        evals += [replace(ev, cycles=max(ev.cycles, leads[i] + prefetches[(i + 1) % len(bodies)]))
+                  for i, ev in enumerate(bodies)]
+    return evals

@@ -37,7 +37,7 @@ def program_bytes(chip: ChipConfig) -> int:
 
 
 def transfer_bytes(works: list[LayerWork], assignment: dict[str, Precision], stage: StageSpan) -> int:
-    """Activations crossing PCIe into the next stage: the next layer's inputs at its precision."""
+    """Activations crossing PCIe into the next stage (`input_bytes` of its first layer)."""
     if stage.stop >= len(works):
         return 0
     nxt = works[stage.stop]
@@ -45,8 +45,9 @@ def transfer_bytes(works: list[LayerWork], assignment: dict[str, Precision], sta
 
 
 def input_bytes(work: LayerWork, bits: Precision | int) -> int:
-    """A layer's inputs at its activation width: what crosses PCIe when a chip boundary falls before it."""
-    return -(-(work.gemm.in_elems + work.gemm.operand_elems) * as_precision(bits).a // 8)
+    """What crosses PCIe when a chip boundary falls before a layer: its inputs at its activation width, and
+    the tensors made earlier that later ops read (`Layer.crossing`, a skip branch) at 8 bits."""
+    return -(-(work.gemm.in_elems + work.gemm.operand_elems) * as_precision(bits).a // 8) + work.layer.crossing
 
 
 def transfer_seconds(nbytes: int, chip: ChipConfig) -> float:

@@ -7,6 +7,7 @@ from torch import nn
 import bitmix
 from bitmix import Budget, CompileOptions, Data
 from bitmix.errors import BitmixError
+from bitmix.simulator import simulate
 
 QUICK = CompileOptions(frontier_points=0)
 
@@ -87,6 +88,45 @@ def test_compiled_model_runs_and_prices_what_ran(compiled, digits):
     cm.reset_calls()
     with pytest.raises(BitmixError, match="no kernel calls"):
         cm.simulate()
+
+
+def test_pricing_the_traced_input_reproduces_the_report(digits):
+    """The accelerator runs the graph's schedule whatever order the CPU ran the kernels in (digits-cnn's
+    lowering runs block2's shortcut conv before its second conv): the report's cost, not 5 % off it."""
+    model, inputs, _ = digits
+    cm = bitmix.compile(model, inputs, "int8-npu", data=inputs[0][:32], options=QUICK)
+    cm(*inputs)
+    assert [c[0] for c in cm.recorder.calls] != list(cm.graph.names)
+    sim, report = cm.simulate(), cm.report.simulated
+    assert sim.latency_s == pytest.approx(report["latency_s"], rel=1e-12)
+    assert sim.energy_per_frame_j == pytest.approx(report["energy_per_frame_j"], rel=1e-12)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.emb, self.qkv, self.out = nn.Embedding(50, d), nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.norm, self.up, self.down = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        x = self.norm(x + self.out(torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v))
+        return x + self.down(nn.functional.gelu(self.up(x)))
+
+
+def test_priced_vector_work_grows_with_each_ops_own_shape():
+    """Run at 4x the traced sequence: a softmax grows 16x, a LayerNorm 4x (not both by the MAC ratio)."""
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    cm = bitmix.compile(model, torch.randint(0, 50, (2, 16)), "int8-npu", data=torch.randint(0, 50, (8, 16)),
+                        options=QUICK)
+    longer = torch.randint(0, 50, (2, 64))
+    cm(longer)
+    sim = cm.simulate()
+    at_64 = simulate(bitmix.capture(model, longer), cm.assignment)
+    assert sim.latency_s == pytest.approx(at_64.latency_s, rel=1e-12)
+    assert sim.energy_per_frame_j == pytest.approx(at_64.energy_per_frame_j, rel=1e-2)
 
 
 def test_same_seed_same_assignment(digits):
