@@ -47,8 +47,8 @@ NO_KERNEL_OPS = {"conv1d", "conv3d", "conv_transpose1d", "conv_transpose2d", "co
 
 # Ops that only move or relabel data: free on the vector unit, not worth a VectorOp.
 LAYOUT_OPS = {
-    "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "expand", "contiguous", "unsqueeze",
-    "squeeze", "flatten", "getitem", "clone", "alias", "detach", "dropout", "_assert_tensor_metadata",
+    "view", "reshape", "_unsafe_view", "permute", "transpose", "t", "numpy_T", "mT", "expand", "contiguous",
+    "unsqueeze", "squeeze", "flatten", "getitem", "clone", "alias", "detach", "dropout", "_assert_tensor_metadata",
     "to", "_to_copy", "slice", "select", "sym_size", "lift_fresh_copy", "arange", "zeros", "ones",
     "new_ones", "new_zeros", "full", "scalar_tensor", "empty",
 }
@@ -189,13 +189,31 @@ def _module_path(node: torch.fx.Node) -> str:
 
 def weight_second_operands(node: torch.fx.Node) -> tuple[object, object, object] | None:
     """(input, weight, bias) of `x @ W (+ b)` written as mm / matmul / addmm with the weight (in, out) second, as
-    GPT-2's `Conv1D` and hand-written layers do; None for any other node. The weight and bias are graph nodes
-    here; the caller checks they are parameters."""
+    GPT-2's `Conv1D` and hand-written layers do, or as `F.linear(x, W.t(), b)` (a decoder tied to its encoder's
+    weight); None for any other node. The weight and bias are graph nodes here; the caller checks they are
+    parameters."""
+    if node.target in LINEAR_OPS and len(node.args) >= 2:
+        w = _transposed_2d(node.args[1])
+        return None if w is None else (node.args[0], w, node.args[2] if len(node.args) > 2 else None)
     if node.target in (aten.mm.default, aten.matmul.default) and len(node.args) == 2:
         return node.args[0], node.args[1], None
     if node.target == aten.addmm.default and len(node.args) == 3 and node.kwargs.get("beta", 1) == 1 \
             and node.kwargs.get("alpha", 1) == 1:
         return node.args[1], node.args[2], node.args[0]
+    return None
+
+
+def _transposed_2d(node: object) -> torch.fx.Node | None:
+    """`W` where `node` is a 2-D `W` transposed (`W.t()`, `W.T`, `W.transpose(0, 1)`, `W.permute(1, 0)`), else None."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.args
+            and isinstance(node.args[0], torch.fx.Node) and len(_shape(node.args[0])) == 2):
+        return None
+    if node.target in (aten.t.default, aten.numpy_T.default, aten.mT.default):
+        return node.args[0]
+    if node.target == aten.transpose.int and sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]:
+        return node.args[0]
+    if node.target == aten.permute.default and [int(d) % 2 for d in node.args[1]] == [1, 0]:
+        return node.args[0]
     return None
 
 
@@ -461,7 +479,7 @@ def _layer_for(node: torch.fx.Node, params: dict[str, str], nonneg: set[torch.fx
     if target in LINEAR_OPS:
         x, w = node.args[0], node.args[1]
         if not isinstance(w, torch.fx.Node) or w.name not in params:
-            return None
+            return _weight_second_layer(node, params, module, nonneg)
         bias = node.args[2] if len(node.args) > 2 else None
         w_shape = _shape(w)
         has_bias = isinstance(bias, torch.fx.Node)

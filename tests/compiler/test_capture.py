@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import bitmix
 from bitmix.compiler.capture import capture
 from bitmix.errors import BitmixError
 
@@ -300,16 +301,28 @@ class SequenceConv(nn.Module):
 class _TiedAutoencoder(nn.Module):
     """A decoder that reuses the encoder's weight transposed: `F.linear(h, enc.weight.t())`."""
 
-    def __init__(self) -> None:
+    def __init__(self, transpose=lambda w: w.t()) -> None:
         super().__init__()
         self.enc = nn.Linear(16, 64)
-        self.dec_bias = nn.Parameter(torch.zeros(16))
+        self.dec_bias = nn.Parameter(torch.randn(16) * 0.1)
+        self.transpose = transpose
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(torch.relu(self.enc(x)), self.enc.weight.t(), self.dec_bias)
+        return F.linear(torch.relu(self.enc(x)), self.transpose(self.enc.weight), self.dec_bias)
 
 
-def test_a_linear_on_a_transposed_parameter_is_named_as_fp32():
-    graph = capture(_TiedAutoencoder().eval(), (torch.randn(8, 16),))
-    assert [layer.name for layer in graph.layers] == ["enc"]
-    assert len(graph.unsupported) == 1 and graph.unsupported[0].endswith("(linear)")
+@pytest.mark.parametrize("transpose", [lambda w: w.t(), lambda w: w.T, lambda w: w.mT, lambda w: w.transpose(-1, -2),
+                                       lambda w: w.permute(1, 0)])
+def test_a_linear_on_a_transposed_parameter_is_a_quantized_layer(transpose):
+    """`F.linear(h, enc.weight.t())` is `h @ W` with the encoder's weight: a linear of weight W^T (it stayed FP32)."""
+    torch.manual_seed(0)
+    model = _TiedAutoencoder(transpose).eval()
+    x = torch.randn(8, 16)
+    graph = capture(model, (x,))
+    assert len(graph.layers) == 2 and graph.unsupported == ()
+    decoder = graph.layers[1]
+    assert decoder.kind == "linear" and decoder.weight_shape == (16, 64) and decoder.macs == 8 * 64 * 16
+    cm = bitmix.compile(model, (x,), "int8-npu", data=torch.randn(64, 16))
+    with torch.no_grad():
+        assert torch.equal(cm(x), cm.fake_quant(x))
+        assert float(F.cosine_similarity(cm(x), model(x)).mean()) > 0.999
