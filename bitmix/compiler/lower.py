@@ -479,9 +479,10 @@ def executed_layers(graph: LayerGraph, calls: list[tuple], assignment: dict
             growth[name] = out / max(1, layer.output_elements)
             if not layers:
                 growth[None] = math.prod(in_shape) / max(1, layer.input_elements)
+        carried = round(layer.crossing * math.prod(in_shape) / max(1, layer.input_elements))  # grows as its input
         layers.append(replace(layer, name=f"{name}@{len(layers)}" if _seen(layers, name) else name,
                               input_shape=in_shape, output_shape=out_shape, weight_shape=other or layer.weight_shape,
-                              macs=macs))
+                              macs=macs, crossing=carried))
         bits[layers[-1].name] = assignment[name]
     vector_ops = [replace(op, elements=round(op.elements * growth.get(op.after, 1.0)),
                           input_elements=round(op.input_elements * growth.get(op.after, 1.0)))

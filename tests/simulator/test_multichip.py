@@ -80,3 +80,25 @@ def test_a_skip_tensor_crossing_a_chip_boundary_is_charged():
     r = simulate(graph, uniform(graph, 8), chip)
     assert [(s.first_layer, s.last_layer) for s in r.stages] == [("a", "b"), ("c", "d")]
     assert r.stages[0].transfer_bytes == 8 * 1024 + 8 * 256  # b's output and a's, which the add after c reads
+
+
+def test_the_compiled_models_price_of_a_larger_batch_carries_its_skip_tensors(tmp_path):
+    """`cm.simulate()` after a run at another batch charges the skip tensor at that batch, as a capture there."""
+    import bitmix
+
+    config = tmp_path / "chip.toml"
+    config.write_text("[chip]\ncores_x = 2\ncores_y = 2\ncore_sram_bytes = 90000\n")
+    torch.manual_seed(0)
+    model = _SkipBlock().eval()
+    target = bitmix.targets["int8-npu"].with_chip_config(str(config))
+    cm = bitmix.compile(model, (torch.randn(8, 256),), target, data=torch.randn(32, 256),
+                        options=bitmix.CompileOptions(frontier_points=0))
+    larger = torch.randn(24, 256)
+    cm(larger)
+    ran = cm.simulate()
+    chip = config_from_dict({"chip": {"cores_x": 2, "cores_y": 2, "core_sram_bytes": 90000}})
+    captured = simulate(capture(model, (larger,)), uniform(capture(model, (larger,)), 8), chip)
+    assert ran.chips == captured.chips > 1
+    assert [s.transfer_bytes for s in ran.stages] == [s.transfer_bytes for s in captured.stages]
+    assert 24 * (1024 + 256) in [s.transfer_bytes for s in ran.stages]  # b's output and the skip, a's
+    assert ran.latency_s == pytest.approx(captured.latency_s, rel=1e-12)
