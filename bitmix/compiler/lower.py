@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import threading
 import weakref
 from dataclasses import dataclass, field, replace
 
@@ -318,16 +319,40 @@ _IMPLS = {"linear": (_run_linear, "qlinear"), "conv2d": (_run_conv2d, "qconv2d")
 
 
 class CallRecorder:
-    """Shapes each lowered layer actually ran at, in call order."""
+    """Shapes each lowered layer actually ran at, in call order: one record per thread, so forwards running
+    at once (a serving pool's threads) each keep their own pass and `cm.simulate()` prices the calling
+    thread's last one (a shared record mixed the layers of several passes)."""
 
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = []
-        self.frames: int | None = None  # the batch of the pass recorded (`bitmix.ir.graph.frames_of` its inputs)
-        self.enabled = True
+    def __init__(self, enabled: bool = True) -> None:
+        self._local = threading.local()
+        self.enabled = enabled
+
+    @property
+    def calls(self) -> list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """This thread's record."""
+        calls = getattr(self._local, "calls", None)
+        if calls is None:
+            calls = self._local.calls = []
+        return calls
+
+    @property
+    def frames(self) -> int | None:
+        """The batch of this thread's recorded pass (`bitmix.ir.graph.frames_of` its inputs)."""
+        return getattr(self._local, "frames", None)
+
+    @frames.setter
+    def frames(self, value: int | None) -> None:
+        self._local.frames = value
 
     def record(self, name: str, in_shape: tuple[int, ...], other: tuple[int, ...], out_shape: tuple[int, ...]) -> None:
         if self.enabled:
             self.calls.append((name, in_shape, other, out_shape))
+
+    def __getstate__(self) -> dict:  # a saved model keeps no record (nor the thread-local store)
+        return {"enabled": self.enabled}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state.get("enabled", True))
 
 
 class KernelLayer(nn.Module):

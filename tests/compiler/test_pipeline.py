@@ -90,11 +90,16 @@ def test_compiled_model_runs_and_prices_what_ran(compiled, digits):
         cm.simulate()
 
 
-def test_pricing_the_traced_input_reproduces_the_report(digits):
+@pytest.fixture(scope="module")
+def int8(digits):
+    model, inputs, _ = digits
+    return bitmix.compile(model, inputs, "int8-npu", data=inputs[0][:32], options=QUICK)
+
+
+def test_pricing_the_traced_input_reproduces_the_report(int8, digits):
     """The accelerator runs the graph's schedule whatever order the CPU ran the kernels in (digits-cnn's
     lowering runs block2's shortcut conv before its second conv): the report's cost, not 5 % off it."""
-    model, inputs, _ = digits
-    cm = bitmix.compile(model, inputs, "int8-npu", data=inputs[0][:32], options=QUICK)
+    cm, inputs = int8, digits[1]
     cm(*inputs)
     assert [c[0] for c in cm.recorder.calls] != list(cm.graph.names)
     sim, report = cm.simulate(), cm.report.simulated
@@ -127,6 +132,31 @@ def test_priced_vector_work_grows_with_each_ops_own_shape():
     at_64 = simulate(bitmix.capture(model, longer), cm.assignment)
     assert sim.latency_s == pytest.approx(at_64.latency_s, rel=1e-12)
     assert sim.energy_per_frame_j == pytest.approx(at_64.energy_per_frame_j, rel=1e-2)
+
+
+def test_concurrent_forwards_each_price_their_own_pass(int8, digits):
+    """A serving pool calls one compiled model from several threads: each thread's record is its own pass."""
+    import threading
+
+    cm, x = int8, digits[1][0]
+    barrier, seen, errors = threading.Barrier(4), {}, []
+
+    def serve(batch: int) -> None:
+        try:
+            barrier.wait()
+            for _ in range(5):
+                out = cm(x[:batch])
+                assert out.shape[0] == batch and len(cm.recorder.calls) == len(cm.graph.layers)
+                seen[batch] = cm.simulate().frames
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=serve, args=(b,)) for b in (1, 3, 5, 7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and seen == {1: 1, 3: 3, 5: 5, 7: 7}
 
 
 def test_same_seed_same_assignment(digits):
