@@ -218,4 +218,4 @@ def test_code_hand_offs_share_one_buffer_across_batch_sizes(path: str) -> None:
             for _ in range(3):
                 assert torch.equal(lowered(x[:batch]), fq(x[:batch]))
     assert [conv_nhwc._INPUT_CODES[c].a8.nbytes for c in consumers] == sizes
-    assert sum(conv in conv_nhwc._INPUT_CODES for conv in _PREPARED.values()) == 2  # b's and c's inputs only
+    assert sum(_PREPARED[conv.plan] in conv_nhwc._INPUT_CODES for conv in convs.values()) == 2  # b's and c's inputs
