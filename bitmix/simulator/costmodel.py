@@ -53,10 +53,9 @@ def price(graph: LayerGraph, target: Target, chip: ChipConfig | None = None) -> 
                 dyn[a, b] = joules(counts, p.bits, lead[a, b])
         enter.append(lead)
         enter_j.append(dyn)
-    fresh = [enter[0][0]] + [np.array([entry(p, chip, None)[0] for p in row]) for row in placed[1:]]
-    fresh_j = [enter_j[0][0]] + [np.array([joules(entry(p, chip, None)[1], p.bits, lead)
-                                           for p, lead in zip(row, fresh[i + 1], strict=True)])
-                                 for i, row in enumerate(placed[1:])]
+    fed = [[(p, *entry(p, chip, None)) for p in row] for row in placed[1:]]  # a chip's first layer: frame buffer
+    fresh = [enter[0][0]] + [np.array([lead for _, lead, _ in row]) for row in fed]
+    fresh_j = [enter_j[0][0]] + [np.array([joules(counts, p.bits, lead) for p, lead, counts in row]) for row in fed]
     hold = [np.array([[max(p.core, q.prefetch) for q in placed[(i + 1) % n]] for p in row])
             for i, row in enumerate(placed)]
     hold_j = [static_energy(h / f, chip.energy) for h in hold]
