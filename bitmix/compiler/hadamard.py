@@ -31,7 +31,7 @@ def rotate_input(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     k = signs.numel()
     block = k & -k
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or signs.requires_grad)
-    traced = torch.compiler.is_compiling() or type(x) is not torch.Tensor or type(signs) is not torch.Tensor
+    traced = torch.compiler.is_dynamo_compiling() or type(x) is not torch.Tensor or type(signs) is not torch.Tensor
     if needs_grad or traced or x.dtype != torch.float32 or signs.dtype != torch.float32 or x.device.type != "cpu":
         return hadamard(x * signs, block)
     from bitmix.kernels.hadamard import rotate_rows  # loads Numba: only once a rotated layer runs

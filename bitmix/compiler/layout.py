@@ -182,7 +182,7 @@ def max_pool2d(x: torch.Tensor, kernel_size: object, stride: object = (), paddin
     lowered conv net (same maxima, NaN propagated; see there); anything else, and tracers, get aten's."""
     k, d, p = _pair(kernel_size), _pair(dilation), _pair(padding)
     s = _pair(stride) if stride not in ((), []) else k
-    if (ceil_mode or torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.dim() != 4
+    if (ceil_mode or torch.compiler.is_dynamo_compiling() or type(x) is not torch.Tensor or x.dim() != 4
             or x.dtype != torch.float32 or x.requires_grad or not x.permute(0, 2, 3, 1).is_contiguous()
             or min(*k, *s, *d) < 1 or p[0] > k[0] // 2 or p[1] > k[1] // 2):
         return torch.ops.aten.max_pool2d.default(x, kernel_size, stride, padding, dilation, ceil_mode)

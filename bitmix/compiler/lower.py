@@ -308,10 +308,12 @@ def _plain_tensors(*tensors: torch.Tensor | None) -> bool:
     """Real tensors and no tracer: call the op's implementation directly.
 
     The ``torch.library`` dispatch around a custom op costs ~80 us a call here (MiniLM makes
-    48 calls per forward); tracers (``torch.export``, Dynamo) see fake or proxy tensors and
-    still get the op, so exported graphs keep ``bitmix::q*`` nodes.
+    48 calls per forward); tracers see fake or proxy tensors (non-strict ``torch.export``) or
+    trace under Dynamo and still get the op, so exported graphs keep ``bitmix::q*`` nodes.
+    Not ``torch.compiler.is_compiling()``: ``torch.export`` sets that flag for the whole process,
+    so a model served from another thread meanwhile would switch route mid-forward.
     """
-    return not torch.compiler.is_compiling() and all(t is None or type(t) in (torch.Tensor, PaddedCodes)
+    return not torch.compiler.is_dynamo_compiling() and all(t is None or type(t) in (torch.Tensor, PaddedCodes)
                                                      for t in tensors)
 
 

@@ -159,6 +159,29 @@ def test_concurrent_forwards_each_price_their_own_pass(int8, digits):
     assert not errors and seen == {1: 1, 3: 3, 5: 5, 7: 7}
 
 
+def test_forwards_run_while_another_thread_exports(int8, digits, monkeypatch):
+    """`torch.export` sets a process-global "compiling" flag: a compiled model served from another thread
+    meanwhile (another model being exported, `cm.save`) must still run its kernels on real tensors."""
+    from bitmix.compiler.lower import KernelLayer
+
+    cm, x = int8, digits[1][0][:4]
+    layers = [m for m in cm.lowered.modules() if isinstance(m, KernelLayer)]
+    producer = next(m for m in layers if m.codes_for is not None)
+    consumer = next(m for m in layers if m.plan is producer.codes_for)
+    want = cm(x)
+    cm(x)  # the second call hands conv codes to the next conv
+
+    def export_starts(module: nn.Module, args: tuple) -> None:  # between two layers of one forward
+        monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)
+
+    hook = consumer.register_forward_pre_hook(export_starts)
+    try:
+        assert torch.equal(cm(x), want)
+    finally:
+        hook.remove()
+    assert torch.equal(cm(x), want)
+
+
 def test_same_seed_same_assignment(digits):
     model, inputs, data = digits
     a = bitmix.compile(model, inputs, method="eagl", budget=0.8, data=Data(calibration=data), options=QUICK)
