@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -111,10 +113,37 @@ def bitmix_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any)
         if any(float(args[i]) != value for i, value in scalars.items()):
             return eager(*args)  # a module float changed since it was compiled in: the graph as traced
         if "fn" not in compiled:
-            compiled["fn"] = _compile_piece(gm, slots, args, options)
+            compiled["fn"] = _shared_piece(gm, slots, args, options)
         return compiled["fn"](*args)
 
     return run
+
+
+_COMPILING = threading.Lock()
+_PIECES: dict[int, dict[tuple, Callable[..., Any]]] = {}  # id of a piece's first weight -> its compiled pieces
+
+
+def _shared_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args: tuple[Any, ...],
+                  options: dict[str, Any] | None) -> Callable[..., Any]:
+    """One compile per graph piece, however many threads call it first at once.
+
+    Dynamo traces a frame again in every thread that entered it before the first trace was installed, and
+    hands each trace to the backend: the same graph over the same weights. Each compiling its own copy exported
+    them concurrently and calibrated each on another request's tensors, so answers depended on which copy
+    Dynamo later picked. Pieces are kept per first weight tensor (freed with the model).
+    """
+    state = [] if isinstance(slots, str) else [a for (kind, _), a in zip(slots, args, strict=True) if kind == "state"]
+    key = (gm.code, tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args),
+           tuple(id(t) for t in state), id(options))
+    with _COMPILING:
+        pieces: dict[tuple, Callable[..., Any]] = {}
+        if state:
+            if id(state[0]) not in _PIECES:
+                weakref.finalize(state[0], _PIECES.pop, id(state[0]), None)
+            pieces = _PIECES.setdefault(id(state[0]), pieces)
+        if key not in pieces:
+            pieces[key] = _compile_piece(gm, slots, args, options)
+        return pieces[key]
 
 
 def _attribute_floats(gm: fx.GraphModule, example_inputs: list[Any]) -> dict[int, float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 import warnings
 from dataclasses import replace
 from typing import Any
@@ -25,6 +26,7 @@ from bitmix.compiler.shapes import AUTO, export_error, normalize, traced_inputs
 from bitmix.compiler.signs import nonneg_nodes
 from bitmix.errors import BitmixError, NoQuantizableLayers
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
+from bitmix.kernels.registries import load_numba_registries
 
 aten = torch.ops.aten
 
@@ -104,6 +106,21 @@ def export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: A
     return _export(model, inputs, None)
 
 
+_EXPORTING = threading.RLock()
+
+
+def export_program(module: nn.Module, inputs: tuple[Any, ...], dims: Any) -> torch.export.ExportedProgram:
+    """``torch.export.export`` (non-strict), one at a time in this process, Numba's registries loaded first.
+
+    Non-strict export patches process globals while it traces (``torch/_export/non_strict_utils.py``): two
+    exports at once (threads compiling two models, or two pieces of a ``torch.compile`` model) trip over each
+    other's patches, and see `bitmix.kernels.registries` for what it does to Numba.
+    """
+    with _EXPORTING:
+        load_numba_registries()
+        return torch.export.export(module, inputs, dynamic_shapes=dims, strict=False)
+
+
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dims: Any) -> torch.export.ExportedProgram:
     frozen = frozen_copy(model)
     params = list(inspect.signature(frozen.forward).parameters.values())
@@ -111,7 +128,7 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dims: Any) -> to
         dims = (dims,)  # forward(*args): torch.export wants one entry for the varargs
     try:
         with torch.no_grad():
-            return decompose.decompose(torch.export.export(frozen, inputs, dynamic_shapes=dims, strict=False))
+            return decompose.decompose(export_program(frozen, inputs, dims))
     except Exception as exc:  # torch raises many types here; all mean "cannot capture"
         shape_error = export_error(exc) if dims is not None else None
         if shape_error is not None:

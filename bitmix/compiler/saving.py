@@ -59,6 +59,7 @@ class Keepable:
 
 
 def save(cm: Any, path: str | Path) -> Path:
+    from bitmix.compiler.capture import export_program
     from bitmix.compiler.lower import torch_on_one_thread
     from bitmix.compiler.portable import portable
 
@@ -70,7 +71,7 @@ def save(cm: Any, path: str | Path) -> Path:
     examples = _examples(cm.graph.exported)
     dims = tuple({i: Dim.AUTO for i, d in enumerate(ds) if isinstance(d, str)} for ds in spec.dims)
     with torch.no_grad(), torch_on_one_thread():
-        program = torch.export.export(module, examples, dynamic_shapes=dims, strict=False)
+        program = export_program(module, examples, dims)
     report = cm.report.to_dict() if cm.report is not None else {}
     extra = {REPORT_KEY: json.dumps(report, default=_json_default), INPUTS_KEY: json.dumps(asdict(spec))}
     try:

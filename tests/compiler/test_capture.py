@@ -326,3 +326,32 @@ def test_a_linear_on_a_transposed_parameter_is_a_quantized_layer(transpose):
     with torch.no_grad():
         assert torch.equal(cm(x), cm.fake_quant(x))
         assert float(F.cosine_similarity(cm(x), model(x)).mean()) > 0.999
+
+
+NUMBA_DURING_EXPORT = """
+import numpy as np, torch, bitmix
+from bitmix.compiler.capture import export_program
+from bitmix import kernels
+first_kernel_call = []
+def another_thread_serves(module, args):  # runs while export has math.pow patched, as another thread would
+    first_kernel_call.append(kernels.quantize_activations(np.ones((2, 8), np.float32), 0.1, 8, True).sum())
+model = torch.nn.Linear(8, 4)
+model.register_forward_pre_hook(another_thread_serves)
+export_program(model, (torch.randn(2, 8),), None)
+print(first_kernel_call)
+"""
+
+
+def test_a_first_kernel_call_during_an_export_keeps_numba_working():
+    """Non-strict torch.export patches ``math.pow`` process-wide; Numba's first compile must not see it."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from bitmix import kernels
+
+    kernels.quantize_activations(np.ones((2, 8), np.float32), 0.1, 8, True)  # in Numba's cache, as a served model's
+    run = subprocess.run([sys.executable, "-c", NUMBA_DURING_EXPORT], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[np.int64(160)]"
