@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import zipfile
+import zlib
 from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
@@ -129,6 +131,7 @@ def load(path: str | Path) -> LoadedModel:
     p = Path(path)
     if not p.is_file():
         raise BitmixError(f"no saved model at {p}; write one with cm.save('model.pt2')")
+    _check_archive(p)
     extra = {REPORT_KEY: "", INPUTS_KEY: ""}
     torch_log = logging.getLogger("torch.export")  # logs a bad archive's traceback itself; ours is one line
     level = torch_log.level
@@ -142,12 +145,36 @@ def load(path: str | Path) -> LoadedModel:
         torch_log.setLevel(level)
     if not extra[INPUTS_KEY]:
         raise BitmixError(f"{p} was not written by cm.save (no bitmix input spec); use torch.export.load for it")
-    raw = json.loads(extra[INPUTS_KEY])
-    spec = InputSpec(tuple(raw["names"]), tuple(tuple(d) for d in raw["dims"]),
-                     tuple(tuple(r) for r in raw["ranges"]), tuple(raw.get("kinds", ())))
-    report_dict = json.loads(extra[REPORT_KEY]) if extra[REPORT_KEY] else {}
-    report = Report.from_dict(report_dict) if report_dict else None
+    try:
+        raw = json.loads(extra[INPUTS_KEY])
+        spec = InputSpec(tuple(raw["names"]), tuple(tuple(d) for d in raw["dims"]),
+                         tuple(tuple(r) for r in raw["ranges"]), tuple(raw.get("kinds", ())))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BitmixError(f"{p} has an unreadable bitmix input spec ({type(exc).__name__}: {exc}); "
+                          "save the model again with cm.save") from None
+    try:
+        report_dict = json.loads(extra[REPORT_KEY]) if extra[REPORT_KEY] else {}
+        report = Report.from_dict(report_dict) if report_dict else None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BitmixError(f"{p} has an unreadable bitmix report ({type(exc).__name__}: {exc}); "
+                          "save the model again with cm.save") from None
     return LoadedModel(program, report, spec)
+
+
+def _check_archive(path: Path) -> None:
+    """Every member's CRC-32: torch reads weight bytes without checking them, so bit rot in a saved model
+    served different outputs without a word. Not a zip at all is left to torch.export.load's error."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return
+    with archive:
+        try:
+            bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+            bad = f"a member cannot be read: {exc}"
+    if bad is not None:
+        raise BitmixError(f"{path} is damaged ({bad} fails its checksum); save the model again with cm.save")
 
 
 def _drop_guards(gm: nn.Module) -> None:

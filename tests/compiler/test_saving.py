@@ -109,3 +109,40 @@ def test_load_bad_paths(tmp_path):
     finally:
         torch_log.removeHandler(handler)
     assert not records  # torch's own multi-line log of the failure stays quiet
+
+
+def _damaged_copies(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A saved model, the same with a few bits flipped in a weight file, and with its input spec cut short."""
+    import zipfile
+
+    torch.manual_seed(0)
+    cm = bitmix.compile(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4)).eval(), torch.randn(2, 64),
+                        target="int8-npu", options=bitmix.CompileOptions(frontier_points=0))
+    good = cm.save(tmp_path / "good.pt2")
+    with zipfile.ZipFile(good) as z:
+        infos = z.infolist()
+        members = {i.filename: z.read(i) for i in infos}
+    weight = max((i for i in infos if "/data/weights/" in i.filename), key=lambda i: i.file_size)
+    assert weight.compress_type == zipfile.ZIP_STORED
+    raw = bytearray(good.read_bytes())
+    name_len, extra_len = (int.from_bytes(raw[weight.header_offset + k: weight.header_offset + k + 2], "little")
+                           for k in (26, 28))
+    raw[weight.header_offset + 30 + name_len + extra_len + weight.file_size // 2] ^= 0x04  # one bit of bit rot
+    rotted = tmp_path / "rotted.pt2"
+    rotted.write_bytes(bytes(raw))
+    cut = tmp_path / "cut.pt2"
+    with zipfile.ZipFile(cut, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data[: len(data) // 2] if name.endswith("bitmix/inputs.json") else data)
+    return good, rotted, cut
+
+
+def test_load_rejects_damaged_archives_in_one_line(tmp_path):
+    good, rotted, cut = _damaged_copies(tmp_path)
+    x = torch.randn(3, 64)
+    assert bitmix.load(good)(x).shape == (3, 4)
+    with pytest.raises(BitmixError, match=r"rotted.pt2 is damaged \(.* fails its checksum\); save the model again"):
+        bitmix.load(rotted)
+    with pytest.raises(BitmixError, match=r"cut.pt2 has an unreadable bitmix input spec .*; save the model again"):
+        bitmix.load(cut)
+
