@@ -16,8 +16,10 @@ The defaults are safe without user data: W8A8 everywhere. Any other option is a 
 error. Dynamo hands the backend a graph whose parameters *and* buffers (e.g. BatchNorm's
 running statistics) are inputs; they are put back into a module as state, so export and BN
 folding see them. The piece is compiled on its first real call, calibrated on that call's
-tensors (never on invented data). Dynamo decides which sizes vary: a static piece is
-exported for its shapes (Dynamo recompiles on a new shape, then with symbolic sizes), and
+tensors (never on invented data); Dynamo's recompiles of it (a new batch size, a grad-mode
+change) calibrate on those same tensors where they fit, so an answer does not depend on the
+requests served before it (a static piece at a new shape calibrates on its own call).
+Dynamo decides which sizes vary: a static piece is exported for its shapes (Dynamo recompiles on a new shape, then with symbolic sizes), and
 Dynamo's symbolic sizes (also with `dynamic=True`) become symbolic dimensions of the export. A piece with no
 conv/linear/matmul (e.g. the glue between two graph breaks) runs eagerly.
 
@@ -120,30 +122,46 @@ def bitmix_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any)
 
 
 _COMPILING = threading.Lock()
-_PIECES: dict[int, dict[tuple, Callable[..., Any]]] = {}  # id of a piece's first weight -> its compiled pieces
+
+
+@dataclasses.dataclass
+class _Compiled:
+    """What the backend keeps per graph piece's first weight tensor (freed with it): the piece compiled per
+    graph and shapes, and the user tensors of its first call, which calibrate every later compile."""
+
+    pieces: dict[tuple, Callable[..., Any]] = dataclasses.field(default_factory=dict)
+    first_call: tuple[torch.Tensor, ...] | None = None
+
+
+_BY_WEIGHT: dict[int, _Compiled] = {}
 
 
 def _shared_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args: tuple[Any, ...],
                   options: dict[str, Any] | None) -> Callable[..., Any]:
-    """One compile per graph piece, however many threads call it first at once.
+    """One compile per graph piece and shapes, however many threads call it first at once, all calibrated alike.
 
     Dynamo traces a frame again in every thread that entered it before the first trace was installed, and
     hands each trace to the backend: the same graph over the same weights. Each compiling its own copy exported
     them concurrently and calibrated each on another request's tensors, so answers depended on which copy
-    Dynamo later picked. Pieces are kept per first weight tensor (freed with the model).
+    Dynamo later picked. Dynamo also recompiles a piece on a new batch size or grad mode; calibrating each
+    recompile on its own call's tensors made the answer to a request depend on the requests before it, so
+    recompiles calibrate on the piece's first call wherever those tensors fit the new graph.
     """
     state = [] if isinstance(slots, str) else [a for (kind, _), a in zip(slots, args, strict=True) if kind == "state"]
     key = (gm.code, tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args),
            tuple(id(t) for t in state), id(options))
     with _COMPILING:
-        pieces: dict[tuple, Callable[..., Any]] = {}
+        kept = _Compiled()
         if state:
-            if id(state[0]) not in _PIECES:
-                weakref.finalize(state[0], _PIECES.pop, id(state[0]), None)
-            pieces = _PIECES.setdefault(id(state[0]), pieces)
-        if key not in pieces:
-            pieces[key] = _compile_piece(gm, slots, args, options)
-        return pieces[key]
+            if id(state[0]) not in _BY_WEIGHT:
+                weakref.finalize(state[0], _BY_WEIGHT.pop, id(state[0]), None)
+            kept = _BY_WEIGHT.setdefault(id(state[0]), kept)
+        if key not in kept.pieces:
+            user = tuple(a.detach().clone() for (kind, _), a in zip(slots, args, strict=True) if kind == "user")
+            if kept.first_call is None and not isinstance(slots, str):
+                kept.first_call = user
+            kept.pieces[key] = _compile_piece(gm, slots, args, options, kept.first_call)
+        return kept.pieces[key]
 
 
 def _attribute_floats(gm: fx.GraphModule, example_inputs: list[Any]) -> dict[int, float]:
@@ -225,8 +243,10 @@ def _is_state(node: fx.Node, example: Any) -> bool:
 
 
 def _compile_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args: tuple[Any, ...],
-                   options: dict[str, Any] | None) -> Callable[..., Any]:
-    """bitmix.compile one graph piece on its first real call; its tensors are the calibration data."""
+                   options: dict[str, Any] | None, first_call: tuple[torch.Tensor, ...] | None = None
+                   ) -> Callable[..., Any]:
+    """bitmix.compile one graph piece on its first real call. Calibration: the `calibration` option, else
+    `first_call` (the user tensors of the piece's first call) where they fit this graph, else this call's."""
     from bitmix.budget import Budget
     from bitmix.compiler.pipeline import CompileOptions
     from bitmix.compiler.pipeline import compile as bitmix_compile
@@ -256,13 +276,16 @@ def _compile_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args:
     user = tuple(a for (kind, _), a in zip(slots, args, strict=True) if kind == "user")
     lifted = _Lifted(gm, slots, state)
     calibration = opts.pop("calibration", None)
+    dims = _dims(gm, user)
+    if calibration is None:
+        calibration = first_call if first_call is not None and _fits(first_call, user, dims) else user
     try:
         budget = Budget.of(opts["budget"])
         if budget.fraction is not None and budget.fraction < 1.0:  # may be under a small piece's cheapest
             budget = dataclasses.replace(budget, clamp=True)
         cm = bitmix_compile(lifted, user, get_target(opts["target"], opts.get("chip_config")), method=opts["method"],
-                            budget=budget, data=calibration if calibration is not None else user,
-                            options=CompileOptions(frontier_points=0, dynamic_shapes=_dims(gm, user)))
+                            budget=budget, data=calibration,
+                            options=CompileOptions(frontier_points=0, dynamic_shapes=dims))
     except NoQuantizableLayers:
         return gm.forward  # e.g. the glue between two graph breaks: nothing to quantize
     kinds = [kind for kind, _ in slots]
@@ -287,6 +310,19 @@ def _training_ops(gm: fx.GraphModule) -> str:
         elif node.target in _DROPOUTS and node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True):
             found.append("dropout")
     return ", ".join(dict.fromkeys(found))
+
+
+def _fits(tensors: tuple[torch.Tensor, ...], user: tuple[torch.Tensor, ...],
+          dims: tuple[dict[int, Any], ...] | None) -> bool:
+    """Whether `tensors` can run through a piece traced on `user` (sizes differ only where `dims` are symbolic)."""
+    if len(tensors) != len(user):
+        return False
+    for i, (t, u) in enumerate(zip(tensors, user, strict=True)):
+        free = dims[i] if dims is not None else {}
+        if t.dtype != u.dtype or t.dim() != u.dim() or any(
+                a != b and d not in free for d, (a, b) in enumerate(zip(t.shape, u.shape, strict=True))):
+            return False
+    return True
 
 
 def _dims(gm: fx.GraphModule, user: tuple[torch.Tensor, ...]) -> tuple[dict[int, Any], ...] | None:

@@ -68,6 +68,24 @@ def test_threads_calling_a_fresh_piece_at_once_compile_it_once(monkeypatch):
         assert all(torch.equal(compiled(x), first[i]) for i, x in enumerate(xs))
 
 
+def test_an_answer_does_not_depend_on_the_requests_served_before_it(monkeypatch):
+    """Dynamo recompiles a piece on a new batch size and on a grad-mode change: those compiles calibrate on
+    the piece's first call, as the first compile did, not on whichever request triggered them."""
+    from bitmix.compiler import pipeline
+
+    torch._dynamo.reset()
+    compiles, compile_once = [], pipeline.compile
+    monkeypatch.setattr(pipeline, "compile", lambda *a, **k: compiles.append(1) or compile_once(*a, **k))
+    compiled = torch.compile(_conv_bn_linear(), backend="bitmix")
+    g = torch.Generator().manual_seed(2)
+    x4 = torch.randn(4, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        first = compiled(x4)
+        compiled(torch.randn(8, 3, 8, 8, generator=g) * 3)  # another client's batch: a symbolic-batch recompile
+        assert len(compiles) == 2 and torch.equal(compiled(x4), first)
+    assert torch.equal(compiled(x4).detach(), first) and len(compiles) == 3  # grad mode on: one more compile
+
+
 def test_a_graph_traced_in_training_mode_is_compiled_as_traced_with_a_warning():
     torch._dynamo.reset()
     model = _conv_bn_linear().train()
