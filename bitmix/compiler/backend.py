@@ -19,7 +19,8 @@ folding see them. The piece is compiled on its first real call, calibrated on th
 tensors (never on invented data); Dynamo's recompiles of it (a new batch size, a grad-mode
 change) calibrate on those same tensors where they fit, so an answer does not depend on the
 requests served before it (a static piece at a new shape calibrates on its own call).
-Dynamo decides which sizes vary: a static piece is exported for its shapes (Dynamo recompiles on a new shape, then with symbolic sizes), and
+Dynamo decides which sizes vary: a static piece is exported for its shapes (Dynamo
+recompiles on a new shape, then with symbolic sizes), and
 Dynamo's symbolic sizes (also with `dynamic=True`) become symbolic dimensions of the export. A piece with no
 conv/linear/matmul (e.g. the glue between two graph breaks) runs eagerly.
 
