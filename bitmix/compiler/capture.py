@@ -346,7 +346,8 @@ def _index(
             reach[node] = sources
             op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
             if (op in NO_KERNEL_OPS or op == "linear") and any(_behind_layout(a).name in params for a in inputs):
-                unsupported.append(f"{_module_path(node) or node.name} ({op})")
+                unsupported.append(f"{_module_path(node) or node.name} ({op})")  # host FP32: not priced (nor as
+                continue  # a vector op at one operation per output, as a conv3d's 113 M MACs once were)
             if op not in LAYOUT_OPS and _shape(node):
                 in_elems = sum(math.prod(_shape(a)) for a in inputs if _shape(a))
                 vector_ops.append(VectorOp(node.name, op, math.prod(_shape(node)), in_elems, last_layer))

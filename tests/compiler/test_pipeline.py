@@ -269,6 +269,7 @@ def test_op_without_kernel_stays_fp32_with_warning():
         cm = bitmix.compile(net, x, method="eagl", budget=1.0, options=QUICK)
     assert any(r.bits is None and "conv_transpose1d" in r.name for r in cm.report.layers)
     assert cm.report.warnings
+    assert [v.kind for v in cm.graph.vector_ops] == ["mean", "relu", "relu"]  # the FP32 op is left out, as warned
     ref = net(x)
     assert torch.nn.functional.cosine_similarity(cm(x), ref, dim=-1).min() > 0.9
 
