@@ -46,12 +46,19 @@ def fidelity(fp32: Callable[..., Any], compiled: Callable[..., Any],
             continue
         rows = r.shape[0] if r.dim() > 1 and r[0].numel() > 1 else 1
         if r.numel() > rows:
-            cos = torch.nn.functional.cosine_similarity(o.reshape(rows, -1), r.reshape(rows, -1), dim=1)
-            cosines.append(float(cos.mean()))
-        err = max(err, float((o - r).abs().max()))
+            o_rows, r_rows = o.reshape(rows, -1), r.reshape(rows, -1)
+            cos = torch.nn.functional.cosine_similarity(o_rows, r_rows, dim=1)
+            exact_zeros = (o_rows == 0).all(dim=1) & (r_rows == 0).all(dim=1)  # cosine_similarity says 0
+            cosines.append(float(torch.where(exact_zeros, 1.0, cos).mean()))
+        err = _max_with_nan(err, float((o - r).abs().max()))
         scale = max(scale, float(r.abs().max()))
     cosine = min(cosines, key=lambda c: (c == c, c)) if cosines else 1.0  # NaN first: it must warn
     return {"example_cosine": cosine, "example_max_rel_err": err / scale if scale > 0 else err}
+
+
+def _max_with_nan(a: float, b: float) -> float:
+    """``max`` that keeps a NaN (``max(0.0, nan)`` is 0.0: a NaN output read as no error)."""
+    return a if a != a else b if b != b else max(a, b)
 
 
 def guard(fp32: Callable[..., Any], compiled: Callable[..., Any], inputs: Any, warn: list[str],

@@ -42,6 +42,17 @@ def test_one_value_per_example_is_one_vector_and_a_scalar_only_an_error():
     assert nan["example_cosine"] != nan["example_cosine"]
 
 
+def test_rows_that_are_zero_in_both_match_and_a_nan_output_is_an_error():
+    """Padding rows (a mask times the output) are exactly zero in FP32 and compiled: a perfect match, not the
+    cosine 0 ``cosine_similarity`` gives two zero vectors; a row zero in one only is a mismatch."""
+    x = torch.randn(8, 4)
+    mask = (torch.arange(8) % 2 == 0).unsqueeze(1)
+    assert fidelity(lambda t: t * mask, lambda t: t * mask, (x,))["example_cosine"] == pytest.approx(1.0)
+    assert fidelity(lambda t: t * mask, lambda t: t, (x,))["example_cosine"] == pytest.approx(0.5)
+    nan = fidelity(lambda t: t, lambda t: torch.where(mask, t, float("nan")), (x,))
+    assert nan["example_max_rel_err"] != nan["example_max_rel_err"]  # max() dropped it: 0.0
+
+
 def test_guard_warns_once_with_what_to_try():
     x = torch.randn(8, 4)
     log: list[str] = []
