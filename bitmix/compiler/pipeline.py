@@ -266,12 +266,26 @@ def _constant_inputs(calib: Inputs | None) -> list[int]:
 
 
 def _check_finite(graph: LayerGraph) -> None:
-    state = graph.exported.state_dict
-    for layer in graph.layers:
-        for key in (layer.weight_param, layer.bias_param):
-            if key is not None and key in state and not torch.isfinite(state[key]).all():
-                raise BitmixError(f"parameter {key!r} of layer {layer.name!r} contains NaN or Inf; "
-                                  "fix the weights (e.g. retrain or reload the checkpoint) before compiling")
+    """Real numbers in the model's state: a layer's weights and bias finite, nothing else NaN (an -inf
+    attention-mask buffer is fine). A NaN BatchNorm statistic, folded into the layer before it, otherwise
+    surfaced as NaN outputs or as a NaN blamed on the next layer's input."""
+    exported = graph.exported
+    state = {**exported.state_dict, **exported.constants}
+    owner = {key: layer.name for layer in graph.layers for key in (layer.weight_param, layer.bias_param) if key}
+    buffers = set(exported.graph_signature.buffers)
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        kind = "buffer" if key in buffers else "parameter"
+        if value.is_meta:
+            raise BitmixError(f"{kind} {key!r} is on the meta device (no values); materialise the model "
+                              "(e.g. model.to_empty(device='cpu') and load_state_dict) before compiling")
+        if key in owner and not torch.isfinite(value).all():
+            raise BitmixError(f"parameter {key!r} of layer {owner[key]!r} contains NaN or Inf; "
+                              "fix the weights (e.g. retrain or reload the checkpoint) before compiling")
+        if torch.isnan(value).any():
+            raise BitmixError(f"{kind} {key!r} contains NaN; fix the model's state (e.g. reload the checkpoint, "
+                              "or BatchNorm statistics from a run that diverged) before compiling")
 
 
 def _accuracy(evaluator: TaskData | Callable[[nn.Module], float], float_model: nn.Module, fq: nn.Module,

@@ -237,6 +237,29 @@ def test_nan_weights_rejected():
         bitmix.compile(model, torch.randn(2, 4), options=QUICK)
 
 
+def test_nan_state_and_meta_weights_rejected():
+    """A NaN BatchNorm statistic is folded into the layer before it: refused like a NaN weight, naming it (it
+    gave NaN outputs, or "x: contains NaN" for the next layer); an -inf mask buffer is fine."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    model[1].running_var[3] = float("nan")
+    with pytest.raises(BitmixError, match=r"buffer '1.running_var' contains NaN; fix the model's state"):
+        bitmix.compile(model, torch.randn(2, 4), options=QUICK)
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("mask", torch.tensor([0.0, float("-inf"), 0.0, 0.0]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.fc(x) + self.mask).softmax(-1)
+
+    bitmix.compile(Masked().eval(), torch.randn(2, 4), options=QUICK)
+    meta = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).to("meta").eval()
+    with pytest.raises(BitmixError, match=r"parameter '0.weight' is on the meta device \(no values\); materialise"):
+        bitmix.compile(meta, torch.randn(2, 4, device="meta"), options=QUICK)
+
+
 def test_constant_calibration_warns():
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
