@@ -56,14 +56,23 @@ LAYOUT_OPS = {
 }
 
 
+def input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """`example_inputs` as one tensor per forward argument (a lone tensor is one), or a one-line error."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else ()
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise BitmixError("example_inputs must be a tensor or a tuple of tensors (one per forward argument), "
+                          f"got {type(example_inputs).__name__}")
+    return inputs
+
+
 def capture(model: nn.Module, example_inputs: tuple | torch.Tensor, name: str | None = None,
             dynamic_shapes: Any = AUTO) -> LayerGraph:
     """Export `model` on `example_inputs` (dynamic dimensions: `bitmix.compiler.shapes`) and index its layers."""
     if not isinstance(model, nn.Module):
         raise BitmixError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise BitmixError("example_inputs must be a tensor or a tuple of tensors (one per forward argument)")
+    inputs = input_tuple(example_inputs)
     _check_float32(model)
     exported = export(model, inputs, dynamic_shapes)
     layers, vector_ops, deps, unsupported = _index(exported)

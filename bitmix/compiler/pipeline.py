@@ -24,7 +24,7 @@ from bitmix.budget import Budget
 from bitmix.compiler import inputs, legacy, sensitivity
 from bitmix.compiler.allocate import Allocation, allocate, cheapest_fraction
 from bitmix.compiler.allocate import Budget as Caps
-from bitmix.compiler.capture import capture
+from bitmix.compiler.capture import capture, input_tuple
 from bitmix.compiler.fidelity import guard
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.frozen import train_mode_modules
@@ -134,12 +134,14 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     caps = inputs.caps(goal)
     scorer, method_config = sensitivity.resolve(method)
     roles = inputs.resolve_data(data)
-    ranks = tuple(t.dim() for t in (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,))
-                  if isinstance(t, torch.Tensor))
+    ranks = tuple(t.dim() for t in input_tuple(example_inputs))
     calib = inputs.calibration_inputs(roles.calibration if roles.calibration is not None else roles.train, ranks)
     sensitivity.check_inputs(scorer, roles.train is not None, calib is not None)  # before any slow stage
     ranges_from = calib if calib is not None else _example_calibration(example_inputs, warn)
-    ft = FinetuneConfig(epochs=finetune) if isinstance(finetune, int) else finetune
+    if isinstance(finetune, bool) or not (finetune is None or isinstance(finetune, FinetuneConfig)
+                                          or isinstance(finetune, numbers.Integral) and finetune >= 0):
+        raise BitmixError(f"finetune must be a number of epochs >= 0 or a bitmix.FinetuneConfig, got {finetune!r}")
+    ft = FinetuneConfig(epochs=int(finetune)) if isinstance(finetune, numbers.Integral) else finetune
     if ft is not None and ft.epochs > 0 and roles.train is None:
         raise BitmixError("finetune needs training data; pass data=TaskData(...) or data=Data(train=...)")
 

@@ -219,6 +219,9 @@ def test_absolute_fps_goal(digits):
         ({"budget": 0.1}, "minimum achievable"),
         ({"method": "alps"}, "needs task data"),
         ({"finetune": 1}, "finetune needs training data"),
+        ({"finetune": 1.5}, r"finetune must be a number of epochs >= 0 or a bitmix.FinetuneConfig, got 1.5"),
+        ({"finetune": -1}, "finetune must be a number of epochs >= 0"),
+        ({"finetune": True}, "finetune must be a number of epochs >= 0"),
         ({"budget": "fast"}, "budget must be a number"),
         ({"data": Data(train=torch.zeros(3))}, "must be a TaskData"),
     ],
@@ -227,6 +230,12 @@ def test_bad_inputs(digits, kwargs, match):
     model, inputs, _ = digits
     with pytest.raises(BitmixError, match=match):
         bitmix.compile(model, inputs, options=QUICK, **kwargs)
+
+
+@pytest.mark.parametrize("example", [None, 3, {"x": torch.zeros(2, 4)}, ()])
+def test_example_inputs_that_are_not_tensors(example):
+    with pytest.raises(BitmixError, match="example_inputs must be a tensor or a tuple of tensors"):
+        bitmix.compile(nn.Linear(4, 2), example, options=QUICK)
 
 
 def test_nan_weights_rejected():
