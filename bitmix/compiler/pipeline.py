@@ -294,15 +294,44 @@ def _accuracy(evaluator: TaskData | Callable[[nn.Module], float], float_model: n
               cm: CompiledModel) -> dict[str, Any]:
     if isinstance(evaluator, TaskData):
         metric = evaluator.metric
+        kernels = _any_batch(cm)
         result: dict[str, Any] = {"metric": metric, "fp32": evaluator.evaluate(float_model),
-                                  "fake_quant": evaluator.evaluate(fq), "kernels": evaluator.evaluate(cm)}
+                                  "fake_quant": evaluator.evaluate(fq), "kernels": evaluator.evaluate(kernels)}
         if evaluator.details is not None:  # the task's own extra metrics
             result["details"] = {"fake_quant": evaluator.details(fq, evaluator),
-                                 "kernels": evaluator.details(cm, evaluator)}
+                                 "kernels": evaluator.details(kernels, evaluator)}
         return result
     with torch.no_grad():
         return {"metric": getattr(evaluator, "__name__", "custom"), "fp32": float(evaluator(float_model)),
                 "fake_quant": float(evaluator(fq)), "kernels": float(evaluator(cm))}
+
+
+class _InBatchesOf(nn.Module):
+    """A model compiled for one batch size (a static export) run on a task's batches: chunks of that size, the
+    last padded with copies of its last example, whose outputs are dropped."""
+
+    def __init__(self, model: nn.Module, batch: int) -> None:
+        super().__init__()
+        self.model, self.batch = model, batch
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for start in range(0, inputs[0].shape[0], self.batch):
+            chunk = [t[start:start + self.batch] for t in inputs]
+            real = chunk[0].shape[0]
+            pad = [torch.cat([c, c[-1:].expand(self.batch - real, *c.shape[1:])]) for c in chunk]
+            outputs.append(self.model(*pad)[:real])
+        return torch.cat(outputs)
+
+
+def _any_batch(cm: CompiledModel) -> nn.Module:
+    """`cm`, or `cm` in batches of its fixed batch size when every input's first dimension is fixed."""
+    firsts = {dims[0] for dims in cm.input_spec.dims if dims}
+    if len(firsts) == 1 and len(cm.input_spec.dims) == len(cm.input_spec.names):
+        batch = next(iter(firsts))
+        if isinstance(batch, int) and batch > 0:
+            return _InBatchesOf(cm, batch)
+    return cm
 
 
 def _quality(evaluator: Any, model: nn.Module) -> float | None:

@@ -182,6 +182,17 @@ def test_forwards_run_while_another_thread_exports(int8, digits, monkeypatch):
     assert torch.equal(cm(x), want)
 
 
+def test_a_static_export_is_scored_on_every_test_batch(digits):
+    """A model compiled for its example batch alone is evaluated in batches of that size, the last padded:
+    the task's last, shorter batch stopped the compile at its very end."""
+    model, inputs, data = digits
+    assert len(data.test) % inputs[0].shape[0]
+    cm = bitmix.compile(model, inputs, "int8-npu", data=data,
+                        options=CompileOptions(frontier_points=0, dynamic_shapes=None))
+    assert cm.input_spec.dims[0][0] == inputs[0].shape[0]
+    assert cm.report.accuracy["kernels"] == cm.report.accuracy["fake_quant"] > 90
+
+
 def test_same_seed_same_assignment(digits):
     model, inputs, data = digits
     a = bitmix.compile(model, inputs, method="eagl", budget=0.8, data=Data(calibration=data), options=QUICK)
