@@ -10,6 +10,7 @@ The caller's model is never touched: we export a copy (`bitmix.compiler.frozen`)
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import threading
 import warnings
@@ -125,9 +126,15 @@ def export_program(module: nn.Module, inputs: tuple[Any, ...], dims: Any) -> tor
     exports at once (threads compiling two models, or two pieces of a ``torch.compile`` model) trip over each
     other's patches, and see `bitmix.kernels.registries` for what it does to Numba.
     """
+    fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs each failed trace's traceback
     with _EXPORTING:
         load_numba_registries()
-        return torch.export.export(module, inputs, dynamic_shapes=dims, strict=False)
+        level = fake_tensor_log.level
+        fake_tensor_log.setLevel(logging.CRITICAL)  # bitmix says what failed in one line (or retries static)
+        try:
+            return torch.export.export(module, inputs, dynamic_shapes=dims, strict=False)
+        finally:
+            fake_tensor_log.setLevel(level)
 
 
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dims: Any) -> torch.export.ExportedProgram:

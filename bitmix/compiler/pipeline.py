@@ -240,9 +240,14 @@ def _example_calibration(example_inputs: tuple[torch.Tensor, ...] | torch.Tensor
     """Without calibration data the ranges come from the example inputs (better than a data-free guess)."""
     msg = ("no calibration data: activation ranges come from the example inputs; "
            "pass data= (a few real inputs) for better accuracy")
+    examples = input_tuple(example_inputs)
+    for i, t in enumerate(examples):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise BitmixError(f"example input {i} contains NaN or Inf, and without data= the example inputs set the "
+                              "activation ranges; pass finite examples, or calibration data with data=")
     warnings.warn(msg, stacklevel=3)
     warn.append(msg)
-    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    return examples
 
 
 def _warn(msg: str, warn: list[str]) -> None:

@@ -249,6 +249,17 @@ def test_example_inputs_that_are_not_tensors(example):
         bitmix.compile(nn.Linear(4, 2), example, options=QUICK)
 
 
+def test_a_nan_example_without_data_is_named_as_the_example(capfd):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(4, 4)
+    x[0, 0] = float("nan")
+    with pytest.raises(BitmixError, match="example input 0 contains NaN or Inf, and without data= the example"):
+        bitmix.compile(model, x, options=QUICK)
+    with pytest.raises(BitmixError, match="the model does not run on the example inputs"):
+        bitmix.compile(model, torch.randn(4, 5), options=QUICK)
+    assert "Traceback" not in capfd.readouterr().err  # torch's fake-tensor log of the failed trace stays quiet
+
+
 def test_nan_weights_rejected():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     with torch.no_grad():
