@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitmix.errors import BitmixError, check_count, check_number
 from bitmix.ir.precision import PrecisionLike, as_precision
 
 Inputs = tuple[torch.Tensor, ...]
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,17 @@ class FinetuneConfig:
     layer_distill: float = 0.0
     step_lr_scale: float = 1.0
     lr_8bit_activations: float | None = None
+
+    def __post_init__(self) -> None:
+        check_count("FinetuneConfig.epochs", self.epochs, minimum=0)
+        check_number("FinetuneConfig.lr", self.lr)
+        if self.optimizer not in OPTIMIZERS:
+            raise BitmixError(f"unknown FinetuneConfig.optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        check_count("FinetuneConfig.batch_size", self.batch_size)
+        check_number("FinetuneConfig.layer_distill", self.layer_distill, inclusive=True)
+        check_number("FinetuneConfig.step_lr_scale", self.step_lr_scale)
+        if self.lr_8bit_activations is not None:
+            check_number("FinetuneConfig.lr_8bit_activations", self.lr_8bit_activations)
 
     def lr_for(self, assignment: Mapping[str, PrecisionLike]) -> float:
         """The learning rate for fine-tuning `assignment`: `lr_8bit_activations` when it is set and no layer

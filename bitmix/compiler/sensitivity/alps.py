@@ -30,7 +30,7 @@ from bitmix.compiler.rotate import rotate_linears
 from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 from bitmix.compiler.sensitivity.executor import SerialExecutor
 from bitmix.compiler.transport import PortableModel
-from bitmix.errors import BitmixError
+from bitmix.errors import BitmixError, check_count, check_number
 from bitmix.ir.precision import Precision
 from bitmix.task import TaskData
 
@@ -48,6 +48,14 @@ class ALPSConfig(MethodConfig):
     metric: str = "loss"  # "loss" or "quality"
     batch_size: int = 64  # memory grows with it
     calibration_size: int = 64  # fit-split inputs that initialise a lowered layer's activation steps
+
+    def __post_init__(self) -> None:
+        check_number("ALPSConfig.epochs", self.epochs)
+        check_count("ALPSConfig.base_epochs", self.base_epochs, minimum=0)
+        check_number("ALPSConfig.lr", self.lr)
+        quality_drop_measure(self.metric)  # refuses an unknown metric
+        check_count("ALPSConfig.batch_size", self.batch_size)
+        check_count("ALPSConfig.calibration_size", self.calibration_size)
 
 
 def holdout(data: TaskData, fraction: float = HOLDOUT) -> tuple[TaskData, TaskData]:
@@ -80,8 +88,6 @@ def quality_drop_measure(metric: str):
 
 def _epochs(epochs: float, batches_per_epoch: int) -> tuple[int, int | None]:
     """Whole epochs, or one truncated epoch for a fraction."""
-    if epochs <= 0:
-        raise BitmixError(f"ALPSConfig.epochs must be > 0, got {epochs}")
     if epochs >= 1:
         return int(round(epochs)), None
     return 1, max(1, int(math.ceil(epochs * batches_per_epoch)))
@@ -148,7 +154,6 @@ def alps_jobs(ctx: ScoreContext, cfg: ALPSConfig) -> ALPSJobs:
     """Fine-tune the base (in this process) and build the per-layer jobs around it."""
     data = ctx.require_data("alps")
     fit, _ = holdout(data)
-    quality_drop_measure(cfg.metric)
     calibration = fit.calibration(cfg.calibration_size)
     choices = ctx.target.choices
     assignment = {n: choices[0] for n in ctx.free_layers} | ctx.target.pinned(ctx.graph.names)

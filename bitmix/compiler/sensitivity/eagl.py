@@ -53,7 +53,7 @@ from torch import nn
 
 from bitmix.compiler.qlayer import LSQQuantizer, QuantLayer, quant_layers
 from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
-from bitmix.errors import BitmixError
+from bitmix.errors import BitmixError, check_number
 from bitmix.ir.graph import Layer
 from bitmix.ir.precision import Precision
 
@@ -80,8 +80,7 @@ class EAGLConfig(MethodConfig):
             raise BitmixError(f"unknown EAGL variant {self.variant!r}; valid: {', '.join(VARIANTS)}")
         if self.steps is not None and self.steps not in STEPS:
             raise BitmixError(f"unknown EAGL steps {self.steps!r}; valid: {', '.join(STEPS)}")
-        if not self.step_lr_scale > 0:
-            raise BitmixError(f"EAGL step_lr_scale must be > 0, got {self.step_lr_scale}")
+        check_number("EAGLConfig.step_lr_scale", self.step_lr_scale)
 
     def pretrain_step_lr_scale(self) -> float | None:
         return self.step_lr_scale if self.steps in (None, "learned") else None

@@ -29,6 +29,7 @@ from bitmix.compiler.qlayer import LSQQuantizer, quant_layers
 from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
 from bitmix.compiler.sensitivity.executor import SerialExecutor
 from bitmix.compiler.transport import PortableModel
+from bitmix.errors import check_count
 from bitmix.task import TaskData
 
 
@@ -38,6 +39,10 @@ class HAWQConfig(MethodConfig):
 
     samples: int = 16
     examples: int = 256
+
+    def __post_init__(self) -> None:
+        check_count("HAWQConfig.samples", self.samples)
+        check_count("HAWQConfig.examples", self.examples)
 
 
 def hutchinson_samples(loss_fn, params: list[torch.Tensor], generators: list[torch.Generator]) -> list[list[float]]:

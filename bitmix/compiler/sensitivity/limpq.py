@@ -26,6 +26,7 @@ from bitmix.compiler.qlayer import _GradScale, _RoundSTE, qrange, quant_layers
 from bitmix.compiler.quantize import calibration_signs
 from bitmix.compiler.rotate import rotate_linears
 from bitmix.compiler.sensitivity.base import MethodConfig, ScoreContext, Scores, register
+from bitmix.errors import check_count, check_number
 
 ALPHA = 2.0
 
@@ -38,6 +39,12 @@ class LIMPQConfig(MethodConfig):
     lr: float = 1e-3
     batch_size: int = 64  # memory grows with it
     calibration_size: int = 64
+
+    def __post_init__(self) -> None:
+        check_count("LIMPQConfig.epochs", self.epochs)  # no epoch, no learned step: nothing to rank by
+        check_number("LIMPQConfig.lr", self.lr)
+        check_count("LIMPQConfig.batch_size", self.batch_size)
+        check_count("LIMPQConfig.calibration_size", self.calibration_size)
 
 
 class MultiStepLSQ(nn.Module):

@@ -54,6 +54,9 @@ def test_variants_follow_their_formulas(mlp_ctx):
         variant_scores(mlp_ctx, {}, "bogus")
     with pytest.raises(BitmixError, match="unknown EAGL steps"):
         EAGLConfig(steps="bogus")
+    for scale in (0.0, float("nan"), float("inf"), "10"):
+        with pytest.raises(BitmixError, match="EAGLConfig.step_lr_scale must be a finite number > 0"):
+            EAGLConfig(step_lr_scale=scale)
 
 
 def test_mse_rule_codes_are_the_ptq_ranges_codes():

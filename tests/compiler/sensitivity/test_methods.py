@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from bitmix.compiler.allocate import Budget, allocate
 from bitmix.compiler.sensitivity import ALPSConfig, HAWQConfig, LIMPQConfig, ProcessExecutor, SerialExecutor, score
 from bitmix.compiler.sensitivity.hawq import hutchinson_traces
+from bitmix.errors import BitmixError
 from bitmix.ir.cost import CostModel
 from bitmix.ir.precision import Precision
 
@@ -69,6 +71,30 @@ def test_hawq_and_limpq_scores(mlp_ctx):
     lq = score(LIMPQConfig(epochs=1), mlp_ctx)
     _check_shape(lq, mlp_ctx)
     assert all(v[2] >= v[4] >= 0 for v in lq.values())
+
+
+@pytest.mark.parametrize(("config", "options", "message"), [
+    (ALPSConfig, {"epochs": float("nan")}, "ALPSConfig.epochs must be a finite number > 0, got nan"),
+    (ALPSConfig, {"epochs": float("inf")}, "ALPSConfig.epochs must be a finite number > 0"),
+    (ALPSConfig, {"base_epochs": -1}, "ALPSConfig.base_epochs must be an int >= 0, got -1"),
+    (ALPSConfig, {"lr": float("nan")}, "ALPSConfig.lr must be a finite number > 0, got nan"),
+    (ALPSConfig, {"metric": "accuracy"}, "unknown ALPS metric 'accuracy'"),
+    (ALPSConfig, {"batch_size": 0}, "ALPSConfig.batch_size must be an int >= 1, got 0"),
+    (ALPSConfig, {"calibration_size": True}, "ALPSConfig.calibration_size must be an int >= 1, got True"),
+    (HAWQConfig, {"samples": 0}, "HAWQConfig.samples must be an int >= 1, got 0"),
+    (HAWQConfig, {"samples": -1}, "HAWQConfig.samples must be an int >= 1, got -1"),
+    (HAWQConfig, {"examples": 0}, "HAWQConfig.examples must be an int >= 1, got 0"),
+    (HAWQConfig, {"examples": 2.0}, "HAWQConfig.examples must be an int >= 1, got 2.0"),
+    (LIMPQConfig, {"epochs": 0}, "LIMPQConfig.epochs must be an int >= 1, got 0"),
+    (LIMPQConfig, {"lr": float("nan")}, "LIMPQConfig.lr must be a finite number > 0, got nan"),
+    (LIMPQConfig, {"batch_size": 0}, "LIMPQConfig.batch_size must be an int >= 1, got 0"),
+    (LIMPQConfig, {"calibration_size": -3}, "LIMPQConfig.calibration_size must be an int >= 1, got -3"),
+])
+def test_configs_refuse_bad_values_when_made(config, options, message):
+    """Checked when the config is made, in one line: not a ZeroDivisionError, torch's "Invalid learning rate" or
+    a silent zero-probe trace once the method runs."""
+    with pytest.raises(BitmixError, match=f"^{re.escape(message)}"):
+        config(**options)
 
 
 def test_alps_is_deterministic_and_executor_independent(mlp_ctx):
