@@ -46,6 +46,22 @@ def test_load_report_errors(tmp_path):
         load_report(tmp_path)
 
 
+def test_save_and_print_refuse_bad_arguments_in_one_line(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(BitmixError, match="it is a file; give a folder path"):
+        save_report(_report(), a_file)
+    with pytest.raises(BitmixError, match="cannot write a report into .*a_file/out.*; save to a writable folder"):
+        save_report(_report(), a_file / "out")
+    with pytest.raises(BitmixError, match="save_report needs a folder path"):
+        save_report(_report(), None)
+    for render in (print_report, layer_table):
+        with pytest.raises(BitmixError, match=f"{render.__name__} needs a bitmix Report .*got NoneType"):
+            render(None)
+    with pytest.raises(BitmixError, match="save_report needs a bitmix Report .*got dict"):
+        save_report({}, tmp_path)
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
