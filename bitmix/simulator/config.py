@@ -306,7 +306,14 @@ def load_chip_config(path: str | None) -> ChipConfig:
     if not p.is_file():
         raise BitmixError(f"chip config file {path!r} not found; pass the path of an existing TOML file")
     try:
-        data = tomllib.loads(p.read_text())
+        text = p.read_text(encoding="utf-8")  # TOML is UTF-8 whatever the locale
+    except UnicodeDecodeError as exc:
+        raise BitmixError(f"chip config {path!r} is not a text TOML file ({exc.reason} at byte {exc.start}); "
+                          "pass a UTF-8 TOML file with [chip], [noc.*], [pcie] or [energy] tables") from None
+    except OSError as exc:
+        raise BitmixError(f"cannot read chip config {path!r} ({exc.strerror or exc}); pass a readable file") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise BitmixError(f"chip config {path!r} is not valid TOML ({exc}); fix the syntax") from None
     return config_from_dict(data)

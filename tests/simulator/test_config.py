@@ -77,6 +77,14 @@ def test_missing_and_malformed_files(tmp_path):
         load_chip_config(str(bad))
 
 
+def test_binary_file_is_one_line_error(tmp_path):
+    binary = tmp_path / "chip.toml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(BitmixError, match="is not a text TOML file") as err:
+        load_chip_config(str(binary))
+    assert "\n" not in str(err.value)
+
+
 def test_unknown_precision():
     with pytest.raises(BitmixError, match="bits must be one of 8, 4, 2"):
         ChipConfig().ops_per_cycle(3)
