@@ -144,6 +144,8 @@ def test_exported_program_inputs_shapes_and_data(tmp_path, capsys):
         (lambda p: _export(p), ["--input-shape", "4x3x8x8"], "does not accept --input-shape 4x3x8x8"),
         (lambda p: _export(p), ["--input-shape", "2x3x8x8", "--input-shape", "1x3"], "takes 1 input(s)"),
         (lambda p: _export(p), ["--data", "/nonexistent.pt"], "no such file '/nonexistent.pt' for --data"),
+        (lambda p: _export(p, dynamic=True), ["--input-shape", "99999999999x3x8x8"],
+         "input 0 of shape 99999999999x3x8x8 needs 19,199,999,999,808 float32 values (76.8 TB)"),
     ],
 )
 def test_bad_programs_are_one_line_exit_2(tmp_path, capfd, make, args, message):
@@ -202,7 +204,8 @@ def test_data_the_program_cannot_take_is_not_blamed_on_the_batch(tmp_path, capfd
 
 
 @pytest.mark.parametrize("args", [["compile", "digits-mlp", "--budget", "abc", "--out", "x"],
-                                  ["study", "frontier", "digits-mlp", "--budgets", "abc"], ["--bogus"]])
+                                  ["study", "frontier", "digits-mlp", "--budgets", "abc"], ["--bogus"],
+                                  ["capture", "m.pt2", "--input-shape", f"1{'0' * 24}x3"]])
 def test_argument_errors_are_one_line_without_the_usage_block(args, capsys):
     with pytest.raises(SystemExit) as exc:
         main(args)

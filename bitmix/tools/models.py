@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,11 +110,26 @@ def _inputs_of_shapes(values: list[Any], shapes: list[tuple[int, ...]] | None) -
     out = []
     for i, val in enumerate(values):
         shape = shapes[i] if shapes is not None else tuple(_hint(d) for d in val.shape)
-        if val.dtype.is_floating_point:
-            out.append(torch.randn(shape, generator=gen).to(val.dtype))
-        else:
-            out.append(torch.zeros(shape, dtype=val.dtype))
+        try:
+            if val.dtype.is_floating_point:
+                out.append(torch.randn(shape, generator=gen).to(val.dtype))
+            else:
+                out.append(torch.zeros(shape, dtype=val.dtype))
+        except (RuntimeError, MemoryError):  # the allocator's "can't allocate", or a byte count past int64
+            raise BitmixError(f"input {i} of shape {'x'.join(map(str, shape))} needs {_size(shape, val.dtype)}, more "
+                              "memory than this machine can allocate; give a smaller --input-shape") from None
     return tuple(out)
+
+
+def _size(shape: tuple[int, ...], dtype: torch.dtype) -> str:
+    """'1,599,999,999,984 float32 values (6.4 TB)': what a tensor of `shape` asks the allocator for."""
+    n = math.prod(shape)
+    size = float(n * dtype.itemsize)
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB", "EB"):
+        if size < 1000 or unit == "EB":
+            break
+        size /= 1000
+    return f"{n:,} {str(dtype).removeprefix('torch.')} values ({size:.3g} {unit})"
 
 
 def _hint(dim: int | torch.SymInt) -> int:
@@ -147,6 +163,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise ValueError(f"expected sizes like 1x3x224x224, got {text!r}") from None
     if not shape or any(d <= 0 for d in shape):
         raise ValueError(f"sizes must be positive, got {text!r}")
+    if any(d > torch.iinfo(torch.int64).max for d in shape):  # torch sizes are int64
+        raise ValueError(f"sizes must fit in 64 bits, got {text!r}")
     return shape
 
 
