@@ -156,6 +156,19 @@ def test_bad_programs_are_one_line_exit_2(tmp_path, capfd, make, args, message):
     assert len(err.splitlines()) == 1 and err.startswith("bitmix: error:") and message in err, err
 
 
+def test_a_model_bitmix_saved_is_named_as_such(tmp_path, capfd):
+    import bitmix
+
+    cm = bitmix.compile(TinyConvNet().eval(), (torch.randn(2, 3, 8, 8),), "int8-npu",
+                        options=bitmix.CompileOptions(frontier_points=0))
+    path = str(cm.save(tmp_path / "compiled.pt2"))
+    capfd.readouterr()
+    for args in (["capture", path], ["compile", path, "--out", str(tmp_path / "d")]):
+        assert main(args) == 2
+        err = capfd.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is a model bitmix already compiled" in err and "bitmix.load" in err, err
+
+
 def test_bad_calibration_file(tmp_path, capfd):
     model, calib = _export(tmp_path / "m.pt2"), tmp_path / "c.pt"
     torch.save(torch.rand(16, 3, 9, 9), calib)

@@ -161,6 +161,16 @@ def load(path: str | Path) -> LoadedModel:
     return LoadedModel(program, report, spec)
 
 
+def written_by_save(path: str | Path) -> bool:
+    """Whether `path` is an archive `cm.save` wrote: torch.export keeps extra files under `<archive>/extra/`, and
+    only `save` adds bitmix's input spec. Such a program calls the bitmix ops, so only `load` opens it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith(f"/extra/{INPUTS_KEY}") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def _check_archive(path: Path) -> None:
     """Every member's CRC-32: torch reads weight bytes without checking them, so bit rot in a saved model
     served different outputs without a word. Not a zip at all is left to torch.export.load's error."""

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from bitmix.compiler.saving import written_by_save
 from bitmix.errors import BitmixError
 from bitmix.task import TaskData
 
@@ -63,6 +64,9 @@ def load_program(path: str) -> torch.export.ExportedProgram:
     """`torch.export.load`, with every way a file can fail turned into one line."""
     if not Path(path).is_file():
         raise BitmixError(f"no such file {path!r}; give a zoo name (see `bitmix models`) or a .pt2 file ({SAVE_HINT})")
+    if written_by_save(path):
+        raise BitmixError(f"{path!r} is a model bitmix already compiled (cm.save wrote it); run it with "
+                          f"bitmix.load, or give the original model ({SAVE_HINT})")
     torch_log = logging.getLogger("torch.export")  # logs the failure's traceback itself; ours is one line
     level = torch_log.level
     torch_log.setLevel(logging.CRITICAL)

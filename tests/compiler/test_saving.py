@@ -111,6 +111,18 @@ def test_load_bad_paths(tmp_path):
     assert not records  # torch's own multi-line log of the failure stays quiet
 
 
+def test_written_by_save_tells_saved_models_from_plain_programs(tmp_path):
+    from bitmix.compiler.saving import written_by_save
+
+    model, x = nn.Sequential(nn.Linear(8, 4)).eval(), torch.randn(2, 8)
+    saved = bitmix.compile(model, x, target="int8-npu", options=bitmix.CompileOptions(frontier_points=0)
+                           ).save(tmp_path / "saved.pt2")
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "plain.pt2")
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip")
+    assert written_by_save(saved)
+    assert not any(written_by_save(tmp_path / name) for name in ("plain.pt2", "junk.pt2", "missing.pt2"))
+
+
 def _damaged_copies(tmp_path: Path) -> tuple[Path, Path, Path]:
     """A saved model, the same with a few bits flipped in a weight file, and with its input spec cut short."""
     import zipfile
