@@ -282,6 +282,17 @@ def _version() -> str:
 
 OUTPUT_DIRS = ("out",)  # argument names that are directories bitmix writes into
 OUTPUT_FILES = ("json", "results")  # ... and files it writes
+INPUT_FILES = ("config", "data")  # ... and files it reads
+
+
+def check_not_empty(args: argparse.Namespace) -> None:
+    """Refuse an empty path, which the commands took as no path at all (`--json ""` wrote nothing, `--config ""`
+    priced the default chip) or as the current directory (`--out ""`)."""
+    for name in OUTPUT_DIRS + OUTPUT_FILES + INPUT_FILES:
+        value = getattr(args, name, None)
+        if value is not None and not value.strip():
+            what = "a directory" if name in OUTPUT_DIRS else f"a file path, or drop --{name}"
+            raise BitmixError(f"--{name} is empty; give {what}")
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -311,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_not_empty(args)
         check_outputs(args)
         with warnings.catch_warnings():
             # bitmix's own warnings land in the report, which the commands print once, on one line each

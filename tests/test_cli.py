@@ -54,6 +54,18 @@ def test_compile_digits_writes_everything(tmp_path):
         (["compile", "digits-mlp", "--ray-address", "", "--out", "x"], "--ray-address is empty"),
         (["study", "frontier", "digits-mlp", "--workers", "0", "--out", "/tmp/bitmix-w0"], "--workers must be >= 1"),
         (["simulate", "digits-cnn", "--config", str(Path(__file__).parent / "test_cli.py")], "not valid TOML"),
+        # an empty path is refused, not taken as no path or as the current directory; a later bad argument
+        # (--method vibes, --workers 0, model nope) keeps the code before the fix from running the whole command
+        (["simulate", "digits-cnn", "--json", ""], "--json is empty; give a file path, or drop --json"),
+        (["compile", "digits-cnn", "--out", "", "--method", "vibes"], "--out is empty; give a directory"),
+        (["compile", "digits-cnn", "--config", "", "--method", "vibes", "--out", "x"], "--config is empty"),
+        (["compile", "digits-cnn", "--data", "", "--method", "vibes", "--out", "x"], "--data is empty"),
+        (["bench", "model", "nope", "--json", ""], "--json is empty"),
+        (["study", "frontier", "digits-mlp", "--out", "", "--workers", "0"], "--out is empty"),
+        (["study", "frontier", "digits-mlp", "--results", "", "--workers", "0", "--out", "/tmp/bitmix-w0"],
+         "--results is empty"),
+        (["study", "frontier", "digits-mlp", "--seeds", "0", "--quick", "--workers", "0", "--out", "/tmp/bitmix-w0"],
+         "--seeds must be >= 1, got 0"),
     ],
 )
 def test_errors_are_one_line_exit_2(args, message):

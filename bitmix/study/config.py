@@ -170,8 +170,8 @@ def default_config(
         if additivity < 0:
             raise BitmixError(f"--additivity must be >= 0 (0 = skip the check), got {additivity}")
         n_additivity = additivity
-    if n_seeds < 1:
-        raise BitmixError(f"--seeds must be >= 1, got {n_seeds}")
+    if seeds is not None and seeds < 1:  # the value given, even where quick replaces it
+        raise BitmixError(f"--seeds must be >= 1, got {seeds}")
     if workers < 1:
         raise BitmixError(f"--workers must be >= 1, got {workers}")
     for method, n in (method_seeds or {}).items():

@@ -75,6 +75,16 @@ def test_method_seeds_cut_one_method_only():
         default_config("digits-cnn", method_seeds={"nope": 2})
 
 
+def test_seeds_are_checked_even_when_quick_replaces_them():
+    from bitmix.errors import BitmixError
+    from bitmix.study import default_config
+
+    assert default_config("digits-cnn", seeds=3, quick=True).seeds == 1
+    for quick in (False, True):
+        with pytest.raises(BitmixError, match="--seeds must be >= 1, got 0"):
+            default_config("digits-cnn", seeds=0, quick=quick)
+
+
 def test_study_methods_and_options_come_from_the_registry():
     from bitmix.compiler.sensitivity import ALPSConfig, HAWQConfig
     from bitmix.study import all_methods, default_config
