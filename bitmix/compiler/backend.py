@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch._dynamo.convert_frame import compile_lock
 from torch._dynamo.source import AttrSource
 from torch.export import Dim
 from torch.nn import functional as F  # noqa: N812
@@ -123,6 +124,10 @@ def bitmix_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any)
 
 
 _COMPILING = threading.Lock()
+# Dynamo's own lock around tracing a frame: held while a piece compiles, since torch.export (non-strict) in one
+# thread while Dynamo traces in another broke Dynamo ("Error while creating guard"), which then ran the frame in
+# eager FP32 for that call, or for every later call (torch 2.13).
+_DYNAMO_TRACING = compile_lock
 
 
 @dataclasses.dataclass
@@ -151,7 +156,7 @@ def _shared_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args: 
     state = [] if isinstance(slots, str) else [a for (kind, _), a in zip(slots, args, strict=True) if kind == "state"]
     key = (gm.code, tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args),
            tuple(id(t) for t in state), id(options))
-    with _COMPILING:
+    with _DYNAMO_TRACING, _COMPILING:
         kept = _Compiled()
         if state:
             if id(state[0]) not in _BY_WEIGHT:
