@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import threading
 import warnings
 from dataclasses import replace
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import networkx as nx
 import torch
 from torch import nn
+from torch._dynamo.convert_frame import compile_lock
 
 from bitmix.compiler import decompose, transposed
 from bitmix.compiler.frozen import frozen_copy
@@ -116,7 +116,7 @@ def export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: A
     return _export(model, inputs, None)
 
 
-_EXPORTING = threading.RLock()
+_EXPORTING = compile_lock  # Dynamo's lock around tracing a frame: an export beside a Dynamo trace breaks the trace
 
 
 def export_program(module: nn.Module, inputs: tuple[Any, ...], dims: Any) -> torch.export.ExportedProgram:
@@ -124,7 +124,8 @@ def export_program(module: nn.Module, inputs: tuple[Any, ...], dims: Any) -> tor
 
     Non-strict export patches process globals while it traces (``torch/_export/non_strict_utils.py``): two
     exports at once (threads compiling two models, or two pieces of a ``torch.compile`` model) trip over each
-    other's patches, and see `bitmix.kernels.registries` for what it does to Numba.
+    other's patches, a Dynamo trace in another thread breaks (so exports take Dynamo's tracing lock), and see
+    `bitmix.kernels.registries` for what it does to Numba.
     """
     fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs each failed trace's traceback
     with _EXPORTING:
