@@ -111,14 +111,14 @@ def bitmix_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any)
     eager = copy.deepcopy(gm) if scalars else gm  # as traced, before `_write_floats` changes `gm`
     _write_floats(gm, scalars)
     slots = _slots(gm, example_inputs, scalars)
-    compiled: dict[str, Callable[..., Any]] = {}
+    compiled: dict[str, _Piece] = {}
 
     def run(*args: Any) -> Any:
         if any(float(args[i]) != value for i, value in scalars.items()):
             return eager(*args)  # a module float changed since it was compiled in: the graph as traced
-        if "fn" not in compiled:
-            compiled["fn"] = _shared_piece(gm, slots, args, options)
-        return compiled["fn"](*args)
+        if "piece" not in compiled:
+            compiled["piece"] = _shared_piece(gm, slots, args, options)
+        return compiled["piece"].run(*args)
 
     return run
 
@@ -130,20 +130,23 @@ _COMPILING = threading.Lock()
 _DYNAMO_TRACING = compile_lock
 
 
-@dataclasses.dataclass
-class _Compiled:
-    """What the backend keeps per graph piece's first weight tensor (freed with it): the piece compiled per
-    graph and shapes, and the user tensors of its first call, which calibrate every later compile."""
+@dataclasses.dataclass(eq=False)
+class _Piece:
+    """A compiled graph piece and the weight tensor it was compiled over (looked up by id, checked by identity)."""
 
-    pieces: dict[tuple, Callable[..., Any]] = dataclasses.field(default_factory=dict)
-    first_call: tuple[torch.Tensor, ...] | None = None
+    run: Callable[..., Any]
+    owner: weakref.ref | None
 
 
-_BY_WEIGHT: dict[int, _Compiled] = {}
+# Compiled pieces, held alive only by the Dynamo cache entries whose `run` uses them (`torch._dynamo.reset()` frees
+# them); keyed by graph, shapes, weights (ids and in-place versions) and options.
+_PIECES: weakref.WeakValueDictionary[tuple, _Piece] = weakref.WeakValueDictionary()
+# id of a piece's first weight -> per piece (`_tensor_ops`) the user tensors of its first call; freed with the weight.
+_FIRST_CALLS: dict[int, dict[tuple[str, ...], tuple[torch.Tensor, ...]]] = {}
 
 
 def _shared_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args: tuple[Any, ...],
-                  options: dict[str, Any] | None) -> Callable[..., Any]:
+                  options: dict[str, Any] | None) -> _Piece:
     """One compile per graph piece and shapes, however many threads call it first at once, all calibrated alike.
 
     Dynamo traces a frame again in every thread that entered it before the first trace was installed, and
@@ -153,21 +156,33 @@ def _shared_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args: 
     recompile on its own call's tensors made the answer to a request depend on the requests before it, so
     recompiles calibrate on the piece's first call wherever those tensors fit the new graph.
     """
-    state = [] if isinstance(slots, str) else [a for (kind, _), a in zip(slots, args, strict=True) if kind == "state"]
+    if isinstance(slots, str):  # runs eagerly (`_compile_piece` says why): nothing to share or calibrate
+        return _Piece(_compile_piece(gm, slots, args, options), None)
+    kinds = [kind for kind, _ in slots]
+    state = [a for kind, a in zip(kinds, args, strict=True) if kind == "state"]
     key = (gm.code, tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args),
-           tuple(id(t) for t in state), id(options))
+           tuple((id(t), t._version) for t in state), id(options))
     with _DYNAMO_TRACING, _COMPILING:
-        kept = _Compiled()
+        piece = _PIECES.get(key)
+        if piece is not None and (not state or piece.owner is not None and piece.owner() is state[0]):
+            return piece
+        user = tuple(a.detach().clone() for kind, a in zip(kinds, args, strict=True) if kind == "user")
+        first = user
         if state:
-            if id(state[0]) not in _BY_WEIGHT:
-                weakref.finalize(state[0], _BY_WEIGHT.pop, id(state[0]), None)
-            kept = _BY_WEIGHT.setdefault(id(state[0]), kept)
-        if key not in kept.pieces:
-            user = tuple(a.detach().clone() for (kind, _), a in zip(slots, args, strict=True) if kind == "user")
-            if kept.first_call is None and not isinstance(slots, str):
-                kept.first_call = user
-            kept.pieces[key] = _compile_piece(gm, slots, args, options, kept.first_call)
-        return kept.pieces[key]
+            if id(state[0]) not in _FIRST_CALLS:
+                weakref.finalize(state[0], _FIRST_CALLS.pop, id(state[0]), None)
+            first = _FIRST_CALLS.setdefault(id(state[0]), {}).setdefault(_tensor_ops(gm), user)
+        piece = _PIECES[key] = _Piece(_compile_piece(gm, slots, args, options, first),
+                                      weakref.ref(state[0]) if state else None)
+        return piece
+
+
+def _tensor_ops(gm: fx.GraphModule) -> tuple[str, ...]:
+    """The piece's tensor ops in order, sizes left out: alike for Dynamo's recompiles of one piece at other shapes
+    or grad mode, different for two pieces over the same weights (the two branches of a data-dependent `if`)."""
+    return tuple(str(node.target) for node in gm.graph.nodes
+                 if node.op in ("call_function", "call_method", "call_module")
+                 and isinstance(node.meta.get("example_value"), torch.Tensor))
 
 
 def _attribute_floats(gm: fx.GraphModule, example_inputs: list[Any]) -> dict[int, float]:

@@ -92,6 +92,66 @@ def test_an_answer_does_not_depend_on_the_requests_served_before_it(monkeypatch)
     assert torch.equal(compiled(x4).detach(), first) and len(compiles) == 3  # grad mode on: one more compile
 
 
+class _Branches(nn.Module):
+    """A data-dependent `if`: two graph pieces over the same weights (and a glue piece with no layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.fc(torch.relu(x))
+        return self.fc(torch.relu(-x))
+
+
+def test_each_branch_of_a_data_dependent_if_calibrates_on_its_own_first_call():
+    import copy
+
+    torch.manual_seed(0)
+    model = _Branches().eval()
+    twin = copy.deepcopy(model)
+    small, large = torch.rand(8, 16) * 0.05, -torch.rand(8, 16) * 5
+    with torch.no_grad():
+        torch._dynamo.reset()
+        alone = torch.compile(twin, backend="bitmix")(large)
+        compiled = torch.compile(model, backend="bitmix")
+        compiled(small)
+        assert torch.equal(compiled(large), alone)  # not calibrated on the other branch's (small) inputs
+
+
+def test_weights_changed_in_place_are_compiled_again_after_a_dynamo_reset():
+    """The docstring's contract: new weights need `torch._dynamo.reset()`, after which they are what runs."""
+    model = _conv_bn_linear()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        before = torch.compile(model, backend="bitmix")(x)
+        model[4].weight.mul_(-1)
+        torch._dynamo.reset()
+        after = torch.compile(model, backend="bitmix")(x)
+    assert _cosine(after, model(x)) > 0.99 and not torch.equal(after, before)
+
+
+def test_a_piece_given_a_size_it_cannot_read_runs_eagerly():
+    """After a graph break the last piece gets the batch size as a symbolic input of its own; it runs eagerly."""
+
+    class SizeOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+            h = torch.relu(self.a(x))
+            return self.b(h) * h.mean().item(), x.shape[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(SizeOut().eval(), backend="bitmix")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert [compiled(torch.randn(b, 16))[1] for b in (8, 3)] == [8, 3]
+
+
 def test_a_graph_traced_in_training_mode_is_compiled_as_traced_with_a_warning():
     torch._dynamo.reset()
     model = _conv_bn_linear().train()
