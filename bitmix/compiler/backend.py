@@ -295,6 +295,9 @@ def _compile_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args:
         return gm.forward
     state = [a for (kind, _), a in zip(slots, args, strict=True) if kind == "state"]
     user = tuple(a for (kind, _), a in zip(slots, args, strict=True) if kind == "user")
+    batched = [t for t in user if t.dim() > 0]
+    if batched and all(t.shape[0] == 0 for t in batched):  # an empty request (Dynamo specialises size 0)
+        return gm.forward  # nothing to calibrate on; eager gives the empty answer
     lifted = _Lifted(gm, slots, state)
     calibration = opts.pop("calibration", None)
     dims = _dims(gm, user)

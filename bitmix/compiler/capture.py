@@ -59,12 +59,15 @@ LAYOUT_OPS = {
 
 def input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     """`example_inputs` as one tensor per forward argument (a lone tensor is one), or a one-line error."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else ()
+    inputs = ((example_inputs,) if isinstance(example_inputs, torch.Tensor)
+              else tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else ())
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise BitmixError("example_inputs must be a tensor or a tuple of tensors (one per forward argument), "
                           f"got {type(example_inputs).__name__}")
+    batched = [t for t in inputs if t.dim() > 0]
+    if batched and all(t.shape[0] == 0 for t in batched):
+        raise BitmixError(f"example_inputs hold no examples (shape {tuple(batched[0].shape)}: an empty batch); "
+                          "pass at least one example")
     return inputs
 
 

@@ -152,6 +152,15 @@ def test_a_piece_given_a_size_it_cannot_read_runs_eagerly():
         assert [compiled(torch.randn(b, 16))[1] for b in (8, 3)] == [8, 3]
 
 
+def test_an_empty_request_gets_the_empty_answer():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    compiled = torch.compile(model, backend="bitmix", dynamic=True)
+    with torch.no_grad():
+        assert compiled(torch.randn(8, 16)).shape == (8, 8)
+        assert compiled(torch.randn(0, 16)).shape == (0, 8)  # was a ZeroDivisionError in the allocator
+
+
 def test_a_graph_traced_in_training_mode_is_compiled_as_traced_with_a_warning():
     torch._dynamo.reset()
     model = _conv_bn_linear().train()

@@ -249,6 +249,11 @@ def test_example_inputs_that_are_not_tensors(example):
         bitmix.compile(nn.Linear(4, 2), example, options=QUICK)
 
 
+def test_an_empty_example_batch_is_one_line():
+    with pytest.raises(BitmixError, match=r"example_inputs hold no examples \(shape \(0, 4\): an empty batch\)"):
+        bitmix.compile(nn.Linear(4, 2), torch.zeros(0, 4), options=QUICK)
+
+
 def test_a_nan_example_without_data_is_named_as_the_example(capfd):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     x = torch.randn(4, 4)
