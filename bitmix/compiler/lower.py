@@ -28,7 +28,14 @@ from torch import fx, nn
 from bitmix import kernels
 from bitmix.compiler.hadamard import rotate_input
 from bitmix.compiler.layout import channels_last_between_convs, code_chains, fuse_conv_epilogues, nhwc_max_pools
-from bitmix.compiler.qlayer import MIN_STEP, LSQQuantizer, QuantLayer, quant_layers, row_max
+from bitmix.compiler.qlayer import (
+    MIN_STEP,
+    LSQQuantizer,
+    QuantLayer,
+    layer_input_error,
+    quant_layers,
+    row_max,
+)
 from bitmix.compiler.torch_threads import torch_on_one_thread as torch_on_one_thread  # re-exported
 from bitmix.errors import BitmixError
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
@@ -390,15 +397,18 @@ class KernelLayer(nn.Module):
         assert (other is not None) == (self.kind == "matmul")
         operands: tuple = (x,) if other is None else (x, other)
         fused = residual is not None or self.clamp is not None
-        if not _plain_tensors(x, other, residual):
-            out = getattr(torch.ops.bitmix, op)(*operands, self.handle)
-            if fused:
-                out = conv_epilogue(out, residual, self.clamp)
-        elif torch.autograd.profiler._is_profiler_enabled:  # profiles still name the op
-            with torch.profiler.record_function(f"bitmix::{op}"):
+        try:
+            if not _plain_tensors(x, other, residual):
+                out = getattr(torch.ops.bitmix, op)(*operands, self.handle)
+                if fused:
+                    out = conv_epilogue(out, residual, self.clamp)
+            elif torch.autograd.profiler._is_profiler_enabled:  # profiles still name the op
+                with torch.profiler.record_function(f"bitmix::{op}"):
+                    out = self._eager(impl, operands, residual)
+            else:
                 out = self._eager(impl, operands, residual)
-        else:
-            out = self._eager(impl, operands, residual)
+        except BitmixError as exc:
+            raise layer_input_error(self.name, exc) from None
         self.recorder.record(self.name, tuple(x.shape), tuple(other.shape) if other is not None else (),
                              tuple(out.shape))
         return out

@@ -335,7 +335,7 @@ class QuantLayer(nn.Module):
         x, other = x.float(), None if other is None else other.float()  # the kernels read float64 as float32
         if self.kind != "matmul":
             x = self.prepare_input(x)
-        _check_quantizable(x, self.a_quant)
+        _check_quantizable(x, self.a_quant, self.name)
         a_step = self.a_quant.step_for(x).detach().float()
         a = self.a_quant.codes(x)
         if self.kind == "matmul":
@@ -390,12 +390,23 @@ class QuantLayer(nn.Module):
         return shift if bias is None else bias + shift
 
 
-def _check_quantizable(x: torch.Tensor, quant: LSQQuantizer) -> None:
+def _check_quantizable(x: torch.Tensor, quant: LSQQuantizer, name: str) -> None:
     """The kernels' refusal, word for word: NaN has no code, and a row's step from an infinite max is NaN."""
     if quant.axis is not None and not bool(torch.isfinite(x).all()):
-        raise BitmixError("x: contains NaN or Inf (a row's step from its max); cannot quantize")
+        raise layer_input_error(name, BitmixError(
+            "x: contains NaN or Inf (a row's step from its max); cannot quantize"))
     if bool(torch.isnan(x).any()):
-        raise BitmixError("x: contains NaN; cannot quantize")
+        raise layer_input_error(name, BitmixError("x: contains NaN; cannot quantize"))
+
+
+def layer_input_error(name: str, error: BitmixError) -> BitmixError:
+    """A kernel's refusal of its operand ``x`` ("x: contains NaN; ...") as one about layer ``name``'s input: the
+    kernel's argument is no input of the user's model, and the NaN may come from any op before the layer."""
+    text = str(error)
+    if not text.startswith("x: contains NaN"):
+        return error
+    return BitmixError(f"the input of layer {name!r}{text[2:]}; look for NaN or Inf in the model's inputs, "
+                       "or made by the ops before that layer")
 
 
 def exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

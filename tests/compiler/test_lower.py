@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bitmix
 from bitmix import kernels
 from bitmix.compiler import lower as lower_mod
 from bitmix.compiler.capture import capture
@@ -365,3 +366,25 @@ def test_float64_nan_and_inf_inputs_behave_the_same_on_kernels_and_fake_quant(ta
                 assert outcomes[0] == outcomes[1] and "cannot quantize" in outcomes[0]
             else:  # an infinite input saturates to the extreme code on a per-tensor step, on both sides
                 assert value == float("inf") and torch.equal(outcomes[0], outcomes[1])
+
+
+def test_a_nan_reaching_a_layer_names_that_layer():
+    """The kernels refuse their operand "x"; the user is told which layer's input held the NaN."""
+
+    class TwoInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+
+        def forward(self, image: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(image)) * scale.sum(1, keepdim=True))
+
+    torch.manual_seed(0)
+    cm = bitmix.compile(TwoInputs().eval(), (torch.randn(16, 16), torch.ones(16, 4)), "int8-npu",
+                        data=(torch.randn(64, 16), torch.ones(64, 4)), options=bitmix.CompileOptions(frontier_points=0))
+    scale = torch.ones(4, 4)
+    scale[1, 0] = float("nan")
+    for run in (cm, cm.fake_quant):
+        with torch.no_grad(), pytest.raises(BitmixError, match=r"^the input of layer 'b' contains NaN; cannot quant"):
+            run(torch.randn(4, 16), scale)
+
