@@ -161,6 +161,21 @@ def test_an_empty_request_gets_the_empty_answer():
         assert compiled(torch.randn(0, 16)).shape == (0, 8)  # was a ZeroDivisionError in the allocator
 
 
+def test_inputs_that_require_grad_are_warned_once_that_no_gradient_flows_back():
+    """A compiled block inside a residual: backward() succeeded and silently missed every path through it."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = torch.compile(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)).eval(), backend="bitmix")
+    h = torch.randn(8, 16, requires_grad=True)
+    with pytest.warns(UserWarning, match="no gradient flows back through it"):
+        block(h)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        block(h)  # once per piece
+        with torch.no_grad():
+            block(h)
+
+
 def test_a_graph_traced_in_training_mode_is_compiled_as_traced_with_a_warning():
     torch._dynamo.reset()
     model = _conv_bn_linear().train()
