@@ -242,7 +242,7 @@ def _example_calibration(example_inputs: tuple[torch.Tensor, ...] | torch.Tensor
            "pass data= (a few real inputs) for better accuracy")
     examples = input_tuple(example_inputs)
     for i, t in enumerate(examples):
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not t.is_meta and not torch.isfinite(t).all():  # meta: `_check_finite`
             raise BitmixError(f"example input {i} contains NaN or Inf, and without data= the example inputs set the "
                               "activation ranges; pass finite examples, or calibration data with data=")
     warnings.warn(msg, stacklevel=3)
