@@ -27,6 +27,7 @@ from bitmix.compiler.shapes import AUTO, export_error, normalize, traced_inputs
 from bitmix.compiler.signs import nonneg_nodes
 from bitmix.errors import BitmixError, NoQuantizableLayers
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
+from bitmix.kernels.limits import MAX_BMM_K, max_weight_k
 from bitmix.kernels.registries import load_numba_registries
 
 aten = torch.ops.aten
@@ -81,8 +82,9 @@ def capture(model: nn.Module, example_inputs: tuple | torch.Tensor, name: str | 
     exported = export(model, inputs, dynamic_shapes)
     layers, vector_ops, deps, unsupported = _index(exported)
     if not layers:
+        without = f" (ops without a bitmix kernel: {', '.join(unsupported)})" if unsupported else ""
         raise NoQuantizableLayers(
-            "the model has no quantizable layers (conv2d, linear, matmul/bmm); nothing for bitmix to do"
+            f"the model has no quantizable layers (conv2d, linear, matmul/bmm); nothing for bitmix to do{without}"
         )
     return LayerGraph(
         model_name=name or type(model).__name__,
@@ -362,6 +364,10 @@ def _index(
             reach[node] = sources
             continue
         layer = _layer_for(node, params, nonneg)
+        if layer is not None and (too_long := _reduction_too_long(layer)) is not None:
+            reach[node] = sources
+            unsupported.append(f"{layer.name} ({layer.kind}, {too_long})")  # host FP32, as the ops below
+            continue
         if layer is None:
             reach[node] = sources
             op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
@@ -385,6 +391,18 @@ def _index(
         last_layer = layer.name
     layers, vector_ops, deps = _live(exported.graph, layers, vector_ops, deps)
     return _with_crossing(exported.graph, layers), vector_ops, deps, unsupported
+
+
+def _reduction_too_long(layer: Layer) -> str | None:
+    """Why `layer`'s reduction (K) is longer than its kernel takes (`bitmix.kernels.limits`), or None if it fits.
+
+    Such a layer stays FP32 with the unsupported ops: quantized, its first kernel call would fail.
+    """
+    if layer.kind == "matmul":
+        k, limit = layer.input_shape[-1], MAX_BMM_K
+    else:
+        k, limit = math.prod(layer.weight_shape[1:]), max_weight_k()  # linear (out, in); conv (out, in/g, kh, kw)
+    return f"reduction {k} > {limit}" if k > limit else None
 
 
 def _live(

@@ -3,7 +3,7 @@
 Both operands change every call, so packing one of them the way weights are packed costs
 more than it saves (MiniLM: 144 pack + GEMV/GEMM calls per forward, one per head). This is
 a direct loop on the codes instead: parallel over (batch, row), vectorised over N, int32
-accumulators, exact while ``K * 255 * 255 < 2^31`` (``MAX_K``); any signedness, since
+accumulators, exact while ``K * 255 * 255 < 2^31`` (``limits.MAX_BMM_K``); any signedness, since
 nothing is packed.
 """
 
@@ -14,9 +14,9 @@ from numba import njit, prange
 
 from bitmix.errors import BitmixError
 from bitmix.kernels import threads
+from bitmix.kernels.limits import MAX_BMM_K
 
 threads.configure_threading()  # before this module's parallel loop first runs
-MAX_K = (2**31 - 1) // (255 * 255)
 
 
 @njit(parallel=True, cache=True)
@@ -51,8 +51,8 @@ def bmm(a_codes: np.ndarray, b_codes: np.ndarray) -> np.ndarray:
     b = _codes(b_codes, "b_codes")
     if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
         raise BitmixError(f"a_codes {a.shape} and b_codes {b.shape}: need (B, M, K) and (B, K, N)")
-    if a.shape[2] > MAX_K:
-        raise BitmixError(f"a_codes: K={a.shape[2]} exceeds {MAX_K}, beyond which int32 sums could overflow")
+    if a.shape[2] > MAX_BMM_K:
+        raise BitmixError(f"a_codes: K={a.shape[2]} exceeds {MAX_BMM_K}, beyond which int32 sums could overflow")
     out = np.empty((a.shape[0], a.shape[1], b.shape[2]), dtype=np.int32)
     _bmm(a, b, out)
     return out

@@ -21,7 +21,7 @@ on every s16 it produces. The activations are signed bytes, ``|a8| <= 128``:
   with weight 1, exactly, to s32.
 
 The result is ``dot(u, a8) - offset * asum + shift * row_sums``; every s32 lane stays below
-2^31 because ``k_pad <= tiling.MAX_K_PAD`` (65536 * 255 * 128 < 2^31). Convolutions run as
+2^31 because ``k_pad <= limits.MAX_K_PAD`` (65536 * 255 * 128 < 2^31). Convolutions run as
 an implicit GEMM over a zero-padded NHWC code buffer, exactly as in ``gemm_vnni`` (see there);
 the epilogue stores the int32 or ``float32(acc) * scale (+ bias)`` (``quant``'s formula), then, for a
 conv, ``+ residual`` and the clamp of a following ReLU, as ``gemm_vnni``'s: done after the kernel in numpy,

@@ -7,7 +7,7 @@ one in 84 ms, 30-100x behind torch's float32 GEMM on the same shapes (Sapphire R
 A product of integer codes is exact in floating point when every partial sum is an integer the
 format holds: here ``|a8| <= 128`` and ``|w| <= 2^(bits-1)``, so float32 is exact while
 ``K * 128 * 2^(bits-1) <= 2^24`` (K <= 1024 at 8-bit weights, 16384 at 4-bit) and float64 up to
-2^53 (any K the kernels take, ``tiling.MAX_K_PAD``). In that range BLAS's blocking, summation order
+2^53 (any K the kernels take, ``limits.MAX_K_PAD``). In that range BLAS's blocking, summation order
 and FMAs cannot change a bit, so the result equals the integer kernels'. The engine keeps an
 unpacked float copy of each weight (4 or 8 bytes a code, built at its first product): the
 portable path trades memory for speed; the SIMD paths never build it. GEMV shapes (fewer than

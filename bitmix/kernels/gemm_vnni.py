@@ -18,7 +18,7 @@ row of output pixel ``p`` at tap ``t`` is read straight from a zero-padded NHWC 
 ``pixel(p) * c4 + tap_offset[t]``, so no im2col copy exists. A plain GEMM is the one-tap case
 (``pixel(i) = i``, rows ``k_pad`` bytes apart). The exact result is
 ``dot(u, a8) - offset * asum + shift * row_sums``, ``asum`` of a row being the sum of its taps'
-pixel sums; every s32 lane stays below 2^31 because ``k_pad <= tiling.MAX_K_PAD``
+pixel sums; every s32 lane stays below 2^31 because ``k_pad <= limits.MAX_K_PAD``
 (65536 * 255 * 128 < 2^31). The epilogue either stores that int32 or the dequantized float
 ``float32(acc) * scale + bias`` (``quant``'s formula) straight into the NHWC output.
 """

@@ -15,9 +15,9 @@ from numba import njit, prange
 from bitmix.errors import BitmixError
 from bitmix.kernels import simd
 from bitmix.kernels.launch import activation_layout, run_core
+from bitmix.kernels.limits import MAX_K_PAD
 from bitmix.kernels.pack import SUPPORTED_BITS, PackedWeight, code_range, codes_per_block
 from bitmix.kernels.routing import dispatch
-from bitmix.kernels.tiling import MAX_K_PAD
 
 
 def _prep_rows_py(a, shift, kp, a8, asum, mins, maxs, write, need_sum):

@@ -11,7 +11,7 @@ One driver is generated per (ISA, weight bits, serial or parallel) by ``core_for
 split into (group, weight-row tile, activation-row tile) tiles, run with ``prange`` on that
 single outer loop. Inside a tile, M < 4 uses the 1x4 micro-kernel (one activation row against
 four weight rows, GEMV) and larger M the 4x2 one, so each weight block is unpacked once for four
-activation rows. ``k_pad`` is limited to ``MAX_K_PAD`` = 65536 so every s32 lane fits
+activation rows. ``k_pad`` is limited to ``limits.MAX_K_PAD`` = 65536 so every s32 lane fits
 (65536 * 255 * 128 < 2^31).
 """
 
@@ -25,7 +25,6 @@ from bitmix.kernels import simd
 from bitmix.kernels.isa import micro_kernels
 from bitmix.kernels.pack import codes_per_block
 
-MAX_K_PAD = 65536
 MR = 4  # activation rows per GEMM micro-tile
 MT = 64  # activation rows per parallel tile (multiple of MR)
 NT = 32  # weight rows per parallel tile

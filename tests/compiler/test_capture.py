@@ -8,6 +8,7 @@ from torch import nn
 import bitmix
 from bitmix.compiler.capture import capture
 from bitmix.errors import BitmixError
+from bitmix.kernels.limits import MAX_BMM_K, max_weight_k
 
 ZOO = ["digits-cnn", "digits-mlp", "minilm", "resnet18", "resnet50", "mobilenetv2", "bert-base"]
 
@@ -137,6 +138,34 @@ def test_capture_errors():
         capture(nn.Linear(4, 4).half(), (torch.randn(1, 4).half(),))
     with pytest.raises(BitmixError, match=r"does not run on the example inputs \(RuntimeError: .*\); pass inputs"):
         capture(nn.Conv2d(3, 4, 3), (torch.randint(0, 5, (1, 3, 8, 8)),))  # integer pixels into a float conv
+
+
+class LongReductions(nn.Module):
+    """Layers at and just past the longest reductions the kernels take (`bitmix.kernels.limits`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fits = nn.Linear(max_weight_k(), 2)
+        self.long = nn.Linear(max_weight_k() + 1, 2)
+        self.conv = nn.Conv2d(7282, 2, 3)  # K = 7282 * 3 * 3 = 65538
+
+    def forward(self, a, b, c, q, k):
+        qk_fits = q.transpose(1, 2) @ q  # activation x activation, K = MAX_BMM_K
+        qk_long = k.transpose(1, 2) @ k  # K = MAX_BMM_K + 1
+        return self.fits(a).sum() + self.long(b).sum() + self.conv(c).sum() + qk_fits.sum() + qk_long.sum()
+
+
+def test_a_reduction_longer_than_the_kernels_take_stays_fp32():
+    inputs = (torch.randn(1, max_weight_k()), torch.randn(1, max_weight_k() + 1), torch.randn(1, 7282, 3, 3),
+              torch.randn(1, MAX_BMM_K, 2), torch.randn(1, MAX_BMM_K + 1, 2))
+    graph = capture(LongReductions(), inputs, dynamic_shapes=None)
+    assert sorted(graph.names) == ["fits", "matmul"]
+    too_long = (f"long (linear, reduction {max_weight_k() + 1} > {max_weight_k()})",
+                f"conv (conv2d, reduction 65538 > {max_weight_k()})",
+                f"matmul_1 (matmul, reduction {MAX_BMM_K + 1} > {MAX_BMM_K})")
+    assert sorted(graph.unsupported) == sorted(too_long)
+    with pytest.raises(BitmixError, match=r"no quantizable layers .*without a bitmix kernel: 0 \(linear, reduc"):
+        capture(nn.Sequential(nn.Linear(max_weight_k() + 1, 2)), (torch.randn(1, max_weight_k() + 1),))
 
 
 def test_single_tensor_example_input():

@@ -333,6 +333,16 @@ def test_op_without_kernel_stays_fp32_with_warning():
     assert torch.nn.functional.cosine_similarity(cm(x), ref, dim=-1).min() > 0.9
 
 
+def test_a_layer_with_a_reduction_longer_than_the_kernels_take_runs_in_fp32():
+    net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 70000), nn.ReLU(), nn.Linear(70000, 4)).eval()
+    x = torch.randn(4, 16)
+    with pytest.warns(UserWarning, match=r"no bitmix kernel .*: 4 \(linear, reduction 70000 > 65536\)"):
+        cm = bitmix.compile(net, x, "int8-npu", options=QUICK)
+    assert cm.graph.names == ("0", "2")
+    assert any(r.bits is None and r.name.startswith("4 (linear") for r in cm.report.layers)
+    assert torch.nn.functional.cosine_similarity(cm(x), net(x), dim=-1).min() > 0.99
+
+
 def test_generic_model_without_data():
     """A model no issue names: grouped conv, bmm, linear; data-free EAGL end to end."""
 
