@@ -67,6 +67,7 @@ class CompiledModel(Keepable, nn.Module):
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         args = self.input_spec.bind(args, kwargs)
         self.input_spec.check(args)
+        args = self.input_spec.cast(args)
         self.recorder.calls.clear()  # one forward's calls: a serving loop's record stays one pass long
         self.recorder.frames = frames_of([tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
         with torch.no_grad(), torch_on_one_thread(), self.input_spec.index_errors(args):

@@ -17,7 +17,7 @@ import json
 import logging
 import zipfile
 import zlib
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,7 @@ class LoadedModel(nn.Module):
 
         args = self.input_spec.bind(args, kwargs)
         self.input_spec.check(args)
+        args = self.input_spec.cast(args)
         with torch.no_grad(), torch_on_one_thread(), self.input_spec.index_errors(args):
             return self.module(*args)
 
@@ -148,10 +149,13 @@ def load(path: str | Path) -> LoadedModel:
     try:
         raw = json.loads(extra[INPUTS_KEY])
         spec = InputSpec(tuple(raw["names"]), tuple(tuple(d) for d in raw["dims"]),
-                         tuple(tuple(r) for r in raw["ranges"]), tuple(raw.get("kinds", ())))
+                         tuple(tuple(r) for r in raw["ranges"]), tuple(raw.get("kinds", ())),
+                         tuple(raw.get("dtypes", ())))
     except (ValueError, KeyError, TypeError) as exc:
         raise BitmixError(f"{p} has an unreadable bitmix input spec ({type(exc).__name__}: {exc}); "
                           "save the model again with cm.save") from None
+    if not spec.dtypes:  # saved before dtypes were: the program's inputs have them
+        spec = replace(spec, dtypes=InputSpec.of(program).dtypes)
     try:
         report_dict = json.loads(extra[REPORT_KEY]) if extra[REPORT_KEY] else {}
         report = Report.from_dict(report_dict) if report_dict else None

@@ -120,18 +120,25 @@ class InputSpec:
     dims: tuple[tuple[int | str, ...], ...]
     ranges: tuple[tuple[str, int, int | None], ...]  # (symbol, min, max); None: unbounded
     kinds: tuple[str, ...] = ()  # per input: "float", "integer" or "bool" (empty: files saved before kinds)
+    dtypes: tuple[str, ...] = ()  # per input: its dtype as exported, "int64" (empty: files saved before dtypes)
+
+    def __post_init__(self) -> None:
+        bad = [d for d in self.dtypes if not isinstance(getattr(torch, str(d), None), torch.dtype)]
+        if bad:
+            raise TypeError(f"{bad[0]!r} is not a torch dtype")
 
     @classmethod
     def of(cls, exported: torch.export.ExportedProgram) -> InputSpec:
         user = exported.graph_signature.user_inputs
         nodes = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
-        names, dims, kinds = [], [], []
+        names, dims, kinds, dtypes = [], [], [], []
         for name in user:
             val = nodes[name].meta.get("val")
             if not isinstance(val, torch.Tensor):
                 continue
             names.append(name)
             kinds.append(dtype_kind(val.dtype))
+            dtypes.append(str(val.dtype).removeprefix("torch."))
             dims.append(tuple(str(d.node.expr) if isinstance(d, torch.SymInt) else int(d) for d in val.shape))
         ranges = []
         for sym, vr in exported.range_constraints.items():
@@ -140,7 +147,7 @@ class InputSpec:
             hi = None if isinstance(vr.upper, IntInfinity) else int(vr.upper)
             # export assumes >= 2 for a symbolic size (0/1 specialisation); size 1 runs the same graph
             ranges.append((str(sym), min(int(vr.lower), 1), hi))
-        return cls(tuple(names), tuple(dims), tuple(ranges), tuple(kinds))
+        return cls(tuple(names), tuple(dims), tuple(ranges), tuple(kinds), tuple(dtypes))
 
     @property
     def dynamic(self) -> dict[str, dict[int, str]]:
@@ -190,6 +197,22 @@ class InputSpec:
                 if got < lo or (hi is not None and got > hi):
                     top = " or more" if hi is None else f" to {hi}"
                     raise BitmixError(f"{where} takes sizes {lo}{top}, got {got}")
+
+    def cast(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Integer inputs in the integer dtype the model was exported with (after `check`): eager PyTorch takes
+        int32 token ids where the example had int64, the exported program's input guard does not. Floats and
+        other kinds are left as they are."""
+        if not self.dtypes:
+            return args
+        dtypes = iter(self.dtypes)
+        out = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                want = getattr(torch, next(dtypes))
+                if a.dtype != want and dtype_kind(a.dtype) == dtype_kind(want) == "integer":
+                    a = a.to(want)
+            out.append(a)
+        return tuple(out)
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         """Inputs given by name (`cm(input_ids=..., attention_mask=...)`) put in the compiled graph's order."""

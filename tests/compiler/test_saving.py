@@ -5,6 +5,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -158,3 +159,40 @@ def test_load_rejects_damaged_archives_in_one_line(tmp_path):
     with pytest.raises(BitmixError, match=r"cut.pt2 has an unreadable bitmix input spec .*; save the model again"):
         bitmix.load(cut)
 
+
+
+def _with_input_spec(saved: Path, out: Path, edit: Any) -> Path:
+    """A copy of `saved` whose bitmix input spec is `edit(spec as a dict)`."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(saved) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("bitmix/inputs.json"):
+                data = json.dumps(edit(json.loads(data))).encode()
+            dst.writestr(info, data)
+    return out
+
+
+class _IntegerMask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(30, 8), nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids) * mask.unsqueeze(-1).float())
+
+
+def test_a_file_saved_before_input_dtypes_converts_integer_inputs_from_its_program(tmp_path):
+    ids, mask = torch.randint(0, 30, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    cm = bitmix.compile(_IntegerMask().eval(), (ids, mask), target="int8-npu",
+                        options=bitmix.CompileOptions(frontier_points=0))
+    saved = cm.save(tmp_path / "ids.pt2")
+    older = _with_input_spec(saved, tmp_path / "older.pt2", lambda spec: {k: v for k, v in spec.items()
+                                                                          if k != "dtypes"})
+    assert torch.equal(bitmix.load(older)(ids.int(), mask.int()), cm(ids, mask))
+    bad = _with_input_spec(saved, tmp_path / "bad.pt2", lambda spec: {**spec, "dtypes": ["int65"]})
+    with pytest.raises(BitmixError, match=r"bad.pt2 has an unreadable bitmix input spec \(TypeError: 'int65' is not"):
+        bitmix.load(bad)

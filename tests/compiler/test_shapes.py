@@ -175,6 +175,27 @@ def test_a_numpy_input_or_a_mask_of_another_kind_names_the_conversion():
         masked(torch.randint(0, 30, (2, 5)), 1)
 
 
+class _IntegerMask(_TwoInputs):
+    """An integer attention mask made float inside, as Hugging Face models do: the export checks its dtype."""
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids) * mask.unsqueeze(-1).float())
+
+
+def test_integer_inputs_of_another_integer_width_are_converted_as_in_eager(tmp_path):
+    """int32 token ids and mask into a model exported with int64 ones: eager PyTorch takes them, the exported
+    program did not ("Tensor dtype mismatch! Expected: Long, Got: int")."""
+    ids, mask = torch.randint(0, 30, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    cm = _compile(_IntegerMask().eval(), (ids, mask))
+    assert cm.input_spec.dtypes == ("int64", "int64")
+    want = cm(ids, mask)
+    for model in (cm, bitmix.load(cm.save(tmp_path / "two.pt2"))):
+        assert torch.equal(model(ids.int(), mask.int()), want)
+        assert torch.equal(model(ids=ids.to(torch.int16), mask=mask.to(torch.uint8)), want)
+        with pytest.raises(BitmixError, match=r"'ids' must be a integer tensor .* got torch.float32"):
+            model(ids.float(), mask)  # another kind is still refused, not converted
+
+
 class _ViewsTheBatch(nn.Module):
     """A reshape that names the batch: a static export keeps it, so only that batch runs."""
 
