@@ -61,6 +61,9 @@ def parse_options(options: dict[str, Any] | None) -> dict[str, Any]:
     """The backend's options with defaults; unknown ones and labeled-data methods are one-line errors."""
     from bitmix.compiler import sensitivity
 
+    if options is not None and not isinstance(options, dict):
+        raise BitmixError(f"options for torch.compile(backend='bitmix') must be a dict such as "
+                          f"{{'target': 'int8-npu'}}, got {type(options).__name__}")
     given = dict(options or {})
     unknown = sorted(set(given) - set(OPTIONS))
     if unknown:

@@ -6,8 +6,9 @@ and the input specification ride in the same archive (`extra_files`), so the fil
 is enough. Loading needs only `import bitmix` (which registers the ops) and gives outputs
 bit-identical to the compiled model's, in any process on the same kernel path.
 
-A `CompiledModel` holds process-local kernel plans and the exported graph, which pickle
-cannot carry: `torch.save(cm)` raises one line pointing here instead.
+A `CompiledModel` holds process-local kernel plans and the exported graph, and a loaded model its
+program's graph module, which pickle cannot carry: `torch.save` of either raises one line pointing
+here instead.
 """
 
 from __future__ import annotations
@@ -114,6 +115,12 @@ class LoadedModel(nn.Module):
         _drop_guards(self.module)
         self.report = report
         self.input_spec = spec
+
+    def __reduce_ex__(self, protocol: object) -> Any:
+        raise BitmixError("a loaded bitmix model cannot be pickled (torch.save); keep the .pt2 file it was loaded "
+                          "from and bitmix.load it again")
+
+    __deepcopy__ = Keepable.__deepcopy__  # copy.deepcopy would otherwise go through __reduce_ex__
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
         from bitmix.compiler.lower import torch_on_one_thread

@@ -105,11 +105,14 @@ def dtype_kind(dtype: torch.dtype) -> str:
     """What a call may change about an input's dtype: a float width, an integer width, never the kind.
 
     The compiled model computes in float32 whatever float width it gets (as its layers' steps are float32);
-    an integer image or float token ids would be silently misread, so those are refused.
+    an integer image or float token ids would be silently misread, and a complex input into a real model lose
+    its imaginary part (eager PyTorch refuses it), so those are refused.
     """
     if dtype == torch.bool:
         return "bool"
-    return "float" if dtype.is_floating_point or dtype.is_complex else "integer"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "integer"
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ class InputSpec:
     names: tuple[str, ...]
     dims: tuple[tuple[int | str, ...], ...]
     ranges: tuple[tuple[str, int, int | None], ...]  # (symbol, min, max); None: unbounded
-    kinds: tuple[str, ...] = ()  # per input: "float", "integer" or "bool" (empty: files saved before kinds)
+    kinds: tuple[str, ...] = ()  # per input: "float", "complex", "integer" or "bool" (empty: saved before kinds)
     dtypes: tuple[str, ...] = ()  # per input: its dtype as exported, "int64" (empty: files saved before dtypes)
 
     def __post_init__(self) -> None:
@@ -178,7 +181,8 @@ class InputSpec:
             if t.dim() != len(dims):
                 raise BitmixError(f"input {name!r} must have {len(dims)} dimensions, got shape {tuple(t.shape)}")
             if kinds.get(name, dtype_kind(t.dtype)) != dtype_kind(t.dtype):
-                convert = {"float": "x.float()", "integer": "x.long()", "bool": "x.bool()"}[kinds[name]]
+                convert = {"float": "x.real or x.abs(), as the model needs" if t.is_complex() else "x.float()",
+                           "complex": "x.to(torch.complex64)", "integer": "x.long()", "bool": "x.bool()"}[kinds[name]]
                 raise BitmixError(f"input {name!r} must be a {kinds[name]} tensor like the example input, got "
                                   f"{t.dtype}; convert it ({convert})")
             for i, (want, got) in enumerate(zip(dims, t.shape, strict=True)):

@@ -257,6 +257,13 @@ def test_unknown_option_is_one_line():
     assert "\n" not in str(err.value)
 
 
+def test_options_that_are_not_a_dict_are_one_line():
+    torch._dynamo.reset()
+    compiled = torch.compile(nn.Sequential(nn.Linear(8, 4)).eval(), backend="bitmix", options=["target"])
+    with pytest.raises(BitmixError, match=r"options for torch.compile\(backend='bitmix'\) must be a dict .*got list"):
+        compiled(torch.randn(2, 8))
+
+
 def test_labeled_data_method_is_one_line():
     torch._dynamo.reset()
     compiled = torch.compile(nn.Sequential(nn.Linear(8, 4)).eval(), backend="bitmix", options={"method": "alps"})

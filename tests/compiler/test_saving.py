@@ -95,6 +95,19 @@ def test_torch_save_points_to_cm_save():
         cm.save("/proc/bitmix/model.pt2")
 
 
+def test_torch_save_of_a_loaded_model_points_to_its_file(tmp_path):
+    import copy
+
+    torch.manual_seed(0)
+    cm = bitmix.compile(nn.Sequential(nn.Linear(8, 4)).eval(), torch.randn(2, 8), target="int8-npu",
+                        options=bitmix.CompileOptions(frontier_points=0))
+    loaded = bitmix.load(cm.save(tmp_path / "model.pt2"))
+    with pytest.raises(BitmixError, match=r"loaded bitmix model cannot be pickled .*keep the .pt2 file"):
+        torch.save(loaded, io.BytesIO())
+    x = torch.randn(3, 8)
+    assert torch.equal(copy.deepcopy(loaded)(x), loaded(x))  # a copy is still made without pickling
+
+
 def test_load_bad_paths(tmp_path):
     with pytest.raises(BitmixError, match="no saved model"):
         bitmix.load(tmp_path / "missing.pt2")

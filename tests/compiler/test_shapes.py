@@ -49,6 +49,15 @@ def test_an_input_of_another_kind_is_a_one_line_error(tmp_path):
         bitmix.load(cm.save(tmp_path / "mlp.pt2"))(x.bool())
 
 
+def test_a_complex_input_is_refused_not_read_as_its_real_part(tmp_path):
+    """Eager PyTorch refuses a complex input into a real linear; the compiled model dropped its imaginary part."""
+    cm = _compile(_mlp(), torch.randn(4, 16))
+    z = torch.complex(torch.randn(2, 16), torch.randn(2, 16))
+    for model in (cm, bitmix.load(cm.save(tmp_path / "mlp.pt2"))):
+        with pytest.raises(BitmixError, match=r"'input' must be a float tensor .* got torch.complex64; .*x.real"):
+            model(z)
+
+
 class _LearnedPositions(nn.Module):
     """GPT-2-style positions `pos(arange(T))`: export cannot bound T by the table, indexing past it fails."""
 
