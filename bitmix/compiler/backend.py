@@ -52,8 +52,6 @@ from torch.nn import functional as F  # noqa: N812
 from bitmix.errors import BitmixError
 
 OPTIONS = ("target", "method", "budget", "calibration", "chip_config")
-NO_GRADIENT = ("bitmix: a compiled graph piece got inputs that require grad, but the bitmix kernels have no autograd: "
-               "no gradient flows back through it (run inference under torch.no_grad(); train the model itself)")
 DEFAULTS: dict[str, Any] = {"target": "int8-npu", "method": "eagl", "budget": 1.0}
 
 
@@ -318,14 +316,9 @@ def _compile_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args:
     except NoQuantizableLayers:
         return gm.forward  # e.g. the glue between two graph breaks: nothing to quantize
     kinds = [kind for kind, _ in slots]
-    warned: list[bool] = []
 
     def run(*call_args: Any) -> Any:
-        user_args = [a for a, kind in zip(call_args, kinds, strict=True) if kind == "user"]
-        if not warned and torch.is_grad_enabled() and any(a.requires_grad for a in user_args):
-            warned.append(True)  # once per piece: a training loop would repeat it every step
-            warnings.warn(NO_GRADIENT, stacklevel=2)
-        return cm(*user_args)
+        return cm(*[a for a, kind in zip(call_args, kinds, strict=True) if kind == "user"])
 
     return run
 

@@ -18,7 +18,9 @@ import copy
 import itertools
 import math
 import threading
+import warnings
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -309,6 +311,19 @@ def matmul_kernel(a: np.ndarray, b: np.ndarray, p: KernelPlan) -> np.ndarray:
     acc = kernels.bmm(a_codes, b_codes)
     scale = np.float32(p.a_step) * np.float32(p.b_step)
     return (acc.astype(np.float32) * scale).reshape(*batch, acc.shape[1], acc.shape[2])
+
+
+NO_GRADIENT = ("bitmix: the compiled model got inputs that require grad, but its kernels have no autograd: no gradient "
+               "flows back through it (run inference under torch.no_grad(); train the model itself, or cm.fake_quant)")
+
+
+def warn_without_autograd(owner: object, tensors: Iterable[object]) -> None:
+    """Once per compiled model (``owner``): inputs that require grad get no gradient back from the kernels, so a
+    compiled block inside a trained model silently dropped its path from ``backward()``."""
+    if (torch.is_grad_enabled() and not getattr(owner, "_warned_no_gradient", False)
+            and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)):
+        owner._warned_no_gradient = True  # type: ignore[attr-defined]
+        warnings.warn(NO_GRADIENT, stacklevel=3)
 
 
 def _plain_tensors(*tensors: torch.Tensor | None) -> bool:

@@ -29,7 +29,7 @@ from bitmix.compiler.fidelity import guard
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.frozen import train_mode_modules
 from bitmix.compiler.inputs import CompileOptions
-from bitmix.compiler.lower import CallRecorder, executed_layers, lower, torch_on_one_thread
+from bitmix.compiler.lower import CallRecorder, executed_layers, lower, torch_on_one_thread, warn_without_autograd
 from bitmix.compiler.pretrain import pretrain_stage
 from bitmix.compiler.qlayer import MIN_STEP, LSQQuantizer, quant_layers
 from bitmix.compiler.quantize import fake_quantize
@@ -68,6 +68,7 @@ class CompiledModel(Keepable, nn.Module):
         args = self.input_spec.bind(args, kwargs)
         self.input_spec.check(args)
         args = self.input_spec.cast(args)
+        warn_without_autograd(self, args)
         self.recorder.calls.clear()  # one forward's calls: a serving loop's record stays one pass long
         self.recorder.frames = frames_of([tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
         with torch.no_grad(), torch_on_one_thread(), self.input_spec.index_errors(args):

@@ -123,11 +123,12 @@ class LoadedModel(nn.Module):
     __deepcopy__ = Keepable.__deepcopy__  # copy.deepcopy would otherwise go through __reduce_ex__
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
-        from bitmix.compiler.lower import torch_on_one_thread
+        from bitmix.compiler.lower import torch_on_one_thread, warn_without_autograd
 
         args = self.input_spec.bind(args, kwargs)
         self.input_spec.check(args)
         args = self.input_spec.cast(args)
+        warn_without_autograd(self, args)
         with torch.no_grad(), torch_on_one_thread(), self.input_spec.index_errors(args):
             return self.module(*args)
 

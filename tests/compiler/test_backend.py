@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import bitmix
 from bitmix.errors import BitmixError
 from tests.conftest import zoo_entry
 
@@ -171,9 +172,12 @@ def test_inputs_that_require_grad_are_warned_once_that_no_gradient_flows_back():
         block(h)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        block(h)  # once per piece
+        block(h)  # once per compiled model
         with torch.no_grad():
             block(h)
+    cm = bitmix.compile(nn.Linear(16, 4).eval(), torch.randn(8, 16), options=bitmix.CompileOptions(frontier_points=0))
+    with pytest.warns(UserWarning, match="no gradient flows back through it"):
+        cm(h)
 
 
 def test_a_graph_traced_in_training_mode_is_compiled_as_traced_with_a_warning():
