@@ -34,7 +34,7 @@ def _fmt(v: object, spec: str) -> str:
 def render_html(report: Report, plots: dict[str, str], base: Path | None = None) -> str:
     s, acc = report.simulated, report.accuracy
     cards = [
-        _card(f"{acc.get('metric', 'quality')} FP32", _fmt(acc.get("fp32"), ".2f")),
+        _card(f"{acc.get('metric') or 'quality'} FP32", _fmt(acc.get("fp32"), ".2f")),
         _card("fake-quant", _fmt(acc.get("fake_quant"), ".2f")),
         _card("on kernels", _fmt(acc.get("kernels"), ".2f")),
         _card("simulated frames/s", f"{s['throughput_fps']:,.0f}"),

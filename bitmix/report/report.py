@@ -9,6 +9,7 @@ imports a renderer.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,9 @@ class Report:
         return f"{self.budget:.4g}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The report as plain JSON values; a non-finite number (e.g. pareto-greedy's unproven optimality gap,
+        inf) is None, since JSON has no Infinity or NaN."""
+        return _finite({
             "model": self.model,
             "target": self.target,
             "method": self.method,
@@ -85,7 +88,7 @@ class Report:
             "energy_breakdown_j": dict(self.energy_breakdown_j),
             "warnings": list(self.warnings),
             "info": dict(self.info),
-        }
+        })
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Report:
@@ -93,20 +96,36 @@ class Report:
                    if k not in d]
         if missing:
             raise BitmixError(f"not a bitmix report: missing key {missing[0]!r}")
-        return cls(
-            model=d["model"], target=d["target"], method=d["method"], budget=d["budget"],
-            layers=tuple(LayerRow(**row) for row in d["layers"]), simulated=d["simulated"],
-            accuracy=d["accuracy"], timings_s=d["timings_s"], frontier=tuple(d.get("frontier", ())),
-            uniform=tuple(d.get("uniform", ())), energy_breakdown_j=d.get("energy_breakdown_j", {}),
-            warnings=tuple(d.get("warnings", ())), info=d.get("info", {}),
-        )
+        try:
+            return cls(
+                model=d["model"], target=d["target"], method=d["method"], budget=d["budget"],
+                layers=tuple(LayerRow(**row) for row in d["layers"]), simulated=dict(d["simulated"]),
+                accuracy=dict(d["accuracy"]), timings_s=dict(d["timings_s"]), frontier=tuple(d.get("frontier", ())),
+                uniform=tuple(d.get("uniform", ())), energy_breakdown_j=dict(d.get("energy_breakdown_j", {})),
+                warnings=tuple(d.get("warnings", ())), info=dict(d.get("info", {})),
+            )
+        except (TypeError, ValueError) as exc:  # a layer row or section of the wrong shape
+            raise BitmixError(f"not a bitmix report: {exc}; write reports with bitmix.save_report") from None
 
 
 def write_json(report: Report, path: str | Path) -> Path:
     """report.json (the contract) at `path`."""
     p = Path(path)
-    p.write_text(json.dumps(report.to_dict(), indent=2, default=_json_default))
+    p.write_text(json.dumps(report.to_dict(), indent=2, default=_json_default, allow_nan=False))
     return p
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float (inside dicts, lists and tuples) replaced by None."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a numpy or torch scalar
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _json_default(obj: object) -> Any:

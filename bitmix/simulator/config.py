@@ -276,6 +276,9 @@ def _validate(cfg: ChipConfig) -> None:
     _check_range("energy.static_power_w", cfg.energy.static_power_w, *_ENERGY_RANGES["static_power_w"])
     for row in cfg.energy.rows:
         _check_range(f"energy.rows[{row.component}/{row.action}].energy_pj", row.energy_pj, 0.0, 1e6)
+    if cfg.energy.static_power_w == 0 and all(row.energy_pj == 0 for row in cfg.energy.rows):
+        raise BitmixError("chip config: every energy is 0 (static_power_w and all [[energy.rows]]), so a frame costs "
+                          "no energy and fps/W is infinite; give the chip's energies (see the default table's sources)")
     if cfg.red_lanes(8) * cfg.mac_out_lanes > cfg.macs_per_cycle(8) + 1e-9 or cfg.macs_per_cycle(8) < 1:
         raise BitmixError(
             f"chip config: mac_out_lanes = {cfg.mac_out_lanes} exceeds the int8 MACs per cycle "

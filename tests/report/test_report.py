@@ -44,6 +44,24 @@ def test_load_report_errors(tmp_path):
     (tmp_path / "report.json").write_text("{}")
     with pytest.raises(BitmixError, match="missing key"):
         load_report(tmp_path)
+    good = _report().to_dict()
+    for layers in (5, [1], [{**good["layers"][0], "extra": 1}], [{"name": "conv"}]):
+        (tmp_path / "report.json").write_text(json.dumps({**good, "layers": layers}))
+        with pytest.raises(BitmixError, match="not a bitmix report: .*; write reports with bitmix.save_report"):
+            load_report(tmp_path)
+
+
+def test_non_finite_numbers_are_null_in_strict_json_and_a_missing_metric_is_no_none(tmp_path):
+    """pareto-greedy proves no optimality gap (inf): report.json said `Infinity`, which JSON does not have; a
+    compile without eval data has metric None, which the page printed as "None FP32"."""
+    import dataclasses
+
+    report = dataclasses.replace(_report(), info={"optimality_gap": float("inf"), "solver": "pareto-greedy"},
+                                 accuracy={"metric": None, "fp32": None, "fake_quant": None, "kernels": None})
+    save_report(report, tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert data["info"]["optimality_gap"] is None
+    assert "None FP32" not in (tmp_path / "report.html").read_text()
 
 
 def test_save_and_print_refuse_bad_arguments_in_one_line(tmp_path):

@@ -68,6 +68,18 @@ def test_bad_configs_name_the_field(tmp_path, toml, field):
     assert field in message and "\n" not in message
 
 
+def test_a_chip_whose_every_energy_is_zero_is_refused(tmp_path):
+    """A frame at zero energy has infinite fps/W: the simulator divided by zero (CLI: "internal error")."""
+    rows = "".join(f'[[energy.rows]]\ncomponent = "{r.component}"\naction = "{r.action}"\nbits = {r.bits}\n'
+                   f'node_nm = {r.node_nm}\nenergy_pj = 0.0\nsource = "test"\n' for r in ChipConfig().energy.rows)
+    path = tmp_path / "zero.toml"
+    path.write_text("[energy]\nstatic_power_w = 0\n" + rows)
+    with pytest.raises(BitmixError, match="every energy is 0 .*fps/W is infinite"):
+        load_chip_config(str(path))
+    path.write_text("[energy]\nstatic_power_w = 1\n" + rows)
+    assert load_chip_config(str(path)).energy.static_power_w == 1.0
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(BitmixError, match="not found"):
         load_chip_config(str(tmp_path / "nope.toml"))
