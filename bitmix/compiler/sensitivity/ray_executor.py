@@ -123,7 +123,7 @@ class RayExecutor(MapMixin):
             check_reachable(self.address)
             try:
                 ray.init(address=self.address, **common)
-            except (ConnectionError, RuntimeError) as exc:
+            except (ConnectionError, RuntimeError, ValueError) as exc:  # ValueError: a ray:// or http:// address
                 raise BitmixError(f"cannot join the Ray cluster at {self.address}: {str(exc).splitlines()[0]}; "
                                   "check the address (`ray status` on the head node)") from None
         self._started = True
