@@ -54,6 +54,11 @@ def worker_threads(threads: int) -> None:
 def pinned_threads(threads: int) -> Iterator[None]:
     import numba
 
+    from bitmix.kernels.threads import configure_threading
+
+    # numba.get_num_threads starts Numba's pool: choose bitmix's layer first, or the pool starts on Numba's
+    # default (omp) and a ProcessExecutor forked afterwards loses its workers
+    configure_threading()
     saved = torch.get_num_threads(), numba.get_num_threads()
     worker_threads(threads)
     try:

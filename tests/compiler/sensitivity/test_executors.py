@@ -149,3 +149,18 @@ def test_compile_executor_ray_matches_local(local_ray):
         reports[name] = cm.report
     assert reports["ray"].layers == reports["local"].layers  # bits and scores per layer
     assert ray.is_initialized()  # a Ray the caller started is left running
+
+
+def test_a_serial_run_starts_numbas_pool_on_bitmixs_layer():
+    """pinned_threads read Numba's thread count before choosing the layer, which started Numba's default (omp)
+    pool; a ProcessExecutor forked afterwards lost its workers ("fork() called from a process already using GNU
+    OpenMP")."""
+    import subprocess
+
+    code = ("import numba\nfrom bitmix.compiler.sensitivity.executor import pinned_threads\n"
+            "with pinned_threads(1):\n    pass\nprint(numba.threading_layer())")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[3])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() in ("tbb", "workqueue")
+
