@@ -444,10 +444,15 @@ def _check_feasible(problem: _Problem, caps: dict[str, float], budget: Budget) -
 def _infeasible_message(problem: _Problem, caps: dict[str, float], budget: Budget, why: str) -> str:
     """One line in the units the user gave: a fraction, cycles, seconds, frames per second or joules."""
     model, ref = problem.model, problem.reference.cycles
+    goals = ", ".join(f"{k} {v:.6g}" for k, v in vars(budget).items() if v is not None)
+    together = (f"the goals together ({goals}) are {why}, though the fastest assignment tried meets the speed goal "
+                "alone; relax one of them")
     for resource, cap in caps.items():
         if resource == "period_s":
             fastest = min(model.evaluate(c).period_s for c in
                           (problem.minimum("cycles")[1], model.lowest(), model.highest()))
+            if fastest <= cap * (1 + TOL) and len(caps) > 1:
+                return together
             return (f"a throughput of {model.frames / cap:.6g} fps is {why}; the fastest pipeline found runs "
                     f"{model.frames / fastest:.6g} fps: ask for at most that")
         if resource not in RESOURCES:
@@ -457,6 +462,8 @@ def _infeasible_message(problem: _Problem, caps: dict[str, float], budget: Budge
             goals = budget.cycle_goals(model, problem.reference)
             binding = min(goals, key=goals.__getitem__) if goals else "cycles"
             seconds = lowest * model.frames / model.chip.clock_hz
+            if binding in ("fps", "latency_s") and lowest <= cap * (1 + TOL) and len(caps) > 1:
+                return together
             if binding == "fps":
                 return (f"a throughput of {budget.fps:.6g} fps is {why}; the fastest assignment runs "
                         f"{model.frames / seconds:.6g} fps: ask for at most that")
