@@ -44,7 +44,6 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch._dynamo.convert_frame import compile_lock
 from torch._dynamo.source import AttrSource
 from torch.export import Dim
 from torch.nn import functional as F  # noqa: N812
@@ -127,10 +126,6 @@ def bitmix_backend(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any)
 
 
 _COMPILING = threading.Lock()
-# Dynamo's own lock around tracing a frame: held while a piece compiles, since torch.export (non-strict) in one
-# thread while Dynamo traces in another broke Dynamo ("Error while creating guard"), which then ran the frame in
-# eager FP32 for that call, or for every later call (torch 2.13).
-_DYNAMO_TRACING = compile_lock
 
 
 @dataclasses.dataclass(eq=False)
@@ -165,7 +160,11 @@ def _shared_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args: 
     state = [a for kind, a in zip(kinds, args, strict=True) if kind == "state"]
     key = (gm.code, tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args),
            tuple((id(t), t._version) for t in state), id(options))
-    with _DYNAMO_TRACING, _COMPILING:
+    from bitmix.compiler.capture import EXPORT_LOCK
+
+    # `capture.EXPORT_LOCK` (Dynamo's tracing lock) for the whole compile, not only its export: torch.export in one
+    # thread while Dynamo traced in another broke Dynamo, which then ran the frame in eager FP32 (torch 2.13)
+    with EXPORT_LOCK, _COMPILING:
         piece = _PIECES.get(key)
         if piece is not None and (not state or piece.owner is not None and piece.owner() is state[0]):
             return piece

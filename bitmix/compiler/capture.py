@@ -121,7 +121,7 @@ def export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: A
     return _export(model, inputs, None)
 
 
-_EXPORTING = compile_lock  # Dynamo's lock around tracing a frame: an export beside a Dynamo trace breaks the trace
+EXPORT_LOCK = compile_lock  # Dynamo's lock around tracing a frame: an export beside a Dynamo trace breaks the trace
 
 
 def export_program(module: nn.Module, inputs: tuple[Any, ...], dims: Any) -> torch.export.ExportedProgram:
@@ -133,7 +133,7 @@ def export_program(module: nn.Module, inputs: tuple[Any, ...], dims: Any) -> tor
     `bitmix.kernels.registries` for what it does to Numba.
     """
     fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs each failed trace's traceback
-    with _EXPORTING:
+    with EXPORT_LOCK:
         load_numba_registries()
         level = fake_tensor_log.level
         fake_tensor_log.setLevel(logging.CRITICAL)  # bitmix says what failed in one line (or retries static)
