@@ -334,11 +334,8 @@ class _InBatchesOf(nn.Module):
 def _any_batch(cm: CompiledModel) -> nn.Module:
     """`cm`, or `cm` in batches of its fixed batch size when every input's first dimension is fixed."""
     firsts = {dims[0] for dims in cm.input_spec.dims if dims}
-    if len(firsts) == 1 and len(cm.input_spec.dims) == len(cm.input_spec.names):
-        batch = next(iter(firsts))
-        if isinstance(batch, int) and batch > 0:
-            return _InBatchesOf(cm, batch)
-    return cm
+    batch = firsts.pop() if len(firsts) == 1 else None
+    return _InBatchesOf(cm, batch) if isinstance(batch, int) and batch > 0 else cm
 
 
 def _quality(evaluator: Any, model: nn.Module) -> float | None:
