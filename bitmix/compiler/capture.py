@@ -28,7 +28,7 @@ from bitmix.compiler.signs import nonneg_nodes
 from bitmix.errors import BitmixError, NoQuantizableLayers
 from bitmix.ir.graph import Layer, LayerGraph, VectorOp
 from bitmix.kernels.limits import MAX_BMM_K, max_weight_k
-from bitmix.kernels.registries import load_numba_registries
+from bitmix.kernels.registries import numba_compiles_held
 
 aten = torch.ops.aten
 
@@ -125,7 +125,7 @@ EXPORT_LOCK = compile_lock  # Dynamo's lock around tracing a frame: an export be
 
 
 def export_program(module: nn.Module, inputs: tuple[Any, ...], dims: Any) -> torch.export.ExportedProgram:
-    """``torch.export.export`` (non-strict), one at a time in this process, Numba's registries loaded first.
+    """``torch.export.export`` (non-strict), one at a time in this process, Numba's compiles held off.
 
     Non-strict export patches process globals while it traces (``torch/_export/non_strict_utils.py``): two
     exports at once (threads compiling two models, or two pieces of a ``torch.compile`` model) trip over each
@@ -133,8 +133,7 @@ def export_program(module: nn.Module, inputs: tuple[Any, ...], dims: Any) -> tor
     `bitmix.kernels.registries` for what it does to Numba.
     """
     fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs each failed trace's traceback
-    with EXPORT_LOCK:
-        load_numba_registries()
+    with EXPORT_LOCK, numba_compiles_held():
         level = fake_tensor_log.level
         fake_tensor_log.setLevel(logging.CRITICAL)  # bitmix says what failed in one line (or retries static)
         try:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bitmix
-from bitmix.compiler.capture import capture
+from bitmix.compiler.capture import capture, export_program
 from bitmix.errors import BitmixError
 from bitmix.kernels.limits import MAX_BMM_K, max_weight_k
 
@@ -384,3 +384,36 @@ def test_a_first_kernel_call_during_an_export_keeps_numba_working():
     run = subprocess.run([sys.executable, "-c", NUMBA_DURING_EXPORT], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "[np.int64(160)]"
+
+
+def test_a_numba_compile_in_another_thread_waits_for_an_export():
+    """Non-strict export patches ``min`` process-wide; a signature compiled meanwhile would type it as a partial."""
+    import threading
+
+    import numba
+
+    @numba.njit(cache=False)
+    def smallest(a, b):  # noqa: ANN001, ANN202
+        return min(a, b)
+
+    exporting, compiled, result = threading.Event(), threading.Event(), []
+
+    def compile_in_another_thread() -> None:
+        exporting.wait()
+        try:
+            result.append(smallest(3, 2))
+        except Exception as exc:  # noqa: BLE001 - the thread's failure is what the test checks
+            result.append(f"{type(exc).__name__}: {exc}")
+        compiled.set()
+
+    def export_in_progress(module: torch.nn.Module, args: tuple) -> None:
+        exporting.set()
+        compiled.wait(timeout=2)  # the compile waits for the export to end, so this times out
+
+    thread = threading.Thread(target=compile_in_another_thread)
+    thread.start()
+    model = torch.nn.Linear(8, 4)
+    model.register_forward_pre_hook(export_in_progress)
+    export_program(model, (torch.randn(2, 8),), None)
+    thread.join(timeout=60)
+    assert result == [2]
