@@ -158,6 +158,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         _check_finite(graph)
         if calib is not None:
             _check_calibration(graph, calib)
+        _check_scored_output(graph, roles)
     for i in _constant_inputs(calib):
         msg = (f"calibration input {i} holds one value ({float(calib[i].reshape(-1)[0]):g}) in every example: "
                "activation ranges set from it will not cover real inputs, and the fidelity check on it cannot "
@@ -295,6 +296,18 @@ def _check_finite(graph: LayerGraph) -> None:
         if torch.isnan(value).any():
             raise BitmixError(f"{kind} {key!r} contains NaN; fix the model's state (e.g. reload the checkpoint, "
                               "or BatchNorm statistics from a run that diverged) before compiling")
+
+
+def _check_scored_output(graph: LayerGraph, roles: Data) -> None:
+    """A TaskData scores and trains on one output tensor: say so before the slow stages, not at the end."""
+    spec = graph.exported.call_spec.out_spec
+    if spec is None or spec.is_leaf() or not any(isinstance(r, TaskData) for r in (roles.train, roles.eval)):
+        return
+    what = (f"a dict (keys {', '.join(map(repr, spec.context))})" if spec.type is dict
+            else f"a {getattr(spec.type, '__name__', 'structure')} of {spec.num_children} outputs")
+    raise BitmixError(f"a TaskData scores one output tensor, but the model returns {what}; wrap the model so that "
+                      "forward returns the tensor to score, or pass data=Data(calibration=...) (eval= may be a "
+                      "callable model -> quality)")
 
 
 def _accuracy(evaluator: TaskData | Callable[[nn.Module], float], float_model: nn.Module, fq: nn.Module,

@@ -389,3 +389,24 @@ def test_frontier_measures_each_distinct_assignment_once(digits, capture_zoo, mo
     for p in points:
         assert p["quality"] == 1.0
         assert p["throughput_fps"] == simulate(graph, p["assignment"]).throughput_fps
+
+
+@pytest.mark.parametrize("returns", ["dict", "tuple"])
+def test_a_task_on_a_model_with_several_outputs_is_refused_before_the_slow_stages(returns):
+    """TaskData scores one tensor; a dict/tuple output failed at the very end with a raw AttributeError."""
+    from bitmix.task import Split, TaskData
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor):  # noqa: ANN202
+            return {"logits": self.a(x), "aux": self.b(x)} if returns == "dict" else (self.a(x), self.b(x))
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    task = TaskData("t", "cosine", Split((x,), torch.randn(16, 4)), Split((x[:4],), torch.randn(4, 4)))
+    with pytest.raises(BitmixError, match="TaskData scores one output tensor.*" + ("'logits'" if returns == "dict"
+                                                                                  else "tuple of 2")):
+        bitmix.compile(TwoHeads().eval(), (x[:2],), "int8-npu", method="hawq", data=task)
