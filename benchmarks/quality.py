@@ -15,7 +15,8 @@ top-1 with 8, 99.7 % with 128), so the other targets default to 128. Fidelity is
 inputs (test split, or 16 fresh random inputs); the task metric is the zoo task's (top-1
 or mean cosine to FP32 embeddings, %). Each figure is the median over seeds. Outputs are
 measured on the fake-quantized model, which the kernels match bit for bit
-(tests/compiler/test_lower.py).
+(tests/compiler/test_lower.py). `--ort` adds ONNX Runtime's static int8 (QDQ, uint8 activations, per-channel int8
+weights, MinMax ranges) on the int8-npu PTQ rows, calibrated on the same inputs and scored on the same held-out ones.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _outputs(model, inputs: tuple[torch.Tensor, ...], batch: int = 64) -> torch.
 
 
 def run_one(name: str, target: str, budget: float, mode: str, seed: int, calib_n: int, method: str,
-            recipe: dict | None = None) -> dict:
+            recipe: dict | None = None, ort: bool = False) -> dict:
     """One compile and its fidelity; `recipe` overrides fields of the zoo task's FinetuneConfig."""
     model, example, data = zoo.load(name)
     calib = _inputs(example, data, calib_n, seed, "train")
@@ -64,14 +65,19 @@ def run_one(name: str, target: str, budget: float, mode: str, seed: int, calib_n
     finetune = dataclasses.replace(data.recipe, **(recipe or {})) if (mode == "recipe" and data is not None) else None
     start = time.perf_counter()
     cm = bitmix.compile(model, example, target=target, method=method if budget < 1 else "uniform", budget=budget,
-                        calibration=calib, data=data, finetune=finetune, frontier_points=0, seed=seed,
-                        name=name)
+                        data=bitmix.Data(calibration=calib, train=data, eval=data), finetune=finetune, seed=seed,
+                        options=bitmix.CompileOptions(frontier_points=0, name=name))
     seconds = time.perf_counter() - start
     ref, out = _outputs(model.eval(), test), _outputs(cm.fake_quant, test)
     row = {"model": name, "target": target, "budget": budget, "mode": mode, "seed": seed, "method": method,
            "calibration_inputs": calib_n, "recipe": dataclasses.asdict(finetune) if finetune else None,
            "one_minus_cosine": float(1 - F.cosine_similarity(out, ref, dim=-1).mean()), "seconds": seconds,
            "bits": [str(p) for p in sorted(set(cm.assignment.values()), reverse=True)]}
+    if ort and target == "int8-npu" and mode == "ptq":
+        from bitmix.tools.ort_baseline import ort_int8_outputs
+
+        theirs = ort_int8_outputs(model.eval(), calib, test)
+        row["ort_one_minus_cosine"] = float(1 - F.cosine_similarity(theirs, ref, dim=-1).mean())
     if data is not None:
         row["metric"] = data.metric
         row["fp32"] = data.evaluate(model)
@@ -91,6 +97,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     for (model, target, budget, mode), rs in groups.items():
         summary = {"model": model, "target": target, "budget": budget, "mode": mode, "seeds": len(rs),
                    "one_minus_cosine": statistics.median(r["one_minus_cosine"] for r in rs)}
+        if "ort_one_minus_cosine" in rs[0]:
+            summary["ort_one_minus_cosine"] = statistics.median(r["ort_one_minus_cosine"] for r in rs)
         if "quantized" in rs[0]:
             summary |= {"metric": rs[0]["metric"], "fp32": rs[0]["fp32"],
                         "quantized": statistics.median(r["quantized"] for r in rs)}
@@ -99,12 +107,13 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
-    lines = [f"{'model':<12} {'target':<13} {'budget':>6} {'mode':<6} {'1-cos':>9} {'metric':>7} {'fp32':>7} "
-             f"{'quant':>7}"]
+    lines = [f"{'model':<12} {'target':<13} {'budget':>6} {'mode':<6} {'1-cos':>9} {'ORT 1-cos':>9} {'metric':>7} "
+             f"{'fp32':>7} {'quant':>7}"]
     for s in summary:
         metric = f"{s.get('metric', '-'):>7} {s.get('fp32', float('nan')):7.2f} {s.get('quantized', float('nan')):7.2f}"
+        ort = f"{s['ort_one_minus_cosine']:9.2e}" if "ort_one_minus_cosine" in s else f"{'-':>9}"
         lines.append(f"{s['model']:<12} {s['target']:<13} {s['budget']:6.2f} {s['mode']:<6} "
-                     f"{s['one_minus_cosine']:9.2e} {metric}")
+                     f"{s['one_minus_cosine']:9.2e} {ort} {metric}")
     return "\n".join(lines)
 
 
@@ -119,6 +128,8 @@ def main() -> None:
     parser.add_argument("--layer-distill", type=float, default=None, help="recipe's layer_distill weight override")
     parser.add_argument("--step-lr-scale", type=float, default=None, help="recipe's step_lr_scale override")
     parser.add_argument("--quick", action="store_true", help="int8-npu PTQ, one seed")
+    parser.add_argument("--ort", action="store_true", help="also ONNX Runtime static int8 (QDQ, per-channel, MinMax) "
+                        "on the int8-npu PTQ rows: same calibration and held-out inputs")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     settings = list(SETTINGS)
@@ -139,7 +150,7 @@ def main() -> None:
                     continue  # nothing to fine-tune on
                 for seed in range(seeds):
                     calib = args.calib or (8 if target == "int8-npu" else 128)
-                    row = run_one(name, target, budget, mode, seed, calib, args.method, recipe)
+                    row = run_one(name, target, budget, mode, seed, calib, args.method, recipe, args.ort)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     summary = summarise(rows)

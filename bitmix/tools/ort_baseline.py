@@ -54,6 +54,19 @@ def ort_int8_session(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: T
     return lambda: session.run(None, feed)
 
 
+def ort_int8_outputs(model: nn.Module, calibration: tuple[torch.Tensor, ...], test: tuple[torch.Tensor, ...]
+                     ) -> torch.Tensor:
+    """ONNX Runtime int8's outputs (one row per test input, flattened) after static calibration on the rows of
+    ``calibration``: the fidelity baseline of `benchmarks/quality.py --ort`, fed exactly what bitmix is fed."""
+    example = tuple(t[:1] for t in calibration)
+    samples = [tuple(t[i : i + 1] for t in calibration) for i in range(calibration[0].shape[0])]
+    session, _ = _int8_session(model, example, None, 1, None, samples)
+    names = _names(example)
+    rows = [session.run(None, {n: t[i : i + 1].numpy() for n, t in zip(names, test, strict=True)})[0]
+            for i in range(test[0].shape[0])]
+    return torch.from_numpy(np.concatenate([r.reshape(1, -1) for r in rows])).float()
+
+
 def ort_int8_node_times(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: TaskData | None, threads: int,
                         runs: int) -> list[tuple[str, str, float]]:
     """(node, op type, median seconds) of every node ORT's profiler reports, in execution order, over
@@ -87,7 +100,8 @@ def _root_log_level(level: int) -> Iterator[None]:
 
 
 def _int8_session(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: TaskData | None, threads: int,
-                  profile_prefix: str | None) -> tuple[object, dict[str, np.ndarray]]:
+                  profile_prefix: str | None, calibration: list[tuple[torch.Tensor, ...]] | None = None
+                  ) -> tuple[object, dict[str, np.ndarray]]:
     try:
         import onnxruntime as ort
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -95,7 +109,8 @@ def _int8_session(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: Task
     except ImportError as exc:
         raise BitmixError("onnxruntime is not installed: pip install -e '.[dev]' (or --no-ort)") from exc
     names = _names(inputs)
-    feeds = [{n: x.numpy() for n, x in zip(names, sample, strict=True)} for sample in _calibration(inputs, data)]
+    samples = _calibration(inputs, data) if calibration is None else calibration
+    feeds = [{n: x.numpy() for n, x in zip(names, sample, strict=True)} for sample in samples]
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:

@@ -56,3 +56,20 @@ def test_interleaved_medians_times_blocks_in_turn(monkeypatch):
                                         repeats=6, rounds=3, warmup=2)
     assert order == (["a"] * 4 + ["b"] * 4) * 3
     assert medians == {"a": 4, "b": 7}
+
+
+def test_ort_fidelity_baseline_scores_the_given_held_out_inputs():
+    """`benchmarks/quality.py --ort`: ORT calibrated on given rows, one output row per held-out input."""
+    import torch
+    import torch.nn.functional as F
+
+    from bitmix.tools.ort_baseline import ort_int8_outputs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    calibration, test = (torch.randn(8, 16),), (torch.randn(5, 16),)
+    got = ort_int8_outputs(model, calibration, test)
+    with torch.no_grad():
+        want = model(*test)
+    assert got.shape == (5, 4) and not torch.equal(got, want)  # quantized, not the FP32 graph
+    assert F.cosine_similarity(got, want, dim=-1).min() > 0.99
