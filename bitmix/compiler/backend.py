@@ -289,8 +289,8 @@ def _compile_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args:
     training = _training_ops(gm)
     if training:
         warnings.warn(f"bitmix: this graph piece was traced in training mode ({training}); bitmix compiles it "
-                      "as traced, but quantizes for inference: call model.eval() before torch.compile",
-                      stacklevel=3)
+                      "as traced, but quantizes for inference and never updates BatchNorm running statistics (eager "
+                      "training mode would): call model.eval() before torch.compile", stacklevel=3)
     if isinstance(slots, str):
         warnings.warn(f"bitmix: a graph piece runs in eager PyTorch ({slots}); pass dynamic=False to "
                       "torch.compile to keep it on the bitmix kernels", stacklevel=3)

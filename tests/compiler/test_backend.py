@@ -184,9 +184,12 @@ def test_a_graph_traced_in_training_mode_is_compiled_as_traced_with_a_warning():
     torch._dynamo.reset()
     model = _conv_bn_linear().train()
     x = torch.randn(16, 3, 8, 8)
-    with pytest.warns(UserWarning, match=r"traced in training mode \(batch_norm on batch statistics\)"):
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    with pytest.warns(UserWarning, match=r"traced in training mode \(batch_norm on batch statistics\).*never "
+                                         r"updates BatchNorm running statistics"):
         with torch.no_grad():
             out = torch.compile(model, backend="bitmix")(x)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # as the warning says
     with torch.no_grad():
         assert _cosine(out, model(x)) > 0.99  # batch statistics, as torch.compile would compute
     assert model.training
