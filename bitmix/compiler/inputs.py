@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,28 +59,37 @@ def caps(budget: Budget) -> Caps:
     return Caps(fps=budget.fps, latency_s=budget.latency_s, energy_j=budget.energy_j)
 
 
-def calibration_inputs(source: Any, example_ranks: tuple[int, ...] = ()) -> Inputs | None:
-    """First CALIBRATION_SAMPLES inputs from a tensor, tuple, TaskData or iterable of batches; floating
-    tensors as float32, what the compiled model computes in (as its calls cast them). An iterable whose
-    items have one dimension fewer than the example inputs (`example_ranks`) is a list of single examples."""
+def calibration_inputs(source: Any, example_ranks: tuple[int, ...]) -> tuple[Inputs | None, str | None]:
+    """First CALIBRATION_SAMPLES inputs from a tensor, tuple, TaskData or iterable of batches, and a warning
+    when the data held more (None otherwise); floating tensors as float32, what the compiled model computes in
+    (as its calls cast them). `example_ranks` (the example inputs' ranks) says how many tensors the model
+    takes: an iterable's batch with one item more is (inputs, labels); items with one dimension fewer than
+    the example inputs are single examples."""
     if source is None:
-        return None
-    return tuple(t.float() if t.is_floating_point() else t for t in _calibration(source, example_ranks))
+        return None, None
+    calib, held = _calibration(source, example_ranks)
+    cut = None if held is None else (f"calibration data holds {held}; bitmix calibrates on the first "
+                                     f"{CALIBRATION_SAMPLES} and ignores the rest")
+    return tuple(t.float() if t.is_floating_point() else t for t in calib), cut
 
 
-def _calibration(source: Any, example_ranks: tuple[int, ...]) -> Inputs:
-    if isinstance(source, TaskData):
-        return source.calibration(CALIBRATION_SAMPLES)
+def _calibration(source: Any, example_ranks: tuple[int, ...]) -> tuple[Inputs, str | None]:
+    """The calibration inputs, and how many examples the source held when that was more than were kept."""
+    if isinstance(source, TaskData):  # a training set in the calibration role: its first examples, by design
+        return source.calibration(CALIBRATION_SAMPLES), None
     if isinstance(source, torch.Tensor):
-        return (source[:CALIBRATION_SAMPLES],)
+        return (source[:CALIBRATION_SAMPLES],), _held(len(source))
     if isinstance(source, tuple) and all(isinstance(t, torch.Tensor) for t in source):
-        if examples_of(source) is None:  # no shared batch dimension (1-D ids beside their offsets, a scalar)
-            return source
-        return tuple(t[:CALIBRATION_SAMPLES] for t in source)
+        examples = examples_of(source)
+        if examples is None:  # no shared batch dimension (1-D ids beside their offsets, a scalar)
+            return source, None
+        return tuple(t[:CALIBRATION_SAMPLES] for t in source), _held(examples)
     if isinstance(source, Iterable):
         batches: list[Inputs] = []
         count = 0
-        for batch in _iter(source):
+        items = iter(source)
+        for batch in items:
+            batch = _inputs_of(batch, len(example_ranks))
             if len(batch) == len(example_ranks) and all(t.dim() + 1 == r for t, r in zip(batch, example_ranks,
                                                                                            strict=True)):
                 batch = tuple(t.unsqueeze(0) for t in batch)  # one example without its batch dimension
@@ -90,17 +99,26 @@ def _calibration(source: Any, example_ranks: tuple[int, ...]) -> Inputs:
                 break
         if not batches:
             raise BitmixError("calibration data is empty; pass at least one batch of inputs")
-        return tuple(torch.cat(parts)[:CALIBRATION_SAMPLES] for parts in zip(*batches, strict=True))
+        more = count > CALIBRATION_SAMPLES or count == CALIBRATION_SAMPLES and next(items, None) is not None
+        calib = tuple(torch.cat(parts)[:CALIBRATION_SAMPLES] for parts in zip(*batches, strict=True))
+        return calib, f"more than {CALIBRATION_SAMPLES} examples" if more else None  # the rest is never read
     raise BitmixError(f"calibration data must be a tensor, a tuple of tensors, a DataLoader or TaskData, "
                       f"got {type(source).__name__}")
 
 
-def _iter(source: Iterable) -> Iterator[Inputs]:
-    for batch in source:
-        if isinstance(batch, torch.Tensor):
-            yield (batch,)
-        elif isinstance(batch, list | tuple) and batch and isinstance(batch[0], torch.Tensor):
-            # (inputs, labels) pairs from a DataLoader: keep the inputs only
-            yield (batch[0],) if len(batch) == 2 and batch[1].dtype == torch.long else tuple(batch)
-        else:
-            raise BitmixError("calibration batches must be tensors or (inputs, labels) tuples of tensors")
+def _held(examples: int) -> str | None:
+    return f"{examples} examples" if examples > CALIBRATION_SAMPLES else None
+
+
+def _inputs_of(batch: Any, takes: int) -> Inputs:
+    """One batch's model inputs: all of it when the model takes that many tensors (input_ids and a mask are
+    two inputs, not inputs and labels), its leading tensors when it carries one item more (labels, as a
+    DataLoader of (x, y) yields)."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, list | tuple) and len(batch) == takes + 1:
+        batch = batch[:takes]
+    if not (isinstance(batch, list | tuple) and batch and all(isinstance(t, torch.Tensor) for t in batch)):
+        raise BitmixError("calibration batches must be tensors or tuples of tensors (the model's inputs, "
+                          "optionally followed by labels)")
+    return tuple(batch)

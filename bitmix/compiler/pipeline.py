@@ -137,7 +137,8 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     scorer, method_config = sensitivity.resolve(method)
     roles = inputs.resolve_data(data)
     ranks = tuple(t.dim() for t in input_tuple(example_inputs))
-    calib = inputs.calibration_inputs(roles.calibration if roles.calibration is not None else roles.train, ranks)
+    calib, cut = inputs.calibration_inputs(roles.calibration if roles.calibration is not None else roles.train,
+                                           ranks)
     sensitivity.check_inputs(scorer, roles.train is not None, calib is not None)  # before any slow stage
     ranges_from = calib if calib is not None else _example_calibration(example_inputs, warn)
     if isinstance(finetune, bool) or not (finetune is None or isinstance(finetune, FinetuneConfig)
@@ -159,6 +160,8 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         if calib is not None:
             _check_calibration(graph, calib)
         _check_scored_output(graph, roles)
+    if cut is not None:
+        _warn(cut, warn)
     for i in _constant_inputs(calib):
         msg = (f"calibration input {i} holds one value ({float(calib[i].reshape(-1)[0]):g}) in every example: "
                "activation ranges set from it will not cover real inputs, and the fidelity check on it cannot "
