@@ -3,7 +3,7 @@
 The same zoo model is exported with ``torch.onnx``, quantized statically in QDQ format
 (uint8 activations, int8 per-channel weights -- ORT's recommended x86 pairing, MLAS's u8s8
 kernels; reference/quantization.md section 6) from a few calibration inputs, and timed on the
-same input with the same thread count as the eager and compiled models.
+same input as the eager and compiled models, at 1 and at N intra-op threads (one session each).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import statistics
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import torch
@@ -50,8 +51,14 @@ def ort_int8_session(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: T
                      threads: int) -> Callable[[], object]:
     """Export, quantize (static QDQ, per-channel) and load ``model``; returns a no-argument call
     that runs it once on ``inputs``."""
-    session, feed = _int8_session(model, inputs, data, threads, None)
-    return lambda: session.run(None, feed)
+    return ort_int8_sessions(model, inputs, data, (threads,))[threads]
+
+
+def ort_int8_sessions(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: TaskData | None,
+                      thread_counts: tuple[int, ...]) -> dict[int, Callable[[], object]]:
+    """``ort_int8_session`` for each intra-op thread count, the model quantized once."""
+    sessions, feed = _int8_sessions(model, inputs, data, thread_counts, None)
+    return {n: partial(session.run, None, feed) for n, session in zip(thread_counts, sessions, strict=True)}
 
 
 def ort_int8_outputs(model: nn.Module, calibration: tuple[torch.Tensor, ...], test: tuple[torch.Tensor, ...]
@@ -60,7 +67,7 @@ def ort_int8_outputs(model: nn.Module, calibration: tuple[torch.Tensor, ...], te
     ``calibration``: the fidelity baseline of `benchmarks/quality.py --ort`, fed exactly what bitmix is fed."""
     example = tuple(t[:1] for t in calibration)
     samples = [tuple(t[i : i + 1] for t in calibration) for i in range(calibration[0].shape[0])]
-    session, _ = _int8_session(model, example, None, 1, None, samples)
+    (session,), _ = _int8_sessions(model, example, None, (1,), None, samples)
     names = _names(example)
     rows = [session.run(None, {n: t[i : i + 1].numpy() for n, t in zip(names, test, strict=True)})[0]
             for i in range(test[0].shape[0])]
@@ -72,7 +79,7 @@ def ort_int8_node_times(model: nn.Module, inputs: tuple[torch.Tensor, ...], data
     """(node, op type, median seconds) of every node ORT's profiler reports, in execution order, over
     ``runs`` calls after 5 warm-up calls (`benchmarks/profile_layers.py --ort`)."""
     with tempfile.TemporaryDirectory() as tmp:
-        session, feed = _int8_session(model, inputs, data, threads, os.path.join(tmp, "profile"))
+        (session,), feed = _int8_sessions(model, inputs, data, (threads,), os.path.join(tmp, "profile"))
         for _ in range(5 + runs):
             session.run(None, feed)
         with open(session.end_profiling()) as f:
@@ -99,9 +106,9 @@ def _root_log_level(level: int) -> Iterator[None]:
         root.setLevel(before)
 
 
-def _int8_session(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: TaskData | None, threads: int,
-                  profile_prefix: str | None, calibration: list[tuple[torch.Tensor, ...]] | None = None
-                  ) -> tuple[object, dict[str, np.ndarray]]:
+def _int8_sessions(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: TaskData | None,
+                   thread_counts: tuple[int, ...], profile_prefix: str | None,
+                   calibration: list[tuple[torch.Tensor, ...]] | None = None) -> tuple[list, dict[str, np.ndarray]]:
     try:
         import onnxruntime as ort
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -129,16 +136,18 @@ def _int8_session(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: Task
         with _root_log_level(logging.ERROR):  # one "Axis 1 is out-of-range" line per LayerNorm weight otherwise
             quantize_static(prep, int8, _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
-        # idle pool threads would otherwise spin after each run and slow the eager/compiled timings
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if profile_prefix is not None:
-            opts.enable_profiling = True
-            opts.profile_file_prefix = profile_prefix
-        session = ort.InferenceSession(int8, opts, providers=["CPUExecutionProvider"])
+        sessions = []
+        for threads in thread_counts:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            opts.log_severity_level = 3
+            # idle pool threads would otherwise spin after each run and slow the eager/compiled timings
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if profile_prefix is not None:
+                opts.enable_profiling = True
+                opts.profile_file_prefix = profile_prefix
+            sessions.append(ort.InferenceSession(int8, opts, providers=["CPUExecutionProvider"]))
     feed = feeds[0] if data is None else {n: x.numpy() for n, x in zip(names, inputs, strict=True)}
-    return session, feed
+    return sessions, feed
