@@ -52,3 +52,31 @@ def test_a_constant_ranking_has_no_rho_and_no_warning():
         warnings.simplefilter("error")
         result = correlate({"a": {4: 0.0, 2: 0.0}}, assignments, [0.1, 0.2, 0.3])
     assert math.isnan(result.rho) and math.isnan(result.pvalue)
+
+
+def _perfect_ranking(n: int) -> tuple[dict, list[dict], list[float]]:
+    """n assignments whose summed scores rank the measured drops perfectly."""
+    names = [f"l{i}" for i in range(n)]
+    scores = {name: {2: float(i + 1)} for i, name in enumerate(names)}
+    assignments = [{name: 2 for name in names[: k + 1]} for k in range(n)]
+    return scores, assignments, [0.01 * (k + 1) ** 2 for k in range(n)]
+
+
+def test_a_perfect_ranking_of_four_gets_the_exact_permutation_p():
+    """The t-approximation gives p = 0 at |ρ| = 1; of the 4! pairings, 2 reach |ρ| = 1: p = 1/12."""
+    from bitmix.study.drops import correlate
+
+    result = correlate(*_perfect_ranking(4))
+    assert result.rho == pytest.approx(1.0)
+    assert result.pvalue == pytest.approx(1 / 12)
+
+
+def test_sixteen_assignments_keep_the_asymptotic_p():
+    from scipy.stats import spearmanr
+
+    from bitmix.study.drops import correlate
+
+    scores, assignments, measured = _perfect_ranking(16)
+    measured[3], measured[9] = measured[9], measured[3]
+    result = correlate(scores, assignments, measured)
+    assert result.pvalue == spearmanr(result.predicted, measured)[1]
