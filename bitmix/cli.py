@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fractions of the all-4-bit cost (default: 0.55 0.6 0.7 0.8 0.9 1.0, plus "
                    "feasible ones for digits-mlp and minilm)")
     f.add_argument("--seeds", type=int, help="seeds per point (default: 5)")
-    f.add_argument("--quick", action="store_true", help="one seed, two budgets, two methods, one epoch")
+    f.add_argument("--quick", action="store_true",
+                   help="one seed, two budgets, two methods, one fine-tune epoch (none for -ptq studies)")
     f.add_argument("--method-seeds", type=_method_seeds, nargs="+", metavar="METHOD=N",
                    help="fewer seeds for a costly method (e.g. alps=2); the others keep --seeds")
     f.add_argument("--additivity", type=int, help="random assignments per additivity set (0 = skip the check; "

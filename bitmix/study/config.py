@@ -134,7 +134,8 @@ def default_config(
     additivity: int | None = None,
     method_seeds: dict[str, int] | None = None,
 ) -> StudyConfig:
-    """The study's fixed recipe per model; `quick` = one seed, two budgets, two methods, one epoch."""
+    """The study's fixed recipe per model; `quick` = one seed, two budgets, two methods, one fine-tune epoch
+    (none for -ptq studies)."""
     name = model
     model, ptq, target = parse_study(name)
     calibration_size, limits, shared, point_calibration = 64, DATA_LIMITS.get(model), False, CALIBRATION_SAMPLES

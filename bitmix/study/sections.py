@@ -80,8 +80,8 @@ def scope_note(result: dict) -> str | None:
     default = default_config(result["model"])
     missing = [m for m in default.methods if m not in cfg["methods"]]
     parts = []
-    if cfg.get("quick"):
-        parts.append("`--quick` (1 seed, 1 epoch)")
+    if cfg.get("quick"):  # a -ptq study fine-tunes nothing, quick or not
+        parts.append("`--quick` (1 seed, 1 fine-tune epoch)" if cfg["recipe"]["epochs"] else "`--quick` (1 seed)")
     if missing:
         parts.append(f"methods left out: {', '.join(missing)}")
     if cfg["seeds"] < default.seeds:

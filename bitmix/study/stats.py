@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from bitmix.ir.precision import Precision, as_precision
 from bitmix.ir.targets import get_target
 from bitmix.study.config import COSTS, GREEDY_SUFFIX, PROPOSED, StudyConfig, references
 
@@ -26,6 +27,7 @@ def _stats(values: Iterable[float]) -> tuple[float, float]:
 def summarise(config: StudyConfig, points: list[dict], scored: dict, additivity: dict, **meta: Any) -> dict:
     """frontier.json: per method and budget mean ± std over seeds, references, dominance, search time."""
     ok = [p for p in points if p["status"] == "ok"]
+    lowest = get_target(config.target).lowest
     frontier: dict[str, list[dict]] = {}
     for method in config.methods:
         rows = []
@@ -37,13 +39,13 @@ def summarise(config: StudyConfig, points: list[dict], scored: dict, additivity:
             if not good:
                 rows.append({"budget": budget, "status": "infeasible", "min_fraction": pts[0]["min_fraction"]})
                 continue
-            rows.append({"budget": budget, "status": "ok", "n": len(good), **_agg(good)})
+            rows.append({"budget": budget, "status": "ok", "n": len(good), **_agg(good, lowest)})
         frontier[method] = rows
     refs = {}
     for label, _ in references(get_target(config.target)):
         good = [p for p in ok if p["method"] == label]
         if good:
-            refs[label] = {"n": len(good), **_agg(good)}
+            refs[label] = {"n": len(good), **_agg(good, lowest)}
     return {
         "model": config.label, "zoo_model": config.model, "target": config.target, "costs": COSTS, **meta,
         "machine": machine(),
@@ -56,14 +58,16 @@ def summarise(config: StudyConfig, points: list[dict], scored: dict, additivity:
     }
 
 
-def _agg(points: list[dict]) -> dict[str, Any]:
+def _agg(points: list[dict], lowest: Precision) -> dict[str, Any]:
+    """Means over seeds; a layer is lowered when at the target's lowest choice (2 bits, or 2/8 on w4a8-npu)."""
     quality, qstd = _stats(p["quality"] for p in points)
     fps, fps_std = _stats(p["throughput_fps"] for p in points)
     energy, _ = _stats(p["energy_per_frame_j"] for p in points)
     fraction, _ = _stats(p["fraction"] for p in points)
     row = {"quality_mean": quality, "quality_std": qstd, "fps_mean": fps, "fps_std": fps_std,
            "energy_per_frame_j_mean": energy, "fraction_mean": fraction,
-           "lowered_layers_mean": statistics.fmean(sum(1 for b in p["assignment"].values() if b == 2) for p in points),
+           "lowered_layers_mean": statistics.fmean(sum(1 for b in p["assignment"].values() if as_precision(b) == lowest)
+                                                   for p in points),
            "chips_max": max(p.get("chips", 1) for p in points)}
     if all("quality_fake_quant" in p for p in points):
         row["quality_fake_quant_mean"] = statistics.fmean(p["quality_fake_quant"] for p in points)
