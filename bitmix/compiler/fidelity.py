@@ -46,14 +46,21 @@ def fidelity(fp32: Callable[..., Any], compiled: Callable[..., Any],
             continue
         rows = r.shape[0] if r.dim() > 1 and r[0].numel() > 1 else 1
         if r.numel() > rows:
-            o_rows, r_rows = o.reshape(rows, -1), r.reshape(rows, -1)
-            cos = torch.nn.functional.cosine_similarity(o_rows, r_rows, dim=1)
-            exact_zeros = (o_rows == 0).all(dim=1) & (r_rows == 0).all(dim=1)  # cosine_similarity says 0
-            cosines.append(float(torch.where(exact_zeros, 1.0, cos).mean()))
+            cosines.append(float(_row_cosines(o.reshape(rows, -1), r.reshape(rows, -1)).mean()))
         err = _max_with_nan(err, float((o - r).abs().max()))
         scale = max(scale, float(r.abs().max()))
     cosine = min(cosines, key=lambda c: (c == c, c)) if cosines else 1.0  # NaN first: it must warn
     return {"example_cosine": cosine, "example_max_rel_err": err / scale if scale > 0 else err}
+
+
+def _row_cosines(o: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Per-row cosine in float64 without an eps on the norms (F.cosine_similarity clamps each norm at 1e-8,
+    which drags outputs of norm ~1e-8 towards 0); rows zero in both match (1), zero in one do not (0)."""
+    zero_o, zero_r = (o == 0).all(dim=1), (r == 0).all(dim=1)
+    o_unit = o / torch.linalg.vector_norm(o, dim=1, keepdim=True)
+    r_unit = r / torch.linalg.vector_norm(r, dim=1, keepdim=True)
+    cos = (o_unit * r_unit).sum(dim=1)
+    return torch.where(zero_o & zero_r, 1.0, torch.where(zero_o | zero_r, 0.0, cos))
 
 
 def _max_with_nan(a: float, b: float) -> float:

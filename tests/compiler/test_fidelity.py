@@ -53,6 +53,22 @@ def test_rows_that_are_zero_in_both_match_and_a_nan_output_is_an_error():
     assert nan["example_max_rel_err"] != nan["example_max_rel_err"]  # max() dropped it: 0.0
 
 
+def test_tiny_outputs_keep_their_cosine():
+    """Outputs of norm ~1e-9: ``cosine_similarity``'s eps (1e-8 on each norm) made a near-exact match score ~0.5."""
+    x = 1e-9 * torch.randn(8, 10, generator=torch.Generator().manual_seed(0))
+    noisy = x * (1 + 0.01 * torch.randn(8, 10, generator=torch.Generator().manual_seed(1)))
+    xd, nd = x.double(), noisy.double()
+    true = float(((xd * nd).sum(1) / (xd.norm(dim=1) * nd.norm(dim=1))).mean())
+    got = fidelity(lambda t: t, lambda t: noisy, (x,))["example_cosine"]
+    assert got == pytest.approx(true, abs=1e-12) and got > 0.999
+    assert fidelity(lambda t: t, lambda t: -t, (x,))["example_cosine"] == pytest.approx(-1.0)
+    log: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        guard(lambda t: t, lambda t: noisy, (x,), log, fallback=(x,))
+    assert log == []
+
+
 def test_guard_warns_once_with_what_to_try():
     x = torch.randn(8, 4)
     log: list[str] = []
