@@ -2,9 +2,12 @@
 
 Every compile runs a few inputs (the calibration inputs when given, else the example
 inputs) through the FP32 model and the compiled one and records, for `report.json`'s
-`accuracy`, the cosine similarity of the outputs (`example_cosine`: per output, the mean over
-examples of each example's cosine; the worst output's, so a good output cannot hide a bad one)
-and the largest absolute error relative to the largest FP32 output (`example_max_rel_err`).
+`accuracy`, which inputs those were (`fidelity_inputs`, `fidelity_examples`, and
+`fidelity_in_sample` when they also set the activation ranges: then this checks that the
+kernels compute what FP32 computes, not how the model does on unseen data), the cosine
+similarity of the outputs (`example_cosine`: per output, the mean over examples of each
+example's cosine; the worst output's, so a good output cannot hide a bad one) and the
+largest absolute error relative to the largest FP32 output (`example_max_rel_err`).
 An output with one value per example (a score, a regression target) is judged as one vector
 across the examples; a 0-d output (a mean, a loss) has no direction, so only the relative
 error covers it, and integer outputs (argmax) are not compared.
@@ -23,6 +26,7 @@ from torch.utils import _pytree as pytree
 
 from bitmix.compiler.ranges import examples_of
 from bitmix.errors import BitmixError
+from bitmix.report.report import fidelity_inputs_text
 
 # The acceptance bar of issue 17 for minilm; the zoo CNNs reach >= 0.999 at int8.
 MIN_COSINE = 0.99
@@ -70,17 +74,25 @@ def _max_with_nan(a: float, b: float) -> float:
 
 def guard(fp32: Callable[..., Any], compiled: Callable[..., Any], inputs: Any, warn: list[str],
           fallback: tuple[torch.Tensor, ...] | torch.Tensor, target: str | None = None,
-          full_budget: bool = False, finetuned: bool = False) -> dict[str, float]:
-    """`fidelity` on `inputs` (on `fallback`, the example inputs, if the compiled model does not take
-    their shapes, e.g. after a static export), plus one warning when the cosine is below MIN_COSINE that
-    names only what this compile did not already try.
+          full_budget: bool = False, finetuned: bool = False) -> dict[str, Any]:
+    """`fidelity` on `inputs`, the calibration inputs (on `fallback`, the example inputs, if there are none
+    or the compiled model does not take their shapes, e.g. after a static export), with which inputs those
+    were, plus one warning when the cosine is below MIN_COSINE that names only what this compile did not
+    already try.
 
-    The fallback is run whole: a static export takes only the example's own batch size.
+    The fallback is run whole: a static export takes only the example's own batch size. It is in-sample
+    only without calibration inputs, when the example inputs set the activation ranges.
     """
+    measured, limit = (inputs if inputs is not None else fallback), MAX_EXAMPLES
     try:
-        result = fidelity(fp32, compiled, inputs if inputs is not None else fallback)
+        result: dict[str, Any] = fidelity(fp32, compiled, measured, limit)
     except BitmixError:
-        result = fidelity(fp32, compiled, fallback, limit=None)
+        measured, limit = fallback, None
+        result = fidelity(fp32, compiled, measured, limit)
+    n = examples_of((measured,) if isinstance(measured, torch.Tensor) else measured)
+    result |= {"fidelity_inputs": "calibration" if measured is inputs else "example",
+               "fidelity_examples": None if n is None else min(n, limit or n),
+               "fidelity_in_sample": measured is inputs or inputs is None}
     if not result["example_cosine"] >= MIN_COSINE:
         wider = [t for t in ("mixed-npu", "int8-npu") if t != target and not (target == "int8-npu")]
         hints = (["calibration data (data=...)"] if inputs is None else []) + (
@@ -88,7 +100,7 @@ def guard(fp32: Callable[..., Any], compiled: Callable[..., Any], inputs: Any, w
             [] if full_budget else ["a higher budget"]) + (
             [] if finetuned else ["fine-tuning (finetune=..., data=...)"])
         todo = "try " + ", ".join(hints) if hints else "look for layers whose inputs 8 bits cannot cover"
-        msg = (f"the compiled model's outputs are far from FP32 on the example inputs (cosine "
+        msg = (f"the compiled model's outputs are far from FP32 on {fidelity_inputs_text(result)} (cosine "
                f"{result['example_cosine']:.4f} < {MIN_COSINE}); {todo}")
         warnings.warn(msg, stacklevel=3)
         warn.append(msg)

@@ -7,6 +7,8 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bitmix.report.report import fidelity_line
+
 if TYPE_CHECKING:
     from bitmix.report.report import Report
 
@@ -37,6 +39,7 @@ def render_html(report: Report, plots: dict[str, str], base: Path | None = None)
         _card(f"{acc.get('metric') or 'quality'} FP32", _fmt(acc.get("fp32"), ".2f")),
         _card("fake-quant", _fmt(acc.get("fake_quant"), ".2f")),
         _card("on kernels", _fmt(acc.get("kernels"), ".2f")),
+        _card("cosine to FP32", _fmt(acc.get("example_cosine"), ".4f")),
         _card("simulated frames/s", f"{s['throughput_fps']:,.0f}"),
         _card(f"latency ({s.get('frames', 1)}-frame run)", f"{s['latency_s'] * 1e6:,.1f} µs"),
         _card("energy / frame", f"{s['energy_per_frame_j'] * 1e6:,.2f} µJ"),
@@ -55,6 +58,8 @@ def render_html(report: Report, plots: dict[str, str], base: Path | None = None)
             f'<td class="l">{html.escape(r.bound)}</td></tr>'
         )
     warnings = "".join(f'<p class="warn">{html.escape(w)}</p>' for w in report.warnings)
+    fidelity = fidelity_line(acc)  # the only quality number of a compile without evaluation data
+    fidelity_p = f'<p class="sub">{html.escape(fidelity)}</p>' if fidelity else ""
     figures = []
     for title, name in plots.items():
         png = (base or Path(".")) / name
@@ -68,6 +73,7 @@ def render_html(report: Report, plots: dict[str, str], base: Path | None = None)
 stage timings: {timings}</p>
 {warnings}
 <div class="cards">{''.join(cards)}</div>
+{fidelity_p}
 {''.join(figures)}
 <h2>Layers</h2>
 <table><thead><tr><th>#</th><th>layer</th><th>kind</th><th>w/a bits</th><th>MACs</th><th>params</th><th>cycles</th>

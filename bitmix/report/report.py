@@ -108,6 +108,29 @@ class Report:
             raise BitmixError(f"not a bitmix report: {exc}; write reports with bitmix.save_report") from None
 
 
+def fidelity_inputs_text(accuracy: dict[str, Any]) -> str:
+    """What the fidelity numbers were measured on, e.g. "the 32 calibration inputs (in-sample: they set the
+    activation ranges)": in-sample inputs only show the kernels compute what FP32 does, not held-out quality."""
+    kind = accuracy.get("fidelity_inputs")
+    if kind is None:  # a report written before the field
+        return "the calibration (or, without them, the example) inputs"
+    n = accuracy.get("fidelity_examples")
+    text = f"the {n} {kind} input{'s' if n != 1 else ''}" if n is not None else f"the {kind} inputs"
+    return text + (" (in-sample: they set the activation ranges)" if accuracy.get("fidelity_in_sample") else "")
+
+
+def fidelity_line(accuracy: dict[str, Any]) -> str | None:
+    """The fidelity sentence the terminal and HTML reports show, or None when the compile measured none."""
+    if accuracy.get("example_cosine") is None:
+        return None
+    return (f"fidelity to FP32 on {fidelity_inputs_text(accuracy)}: cosine {accuracy['example_cosine']:.4f}, "
+            f"max relative error {_fmt_err(accuracy.get('example_max_rel_err'))}")
+
+
+def _fmt_err(err: float | None) -> str:
+    return "–" if err is None else f"{err:.3g}"
+
+
 def write_json(report: Report, path: str | Path) -> Path:
     """report.json (the contract) at `path`."""
     p = Path(path)

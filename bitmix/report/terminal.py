@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from bitmix.report.report import fidelity_line
+
 if TYPE_CHECKING:
     from bitmix.report.report import Report
 
@@ -41,9 +43,9 @@ def summary_lines(report: Report) -> list[str]:
     if acc.get("fp32") is not None:
         parts = [f"{k} {acc[k]:.2f}" for k in ("fp32", "fake_quant", "kernels") if acc.get(k) is not None]
         lines.append(f"quality ({acc.get('metric')}): " + ", ".join(parts))
-    if acc.get("example_cosine") is not None:
-        lines.append(f"fidelity to FP32 on the example inputs: cosine {acc['example_cosine']:.4f}, "
-                     f"max relative error {acc['example_max_rel_err']:.3g}")
+    fidelity = fidelity_line(acc)
+    if fidelity is not None:
+        lines.append(fidelity)
     lines.append("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings_s.items()))
     return lines
 

@@ -78,6 +78,18 @@ def test_guard_warns_once_with_what_to_try():
     assert "calibration data" in log[0] and "a higher budget" in log[0]
 
 
+def test_guard_records_which_inputs_it_measured_and_the_warning_names_them():
+    """The warning said "on the example inputs" while it measured the calibration inputs (which set the ranges)."""
+    x, calib = torch.randn(8, 4), torch.randn(64, 4)
+    log: list[str] = []
+    with pytest.warns(UserWarning, match=r"far from FP32 on the 32 calibration inputs \(in-sample: they set the "):
+        got = guard(lambda t: t, lambda t: -t, (calib,), log, fallback=(x,))
+    assert (got["fidelity_inputs"], got["fidelity_examples"], got["fidelity_in_sample"]) == ("calibration", 32, True)
+    with pytest.warns(UserWarning, match=r"on the 8 example inputs \(in-sample"):  # no data: they set the ranges
+        got = guard(lambda t: t, lambda t: -t, None, log, fallback=(x,))
+    assert (got["fidelity_inputs"], got["fidelity_examples"], got["fidelity_in_sample"]) == ("example", 8, True)
+
+
 def test_guard_names_only_what_was_not_tried():
     x = torch.randn(8, 4)
     log: list[str] = []
@@ -100,7 +112,8 @@ def test_silent_at_int8_and_in_report():
     acc = cm.report.to_dict()["accuracy"]
     assert acc["example_cosine"] >= MIN_COSINE
     assert 0 < acc["example_max_rel_err"] < 0.25
-    assert any("fidelity to FP32" in line for line in _summary(cm.report))
+    assert "fidelity to FP32 on the 16 calibration inputs (in-sample: they set the activation ranges): cosine" in (
+        "\n".join(_summary(cm.report)))
 
 
 def test_fires_on_a_broken_quantization():
@@ -118,6 +131,7 @@ def test_static_export_checks_on_the_example_when_calibration_has_other_shapes()
     cm = bitmix.compile(_mlp(), x, target="int8-npu", budget=1.0, data=calib,
                         options=bitmix.CompileOptions(frontier_points=0, dynamic_shapes=None))
     assert cm.report.accuracy["example_cosine"] >= MIN_COSINE
+    assert any("fidelity to FP32 on the 4 example inputs: cosine" in line for line in _summary(cm.report))
 
 
 def _summary(report) -> list[str]:

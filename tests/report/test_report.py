@@ -150,3 +150,28 @@ def test_titles_show_the_budget_rounded_or_its_goals():
     assert "budget 0.9865;" in render_html(clamped, {})
     goals = replace(_report(), budget={"fps": 1234567.0, "energy_j": 2.5e-6})
     assert goals.budget_text == "fps 1.235e+06, energy_j 2.5e-06"
+
+
+def test_fidelity_says_what_it_was_measured_on_in_terminal_and_html(tmp_path):
+    """The cosine comes from the calibration inputs, which also set the ranges: it was labelled "on the example
+    inputs", and the page, the only view of a compile without evaluation data, did not show it at all."""
+    import dataclasses
+
+    from bitmix.report.html import render_html
+    from bitmix.report.terminal import summary_lines
+
+    fid = {"example_cosine": 0.99912, "example_max_rel_err": 0.0767, "fidelity_inputs": "calibration",
+           "fidelity_examples": 32, "fidelity_in_sample": True}
+    report = dataclasses.replace(_report(), accuracy={"metric": None, "fp32": None, "fake_quant": None,
+                                                      "kernels": None} | fid)
+    line = ("fidelity to FP32 on the 32 calibration inputs (in-sample: they set the activation ranges): "
+            "cosine 0.9991, max relative error 0.0767")
+    assert line in summary_lines(report)
+    page = render_html(report, {})
+    assert line in page and ">0.9991</div><div class=\"k\">cosine to FP32<" in page
+    held_out = dataclasses.replace(report, accuracy=report.accuracy | {"fidelity_inputs": "example",
+                                                                      "fidelity_examples": 4,
+                                                                      "fidelity_in_sample": False})
+    assert "fidelity to FP32 on the 4 example inputs: cosine" in summary_lines(held_out)[1]
+    save_report(report, tmp_path)
+    assert load_report(tmp_path).accuracy == report.accuracy
