@@ -6,10 +6,11 @@ layer; minimise Σ score subject to the exact cost staying within the budget. On
 to the chain DP (state = previous choice × budget slot, proven gap), several to the HiGHS
 ILP (`bitmix.compiler.chain`). When an assignment spreads over several chips its PCIe and
 idle-chip terms come on top of Σ terms, and a pipeline's fps is set by its slowest chip,
-not by Σ cycles: the solver then bisects the caps it hands the solver between their floors
-and the budget, keeps the best solution the exact cost admits (the cheapest assignment is
-always one), and proves its gap against the one-chip relaxation (Σ terms never exceeds
-the exact cost).
+not by Σ cycles. Σ terms never exceeds the exact cost, so the solver's answer on Σ terms
+bounds the optimum (and a budget Σ terms cannot meet is refused up front); when that answer
+does not fit, the search goes split by split (which layers start a chip): over one split
+the exact cost is a MILP (`bitmix.compiler.split`), solved for the relaxed answer's split,
+one chip, the splits of exactly evaluated samples and their neighbours, within a time limit.
 
 Baselines live here too: `uniform` (the best single precision that fits) and
 `random_feasible` (random descents from all-highest until the budget is met).
@@ -19,16 +20,18 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import heapq
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from bitmix.compiler.chain import Chain, min_cost, pareto_front, solve_dp, solve_ilp
 from bitmix.compiler.pareto_greedy import pareto_greedy
+from bitmix.compiler.split import neighbours, possible, solve_split, split_of
 from bitmix.errors import BitmixError
 from bitmix.ir.cost import RESOURCES, CostModel, Evaluation, LayerCost
 from bitmix.ir.targets import Target
@@ -36,9 +39,10 @@ from bitmix.ir.targets import Target
 Scores = dict[str, dict[int, float]]
 STRATEGIES = ("knapsack", "pareto-greedy", "pareto-greedy-normalised", "uniform", "random")
 TOL = 1e-12  # relative slack on caps (floating-point summation order)
-MAX_ROUNDS = 30  # multi-chip bisection rounds on the solver's caps
-BISECTION_WIDTH = 1e-3  # ... or until the bracket is this narrow (fraction of the way from floor to cap)
-SEARCH_SOLVE_S = 1.0  # HiGHS time limit per bisection step (its best answer so far is still exact-checked)
+SAMPLES = 64  # random assignments of each kind that seed the multi-chip search
+MAX_SPLITS = 128  # chip splits whose best assignment the multi-chip search solves, at most ...
+SPLIT_SEARCH_S = 10.0  # ... and the seconds it may spend on them
+SEARCH_SOLVE_S = 1.0  # HiGHS time limit per split, or a third of the time left (its best answer is still checked)
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,11 @@ class _Problem:
             self.lowest[resource] = minimum(self.model, resource)
         return self.lowest[resource]
 
+    def bound(self, resource: str) -> float:
+        """No assignment costs less: the cheapest Σ terms (the exact cost itself on one chip; chip splits
+        only add to Σ terms: a chip's first layer fed from the frame buffer, PCIe and idle chips)."""
+        return self.minimum(resource)[0] if self.model.one_chip else min_cost(self.chains[resource])[0]
+
     def objective(self, choice: Sequence[int]) -> float:
         return sum(float(s[j]) for s, j in zip(self.scores, choice, strict=True))
 
@@ -176,13 +185,13 @@ def _knapsack(problem: _Problem, budget: Budget, solver: str) -> Allocation:
         raise BitmixError("the DP solver handles one constraint; use solver='ilp' (or 'auto') for several caps")
     label = "ilp" if solver == "ilp" or len(linear) != 1 or one_chip_rows else "dp"
 
-    def solve(tight: dict[str, float], time_limit: float | None = None) -> tuple[list[int], float] | None:
+    def solve(tight: dict[str, float]) -> tuple[list[int], float] | None:
         rows = [(problem.chains[r], c) for r, c in tight.items()]
         if solver != "ilp" and len(rows) == 1 and not one_chip_rows:
             with contextlib.suppress(BitmixError):  # infeasible, or the scaled DP found nothing near the cap:
                 return solve_dp(problem.scores, *rows[0])  # the ILP decides
         try:
-            return solve_ilp(problem.scores, rows, one_chip_rows, time_limit), 0.0
+            return solve_ilp(problem.scores, rows, one_chip_rows), 0.0
         except BitmixError:
             return None
 
@@ -195,36 +204,57 @@ def _knapsack(problem: _Problem, budget: Budget, solver: str) -> Allocation:
     if _fits(ev, caps):
         return _allocation(problem, choice, ev, gap, label, time.perf_counter() - start)
     floor = _fitting_floor(problem, caps)
-    weights = problem.chains["sram_bytes"].cost(choice)
-    levers = {**linear, "sram_bytes": min(linear.get("sram_bytes", math.inf), weights)}
-    floors = {r: min(problem.minimum(r)[0], cap) for r, cap in levers.items()}
     found = [c for c in (floor,) if c is not None]
-    for scaled in (("sram_bytes",), tuple(levers)):  # fewer weight bytes = fewer chips; then every cap at once
-        found += _bisect(lambda s, scaled=scaled: solve({r: floors[r] + s * (cap - floors[r]) if r in scaled else cap
-                                                         for r, cap in levers.items()}, SEARCH_SOLVE_S), problem, caps)
+    tried = _split_search(problem, caps, choice)
+    found += [c for c in tried if _fits(model.evaluate(c), caps)]
     if not found:
-        raise BitmixError(_infeasible_message(problem, caps, budget, "out of reach of every assignment tried"))
+        raise BitmixError(_infeasible_message(problem, caps, budget, "out of reach of every assignment tried", tried))
     best = _improve(problem, min(found, key=problem.objective), caps)
     return _allocation(problem, best, model.evaluate(best), max(0.0, problem.objective(best) - lower),
                        "ilp + chip search", time.perf_counter() - start)
 
 
-def _bisect(solve_at: Callable[[float], tuple[list[int], float] | None], problem: _Problem,
-            caps: dict[str, float]) -> list[list[int]]:
-    """Bisect s in [0, 1] on whether the solver's answer at s fits exactly; every fitting answer it meets."""
-    low, high, fitting = 0.0, 1.0, []
-    for _ in range(MAX_ROUNDS):
-        if high - low < BISECTION_WIDTH:
-            break
-        mid = (low + high) / 2
-        found = solve_at(mid)
-        if found is not None and not _fits(problem.model.evaluate(found[0]), caps):
-            high = mid
+def _split_search(problem: _Problem, caps: dict[str, float], relaxed: list[int]) -> list[list[int]]:
+    """The assignments tried over chip splits (not all fit): samples around the relaxed answer and at every
+    level of precision, then the best assignment of one split after another (`solve_split`, exact): the relaxed
+    answer's, one chip's, the samples' (nearest to fitting first) and those next to each split solved."""
+    model = problem.model
+    rng = np.random.default_rng(0)
+    ks = np.array([len(c) for c in model.choices])
+    tried = [relaxed, model.highest(), model.lowest(), *(problem.minimum(r)[1] for r in RESOURCES)]
+    for t in range(SAMPLES):
+        q = (t + 0.5) / SAMPLES
+        tried.append([int(rng.integers(k)) if rng.random() < q else j for j, k in zip(relaxed, ks, strict=True)])
+        tried.append(np.clip(np.rint(q * (ks - 1) + rng.normal(0, 0.5, len(ks))), 0, ks - 1).astype(int).tolist())
+    rank: dict[tuple[int, ...], tuple[float, float]] = {}
+    for c in tried:
+        ev = model.evaluate(c)
+        key = (max(1.0, *(ev.value(r) / cap for r, cap in caps.items())), problem.objective(c))
+        split = split_of(model, c)
+        rank[split] = min(rank.get(split, key), key)
+    rank[split_of(model, relaxed)] = (0.0, 0.0)
+    if possible(model, (0,)):
+        rank[(0,)] = (0.0, 1.0)
+    queue = [(key, k, split) for k, (split, key) in enumerate(sorted(rank.items(), key=lambda kv: kv[1]))
+             if len(split) <= caps.get("chips", math.inf)]
+    solved: set[tuple[int, ...]] = set()
+    end = time.perf_counter() + SPLIT_SEARCH_S
+    while queue and len(solved) < MAX_SPLITS and time.perf_counter() < end:
+        key, _, split = heapq.heappop(queue)
+        if split in solved:
             continue
-        low = mid
-        if found is not None:
-            fitting.append(found[0])
-    return fitting
+        solved.add(split)
+        left = end - time.perf_counter()  # the first splits may take a third of it
+        answer = solve_split(model, problem.scores, split, caps, min(max(SEARCH_SOLVE_S, left / 3), left))
+        if answer is not None and _fits(model.evaluate(answer), caps):
+            tried.append(answer)
+            key = (1.0, problem.objective(answer))
+        else:
+            key = (key[0] * 1.001, key[1])  # after the splits as near to fitting
+        for nb in neighbours(model, split, caps.get("chips", math.inf)):
+            if nb not in solved:
+                heapq.heappush(queue, (key, len(solved) + len(queue), nb))
+    return tried
 
 
 def _improve(problem: _Problem, choice: list[int], caps: dict[str, float]) -> list[int]:
@@ -437,27 +467,29 @@ def _check_feasible(problem: _Problem, caps: dict[str, float], budget: Budget) -
             if least > cap:
                 raise BitmixError(f"budget of {cap:g} chips is infeasible; even the lowest precisions need {least} "
                                   f"chips: allow at least {least}")
-        elif resource in RESOURCES and problem.minimum(resource)[0] > cap * (1 + TOL):
+        elif resource in RESOURCES and problem.bound(resource) > cap * (1 + TOL):
             raise BitmixError(_infeasible_message(problem, {resource: cap}, budget, "infeasible"))
 
 
-def _infeasible_message(problem: _Problem, caps: dict[str, float], budget: Budget, why: str) -> str:
+def _infeasible_message(problem: _Problem, caps: dict[str, float], budget: Budget, why: str,
+                        tried: Sequence[Sequence[int]] = ()) -> str:
     """One line in the units the user gave: a fraction, cycles, seconds, frames per second or joules."""
     model, ref = problem.model, problem.reference.cycles
     goals = ", ".join(f"{k} {v:.6g}" for k, v in vars(budget).items() if v is not None)
+    found, least_found = ("", "minimum achievable") if model.one_chip else (" found", "least found")
     together = (f"the goals together ({goals}) are {why}, though the fastest assignment tried meets the speed goal "
                 "alone; relax one of them")
     for resource, cap in caps.items():
         if resource == "period_s":
             fastest = min(model.evaluate(c).period_s for c in
-                          (problem.minimum("cycles")[1], model.lowest(), model.highest()))
+                          (problem.minimum("cycles")[1], model.lowest(), model.highest(), *tried))
             if fastest <= cap * (1 + TOL) and len(caps) > 1:
                 return together
             return (f"a throughput of {model.frames / cap:.6g} fps is {why}; the fastest pipeline found runs "
                     f"{model.frames / fastest:.6g} fps: ask for at most that")
         if resource not in RESOURCES:
             continue
-        lowest = problem.minimum(resource)[0]
+        lowest = min([problem.minimum(resource)[0], *(model.evaluate(c).value(resource) for c in tried)])
         if resource == "cycles":
             goals = budget.cycle_goals(model, problem.reference)
             binding = min(goals, key=goals.__getitem__) if goals else "cycles"
@@ -465,19 +497,19 @@ def _infeasible_message(problem: _Problem, caps: dict[str, float], budget: Budge
             if binding in ("fps", "latency_s") and lowest <= cap * (1 + TOL) and len(caps) > 1:
                 return together
             if binding == "fps":
-                return (f"a throughput of {budget.fps:.6g} fps is {why}; the fastest assignment runs "
+                return (f"a throughput of {budget.fps:.6g} fps is {why}; the fastest assignment{found} runs "
                         f"{model.frames / seconds:.6g} fps: ask for at most that")
             if binding == "latency_s":
-                return (f"a latency of {budget.latency_s:.6g} s per run is {why}; the fastest assignment takes "
+                return (f"a latency of {budget.latency_s:.6g} s per run is {why}; the fastest assignment{found} takes "
                         f"{seconds:.6g} s: ask for at least that")
             least = math.ceil(lowest / ref * 1e4) / 1e4
-            return (f"a budget of {cap:.6g} cycles ({cap / ref:.4f} of all-highest) is {why}; the minimum achievable "
+            return (f"a budget of {cap:.6g} cycles ({cap / ref:.4f} of all-highest) is {why}; the {least_found} "
                     f"is {lowest:.6g} cycles ({lowest / ref:.4f}): ask for a budget of at least {least:.4f}")
         if resource == "energy_j" and (lowest > cap * (1 + TOL) or len(caps) == 1):
-            return (f"an energy of {cap:.6g} J per frame is {why}; the most frugal assignment takes {lowest:.6g} J "
-                    "per frame: ask for at least that")
+            return (f"an energy of {cap:.6g} J per frame is {why}; the most frugal assignment{found} takes "
+                    f"{lowest:.6g} J per frame: ask for at least that")
         if lowest > cap * (1 + TOL) or len(caps) == 1:
-            return (f"a budget of {cap:.6g} {resource} is {why}; the minimum achievable is {lowest:.6g} {resource}: "
+            return (f"a budget of {cap:.6g} {resource} is {why}; the {least_found} is {lowest:.6g} {resource}: "
                     "relax that limit")
     return f"the budget is {why}; relax one of its limits ({', '.join(caps)})"
 
