@@ -7,6 +7,7 @@ Each stage is a function over frozen records; this file wires them and times the
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 import sys
@@ -47,6 +48,8 @@ from bitmix.simulator import ChipConfig, SimResult, load_chip_config, price, sim
 from bitmix.task import Data, FinetuneConfig, Inputs, TaskData
 
 CALIBRATION_SAMPLES = inputs.CALIBRATION_SAMPLES
+
+LOG = logging.getLogger("bitmix")
 
 
 class CompiledModel(Keepable, nn.Module):
@@ -434,8 +437,10 @@ def _report(graph: LayerGraph, tgt: Target, method: str, goal: Caps, chosen: All
 
 @contextmanager
 def _stage(name: str, timings: dict[str, float]) -> Iterator[None]:
-    """Time a stage; show a spinner for a person at a terminal."""
+    """Time a stage; show a spinner for a person at a terminal, and log it (logger "bitmix", INFO) for scripts and
+    CI, where a large model's quantize stage otherwise runs for minutes without a line."""
     start = time.perf_counter()
+    LOG.info("bitmix: %s ...", name)
     show = sys.stderr.isatty() and os.environ.get("BITMIX_QUIET", "") != "1"
     if show:
         from rich.console import Console
@@ -445,3 +450,4 @@ def _stage(name: str, timings: dict[str, float]) -> Iterator[None]:
     else:
         yield
     timings[name] = time.perf_counter() - start
+    LOG.info("bitmix: %s done in %.1f s", name, timings[name])

@@ -410,3 +410,17 @@ def test_a_task_on_a_model_with_several_outputs_is_refused_before_the_slow_stage
     with pytest.raises(BitmixError, match="TaskData scores one output tensor.*" + ("'logits'" if returns == "dict"
                                                                                   else "tuple of 2")):
         bitmix.compile(TwoHeads().eval(), (x[:2],), "int8-npu", method="hawq", data=task)
+
+
+def test_stages_are_logged_for_scripts_without_a_terminal(caplog):
+    """A script or CI job sees each stage start and end at INFO on the "bitmix" logger (the spinner is TTY-only)."""
+    import logging
+
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="bitmix"):
+        bitmix.compile(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval(), (torch.randn(4, 8),),
+                       "int8-npu", options=CompileOptions(frontier_points=0))
+    lines = [r.getMessage() for r in caplog.records if r.name == "bitmix"]
+    for stage in ("capture", "price", "lower"):
+        assert f"bitmix: {stage} ..." in lines
+        assert any(line.startswith(f"bitmix: {stage} done in ") for line in lines)
