@@ -22,3 +22,12 @@ __all__ = [
     "compile", "load", "load_report", "print_report", "save_report", "targets",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """`bitmix.zoo` (reference models and data sets) on first use, so `import bitmix` does not load it."""
+    if name == "zoo":
+        import importlib
+
+        return importlib.import_module("bitmix.zoo")
+    raise AttributeError(f"module 'bitmix' has no attribute {name!r}")

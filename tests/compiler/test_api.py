@@ -157,3 +157,15 @@ def test_inputs_below_the_smallest_step_are_named():
         bitmix.compile(model, calib[:4] * 1e10, "int8-npu", data=calib * 1e10,
                        options=CompileOptions(frontier_points=0))
     assert not [w for w in seen if "smallest activation step" in str(w.message)]
+
+
+def test_the_zoo_is_reachable_as_an_attribute_of_the_package():
+    """`import bitmix; bitmix.zoo.names()` (an AttributeError until `import bitmix.zoo`), loaded only on use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bitmix; loaded = 'bitmix.zoo' in sys.modules; names = bitmix.zoo.names(); "
+            "print(loaded, 'resnet18' in names)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["False", "True"]
