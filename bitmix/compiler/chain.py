@@ -308,13 +308,11 @@ def _pareto_ends(scores: Sequence[np.ndarray], extra: Chain, capacity: float, up
 
 
 def solve_ilp(scores: Sequence[np.ndarray], rows: Sequence[tuple[Chain, float]],
-              extra_rows: Sequence[tuple[Sequence[np.ndarray], float]] = (),
-              time_limit: float | None = None) -> list[int]:
+              extra_rows: Sequence[tuple[Sequence[np.ndarray], float]] = ()) -> list[int]:
     """min Σ score s.t. every (chain, cap) row holds, plus linear rows over the choice variables.
 
     Binary x[i, j]; a continuous y[i, p, j] per pairwise table, tied to x by its row and column
-    sums (which force y = x[i-1, p] · x[i, j] once x is integral). HiGHS to optimality, or to
-    the best feasible answer found within `time_limit` seconds (for heuristic searches).
+    sums (which force y = x[i-1, p] · x[i, j] once x is integral). HiGHS to optimality.
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_matrix
@@ -363,7 +361,7 @@ def solve_ilp(scores: Sequence[np.ndarray], rows: Sequence[tuple[Chain, float]],
     cost = np.concatenate([np.concatenate([np.asarray(s, dtype=float) for s in scores]), np.zeros(nv - nx)])
     integrality = np.concatenate([np.ones(nx), np.zeros(nv - nx)])
     res = milp(cost, constraints=LinearConstraint(matrix, lo, hi), integrality=integrality, bounds=Bounds(0, 1),
-               options={"mip_rel_gap": 0.0} | ({} if time_limit is None else {"time_limit": time_limit}))
+               options={"mip_rel_gap": 0.0})
     if res.x is None:
         raise BitmixError(f"the ILP found no feasible assignment ({res.message}); raise the budget")
     return [int(np.argmax(res.x[xoff[i]: xoff[i + 1]])) for i in range(n)]

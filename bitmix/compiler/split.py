@@ -66,9 +66,10 @@ def neighbours(model: CostModel, starts: tuple[int, ...], most: float) -> list[t
 
 
 def solve_split(model: CostModel, scores: Sequence[np.ndarray], starts: tuple[int, ...], caps: dict[str, float],
-                time_limit: float | None = None) -> list[int] | None:
+                node_limit: int | None = None) -> list[int] | None:
     """min Σ score over the assignments that pack into chips starting at `starts` and meet `caps` (per frame:
-    cycles, energy_j, sram_bytes, period_s of a run, chips), or None when HiGHS finds none in `time_limit`."""
+    cycles, energy_j, sram_bytes, period_s of a run, chips), or None when HiGHS finds none within `node_limit`
+    branch-and-bound nodes (a limit on work, not seconds: the answer does not depend on the machine's load)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_matrix
 
@@ -160,7 +161,7 @@ def solve_split(model: CostModel, scores: Sequence[np.ndarray], starts: tuple[in
     upper[zoff:] = np.inf
     res = milp(cost, constraints=LinearConstraint(coo_matrix((v, (r, c)), shape=(len(lo), nv)).tocsr(), lo, hi),
                integrality=integrality, bounds=Bounds(0, upper),
-               options={"mip_rel_gap": 0.0} | ({} if time_limit is None else {"time_limit": time_limit}))
+               options={"mip_rel_gap": 0.0} | ({} if node_limit is None else {"node_limit": node_limit}))
     if res.x is None:
         return None
     return [int(np.argmax(res.x[xoff[i]: xoff[i + 1]])) for i in range(n)]

@@ -99,3 +99,40 @@ def test_multi_chip_budgets_are_met_at_the_exhaustive_optimum(seed):
     with pytest.raises(BitmixError, match=r"fps is out of reach of every assignment tried; the fastest pipeline "
                                           r"found runs [0-9.e+]+ fps"):
         allocate(scores, model, NPU, graph.names, Budget(fps=float(fps.max()) * 1.01))
+
+
+def test_the_split_search_answers_the_same_on_a_slow_or_loaded_machine(monkeypatch):
+    """The search over chip splits stopped after 10 s of wall time, so how many splits it solved (27-32 for
+    resnet50 at mixed-npu on 32 KiB cores), and so its answer, depended on the machine's speed and load; it now
+    stops after a fixed amount of work. The allocator's clock running 1000x fast stands in for a slow machine."""
+    import time
+
+    from bitmix.compiler import allocate as allocate_module
+
+    class Clock:
+        def __init__(self, speed: float):
+            self.speed, self.start = speed, time.perf_counter()
+
+        def perf_counter(self) -> float:
+            return self.start + self.speed * (time.perf_counter() - self.start)
+
+    graph = _mlp([1024] * 9, 4)
+    chip = config_from_dict({"chip": {"core_sram_bytes": 16384}})
+    target = get_target("mixed-npu")
+    model = price(graph, target, chip)
+    scores = _scores(model, 1)
+    solved: list[tuple[int, ...]] = []
+    real_solve = allocate_module.solve_split
+
+    def counting_solve(model, scores, split, *args):
+        solved.append(split)
+        return real_solve(model, scores, split, *args)
+
+    monkeypatch.setattr(allocate_module, "solve_split", counting_solve)
+    runs = []
+    for speed in (1.0, 1000.0):
+        monkeypatch.setattr(allocate_module, "time", Clock(speed))
+        solved.clear()
+        alloc = allocate(scores, model, target, graph.names, Budget(fps=3.7e6))
+        runs.append((alloc.assignment, list(solved)))
+    assert len(runs[0][1]) > 1 and runs[0] == runs[1]
