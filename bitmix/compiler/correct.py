@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitmix.compiler.qlayer import QuantLayer, fixed_batch, quant_layers
+from bitmix.compiler.qlayer import QuantLayer, quant_layers
 from bitmix.compiler.ranges import examples_of
 
 Live = dict[str, torch.Tensor]  # per layer, a bool mask over its output rows (`bitmix.compiler.live`)
@@ -53,11 +53,6 @@ def example_means(layer: QuantLayer, out: torch.Tensor, live: torch.Tensor | Non
     return out.reshape(out.shape[0], -1, out.shape[-1]).mean(dim=1)
 
 
-def _part(live: Live | None, part: slice) -> Live | None:
-    """The live masks of the examples `part` of dim 0."""
-    return None if live is None else {name: m[part] for name, m in live.items()}
-
-
 def agreed_shift(shifts: torch.Tensor) -> torch.Tensor:
     """(C,): the mean of per-example shifts (N, C), shrunk by its standard error (zero for N = 1)."""
     n = shifts.shape[0]
@@ -68,15 +63,32 @@ def agreed_shift(shifts: torch.Tensor) -> torch.Tensor:
     return delta * (1 - noise / delta.pow(2).clamp(min=1e-300)).clamp(min=0)
 
 
+def _tensors(out: object) -> list[torch.Tensor]:
+    """The tensors of a model output (tensor, or tuple / list / dict of them) in `flat`'s order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, list | tuple):
+        return [t for o in out for t in _tensors(o)]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _tensors(v)]
+    return []
+
+
 def flat(out: object) -> torch.Tensor:
     """A model output (tensor, or tuple / list / dict of them) as one float64 vector."""
-    if isinstance(out, torch.Tensor):
-        return out.detach().reshape(-1).double()
-    if isinstance(out, list | tuple):
-        return torch.cat([flat(o) for o in out])
-    if isinstance(out, dict):
-        return torch.cat([flat(v) for v in out.values()])
-    return torch.zeros(0, dtype=torch.float64)
+    parts = [t.detach().reshape(-1).double() for t in _tensors(out)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def example_ids(out: object, n: int) -> torch.Tensor | None:
+    """For each element of `flat(out)`, the example (dim 0) it belongs to; None when an output tensor does
+    not hold the `n` examples along dim 0 (then its elements cannot be told apart by example)."""
+    parts = []
+    for t in _tensors(out):
+        if t.dim() == 0 or t.shape[0] != n:
+            return None
+        parts.append(torch.arange(n).repeat_interleave(t[0].numel()))
+    return torch.cat(parts) if parts else None
 
 
 @torch.no_grad()
@@ -113,31 +125,36 @@ def bias_correct(
     """Correct the biases of a quantized model in place if that lowers the output error on examples it
     was not fitted to: fitted on the even calibration examples and checked on the odd ones, then (if it
     helped) fitted on all and kept if that does not raise the error on all of them. Below SPLIT_MIN
-    examples, when a layer's dim 0 is not the batch, or when the model runs only its traced batch
-    (`fixed_batch`), it is fitted and checked on all of them.
+    examples, or when a layer's or an output's dim 0 is not the batch, it is fitted and checked on all of them.
+    Every pass runs the whole calibration batch and picks the examples' rows, so a model that runs only its
+    traced batch (a static capture, `fixed_batch`) gets the same correction as a symbolic-batch capture.
     `reference` and `live` must come from the same calibration."""
     means, target = reference
     n = examples_of(calibration)
-    if n is None or n < SPLIT_MIN or fixed_batch(model) is not None or any(m.shape[0] != n for m in means.values()):
-        return _correct_if_better(model, means, calibration, calibration, target, live, keep=True)
-    fit, check = tuple(t[0::2] for t in calibration), tuple(t[1::2] for t in calibration)
-    _, check_target = float_reference(model, check)
-    fit_means = {k: m[0::2] for k, m in means.items()}
-    if not _correct_if_better(model, fit_means, fit, check, check_target, _part(live, slice(0, None, 2)), keep=False):
-        return False
-    return _correct_if_better(model, means, calibration, calibration, target, live, keep=True)
+    output = model(*calibration)
+    before = (flat(output) - target).pow(2)
+    ids = None
+    if n is not None and n >= SPLIT_MIN and all(m.shape[0] == n for m in means.values()):
+        ids = example_ids(output, n)
+    if ids is not None:
+        check = ids % 2 == 1
+        fit = torch.arange(0, n, 2)
+        if not _correct_if_better(model, means, calibration, target, live, fit, check, float(before[check].sum()),
+                                  keep=False):
+            return False
+    return _correct_if_better(model, means, calibration, target, live, None, None, float(before.sum()), keep=True)
 
 
-def _correct_if_better(model: nn.Module, means: dict[str, torch.Tensor], fit: tuple[torch.Tensor, ...],
-                       check: tuple[torch.Tensor, ...], target: torch.Tensor, live: Live | None, keep: bool
-                       ) -> bool:
-    """Whether correcting on `fit` lowers the output error on `check`; the corrected biases stay only if
-    it does and `keep`."""
-    before = float((flat(model(*check)) - target).pow(2).sum())
+def _correct_if_better(model: nn.Module, means: dict[str, torch.Tensor], calibration: tuple[torch.Tensor, ...],
+                       target: torch.Tensor, live: Live | None, fit: torch.Tensor | None,
+                       check: torch.Tensor | None, before: float, keep: bool) -> bool:
+    """Whether correcting on the examples `fit` (all if None) lowers the output error below `before` on the
+    output elements `check` (all if None); the corrected biases stay only if it does and `keep`."""
     layers = quant_layers(model).values()
     saved = {layer.name: None if layer.bias is None else layer.bias.detach().clone() for layer in layers}
-    correct_biases(model, means, fit, live)
-    better = float((flat(model(*check)) - target).pow(2).sum()) <= before
+    correct_biases(model, means, calibration, live, fit)
+    error = (flat(model(*calibration)) - target).pow(2)
+    better = float((error if check is None else error[check]).sum()) <= before
     if better and keep:
         return True
     for layer in layers:
@@ -152,9 +169,10 @@ def _correct_if_better(model: nn.Module, means: dict[str, torch.Tensor], fit: tu
 
 @torch.no_grad()
 def correct_biases(model: nn.Module, reference: dict[str, torch.Tensor], calibration: tuple[torch.Tensor, ...],
-                   live: Live | None = None) -> int:
-    """Shift every quantized conv/linear's bias by the output shift its `calibration` examples agree on
-    (`agreed_shift` of the per-example channel means, over `live` rows where given, against `reference`'s).
+                   live: Live | None = None, examples: torch.Tensor | None = None) -> int:
+    """Shift every quantized conv/linear's bias by the output shift its `calibration` examples (only those
+    indexed by `examples` if given) agree on (`agreed_shift` of the per-example channel means, over `live`
+    rows where given, against `reference`'s).
 
     Layers without a bias get one. Returns how many layers were corrected.
     """
@@ -165,8 +183,8 @@ def correct_biases(model: nn.Module, reference: dict[str, torch.Tensor], calibra
         if layer.bits is None or layer.name not in reference:
             return out
         assert layer.weight is not None
-        means = example_means(layer, out, (live or {}).get(layer.name))
-        delta = agreed_shift(reference[layer.name] - means).to(layer.weight.dtype)
+        shifts = reference[layer.name] - example_means(layer, out, (live or {}).get(layer.name))
+        delta = agreed_shift(shifts if examples is None else shifts[examples]).to(layer.weight.dtype)
         if layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros_like(delta))
         layer.bias.add_(delta)
