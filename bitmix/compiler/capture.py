@@ -62,9 +62,15 @@ def input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     """`example_inputs` as one tensor per forward argument (a lone tensor is one), or a one-line error."""
     inputs = ((example_inputs,) if isinstance(example_inputs, torch.Tensor)
               else tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else ())
-    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+    if not inputs:
         raise BitmixError("example_inputs must be a tensor or a tuple of tensors (one per forward argument), "
                           f"got {type(example_inputs).__name__}")
+    other = next(((i, a) for i, a in enumerate(inputs) if not isinstance(a, torch.Tensor)), None)
+    if other is not None:
+        i, arg = other
+        raise BitmixError(f"example_inputs element {i} is a {type(arg).__name__} ({arg!r:.40}), not a tensor: bitmix "
+                          "compiles the tensor arguments only, and a non-tensor forward argument keeps its default; "
+                          "leave it out, or wrap the model in a module that passes the value you want")
     batched = [t for t in inputs if t.dim() > 0]
     if batched and all(t.shape[0] == 0 for t in batched):
         raise BitmixError(f"example_inputs hold no examples (shape {tuple(batched[0].shape)}: an empty batch); "

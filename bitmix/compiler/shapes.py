@@ -171,6 +171,9 @@ class InputSpec:
             name, arg = next((n, a) for n, a in zip(self.names, args, strict=True) if not isinstance(a, torch.Tensor))
             raise BitmixError(f"input {name!r} must be a tensor, as in the example inputs, got {type(arg).__name__} "
                               f"{arg!r:.40}; pass torch.tensor(...)")
+        extra = next(((i, a) for i, a in enumerate(args) if not isinstance(a, torch.Tensor)), None)
+        if extra is not None and len(tensors) == len(self.names):
+            raise self.not_a_tensor(f"argument {extra[0]}", extra[1])
         if len(tensors) != len(self.names):
             raise BitmixError(f"the compiled model takes {len(self.names)} tensor input(s) "
                               f"({', '.join(self.names)}), got {len(tensors)}")
@@ -218,12 +221,20 @@ class InputSpec:
             out.append(a)
         return tuple(out)
 
+    def not_a_tensor(self, what: str, arg: Any) -> BitmixError:
+        """A non-tensor argument past the compiled inputs: the export fixed it (at its default)."""
+        return BitmixError(f"{what} is a {type(arg).__name__} ({arg!r:.40}), not a tensor: the compiled model takes "
+                           f"only its tensor inputs ({', '.join(self.names)}); non-tensor forward arguments were "
+                           "fixed at compile time (to their defaults): compile a wrapper module that passes the value")
+
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         """Inputs given by name (`cm(input_ids=..., attention_mask=...)`) put in the compiled graph's order."""
         if not kwargs:
             return args
         takes = f"the compiled model takes {', '.join(self.names)}"
         unknown = [k for k in kwargs if k not in self.names]
+        if unknown and not isinstance(kwargs[unknown[0]], torch.Tensor):
+            raise self.not_a_tensor(f"argument {unknown[0]!r}", kwargs[unknown[0]])
         if unknown:
             raise BitmixError(f"unexpected input {unknown[0]!r}; {takes} (the inputs it was compiled with)")
         twice = [k for k in kwargs if k in self.names[: len(args)]]

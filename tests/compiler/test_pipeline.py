@@ -249,6 +249,12 @@ def test_example_inputs_that_are_not_tensors(example):
         bitmix.compile(nn.Linear(4, 2), example, options=QUICK)
 
 
+def test_an_example_input_that_is_not_a_tensor_is_named():
+    """compile(m, (x, 0.5)) said "must be ... a tuple of tensors, got tuple": it is one, its element 1 is not."""
+    with pytest.raises(BitmixError, match=r"^example_inputs element 1 is a float \(0.5\), not a tensor: .* keeps its "
+                                          "default; leave it out, or wrap the model"):
+        bitmix.compile(nn.Linear(4, 2), (torch.zeros(2, 4), 0.5), options=QUICK)
+
 def test_an_empty_example_batch_is_one_line():
     with pytest.raises(BitmixError, match=r"example_inputs hold no examples \(shape \(0, 4\): an empty batch\)"):
         bitmix.compile(nn.Linear(4, 2), torch.zeros(0, 4), options=QUICK)

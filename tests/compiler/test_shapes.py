@@ -231,3 +231,26 @@ def test_calibration_as_float64_or_as_a_list_of_single_examples():
         cm = bitmix.compile(model, x, "int8-npu", data=data, options=bitmix.CompileOptions(frontier_points=0))
         with torch.no_grad():
             assert torch.equal(cm(x), want(x))
+
+
+class _ScaleArg(nn.Module):
+    """A forward with a float argument beside its tensor: the export fixes the float at its default."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return self.fc(x) * scale
+
+
+def test_a_non_tensor_argument_is_named_and_said_to_be_fixed():
+    """cm(x, 2.0) reached the lowered graph and raised a raw TypeError (forward() takes 2 positional arguments)."""
+    torch.manual_seed(0)
+    cm = _compile(_ScaleArg().eval(), torch.randn(4, 16))
+    x = torch.randn(2, 16)
+    with pytest.raises(BitmixError, match=r"^argument 1 is a float \(2.0\), not a tensor: .* takes only its tensor "
+                                          r"inputs \(x\); non-tensor forward arguments were fixed at compile time"):
+        cm(x, 2.0)
+    with pytest.raises(BitmixError, match=r"^argument 'scale' is a float \(2.0\), not a tensor"):
+        cm(x, scale=2.0)
