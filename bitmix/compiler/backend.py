@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import threading
 import warnings
 import weakref
@@ -81,10 +82,13 @@ class _Lifted(nn.Module):
     off those tensors' shapes, so export traces them as symbolic dimensions.
     """
 
-    def __init__(self, gm: fx.GraphModule, slots: list[tuple[str, Any]], state: list[torch.Tensor]) -> None:
+    def __init__(self, gm: fx.GraphModule, slots: list[tuple[str, Any]], state: list[torch.Tensor],
+                 names: list[str | None]) -> None:
         super().__init__()
         self.gm = gm
         self.slots = slots
+        # what errors call `state{i}`: the user's name for it (None: not known)
+        self.bitmix_state_names = {f"state{i}": name for i, name in enumerate(names)}
         for i, t in enumerate(state):
             if isinstance(t, nn.Parameter):
                 self.register_parameter(f"state{i}", nn.Parameter(t.detach(), requires_grad=False))
@@ -230,6 +234,7 @@ def _slots(gm: fx.GraphModule, example_inputs: list[Any], scalars: dict[int, flo
             slots.append(("scalar", scalars[i]))
         elif _is_state(node, example):
             slots.append(("state", state))
+            node.meta["bitmix_name"] = _state_name(node)  # Dynamo drops the source before the first call
             state += 1
         elif isinstance(example, torch.Tensor):
             slots.append(("user", user))
@@ -251,6 +256,22 @@ def _slots(gm: fx.GraphModule, example_inputs: list[Any], scalars: dict[int, flo
 
 def _source(node: fx.Node) -> Any:
     return getattr(node.meta.get("grapharg"), "source", None)
+
+
+_STEP = r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.(\w+)"  # one step of a Dynamo source into a module
+
+
+def _state_name(node: fx.Node) -> str | None:
+    """The user's name of a lifted parameter or buffer ('0.weight') from Dynamo's source
+    (`L['fn']._modules['0']._parameters['weight']`), None if the source is not such a chain. The module
+    torch.compile was given (L['self'], L['fn']) is left out, as `named_parameters` leaves it out; any other
+    root (a global, a function's argument) is kept."""
+    text = _source_name(_source(node))
+    root = re.match(r"([LG])\['([^']+)'\]", text)
+    if root is None or re.fullmatch(f"(?:{_STEP})+", text[root.end():]) is None:
+        return None
+    parts = [] if root[1] == "L" and root[2] in ("self", "fn") else [root[2]]
+    return ".".join(parts + [key or attr for key, attr in re.findall(_STEP, text[root.end():])])
 
 
 def _source_name(source: Any) -> str:
@@ -300,7 +321,10 @@ def _compile_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args:
     batched = [t for t in user if t.dim() > 0]
     if batched and all(t.shape[0] == 0 for t in batched):  # an empty request (Dynamo specialises size 0)
         return gm.forward  # nothing to calibrate on; eager gives the empty answer
-    lifted = _Lifted(gm, slots, state)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [node.meta.get("bitmix_name") for node, (kind, _) in zip(placeholders, slots, strict=True)
+             if kind == "state"]
+    lifted = _Lifted(gm, slots, state, names)
     calibration = opts.pop("calibration", None)
     dims = _dims(gm, user)
     if calibration is None:

@@ -187,9 +187,12 @@ def _eager_error(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> str | No
 def _check_float32(model: nn.Module) -> None:
     """The quantizers, kernels and simulator read float32 weights; a half / bfloat16 / double model fails deep in
     calibration otherwise."""
+    names = getattr(model, "bitmix_state_names", None)  # a torch.compile piece: its names -> the user's, if known
     for name, t in model.named_parameters():
         if t.is_floating_point() and t.dtype != torch.float32:
-            raise BitmixError(f"model parameter {name!r} is {t.dtype}; bitmix compiles float32 models: "
+            user = name if names is None else names.get(name)
+            what = "a model parameter" if user is None else f"model parameter {user!r}"
+            raise BitmixError(f"{what} is {t.dtype}; bitmix compiles float32 models: "
                               "pass model.float() and float32 example inputs")
 
 

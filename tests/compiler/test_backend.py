@@ -269,6 +269,25 @@ def test_a_piece_traced_at_a_fixed_batch_calibrates_on_that_batch_only():
     assert _cosine(out, ref) > 0.999
 
 
+class _Named(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_that_is_not_float32_is_refused_naming_the_users_parameter(dtype):
+    """The error named Dynamo's lifted placeholder ('state0'); bitmix.compile names 'body.0.weight'."""
+    torch._dynamo.reset()
+    model = _Named().to(dtype).eval()
+    with pytest.raises(BitmixError, match=rf"^model parameter 'body.0.weight' is {dtype}; bitmix compiles float32"):
+        torch.compile(model, backend="bitmix")(torch.randn(4, 16, dtype=dtype))
+
+
 def test_unknown_option_is_one_line():
     torch._dynamo.reset()
     model = nn.Sequential(nn.Linear(8, 4)).eval()
