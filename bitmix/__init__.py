@@ -1,7 +1,8 @@
 """bitmix: choose 2/4/8-bit precision per layer, price it on a NorthPole-style chip, run it on packed kernels.
 
-Public surface: `compile` (with `Budget`, `Data`, `CompileOptions` and a method's config), `Target`,
-`targets`, `load_report` / `save_report` / `print_report`, `capture`, `load` (a model written by `cm.save`).
+Public surface: `compile` (with `Budget`, `Data`, `TaskData` / `Split`, `CompileOptions` and a method's
+config), `Target`, `targets`, `load_report` / `save_report` / `print_report`, `capture`, `load` (a model written
+by `cm.save`).
 """
 
 from bitmix.budget import Budget
@@ -13,13 +14,12 @@ from bitmix.errors import BitmixError
 from bitmix.ir.targets import TARGETS as targets
 from bitmix.ir.targets import Target
 from bitmix.report import Report, load_report, print_report, save_report
-from bitmix.task import Data, FinetuneConfig, TaskData
+from bitmix.task import Data, FinetuneConfig, Split, TaskData
 
 __all__ = [
     "ALPSConfig", "BitmixError", "Budget", "CompileOptions", "CompiledModel", "Data", "EAGLConfig",
-    "FinetuneConfig", "HAWQConfig", "LIMPQConfig", "MethodConfig", "Report", "SQNRConfig", "TaskData", "Target",
-    "capture",
-    "compile", "load", "load_report", "print_report", "save_report", "targets",
+    "FinetuneConfig", "HAWQConfig", "LIMPQConfig", "MethodConfig", "Report", "SQNRConfig", "Split", "TaskData",
+    "Target", "capture", "compile", "load", "load_report", "print_report", "save_report", "targets",
 ]
 __version__ = "0.1.0"
 

@@ -68,6 +68,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from bitmix.budget import Budget
     from bitmix.compiler.pipeline import CompileOptions, compile
+    from bitmix.compiler.sensitivity import data_free, label_free, resolve
     from bitmix.ir.targets import get_target
     from bitmix.report import print_report, save_report
     from bitmix.task import Data
@@ -88,6 +89,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise BitmixError(f"--finetune-epochs must be >= 0, got {epochs}")
     if epochs and data is None:
         raise BitmixError(f"model {args.model!r} has no training data in the zoo; drop --finetune-epochs")
+    method = resolve(args.method)[0]  # the pipeline's advice names Python arguments (data=...): the CLI's instead
+    if data is None and method.needs_data:
+        raise BitmixError(f"method {args.method!r} needs labelled training data, which the CLI takes only from a zoo "
+                          f"model's own data set (`bitmix models`); for {args.model!r} use a method without labels "
+                          f"(--method {' / '.join(label_free())}; --data FILE.pt gives calibration inputs), or "
+                          "bitmix.compile(..., data=bitmix.Data(train=loader)) in Python")
+    if calibration is None and method.needs_calibration:
+        raise BitmixError(f"method {args.method!r} needs unlabeled calibration inputs: pass --data FILE.pt (a tensor, "
+                          f"or a tuple of one per input, saved with torch.save), or use a data-free method (--method "
+                          f"{' / '.join(data_free())})")
     finetune = dataclasses.replace(data.recipe, epochs=epochs) if epochs else None
     goals = {"fps": args.fps, "latency_s": args.latency, "energy_j": args.energy}
     given = any(v is not None for v in goals.values())

@@ -10,7 +10,7 @@ inputs), train (labeled, for methods that train and for fine-tuning) and eval.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +77,9 @@ class Split:
 
 @dataclass(frozen=True)
 class TaskData:
-    """Train/test splits plus how to score a model on them."""
+    """Train/test splits plus how to score a model on them:
+    `TaskData("my-task", "top1", Split((x_train,), y_train), Split((x_test,), y_test))`, or `classification`
+    from a DataLoader of (inputs..., labels)."""
 
     name: str
     metric: str  # "top1" (accuracy, %) or "cosine" (mean cosine similarity to FP32 outputs, %)
@@ -87,6 +89,37 @@ class TaskData:
     recipe: FinetuneConfig = FinetuneConfig()  # the fine-tuning recipe known to work on this task
     # extra metrics of a model on the test split beyond `metric` (e.g. nearest-neighbour agreement), {name: %}
     details: Callable[[nn.Module, TaskData], dict[str, float]] | None = field(default=None, compare=False)
+
+    @classmethod
+    def classification(cls, batches: Iterable[Any], role: str = "train") -> TaskData:
+        """A classification task (cross-entropy loss, top-1 accuracy) from (inputs..., class labels) batches, as a
+        DataLoader of (x, y) yields: what `Data(train=loader)` / `Data(eval=loader)` mean. The batches are read
+        into memory once; both splits hold them (a train role never reads its test split, an eval role its
+        train split)."""
+        usage = (f"Data({role}=...) must be a TaskData or a DataLoader of (inputs..., class labels) batches, e.g. "
+                 f"Data({role}=DataLoader(TensorDataset(x, y), batch_size=64))")
+        if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
+            raise BitmixError(f"{usage}; got {type(batches).__name__}")
+        parts: list[tuple[torch.Tensor, ...]] = []
+        for batch in batches:
+            if isinstance(batch, Mapping):
+                raise BitmixError(f"{usage}; got a batch of {{{', '.join(map(repr, batch))}}}: yield "
+                                  "(inputs..., labels) tuples instead, e.g. (b['input_ids'], b['labels'])")
+            if not (isinstance(batch, list | tuple) and len(batch) >= 2
+                    and all(isinstance(t, torch.Tensor) for t in batch)):
+                raise BitmixError(f"{usage}; got a batch of {type(batch).__name__} without labels")
+            labels = batch[-1]
+            if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise BitmixError(f"{usage}; its labels must be integer class indices of shape (batch,), got "
+                                  f"{labels.dtype} of shape {tuple(labels.shape)} (other targets: build a TaskData)")
+            parts.append(tuple(batch))
+        if not parts:
+            raise BitmixError(f"{usage}; got no batches")
+        if len({len(p) for p in parts}) != 1:
+            raise BitmixError(f"{usage}; its batches hold different numbers of tensors")
+        *inputs, labels = (torch.cat(ts) for ts in zip(*parts, strict=True))
+        split = Split(tuple(inputs), labels)
+        return cls(f"{role} data", "top1", split, split)
 
     def batches(
         self, split: str = "train", batch_size: int = 64, shuffle: bool = False, seed: int = 0
@@ -137,13 +170,15 @@ class Data:
 
     calibration: unlabeled inputs (a tensor, a tuple of tensors, an iterable of batches or a TaskData)
       for activation step sizes and post-training scores; default: the first training inputs.
-    train: labeled TaskData for methods that train (alps, hawq, limpq) and for fine-tuning.
-    eval: TaskData or a callable `model -> quality (%)`, measured on FP32, fake-quant and kernels.
+    train: labeled TaskData for methods that train (alps, hawq, limpq) and for fine-tuning, or a DataLoader of
+      (inputs..., class labels): a classification task (`TaskData.classification`).
+    eval: TaskData, a DataLoader of (inputs..., class labels) (top-1 accuracy) or a callable
+      `model -> quality (%)`, measured on FP32, fake-quant and kernels.
     """
 
     calibration: Any = None
-    train: TaskData | None = None
-    eval: TaskData | Evaluator | None = None
+    train: TaskData | Iterable[Any] | None = None
+    eval: TaskData | Evaluator | Iterable[Any] | None = None
 
     @classmethod
     def of(cls, data: Any) -> Data:

@@ -261,3 +261,15 @@ def test_capture_names_the_ops_that_stay_fp32(tmp_path, capsys):
     assert main(["capture", str(path)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "no bitmix kernel and stay FP32" in out and "lstm" in out
+
+
+def test_a_method_without_its_data_points_at_the_clis_own_flags(tmp_path, capsys):
+    """`bitmix compile x.pt2 --method alps` printed the Python advice "pass data=TaskData(...)"."""
+    model = _export(tmp_path / "m.pt2")
+    out = ["--out", str(tmp_path / "d")]
+    assert main(["compile", model, "--method", "alps", *out]) == 2
+    err = capsys.readouterr().err
+    assert "needs labelled training data, which the CLI takes only from a zoo model's own data set" in err
+    assert "(--method eagl / sqnr / uniform / random; --data FILE.pt gives calibration inputs)" in err
+    assert main(["compile", model, "--method", "sqnr", *out]) == 2
+    assert "needs unlabeled calibration inputs: pass --data FILE.pt" in capsys.readouterr().err

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+import inspect
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +47,12 @@ def resolve_data(data: Any) -> Data:
     """`data=` as a `Data` with checked roles (a TaskData plays every role; bare inputs calibrate)."""
     roles = Data.of(data)
     if roles.train is not None and not isinstance(roles.train, TaskData):
-        raise BitmixError(f"Data(train=...) must be a TaskData (labeled splits), got {type(roles.train).__name__}")
+        roles = dataclasses.replace(roles, train=TaskData.classification(roles.train, "train"))
     if roles.eval is not None and not (isinstance(roles.eval, TaskData) or callable(roles.eval)):
-        raise BitmixError(f"Data(eval=...) must be a TaskData or a callable model -> quality, "
-                          f"got {type(roles.eval).__name__}")
+        if not isinstance(roles.eval, Iterable) or isinstance(roles.eval, torch.Tensor):
+            raise BitmixError(f"Data(eval=...) must be a TaskData, a DataLoader of (inputs..., class labels) or a "
+                              f"callable model -> quality, got {type(roles.eval).__name__}")
+        roles = dataclasses.replace(roles, eval=TaskData.classification(roles.eval, "eval"))
     return roles
 
 
@@ -59,21 +63,23 @@ def caps(budget: Budget) -> Caps:
     return Caps(fps=budget.fps, latency_s=budget.latency_s, energy_j=budget.energy_j)
 
 
-def calibration_inputs(source: Any, example_ranks: tuple[int, ...]) -> tuple[Inputs | None, str | None]:
+def calibration_inputs(source: Any, example_ranks: tuple[int, ...], names: tuple[str, ...] = ()
+                       ) -> tuple[Inputs | None, str | None]:
     """First CALIBRATION_SAMPLES inputs from a tensor, tuple, TaskData or iterable of batches, and a warning
     when the data held more (None otherwise); floating tensors as float32, what the compiled model computes in
     (as its calls cast them). `example_ranks` (the example inputs' ranks) says how many tensors the model
     takes: an iterable's batch with one item more is (inputs, labels); items with one dimension fewer than
-    the example inputs are single examples."""
+    the example inputs are single examples. A dict batch gives its values at `names` (the forward's arguments
+    for the example inputs), as `cm(**batch)` would take them; other keys (labels) are dropped."""
     if source is None:
         return None, None
-    calib, held = _calibration(source, example_ranks)
+    calib, held = _calibration(source, example_ranks, names)
     cut = None if held is None else (f"calibration data holds {held}; bitmix calibrates on the first "
                                      f"{CALIBRATION_SAMPLES} and ignores the rest")
     return tuple(t.float() if t.is_floating_point() else t for t in calib), cut
 
 
-def _calibration(source: Any, example_ranks: tuple[int, ...]) -> tuple[Inputs, str | None]:
+def _calibration(source: Any, example_ranks: tuple[int, ...], names: tuple[str, ...]) -> tuple[Inputs, str | None]:
     """The calibration inputs, and how many examples the source held when that was more than were kept."""
     if isinstance(source, TaskData):  # a training set in the calibration role: its first examples, by design
         return source.calibration(CALIBRATION_SAMPLES), None
@@ -89,7 +95,7 @@ def _calibration(source: Any, example_ranks: tuple[int, ...]) -> tuple[Inputs, s
         count = 0
         items = iter(source)
         for batch in items:
-            batch = _inputs_of(batch, len(example_ranks))
+            batch = _inputs_of(batch, len(example_ranks), names)
             if len(batch) == len(example_ranks) and all(t.dim() + 1 == r for t, r in zip(batch, example_ranks,
                                                                                            strict=True)):
                 batch = tuple(t.unsqueeze(0) for t in batch)  # one example without its batch dimension
@@ -106,16 +112,36 @@ def _calibration(source: Any, example_ranks: tuple[int, ...]) -> tuple[Inputs, s
                       f"got {type(source).__name__}")
 
 
+def argument_names(model: Any, takes: int) -> tuple[str, ...]:
+    """The names of the first `takes` positional arguments of `model.forward` (empty if it has fewer)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (AttributeError, TypeError, ValueError):
+        return ()
+    names = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    return names[:takes] if len(names) >= takes else ()
+
+
 def _held(examples: int) -> str | None:
     return f"{examples} examples" if examples > CALIBRATION_SAMPLES else None
 
 
-def _inputs_of(batch: Any, takes: int) -> Inputs:
+def _inputs_of(batch: Any, takes: int, names: tuple[str, ...]) -> Inputs:
     """One batch's model inputs: all of it when the model takes that many tensors (input_ids and a mask are
     two inputs, not inputs and labels), its leading tensors when it carries one item more (labels, as a
-    DataLoader of (x, y) yields)."""
+    DataLoader of (x, y) yields); a dict's values at `names`."""
     if isinstance(batch, torch.Tensor):
         return (batch,)
+    if isinstance(batch, Mapping):
+        keys = ", ".join(map(repr, batch))
+        if len(names) != takes:
+            raise BitmixError(f"a calibration batch is a dict ({keys}), but the model's forward does not name its "
+                              "inputs; yield tuples of tensors in the forward's order")
+        missing = [n for n in names if n not in batch]
+        if missing:
+            raise BitmixError(f"a calibration batch (a dict of {keys}) has no {missing[0]!r}, an input of the model "
+                              f"({', '.join(names)}); key the batches by the forward's argument names")
+        batch = [batch[n] for n in names]
     if isinstance(batch, list | tuple) and len(batch) == takes + 1:
         batch = batch[:takes]
     if not (isinstance(batch, list | tuple) and batch and all(isinstance(t, torch.Tensor) for t in batch)):

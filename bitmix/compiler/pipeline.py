@@ -141,7 +141,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     roles = inputs.resolve_data(data)
     ranks = tuple(t.dim() for t in input_tuple(example_inputs))
     calib, cut = inputs.calibration_inputs(roles.calibration if roles.calibration is not None else roles.train,
-                                           ranks)
+                                           ranks, inputs.argument_names(model, len(ranks)))
     sensitivity.check_inputs(scorer, roles.train is not None, calib is not None)  # before any slow stage
     ranges_from = calib if calib is not None else _example_calibration(example_inputs, warn)
     if isinstance(finetune, bool) or not (finetune is None or isinstance(finetune, FinetuneConfig)
@@ -149,7 +149,8 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         raise BitmixError(f"finetune must be a number of epochs >= 0 or a bitmix.FinetuneConfig, got {finetune!r}")
     ft = FinetuneConfig(epochs=int(finetune)) if isinstance(finetune, numbers.Integral) else finetune
     if ft is not None and ft.epochs > 0 and roles.train is None:
-        raise BitmixError("finetune needs training data; pass data=TaskData(...) or data=Data(train=...)")
+        raise BitmixError("finetune needs labelled training data: pass data=bitmix.Data(train=loader) (a DataLoader "
+                          "of (inputs..., class labels)) or a bitmix.TaskData")
 
     training = train_mode_modules(model)
     if training:

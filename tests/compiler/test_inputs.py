@@ -107,3 +107,81 @@ def test_more_than_the_calibration_samples_is_said_once():
         cm = bitmix.compile(model, (x[:2],), "int8-npu", data=x, options=QUICK)
     cut = [str(w.message) for w in caught if "calibrates on the first" in str(w.message)]
     assert cut == [said["tensor"]] and said["tensor"] in cm.report.warnings
+
+
+class _Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def _labelled(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, 6, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_a_loader_of_x_y_in_the_train_or_eval_role_is_a_classification_task():
+    """Data(train=<DataLoader of (x, y)>) was refused ("must be a TaskData"), and TaskData needed bitmix.task.Split,
+    which bitmix did not export: no route from a PyTorch loader to alps / hawq / finetune."""
+    from bitmix.compiler.inputs import resolve_data
+
+    x, y = _labelled()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    roles = resolve_data(bitmix.Data(train=loader, eval=loader))
+    for task in (roles.train, roles.eval):
+        assert isinstance(task, TaskData) and task.metric == "top1"
+        assert torch.equal(task.train.inputs[0], x) and torch.equal(task.train.targets, y)
+        assert torch.equal(task.test.targets, y)
+    assert bitmix.Split is Split and bitmix.TaskData is TaskData  # what the messages name, reachable from bitmix
+    bitmix.TaskData("mine", "top1", bitmix.Split((x,), y), bitmix.Split((x[:4],), y[:4]))  # the docstring's form
+
+
+def test_a_method_that_trains_and_finetuning_run_on_a_loader_of_x_y():
+    x, y = _labelled()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    cm = bitmix.compile(_Classifier().eval(), x[:2], "int8-npu", method="hawq", data=bitmix.Data(train=loader),
+                        finetune=1, options=QUICK)
+    with torch.no_grad():
+        assert torch.equal(cm(x), cm.fake_quant.eval()(x))
+
+
+@pytest.mark.parametrize("batches,match", [
+    (torch.randn(8, 3), r"Data\(train=...\) must be a TaskData or a DataLoader of \(inputs..., class labels\) "
+                        r"batches, e.g. Data\(train=DataLoader\(TensorDataset\(x, y\), batch_size=64\)\); got Tensor"),
+    ([(torch.randn(4, 3), torch.randn(4))], r"labels must be integer class indices of shape \(batch,\), got "
+                                            r"torch.float32 of shape \(4,\) \(other targets: build a TaskData\)"),
+    ([{"x": torch.randn(4, 3), "labels": torch.zeros(4).long()}],
+     r"got a batch of \{'x', 'labels'\}: yield \(inputs..., labels\) tuples instead"),
+    ([torch.randn(4, 3)], "got a batch of Tensor without labels"),
+])
+def test_a_train_role_that_is_not_labelled_batches_is_one_line(batches, match):
+    with pytest.raises(BitmixError, match=match):
+        bitmix.compile(nn.Linear(3, 2), torch.randn(2, 3), "int8-npu", data=bitmix.Data(train=batches), options=QUICK)
+
+
+def test_methods_that_need_labels_say_how_to_give_them():
+    x, y = _labelled()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    for kwargs in ({"method": "alps"}, {"finetune": 1}):
+        with pytest.raises(BitmixError, match=r"needs labelled training data: pass "
+                                              r"data=bitmix.Data\(train=loader\) \(a DataLoader of \(inputs..., class "
+                                              r"labels\)\) or a bitmix.TaskData"):
+            bitmix.compile(_Classifier().eval(), x[:2], "int8-npu", data=loader, options=QUICK, **kwargs)
+
+
+def test_a_loader_of_dicts_calibrates_by_the_forwards_argument_names():
+    """A DataLoader of dict batches was refused ("must be tensors or tuples of tensors") though cm() takes inputs
+    by name: its values at the forward's argument names are the inputs; other keys (labels) go."""
+    ids, mask = _ids_mask(32)
+    rows = [{"attention_mask": m, "input_ids": i, "labels": 0} for i, m in zip(ids, mask, strict=True)]
+    calib, _ = calibration_inputs(DataLoader(rows, batch_size=8), (2, 2), ("input_ids", "attention_mask"))
+    assert torch.equal(calib[0], ids) and torch.equal(calib[1], mask)
+    with pytest.raises(BitmixError, match=r"has no 'attention_mask', an input of the model \(input_ids, "
+                                          r"attention_mask\); key the batches by the forward's argument names"):
+        calibration_inputs([{"input_ids": ids}], (2, 2), ("input_ids", "attention_mask"))
+    model = _Text().eval()
+    cm = bitmix.compile(model, (ids[:2], mask[:2]), "int8-npu", data=DataLoader(rows, batch_size=8), options=QUICK)
+    assert not any("no calibration data" in w for w in cm.report.warnings)

@@ -137,8 +137,9 @@ def check_inputs(method: Method, has_data: bool, has_calibration: bool) -> None:
     """Raise the one-line error for a method run without the data it registered as needing."""
     if method.needs_data and not has_data:
         raise BitmixError(
-            f"method {method.name!r} needs task data (a TaskData with a train split); pass data=TaskData(...), "
-            f"or use a method without labels: {', '.join(m.name for m in METHODS.values() if not m.needs_data)}"
+            f"method {method.name!r} needs labelled training data: pass data=bitmix.Data(train=loader) (a DataLoader "
+            "of (inputs..., class labels)) or a bitmix.TaskData, or use a method without labels: "
+            f"{', '.join(m.name for m in METHODS.values() if not m.needs_data)}"
         )
     if method.needs_calibration and not has_calibration:
         raise BitmixError(f"method {method.name!r} needs unlabeled calibration inputs; pass data= (inputs or a "

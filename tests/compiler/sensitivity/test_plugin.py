@@ -62,7 +62,7 @@ def test_needs_data_is_enforced_and_listed(toy):
 
     try:
         assert "toy-data" not in sensitivity.data_free()
-        with pytest.raises(bitmix.BitmixError, match="'toy-data' needs task data"):
+        with pytest.raises(bitmix.BitmixError, match="'toy-data' needs labelled training data"):
             bitmix.compile(_mlp(), torch.randn(8, 16), method="toy-data", budget=1.0,
                            options=bitmix.CompileOptions(frontier_points=0))
     finally:

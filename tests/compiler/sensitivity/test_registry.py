@@ -26,7 +26,7 @@ def test_unknown_method_lists_valid_ones(mlp_ctx):
 @pytest.mark.parametrize("method", ["alps", "hawq", "limpq"])
 def test_methods_needing_data_say_so(mlp_ctx, method):
     ctx = dataclasses.replace(mlp_ctx, data=None)
-    with pytest.raises(BitmixError, match=f"'{method}' needs task data.*eagl.*sqnr"):
+    with pytest.raises(BitmixError, match=f"'{method}' needs labelled training data.*eagl.*sqnr"):
         score(method, ctx)
 
 
