@@ -161,3 +161,26 @@ def test_step_search_is_the_same_in_any_number_of_stacked_chunks(monkeypatch):
     one_by_one = gptq.search_steps(w, step, h_fit, h_test, 8, 7)
     assert stacked is not None and one_by_one is not None
     assert torch.equal(stacked[0], one_by_one[0]) and torch.equal(stacked[1], one_by_one[1])
+
+
+def test_held_out_rows_judge_as_their_hessian_does():
+    """Fewer held-out rows than input columns: the error goes through the rows, not the K x K Hessian, with the
+    same values and the same step choices; more rows: the Hessian itself."""
+    from bitmix.compiler.gptq import Rows, held_out, row_errors, search_steps
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(1, 16, 64, generator=gen)
+    layer = QuantLayer("l", "linear", w[0])
+    step = (w.abs().amax(dim=-1, keepdim=True) / 7).float()
+    x = _correlated(40, 64, 14).reshape(2, 20, 64)  # 2 examples of 20 tokens: 20 held-out rows < 64 columns
+    fit, test = hessians(layer, x)
+    judge = held_out(layer, x, test)
+    assert isinstance(judge, Rows) and judge.x.shape == (1, 20, 64)
+    rounded = dequant(w, step, 8, 7)
+    torch.testing.assert_close(row_errors(w, rounded, judge), row_errors(w, rounded, test), rtol=1e-5, atol=0)
+    by_rows, by_h = search_steps(w, step, fit, judge, 8, 7), search_steps(w, step, fit, test, 8, 7)
+    assert by_rows is not None and by_h is not None
+    assert torch.equal(by_rows[0], by_h[0]) and torch.equal(by_rows[1], by_h[1])
+    many = _correlated(200, 64, 15).reshape(2, 100, 64)
+    h_many = hessians(layer, many)[1]
+    assert held_out(layer, many, h_many) is h_many
