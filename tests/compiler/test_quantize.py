@@ -290,3 +290,44 @@ def test_fake_quant_of_an_empty_batch_is_empty_as_in_torch():
                         options=bitmix.CompileOptions(frontier_points=0))
     with torch.no_grad():
         assert cm.fake_quant(torch.randn(0, 3, 6, 6)).shape == (0, 4)
+
+
+class _Blocks(nn.Module):
+    """An input layer and `n` residual MLP blocks: the quantized-layer count grows with `n`, the model does not
+    change otherwise."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)) for _ in range(n))
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.out(x)
+
+
+def _forwards(n: int, assignment: str) -> int:
+    """Full-model forward passes during `fake_quantize` of `_Blocks(n)`, counted at its first layer (run once
+    per pass; its hooks survive the deep copy)."""
+    torch.manual_seed(0)
+    gm = prepare(capture(_Blocks(n).eval(), (torch.randn(2, 16),)))
+    layers = quant_layers(gm)
+    calls = [0]
+    layers["inp"].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    calibration = (torch.randn(8, 16, generator=torch.Generator().manual_seed(1)),)
+    fake_quantize(gm, dict.fromkeys(layers, assignment), calibration)
+    return calls[0]
+
+
+@pytest.mark.parametrize("assignment", ["8", "4/8", "2"])
+def test_fake_quantize_runs_the_model_a_fixed_number_of_times_whatever_its_depth(assignment):
+    """Every per-layer search (smoothing, activation steps, GPTQ, bias correction) works on inputs recorded in a
+    pass per stage, so the number of full forwards must not grow with the number of layers (5 against 17 here;
+    a per-layer or per-candidate forward would make a 12-layer GPT-2's quantize stage O(layers x model)). The
+    bound is the stages' own: one pass each for signs, live rows, smoothing, the float reference, the steps and
+    GPTQ, and at most 7 for bias correction (its held-out check, then the refit on all examples when that helped,
+    which depends on the data)."""
+    assert 0 < max(_forwards(2, assignment), _forwards(8, assignment)) <= 13
