@@ -335,6 +335,13 @@ def frontier(
     return pareto
 
 
+def check_budget(costs: CostModel, target: Target, layer_names: Sequence[str], budget: Budget) -> None:
+    """Refuse a budget no assignment meets, as `allocate` would, from the costs alone: the pipeline asks right
+    after pricing, before scoring (ALPS/HAWQ train or probe every layer first: minutes on a real model)."""
+    problem = _problem({}, costs, target, layer_names, require_scores=False)
+    _check_feasible(problem, budget.caps(problem.model, problem.reference), budget)
+
+
 def cheapest_fraction(costs: CostModel) -> float:
     """The cheapest assignment's simulated cycles over the all-highest cycles (the least feasible budget)."""
     return minimum(costs, "cycles")[0] / costs.evaluate(costs.highest()).cycles

@@ -23,7 +23,7 @@ from torch import nn
 
 from bitmix.budget import Budget
 from bitmix.compiler import inputs, legacy, sensitivity
-from bitmix.compiler.allocate import Allocation, allocate, cheapest_fraction
+from bitmix.compiler.allocate import Allocation, allocate, cheapest_fraction, check_budget
 from bitmix.compiler.allocate import Budget as Caps
 from bitmix.compiler.capture import capture, input_tuple
 from bitmix.compiler.fidelity import guard
@@ -183,6 +183,13 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
                    f"over chips): it is allocated among {', '.join(map(str, kept))}, "
                    "and budget fractions are of the all-highest assignment that fits")
             _warn(msg, warn)
+    if goal.clamp and caps.fraction is not None:
+        cheapest = cheapest_fraction(costs)
+        if caps.fraction < cheapest:
+            msg = f"budget {caps.fraction} is below the cheapest assignment ({cheapest:.4f}); using {cheapest:.4f}"
+            _warn(msg, warn)
+            caps = Caps(fraction=cheapest)
+    check_budget(costs, tgt, graph.names, caps)  # an impossible budget is known now, before the slow stages
     with _stage("prepare", timings):
         float_model = prepare(graph)
     names = graph.names
@@ -192,12 +199,6 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         ctx = sensitivity.ScoreContext(graph=graph, target=tgt, model=float_model, data=roles.train,
                                        calibration=calib, seed=seed, executor=runner, pretrained=trained)
         scores = sensitivity.score(method, ctx)
-    if goal.clamp and caps.fraction is not None:
-        cheapest = cheapest_fraction(costs)
-        if caps.fraction < cheapest:
-            msg = f"budget {caps.fraction} is below the cheapest assignment ({cheapest:.4f}); using {cheapest:.4f}"
-            _warn(msg, warn)
-            caps = Caps(fraction=cheapest)
     with _stage("allocate", timings):
         chosen = allocate(scores, costs, tgt, names, caps, strategy=opts.strategy or scorer.strategy, seed=seed)
     assignment = dict(chosen.assignment)

@@ -430,3 +430,25 @@ def test_stages_are_logged_for_scripts_without_a_terminal(caplog):
     for stage in ("capture", "price", "lower"):
         assert f"bitmix: {stage} ..." in lines
         assert any(line.startswith(f"bitmix: {stage} done in ") for line in lines)
+
+
+@pytest.mark.parametrize("budget", [0.01, Budget(fps=1e15)])
+def test_an_impossible_budget_is_refused_before_scoring(budget, monkeypatch):
+    """The cheapest cost is known once pricing ends: an impossible budget was refused only in allocate, after ALPS
+    had pretrained and scored every layer (10.7 s on a 4-layer net, minutes on a real model)."""
+    from bitmix.compiler import pipeline
+    from bitmix.task import Split, TaskData
+
+    def slow_stage(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a slow stage ran before the budget was checked")
+
+    monkeypatch.setattr(pipeline, "pretrain_stage", slow_stage)
+    monkeypatch.setattr(pipeline.sensitivity, "score", slow_stage)
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    task = TaskData("t", "top1", Split((x[:8],), y[:8]), Split((x[8:],), y[8:]))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(512, 4)).eval()
+    with pytest.raises(BitmixError, match="infeasible; the (fastest|minimum achievable)"):
+        bitmix.compile(model, (x[:2],), "int4int2-npu", method=bitmix.ALPSConfig(epochs=1), budget=budget, data=task,
+                       options=QUICK)
