@@ -562,7 +562,8 @@ def _layer_for(node: torch.fx.Node, params: dict[str, str], nonneg: set[torch.fx
         a, b = node.args[0], node.args[1]
         if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
             return None
-        if a.name in params or b.name in params or len(_shape(a)) < 2 or len(_shape(b)) < 2:
+        # a weight first (`W @ x`, also through a view: `W.t().t() @ x`) has no kernel: FP32, "no kernel" in `_index`
+        if _behind_layout(a).name in params or b.name in params or len(_shape(a)) < 2 or len(_shape(b)) < 2:
             return None
         k = _shape(a)[-1]
         prefix = f"{module}." if module else ""

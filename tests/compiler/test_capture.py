@@ -357,6 +357,41 @@ def test_a_linear_on_a_transposed_parameter_is_a_quantized_layer(transpose):
         assert float(F.cosine_similarity(cm(x), model(x)).mean()) > 0.999
 
 
+class _WeightFirst(nn.Module):
+    """A weight as a matmul's first operand, written plainly or through views."""
+
+    def __init__(self, spell) -> None:  # noqa: ANN001
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, 32))
+        self.out = nn.Linear(8, 4)
+        self.spell = spell
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.spell(self.w, x))
+
+
+WEIGHT_FIRST = {"plain": lambda w, x: w @ x, "w.t().t()": lambda w, x: w.t().t() @ x, "w.t()": lambda w, x: w.t() @ x,
+                "contiguous": lambda w, x: w.T.contiguous() @ x, "expand": lambda w, x: w.expand(2, 32, 32) @ x}
+
+
+@pytest.mark.parametrize("spell", WEIGHT_FIRST)
+def test_a_weight_first_in_a_matmul_stays_fp32_however_it_is_written(spell):
+    """`W @ x` has no kernel (FP32, "no kernel"); `W.t().t() @ x` or `W.t() @ x` were quantized as an activation x
+    activation matmul of 0 params, so the simulated cost left out the weight's bytes."""
+    graph = capture(_WeightFirst(WEIGHT_FIRST[spell]).eval(), (torch.randn(2, 32, 8),))
+    assert [(layer.name, layer.kind) for layer in graph.layers] == [("out", "linear")]
+    assert len(graph.unsupported) == 1 and "matmul" in graph.unsupported[0]
+
+
+def test_a_weight_first_through_a_view_is_reported_as_without_kernel():
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 8)
+    model = _WeightFirst(WEIGHT_FIRST["w.t().t()"]).eval()
+    cm = bitmix.compile(model, (x,), "w4a8-npu", budget=1.0, options=bitmix.CompileOptions(frontier_points=0))
+    assert sorted((row.name, row.kind, row.params) for row in cm.report.layers) == [
+        ("matmul (matmul)", "no kernel", 0), ("out", "linear", 36)]
+
+
 NUMBA_DURING_EXPORT = """
 import numpy as np, torch, bitmix
 from bitmix.compiler.capture import export_program
