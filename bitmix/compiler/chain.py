@@ -369,6 +369,6 @@ def solve_ilp(scores: Sequence[np.ndarray], rows: Sequence[tuple[Chain, float]],
 
 def kernels():  # noqa: ANN201
     """The Numba module, imported on first use so `import bitmix` stays Numba-free."""
-    from bitmix.compiler import chain_kernels
+    from bitmix.kernels import chain_kernels
 
     return chain_kernels

@@ -306,11 +306,17 @@ def matmul_kernel(a: np.ndarray, b: np.ndarray, p: KernelPlan) -> np.ndarray:
     a_codes = kernels.quantize_activations(a, p.a_step, p.bits.a, p.a_signed)
     b_codes = kernels.quantize_activations(b, p.b_step, p.bits.a, p.b_signed)
     batch = np.broadcast_shapes(a_codes.shape[:-2], b_codes.shape[:-2])
-    a_codes = np.broadcast_to(a_codes, (*batch, *a_codes.shape[-2:])).reshape(-1, *a_codes.shape[-2:])
-    b_codes = np.broadcast_to(b_codes, (*batch, *b_codes.shape[-2:])).reshape(-1, *b_codes.shape[-2:])
-    acc = kernels.bmm(a_codes, b_codes)
+    acc = kernels.bmm(_over_batch(a_codes, batch), _over_batch(b_codes, batch))
     scale = np.float32(p.a_step) * np.float32(p.b_step)
     return (acc.astype(np.float32) * scale).reshape(*batch, acc.shape[1], acc.shape[2])
+
+
+def _over_batch(codes: np.ndarray, batch: tuple[int, ...]) -> np.ndarray:
+    """``codes`` as (prod(batch), rows, cols), broadcast only where its batch differs: ``np.broadcast_to``'s view is
+    read-only, which ``kernels.bmm`` copies (a read-only array is a kernel signature of its own)."""
+    if codes.shape[:-2] != batch:
+        codes = np.broadcast_to(codes, (*batch, *codes.shape[-2:]))
+    return codes.reshape(-1, *codes.shape[-2:])
 
 
 NO_GRADIENT = ("bitmix: the compiled model got inputs that require grad, but its kernels have no autograd: no gradient "

@@ -42,7 +42,8 @@ def _codes(x: object, name: str) -> np.ndarray:
                           f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
     if x.size and x.dtype.itemsize > 1 and (int(x.min()) < -255 or int(x.max()) > 255):
         raise BitmixError(f"{name}: codes must lie in [-255, 255] (at most 8 bits)")
-    return np.ascontiguousarray(x)
+    x = np.ascontiguousarray(x)
+    return x if x.flags.writeable else x.copy()  # a read-only array is a Numba signature of its own (a cold compile)
 
 
 def bmm(a_codes: np.ndarray, b_codes: np.ndarray) -> np.ndarray:

@@ -253,13 +253,31 @@ def code_matmul(a: np.ndarray, b: np.ndarray, a_step: float, b_step: float, floo
     m, k = a.shape[-2:]
     n = b.shape[-1]
     nb = math.prod(batch)
-    a3 = (a if a.shape[:-2] == batch else np.broadcast_to(a, (*batch, m, k))).reshape(nb, m, k)
-    b3 = (b if b.shape[:-2] == batch else np.broadcast_to(b, (*batch, k, n))).reshape(nb, k, n)
+    a3 = _batched(a, batch).reshape(nb, m, k)
+    b3 = _batched(b, batch).reshape(nb, k, n)
     by_columns = b3.strides[1] == b3.itemsize != b3.strides[2]  # a transposed view: its columns are rows
     if by_columns:
         b3 = b3.transpose(0, 2, 1)
     out = np.empty((nb, m, n), dtype=np.float32)
     per_row = floor is not None
-    nan = _code_matmul(a3, b3, by_columns, np.float32(a_step), np.float32(b_step),
+    nan = _code_matmul(_one_signature(a3), _one_signature(b3), by_columns, np.float32(a_step), np.float32(b_step),
                        np.float32(floor if per_row else 0.0), per_row, *a_range, *b_range, numba.get_num_threads(), out)
     return out.reshape(*batch, m, n), bool(nan)
+
+
+def _batched(x: np.ndarray, batch: tuple[int, ...]) -> np.ndarray:
+    """``x`` broadcast over ``batch`` as a view that stays writable (``np.broadcast_to``'s is read-only: another
+    Numba signature); the kernel never writes its operands."""
+    if x.shape[:-2] == batch:
+        return x
+    shape = (*batch, *x.shape[-2:])
+    return np.lib.stride_tricks.as_strided(x, shape, np.broadcast_to(x, shape).strides)
+
+
+def _one_signature(x: np.ndarray) -> np.ndarray:
+    """``x`` as a writable C-contiguous or strided ('A') array, the two layouts ``warmup`` compiles: Numba types a
+    column-major ('F': a transposed matrix, one per batch) or read-only array as a signature of its own, and each
+    new signature of ``_code_matmul`` is a cold compile of ~40 s in the first call that meets it."""
+    if x.flags.writeable and (x.flags.c_contiguous or not x.flags.f_contiguous):
+        return x
+    return np.array(x, order="C")

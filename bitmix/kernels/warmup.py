@@ -4,11 +4,13 @@ Every kernel is ``cache=True``, but the cache is only written on a kernel's firs
 clone's first compile spent 5-6 s (issue 15) JIT-compiling. This calls each kernel variant the
 path can reach once on tiny inputs -- weight widths 2/4/8, signed and unsigned activation codes
 (each dtype is its own compiled signature), serial and parallel drivers, GEMV and GEMM shapes,
-1x1, k x k, grouped and depthwise convs -- so later processes load machine code from the cache.
+1x1, k x k, grouped and depthwise convs, the allocator's chain solvers -- so later processes load machine
+code from the cache.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 
@@ -62,7 +64,8 @@ def warm(path: str | None = None) -> float:
                         # lowered convs: NCHW or NHWC floats in, NHWC out
                         qconv2d_nhwc(x, *args, None, *geometry, channels_last=False)
                         qconv2d_nhwc(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), *args, None, *geometry)
-            bmm(rng.integers(-8, 8, (2, 5, 7)).astype(np.int8), rng.integers(-8, 8, (2, 7, 4)).astype(np.int8))
+            for a_type, b_type in itertools.product((np.int8, np.uint8), repeat=2):  # signed and unsigned codes
+                bmm(rng.integers(0, 8, (2, 5, 7)).astype(a_type), rng.integers(0, 8, (2, 7, 4)).astype(b_type))
     for serial in (True, False):
         with dispatch.use(path, serial=serial):
             for bits in (4, 8):  # AVX2 compiles 8-bit weights apart
@@ -81,7 +84,27 @@ def warm(path: str | None = None) -> float:
         for b in (v, np.ascontiguousarray(v), q.transpose(0, 1, 3, 2)):
             for floor in (1e-8, None):  # per-row steps, per-tensor steps
                 code_matmul(a, b, 0.1, 0.1, floor, (-8, 7), (-8, 7))
+    _warm_chain(rng)
     return time.perf_counter() - start
+
+
+def _warm_chain(rng: np.random.Generator) -> None:
+    """The allocator's chain solvers (``chain_kernels``, run by every compile) at the argument types
+    ``compiler.chain`` passes: float scores and costs, int64 slot weights (the scaled DP), the closing edge as a
+    matrix, or as a contiguous row or a column of one."""
+    from bitmix.kernels import chain_kernels
+
+    n, k = 3, 2
+    scores, weights, close = rng.random((n, k)), rng.random((n, k, k)), rng.random((k, k))
+    kcount = np.full(n, k, dtype=np.int64)
+    for closed in (False, True):
+        chain_kernels.lagrange_path(scores, weights, kcount, close, 1.0, closed)
+    for edge in (np.zeros(k), close[:, 0]):
+        suffix = chain_kernels.lagrange_suffix(scores, weights, kcount, edge, 0.5)
+    chain_kernels.dp_kernel(scores, np.ones((n, k, k), dtype=np.int64), kcount, 4, -1)
+    first = np.arange(k)
+    chain_kernels.pareto_step(weights[0, 0, first], scores[0, first], first, weights[1], scores[1], suffix[1],
+                              suffix[1], np.inf, np.inf, suffix[1], 1.0, 0.5)
 
 
 def _warm_code_chain(rng: np.random.Generator, bits: int) -> None:

@@ -69,3 +69,62 @@ def test_second_process_loads_every_kernel_from_a_cold_cache(path: str, tmp_path
     assert first["misses"]  # compiled (and saved) in the first process
     second = _probe([path], NUMBA_CACHE_DIR=str(tmp_path))
     assert second["misses"] == [] and second["ran"] == first["ran"]
+
+
+# Warm-up, then what a compile, a loaded model and the kernels' own callers run; prints the kernel signatures they
+# needed that warm-up had not built (each one a cold compile in the first call that meets it: ~40 s for
+# ``_code_matmul``). ``a`` of the attention products is a transposed activation: column-major ('F') at batch 1.
+_AFTER_WARMUP = """
+import gc, json, sys, warnings
+import numpy as np, torch
+from numba.core.dispatcher import Dispatcher
+from bitmix.kernels import warmup
+warnings.simplefilter("ignore")
+warmup.warm()
+
+def built():
+    return {f"{d.py_func.__module__}.{d.py_func.__qualname__}": set(map(str, d.signatures)) for d in gc.get_objects()
+            if isinstance(d, Dispatcher) and d.py_func.__module__.startswith("bitmix")}
+
+warm = built()
+import bitmix
+from bitmix.kernels import bmm
+from bitmix.kernels.code_matmul import code_matmul
+
+class Mixer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(((h.transpose(1, 2) @ h).softmax(-1) @ h.transpose(1, 2)).transpose(1, 2))
+
+torch.manual_seed(0)
+x = torch.randn(4, 16, 32)
+cm = bitmix.compile(Mixer().eval(), (x,), "int4int2-npu", options=bitmix.CompileOptions(frontier_points=0))
+cm(x[:1])
+loaded = bitmix.load(cm.save(sys.argv[1]))
+loaded(x[:1]), loaded(x)
+rng = np.random.default_rng(0)
+a, b = rng.normal(size=(3, 6, 5)).astype(np.float32), rng.normal(size=(5, 4)).astype(np.float32)
+for floor in (1e-8, None):
+    code_matmul(a[:1].transpose(0, 2, 1), a[:1], 0.1, 0.1, floor, (-8, 7), (-8, 7))  # 'F' operands
+    code_matmul(a, b, 0.1, 0.1, floor, (-8, 7), (-8, 7))  # b broadcast over a's batch
+    code_matmul(a, np.asfortranarray(a[:, :5, :1]), 0.1, 0.1, floor, (-8, 7), (-8, 7))
+for a_type in (np.int8, np.uint8):  # read-only codes
+    bmm(np.broadcast_to(rng.integers(0, 8, (1, 5, 7)).astype(a_type), (2, 5, 7)),
+        np.broadcast_to(rng.integers(0, 8, (7, 4)).astype(np.int8), (2, 7, 4)))
+print(json.dumps({k: sorted(v - warm.get(k, set())) for k, v in built().items() if v - warm.get(k, set())}))
+"""
+
+
+def test_warmup_builds_every_kernel_signature_a_compile_and_a_loaded_model_run(tmp_path) -> None:
+    """After ``python -m bitmix.kernels.warmup`` a compile cold-built ``_code_matmul`` for a column-major operand
+    (39.5 s in its fidelity stage) and the chain solver's ``lagrange_path`` (5.1 s, in allocate), and a loaded
+    attention model's first call ``_bmm`` for read-only int8 and uint8 codes (3.25 s): the callers now hand the
+    kernels one layout (contiguous or strided, writable) and warm-up builds the rest."""
+    env = {**os.environ, "BITMIX_QUIET": "1", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-c", _AFTER_WARMUP, str(tmp_path / "m.pt2")], env=env, capture_output=True,
+                         text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {}

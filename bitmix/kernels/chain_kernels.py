@@ -1,4 +1,5 @@
-"""The chain solvers' inner loops, compiled by Numba (`compiler/chain.py` imports this on first use)."""
+"""The chain solvers' inner loops (`bitmix.compiler.chain` imports this on first use), compiled by Numba: here
+with the other kernels so that `warmup` fills their cache too (the compiler is a layer above the kernels)."""
 
 from __future__ import annotations
 
