@@ -234,20 +234,24 @@ def _module_path(node: torch.fx.Node) -> str:
     return str(path)
 
 
-def weight_second_operands(node: torch.fx.Node) -> tuple[object, object, object] | None:
-    """(input, weight, bias) of `x @ W (+ b)` written as mm / matmul / addmm with the weight (in, out) second, as
-    GPT-2's `Conv1D` and hand-written layers do, or as `F.linear(x, W.t(), b)` (a decoder tied to its encoder's
-    weight); None for any other node. The weight and bias are graph nodes here; the caller checks they are
-    parameters."""
+def weight_second_operands(node: torch.fx.Node) -> tuple[object, object, object, bool] | None:
+    """(input, weight, bias, as_linear) of `x @ W (+ b)` written as mm / matmul / addmm with the weight (in, out)
+    second, as GPT-2's `Conv1D` and hand-written layers do, or as `F.linear(x, W.t(), b)` (a decoder tied to its
+    encoder's weight); None for any other node. `x @ V.t()` (`F.linear(x, V)` written out) gives V with
+    `as_linear` True: V is the linear's weight (out, in) itself, where W is transposed to it. The weight and bias
+    are graph nodes here; the caller checks they are parameters."""
     if node.target in LINEAR_OPS and len(node.args) >= 2:
         w = _transposed_2d(node.args[1])
-        return None if w is None else (node.args[0], w, node.args[2] if len(node.args) > 2 else None)
+        return None if w is None else (node.args[0], w, node.args[2] if len(node.args) > 2 else None, False)
     if node.target in (aten.mm.default, aten.matmul.default) and len(node.args) == 2:
-        return node.args[0], node.args[1], None
-    if node.target == aten.addmm.default and len(node.args) == 3 and node.kwargs.get("beta", 1) == 1 \
+        x, w, bias = node.args[0], node.args[1], None
+    elif node.target == aten.addmm.default and len(node.args) == 3 and node.kwargs.get("beta", 1) == 1 \
             and node.kwargs.get("alpha", 1) == 1:
-        return node.args[1], node.args[2], node.args[0]
-    return None
+        x, w, bias = node.args[1], node.args[2], node.args[0]
+    else:
+        return None
+    v = _transposed_2d(w)
+    return (x, w, bias, False) if v is None else (x, v, bias, True)
 
 
 def _transposed_2d(node: object) -> torch.fx.Node | None:
@@ -267,16 +271,18 @@ def _transposed_2d(node: object) -> torch.fx.Node | None:
 def _weight_second_layer(node: torch.fx.Node, params: dict[str, str], module: str,
                          nonneg: set[torch.fx.Node]) -> Layer | None:
     """`x @ W (+ b)` with a 2-D weight parameter W (in, out): a linear layer of weight W^T (`fold.prepare` inserts
-    it so)."""
+    it so); `x @ V.t() (+ b)`: a linear layer of weight V."""
     operands = weight_second_operands(node)
     if operands is None:
         return None
-    x, w, bias = operands
+    x, w, bias, as_linear = operands
     if not (isinstance(w, torch.fx.Node) and w.name in params and isinstance(x, torch.fx.Node)) or x.name in params:
         return None
     w_shape = _shape(w)
     if len(w_shape) != 2 or len(_shape(x)) < 1:
         return None
+    if as_linear:
+        w_shape = (w_shape[1], w_shape[0])
     has_bias = bias is not None
     if has_bias and not (isinstance(bias, torch.fx.Node) and bias.name in params and _shape(bias) == (w_shape[1],)):
         return None

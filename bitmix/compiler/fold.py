@@ -163,11 +163,11 @@ def _insert_quant_layer(
         module = QuantLayer(layer.name, "matmul", a_nonneg=a in nonneg, b_nonneg=b in nonneg)
         return _replace(gm, node, layer.name, module, (a, b), taken)
     weight_second = weight_second_operands(node) if layer.kind == "linear" else None
-    if weight_second is not None:  # x @ W (+ b), W (in, out): the linear's weight is W^T
-        a, w_node, b_node = weight_second
-        w_t = _fetch(gm, w_node)
-        assert w_t is not None
-        weight, bias = w_t.T.contiguous(), _fetch(gm, b_node)
+    if weight_second is not None:  # x @ W (+ b), W (in, out): the linear's weight is W^T (x @ V.t(): V itself)
+        a, w_node, b_node, as_linear = weight_second
+        w = _fetch(gm, w_node)
+        assert w is not None
+        weight, bias = (w.clone() if as_linear else w.T.contiguous()), _fetch(gm, b_node)
     elif layer.name in folded:
         weight, bias = folded[layer.name]
     else:

@@ -309,6 +309,37 @@ def test_weight_as_second_matmul_operand_is_a_linear():
     assert len(graph.unsupported) == 1 and "matmul" in graph.unsupported[0]
 
 
+class TransposedWeightSecond(nn.Module):
+    """`x @ V.t() (+ b)`: `F.linear(x, V, b)` written out, as a bare matmul, mm and addmm (V is (out, in))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.v1 = nn.Parameter(torch.randn(16, 12) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(16) * 0.1)
+        self.v2 = nn.Parameter(torch.randn(8, 16) * 0.3)
+        self.v3 = nn.Parameter(torch.randn(4, 8) * 0.3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = torch.addmm(self.b1, x.reshape(-1, 12), self.v1.t()).reshape(b, t, 16)
+        h = torch.relu(h) @ self.v2.T
+        return torch.mm(torch.tanh(h).reshape(-1, 8), self.v3.transpose(0, 1)).reshape(b, t, 4)
+
+
+def test_a_transposed_weight_as_second_matmul_operand_is_a_linear_of_that_weight():
+    """`x @ V.t()` was captured as an activation x activation matmul of 0 params: the weight's bytes were missing
+    from the simulated cost and the weight was quantized like an activation."""
+    graph = capture(TransposedWeightSecond().eval(), (torch.randn(2, 7, 12),))
+    assert [(layer.name, layer.kind) for layer in graph.layers] == [
+        ("addmm", "linear"), ("matmul", "linear"), ("mm", "linear")]
+    addmm, bare, mm = graph.layers
+    assert addmm.weight_shape == (16, 12) and addmm.has_bias and addmm.params == 16 * 12 + 16
+    assert addmm.weight_param == "v1" and addmm.bias_param == "b1" and addmm.macs == 14 * 12 * 16
+    assert bare.weight_shape == (8, 16) and bare.params == 8 * 16 and bare.input_nonneg
+    assert mm.weight_shape == (4, 8) and mm.weight_param == "v3"
+    assert not graph.unsupported
+
+
 class SequenceConv(nn.Module):
     """A conv1d over a transposed sequence (wav2vec2's positional conv): its input is channels-last strided once
     the unit height is added, so torch's conv returns channels-last, and the GELU on a slice after it sees

@@ -143,6 +143,22 @@ def test_weight_second_matmuls_become_linears_with_the_same_function():
     assert torch.equal(net.w2, before)
 
 
+def test_transposed_weight_second_matmuls_become_linears_of_that_weight():
+    from tests.compiler.test_capture import TransposedWeightSecond
+
+    torch.manual_seed(0)
+    net = TransposedWeightSecond().eval()
+    gm = prepare(capture(net, (torch.randn(2, 7, 12),)))
+    layers = quant_layers(gm)
+    assert torch.equal(layers["addmm"].weight, net.v1) and torch.equal(layers["mm"].weight, net.v3)
+    x = torch.randn(3, 7, 12)
+    with torch.no_grad():
+        assert _relative_error(gm(x), net(x)) < 1e-5
+    before = net.v2.detach().clone()
+    layers["matmul"].weight.data.mul_(2)  # a layer's weight is its own copy of V: the user's model keeps V
+    assert torch.equal(net.v2, before)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_batchnorm_after_a_transposed_conv_is_folded_into_its_phases(groups):
     class Net(nn.Module):

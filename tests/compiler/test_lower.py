@@ -313,17 +313,19 @@ class SamePadded(torch.nn.Module):
 @pytest.mark.parametrize("pairs", PAIRS)
 @pytest.mark.parametrize(("net", "shape"), [("conv1d", (4, 33)), ("same", (3, 12, 12)), ("decoder", (3, 12, 10)),
                                            ("attention", (9, 32)), ("einsum", (6, 24)),
-                                           ("weight-second", (7, 12)), ("sequence-conv", (39, 12))])
+                                           ("weight-second", (7, 12)), ("weight-second-t", (7, 12)),
+                                           ("sequence-conv", (39, 12))])
 def test_rewritten_ops_kernels_equal_fake_quant(pairs, net, shape):
     """Conv1d runs as a conv2d of height 1, `padding="same"` as explicit padding, a transposed conv as its
     equivalent conv2d, fused attention and einsum as matmuls, `x @ W (+ b)` as a linear: on the packed kernels, bit
     for bit the fake-quant result."""
-    from tests.compiler.test_capture import Conv1dNet, Decoder, SequenceConv, WeightSecond
+    from tests.compiler.test_capture import Conv1dNet, Decoder, SequenceConv, TransposedWeightSecond, WeightSecond
     from tests.compiler.test_decompose import EinsumAttention, Encoder
 
     torch.manual_seed(0)
     model = {"conv1d": Conv1dNet, "same": SamePadded, "decoder": Decoder, "attention": Encoder,
-             "einsum": EinsumAttention, "weight-second": WeightSecond, "sequence-conv": SequenceConv}[net]().eval()
+             "einsum": EinsumAttention, "weight-second": WeightSecond, "weight-second-t": TransposedWeightSecond,
+             "sequence-conv": SequenceConv}[net]().eval()
     graph = capture(model, (torch.randn(2, *shape),))
     assert not graph.unsupported or net in ("conv1d", "decoder", "weight-second")
     cycle = PAIRS[pairs]
@@ -332,7 +334,7 @@ def test_rewritten_ops_kernels_equal_fake_quant(pairs, net, shape):
     lowered = lower(fq)
     kinds = {layer.kind for layer in lowered.module.modules() if isinstance(layer, KernelLayer)}
     assert kinds >= {"attention": {"linear", "matmul"}, "einsum": {"linear", "matmul"}, "weight-second": {"linear"},
-                     "sequence-conv": {"linear", "conv2d"}}.get(net, {"conv2d"})
+                     "weight-second-t": {"linear"}, "sequence-conv": {"linear", "conv2d"}}.get(net, {"conv2d"})
     x = torch.randn(3, *shape)
     with torch.no_grad():
         assert torch.equal(fq(x), lowered.module(x))
