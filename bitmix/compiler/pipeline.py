@@ -175,21 +175,21 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         msg = (f"{len(graph.unsupported)} op(s) have no bitmix kernel and stay FP32 (the simulated cost leaves them "
                f"out): {', '.join(graph.unsupported)}")
         _warn(msg, warn)
-    with _stage("price", timings):
+    with _stage("price", timings):  # the costs, and the budget checked against them
         costs = price(graph, tgt, chip)
-    for name, kept, left_out in zip(costs.names, costs.choices, costs.unfit, strict=True):
-        if left_out:
-            msg = (f"layer {name!r} does not fit one chip at {', '.join(map(str, left_out))} (a layer is never split "
-                   f"over chips): it is allocated among {', '.join(map(str, kept))}, "
-                   "and budget fractions are of the all-highest assignment that fits")
-            _warn(msg, warn)
-    if goal.clamp and caps.fraction is not None:
-        cheapest = cheapest_fraction(costs)
-        if caps.fraction < cheapest:
-            msg = f"budget {caps.fraction} is below the cheapest assignment ({cheapest:.4f}); using {cheapest:.4f}"
-            _warn(msg, warn)
-            caps = Caps(fraction=cheapest)
-    check_budget(costs, tgt, graph.names, caps)  # an impossible budget is known now, before the slow stages
+        for name, kept, left_out in zip(costs.names, costs.choices, costs.unfit, strict=True):
+            if left_out:
+                msg = (f"layer {name!r} does not fit one chip at {', '.join(map(str, left_out))} (a layer is never "
+                       f"split over chips): it is allocated among {', '.join(map(str, kept))}, "
+                       "and budget fractions are of the all-highest assignment that fits")
+                _warn(msg, warn)
+        if goal.clamp and caps.fraction is not None:
+            cheapest = cheapest_fraction(costs)
+            if caps.fraction < cheapest:
+                msg = f"budget {caps.fraction} is below the cheapest assignment ({cheapest:.4f}); using {cheapest:.4f}"
+                _warn(msg, warn)
+                caps = Caps(fraction=cheapest)
+        check_budget(costs, tgt, graph.names, caps)  # before the slow stages
     with _stage("prepare", timings):
         float_model = prepare(graph)
     names = graph.names

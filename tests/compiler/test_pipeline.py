@@ -452,3 +452,23 @@ def test_an_impossible_budget_is_refused_before_scoring(budget, monkeypatch):
     with pytest.raises(BitmixError, match="infeasible; the (fastest|minimum achievable)"):
         bitmix.compile(model, (x[:2],), "int4int2-npu", method=bitmix.ALPSConfig(epochs=1), budget=budget, data=task,
                        options=QUICK)
+
+
+def test_the_budget_check_is_timed_with_pricing(monkeypatch):
+    """Every second of compile lands in a stage's timing: the early budget check (minutes of exact evaluations on a
+    multi-chip model) ran between the `price` and `prepare` stages, in none."""
+    import time
+
+    from bitmix.compiler import pipeline
+
+    check = pipeline.check_budget
+
+    def slow_check(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        time.sleep(0.5)
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "check_budget", slow_check)
+    torch.manual_seed(0)
+    cm = bitmix.compile(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval(), (torch.randn(4, 8),),
+                        "int8-npu", options=CompileOptions(frontier_points=0))
+    assert cm.report.timings_s["price"] >= 0.5
