@@ -38,6 +38,7 @@ from bitmix.compiler.quantize import finetune as qat_finetune
 from bitmix.compiler.saving import Keepable
 from bitmix.compiler.sensitivity import MethodConfig
 from bitmix.compiler.shapes import InputSpec
+from bitmix.compiler.state import mutated_buffers, restore
 from bitmix.errors import BitmixError
 from bitmix.ir.cost import CostModel
 from bitmix.ir.graph import LayerGraph, frames_of
@@ -164,6 +165,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
         if calib is not None:
             _check_calibration(graph, calib)
         _check_scored_output(graph, roles)
+    initial_state = mutated_buffers(graph.exported)  # buffers the forward writes, as the user's model holds them
     if cut is not None:
         _warn(cut, warn)
     for i in _constant_inputs(calib):
@@ -225,6 +227,8 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     accuracy = {"metric": None, "fp32": None, "fake_quant": None, "kernels": None}
     if roles.eval is not None:
         with _stage("evaluate", timings):
+            for module in (float_model, fq, cm.lowered):
+                restore(module, initial_state)
             accuracy = _accuracy(roles.eval, float_model, fq, cm)
     frontier, uniform_pts = [], []
     if opts.frontier_points > 0:
@@ -232,9 +236,13 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
             frontier, uniform_pts = _frontier(graph, float_model, scores, costs, tgt, chip, ranges_from, roles.eval,
                                               opts.frontier_points)
     with _stage("fidelity", timings):
+        for module in (float_model, cm.lowered):
+            restore(module, initial_state)  # both from the user's state, in step through the check's passes
         accuracy.update(guard(float_model, cm, calib, warn, fallback=example_inputs, target=tgt.name,
                               full_budget=_all_highest(assignment, tgt),
                               finetuned=ft is not None and ft.epochs > 0))
+    for module in (fq, cm.lowered):
+        restore(module, initial_state)  # the first call starts where the user's model is, not after bitmix's passes
     cm.recorder.calls.clear()
     cm.report = _report(graph, tgt, scorer.name, caps, chosen, scores, sim, accuracy, timings, frontier,
                         uniform_pts, warn)

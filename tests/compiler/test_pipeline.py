@@ -472,3 +472,35 @@ def test_the_budget_check_is_timed_with_pricing(monkeypatch):
     cm = bitmix.compile(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval(), (torch.randn(4, 8),),
                         "int8-npu", options=CompileOptions(frontier_points=0))
     assert cm.report.timings_s["price"] >= 0.5
+
+
+class _CallCounter(nn.Module):
+    """A forward that counts its calls in a buffer and adds the count: eager torch answers fc(x) + n on call n."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fc(x) + self.calls
+
+
+def test_a_buffer_the_forward_writes_starts_from_the_users_value_not_after_the_compiles_passes():
+    import copy
+
+    torch.manual_seed(0)
+    model = _CallCounter().eval()
+    x = torch.randn(16, 8)
+    cm = bitmix.compile(model, (x,), "int8-npu", data=x, options=QUICK)
+    assert float(model.calls) == 0
+    cm.fake_quant.eval()
+    with torch.no_grad():
+        fake_quant_first = cm.fake_quant(x)
+    eager = copy.deepcopy(model)
+    first = cm(x)
+    assert torch.equal(first, fake_quant_first)
+    with torch.no_grad():
+        assert (first - eager(x)).abs().max() < 0.05  # call 1 adds 1 (was 10: nine passes inside the compile)
+        assert (cm(x) - eager(x)).abs().max() < 0.05  # and calls keep counting, as eager torch does
