@@ -273,3 +273,19 @@ def test_a_method_without_its_data_points_at_the_clis_own_flags(tmp_path, capsys
     assert "(--method eagl / sqnr / uniform / random; --data FILE.pt gives calibration inputs)" in err
     assert main(["compile", model, "--method", "sqnr", *out]) == 2
     assert "needs unlabeled calibration inputs: pass --data FILE.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("forced", ["garbage", "unavailable"])
+def test_bench_kernels_with_a_kernel_path_this_cpu_cannot_run_is_one_line(forced, monkeypatch):
+    from bitmix.kernels import cpu
+
+    if forced == "unavailable":
+        missing = [p for p in cpu.PATHS if p not in cpu.available_paths()]
+        if not missing:
+            pytest.skip("this CPU runs every kernel path")
+        forced = missing[-1]
+    monkeypatch.setenv("BITMIX_KERNEL_PATH", forced)
+    proc = run("bench", "kernels", "--quick")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"BITMIX_KERNEL_PATH={forced!r}" in lines[0], proc.stderr

@@ -131,8 +131,10 @@ def measure_cold_start(bits: list[int], prefill: bool = True) -> dict[str, objec
             env={**os.environ, **env},
             capture_output=True,
             text=True,
-            check=True,
         )
+        if proc.returncode != 0:  # its last line says why; the command line is a page of script
+            last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            raise RuntimeError(f"the cold-start interpreter failed: {last}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     if prefill:
@@ -276,6 +278,7 @@ def _print_table(records: list[dict], meta: dict) -> None:
 
 def run_kernel_bench(quick: bool = False, json_path: str | None = None) -> list[dict]:
     """Run all cases, print a table, optionally write the JSON records; returns the records."""
+    path = dispatch.path  # a BITMIX_KERNEL_PATH this CPU cannot run: one line now, not a failed child process
     load_before = os.getloadavg()[0]  # before our own work adds to it
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -304,14 +307,14 @@ def run_kernel_bench(quick: bool = False, json_path: str | None = None) -> list[
             records += _bench_case(rng, m, n, k, bits, "hot", reps, bw, with_qlinear=False)
     meta = {
         "loadavg_1min": load_before,
-        "kernel_path": dispatch.path,
+        "kernel_path": path,
         "threads": threads,
         "threading_layer": numba.threading_layer(),
         "bandwidth": bandwidth,
         "cold_start": cold_start,
     }
     for r in records:
-        r.update(kernel_path=dispatch.path, threads=threads, threading_layer=meta["threading_layer"], bandwidth_gbps=bw,
+        r.update(kernel_path=path, threads=threads, threading_layer=meta["threading_layer"], bandwidth_gbps=bw,
                  loadavg_1min=meta["loadavg_1min"])
     _print_table(records, meta)
     if json_path:
