@@ -120,6 +120,8 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise BitmixError(f"seed must be an int, got {seed!r}")
     seed = int(seed)
+    if not -(2**63) <= seed < 2**64:
+        raise BitmixError(f"seed must be an int from -2**63 to 2**64 - 1 (what torch.manual_seed takes), got {seed}")
     opts = options or CompileOptions()
     if not isinstance(opts, CompileOptions):
         raise BitmixError(f"options must be a bitmix.CompileOptions, got {type(opts).__name__}")

@@ -50,6 +50,8 @@ def test_budget_values():
     (lambda t: 2 * t, 0, "model must be a torch.nn.Module, got function"),
     (None, "0", "seed must be an int, got '0'"),
     (None, 1.5, "seed must be an int, got 1.5"),
+    (None, 2**70, "seed must be an int from -2\\*\\*63 to 2\\*\\*64 - 1"),  # was a raw OverflowError deep inside
+    (None, -(2**63) - 1, "seed must be an int from -2\\*\\*63"),
 ])
 def test_bad_model_or_seed_is_one_line(model, seed, match):
     net = nn.Linear(4, 2).eval() if model is None else model
