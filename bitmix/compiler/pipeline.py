@@ -35,7 +35,7 @@ from bitmix.compiler.pretrain import pretrain_stage
 from bitmix.compiler.qlayer import MIN_STEP, LSQQuantizer, quant_layers
 from bitmix.compiler.quantize import fake_quantize
 from bitmix.compiler.quantize import finetune as qat_finetune
-from bitmix.compiler.saving import Keepable
+from bitmix.compiler.saving import Keepable, LoadedModel
 from bitmix.compiler.sensitivity import MethodConfig
 from bitmix.compiler.shapes import InputSpec
 from bitmix.compiler.state import mutated_buffers, restore
@@ -117,6 +117,9 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     """
     if not isinstance(model, nn.Module):
         raise BitmixError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, CompiledModel | LoadedModel):
+        raise BitmixError(f"the model is already compiled by bitmix (a {type(model).__name__}); compile the original "
+                          "torch model instead")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise BitmixError(f"seed must be an int, got {seed!r}")
     seed = int(seed)

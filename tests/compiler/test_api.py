@@ -59,6 +59,16 @@ def test_bad_model_or_seed_is_one_line(model, seed, match):
         bitmix.compile(net, (torch.randn(2, 4),), "int8-npu", seed=seed)
 
 
+def test_an_already_compiled_model_is_refused_in_one_line(tmp_path):
+    net = nn.Linear(4, 2).eval()
+    x = torch.randn(2, 4)
+    cm = bitmix.compile(net, (x,), "int8-npu", options=bitmix.CompileOptions(frontier_points=0))
+    loaded = bitmix.load(cm.save(tmp_path / "m.pt2"))
+    for model, kind in ((cm, "CompiledModel"), (loaded, "LoadedModel")):
+        with pytest.raises(bitmix.BitmixError, match=f"already compiled by bitmix \\(a {kind}\\); compile the"):
+            bitmix.compile(model, (x,), "int8-npu")
+
+
 def test_data_roles():
     task, x = _task(), torch.randn(4, 16)
     assert Data.of(task) == Data(calibration=task, train=task, eval=task)
