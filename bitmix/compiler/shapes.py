@@ -183,6 +183,9 @@ class InputSpec:
         for name, dims, t in zip(self.names, self.dims, tensors, strict=True):
             if t.dim() != len(dims):
                 raise BitmixError(f"input {name!r} must have {len(dims)} dimensions, got shape {tuple(t.shape)}")
+            if t.is_meta:  # the kernels read values: a meta tensor has none (torch's copy out of it is a raw error)
+                raise BitmixError(f"input {name!r} is on the meta device (a shape without values); pass a tensor "
+                                  "with data, e.g. x.to_empty(device='cpu') filled with your values")
             if kinds.get(name, dtype_kind(t.dtype)) != dtype_kind(t.dtype):
                 convert = {"float": "x.real or x.abs(), as the model needs" if t.is_complex() else "x.float()",
                            "complex": "x.to(torch.complex64)", "integer": "x.long()", "bool": "x.bool()"}[kinds[name]]

@@ -173,6 +173,13 @@ def test_inputs_by_name_as_in_eager(tmp_path):
             model(ids, ids=ids)
 
 
+def test_a_meta_input_is_one_line(tmp_path):
+    cm = _compile(_mlp(), torch.randn(4, 16))
+    for model in (cm, bitmix.load(cm.save(tmp_path / "mlp.pt2"))):
+        with pytest.raises(BitmixError, match=r"input '\w+' is on the meta device \(a shape without values\)"):
+            model(torch.randn(2, 16, device="meta"))
+
+
 def test_a_numpy_input_or_a_mask_of_another_kind_names_the_conversion():
     cm = _compile(_mlp(), torch.randn(4, 16))
     with pytest.raises(BitmixError, match=r"takes torch tensors, got numpy.ndarray; .*torch.from_numpy"):
