@@ -122,6 +122,12 @@ class LoadedModel(nn.Module):
 
     __deepcopy__ = Keepable.__deepcopy__  # copy.deepcopy would otherwise go through __reduce_ex__
 
+    def simulate(self, engine: str = "analytic") -> Any:
+        """What `cm.simulate()` would be, said in one line: the file keeps the report, not the layer graph."""
+        raise BitmixError("a loaded bitmix model cannot re-simulate (the .pt2 keeps the report, not the layer graph): "
+                          "read the simulated cost from its .report (bitmix.print_report(m.report)), or price other "
+                          "shapes with cm.simulate() on the compiled model before saving it")
+
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
         from bitmix.compiler.lower import torch_on_one_thread, warn_without_autograd
 

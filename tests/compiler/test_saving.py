@@ -108,6 +108,15 @@ def test_torch_save_of_a_loaded_model_points_to_its_file(tmp_path):
     assert torch.equal(copy.deepcopy(loaded)(x), loaded(x))  # a copy is still made without pickling
 
 
+def test_simulate_on_a_loaded_model_is_one_line(tmp_path):
+    cm = bitmix.compile(nn.Sequential(nn.Linear(8, 4)).eval(), torch.randn(2, 8), target="int8-npu",
+                        options=bitmix.CompileOptions(frontier_points=0))
+    loaded = bitmix.load(cm.save(tmp_path / "model.pt2"))
+    loaded(torch.randn(3, 8))
+    with pytest.raises(BitmixError, match=r"loaded bitmix model cannot re-simulate .*bitmix.print_report"):
+        loaded.simulate()  # was AttributeError: 'LoadedModel' object has no attribute 'simulate'
+
+
 def test_load_bad_paths(tmp_path):
     with pytest.raises(BitmixError, match="no saved model"):
         bitmix.load(tmp_path / "missing.pt2")
