@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitmix.compiler.qlayer import LSQQuantizer, QuantLayer, row_max
+from bitmix.compiler.screen import screened_argmin
 
 GRID = tuple(round(0.5 + 0.05 * i, 2) for i in range(21))  # 0.5 .. 1.5 times the MSE step
 MAX_ROWS = 2048  # calibration rows per layer the step is chosen on
@@ -42,20 +43,19 @@ def output_step(x: torch.Tensor, weight: torch.Tensor, quant: LSQQuantizer, grid
                 ) -> torch.Tensor:
     """The multiple of `quant`'s step in `grid` minimising `|(Q(x) - x) weight^T|^2` over rows `x` (R, K),
     `weight` (C, K) as quantized. With more outputs than inputs (C > K) the error is summed through the
-    Gram matrix, `Σ (E G) ∘ E` with G = weight^T weight: R K^2 multiply-adds per candidate, not R K C."""
+    Gram matrix, `Σ (E G) ∘ E` with G = weight^T weight: R K^2 multiply-adds per candidate, not R K C. With many
+    rows the candidates are screened on a quarter of them (`bitmix.compiler.screen`)."""
     base = quant.step.detach().float()
-    rows = row_max(x, quant.axis) if quant.axis is not None else torch.ones(())  # per-row steps: `step * max`
+    rows = row_max(x, quant.axis) if quant.axis is not None else None  # per-row steps: `step * max`
     gram = weight.t() @ weight if weight.shape[0] > weight.shape[1] else None
-    best: tuple[float, torch.Tensor] | None = None
-    for c in grid:
-        s = base * c
-        step = s * rows
-        e = quant.dequantized(x, step).sub_(x)
-        error = float(F.linear(e, weight).pow(2).sum() if gram is None else ((e @ gram) * e).sum())
-        if best is None or error < best[0]:
-            best = (error, s)
-    assert best is not None
-    return best[1]
+
+    def error(i: int, sel: slice) -> float:
+        v = x[sel]
+        step = base * grid[i] * (rows[sel] if rows is not None else 1)
+        e = quant.dequantized(v, step).sub_(v)
+        return float(F.linear(e, weight).pow(2).sum() if gram is None else ((e @ gram) * e).sum())
+
+    return base * grid[screened_argmin(len(grid), error, x.shape[0])]
 
 
 @torch.no_grad()

@@ -43,6 +43,30 @@ def test_output_step_is_the_grid_minimum_and_ignores_a_channel_no_weight_reads()
     assert float(output_step(x, w, q, (1.0,))) == float(mse)
 
 
+def test_many_rows_screen_the_grid_on_a_quarter_and_keep_the_exhaustive_choice():
+    """With >= `screen.MIN_ROWS` rows each candidate step is judged on every 4th row and only the best `screen.KEEP`
+    on all rows (the R x K x C product per candidate was the search's cost); here the choice is the full grid's."""
+    from bitmix.compiler import act_search, screen
+
+    x = torch.cat([_outlier_inputs(seed) for seed in range(4)])  # 2048 rows
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    q = LSQQuantizer(8, signed=True)
+    q.init_range(x)
+    mse = q.step.detach().clone()
+    seen: list[int] = []
+    plain = q.dequantized
+
+    def counted(v: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        seen.append(v.shape[0])
+        return plain(v, step)
+
+    q.dequantized = counted  # type: ignore[method-assign]
+    chosen = output_step(x, w, q)
+    assert seen.count(x.shape[0]) == screen.KEEP and seen.count(x.shape[0] // screen.EVERY) == len(act_search.GRID)
+    errors = [_error(x, w, mse * c, q) for c in act_search.GRID]
+    assert _error(x, w, chosen, q) == min(errors)
+
+
 class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -110,14 +110,14 @@ def test_scales_are_chosen_on_live_rows_only():
 
 
 def test_many_held_out_rows_screen_the_awq_candidates_on_a_quarter_then_judge_the_best_on_all(monkeypatch):
-    """The held-out product was most of the AWQ search (40 candidates x rows x K x N): with >= SCREEN_MIN_ROWS
-    held-out rows every candidate is judged on every 4th row, and only the best SCREEN_KEEP on all of them; the
+    """The held-out product was most of the AWQ search (40 candidates x rows x K x N): with >= `screen.MIN_ROWS`
+    held-out rows every candidate is judged on every 4th row, and only the best `screen.KEEP` on all of them; the
     choice is the exhaustive search's on a layer with salient channels."""
-    from bitmix.compiler import smooth
+    from bitmix.compiler import screen, smooth
 
     gen = torch.Generator().manual_seed(0)
     gain = torch.cat([torch.full((4,), 20.0), torch.rand(60, generator=gen) + 0.5])
-    x = torch.randn(2 * smooth.SCREEN_MIN_ROWS, 64, generator=gen) * gain
+    x = torch.randn(2 * screen.MIN_ROWS, 64, generator=gen) * gain
     w = torch.randn(48, 64, generator=gen)
     full = smooth._held_out_error
     rows: list[int] = []
@@ -135,9 +135,9 @@ def test_many_held_out_rows_screen_the_awq_candidates_on_a_quarter_then_judge_th
 
     monkeypatch.setattr(smooth, "_held_out_error", counted)
     s = choose_scale(x, w, "4/8", True)
-    held_out = smooth.SCREEN_MIN_ROWS
-    assert rows.count(held_out) == smooth.SCREEN_KEEP
-    assert rows.count(held_out // smooth.SCREEN_EVERY) == 1 + len(list(smooth._awq_scales(x[0::2], w)))
+    held_out = screen.MIN_ROWS
+    assert rows.count(held_out) == screen.KEEP
+    assert rows.count(held_out // screen.EVERY) == 1 + len(list(smooth._awq_scales(x[0::2], w)))
     best = exhaustive()
     assert best > 0 and s is not None
     assert torch.equal(s, list(smooth._awq_scales(x[0::2], w))[best - 1])
