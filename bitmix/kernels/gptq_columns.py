@@ -44,10 +44,12 @@ def _columns(block, u, steps, q_n, q_p, out, errors):
                 s = steps[g, k]
                 dq = np.float32(np.rint(min(max(col / s, lo_f), hi_f))) * s
                 errors[g, i, k] = (np.float64(col) - np.float64(dq)) / d
+            err = errors[g, i, first:last]
             for j in range(i + 1, b):
                 uij = u[g, i, j]
-                for k in range(first, last):
-                    block[g, j, k] -= uij * errors[g, i, k]
+                row = block[g, j, first:last]
+                for k in range(last - first):  # from 0 over slices: no negative-index wraparound, so it vectorizes
+                    row[k] -= uij * err[k]
 
 
 def block_columns(block: np.ndarray, u: np.ndarray, steps: np.ndarray, q_n: int, q_p: int, out: np.ndarray,

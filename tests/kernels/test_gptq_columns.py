@@ -39,3 +39,23 @@ def test_block_columns_equal_the_torch_loop_bit_for_bit(groups, b, r, bits):
     block_columns(got_block.numpy(), f.upper.contiguous().numpy(), steps.numpy(), q_n, q_p, got_out.numpy(),
                   got_err.numpy())
     assert torch.equal(got_out, want_out) and torch.equal(got_err, want_err) and torch.equal(got_block, want_block)
+
+
+def test_the_later_columns_update_is_vectorized():
+    """The update of the block's later columns (b^2/2 multiply-subtracts per row, most of the kernel's work) must
+    compile to SIMD: indexed from `first` with a signed index it did not (Numba's negative-index wraparound), and
+    ran at 1.5 GFLOP/s in float32 and float64 alike (a 128 x 6144 block: 65 ms; as SIMD 13-15 ms)."""
+    import re
+
+    import numpy as np
+    from numba import njit
+
+    from bitmix.kernels import gptq_columns
+
+    kernel = njit(parallel=True)(gptq_columns._columns.py_func)  # the cached one cannot show its IR
+    for dtype, name in ((np.float64, "double"), (np.float32, "float")):
+        block, u = np.zeros((1, 4, 300), dtype), np.eye(4, dtype=dtype)[None]
+        kernel(block, u, np.ones((1, 300), np.float32), np.float32(2), np.float32(1), np.empty(block.shape, np.float32),
+               np.empty_like(block))
+        ir = next(ir for sig, ir in kernel.inspect_llvm().items() if sig[0].dtype.name == np.dtype(dtype).name)
+        assert re.search(rf"fmul <\d+ x {name}>", ir) and re.search(rf"fsub <\d+ x {name}>", ir)
