@@ -13,7 +13,8 @@ import inspect
 import logging
 import math
 import warnings
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import networkx as nx
@@ -59,18 +60,98 @@ LAYOUT_OPS = {
 
 
 def input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    """`example_inputs` as one tensor per forward argument (a lone tensor is one), or a one-line error."""
+    """`example_inputs` given as a tensor or tuple, as one tensor per forward argument, or a one-line error."""
     inputs = ((example_inputs,) if isinstance(example_inputs, torch.Tensor)
               else tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else ())
     if not inputs:
-        raise BitmixError("example_inputs must be a tensor or a tuple of tensors (one per forward argument), "
-                          f"got {type(example_inputs).__name__}")
+        raise BitmixError("example_inputs must be a tensor, a tuple of tensors (one per forward argument) or a dict "
+                          f"of forward argument name -> tensor, got {type(example_inputs).__name__}")
     other = next(((i, a) for i, a in enumerate(inputs) if not isinstance(a, torch.Tensor)), None)
     if other is not None:
-        i, arg = other
-        raise BitmixError(f"example_inputs element {i} is a {type(arg).__name__} ({arg!r:.40}), not a tensor: bitmix "
-                          "compiles the tensor arguments only, and a non-tensor forward argument keeps its default; "
-                          "leave it out, or wrap the model in a module that passes the value you want")
+        raise _not_a_tensor(f"example_inputs element {other[0]}", other[1])
+    return _check_examples(inputs)
+
+
+@dataclass(frozen=True)
+class Examples:
+    """The example inputs bound to the forward's signature: their tensors in the order of the forward's parameters
+    (the order the captured graph, the compiled model's positional call and calibration take them), their argument
+    names, and how many trailing ones torch.export is given by name (keyword-only, or after an argument left out
+    at its default)."""
+
+    tensors: tuple[torch.Tensor, ...]
+    names: tuple[str, ...] = ()  # empty: the forward does not name them all (forward(*args))
+    by_name: int = 0
+
+    def split(self, tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+        """`tensors` (in this order) as torch.export's (args, kwargs)."""
+        cut = len(tensors) - self.by_name
+        return tensors[:cut], dict(zip(self.names[cut:], tensors[cut:], strict=True))
+
+
+def bind_examples(model: nn.Module, example_inputs: Any) -> Examples:
+    """`example_inputs` (a tensor, a tuple in the forward's order, or a Mapping such as a tokenizer's BatchEncoding
+    of argument name -> tensor, as `model(**enc)` takes it) bound to `model.forward`'s signature. Arguments a
+    Mapping leaves out keep their defaults, fixed at compile time as non-tensor arguments are."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (AttributeError, TypeError, ValueError):
+        params = None
+    if not isinstance(example_inputs, Mapping):
+        inputs = input_tuple(example_inputs)
+        positional = [p.name for p in params or () if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(inputs) <= len(positional):
+            return Examples(inputs, tuple(positional[: len(inputs)]))
+        keyword = [p.name for p in params or () if p.kind is p.KEYWORD_ONLY]
+        if keyword and not any(p.kind is p.VAR_POSITIONAL for p in params or ()):
+            raise BitmixError(f"forward takes {', '.join(map(repr, keyword))} by keyword only; pass example_inputs "
+                              f"as a dict of argument name -> tensor, e.g. {{{keyword[0]!r}: x}}")
+        return Examples(inputs)  # more than the forward names: forward(*args), or the model's own error in capture
+    if params is None:
+        raise BitmixError(f"example_inputs is a dict, but the signature of {type(model).__name__}.forward cannot be "
+                          "read; pass a tuple of tensors in the forward's order")
+    named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    known = {p.name for p in named}
+    unknown = [k for k in example_inputs if k not in known]
+    if unknown:
+        raise BitmixError(f"example_inputs has {unknown[0]!r}, which is not an argument of "
+                          f"{type(model).__name__}.forward ({', '.join(p.name for p in named) or 'it names none'}); "
+                          "key the dict by the forward's named arguments (not **kwargs), or pass a tuple")
+    tensors, names, by_name, left_out = [], [], 0, False
+    for p in named:
+        value = example_inputs.get(p.name, p.default)
+        if value is p.empty:
+            raise BitmixError(f"example_inputs has no {p.name!r}, an argument of {type(model).__name__}.forward "
+                              f"without a default; add it to the dict")
+        if p.name not in example_inputs or not isinstance(value, torch.Tensor) and _is_default(value, p.default):
+            left_out = True  # the arguments after it reach torch.export by name
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise _not_a_tensor(f"example_inputs[{p.name!r}]", value)
+        if p.kind is p.POSITIONAL_ONLY and left_out:
+            raise BitmixError(f"positional-only argument {p.name!r} of {type(model).__name__}.forward follows one "
+                              "left at its default; give the arguments before it too")
+        by_name += left_out or p.kind is p.KEYWORD_ONLY
+        tensors.append(value)
+        names.append(p.name)
+    return Examples(_check_examples(tuple(tensors)), tuple(names), by_name)
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """A non-tensor value that is its argument's default (None, a flag, a number): the same as leaving it out."""
+    return value is default or (type(value) is type(default) and isinstance(value, bool | int | float | str)
+                                and value == default)
+
+
+def _not_a_tensor(what: str, arg: Any) -> BitmixError:
+    return BitmixError(f"{what} is a {type(arg).__name__} ({arg!r:.40}), not a tensor: bitmix compiles the tensor "
+                       "arguments only, and a non-tensor forward argument keeps its default; leave it out, or wrap "
+                       "the model in a module that passes the value you want")
+
+
+def _check_examples(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    if not inputs:
+        raise BitmixError("example_inputs hold no tensor; pass at least one input of the model")
     batched = [t for t in inputs if t.dim() > 0]
     if batched and all(t.shape[0] == 0 for t in batched):
         raise BitmixError(f"example_inputs hold no examples (shape {tuple(batched[0].shape)}: an empty batch); "
@@ -78,14 +159,16 @@ def input_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return inputs
 
 
-def capture(model: nn.Module, example_inputs: tuple | torch.Tensor, name: str | None = None,
-            dynamic_shapes: Any = AUTO) -> LayerGraph:
-    """Export `model` on `example_inputs` (dynamic dimensions: `bitmix.compiler.shapes`) and index its layers."""
+def capture(model: nn.Module, example_inputs: tuple | torch.Tensor | Mapping[str, torch.Tensor],
+            name: str | None = None, dynamic_shapes: Any = AUTO) -> LayerGraph:
+    """Export `model` on `example_inputs` (`bind_examples`; dynamic dimensions: `bitmix.compiler.shapes`) and index
+    its layers."""
     if not isinstance(model, nn.Module):
         raise BitmixError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    inputs = input_tuple(example_inputs)
+    examples = bind_examples(model, example_inputs)
+    inputs = examples.tensors
     _check_float32(model)
-    exported = export(model, inputs, dynamic_shapes)
+    exported = export(model, examples, dynamic_shapes)
     layers, vector_ops, deps, unsupported = _index(exported)
     if not layers:
         without = f" (ops without a bitmix kernel: {', '.join(unsupported)})" if unsupported else ""
@@ -103,8 +186,7 @@ def capture(model: nn.Module, example_inputs: tuple | torch.Tensor, name: str | 
     )
 
 
-def export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: Any = AUTO
-           ) -> torch.export.ExportedProgram:
+def export(model: nn.Module, examples: Examples, dynamic_shapes: Any = AUTO) -> torch.export.ExportedProgram:
     """torch.export a deep copy in eval mode with symbolic dimensions (`bitmix.compiler.shapes`).
 
     A symbolic batch lets calibration, training and evaluation run batches of any size, and
@@ -113,10 +195,11 @@ def export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: A
     exported for the example shapes only, with a warning; a spec given by the user is never
     replaced: its problems are reported as a one-line error.
     """
-    dims = normalize(model, inputs, dynamic_shapes)
+    inputs = examples.tensors
+    dims = normalize(examples.names, inputs, dynamic_shapes)
     if dims is not None and any(dims):
         try:
-            exported = _export(model, traced_inputs(inputs, dims), dims)
+            exported = _export(model, examples.split(traced_inputs(inputs, dims)), dims)
             _bind_symbols(exported, inputs)
             return exported
         except BitmixError as exc:
@@ -124,13 +207,14 @@ def export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic_shapes: A
                 raise
             warnings.warn(f"bitmix: the model does not export with a symbolic batch/sequence ({exc}); "
                           "it is compiled for the example shapes only", stacklevel=3)
-    return _export(model, inputs, None)
+    return _export(model, examples.split(inputs), None)
 
 
 EXPORT_LOCK = compile_lock  # Dynamo's lock around tracing a frame: an export beside a Dynamo trace breaks the trace
 
 
-def export_program(module: nn.Module, inputs: tuple[Any, ...], dims: Any) -> torch.export.ExportedProgram:
+def export_program(module: nn.Module, inputs: tuple[Any, ...], dims: Any, kwargs: dict[str, Any] | None = None
+                   ) -> torch.export.ExportedProgram:
     """``torch.export.export`` (non-strict), one at a time in this process, Numba's compiles held off.
 
     Non-strict export patches process globals while it traces (``torch/_export/non_strict_utils.py``): two
@@ -143,25 +227,28 @@ def export_program(module: nn.Module, inputs: tuple[Any, ...], dims: Any) -> tor
         level = fake_tensor_log.level
         fake_tensor_log.setLevel(logging.CRITICAL)  # bitmix says what failed in one line (or retries static)
         try:
-            return torch.export.export(module, inputs, dynamic_shapes=dims, strict=False)
+            return torch.export.export(module, inputs, kwargs, dynamic_shapes=dims, strict=False)
         finally:
             fake_tensor_log.setLevel(level)
 
 
-def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dims: Any) -> torch.export.ExportedProgram:
+def _export(model: nn.Module, call: tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]], dims: Any
+            ) -> torch.export.ExportedProgram:
+    """Export on `call` (args, kwargs); `dims` has one entry per tensor, in the order args then kwargs."""
+    args, kwargs = call
     frozen = frozen_copy(model)
     params = list(inspect.signature(frozen.forward).parameters.values())
     if dims is not None and len(params) == 1 and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
         dims = (dims,)  # forward(*args): torch.export wants one entry for the varargs
     try:
         with torch.no_grad():
-            return decompose.decompose(export_program(frozen, inputs, dims))
+            return decompose.decompose(export_program(frozen, args, dims, kwargs))
     except Exception as exc:  # torch raises many types here; all mean "cannot capture"
         shape_error = export_error(exc) if dims is not None else None
         if shape_error is not None:
             raise shape_error from None
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        eager = _eager_error(frozen, inputs)
+        eager = _eager_error(frozen, args, kwargs)
         if eager is not None:
             raise BitmixError(f"the model does not run on the example inputs ({eager}); "
                               "pass inputs it accepts (shapes, dtypes, one tensor per forward argument)") from None
@@ -172,12 +259,12 @@ def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dims: Any) -> to
         ) from None
 
 
-def _eager_error(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> str | None:
+def _eager_error(model: nn.Module, inputs: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor]) -> str | None:
     """Why a plain forward pass on `inputs` fails (first line), or None if it runs: an export failure the model
     itself would raise is the user's input, not something torch.export cannot trace."""
     try:
         with torch.no_grad():
-            model(*inputs)
+            model(*inputs, **kwargs)
     except Exception as exc:  # whatever the model raises
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
         return f"{type(exc).__name__}: {first[:200]}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -70,7 +69,8 @@ def calibration_inputs(source: Any, example_ranks: tuple[int, ...], names: tuple
     (as its calls cast them). `example_ranks` (the example inputs' ranks) says how many tensors the model
     takes: an iterable's batch with one item more is (inputs, labels); items with one dimension fewer than
     the example inputs are single examples. A dict batch gives its values at `names` (the forward's arguments
-    for the example inputs), as `cm(**batch)` would take them; other keys (labels) are dropped."""
+    the example inputs were bound to: `capture.bind_examples`, which binds a dict example the same way), as
+    `cm(**batch)` would take them; other keys (labels) are dropped."""
     if source is None:
         return None, None
     calib, held = _calibration(source, example_ranks, names)
@@ -110,16 +110,6 @@ def _calibration(source: Any, example_ranks: tuple[int, ...], names: tuple[str, 
         return calib, f"more than {CALIBRATION_SAMPLES} examples" if more else None  # the rest is never read
     raise BitmixError(f"calibration data must be a tensor, a tuple of tensors, a DataLoader or TaskData, "
                       f"got {type(source).__name__}")
-
-
-def argument_names(model: Any, takes: int) -> tuple[str, ...]:
-    """The names of the first `takes` positional arguments of `model.forward` (empty if it has fewer)."""
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (AttributeError, TypeError, ValueError):
-        return ()
-    names = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-    return names[:takes] if len(names) >= takes else ()
 
 
 def _held(examples: int) -> str | None:

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,7 +25,7 @@ from bitmix.budget import Budget
 from bitmix.compiler import inputs, legacy, sensitivity
 from bitmix.compiler.allocate import Allocation, allocate, cheapest_fraction, check_budget
 from bitmix.compiler.allocate import Budget as Caps
-from bitmix.compiler.capture import capture, input_tuple
+from bitmix.compiler.capture import bind_examples, capture
 from bitmix.compiler.fidelity import guard
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.frozen import train_mode_modules
@@ -92,7 +92,7 @@ class CompiledModel(Keepable, nn.Module):
 
 def compile(  # noqa: A001 - the public verb, as in torch.compile
     model: nn.Module,
-    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor | Mapping[str, torch.Tensor],
     target: str | Target = "int4int2-npu",
     *,
     method: str | MethodConfig = "eagl",
@@ -105,6 +105,11 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
 ) -> CompiledModel:
     """Compile `model` to per-layer 2/4/8-bit kernels for `target` within `budget`.
 
+    example_inputs: a tensor, a tuple of tensors in the forward's order, or a Mapping (a dict, a tokenizer's
+      BatchEncoding) of forward argument name -> tensor as `model(**enc)` takes it; keyword-only arguments only
+      this way. Left-out and non-tensor arguments keep their defaults, fixed at compile time. The inputs are
+      bound once to the forward's signature: the compiled model takes the tensors by name, as `cm(**enc)`, or
+      positionally in the forward's parameter order, left-out arguments skipped (`cm.input_spec.names`).
     target: a name in `bitmix.targets` or a `Target` (`.with_chip_config("chip.toml")` for another chip).
     method: a registered method's name (`eagl`, `alps`, ...) or its config (`ALPSConfig(epochs=0.5)`).
     budget: a fraction of the all-highest-choice simulated cost, or a `Budget` (absolute fps / latency_s /
@@ -145,11 +150,12 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     caps = inputs.caps(goal)
     scorer, method_config = sensitivity.resolve(method)
     roles = inputs.resolve_data(data)
-    ranks = tuple(t.dim() for t in input_tuple(example_inputs))
+    examples = bind_examples(model, example_inputs)
+    ranks = tuple(t.dim() for t in examples.tensors)
     calib, cut = inputs.calibration_inputs(roles.calibration if roles.calibration is not None else roles.train,
-                                           ranks, inputs.argument_names(model, len(ranks)))
+                                           ranks, examples.names)
     sensitivity.check_inputs(scorer, roles.train is not None, calib is not None)  # before any slow stage
-    ranges_from = calib if calib is not None else _example_calibration(example_inputs, warn)
+    ranges_from = calib if calib is not None else _example_calibration(examples.tensors, warn)
     if isinstance(finetune, bool) or not (finetune is None or isinstance(finetune, FinetuneConfig)
                                           or isinstance(finetune, numbers.Integral) and finetune >= 0):
         raise BitmixError(f"finetune must be a number of epochs >= 0 or a bitmix.FinetuneConfig, got {finetune!r}")
@@ -243,7 +249,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     with _stage("fidelity", timings):
         for module in (float_model, cm.lowered):
             restore(module, initial_state)  # both from the user's state, in step through the check's passes
-        accuracy.update(guard(float_model, cm, calib, warn, fallback=example_inputs, target=tgt.name,
+        accuracy.update(guard(float_model, cm, calib, warn, fallback=examples.tensors, target=tgt.name,
                               full_budget=_all_highest(assignment, tgt),
                               finetuned=ft is not None and ft.epochs > 0))
     for module in (fq, cm.lowered):
@@ -260,11 +266,10 @@ def _all_highest(assignment: dict[str, Any], tgt: Target) -> bool:
     return all(as_precision(bits) in top for bits in assignment.values())
 
 
-def _example_calibration(example_inputs: tuple[torch.Tensor, ...] | torch.Tensor, warn: list[str]) -> Inputs:
+def _example_calibration(examples: Inputs, warn: list[str]) -> Inputs:
     """Without calibration data the ranges come from the example inputs (better than a data-free guess)."""
     msg = ("no calibration data: activation ranges come from the example inputs; "
            "pass data= (a few real inputs) for better accuracy")
-    examples = input_tuple(example_inputs)
     for i, t in enumerate(examples):
         if t.is_floating_point() and not t.is_meta and not torch.isfinite(t).all():  # meta: `_check_finite`
             raise BitmixError(f"example input {i} contains NaN or Inf, and without data= the example inputs set the "

@@ -17,14 +17,12 @@ the input and dimension, instead of a torch shape error deep inside the graph.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from torch.export import Dim
 from torch.utils._sympy.numbers import IntInfinity
 
@@ -33,8 +31,9 @@ from bitmix.errors import BitmixError
 AUTO = "auto"
 
 
-def normalize(model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: Any) -> tuple[dict[int, Any], ...] | None:
-    """A torch.export spec as one {dim: Dim} dict per positional input (None: static)."""
+def normalize(names: tuple[str, ...], inputs: tuple[torch.Tensor, ...], spec: Any) -> tuple[dict[int, Any], ...] | None:
+    """A torch.export spec as one {dim: Dim} dict per input, in the order of `inputs` (`names`: their forward
+    argument names, for a spec keyed by name; None: static)."""
     if spec is None:
         return None
     if isinstance(spec, str):
@@ -42,12 +41,11 @@ def normalize(model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: Any) -> 
             raise BitmixError(f"dynamic_shapes must be 'auto', None or a torch.export spec, got {spec!r}")
         return tuple(_inferred(t) for t in inputs)
     if isinstance(spec, dict):
-        names = [p for p in inspect.signature(model.forward).parameters if p not in ("self",)]
-        unknown = sorted(set(spec) - set(names[: len(inputs)]))
+        unknown = sorted(set(spec) - set(names))
         if unknown:
             raise BitmixError(f"dynamic_shapes names {unknown[0]!r}, which is not one of the inputs "
-                              f"({', '.join(names[: len(inputs)])})")
-        spec = tuple(spec.get(n) for n in names[: len(inputs)])
+                              f"({', '.join(names) or 'unnamed: give a tuple, one entry per input'})")
+        spec = tuple(spec.get(n) for n in names)
     if not isinstance(spec, Sequence) or len(spec) != len(inputs):
         count = len(spec) if isinstance(spec, Sequence) else type(spec).__name__
         raise BitmixError(f"dynamic_shapes has {count} entries but the model takes {len(inputs)} input(s); "

@@ -1,4 +1,5 @@
 import math
+from collections import UserDict
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from torch import nn
 
 import bitmix
 from bitmix.compiler.capture import capture, export_program
+from bitmix.compiler.shapes import InputSpec
 from bitmix.errors import BitmixError
 from bitmix.kernels.limits import MAX_BMM_K, max_weight_k
 
@@ -483,3 +485,81 @@ def test_a_numba_compile_in_another_thread_waits_for_an_export():
     export_program(model, (torch.randn(2, 8),), None)
     thread.join(timeout=60)
     assert result == [2]
+
+
+class Gated(nn.Module):
+    """Two tensor inputs around a left-out tensor argument and a non-tensor one, as Hugging Face forwards are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, scale: float = 2.0,
+                t: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.b(F.relu(self.a(x))) * scale
+        h = h if mask is None else h * mask
+        return h if t is None else h + t
+
+
+class KeywordOnly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, y: torch.Tensor, *, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.relu(self.a(x))) + y
+
+
+class Encoding(UserDict):
+    """What a tokenizer returns (`transformers.BatchEncoding`): a Mapping with attribute access, not a dict."""
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        try:
+            return self.data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _names(graph) -> tuple[str, ...]:  # noqa: ANN001
+    return InputSpec.of(graph.exported).names
+
+
+def test_a_dict_of_example_inputs_binds_to_the_forwards_parameter_order():
+    """A dict example was refused ("must be a tensor or a tuple of tensors"): its tensors are the inputs, in the
+    forward's order whatever the key order; a left-out argument and a non-tensor one at its default keep it."""
+    x, t = torch.randn(4, 16), torch.randn(4, 8)
+    for example in ({"t": t, "x": x}, {"t": t, "scale": 2.0, "x": x, "mask": None}, Encoding(t=t, x=x)):
+        graph = capture(Gated().eval(), example)
+        assert _names(graph) == ("x", "t") and graph.input_shapes == ((4, 16), (4, 8))
+
+
+def test_a_keyword_only_forward_captures_from_a_dict():
+    """`forward(self, y, *, x)` could not be captured at all; a tuple for it says how to pass x."""
+    x, y = torch.randn(4, 16), torch.randn(4, 8)
+    graph = capture(KeywordOnly().eval(), {"x": x, "y": y})
+    assert _names(graph) == ("y", "x") and graph.input_shapes == ((4, 8), (4, 16))
+    batch = torch.export.Dim("batch", max=64)  # a dynamic_shapes spec keyed by name reaches keyword-only ones too
+    graph = capture(KeywordOnly().eval(), {"x": x, "y": y}, dynamic_shapes={"x": {0: batch}, "y": {0: batch}})
+    (y_batch, _), (x_batch, _) = InputSpec.of(graph.exported).dims
+    assert isinstance(x_batch, str) and x_batch == y_batch
+    with pytest.raises(BitmixError, match=r"^forward takes 'x' by keyword only; pass example_inputs as a dict of "
+                                          r"argument name -> tensor, e.g. \{'x': x\}$"):
+        capture(KeywordOnly().eval(), (y, x))
+
+
+@pytest.mark.parametrize(("example", "match"), [
+    ({"x": "x", "bogus": "t"}, r"^example_inputs has 'bogus', which is not an argument of Gated.forward \(x, mask, "
+                               r"scale, t\); key the dict by the forward's named arguments \(not \*\*kwargs\), "
+                               r"or pass a tuple$"),
+    ({"t": "t"}, r"^example_inputs has no 'x', an argument of Gated.forward without a default; add it to the dict$"),
+    ({"x": "x", "t": [1.0, 2.0]}, r"^example_inputs\['t'\] is a list \(\[1.0, 2.0\]\), not a tensor: bitmix "
+                                  r"compiles the tensor arguments only, .*; leave it out, or wrap the model"),
+    ({"x": "x", "scale": 0.5}, r"^example_inputs\['scale'\] is a float \(0.5\), not a tensor"),
+    ({"x": None}, r"^example_inputs\['x'\] is a NoneType \(None\), not a tensor"),
+    ({}, r"^example_inputs has no 'x', an argument of Gated.forward without a default"),
+])
+def test_bad_dict_example_inputs_are_one_line(example, match):
+    tensors = {"x": torch.randn(4, 16), "t": torch.randn(4, 8)}
+    example = {k: tensors.get(v, v) if isinstance(v, str) else v for k, v in example.items()}
+    with pytest.raises(BitmixError, match=match):
+        capture(Gated().eval(), example)

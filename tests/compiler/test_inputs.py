@@ -185,3 +185,23 @@ def test_a_loader_of_dicts_calibrates_by_the_forwards_argument_names():
     model = _Text().eval()
     cm = bitmix.compile(model, (ids[:2], mask[:2]), "int8-npu", data=DataLoader(rows, batch_size=8), options=QUICK)
     assert not any("no calibration data" in w for w in cm.report.warnings)
+
+
+@pytest.mark.parametrize("name", ["gated", "keyword"])
+def test_dict_calibration_batches_bind_like_a_dict_example(name):
+    """Dict batches are read at the names the example inputs were bound to (keyword-only ones too, and skipping an
+    argument the example left out): the same calibration, bit for bit, as tuples in the forward's order."""
+    from tests.compiler.test_capture import Gated, KeywordOnly
+
+    torch.manual_seed(0)
+    x, t = torch.randn(32, 16), torch.randn(32, 8)
+    if name == "gated":
+        model, example, ordered = Gated().eval(), {"t": t[:2], "x": x[:2]}, (x, t)
+        rows = [{"labels": 0, "t": b, "x": a} for a, b in zip(x, t, strict=True)]
+    else:
+        model, example, ordered = KeywordOnly().eval(), {"x": x[:2], "y": t[:2]}, (t, x)
+        rows = [{"x": a, "y": b, "labels": 0} for a, b in zip(x, t, strict=True)]
+    by_dict = bitmix.compile(model, example, "int8-npu", data=DataLoader(rows, batch_size=8), options=QUICK)
+    by_tuple = bitmix.compile(model, example, "int8-npu", data=ordered, options=QUICK)
+    probe = (x[:5], t[:5]) if name == "gated" else (t[:5], x[:5])
+    assert torch.equal(by_dict(*probe), by_tuple(*probe))

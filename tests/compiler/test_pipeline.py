@@ -243,9 +243,13 @@ def test_bad_inputs(digits, kwargs, match):
         bitmix.compile(model, inputs, options=QUICK, **kwargs)
 
 
-@pytest.mark.parametrize("example", [None, 3, {"x": torch.zeros(2, 4)}, ()])
-def test_example_inputs_that_are_not_tensors(example):
-    with pytest.raises(BitmixError, match="example_inputs must be a tensor or a tuple of tensors"):
+@pytest.mark.parametrize(("example", "match"), [
+    *[(bad, r"^example_inputs must be a tensor, a tuple of tensors \(one per forward argument\) or a dict of forward "
+            r"argument name -> tensor, got") for bad in (None, 3, ())],
+    ({"x": torch.zeros(2, 4)}, r"^example_inputs has 'x', which is not an argument of Linear.forward \(input\)"),
+])
+def test_example_inputs_that_are_not_tensors(example, match):
+    with pytest.raises(BitmixError, match=match):
         bitmix.compile(nn.Linear(4, 2), example, options=QUICK)
 
 
@@ -504,3 +508,42 @@ def test_a_buffer_the_forward_writes_starts_from_the_users_value_not_after_the_c
     with torch.no_grad():
         assert (first - eager(x)).abs().max() < 0.05  # call 1 adds 1 (was 10: nine passes inside the compile)
         assert (cm(x) - eager(x)).abs().max() < 0.05  # and calls keep counting, as eager torch does
+
+
+@pytest.fixture(scope="module")
+def from_dicts():
+    """`Gated` compiled from a BatchEncoding-like Mapping in another key order than the forward's (leaving out
+    `mask` and `scale`), and `KeywordOnly` from a dict; calibrated on tuples in the forward's order."""
+    from tests.compiler.test_capture import Encoding, Gated, KeywordOnly
+
+    torch.manual_seed(0)
+    x, t = torch.randn(16, 16), torch.randn(16, 8)
+    gated, keyword = Gated().eval(), KeywordOnly().eval()
+    return {"gated": (gated, bitmix.compile(gated, Encoding(t=t[:4], x=x[:4]), "int8-npu", data=(x, t),
+                                            options=QUICK)),
+            "keyword": (keyword, bitmix.compile(keyword, {"x": x[:4], "y": t[:4]}, "int8-npu", data=(t, x),
+                                                options=QUICK))}
+
+
+def _calls(name: str, x: torch.Tensor, t: torch.Tensor) -> tuple[tuple, dict, list[tuple[tuple, dict]]]:
+    """The original model's call, and every call style the compiled model takes for the same inputs."""
+    from tests.compiler.test_capture import Encoding
+
+    if name == "gated":
+        return (x,), {"t": t}, [((x, t), {}), ((x,), {"t": t}), ((), {"t": t, "x": x}), ((), Encoding(t=t, x=x))]
+    return (t,), {"x": x}, [((t, x), {}), ((t,), {"x": x}), ((), {"x": x, "y": t}), ((), Encoding(x=x, y=t))]
+
+
+@pytest.mark.parametrize("name", ["gated", "keyword"])
+def test_a_model_compiled_from_a_dict_takes_its_inputs_by_position_by_name_or_as_a_dict(from_dicts, name):
+    """A dict example (and any keyword-only forward) could not be compiled; now every call style gives the same
+    outputs: the kernels' (== fake quant, bit for bit), close to the FP32 model's."""
+    model, cm = from_dicts[name]
+    x, t = torch.randn(6, 16), torch.randn(6, 8)
+    args, kwargs, calls = _calls(name, x, t)
+    with torch.no_grad():
+        want, fp32 = cm.fake_quant(*calls[0][0]), model(*args, **kwargs)
+        for call_args, call_kwargs in calls:
+            assert torch.equal(cm(*call_args, **call_kwargs), want)
+    assert torch.nn.functional.cosine_similarity(want.flatten(), fp32.flatten(), dim=0) > 0.99
+    assert cm.input_spec.names == (("x", "t") if name == "gated" else ("y", "x"))

@@ -218,3 +218,25 @@ def test_a_file_saved_before_input_dtypes_converts_integer_inputs_from_its_progr
     bad = _with_input_spec(saved, tmp_path / "bad.pt2", lambda spec: {**spec, "dtypes": ["int65"]})
     with pytest.raises(BitmixError, match=r"bad.pt2 has an unreadable bitmix input spec \(TypeError: 'int65' is not"):
         bitmix.load(bad)
+
+
+@pytest.mark.parametrize("name", ["gated", "keyword"])
+def test_a_model_compiled_from_a_dict_loads_with_the_same_call_styles(tmp_path, name):
+    """The input spec saved with the program keeps the bound order and names: a loaded model takes the inputs of a
+    dict-compiled (or keyword-only) model positionally, by name or as `**enc`, with the compiled model's outputs."""
+    from tests.compiler.test_capture import Encoding, Gated, KeywordOnly
+    from tests.compiler.test_pipeline import _calls
+
+    torch.manual_seed(0)
+    x, t = torch.randn(8, 16), torch.randn(8, 8)
+    model, example, data = ((Gated(), Encoding(t=t, x=x), (x, t)) if name == "gated"
+                             else (KeywordOnly(), {"x": x, "y": t}, (t, x)))  # data: in the forward's order
+    cm = bitmix.compile(model.eval(), example, target="int8-npu", data=data,
+                        options=bitmix.CompileOptions(frontier_points=0))
+    loaded = bitmix.load(cm.save(tmp_path / f"{name}.pt2"))
+    assert loaded.input_spec.names == cm.input_spec.names
+    x, t = torch.randn(3, 16), torch.randn(3, 8)
+    calls = _calls(name, x, t)[2]
+    want = cm(*calls[0][0])
+    for args, kwargs in calls:
+        assert torch.equal(loaded(*args, **kwargs), want)
