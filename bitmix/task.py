@@ -10,6 +10,7 @@ inputs), train (labeled, for methods that train and for fine-tuning) and eval.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,10 @@ from bitmix.ir.precision import PrecisionLike, as_precision
 
 Inputs = tuple[torch.Tensor, ...]
 OPTIMIZERS = ("sgd", "adam")
+# What `TaskData.classification` reads from a DataLoader into memory: its first whole batches up to this many bytes
+# of tensors (the first batch always). 10^6 CIFAR-sized images (3x32x32 float32) are 12 GB; joining the batches
+# briefly needs twice what is kept.
+MAX_LOADER_BYTES = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -94,13 +99,15 @@ class TaskData:
     def classification(cls, batches: Iterable[Any], role: str = "train") -> TaskData:
         """A classification task (cross-entropy loss, top-1 accuracy) from (inputs..., class labels) batches, as a
         DataLoader of (x, y) yields: what `Data(train=loader)` / `Data(eval=loader)` mean. The batches are read
-        into memory once; both splits hold them (a train role never reads its test split, an eval role its
+        into memory once, the first whole ones up to `MAX_LOADER_BYTES` (2 GiB), with a warning when there are more
+        (the rest is never read); both splits hold them (a train role never reads its test split, an eval role its
         train split)."""
         usage = (f"Data({role}=...) must be a TaskData or a DataLoader of (inputs..., class labels) batches, e.g. "
                  f"Data({role}=DataLoader(TensorDataset(x, y), batch_size=64))")
         if isinstance(batches, torch.Tensor) or not isinstance(batches, Iterable):
             raise BitmixError(f"{usage}; got {type(batches).__name__}")
         parts: list[tuple[torch.Tensor, ...]] = []
+        held = 0
         for batch in batches:
             if isinstance(batch, Mapping):
                 raise BitmixError(f"{usage}; got a batch of {{{', '.join(map(repr, batch))}}}: yield "
@@ -112,7 +119,16 @@ class TaskData:
             if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
                 raise BitmixError(f"{usage}; its labels must be integer class indices of shape (batch,), got "
                                   f"{labels.dtype} of shape {tuple(labels.shape)} (other targets: build a TaskData)")
+            size = sum(t.numel() * t.element_size() for t in batch)
+            if parts and held + size > MAX_LOADER_BYTES:
+                examples = sum(len(p[-1]) for p in parts)
+                use = "trains" if role == "train" else "measures accuracy" if role == "eval" else "works"
+                warnings.warn(f"Data({role}=...) holds more than {MAX_LOADER_BYTES / 2**30:g} GiB of tensors; bitmix "
+                              f"reads its first {examples} examples ({held / 2**30:.2f} GiB) into memory and {use} "
+                              "on those only; pass a loader over the subset you want, or a TaskData", stacklevel=2)
+                break
             parts.append(tuple(batch))
+            held += size
         if not parts:
             raise BitmixError(f"{usage}; got no batches")
         if len({len(p) for p in parts}) != 1:
