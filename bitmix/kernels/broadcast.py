@@ -222,6 +222,8 @@ class LinearOperands:
         self.row_floor = None if row_floor is None else np.float32(row_floor)
         self.scale = ((self.step if row_floor is None else np.float32(1)) * w_scales).astype(np.float32)
         self.has_bias = bias is not None
-        self.bias = np.ascontiguousarray(bias, dtype=np.float32) if bias is not None else self.scale
+        # none: -0.0s, which the AVX2 epilogue adds unconditionally (``x + -0.0 == x`` bit for bit)
+        self.bias = (np.ascontiguousarray(bias, dtype=np.float32) if bias is not None
+                     else np.full(w.n, -0.0, dtype=np.float32))
         self.has_scale = a_scale is not None
         self.a_scale = np.ascontiguousarray(a_scale, dtype=np.float32) if a_scale is not None else NO_SCALE

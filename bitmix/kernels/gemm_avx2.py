@@ -56,6 +56,8 @@ from bitmix.kernels.simd_avx2 import (
     madd16_x16,
     splat_i32x8,
     store_codes_x8,
+    store_codes_x16,
+    store_floats_x16,
     store_lanes_x8,
 )
 
@@ -187,6 +189,15 @@ def driver(w8: bool, parallel: bool, codes: bool = False):
                     cols = min(BLOCK, n - col)  # stored lanes: a partial block ends early
                     if codes:
                         d0, d1, d2, d3 = four_dests(pb, poh, pw, ho, wo, hp2, wp2, ph2, pw2)
+                        if cols == BLOCK:
+                            store_codes_x16(out8, d0 * c4n + col, c00, c01, scale, bias, col, q8)
+                            if rows > 1:
+                                store_codes_x16(out8, d1 * c4n + col, c10, c11, scale, bias, col, q8)
+                            if rows > 2:
+                                store_codes_x16(out8, d2 * c4n + col, c20, c21, scale, bias, col, q8)
+                            if rows > 3:
+                                store_codes_x16(out8, d3 * c4n + col, c30, c31, scale, bias, col, q8)
+                            continue
                         hi8 = col + LANES
                         store_codes_x8(out8, d0 * c4n + col, c00, scale, bias, col, has_bias, lo, hi, q8, cols)
                         store_codes_x8(out8, d0 * c4n + hi8, c01, scale, bias, hi8, has_bias, lo, hi, q8, cols - LANES)
@@ -204,6 +215,19 @@ def driver(w8: bool, parallel: bool, codes: bool = False):
                                            cols - LANES)
                         continue
                     o = i * n + col
+                    if cols == BLOCK and mode != INT32:
+                        r = row_scale[i] if mode == ROWS else ONE
+                        store_floats_x16(out_f, o, c00, c01, scale, bias, col, r, res, has_res, lo, hi)
+                        if rows > 1:
+                            r = row_scale[i + 1] if mode == ROWS else ONE
+                            store_floats_x16(out_f, o + n, c10, c11, scale, bias, col, r, res, has_res, lo, hi)
+                        if rows > 2:
+                            r = row_scale[i + 2] if mode == ROWS else ONE
+                            store_floats_x16(out_f, o + 2 * n, c20, c21, scale, bias, col, r, res, has_res, lo, hi)
+                        if rows > 3:
+                            r = row_scale[i + 3] if mode == ROWS else ONE
+                            store_floats_x16(out_f, o + 3 * n, c30, c31, scale, bias, col, r, res, has_res, lo, hi)
+                        continue
                     as_int, by_row = mode == INT32, mode == ROWS
                     r = row_scale[i] if by_row else ONE
                     store_lanes_x8(out_f, out_i, o, c00, scale, bias, col, has_bias, r, by_row, cols, as_int,
@@ -241,6 +265,12 @@ NO_RESIDUAL = (NO_F32, False, np.float32(-np.inf), np.float32(np.inf))  # no res
 NO_CODES = (np.zeros(LANES, dtype=np.int8), np.zeros(5, dtype=np.int64), np.ones(4, dtype=np.float32))  # out8, cgeo, q8
 
 
+def no_bias(n: int) -> np.ndarray:
+    """The bias of a layer without one: -0.0s, which the full-block epilogues add unconditionally (``x + -0.0``
+    is ``x`` bit for bit, -0.0 and NaN included)."""
+    return np.full(n, -0.0, dtype=np.float32)
+
+
 def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, out: np.ndarray,
         parallel: bool) -> None:
     """``out[:m]`` = the exact int32 product of one group (``a8`` rows of ``w.k_pad`` bytes, pad columns
@@ -262,7 +292,7 @@ def conv_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: in
     off, pix, data, cw, offset, n, n_pad, steps, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
     core = driver(w.bits == 8, parallel)
     head = (off, pix, data, cw, offset, m, n, n_pad, steps, c4, geo, SCALED, NO_I32)
-    tail = (scale, scale if bias is None else bias, bias is not None, NO_F32)
+    tail = (scale, no_bias(n) if bias is None else bias, bias is not None, NO_F32)
     lo, hi = np.float32(clamp[0]), np.float32(clamp[1])
 
     def run(a8: np.ndarray, psum: np.ndarray, y: np.ndarray, res: np.ndarray | None) -> None:
@@ -272,6 +302,17 @@ def conv_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: in
     return run
 
 
+def codes_bounds(clamp: tuple, quant: tuple) -> np.ndarray:
+    """``(step, lo, hi, shift)`` with the conv's clamp folded into the code bounds, so the epilogue clips once:
+    ``clip(clamp(y, a, b) / s, qlo, qhi) == clip(y / s, lo, hi)`` bit for bit, where ``lo, hi`` is the overlap of
+    ``[a / s, b / s]`` (float32 quotients: division by ``s > 0`` rounds monotonically) and ``[qlo, qhi]``, or
+    the one bound every value lands on when they do not overlap."""
+    step, qlo, qhi, shift = (np.float32(v) for v in quant)
+    a, b = np.float32(clamp[0]) / step, np.float32(clamp[1]) / step
+    lo, hi = (qlo, qlo) if b < qlo else (qhi, qhi) if a > qhi else (max(a, qlo), min(b, qhi))
+    return np.array((step, lo, hi, shift), dtype=np.float32)
+
+
 def conv_codes_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
                     scale: np.ndarray, bias: np.ndarray | None, clamp: tuple, parallel: bool, nxt_padded: tuple,
                     nxt_pad: tuple[int, int], nxt_quant: tuple) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
@@ -279,11 +320,11 @@ def conv_codes_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], 
     ``gemm_vnni.conv_codes_gemm`` (same arguments, same codes): the floats are never stored."""
     off, pix, data, cw, offset, n, n_pad, steps, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
     core = driver(w.bits == 8, parallel, codes=True)
-    head = (off, pix, data, cw, offset, m, n, n_pad, steps, c4, geo, SCALED, NO_I32, NO_F32, scale,
-            scale if bias is None else bias, bias is not None, NO_F32, NO_F32, False, np.float32(clamp[0]),
-            np.float32(clamp[1]))
+    bias = no_bias(n) if bias is None else bias
+    head = (off, pix, data, cw, offset, m, n, n_pad, steps, c4, geo, SCALED, NO_I32, NO_F32, scale, bias, True,
+            NO_F32, NO_F32, False, np.float32(-np.inf), np.float32(np.inf))
     cgeo = np.array((nxt_padded[1], nxt_padded[2], nxt_pad[0], nxt_pad[1], nxt_padded[3]), dtype=np.int64)
-    q8 = np.array(nxt_quant, dtype=np.float32)
+    q8 = codes_bounds(clamp, nxt_quant)
 
     def run(a8: np.ndarray, psum: np.ndarray, out8: np.ndarray) -> None:
         core(a8, psum, *head, out8, cgeo, q8)

@@ -214,6 +214,88 @@ def store_codes_x8(typingctx, out8, idx, v, scale, bias, col, has_bias, lo, hi, 
     return types.none(out8, idx, v, scale, bias, col, has_bias, lo, hi, q, count), codegen
 
 
+
+@intrinsic
+def store_codes_x16(typingctx, out8, idx, v0, v1, scale, bias, col, q):
+    """Two full output vectors (channels ``col .. col + 15``) as 16 bytes of the next conv's input codes:
+    ``out8[idx + l] = rint(clip(y / q[0], q[1], q[2])) - q[3]`` with ``y = float32(v[l]) * scale[col + l] +
+    bias[col + l]`` (``vcvtdq2ps``, ``vmulps``, ``vaddps``, ``vdivps``, ``vmaxps``/``vminps``, ``vcvtps2dq``).
+    The caller folds the conv's clamp into ``q[1], q[2]`` and passes -0.0 biases for none (``x + -0.0 == x``
+    bit for bit), so this is ``store_codes_x8``'s result with no per-store branch or mask: on AVX2 a masked
+    byte store is scalar code, and beside it the tile's registers spilled (a 1x1 conv, K = 16, 1.3x slower)."""
+    f32 = types.Array(types.float32, 1, "C")
+    if not (out8 == types.Array(types.int8, 1, "C") and scale == f32 and bias == f32 and q == f32
+            and v0 == v1 == i32x8 and all(isinstance(a, types.Integer) for a in (idx, col))):
+        return None
+
+    def codegen(context, builder, sig, args):
+        out_a, idx_a, v0_a, v1_a, scale_a, bias_a, col_a, q_a = args
+        i32x8_ty = ir.VectorType(ir.IntType(32), 8)
+        qdata = context.make_array(sig.args[7])(context, builder, value=q_a).data
+
+        def q_at(i):
+            return _splat_value(builder, _F32X8, builder.load(builder.gep(qdata, [ir.Constant(ir.IntType(64), i)])))
+
+        step, qlo, qhi = q_at(0), q_at(1), q_at(2)
+        shift = builder.fptosi(q_at(3), i32x8_ty)
+        cvt = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32x8_ty, [_F32X8]),
+                                             "llvm.x86.avx.cvt.ps2dq.256")
+        codes = []
+        for half, v in ((0, v0_a), (8, v1_a)):
+            at = builder.add(context.cast(builder, col_a, sig.args[6], types.intp), ir.Constant(ir.IntType(64), half))
+            scale_ptr = _ptr(context, builder, sig.args[4], scale_a, types.intp, at, _F32X8)
+            bias_ptr = _ptr(context, builder, sig.args[5], bias_a, types.intp, at, _F32X8)
+            y = builder.fmul(builder.sitofp(v, _F32X8), builder.load(scale_ptr, align=4))
+            y = builder.fdiv(builder.fadd(y, builder.load(bias_ptr, align=4)), step)
+            y = builder.select(builder.fcmp_ordered("<", y, qlo), qlo, y)
+            y = builder.select(builder.fcmp_ordered(">", y, qhi), qhi, y)
+            codes.append(builder.sub(builder.call(cvt, [y]), shift))
+        order = ir.Constant(ir.VectorType(ir.IntType(32), 16), list(range(16)))
+        both = builder.shuffle_vector(codes[0], codes[1], order)
+        i8x16 = ir.VectorType(ir.IntType(8), 16)
+        builder.store(builder.trunc(both, i8x16),
+                      _ptr(context, builder, sig.args[0], out_a, sig.args[1], idx_a, i8x16), align=1)
+        return context.get_dummy_value()
+
+    return types.none(out8, idx, v0, v1, scale, bias, col, q), codegen
+
+
+@intrinsic
+def store_floats_x16(typingctx, out, idx, v0, v1, scale, bias, col, row_scale, res, has_res, lo, hi):
+    """Two full output vectors (channels ``col .. col + 15``) as floats: ``store_lanes_x8``'s formula with every
+    factor applied, ``float32(v[l]) * scale[col + l] * row_scale + bias[col + l] (+ res[idx + l])`` clamped to
+    ``[lo, hi]``; the caller passes ``row_scale`` 1 and -0.0 biases where there are none (``x * 1 == x`` and
+    ``x + -0.0 == x`` bit for bit, NaN and -0.0 included), so only the residual is a branch. No masks: the
+    masked form beside the tile's registers made them spill on AVX2."""
+    f32 = types.Array(types.float32, 1, "C")
+    if not (out == scale == bias == res == f32 and v0 == v1 == i32x8 and isinstance(idx, types.Integer)
+            and isinstance(col, types.Integer) and row_scale == lo == hi == types.float32
+            and isinstance(has_res, types.Boolean)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        out_a, idx_a, v0_a, v1_a, scale_a, bias_a, col_a, rs_a, res_a, has_res_a, lo_a, hi_a = args
+        rs = _splat_value(builder, _F32X8, rs_a)
+        low, high = _splat_value(builder, _F32X8, lo_a), _splat_value(builder, _F32X8, hi_a)
+        i64 = ir.IntType(64)
+        for half, v in ((0, v0_a), (8, v1_a)):
+            at = builder.add(context.cast(builder, col_a, sig.args[6], types.intp), ir.Constant(i64, half))
+            to = builder.add(context.cast(builder, idx_a, sig.args[1], types.intp), ir.Constant(i64, half))
+            scale_v = builder.load(_ptr(context, builder, sig.args[4], scale_a, types.intp, at, _F32X8), align=4)
+            bias_v = builder.load(_ptr(context, builder, sig.args[5], bias_a, types.intp, at, _F32X8), align=4)
+            y = builder.fadd(builder.fmul(builder.fmul(builder.sitofp(v, _F32X8), scale_v), rs), bias_v)
+            slot = cgutils.alloca_once_value(builder, y)
+            with builder.if_then(has_res_a):  # a residual's load only where there is one
+                r = builder.load(_ptr(context, builder, sig.args[8], res_a, types.intp, to, _F32X8), align=4)
+                builder.store(builder.fadd(y, r), slot)
+            y = builder.load(slot)
+            y = builder.select(builder.fcmp_ordered("<", y, low), low, y)
+            y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
+            builder.store(y, _ptr(context, builder, sig.args[0], out_a, types.intp, to, _F32X8), align=4)
+        return context.get_dummy_value()
+
+    return types.none(out, idx, v0, v1, scale, bias, col, row_scale, res, has_res, lo, hi), codegen
+
 for _name, _obj in list(globals().items()):
     if isinstance(_obj, _Intrinsic):
         pin_uuid(_obj, f"simd_avx2.{_name}")

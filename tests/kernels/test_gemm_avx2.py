@@ -125,3 +125,52 @@ def test_fused_linear_exact(avx2, w_bits, a_bits, a_signed) -> None:
         acc = reference.gemm(codes.astype(np.int64), wc)
         np.testing.assert_array_equal(got, acc.astype(np.float32) * (step * scales)[None, :] + bias)
     assert avx2 == ["__call__"] * 3
+
+
+@pytest.mark.parametrize("clamp", [(0.0, np.inf), (0.0, 6.0), (-np.inf, np.inf), (-1.5, 0.25), (-np.inf, -3.0),
+                                   (40.0, np.inf), (2.0, 2.0)],
+                         ids=["relu", "relu6", "none", "narrow", "all-below", "all-above", "point"])
+@pytest.mark.parametrize("spec", [(8, False, 0), (8, True, 0), (4, True, 0), (2, False, 0), (8, False, 128)],
+                         ids=["u8", "s8", "s4", "u2", "u8-shifted"])
+def test_codes_bounds_fold_the_clamp_into_one_clip_bit_for_bit(clamp: tuple, spec: tuple) -> None:
+    """The full-block codes epilogue clips ``y / step`` once to ``codes_bounds``; that equals clamping ``y``,
+    dividing and clipping to the code range (``_pad_codes``' formula) for every float32 ``y``, the clamp's
+    ends, their neighbours and quotients near code boundaries included, and clamps outside the code range."""
+    bits, signed, shift = spec
+    qlo, qhi = code_range(bits, signed)
+    rng = np.random.default_rng(bits * 7 + shift)
+    for step in (np.float32(0.05), np.float32(0.3), np.float32(1e-3), np.float32(7.0)):
+        ends = np.array([c for c in clamp if np.isfinite(c)], dtype=np.float32)
+        near = np.concatenate([ends, np.nextafter(ends, np.float32(np.inf)), np.nextafter(ends, np.float32(-np.inf))])
+        halves = (np.arange(qlo - 2, qhi + 3, dtype=np.float32) + np.float32(0.5)) * step
+        y = np.concatenate([rng.normal(0, 4, 20000).astype(np.float32), near, halves,
+                            np.nextafter(halves, np.float32(np.inf)), np.nextafter(halves, np.float32(-np.inf)),
+                            np.array([0.0, -0.0, 1e30, -1e30], dtype=np.float32)])
+        lo_c, hi_c = np.float32(clamp[0]), np.float32(clamp[1])
+        clamped = np.where(y < lo_c, lo_c, np.where(y > hi_c, hi_c, y))
+        want = np.rint(np.clip(clamped / step, np.float32(qlo), np.float32(qhi))).astype(np.int32) - shift
+        q = gemm_avx2.codes_bounds(clamp, (step, qlo, qhi, shift))
+        got = np.rint(np.clip(y / q[0], q[1], q[2])).astype(np.int32) - int(q[3])
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("n", [16, 37])  # whole 16-channel blocks only; a partial last block
+def test_conv_without_bias_is_bit_identical(avx2, n: int) -> None:
+    """A conv without bias: the full-block epilogue adds -0.0s (``gemm_avx2.no_bias``), which must leave every
+    float's bits as the reference ``float32(acc) * scale`` has them (compared as int32 bit patterns)."""
+    rng = np.random.default_rng(n)
+    c, k = 8, 3
+    lo, hi = code_range(4)
+    x = rng.normal(0, 2, size=(2, 10, 9, c)).astype(np.float32)
+    x[:, :5] = 0  # zero products: 0.0 outputs, -0.0 where the scale is negative
+    wc = rng.integers(lo, hi, (n, c, k, k), endpoint=True).astype(np.int8)
+    scales = rng.uniform(0.01, 0.1, n).astype(np.float32) * np.where(np.arange(n) % 2 == 0, 1, -1).astype(np.float32)
+    step = np.float32(0.05)
+    got = qconv2d_nhwc(x, pack_weights(wc.reshape(n, -1), 4), scales, step, 8, True, None, (k, k), (1, 1), (1, 1),
+                       (1, 1), 1)
+    codes = np.rint(np.clip(x.transpose(0, 3, 1, 2) / step, *code_range(8, True)))
+    acc = reference.conv2d(codes.astype(np.int64), wc, (1, 1), (1, 1), (1, 1))
+    want = (acc.astype(np.float32) * (step * scales)[None, :, None, None]).transpose(0, 2, 3, 1)
+    assert (want == 0).any() and (np.signbit(want) & (want == 0)).any()  # -0.0 outputs are there to keep
+    np.testing.assert_array_equal(np.ascontiguousarray(got).view(np.int32), np.ascontiguousarray(want).view(np.int32))
+    assert avx2 == ["conv_gemm"]
