@@ -12,9 +12,10 @@ registers, so the tile is a quarter of the VNNI one (4 rows x 64 channels in 16 
 ``vpmaddubsw`` (u8 x s8, adjacent pairs summed to s16) *saturates*, so exactness needs a bound
 on every s16 it produces. The activations are signed bytes, ``|a8| <= 128``:
 
-* 2/4-bit weights: ``u <= 15``, so a pair is at most ``2 * 15 * 128 = 3840`` in magnitude. Two
-  K steps are summed in s16 before the ``vpmaddwd`` (``7680 < 32767``), which saves a third of
-  the multiplies.
+* 2/4-bit weights: ``u <= 15``, so a pair is at most ``2 * 15 * 128 = 3840`` in magnitude, and less
+  for narrower activations (``2 * 15 * 15 = 450`` beside unsigned 4-bit codes). A chunk of K steps is
+  summed in s16 before one ``vpmaddwd`` widens it (``chunk_steps``: 8 steps at 3840, 72 at 450), so
+  most of the multiplies are the ``vpmaddubsw`` themselves.
 * 8-bit weights: ``u <= 255`` and a pair can reach ``2 * 255 * 128 = 65280``, which saturates.
   Each byte is split into nibbles, ``u = 16 * h + l`` with ``h, l <= 15``: ``vpmaddubsw`` on ``h``
   and on ``l`` stays within 3840, and ``vpmaddwd`` widens ``h``'s pairs with weight 16 and ``l``'s
@@ -49,7 +50,16 @@ from bitmix.kernels.broadcast import (
     weight_blocks,
 )
 from bitmix.kernels.pack import PackedWeight
-from bitmix.kernels.simd import add_i16x16, add_i32x8, load_i8x32, madd_ones, maddubs, unpack_i8x32, zero_i32x8
+from bitmix.kernels.simd import (
+    add_i16x16,
+    add_i32x8,
+    load_i8x32,
+    madd_ones,
+    maddubs,
+    unpack_i8x32,
+    zero_i16x16,
+    zero_i32x8,
+)
 from bitmix.kernels.simd_avx2 import (
     bcast4_i8x32,
     load_i32x8,
@@ -71,14 +81,15 @@ ONE = np.float32(1)
 
 
 @njit(inline="always")
-def _mac(c, u, x):
-    return add_i32x8(c, madd_ones(maddubs(u, x)))
+def _acc16(h, u, x):
+    """One K step's ``vpmaddubsw`` added in s16 (the caller bounds the sum: ``chunk_steps``)."""
+    return add_i16x16(h, maddubs(u, x))
 
 
 @njit(inline="always")
-def _mac2(c, u, x, v, y):
-    """Two K steps summed in s16 before widening (2/4-bit weights only: |sum| <= 7680)."""
-    return add_i32x8(c, madd_ones(add_i16x16(maddubs(u, x), maddubs(v, y))))
+def _widen(c, h):
+    """A chunk's s16 sums widened into the s32 accumulator (``vpmaddwd`` with ones)."""
+    return add_i32x8(c, madd_ones(h))
 
 
 @njit(inline="always")
@@ -93,7 +104,7 @@ def _fix(v, c, s):
     return add_i32x8(add_i32x8(v, c), s)
 
 
-simd.pin_kernels("gemm_avx2", _mac, _mac2, _mac_w8, _fix)
+simd.pin_kernels("gemm_avx2", _acc16, _widen, _mac_w8, _fix)
 
 
 @functools.cache
@@ -107,7 +118,7 @@ def driver(w8: bool, parallel: bool, codes: bool = False):
     """
 
     def core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mode, out_i, out_f, scale, bias,
-             has_bias, row_scale, res, has_res, lo, hi, out8, cgeo, q8):
+             has_bias, row_scale, res, has_res, lo, hi, out8, cgeo, q8, chunk):
         # tapoff: byte offset of each tap run (cq 4-byte K steps each); tappix: pixel offset of every tap (sums)
         # codes: out8 = the next conv's padded codes, cgeo = its (Hp, Wp, ph, pw, c4), q8 = (step, lo, hi, shift)
         ho, wo, hp, wpad, sh, sw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
@@ -157,31 +168,25 @@ def driver(w8: bool, parallel: bool, codes: bool = False):
                                 x = bcast4_i8x32(a8, a3 + k)
                                 c30, c31 = _mac_w8(c30, h0, l0, x), _mac_w8(c31, h1, l1, x)
                         else:
-                            for q in range(0, cq - 1, 2):
-                                wq = wt + 64 * q
-                                u0, u1 = load_i8x32(wp, wq), load_i8x32(wp, wq + 32)
-                                g0, g1 = load_i8x32(wp, wq + 64), load_i8x32(wp, wq + 96)
-                                k = d + 4 * q
-                                x, y = bcast4_i8x32(a8, a0 + k), bcast4_i8x32(a8, a0 + k + 4)
-                                c00, c01 = _mac2(c00, u0, x, g0, y), _mac2(c01, u1, x, g1, y)
-                                x, y = bcast4_i8x32(a8, a1 + k), bcast4_i8x32(a8, a1 + k + 4)
-                                c10, c11 = _mac2(c10, u0, x, g0, y), _mac2(c11, u1, x, g1, y)
-                                x, y = bcast4_i8x32(a8, a2 + k), bcast4_i8x32(a8, a2 + k + 4)
-                                c20, c21 = _mac2(c20, u0, x, g0, y), _mac2(c21, u1, x, g1, y)
-                                x, y = bcast4_i8x32(a8, a3 + k), bcast4_i8x32(a8, a3 + k + 4)
-                                c30, c31 = _mac2(c30, u0, x, g0, y), _mac2(c31, u1, x, g1, y)
-                            if cq % 2 == 1:
-                                wq = wt + 64 * (cq - 1)
-                                u0, u1 = load_i8x32(wp, wq), load_i8x32(wp, wq + 32)
-                                k = d + 4 * (cq - 1)
-                                x = bcast4_i8x32(a8, a0 + k)
-                                c00, c01 = _mac(c00, u0, x), _mac(c01, u1, x)
-                                x = bcast4_i8x32(a8, a1 + k)
-                                c10, c11 = _mac(c10, u0, x), _mac(c11, u1, x)
-                                x = bcast4_i8x32(a8, a2 + k)
-                                c20, c21 = _mac(c20, u0, x), _mac(c21, u1, x)
-                                x = bcast4_i8x32(a8, a3 + k)
-                                c30, c31 = _mac(c30, u0, x), _mac(c31, u1, x)
+                            for q0 in range(0, cq, chunk):
+                                z16 = zero_i16x16()
+                                h00, h01, h10, h11, h20, h21, h30, h31 = z16, z16, z16, z16, z16, z16, z16, z16
+                                for q in range(q0, min(cq, q0 + chunk)):
+                                    wq = wt + 64 * q
+                                    u0, u1 = load_i8x32(wp, wq), load_i8x32(wp, wq + 32)
+                                    k = d + 4 * q
+                                    x = bcast4_i8x32(a8, a0 + k)
+                                    h00, h01 = _acc16(h00, u0, x), _acc16(h01, u1, x)
+                                    x = bcast4_i8x32(a8, a1 + k)
+                                    h10, h11 = _acc16(h10, u0, x), _acc16(h11, u1, x)
+                                    x = bcast4_i8x32(a8, a2 + k)
+                                    h20, h21 = _acc16(h20, u0, x), _acc16(h21, u1, x)
+                                    x = bcast4_i8x32(a8, a3 + k)
+                                    h30, h31 = _acc16(h30, u0, x), _acc16(h31, u1, x)
+                                c00, c01 = _widen(c00, h00), _widen(c01, h01)
+                                c10, c11 = _widen(c10, h10), _widen(c11, h11)
+                                c20, c21 = _widen(c20, h20), _widen(c21, h21)
+                                c30, c31 = _widen(c30, h30), _widen(c31, h31)
                     col = b * BLOCK
                     e0, e1 = load_i32x8(cw, col), load_i32x8(cw, col + LANES)
                     c00, c01, c10, c11 = _fix(c00, e0, v0), _fix(c01, e1, v0), _fix(c10, e0, v1), _fix(c11, e1, v1)
@@ -265,6 +270,15 @@ NO_RESIDUAL = (NO_F32, False, np.float32(-np.inf), np.float32(np.inf))  # no res
 NO_CODES = (np.zeros(LANES, dtype=np.int8), np.zeros(5, dtype=np.int64), np.ones(4, dtype=np.float32))  # out8, cgeo, q8
 
 
+def chunk_steps(w: PackedWeight, a_max: int = 128) -> int:
+    """K steps (4 bytes each) whose ``vpmaddubsw`` results a tile sums in s16 before widening them to s32: each
+    is at most ``2 * (2**bits - 1) * a_max`` in magnitude (``u <= 2**bits - 1``; ``a_max`` bounds the signed
+    activation bytes, 128 for any), so that many stay within 32767 -- 8 for 4-bit weights beside 8-bit
+    activations, 72 beside unsigned 4-bit ones, 42 for 2-bit weights. One ``vpmaddwd`` + ``vpaddd`` per chunk
+    instead of per two steps. 8-bit weights take the nibble split (module docstring) and ignore it."""
+    return 1 if w.bits == 8 else max(1, 32767 // (2 * ((1 << w.bits) - 1) * max(1, a_max)))
+
+
 def no_bias(n: int) -> np.ndarray:
     """The bias of a layer without one: -0.0s, which the full-block epilogues add unconditionally (``x + -0.0``
     is ``x`` bit for bit, -0.0 and NaN included)."""
@@ -279,25 +293,27 @@ def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, o
     cw = (shift * blocks.cw_base).astype(np.int32)
     driver(w.bits == 8, parallel)(a8, asum, ONE_TAP, ONE_TAP, blocks.data, cw, blocks.offset, m, w.n, blocks.n_pad,
                                   blocks.cq, w.k_pad, GEMM_GEO, INT32, out.reshape(-1), NO_F32, NO_F32, NO_F32,
-                                  False, NO_F32, *NO_RESIDUAL, *NO_CODES)
+                                  False, NO_F32, *NO_RESIDUAL, *NO_CODES, chunk_steps(w))
 
 
 def conv_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
               scale: np.ndarray, bias: np.ndarray | None, residual: bool, clamp: tuple,
-              parallel: bool) -> Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None], None]:
+              parallel: bool, a_max: int = 128
+              ) -> Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None], None]:
     """The implicit-GEMM conv, ``run(a8, psum, y, res)``: ``y`` (m, n) float32 = the dequantized conv of padded
     NHWC shifted codes ``a8`` (per-pixel sums ``psum``, from ``conv_nhwc._pad_codes``), ``+ res`` (float32,
     ``y``'s layout, when ``residual``), clamped to ``clamp``, every constant argument bound once
     (``gemm_vnni.conv_gemm``)."""
     off, pix, data, cw, offset, n, n_pad, steps, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
     core = driver(w.bits == 8, parallel)
+    chunk = chunk_steps(w, a_max)
     head = (off, pix, data, cw, offset, m, n, n_pad, steps, c4, geo, SCALED, NO_I32)
     tail = (scale, no_bias(n) if bias is None else bias, bias is not None, NO_F32)
     lo, hi = np.float32(clamp[0]), np.float32(clamp[1])
 
     def run(a8: np.ndarray, psum: np.ndarray, y: np.ndarray, res: np.ndarray | None) -> None:
         core(a8, psum, *head, y.reshape(-1), *tail, NO_F32 if res is None else res.reshape(-1), residual, lo, hi,
-             *NO_CODES)
+             *NO_CODES, chunk)
 
     return run
 
@@ -315,7 +331,8 @@ def codes_bounds(clamp: tuple, quant: tuple) -> np.ndarray:
 
 def conv_codes_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
                     scale: np.ndarray, bias: np.ndarray | None, clamp: tuple, parallel: bool, nxt_padded: tuple,
-                    nxt_pad: tuple[int, int], nxt_quant: tuple) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+                    nxt_pad: tuple[int, int], nxt_quant: tuple,
+                    a_max: int = 128) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
     """``conv_gemm`` whose results go straight into the next conv's padded input codes, as
     ``gemm_vnni.conv_codes_gemm`` (same arguments, same codes): the floats are never stored."""
     off, pix, data, cw, offset, n, n_pad, steps, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
@@ -325,8 +342,9 @@ def conv_codes_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], 
             NO_F32, NO_F32, False, np.float32(-np.inf), np.float32(np.inf))
     cgeo = np.array((nxt_padded[1], nxt_padded[2], nxt_pad[0], nxt_pad[1], nxt_padded[3]), dtype=np.int64)
     q8 = codes_bounds(clamp, nxt_quant)
+    chunk = chunk_steps(w, a_max)
 
     def run(a8: np.ndarray, psum: np.ndarray, out8: np.ndarray) -> None:
-        core(a8, psum, *head, out8, cgeo, q8)
+        core(a8, psum, *head, out8, cgeo, q8, chunk)
 
     return run

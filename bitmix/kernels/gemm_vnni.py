@@ -395,10 +395,13 @@ def run(a8: np.ndarray, asum: np.ndarray, w: PackedWeight, shift: int, m: int, o
 
 def conv_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
               scale: np.ndarray, bias: np.ndarray | None, residual: bool, clamp: tuple,
-              parallel: bool) -> Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None], None]:
+              parallel: bool, a_max: int = 128
+              ) -> Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None], None]:
     """The implicit-GEMM conv, ``run(a8, psum, y, res)``: ``y`` (m, n) float32 = the dequantized conv of padded
     NHWC shifted codes ``a8`` (``hp x wpad`` pixels of ``c4`` bytes, per-pixel sums ``psum``; ``geom`` from
     ``conv.conv_geometry``), ``+ res`` (float32, ``y``'s layout, when ``residual``), clamped to ``clamp``.
+    ``a_max`` (the largest ``|a8|``) is the engine interface's: ``vpdpbusd`` sums in s32, so it is unused here
+    (``gemm_avx2.chunk_steps``).
     Every argument that is the same from call to call is bound once: a compiled model calls a layer at one
     shape over and over, and building the ~20 arguments took as long as a small layer's GEMM."""
     off, pix, data, cw, offset, n, n_pad, cq, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
@@ -422,7 +425,8 @@ def conv_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: in
 
 def conv_codes_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
                     scale: np.ndarray, bias: np.ndarray | None, clamp: tuple, parallel: bool, nxt_padded: tuple,
-                    nxt_pad: tuple[int, int], nxt_quant: tuple) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+                    nxt_pad: tuple[int, int], nxt_quant: tuple,
+                    a_max: int = 128) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
     """``conv_gemm`` whose results go straight into the next conv's padded input codes: ``run(a8, psum,
     out8)`` writes the interior pixels' first ``n`` channels of ``out8`` (``nxt_padded`` = its (B, Hp, Wp,
     c4), ``nxt_pad`` its (ph, pw)), quantized with ``nxt_quant`` = (step, lo, hi, shift), the next conv's

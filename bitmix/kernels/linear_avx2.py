@@ -17,28 +17,29 @@ import numpy as np
 from numba import njit
 
 from bitmix.kernels import broadcast, gemm_avx2, row_steps, simd
+from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.scratch import scratch
 
 _quantize = _gemm = None  # the kernels ``_fused``/``_fused_rows`` call, bound per variant (``simd.cache_variant``)
 
 
 def _fused(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum, one_tap, geo, wp, cw, offset, n, n_pad, cq,
-           no_i32, scale, bias, has_bias, out):
+           no_i32, scale, bias, has_bias, out, chunk):
     if _quantize(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum):
         return True
     _gemm(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_avx2.SCALED, no_i32,
           out, scale, bias, has_bias, gemm_avx2.NO_F32, *gemm_avx2.NO_RESIDUAL,
-          *gemm_avx2.NO_CODES)
+          *gemm_avx2.NO_CODES, chunk)
     return False
 
 
 def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, signs, block, kp, a8, asum, one_tap, geo,
-                wp, cw, offset, n, n_pad, cq, no_i32, scale, bias, has_bias, out):
+                wp, cw, offset, n, n_pad, cq, no_i32, scale, bias, has_bias, out, chunk):
     if _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block):
         return True
     _gemm(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_avx2.ROWS, no_i32,
           out, scale, bias, has_bias, steps, *gemm_avx2.NO_RESIDUAL,
-          *gemm_avx2.NO_CODES)
+          *gemm_avx2.NO_CODES, chunk)
     return False
 
 
@@ -56,6 +57,10 @@ def driver(w8: bool, parallel: bool, per_row: bool = False):
 class Avx2Linear(broadcast.LinearOperands):
     """The fused AVX2 linear of a layer (its operands: ``broadcast.LinearOperands``)."""
 
+    def __init__(self, w: PackedWeight, *args: object, **kwargs: object) -> None:
+        super().__init__(w, *args, **kwargs)
+        self.chunk = gemm_avx2.chunk_steps(w, max(abs(self.lo - self.shift), abs(self.hi - self.shift)))
+
     def __call__(self, x: np.ndarray, out: np.ndarray, parallel: bool) -> bool:
         """``out`` (M, N) float32 = the quantized linear of C-contiguous float32 ``x`` (M, K); True on NaN."""
         m = x.shape[0]
@@ -69,8 +74,8 @@ class Avx2Linear(broadcast.LinearOperands):
                                                       w.k_pad, a8, asum, broadcast.ONE_TAP, broadcast.GEMM_GEO,
                                                       blocks.data, self.cw, blocks.offset, w.n, blocks.n_pad,
                                                       blocks.cq, gemm_avx2.NO_I32, self.scale, self.bias,
-                                                      self.has_bias, out.reshape(-1))
+                                                      self.has_bias, out.reshape(-1), self.chunk)
         return driver(w.bits == 8, parallel)(x, self.a_scale, self.has_scale, self.step, self.lo, self.hi, self.shift,
                                              w.k_pad, a8, asum, broadcast.ONE_TAP, broadcast.GEMM_GEO, blocks.data,
                                              self.cw, blocks.offset, w.n, blocks.n_pad, blocks.cq, gemm_avx2.NO_I32,
-                                             self.scale, self.bias, self.has_bias, out.reshape(-1))
+                                             self.scale, self.bias, self.has_bias, out.reshape(-1), self.chunk)
