@@ -75,11 +75,17 @@ CONVS = [  # (c_in, c_out, k, stride, pad, dil, w_bits, a_bits, a_signed)
     (5, 12, 3, 2, 1, 2, 2, 8, True),
     (16, 40, 1, 1, 0, 1, 4, 8, True),
     (12, 17, 1, 2, 0, 1, 8, 4, False),
+    # one K run longer than gemm_avx2.chunk_steps' s16 chunk (72 steps beside unsigned 4-bit codes, 364 beside
+    # unsigned 2-bit ones, 8 beside 8-bit ones): the "max"/"min" fills sum whole chunks at the bound
+    (400, 20, 1, 1, 0, 1, 4, 4, False),
+    (1500, 20, 1, 1, 0, 1, 4, 2, False),
+    (72, 20, 1, 1, 0, 1, 4, 8, True),
+    (400, 20, 1, 1, 0, 1, 2, 8, False),
 ]
 
 
 @pytest.mark.parametrize("case", CONVS, ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("fill", ["random", "extreme"])
+@pytest.mark.parametrize("fill", ["random", "extreme", "max", "min"])
 def test_implicit_gemm_conv_exact(avx2, case, fill) -> None:
     c, n, k, stride, pad, dil, w_bits, a_bits, a_signed = case
     rng = np.random.default_rng(c * n + k)
@@ -88,9 +94,12 @@ def test_implicit_gemm_conv_exact(avx2, case, fill) -> None:
     if fill == "random":
         x = rng.normal(0, 2, size=(2, c, 10, 9)).astype(np.float32)
         wc = rng.integers(lo, hi, (n, c, k, k), endpoint=True).astype(np.int8)
-    else:  # codes clip to the range ends; the largest weights meet them (padding meets code 0)
+    elif fill == "extreme":  # codes clip to the range ends; the largest weights meet them (padding meets code 0)
         x = np.where(rng.random((2, c, 10, 9)) < 0.5, -1e3, 1e3).astype(np.float32)
         wc = np.where(rng.random((n, c, k, k)) < 0.2, lo, hi).astype(np.int8)
+    else:  # every code at the top (bottom) of its range, every weight byte at its largest: sums at the s16 bound
+        x = np.full((2, c, 10, 9), 1e3 if fill == "max" else -1e3, dtype=np.float32)
+        wc = np.full((n, c, k, k), hi, dtype=np.int8)
     w = pack_weights(wc.reshape(n, -1), w_bits)
     scales = rng.uniform(0.01, 0.1, n).astype(np.float32)
     bias = rng.normal(size=n).astype(np.float32)
