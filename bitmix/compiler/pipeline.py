@@ -75,13 +75,17 @@ class CompiledModel(Keepable, nn.Module):
         warn_without_autograd(self, args)
         self.recorder.calls.clear()  # one forward's calls: a serving loop's record stays one pass long
         self.recorder.frames = frames_of([tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
-        with torch.no_grad(), torch_on_one_thread(), self.input_spec.index_errors(args):
+        with (torch.no_grad(), torch_on_one_thread(), self.input_spec.index_errors(args),
+              self.input_spec.empty_batch_errors(args)):
             return self.lowered(*args)
 
     def simulate(self, engine: str = "analytic") -> SimResult:
         """Price the kernel calls of the last forward pass (shapes as run; `reset_calls()` forgets them)."""
         if not self.recorder.calls:
             raise BitmixError("no kernel calls recorded yet; run the compiled model on an input first")
+        if self.recorder.frames == 0:
+            raise BitmixError("the last forward ran on an empty batch: there is no work to price; run the compiled "
+                              "model on at least one example first")
         layers, vector_ops, assignment = executed_layers(self.graph, self.recorder.calls, self.assignment)
         return simulate_calls(layers, assignment, vector_ops, self.chip, engine, self.graph.model_name,
                               self.recorder.frames)

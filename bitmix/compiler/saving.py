@@ -135,7 +135,8 @@ class LoadedModel(nn.Module):
         self.input_spec.check(args)
         args = self.input_spec.cast(args)
         warn_without_autograd(self, args)
-        with torch.no_grad(), torch_on_one_thread(), self.input_spec.index_errors(args):
+        with (torch.no_grad(), torch_on_one_thread(), self.input_spec.index_errors(args),
+              self.input_spec.empty_batch_errors(args)):
             return self.module(*args)
 
 

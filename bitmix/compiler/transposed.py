@@ -109,8 +109,9 @@ def shuffle_and_crop(y: torch.Tensor, stride_h: int, stride_w: int, start_h: int
     """The equivalent conv's output (N, C_out * sh * sw, H', W') -> the transposed conv's (N, C_out, H, W).
     Plain ints (`shuffle_args`), so a graph can call it; the crop is relative to the ends, so one graph serves
     every input size (symbolic spatial dimensions, torch.compile's recompiles)."""
-    n, _, h, w = y.shape
-    y = y.reshape(n, -1, stride_h, stride_w, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, -1, h * stride_h, w * stride_w)
+    n, phases, h, w = y.shape
+    c = phases // (stride_h * stride_w)  # not -1: an empty batch leaves -1 ambiguous
+    y = y.reshape(n, c, stride_h, stride_w, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c, h * stride_h, w * stride_w)
     return y[:, :, start_h : h * stride_h - trim_h, start_w : w * stride_w - trim_w]
 
 

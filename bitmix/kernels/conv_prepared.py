@@ -80,7 +80,7 @@ class PreparedConv:
         y = _finish(y, residual, clamp)
         nchw = x.transpose(0, 3, 1, 2).shape if channels_last else x.shape
         geom = conv_geometry(nchw, self.w, self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
-        if geom[8] == 1 or geom[8] == nchw[1] == self.w.n:  # the shapes ``conv_nhwc`` takes itself
+        if nchw[0] and (geom[8] == 1 or geom[8] == nchw[1] == self.w.n):  # the shapes ``conv_nhwc`` takes itself
             lo, hi, shift = check_activation_spec(self.a_bits, self.a_signed)
             step = _step(self.a_step)
             self._geoms[key] = (geom, step, lo, hi, shift, step * self.w_scales)

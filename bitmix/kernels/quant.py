@@ -132,6 +132,8 @@ def qlinear(
     w_scales = _f32(w_scales, "w_scales", (w.n,))
     if bias is not None:
         bias = _f32(bias, "bias", (w.n,))
+    if not x.size:  # an empty batch (K >= 1 is checked): the GEMM takes M >= 1
+        return np.empty((*x.shape[:-1], w.n), dtype=np.float32)
     codes = quantize_activations(x.reshape(-1, w.k), a_step, a_bits, a_signed)
     acc = gemm(codes, w, a_bits, a_signed)
     scale = _step(a_step) * w_scales
@@ -163,6 +165,8 @@ def qconv2d(
     w_scales = _f32(w_scales, "w_scales", (w.n,))
     if bias is not None:
         bias = _f32(bias, "bias", (w.n,))
+    if x.ndim == 4 and x.shape[0] == 0:
+        return _empty_batch(x.shape, w, kernel_size, stride, padding, dilation, groups, channels_last=False)
     if x.ndim == 4 and x.size:
         geom = conv_geometry(x.shape, w, kernel_size, stride, padding, dilation, groups, name="x")
         nb, ho, wo = x.shape[0], geom[-2], geom[-1]
@@ -223,12 +227,14 @@ def qconv2d_nhwc(
     (B, C_in, H, W) when not ``channels_last``. Bit-identical to ``qconv2d`` (``conv_nhwc``)."""
     w = check_packed(w)
     x = _f32(x, "x")
-    if x.ndim != 4 or not x.size:
-        raise BitmixError(f"x: expected a non-empty 4-D array, got shape {x.shape}")
+    if x.ndim != 4 or not x.size and x.shape[0]:
+        raise BitmixError(f"x: expected a 4-D array, non-empty past the batch dimension, got shape {x.shape}")
     w_scales = _f32(w_scales, "w_scales", (w.n,))
     if bias is not None:
         bias = _f32(bias, "bias", (w.n,))
     nchw = x.transpose(0, 3, 1, 2) if channels_last else x
+    if not x.shape[0]:
+        return _empty_batch(nchw.shape, w, kernel_size, stride, padding, dilation, groups, channels_last=True)
     geom = conv_geometry(nchw.shape, w, kernel_size, stride, padding, dilation, groups, name="x")
     c = nchw.shape[1]
     if geom[8] > 1 and not geom[8] == c == w.n:  # grouped, or depthwise with a channel multiplier
@@ -238,3 +244,12 @@ def qconv2d_nhwc(
     lo, hi, shift = check_activation_spec(a_bits, a_signed)
     return conv_nhwc(np.ascontiguousarray(x), w, geom, _step(a_step), lo, hi, shift, _step(a_step) * w_scales, bias,
                      channels_last)
+
+
+def _empty_batch(shape: tuple[int, ...], w: PackedWeight, kernel_size: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: tuple[int, int], groups: int, channels_last: bool) -> np.ndarray:
+    """A conv of an empty batch (NCHW ``shape``): torch's empty output, after the same geometry checks as one
+    example (the kernels' loops and im2col assume rows)."""
+    geom = conv_geometry((1, *shape[1:]), w, kernel_size, stride, padding, dilation, groups, name="x")
+    ho, wo = geom[-2], geom[-1]
+    return np.empty((0, ho, wo, w.n) if channels_last else (0, w.n, ho, wo), dtype=np.float32)

@@ -230,3 +230,17 @@ def _random_conv(rng: np.random.Generator, n: int, c: int, w_bits: int, a_step: 
     return PreparedConv(w, rng.uniform(0.01, 0.1, n).astype(np.float32), a_step, *spec,
                         rng.normal(size=n).astype(np.float32) if bias else None, (k, k), (stride, stride), (pad, pad),
                         (1, 1), groups)
+
+
+def test_an_empty_batch_is_not_cached_as_a_fast_shape() -> None:
+    """An empty batch returns an empty output, and a later call at that shape still does (the fast path's implicit
+    GEMM and code hand-offs assume rows); real batches before and after are unchanged."""
+    rng = np.random.default_rng(0)
+    w = pack_weights(rng.integers(-8, 8, (16, 8 * 9)).astype(np.int8), 4)
+    conv = PreparedConv(w, np.full(16, 0.05, np.float32), 0.1, 4, True, None, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    x = rng.normal(size=(2, 6, 6, 8)).astype(np.float32)
+    first = conv(x, True)
+    for _ in range(2):
+        assert conv(x[:0], True).shape == (0, 6, 6, 16)
+        assert conv(x[:0], True, clamp=(np.float32(0), np.float32(6))).shape == (0, 6, 6, 16)
+    np.testing.assert_array_equal(conv(x, True), first)

@@ -129,3 +129,26 @@ def test_qconv2d_one_group_matches_nchw_route(kernel_path: str, c: int, k: int, 
     ref = F.conv2d(torch.round(torch.clamp(torch.from_numpy(x) / 0.05, *code_range(a_bits, a_signed))).double(),
                    torch.from_numpy(wc).double(), None, stride, pad, dil)
     np.testing.assert_array_equal(acc, ref.numpy().astype(np.int32))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_an_empty_batch_gives_torchs_empty_output_after_the_same_checks(groups: int) -> None:
+    """qconv2d / qconv2d_nhwc / qlinear of 0 examples: the shape F.conv2d / F.linear give (the GEMM and im2col
+    refused 0 rows, so a compiled or loaded conv model could not take an empty batch), geometry still checked."""
+    from bitmix.kernels import qconv2d_nhwc
+
+    rng = np.random.default_rng(0)
+    w = pack_weights(rng.integers(-8, 8, (8, 8 // groups * 9)).astype(np.int8), 4)
+    scales, bias = np.full(8, 0.1, np.float32), np.zeros(8, np.float32)
+    x = np.zeros((0, 8, 7, 6), np.float32)
+    want = F.conv2d(torch.zeros(0, 8, 7, 6), torch.zeros(8, 8 // groups, 3, 3), stride=2, padding=1, groups=groups)
+    args = (w, scales, 0.1, 4, True, bias, (3, 3), (2, 2), (1, 1), (1, 1), groups)
+    assert qconv2d(x, *args).shape == want.shape
+    assert qconv2d_nhwc(x.transpose(0, 2, 3, 1), *args).shape == want.permute(0, 2, 3, 1).shape
+    assert qconv2d_nhwc(x, *args, channels_last=False).shape == want.permute(0, 2, 3, 1).shape
+    with pytest.raises(BitmixError, match="too small"):
+        qconv2d(np.zeros((0, 8, 1, 1), np.float32), w, scales, 0.1, 4, True, bias, (3, 3), groups=groups)
+    with pytest.raises(BitmixError, match="non-empty past the batch"):
+        qconv2d_nhwc(np.zeros((2, 0, 6, 8), np.float32), *args)
+    lin = pack_weights(rng.integers(-8, 8, (5, 12)).astype(np.int8), 4)
+    assert qlinear(np.zeros((0, 3, 12), np.float32), lin, np.ones(5, np.float32), 0.1, 4, True, None).shape == (0, 3, 5)
