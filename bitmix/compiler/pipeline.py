@@ -35,7 +35,7 @@ from bitmix.compiler.pretrain import pretrain_stage
 from bitmix.compiler.qlayer import MIN_STEP, LSQQuantizer, quant_layers
 from bitmix.compiler.quantize import fake_quantize
 from bitmix.compiler.quantize import finetune as qat_finetune
-from bitmix.compiler.saving import Keepable, LoadedModel
+from bitmix.compiler.saving import Keepable, LoadedModel, refuse_tracing
 from bitmix.compiler.sensitivity import MethodConfig
 from bitmix.compiler.shapes import InputSpec
 from bitmix.compiler.state import mutated_buffers, restore
@@ -69,6 +69,7 @@ class CompiledModel(Keepable, nn.Module):
         self.report: Report | None = None
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        refuse_tracing()
         args = self.input_spec.bind(args, kwargs)
         self.input_spec.check(args)
         args = self.input_spec.cast(args)

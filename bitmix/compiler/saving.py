@@ -18,6 +18,7 @@ import json
 import logging
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from functools import cached_property
 from pathlib import Path
@@ -35,7 +36,49 @@ REPORT_KEY = "bitmix/report.json"
 INPUTS_KEY = "bitmix/inputs.json"
 
 
-class Keepable:
+JIT = ("runs packed Numba kernels outside TorchScript (a trace would freeze them to the example's outputs); keep it "
+       "with cm.save('model.pt2') and bitmix.load (a torch.export program), or script/trace the float model")
+
+
+class KernelsOnCpu:
+    """Mixed into the compiled and the loaded model: its kernels run in float32 on the CPU, outside TorchScript.
+
+    `.to()`, `.half()`, `.cuda()`, `.to_empty()` ... all go through `_apply`: one that changes nothing (`.cpu()`,
+    `.float()`, `.to("cpu")`, `.to(torch.float32)`) is taken, any other is one line instead of a model whose
+    float twin (`cm.fake_quant`) or saved constants changed under the same kernels (`.half()`), a raw torch
+    error (`.to("meta")`, `.cuda()`) or a model that silently lost its weights (`.to_empty()`). `.train()` and
+    `.eval()` are taken: the kernels compute what the model's eval mode computes either way."""
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        probe = torch.zeros(1)
+        try:
+            moved = fn(probe)
+        except Exception as exc:  # torch raises AssertionError for .cuda() without CUDA, RuntimeError for others
+            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            raise BitmixError(f"a compiled bitmix model runs on the CPU and cannot move ({first[:120]}); "
+                              "keep it on the CPU") from None
+        if moved is not probe:
+            if moved.device != probe.device:
+                why = f"cannot move to {moved.device}; keep it on the CPU"
+            elif moved.dtype != probe.dtype:
+                why = (f"computes in float32 whatever float width its inputs have, and cannot convert to "
+                       f"{moved.dtype}; cast its outputs instead (cm(x).to({moved.dtype}))")
+            else:
+                why = "cannot have its tensors replaced (to_empty); compile the model again to change its weights"
+            raise BitmixError(f"a compiled bitmix model runs packed integer kernels on the CPU: it {why}")
+        return super()._apply(fn, recurse)  # type: ignore[misc]
+
+    def __prepare_scriptable__(self) -> Any:
+        raise BitmixError(f"torch.jit.script cannot compile a compiled bitmix model: it {JIT}")
+
+
+def refuse_tracing() -> None:
+    """torch.jit.trace of the compiled or loaded model: one line, not a module that returns the example's outputs."""
+    if torch.jit.is_tracing():
+        raise BitmixError(f"torch.jit.trace cannot record a compiled bitmix model: it {JIT}")
+
+
+class Keepable(KernelsOnCpu):
     """Mixed into `CompiledModel`: save/load, the input check, and a clear torch.save error."""
 
     graph: Any
@@ -105,7 +148,7 @@ def _json_default(obj: object) -> Any:
     raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 
-class LoadedModel(nn.Module):
+class LoadedModel(KernelsOnCpu, nn.Module):
     """A compiled model read back from a .pt2: runs the saved program; `report` says what it was."""
 
     def __init__(self, program: torch.export.ExportedProgram, report: Report | None, spec: InputSpec) -> None:
@@ -122,6 +165,12 @@ class LoadedModel(nn.Module):
 
     __deepcopy__ = Keepable.__deepcopy__  # copy.deepcopy would otherwise go through __reduce_ex__
 
+    def train(self, mode: bool = True) -> LoadedModel:
+        """`.eval()` / `.train()` as on any module (torch.export's module raises NotImplementedError for both);
+        the program computes what the model's eval mode computes either way."""
+        self.training = mode
+        return self
+
     def simulate(self, engine: str = "analytic") -> Any:
         """What `cm.simulate()` would be, said in one line: the file keeps the report, not the layer graph."""
         raise BitmixError("a loaded bitmix model cannot re-simulate (the .pt2 keeps the report, not the layer graph): "
@@ -131,6 +180,7 @@ class LoadedModel(nn.Module):
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
         from bitmix.compiler.lower import torch_on_one_thread, warn_without_autograd
 
+        refuse_tracing()
         args = self.input_spec.bind(args, kwargs)
         self.input_spec.check(args)
         args = self.input_spec.cast(args)

@@ -240,3 +240,51 @@ def test_a_model_compiled_from_a_dict_loads_with_the_same_call_styles(tmp_path, 
     want = cm(*calls[0][0])
     for args, kwargs in calls:
         assert torch.equal(loaded(*args, **kwargs), want)
+
+
+@pytest.fixture(scope="module")
+def compiled_and_loaded(tmp_path_factory):
+    torch.manual_seed(0)
+    x = torch.randn(8, 8)
+    cm = bitmix.compile(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), x, target="int8-npu",
+                        data=x, options=bitmix.CompileOptions(frontier_points=0))
+    return cm, cm.save(tmp_path_factory.mktemp("kept") / "model.pt2"), x
+
+
+MOVES = {  # what a torch user may call on a model -> the refusal (None: taken, and changes nothing)
+    "cpu": (lambda m: m.cpu(), None), "float": (lambda m: m.float(), None), "to cpu": (lambda m: m.to("cpu"), None),
+    "to float32": (lambda m: m.to(torch.float32), None), "eval": (lambda m: m.eval(), None),
+    "train": (lambda m: m.train(), None), "channels_last": (lambda m: m.to(memory_format=torch.channels_last), None),
+    "to meta": (lambda m: m.to("meta"), "cannot move to meta; keep it on the CPU"),
+    "cuda": (lambda m: m.cuda(), "cannot move"),
+    "half": (lambda m: m.half(), r"cannot convert to torch.float16; cast its outputs instead \(cm\(x\).to"),
+    "double": (lambda m: m.double(), "cannot convert to torch.float64"),
+    "to bfloat16": (lambda m: m.to(torch.bfloat16), "cannot convert to torch.bfloat16"),
+    "inside a module": (lambda m: nn.Sequential(m).half(), "cannot convert to torch.float16"),
+    "to_empty": (lambda m: m.to_empty(device="cpu"), r"cannot have its tensors replaced \(to_empty\)"),
+    "jit.script": (lambda m: torch.jit.script(m), r"^torch.jit.script cannot compile .* cm.save\('model.pt2'\)"),
+    "jit.trace": (lambda m: torch.jit.trace(m, torch.randn(8, 8)), r"^torch.jit.trace cannot record .* freeze"),
+}
+
+
+@pytest.mark.parametrize("kind", ["compiled", "loaded"])
+@pytest.mark.parametrize("call", list(MOVES))
+def test_module_conversions_are_taken_when_they_change_nothing_else_one_line(compiled_and_loaded, kind, call):
+    """.to('meta') made cm.fake_quant's tensors meta (its repr then raised), .half() / .to_empty() changed the float
+    twin or the saved constants under the same kernels, .cuda() was a raw AssertionError, torch.jit.trace returned a
+    module answering every input with the example's outputs, and a loaded model's .eval() raised NotImplementedError."""
+    import copy
+
+    cm, path, x = compiled_and_loaded
+    model = copy.deepcopy(cm) if kind == "compiled" else bitmix.load(path)
+    before = model(x)
+    convert, refusal = MOVES[call]
+    if refusal is None:
+        assert convert(model) is model
+    else:
+        with pytest.raises(BitmixError, match=refusal):
+            convert(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+        if kind == "compiled":
+            assert torch.equal(model.fake_quant.eval()(x), before)
