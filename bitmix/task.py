@@ -94,6 +94,8 @@ class TaskData:
     recipe: FinetuneConfig = FinetuneConfig()  # the fine-tuning recipe known to work on this task
     # extra metrics of a model on the test split beyond `metric` (e.g. nearest-neighbour agreement), {name: %}
     details: Callable[[nn.Module, TaskData], dict[str, float]] | None = field(default=None, compare=False)
+    # what building it warned about (a loader capped at MAX_LOADER_BYTES): a compile's report repeats it
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
     def classification(cls, batches: Iterable[Any], role: str = "train") -> TaskData:
@@ -108,6 +110,7 @@ class TaskData:
             raise BitmixError(f"{usage}; got {type(batches).__name__}")
         parts: list[tuple[torch.Tensor, ...]] = []
         held = 0
+        notes: tuple[str, ...] = ()
         for batch in batches:
             if isinstance(batch, Mapping):
                 raise BitmixError(f"{usage}; got a batch of {{{', '.join(map(repr, batch))}}}: yield "
@@ -123,9 +126,10 @@ class TaskData:
             if parts and held + size > MAX_LOADER_BYTES:
                 examples = sum(len(p[-1]) for p in parts)
                 use = "trains" if role == "train" else "measures accuracy" if role == "eval" else "works"
-                warnings.warn(f"Data({role}=...) holds more than {MAX_LOADER_BYTES / 2**30:g} GiB of tensors; bitmix "
-                              f"reads its first {examples} examples ({held / 2**30:.2f} GiB) into memory and {use} "
-                              "on those only; pass a loader over the subset you want, or a TaskData", stacklevel=2)
+                notes = (f"Data({role}=...) holds more than {MAX_LOADER_BYTES / 2**30:g} GiB of tensors; bitmix reads "
+                         f"its first {examples} examples ({held / 2**30:.2f} GiB) into memory and {use} on those only; "
+                         "pass a loader over the subset you want, or a TaskData",)
+                warnings.warn(notes[0], stacklevel=2)
                 break
             parts.append(tuple(batch))
             held += size
@@ -135,7 +139,7 @@ class TaskData:
             raise BitmixError(f"{usage}; its batches hold different numbers of tensors")
         *inputs, labels = (torch.cat(ts) for ts in zip(*parts, strict=True))
         split = Split(tuple(inputs), labels)
-        return cls(f"{role} data", "top1", split, split)
+        return cls(f"{role} data", "top1", split, split, notes=notes)
 
     def batches(
         self, split: str = "train", batch_size: int = 64, shuffle: bool = False, seed: int = 0

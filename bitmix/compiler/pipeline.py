@@ -155,6 +155,8 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     caps = inputs.caps(goal)
     scorer, method_config = sensitivity.resolve(method)
     roles = inputs.resolve_data(data)
+    tasks = [role for role in (roles.calibration, roles.train, roles.eval) if isinstance(role, TaskData)]
+    warn.extend(dict.fromkeys(note for task in tasks for note in task.notes))  # warned when the data was read
     examples = bind_examples(model, example_inputs)
     ranks = tuple(t.dim() for t in examples.tensors)
     calib, cut = inputs.calibration_inputs(roles.calibration if roles.calibration is not None else roles.train,

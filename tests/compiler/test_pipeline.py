@@ -318,6 +318,23 @@ def test_constant_calibration_warns():
         assert float(nn.functional.cosine_similarity(cm(x).flatten(), mlp(x).flatten(), dim=0)) < 0.9
 
 
+def test_a_capped_loader_is_in_the_reports_warnings(monkeypatch):
+    """TaskData.classification's warning that it read a loader only up to MAX_LOADER_BYTES reached the terminal but
+    not cm.report.warnings, which holds every other compile warning (report.json, the HTML report)."""
+    from bitmix import task
+
+    monkeypatch.setattr(task, "MAX_LOADER_BYTES", 3000)  # one batch: 10 x (16 float32 + an int64 label) = 720 bytes
+    torch.manual_seed(0)
+    loader = [(torch.randn(10, 16), torch.randint(0, 4, (10,))) for _ in range(8)]
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    with pytest.warns(UserWarning, match=r"^Data\(eval=...\) holds more than"):
+        cm = bitmix.compile(mlp, torch.randn(4, 16), "int8-npu", data=Data(calibration=loader[0][0], eval=loader),
+                            options=QUICK)
+    capped = [w for w in cm.report.warnings if "holds more than" in w]
+    assert len(capped) == 1 and capped[0].startswith("Data(eval=...) holds more than")
+    assert "its first 40 examples" in capped[0]
+
+
 def test_op_without_kernel_stays_fp32_with_warning():
     class Net(nn.Module):
         def __init__(self):
