@@ -8,6 +8,7 @@ from torch import nn
 
 import bitmix
 from bitmix.errors import BitmixError
+from tests.compiler.modules import CallCounter
 from tests.conftest import zoo_entry
 
 
@@ -465,16 +466,6 @@ def test_zoo_transformers(name):
 
 
 def test_a_buffer_the_forward_writes_counts_only_the_users_calls():
-    class CallCounter(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(8, 4)
-            self.register_buffer("calls", torch.zeros(()))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            self.calls += 1
-            return self.fc(x) + self.calls
-
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = CallCounter().eval()

@@ -8,6 +8,7 @@ import bitmix
 from bitmix import Budget, CompileOptions, Data
 from bitmix.errors import BitmixError
 from bitmix.simulator import simulate
+from tests.compiler.modules import CallCounter
 
 QUICK = CompileOptions(frontier_points=0)
 
@@ -495,24 +496,11 @@ def test_the_budget_check_is_timed_with_pricing(monkeypatch):
     assert cm.report.timings_s["price"] >= 0.5
 
 
-class _CallCounter(nn.Module):
-    """A forward that counts its calls in a buffer and adds the count: eager torch answers fc(x) + n on call n."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 4)
-        self.register_buffer("calls", torch.zeros(()))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.fc(x) + self.calls
-
-
 def test_a_buffer_the_forward_writes_starts_from_the_users_value_not_after_the_compiles_passes():
     import copy
 
     torch.manual_seed(0)
-    model = _CallCounter().eval()
+    model = CallCounter().eval()
     x = torch.randn(16, 8)
     cm = bitmix.compile(model, (x,), "int8-npu", data=x, options=QUICK)
     assert float(model.calls) == 0
