@@ -113,6 +113,10 @@ def bind_examples(model: nn.Module, example_inputs: Any) -> Examples:
     named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     known = {p.name for p in named}
     unknown = [k for k in example_inputs if k not in known]
+    if unknown and any(p.kind is p.VAR_KEYWORD for p in params):
+        raise BitmixError(f"example_inputs has {unknown[0]!r}, which {type(model).__name__}.forward takes only through "
+                          "**kwargs: bitmix binds inputs to named arguments; compile a wrapper whose forward names "
+                          f"them (def forward(self, {', '.join(example_inputs)}): return model({unknown[0]}=..., ...))")
     if unknown:
         raise BitmixError(f"example_inputs has {unknown[0]!r}, which is not an argument of "
                           f"{type(model).__name__}.forward ({', '.join(p.name for p in named) or 'it names none'}); "
@@ -135,6 +139,29 @@ def bind_examples(model: nn.Module, example_inputs: Any) -> Examples:
         tensors.append(value)
         names.append(p.name)
     return Examples(_check_examples(tuple(tensors)), tuple(names), by_name)
+
+
+def forward_arguments(model: nn.Module, names: tuple[str, ...]) -> tuple[tuple[str, bool, str, Any], ...]:
+    """`InputSpec.arguments`: the forward's named arguments, `names` (the compiled inputs) among them and the others
+    at the defaults the compile fixed; empty where the forward's signature cannot be read or does not name them all."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (AttributeError, TypeError, ValueError):
+        return ()
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return ()
+    out: list[tuple[str, bool, str, Any]] = []
+    for p in params:
+        if p.kind is p.VAR_KEYWORD:
+            continue
+        positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        if p.name in names:
+            out.append((p.name, positional, "input", None))
+        elif p.default is None or isinstance(p.default, bool | int | float | str):
+            out.append((p.name, positional, "fixed", p.default))
+        else:
+            out.append((p.name, positional, "opaque", repr(p.default)))
+    return tuple(out) if sum(kind == "input" for _, _, kind, _ in out) == len(names) else ()
 
 
 def _is_default(value: Any, default: Any) -> bool:

@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from bitmix.budget import Budget
 from bitmix.compiler import inputs, legacy, sensitivity
 from bitmix.compiler.allocate import Allocation, allocate, cheapest_fraction, check_budget
 from bitmix.compiler.allocate import Budget as Caps
-from bitmix.compiler.capture import bind_examples, capture
+from bitmix.compiler.capture import bind_examples, capture, forward_arguments
 from bitmix.compiler.fidelity import guard
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.frozen import train_mode_modules
@@ -242,6 +243,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     with _stage("simulate", timings):
         sim = simulate(graph, assignment, chip)
     cm = CompiledModel(lowered.module, graph, assignment, tgt, chip, lowered.recorder, fq)
+    cm.input_spec = replace(cm.input_spec, arguments=forward_arguments(model, cm.input_spec.names))
     accuracy = {"metric": None, "fp32": None, "fake_quant": None, "kernels": None}
     if roles.eval is not None:
         with _stage("evaluate", timings):

@@ -215,7 +215,7 @@ def load(path: str | Path) -> LoadedModel:
         raw = json.loads(extra[INPUTS_KEY])
         spec = InputSpec(tuple(raw["names"]), tuple(tuple(d) for d in raw["dims"]),
                          tuple(tuple(r) for r in raw["ranges"]), tuple(raw.get("kinds", ())),
-                         tuple(raw.get("dtypes", ())))
+                         tuple(raw.get("dtypes", ())), tuple(tuple(a) for a in raw.get("arguments", ())))
     except (ValueError, KeyError, TypeError) as exc:
         raise BitmixError(f"{p} has an unreadable bitmix input spec ({type(exc).__name__}: {exc}); "
                           "save the model again with cm.save") from None

@@ -122,6 +122,10 @@ class InputSpec:
     ranges: tuple[tuple[str, int, int | None], ...]  # (symbol, min, max); None: unbounded
     kinds: tuple[str, ...] = ()  # per input: "float", "complex", "integer" or "bool" (empty: saved before kinds)
     dtypes: tuple[str, ...] = ()  # per input: its dtype as exported, "int64" (empty: files saved before dtypes)
+    # the forward's named arguments in order, as (name, positional, kind, value): kind "input" (a compiled input),
+    # "fixed" (left at `value`, a default None / bool / int / float / str) or "opaque" (another default, `value` its
+    # repr); empty: not known (forward(*args), a torch.compile piece, files saved before them)
+    arguments: tuple[tuple[str, bool, str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         bad = [d for d in self.dtypes if not isinstance(getattr(torch, str(d), None), torch.dtype)]
@@ -231,7 +235,12 @@ class InputSpec:
                            "fixed at compile time (to their defaults): compile a wrapper module that passes the value")
 
     def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-        """Inputs given by name (`cm(input_ids=..., attention_mask=...)`) put in the compiled graph's order."""
+        """Inputs given by name (`cm(input_ids=..., attention_mask=...)`) put in the compiled graph's order; a call
+        that also passes arguments the compile fixed (`cm(x, None, t)` for `forward(x, mask=None, t=None)`) is bound
+        as eager torch binds it, those arguments checked against their fixed values (`arguments`)."""
+        if self.arguments and (len(args) > len(self.names) or any(k not in self.names for k in kwargs)
+                               or not all(isinstance(a, torch.Tensor) for a in args)):
+            return self._bind_forward(args, kwargs)
         if not kwargs:
             return args
         takes = f"the compiled model takes {', '.join(self.names)}"
@@ -247,6 +256,38 @@ class InputSpec:
         if missing:
             raise BitmixError(f"missing input {missing[0]!r}; {takes}")
         return (*args, *(kwargs[n] for n in self.names[len(args):]))
+
+    def _bind_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """`args` and `kwargs` bound to the forward's arguments; the compiled inputs in their order."""
+        takes = f"the compiled model takes {', '.join(self.names)}"
+        positional = [name for name, by_position, _, _ in self.arguments if by_position]
+        if len(args) > len(positional):
+            raise BitmixError(f"the model's forward takes {len(positional)} positional argument(s) "
+                              f"({', '.join(positional)}), got {len(args)}; {takes}")
+        given = dict(zip(positional, args, strict=False))
+        known = {name: (kind, value) for name, _, kind, value in self.arguments}
+        for name, value in kwargs.items():
+            if name in given:
+                raise BitmixError(f"input {name!r} is given by position and by name; {takes}")
+            if name not in known and not isinstance(value, torch.Tensor):
+                raise self.not_a_tensor(f"argument {name!r}", value)
+            if name not in known:
+                raise BitmixError(f"unexpected input {name!r}; {takes} (the inputs it was compiled with)")
+            given[name] = value
+        for i, (name, value) in enumerate(given.items()):
+            kind, fixed = known[name]
+            if kind == "input" or _same(value, kind, fixed):
+                continue
+            shown = fixed if kind == "fixed" else f"<{fixed}>"
+            if isinstance(value, torch.Tensor):
+                raise BitmixError(f"argument {name!r} was fixed at compile time (to {shown!s:.40}, as the example "
+                                  f"inputs left it out), got a tensor; compile with {name!r} in the example inputs "
+                                  "to pass it")
+            raise self.not_a_tensor(f"argument {i}" if i < len(args) else f"argument {name!r}", value)
+        missing = [n for n in self.names if n not in given]
+        if missing:
+            raise BitmixError(f"missing input {missing[0]!r}; {takes}")
+        return tuple(given[n] for n in self.names)
 
     @contextmanager
     def empty_batch_errors(self, args: tuple[Any, ...]) -> Iterator[None]:
@@ -273,3 +314,11 @@ class InputSpec:
             raise BitmixError(f"the model indexed out of range on inputs {shapes} ({detail}): e.g. a sequence "
                               "longer than its position table or a token id past its vocabulary; "
                               "call it with inputs it can take") from None
+
+
+def _same(value: Any, kind: str, fixed: Any) -> bool:
+    """An explicit value that is what the compile fixed an argument to: the same as leaving it out."""
+    if kind == "opaque":
+        return repr(value) == fixed
+    return value is fixed or (type(value) is type(fixed) and isinstance(value, bool | int | float | str)
+                              and value == fixed)

@@ -563,3 +563,20 @@ def test_bad_dict_example_inputs_are_one_line(example, match):
     example = {k: tensors.get(v, v) if isinstance(v, str) else v for k, v in example.items()}
     with pytest.raises(BitmixError, match=match):
         capture(Gated().eval(), example)
+
+
+def test_a_forward_taking_only_kwargs_says_to_name_them():
+    """forward(self, **kwargs) compiled from a dict was told to "pass a tuple", which such a forward cannot take."""
+
+    class Kwargs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 8)
+
+        def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+            return self.fc(inputs["x"]) + inputs["t"]
+
+    with pytest.raises(BitmixError, match=r"^example_inputs has 'x', which Kwargs.forward takes only through "
+                                          r"\*\*kwargs: .*compile a wrapper whose forward names them "
+                                          r"\(def forward\(self, x, t\)"):
+        capture(Kwargs().eval(), {"x": torch.randn(4, 16), "t": torch.randn(4, 8)})

@@ -552,3 +552,26 @@ def test_a_model_compiled_from_a_dict_takes_its_inputs_by_position_by_name_or_as
             assert torch.equal(cm(*call_args, **call_kwargs), want)
     assert torch.nn.functional.cosine_similarity(want.flatten(), fp32.flatten(), dim=0) > 0.99
     assert cm.input_spec.names == (("x", "t") if name == "gated" else ("y", "x"))
+
+
+def test_arguments_fixed_at_compile_time_may_be_passed_at_their_value(from_dicts, tmp_path):
+    """cm(x, None, 2.0, t) -- Gated's forward(x, mask=None, scale=2.0, t=None), compiled without mask and scale --
+    was refused ("argument 1 is a NoneType"), though eager takes it and the compile fixed mask at None: values equal
+    to the fixed ones are taken (by position, as eager binds them, or by name), others are one line."""
+    _, cm = from_dicts["gated"]
+    x, t = torch.randn(3, 16), torch.randn(3, 8)
+    want = cm(x, t)
+    for model in (cm, bitmix.load(cm.save(tmp_path / "gated.pt2"))):
+        for args, kwargs in (((x, None, 2.0, t), {}), ((x,), {"mask": None, "t": t}), ((x, None), {"t": t}),
+                             ((), {"t": t, "scale": 2.0, "x": x, "mask": None})):
+            assert torch.equal(model(*args, **kwargs), want)
+        for args, kwargs, match in (
+                ((x, torch.ones(3, 8), 2.0, t), {}, r"^argument 'mask' was fixed at compile time \(to None, as the "
+                                                    r"example inputs left it out\), got a tensor; compile with 'mask'"),
+                ((x, None, 3.0, t), {}, r"^argument 2 is a float \(3.0\), not a tensor: .*fixed at compile time"),
+                ((x,), {"scale": 2, "t": t}, r"^argument 'scale' is a int \(2\), not a tensor"),
+                ((x, None, 2.0, t, t), {}, r"^the model's forward takes 4 positional argument\(s\) \(x, mask, scale, "
+                                           r"t\), got 5"),
+                ((x, None), {}, "^missing input 't'")):
+            with pytest.raises(BitmixError, match=match):
+                model(*args, **kwargs)
