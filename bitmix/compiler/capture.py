@@ -9,6 +9,7 @@ The caller's model is never touched: we export a copy (`bitmix.compiler.frozen`)
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import math
@@ -288,10 +289,11 @@ def _export(model: nn.Module, call: tuple[tuple[torch.Tensor, ...], dict[str, to
 
 def _eager_error(model: nn.Module, inputs: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor]) -> str | None:
     """Why a plain forward pass on `inputs` fails (first line), or None if it runs: an export failure the model
-    itself would raise is the user's input, not something torch.export cannot trace."""
+    itself would raise is the user's input, not something torch.export cannot trace. Run on a copy: the frozen
+    model's parameters are the user's (`frozen_copy`), which a forward writing one in place must not change."""
     try:
         with torch.no_grad():
-            model(*inputs, **kwargs)
+            copy.deepcopy(model)(*inputs, **kwargs)
     except Exception as exc:  # whatever the model raises
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
         return f"{type(exc).__name__}: {first[:200]}"

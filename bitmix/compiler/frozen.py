@@ -1,6 +1,10 @@
-"""The copy of the user's model that bitmix exports: deep-copied, in eval mode, parametrized weights baked.
+"""The copy of the user's model that bitmix exports: its modules and buffers deep-copied, in eval mode,
+parametrized weights baked; its parameters shared with the user's model.
 
-`compile` never touches the user's model, so everything below edits the copy only.
+`compile` never touches the user's model, so everything below edits the copy only. The parameters are the
+user's own tensors, never written: the exported program reads them, and every module bitmix changes or
+trains is a deep copy of it (`fold.prepare`), so a second copy of every weight held for the whole compile
+and by the compiled model (`cm.graph.exported`) bought nothing (an 8192 x 8192 Linear: 268 MB more).
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
-    """`model` deep-copied, in eval mode, with weight / spectral norm and pruning masks baked into plain
-    parameters."""
+    """`model` deep-copied but for its parameters (the same tensors), in eval mode, with weight / spectral norm
+    and pruning masks baked into plain parameters (new ones: the user's stay as they are)."""
     return _bake_parametrizations(_deep_copy(model).eval())
 
 
@@ -34,8 +38,8 @@ def train_mode_modules(model: nn.Module) -> list[str]:
 def _deep_copy(model: nn.Module) -> nn.Module:
     """A deep copy, also of a model whose hooks keep a computed weight as a non-leaf tensor attribute (hook-based
     weight / spectral norm, `torch.nn.utils.prune`), which `copy.deepcopy` refuses (torch PR 103001): those
-    attributes are copied detached."""
-    memo: dict[int, object] = {}
+    attributes are copied detached. Parameters are not copied (the module docstring)."""
+    memo: dict[int, object] = {id(p): p for p in model.parameters()}
     for module in model.modules():
         for hook in module._forward_pre_hooks.values():
             name = _computed_name(hook)
