@@ -51,7 +51,10 @@ def prepare(graph: LayerGraph) -> fx.GraphModule:
     _drop_unused_state(gm)
     gm.graph.lint()
     gm.recompile()
-    gm = copy.deepcopy(gm)  # own every tensor: fine-tuning must not write into graph.exported
+    # own every tensor: fine-tuning must not write into graph.exported; the QuantLayers' own already
+    # (`QuantLayer` clones its weight), so a second copy of every weight would only raise the peak
+    gm = copy.deepcopy(gm, {id(t): t for m in gm.modules() if isinstance(m, QuantLayer)
+                            for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))})
     gm.bitmix_layers = attrs
     gm.bitmix_fixed_batch = _fixed_batch(graph.exported)
     # GraphModule.__deepcopy__ re-attaches these

@@ -7,11 +7,16 @@ compiled model holds, and the peak of the tensors one step of the compile create
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import bitmix
 from bitmix.compiler.capture import capture
+from bitmix.compiler.fold import prepare
 
 WIDTH = 384  # 4 layers: 2.4 MB of float32 weights
 
@@ -20,6 +25,39 @@ def _stack() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(WIDTH, WIDTH), nn.ReLU())]).eval()
     return model, torch.randn(16, WIDTH, generator=torch.Generator().manual_seed(1))
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+class _Peak(TorchDispatchMode):
+    """The peak bytes of tensor storage that ops run under the mode create and that are still alive (a storage
+    lives as long as any tensor on it: its Python object is kept while it does, so a finalizer tells)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}  # address -> bytes
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr == 0 or ptr in inputs or ptr in self.live:  # a view or in-place result: not a new storage
+                continue
+            self.live[ptr] = storage.nbytes()
+            self.now += storage.nbytes()
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(storage, self._drop, ptr)
+        return out
+
+    def _drop(self, ptr: int) -> None:
+        self.now -= self.live.pop(ptr)
 
 
 def test_the_exported_program_reads_the_users_weights_without_a_copy():
@@ -37,3 +75,15 @@ def test_the_exported_program_reads_the_users_weights_without_a_copy():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(cm(x), cm.fake_quant(x))
+
+
+def test_prepare_copies_each_weight_once():
+    """prepare cloned every weight into its QuantLayer, then deep-copied the whole module: 2x at its peak."""
+    model, x = _stack()
+    weights = _weight_bytes(model)
+    graph = capture(model, (x,))
+    with _Peak() as peak:
+        float_model = prepare(graph)
+    assert peak.peak < 1.3 * weights, f"{peak.peak / weights:.2f}x the weights"
+    with torch.no_grad():
+        assert torch.equal(float_model(x), model(x))
