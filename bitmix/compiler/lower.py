@@ -454,9 +454,11 @@ def plan_for(layer: QuantLayer) -> KernelPlan:
                           a_axis=layer.a_quant.axis, b_axis=layer.b_quant.axis)
     assert layer.weight is not None and layer.w_quant is not None
     weight = layer.weight.detach().float()
-    codes = layer.w_quant.codes(weight).reshape(weight.shape[0], -1).numpy().astype(np.int8)
+    w_codes = layer.w_quant.codes(weight)  # not `weight_codes()`: its cache would keep a weight-sized copy
+    codes = w_codes.reshape(weight.shape[0], -1).numpy().astype(np.int8)
     scales = layer.w_quant.step.detach().float().reshape(-1).expand(weight.shape[0]).numpy().copy()
-    folded = layer.folded_bias()
+    folded = layer.folded_bias(w_codes)
+    del w_codes
     bias = folded.numpy().copy() if folded is not None else None
     half = layer.a_quant.half_step() if isinstance(layer.a_quant, LSQQuantizer) else None
     geometry = {}
@@ -479,8 +481,12 @@ class LoweredModule:
 
 
 def lower(fake_quant_model: nn.Module) -> LoweredModule:
-    """Swap every quantized QuantLayer of a (deep-copied) model for a KernelLayer."""
-    module = copy.deepcopy(fake_quant_model).eval()
+    """Swap every quantized QuantLayer of a copy of the model for a KernelLayer (the model is not changed).
+
+    The copy shares the quantized QuantLayers until they are swapped out, so their float weights are never
+    copied (one more copy of every weight at the peak of a large model's compile)."""
+    quantized = [layer for layer in quant_layers(fake_quant_model).values() if layer.bits is not None]
+    module = copy.deepcopy(fake_quant_model, {id(layer): layer for layer in quantized})
     recorder = CallRecorder()
     lowered, kept = [], []
     for name, layer in quant_layers(module).items():
@@ -489,6 +495,7 @@ def lower(fake_quant_model: nn.Module) -> LoweredModule:
             continue
         _set_submodule(module, _path_of(module, layer), KernelLayer(plan_for(layer), recorder))
         lowered.append(name)
+    module.eval()
     if isinstance(module, fx.GraphModule):
         fuse_conv_epilogues(module)
         nhwc_max_pools(module)

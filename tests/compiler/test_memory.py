@@ -17,6 +17,9 @@ from torch.utils._pytree import tree_leaves
 import bitmix
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
+from bitmix.compiler.lower import lower
+from bitmix.compiler.qlayer import QuantLayer, quant_layers
+from bitmix.compiler.quantize import fake_quantize
 
 WIDTH = 384  # 4 layers: 2.4 MB of float32 weights
 
@@ -87,3 +90,17 @@ def test_prepare_copies_each_weight_once():
     assert peak.peak < 1.3 * weights, f"{peak.peak / weights:.2f}x the weights"
     with torch.no_grad():
         assert torch.equal(float_model(x), model(x))
+
+
+def test_lower_does_not_copy_the_float_weights_it_replaces():
+    """lower deep-copied the fake-quant model, float weights and all, before swapping its layers for kernels."""
+    model, x = _stack()
+    weights = _weight_bytes(model)
+    graph = capture(model, (x,))
+    fq = fake_quantize(prepare(graph), dict.fromkeys(graph.names, 4), (x,))
+    with _Peak() as peak:
+        lowered = lower(fq)
+    assert peak.peak < 0.5 * weights, f"{peak.peak / weights:.2f}x the weights"
+    assert all(isinstance(layer, QuantLayer) and layer.bits is not None for layer in quant_layers(fq).values())
+    with torch.no_grad():
+        assert torch.equal(lowered.module(x), fq(x))
