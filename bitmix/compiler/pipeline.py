@@ -33,7 +33,7 @@ from bitmix.compiler.frozen import train_mode_modules
 from bitmix.compiler.inputs import CompileOptions
 from bitmix.compiler.lower import CallRecorder, executed_layers, lower, torch_on_one_thread, warn_without_autograd
 from bitmix.compiler.pretrain import pretrain_stage
-from bitmix.compiler.qlayer import MIN_STEP, LSQQuantizer, quant_layers
+from bitmix.compiler.qlayer import MIN_STEP, LSQQuantizer, forget_weight_codes, quant_layers
 from bitmix.compiler.quantize import fake_quantize
 from bitmix.compiler.quantize import finetune as qat_finetune
 from bitmix.compiler.saving import Keepable, LoadedModel, refuse_tracing
@@ -263,6 +263,7 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
                               finetuned=ft is not None and ft.epochs > 0))
     for module in (fq, cm.lowered):
         restore(module, initial_state)  # the first call starts where the user's model is, not after bitmix's passes
+    forget_weight_codes(fq)  # the evaluation's cache: cm.fake_quant computes its codes again when it runs
     cm.recorder.calls.clear()
     cm.report = _report(graph, tgt, scorer.name, caps, chosen, scores, sim, accuracy, timings, frontier,
                         uniform_pts, warn)

@@ -480,3 +480,12 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
 def fixed_batch(model: nn.Module) -> int | None:
     """The only batch a prepared model runs, if it was exported with static shapes (`fold.prepare`)."""
     return getattr(model, "bitmix_fixed_batch", None)
+
+
+def forget_weight_codes(model: nn.Module) -> None:
+    """Drop the cached weight codes of `model`'s layers (`QuantLayer.weight_codes`): an int32 copy of every
+    quantized weight, which a compiled model's `fake_quant` otherwise kept beside its float weights for good.
+    The next integer forward pass computes them again (the same codes)."""
+    for layer in quant_layers(model).values():
+        if layer.w_quant is not None:
+            _WEIGHT_CODES.pop(layer.w_quant, None)

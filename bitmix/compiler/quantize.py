@@ -19,7 +19,7 @@ from bitmix.compiler.distill import LayerDistiller
 from bitmix.compiler.equalize import equalize, pairs
 from bitmix.compiler.progress import limit as _limit
 from bitmix.compiler.progress import progress as _progress
-from bitmix.compiler.qlayer import MIN_STEP, LSQQuantizer, QuantLayer, fixed_batch, quant_layers
+from bitmix.compiler.qlayer import MIN_STEP, LSQQuantizer, QuantLayer, fixed_batch, forget_weight_codes, quant_layers
 from bitmix.errors import BitmixError
 from bitmix.ir.precision import PrecisionLike
 from bitmix.task import TaskData
@@ -68,15 +68,19 @@ def fake_quantize(
         return _quantize(model, assignment, None, bias_correction, smoothing, rounding, activation_search, rotation)
     ranges.check_calibration(calibration)
     if not (equalization and isinstance(model, torch.fx.GraphModule) and pairs(model)):
-        return _quantize(model, assignment, calibration, bias_correction, smoothing, rounding, activation_search,
-                         rotation)
+        model = _quantize(model, assignment, calibration, bias_correction, smoothing, rounding, activation_search,
+                          rotation)
+        forget_weight_codes(model)
+        return model
     target = _float_output(model, calibration)
     options = (bias_correction, smoothing, rounding, activation_search, rotation)
     plain = _quantize(copy.deepcopy(model), assignment, calibration, *options)
     equalize(model)
     equalized = _quantize(model, assignment, calibration, *options)
     errors = [float((_flat(m(*calibration)) - target).pow(2).sum()) for m in (plain, equalized)]
-    return equalized if errors[1] < errors[0] else plain
+    best = equalized if errors[1] < errors[0] else plain
+    forget_weight_codes(best)
+    return best
 
 
 def _quantize(model: nn.Module, assignment: dict[str, int], calibration: tuple[torch.Tensor, ...] | None,

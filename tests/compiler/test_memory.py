@@ -7,8 +7,11 @@ compiled model holds, and the peak of the tensors one step of the compile create
 
 from __future__ import annotations
 
+import gc
+import types
 import weakref
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -18,7 +21,7 @@ import bitmix
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.lower import lower
-from bitmix.compiler.qlayer import QuantLayer, quant_layers
+from bitmix.compiler.qlayer import _WEIGHT_CODES, QuantLayer, quant_layers
 from bitmix.compiler.quantize import fake_quantize
 
 WIDTH = 384  # 4 layers: 2.4 MB of float32 weights
@@ -32,6 +35,33 @@ def _stack() -> tuple[nn.Module, torch.Tensor]:
 
 def _weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _storages(root: object) -> dict[int, int]:
+    """{address: bytes} of every tensor storage and numpy buffer reachable from `root` (not through types,
+    modules or functions)."""
+    found: dict[int, int] = {}
+    seen: set[int] = set()
+    stack = [root]
+    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+            types.CodeType, str, bytes, int, float)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if not obj.is_meta and type(obj).__name__ != "FakeTensor":
+                storage = obj.untyped_storage()
+                found[storage.data_ptr()] = storage.nbytes()
+            continue
+        if isinstance(obj, np.ndarray):
+            while isinstance(obj.base, np.ndarray):
+                obj = obj.base
+            found[obj.__array_interface__["data"][0]] = obj.nbytes
+            continue
+        stack.extend(gc.get_referents(obj))
+    return found
 
 
 class _Peak(TorchDispatchMode):
@@ -78,6 +108,22 @@ def test_the_exported_program_reads_the_users_weights_without_a_copy():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(cm(x), cm.fake_quant(x))
+
+
+def test_a_compiled_model_holds_its_fake_quant_weights_once_beside_the_packed_ones():
+    """`cm` kept the exported program's copy of the weights, `cm.fake_quant`'s, and (in a module-level cache)
+    the fake-quant weights' int32 codes: 3x the weights besides the packed kernels' codes. The user's own
+    weights are not counted: the user holds them anyway."""
+    model, x = _stack()
+    weights = _weight_bytes(model)
+    cm = bitmix.compile(model, (x,), "int4int2-npu", data=x)
+    users = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    held = {ptr: n for ptr, n in _storages(cm).items() if ptr not in users}
+    cached = [entry for q, entry in _WEIGHT_CODES.items() if any(q is m for m in cm.modules())]
+    total = sum(held.values()) + sum(e[2].numel() * e[2].element_size() for e in cached)
+    assert total < 1.5 * weights, f"{total / weights:.2f}x the weights"
+    with torch.no_grad():  # fake_quant still runs the kernels' integer arithmetic, bit for bit
+        assert torch.equal(cm.fake_quant(x), cm(x))
 
 
 def test_prepare_copies_each_weight_once():
