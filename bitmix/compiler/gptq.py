@@ -61,16 +61,18 @@ def _rows(layer: QuantLayer, x: torch.Tensor) -> torch.Tensor:
 def hessians(layer: QuantLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(H of the even examples, H of the odd examples), each (G, K, K) float64, for the layer input `x`
     exactly as the weights see it (smoothed and quantized)."""
-    out = []
-    for part in (x[0::2], x[1::2]):
-        h = None
-        for i in range(0, part.shape[0], CHUNK):
-            r = _rows(layer, part[i : i + CHUNK]).permute(1, 2, 0, 3).flatten(2)  # (G, K, N*L)
-            term = torch.bmm(r, r.transpose(1, 2)).double()  # float32 products, summed per chunk
-            h = term if h is None else h + term
-        assert h is not None
-        out.append(h)
-    return out[0], out[1]
+    return hessian(layer, x[0::2]), hessian(layer, x[1::2])
+
+
+def hessian(layer: QuantLayer, part: torch.Tensor) -> torch.Tensor:
+    """H (G, K, K) float64 of the layer inputs `part`: float32 products, summed in float64 per CHUNK examples."""
+    h = None
+    for i in range(0, part.shape[0], CHUNK):
+        r = _rows(layer, part[i : i + CHUNK]).permute(1, 2, 0, 3).flatten(2)  # (G, K, N*L)
+        term = torch.bmm(r, r.transpose(1, 2)).double()
+        h = term if h is None else h.add_(term)  # in place: the same sums, one K x K array fewer
+    assert h is not None
+    return h
 
 
 def dequant(w: torch.Tensor, step: torch.Tensor, q_n: int, q_p: int) -> torch.Tensor:
@@ -88,16 +90,18 @@ class Rows:
     x: torch.Tensor
 
 
-def held_out(layer: QuantLayer, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor | Rows:
-    """What judges rounding on the odd examples of `x` (whose Hessian `hessians` gave as `h`): their `Rows`
-    where there are fewer rows than input columns, else `h`."""
+def held_out(layer: QuantLayer, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor | Rows:
+    """What judges rounding on the odd examples of `x`: their `Rows` where there are fewer rows than input
+    columns, else their Hessian (`h` if given, as `hessians` gave it)."""
     r = _rows(layer, x[1::2]).permute(1, 2, 0, 3).flatten(2)  # (G, K, M)
-    return Rows(r.transpose(1, 2).double()) if r.shape[2] < r.shape[1] else h
+    if r.shape[2] < r.shape[1]:
+        return Rows(r.transpose(1, 2).double())
+    return hessian(layer, x[1::2]) if h is None else h
 
 
 def row_errors(weight: torch.Tensor, rounded: torch.Tensor, h: torch.Tensor | Rows) -> torch.Tensor:
     """(G, R): each row's `d H d^T`, d = rounded - weight (both (G, R, K)): its squared output error."""
-    d = rounded.double() - weight.double()
+    d = rounded.double().sub_(weight)  # float32 weight widened exactly: `rounded.double() - weight.double()`
     if isinstance(h, Rows):
         return torch.bmm(d, h.x.transpose(1, 2)).pow_(2).sum(dim=-1)
     return torch.bmm(d, h).mul_(d).sum(dim=-1)
@@ -108,23 +112,34 @@ def output_error(weight: torch.Tensor, rounded: torch.Tensor, h: torch.Tensor | 
     return float(row_errors(weight, rounded, h).sum())
 
 
-def inverse_factor(h: torch.Tensor) -> torch.Tensor | None:
+def inverse_factor(h: torch.Tensor, overwrite: bool = False) -> torch.Tensor | None:
     """Upper Cholesky factor of the damped inverse Hessian (G, K, K), or None if H stays singular.
 
     With P the order reversal and P H P = L L^T, H^-1 = (L^-1 P)^T (L^-1 P) and P L^-1 P is upper
     triangular: the factor is one Cholesky and one triangular inverse (4/3 K^3 flops), not the inverse
     through `cholesky_solve` against I and a second Cholesky of it (8/3 K^3; a GPT-2 fc2 layer's two
-    factorizations at K = 3072: 7.0 -> 4.4 s CPU). The same matrix up to rounding (the factor is unique)."""
-    k = h.shape[-1]
-    h = h.clone()
+    factorizations at K = 3072: 7.0 -> 4.4 s CPU). The same matrix up to rounding (the factor is unique).
+
+    K x K float64 arrays are a large layer's peak (each twice its float32 weight at K = R): the damping goes on
+    the diagonal in place and `h` becomes the identity the solve needs, so at most two more than `h` are alive
+    here (there were six). `overwrite`: `h` is the caller's to destroy (else it is copied first)."""
+    if not overwrite:
+        h = h.clone()
     diag = h.diagonal(dim1=-2, dim2=-1)
     diag[diag <= 0] = 1.0  # an input that is always 0: its column couples to nothing
-    eye = torch.eye(k, dtype=h.dtype)
+    mean = diag.mean(dim=-1).reshape(-1, 1)  # of the strided view, as before: a copy's sum rounds otherwise
+    undamped = diag.clone()
+    h.add_(0.0)  # as adding damp * I did: -0.0 off the diagonal becomes +0.0, all else unchanged
     for damp in (DAMP, 10 * DAMP, 100 * DAMP):
-        damped = h + damp * diag.mean(dim=-1).reshape(-1, 1, 1) * eye
-        chol, info = torch.linalg.cholesky_ex(damped.flip(-2, -1))
+        diag.copy_(undamped).add_(damp * mean)
+        chol, info = torch.linalg.cholesky_ex(h.flip(-2, -1))
         if bool((info == 0).all()):
-            return torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).flip(-2, -1)
+            eye = h.zero_()
+            eye.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+            inverse = torch.linalg.solve_triangular(chol, eye, upper=False)
+            del chol
+            return inverse.flip(-2, -1)
+        del chol
     return None
 
 
@@ -144,7 +159,7 @@ def factor(h: torch.Tensor, act_order: bool = True) -> Factor | None:
     order = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True) if act_order else None
     if order is not None:
         h = torch.gather(torch.gather(h, 1, order.unsqueeze(2).expand_as(h)), 2, order.unsqueeze(1).expand_as(h))
-    upper = inverse_factor(h)
+    upper = inverse_factor(h, overwrite=order is not None)  # the reordered copy is ours
     return None if upper is None else Factor(order, upper)
 
 
@@ -156,6 +171,7 @@ def compensate(weight: torch.Tensor, step: torch.Tensor, f: Factor, q_n: int, q_
     if order is not None:
         weight = torch.gather(weight, 2, order.unsqueeze(1).expand_as(weight))
     w = weight.transpose(1, 2).double().contiguous()  # (G, K, R)
+    del weight  # the reordered copy, if any: not needed beside its float64 transpose
     s = step.float().transpose(1, 2)  # (G, 1, R)
     out = torch.empty(w.shape, dtype=torch.float32)
     k = w.shape[1]
@@ -204,18 +220,21 @@ def search_steps(weight: torch.Tensor, step: torch.Tensor, fit: torch.Tensor, te
     for c0 in range(0, len(grid), per_chunk):
         cs = grid[c0 : c0 + per_chunk]
         s = torch.cat([(step.float() * c).clamp(min=ranges.MIN_STEP) for c in cs], dim=1)  # (G, n*R, 1)
-        trial = compensate(weight.repeat(1, len(cs), 1), s, f, q_n, q_p)
-        err = row_errors(weight.repeat(1, len(cs), 1), dequant(trial, s, q_n, q_p), test).reshape(g, len(cs), r)
+        stacked = weight if len(cs) == 1 else weight.repeat(1, len(cs), 1)
+        trial = compensate(stacked, s, f, q_n, q_p)
+        err = row_errors(stacked, dequant(trial, s, q_n, q_p), test).reshape(g, len(cs), r)
+        del stacked
         s, trial = s.reshape(g, len(cs), r, 1), trial.reshape(g, len(cs), r, k)
         pick = err.argmin(dim=1, keepdim=True)  # first minimum: ties keep the earlier grid point
         cand = (err.gather(1, pick)[:, 0], s.gather(1, pick.unsqueeze(-1))[:, 0],
                 trial.gather(1, pick.unsqueeze(-1).expand(g, 1, r, k))[:, 0])
         if best is None:
             best = cand
-            continue
-        win = cand[0] < best[0]
-        best = (torch.where(win, cand[0], best[0]), torch.where(win.unsqueeze(-1), cand[1], best[1]),
-                torch.where(win.unsqueeze(-1), cand[2], best[2]))
+        else:
+            win = cand[0] < best[0]
+            best = (torch.where(win, cand[0], best[0]), torch.where(win.unsqueeze(-1), cand[1], best[1]),
+                    torch.where(win.unsqueeze(-1), cand[2], best[2]))
+        del s, trial, err, pick, cand  # weight-sized: not kept through the next candidate's pass
     assert best is not None
     return best[1], best[2]
 
@@ -244,8 +263,8 @@ def round_layer(layer: QuantLayer, x: torch.Tensor, live: torch.Tensor | None = 
     if live is not None and live.shape == x.shape[:-1]:
         x = x * live.unsqueeze(-1).to(x.dtype)
     x = x.float()
-    fit, test = hessians(layer, x)
-    judge = held_out(layer, x, test)
+    fit = hessian(layer, x[0::2])
+    judge = held_out(layer, x)  # the odd examples' Hessian only where their rows would not do
     w, mse_step = _grouped(layer)
     searched = search_steps(w, mse_step, fit, judge, q.q_n, q.q_p, STEP_GRID)
     if searched is None:
@@ -254,9 +273,14 @@ def round_layer(layer: QuantLayer, x: torch.Tensor, live: torch.Tensor | None = 
     rtn = dequant(w, mse_step, q.q_n, q.q_p)
     if output_error(w, dequant(trial, step, q.q_n, q.q_p), judge) >= output_error(w, rtn, judge):
         return False
-    final = gptq_weights(w, step, fit + test, q.q_n, q.q_p)
-    if final is None:
+    del trial, rtn
+    test = judge if isinstance(judge, torch.Tensor) else hessian(layer, x[1::2])
+    del judge
+    f = factor(fit.add_(test))  # in place: fit + test, one K x K array fewer
+    del fit, test  # before the GPTQ pass: only the factor is needed there
+    if f is None:
         return False
+    final = compensate(w, step, f, q.q_n, q.q_p)
     assert layer.weight is not None
     layer.weight.copy_(final.reshape(layer.weight.shape))
     q.set_step(step.reshape(-1))

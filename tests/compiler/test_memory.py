@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import bitmix
+from bitmix.compiler import gptq
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.lower import lower
@@ -150,3 +151,20 @@ def test_lower_does_not_copy_the_float_weights_it_replaces():
     assert all(isinstance(layer, QuantLayer) and layer.bits is not None for layer in quant_layers(fq).values())
     with torch.no_grad():
         assert torch.equal(lowered.module(x), fq(x))
+
+
+def test_gptq_rounds_a_layer_within_a_few_hessians(monkeypatch):
+    """GPTQ's working set for one layer: the Hessians (K x K float64, 2x the weight at K = R) and its
+    factorisation held 11 of them at once (fit, test, their sum, a reordered copy, a clone, the identity, the
+    damped matrix, its flip, the Cholesky factor, the solve and its flip); now 6. One candidate step per
+    pass, as a large layer runs (`MAX_STACK`)."""
+    monkeypatch.setattr(gptq, "MAX_STACK", 1)
+    gen = torch.Generator().manual_seed(0)
+    k = 256
+    layer = QuantLayer("l", "linear", torch.randn(k, k, generator=gen) / 16)
+    layer.set_bits(4)
+    x = torch.randn(64, 4, generator=gen) @ torch.randn(4, k, generator=gen) + 0.1 * torch.randn(64, k, generator=gen)
+    h_bytes = k * k * 8
+    with _Peak() as peak:
+        assert gptq.round_layer(layer, x)
+    assert peak.peak < 7 * h_bytes, f"{peak.peak / h_bytes:.1f} Hessians"
