@@ -45,10 +45,13 @@ def live_rows(model: nn.Module, layers: dict[str, QuantLayer], calibration: tupl
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
     calls: dict[str, int] = {}
 
+    outputs: list[torch.Tensor] = []
+
     def hook(layer: QuantLayer, args: tuple, out: torch.Tensor) -> None:
         calls[layer.name] = calls.get(layer.name, 0) + 1
         if out.requires_grad and out.dim() > 1:  # a 1-D output (an unbatched input) is one row: nothing to drop
             out.register_hook(lambda g, name=layer.name: parts[name].append(g.ne(0).any(dim=-1)))
+            outputs.append(out)
 
     saved = {name: layer.bits for name, layer in layers.items()}
     handles = [layer.register_forward_hook(hook) for layer in targets.values()]
@@ -65,12 +68,13 @@ def live_rows(model: nn.Module, layers: dict[str, QuantLayer], calibration: tupl
                 gen = torch.Generator().manual_seed(i)
                 part = calibration if len(starts) == 1 else tuple(t[i : i + CHUNK] for t in calibration)
                 loss = _project(model(*part), gen)
-                if loss.requires_grad:
-                    try:
-                        loss.backward()
+                if loss.requires_grad and outputs:
+                    try:  # to the layers' outputs only: the weights' gradients were a copy of every weight
+                        loss.backward(inputs=outputs)
                     except RuntimeError:  # an op without a derivative (a fused inference kernel): no masks
                         return {}
                     model.zero_grad(set_to_none=True)
+                outputs.clear()
     finally:
         for h in handles:
             h.remove()

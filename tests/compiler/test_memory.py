@@ -21,6 +21,7 @@ import bitmix
 from bitmix.compiler import gptq
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
+from bitmix.compiler.live import live_rows
 from bitmix.compiler.lower import lower
 from bitmix.compiler.qlayer import _WEIGHT_CODES, QuantLayer, quant_layers
 from bitmix.compiler.quantize import fake_quantize
@@ -151,6 +152,19 @@ def test_lower_does_not_copy_the_float_weights_it_replaces():
     assert all(isinstance(layer, QuantLayer) and layer.bits is not None for layer in quant_layers(fq).values())
     with torch.no_grad():
         assert torch.equal(lowered.module(x), fq(x))
+
+
+def test_live_rows_takes_no_gradient_of_the_weights():
+    """The pass that finds each layer's live rows back-propagated into every weight (a gradient the size of the
+    model, dropped unread); it needs the gradients of the layers' outputs only."""
+    model, x = _stack()
+    weights = _weight_bytes(model)
+    float_model = prepare(capture(model, (x,)))
+    layers = quant_layers(float_model)
+    with _Peak() as peak:
+        live_rows(float_model, layers, (x,))
+    assert peak.peak < 0.5 * weights, f"{peak.peak / weights:.2f}x the weights"
+    assert all(p.grad is None for p in float_model.parameters())
 
 
 def test_gptq_rounds_a_layer_within_a_few_hessians(monkeypatch):
