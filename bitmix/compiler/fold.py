@@ -29,11 +29,14 @@ PRESERVED = "_user_preserved_attributes"
 BN_OPS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
 
 
-def prepare(graph: LayerGraph) -> fx.GraphModule:
+def prepare(graph: LayerGraph, share_weights: bool = False) -> fx.GraphModule:
     """A new float module equivalent to the captured model, ready for per-layer quantization.
 
     The result has `bitmix_layers: dict[layer_name, attribute]`; `quant_layers(gm)`
-    gives the `QuantLayer` modules themselves.
+    gives the `QuantLayer` modules themselves. With `share_weights` the QuantLayers' weights and biases are
+    the exported program's tensors where the layer uses them unchanged (no BatchNorm folded, no transpose),
+    which are the user's own (`frozen_copy`): a model nothing may write into, for a caller that only reads it
+    or copies it first (`compile`'s float model: one copy of the weights fewer for the whole compile).
     """
     source = graph.exported.module()
     gm = fx.GraphModule(source, source.graph)
@@ -46,7 +49,7 @@ def prepare(graph: LayerGraph) -> fx.GraphModule:
     folded = _fold_batchnorms(gm, graph, nodes)
     attrs: dict[str, str] = {}
     for layer in graph.layers:
-        attrs[layer.name] = _insert_quant_layer(gm, layer, nodes[layer.node], nonneg, folded, attrs)
+        attrs[layer.name] = _insert_quant_layer(gm, layer, nodes[layer.node], nonneg, folded, attrs, share_weights)
     gm.graph.eliminate_dead_code()
     _drop_unused_state(gm)
     gm.graph.lint()
@@ -159,6 +162,7 @@ def _insert_quant_layer(
     nonneg: set[fx.Node],
     folded: dict[str, tuple[torch.Tensor, torch.Tensor]],
     taken: dict[str, str],
+    share_weights: bool = False,
 ) -> str:
     a = node.args[0]
     if layer.kind == "matmul":
@@ -189,6 +193,9 @@ def _insert_quant_layer(
         post = (transposed.shuffle_and_crop, *transposed.shuffle_args(g))
     module = QuantLayer(layer.name, layer.kind, weight, bias, layer.stride, layer.padding, layer.dilation,
                         layer.groups, a_nonneg=a in nonneg)
+    if share_weights:  # the tensors themselves, not QuantLayer's clones
+        module.weight = nn.Parameter(weight.detach())
+        module.bias = None if bias is None else nn.Parameter(bias.detach())
     return _replace(gm, node, layer.name, module, (a,), taken, unit_height, post)
 
 

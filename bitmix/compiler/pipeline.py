@@ -211,8 +211,8 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
                 _warn(msg, warn)
                 caps = Caps(fraction=cheapest)
         check_budget(costs, tgt, graph.names, caps)  # before the slow stages
-    with _stage("prepare", timings):
-        float_model = prepare(graph)
+    with _stage("prepare", timings):  # read-only: every stage that changes a model changes a copy of it
+        float_model = prepare(graph, share_weights=True)
     names = graph.names
     with _stage("pretrain", timings):  # training at the highest choice, for methods that score a trained model
         trained = pretrain_stage(method_config.pretrain_step_lr_scale(), float_model, names, tgt, roles.train, seed)

@@ -128,6 +128,28 @@ def test_a_compiled_model_holds_its_fake_quant_weights_once_beside_the_packed_on
         assert torch.equal(cm.fake_quant(x), cm(x))
 
 
+def test_compile_reads_its_float_model_from_the_users_weights_and_never_writes_them(monkeypatch):
+    """compile's float model (the reference every stage copies before changing it) held its own copy of every
+    quantized weight for the whole compile; it reads the user's tensors now, and a compile that fine-tunes and
+    evaluates still leaves them as they were."""
+    from bitmix.compiler import pipeline
+    from bitmix.task import Split, TaskData
+
+    made: list[torch.nn.Module] = []
+    real = pipeline.prepare
+    monkeypatch.setattr(pipeline, "prepare", lambda graph, **kw: made.append(real(graph, **kw)) or made[-1])
+    model, x = _stack()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(2))
+    task = TaskData("t", "top1", Split((x,), y), Split((x[:8],), y[:8]))
+    cm = bitmix.compile(model, (x,), "int4int2-npu", data=task, finetune=1)
+    users = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    assert {layer.weight.untyped_storage().data_ptr() for layer in quant_layers(made[0]).values()} <= users
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(cm(x), cm.fake_quant(x))
+
+
 def test_prepare_copies_each_weight_once():
     """prepare cloned every weight into its QuantLayer, then deep-copied the whole module: 2x at its peak."""
     model, x = _stack()
