@@ -8,7 +8,7 @@ steps, and fine-tunes it with a recipe (the zoo's `TaskData.recipe` by default),
 their own learning rate and LSQ's gradient scale 1/sqrt(N·Q_P) (`bitmix.compiler.quantize`).
 
 `cached_train_at_highest` memoises the result per (model weights, target, recipe, step lr,
-seed), in memory and as a state_dict under the zoo cache directory. Disk, because every
+seed), in memory (the last `MEMORY_ENTRIES`) and as a state_dict under the zoo cache directory. Disk, because every
 method, budget and process (CLI compiles, study resumes) reuses it and on minilm it costs
 minutes; a state_dict, because GraphModules do not pickle; keyed on the weights' content, so
 a changed model can never hit a stale entry.
@@ -71,7 +71,26 @@ def train_at_highest(
                     step_lr_scale=recipe.step_lr_scale)
 
 
+# Trained models kept in memory, most recently used last: a process compiling many models (a server, a notebook)
+# held every one it ever trained. Evicted ones reload from the disk copy every caller keeps.
+MEMORY_ENTRIES = 2
 _MEMORY: dict[str, nn.Module] = {}
+
+
+def _recall(key: str) -> nn.Module | None:
+    """The model in memory under ``key``, now the most recently used; None if not there."""
+    model = _MEMORY.pop(key, None)
+    if model is not None:
+        _MEMORY[key] = model
+    return model
+
+
+def _remember(key: str, model: nn.Module) -> None:
+    """Keep ``model`` under ``key``, dropping the least recently used beyond ``MEMORY_ENTRIES``."""
+    _MEMORY.pop(key, None)
+    _MEMORY[key] = model
+    while len(_MEMORY) > MEMORY_ENTRIES:
+        del _MEMORY[next(iter(_MEMORY))]
 
 
 def cache_key(prepared: nn.Module, target: Target, recipe: FinetuneConfig, step_lr: float | None, seed: int,
@@ -120,8 +139,9 @@ def cached_train_at_highest(
     start = time.perf_counter()
     assignment = highest_assignment(layer_names, target)
     key = cache_key(prepared, target, recipe, step_lr, seed, data)
-    if key in _MEMORY:
-        return Pretrained(_MEMORY[key], assignment, time.perf_counter() - start, True)
+    remembered = _recall(key)
+    if remembered is not None:
+        return Pretrained(remembered, assignment, time.perf_counter() - start, True)
     path = cache_dir() / "pretrain" / f"{key}.pt"
     if disk and path.exists():
         model = fake_quantize(prepared, assignment, data.calibration(CALIBRATION))
@@ -130,7 +150,7 @@ def cached_train_at_highest(
         except RuntimeError:  # written by a bitmix whose quantized layers hold other state: train again
             path.unlink()
         else:
-            _MEMORY[key] = model.eval()
+            _remember(key, model.eval())
             return Pretrained(model, assignment, time.perf_counter() - start, True)
     model = train_at_highest(prepared, layer_names, target, data, recipe, step_lr, seed)
     if disk:
@@ -138,7 +158,7 @@ def cached_train_at_highest(
         tmp = path.with_suffix(".tmp")
         torch.save(model.state_dict(), tmp)
         tmp.replace(path)
-    _MEMORY[key] = model
+    _remember(key, model)
     return Pretrained(model, assignment, time.perf_counter() - start, False)
 
 

@@ -72,6 +72,29 @@ def test_cached_in_memory_and_on_disk(mlp, tmp_path, monkeypatch):
     assert len(keys) == 6
 
 
+def test_memory_keeps_the_most_recently_used_and_the_disk_the_rest(mlp, tmp_path, monkeypatch):
+    """A process that trains for many models (or seeds) keeps only the last MEMORY_ENTRIES in memory; an evicted
+    one comes back from its disk copy, equal to the model first trained."""
+    gm, names, data = mlp
+    monkeypatch.setenv("BITMIX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(pretrain, "_MEMORY", {})
+    monkeypatch.setattr(pretrain, "MEMORY_ENTRIES", 2)
+    target = get_target("int4int2-npu")
+
+    def trained(seed: int) -> pretrain.Pretrained:
+        return pretrain.cached_train_at_highest(gm, names, target, data, RECIPE, step_lr=0.1, seed=seed)
+
+    first = {s: trained(s) for s in (0, 1)}
+    assert trained(0).model is first[0].model
+    trained(2)  # evicts seed 1 (least recently used), not 0
+    assert len(pretrain._MEMORY) == 2
+    assert trained(0).model is first[0].model
+    back = trained(1)
+    assert back.cached and back.model is not first[1].model
+    x = data.calibration(32)
+    assert torch.equal(back.model(*x), first[1].model(*x))
+
+
 def test_pipeline_hook_only_for_methods_that_score_a_trained_model(mlp):
     gm, names, data = mlp
     target = get_target("int4int2-npu")
