@@ -342,11 +342,6 @@ class ImplicitConv:
         return y
 
 
-def _a_max(lo: int, hi: int, shift: int) -> int:
-    """The largest ``|code - shift|`` of an activation byte (the AVX2 engine's s16 chunk bound)."""
-    return max(abs(lo - shift), abs(hi - shift))
-
-
 def implicit_conv(implicit, x_shape: tuple[int, ...], channels_last: bool, w: PackedWeight, geom: tuple[int, ...],
                   step: np.float32, lo: int, hi: int, shift: int, scale: np.ndarray, bias: np.ndarray | None,
                   residual: bool, clamp: tuple) -> ImplicitConv:
@@ -358,7 +353,7 @@ def implicit_conv(implicit, x_shape: tuple[int, ...], channels_last: bool, w: Pa
     m = nb * ho * wo
     parallel = _parallel(dispatch.settings, m * w.n * w.k)
     gemm = implicit.conv_gemm(w, shift, c, geom, hp, wp, m, scale, bias, residual, clamp, parallel,
-                              a_max=_a_max(lo, hi, shift))
+                              a_max=gemm_avx2.byte_bound(lo, hi, shift))
     return ImplicitConv(channels_last, (step, lo, hi, shift, ph, pw), (nb, hp, wp, c4), c, (nb, ho, wo, w.n), gemm,
                         implicit)
 
@@ -453,7 +448,7 @@ def codes_conv(own: ImplicitConv, w: PackedWeight, geom: tuple[int, ...], scale:
     m = nb * ho * wo
     gemm = own.engine.conv_codes_gemm(w, own.pad_args[3], own.channels, geom, hp, wp, m, scale, bias, clamp,
                                       _parallel(dispatch.settings, m * w.n * w.k), padded, (qph, qpw),
-                                      (step, qlo, qhi, qshift), a_max=_a_max(*own.pad_args[1:4]))
+                                      (step, qlo, qhi, qshift), a_max=gemm_avx2.byte_bound(*own.pad_args[1:4]))
     return CodesConv(own, gemm, padded, None if depthwise else (qph, qpw, ho, wo, w.n, qshift), owner)
 
 

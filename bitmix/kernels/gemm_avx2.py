@@ -270,6 +270,11 @@ NO_RESIDUAL = (NO_F32, False, np.float32(-np.inf), np.float32(np.inf))  # no res
 NO_CODES = (np.zeros(LANES, dtype=np.int8), np.zeros(5, dtype=np.int64), np.ones(4, dtype=np.float32))  # out8, cgeo, q8
 
 
+def byte_bound(lo: int, hi: int, shift: int) -> int:
+    """The largest ``|code - shift|`` of an activation byte with codes in ``[lo, hi]``: ``chunk_steps``' ``a_max``."""
+    return max(abs(lo - shift), abs(hi - shift))
+
+
 def chunk_steps(w: PackedWeight, a_max: int = 128) -> int:
     """K steps (4 bytes each) whose ``vpmaddubsw`` results a tile sums in s16 before widening them to s32: each
     is at most ``2 * (2**bits - 1) * a_max`` in magnitude (``u <= 2**bits - 1``; ``a_max`` bounds the signed

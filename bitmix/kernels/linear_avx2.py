@@ -59,7 +59,7 @@ class Avx2Linear(broadcast.LinearOperands):
 
     def __init__(self, w: PackedWeight, *args: object, **kwargs: object) -> None:
         super().__init__(w, *args, **kwargs)
-        self.chunk = gemm_avx2.chunk_steps(w, max(abs(self.lo - self.shift), abs(self.hi - self.shift)))
+        self.chunk = gemm_avx2.chunk_steps(w, gemm_avx2.byte_bound(self.lo, self.hi, self.shift))
 
     def __call__(self, x: np.ndarray, out: np.ndarray, parallel: bool) -> bool:
         """``out`` (M, N) float32 = the quantized linear of C-contiguous float32 ``x`` (M, K); True on NaN."""
