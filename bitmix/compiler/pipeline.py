@@ -55,7 +55,15 @@ LOG = logging.getLogger("bitmix")
 
 
 class CompiledModel(Keepable, nn.Module):
-    """The lowered model: `cm(x)` runs on the packed int kernels; `cm.report` says what it costs."""
+    """The lowered model: `cm(x)` runs on the packed int kernels; `cm.report` says what it costs.
+
+    Its module tree is what `cm(x)` runs (`cm.lowered`): `parameters()`, `state_dict()`, `modules()`, `.train()`
+    and `.eval()` see the kernels (their packed weights are no tensors), the float tensors of what stays FP32 and
+    the buffers the forward writes: nothing that does not change `cm(x)`. The fake-quant twin (`cm.fake_quant`,
+    a normal trainable module, bit-exact with the kernels in eval mode under `torch.no_grad()`) is an attribute,
+    not a child: as a child, `Adam(cm.parameters())` trained it while `cm(x)` never changed, parameter counts
+    included its float weights, and `cm.train()` put it in training mode (off the kernels' integer path).
+    """
 
     def __init__(self, lowered: nn.Module, graph: LayerGraph, assignment: dict[str, int], target: Target,
                  chip: ChipConfig, recorder: CallRecorder, fake_quant: nn.Module) -> None:
@@ -68,6 +76,12 @@ class CompiledModel(Keepable, nn.Module):
         self.recorder = recorder
         self.fake_quant = fake_quant
         self.report: Report | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "fake_quant":  # kept out of the module tree (the class docstring), also when reassigned
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         refuse_tracing()

@@ -575,3 +575,62 @@ def test_arguments_fixed_at_compile_time_may_be_passed_at_their_value(from_dicts
                 ((x, None), {}, "^missing input 't'")):
             with pytest.raises(BitmixError, match=match):
                 model(*args, **kwargs)
+
+
+class _Embedded(nn.Module):
+    """Quantized linears between layers that stay FP32 (embedding, position table, LayerNorm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.pos = nn.Parameter(torch.randn(6, 16))
+        self.ln = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(self.ln(self.emb(ids) + self.pos)))).mean(1)
+
+
+def _changes_output(model: nn.Module, tensor: torch.Tensor, x: torch.Tensor) -> bool:
+    before = model(x)
+    saved = tensor.detach().clone()
+    with torch.no_grad():
+        tensor.add_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(3)))
+    changed = not torch.equal(model(x), before)
+    with torch.no_grad():
+        tensor.copy_(saved)
+    return changed
+
+
+def test_parameters_and_state_dict_are_what_the_compiled_model_runs(int8, digits, tmp_path):
+    """cm.fake_quant was a child module: Adam(cm.parameters()) trained the float twin while cm(x) never changed,
+    parameter counts and state_dict() were the twin's float weights, and cm.train() took the twin off the kernels'
+    integer path. Now every parameter and buffer of the compiled (and loaded) model changes its outputs, the twin
+    stays a trainable attribute, and a model with nothing left FP32 has no parameters at all."""
+    import copy
+
+    cm = copy.deepcopy(int8)  # every layer quantized
+    assert list(cm.parameters()) == [] and not any(k.startswith("fake_quant") for k in cm.state_dict())
+    with pytest.raises(ValueError, match="empty parameter list"):
+        torch.optim.Adam(cm.parameters())
+    twin = list(cm.fake_quant.parameters())
+    assert twin and all(p.requires_grad for p in twin)
+    assert not {id(m) for m in cm.fake_quant.modules()} & {id(m) for m in cm.modules()}
+    x = digits[2].test.inputs[0][:4]
+    cm.train()
+    with torch.no_grad():
+        assert not cm.fake_quant.training and torch.equal(cm.fake_quant(x), cm(x))
+    cm.fake_quant = cm.fake_quant  # assigned again, still not a child
+    assert list(cm.parameters()) == [] and "fake_quant" not in dict(cm.named_children())
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (4, 6), generator=torch.Generator().manual_seed(1))
+    cm = bitmix.compile(_Embedded().eval(), (ids,), "int4int2-npu", budget=1.0, data=ids, options=QUICK)
+    loaded = bitmix.load(cm.save(tmp_path / "embedded.pt2"))
+    for model, root in ((cm, "lowered."), (loaded, "module.")):
+        named = dict(model.named_parameters())
+        assert sorted(named) == sorted(f"{root}{k}" for k in ("emb.weight", "pos", "ln.weight", "ln.bias"))
+        assert all(k.startswith(root) for k in model.state_dict())
+        assert all(_changes_output(model, p, ids) for p in named.values())
+    assert torch.equal(loaded(ids), cm(ids))
