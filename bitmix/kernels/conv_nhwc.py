@@ -21,7 +21,8 @@ Other paths (portable), small products and the AMX engine:
   ``kh * kw`` runs of ``C`` contiguous bytes (``conv_simd._patches``; K ordered ``(kh, kw, c)``
   with the weight re-packed to match, ``conv_simd.taps_first``).
 * the int32 ``(pixels, C_out)`` product is scaled (and biased) in one row pass: that *is* NHWC.
-* depthwise: NHWC codes, one pass vectorised over channels that also applies the scale.
+* depthwise: NHWC codes, one pass register-blocked over 16 channels of a pixel (``simd_dw``) that also
+  runs the epilogue (scale, bias, clamp, or the next conv's codes) before its one store.
 
 Same float formulas as ``quant`` (codes ``rint(clip(x / step))``, ``float32(acc) * scale + bias``)
 and exact int32 products, so outputs are bit-identical to ``qconv2d``'s.
@@ -29,6 +30,7 @@ and exact int32 products, so outputs are bit-identical to ``qconv2d``'s.
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections.abc import Callable
@@ -49,6 +51,8 @@ from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.padded import PaddedCodes
 from bitmix.kernels.routing import dispatch
 from bitmix.kernels.scratch import scratch
+from bitmix.kernels.simd import add_i32x16, hsum_i32x16, zero_i32x16
+from bitmix.kernels.simd_dw import LANES, acc_zero, mac, store_codes, store_floats
 
 ROW_BLOCK = 64  # pixels per task of the row passes
 _IMPLICIT_GEMM = {"avx512vnni": gemm_vnni, "avx2": gemm_avx2}  # micro-kernel set -> its implicit-GEMM conv
@@ -194,107 +198,147 @@ def _scale_rows(acc, scale, bias, has_bias, out):
                     dst[np.uintp(c)] = np.float32(src[np.uintp(c)]) * scale[np.uintp(c)]
 
 
-@njit(parallel=True, cache=True)
-def _depthwise(x, taps, tiled, scale, bias, has_bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, lo, hi, out, to_codes,
-               nxt, out8, psum):
-    """``out[pixel, c] = clamp(float32(sum_ij x[b, ih, iw, c] * taps[ij, c]) * scale[c] (+ bias[c]), lo, hi)``
-    (the clamp as ``gemm_vnni.store_epilogue``'s: NaN and -0.0 kept). With ``to_codes``, those floats
-    are instead quantized as the next conv's ``_pad_codes`` would (``nxt`` = its float32 step, code
-    range, shift and padding) into the interior of its padded buffer ``out8`` and sums ``psum``.
+@njit(inline="always")
+def _taps3x3(xf, p, dc, dr, taps, t):
+    """The 9 taps of a 3x3 window at ``xf[p]`` (``dc``, ``dr``: a column's and a row's step) against 16
+    block-major weights from ``taps[t]``: 9 vector steps whose addresses are base + step (* 2)."""
+    acc = acc_zero(taps)
+    for _ in range(3):
+        acc = mac(acc, xf, p, taps, t)
+        acc = mac(acc, xf, p + dc, taps, t + LANES)
+        acc = mac(acc, xf, p + 2 * dc, taps, t + 2 * LANES)
+        p += dr
+        t += 3 * LANES
+    return acc
 
-    One task per output row; per tap, the row's in-bounds outputs accumulate one channel vector
-    each (bounds worked out once per tap, not per pixel: 112x112x32 at stride 1 took 1.4 ms, now 0.48), in
-    the dtype of ``taps``: int16 where every sum fits (twice the lanes of int32, one-uop multiply: 0.34).
-    At stride 1 a tap's inputs for the whole row are one contiguous run, accumulated in chunks of
-    ``tiled``'s width (``taps`` repeated along each row, ``_depthwise_taps``): a loop of 32 channels is too
-    short for LLVM's unrolled vector body (112x112x32: 250 -> 105 us)."""
+
+@njit(parallel=True, cache=True)
+def _depthwise(x, taps, scale, bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, lo, hi, out, to_codes, q, qpad, out8,
+               psum):
+    """``out[pixel, c] = clamp(float32(sum_ij x[b, ih, iw, c] * w[ij, c]) * scale[c] + bias[c], lo, hi)`` (the
+    clamp as ``gemm_vnni.store_epilogue``'s: NaN and -0.0 kept; -0.0 biases for none). With ``to_codes`` those
+    floats are instead quantized as the next conv's ``_pad_codes`` would (``q``: its step, code bounds with the
+    clamp folded in and shift, ``gemm_avx2.codes_bounds``; ``qpad`` its padding) into the interior of its padded
+    buffer ``out8``, with per-pixel sums ``psum``. ``taps``: ``_depthwise_taps``' block-major weights.
+
+    Register-blocked (``simd_dw``): per output pixel and 16 channels the taps sum in one vector (in ``taps``'
+    dtype: int16 where every sum fits) and the epilogue runs on it before one store. A row buffer per tap,
+    then an epilogue pass over it, took 513 us at 56x56x144 writing codes (one thread), this 255 us.
+    3x3 windows wholly inside the input take ``_taps3x3``; other pixels (borders, other kernel sizes) loop
+    over a list of their in-bounds taps; channels past the last 16 take the same formulas in scalar code.
+    One task per output row."""
     nb, h, w, c = x.shape
     xf = x.reshape(-1)
-    span = tiled.shape[1]
+    c16 = c - c % LANES
+    nt = kh * kw
+    _, hp, wp, c4 = out8.shape
+    of = out8.reshape(-1)
+    step, qlo, qhi, qsh = q[0], q[1], q[2], np.int32(q[3])
     for t in prange(nb * ho):
         b = t // ho
         oh = t - b * ho
-        acc = np.zeros(wo * c, dtype=taps.dtype)
-        for i in range(kh):
-            ih = oh * sh - ph + i * dh
-            if ih < 0 or ih >= h:
-                continue
-            for j in range(kw):
-                wt = taps[i * kw + j]
-                off = j * dw - pw
-                ow0 = max(0, (sw - 1 - off) // sw)  # first output whose input column is >= 0
-                ow1 = min(wo, (w - 1 - off) // sw + 1)
-                row = (b * h + ih) * w
-                if sw == 1 and span > c:
-                    run = tiled[i * kw + j]
-                    src, dst, n = (row + ow0 + off) * c, ow0 * c, max(0, ow1 - ow0) * c
-                    for e0 in range(0, n, span):
-                        for e in range(min(span, n - e0)):
-                            acc[np.uintp(dst + e0 + e)] += xf[np.uintp(src + e0 + e)] * run[np.uintp(e)]
-                    continue
-                for ow in range(ow0, ow1):
-                    src = (row + ow * sw + off) * c
-                    dst = ow * c
-                    for q in range(c):
-                        acc[np.uintp(dst + q)] += xf[np.uintp(src + q)] * wt[np.uintp(q)]
-        if to_codes:
-            step, flo, fhi, qsh = nxt[0], nxt[1], nxt[2], np.int32(nxt[3])
-            _, hp, wp, c4 = out8.shape
-            of = out8.reshape(-1)
-            pix = (b * hp + oh + np.int64(nxt[4])) * wp + np.int64(nxt[5])
-            for ow in range(wo):
-                a = ow * c
-                d = (pix + ow) * c4
-                s = np.int32(0)
-                for q in range(c):
-                    v = np.float32(acc[np.uintp(a + q)]) * scale[np.uintp(q)]
-                    if has_bias:
-                        v = v + bias[np.uintp(q)]
-                    v = lo if v < lo else v
-                    code = _code((hi if v > hi else v) / step, flo, fhi, qsh)
-                    of[np.uintp(d + q)] = code
-                    s += code
-                for q in range(c, c4):
-                    of[np.uintp(d + q)] = 0
-                psum[pix + ow] = s
-            continue
+        src = np.empty(nt, dtype=np.int64)
+        wof = np.empty(nt, dtype=np.int64)
+        top = oh * sh - ph
+        in0, in1 = 0, wo  # outputs whose every column tap is in bounds
+        for j in range(kw):
+            off = j * dw - pw
+            in0 = max(in0, (sw - 1 - off) // sw)
+            in1 = min(in1, (w - 1 - off) // sw + 1)
+        if not (kh == kw == 3 and top >= 0 and top + 2 * dh < h):
+            in1 = in0  # no pixel of this row takes ``_taps3x3``
+        pix = (b * hp + oh + qpad[0]) * wp + qpad[1]
         for ow in range(wo):
-            d = out[t * wo + ow]
-            a = ow * c
-            for q in range(c):
-                v = np.float32(acc[np.uintp(a + q)]) * scale[np.uintp(q)]
-                if has_bias:
-                    v = v + bias[np.uintp(q)]
-                v = lo if v < lo else v
-                d[np.uintp(q)] = hi if v > hi else v
+            inner = in0 <= ow < in1
+            p = ((b * h + top) * w + ow * sw - pw) * c
+            n = 0
+            if not inner:  # list this pixel's in-bounds taps
+                for i in range(kh):
+                    ih = top + i * dh
+                    if 0 <= ih < h:
+                        for j in range(kw):
+                            iw = ow * sw - pw + j * dw
+                            if 0 <= iw < w:
+                                src[n] = ((b * h + ih) * w + iw) * c
+                                wof[n] = (i * kw + j) * LANES
+                                n += 1
+            if to_codes:
+                d = (pix + ow) * c4
+                sums = zero_i32x16()
+                for c0 in range(0, c16, LANES):
+                    if inner:
+                        acc = _taps3x3(xf, p + c0, dw * c, dh * w * c, taps, c0 * 9)
+                    else:
+                        acc = acc_zero(taps)
+                        for k in range(n):
+                            acc = mac(acc, xf, src[k] + c0, taps, c0 * nt + wof[k])
+                    sums = add_i32x16(sums, store_codes(of, d + c0, acc, scale, bias, c0, step, qlo, qhi, qsh))
+                s = np.int32(hsum_i32x16(sums)) - qsh * c16
+                for ch in range(c16, c):
+                    a = np.int32(0)
+                    for i in range(kh):
+                        for j in range(kw):
+                            ih, iw = top + i * dh, ow * sw - pw + j * dw
+                            if 0 <= ih < h and 0 <= iw < w:
+                                a += np.int32(xf[((b * h + ih) * w + iw) * c + ch]) * np.int32(
+                                    taps[c16 * nt + (i * kw + j) * LANES + ch - c16])
+                    code = _code((np.float32(a) * scale[ch] + bias[ch]) / step, qlo, qhi, qsh)
+                    of[d + ch] = code
+                    s += code
+                for ch in range(c, c4):
+                    of[d + ch] = 0
+                psum[pix + ow] = s
+            else:
+                d = (t * wo + ow) * c
+                for c0 in range(0, c16, LANES):
+                    if inner:
+                        acc = _taps3x3(xf, p + c0, dw * c, dh * w * c, taps, c0 * 9)
+                    else:
+                        acc = acc_zero(taps)
+                        for k in range(n):
+                            acc = mac(acc, xf, src[k] + c0, taps, c0 * nt + wof[k])
+                    store_floats(out, d + c0, acc, scale, bias, c0, lo, hi)
+                for ch in range(c16, c):
+                    a = np.int32(0)
+                    for i in range(kh):
+                        for j in range(kw):
+                            ih, iw = top + i * dh, ow * sw - pw + j * dw
+                            if 0 <= ih < h and 0 <= iw < w:
+                                a += np.int32(xf[((b * h + ih) * w + iw) * c + ch]) * np.int32(
+                                    taps[c16 * nt + (i * kw + j) * LANES + ch - c16])
+                    v = np.float32(a) * scale[ch] + bias[ch]
+                    v = lo if v < lo else v
+                    out[d + ch] = hi if v > hi else v
 
 
 _TAPS: weakref.WeakKeyDictionary[PackedWeight, dict] = weakref.WeakKeyDictionary()
 
 
-# ``_depthwise``'s contiguous runs at stride 1: convs with fewer channels than SHORT_RUN accumulate chunks of
-# at least TILED_SPAN values (112x112: 32 channels 250 -> 105 us, 24: 51 -> 23); wider ones per pixel, which
-# was as fast or faster (144 channels 112 vs 111 us, 192: 32 vs 39).
-SHORT_RUN, TILED_SPAN = 64, 512
-
-
-def _depthwise_taps(w: PackedWeight, code_max: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(kh * kw, C)`` tap-major weight codes of a depthwise conv and, for C < ``SHORT_RUN``, the same
-    repeated along each row to ``TILED_SPAN`` values (else ``taps`` itself), cached per weight: int16 when every
-    channel's ``sum |w| * code_max`` (``code_max``: the largest activation code magnitude) fits in
-    int16, so the int16 sums are exact, else int32."""
+def _depthwise_taps(w: PackedWeight, code_max: int) -> np.ndarray:
+    """The weight codes of a depthwise conv block-major for ``_depthwise``, cached per weight: flat
+    ``(ceil(C / 16), kh * kw, 16)``, channels past C zero. int16 when every channel's ``sum |w| * code_max``
+    (``code_max``: the largest activation code magnitude) fits in int16, so the int16 sums are exact, else
+    int32."""
     cache = _TAPS.setdefault(w, {})
     hit = cache.get(code_max)
     if hit is None:
-        codes = _weight_codes(w).T.astype(np.int32)
-        narrow = int(np.abs(codes).sum(axis=0).max()) * code_max <= np.iinfo(np.int16).max
-        taps = np.ascontiguousarray(codes.astype(np.int16 if narrow else np.int32))
-        reps = -(-TILED_SPAN // taps.shape[1]) if taps.shape[1] < SHORT_RUN else 1
-        hit = cache[code_max] = (taps, np.ascontiguousarray(np.tile(taps, (1, reps))) if reps > 1 else taps)
+        codes = _weight_codes(w).astype(np.int32)  # (C, kh * kw)
+        narrow = int(np.abs(codes).sum(axis=1).max()) * code_max <= np.iinfo(np.int16).max
+        blocks = np.zeros((-(-codes.shape[0] // LANES) * LANES, codes.shape[1]), dtype=np.int16 if narrow else np.int32)
+        blocks[: codes.shape[0]] = codes
+        hit = cache[code_max] = np.ascontiguousarray(
+            blocks.reshape(-1, LANES, codes.shape[1]).transpose(0, 2, 1)).reshape(-1)
     return hit
 
 
-NO_NEXT = np.zeros(6, dtype=np.float32)  # ``_depthwise``'s code-output arguments when it writes floats
+@functools.lru_cache(maxsize=1024)
+def _quant_args(clamp: tuple, nxt: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """``_depthwise``'s ``q`` and ``qpad`` for the next conv's ``nxt = (step, lo, hi, shift, ph, pw)`` after a
+    ``clamp``, once per pair (``codes_bounds`` took 10 us a call)."""
+    return gemm_avx2.codes_bounds(clamp, nxt[:4]), np.array(nxt[4:], dtype=np.int64)
+
+
+NO_QUANT = (np.ones(4, dtype=np.float32), np.zeros(2, dtype=np.int64))  # ``_depthwise``'s q, qpad for floats
 NO_CODES = np.zeros((1, 1, 1, 4), dtype=np.int8)
 NO_SUMS = np.zeros(1, dtype=np.int64)
 NO_OUT = np.zeros((1, 1), dtype=np.float32)  # ... and its float output when it writes codes
@@ -571,8 +615,9 @@ def depthwise(codes: np.ndarray, w: PackedWeight, geom: tuple[int, ...], lo: int
     kh, kw, sh, sw, ph, pw, dh, dw, _, ho, wo = geom
     y = np.empty((codes.shape[0], ho, wo, w.n), dtype=np.float32)
     fused = clamp if residual is None else gemm_vnni.NO_CLAMP  # a residual comes before the clamp
-    _depthwise(codes, *_depthwise_taps(w, max(-lo, hi)), scale, scale if bias is None else bias, bias is not None,
-               kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, *fused, y.reshape(-1, w.n), False, NO_NEXT, NO_CODES, NO_SUMS)
+    _depthwise(codes, _depthwise_taps(w, max(-lo, hi)), scale, gemm_avx2.no_bias(w.n) if bias is None else bias,
+               kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, np.float32(fused[0]), np.float32(fused[1]), y.reshape(-1), False,
+               *NO_QUANT, NO_CODES, NO_SUMS)
     return y if residual is None else _finish(y, residual, clamp)
 
 
@@ -590,7 +635,7 @@ def depthwise_to_codes(codes: np.ndarray, w: PackedWeight, geom: tuple[int, ...]
     psum = np.empty(a8.shape[0] * a8.shape[1] * a8.shape[2], dtype=np.int64)
     if qph or qpw:
         _fill_border(a8, psum, qph, qpw, n, qshift)
-    _depthwise(codes, *_depthwise_taps(w, max(-lo, hi)), scale, bias if bias is not None else scale,
-               bias is not None, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, *clamp, NO_OUT, True,
-               np.array(nxt, dtype=np.float32), a8, psum)
+    _depthwise(codes, _depthwise_taps(w, max(-lo, hi)), scale, gemm_avx2.no_bias(n) if bias is None else bias,
+               kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, np.float32(clamp[0]), np.float32(clamp[1]), NO_OUT.reshape(-1),
+               True, *_quant_args(tuple(clamp), tuple(nxt)), a8, psum)
     return PaddedCodes(a8, psum, (nb, n, ho, wo), owner)

@@ -114,3 +114,64 @@ def test_pad_codes_match_numpy(c: int, channels_last: bool, spec: tuple) -> None
     np.testing.assert_array_equal(psum, want.sum(axis=-1).reshape(-1))
     arg.reshape(-1)[5] = np.nan
     assert _pad_codes(arg, channels_last, step, lo, hi, shift, ph, pw, out, psum)
+
+
+DEPTHWISE_EDGES = [  # (C, H, W, k, stride, pad, dilation): C around the 16-channel blocks, 1-3 pixel planes,
+    (1, 1, 1, 3, 1, 1, 1),  # windows mostly outside the input, 3x3 windows wholly inside it or not
+    (15, 2, 3, 3, 1, 1, 1),
+    (16, 3, 2, 3, 2, 1, 1),
+    (17, 3, 3, 3, 1, 2, 1),
+    (33, 5, 7, 3, 2, 1, 1),
+    (48, 6, 9, 3, 1, 2, 2),
+    (32, 4, 4, 3, 1, 0, 1),
+    (20, 7, 6, 5, 2, 2, 1),
+    (18, 3, 5, 1, 2, 0, 1),
+]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_EDGES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("spec", [(4, 8, False), (8, 8, False), (4, 8, True), (2, 4, True)],
+                         ids=["w4u8", "w8u8", "w4s8", "w2s4"])
+def test_depthwise_edges_equal_the_integer_reference(case: tuple, spec: tuple) -> None:
+    """``depthwise`` on codes at every extreme (int16 and int32 sums) equals ``float32(exact sum) * scale + bias``
+    clamped, bit for bit, and ``depthwise_to_codes`` equals ``_pad_codes`` on those floats (codes and sums)."""
+    from bitmix.kernels.conv import conv_geometry
+    from bitmix.kernels.conv_nhwc import _pad_codes, depthwise, depthwise_to_codes
+    from bitmix.kernels.matmul import check_activation_spec
+
+    c, h, wd, k, stride, pad, dil = case
+    w_bits, a_bits, a_signed = spec
+    rng = np.random.default_rng(c * 100 + h * 10 + wd + w_bits)
+    lo, hi, _ = check_activation_spec(a_bits, a_signed)
+    wlo, whi = code_range(w_bits)
+    codes = rng.choice([lo, hi, 0, 1], size=(2, h, wd, c)).astype(np.int8 if lo < 0 else np.uint8)
+    codes[0] = rng.integers(lo, hi, (h, wd, c), endpoint=True)
+    wc = rng.choice([wlo, whi, 1], size=(c, k * k)).astype(np.int8)
+    w = pack_weights(wc, w_bits)
+    geom = conv_geometry((2, c, h, wd), w, k, stride, pad, dil, c)
+    ho, wo = geom[9], geom[10]
+    padded = np.zeros((2, h + 2 * pad, wd + 2 * pad, c), dtype=np.int64)
+    padded[:, pad:pad + h, pad:pad + wd] = codes
+    acc = np.zeros((2, ho, wo, c), dtype=np.int64)
+    for i in range(k):
+        for j in range(k):
+            acc += padded[:, i * dil:i * dil + (ho - 1) * stride + 1:stride,
+                          j * dil:j * dil + (wo - 1) * stride + 1:stride] * wc[:, i * k + j].astype(np.int64)
+    scale = rng.uniform(0.001, 0.02, c).astype(np.float32)
+    for bias, clamp in ((None, (np.float32(-np.inf), np.float32(np.inf))),
+                        (rng.normal(size=c).astype(np.float32), (np.float32(0), np.float32(6)))):
+        y = depthwise(codes, w, geom, lo, hi, scale, bias, None, clamp)
+        want = acc.astype(np.float32) * scale
+        want = want if bias is None else want + bias
+        want = np.where(want < clamp[0], clamp[0], want)
+        want = np.where(want > clamp[1], clamp[1], want)
+        np.testing.assert_array_equal(y.view(np.int32), want.astype(np.float32).view(np.int32))
+        for qspec, qpad in (((8, False), 1), ((4, True), 0), ((8, True), 2)):
+            qlo, qhi, qshift = check_activation_spec(*qspec)
+            nxt = (np.float32(0.03), qlo, qhi, qshift, qpad, qpad)
+            got = depthwise_to_codes(codes, w, geom, lo, hi, scale, bias, clamp, nxt, None)
+            a8 = np.full_like(got.a8, 99)
+            psum = np.zeros_like(got.psum)
+            _pad_codes(y, True, np.float32(0.03), qlo, qhi, qshift, qpad, qpad, a8, psum)
+            np.testing.assert_array_equal(got.a8, a8)
+            np.testing.assert_array_equal(got.psum, psum)
