@@ -21,16 +21,16 @@ CHUNK = 16  # calibration examples per backward pass (bounds the memory of the a
 MIN_LIVE = 2  # fewer live rows than this: keep every row (smoothing's fit/judge split needs two)
 
 
-def _project(out: object, gen: torch.Generator) -> torch.Tensor:
+def random_projection(out: object, gen: torch.Generator) -> torch.Tensor:
     """A random projection of a model output (tensor, or tuple / list / dict of them) to a scalar."""
     if isinstance(out, torch.Tensor):
         if not out.is_floating_point():
             return torch.zeros(())
         return (out.float() * torch.randn(out.shape, generator=gen)).sum()
     if isinstance(out, list | tuple):
-        return sum((_project(o, gen) for o in out), torch.zeros(()))
+        return sum((random_projection(o, gen) for o in out), torch.zeros(()))
     if isinstance(out, dict):
-        return sum((_project(v, gen) for v in out.values()), torch.zeros(()))
+        return sum((random_projection(v, gen) for v in out.values()), torch.zeros(()))
     return torch.zeros(())
 
 
@@ -67,7 +67,7 @@ def live_rows(model: nn.Module, layers: dict[str, QuantLayer], calibration: tupl
                 calls.clear()
                 gen = torch.Generator().manual_seed(i)
                 part = calibration if len(starts) == 1 else tuple(t[i : i + CHUNK] for t in calibration)
-                loss = _project(model(*part), gen)
+                loss = random_projection(model(*part), gen)
                 if loss.requires_grad and outputs:
                     try:  # to the layers' outputs only: the weights' gradients were a copy of every weight
                         loss.backward(inputs=outputs)

@@ -274,8 +274,7 @@ def _forward(model: nn.Module, inputs: tuple[torch.Tensor, ...], targets: torch.
         return out, data.loss(out, targets)
     assert teacher is not None
     with distiller.recording():
-        with torch.no_grad():
-            teacher(*inputs)
+        distiller.teach(*inputs)
         out = model(*inputs)
         return out, data.loss(out, targets) + weight * distiller.loss()
 
