@@ -170,22 +170,31 @@ def _run_conv2d_nhwc(x: torch.Tensor | PaddedCodes, p: KernelPlan, residual: tor
     ``residual``/``clamp``: the add and ReLU/hardtanh after it (``layout.fuse_conv_epilogues``),
     done in the kernel's epilogue. ``codes_for``: the conv this one's result feeds alone, which
     then gets its input codes instead of floats where the kernels can (``layout.code_chains``)."""
-    codes = isinstance(x, PaddedCodes)
-    if not codes and x.dim() != 4:
-        return conv_epilogue(_run_conv2d(x, p), residual, clamp)
-    channels_last, arr = True, x
-    if not codes:
+    return _nhwc_call(x, residual, clamp, _nhwc_bound(p, clamp, codes_for))
+
+
+def _nhwc_bound(p: KernelPlan, clamp: tuple[float, float] | None, codes_for: KernelPlan | None) -> tuple:
+    """``_nhwc_call``'s constants for a layer: its ``PreparedConv``, the next conv's (``codes_for``) and the clamp
+    as float32 bounds. A ``KernelLayer`` keeps them (``_bound``): three lookups a call less."""
+    bounds = NO_CLAMP if clamp is None else (np.float32(clamp[0]), np.float32(clamp[1]))
+    return p, _prepared(p), None if codes_for is None else _prepared(codes_for), bounds
+
+
+def _nhwc_call(x: torch.Tensor | PaddedCodes, residual: torch.Tensor | None, clamp: tuple[float, float] | None,
+               bound: tuple) -> torch.Tensor | PaddedCodes:
+    """``_run_conv2d_nhwc`` with its constants from ``_nhwc_bound``."""
+    p, run, nxt, bounds = bound
+    if type(x) is PaddedCodes:
+        channels_last, arr = True, x
+    else:
+        if x.dim() != 4:
+            return conv_epilogue(_run_conv2d(x, p), residual, clamp)
         x = _cpu_f32(x)
         channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         arr = x.numpy().transpose(0, 2, 3, 1) if channels_last else _np(x)
-    run = _prepared(p)
     res = None if residual is None else np.ascontiguousarray(_cpu_f32(residual).numpy().transpose(0, 2, 3, 1))
-    bounds = NO_CLAMP if clamp is None else (np.float32(clamp[0]), np.float32(clamp[1]))
-    if codes_for is not None and res is None:
-        out = run.to_codes(arr, channels_last, bounds, _prepared(codes_for))
-        if out is not None:
-            return out
-    return torch.from_numpy(run(arr, channels_last, res, bounds).transpose(0, 3, 1, 2))
+    out = run.run(arr, channels_last, res, bounds, nxt)
+    return out if type(out) is PaddedCodes else torch.from_numpy(out.transpose(0, 3, 1, 2))
 
 
 NO_CLAMP = (np.float32(-np.inf), np.float32(np.inf))
@@ -332,7 +341,7 @@ def warn_without_autograd(owner: object, tensors: Iterable[object]) -> None:
         warnings.warn(NO_GRADIENT, stacklevel=3)
 
 
-def _plain_tensors(*tensors: torch.Tensor | None) -> bool:
+def _plain_tensors(x: object, other: object = None, residual: object = None) -> bool:
     """Real tensors and no tracer: call the op's implementation directly.
 
     The ``torch.library`` dispatch around a custom op costs ~80 us a call here (MiniLM makes
@@ -341,10 +350,11 @@ def _plain_tensors(*tensors: torch.Tensor | None) -> bool:
     Not ``torch.compiler.is_compiling()``: ``torch.export`` sets that flag for the whole process,
     so a model served from another thread meanwhile would switch route mid-forward.
     """
-    return not torch.compiler.is_dynamo_compiling() and all(t is None or type(t) in (torch.Tensor, PaddedCodes)
-                                                     for t in tensors)
+    return (not torch.compiler.is_dynamo_compiling() and type(x) in _PLAIN
+            and (other is None or type(other) in _PLAIN) and (residual is None or type(residual) in _PLAIN))
 
 
+_PLAIN = (torch.Tensor, PaddedCodes)
 _IMPLS = {"linear": (_run_linear, "qlinear"), "conv2d": (_run_conv2d, "qconv2d"), "matmul": (_run_matmul, "qmatmul")}
 
 
@@ -375,8 +385,9 @@ class CallRecorder:
         self._local.frames = value
 
     def record(self, name: str, in_shape: tuple[int, ...], other: tuple[int, ...], out_shape: tuple[int, ...]) -> None:
+        """Append one call, its shapes as plain tuples (``torch.Size`` converted here, only when recording)."""
         if self.enabled:
-            self.calls.append((name, in_shape, other, out_shape))
+            self.calls.append((name, tuple(in_shape), tuple(other), tuple(out_shape)))
 
     def __getstate__(self) -> dict:  # a saved model keeps no record (nor the thread-local store)
         return {"enabled": self.enabled}
@@ -404,6 +415,11 @@ class KernelLayer(nn.Module):
         self.handle = _register(plan)
         self.recorder = recorder
 
+    def __getstate__(self) -> dict:  # the bound constants are process-local (kernel plans): rebuilt on first call
+        state = super().__getstate__()
+        state.pop("_bound", None)
+        return state
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.handle = _register(self.plan)
@@ -414,30 +430,32 @@ class KernelLayer(nn.Module):
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's op; for a conv, ``residual`` is a fused add after it (``layout.fuse_conv_epilogues``)."""
-        impl, op = _IMPLS[self.kind]
         assert (other is not None) == (self.kind == "matmul")
-        operands: tuple = (x,) if other is None else (x, other)
-        fused = residual is not None or self.clamp is not None
         try:
             if not _plain_tensors(x, other, residual):
-                out = getattr(torch.ops.bitmix, op)(*operands, self.handle)
-                if fused:
+                operands: tuple = (x,) if other is None else (x, other)
+                out = getattr(torch.ops.bitmix, _IMPLS[self.kind][1])(*operands, self.handle)
+                if residual is not None or self.clamp is not None:
                     out = conv_epilogue(out, residual, self.clamp)
             elif torch.autograd.profiler._is_profiler_enabled:  # profiles still name the op
-                with torch.profiler.record_function(f"bitmix::{op}"):
-                    out = self._eager(impl, operands, residual)
+                with torch.profiler.record_function(f"bitmix::{_IMPLS[self.kind][1]}"):
+                    out = self._eager(x, other, residual)
             else:
-                out = self._eager(impl, operands, residual)
+                out = self._eager(x, other, residual)
         except BitmixError as exc:
             raise layer_input_error(self.name, exc) from None
-        self.recorder.record(self.name, tuple(x.shape), tuple(other.shape) if other is not None else (),
-                             tuple(out.shape))
+        self.recorder.record(self.name, x.shape, () if other is None else other.shape, out.shape)
         return out
 
-    def _eager(self, impl, operands: tuple, residual: torch.Tensor | None) -> torch.Tensor:
+    def _eager(self, x: torch.Tensor, other: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
         if self.channels_last:
-            return _run_conv2d_nhwc(operands[0], self.plan, residual, self.clamp, self.codes_for)
-        out = impl(*operands, self.plan)
+            plan, codes_for, clamp = self.plan, self.codes_for, self.clamp
+            bound = self.__dict__.get("_bound")  # (plan, codes_for, clamp it was bound for, _nhwc_bound's)
+            if bound is None or bound[0] is not plan or bound[1] is not codes_for or bound[2] is not clamp:
+                bound = self.__dict__["_bound"] = (plan, codes_for, clamp, _nhwc_bound(plan, clamp, codes_for))
+            return _nhwc_call(x, residual, clamp, bound[3])
+        impl = _IMPLS[self.kind][0]
+        out = impl(x, self.plan) if other is None else impl(x, other, self.plan)
         return out if residual is None and self.clamp is None else conv_epilogue(out, residual, self.clamp)
 
 

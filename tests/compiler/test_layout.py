@@ -219,3 +219,33 @@ def test_code_hand_offs_share_one_buffer_across_batch_sizes(path: str) -> None:
                 assert torch.equal(lowered(x[:batch]), fq(x[:batch]))
     assert [conv_nhwc._INPUT_CODES[c].a8.nbytes for c in consumers] == sizes
     assert sum(_PREPARED[conv.plan] in conv_nhwc._INPUT_CODES for conv in convs.values()) == 2  # b's and c's inputs
+
+
+@pytest.mark.parametrize("path", ["avx2", "portable"])
+def test_lowered_convs_bind_their_calls_per_shape_and_copies_rebind(path: str, monkeypatch) -> None:
+    """Each lowered conv keeps its kernel constants (``KernelLayer._bound``) and each call signature's route
+    (``PreparedConv.run``): after warm-up at two alternating batch sizes no call looks a plan's prepared conv up
+    again, every output stays bit-identical to the fake-quant reference, and a deep copy or a pickle of the
+    lowered module carries none of that process-local state (the copy binds its own plans)."""
+    import copy
+    import pickle
+
+    from bitmix import kernels
+    from bitmix.compiler import lower as lower_mod
+
+    x, fq, lowered, convs = _chain_lowered(_Net, (2, 3, 33, 30), "4/8", path, 3)
+    with torch.no_grad(), kernels.dispatch.use(path):
+        refs = [fq(x[:1]), fq(x)]
+        for _ in range(3):
+            for i, batch in enumerate((1, 2)):
+                assert torch.equal(lowered(x[:batch]), refs[i])
+        with monkeypatch.context() as patch:
+            patch.setattr(lower_mod, "_prepared", lambda p: pytest.fail("a bound layer looked its plan up"))
+            for batch in (1, 2, 1):
+                assert torch.equal(lowered(x[:batch]), refs[batch - 1])
+        twin = copy.deepcopy(lowered)
+        twin_convs = [m for m in twin.modules() if isinstance(m, KernelLayer) and m.kind == "conv2d"]
+        assert all("_bound" not in m.__dict__ for m in twin_convs)
+        assert torch.equal(twin(x), refs[1])
+        assert all(m.__dict__["_bound"][0] is m.plan for m in twin_convs)
+        assert "_bound" not in pickle.loads(pickle.dumps(convs["dw"])).__dict__

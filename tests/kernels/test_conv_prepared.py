@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bitmix.errors import BitmixError
-from bitmix.kernels import pack_weights, qconv2d_nhwc
+from bitmix.kernels import dispatch, pack_weights, qconv2d_nhwc
 from bitmix.kernels.conv_prepared import PreparedConv
 
 
@@ -244,3 +244,50 @@ def test_an_empty_batch_is_not_cached_as_a_fast_shape() -> None:
         assert conv(x[:0], True).shape == (0, 6, 6, 16)
         assert conv(x[:0], True, clamp=(np.float32(0), np.float32(6))).shape == (0, 6, 6, 16)
     np.testing.assert_array_equal(conv(x, True), first)
+
+
+def test_run_binds_each_call_signature_and_a_second_shape_gets_its_own(kernel_path: str) -> None:
+    """``run`` (a lowered layer's call): expansion -> depthwise -> projection with a residual, on codes where the
+    kernels can, alternating two input shapes. Every call equals the checked float path of separate convs; each
+    shape's route is bound once both layers have run at it, and a residual of the other shape is still refused."""
+    rng = np.random.default_rng(5)
+    c, n = 8, 24
+    a = _random_conv(rng, n, c, 4, 0.05, (8, False), True, 1, 1, 0)
+    dw = _random_conv(rng, n, n, 4, 0.04, (4, False), True, 3, 1, 1, groups=n)
+    proj = _random_conv(rng, c, n, 4, 0.03, (4, True), False, 1, 1, 0)
+    twins = [PreparedConv(*(getattr(p, f) for f in ("w", "w_scales", "a_step", "a_bits", "a_signed", "bias",
+                                                     "kernel_size", "stride", "padding", "dilation", "groups")))
+             for p in (a, dw, proj)]
+    relu6, none = (np.float32(0), np.float32(6)), (np.float32(-np.inf), np.float32(np.inf))
+    shapes = [(1, 9, 11, c), (2, 5, 6, c)]
+    for step in range(6):
+        x = np.abs(rng.normal(0, 2, size=shapes[step % 2])).astype(np.float32)
+        res = rng.normal(size=x.shape).astype(np.float32)
+        want = twins[2](twins[1](twins[0](x, True, None, relu6), True, None, relu6), True, res, none)
+        got = proj.run(dw.run(a.run(x, True, None, relu6, dw), True, None, relu6, proj), True, res, none, None)
+        np.testing.assert_array_equal(got, want)
+        bound = {key[0][:1] for conv in (a, dw, proj) for key in conv._routes}
+        assert len(bound) == (1 if step == 0 else 2)  # the first pass binds the last conv; both shapes after that
+    assert all(route[0] is dispatch.settings for conv in (a, dw, proj) for route in conv._routes.values())
+    with pytest.raises(BitmixError, match="residual"):
+        x = np.abs(rng.normal(0, 2, size=shapes[0])).astype(np.float32)
+        proj.run(dw.run(a.run(x, True, None, relu6, dw), True, None, relu6, proj), True,
+                 np.zeros(shapes[1], np.float32), none, None)
+
+
+def test_run_rebinds_under_other_dispatch_settings() -> None:
+    """A route bound under one dispatch path is not reused under another: each call equals that path's result."""
+    from bitmix.kernels.cpu import available_paths
+
+    rng = np.random.default_rng(8)
+    conv = _random_conv(rng, 20, 8, 4, 0.05, (8, False), False, 3, 1, 1)
+    args = (conv.w, conv.w_scales, conv.a_step, conv.a_bits, conv.a_signed, conv.bias, conv.kernel_size,
+            conv.stride, conv.padding, conv.dilation, conv.groups)
+    x = rng.normal(0, 2, size=(1, 6, 7, 8)).astype(np.float32)
+    none = (np.float32(-np.inf), np.float32(np.inf))
+    for path in [p for p in ("avx2", "portable", "avx2") if p in available_paths()]:
+        with dispatch.use(path):
+            for _ in range(2):
+                np.testing.assert_array_equal(conv.run(x, True, None, none, None), qconv2d_nhwc(x, *args))
+            assert conv._routes[(x.shape, True, False, True, none, None)][0] is dispatch.settings
+
