@@ -212,6 +212,32 @@ def _taps3x3(xf, p, dc, dr, taps, t):
     return acc
 
 
+@njit(inline="always")
+def _block_sum(xf, p, c0, inner, dc, dr, taps, src, wof, n, nt):
+    """The tap sums of 16 channels from ``c0`` of one output pixel: 9 fixed steps when its 3x3 window lies wholly
+    inside the input (``inner``, at ``xf[p]``), else its ``n`` in-bounds taps listed in ``src`` / ``wof``."""
+    if inner:
+        return _taps3x3(xf, p + c0, dc, dr, taps, c0 * 9)
+    acc = acc_zero(taps)
+    for k in range(n):
+        acc = mac(acc, xf, src[k] + c0, taps, c0 * nt + wof[k])
+    return acc
+
+
+@njit(inline="always")
+def _tail_sum(xf, taps, ch, c16, nt, b, h, w, c, kh, kw, top, left, dh, dw):
+    """The exact tap sum of one output pixel's channel `ch` past the last whole 16-channel block (scalar code);
+    the window's top-left input pixel is (`top`, `left`)."""
+    a = np.int32(0)
+    for i in range(kh):
+        for j in range(kw):
+            ih, iw = top + i * dh, left + j * dw
+            if 0 <= ih < h and 0 <= iw < w:
+                tap = taps[c16 * nt + (i * kw + j) * LANES + ch - c16]
+                a += np.int32(xf[((b * h + ih) * w + iw) * c + ch]) * np.int32(tap)
+    return a
+
+
 @njit(parallel=True, cache=True)
 def _depthwise(x, taps, scale, bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, lo, hi, out, to_codes, q, qpad, out8,
                psum):
@@ -266,22 +292,11 @@ def _depthwise(x, taps, scale, bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, lo,
                 d = (pix + ow) * c4
                 sums = zero_i32x16()
                 for c0 in range(0, c16, LANES):
-                    if inner:
-                        acc = _taps3x3(xf, p + c0, dw * c, dh * w * c, taps, c0 * 9)
-                    else:
-                        acc = acc_zero(taps)
-                        for k in range(n):
-                            acc = mac(acc, xf, src[k] + c0, taps, c0 * nt + wof[k])
+                    acc = _block_sum(xf, p, c0, inner, dw * c, dh * w * c, taps, src, wof, n, nt)
                     sums = add_i32x16(sums, store_codes(of, d + c0, acc, scale, bias, c0, step, qlo, qhi, qsh))
                 s = np.int32(hsum_i32x16(sums)) - qsh * c16
                 for ch in range(c16, c):
-                    a = np.int32(0)
-                    for i in range(kh):
-                        for j in range(kw):
-                            ih, iw = top + i * dh, ow * sw - pw + j * dw
-                            if 0 <= ih < h and 0 <= iw < w:
-                                a += np.int32(xf[((b * h + ih) * w + iw) * c + ch]) * np.int32(
-                                    taps[c16 * nt + (i * kw + j) * LANES + ch - c16])
+                    a = _tail_sum(xf, taps, ch, c16, nt, b, h, w, c, kh, kw, top, ow * sw - pw, dh, dw)
                     code = _code((np.float32(a) * scale[ch] + bias[ch]) / step, qlo, qhi, qsh)
                     of[d + ch] = code
                     s += code
@@ -291,21 +306,10 @@ def _depthwise(x, taps, scale, bias, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, lo,
             else:
                 d = (t * wo + ow) * c
                 for c0 in range(0, c16, LANES):
-                    if inner:
-                        acc = _taps3x3(xf, p + c0, dw * c, dh * w * c, taps, c0 * 9)
-                    else:
-                        acc = acc_zero(taps)
-                        for k in range(n):
-                            acc = mac(acc, xf, src[k] + c0, taps, c0 * nt + wof[k])
+                    acc = _block_sum(xf, p, c0, inner, dw * c, dh * w * c, taps, src, wof, n, nt)
                     store_floats(out, d + c0, acc, scale, bias, c0, lo, hi)
                 for ch in range(c16, c):
-                    a = np.int32(0)
-                    for i in range(kh):
-                        for j in range(kw):
-                            ih, iw = top + i * dh, ow * sw - pw + j * dw
-                            if 0 <= ih < h and 0 <= iw < w:
-                                a += np.int32(xf[((b * h + ih) * w + iw) * c + ch]) * np.int32(
-                                    taps[c16 * nt + (i * kw + j) * LANES + ch - c16])
+                    a = _tail_sum(xf, taps, ch, c16, nt, b, h, w, c, kh, kw, top, ow * sw - pw, dh, dw)
                     v = np.float32(a) * scale[ch] + bias[ch]
                     v = lo if v < lo else v
                     out[d + ch] = hi if v > hi else v

@@ -100,6 +100,19 @@ def _call(builder, name: str, ret: VecType, args, argtys) -> ir.Value:
     return builder.call(fn, args)
 
 
+def element_ptr(context, builder, arr_type, arr, idx_type, idx, vty: ir.Type) -> ir.Value:
+    """A `vty *` pointing at element `idx` of a 1-D Numba array: the address of a vector load or store there."""
+    ary = context.make_array(arr_type)(context, builder, value=arr)
+    pos = context.cast(builder, idx, idx_type, types.intp)
+    return builder.bitcast(builder.gep(ary.data, [pos]), vty.as_pointer())
+
+
+def splat_value(builder, vty: ir.VectorType, value: ir.Value) -> ir.Value:
+    """`value` (a scalar of `vty`'s element type) in every lane of `vty`."""
+    vec = builder.insert_element(ir.Constant(vty, None), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), vty.count), [0] * vty.count))
+
+
 def _make_load(vt: VecType):
     @intrinsic
     def load(typingctx, arr, idx):

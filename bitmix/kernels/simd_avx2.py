@@ -11,20 +11,9 @@ from numba.core import cgutils, types
 from numba.core.extending import _Intrinsic
 from numba.extending import intrinsic
 
-from bitmix.kernels.simd import _call, _llty, i8x32, i16x16, i32x8, pin_uuid
+from bitmix.kernels.simd import _call, _llty, element_ptr, i8x32, i16x16, i32x8, pin_uuid, splat_value
 
 _F32X8 = ir.VectorType(ir.FloatType(), 8)
-
-
-def _ptr(context, builder, arr_type, arr, idx_type, idx, vty):
-    ary = context.make_array(arr_type)(context, builder, value=arr)
-    pos = context.cast(builder, idx, idx_type, types.intp)
-    return builder.bitcast(builder.gep(ary.data, [pos]), vty.as_pointer())
-
-
-def _splat_value(builder, vty: ir.VectorType, word: ir.Value) -> ir.Value:
-    vec = builder.insert_element(ir.Constant(vty, None), word, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), vty.count), [0] * vty.count))
 
 
 @intrinsic
@@ -34,9 +23,9 @@ def bcast4_i8x32(typingctx, arr, idx):
         return None
 
     def codegen(context, builder, sig, args):
-        word = builder.load(_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.IntType(32)),
+        word = builder.load(element_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.IntType(32)),
                             align=1)
-        return builder.bitcast(_splat_value(builder, _llty(i32x8), word), _llty(i8x32))
+        return builder.bitcast(splat_value(builder, _llty(i32x8), word), _llty(i8x32))
 
     return i8x32(arr, idx), codegen
 
@@ -61,7 +50,7 @@ def splat_i32x8(typingctx, value):
         return None
 
     def codegen(context, builder, sig, args):
-        return _splat_value(builder, _llty(i32x8), context.cast(builder, args[0], sig.args[0], types.int32))
+        return splat_value(builder, _llty(i32x8), context.cast(builder, args[0], sig.args[0], types.int32))
 
     return i32x8(value), codegen
 
@@ -73,7 +62,8 @@ def load_i32x8(typingctx, arr, idx):
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.load(_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _llty(i32x8)), align=4)
+        ptr = element_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _llty(i32x8))
+        return builder.load(ptr, align=4)
 
     return i32x8(arr, idx), codegen
 
@@ -119,15 +109,15 @@ def store_lanes_x8(typingctx, out, out_i, idx, v, scale, bias, col, has_bias, ro
          has_res_a, lo_a, hi_a) = args
         n = context.cast(builder, count_a, sig.args[10], types.int32)
         full = builder.icmp_signed(">=", n, ir.Constant(ir.IntType(32), 8))
-        lanes = _splat_value(builder, ir.VectorType(ir.IntType(32), 8), n)
+        lanes = splat_value(builder, ir.VectorType(ir.IntType(32), 8), n)
         mask = builder.icmp_signed("<", ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(8))), lanes)
-        out_ptr = _ptr(context, builder, sig.args[0], out_a, sig.args[2], idx_a, _F32X8)
-        int_ptr = _ptr(context, builder, sig.args[1], outi_a, sig.args[2], idx_a, _llty(i32x8))
-        scale_ptr = _ptr(context, builder, sig.args[4], scale_a, sig.args[6], col_a, _F32X8)
-        bias_ptr = _ptr(context, builder, sig.args[5], bias_a, sig.args[6], col_a, _F32X8)
-        res_ptr = _ptr(context, builder, sig.args[12], res_a, sig.args[2], idx_a, _F32X8)
-        rs = _splat_value(builder, _F32X8, rs_a)
-        low, high = _splat_value(builder, _F32X8, lo_a), _splat_value(builder, _F32X8, hi_a)
+        out_ptr = element_ptr(context, builder, sig.args[0], out_a, sig.args[2], idx_a, _F32X8)
+        int_ptr = element_ptr(context, builder, sig.args[1], outi_a, sig.args[2], idx_a, _llty(i32x8))
+        scale_ptr = element_ptr(context, builder, sig.args[4], scale_a, sig.args[6], col_a, _F32X8)
+        bias_ptr = element_ptr(context, builder, sig.args[5], bias_a, sig.args[6], col_a, _F32X8)
+        res_ptr = element_ptr(context, builder, sig.args[12], res_a, sig.args[2], idx_a, _F32X8)
+        rs = splat_value(builder, _F32X8, rs_a)
+        low, high = splat_value(builder, _F32X8, lo_a), splat_value(builder, _F32X8, hi_a)
 
         def floats(load):
             y = builder.fmul(builder.sitofp(v_a, _F32X8), load(scale_ptr))
@@ -178,19 +168,19 @@ def store_codes_x8(typingctx, out8, idx, v, scale, bias, col, has_bias, lo, hi, 
         i32x8_ty = ir.VectorType(ir.IntType(32), 8)
         n = context.cast(builder, count_a, sig.args[10], types.int32)
         full = builder.icmp_signed(">=", n, ir.Constant(ir.IntType(32), 8))
-        mask = builder.icmp_signed("<", ir.Constant(i32x8_ty, list(range(8))), _splat_value(builder, i32x8_ty, n))
-        out_ptr = _ptr(context, builder, sig.args[0], out_a, sig.args[1], idx_a, i8x8)
-        scale_ptr = _ptr(context, builder, sig.args[3], scale_a, sig.args[5], col_a, _F32X8)
-        bias_ptr = _ptr(context, builder, sig.args[4], bias_a, sig.args[5], col_a, _F32X8)
+        mask = builder.icmp_signed("<", ir.Constant(i32x8_ty, list(range(8))), splat_value(builder, i32x8_ty, n))
+        out_ptr = element_ptr(context, builder, sig.args[0], out_a, sig.args[1], idx_a, i8x8)
+        scale_ptr = element_ptr(context, builder, sig.args[3], scale_a, sig.args[5], col_a, _F32X8)
+        bias_ptr = element_ptr(context, builder, sig.args[4], bias_a, sig.args[5], col_a, _F32X8)
         qdata = context.make_array(sig.args[9])(context, builder, value=q_a).data
 
         def q_at(i):
-            return _splat_value(builder, _F32X8, builder.load(builder.gep(qdata, [ir.Constant(ir.IntType(64), i)])))
+            return splat_value(builder, _F32X8, builder.load(builder.gep(qdata, [ir.Constant(ir.IntType(64), i)])))
 
         def codes(load):
             y = builder.fmul(builder.sitofp(v_a, _F32X8), load(scale_ptr))
             y = builder.select(has_bias_a, builder.fadd(y, load(bias_ptr)), y)
-            low, high = _splat_value(builder, _F32X8, lo_a), _splat_value(builder, _F32X8, hi_a)
+            low, high = splat_value(builder, _F32X8, lo_a), splat_value(builder, _F32X8, hi_a)
             y = builder.select(builder.fcmp_ordered("<", y, low), low, y)
             y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
             y = builder.fdiv(y, q_at(0))
@@ -234,7 +224,7 @@ def store_codes_x16(typingctx, out8, idx, v0, v1, scale, bias, col, q):
         qdata = context.make_array(sig.args[7])(context, builder, value=q_a).data
 
         def q_at(i):
-            return _splat_value(builder, _F32X8, builder.load(builder.gep(qdata, [ir.Constant(ir.IntType(64), i)])))
+            return splat_value(builder, _F32X8, builder.load(builder.gep(qdata, [ir.Constant(ir.IntType(64), i)])))
 
         step, qlo, qhi = q_at(0), q_at(1), q_at(2)
         shift = builder.fptosi(q_at(3), i32x8_ty)
@@ -243,8 +233,8 @@ def store_codes_x16(typingctx, out8, idx, v0, v1, scale, bias, col, q):
         codes = []
         for half, v in ((0, v0_a), (8, v1_a)):
             at = builder.add(context.cast(builder, col_a, sig.args[6], types.intp), ir.Constant(ir.IntType(64), half))
-            scale_ptr = _ptr(context, builder, sig.args[4], scale_a, types.intp, at, _F32X8)
-            bias_ptr = _ptr(context, builder, sig.args[5], bias_a, types.intp, at, _F32X8)
+            scale_ptr = element_ptr(context, builder, sig.args[4], scale_a, types.intp, at, _F32X8)
+            bias_ptr = element_ptr(context, builder, sig.args[5], bias_a, types.intp, at, _F32X8)
             y = builder.fmul(builder.sitofp(v, _F32X8), builder.load(scale_ptr, align=4))
             y = builder.fdiv(builder.fadd(y, builder.load(bias_ptr, align=4)), step)
             y = builder.select(builder.fcmp_ordered("<", y, qlo), qlo, y)
@@ -254,7 +244,7 @@ def store_codes_x16(typingctx, out8, idx, v0, v1, scale, bias, col, q):
         both = builder.shuffle_vector(codes[0], codes[1], order)
         i8x16 = ir.VectorType(ir.IntType(8), 16)
         builder.store(builder.trunc(both, i8x16),
-                      _ptr(context, builder, sig.args[0], out_a, sig.args[1], idx_a, i8x16), align=1)
+                      element_ptr(context, builder, sig.args[0], out_a, sig.args[1], idx_a, i8x16), align=1)
         return context.get_dummy_value()
 
     return types.none(out8, idx, v0, v1, scale, bias, col, q), codegen
@@ -275,23 +265,23 @@ def store_floats_x16(typingctx, out, idx, v0, v1, scale, bias, col, row_scale, r
 
     def codegen(context, builder, sig, args):
         out_a, idx_a, v0_a, v1_a, scale_a, bias_a, col_a, rs_a, res_a, has_res_a, lo_a, hi_a = args
-        rs = _splat_value(builder, _F32X8, rs_a)
-        low, high = _splat_value(builder, _F32X8, lo_a), _splat_value(builder, _F32X8, hi_a)
+        rs = splat_value(builder, _F32X8, rs_a)
+        low, high = splat_value(builder, _F32X8, lo_a), splat_value(builder, _F32X8, hi_a)
         i64 = ir.IntType(64)
         for half, v in ((0, v0_a), (8, v1_a)):
             at = builder.add(context.cast(builder, col_a, sig.args[6], types.intp), ir.Constant(i64, half))
             to = builder.add(context.cast(builder, idx_a, sig.args[1], types.intp), ir.Constant(i64, half))
-            scale_v = builder.load(_ptr(context, builder, sig.args[4], scale_a, types.intp, at, _F32X8), align=4)
-            bias_v = builder.load(_ptr(context, builder, sig.args[5], bias_a, types.intp, at, _F32X8), align=4)
+            scale_v = builder.load(element_ptr(context, builder, sig.args[4], scale_a, types.intp, at, _F32X8), align=4)
+            bias_v = builder.load(element_ptr(context, builder, sig.args[5], bias_a, types.intp, at, _F32X8), align=4)
             y = builder.fadd(builder.fmul(builder.fmul(builder.sitofp(v, _F32X8), scale_v), rs), bias_v)
             slot = cgutils.alloca_once_value(builder, y)
             with builder.if_then(has_res_a):  # a residual's load only where there is one
-                r = builder.load(_ptr(context, builder, sig.args[8], res_a, types.intp, to, _F32X8), align=4)
+                r = builder.load(element_ptr(context, builder, sig.args[8], res_a, types.intp, to, _F32X8), align=4)
                 builder.store(builder.fadd(y, r), slot)
             y = builder.load(slot)
             y = builder.select(builder.fcmp_ordered("<", y, low), low, y)
             y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
-            builder.store(y, _ptr(context, builder, sig.args[0], out_a, types.intp, to, _F32X8), align=4)
+            builder.store(y, element_ptr(context, builder, sig.args[0], out_a, types.intp, to, _F32X8), align=4)
         return context.get_dummy_value()
 
     return types.none(out, idx, v0, v1, scale, bias, col, row_scale, res, has_res, lo, hi), codegen

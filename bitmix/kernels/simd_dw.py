@@ -16,7 +16,7 @@ from numba.core import cgutils, types
 from numba.core.extending import _Intrinsic
 from numba.extending import intrinsic
 
-from bitmix.kernels.simd import _llty, i16x16, i32x16, pin_uuid
+from bitmix.kernels.simd import _llty, element_ptr, i16x16, i32x16, pin_uuid, splat_value
 
 LANES = 16
 _F32X16 = ir.VectorType(ir.FloatType(), LANES)
@@ -30,15 +30,6 @@ def _acc_of(taps) -> object:
     return None
 
 
-def _ptr(context, builder, arr_type, arr, idx_type, idx, vty: ir.Type) -> ir.Value:
-    ary = context.make_array(arr_type)(context, builder, value=arr)
-    pos = context.cast(builder, idx, idx_type, types.intp)
-    return builder.bitcast(builder.gep(ary.data, [pos]), vty.as_pointer())
-
-
-def _splat(builder, vty: ir.VectorType, value: ir.Value) -> ir.Value:
-    vec = builder.insert_element(ir.Constant(vty, None), value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), vty.count), [0] * vty.count))
 
 
 def _is_int8(arr) -> bool:
@@ -69,10 +60,10 @@ def mac(typingctx, acc, x, xi, taps, ti):
     def codegen(context, builder, sig, args):
         acc_a, x_a, xi_a, taps_a, ti_a = args
         vty = _llty(sig.args[0])
-        xv = builder.load(_ptr(context, builder, sig.args[1], x_a, sig.args[2], xi_a,
+        xv = builder.load(element_ptr(context, builder, sig.args[1], x_a, sig.args[2], xi_a,
                                ir.VectorType(ir.IntType(8), LANES)), align=1)
         xv = builder.sext(xv, vty) if sig.args[1].dtype.signed else builder.zext(xv, vty)
-        wv = builder.load(_ptr(context, builder, sig.args[3], taps_a, sig.args[4], ti_a, vty),
+        wv = builder.load(element_ptr(context, builder, sig.args[3], taps_a, sig.args[4], ti_a, vty),
                           align=vty.element.width // 8)
         return builder.add(acc_a, builder.mul(xv, wv))
 
@@ -83,8 +74,8 @@ def _scaled(context, builder, acc, scale, bias, col) -> ir.Value:
     """``float32(acc) * scale[col:col + 16] + bias[col:col + 16]`` (``vmulps``, ``vaddps``: never an FMA)."""
     acc_a, acc_t = acc
     wide = builder.sext(acc_a, _I32X16) if acc_t == i16x16 else acc_a
-    scale_v = builder.load(_ptr(context, builder, scale[1], scale[0], col[1], col[0], _F32X16), align=4)
-    bias_v = builder.load(_ptr(context, builder, bias[1], bias[0], col[1], col[0], _F32X16), align=4)
+    scale_v = builder.load(element_ptr(context, builder, scale[1], scale[0], col[1], col[0], _F32X16), align=4)
+    bias_v = builder.load(element_ptr(context, builder, bias[1], bias[0], col[1], col[0], _F32X16), align=4)
     return builder.fadd(builder.fmul(builder.sitofp(wide, _F32X16), scale_v), bias_v)
 
 
@@ -108,8 +99,8 @@ def store_floats(typingctx, out, oi, acc, scale, bias, col, lo, hi):
         out_a, oi_a, acc_a, scale_a, bias_a, col_a, lo_a, hi_a = args
         y = _scaled(context, builder, (acc_a, sig.args[2]), (scale_a, sig.args[3]), (bias_a, sig.args[4]),
                     (col_a, sig.args[5]))
-        y = _clip(builder, y, _splat(builder, _F32X16, lo_a), _splat(builder, _F32X16, hi_a))
-        builder.store(y, _ptr(context, builder, sig.args[0], out_a, sig.args[1], oi_a, _F32X16), align=4)
+        y = _clip(builder, y, splat_value(builder, _F32X16, lo_a), splat_value(builder, _F32X16, hi_a))
+        builder.store(y, element_ptr(context, builder, sig.args[0], out_a, sig.args[1], oi_a, _F32X16), align=4)
         return context.get_dummy_value()
 
     return types.none(out, oi, acc, scale, bias, col, lo, hi), codegen
@@ -132,14 +123,14 @@ def store_codes(typingctx, out8, oi, acc, scale, bias, col, step, qlo, qhi, shif
         out_a, oi_a, acc_a, scale_a, bias_a, col_a, step_a, qlo_a, qhi_a, shift_a = args
         y = _scaled(context, builder, (acc_a, sig.args[2]), (scale_a, sig.args[3]), (bias_a, sig.args[4]),
                     (col_a, sig.args[5]))
-        y = builder.fdiv(y, _splat(builder, _F32X16, step_a))
-        y = _clip(builder, y, _splat(builder, _F32X16, qlo_a), _splat(builder, _F32X16, qhi_a))
+        y = builder.fdiv(y, splat_value(builder, _F32X16, step_a))
+        y = _clip(builder, y, splat_value(builder, _F32X16, qlo_a), splat_value(builder, _F32X16, qhi_a))
         rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32X16, [_F32X16]), "llvm.rint.v16f32")
         codes = builder.fptosi(builder.call(rint, [y]), _I32X16)
         i8x16 = ir.VectorType(ir.IntType(8), LANES)
         byte = builder.trunc(context.cast(builder, shift_a, sig.args[9], types.int32), ir.IntType(8))
-        builder.store(builder.sub(builder.trunc(codes, i8x16), _splat(builder, i8x16, byte)),
-                      _ptr(context, builder, sig.args[0], out_a, sig.args[1], oi_a, i8x16), align=1)
+        builder.store(builder.sub(builder.trunc(codes, i8x16), splat_value(builder, i8x16, byte)),
+                      element_ptr(context, builder, sig.args[0], out_a, sig.args[1], oi_a, i8x16), align=1)
         return codes
 
     return i32x16(out8, oi, acc, scale, bias, col, step, qlo, qhi, shift), codegen
