@@ -76,6 +76,7 @@ class CompiledModel(Keepable, nn.Module):
         self.recorder = recorder
         self.fake_quant = fake_quant
         self.report: Report | None = None
+        self.training = False  # what it runs is the model's eval mode, as `lowered` and `fake_quant` are
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "fake_quant":  # kept out of the module tree (the class docstring), also when reassigned

@@ -158,6 +158,7 @@ class LoadedModel(KernelsOnCpu, nn.Module):
         _drop_guards(self.module)
         self.report = report
         self.input_spec = spec
+        self.training = False  # the program computes the model's eval mode
 
     def __reduce_ex__(self, protocol: object) -> Any:
         raise BitmixError("a loaded bitmix model cannot be pickled (torch.save); keep the .pt2 file it was loaded "

@@ -634,3 +634,11 @@ def test_parameters_and_state_dict_are_what_the_compiled_model_runs(int8, digits
         assert all(k.startswith(root) for k in model.state_dict())
         assert all(_changes_output(model, p, ids) for p in named.values())
     assert torch.equal(loaded(ids), cm(ids))
+
+
+def test_compiled_and_loaded_models_start_in_eval_mode(int8, tmp_path):
+    """`cm.training` was True right after compile and load (nn.Module's default) while everything under it ran the
+    model's eval mode: a user checking `model.training` before serving was told it was training."""
+    loaded = bitmix.load(int8.save(tmp_path / "eval.pt2"))
+    assert not int8.training and not int8.lowered.training and not int8.fake_quant.training
+    assert not loaded.training
