@@ -102,7 +102,7 @@ def guard(fp32: Callable[..., Any], compiled: Callable[..., Any], inputs: Any, w
         todo = "try " + ", ".join(hints) if hints else "look for layers whose inputs 8 bits cannot cover"
         msg = (f"the compiled model's outputs are far from FP32 on {fidelity_inputs_text(result)} (cosine "
                f"{result['example_cosine']:.4f} < {MIN_COSINE}); {todo}")
-        warnings.warn(msg, stacklevel=3)
+        warnings.warn(msg, stacklevel=4)  # this, `pipeline._compile`, `compile`, the caller
         warn.append(msg)
     return result
 

@@ -32,7 +32,7 @@ def translate(method: str | MethodConfig, budget: Any, data: Any, target: str | 
         raise BitmixError(f"compile() got an unexpected keyword {unknown[0]!r}; see help(bitmix.compile)")
     warnings.warn(f"bitmix.compile: {', '.join(f'{k}=' for k in old)} are deprecated and go in the next release; "
                   "use data=Data(...), budget=Budget(...), method=<Method>Config(...), options=CompileOptions(...)",
-                  DeprecationWarning, stacklevel=3)
+                  DeprecationWarning, stacklevel=4)  # this, `pipeline._compile`, `compile`, the caller
     if "calibration" in old or "eval" in old:
         calibration, evaluator = old.get("calibration"), old.get("eval")
         train = next((d for d in (data, calibration, evaluator) if isinstance(d, TaskData)), None)

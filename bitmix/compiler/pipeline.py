@@ -30,6 +30,7 @@ from bitmix.compiler.capture import bind_examples, capture, forward_arguments
 from bitmix.compiler.fidelity import guard
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.frozen import train_mode_modules
+from bitmix.compiler.heap import release_freed_memory
 from bitmix.compiler.inputs import CompileOptions
 from bitmix.compiler.lower import CallRecorder, executed_layers, lower, torch_on_one_thread, warn_without_autograd
 from bitmix.compiler.pretrain import pretrain_stage
@@ -141,6 +142,16 @@ def compile(  # noqa: A001 - the public verb, as in torch.compile
     finetune: epochs (or a FinetuneConfig) of LSQ fine-tuning after allocation; needs a train role.
     The 0.1 keywords (calibration=, eval=, fps=, ...) still work for one release, with a DeprecationWarning.
     """
+    try:
+        return _compile(model, example_inputs, target, method, budget, data, finetune, seed, options, deprecated)
+    finally:
+        release_freed_memory()  # the compile's working memory, freed by now, back to the OS (`heap`)
+
+
+def _compile(model: nn.Module, example_inputs: Any, target: str | Target, method: str | MethodConfig,
+             budget: Budget | float | None, data: Any, finetune: FinetuneConfig | int | None, seed: int,
+             options: CompileOptions | None, deprecated: dict[str, Any]) -> CompiledModel:
+    """`compile`'s body: its locals (the float model, calibration activations) are gone when it returns."""
     if not isinstance(model, nn.Module):
         raise BitmixError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, CompiledModel | LoadedModel):
@@ -299,14 +310,14 @@ def _example_calibration(examples: Inputs, warn: list[str]) -> Inputs:
         if t.is_floating_point() and not t.is_meta and not torch.isfinite(t).all():  # meta: `_check_finite`
             raise BitmixError(f"example input {i} contains NaN or Inf, and without data= the example inputs set the "
                               "activation ranges; pass finite examples, or calibration data with data=")
-    warnings.warn(msg, stacklevel=3)
+    warnings.warn(msg, stacklevel=4)  # this, `_compile`, `compile`, the caller
     warn.append(msg)
     return examples
 
 
 def _warn(msg: str, warn: list[str]) -> None:
     """A compile warning: raised to the caller of `compile` and kept for the report."""
-    warnings.warn(msg, stacklevel=3)
+    warnings.warn(msg, stacklevel=4)  # this, `_compile`, `compile`, the caller
     warn.append(msg)
 
 
