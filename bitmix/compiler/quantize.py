@@ -200,8 +200,10 @@ def finetune(
     step_lr: float | None = None,
     layer_distill: float = 0.0,
     step_lr_scale: float = 1.0,
+    in_place: bool = False,
 ) -> nn.Module:
-    """Quantization-aware fine-tuning of a copy of `model`; the input module is untouched.
+    """Quantization-aware fine-tuning of a copy of `model`; the input module is untouched (with `in_place`,
+    `model` itself is trained: for a caller whose model is a fresh copy already).
 
     SGD (momentum 0.9) or Adam with a cosine learning-rate schedule over all steps.
     The loss is `data.loss` (cross-entropy, or 1 - cosine to FP32 outputs, which is
@@ -216,7 +218,7 @@ def finetune(
         raise BitmixError(f"finetune needs epochs >= 0 and lr > 0, got epochs={epochs}, lr={lr}")
     if optimizer not in ("sgd", "adam"):
         raise BitmixError(f"unknown optimizer {optimizer!r}; use 'sgd' or 'adam'")
-    model = copy.deepcopy(model)
+    model = model if in_place else copy.deepcopy(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     if epochs == 0 or not params:

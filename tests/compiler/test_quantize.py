@@ -171,6 +171,15 @@ def test_finetune_is_deterministic_and_leaves_input_untouched(mlp):
     assert not torch.equal(a.state_dict()["bitmix_fc2.weight"], before["bitmix_fc2.weight"])
 
 
+def test_finetune_in_place_trains_the_model_itself_to_the_same_floats(mlp):
+    gm, data = mlp
+    fq = fake_quantize(gm, {"fc1": 8, "fc2": 2, "fc3": 8}, calibration=data.calibration(64))
+    copied = finetune(fq, data, epochs=1, lr=1e-3, optimizer="adam", seed=3, max_batches=6)
+    own = finetune(fq, data, epochs=1, lr=1e-3, optimizer="adam", seed=3, max_batches=6, in_place=True)
+    assert own is fq and copied is not fq
+    assert all(torch.equal(x, y) for x, y in zip(own.state_dict().values(), copied.state_dict().values(), strict=True))
+
+
 def test_finetune_recovers_two_bit_accuracy(mlp):
     gm, data = mlp
     fq = fake_quantize(gm, {"fc1": 8, "fc2": 2, "fc3": 8}, calibration=data.calibration(64))

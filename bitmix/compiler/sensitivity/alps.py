@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +37,9 @@ from bitmix.task import TaskData
 
 HOLDOUT = 0.2
 Job = tuple[str, Precision] | None  # (layer, precision it is lowered to); None: the reference
+LayerInputs = dict[str, tuple[tuple, dict]]  # layer -> (args, kwargs) of its call
+# base model -> (calibration, every layer's inputs on it): one pass per process instead of one per job
+_INPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -108,23 +112,50 @@ def _job(
     model = base.module
     if job is not None:
         name, bits = job
-        model = _lowered(model, name, bits, calibration)
+        model = _lowered(model, name, bits, layer_inputs(model, calibration).get(name))
+    # the reference fine-tunes a copy of the shipped base; a lowered job its own copy, in place
     tuned = finetune(model, fit, epochs, lr, optimizer="adam", seed=seed, batch_size=batch_size,
-                     max_batches=max_batches)
+                     max_batches=max_batches, in_place=job is not None)
     return float(quality_drop_measure(metric)(tuned, fit, "test"))
 
 
-def _lowered(base: nn.Module, name: str, bits: Precision, calibration: tuple[torch.Tensor, ...]) -> nn.Module:
-    """A copy of `base` with one layer re-quantized at `bits` (its signedness kept)."""
+def _lowered(base: nn.Module, name: str, bits: Precision, inputs: tuple[tuple, dict] | None) -> nn.Module:
+    """A copy of `base` with one layer re-quantized at `bits` (its signedness kept), its new activation steps
+    initialised on `inputs`, the layer's inputs in the base's pass over the calibration inputs: the layers
+    before it are the base's, so a pass of the whole copy would hand it the same tensors (None: a layer
+    that pass never reaches keeps its steps unset, as it would there)."""
     model = copy.deepcopy(base)
     layer = quant_layers(model)[name]
     signs = [q.signed if isinstance(q, LSQQuantizer) else None for q in (layer.a_quant, layer.b_quant)]
     if rotate_linears({name: layer}, {name: bits}):  # rotated at these bits as deployed: its input turns signed
         signs[0] = True
     layer.set_bits(bits, a_signed=signs[0], b_signed=signs[1])
-    with torch.no_grad():
-        model(*calibration)  # initialise the new activation steps; the others are already set
+    if inputs is not None:
+        with torch.no_grad():
+            layer(*inputs[0], **inputs[1])  # initialise the new activation steps; the others are already set
     return model
+
+
+@torch.no_grad()
+def layer_inputs(base: nn.Module, calibration: tuple[torch.Tensor, ...]) -> LayerInputs:
+    """Every quantized layer's inputs in one no-grad pass of `base` over `calibration` (its first
+    call's, as a layer the graph calls twice initialises its steps there), kept per process for the jobs."""
+    cached = _INPUTS.get(base)
+    if cached is not None and cached[0] is calibration:
+        return cached[1]
+    inputs: LayerInputs = {}
+
+    def hook(layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs.setdefault(layer.name, (args, kwargs))
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in quant_layers(base).values()]
+    try:
+        base(*calibration)
+    finally:
+        for h in handles:
+            h.remove()
+    _INPUTS[base] = (calibration, inputs)
+    return inputs
 
 
 def _describe(job: Job) -> str:
