@@ -16,6 +16,7 @@ the base model once as a `PortableModel`).
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import weakref
 from collections.abc import Callable
@@ -40,6 +41,8 @@ Job = tuple[str, Precision] | None  # (layer, precision it is lowered to); None:
 LayerInputs = dict[str, tuple[tuple, dict]]  # layer -> (args, kwargs) of its call
 # base model -> (calibration, every layer's inputs on it): one pass per process instead of one per job
 _INPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# prepared model -> {(state, assignment, calibration) key: the fake-quantized base}: every seed shares it
+_BASES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,23 @@ def layer_inputs(base: nn.Module, calibration: tuple[torch.Tensor, ...]) -> Laye
     return inputs
 
 
+def _base(model: nn.Module, assignment: dict[str, Precision], calibration: tuple[torch.Tensor, ...]) -> nn.Module:
+    """`fake_quantize(model, assignment, calibration)`, computed once per process for every seed's base (it
+    does not depend on the seed); the key holds the model's tensors' versions, so an in-place change misses.
+    Callers must not change the result (`finetune` trains a copy)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    digest = hashlib.sha1()
+    for t in calibration:
+        digest.update(str((t.dtype, tuple(t.shape))).encode())
+        digest.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    key = (tuple((t.data_ptr(), t._version) for t in tensors), tuple(sorted(assignment.items())), digest.hexdigest())
+    bases = _BASES.setdefault(model, {})
+    if key not in bases:
+        bases.clear()
+        bases[key] = fake_quantize(model, assignment, calibration)
+    return bases[key]
+
+
 def _describe(job: Job) -> str:
     return "alps reference (no layer lowered)" if job is None else f"alps: layer {job[0]} at {job[1]} bits"
 
@@ -188,8 +208,8 @@ def alps_jobs(ctx: ScoreContext, cfg: ALPSConfig) -> ALPSJobs:
     calibration = fit.calibration(cfg.calibration_size)
     choices = ctx.target.choices
     assignment = {n: choices[0] for n in ctx.free_layers} | ctx.target.pinned(ctx.graph.names)
-    base = fake_quantize(ctx.model, assignment, calibration)
-    base = finetune(base, fit, cfg.base_epochs, cfg.lr, optimizer="adam", seed=ctx.seed, batch_size=cfg.batch_size)
+    base = finetune(_base(ctx.model, assignment, calibration), fit, cfg.base_epochs, cfg.lr, optimizer="adam",
+                    seed=ctx.seed, batch_size=cfg.batch_size)
     epochs, max_batches = _epochs(cfg.epochs, math.ceil(len(fit.train) / cfg.batch_size))
     jobs: list[Job] = [None] + [(n, b) for n in ctx.free_layers for b in choices[1:]]
     run = partial(

@@ -1,5 +1,5 @@
-"""ALPS's per-process reuse: a lowered layer initialised from the base's cached layer inputs gives the same
-floats as recomputing them."""
+"""ALPS's per-process reuse: a lowered layer initialised from the base's cached layer inputs, and the
+fake-quantized base shared by every seed, give the same floats as recomputing them."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.qlayer import LSQQuantizer, quant_layers
 from bitmix.compiler.rotate import rotate_linears
-from bitmix.compiler.sensitivity import ALPSConfig, ScoreContext, SerialExecutor
+from bitmix.compiler.sensitivity import ALPSConfig, ScoreContext, SerialExecutor, score
 from bitmix.compiler.sensitivity import alps as alps_module
 from bitmix.ir.targets import get_target
 from tests.compiler.sensitivity.conftest import TinyAttention
@@ -68,3 +68,22 @@ def test_lowered_layer_from_cached_inputs_matches_a_full_calibration_pass(ctx):
         assert all(torch.equal(new[k], old[k]) for k in old), job
     assert kinds == {"linear", "matmul"}
     assert len(work.jobs) > 4
+
+
+def test_every_seed_shares_one_fake_quantized_base_and_scores_as_if_recomputed(ctx):
+    one = dataclasses.replace(ctx, seed=1)
+    alps_module._BASES.clear()
+    fresh = score(QUICK, one)
+    score(QUICK, ctx)  # seed 0 leaves its base in the cache, which seed 1 then reuses
+    assert score(QUICK, one) == fresh
+    assignment = {n: ctx.target.choices[0] for n in ctx.free_layers} | ctx.target.pinned(ctx.graph.names)
+    calibration = ctx.data.calibration(QUICK.calibration_size)
+    base = alps_module._base
+    assert base(ctx.model, assignment, calibration) is base(ctx.model, assignment, calibration)
+    changed = copy.deepcopy(ctx.model)
+    first = base(changed, assignment, calibration)
+    with torch.no_grad():
+        next(changed.parameters()).mul_(0.5)  # an in-place change misses the cache
+    assert base(changed, assignment, calibration) is not first
+    other = tuple(t.flip(0) for t in calibration)
+    assert base(changed, assignment, other) is not base(changed, assignment, calibration)
