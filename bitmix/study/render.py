@@ -200,8 +200,9 @@ PROTOCOL = " ".join((
 
 
 def scoring_s(result: dict) -> float:
-    """Wall seconds spent scoring, summed over methods and seeds (cached scores count: they were paid once)."""
-    return sum(e["score_s_mean"] * e["seeds"] for e in result["search_time"]["methods"].values())
+    """Wall seconds spent scoring, summed over methods and seeds (cached scores count: they were paid once; a
+    seed-free method's, scored once for every seed, count once)."""
+    return sum(e["score_s_mean"] * e.get("scored_seeds", e["seeds"]) for e in result["search_time"]["methods"].values())
 
 
 def overview(results: list[dict]) -> list[str]:

@@ -159,12 +159,14 @@ def search_time(config: StudyConfig, scored: dict, ok: list[dict]) -> dict:
         rows = [r for (m, _), r in scored.items() if m == method]
         if not rows:
             continue
-        score_mean, score_std = _stats(r["score_s"] for r in rows)
-        score_median = statistics.median(r["score_s"] for r in rows)
+        paid = [r for r in rows if "scores_from_seed" not in r] or rows  # a seed-free method is scored once
+        score_mean, score_std = _stats(r["score_s"] for r in paid)
+        score_median = statistics.median(r["score_s"] for r in paid)
         solves = [p["allocate_s"] for p in ok if p["method"] == method and "allocate_s" in p]
         solve = statistics.median(solves) if solves else 0.0
         entry = {"score_s_mean": score_mean, "score_s_std": score_std, "score_s_median": score_median,
-                 "allocate_s_median": solve, "solution_s_median": score_median + solve, "seeds": len(rows)}
+                 "allocate_s_median": solve, "solution_s_median": score_median + solve, "seeds": len(rows),
+                 "scored_seeds": len(paid)}
         greedy = [p["allocate_s"] for p in ok if p["method"] == method + GREEDY_SUFFIX and "allocate_s" in p]
         if greedy:
             entry["greedy_allocate_s_median"] = statistics.median(greedy)

@@ -143,6 +143,13 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
         for seed in seeds[: config.seeds_of(method)]:
             if (method, seed) in scored:
                 continue
+            first = scored.get((method, seeds[0]))
+            if first is not None and not sensitivity.seeded(config.method(method)):  # the same floats again
+                row = first | {"seed": seed, "scores_from_seed": seeds[0]}
+                append(scores_path, row)
+                scored[(method, seed)] = row
+                say(f"  scored {method} seed {seed}: seed {seeds[0]}'s scores (the method draws no seed)")
+                continue
             trained = pretrain(config, method, prepared, names, target, data, seed)
             ctx = sensitivity.ScoreContext(graph=graph, target=target, model=_scoring_model(method, prepared),
                                            data=data, calibration=data.calibration(config.calibration_size),

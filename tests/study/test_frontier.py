@@ -140,3 +140,18 @@ def test_ptq_study_measures_an_assignment_once_for_every_seed(tmp_path):
     for label in ("uniform", "all-8", "all-4/8", "all-2/8"):  # no fine-tuning: one measurement serves both seeds
         assert by_seed[(label, 1)]["measure_s"] == by_seed[(label, 0)]["measure_s"]
         assert by_seed[(label, 1)]["quality"] == by_seed[(label, 0)]["quality"]
+
+
+def test_a_seed_free_method_is_scored_once_for_every_seed(tmp_path):
+    """SQNR draws no seed: seed 1 gets seed 0's scores (the same floats) without scoring again, and the search
+    time counts the one scoring."""
+    out = tmp_path / "study"
+    args = ["study", "frontier", "digits-cnn-ptq", "--methods", "sqnr", "--seeds", "2", "--budgets", "1.0",
+            "--workers", "1", "--additivity", "0", "--out", str(out)]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "digits-cnn-ptq" / "scores.jsonl").read_text().splitlines()]
+    first, second = sorted(rows, key=lambda r: r["seed"])
+    assert "scores_from_seed" not in first and second["scores_from_seed"] == 0 and second["seed"] == 1
+    assert second["scores"] == first["scores"] and second["score_s"] == first["score_s"]
+    timing = json.loads((out / "digits-cnn-ptq" / "frontier.json").read_text())["search_time"]["methods"]["sqnr"]
+    assert (timing["seeds"], timing["scored_seeds"]) == (2, 1)

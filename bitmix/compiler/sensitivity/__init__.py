@@ -27,6 +27,7 @@ from bitmix.compiler.sensitivity.base import (
     relative_to_highest,
     resolve,
     score,
+    seeded,
     strategy,
 )
 from bitmix.compiler.sensitivity.eagl import EAGLConfig
@@ -48,5 +49,5 @@ __all__ = [
     "METHODS", "ALPSConfig", "EAGLConfig", "Executor", "HAWQConfig", "LIMPQConfig", "Method", "MethodConfig",
     "ProcessExecutor", "SQNRConfig", "ScoreContext", "Scores", "SerialExecutor", "check_inputs", "data_free",
     "executor_for", "label_free", "open_executor",
-    "register", "relative_to_highest", "resolve", "score", "strategy",
+    "register", "relative_to_highest", "resolve", "score", "seeded", "strategy",
 ]

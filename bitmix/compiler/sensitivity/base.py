@@ -88,13 +88,15 @@ class Method:
     needs_data: bool = False  # labeled TaskData (methods that train or take gradients)
     needs_calibration: bool = False  # unlabeled inputs at least
     strategy: str = "knapsack"  # "knapsack", or a baseline of bitmix.compiler.allocate ("uniform", "random")
+    seeded: bool = True  # False: no random draw or training, so every seed scores the same (`seeded`)
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register(name: str, config: type[MethodConfig] = MethodConfig, *, needs_data: bool = False,
-             needs_calibration: bool = False, strategy: str = "knapsack") -> Callable[[Scorer], Scorer]:
+             needs_calibration: bool = False, strategy: str = "knapsack", seeded: bool = True
+             ) -> Callable[[Scorer], Scorer]:
     """Decorator: make a scorer available as `score(name, ctx)`, `compile(method=name | config)` and the CLI."""
     if config is not MethodConfig:
         taken = [m.name for m in METHODS.values() if m.config is config and m.name != name]
@@ -102,7 +104,7 @@ def register(name: str, config: type[MethodConfig] = MethodConfig, *, needs_data
             raise BitmixError(f"config {config.__name__} is already registered for method {taken[0]!r}")
 
     def wrap(fn: Scorer) -> Scorer:
-        METHODS[name] = Method(name, fn, config, needs_data, needs_calibration or needs_data, strategy)
+        METHODS[name] = Method(name, fn, config, needs_data, needs_calibration or needs_data, strategy, seeded)
         return fn
 
     return wrap
@@ -164,6 +166,12 @@ def score(method: str | MethodConfig, ctx: ScoreContext) -> Scores:
 def strategy(method: str | MethodConfig) -> str:
     """How `allocate` should use this method's scores ("knapsack", "uniform" or "random")."""
     return resolve(method)[0].strategy
+
+
+def seeded(method: str | MethodConfig) -> bool:
+    """Whether the method's scores depend on `ScoreContext.seed`; a study scores a seed-free one once for
+    every seed (SQNR on MiniLM: ~280 s per seed at load ~4, each seed the same floats)."""
+    return resolve(method)[0].seeded
 
 
 def relative_to_highest(scores: Scores, target: Target) -> Scores:

@@ -54,7 +54,7 @@ def _flat(out: object) -> torch.Tensor:
     raise BitmixError(f"sqnr cannot read a model output of type {type(out).__name__}; return tensors")
 
 
-@register("sqnr", SQNRConfig, needs_calibration=True)
+@register("sqnr", SQNRConfig, needs_calibration=True, seeded=False)
 @torch.no_grad()
 def sqnr(ctx: ScoreContext, cfg: SQNRConfig) -> Scores:
     """Inverse output SQNR per layer and precision, one layer quantized at a time."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,7 @@ from bitmix import SQNRConfig, zoo
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.quantize import fake_quantize
-from bitmix.compiler.sensitivity import ScoreContext, score
+from bitmix.compiler.sensitivity import ScoreContext, score, seeded
 from bitmix.compiler.sensitivity.sqnr import _flat
 from bitmix.errors import BitmixError
 from bitmix.ir.targets import get_target
@@ -61,6 +63,19 @@ def test_deployed_scores_on_a_conv_net_leave_the_model_unchanged() -> None:
     assert score(DEPLOYED, ctx) == s
     assert all(torch.equal(v, ctx.model.state_dict()[k]) for k, v in before.items())
     assert s != score("sqnr", ctx)  # the LSQ-initialised steps give other scores
+
+
+def test_sqnr_is_registered_seed_free_and_every_seed_scores_the_same() -> None:
+    """A study scores a seed-free method once for every seed (`sensitivity.seeded`): both quantizers must give
+    the same floats whatever the seed; the methods that draw probes or train stay seeded."""
+    model, example, data = zoo.load("digits-cnn")
+    graph = capture(model, example, "digits-cnn")
+    ctx = ScoreContext(graph, get_target("int4int2-npu"), prepare(graph), None, calibration=data.calibration(32))
+    other = dataclasses.replace(ctx, seed=7)
+    for method in ("sqnr", DEPLOYED):
+        assert not seeded(method)
+        assert score(method, ctx) == score(method, other)
+    assert all(seeded(m) for m in ("alps", "hawq", "limpq", "eagl", "random"))
 
 
 def test_unknown_quantizer_is_an_error() -> None:
