@@ -8,6 +8,7 @@ LSQ quantization-aware training of the result.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 
 import torch
@@ -23,6 +24,11 @@ from bitmix.compiler.qlayer import MIN_STEP, LSQQuantizer, QuantLayer, fixed_bat
 from bitmix.errors import BitmixError
 from bitmix.ir.precision import PrecisionLike
 from bitmix.task import TaskData
+
+# digest of (graph, float state, calibration) -> (signs, live rows): the float passes of `_quantize`, which every
+# assignment rotating the same layers shares (at int4int2-npu every one below 8 bits; at w4a8-npu every one)
+_FLOAT_PASSES: dict[str, tuple[dict[str, tuple[bool, bool]], dict[str, torch.Tensor]]] = {}
+FLOAT_PASSES_KEPT = 2  # a conv net's fake_quantize passes both its plain and its equalised copy
 
 
 def fake_quantize(
@@ -90,15 +96,13 @@ def _quantize(model: nn.Module, assignment: dict[str, int], calibration: tuple[t
     from bitmix.compiler.act_search import search_activation_steps
     from bitmix.compiler.correct import bias_correct, float_reference
     from bitmix.compiler.gptq import gptq_round
-    from bitmix.compiler.live import live_rows
     from bitmix.compiler.rotate import rotate_linears
     from bitmix.compiler.smooth import smooth_linears
 
     layers = quant_layers(model)
     if rotation:
         rotate_linears(layers, assignment)
-    signs = calibration_signs(model, layers, calibration) if calibration is not None else {}
-    live = live_rows(model, layers, calibration) if calibration is not None else {}
+    signs, live = float_passes(model, layers, calibration) if calibration is not None else ({}, {})
     if calibration is not None and smoothing:
         smooth_linears(model, layers, assignment, calibration, signs, live)
     reference = float_reference(model, calibration, live) if calibration is not None and bias_correction else None
@@ -121,6 +125,41 @@ def _quantize(model: nn.Module, assignment: dict[str, int], calibration: tuple[t
                 if isinstance(q, LSQQuantizer):
                     q.init_gaussian()
     return model  # type: ignore[return-value]
+
+
+def float_passes(model: nn.Module, layers: dict[str, QuantLayer], calibration: tuple[torch.Tensor, ...]
+                 ) -> tuple[dict[str, tuple[bool, bool]], dict[str, torch.Tensor]]:
+    """(`calibration_signs`, `live_rows`) of the model as it is (rotated, not yet smoothed): two float passes
+    (and a backward) that depend only on the graph, its tensors and the calibration inputs, so the last result
+    is kept per process, keyed by a digest of those: a study's points (MiniLM: ~6 s each at load ~4) share it."""
+    from bitmix.compiler.live import live_rows
+
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    if not isinstance(model, torch.fx.GraphModule) or hooked:  # code the digest cannot see
+        return calibration_signs(model, layers, calibration), live_rows(model, layers, calibration)
+    key = _float_digest(model, layers, calibration)
+    if key not in _FLOAT_PASSES:
+        while len(_FLOAT_PASSES) >= FLOAT_PASSES_KEPT:
+            del _FLOAT_PASSES[next(iter(_FLOAT_PASSES))]
+        _FLOAT_PASSES[key] = (calibration_signs(model, layers, calibration), live_rows(model, layers, calibration))
+    signs, live = _FLOAT_PASSES[key]
+    return dict(signs), {name: mask.clone() for name, mask in live.items()}
+
+
+def _float_digest(model: torch.fx.GraphModule, layers: dict[str, QuantLayer], calibration: tuple[torch.Tensor, ...]
+                  ) -> str:
+    """sha1 of what the float passes read: the graph's code, every parameter and buffer, the layers' kinds,
+    precisions and graph-proven signs, the calibration inputs, the mode and torch's thread count."""
+    digest = hashlib.sha1()
+    meta = [model.code, model.training, torch.get_num_threads(), fixed_batch(model),
+            [(n, m.kind, m.bits, m.a_nonneg, m.b_nonneg, m.training) for n, m in layers.items()]]
+    digest.update(repr(meta).encode())
+    named = [*model.named_parameters(), *model.named_buffers(), *((f"input{i}", t) for i, t in enumerate(calibration))]
+    for name, t in named:
+        t = t.detach()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}:{t.requires_grad}".encode())
+        digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _flat(out: object) -> torch.Tensor:

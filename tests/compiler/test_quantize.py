@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch import nn
 
 import bitmix
 from bitmix import zoo
+from bitmix.compiler import quantize
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
 from bitmix.compiler.qlayer import LSQQuantizer, QuantLayer, qrange, quant_layers
@@ -169,6 +171,33 @@ def test_finetune_is_deterministic_and_leaves_input_untouched(mlp):
         assert torch.equal(v, before[k])
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert not torch.equal(a.state_dict()["bitmix_fc2.weight"], before["bitmix_fc2.weight"])
+
+
+def test_assignments_rotating_the_same_layers_share_the_float_passes_and_quantize_alike(mlp, monkeypatch):
+    """The signs and live rows come from float passes of the rotated model: kept per process, they are computed
+    once for assignments that rotate the same layers, and the models equal those of a fresh computation."""
+    gm, data = mlp
+    calls = []
+    signs = quantize.calibration_signs
+    monkeypatch.setattr(quantize, "calibration_signs", lambda *a: calls.append(1) or signs(*a))
+    first, second = {"fc1": 4, "fc2": 2, "fc3": 4}, {"fc1": 2, "fc2": 4, "fc3": "2/4"}  # every one rotated
+    quantize._FLOAT_PASSES.clear()
+    fake_quantize(gm, first, calibration=data.calibration(64))
+    shared = fake_quantize(gm, second, calibration=data.calibration(64))
+    assert len(calls) == 1
+    quantize._FLOAT_PASSES.clear()
+    fresh = fake_quantize(gm, second, calibration=data.calibration(64))
+    assert len(calls) == 2
+    assert [(q.signed, q.q_n, q.q_p) for q in shared.modules() if isinstance(q, LSQQuantizer)] == [
+        (q.signed, q.q_n, q.q_p) for q in fresh.modules() if isinstance(q, LSQQuantizer)]
+    assert shared.state_dict().keys() == fresh.state_dict().keys()
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in shared.state_dict().items())
+    fake_quantize(gm, second, calibration=data.calibration(32))  # other inputs: computed again
+    changed = copy.deepcopy(gm)
+    with torch.no_grad():
+        changed.bitmix_fc1.weight.mul_(0.5)  # other weights: computed again
+    fake_quantize(changed, second, calibration=data.calibration(64))
+    assert len(calls) == 4
 
 
 def test_finetune_in_place_trains_the_model_itself_to_the_same_floats(mlp):
