@@ -24,7 +24,7 @@ def additivity(config: StudyConfig, out: Path, fp: str, prepared: nn.Module, nam
     Two sets of `config.additivity` subsets: "spread" lowers 1..all free layers (ρ there is helped by the
     count of lowered layers alone), "fixed" lowers exactly half of them (only the choice of layers varies).
     """
-    from bitmix.study.drops import correlate, measure_drops, random_assignments
+    from bitmix.study.drops import correlate, highest_quality, measure_drops, random_assignments
 
     methods = [m for m in config.methods if sensitivity.strategy(m) == "knapsack"]
     if config.additivity < 2 or not methods:
@@ -37,11 +37,15 @@ def additivity(config: StudyConfig, out: Path, fp: str, prepared: nn.Module, nam
         lr = ALPSConfig(**config.method_options.get("alps", {})).lr  # fine-tuned as ALPS tunes its jobs
         cached = {"recipe": fp, "n": config.additivity, "finetune_epochs": config.additivity_epochs, "lr": lr,
                   "metric": "test loss increase vs all-4-bit", "sets": {}}
+        options = {"seed": 0, "finetune_epochs": config.additivity_epochs, "lr": lr, "metric": "loss"}
+        reference: float | None = None  # the all-highest measure, taken once for both sets
         for name, lowered in (("spread", None), ("fixed", max(1, free // 2))):
             start = time.perf_counter()
             assignments = random_assignments(tuple(names), target, config.additivity, seed=0, lowered=lowered)
-            measured = measure_drops(prepared, tuple(names), target, assignments, data, seed=0,
-                                     finetune_epochs=config.additivity_epochs, lr=lr, metric="loss")
+            if reference is None:
+                reference = highest_quality(prepared, tuple(names), target, data, **options)
+            measured = measure_drops(prepared, tuple(names), target, assignments, data, reference=reference,
+                                     **options)
             cached["sets"][name] = {"lowered": lowered, "assignments": [format_assignment(a) for a in assignments],
                                     "measured": measured,
                                     "seconds": time.perf_counter() - start}

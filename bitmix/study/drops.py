@@ -71,19 +71,29 @@ def measure_drops(
     finetune_epochs: int = 0,
     lr: float = 1e-4,
     metric: str = "loss",
+    reference: float | None = None,
 ) -> list[float]:
-    """Measured drop of each assignment against all-highest, both treated identically."""
-    measure = quality_drop_measure(metric)
-    calibration = data.calibration(64)
+    """Measured drop of each assignment against all-highest, both treated identically. `reference`: the
+    all-highest measure when the caller has it already (`highest_quality` with the same arguments)."""
+    if reference is None:
+        reference = highest_quality(model, layer_names, target, data, seed, finetune_epochs, lr, metric)
+    return [_quality(model, a, data, seed, finetune_epochs, lr, metric) - reference for a in assignments]
 
-    def quality(assignment: dict[str, int]) -> float:
-        fq = fake_quantize(model, assignment, calibration)
-        if finetune_epochs:
-            fq = finetune(fq, data, finetune_epochs, lr, optimizer="adam", seed=seed)
-        return float(measure(fq, data, "test"))
 
-    reference = quality({name: target.highest for name in layer_names} | target.pinned(layer_names))
-    return [quality(a) - reference for a in assignments]
+def highest_quality(model: nn.Module, layer_names: tuple[str, ...], target: Target, data: TaskData, seed: int = 0,
+                    finetune_epochs: int = 0, lr: float = 1e-4, metric: str = "loss") -> float:
+    """The all-highest assignment's measure, which every drop of `measure_drops` is taken against."""
+    highest = {name: target.highest for name in layer_names} | target.pinned(layer_names)
+    return _quality(model, highest, data, seed, finetune_epochs, lr, metric)
+
+
+def _quality(model: nn.Module, assignment: dict[str, int], data: TaskData, seed: int, finetune_epochs: int,
+             lr: float, metric: str) -> float:
+    """Lower-is-better measure of `assignment` fake-quantized on 64 calibration inputs, optionally fine-tuned."""
+    fq = fake_quantize(model, assignment, data.calibration(64))
+    if finetune_epochs:
+        fq = finetune(fq, data, finetune_epochs, lr, optimizer="adam", seed=seed)
+    return float(quality_drop_measure(metric)(fq, data, "test"))
 
 
 def correlate(scores: Scores, assignments: list[dict[str, int]], measured: list[float]) -> AdditivityResult:

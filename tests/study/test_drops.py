@@ -80,3 +80,31 @@ def test_sixteen_assignments_keep_the_asymptotic_p():
     measured[3], measured[9] = measured[9], measured[3]
     result = correlate(scores, assignments, measured)
     assert result.pvalue == spearmanr(result.predicted, measured)[1]
+
+
+def test_additivity_measures_the_all_highest_reference_once_for_both_sets(tmp_path, monkeypatch):
+    """Both sets' drops are taken against the same all-highest measure: measured once, the drops equal those of
+    each set measured alone."""
+    import json
+
+    from bitmix.study import drops
+    from bitmix.study.additivity import additivity
+    from bitmix.study.config import default_config
+    from bitmix.study.store import read_assignment
+
+    config = default_config("digits-cnn-ptq", methods=("sqnr",), additivity=3)
+    model, example, data = zoo.load("digits-cnn")
+    graph = capture(model, example, "digits-cnn")
+    prepared, target = prepare(graph), get_target(config.target)
+    scores = score("sqnr", ScoreContext(graph, target, prepared, None, calibration=data.calibration(64)))
+    highest = {n: target.highest for n in graph.names} | target.pinned(graph.names)
+    calls = []
+    quality = drops._quality
+    monkeypatch.setattr(drops, "_quality", lambda m, a, *rest: calls.append(a == highest) or quality(m, a, *rest))
+    additivity(config, tmp_path, "fp", prepared, graph.names, target, data, {("sqnr", 0): {"scores": scores}},
+               lambda _: None)
+    assert calls.count(True) == 1 and len(calls) == 1 + 2 * 3
+    for entry in json.loads((tmp_path / "additivity.json").read_text())["sets"].values():
+        alone = drops.measure_drops(prepared, graph.names, target, [read_assignment(a) for a in entry["assignments"]],
+                                    data, seed=0, finetune_epochs=0, lr=1e-4, metric="loss")
+        assert entry["measured"] == alone
