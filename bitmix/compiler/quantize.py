@@ -41,6 +41,7 @@ def fake_quantize(
     rounding: bool = True,
     activation_search: bool = True,
     rotation: bool = True,
+    share_float_passes: bool = False,
 ) -> torch.fx.GraphModule:
     """A new fake-quantized copy of a prepared model with per-layer `Precision` pairs from `assignment`
     (weight width for the weights, activation width for the inputs; an int b means b/b).
@@ -62,6 +63,9 @@ def fake_quantize(
     calibration,
     the data-free `2 E|v| / sqrt(Q_P)` for unit-Gaussian values (E|v| = sqrt(2/pi) signed,
     1/sqrt(2 pi) unsigned). `compile` calibrates on the examples.
+    `share_float_passes` (studies: many assignments of one model) keeps the float calibration passes per process
+    and reuses them where the rotated model and the inputs are the same (`float_passes`); a single compile does
+    not pay for the digest.
     """
     if not isinstance(model, nn.Module):
         raise BitmixError("fake_quantize needs a module prepared by bitmix.compiler.fold.prepare(graph)")
@@ -71,15 +75,16 @@ def fake_quantize(
     if unknown:
         raise BitmixError(f"assignment names unknown layer {unknown[0]!r}; valid layers: {', '.join(layers)}")
     if calibration is None:
-        return _quantize(model, assignment, None, bias_correction, smoothing, rounding, activation_search, rotation)
+        return _quantize(model, assignment, None, bias_correction, smoothing, rounding, activation_search, rotation,
+                         share_float_passes)
     ranges.check_calibration(calibration)
     if not (equalization and isinstance(model, torch.fx.GraphModule) and pairs(model)):
         model = _quantize(model, assignment, calibration, bias_correction, smoothing, rounding, activation_search,
-                          rotation)
+                          rotation, share_float_passes)
         forget_weight_codes(model)
         return model
     target = _float_output(model, calibration)
-    options = (bias_correction, smoothing, rounding, activation_search, rotation)
+    options = (bias_correction, smoothing, rounding, activation_search, rotation, share_float_passes)
     plain = _quantize(copy.deepcopy(model), assignment, calibration, *options)
     equalize(model)
     equalized = _quantize(model, assignment, calibration, *options)
@@ -90,8 +95,8 @@ def fake_quantize(
 
 
 def _quantize(model: nn.Module, assignment: dict[str, int], calibration: tuple[torch.Tensor, ...] | None,
-              bias_correction: bool, smoothing: bool, rounding: bool, activation_search: bool, rotation: bool
-              ) -> torch.fx.GraphModule:
+              bias_correction: bool, smoothing: bool, rounding: bool, activation_search: bool, rotation: bool,
+              share_float_passes: bool = False) -> torch.fx.GraphModule:
     """`fake_quantize` on a private copy, after the optional equalisation."""
     from bitmix.compiler.act_search import search_activation_steps
     from bitmix.compiler.correct import bias_correct, float_reference
@@ -102,7 +107,7 @@ def _quantize(model: nn.Module, assignment: dict[str, int], calibration: tuple[t
     layers = quant_layers(model)
     if rotation:
         rotate_linears(layers, assignment)
-    signs, live = float_passes(model, layers, calibration) if calibration is not None else ({}, {})
+    signs, live = float_passes(model, layers, calibration, share_float_passes) if calibration is not None else ({}, {})
     if calibration is not None and smoothing:
         smooth_linears(model, layers, assignment, calibration, signs, live)
     reference = float_reference(model, calibration, live) if calibration is not None and bias_correction else None
@@ -127,15 +132,16 @@ def _quantize(model: nn.Module, assignment: dict[str, int], calibration: tuple[t
     return model  # type: ignore[return-value]
 
 
-def float_passes(model: nn.Module, layers: dict[str, QuantLayer], calibration: tuple[torch.Tensor, ...]
-                 ) -> tuple[dict[str, tuple[bool, bool]], dict[str, torch.Tensor]]:
+def float_passes(model: nn.Module, layers: dict[str, QuantLayer], calibration: tuple[torch.Tensor, ...],
+                 share: bool = False) -> tuple[dict[str, tuple[bool, bool]], dict[str, torch.Tensor]]:
     """(`calibration_signs`, `live_rows`) of the model as it is (rotated, not yet smoothed): two float passes
-    (and a backward) that depend only on the graph, its tensors and the calibration inputs, so the last result
-    is kept per process, keyed by a digest of those: a study's points (MiniLM: ~6 s each at load ~4) share it."""
+    (and a backward) that depend only on the graph, its tensors and the calibration inputs, so with `share` the
+    last results are kept per process, keyed by a digest of those: a study's points (MiniLM: ~6 s each at load
+    ~4) share them. Without it nothing is hashed or kept (the digest reads every weight: ~1 s a GB)."""
     from bitmix.compiler.live import live_rows
 
     hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    if not isinstance(model, torch.fx.GraphModule) or hooked:  # code the digest cannot see
+    if not share or not isinstance(model, torch.fx.GraphModule) or hooked:  # hooks: code the digest cannot see
         return calibration_signs(model, layers, calibration), live_rows(model, layers, calibration)
     key = _float_digest(model, layers, calibration)
     if key not in _FLOAT_PASSES:

@@ -90,7 +90,7 @@ def highest_quality(model: nn.Module, layer_names: tuple[str, ...], target: Targ
 def _quality(model: nn.Module, assignment: dict[str, int], data: TaskData, seed: int, finetune_epochs: int,
              lr: float, metric: str) -> float:
     """Lower-is-better measure of `assignment` fake-quantized on 64 calibration inputs, optionally fine-tuned."""
-    fq = fake_quantize(model, assignment, data.calibration(64))
+    fq = fake_quantize(model, assignment, data.calibration(64), share_float_passes=True)
     if finetune_epochs:
         fq = finetune(fq, data, finetune_epochs, lr, optimizer="adam", seed=seed)
     return float(quality_drop_measure(metric)(fq, data, "test"))

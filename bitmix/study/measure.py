@@ -17,7 +17,7 @@ def measure(job: tuple[tuple[tuple[str, int], ...], int], prepared: Any, data: T
 
     assignment, seed = dict(job[0]), job[1]
     start = time.perf_counter()
-    fq = fake_quantize(prepared.module, assignment, calibration)
+    fq = fake_quantize(prepared.module, assignment, calibration, share_float_passes=True)
     tuned = finetune(fq, data, recipe.epochs, recipe.lr_for(assignment), recipe.optimizer, seed=seed,
                      batch_size=recipe.batch_size)
     finetune_s = time.perf_counter() - start

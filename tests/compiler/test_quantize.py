@@ -212,22 +212,24 @@ def test_assignments_rotating_the_same_layers_share_the_float_passes_and_quantiz
     monkeypatch.setattr(quantize, "calibration_signs", lambda *a: calls.append(1) or signs(*a))
     first, second = {"fc1": 4, "fc2": 2, "fc3": 4}, {"fc1": 2, "fc2": 4, "fc3": "2/4"}  # every one rotated
     quantize._FLOAT_PASSES.clear()
-    fake_quantize(gm, first, calibration=data.calibration(64))
-    shared = fake_quantize(gm, second, calibration=data.calibration(64))
-    assert len(calls) == 1
-    quantize._FLOAT_PASSES.clear()
-    fresh = fake_quantize(gm, second, calibration=data.calibration(64))
+    fake_quantize(gm, first, calibration=data.calibration(64))  # a single compile's call: nothing kept
+    assert len(calls) == 1 and not quantize._FLOAT_PASSES
+    fake_quantize(gm, first, calibration=data.calibration(64), share_float_passes=True)
+    shared = fake_quantize(gm, second, calibration=data.calibration(64), share_float_passes=True)
     assert len(calls) == 2
+    quantize._FLOAT_PASSES.clear()
+    fresh = fake_quantize(gm, second, calibration=data.calibration(64), share_float_passes=True)
+    assert len(calls) == 3
     assert [(q.signed, q.q_n, q.q_p) for q in shared.modules() if isinstance(q, LSQQuantizer)] == [
         (q.signed, q.q_n, q.q_p) for q in fresh.modules() if isinstance(q, LSQQuantizer)]
     assert shared.state_dict().keys() == fresh.state_dict().keys()
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in shared.state_dict().items())
-    fake_quantize(gm, second, calibration=data.calibration(32))  # other inputs: computed again
+    fake_quantize(gm, second, calibration=data.calibration(32), share_float_passes=True)  # other inputs: again
     changed = copy.deepcopy(gm)
     with torch.no_grad():
         changed.bitmix_fc1.weight.mul_(0.5)  # other weights: computed again
-    fake_quantize(changed, second, calibration=data.calibration(64))
-    assert len(calls) == 4
+    fake_quantize(changed, second, calibration=data.calibration(64), share_float_passes=True)
+    assert len(calls) == 5
 
 
 def test_finetune_in_place_trains_the_model_itself_to_the_same_floats(mlp):
