@@ -65,8 +65,8 @@ from bitmix.kernels.simd_avx2 import (
     load_i32x8,
     madd16_x16,
     splat_i32x8,
+    store_codes_4x16,
     store_codes_x8,
-    store_codes_x16,
     store_floats_x16,
     store_lanes_x8,
 )
@@ -120,7 +120,9 @@ def driver(w8: bool, parallel: bool, codes: bool = False):
     def core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mode, out_i, out_f, scale, bias,
              has_bias, row_scale, res, has_res, lo, hi, out8, cgeo, q8, chunk):
         # tapoff: byte offset of each tap run (cq 4-byte K steps each); tappix: pixel offset of every tap (sums)
-        # codes: out8 = the next conv's padded codes, cgeo = its (Hp, Wp, ph, pw, c4), q8 = (step, lo, hi, shift)
+        # codes: out8 = the next conv's padded codes, cgeo = its (Hp, Wp, ph, pw, c4), q8 = tile_codes_bounds, whose
+        # values store_codes_4x16 takes as a tuple: registers, not loads after every store (out8 might alias q8)
+        qt = (q8[0], q8[1], q8[2], q8[3], q8[4], q8[5], q8[6], q8[7])
         ho, wo, hp, wpad, sh, sw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
         hp2, wp2, ph2, pw2, c4n = cgeo[0], cgeo[1], cgeo[2], cgeo[3], cgeo[4]
         hw = ho * wo
@@ -146,6 +148,9 @@ def driver(w8: bool, parallel: bool, codes: bool = False):
                 v0, v1 = splat_i32x8(-offset * s0), splat_i32x8(-offset * s1)
                 v2, v3 = splat_i32x8(-offset * s2), splat_i32x8(-offset * s3)
                 a0, a1, a2, a3 = p0 * ps, p1 * ps, p2 * ps, p3 * ps
+                d0, d1, d2, d3 = 0, 0, 0, 0
+                if codes:  # the next conv's pixels of these rows, once for all the task's blocks
+                    d0, d1, d2, d3 = four_dests(pb, poh, pw, ho, wo, hp2, wp2, ph2, pw2)
                 for b in range(nt * NB, min(nblk, nt * NB + NB)):
                     z = zero_i32x8()
                     c00, c01, c10, c11, c20, c21, c30, c31 = z, z, z, z, z, z, z, z
@@ -193,15 +198,9 @@ def driver(w8: bool, parallel: bool, codes: bool = False):
                     c20, c21, c30, c31 = _fix(c20, e0, v2), _fix(c21, e1, v2), _fix(c30, e0, v3), _fix(c31, e1, v3)
                     cols = min(BLOCK, n - col)  # stored lanes: a partial block ends early
                     if codes:
-                        d0, d1, d2, d3 = four_dests(pb, poh, pw, ho, wo, hp2, wp2, ph2, pw2)
                         if cols == BLOCK:
-                            store_codes_x16(out8, d0 * c4n + col, c00, c01, scale, bias, col, q8)
-                            if rows > 1:
-                                store_codes_x16(out8, d1 * c4n + col, c10, c11, scale, bias, col, q8)
-                            if rows > 2:
-                                store_codes_x16(out8, d2 * c4n + col, c20, c21, scale, bias, col, q8)
-                            if rows > 3:
-                                store_codes_x16(out8, d3 * c4n + col, c30, c31, scale, bias, col, q8)
+                            store_codes_4x16(out8, d0 * c4n + col, d1 * c4n + col, d2 * c4n + col, d3 * c4n + col,
+                                             rows, c00, c01, c10, c11, c20, c21, c30, c31, scale, bias, col, qt)
                             continue
                         hi8 = col + LANES
                         store_codes_x8(out8, d0 * c4n + col, c00, scale, bias, col, has_bias, lo, hi, q8, cols)
@@ -267,7 +266,7 @@ def driver(w8: bool, parallel: bool, codes: bool = False):
 NO_F32 = np.zeros(LANES, dtype=np.float32)
 NO_I32 = np.zeros(LANES, dtype=np.int32)
 NO_RESIDUAL = (NO_F32, False, np.float32(-np.inf), np.float32(np.inf))  # no residual add, no clamp
-NO_CODES = (np.zeros(LANES, dtype=np.int8), np.zeros(5, dtype=np.int64), np.ones(4, dtype=np.float32))  # out8, cgeo, q8
+NO_CODES = (np.zeros(LANES, dtype=np.int8), np.zeros(5, dtype=np.int64), np.ones(8, dtype=np.float32))  # out8, cgeo, q8
 
 
 def byte_bound(lo: int, hi: int, shift: int) -> int:
@@ -334,6 +333,22 @@ def codes_bounds(clamp: tuple, quant: tuple) -> np.ndarray:
     return np.array((step, lo, hi, shift), dtype=np.float32)
 
 
+def tile_codes_bounds(clamp: tuple, quant: tuple) -> np.ndarray:
+    """``codes_bounds`` (``step, lo, hi, shift``: ``store_codes_x8``'s) then ``recip, near, rint(lo), rint(hi)`` for
+    ``store_codes_4x16``, which multiplies by ``recip = float32(1 / step)`` where it can: ``y * recip`` lies within
+    ``|y / step| * 3.0001 * 2**-24`` of the rounded quotient (two roundings against one), under ``2**-12`` wherever
+    that can change a code (codes lie in ``[-128, 255]``; a product past 512 in magnitude clips to the quotient's
+    bound), so a product farther than ``2**-12`` from every half-code rounds to the quotient's code, and
+    ``near = 0.5 - 2**-12`` bounds its distance to the nearest code. A step whose reciprocal is not a normal float
+    gets ``near = -1``: every tile takes the division."""
+    q = codes_bounds(clamp, quant)
+    step = q[0]
+    recip = np.float32(1) / step if step > 0 else np.float32(1)
+    fast = bool(step > 0 and np.isfinite(step) and np.finfo(np.float32).tiny <= recip < np.inf)
+    near = np.float32(0.5 - 2.0**-12) if fast else np.float32(-1)
+    return np.concatenate([q, np.array((recip if fast else 1, near, np.rint(q[1]), np.rint(q[2])), np.float32)])
+
+
 def conv_codes_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
                     scale: np.ndarray, bias: np.ndarray | None, clamp: tuple, parallel: bool, nxt_padded: tuple,
                     nxt_pad: tuple[int, int], nxt_quant: tuple,
@@ -346,7 +361,7 @@ def conv_codes_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], 
     head = (off, pix, data, cw, offset, m, n, n_pad, steps, c4, geo, SCALED, NO_I32, NO_F32, scale, bias, True,
             NO_F32, NO_F32, False, np.float32(-np.inf), np.float32(np.inf))
     cgeo = np.array((nxt_padded[1], nxt_padded[2], nxt_pad[0], nxt_pad[1], nxt_padded[3]), dtype=np.int64)
-    q8 = codes_bounds(clamp, nxt_quant)
+    q8 = tile_codes_bounds(clamp, nxt_quant)
     chunk = chunk_steps(w, a_max)
 
     def run(a8: np.ndarray, psum: np.ndarray, out8: np.ndarray) -> None:

@@ -206,48 +206,90 @@ def store_codes_x8(typingctx, out8, idx, v, scale, bias, col, has_bias, lo, hi, 
 
 
 @intrinsic
-def store_codes_x16(typingctx, out8, idx, v0, v1, scale, bias, col, q):
-    """Two full output vectors (channels ``col .. col + 15``) as 16 bytes of the next conv's input codes:
-    ``out8[idx + l] = rint(clip(y / q[0], q[1], q[2])) - q[3]`` with ``y = float32(v[l]) * scale[col + l] +
-    bias[col + l]`` (``vcvtdq2ps``, ``vmulps``, ``vaddps``, ``vdivps``, ``vmaxps``/``vminps``, ``vcvtps2dq``).
-    The caller folds the conv's clamp into ``q[1], q[2]`` and passes -0.0 biases for none (``x + -0.0 == x``
-    bit for bit), so this is ``store_codes_x8``'s result with no per-store branch or mask: on AVX2 a masked
-    byte store is scalar code, and beside it the tile's registers spilled (a 1x1 conv, K = 16, 1.3x slower)."""
+def store_codes_4x16(typingctx, out8, d0, d1, d2, d3, rows, c00, c01, c10, c11, c20, c21, c30, c31, scale, bias, col,
+                     q):
+    """A 4-row x 16-channel tile (channels ``col .. col + 15``; row ``r`` = vectors ``cr0, cr1``) as 16 bytes of the
+    next conv's input codes per row, at ``out8[d0]`` .. ``out8[d3]`` for the first ``rows`` rows: ``rint(clip(y /
+    step, qlo, qhi)) - shift`` with ``y = float32(v) * scale[col + l] + bias[col + l]``, ``store_codes_x8``'s
+    result; ``q`` = the tuple ``(step, qlo, qhi, shift, recip, near, rint(qlo), rint(qhi))``
+    (``gemm_avx2.tile_codes_bounds``: the conv's clamp folded into ``qlo, qhi``). The caller passes -0.0 biases for
+    none (``x + -0.0 == x`` bit for bit). No mask or per-store branch: on AVX2 a masked byte store is scalar code,
+    and beside it the tile's registers spilled (a 1x1 conv, K = 16, 1.3x slower).
+
+    Cheaper than the formula, same bytes: ``y / step`` is ``y * recip``, which rounds to the quotient's code unless
+    it lies within ``0.5 - near`` of a half-code; when any of the tile's 128 does, the whole tile takes the division
+    (``vdivps`` held one port 3 cycles a vector, the epilogue's bottleneck). The clip is done on the rounded codes
+    (``rint`` is monotone: ``rint(clip(x, lo, hi)) == clip(rint(x), rint(lo), rint(hi))``) in 16-bit lanes, and two
+    rows are packed at once with saturating ``vpackssdw``/``vpackuswb`` (signed codes moved up 128 into its range),
+    then shifted as bytes (mod 256: ``store_codes_x8``'s truncation)."""
     f32 = types.Array(types.float32, 1, "C")
-    if not (out8 == types.Array(types.int8, 1, "C") and scale == f32 and bias == f32 and q == f32
-            and v0 == v1 == i32x8 and all(isinstance(a, types.Integer) for a in (idx, col))):
+    vecs = (c00, c01, c10, c11, c20, c21, c30, c31)
+    if not (out8 == types.Array(types.int8, 1, "C") and scale == bias == f32 and q == types.UniTuple(types.float32, 8)
+            and all(v == i32x8 for v in vecs)
+            and all(isinstance(a, types.Integer) for a in (d0, d1, d2, d3, rows, col))):
         return None
 
     def codegen(context, builder, sig, args):
-        out_a, idx_a, v0_a, v1_a, scale_a, bias_a, col_a, q_a = args
-        i32x8_ty = ir.VectorType(ir.IntType(32), 8)
-        qdata = context.make_array(sig.args[7])(context, builder, value=q_a).data
-
-        def q_at(i):
-            return splat_value(builder, _F32X8, builder.load(builder.gep(qdata, [ir.Constant(ir.IntType(64), i)])))
-
-        step, qlo, qhi = q_at(0), q_at(1), q_at(2)
-        shift = builder.fptosi(q_at(3), i32x8_ty)
+        out_a, rows_a, (scale_a, bias_a, col_a, q_a) = args[0], args[5], args[14:]
+        i32, i16, i8 = ir.IntType(32), ir.IntType(16), ir.IntType(8)
+        i32x8_ty, i16x16_ty, i8x32_ty = _llty(i32x8), ir.VectorType(i16, 16), ir.VectorType(i8, 32)
+        qv = [builder.extract_value(q_a, i) for i in range(8)]
+        step, low, high, recip, near = (splat_value(builder, _F32X8, qv[i]) for i in (0, 1, 2, 4, 5))
+        shift, lo16, hi16 = (builder.fptosi(qv[i], i16) for i in (3, 6, 7))
         cvt = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32x8_ty, [_F32X8]),
                                              "llvm.x86.avx.cvt.ps2dq.256")
-        codes = []
-        for half, v in ((0, v0_a), (8, v1_a)):
-            at = builder.add(context.cast(builder, col_a, sig.args[6], types.intp), ir.Constant(ir.IntType(64), half))
-            scale_ptr = element_ptr(context, builder, sig.args[4], scale_a, types.intp, at, _F32X8)
-            bias_ptr = element_ptr(context, builder, sig.args[5], bias_a, types.intp, at, _F32X8)
-            y = builder.fmul(builder.sitofp(v, _F32X8), builder.load(scale_ptr, align=4))
-            y = builder.fdiv(builder.fadd(y, builder.load(bias_ptr, align=4)), step)
-            y = builder.select(builder.fcmp_ordered("<", y, qlo), qlo, y)
-            y = builder.select(builder.fcmp_ordered(">", y, qhi), qhi, y)
-            codes.append(builder.sub(builder.call(cvt, [y]), shift))
-        order = ir.Constant(ir.VectorType(ir.IntType(32), 16), list(range(16)))
-        both = builder.shuffle_vector(codes[0], codes[1], order)
-        i8x16 = ir.VectorType(ir.IntType(8), 16)
-        builder.store(builder.trunc(both, i8x16),
-                      element_ptr(context, builder, sig.args[0], out_a, sig.args[1], idx_a, i8x16), align=1)
+        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32X8, [_F32X8]), "llvm.fabs.v8f32")
+        col = context.cast(builder, col_a, sig.args[16], types.intp)
+        ys, slots, worst = [], [], None
+        for j, v in enumerate(args[6:14]):
+            half = builder.add(col, ir.Constant(ir.IntType(64), 8 * (j % 2)))
+            scale_v, bias_v = (builder.load(element_ptr(context, builder, sig.args[i], a, types.intp, half, _F32X8),
+                                            align=4) for i, a in ((14, scale_a), (15, bias_a)))
+            y = builder.fadd(builder.fmul(builder.sitofp(v, _F32X8), scale_v), bias_v)
+            x = builder.fmul(y, recip)
+            k = builder.call(cvt, [x])
+            off = builder.call(fabs, [builder.fsub(x, builder.sitofp(k, _F32X8))])  # large where cvt overflowed
+            worst = off if worst is None else builder.select(builder.fcmp_ordered(">", off, worst), off, worst)
+            ys.append(y)
+            slots.append(cgutils.alloca_once_value(builder, k))
+        near_half = builder.fcmp_unordered(">=", worst, near)
+        any_near = builder.icmp_unsigned("!=", builder.bitcast(near_half, i8), ir.Constant(i8, 0))
+        with builder.if_then(any_near, likely=False):  # the exact formula for the whole tile
+            for y, slot in zip(ys, slots, strict=True):
+                x = builder.fdiv(y, step)
+                x = builder.select(builder.fcmp_ordered("<", x, low), low, x)
+                builder.store(builder.call(cvt, [builder.select(builder.fcmp_ordered(">", x, high), high, x)]), slot)
+        wrap = builder.select(builder.icmp_signed("<", lo16, ir.Constant(i16, 0)), ir.Constant(i16, 128),
+                              ir.Constant(i16, 0))  # signed codes (within [-128, 127]) move into [0, 255]
+        lo_w, hi_w, wrap_w = (splat_value(builder, i16x16_ty, x) for x in (lo16, hi16, wrap))
+        sh = builder.trunc(builder.add(shift, wrap), i8)
+        sh_b = splat_value(builder, i8x32_ty, sh)
+        order = ir.Constant(ir.VectorType(i32, 8), [0, 4, 1, 5, 2, 6, 3, 7])
+        i8x16 = ir.VectorType(i8, 16)
+        dests = args[1:5]
+        for pair in range(2):
+            words = []
+            for r in (2 * pair, 2 * pair + 1):
+                w = _call(builder, "llvm.x86.avx2.packssdw", i16x16, [builder.load(slots[2 * r]),
+                                                                       builder.load(slots[2 * r + 1])], (i32x8, i32x8))
+                w = builder.select(builder.icmp_signed("<", w, lo_w), lo_w, w)
+                w = builder.select(builder.icmp_signed(">", w, hi_w), hi_w, w)
+                words.append(builder.add(w, wrap_w))
+            packed = _call(builder, "llvm.x86.avx2.packuswb", i8x32, words, (i16x16, i16x16))
+            packed = builder.sub(packed, sh_b)  # rows 2 pair, 2 pair + 1 as dwords [a0 b0 c0 d0 | a1 b1 c1 d1]
+            dw = builder.bitcast(packed, ir.VectorType(i32, 8))
+            packed = builder.bitcast(builder.shuffle_vector(dw, dw, order), i8x32_ty)
+            for r in (2 * pair, 2 * pair + 1):
+                part = builder.shuffle_vector(packed, packed, ir.Constant(
+                    ir.VectorType(i32, 16), list(range(16 * (r % 2), 16 * (r % 2) + 16))))
+                ptr = element_ptr(context, builder, sig.args[0], out_a, sig.args[1 + r], dests[r], i8x16)
+                rows_left = context.cast(builder, rows_a, sig.args[5], types.intp)
+                with builder.if_then(builder.icmp_signed(">", rows_left, ir.Constant(ir.IntType(64), r))):
+                    builder.store(part, ptr, align=1)
         return context.get_dummy_value()
 
-    return types.none(out8, idx, v0, v1, scale, bias, col, q), codegen
+    return types.none(out8, d0, d1, d2, d3, rows, c00, c01, c10, c11, c20, c21, c30, c31, scale, bias, col,
+                      q), codegen
 
 
 @intrinsic

@@ -183,3 +183,85 @@ def test_conv_without_bias_is_bit_identical(avx2, n: int) -> None:
     assert (want == 0).any() and (np.signbit(want) & (want == 0)).any()  # -0.0 outputs are there to keep
     np.testing.assert_array_equal(np.ascontiguousarray(got).view(np.int32), np.ascontiguousarray(want).view(np.int32))
     assert avx2 == ["conv_gemm"]
+
+
+def test_tile_codes_bounds_multiply_rounds_to_the_quotients_code_unless_flagged() -> None:
+    """``store_codes_4x16``'s shortcut in numpy: ``x = y * recip`` farther than ``0.5 - near`` from its rounding takes
+    ``clip(rint(x), rint(lo), rint(hi))``, which must equal ``rint(clip(y / step, lo, hi))`` for float32 ``y``:
+    quotients at and one to three ulps around every half-code, huge ones (the int32 conversion overflows: flagged),
+    and steps whose reciprocal is not normal (every value flagged)."""
+    rng = np.random.default_rng(5)
+    flagged = 0
+    with np.errstate(over="ignore"):  # quotients and products past float32's range are part of the test
+        for step in (0.05, 0.3, 1e-3, 7.0, 0.0137, 3e-5, 1e38, 2.0**-20):
+            step = np.float32(step)
+            for clamp, quant in (((0.0, 6.0), (step, 0, 255, 0)), ((-np.inf, np.inf), (step, -128, 127, 0)),
+                                 ((-1.5, 0.25), (step, -8, 7, 0)), ((0.0, np.inf), (step, 0, 255, 128))):
+                q = gemm_avx2.tile_codes_bounds(clamp, quant)
+                assert q.dtype == np.float32 and q.shape == (8,) and (q[6], q[7]) == (np.rint(q[1]), np.rint(q[2]))
+                up = down = (np.arange(-300, 300, dtype=np.float32) + np.float32(0.5)) * step
+                near = [up]
+                for _ in range(3):
+                    up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+                    near += [up, down]
+                extremes = np.array([0, -0.0, 1e30, -1e30, 3e38, -3e38, np.inf, -np.inf], np.float32) * step
+                y = np.concatenate([*near, rng.normal(0, 300, 50000).astype(np.float32) * step, extremes])
+                want = np.rint(np.clip(y / q[0], q[1], q[2]))
+                x = y * q[4]
+                k = np.where(np.abs(x) < 2.0**31, np.rint(x), -(2.0**31)).astype(np.float32)  # vcvtps2dq
+                off = np.abs(x - k)
+                fast = off < q[5]
+                flagged += int((~fast).sum())
+                np.testing.assert_array_equal(np.clip(k, q[6], q[7])[fast], want[fast])
+                if step >= 1e38:
+                    assert q[5] < 0 and not fast.any()  # 1 / 1e38 is subnormal: the division everywhere
+    assert flagged > 0
+
+
+@pytest.mark.parametrize("n", [400, 392])  # whole 16-channel blocks (the tile store), and a partial last block
+@pytest.mark.parametrize("spec", [(0, 255, 0), (-128, 127, 0), (-8, 7, 0), (0, 3, 0), (0, 255, 128)],
+                         ids=["u8", "s8", "s4", "u2", "u8-shifted"])
+@pytest.mark.parametrize("clamp", [(0.0, 6.0), (-np.inf, np.inf), (-1.5, 0.25), (40.0, np.inf)],
+                         ids=["relu6", "none", "narrow", "all-above"])
+@pytest.mark.parametrize("step", [np.float32(0.05), np.float32(0.0213), np.float32(1e38)],
+                         ids=["0.05", "0.0213", "huge"])  # huge: 1 / step is subnormal, every tile divides
+def test_codes_epilogue_at_half_codes_and_extremes_is_exact(avx2, n: int, spec: tuple, clamp: tuple,
+                                                           step: np.float32) -> None:
+    """The codes epilogue (``conv_codes_gemm``) against ``_pad_codes``' formula on outputs placed exactly: zero weights
+    make every output its channel's bias, set at half-codes and up to three ulps either side (where ``y * (1 /
+    step)`` rounds to another code than ``y / step`` for 2-7 %: the division must take over), at codes, past the
+    code range's ends, and at +-1e30 (the int32 conversion overflows); 35 and 198 pixels (a last tile of 3 rows;
+    several tasks), into an unpadded and a padded next buffer."""
+    qlo, qhi, shift = spec
+    rng = np.random.default_rng(n + qhi)
+    ks = rng.integers(qlo - 3, qhi + 3, n).astype(np.float32)
+    if step > 1e37:  # finite biases
+        ks = np.clip(ks, -3, 2)
+    bias = (ks + np.float32(0.5)) * step
+    for _ in range(3):
+        move = rng.integers(-1, 2, n)
+        bias = np.where(move == 0, bias, np.nextafter(bias, np.where(move > 0, np.inf, -np.inf).astype(np.float32)))
+    pick = rng.random(n)
+    bias = np.where(pick < 0.1, ks * step, np.where(pick > 0.95, np.float32(1e30) * np.sign(pick - 0.975), bias))
+    bias = bias.astype(np.float32)
+    scale = rng.uniform(0.01, 0.1, n).astype(np.float32)
+    w = pack_weights(np.zeros((n, 12), dtype=np.int8), 4)
+    lo_c, hi_c = np.float32(clamp[0]), np.float32(clamp[1])
+    y = np.where(bias < lo_c, lo_c, np.where(bias > hi_c, hi_c, bias))
+    with np.errstate(over="ignore"):
+        want = (np.rint(np.clip(y / step, np.float32(qlo), np.float32(qhi))).astype(np.int32) - shift).astype(np.int8)
+    for nb, hw, pad in ((1, (5, 7), (0, 0)), (2, (9, 11), (1, 1))):
+        h, wd = hw
+        m = nb * h * wd
+        geom = (1, 1, 1, 1, 0, 0, 1, 1, 1, h, wd)
+        a8 = rng.integers(-128, 128, (nb, h, wd, 12)).astype(np.int8)
+        psum = a8.astype(np.int64).sum(axis=-1).reshape(-1)
+        c4 = n if pad == (0, 0) else -(-n // 4) * 4
+        padded = (nb, h + 2 * pad[0], wd + 2 * pad[1], c4)
+        out8 = np.full(padded, 99, dtype=np.int8)
+        run = gemm_avx2.conv_codes_gemm(w, 0, 12, geom, h, wd, m, scale, bias, clamp, not dispatch.settings.serial,
+                                        padded, pad, (step, qlo, qhi, shift))
+        run(a8.reshape(-1), psum, out8.reshape(-1))
+        inner = out8[:, pad[0]:pad[0] + h, pad[1]:pad[1] + wd, :n]
+        np.testing.assert_array_equal(inner, np.broadcast_to(want, inner.shape))
+        assert (out8[:, : pad[0]] == 99).all() and (out8[..., n:] == 99).all()  # nothing written past the interior
