@@ -75,6 +75,9 @@ LANES = 8  # output channels per ymm
 MIN_M = 4  # fewer rows: the GEMV micro-kernels (one weight pass per row) are the right shape
 MT = 64  # activation rows per parallel task
 NB = 4  # weight blocks (64 channels) per parallel task
+NB_CODES = 8  # the same for the codes epilogue: its tasks walk the next conv's pixels too, once per 4 rows and task,
+# and its convs are mostly small-K expansions into 96..192 channels (NB = 4 split 96 into 64 + 32: one thread,
+# 112x112 16 -> 96 650 -> 593 us, 56x56 24 -> 144 280 -> 263 us; ResNet-50 1x1 shapes, K 64..2048: noise)
 INT32, SCALED, ROWS = 0, 1, 2  # epilogue modes (SCALED adds the bias when there is one; ROWS is SCALED
 # with each row also multiplied by its ``row_scale`` before the bias: per-row activation steps)
 ONE = np.float32(1)
@@ -129,7 +132,8 @@ def driver(w8: bool, parallel: bool, codes: bool = False):
         ntaps = tapoff.shape[0]
         ws = ntaps * cq * 64  # bytes per 16-channel block
         nblk = n_pad // BLOCK
-        ntiles = (nblk + NB - 1) // NB
+        nb = NB_CODES if codes else NB
+        ntiles = (nblk + nb - 1) // nb
         mtiles = (m + MT - 1) // MT
         for t in prange(ntiles * mtiles):
             nt = t // mtiles
@@ -151,7 +155,7 @@ def driver(w8: bool, parallel: bool, codes: bool = False):
                 d0, d1, d2, d3 = 0, 0, 0, 0
                 if codes:  # the next conv's pixels of these rows, once for all the task's blocks
                     d0, d1, d2, d3 = four_dests(pb, poh, pw, ho, wo, hp2, wp2, ph2, pw2)
-                for b in range(nt * NB, min(nblk, nt * NB + NB)):
+                for b in range(nt * nb, min(nblk, nt * nb + nb)):
                     z = zero_i32x8()
                     c00, c01, c10, c11, c20, c21, c30, c31 = z, z, z, z, z, z, z, z
                     for tap in range(ntaps):
