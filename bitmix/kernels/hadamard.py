@@ -6,8 +6,9 @@ EPYC, 2026-12-04). This pass computes the same float32 operations in the same or
 for h = 1, 2, 4, ... the pairs (j, j + h) of each 2h-group become (a + b, a - b)), so its bits equal
 the torch version's. With blocks of at least 8 it runs on eight-lane vectors (`simd_f32`): the
 stages h = 1, 2, 4 inside each vector's registers, the later ones as vector butterflies between
-loads and stores (LLVM's own vectoriser left them scalar): 64 x 384 in 18 us (53 scalar), 64 x 1536
-in 73 us (282-496 scalar; AMD EPYC, 2026-12-04). One thread: a parallel launch over rows was no
+loads and stores (LLVM's own vectoriser left them scalar), two stages per pass over the row (the sign
+flip's pass also does stages 8 and 16): 64 x 384 in 11 us, 64 x 1536 in 39-49 (14 and 57-73 one stage a
+pass; 53 and 282-496 scalar; AMD EPYC, 2026-12-06). One thread: a parallel launch over rows was no
 faster at MiniLM's shapes.
 """
 
@@ -39,19 +40,48 @@ def _scalar_row(src, signs, block, row):
 
 
 @njit(inline="always")
+def _store_quad(row, j, h, x0, x1, x2, x3):
+    """Stages ``h`` and ``2h`` on the vectors at ``j``, ``j + h``, ``j + 2h``, ``j + 3h`` (``j`` in the first
+    quarter of a ``4h`` group): the scalar butterflies' additions and subtractions, two stages per pass over
+    the row."""
+    y0 = add_f32x8(x0, x1)
+    y1 = sub_f32x8(x0, x1)
+    y2 = add_f32x8(x2, x3)
+    y3 = sub_f32x8(x2, x3)
+    store_f32x8(row, j, add_f32x8(y0, y2))
+    store_f32x8(row, j + h, add_f32x8(y1, y3))
+    store_f32x8(row, j + 2 * h, sub_f32x8(y0, y2))
+    store_f32x8(row, j + 3 * h, sub_f32x8(y1, y3))
+
+
+@njit(inline="always")
 def _vector_row(src, signs, block, row):
     k = row.shape[0]
-    for c in range(0, k, LANES):
-        store_f32x8(row, c, hadamard_f32x8(mul_f32x8(load_f32x8(src, c), load_f32x8(signs, c))))
     h = LANES
-    while h < block:
+    if block >= 4 * LANES:  # the sign flip, the in-register stages and stages 8 and 16 in one pass
+        for c in range(0, k, 4 * LANES):
+            _store_quad(row, c, LANES,
+                        hadamard_f32x8(mul_f32x8(load_f32x8(src, c), load_f32x8(signs, c))),
+                        hadamard_f32x8(mul_f32x8(load_f32x8(src, c + LANES), load_f32x8(signs, c + LANES))),
+                        hadamard_f32x8(mul_f32x8(load_f32x8(src, c + 2 * LANES), load_f32x8(signs, c + 2 * LANES))),
+                        hadamard_f32x8(mul_f32x8(load_f32x8(src, c + 3 * LANES), load_f32x8(signs, c + 3 * LANES))))
+        h = 4 * LANES
+    else:
+        for c in range(0, k, LANES):
+            store_f32x8(row, c, hadamard_f32x8(mul_f32x8(load_f32x8(src, c), load_f32x8(signs, c))))
+    while 4 * h <= block:
+        for i in range(0, k, 4 * h):
+            for j in range(i, i + h, LANES):
+                _store_quad(row, j, h, load_f32x8(row, j), load_f32x8(row, j + h), load_f32x8(row, j + 2 * h),
+                            load_f32x8(row, j + 3 * h))
+        h *= 4
+    if h < block:
         for i in range(0, k, 2 * h):
             for j in range(i, i + h, LANES):
                 a = load_f32x8(row, j)
                 b = load_f32x8(row, j + h)
                 store_f32x8(row, j, add_f32x8(a, b))
                 store_f32x8(row, j + h, sub_f32x8(a, b))
-        h *= 2
 
 
 @njit(inline="always")

@@ -9,7 +9,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int32)
 
 
-@pytest.mark.parametrize("k", [16, 32, 96, 384, 1536, 8, 24, 40, 4, 12, 2, 1])  # vector (block >= 8) and scalar paths
+@pytest.mark.parametrize("k", [16, 32, 64, 96, 256, 384, 1536, 8, 24, 40, 4, 12, 2, 1])  # vector (block >= 8), scalar
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_kernel_equals_torch_butterflies_bit_for_bit(k: int, rows: int) -> None:
     g = torch.Generator().manual_seed(k * rows)
