@@ -19,8 +19,23 @@ from numba import njit, prange
 from bitmix.kernels import simd
 from bitmix.kernels.broadcast import QROWS
 from bitmix.kernels.hadamard import rotate_row
+from bitmix.kernels.simd import add_i32x8, hsum_i32x8, zero_i32x8
+from bitmix.kernels.simd_f32 import (
+    abs_top_u32x8,
+    any_i32x8,
+    codes_f32x8,
+    div_f32x8,
+    hmax_u32x8,
+    load_f32x8,
+    mul_f32x8,
+    nan_mask_f32x8,
+    splat_f32x8,
+    store_f32x8,
+    store_i8x8,
+)
 
 ABS_BITS = np.uint32(0x7FFFFFFF)
+LANES = 8
 
 
 @njit(inline="always")
@@ -83,15 +98,43 @@ def scale_rows(y: np.ndarray, steps: np.ndarray, bias: np.ndarray | None) -> np.
     return flat.reshape(y.shape)
 
 
+@njit(inline="always")
+def _scale_into(row, a_scale, scaled):
+    """``scaled = row * a_scale``, eight lanes at a time."""
+    k = row.shape[0]
+    k8 = k - k % LANES
+    for q in range(0, k8, LANES):
+        store_f32x8(scaled, q, mul_f32x8(load_f32x8(row, q), load_f32x8(a_scale, q)))
+    for q in range(k8, k):
+        scaled[q] = row[q] * a_scale[q]
+
+
+@njit(inline="always")
+def _top_x8(row):
+    """``_top`` of a float32 row, eight lanes at a time (the scalar loop ran four lanes, latency-bound)."""
+    k = row.shape[0]
+    k8 = k - k % LANES
+    acc = zero_i32x8()
+    for q in range(0, k8, LANES):
+        acc = abs_top_u32x8(acc, load_f32x8(row, q))
+    top = hmax_u32x8(acc)
+    tail = _top(row[k8:].view(np.uint32))
+    return tail if tail > top else top
+
+
 def _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block):
     """`broadcast._quantize` with per-row steps: `v = x[i, q] (* a_scale[q])` (first rotated,
     `hadamard.rotate_row(x[i], signs, block)`, when `block` > 0), row i's step
     `steps[i] = step * max(max_q |v|, floor)`, `a8[i, q] = rint(clip(v / steps[i], lo, hi)) - shift`
-    (pad columns 0), `asum[i]` the row's code sum; True if any NaN was seen."""
+    (pad columns 0), `asum[i]` the row's code sum; True if any NaN was seen. Eight lanes at a time
+    (`simd_f32`): LLVM vectorised the scalar loops four wide, 19 us for 64 x 384 (6 with these)."""
     m, k = x.shape
+    k8 = k - k % LANES
     flo = np.float32(lo)
     fhi = np.float32(hi)
     sh = np.int32(shift)
+    vlo = splat_f32x8(flo)
+    vhi = splat_f32x8(fhi)
     qblocks = (m + QROWS - 1) // QROWS
     nan = np.zeros(qblocks, dtype=np.bool_)
     for t in prange(qblocks):
@@ -105,17 +148,26 @@ def _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, s
                 rotate_row(row, signs, block, rotated)
                 row = rotated
             if has_scale:
-                for q in range(k):
-                    scaled[np.uintp(q)] = row[np.uintp(q)] * a_scale[np.uintp(q)]
+                _scale_into(row, a_scale, scaled)
                 row = scaled
-            top[0] = _top(row.view(np.uint32))
+            top[0] = _top_x8(row)
             s = step * max(top.view(np.float32)[0], floor)
             steps[i] = s
             base = i * kp
-            total = np.int32(0)
-            for q in range(k):
+            vs = splat_f32x8(s)
+            nans = zero_i32x8()
+            sums = zero_i32x8()
+            for q in range(0, k8, LANES):
+                v = div_f32x8(load_f32x8(row, q), vs)
+                nans = nan_mask_f32x8(nans, v)
+                codes = codes_f32x8(v, vlo, vhi, sh)
+                store_i8x8(a8, base + q, codes)
+                sums = add_i32x8(sums, codes)
+            seen |= any_i32x8(nans)
+            total = np.int32(hsum_i32x8(sums))
+            for q in range(k8, k):
                 v = row[np.uintp(q)] / s
-                seen |= v != v  # branch-free flag keeps the loop vectorised
+                seen |= v != v
                 code = np.int32(np.rint(min(max(v, flo), fhi))) - sh
                 a8[np.uintp(base + q)] = code
                 total += code

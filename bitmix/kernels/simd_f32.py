@@ -88,6 +88,7 @@ def _make_binary(op: str):
 add_f32x8 = _make_binary("fadd")
 sub_f32x8 = _make_binary("fsub")
 mul_f32x8 = _make_binary("fmul")
+div_f32x8 = _make_binary("fdiv")
 
 
 @intrinsic
@@ -139,6 +140,99 @@ def hadamard_f32x8(typingctx, v):
         return x
 
     return f32x8(v), codegen
+
+
+_I32X8 = ir.VectorType(ir.IntType(32), 8)
+
+
+@intrinsic
+def abs_top_u32x8(typingctx, top, v):
+    """Lane-wise ``max(top, bits(|v|))`` on the float bits with the sign cleared, compared unsigned: the eight-lane
+    ``row_steps._top`` (unsigned order is the float order there, and a NaN, above +inf, wins)."""
+    if top != simd.i32x8 or v != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        bits = builder.and_(builder.bitcast(args[1], _I32X8), ir.Constant(_I32X8, [0x7FFFFFFF] * 8))
+        return builder.select(builder.icmp_unsigned(">", bits, args[0]), bits, args[0])
+
+    return simd.i32x8(top, v), codegen
+
+
+@intrinsic
+def hmax_u32x8(typingctx, v):
+    """The largest lane of ``v`` read as uint32 (``abs_top_u32x8``'s reduction)."""
+    if v != simd.i32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.IntType(32), [_I32X8])
+        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.vector.reduce.umax.v8i32"),
+                            args)
+
+    return types.uint32(v), codegen
+
+
+@intrinsic
+def codes_f32x8(typingctx, v, lo, hi, shift):
+    """``int32(rint(min(max(v, lo), hi))) - shift`` per lane (``lo``/``hi`` splat, ``shift`` an int32): the
+    scalar code formula. A NaN lane gives ``lo - shift`` (never LLVM's poison of a NaN conversion); callers
+    flag NaN apart (``nan_mask_f32x8``)."""
+    if v != f32x8 or lo != f32x8 or hi != f32x8 or shift != types.int32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        x, flo, fhi, sh = args
+        x = builder.select(builder.fcmp_ordered(">", x, flo), x, flo)
+        x = builder.select(builder.fcmp_ordered("<", x, fhi), x, fhi)
+        fnty = ir.FunctionType(_F32X8, [_F32X8])
+        x = builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.rint.v8f32"), [x])
+        return builder.sub(builder.fptosi(x, _I32X8), simd.splat_value(builder, _I32X8, sh))
+
+    return simd.i32x8(v, lo, hi, shift), codegen
+
+
+@intrinsic
+def nan_mask_f32x8(typingctx, seen, v):
+    """``seen`` with every lane where ``v`` is NaN set to all ones (``any_i32x8`` tells if one was)."""
+    if seen != simd.i32x8 or v != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.or_(args[0], builder.sext(builder.fcmp_unordered("uno", args[1], args[1]), _I32X8))
+
+    return simd.i32x8(seen, v), codegen
+
+
+@intrinsic
+def any_i32x8(typingctx, v):
+    """True if a lane of ``v`` is nonzero."""
+    if v != simd.i32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.IntType(32), [_I32X8])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.vector.reduce.or.v8i32")
+        return builder.icmp_unsigned("!=", builder.call(fn, args), ir.Constant(ir.IntType(32), 0))
+
+    return types.boolean(v), codegen
+
+
+@intrinsic
+def store_i8x8(typingctx, arr, idx, v):
+    """The eight int32 lanes of ``v``, truncated to bytes (callers keep them in -128..127), into a 1-D int8
+    array at element ``idx``."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int8 and isinstance(idx, types.Integer)
+            and v == simd.i32x8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vty = ir.VectorType(ir.IntType(8), 8)
+        ptr = simd.element_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], vty)
+        builder.store(builder.trunc(args[2], vty), ptr, align=1)
+        return context.get_dummy_value()
+
+    return types.none(arr, idx, v), codegen
 
 
 for _name, _obj in list(globals().items()):
