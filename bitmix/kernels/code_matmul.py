@@ -11,6 +11,8 @@ and K^T, a transposed view, is read along its contiguous rows). MiniLM: 10.79 ->
 Rows with unit stride are copied eight lanes at a time, and no scratch is allocated inside the parallel
 loops (2026-12-05, Sapphire Rapids, same process A/B: 12-head QK^T 151 -> 104 us, PV 130 -> 85 us;
 MiniLM all-4-bit 8.86 -> 8.40 ms a forward).
+The row maxima and code passes run eight lanes at a time (``simd_f32``; LLVM left them scalar or four-wide):
+12-head QK^T ~126 -> ~108 us, PV ~111 -> ~98 us (AMD EPYC, one thread, 2026-12-06).
 
 Same float32 operations as the passes it replaces, so the same bits: steps ``step * max(max|x|,
 floor)`` along the contraction axis (per-row mode) or ``step`` (per-tensor), codes
@@ -28,8 +30,19 @@ import numpy as np
 from numba import njit, prange
 
 from bitmix.kernels import threads
-from bitmix.kernels.row_steps import _top
-from bitmix.kernels.simd_f32 import fma_f32x8, load_f32x8, mul_f32x8, splat_f32x8, store_f32x8
+from bitmix.kernels.row_steps import _top_x8
+from bitmix.kernels.simd import zero_i32x8
+from bitmix.kernels.simd_f32 import (
+    any_i32x8,
+    div_f32x8,
+    fma_f32x8,
+    load_f32x8,
+    mul_f32x8,
+    nan_mask_f32x8,
+    rint_clip_f32x8,
+    splat_f32x8,
+    store_f32x8,
+)
 
 threads.configure_threading()  # before this module's parallel loops first run
 LANES = 8
@@ -40,21 +53,30 @@ GROUP = 4  # register blocks (16 rows of ``a``) per parallel task
 @njit(inline="always")
 def _step(x, per_row, step, floor, top):
     """``step * max(max|x|, floor)`` over contiguous 1-D ``x`` in per-row mode, else ``step``; ``top`` is a
-    1-element uint32 scratch array. The max runs on the float bits (``row_steps._top``: a float max
-    reduction stays scalar, one compare-and-select latency per element); a NaN wins it, which the
-    codes then report."""
+    1-element uint32 scratch array. The max runs on the float bits eight lanes at a time
+    (``row_steps._top_x8``: a float max reduction stays scalar, one compare-and-select latency per
+    element); a NaN wins it, which the codes then report."""
     if not per_row:
         return step
-    top[0] = _top(x.view(np.uint32))
+    top[0] = _top_x8(x)
     return step * max(top.view(np.float32)[0], floor)
 
 
 @njit(inline="always")
 def _codes(x, steps, lo, hi, codes):
-    """``codes[c] = rint(clip(x[c] / steps[c], lo, hi))``; True if one is NaN. Unsigned indices: Numba's
-    wraparound check on signed ones keeps loops scalar."""
-    seen = False
-    for c in range(x.shape[0]):
+    """``codes[c] = rint(clip(x[c] / steps[c], lo, hi))``; True if one is NaN. Eight lanes at a time, then the
+    tail; unsigned indices there: Numba's wraparound check on signed ones keeps loops scalar."""
+    n = x.shape[0]
+    n8 = n - n % LANES
+    vlo = splat_f32x8(lo)
+    vhi = splat_f32x8(hi)
+    nans = zero_i32x8()
+    for c in range(0, n8, LANES):
+        v = div_f32x8(load_f32x8(x, c), load_f32x8(steps, c))
+        nans = nan_mask_f32x8(nans, v)
+        store_f32x8(codes, c, rint_clip_f32x8(v, vlo, vhi))
+    seen = any_i32x8(nans)
+    for c in range(n8, n):
         v = x[np.uintp(c)] / steps[np.uintp(c)]
         seen |= v != v
         codes[np.uintp(c)] = np.rint(min(max(v, lo), hi))
@@ -64,8 +86,18 @@ def _codes(x, steps, lo, hi, codes):
 @njit(inline="always")
 def _row_codes(x, step, lo, hi, codes):
     """``_codes`` at one step for the whole row."""
-    seen = False
-    for c in range(x.shape[0]):
+    n = x.shape[0]
+    n8 = n - n % LANES
+    vs = splat_f32x8(step)
+    vlo = splat_f32x8(lo)
+    vhi = splat_f32x8(hi)
+    nans = zero_i32x8()
+    for c in range(0, n8, LANES):
+        v = div_f32x8(load_f32x8(x, c), vs)
+        nans = nan_mask_f32x8(nans, v)
+        store_f32x8(codes, c, rint_clip_f32x8(v, vlo, vhi))
+    seen = any_i32x8(nans)
+    for c in range(n8, n):
         v = x[np.uintp(c)] / step
         seen |= v != v
         codes[np.uintp(c)] = np.rint(min(max(v, lo), hi))

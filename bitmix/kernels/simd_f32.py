@@ -173,6 +173,27 @@ def hmax_u32x8(typingctx, v):
     return types.uint32(v), codegen
 
 
+def _rint_clip(builder, x: ir.Value, lo: ir.Value, hi: ir.Value) -> ir.Value:
+    """``rint(min(max(x, lo), hi))`` per lane; a NaN lane gives ``lo``."""
+    x = builder.select(builder.fcmp_ordered(">", x, lo), x, lo)
+    x = builder.select(builder.fcmp_ordered("<", x, hi), x, hi)
+    fnty = ir.FunctionType(_F32X8, [_F32X8])
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.rint.v8f32"), [x])
+
+
+@intrinsic
+def rint_clip_f32x8(typingctx, v, lo, hi):
+    """``rint(min(max(v, lo), hi))`` per lane (``lo``/``hi`` splat): the scalar float code formula. A NaN lane
+    gives ``lo``; callers flag NaN apart (``nan_mask_f32x8``)."""
+    if v != f32x8 or lo != f32x8 or hi != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _rint_clip(builder, *args)
+
+    return f32x8(v, lo, hi), codegen
+
+
 @intrinsic
 def codes_f32x8(typingctx, v, lo, hi, shift):
     """``int32(rint(min(max(v, lo), hi))) - shift`` per lane (``lo``/``hi`` splat, ``shift`` an int32): the
@@ -182,12 +203,8 @@ def codes_f32x8(typingctx, v, lo, hi, shift):
         return None
 
     def codegen(context, builder, sig, args):
-        x, flo, fhi, sh = args
-        x = builder.select(builder.fcmp_ordered(">", x, flo), x, flo)
-        x = builder.select(builder.fcmp_ordered("<", x, fhi), x, fhi)
-        fnty = ir.FunctionType(_F32X8, [_F32X8])
-        x = builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.rint.v8f32"), [x])
-        return builder.sub(builder.fptosi(x, _I32X8), simd.splat_value(builder, _I32X8, sh))
+        x = _rint_clip(builder, *args[:3])
+        return builder.sub(builder.fptosi(x, _I32X8), simd.splat_value(builder, _I32X8, args[3]))
 
     return simd.i32x8(v, lo, hi, shift), codegen
 

@@ -71,6 +71,26 @@ def test_nan_and_inf_are_reported(where, bad):
     assert code_matmul(a, b, 0.1, 0.1, None, (-8, 7), (-8, 7))[1] == (bad != bad)
 
 
+@pytest.mark.parametrize("k", [9, 16, 17])
+@pytest.mark.parametrize("operand", ["a", "b", "b_transposed"])
+@pytest.mark.parametrize("per_row", [True, False])
+def test_nan_in_the_eight_lane_part_or_the_tail_is_reported(k, operand, per_row):
+    """The code passes run eight lanes then a scalar tail, along K for ``a`` and a transposed ``b``, along N for
+    ``b``: a NaN in either part is reported."""
+    n = k
+    for at in (0, k - 1):
+        a, b = np.ones((2, 5, k), dtype=np.float32), np.ones((2, k, n), dtype=np.float32)
+        if operand == "a":
+            a[1, 3, at] = np.nan
+        elif operand == "b":
+            b[1, 2, at] = np.nan
+        else:
+            b = np.ascontiguousarray(b.transpose(0, 2, 1))
+            b[1, 2, at] = np.nan
+            b = b.transpose(0, 2, 1)
+        assert code_matmul(a, b, 0.1, 0.1, MIN_STEP if per_row else None, (-8, 7), (-8, 7))[1]
+
+
 @pytest.mark.parametrize(("a_shape", "b_shape"), [((0, 3, 4), (0, 4, 5)), ((2, 0, 4), (2, 4, 5)),
                                                   ((2, 3, 0), (2, 0, 5)), ((2, 3, 4), (2, 4, 0)),
                                                   ((0, 3, 4), (1, 4, 5))])
