@@ -256,18 +256,12 @@ def _run_matmul(a: torch.Tensor, b: torch.Tensor, p: KernelPlan) -> torch.Tensor
     their product on float32 units in one call, which *is* the exact int32 product summed in any
     order; otherwise, and below 2-D, ``matmul_kernel``. Same codes and scaling either way. Per-row
     steps: each row of ``a`` and column of ``b`` at its own step, the product scaled by
-    ``a_rows * b_cols`` as the fake-quant layer."""
-    exact_on_floats = (a.dim() >= 2 and b.dim() >= 2
-                       and a.shape[-1] * _max_code(p.bits.a, p.a_signed) * _max_code(p.bits.a, p.b_signed) <= F32_EXACT)
-    row_steps = p.a_axis is not None and p.b_axis is not None
-    if row_steps:
-        assert p.a_axis == -1 and p.b_axis == -2, "row steps run along the contraction dimension"
-    if exact_on_floats:
+    ``a_rows * b_cols`` as the fake-quant layer. The plan's constants come from ``matmul_bound``."""
+    max_k, row_steps, floor, a_range, b_range = matmul_bound(p)
+    if a.dim() >= 2 and b.dim() >= 2 and a.shape[-1] <= max_k:
         from bitmix.kernels.code_matmul import code_matmul  # loads Numba: only once needed
 
-        out, nan = code_matmul(_cpu_f32(a).numpy(), _cpu_f32(b).numpy(), p.a_step, p.b_step,
-                               MIN_STEP if row_steps else None, code_range(p.bits.a, p.a_signed),
-                               code_range(p.bits.a, p.b_signed))
+        out, nan = code_matmul(_cpu_f32(a).numpy(), _cpu_f32(b).numpy(), p.a_step, p.b_step, floor, a_range, b_range)
         if nan:
             raise BitmixError("x: contains NaN or Inf (a row's step from its max); cannot quantize" if row_steps
                               else "x: contains NaN; cannot quantize")
@@ -286,6 +280,22 @@ def _run_matmul(a: torch.Tensor, b: torch.Tensor, p: KernelPlan) -> torch.Tensor
 
 
 _UNIT_STEPS: weakref.WeakKeyDictionary[KernelPlan, KernelPlan] = weakref.WeakKeyDictionary()  # plan at steps 1
+_MATMULS: weakref.WeakKeyDictionary[KernelPlan, tuple] = weakref.WeakKeyDictionary()  # plan -> matmul_bound's
+
+
+def matmul_bound(p: KernelPlan) -> tuple[int, bool, float | None, tuple[int, int], tuple[int, int]]:
+    """A matmul plan's per-call constants, derived at its first call (each call re-derived them: ~5 us of
+    MiniLM's ~110 us products): the largest K whose products stay exact on float32 units, whether the steps
+    are per row, the row steps' floor (None: per-tensor) and both operands' code ranges."""
+    bound = _MATMULS.get(p)
+    if bound is None:
+        row_steps = p.a_axis is not None and p.b_axis is not None
+        if row_steps:
+            assert p.a_axis == -1 and p.b_axis == -2, "row steps run along the contraction dimension"
+        max_k = F32_EXACT // (_max_code(p.bits.a, p.a_signed) * _max_code(p.bits.a, p.b_signed))
+        bound = _MATMULS[p] = (max_k, row_steps, MIN_STEP if row_steps else None,
+                               code_range(p.bits.a, p.a_signed), code_range(p.bits.a, p.b_signed))
+    return bound
 
 
 def _max_code(bits: int, signed: bool) -> int:

@@ -4,6 +4,7 @@ import copy
 import gc
 import threading
 import weakref
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,10 +16,19 @@ from bitmix import kernels
 from bitmix.compiler import lower as lower_mod
 from bitmix.compiler.capture import capture
 from bitmix.compiler.fold import prepare
-from bitmix.compiler.lower import KernelLayer, KernelPlan, _run_matmul, lower, matmul_kernel, torch_on_one_thread
-from bitmix.compiler.qlayer import quant_layers
+from bitmix.compiler.lower import (
+    KernelLayer,
+    KernelPlan,
+    _run_matmul,
+    lower,
+    matmul_bound,
+    matmul_kernel,
+    torch_on_one_thread,
+)
+from bitmix.compiler.qlayer import MIN_STEP, quant_layers
 from bitmix.compiler.quantize import fake_quantize
 from bitmix.errors import BitmixError
+from bitmix.kernels.pack import code_range
 from bitmix.kernels.threads import configure_threading
 
 
@@ -131,6 +141,36 @@ def test_run_matmul_float_codes_exact(bits, k):
     got = _run_matmul(a, b, plan)
     assert got.shape == (1, 3, 6, 5)
     np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize(("bits", "a_signed", "b_signed"), [(8, False, True), (8, False, False), (4, True, True)])
+def test_matmul_bound_is_derived_once_per_plan_and_routes_at_the_exact_bound(monkeypatch, bits, a_signed, b_signed):
+    """The constants a matmul plan binds: the float32-exact K bound (K * max|a code| * max|b code| <= 2^24, the
+    largest K routed to ``code_matmul``, one more to the int32 kernel, both bit-identical), the ranges, the floor."""
+    import bitmix.kernels.code_matmul as cm
+
+    plan = KernelPlan("m", "matmul", bits, a_step=0.013, a_signed=a_signed, b_step=0.021, b_signed=b_signed,
+                      a_axis=-1, b_axis=-2)
+    bound = matmul_bound(plan)
+    assert matmul_bound(plan) is bound
+    max_k, row_steps, floor, a_range, b_range = bound
+    top_a, top_b = max(map(abs, a_range)), max(map(abs, b_range))
+    assert max_k * top_a * top_b <= 1 << 24 < (max_k + 1) * top_a * top_b
+    assert row_steps and floor == MIN_STEP and a_range == code_range(bits, a_signed)
+    per_tensor = replace(plan, a_axis=None, b_axis=None)
+    assert matmul_bound(per_tensor)[1:3] == (False, None)
+    calls = []
+    real = cm.code_matmul
+    monkeypatch.setattr(cm, "code_matmul", lambda *args: calls.append(args[0].shape[-1]) or real(*args))
+    g = torch.Generator().manual_seed(bits)
+    if max_k > 4096:
+        return
+    for k in (max_k, max_k + 1):
+        a = torch.rand(2, 3, k, generator=g) * 4
+        b = torch.randn(2, k, 5, generator=g)
+        want = matmul_kernel(a.numpy(), b.numpy(), per_tensor)
+        np.testing.assert_array_equal(_run_matmul(a, b, per_tensor).numpy(), want)
+    assert calls == [max_k]
 
 
 def test_minilm_attention_lowers(capture_zoo, load_zoo):
