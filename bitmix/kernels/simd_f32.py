@@ -166,11 +166,15 @@ def hmax_u32x8(typingctx, v):
         return None
 
     def codegen(context, builder, sig, args):
-        fnty = ir.FunctionType(ir.IntType(32), [_I32X8])
-        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.vector.reduce.umax.v8i32"),
-                            args)
+        return _reduce_i32x8(builder, "umax", args[0])
 
     return types.uint32(v), codegen
+
+
+def _reduce_i32x8(builder, op: str, v: ir.Value) -> ir.Value:
+    """LLVM's ``llvm.vector.reduce.<op>.v8i32`` of ``v``: one int32."""
+    fnty = ir.FunctionType(ir.IntType(32), [_I32X8])
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, f"llvm.vector.reduce.{op}.v8i32"), [v])
 
 
 def _rint_clip(builder, x: ir.Value, lo: ir.Value, hi: ir.Value) -> ir.Value:
@@ -228,9 +232,7 @@ def any_i32x8(typingctx, v):
         return None
 
     def codegen(context, builder, sig, args):
-        fnty = ir.FunctionType(ir.IntType(32), [_I32X8])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.vector.reduce.or.v8i32")
-        return builder.icmp_unsigned("!=", builder.call(fn, args), ir.Constant(ir.IntType(32), 0))
+        return builder.icmp_unsigned("!=", _reduce_i32x8(builder, "or", args[0]), ir.Constant(ir.IntType(32), 0))
 
     return types.boolean(v), codegen
 
