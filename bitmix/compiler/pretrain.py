@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from bitmix.compiler.digest import update_with_tensor
 from bitmix.compiler.quantize import fake_quantize, finetune
 from bitmix.errors import BitmixError
 from bitmix.ir.precision import Precision
@@ -100,10 +101,10 @@ def cache_key(prepared: nn.Module, target: Target, recipe: FinetuneConfig, step_
     h = hashlib.sha1()
     for name, tensor in sorted(prepared.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        update_with_tensor(h, tensor)
     if data is not None:
         for tensor in (*data.train.inputs, data.train.targets):
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            update_with_tensor(h, tensor)
     meta = {"v": CACHE_VERSION, "target": [[_key(c) for c in target.choices], _key(target.pin_first_last)],
             "recipe": _recipe_key(recipe),
             "step_lr": step_lr, "seed": seed, "calibration": CALIBRATION}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitmix.compiler import ranges
+from bitmix.compiler.digest import update_with_tensor
 from bitmix.compiler.distill import LayerDistiller
 from bitmix.compiler.equalize import equalize, pairs
 from bitmix.compiler.progress import limit as _limit
@@ -162,9 +163,8 @@ def _float_digest(model: torch.fx.GraphModule, layers: dict[str, QuantLayer], ca
     digest.update(repr(meta).encode())
     named = [*model.named_parameters(), *model.named_buffers(), *((f"input{i}", t) for i, t in enumerate(calibration))]
     for name, t in named:
-        t = t.detach()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}:{t.requires_grad}".encode())
-        digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        update_with_tensor(digest, t)
     return digest.hexdigest()
 
 

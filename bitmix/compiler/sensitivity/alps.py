@@ -26,6 +26,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from bitmix.compiler.digest import update_with_tensor
 from bitmix.compiler.qlayer import LSQQuantizer, quant_layers
 from bitmix.compiler.quantize import fake_quantize, finetune
 from bitmix.compiler.rotate import rotate_linears
@@ -169,7 +170,7 @@ def _base(model: nn.Module, assignment: dict[str, Precision], calibration: tuple
     digest = hashlib.sha1()
     for t in calibration:
         digest.update(str((t.dtype, tuple(t.shape))).encode())
-        digest.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        update_with_tensor(digest, t)
     key = (tuple((t.data_ptr(), t._version) for t in tensors), tuple(sorted(assignment.items())), digest.hexdigest())
     bases = _BASES.setdefault(model, {})
     if key not in bases:
