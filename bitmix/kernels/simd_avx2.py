@@ -11,7 +11,7 @@ from numba.core import cgutils, types
 from numba.core.extending import _Intrinsic
 from numba.extending import intrinsic
 
-from bitmix.kernels.simd import _call, _llty, element_ptr, i8x32, i16x16, i32x8, pin_uuid, splat_value
+from bitmix.kernels.simd import _call, _llty, _splat, element_ptr, i8x32, i16x16, i32x8, pin_uuid, splat_value
 
 _F32X8 = ir.VectorType(ir.FloatType(), 8)
 
@@ -30,17 +30,42 @@ def bcast4_i8x32(typingctx, arr, idx):
     return i8x32(arr, idx), codegen
 
 
+def _make_words(odd: bool, signed: bool):
+    @intrinsic
+    def words(typingctx, v):
+        """The odd (else even) bytes of a 32-byte vector as 16 words, sign- (else zero-) extended: ``vpsraw`` or
+        ``vpsrlw`` by 8 for the odd ones; ``vpsllw`` + ``vpsraw``, or a ``vpand``, for the even ones."""
+        if v != i8x32:
+            return None
+
+        def codegen(context, builder, sig, args):
+            w = builder.bitcast(args[0], _llty(i16x16))
+            eight = _splat(i16x16, 8)
+            if odd:
+                return builder.ashr(w, eight) if signed else builder.lshr(w, eight)
+            return builder.ashr(builder.shl(w, eight), eight) if signed else builder.and_(w, _splat(i16x16, 255))
+
+        return i16x16(v), codegen
+
+    return words
+
+
+even_s8_words = _make_words(odd=False, signed=True)
+odd_s8_words = _make_words(odd=True, signed=True)
+even_u8_words = _make_words(odd=False, signed=False)
+odd_u8_words = _make_words(odd=True, signed=False)
+
+
 @intrinsic
-def madd16_x16(typingctx, v):
-    """``vpmaddwd`` with 16s: ``16 * (v[2l] + v[2l+1])`` in s32 lane ``l`` (exact: |v| <= 2^15)."""
-    if v != i16x16:
+def madd_i16x16(typingctx, a, b):
+    """``vpmaddwd``: s16 x s16, adjacent pairs summed to s32 (exact: no saturation unless both pairs are -2^15)."""
+    if a != i16x16 or b != i16x16:
         return None
 
     def codegen(context, builder, sig, args):
-        sixteen = ir.Constant(_llty(i16x16), [16] * 16)
-        return _call(builder, "llvm.x86.avx2.pmadd.wd", i32x8, (args[0], sixteen), (i16x16, i16x16))
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", i32x8, args, (i16x16, i16x16))
 
-    return i32x8(v), codegen
+    return i32x8(a, b), codegen
 
 
 @intrinsic

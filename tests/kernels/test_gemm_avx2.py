@@ -12,6 +12,7 @@ import torch
 
 from bitmix.kernels import dispatch, gemm, gemm_avx2, linear_avx2, pack_weights, prepare_linear, qconv2d_nhwc, reference
 from bitmix.kernels.cpu import available_paths
+from bitmix.kernels.limits import max_weight_k
 from bitmix.kernels.pack import code_range
 
 from .conftest import random_codes
@@ -69,6 +70,42 @@ def test_gemm_random_shapes(avx2, w_bits) -> None:
     assert set(avx2) == {"run"}
 
 
+@pytest.mark.parametrize(("m", "n", "k"), [(4, 16, 1), (5, 17, 6), (7, 31, 13), (6, 9, 35), (13, 40, 261)])
+@pytest.mark.parametrize(("a_bits", "a_signed"), [(8, True), (8, False)])
+def test_w8_gemm_edges_are_exact(avx2, m: int, n: int, k: int, a_bits: int, a_signed: bool) -> None:
+    """The 16-bit ``vpmaddwd`` tile of 8-bit weights (even and odd bytes of a K step widened apart) on K not a
+    multiple of 4 or 8, ``m`` not a multiple of 4, ``n`` not a multiple of 16: the extreme weights -128 and 127
+    against activation codes at both ends of the signed and unsigned byte ranges, in every combination of a
+    K step's byte positions (checker patterns along K and across rows), and random codes."""
+    rng = np.random.default_rng(m * n + k)
+    lo, hi = code_range(8)
+    alo, ahi = code_range(a_bits, a_signed)
+    ws = [np.full((n, k), lo), np.full((n, k), hi), np.where(np.indices((n, k)).sum(0) % 2 == 0, lo, hi),
+          np.where(np.arange(k) % 4 < 2, lo, hi)[None].repeat(n, 0), rng.integers(lo, hi, (n, k), endpoint=True)]
+    acts = [np.full((m, k), alo), np.full((m, k), ahi), np.where(np.indices((m, k)).sum(0) % 3 == 0, alo, ahi),
+            np.where(np.arange(k) % 4 >= 2, alo, ahi)[None].repeat(m, 0),
+            rng.integers(alo, ahi, (m, k), endpoint=True)]
+    for wc in ws:
+        packed = pack_weights(wc.astype(np.int8), 8)
+        for a in acts:
+            a = a.astype(np.int16)
+            np.testing.assert_array_equal(gemm(a, packed, a_bits, a_signed), reference.gemm(a, wc))
+    assert set(avx2) == {"run"}
+
+
+@pytest.mark.parametrize(("w_code", "a_code", "a_signed"), [(127, -128, True), (-128, -128, True),
+                                                            (-128, 255, False), (127, 0, False)])
+def test_w8_gemm_at_the_longest_k_is_exact(avx2, w_code: int, a_code: int, a_signed: bool) -> None:
+    """The s32 accumulator bound at the longest weight row (``limits.max_weight_k``): every product at its largest
+    magnitude, ``u = code + 128`` times the shifted activation byte (-128 for unsigned code 0), summed over K."""
+    k = max_weight_k()
+    wc = np.full((18, k), w_code, dtype=np.int8)
+    wc[1::3, -5:] = 0  # rows whose sums differ from the others' by a partial last K step
+    a = np.full((5, k), a_code, dtype=np.int16)
+    np.testing.assert_array_equal(gemm(a, pack_weights(wc, 8), 8, a_signed), reference.gemm(a, wc))
+    assert set(avx2) == {"run"}
+
+
 CONVS = [  # (c_in, c_out, k, stride, pad, dil, w_bits, a_bits, a_signed)
     (3, 64, 7, 2, 3, 1, 8, 8, False),  # a ResNet stem: 8-bit weights, one K step per tap
     (64, 24, 3, 1, 1, 1, 4, 4, False),
@@ -81,6 +118,10 @@ CONVS = [  # (c_in, c_out, k, stride, pad, dil, w_bits, a_bits, a_signed)
     (1500, 20, 1, 1, 0, 1, 4, 2, False),
     (72, 20, 1, 1, 0, 1, 4, 8, True),
     (400, 20, 1, 1, 0, 1, 2, 8, False),
+    # 8-bit weights: C not a multiple of 4 (pad bytes inside every tap's K run), odd strides and channel counts
+    (5, 20, 3, 1, 1, 1, 8, 8, True),
+    (7, 33, 3, 2, 1, 1, 8, 8, False),
+    (19, 16, 1, 1, 0, 1, 8, 8, True),
 ]
 
 
@@ -265,3 +306,30 @@ def test_codes_epilogue_at_half_codes_and_extremes_is_exact(avx2, n: int, spec: 
         inner = out8[:, pad[0]:pad[0] + h, pad[1]:pad[1] + wd, :n]
         np.testing.assert_array_equal(inner, np.broadcast_to(want, inner.shape))
         assert (out8[:, : pad[0]] == 99).all() and (out8[..., n:] == 99).all()  # nothing written past the interior
+
+
+@pytest.mark.parametrize("c", [12, 7, 70])  # one K run of 3, 2 (a pad channel) and 18 steps
+def test_w8_codes_epilogue_is_exact(avx2, c: int) -> None:
+    """The codes variant of the 8-bit-weight tile (``conv_codes_gemm``, compiled apart from the float one): random
+    and extreme weights and activation bytes, a ReLU6 clamp, 7x5 pixels (a last tile of 3 rows) and 20 channels (a
+    partial block), against ``_pad_codes``' formula on the integer reference's floats."""
+    rng = np.random.default_rng(c)
+    n, h, wd = 20, 7, 5
+    c4 = -(-c // 4) * 4
+    wc = np.where(rng.random((n, c)) < 0.3, np.int8(-128), rng.integers(-128, 128, (n, c))).astype(np.int8)
+    wc[:3] = 127
+    a8 = np.zeros((1, h, wd, c4), dtype=np.int8)
+    a8[..., :c] = np.where(rng.random((1, h, wd, c)) < 0.3, -128, rng.integers(-128, 128, (1, h, wd, c)))
+    psum = a8.astype(np.int64).sum(axis=-1).reshape(-1)
+    scale = (rng.uniform(5e-5, 5e-4, n) * 12 / c).astype(np.float32)
+    bias = rng.normal(0, 1, n).astype(np.float32)
+    step, clamp, (qlo, qhi, shift) = np.float32(0.03), (0.0, 6.0), (0, 255, 128)
+    acc = reference.gemm(a8.reshape(-1, c4)[:, :c].astype(np.int64), wc).astype(np.float32)
+    y = np.minimum(np.maximum(acc * scale + bias, np.float32(0)), np.float32(6))
+    want = (np.rint(np.clip(y / step, np.float32(qlo), np.float32(qhi))).astype(np.int32) - shift).astype(np.int8)
+    out8 = np.full((1, h, wd, n), 99, dtype=np.int8)
+    run = gemm_avx2.conv_codes_gemm(pack_weights(wc, 8), 0, c, (1, 1, 1, 1, 0, 0, 1, 1, 1, h, wd), h, wd, h * wd,
+                                    scale, bias, clamp, not dispatch.settings.serial, out8.shape, (0, 0),
+                                    (step, qlo, qhi, shift))
+    run(a8.reshape(-1), psum, out8.reshape(-1))
+    np.testing.assert_array_equal(out8.reshape(-1, n), want)

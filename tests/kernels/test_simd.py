@@ -133,3 +133,34 @@ def test_broadcast_gemm_compiles_to_vpdpbusd_with_broadcasts(tmp_path) -> None:
         assert variant["vpdpbusd"] >= 16 and variant["vpbroadcastd"] and variant["zmm"], res
         assert variant["vcvtdq2ps"], res  # the dequantizing epilogue is vectorised too
     assert res["codes"]["vcvtps2dq"], res  # ... and the one quantizing for the next conv (CODES)
+
+
+_AVX2_BCAST_PROBE = """
+import json
+import numpy as np
+from bitmix.kernels import gemm_avx2, pack_weights
+res = {}
+for bits in (8, 4):
+    w = pack_weights(np.ones((16, 64), dtype=np.int8), bits)
+    out = np.empty((4, 16), dtype=np.int32)
+    gemm_avx2.run(np.zeros(4 * w.k_pad, dtype=np.int8), np.zeros(4, dtype=np.int64), w, 0, 4, out, False)
+    asm = "".join(gemm_avx2.driver(bits == 8, False).inspect_asm().values())
+    res[bits] = {op: asm.count(op) for op in ("vpmaddubsw", "vpmaddwd", "vpbroadcastd", "vpsraw")}
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.skipif("avx2" not in available_paths(), reason="needs AVX2")
+def test_avx2_broadcast_gemm_multiplies_8_bit_weights_in_16_bits(tmp_path) -> None:
+    """``gemm_avx2``'s 8-bit-weight tile widens both operands to 16 bits for ``vpmaddwd`` (two multiplies per K
+    step and 8 channels; the nibble split it replaced took four, two of them ``vpmaddubsw``); narrower weights
+    keep ``vpmaddubsw``. Compiled for Haswell, as on an AVX2-only CPU."""
+    feats = "+avx,+avx2,+fma,+bmi2,+popcnt,+sse4.2"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": feats}
+    out = subprocess.run([sys.executable, "-c", _AVX2_BCAST_PROBE], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not res["8"]["vpmaddubsw"] and res["8"]["vpmaddwd"] >= 16 and res["8"]["vpsraw"] >= 8, res
+    assert res["8"]["vpbroadcastd"] >= 4, res
+    assert res["4"]["vpmaddubsw"] >= 8, res
