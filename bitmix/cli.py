@@ -126,7 +126,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "model":
         from bitmix.tools.speed import run_model_bench
 
-        run_model_bench(args.models or None, repeats=args.repeats, json_path=args.json, ort=not args.no_ort)
+        run_model_bench(args.models or None, repeats=args.repeats, json_path=args.json, ort=not args.no_ort,
+                        target=args.target)
         return 0
     from bitmix.kernels.bench import run_kernel_bench
 
@@ -258,9 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     k = bench.add_parser("kernels", help="packed int kernels vs torch fp32 and torch int8 dynamic")
     k.add_argument("--json", help="write one record per case and baseline")
     k.add_argument("--quick", action="store_true", help="a few small cases, well under a minute")
-    m = bench.add_parser("model", help="compiled zoo models (all-4-bit, on the kernels) vs eager FP32 torch")
+    m = bench.add_parser("model", help="compiled zoo models (on the kernels) vs eager FP32 torch and ORT int8")
     m.add_argument("models", nargs="*", help="zoo models (default: digits-cnn resnet18 resnet50 mobilenetv2 minilm)")
     m.add_argument("--repeats", type=int, default=20, help="timed calls per model and contender (median)")
+    m.add_argument("--target", default="int4int2-npu", help="compile at this target's highest choice (default "
+                   "int4int2-npu: all-4-bit, first/last 8; int8-npu: like for like with ORT int8)")
     m.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime int8 baseline")
     m.add_argument("--json", help="write one record per model")
     p = sub.add_parser("study", help="studies over many compiles (accuracy-throughput frontier)")

@@ -40,6 +40,7 @@ def test_compile_digits_writes_everything(tmp_path):
         (["simulate", "digits-cnn", "--bits", "3"], "--bits '3'"),
         (["bench", "model", "nope"], "unknown model 'nope'"),
         (["bench", "model", "digits-mlp", "--repeats", "0"], "repeats=0"),
+        (["bench", "model", "digits-mlp", "--target", "gpu"], "unknown target 'gpu'"),
         (["compile", "digits-cnn", "--out", "/proc/bitmix-out"], "--out '/proc/bitmix-out': cannot write there"),
         (["compile", "digits-cnn", "--out", "/etc/hostname"], "is a file; give a directory"),
         (["simulate", "digits-cnn", "--json", "/proc/none/sim.json"], "--json '/proc/none/sim.json': cannot write"),

@@ -1,8 +1,9 @@
 """End-to-end CPU speed: the compiled model on the packed kernels against the eager FP32
 model, timed in the same process (``bitmix bench model``).
 
-Each zoo model is compiled all-4-bit (``int4int2-npu`` at budget 1.0: first and last
-quantizable layers 8-bit, every other one 4-bit; no data needed) at its zoo example input,
+Each zoo model is compiled at its target's highest choice (budget 1.0; by default ``int4int2-npu``, i.e.
+all-4-bit: first and last quantizable layers 8-bit, every other one 4-bit; ``int8-npu`` is the like-for-like
+comparison with ONNX Runtime's int8; no data needed) at its zoo example input,
 then the contenders are timed in turns (``interleaved_medians``): each takes ``ROUNDS`` blocks of
 warm-up calls and back-to-back timed calls, the blocks alternating between contenders, and its
 median over all ``repeats`` timed calls is reported. Contenders: the compiled model (Numba on the
@@ -30,6 +31,7 @@ import torch
 from bitmix import zoo
 from bitmix.errors import BitmixError
 from bitmix.ir.precision import as_precision
+from bitmix.ir.targets import get_target
 from bitmix.kernels import dispatch
 from bitmix.kernels.threads import configure_threading
 
@@ -90,16 +92,19 @@ def faster(by_threads: dict[int, float]) -> tuple[float, int]:
     return by_threads[best], best
 
 
-def bench_model(name: str, repeats: int, ort: bool = True, threads: int = 1) -> dict:
-    """Compile one zoo model all-4-bit and time it against eager FP32 (and ORT int8), each baseline at 1 and at
-    ``threads`` threads (its faster median is the one compared)."""
+DEFAULT_TARGET = "int4int2-npu"
+
+
+def bench_model(name: str, repeats: int, ort: bool = True, threads: int = 1, target: str = DEFAULT_TARGET) -> dict:
+    """Compile one zoo model at `target`'s highest choice and time it against eager FP32 (and ORT int8), each
+    baseline at 1 and at ``threads`` threads (its faster median is the one compared)."""
     import bitmix
 
     model, inputs, data = zoo.load(name)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cm = bitmix.compile(model, inputs, target="int4int2-npu", method="eagl", budget=1.0)
+        cm = bitmix.compile(model, inputs, target=target, method="eagl", budget=1.0)
     compile_s = time.perf_counter() - start
     counts = tuple(sorted({1, threads}))
     contenders = {f"eager@{n}": on_torch_threads(lambda: model(*inputs), n) for n in counts}
@@ -121,6 +126,7 @@ def bench_model(name: str, repeats: int, ort: bool = True, threads: int = 1) -> 
     ort_s, ort_threads = faster(ort_by_threads) if ort else (None, None)
     return {
         "model": name,
+        "target": target,
         "input_shapes": [list(x.shape) for x in inputs],
         "eager_fp32_s": eager,
         "eager_threads": eager_threads,
@@ -137,7 +143,7 @@ def bench_model(name: str, repeats: int, ort: bool = True, threads: int = 1) -> 
 
 
 def run_model_bench(models: list[str] | None = None, repeats: int = 20, json_path: str | None = None,
-                    ort: bool = True) -> list[dict]:
+                    ort: bool = True, target: str = DEFAULT_TARGET) -> list[dict]:
     """Time every model, print a table, optionally write JSON records; returns the records."""
     from rich.console import Console
     from rich.table import Table
@@ -148,6 +154,7 @@ def run_model_bench(models: list[str] | None = None, repeats: int = 20, json_pat
             raise BitmixError(f"unknown model {name!r}; available: {', '.join(zoo.names())}")
     if repeats < 1:
         raise BitmixError(f"repeats={repeats}: must be >= 1")
+    get_target(target)  # an unknown name fails here, before any model is built
     load = os.getloadavg()[0]
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -155,11 +162,12 @@ def run_model_bench(models: list[str] | None = None, repeats: int = 20, json_pat
     numba.set_num_threads(threads)
     records = []
     for name in names:
-        rec = bench_model(name, repeats, ort, threads)
+        rec = bench_model(name, repeats, ort, threads, target)
         rec.update(kernel_path=dispatch.path, threading_layer=numba.threading_layer(), threads=threads,
                    loadavg_1min=load)
         records.append(rec)
-    table = Table(title=f"compiled (all-4-bit, packed kernels) vs eager FP32 and ORT int8 ({dispatch.path}, "
+    table = Table(title=f"compiled ({target} at its highest choice, packed kernels) vs eager FP32 and ORT int8 "
+                        f"({dispatch.path}, "
                         f"{threads} threads, Numba {numba.threading_layer()} layer)",
                   caption=f"eager and ORT: the faster of 1 and {threads} threads (t: the count that won)")
     for col in ("model", "input", "eager FP32 ms", "ORT int8 ms", "compiled ms", "vs eager", "vs ORT int8",

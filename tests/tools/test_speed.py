@@ -25,7 +25,13 @@ def test_records_compare_eager_and_compiled(tmp_path):
         by_threads = r[f"{seconds}_by_threads"]
         assert sorted(by_threads) == counts and r[seconds] == min(by_threads.values())
         assert by_threads[str(r[f"{base}_threads"])] == r[seconds]
-    assert r["speedup"] == r["eager_fp32_s"] / r["compiled_s"]
+    assert r["speedup"] == r["eager_fp32_s"] / r["compiled_s"] and r["target"] == "int4int2-npu"
+
+
+def test_the_bench_compiles_at_the_target_asked_for():
+    """`bitmix bench model --target int8-npu` compares like for like with ORT int8: every layer 8/8."""
+    (r,) = speed.run_model_bench(["digits-mlp"], repeats=1, ort=False, target="int8-npu")
+    assert r["target"] == "int8-npu" and set(r["bits"]) == {"8/8"} and r["ort_int8_s"] is None
 
 
 @pytest.mark.parametrize("eager_cost, ort_cost", [({1: 5.0, 2: 50.0}, {1: 3.0, 2: 1.0}),
