@@ -198,20 +198,29 @@ PAIRS = {"w4a8": ("4/8", "2/8"), "mixed": ("8/8", "4/8", "2/8", "4/4", "2/4", "2
 @pytest.mark.parametrize("pairs", PAIRS)
 def test_kernels_equal_fake_quant_on_pairs(capture_zoo, load_zoo, name, pairs):
     """Every (weight, activation) pair: packed kernels == fake-quant inference, bit for bit."""
-    _, _, data = load_zoo(name)
+    _, inputs, data = load_zoo(name)
     graph = capture_zoo(name)
     cycle = PAIRS[pairs]
     assignment = {layer: cycle[i % len(cycle)] for i, layer in enumerate(graph.names)}
-    fq = fake_quantize(prepare(graph), assignment, data.calibration(8))
+    calibration = _batch_like(inputs, 8, 0) if data is None else data.calibration(8)
+    fq = fake_quantize(prepare(graph), assignment, calibration)
     for layer in quant_layers(fq).values():
         p = layer.bits
         assert layer.a_quant.bits == p.a and (layer.w_quant or layer.b_quant).bits == (p.a if layer.kind == "matmul"
                                                                                          else p.w)
     lowered = lower(fq)
-    x = tuple(t[:2] for t in data.test.inputs)
+    x = _batch_like(inputs, 2, 1) if data is None else tuple(t[:2] for t in data.test.inputs)
     with torch.no_grad():
         ref, out = fq(*x), lowered.module(*x)
     assert torch.equal(ref, out)
+
+
+def _batch_like(example: tuple[torch.Tensor, ...], n: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """`n` rows shaped like a zoo model's example (the image and BERT entries carry no dataset): normal
+    noise for float inputs, the example's own row repeated for integer ones (token ids, masks)."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn((n, *t.shape[1:]), generator=gen) if t.is_floating_point()
+                 else t[:1].expand(n, *t.shape[1:]).clone() for t in example)
 
 
 def test_eager_calls_skip_the_dispatcher_tracers_see_the_ops():
