@@ -17,6 +17,12 @@ def tolerance(result: dict) -> float:
     return one_example_pp(result) or 0.3
 
 
+def meets_margin(gap: float, tol: float) -> bool:
+    """`gap >= -tol` up to the float rounding of means of k/n percentages: a gap of exactly one test example
+    (digits-cnn-ptq at 0.7: 356/360 against 357/360, -0.27777777777778567 pp) meets a one-example margin."""
+    return gap >= -tol - 1e-9
+
+
 def knapsack_vs_greedy(result: dict) -> list[str]:
     rows = result.get("knapsack_vs_greedy") or []
     if not rows:
@@ -45,7 +51,7 @@ def versus_random(result: dict) -> list[str]:
              "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['budget']:g} | {r['method_mean']:.2f} | {r['other_mean']:.2f} | "
-                     f"{r['gap']:+.2f} ± {r['gap_std']:.2f} | {'yes' if r['gap'] >= -tol else 'no'} |")
+                     f"{r['gap']:+.2f} ± {r['gap_std']:.2f} | {'yes' if meets_margin(r['gap'], tol) else 'no'} |")
     return lines
 
 
@@ -131,7 +137,7 @@ def claims_extra(results: list[dict]) -> list[str]:
         vs = [r for r in res.get("vs_random") or [] if r["budget"] < 1.0]
         if vs:
             tol = tolerance(res)
-            failing = [r for r in vs if r["gap"] < -tol]
+            failing = [r for r in vs if not meets_margin(r["gap"], tol)]
             detail = "; ".join(f"{r['budget']:g}: {r['gap']:+.2f} ± {r['gap_std']:.2f}" for r in vs)
             f.append(f"**{res['model']}: {'met' if not failing else 'not met'}** (margin {tol:.2f} pp) — "
                      f"EAGL − random per budget: {detail}.")
