@@ -223,9 +223,9 @@ def overview(results: list[dict]) -> list[str]:
             + (f"{alps['jobs']} × {alps['wall_s_per_job']:.2f} s" if alps else "–") + " | "
             + (f"{n_test} ({100 / n_test:.2f} pp)" if n_test and res["metric"] == "top1" else str(n_test or "–"))
             + " |")
-    lines += ["", "Study wall time sums the runs that completed; scoring results are cached as they land, so a run "
-              "that was interrupted and resumed can have scored in the interrupted run (then scoring exceeds the "
-              "wall time shown).", "",
+    lines += ["", "Study wall time sums every run, an interrupted one up to its last result (stores written before "
+              "2026-12-07 recorded only the runs that completed, and then scoring can exceed the wall time shown).",
+              "",
               PROTOCOL, ""]
     for res in results:
         if res["free_layers"] <= 1:

@@ -6,7 +6,10 @@ Assignments are stored as {layer: "w/a"} and scores as {layer: {"w/a": score}}; 
 
 from __future__ import annotations
 
+import datetime
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bitmix.ir.precision import Precision, as_precision, format_assignment
@@ -48,3 +51,35 @@ def read_assignment(assignment: dict) -> dict[str, Precision]:
 
 def assignment_key(assignment: dict) -> tuple[tuple[str, Precision], ...]:
     return tuple(sorted((n, as_precision(b)) for n, b in assignment.items()))
+
+
+class RunClock:
+    """This run's elapsed wall time, appended to ``runs.jsonl`` at every mark (one row per mark, tagged with the run's
+    start), so a run that is interrupted still counts up to its last result when the study is resumed."""
+
+    def __init__(self, path: Path, fingerprint: str) -> None:
+        self.path, self.fingerprint = path, fingerprint
+        self.run = datetime.datetime.now(datetime.UTC).isoformat()
+        self.start = time.perf_counter()
+
+    def mark(self, **extra: object) -> None:
+        append(self.path, {"recipe": self.fingerprint, "run": self.run, "wall_s": time.perf_counter() - self.start,
+                           **extra})
+
+    def marking(self, say: Callable[[str], None]) -> Callable[[str], None]:
+        """``say`` that also marks: every progress line is written when a result has landed."""
+        def say_and_mark(message: str) -> None:
+            say(message)
+            self.mark()
+        return say_and_mark
+
+
+def last_marks(rows: list[dict]) -> list[dict]:
+    """One row per run, its last (longest) mark, in order of the runs' first marks; rows without a run tag (written
+    once, at a run's end) are runs of their own."""
+    runs: dict[object, dict] = {}
+    for i, row in enumerate(rows):
+        key = row.get("run", i)
+        if key not in runs or row["wall_s"] >= runs[key]["wall_s"]:
+            runs[key] = row
+    return list(runs.values())

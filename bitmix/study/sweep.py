@@ -42,7 +42,7 @@ from bitmix.study.config import GREEDY_SUFFIX, Log, StudyConfig, default_config,
 from bitmix.study.measure import measure
 from bitmix.study.render import render_results, write_outputs
 from bitmix.study.stats import summarise
-from bitmix.study.store import append, assignment_key, read_jsonl
+from bitmix.study.store import RunClock, append, assignment_key, last_marks, read_jsonl
 
 
 def _scoring_model(method: str, prepared: nn.Module) -> nn.Module:
@@ -113,7 +113,8 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
     from bitmix.ir.targets import get_target
     from bitmix.simulator import price, simulate
 
-    wall = time.perf_counter()
+    clock = RunClock(out / "runs.jsonl", fp)
+    say = clock.marking(say)
 
     model, example, data = zoo.load(config.model)
     if data is None:
@@ -245,11 +246,10 @@ def _run(config: StudyConfig, out: Path, fp: str, say: Log, command: str, execut
     # 4. additivity: Σ per-layer scores vs measured drop of random mixed assignments
     additivity_result = additivity(config, out, fp, prepared, names, target, data, scored, say)
 
-    # 5. summarise; every run's wall time is kept so a resumed study still reports its total
-    runs_path = out / "runs.jsonl"
-    append(runs_path, {"recipe": fp, "wall_s": time.perf_counter() - wall, "fine_tunes": len(jobs),
-                        "workers": config.workers, "finished": datetime.datetime.now(datetime.UTC).isoformat()})
-    runs = read_jsonl(runs_path, fp)
+    # 5. summarise; every run's wall time is kept (up to its last mark if it was interrupted), so a resumed study
+    # still reports its total
+    clock.mark(fine_tunes=len(jobs), workers=config.workers, finished=datetime.datetime.now(datetime.UTC).isoformat())
+    runs = last_marks(read_jsonl(out / "runs.jsonl", fp))
     result = summarise(config, list(done.values()), scored, additivity_result, fp32=fp32, metric=data.metric,
                        min_fraction=min_fraction, layers=len(names), free_layers=len(free), command=command,
                        test_examples=len(data.test),
