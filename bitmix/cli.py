@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bitmix.errors import BitmixError
+from bitmix.ir.targets import DEFAULT_TARGET
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -225,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--data", metavar="FILE.pt", help="calibration inputs for a .pt2 program: a tensor (or a tuple, "
                    "one per input) saved with torch.save, batch first")
-    p.add_argument("--target", default="int4int2-npu")
+    p.add_argument("--target", default=DEFAULT_TARGET)
     p.add_argument("--method", default="eagl")
     p.add_argument("--strategy", choices=("knapsack", "pareto-greedy", "pareto-greedy-normalised"),
                    help="how scores become an assignment: the exact knapsack (default for scoring methods) or "
@@ -262,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = bench.add_parser("model", help="compiled zoo models (on the kernels) vs eager FP32 torch and ORT int8")
     m.add_argument("models", nargs="*", help="zoo models (default: digits-cnn resnet18 resnet50 mobilenetv2 minilm)")
     m.add_argument("--repeats", type=int, default=20, help="timed calls per model and contender (median)")
-    m.add_argument("--target", default="int4int2-npu", help="compile at this target's highest choice (default "
-                   "int4int2-npu: all-4-bit, first/last 8; int8-npu: like for like with ORT int8)")
+    m.add_argument("--target", default=DEFAULT_TARGET, help="compile at this target's highest choice (default "
+                   f"{DEFAULT_TARGET}: all-4-bit, first/last 8; int8-npu: like for like with ORT int8)")
     m.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime int8 baseline")
     m.add_argument("--json", help="write one record per model")
     p = sub.add_parser("study", help="studies over many compiles (accuracy-throughput frontier)")

@@ -45,7 +45,7 @@ from bitmix.errors import BitmixError
 from bitmix.ir.cost import CostModel
 from bitmix.ir.graph import LayerGraph, frames_of
 from bitmix.ir.precision import as_precision, format_assignment
-from bitmix.ir.targets import Target, get_target
+from bitmix.ir.targets import DEFAULT_TARGET, Target, get_target
 from bitmix.report.report import LayerRow, Report
 from bitmix.simulator import ChipConfig, SimResult, load_chip_config, price, simulate, simulate_calls
 from bitmix.task import Data, FinetuneConfig, Inputs, TaskData
@@ -115,7 +115,7 @@ class CompiledModel(Keepable, nn.Module):
 def compile(  # noqa: A001 - the public verb, as in torch.compile
     model: nn.Module,
     example_inputs: tuple[torch.Tensor, ...] | torch.Tensor | Mapping[str, torch.Tensor],
-    target: str | Target = "int4int2-npu",
+    target: str | Target = DEFAULT_TARGET,
     *,
     method: str | MethodConfig = "eagl",
     budget: Budget | float | None = None,

@@ -82,6 +82,8 @@ TARGETS: dict[str, Target] = {
     "int2-npu": Target("int2-npu", (2,)),  # type: ignore[arg-type]
 }
 
+DEFAULT_TARGET = "int4int2-npu"  # what `compile`, the CLI and the benches use when no target is named
+
 
 def get_target(target: str | Target, chip_config: str | None = None) -> Target:
     """Resolve a target name (or pass a `Target` through), optionally with a chip TOML file."""

@@ -31,7 +31,7 @@ import torch
 from bitmix import zoo
 from bitmix.errors import BitmixError
 from bitmix.ir.precision import as_precision
-from bitmix.ir.targets import get_target
+from bitmix.ir.targets import DEFAULT_TARGET, get_target
 from bitmix.kernels import dispatch
 from bitmix.kernels.threads import configure_threading
 
@@ -92,7 +92,6 @@ def faster(by_threads: dict[int, float]) -> tuple[float, int]:
     return by_threads[best], best
 
 
-DEFAULT_TARGET = "int4int2-npu"
 
 
 def bench_model(name: str, repeats: int, ort: bool = True, threads: int = 1, target: str = DEFAULT_TARGET) -> dict:
