@@ -324,7 +324,7 @@ def _compile_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = [node.meta.get("bitmix_name") for node, (kind, _) in zip(placeholders, slots, strict=True)
              if kind == "state"]
-    lifted = _Lifted(gm, slots, state, names)
+    lifted = _Lifted(_fold_computed_weights(gm, slots, state), slots, state, names)
     calibration = opts.pop("calibration", None)
     dims = _dims(gm, user)
     if calibration is None:
@@ -344,6 +344,69 @@ def _compile_piece(gm: fx.GraphModule, slots: list[tuple[str, Any]] | str, args:
         return cm(*[a for a, kind in zip(call_args, kinds, strict=True) if kind == "user"])
 
     return run
+
+
+# ops whose second argument (or `weight=`) is a layer's weight: bitmix quantizes it when it is a parameter
+_WEIGHTED = (torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
+             torch.conv_transpose3d, F.linear)
+_RANDOM = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial", "poisson")
+
+
+def _fold_computed_weights(gm: fx.GraphModule, slots: list[tuple[str, Any]], state: list[torch.Tensor]
+                           ) -> fx.GraphModule:
+    """`gm`, or a copy in which each conv's or linear's weight that Dynamo computes from parameters alone (weight norm,
+    spectral norm, any `torch.nn.utils.parametrize` parametrization: Dynamo inlines them) is one parameter, computed
+    here once. `bitmix.compile` bakes parametrizations into the weights (`frozen`); the backend sees only the
+    computation, and a layer whose weight is not a parameter stayed FP32. The packed weights are those of the first
+    call anyway (the module docstring), so this adds no new staleness."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    known = dict(zip([n for n, (kind, _) in zip(placeholders, slots, strict=True) if kind == "state"], state,
+                     strict=True))
+    weights = []
+    for node in gm.graph.nodes:
+        w = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
+        if (node.op == "call_function" and node.target in _WEIGHTED and isinstance(w, fx.Node)
+                and w.op != "placeholder" and w not in weights and _from_state(w, known)):
+            weights.append(w)
+    if not weights:
+        return gm
+    folded = copy.deepcopy(gm)
+    twin = dict(zip(gm.graph.nodes, folded.graph.nodes, strict=True))
+    with torch.no_grad():
+        for i, w in enumerate(weights):
+            name = f"bitmix_weight{i}"
+            folded.register_parameter(name, nn.Parameter(_evaluate(w, known).detach().clone(), requires_grad=False))
+            node = twin[w]
+            with folded.graph.inserting_before(node):
+                constant = folded.graph.get_attr(name)
+            for use in list(node.users):
+                if use.op == "call_function" and use.target in _WEIGHTED:
+                    use.replace_input_with(node, constant)
+    folded.graph.eliminate_dead_code()
+    folded.recompile()
+    return folded
+
+
+def _from_state(node: fx.Node, state: dict[fx.Node, torch.Tensor]) -> bool:
+    """Whether `node` is computed from parameters and buffers alone, by ops that draw no random numbers and write
+    nothing in place."""
+    if node in state:
+        return True
+    name = getattr(node.target, "__name__", str(node.target))
+    if node.op not in ("call_function", "call_method") or name.endswith("_") or any(r in name for r in _RANDOM):
+        return False
+    inputs = node.all_input_nodes
+    return bool(inputs) and all(_from_state(n, state) for n in inputs)
+
+
+def _evaluate(node: fx.Node, values: dict[fx.Node, Any]) -> Any:
+    """The value of a `_from_state` node (its inputs' values memoised in `values`)."""
+    if node not in values:
+        args = fx.node.map_arg(node.args, lambda n: _evaluate(n, values))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: _evaluate(n, values))
+        target = node.target if node.op == "call_function" else getattr(args[0], node.target)
+        values[node] = target(*args, **kwargs) if node.op == "call_function" else target(*args[1:], **kwargs)
+    return values[node]
 
 
 _DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)

@@ -243,6 +243,49 @@ def test_backend_matches_bitmix_compile_calibrated_on_the_first_call():
         torch.testing.assert_close(compiled(x), cm(x), rtol=1e-4, atol=1e-4)
 
 
+class _Normed(nn.Module):
+    """Weight norm on a conv and a linear, spectral norm on another linear (parametrizations Dynamo inlines),
+    and a linear whose weight depends on the input (no parameter: it must stay as traced)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.nn.utils import parametrizations
+
+        self.conv = parametrizations.weight_norm(nn.Conv2d(3, 8, 3))
+        self.fc = parametrizations.weight_norm(nn.Linear(8 * 6 * 6, 16))
+        self.sn = parametrizations.spectral_norm(nn.Linear(16, 16))
+        self.gate = nn.Parameter(torch.randn(10, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.sn(torch.relu(self.fc(torch.relu(self.conv(x)).flatten(1))))
+        return nn.functional.linear(h, self.gate * h.mean())  # a weight computed from the input
+
+
+def test_weights_computed_from_parameters_are_quantized_as_bitmix_compile_does():
+    """Dynamo inlines weight/spectral norm, so the backend saw computed weights: those layers stayed FP32 (with a
+    warning), and a model whose every conv/linear is parametrized ran wholly in eager FP32 without one (this one
+    did), unlike bitmix.compile, which bakes parametrizations. Computed once, they are quantized; a weight that
+    depends on the input is not a layer and still runs."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Normed().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(16, 3, 8, 8)
+    cm = bitmix.compile(model, x, target="int8-npu", budget=1.0, data=x,
+                        options=bitmix.CompileOptions(frontier_points=0))
+    assert {"conv", "fc", "sn"} <= set(cm.assignment)
+    compiled = torch.compile(model, backend="bitmix")
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        out, ref = compiled(x), model(x)
+    assert not [w for w in caught if "stay FP32" in str(w.message)]
+    assert not torch.equal(out, ref)  # quantized, not an eager fallback
+    with torch.no_grad():
+        assert torch.equal(out, cm(x))
+    assert _cosine(out, ref) > 0.99
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 class _Heads(nn.Module):
     """Reshapes by its input's sizes, as attention does: Dynamo's first call bakes the batch into the views."""
 
