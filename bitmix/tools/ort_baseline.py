@@ -132,7 +132,10 @@ def _int8_sessions(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: Tas
         int8 = os.path.join(tmp, "model.int8.onnx")
         with torch.no_grad():
             torch.onnx.export(model, inputs, fp32, input_names=names, dynamo=False)
-        quant_pre_process(fp32, prep)  # shape inference + graph optimisation (constant biases become initializers)
+        try:  # shape inference + graph optimisation (constant biases become initializers)
+            quant_pre_process(fp32, prep)
+        except Exception:  # noqa: BLE001 - ORT's symbolic shape inference fails on some graphs (weight norm's)
+            quant_pre_process(fp32, prep, skip_symbolic_shape=True)  # ONNX's own shape inference only
         with _root_log_level(logging.ERROR):  # one "Axis 1 is out-of-range" line per LayerNorm weight otherwise
             quantize_static(prep, int8, _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)

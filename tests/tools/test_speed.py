@@ -137,3 +137,24 @@ def test_ort_fidelity_baseline_scores_the_given_held_out_inputs():
         want = model(*test)
     assert got.shape == (5, 4) and not torch.equal(got, want)  # quantized, not the FP32 graph
     assert F.cosine_similarity(got, want, dim=-1).min() > 0.99
+
+
+def test_ort_baseline_quantizes_a_weight_normed_model():
+    """ORT's symbolic shape inference raised a TypeError on a weight-normed model's export; the baseline falls back
+    to ONNX's own shape inference."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.utils import parametrizations
+
+    from bitmix.tools.ort_baseline import ort_int8_outputs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                parametrizations.weight_norm(torch.nn.Linear(8 * 6 * 6, 16)), torch.nn.SiLU(),
+                                torch.nn.Linear(16, 4)).eval()
+    calibration, test = (torch.randn(8, 3, 8, 8),), (torch.randn(5, 3, 8, 8),)
+    got = ort_int8_outputs(model, calibration, test)
+    with torch.no_grad():
+        want = model(*test)
+    assert got.shape == (5, 4) and not torch.equal(got, want)
+    assert F.cosine_similarity(got, want, dim=-1).min() > 0.99
