@@ -4,16 +4,16 @@
 a one-off product and costs tens of microseconds a call; a lowered layer calls the same weights
 thousands of times. A ``LinearKernel`` does that work when it is built and then, per call, only
 checks ``x``. On the VNNI and AVX2 engines with at least ``gemm_vnni.MIN_M`` rows a call is one fused
-Numba kernel (``linear_vnni``, ``linear_avx2``); elsewhere (GEMV shapes, AMX, scalar) it runs
-``quant.qlinear``.
+Numba kernel (``linear_vnni``, ``linear_avx2``); with fewer rows (GEMV shapes) on every path but the AMX
+engine, one fused GEMV kernel (``linear_gemv``); elsewhere (AMX, scalar GEMMs) it runs ``quant.qlinear``.
 Outputs are bit-identical either way; with ``a_scale`` (a per-input-channel smoothing factor)
 the input is first multiplied by it in float32, as the fake-quant forward does. With ``row_floor``
 the activations have per-row steps (``bitmix.ir.row_steps``): row i's step is
 ``a_step * max(max_k |x[i, k]|, row_floor)``, and its output row is scaled by it after the GEMM.
 With ``rotation`` (a Hadamard-rotated input's signs, ``bitmix.compiler.hadamard``) the input is first
 rotated, ``hadamard(x * signs, b)`` with b the largest power of two dividing K: inside the fused
-per-row-step kernels' quantize pass, row by row, else by ``hadamard.rotate_rows`` before the rest. A
-separate pass cost MiniLM 35 calls and ~1.4 ms a forward (AMD EPYC, 2026-12-04).
+per-row-step kernels' quantize pass and the GEMV kernel, row by row, else by ``hadamard.rotate_rows``
+before the rest. A separate pass cost MiniLM 35 calls and ~1.4 ms a forward (AMD EPYC, 2026-12-04).
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ import numpy as np
 from bitmix.errors import BitmixError
 from bitmix.kernels import gemm_vnni
 from bitmix.kernels.hadamard import rotate_rows
+from bitmix.kernels.isa import isa_of
 from bitmix.kernels.launch import _parallel
 from bitmix.kernels.linear_avx2 import Avx2Linear
+from bitmix.kernels.linear_gemv import GemvLinear
 from bitmix.kernels.linear_vnni import FusedLinear
 from bitmix.kernels.matmul import check_activation_spec, check_packed
 from bitmix.kernels.pack import PackedWeight
@@ -51,6 +53,7 @@ class LinearKernel:
         self.a_bits, self.a_signed = a_bits, bool(a_signed)
         self.codes = check_activation_spec(a_bits, a_signed)
         self._fused: dict[str, FusedLinear | Avx2Linear] = {}  # engine -> fused kernel, built at its first call
+        self._gemv: GemvLinear | None = None  # the fused GEMV kernel (fewer than ``gemm_vnni.MIN_M`` rows)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         w = self.w
@@ -64,11 +67,19 @@ class LinearKernel:
             return np.empty((*lead, w.n), dtype=np.float32)
         settings = dispatch.settings
         engine = settings.engine(w, m, 1, fused=True)
+        refusal = ("x: contains NaN; cannot quantize" if self.row_floor is None else
+                   "x: contains NaN or Inf (a row's step from its max); cannot quantize")
+        if m < gemm_vnni.MIN_M and engine != "amx":
+            out = np.empty((m, w.n), dtype=np.float32)
+            if self._gemv is None:
+                self._gemv = GemvLinear(w, self.w_scales, self.a_step, *self.codes, self.bias, self.a_scale,
+                                        self.row_floor, self.rotation)
+            if self._gemv(rows, out, isa_of(settings.path), _parallel(settings, m * w.n * w.k_pad)):
+                raise BitmixError(refusal)
+            return out.reshape(*lead, w.n)
         one_call = m >= gemm_vnni.MIN_M and engine in _FUSED
         if self.rotation is not None and not (one_call and self.row_floor is not None):
             rows = rotate_rows(rows, self.rotation, w.k & -w.k)
-        refusal = ("x: contains NaN; cannot quantize" if self.row_floor is None else
-                   "x: contains NaN or Inf (a row's step from its max); cannot quantize")
         if one_call:
             out = np.empty((m, w.n), dtype=np.float32)
             fused = self._fused.get(engine)

@@ -50,11 +50,11 @@ def warm(path: str | None = None) -> float:
                 for signed in (True, False):
                     for rows in (1, 2, 8, 40):  # GEMV, few rows, GEMM
                         qlinear(rng.normal(size=(rows, 40)).astype(np.float32), w, scales, 0.05, 8, signed, scales)
-                    # lowered linears (the fused VNNI kernel), with a smoothing factor
-                    prepare_linear(w, scales, 0.05, 8, signed, scales, np.ones(40, dtype=np.float32))(
-                        rng.normal(size=(8, 40)).astype(np.float32))
-                    prepare_linear(w, scales, 0.05, 4, signed, scales, row_floor=1e-8)(  # per-row steps
-                        rng.normal(size=(8, 40)).astype(np.float32))
+                    for rows in (1, 8):  # lowered linears (the fused GEMV and GEMM kernels), with a smoothing factor
+                        prepare_linear(w, scales, 0.05, 8, signed, scales, np.ones(40, dtype=np.float32))(
+                            rng.normal(size=(rows, 40)).astype(np.float32))
+                        prepare_linear(w, scales, 0.05, 4, signed, scales, row_floor=1e-8)(  # per-row steps
+                            rng.normal(size=(rows, 40)).astype(np.float32))
                     for c, n, k, s, p, g, width in _CONVS:
                         wc = rng.integers(lo, hi, (n, c // g * k * k), endpoint=True).astype(np.int8)
                         x = rng.normal(size=(1, c, 6, width)).astype(np.float32)
