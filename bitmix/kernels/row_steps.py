@@ -126,7 +126,7 @@ def _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, s
     """`broadcast._quantize` with per-row steps: `v = x[i, q] (* a_scale[q])` (first rotated,
     `hadamard.rotate_row(x[i], signs, block)`, when `block` > 0), row i's step
     `steps[i] = step * max(max_q |v|, floor)`, `a8[i, q] = rint(clip(v / steps[i], lo, hi)) - shift`
-    (pad columns 0), `asum[i]` the row's code sum; True if any NaN was seen. Eight lanes at a time
+    (pad columns 0), `asum[i]` the row's code sum; True if any NaN or an infinite step was seen. Eight lanes at a time
     (`simd_f32`): LLVM vectorised the scalar loops four wide, 19 us for 64 x 384 (6 with these)."""
     m, k = x.shape
     k8 = k - k % LANES
@@ -153,6 +153,7 @@ def _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, s
             top[0] = _top_x8(row)
             s = step * max(top.view(np.float32)[0], floor)
             steps[i] = s
+            seen |= s == np.inf  # a finite row whose step overflows: its codes would all be 0, its outputs NaN
             base = i * kp
             vs = splat_f32x8(s)
             nans = zero_i32x8()

@@ -115,6 +115,18 @@ def test_linear_kernel_takes_an_empty_batch() -> None:
         assert kernel(np.zeros((2, 0, 8), dtype=np.float32)).shape == (2, 0, 4)
 
 
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_a_finite_row_whose_step_overflows_is_refused(kernel_path, m) -> None:
+    """A finite row whose per-row step overflows float32 (4 * 3e38) quantizes to zeros times an infinite step:
+    the fused M >= 4 kernels answered NaN without a word, as the GEMV and portable paths refuse it."""
+    w = pack_weights(np.ones((8, 16), dtype=np.int8), 4)
+    x = np.ones((m, 16), dtype=np.float32)
+    x[-1, 0] = 3e38
+    kernel = prepare_linear(w, np.ones(8, dtype=np.float32), 4.0, 8, True, row_floor=1e-8)
+    with pytest.raises(BitmixError, match="NaN or Inf"):
+        kernel(x)
+
+
 def test_linear_kernel_rejects_bad_inputs() -> None:
     w = pack_weights(np.zeros((4, 8), dtype=np.int8), 4)
     ones = np.ones(4, dtype=np.float32)
