@@ -84,6 +84,7 @@ NB = 4  # weight blocks (64 channels) per parallel task
 NB_CODES = 8  # the same for the codes epilogue: its tasks walk the next conv's pixels too, once per 4 rows and task,
 # and its convs are mostly small-K expansions into 96..192 channels (NB = 4 split 96 into 64 + 32: one thread,
 # 112x112 16 -> 96 650 -> 593 us, 56x56 24 -> 144 280 -> 263 us; ResNet-50 1x1 shapes, K 64..2048: noise)
+NB_ALL = 12  # up to this many blocks, one codes task takes them all (144 channels split 128 + 16 redid the rows' walk)
 INT32, SCALED, ROWS = 0, 1, 2  # epilogue modes (SCALED adds the bias when there is one; ROWS is SCALED
 # with each row also multiplied by its ``row_scale`` before the bias: per-row activation steps)
 ONE = np.float32(1)
@@ -135,10 +136,19 @@ def driver(w8: bool, parallel: bool, codes: bool = False):
         ho, wo, hp, wpad, sh, sw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
         hp2, wp2, ph2, pw2, c4n = cgeo[0], cgeo[1], cgeo[2], cgeo[3], cgeo[4]
         hw = ho * wo
+        # a 1x1 stride-1 conv on an unpadded input reads pixel i for row i, and an unpadded next buffer (a depthwise
+        # conv's) takes row i at pixel i: no pixel walk (per four rows it cost as much as a 16-channel block's GEMM)
+        flat_in = hp == ho and wpad == wo and sh == 1 and sw == 1
+        flat_out = hp2 == ho and wp2 == wo and ph2 == 0 and pw2 == 0
+        walk = not flat_in or (codes and not flat_out)
         ntaps = tapoff.shape[0]
+        # one tap run whose K fits one s16 chunk (1x1 convs on 4-bit codes: K <= 4 * 136 beside signed 4-bit ones):
+        # no chunk loop keeping the s32 sums across it, on the stack (56x56 24 -> 144, one thread: GEMM part of the
+        # codes conv 127 -> 97 us)
+        one_chunk = not w8 and ntaps == 1 and cq <= chunk
         ws = ntaps * cq * 64  # bytes per 16-channel block
         nblk = n_pad // BLOCK
-        nb = NB_CODES if codes else NB
+        nb = (nblk if nblk <= NB_ALL else NB_CODES) if codes else NB
         ntiles = (nblk + nb - 1) // nb
         mtiles = (m + MT - 1) // MT
         for t in prange(ntiles * mtiles):
@@ -147,7 +157,10 @@ def driver(w8: bool, parallel: bool, codes: bool = False):
             pb, poh, pw = first_pixel(mt * MT, hw, wo)
             for i in range(mt * MT, min(m, mt * MT + MT), 4):
                 rows = min(4, m - i)
-                p0, p1, p2, p3, pb, poh, pw = four_pixels(pb, poh, pw, rows, ho, wo, hp, wpad, sh, sw)
+                if walk:
+                    p0, p1, p2, p3, pb, poh, pw = four_pixels(pb, poh, pw, rows, ho, wo, hp, wpad, sh, sw)
+                else:  # pixel = row (rows past m repeat the last real one, as four_pixels')
+                    p0, p1, p2, p3 = i, i + min(1, rows - 1), i + min(2, rows - 1), i + min(3, rows - 1)
                 s0, s1, s2, s3 = 0, 0, 0, 0
                 for j in range(tappix.shape[0]):
                     d = tappix[j]
@@ -159,12 +172,32 @@ def driver(w8: bool, parallel: bool, codes: bool = False):
                 v2, v3 = splat_i32x8(-offset * s2), splat_i32x8(-offset * s3)
                 a0, a1, a2, a3 = p0 * ps, p1 * ps, p2 * ps, p3 * ps
                 d0, d1, d2, d3 = 0, 0, 0, 0
-                if codes:  # the next conv's pixels of these rows, once for all the task's blocks
+                if codes and flat_out:
+                    d0, d1, d2, d3 = i, i + 1, i + 2, i + 3
+                elif codes:  # the next conv's pixels of these rows, once for all the task's blocks
                     d0, d1, d2, d3 = four_dests(pb, poh, pw, ho, wo, hp2, wp2, ph2, pw2)
                 for b in range(nt * nb, min(nblk, nt * nb + nb)):
                     z = zero_i32x8()
                     c00, c01, c10, c11, c20, c21, c30, c31 = z, z, z, z, z, z, z, z
-                    for tap in range(ntaps):
+                    if one_chunk:  # the s16 sums widened once, straight into the accumulators
+                        z16 = zero_i16x16()
+                        h00, h01, h10, h11, h20, h21, h30, h31 = z16, z16, z16, z16, z16, z16, z16, z16
+                        d, wt = tapoff[0], b * ws
+                        for q in range(cq):
+                            wq = wt + 64 * q
+                            u0, u1 = load_i8x32(wp, wq), load_i8x32(wp, wq + 32)
+                            k = d + 4 * q
+                            x = bcast4_i8x32(a8, a0 + k)
+                            h00, h01 = _acc16(h00, u0, x), _acc16(h01, u1, x)
+                            x = bcast4_i8x32(a8, a1 + k)
+                            h10, h11 = _acc16(h10, u0, x), _acc16(h11, u1, x)
+                            x = bcast4_i8x32(a8, a2 + k)
+                            h20, h21 = _acc16(h20, u0, x), _acc16(h21, u1, x)
+                            x = bcast4_i8x32(a8, a3 + k)
+                            h30, h31 = _acc16(h30, u0, x), _acc16(h31, u1, x)
+                        c00, c01, c10, c11 = madd_ones(h00), madd_ones(h01), madd_ones(h10), madd_ones(h11)
+                        c20, c21, c30, c31 = madd_ones(h20), madd_ones(h21), madd_ones(h30), madd_ones(h31)
+                    for tap in range(0 if one_chunk else ntaps):
                         d = tapoff[tap]
                         wt = b * ws + tap * cq * 64
                         if w8:

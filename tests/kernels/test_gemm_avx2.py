@@ -333,3 +333,52 @@ def test_w8_codes_epilogue_is_exact(avx2, c: int) -> None:
                                     (step, qlo, qhi, shift))
     run(a8.reshape(-1), psum, out8.reshape(-1))
     np.testing.assert_array_equal(out8.reshape(-1, n), want)
+
+
+@pytest.mark.parametrize(("w_bits", "a_lo", "a_hi", "c"), [
+    (4, -8, 7, 24), (4, -8, 7, 16), (2, -8, 7, 36),  # one s16 chunk (the 1x1 expansions of MobileNetV2)
+    (4, -8, 7, 4 * 136), (4, -8, 7, 4 * 137),  # K of exactly one chunk (136 steps beside |a| <= 8), one step more
+    (4, -128, 127, 4 * 8), (4, -128, 127, 4 * 9), (8, -128, 127, 24)])  # 8-bit codes: a chunk of 8 steps; 8-bit weights
+@pytest.mark.parametrize("n", [144, 200, 20])  # 9 blocks (one task), 13 (a partial last block past NB_ALL), 2 (partial)
+@pytest.mark.parametrize(("stride", "in_pad", "out_pad"), [(1, 0, 0), (1, 1, 0), (2, 0, 0), (1, 0, 1)],
+                         ids=["flat", "padded-input", "strided", "padded-next"])
+def test_codes_conv_on_small_k_is_exact(avx2, w_bits: int, a_lo: int, a_hi: int, c: int, n: int, stride: int,
+                                        in_pad: int, out_pad: int) -> None:
+    """The 1x1 codes conv's shortcuts (``gemm_avx2.driver``): a K within one s16 chunk widened once, rows read and
+    written at their own pixel index when neither buffer is padded or strided (else the pixel walk), one task for up
+    to ``NB_ALL`` blocks; 2 x 7 x 5 input pixels (m not a multiple of 4), random and extreme codes and weights, a
+    ReLU6 clamp, outputs at half-codes (zero-weight channels whose bias sits on one), against the integer reference
+    and ``_pad_codes``' formula."""
+    rng = np.random.default_rng(c * n + stride + 3 * in_pad + 7 * out_pad + w_bits)
+    nb, h, wd = 2, 7, 5
+    hp, wp = h + 2 * in_pad, wd + 2 * in_pad
+    ho, wo = (hp - 1) // stride + 1, (wp - 1) // stride + 1
+    c4 = -(-c // 4) * 4
+    lo_w, hi_w = code_range(w_bits)
+    wc = np.where(rng.random((n, c)) < 0.2, rng.choice([lo_w, hi_w], (n, c)),
+                  rng.integers(lo_w, hi_w, (n, c), endpoint=True)).astype(np.int8)
+    wc[::7] = 0  # these channels output their bias: half-codes and ulps around them
+    a8 = np.zeros((nb, hp, wp, c4), dtype=np.int8)
+    inner = np.where(rng.random((nb, h, wd, c)) < 0.3, rng.choice([a_lo, a_hi], (nb, h, wd, c)),
+                     rng.integers(a_lo, a_hi, (nb, h, wd, c), endpoint=True))
+    a8[:, in_pad:in_pad + h, in_pad:in_pad + wd, :c] = inner
+    psum = a8.astype(np.int64).sum(axis=-1).reshape(-1)
+    step = np.float32(0.4)
+    scale = (rng.uniform(0.5, 2.0, n) * 6 / (c * max(abs(a_lo), a_hi) * max(-lo_w, hi_w))).astype(np.float32)
+    bias = rng.normal(1, 2, n).astype(np.float32)
+    half = (rng.integers(-2, 17, n) + np.float32(0.5)) * step
+    bias[::7] = np.nextafter(half, np.where(rng.random(n) < 0.5, np.inf, -np.inf).astype(np.float32))[::7]
+    bias[::14] = half[::14]
+    acc = reference.gemm(a8[:, ::stride, ::stride, :c].reshape(-1, c).astype(np.int64), wc).astype(np.float32)
+    y = np.minimum(np.maximum(acc * scale + bias, np.float32(0)), np.float32(6))
+    want = np.rint(np.clip(y / step, np.float32(0), np.float32(15))).astype(np.int8).reshape(nb, ho, wo, n)
+    padded = (nb, ho + 2 * out_pad, wo + 2 * out_pad, n)
+    out8 = np.full(padded, 99, dtype=np.int8)
+    geom = (1, 1, stride, stride, 0, 0, 1, 1, 1, ho, wo)
+    run = gemm_avx2.conv_codes_gemm(pack_weights(wc, w_bits), 0, c, geom, hp, wp, nb * ho * wo, scale, bias,
+                                    (0.0, 6.0), not dispatch.settings.serial, padded, (out_pad, out_pad),
+                                    (step, 0, 15, 0), a_max=gemm_avx2.byte_bound(a_lo, a_hi, 0))
+    run(a8.reshape(-1), psum, out8.reshape(-1))
+    np.testing.assert_array_equal(out8[:, out_pad:out_pad + ho, out_pad:out_pad + wo], want)
+    if out_pad:
+        assert (out8[:, 0] == 99).all() and (out8[:, :, 0] == 99).all()  # nothing written on the border
