@@ -494,9 +494,11 @@ def codes_conv(own: ImplicitConv, w: PackedWeight, geom: tuple[int, ...], scale:
     step, qlo, qhi, qshift, qph, qpw = nxt
     padded = (nb, ho + 2 * qph, wo + 2 * qpw, w.n if depthwise else -(-w.n // 4) * 4)
     m = nb * ho * wo
-    gemm = own.engine.conv_codes_gemm(w, own.pad_args[3], own.channels, geom, hp, wp, m, scale, bias, clamp,
+    _, lo, hi, shift = own.pad_args[:4]
+    known = {"code_max": max(-lo, hi)} if own.engine is gemm_avx2 else {}  # its input codes' bound
+    gemm = own.engine.conv_codes_gemm(w, shift, own.channels, geom, hp, wp, m, scale, bias, clamp,
                                       _parallel(dispatch.settings, m * w.n * w.k), padded, (qph, qpw),
-                                      (step, qlo, qhi, qshift), a_max=gemm_avx2.byte_bound(*own.pad_args[1:4]))
+                                      (step, qlo, qhi, qshift), a_max=gemm_avx2.byte_bound(lo, hi, shift), **known)
     return CodesConv(own, gemm, padded, None if depthwise else (qph, qpw, ho, wo, w.n, qshift), owner)
 
 

@@ -52,7 +52,7 @@ from bitmix.kernels.broadcast import (
     four_pixels,
     weight_blocks,
 )
-from bitmix.kernels.pack import PackedWeight
+from bitmix.kernels.pack import PackedWeight, unpack_weights
 from bitmix.kernels.simd import (
     add_i16x16,
     add_i32x8,
@@ -130,9 +130,10 @@ def driver(w8: bool, parallel: bool, codes: bool = False):
     def core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mode, out_i, out_f, scale, bias,
              has_bias, row_scale, res, has_res, lo, hi, out8, cgeo, q8, chunk):
         # tapoff: byte offset of each tap run (cq 4-byte K steps each); tappix: pixel offset of every tap (sums)
-        # codes: out8 = the next conv's padded codes, cgeo = its (Hp, Wp, ph, pw, c4), q8 = tile_codes_bounds, whose
-        # values store_codes_4x16 takes as a tuple: registers, not loads after every store (out8 might alias q8)
-        qt = (q8[0], q8[1], q8[2], q8[3], q8[4], q8[5], q8[6], q8[7])
+        # codes: out8 = the next conv's padded codes, cgeo = its (Hp, Wp, ph, pw, c4), q8 = tile_codes_bounds then
+        # exact_blocks' flags, which store_codes_4x16 takes as a tuple: registers, not loads after every store (out8
+        # might alias q8)
+        qv0, qv1, qv2, qv3, qv4, qv5, qv6, qv7 = q8[0], q8[1], q8[2], q8[3], q8[4], q8[5], q8[6], q8[7]
         ho, wo, hp, wpad, sh, sw = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5]
         hp2, wp2, ph2, pw2, c4n = cgeo[0], cgeo[1], cgeo[2], cgeo[3], cgeo[4]
         hw = ho * wo
@@ -246,6 +247,7 @@ def driver(w8: bool, parallel: bool, codes: bool = False):
                     cols = min(BLOCK, n - col)  # stored lanes: a partial block ends early
                     if codes:
                         if cols == BLOCK:
+                            qt = (qv0, qv1, qv2, qv3, qv4, qv5, qv6, qv7, q8[8 + b])
                             store_codes_4x16(out8, d0 * c4n + col, d1 * c4n + col, d2 * c4n + col, d3 * c4n + col,
                                              rows, c00, c01, c10, c11, c20, c21, c30, c31, scale, bias, col, qt)
                             continue
@@ -396,12 +398,40 @@ def tile_codes_bounds(clamp: tuple, quant: tuple) -> np.ndarray:
     return np.concatenate([q, np.array((recip if fast else 1, near, np.rint(q[1]), np.rint(q[2])), np.float32)])
 
 
+MAX_CHECKED = 1 << 24  # (channel, sum) pairs ``exact_blocks`` evaluates at most (~0.2 s at layer build)
+
+
+def exact_blocks(w: PackedWeight, code_max: int, scale: np.ndarray, bias: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Per 16-channel block, 1 where ``store_codes_4x16``'s multiply by ``recip`` gives the quotient's code for every
+    sum a conv can reach, so its tiles skip the half-code test (a third of a small-K codes conv's time), else 0. A
+    conv's exact sum in channel ``j`` is an integer within ``code_max * sum |w[j]|`` (input codes within
+    ``[-code_max, code_max]``): all of them go through the tile's float ops here, against ``store_codes_x8``'s
+    formula (``q``: ``tile_codes_bounds``). All 0 past ``MAX_CHECKED`` sums, or when the step's reciprocal is not
+    normal."""
+    flags = np.zeros(-(-w.n // BLOCK), dtype=np.float32)
+    reach = code_max * np.abs(unpack_weights(w).astype(np.int64)).sum(axis=1)
+    if q[5] < 0 or int((2 * reach + 1).sum()) > MAX_CHECKED:
+        return flags
+    step, lo, hi, recip, rlo, rhi = q[0], q[1], q[2], q[4], q[6], q[7]
+    ok = np.ones(w.n, dtype=bool)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for j in range(w.n):
+            acc = np.arange(-reach[j], reach[j] + 1, dtype=np.int64).astype(np.float32)
+            y = acc * scale[j] + bias[j]
+            x = y * recip
+            k = np.where(np.abs(x) < 2.0**31, np.rint(x), -(2.0**31))  # vcvtps2dq: INT_MIN past int32
+            ok[j] = np.array_equal(np.clip(k, rlo, rhi), np.rint(np.clip(y / step, lo, hi)))
+    flags[: w.n // BLOCK] = ok[: w.n // BLOCK * BLOCK].reshape(-1, BLOCK).all(axis=1)
+    return flags
+
+
 def conv_codes_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
                     scale: np.ndarray, bias: np.ndarray | None, clamp: tuple, parallel: bool, nxt_padded: tuple,
-                    nxt_pad: tuple[int, int], nxt_quant: tuple,
-                    a_max: int = 128) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+                    nxt_pad: tuple[int, int], nxt_quant: tuple, a_max: int = 128,
+                    code_max: int | None = None) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
     """``conv_gemm`` whose results go straight into the next conv's padded input codes, as
-    ``gemm_vnni.conv_codes_gemm`` (same arguments, same codes): the floats are never stored."""
+    ``gemm_vnni.conv_codes_gemm`` (same arguments, same codes): the floats are never stored. ``code_max``: the
+    largest ``|code|`` of the input codes, if known (``exact_blocks``: tiles without the half-code test)."""
     off, pix, data, cw, offset, n, n_pad, steps, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
     core = driver(w.bits == 8, parallel, codes=True)
     bias = no_bias(n) if bias is None else bias
@@ -409,6 +439,8 @@ def conv_codes_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], 
             NO_F32, NO_F32, False, np.float32(-np.inf), np.float32(np.inf))
     cgeo = np.array((nxt_padded[1], nxt_padded[2], nxt_pad[0], nxt_pad[1], nxt_padded[3]), dtype=np.int64)
     q8 = tile_codes_bounds(clamp, nxt_quant)
+    exact = exact_blocks(w, code_max, scale, bias, q8) if code_max is not None else np.zeros(n_pad // BLOCK)
+    q8 = np.concatenate([q8, exact]).astype(np.float32)  # q8[8 + b]: block b skips the half-code test
     chunk = chunk_steps(w, a_max)
 
     def run(a8: np.ndarray, psum: np.ndarray, out8: np.ndarray) -> None:

@@ -236,10 +236,11 @@ def store_codes_4x16(typingctx, out8, d0, d1, d2, d3, rows, c00, c01, c10, c11, 
     """A 4-row x 16-channel tile (channels ``col .. col + 15``; row ``r`` = vectors ``cr0, cr1``) as 16 bytes of the
     next conv's input codes per row, at ``out8[d0]`` .. ``out8[d3]`` for the first ``rows`` rows: ``rint(clip(y /
     step, qlo, qhi)) - shift`` with ``y = float32(v) * scale[col + l] + bias[col + l]``, ``store_codes_x8``'s
-    result; ``q`` = the tuple ``(step, qlo, qhi, shift, recip, near, rint(qlo), rint(qhi))``
-    (``gemm_avx2.tile_codes_bounds``: the conv's clamp folded into ``qlo, qhi``). The caller passes -0.0 biases for
-    none (``x + -0.0 == x`` bit for bit). No mask or per-store branch: on AVX2 a masked byte store is scalar code,
-    and beside it the tile's registers spilled (a 1x1 conv, K = 16, 1.3x slower).
+    result; ``q`` = the tuple ``(step, qlo, qhi, shift, recip, near, rint(qlo), rint(qhi), exact)``
+    (``gemm_avx2.tile_codes_bounds``: the conv's clamp folded into ``qlo, qhi``; ``exact`` > 0: every sum these
+    channels can reach was checked, ``gemm_avx2.exact_blocks``, and the tile skips the test below). The caller passes
+    -0.0 biases for none (``x + -0.0 == x`` bit for bit). No mask or per-store branch: on AVX2 a masked byte store
+    is scalar code, and beside it the tile's registers spilled (a 1x1 conv, K = 16, 1.3x slower).
 
     Cheaper than the formula, same bytes: ``y / step`` is ``y * recip``, which rounds to the quotient's code unless
     it lies within ``0.5 - near`` of a half-code; when any of the tile's 128 does, the whole tile takes the division
@@ -249,7 +250,7 @@ def store_codes_4x16(typingctx, out8, d0, d1, d2, d3, rows, c00, c01, c10, c11, 
     then shifted as bytes (mod 256: ``store_codes_x8``'s truncation)."""
     f32 = types.Array(types.float32, 1, "C")
     vecs = (c00, c01, c10, c11, c20, c21, c30, c31)
-    if not (out8 == types.Array(types.int8, 1, "C") and scale == bias == f32 and q == types.UniTuple(types.float32, 8)
+    if not (out8 == types.Array(types.int8, 1, "C") and scale == bias == f32 and q == types.UniTuple(types.float32, 9)
             and all(v == i32x8 for v in vecs)
             and all(isinstance(a, types.Integer) for a in (d0, d1, d2, d3, rows, col))):
         return None
@@ -258,32 +259,45 @@ def store_codes_4x16(typingctx, out8, d0, d1, d2, d3, rows, c00, c01, c10, c11, 
         out_a, rows_a, (scale_a, bias_a, col_a, q_a) = args[0], args[5], args[14:]
         i32, i16, i8 = ir.IntType(32), ir.IntType(16), ir.IntType(8)
         i32x8_ty, i16x16_ty, i8x32_ty = _llty(i32x8), ir.VectorType(i16, 16), ir.VectorType(i8, 32)
-        qv = [builder.extract_value(q_a, i) for i in range(8)]
+        qv = [builder.extract_value(q_a, i) for i in range(9)]
         step, low, high, recip, near = (splat_value(builder, _F32X8, qv[i]) for i in (0, 1, 2, 4, 5))
         shift, lo16, hi16 = (builder.fptosi(qv[i], i16) for i in (3, 6, 7))
         cvt = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32x8_ty, [_F32X8]),
                                              "llvm.x86.avx.cvt.ps2dq.256")
         fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32X8, [_F32X8]), "llvm.fabs.v8f32")
         col = context.cast(builder, col_a, sig.args[16], types.intp)
-        ys, slots, worst = [], [], None
-        for j, v in enumerate(args[6:14]):
-            half = builder.add(col, ir.Constant(ir.IntType(64), 8 * (j % 2)))
-            scale_v, bias_v = (builder.load(element_ptr(context, builder, sig.args[i], a, types.intp, half, _F32X8),
-                                            align=4) for i, a in ((14, scale_a), (15, bias_a)))
-            y = builder.fadd(builder.fmul(builder.sitofp(v, _F32X8), scale_v), bias_v)
-            x = builder.fmul(y, recip)
-            k = builder.call(cvt, [x])
-            off = builder.call(fabs, [builder.fsub(x, builder.sitofp(k, _F32X8))])  # large where cvt overflowed
-            worst = off if worst is None else builder.select(builder.fcmp_ordered(">", off, worst), off, worst)
-            ys.append(y)
-            slots.append(cgutils.alloca_once_value(builder, k))
-        near_half = builder.fcmp_unordered(">=", worst, near)
-        any_near = builder.icmp_unsigned("!=", builder.bitcast(near_half, i8), ir.Constant(i8, 0))
-        with builder.if_then(any_near, likely=False):  # the exact formula for the whole tile
-            for y, slot in zip(ys, slots, strict=True):
-                x = builder.fdiv(y, step)
-                x = builder.select(builder.fcmp_ordered("<", x, low), low, x)
-                builder.store(builder.call(cvt, [builder.select(builder.fcmp_ordered(">", x, high), high, x)]), slot)
+        slots = [cgutils.alloca_once(builder, i32x8_ty) for _ in range(8)]
+
+        def products(test: bool):
+            ys, worst = [], None
+            for j, (v, slot) in enumerate(zip(args[6:14], slots, strict=True)):
+                half = builder.add(col, ir.Constant(ir.IntType(64), 8 * (j % 2)))
+                scale_v, bias_v = (builder.load(element_ptr(context, builder, sig.args[i], a, types.intp, half,
+                                                            _F32X8), align=4) for i, a in ((14, scale_a), (15, bias_a)))
+                y = builder.fadd(builder.fmul(builder.sitofp(v, _F32X8), scale_v), bias_v)
+                x = builder.fmul(y, recip)
+                k = builder.call(cvt, [x])
+                builder.store(k, slot)
+                if test:
+                    off = builder.call(fabs, [builder.fsub(x, builder.sitofp(k, _F32X8))])  # large: cvt overflowed
+                    worst = off if worst is None else builder.select(builder.fcmp_ordered(">", off, worst), off, worst)
+                    ys.append(y)
+            return ys, worst
+
+        exact = builder.fcmp_ordered(">", qv[8], ir.Constant(ir.FloatType(), 0))
+        with builder.if_else(exact, likely=True) as (checked, unchecked):
+            with checked:  # every reachable sum's product rounds to its quotient's code (``exact_blocks``)
+                products(test=False)
+            with unchecked:
+                ys, worst = products(test=True)
+                near_half = builder.fcmp_unordered(">=", worst, near)
+                any_near = builder.icmp_unsigned("!=", builder.bitcast(near_half, i8), ir.Constant(i8, 0))
+                with builder.if_then(any_near, likely=False):  # the exact formula for the whole tile
+                    for y, slot in zip(ys, slots, strict=True):
+                        x = builder.fdiv(y, step)
+                        x = builder.select(builder.fcmp_ordered("<", x, low), low, x)
+                        builder.store(builder.call(cvt, [builder.select(builder.fcmp_ordered(">", x, high), high, x)]),
+                                      slot)
         wrap = builder.select(builder.icmp_signed("<", lo16, ir.Constant(i16, 0)), ir.Constant(i16, 128),
                               ir.Constant(i16, 0))  # signed codes (within [-128, 127]) move into [0, 255]
         lo_w, hi_w, wrap_w = (splat_value(builder, i16x16_ty, x) for x in (lo16, hi16, wrap))

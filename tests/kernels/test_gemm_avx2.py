@@ -342,13 +342,15 @@ def test_w8_codes_epilogue_is_exact(avx2, c: int) -> None:
 @pytest.mark.parametrize("n", [144, 200, 20])  # 9 blocks (one task), 13 (a partial last block past NB_ALL), 2 (partial)
 @pytest.mark.parametrize(("stride", "in_pad", "out_pad"), [(1, 0, 0), (1, 1, 0), (2, 0, 0), (1, 0, 1)],
                          ids=["flat", "padded-input", "strided", "padded-next"])
+@pytest.mark.parametrize("checked", [True, False], ids=["checked", "tested"])
 def test_codes_conv_on_small_k_is_exact(avx2, w_bits: int, a_lo: int, a_hi: int, c: int, n: int, stride: int,
-                                        in_pad: int, out_pad: int) -> None:
+                                        in_pad: int, out_pad: int, checked: bool) -> None:
     """The 1x1 codes conv's shortcuts (``gemm_avx2.driver``): a K within one s16 chunk widened once, rows read and
     written at their own pixel index when neither buffer is padded or strided (else the pixel walk), one task for up
-    to ``NB_ALL`` blocks; 2 x 7 x 5 input pixels (m not a multiple of 4), random and extreme codes and weights, a
-    ReLU6 clamp, outputs at half-codes (zero-weight channels whose bias sits on one), against the integer reference
-    and ``_pad_codes``' formula."""
+    to ``NB_ALL`` blocks, and (``checked``: the input codes' bound given) blocks whose every reachable sum was checked
+    skipping the half-code test (``exact_blocks``); 2 x 7 x 5 input pixels (m not a multiple of 4), random and
+    extreme codes and weights, a ReLU6 clamp, outputs at half-codes and ulps beside them (zero-weight channels whose
+    bias sits there: their blocks keep the test), against the integer reference and ``_pad_codes``' formula."""
     rng = np.random.default_rng(c * n + stride + 3 * in_pad + 7 * out_pad + w_bits)
     nb, h, wd = 2, 7, 5
     hp, wp = h + 2 * in_pad, wd + 2 * in_pad
@@ -363,12 +365,17 @@ def test_codes_conv_on_small_k_is_exact(avx2, w_bits: int, a_lo: int, a_hi: int,
                      rng.integers(a_lo, a_hi, (nb, h, wd, c), endpoint=True))
     a8[:, in_pad:in_pad + h, in_pad:in_pad + wd, :c] = inner
     psum = a8.astype(np.int64).sum(axis=-1).reshape(-1)
-    step = np.float32(0.4)
+    step = np.float32(0.3323813)
     scale = (rng.uniform(0.5, 2.0, n) * 6 / (c * max(abs(a_lo), a_hi) * max(-lo_w, hi_w))).astype(np.float32)
     bias = rng.normal(1, 2, n).astype(np.float32)
     half = (rng.integers(-2, 17, n) + np.float32(0.5)) * step
     bias[::7] = np.nextafter(half, np.where(rng.random(n) < 0.5, np.inf, -np.inf).astype(np.float32))[::7]
     bias[::14] = half[::14]
+    q = gemm_avx2.tile_codes_bounds((0.0, 6.0), (step, 0, 15, 0))
+    around = np.concatenate([np.nextafter(half, np.float32(to)) for to in (np.inf, -np.inf)] + [half])
+    split = around[np.rint(np.clip(around * q[4], 0, 15)) != np.rint(np.clip(around / step, q[1], q[2]))]
+    odd = [j for j in (3, 37) if j < n]
+    wc[odd], bias[odd] = 0, split[: len(odd)]  # multiplied, these round to another code: blocks 0 and 2 keep the test
     acc = reference.gemm(a8[:, ::stride, ::stride, :c].reshape(-1, c).astype(np.int64), wc).astype(np.float32)
     y = np.minimum(np.maximum(acc * scale + bias, np.float32(0)), np.float32(6))
     want = np.rint(np.clip(y / step, np.float32(0), np.float32(15))).astype(np.int8).reshape(nb, ho, wo, n)
@@ -377,8 +384,43 @@ def test_codes_conv_on_small_k_is_exact(avx2, w_bits: int, a_lo: int, a_hi: int,
     geom = (1, 1, stride, stride, 0, 0, 1, 1, 1, ho, wo)
     run = gemm_avx2.conv_codes_gemm(pack_weights(wc, w_bits), 0, c, geom, hp, wp, nb * ho * wo, scale, bias,
                                     (0.0, 6.0), not dispatch.settings.serial, padded, (out_pad, out_pad),
-                                    (step, 0, 15, 0), a_max=gemm_avx2.byte_bound(a_lo, a_hi, 0))
+                                    (step, 0, 15, 0), a_max=gemm_avx2.byte_bound(a_lo, a_hi, 0),
+                                    code_max=max(-a_lo, a_hi) if checked else None)
     run(a8.reshape(-1), psum, out8.reshape(-1))
     np.testing.assert_array_equal(out8[:, out_pad:out_pad + ho, out_pad:out_pad + wo], want)
     if out_pad:
         assert (out8[:, 0] == 99).all() and (out8[:, :, 0] == 99).all()  # nothing written on the border
+
+
+def test_exact_blocks_flag_only_blocks_whose_every_sum_rounds_alike() -> None:
+    """``exact_blocks`` against brute force: a block holding one channel whose only reachable sum (zero weights: 0,
+    so the output is its bias) multiplies to another code than it divides to keeps the half-code test; the others,
+    whose every sum within ``code_max * sum |w|`` agrees, skip it; a partial last block is never flagged (it stores
+    through ``store_codes_x8``, which divides); too many sums to check, or a step whose reciprocal is not normal, flag
+    none."""
+    rng = np.random.default_rng(11)
+    step = np.float32(0.3323813)
+    q = gemm_avx2.tile_codes_bounds((0.0, 6.0), (step, 0, 15, 0))
+    half = (np.arange(16, dtype=np.float32) + np.float32(0.5)) * step
+    near = np.concatenate([half] + [np.nextafter(half, np.float32(s)) for s in (np.inf, -np.inf)]).astype(np.float32)
+    split = next(b for b in near if np.rint(np.clip(b * q[4], 0, 15)) != np.rint(np.clip(b / step, q[1], q[2])))
+    n, k = 56, 24
+    wc = rng.integers(-8, 8, (n, k)).astype(np.int8)
+    wc[20] = 0
+    scale = (rng.uniform(0.5, 2, n) * 6 / (k * 64)).astype(np.float32)
+    bias = rng.normal(1, 1, n).astype(np.float32)
+    bias[20] = split
+    w = pack_weights(wc, 4)
+    flags = gemm_avx2.exact_blocks(w, 8, scale, bias, q)
+    reach = 8 * np.abs(wc.astype(np.int64)).sum(axis=1)
+    want = []
+    for b in range(n // 16):
+        agree = True
+        for j in range(16 * b, 16 * b + 16):
+            y = np.arange(-reach[j], reach[j] + 1).astype(np.float32) * scale[j] + bias[j]
+            agree &= bool((np.clip(np.rint(y * q[4]), q[6], q[7]) == np.rint(np.clip(y / step, q[1], q[2]))).all())
+        want.append(agree)
+    assert flags.tolist() == [*map(float, want), 0.0] and want == [True, False, True]
+    assert not gemm_avx2.exact_blocks(w, 10**6, scale, bias, q).any()  # more sums than MAX_CHECKED
+    huge = gemm_avx2.tile_codes_bounds((0.0, 6.0), (np.float32(1e38), 0, 15, 0))
+    assert not gemm_avx2.exact_blocks(w, 8, scale, bias, huge).any()
