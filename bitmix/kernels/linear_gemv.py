@@ -54,10 +54,7 @@ def _gemv_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, signs, 
                scale, bias, out):
     m = x.shape[0]
     if _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block):
-        return True
-    for i in range(m):  # a step that overflowed to inf quantizes the row to zeros without a NaN: refused too
-        if not np.isfinite(steps[i]):
-            return True
+        return True  # a NaN, or a step that overflowed to inf (``row_steps`` flags both)
     _core(a8, asum, w, wsum, shift, 1, m, m, n, kp, acc)
     for i in range(m):
         s = steps[i]
