@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/quality.py [--models resnet18,digits-cnn] [--quick] [--json out.json]
 
-Protocol (issue 12): per model, target (int8-npu, w4a8-npu, int4-npu, int4int2-npu at budget
-0.8, 0.95 and 1; budget 1 is every free layer at the target's highest choice, e.g. 4/8, or 4/4 on
+Protocol (issue 12): per model, target (int8-npu, w4a8-npu, w4a8r-npu, int4-npu, int4int2-npu at
+budget 0.8, 0.95 and 1; budget 1 is every free layer at the target's highest choice, e.g. 4/8, or 4/4 on
 int4int2-npu: the issue's "all-4" bar) and
 seed, `bitmix.compile` with `--calib` calibration inputs (default 8: the
 training split's inputs in a seeded order, or seeded random N(0, 1) inputs for the
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 import bitmix
 from bitmix import zoo
 
-SETTINGS = (("int8-npu", 1.0), ("w4a8-npu", 1.0), ("int4-npu", 1.0), ("int4int2-npu", 0.8), ("int4int2-npu", 0.95),
-            ("int4int2-npu", 1.0))
+SETTINGS = (("int8-npu", 1.0), ("w4a8-npu", 1.0), ("w4a8r-npu", 1.0), ("int4-npu", 1.0), ("int4int2-npu", 0.8),
+            ("int4int2-npu", 0.95), ("int4int2-npu", 1.0))
 DEFAULT_MODELS = ("digits-cnn", "digits-mlp", "resnet18", "resnet50", "mobilenetv2", "minilm")
 RANDOM_TEST_INPUTS = 16
 

@@ -120,7 +120,7 @@ def _recipe_key(recipe: FinetuneConfig) -> dict:
 
 def _key(p: Precision | None) -> int | str | None:
     """b/b as the int b (keys of caches written before pairs stay valid), other pairs as "w/a"."""
-    return p if p is None else (p.w if p.w == p.a else str(p))
+    return p if p is None else (p.w if p == p.w else str(p))
 
 
 def cached_train_at_highest(

@@ -11,7 +11,9 @@ add/subtract butterflies per input element, priced by the simulator as vector-un
 layer and run by the kernels' host code before the activations are quantized.
 
 The rule depends only on the layer and its precision, so the allocator's costs know it before any
-data is seen: linears whose activations are at most MAX_ACTIVATION_BITS wide, whose input the graph
+data is seen: linears whose activations are at most MAX_ACTIVATION_BITS wide or whose precision asks
+for the rotation ("4/8r": beside 8-bit activations it serves the narrow weights, spreading each row's
+large entries over the block, QuIP's incoherence processing, arXiv 2307.13304), whose input the graph
 does not prove non-negative, and whose input width has a power-of-two factor of at least MIN_BLOCK
 (b = the largest such factor).
 """
@@ -31,7 +33,7 @@ def rotation_block(kind: str, in_features: int, bits: Precision, input_nonneg: b
     rotation would make it signed, costing one of its few levels, and such inputs carry no sign-symmetric
     outliers to spread (digits-mlp with its post-ReLU fc2 at 2/2: 97.5 % top-1 rotated vs 97.8 % not, and
     96.4 % rotated after 2 epochs of fine-tuning)."""
-    if kind != "linear" or bits.a > MAX_ACTIVATION_BITS or in_features <= 0 or input_nonneg:
+    if kind != "linear" or (bits.a > MAX_ACTIVATION_BITS and not bits.rotated) or in_features <= 0 or input_nonneg:
         return None
     block = in_features & -in_features
     return block if block >= MIN_BLOCK else None

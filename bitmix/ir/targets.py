@@ -7,6 +7,10 @@ Reference notes: which pairs the chip runs, and why.
   §1.3; SiLQ A8-C8-W4, §2): a narrower weight operand in a wider MAC mode. We take the datapath to
   be SIMD-packed into 8-bit words (Ottati's reading, §5), so a narrow weight is sign-extended into
   the wider activation's lanes: 4/8, 2/8 and 2/4 run at the activation's rate.
+- `w4a8r-npu` is `w4a8-npu` with every eligible linear's input read through the online Hadamard
+  rotation ("4/8r", `bitmix.ir.rotation`): the rotation spreads each 4-bit weight row's large entries
+  (QuIP, arXiv 2307.13304), at a price in vector work the simulator adds to the layer (MiniLM: more
+  than `int8-npu`'s cycles, docs/quality.md); an accuracy choice, not a cheaper one.
 - Weights wider than activations (8/4, 8/2, 4/2) appear in no source read; they would also waste the
   weight SRAM they are priced for, so they are not offered (a one-line BitmixError, `check_runs`).
 """
@@ -76,6 +80,7 @@ class Target:
 TARGETS: dict[str, Target] = {
     "int4int2-npu": Target("int4int2-npu", (4, 2), pin_first_last=8),  # type: ignore[arg-type]
     "w4a8-npu": Target("w4a8-npu", (Precision(4, 8), Precision(2, 8)), pin_first_last=8),  # type: ignore[arg-type]
+    "w4a8r-npu": Target("w4a8r-npu", (Precision(4, 8, True), Precision(2, 8, True)), pin_first_last=8),  # type: ignore[arg-type]
     "mixed-npu": Target("mixed-npu", CHIP_PAIRS),
     "int8-npu": Target("int8-npu", (8,)),  # type: ignore[arg-type]
     "int4-npu": Target("int4-npu", (4,)),  # type: ignore[arg-type]

@@ -33,19 +33,21 @@ class LayerRow:
     bound: str = ""
     pinned: bool = False
     a_bits: int | None = None  # activation bits (None with bits set: the same as `bits`)
+    rotated: bool = False  # a "w/ar" choice: the input read through the online rotation at 8-bit activations
 
     def __post_init__(self) -> None:
         bits = self.bits
-        if isinstance(bits, tuple):  # a Precision pair given whole
+        if isinstance(bits, tuple):  # a Precision given whole
             object.__setattr__(self, "bits", bits[0])
             object.__setattr__(self, "a_bits", bits[1])
+            object.__setattr__(self, "rotated", bool(bits[2]) if len(bits) > 2 else False)
         elif bits is not None and self.a_bits is None:
             object.__setattr__(self, "a_bits", bits)
 
     @property
     def precision(self) -> str:
-        """"w/a" for display ("fp32" when no kernel runs the layer)."""
-        return "fp32" if self.bits is None else f"{self.bits}/{self.a_bits}"
+        """"w/a" ("w/ar" rotated) for display ("fp32" when no kernel runs the layer)."""
+        return "fp32" if self.bits is None else f"{self.bits}/{self.a_bits}{'r' if self.rotated else ''}"
 
 
 @dataclass(frozen=True)

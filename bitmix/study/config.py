@@ -121,7 +121,7 @@ def references(target: Target) -> tuple[tuple[str, Precision], ...]:
     """Uniform reference assignments: all-8 (every layer at 8/8) and every free choice of the target,
     labelled "all-4" for 4/4 and "all-4/8" for a pair."""
     choices = dict.fromkeys((Precision(8, 8), *(as_precision(c) for c in target.choices)))
-    return tuple((f"all-{c.w}" if c.w == c.a else f"all-{c}", c) for c in choices)
+    return tuple((f"all-{c.w}" if c == c.w else f"all-{c}", c) for c in choices)
 
 
 def default_config(

@@ -28,6 +28,7 @@ from bitmix.compiler.lower import (
 from bitmix.compiler.qlayer import MIN_STEP, quant_layers
 from bitmix.compiler.quantize import fake_quantize
 from bitmix.errors import BitmixError
+from bitmix.ir.rotation import rotation_block
 from bitmix.kernels.pack import code_range
 from bitmix.kernels.threads import configure_threading
 
@@ -187,7 +188,8 @@ def test_minilm_attention_lowers(capture_zoo, load_zoo):
     assert kinds.count("matmul") == 12 and kinds.count("linear") == 36  # the dropped pooler is not captured
 
 
-PAIRS = {"w4a8": ("4/8", "2/8"), "mixed": ("8/8", "4/8", "2/8", "4/4", "2/4", "2/2")}
+PAIRS = {"w4a8": ("4/8", "2/8"), "mixed": ("8/8", "4/8", "2/8", "4/4", "2/4", "2/2"),
+         "rotated": ("4/8r", "2/8r", "8/8r", "4/8")}
 
 
 @pytest.mark.parametrize("name", ["digits-cnn", "digits-mlp", "minilm",
@@ -208,6 +210,9 @@ def test_kernels_equal_fake_quant_on_pairs(capture_zoo, load_zoo, name, pairs):
         p = layer.bits
         assert layer.a_quant.bits == p.a and (layer.w_quant or layer.b_quant).bits == (p.a if layer.kind == "matmul"
                                                                                          else p.w)
+        block = None if layer.weight is None else rotation_block(layer.kind, layer.weight.shape[-1], p,
+                                                                  layer.a_nonneg)
+        assert (layer.rotation_signs is not None) == (block is not None)
     lowered = lower(fq)
     x = _batch_like(inputs, 2, 1) if data is None else tuple(t[:2] for t in data.test.inputs)
     with torch.no_grad():

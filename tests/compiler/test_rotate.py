@@ -79,10 +79,42 @@ def test_only_narrow_activations_are_rotated_and_rotation_lowers_4_bit_error():
     assert errors[1] < 0.5 * errors[0]
 
 
+class _WeightOutliers(nn.Module):
+    """A linear whose weight rows each carry a few entries 20x larger than the rest: one per-row 4-bit step
+    spends its levels on them, and the rotation spreads them over the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.fc = nn.Linear(128, 64)
+        with torch.no_grad():
+            w = torch.randn(64, 128, generator=gen) * 0.05
+            w[torch.arange(64), torch.randint(0, 128, (64,), generator=gen)] *= 20.0
+            self.fc.weight.copy_(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_a_rotated_4_8_pair_rotates_and_lowers_the_4_bit_weight_error():
+    calib = (torch.randn(256, 128, generator=torch.Generator().manual_seed(6)),)
+    test = torch.randn(256, 128, generator=torch.Generator().manual_seed(7))
+    net = _WeightOutliers().eval()
+    gm = prepare(capture(net, (calib[0][:2],)))
+    plain = fake_quantize(gm, {"fc": "4/8"}, calib)
+    rotated = fake_quantize(gm, {"fc": "4/8r"}, calib)
+    assert quant_layers(plain)["fc"].rotation_signs is None
+    assert quant_layers(rotated)["fc"].rotation_signs is not None
+    with torch.no_grad():
+        ref = net(test)
+        errors = [float((m(test) - ref).pow(2).mean()) for m in (plain, rotated)]
+    assert errors[1] < 0.5 * errors[0], errors
+
+
 def test_rotated_layers_lower_bit_exactly():
     calib, test = _data(4), _data(5)
     gm = prepare(capture(_Outliers().eval(), (calib[0][:2],)))
-    for bits in (4, 2, "2/4"):
+    for bits in (4, 2, "2/4", "4/8r", "2/8r", "8/8r"):
         fq = fake_quantize(gm, dict.fromkeys(quant_layers(gm), bits), calib)
         assert any(layer.rotation_signs is not None for layer in quant_layers(fq).values())
         with torch.no_grad():

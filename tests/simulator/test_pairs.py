@@ -72,3 +72,18 @@ def test_rotated_inputs_and_row_steps_cost_vector_work_at_narrow_activations_onl
     assert counts[Precision(4, 8)].vector_ops == base + 64 * 384 * (1 + 1)
     assert counts[Precision(2, 2)].vector_ops == base + 64 * 384 * (1 + 7)
     assert counts[Precision(4, 4)].vector_ops == base + 64 * 384 * (1 + 7 + 1 + 1)
+
+
+def test_a_rotated_8_bit_pair_pays_the_rotation_on_top_of_its_plain_pair():
+    """4/8r is 4/8 plus the rotation's sign flip and log2(b) butterflies per input element; a conv, which the
+    rule never rotates, costs the same at 4/8r as at 4/8."""
+    work = layer_works([linear("fc", 384, 384, rows=64)])[0]
+    counts = {p: simulate_layer(work, p, ChipConfig(), None)[0].counts
+              for p in (Precision(4, 8), Precision(4, 8, True), Precision(8, 8), Precision(8, 8, True))}
+    assert counts[Precision(4, 8, True)].vector_ops == counts[Precision(4, 8)].vector_ops + 64 * 384 * (1 + 7)
+    assert counts[Precision(8, 8, True)].vector_ops == counts[Precision(8, 8)].vector_ops + 64 * 384 * (1 + 7)
+    layer = linear("fc", 384, 384, rows=64)
+    assert _one(layer, "4/8r").cycles > _one(layer, "4/8").cycles
+    assert _one(layer, "4/8r").energy_j > _one(layer, "4/8").energy_j
+    c = conv("c", 64, 64, 28)
+    assert _one(c, "4/8r").cycles == _one(c, "4/8").cycles
