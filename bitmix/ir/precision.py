@@ -9,7 +9,8 @@ Ordering is by cost on a NorthPole-style chip, highest first when sorted in reve
 the MAC array runs at the wider operand's rate, so `max(w, a)` dominates, then the weight
 width (resident bytes, streaming), then the activation width. So 8/8 > 4/8 > 2/8 > 4/4 >
 2/4 > 2/2 (the ordering key is one-to-one; a rotated pair sits just above its plain one). The
-shorthand holds inside too: b/b equals and hashes like the int b, so `{4: ...}[Precision(4, 4)]` and `4 in target.choices` work.
+shorthand holds inside too: b/b equals and hashes like the int b, so `{4: ...}[Precision(4, 4)]`
+and `4 in target.choices` work.
 """
 
 from __future__ import annotations
