@@ -95,6 +95,19 @@ def ort_int8_node_times(model: nn.Module, inputs: tuple[torch.Tensor, ...], data
 
 
 @contextmanager
+def _mha_fastpath_off() -> Iterator[None]:
+    """`nn.MultiheadAttention` and `nn.TransformerEncoderLayer` in eval mode under no_grad take a fused fast path
+    (`aten::_native_multi_head_attention`, `aten::_transformer_encoder_layer_fwd`) that the ONNX exporter cannot
+    write; with it off they run (and export) as their plain ops, the same function."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+@contextmanager
 def _root_log_level(level: int) -> Iterator[None]:
     """ONNX Runtime's quantizer reports through the root logger: quiet it for a block, then restore it."""
     root = logging.getLogger()
@@ -130,7 +143,7 @@ def _int8_sessions(model: nn.Module, inputs: tuple[torch.Tensor, ...], data: Tas
         fp32 = os.path.join(tmp, "model.onnx")
         prep = os.path.join(tmp, "model.prep.onnx")
         int8 = os.path.join(tmp, "model.int8.onnx")
-        with torch.no_grad():
+        with torch.no_grad(), _mha_fastpath_off():
             torch.onnx.export(model, inputs, fp32, input_names=names, dynamo=False)
         try:  # shape inference + graph optimisation (constant biases become initializers)
             quant_pre_process(fp32, prep)

@@ -158,3 +158,22 @@ def test_ort_baseline_quantizes_a_weight_normed_model():
         want = model(*test)
     assert got.shape == (5, 4) and not torch.equal(got, want)
     assert F.cosine_similarity(got, want, dim=-1).min() > 0.99
+
+
+def test_ort_baseline_exports_torch_attention_layers():
+    """`nn.TransformerEncoderLayer` / `nn.MultiheadAttention` in eval mode take a fused fast path the ONNX exporter
+    cannot write (UnsupportedOperatorError); the baseline exports them as their plain ops."""
+    import torch
+    import torch.nn.functional as F
+
+    from bitmix.tools.ort_baseline import ort_int8_outputs
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    calibration, test = (torch.randn(8, 6, 32),), (torch.randn(5, 6, 32),)
+    got = ort_int8_outputs(model, calibration, test)
+    with torch.no_grad():
+        want = model(*test).flatten(1)
+    assert got.shape == want.shape and F.cosine_similarity(got, want, dim=-1).min() > 0.95
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
