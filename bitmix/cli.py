@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     study = p.add_subparsers(dest="study", required=True)
     f = study.add_parser("frontier", help="every method x budget x seed: fine-tune, run on kernels, simulate")
     f.add_argument("model", help="digits-cnn, digits-mlp, digits-cnn-ptq (no fine-tuning), minilm-ptq, a -w4a8 "
-                   "variant (target w4a8-npu: digits-cnn-w4a8, digits-cnn-ptq-w4a8, minilm-ptq-w4a8), minilm, or all")
+                   "variant (target w4a8-npu: digits-cnn-w4a8, digits-cnn-ptq-w4a8, minilm-ptq-w4a8), minilm-ptq-w4a8r "
+                   "(target w4a8r-npu), minilm, or all")
     f.add_argument("--methods", nargs="+", help="default: eagl alps hawq limpq sqnr uniform random")
     f.add_argument("--budgets", type=_positive_float, nargs="+",
                    help="fractions of the all-4-bit cost (default: 0.55 0.6 0.7 0.8 0.9 1.0, plus "

@@ -29,22 +29,25 @@ EXTRA_BUDGETS = {"digits-mlp": (0.95,), "minilm": (0.925, 0.95, 0.975)}
 # w4a8-npu lowers weights only (activations stay 8 bits), so its
 # cheapest assignment is 0.961 of all-4/8 on digits-cnn, 0.997 on minilm (at batch 1 x 64 tokens mostly
 # activation traffic) and 1.0 on digits-mlp (no mix at all).
+# w4a8r-npu on minilm: all-2/8r is 0.83 of all-4/8r (12.88 vs 15.52 us simulated, docs/quality.md).
 TARGET_BUDGETS = {("minilm", "int4int2-npu"): (0.85, 0.9, 0.925, 0.95, 0.975, 1.0),
+                  ("minilm", "w4a8r-npu"): (0.85, 0.9, 0.925, 0.95, 0.975, 1.0),
                   ("minilm", "w4a8-npu"): (0.9975, 0.998, 0.9985, 0.999, 0.9995, 1.0),
                   ("digits-cnn", "w4a8-npu"): (0.965, 0.97, 0.98, 0.99, 1.0)}
 QUICK_BUDGETS = (0.8, 1.0)
 QUICK_METHODS = ("eagl", "uniform")
 GREEDY_SUFFIX = "@pareto-greedy"  # points of a knapsack method's scores allocated by AIMET AMP's search
 TARGET = "int4int2-npu"  # the default; a study name ending in a key of TARGET_SUFFIXES picks another
-TARGET_SUFFIXES = {"-w4a8": "w4a8-npu"}
+TARGET_SUFFIXES = {"-w4a8": "w4a8-npu", "-w4a8r": "w4a8r-npu"}
 COSTS = "exact"  # budgets on the simulator's exact costs (`simulator.price` equals `simulate()`; issue 11)
 # Study names: zoo models, plus "<model>-ptq" = the same sweep with no fine-tuning after allocation
 # (post-training quantization only), a harder regime where layer choices matter more, and "...-w4a8" =
-# the same at target w4a8-npu (4- or 2-bit weights, 8-bit activations). `all` runs MODELS; minilm runs
+# the same at target w4a8-npu (4- or 2-bit weights, 8-bit activations), "...-w4a8r" at w4a8r-npu (the same with
+# each linear's input rotated; transformers only: the rule rotates no conv). `all` runs MODELS; minilm runs
 # in the PTQ regime there (its fine-tuned sweep, "minilm", stays available: ~17 min per training on 2 cores).
 MODELS = ("digits-cnn", "digits-mlp", "digits-cnn-ptq", "minilm-ptq",
           "digits-cnn-w4a8", "digits-cnn-ptq-w4a8", "minilm-ptq-w4a8")
-OTHER_STUDIES = ("minilm", "digits-mlp-ptq", "digits-mlp-w4a8", "minilm-w4a8")
+OTHER_STUDIES = ("minilm", "digits-mlp-ptq", "digits-mlp-w4a8", "minilm-w4a8", "minilm-ptq-w4a8r", "minilm-w4a8r")
 # minilm evaluates on an evenly spaced subset of its test sentences (and trains / calibrates on a subset of
 # its training sentences): one pass over all 542 test sentences takes ~100 s on one loaded core.
 DATA_LIMITS = {"minilm": (320, 160)}  # (train, test) examples
@@ -106,7 +109,7 @@ class StudyConfig:
 
 
 def parse_study(name: str) -> tuple[str, bool, str]:
-    """A study name -> (zoo model, PTQ regime, target): "<model>[-ptq][-w4a8]"."""
+    """A study name -> (zoo model, PTQ regime, target): "<model>[-ptq][-w4a8|-w4a8r]"."""
     if name not in MODELS + OTHER_STUDIES:
         raise BitmixError(f"the frontier study needs a zoo model with data; choose from {', '.join(MODELS)}, "
                           f"{', '.join(OTHER_STUDIES)}")

@@ -112,6 +112,10 @@ def test_w4a8_studies_name_their_target_and_feasible_budgets():
     assert references(get_target("w4a8-npu")) == (("all-8", Precision(8, 8)), ("all-4/8", Precision(4, 8)),
                                                   ("all-2/8", Precision(2, 8)))
     assert [label for label, _ in references(get_target("int4int2-npu"))] == ["all-8", "all-4", "all-2"]
+    rotated = default_config("minilm-ptq-w4a8r")
+    assert (rotated.model, rotated.target, rotated.recipe.epochs) == ("minilm", "w4a8r-npu", 0)
+    assert min(rotated.budgets) == 0.85 and rotated.fingerprint() != ptq.fingerprint()
+    assert [label for label, _ in references(get_target("w4a8r-npu"))] == ["all-8", "all-4/8r", "all-2/8r"]
 
 
 def test_limit_data_keeps_evenly_spaced_examples():
