@@ -7,7 +7,12 @@ independent noise), which is what the knapsack assumes, whereas SQNR in dB does 
 no training.
 
 `SQNRConfig.quantizer` says how the one layer is quantized:
-- "lsq-init": weights and input activations at their LSQ-initialised steps from the calibration set;
+- "lsq-init": weights and input activations at their LSQ-initialised steps from the calibration set, every
+  linear rotated as the target's lowest choice deploys it (on `mixed-npu` that includes the 8-bit-activation
+  choices, which deploy unrotated; scored unrotated, LSQ-initialised 2-bit weights lose so much more than the
+  MSE-searched, GPTQ-rounded deployed ones that digits-mlp's 2/8 summed error would exceed its 2/4's, 0.147 vs
+  0.097, against the deployed 0.0072 vs 0.0095); on a target offering both 4/8 and 4/8r it scores them alike:
+  use "deployed" there;
 - "deployed": as `fake_quantize` deploys it (MSE range search, activation-step search, GPTQ rounding,
   bias correction, the rotation), fitted once per choice with every free layer at that choice, then
   each layer scored alone with the float model around it. AIMET AMP scores each candidate with the
