@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bitmix.errors import BitmixError
-from bitmix.ir.targets import DEFAULT_TARGET
+from bitmix.ir.targets import DEFAULT_TARGET, TARGETS
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--data", metavar="FILE.pt", help="calibration inputs for a .pt2 program: a tensor (or a tuple, "
                    "one per input) saved with torch.save, batch first")
-    p.add_argument("--target", default=DEFAULT_TARGET)
+    p.add_argument("--target", default=DEFAULT_TARGET, help=f"one of {', '.join(TARGETS)} (default "
+                   f"{DEFAULT_TARGET})")
     p.add_argument("--method", default="eagl")
     p.add_argument("--strategy", choices=("knapsack", "pareto-greedy", "pareto-greedy-normalised"),
                    help="how scores become an assignment: the exact knapsack (default for scoring methods) or "
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="simulate a model at one precision on the NorthPole-style chip")
     _add_model(p)
     p.add_argument("--bits", default="8", help="precision of every layer: 8, 4, 2 or a weight/activation pair "
-                   "such as 4/8 (weights no wider than activations)")
+                   "such as 4/8 (weights no wider than activations), 4/8r with the linears' inputs rotated")
     p.add_argument("--config", help="chip configuration TOML")
     p.add_argument("--engine", choices=("analytic", "cycle"), default="analytic")
     p.add_argument("--json", help="write the SimResult as JSON to this file")

@@ -38,6 +38,7 @@ def test_compile_digits_writes_everything(tmp_path):
         (["simulate", "digits-cnn", "--config", "/nonexistent.toml"], "nonexistent.toml"),
         (["simulate", "digits-cnn", "--bits", "8/4"], "weights wider than activations"),
         (["simulate", "digits-cnn", "--bits", "3"], "--bits '3'"),
+        (["simulate", "digits-mlp", "--bits", "4/4r"], "'r' (rotated input) applies to 8-bit activations only"),
         (["bench", "model", "nope"], "unknown model 'nope'"),
         (["bench", "model", "digits-mlp", "--repeats", "0"], "repeats=0"),
         (["bench", "model", "digits-mlp", "--target", "gpu"], "unknown target 'gpu'"),
@@ -98,6 +99,9 @@ def test_simulate_json(tmp_path):
     assert main(["simulate", "digits-cnn", "--bits", "4/8", "--json", str(path)]) == 0
     layers = json.loads(path.read_text())["layers"]
     assert all((row["bits"], row["a_bits"]) == (4, 8) for row in layers)
+    assert main(["simulate", "digits-mlp", "--bits", "4/8r", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["layers"]
+    assert all((row["bits"], row["a_bits"], row["rotated"]) == (4, 8, True) for row in rows)
 
 
 class TinyConvNet(torch.nn.Module):

@@ -47,9 +47,10 @@ class LayerResult:
     weight_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe: `bits` is the weight width and `a_bits` the activation width (as in report.json)."""
+        """JSON-safe: `bits` is the weight width, `a_bits` the activation width and `rotated` whether the choice
+        asked for the input rotation ("4/8r"), as in report.json."""
         out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
-        out["bits"], out["a_bits"] = self.bits.w, self.bits.a
+        out["bits"], out["a_bits"], out["rotated"] = self.bits.w, self.bits.a, self.bits.rotated
         return out
 
 
