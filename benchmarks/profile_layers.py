@@ -145,13 +145,16 @@ ORT_WEIGHTED = ("QLinearConv", "ConvInteger", "Conv")
 
 def _compare_ort(model, inputs, data, threads: int, runs: int, per_layer: dict[str, float],
                  layer_order: dict[str, None], top: int) -> None:
-    """ONNX Runtime int8's convs beside bitmix's, paired in execution order (ORT may run a block's
-    downsample conv before its last conv, so such pairs swap: compare sums, or shapes, not names)."""
-    from bitmix.tools.ort_baseline import ort_int8_node_times
+    """ONNX Runtime int8's convs beside bitmix's, paired by the module path in ORT's node names, or in
+    execution order where a name names no lowered layer."""
+    from bitmix.tools.ort_baseline import module_path, ort_int8_node_times
 
     nodes = ort_int8_node_times(model.eval(), inputs, data, threads, runs)
     convs = [(node, t) for node, op, t in nodes if op in ORT_WEIGHTED]
     ours = [name for name in layer_order if name in per_layer][: len(convs)]
+    by_name = [module_path(node) for node, _ in convs]
+    if sorted(by_name) == sorted(ours):
+        ours = by_name
     other: dict[str, float] = defaultdict(float)
     for _, op, t in nodes:
         if op not in ORT_WEIGHTED:

@@ -94,6 +94,19 @@ def ort_int8_node_times(model: nn.Module, inputs: tuple[torch.Tensor, ...], data
     return [(node, ops[node], statistics.median(t[-runs:])) for node, t in times.items()]
 
 
+def module_path(node: str) -> str:
+    """The torch module path of an exported ONNX node's name: ``/layer1/layer1.0/downsample/downsample.0/Conv_..``
+    -> ``layer1.0.downsample.0`` (each scope names its child as the parent's attribute plus the child's, ``layer1.0``
+    inside ``layer1``). ORT may run a block's branches in another order than torch, so profiles pair by this name."""
+    parts: list[str] = []
+    for seg in node.strip("/").split("/")[:-1]:
+        if parts and seg.startswith(parts[-1] + "."):
+            parts[-1] = seg
+        else:
+            parts.append(seg)
+    return ".".join(parts)
+
+
 @contextmanager
 def _mha_fastpath_off() -> Iterator[None]:
     """`nn.MultiheadAttention` and `nn.TransformerEncoderLayer` in eval mode under no_grad take a fused fast path

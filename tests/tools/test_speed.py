@@ -99,6 +99,34 @@ def test_ort_baseline_runs_an_int8_model_close_to_fp32():
     assert (got.argmax(1) == want.argmax(1)).mean() > 0.9
 
 
+def test_ort_node_times_name_the_torch_modules_they_ran():
+    """``module_path`` turns every conv node of ORT's profile into the module it was exported from, a
+    ``Sequential``'s children and a branch ORT may reorder included (``profile_layers --ort`` pairs by it)."""
+    import torch
+    from torch import nn
+
+    from bitmix.tools.ort_baseline import module_path, ort_int8_node_times
+
+    class Block(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(c, 8, 3, padding=1)
+            self.downsample = nn.Sequential(nn.Conv2d(c, 8, 1))
+
+        def forward(self, x):
+            return torch.relu(self.conv1(x)) + self.downsample(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Sequential(Block(4), Block(8)))
+    model.eval()
+    inputs = (torch.randn(1, 3, 8, 8),)
+    nodes = ort_int8_node_times(model, inputs, None, threads=1, runs=2)
+    convs = [module_path(node) for node, op, _ in nodes if op in ("QLinearConv", "ConvInteger", "Conv")]
+    want = {name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert sorted(convs) == sorted(want) and len(want) == 5
+    assert module_path("/layer1/layer1.0/downsample/downsample.0/Conv_token_5") == "layer1.0.downsample.0"
+    assert module_path("/conv1/Conv") == "conv1"
+
+
 def test_interleaved_medians_times_blocks_in_turn(monkeypatch):
     """Each contender runs ``rounds`` blocks of warm-up + timed calls, the blocks alternating; the median is
     over its timed calls only (a fake clock: each call advances it by the contender's cost)."""
