@@ -35,7 +35,7 @@ SHAPES = [(64, 384, 384), (64, 1536, 384), (64, 384, 1536)]  # (M, N, K)
 
 def _median(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``fn()``; after a pause, so torch's OpenMP threads, which spin ~1 ms after
-    each torch call (``bitmix.kernels.bench._median_times``), have gone idle and tax no contender."""
+    each torch call (``bitmix.kernels.bench._round_medians``), have gone idle and tax no contender."""
     time.sleep(0.05)
     return median_seconds(fn, repeats, warmup=5)
 

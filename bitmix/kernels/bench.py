@@ -2,7 +2,8 @@
 
 Protocol (``shared/reference/kernels.md`` section 5.4): threads pinned to the machine's cores
 for both Numba and torch, a warm-up before timing, medians of repeats, every case timed
-against both baselines in the same run. "ours" is ``bitmix.kernels.gemm`` on int8
+against both baselines in the same run, in turns (``ROUNDS`` rounds; a ratio is the median of the
+rounds' ratios, printed with their range). "ours" is ``bitmix.kernels.gemm`` on int8
 activation codes (the kernel; activation quantization excluded) plus, for GEMV, ``qlinear``
 (float in, float out, like torch). "cold" GEMV rotates over enough weight copies (> 3x
 L3) that each call streams its weights from DRAM -- for ours and torch's alike.
@@ -53,29 +54,51 @@ COLD_BYTES = 3 * L3_BYTES
 RESNET50 = [(3136, 64, 576), (784, 128, 1152), (196, 256, 2304), (49, 512, 4608), (3136, 256, 64)]
 
 
+ROUNDS = 5  # blocks per contender in ``_round_medians``
+
+
 def _median_time(fn: Callable[[int], object], repeats: int, warmup: int = 3) -> float:
     """Median wall time of ``fn(i)`` over ``repeats`` calls after ``warmup`` calls."""
-    return _median_times({"f": fn}, repeats, warmup)["f"]
+    return float(np.median(_round_medians({"f": fn}, repeats, warmup, rounds=1)["f"]))
 
 
-def _median_times(fns: dict[str, Callable[[int], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median wall time of each ``fn(i)``, one contender at a time.
+def _round_medians(fns: dict[str, Callable[[int], object]], repeats: int, warmup: int = 3,
+                   rounds: int | None = None) -> dict[str, list[float]]:
+    """Per contender, the median wall time of ``fn(i)`` in each of ``rounds`` rounds; a round times every
+    contender in turn, one block each of ``repeats / rounds`` back-to-back calls (``i`` counts on across
+    blocks, so cold cases keep rotating their copies).
 
-    Not interleaved: torch's OpenMP threads keep spinning ~1 ms after each torch call and
-    would tax whichever kernel runs next; a pause between contenders lets them go idle.
+    In turns because the shared VMs this runs on have slow spells (a case's torch int8 baseline 1.24x
+    slower than ours in one block and 0.74-0.84x in the next, while interleaved calls of the same kernels
+    timed alike: AMD EPYC, 2026-12-07), and a spell then hits every contender of the round alike; ratios are
+    taken round by round (``_paired``). Each block starts after a pause and ``warmup`` untimed calls (one
+    after the first round): torch's OpenMP threads keep spinning ~1 ms after each torch call and would tax
+    whichever kernel runs next.
     """
-    out = {}
-    for name, fn in fns.items():
-        time.sleep(0.05)
-        for i in range(warmup):
-            fn(i)
-        times = []
-        for i in range(repeats):
-            t0 = time.perf_counter()
-            fn(i)
-            times.append(time.perf_counter() - t0)
-        out[name] = float(np.median(times))
+    rounds = max(1, min(ROUNDS if rounds is None else rounds, repeats))
+    per_block = -(-repeats // rounds)
+    calls = dict.fromkeys(fns, 0)
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            time.sleep(0.05)
+            for _ in range(warmup if r == 0 else 1):
+                fn(calls[name])
+                calls[name] += 1
+            times = []
+            for _ in range(per_block):
+                t0 = time.perf_counter()
+                fn(calls[name])
+                times.append(time.perf_counter() - t0)
+                calls[name] += 1
+            out[name].append(float(np.median(times)))
     return out
+
+
+def _paired(base: list[float], ours: list[float]) -> tuple[float, float, float]:
+    """``base / ours`` round by round (``_round_medians``): (median, lowest, highest)."""
+    ratios = np.array(base) / np.array(ours)
+    return float(np.median(ratios)), float(ratios.min()), float(ratios.max())
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -203,15 +226,17 @@ def _bench_case(
     fns = {op: ours, "torch_fp32": fp32, "torch_int8_dynamic": int8}
     if with_qlinear:
         fns["qlinear"] = ours_q
-    med = _median_times(fns, repeats)
-    base = {name: med[name] for name in ("torch_fp32", "torch_int8_dynamic")}
-    mine = {name: med[name] for name in (op, "qlinear") if name in med}
+    per_round = _round_medians(fns, repeats)
+    base = {name: per_round[name] for name in ("torch_fp32", "torch_int8_dynamic")}
+    mine = {name: per_round[name] for name in (op, "qlinear") if name in per_round}
     settings = dispatch.settings
     on_amx = settings.uses_amx(first, m, 1)
     wbytes = amx.weight_tiles(first).nbytes if on_amx else first.nbytes  # the bytes the engine reads
     records = []
-    for name, secs in mine.items():
-        for bname, bsecs in base.items():
+    for name, rounds in mine.items():
+        secs = float(np.median(rounds))
+        for bname, brounds in base.items():
+            speedup, low, high = _paired(brounds, rounds)
             records.append(
                 {
                     "op": name,
@@ -221,8 +246,10 @@ def _bench_case(
                     "a_bits": a_bits,
                     "seconds": secs,
                     "baseline": bname,
-                    "baseline_seconds": bsecs,
-                    "speedup": bsecs / secs,
+                    "baseline_seconds": float(np.median(brounds)),
+                    "speedup": speedup,  # the median of the rounds' ratios, not a ratio of two medians
+                    "speedup_range": [low, high],
+                    "rounds": len(rounds),
                     "regime": regime,
                     "gops": 2 * m * n * k / secs / 1e9,
                     "weight_gbps": wbytes / secs / 1e9,
@@ -234,8 +261,14 @@ def _bench_case(
     return records
 
 
+def _ratio_cell(r: dict, unit: str) -> str:
+    low, high = r["speedup_range"]
+    return f"{r['speedup']:.2f}× [{low:.2f}-{high:.2f}] ({r['baseline_seconds'] * 1e3:.2f}{unit})"
+
+
 def _print_table(records: list[dict], meta: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"bitmix kernels ({meta['kernel_path']}, {meta['threads']} threads, Numba "
@@ -257,11 +290,13 @@ def _print_table(records: list[dict], meta: dict) -> None:
             f"{r['gops']:.0f}",
             f"{r['weight_gbps']:.1f}",
             f"{r['pct_bandwidth']:.0f}",
-            f"{by['torch_fp32']['speedup']:.2f}× ({by['torch_fp32']['baseline_seconds'] * 1e3:.2f} ms)",
-            f"{by['torch_int8_dynamic']['speedup']:.2f}× ({by['torch_int8_dynamic']['baseline_seconds'] * 1e3:.2f})",
+            _ratio_cell(by["torch_fp32"], " ms"),
+            _ratio_cell(by["torch_int8_dynamic"], ""),
         )
-    console = Console(width=max(Console().width, 150))
+    console = Console(width=max(Console().width, 170))
     console.print(table)
+    console.print(escape(f"vs: the baseline's time over ours, the median of the {ROUNDS} rounds' ratios "
+                         "[lowest-highest] (baseline ms); a wide range: the machine changed speed during the case"))
     if meta["loadavg_1min"] > 0.5:
         console.print(f"[yellow]warning: load average {meta['loadavg_1min']:.1f} -- other processes share the cores")
     bw = meta["bandwidth"]
