@@ -102,24 +102,67 @@ def _masked_store(builder, value, ptr, mask, align: int) -> None:
     builder.call(fn, [value, ptr, ir.Constant(ir.IntType(32), align), mask])
 
 
+def _splat(builder, x) -> ir.Value:
+    """``x`` (a float32 scalar) in all 16 lanes."""
+    vec = builder.insert_element(ir.Constant(_F32X16, None), x, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(vec, vec, ir.Constant(_I32X16, [0] * 16))
+
+
 @intrinsic
-def store_epilogue(typingctx, out, idx, v, scale, bias, res, col, mode, lo, hi, row_scale, count):
-    """``out[idx:idx+count] = clamp(float32(v) * scale[col:] (* row_scale) (+ bias[col:]) (+ res[idx:]),
-    lo, hi)`` for the first ``count`` (<= 16) lanes, the float ops of the reference in its order (``vmulps``
-    and ``vaddps``s, never an FMA); the clamp is two compare-selects that keep NaN and -0.0, as torch's
-    relu/hardtanh do. ``res`` is read only when ``mode & RESIDUAL``, ``row_scale`` used only when ``mode &
-    ROWS``. Loads and the store are masked to the ``count`` lanes, so a partial channel block (``n`` not a
-    multiple of 16) takes the same path: the scalar loop it had, inlined 16 times per tile, spilled the
-    tile's registers and cost 25-40 % of a K = 64 conv GEMM."""
+def load_f32_bits(typingctx, arr, idx, count):
+    """The float32 ``arr[idx:idx+count]`` (``count`` <= 16; lanes past it 0 and never read) as the bits of an
+    ``i32x16``: ``finish`` loads a block's scales and biases once for its four rows. Loaded per row inside
+    the store, they were loaded four times: LLVM cannot keep them across the stores, which might alias them."""
+    if not (arr == types.Array(types.float32, 1, "C") and isinstance(idx, types.Integer)
+            and isinstance(count, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, value=args[0])
+        pos = context.cast(builder, args[1], sig.args[1], types.intp)
+        ptr = builder.bitcast(builder.gep(ary.data, [pos]), _F32X16.as_pointer())
+        mask = _first_lanes(context, builder, args[2], sig.args[2])
+        return builder.bitcast(_masked_load(builder, ptr, _F32X16, mask, 4), _I32X16)
+
+    return i32x16(arr, idx, count), codegen
+
+
+simd.pin_uuid(load_f32_bits, "gemm_vnni.load_f32_bits")
+
+
+def _mode_flag(context, builder, mode, mode_type, bit: int) -> ir.Value:
+    """Whether the epilogue ``mode`` (an integer argument) has ``bit`` set, as an ``i1``."""
+    m = context.cast(builder, mode, mode_type, types.int64)
+    return builder.icmp_unsigned("!=", builder.and_(m, ir.Constant(ir.IntType(64), bit)),
+                                 ir.Constant(ir.IntType(64), 0))
+
+
+def _clamped(builder, y, lo, hi) -> ir.Value:
+    """``y`` clamped to the float32 scalars ``[lo, hi]`` by two compare-selects, which keep NaN and -0.0 as
+    torch's relu/hardtanh do."""
+    low, high = _splat(builder, lo), _splat(builder, hi)
+    y = builder.select(builder.fcmp_ordered("<", y, low), low, y)
+    return builder.select(builder.fcmp_ordered(">", y, high), high, y)
+
+
+@intrinsic
+def store_epilogue(typingctx, out, idx, v, sv, bv, res, mode, lo, hi, row_scale, count):
+    """``out[idx:idx+count] = clamp(float32(v) * scale (* row_scale) (+ bias) (+ res[idx:]), lo, hi)`` for the
+    first ``count`` (<= 16) lanes, ``scale``/``bias`` the block's (``sv``/``bv``: ``load_f32_bits``), the float
+    ops of the reference in its order (``vmulps`` and ``vaddps``s, never an FMA; the clamp as ``_clamped``).
+    ``res`` is read only when ``mode & RESIDUAL``, ``row_scale`` used only when ``mode & ROWS``. The residual's
+    load and the store are masked to the ``count`` lanes, so a partial channel block (``n`` not a multiple of
+    16) takes the same path: the scalar loop it had, inlined 16 times per tile, spilled the tile's registers
+    and cost 25-40 % of a K = 64 conv GEMM."""
     f32 = types.Array(types.float32, 1, "C")
-    if not (out == f32 and scale == f32 and bias == f32 and res == f32 and v == i32x16
-            and all(isinstance(a, types.Integer) for a in (idx, col, mode, count))
+    if not (out == f32 and res == f32 and v == sv == bv == i32x16
+            and all(isinstance(a, types.Integer) for a in (idx, mode, count))
             and lo == hi == row_scale == types.float32):
         return None
 
     def codegen(context, builder, sig, args):
-        out_a, idx_a, v_a, scale_a, bias_a, res_a, col_a, mode_a, lo_a, hi_a, rs_a, count_a = args
-        mask = _first_lanes(context, builder, count_a, sig.args[11])
+        out_a, idx_a, v_a, sv_a, bv_a, res_a, mode_a, lo_a, hi_a, rs_a, count_a = args
+        mask = _first_lanes(context, builder, count_a, sig.args[10])
 
         def ptr(k, pos_k):
             ary = context.make_array(sig.args[k])(context, builder, value=args[k])
@@ -127,81 +170,57 @@ def store_epilogue(typingctx, out, idx, v, scale, bias, res, col, mode, lo, hi, 
             return builder.bitcast(builder.gep(ary.data, [pos]), _F32X16.as_pointer())
 
         def flag(bit):
-            m = context.cast(builder, mode_a, sig.args[7], types.int64)
-            return builder.icmp_unsigned("!=", builder.and_(m, ir.Constant(ir.IntType(64), bit)),
-                                         ir.Constant(ir.IntType(64), 0))
+            return _mode_flag(context, builder, mode_a, sig.args[6], bit)
 
-        def splat(x):
-            vec = builder.insert_element(ir.Constant(_F32X16, None), x, ir.Constant(ir.IntType(32), 0))
-            return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
-
-        y = builder.fmul(builder.sitofp(v_a, _F32X16), _masked_load(builder, ptr(3, 6), _F32X16, mask, 4))
-        y = builder.select(flag(ROWS), builder.fmul(y, splat(rs_a)), y)
-        y = builder.select(flag(BIAS), builder.fadd(y, _masked_load(builder, ptr(4, 6), _F32X16, mask, 4)), y)
+        y = builder.fmul(builder.sitofp(v_a, _F32X16), builder.bitcast(sv_a, _F32X16))
+        y = builder.select(flag(ROWS), builder.fmul(y, _splat(builder, rs_a)), y)
+        y = builder.select(flag(BIAS), builder.fadd(y, builder.bitcast(bv_a, _F32X16)), y)
         slot = cgutils.alloca_once_value(builder, y)
         with builder.if_then(flag(RESIDUAL)):
             builder.store(builder.fadd(y, _masked_load(builder, ptr(5, 1), _F32X16, mask, 4)), slot)
-        y = builder.load(slot)
-        low, high = splat(lo_a), splat(hi_a)
-        y = builder.select(builder.fcmp_ordered("<", y, low), low, y)
-        y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
-        _masked_store(builder, y, ptr(0, 1), mask, 4)
+        _masked_store(builder, _clamped(builder, builder.load(slot), lo_a, hi_a), ptr(0, 1), mask, 4)
         return context.get_dummy_value()
 
-    return types.none(out, idx, v, scale, bias, res, col, mode, lo, hi, row_scale, count), codegen
+    return types.none(out, idx, v, sv, bv, res, mode, lo, hi, row_scale, count), codegen
 
 
 simd.pin_uuid(store_epilogue, "gemm_vnni.store_epilogue")
 
 
 @intrinsic
-def store_codes(typingctx, out8, idx, v, scale, bias, col, mode, lo, hi, q, count):
+def store_codes(typingctx, out8, idx, v, sv, bv, mode, lo, hi, step, qlo, qhi, shift, count):
     """``out8[idx:idx+count]`` (``count`` <= 16 lanes, masked as in ``store_epilogue``) = the int8 codes
-    ``rint(clip(y / q[0], q[1], q[2])) - q[3]`` of ``y = clamp(float32(v) * scale[col:] (+ bias[col:]), lo, hi)``:
+    ``rint(clip(y / step, qlo, qhi)) - shift`` of ``y = clamp(float32(v) * scale (+ bias), lo, hi)``:
     ``store_epilogue``'s floats (no residual), quantized with the float ops of ``conv_nhwc._pad_codes`` (a true
-    division, round half to even), so the next conv reads the codes it would have made from them. ``y`` is
-    never NaN here (finite scale and bias: the caller checks)."""
-    f32 = types.Array(types.float32, 1, "C")
-    if not (out8 == types.Array(types.int8, 1, "C") and scale == f32 and bias == f32 and q == f32 and v == i32x16
-            and all(isinstance(a, types.Integer) for a in (idx, col, mode, count)) and lo == hi == types.float32):
+    division, round half to even), so the next conv reads the codes it would have made from them. The four
+    constants are float32 values, so they stay in registers (read from an array, they were reloaded for every
+    store, which might alias them: 1x1 conv 56x56 64 -> 256 into codes, 275-291 -> 253-255 us with this and the
+    block's scales and biases loaded once, AMD Zen 4, 2 threads). ``y`` is never NaN here (finite scale and
+    bias: the caller checks)."""
+    if not (out8 == types.Array(types.int8, 1, "C") and v == sv == bv == i32x16
+            and all(isinstance(a, types.Integer) for a in (idx, mode, count))
+            and lo == hi == step == qlo == qhi == shift == types.float32):
         return None
 
     def codegen(context, builder, sig, args):
-        out_a, idx_a, v_a, scale_a, bias_a, col_a, mode_a, lo_a, hi_a, q_a, count_a = args
-        mask = _first_lanes(context, builder, count_a, sig.args[10])
-
-        def data(k):
-            return context.make_array(sig.args[k])(context, builder, value=args[k]).data
-
-        def at(k, pos_k, vec):
-            pos = context.cast(builder, args[pos_k], sig.args[pos_k], types.intp)
-            return builder.bitcast(builder.gep(data(k), [pos]), vec.as_pointer())
-
-        def splat(x):
-            vec = builder.insert_element(ir.Constant(_F32X16, None), x, ir.Constant(ir.IntType(32), 0))
-            return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
-
-        def q_at(i):
-            return splat(builder.load(builder.gep(data(9), [ir.Constant(ir.IntType(64), i)])))
-
-        m = context.cast(builder, mode_a, sig.args[6], types.int64)
-        biased = builder.icmp_unsigned("!=", builder.and_(m, ir.Constant(ir.IntType(64), BIAS)),
-                                       ir.Constant(ir.IntType(64), 0))
-        y = builder.fmul(builder.sitofp(v_a, _F32X16), _masked_load(builder, at(3, 5, _F32X16), _F32X16, mask, 4))
-        y = builder.select(biased, builder.fadd(y, _masked_load(builder, at(4, 5, _F32X16), _F32X16, mask, 4)), y)
-        low, high = splat(lo_a), splat(hi_a)
-        y = builder.select(builder.fcmp_ordered("<", y, low), low, y)
-        y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
-        y = builder.fdiv(y, q_at(0))
-        qlo, qhi = q_at(1), q_at(2)
+        out_a, idx_a, v_a, sv_a, bv_a, mode_a, lo_a, hi_a, count_a = *args[:8], args[12]
+        mask = _first_lanes(context, builder, count_a, sig.args[12])
+        ary = context.make_array(sig.args[0])(context, builder, value=out_a)
+        pos = context.cast(builder, idx_a, sig.args[1], types.intp)
+        step, qlo, qhi, shift = (_splat(builder, q) for q in args[8:12])
+        y = builder.fmul(builder.sitofp(v_a, _F32X16), builder.bitcast(sv_a, _F32X16))
+        biased = _mode_flag(context, builder, mode_a, sig.args[5], BIAS)
+        y = _clamped(builder, builder.select(biased, builder.fadd(y, builder.bitcast(bv_a, _F32X16)), y), lo_a, hi_a)
+        y = builder.fdiv(y, step)
         y = builder.select(builder.fcmp_ordered("<", y, qlo), qlo, y)
         y = builder.select(builder.fcmp_ordered(">", y, qhi), qhi, y)
         rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32X16, [_F32X16]), "llvm.rint.v16f32")
-        code = builder.sub(builder.fptosi(builder.call(rint, [y]), _I32X16), builder.fptosi(q_at(3), _I32X16))
-        _masked_store(builder, builder.trunc(code, _I8X16), at(0, 1, _I8X16), mask, 1)
+        code = builder.sub(builder.fptosi(builder.call(rint, [y]), _I32X16), builder.fptosi(shift, _I32X16))
+        _masked_store(builder, builder.trunc(code, _I8X16), builder.bitcast(builder.gep(ary.data, [pos]),
+                                                                             _I8X16.as_pointer()), mask, 1)
         return context.get_dummy_value()
 
-    return types.none(out8, idx, v, scale, bias, col, mode, lo, hi, q, count), codegen
+    return types.none(out8, idx, v, sv, bv, mode, lo, hi, step, qlo, qhi, shift, count), codegen
 
 
 simd.pin_uuid(store_codes, "gemm_vnni.store_codes")
@@ -238,35 +257,44 @@ def taps_sum(psum, tappix, p):
 
 
 @njit(inline="always")
-def put(mode, out_i, out_f, epi, row, pix, col, n, v):
-    """Store one row's 16-channel block (fewer at the last block of an ``n`` not a multiple of 16)."""
-    scale, bias, res, lo, hi, _, _, _ = epi
+def put(mode, out_i, out_f, epi, row, pix, col, n, v, sv, bv):
+    """Store one row's 16-channel block (fewer at the last block of an ``n`` not a multiple of 16); ``sv``,
+    ``bv``: the block's scales and biases (``load_f32_bits``)."""
+    _, _, res, lo, hi, _, _, _, _, _, _ = epi
     count = min(LANES, n - col)
     if mode == INT32:
         store_first_i32(out_i, row * n + col, v, count)
     else:
         row_scale = res[row] if mode & ROWS else np.float32(1)
-        store_epilogue(out_f, row * n + col, v, scale, bias, res, col, mode, lo, hi, row_scale, count)
+        store_epilogue(out_f, row * n + col, v, sv, bv, res, mode, lo, hi, row_scale, count)
 
 
 @njit(inline="always")
-def put_codes(mode, out_i, out_f, epi, row, pix, col, n, v):
+def put_codes(mode, out_i, out_f, epi, row, pix, col, n, v, sv, bv):
     """``put`` of the CODES mode: the row goes to pixel ``pix`` of the next conv's padded codes."""
-    scale, bias, _, lo, hi, out8, q8, c4n = epi
-    store_codes(out8, pix * c4n + col, v, scale, bias, col, mode, lo, hi, q8, min(LANES, n - col))
+    _, _, _, lo, hi, out8, step, qlo, qhi, shift, c4n = epi
+    store_codes(out8, pix * c4n + col, v, sv, bv, mode, lo, hi, step, qlo, qhi, shift, min(LANES, n - col))
 
 
 @njit(inline="always")
 def finish(mode, out_i, out_f, epi, cw, i, rows, col, n, s, pix, v0, v1, v2, v3):
     """Store rows ``i..i+rows`` of one 16-channel block (``pix``: their pixels in CODES mode)."""
     c = load_i32x16(cw, col)
-    put(mode, out_i, out_f, epi, i, pix[0], col, n, add_i32x16(add_i32x16(v0, c), splat_i32x16(-s[0])))
+    if mode == INT32:  # no scales: ``run`` passes a 16-lane placeholder
+        sv, bv = c, c
+    else:
+        count = min(LANES, n - col)
+        sv, bv = load_f32_bits(epi[0], col, count), load_f32_bits(epi[1], col, count)
+    put(mode, out_i, out_f, epi, i, pix[0], col, n, add_i32x16(add_i32x16(v0, c), splat_i32x16(-s[0])), sv, bv)
     if rows > 1:
-        put(mode, out_i, out_f, epi, i + 1, pix[1], col, n, add_i32x16(add_i32x16(v1, c), splat_i32x16(-s[1])))
+        put(mode, out_i, out_f, epi, i + 1, pix[1], col, n, add_i32x16(add_i32x16(v1, c), splat_i32x16(-s[1])), sv,
+            bv)
     if rows > 2:
-        put(mode, out_i, out_f, epi, i + 2, pix[2], col, n, add_i32x16(add_i32x16(v2, c), splat_i32x16(-s[2])))
+        put(mode, out_i, out_f, epi, i + 2, pix[2], col, n, add_i32x16(add_i32x16(v2, c), splat_i32x16(-s[2])), sv,
+            bv)
     if rows > 3:
-        put(mode, out_i, out_f, epi, i + 3, pix[3], col, n, add_i32x16(add_i32x16(v3, c), splat_i32x16(-s[3])))
+        put(mode, out_i, out_f, epi, i + 3, pix[3], col, n, add_i32x16(add_i32x16(v3, c), splat_i32x16(-s[3])), sv,
+            bv)
 
 
 @njit(inline="always")
@@ -306,7 +334,7 @@ def _core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mo
         o1, o2, o3 = min(1, b1 - b0 - 1) * ws, min(2, b1 - b0 - 1) * ws, min(3, b1 - b0 - 1) * ws
         narrow = b1 - b0 <= 2
         s = np.zeros(4, dtype=np.int64)
-        epi = (scale, bias, res, lo, hi, out8, q8, cgeo[4])
+        epi = (scale, bias, res, lo, hi, out8, q8[0], q8[1], q8[2], q8[3], cgeo[4])  # q8 as values: registers
         pb, poh, pw = first_pixel(mt * MT, hw, wo)
         for i in range(mt * MT, min(m, mt * MT + MT), 4):
             rows = min(4, m - i)
