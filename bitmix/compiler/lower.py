@@ -125,9 +125,7 @@ def row_steps_of(v: torch.Tensor, step: float, axis: int) -> torch.Tensor:
 
 
 def _run_linear(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
-    x = x.detach()
-    if x.dtype != torch.float32 or x.device.type != "cpu":
-        x = x.to("cpu", torch.float32)
+    x = _cpu_f32(x)
     if p.a_shift is not None:
         if p.rotation_signs is not None:
             x = rotate_input(x, p.rotation_signs)
