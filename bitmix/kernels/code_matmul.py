@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -295,7 +294,7 @@ def code_matmul(a: np.ndarray, b: np.ndarray, a_step: float, b_step: float, floo
     out = np.empty((nb, m, n), dtype=np.float32)
     per_row = floor is not None
     nan = _code_matmul(_one_signature(a3), _one_signature(b3), by_columns, np.float32(a_step), np.float32(b_step),
-                       np.float32(floor if per_row else 0.0), per_row, *a_range, *b_range, numba.get_num_threads(), out)
+                       np.float32(floor if per_row else 0.0), per_row, *a_range, *b_range, threads.thread_count(), out)
     return out.reshape(*batch, m, n), bool(nan)
 
 

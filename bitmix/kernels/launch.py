@@ -15,6 +15,7 @@ from bitmix.kernels import amx, gemm_avx2, gemm_float, gemm_vnni
 from bitmix.kernels.isa import isa_of
 from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.routing import DispatchSettings, dispatch
+from bitmix.kernels.threads import thread_count
 from bitmix.kernels.tiling import MR, core_for
 
 SERIAL_MACS_PER_S = 6e10  # one core's int4 GEMV/GEMM rate, measured on Sapphire Rapids and Zen 3 (+-30%)
@@ -45,7 +46,8 @@ def _parallel(settings: DispatchSettings, macs: int, rate: float = SERIAL_MACS_P
     """Parallel drivers for this product? Forced by ``settings.serial``, else by size (``serial_max_macs``)."""
     if settings.serial is not None:
         return not settings.serial
-    return numba.get_num_threads() > 1 and macs > serial_max_macs() * (rate / SERIAL_MACS_PER_S)
+    return thread_count() > 1 and macs > serial_max_macs() * (rate / SERIAL_MACS_PER_S)
+
 
 
 def activation_layout(w: PackedWeight, m: int, groups: int, settings: DispatchSettings | None = None

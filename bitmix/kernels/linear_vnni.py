@@ -82,19 +82,22 @@ class FusedLinear(broadcast.LinearOperands):
         """``out`` (M, N) float32 = the quantized linear of C-contiguous float32 ``x`` (M, K); True on NaN."""
         m = x.shape[0]
         w, b = self.w, self.blocks
-        mode = gemm_vnni.SCALED_BIASED if self.has_bias else gemm_vnni.SCALED
         a8 = scratch("linear.a8", m * w.k_pad, np.int8)
         asum = scratch("linear.asum", m, np.int64)
         if self.row_floor is not None:
             steps = scratch("linear.row_steps", m, np.float32)
-            with gemm_vnni.threads_if(parallel):
-                return driver_rows()(x, self.a_scale, self.has_scale, self.step, self.row_floor, self.lo, self.hi,
-                                     self.shift, steps, self.signs, self.block, b.data, self.cw, b.offset, w.n,
-                                     b.n_pad, b.cq, w.k_pad, self.scale, self.bias, self.has_bias, a8, asum,
-                                     out.reshape(-1), broadcast.ONE_TAP, broadcast.GEMM_GEO, gemm_vnni.NO_I32,
-                                     *gemm_vnni.NO_CLAMP)
-        with gemm_vnni.threads_if(parallel):
-            return driver()(x, self.a_scale, self.has_scale, self.step, self.lo, self.hi, self.shift, b.data, self.cw,
-                            b.offset, w.n, b.n_pad, b.cq, w.k_pad, mode, self.scale, self.bias, a8, asum,
-                            out.reshape(-1), broadcast.ONE_TAP, broadcast.GEMM_GEO, gemm_vnni.NO_I32,
-                            *gemm_vnni.NO_CLAMP)
+            args = (x, self.a_scale, self.has_scale, self.step, self.row_floor, self.lo, self.hi, self.shift, steps,
+                    self.signs, self.block, b.data, self.cw, b.offset, w.n, b.n_pad, b.cq, w.k_pad, self.scale,
+                    self.bias, self.has_bias, a8, asum, out.reshape(-1), broadcast.ONE_TAP, broadcast.GEMM_GEO,
+                    gemm_vnni.NO_I32, *gemm_vnni.NO_CLAMP)
+            kernel = driver_rows()
+        else:
+            mode = gemm_vnni.SCALED_BIASED if self.has_bias else gemm_vnni.SCALED
+            args = (x, self.a_scale, self.has_scale, self.step, self.lo, self.hi, self.shift, b.data, self.cw,
+                    b.offset, w.n, b.n_pad, b.cq, w.k_pad, mode, self.scale, self.bias, a8, asum, out.reshape(-1),
+                    broadcast.ONE_TAP, broadcast.GEMM_GEO, gemm_vnni.NO_I32, *gemm_vnni.NO_CLAMP)
+            kernel = driver()
+        if parallel:  # the common case without a context manager (~1.5 us a call; MiniLM makes 36)
+            return kernel(*args)
+        with gemm_vnni.threads_if(False):
+            return kernel(*args)

@@ -184,3 +184,30 @@ def test_batchnorm_after_a_transposed_conv_is_folded_into_its_phases(groups):
     x = torch.randn(3, 4, 5, 6)
     with torch.no_grad():
         assert _relative_error(gm(x), net(x)) < 1e-5
+
+
+class _Dropouts(nn.Module):
+    """Dropout modules and a dtype cast: what torch.export keeps as no-op calls in an eval-mode graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        y = self.drop(torch.relu(self.fc(x)))
+        return nn.functional.dropout(y, 0.0) * mask.to(torch.float32)
+
+
+def test_eval_dropouts_and_metadata_asserts_are_erased():
+    net = _Dropouts().eval()
+    example = (torch.randn(3, 8), torch.ones(3, 8, dtype=torch.int64))
+    graph = capture(net, example)
+    exported = {str(n.target) for n in graph.exported.graph_module.graph.nodes}
+    assert "aten.dropout.default" in exported and "aten._assert_tensor_metadata.default" in exported
+    gm = prepare(graph)
+    targets = [str(n.target) for n in gm.graph.nodes]
+    assert not any("dropout" in t or "_assert_tensor_metadata" in t for t in targets)
+    x, mask = torch.randn(5, 8), torch.randint(0, 2, (5, 8))
+    with torch.no_grad():
+        assert torch.equal(gm(x, mask), net(x, mask))

@@ -52,3 +52,24 @@ def test_safe_layer_finds_the_installed_tbb() -> None:
     if not _tbb_installed():
         pytest.skip("the tbb distribution is not installed")
     assert _layers(NUMBA_THREADING_LAYER="safe") == ["safe", "tbb"]
+
+
+_COUNTS = """
+import threading, numba
+from bitmix.kernels.threads import configure_threading, thread_count
+seen = [thread_count() == numba.get_num_threads()]  # before the pool starts
+configure_threading()
+for n in (1, numba.config.NUMBA_NUM_THREADS, 1):
+    numba.set_num_threads(n)
+    seen.append(thread_count() == numba.get_num_threads() == n)
+other = []
+t = threading.Thread(target=lambda: other.append(thread_count() == numba.get_num_threads()))
+t.start(); t.join()
+print(all(seen + other))
+"""
+
+
+def test_thread_count_follows_set_num_threads() -> None:
+    out = subprocess.run([sys.executable, "-c", _COUNTS], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True"]
