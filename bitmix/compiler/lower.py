@@ -15,6 +15,7 @@ than what was traced.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 import threading
@@ -22,6 +23,7 @@ import warnings
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -257,9 +259,8 @@ def _run_matmul(a: torch.Tensor, b: torch.Tensor, p: KernelPlan) -> torch.Tensor
     ``a_rows * b_cols`` as the fake-quant layer. The plan's constants come from ``matmul_bound``."""
     max_k, row_steps, floor, a_range, b_range = matmul_bound(p)
     if a.dim() >= 2 and b.dim() >= 2 and a.shape[-1] <= max_k:
-        from bitmix.kernels.code_matmul import code_matmul  # loads Numba: only once needed
-
-        out, nan = code_matmul(_cpu_f32(a).numpy(), _cpu_f32(b).numpy(), p.a_step, p.b_step, floor, a_range, b_range)
+        out, nan = _code_matmul_module().code_matmul(_cpu_f32(a).numpy(), _cpu_f32(b).numpy(), p.a_step, p.b_step,
+                                                     floor, a_range, b_range)
         if nan:
             raise BitmixError("x: contains NaN or Inf (a row's step from its max); cannot quantize" if row_steps
                               else "x: contains NaN; cannot quantize")
@@ -275,6 +276,15 @@ def _run_matmul(a: torch.Tensor, b: torch.Tensor, p: KernelPlan) -> torch.Tensor
         out = _run_matmul(torch.from_numpy(a_scaled), torch.from_numpy(bt_scaled).transpose(-1, -2), unit)
         return out * (torch.from_numpy(a_rows) * torch.from_numpy(b_cols).transpose(-1, -2))
     return torch.from_numpy(matmul_kernel(_np(a), _np(b), p))
+
+
+@functools.cache
+def _code_matmul_module() -> ModuleType:
+    """``bitmix.kernels.code_matmul``, imported at the first matmul (it loads Numba); an import statement in
+    ``_run_matmul`` cost 2.3 us a call."""
+    from bitmix.kernels import code_matmul
+
+    return code_matmul
 
 
 _UNIT_STEPS: weakref.WeakKeyDictionary[KernelPlan, KernelPlan] = weakref.WeakKeyDictionary()  # plan at steps 1
