@@ -49,7 +49,6 @@ def _parallel(settings: DispatchSettings, macs: int, rate: float = SERIAL_MACS_P
     return thread_count() > 1 and macs > serial_max_macs() * (rate / SERIAL_MACS_PER_S)
 
 
-
 def activation_layout(w: PackedWeight, m: int, groups: int, settings: DispatchSettings | None = None
                       ) -> tuple[int, int]:
     """``(mp, kp)``: padded rows and row length of the activation byte buffer the engine reads.
