@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import weakref
 
-import numba
 import numpy as np
 import torch
 
 from bitmix.kernels.pack import PackedWeight, unpack_weights
+from bitmix.kernels.threads import thread_count
 
 F32_EXACT = 1 << 24  # float32's largest run of consecutive integers
 MIN_M = 4  # activation rows from which a product runs here (``launch.run_core``)
@@ -57,7 +57,7 @@ def run(a8: np.ndarray, w: PackedWeight, shift: int, groups: int, m: int, mp: in
     wt = _weight(w, groups)
     a = torch.from_numpy(a8[: groups * mp * w.k_pad].reshape(groups, mp, w.k_pad)[:, :m]).to(wt.dtype)
     own = torch.get_num_threads()
-    want = numba.get_num_threads() if parallel else 1
+    want = thread_count() if parallel else 1
     if want != own:
         torch.set_num_threads(want)
     try:

@@ -57,6 +57,7 @@ from bitmix.kernels.simd import (
     splat_i32x16,
     zero_i32x16,
 )
+from bitmix.kernels.threads import thread_count
 
 LANES = 16  # output channels per zmm
 MIN_M = 4  # fewer rows: the GEMV micro-kernels (one weight pass per row) are the right shape
@@ -424,7 +425,7 @@ def threads_if(parallel: bool) -> Iterator[None]:
     if parallel:
         yield
         return
-    threads = numba.get_num_threads()
+    threads = thread_count()
     numba.set_num_threads(1)
     try:
         yield

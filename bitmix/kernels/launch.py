@@ -80,7 +80,7 @@ def run_core(a8, asum, w: PackedWeight, shift: int, groups: int, m: int, mp: int
     if s.uses_amx(w, m, groups):
         parallel = _parallel(s, macs, amx.AMX_MACS_PER_S)
         kp = amx.padded_k(w.k)
-        m_step, n_step, rows_outer = amx.task_grid(m, w.n, 4 * numba.get_num_threads() if parallel else 1)
+        m_step, n_step, rows_outer = amx.task_grid(m, w.n, 4 * thread_count() if parallel else 1)
         if nchw is None:
             epilogue = (False, _NO_F32, _NO_F32, False, 1, _NO_Y)
         else:
