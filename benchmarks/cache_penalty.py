@@ -39,7 +39,8 @@ from bitmix.kernels.threads import configure_threading
 
 @njit(parallel=True, cache=True)
 def _read_on_every_core(data, stride, copies):
-    """One byte every ``stride`` of ``data``, read by each of ``copies`` tasks (one per thread)."""
+    """One byte every ``stride`` of ``data``, read by each of ``copies`` tasks: with ``copies`` = the thread count,
+    TBB hands one to each thread unless a thread is late, which then only makes the warm-up smaller."""
     sums = np.zeros(copies, dtype=np.int64)
     for t in prange(copies):
         s = 0
