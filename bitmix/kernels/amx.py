@@ -41,6 +41,7 @@ from numba.extending import intrinsic
 
 from bitmix.kernels import simd
 from bitmix.kernels.pack import PackedWeight, unpack_weights
+from bitmix.kernels.scratch import aligned_copy
 
 BLOCK = 32  # output rows and columns per 2x2 tile block
 TILE_K = 64  # bytes (int8 codes) per tile row
@@ -183,8 +184,8 @@ def weight_tiles(w: PackedWeight, taps: tuple[int, int, int] | None = None) -> n
             codes = codes.reshape(w.n, *taps).transpose(0, 2, 3, 1).reshape(w.n, w.k)
         padded = np.zeros((n_pad, kp), dtype=np.int8)
         padded[: w.n, : w.k] = codes
-        tiles = np.ascontiguousarray(padded.reshape(n_pad // 16, 16, kp // TILE_K, 16, 4).transpose(0, 2, 3, 1, 4))
-        tiles = tiles.reshape(-1)
+        tiles = aligned_copy(padded.reshape(n_pad // 16, 16, kp // TILE_K, 16, 4).transpose(0, 2, 3, 1, 4))
+        tiles = tiles.reshape(-1)  # tile rows on cache lines (``scratch``)
         per_weight[taps] = tiles
     return tiles
 

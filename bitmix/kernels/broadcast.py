@@ -17,6 +17,7 @@ from numba import njit, prange
 
 from bitmix.kernels import simd
 from bitmix.kernels.pack import PackedWeight, unpack_weights
+from bitmix.kernels.scratch import aligned_copy
 
 BLOCK = 16  # output channels per weight block
 QROWS = 16  # rows per task of the quantize pass
@@ -56,7 +57,7 @@ def weight_blocks(w: PackedWeight, taps: tuple[int, int, int] | None = None) -> 
         data = full.reshape(n_pad // BLOCK, BLOCK, kh * kw * c4 // 4, 4).transpose(0, 2, 1, 3).reshape(-1)
         sums = np.zeros(n_pad, dtype=np.int32)
         sums[: w.n] = w.row_sums
-        blocks = cache[taps] = Blocks(np.ascontiguousarray(data), n_pad, c4 // 4, sums, offset)
+        blocks = cache[taps] = Blocks(aligned_copy(data), n_pad, c4 // 4, sums, offset)
     return blocks
 
 
@@ -217,8 +218,6 @@ class LinearOperands:
         self.w = w
         self.signs = NO_SCALE if rotation is None else np.ascontiguousarray(rotation, dtype=np.float32)
         self.block = 0 if rotation is None else w.k & -w.k
-        self.blocks = weight_blocks(w)
-        self.cw = (shift * self.blocks.cw_base).astype(np.int32)
         self.step = np.float32(a_step)
         self.lo, self.hi, self.shift = lo, hi, shift
         self.row_floor = None if row_floor is None else np.float32(row_floor)
@@ -229,3 +228,9 @@ class LinearOperands:
                      else np.full(w.n, -0.0, dtype=np.float32))
         self.has_scale = a_scale is not None
         self.a_scale = np.ascontiguousarray(a_scale, dtype=np.float32) if a_scale is not None else NO_SCALE
+        self.layout()
+
+    def layout(self) -> None:
+        """The weight as the kernel reads it: here the broadcast blocks and their shift correction."""
+        self.blocks = weight_blocks(self.w)
+        self.cw = (self.shift * self.blocks.cw_base).astype(np.int32)

@@ -30,6 +30,7 @@ from numba import njit, prange
 
 from bitmix.kernels import threads
 from bitmix.kernels.row_steps import _top_x8
+from bitmix.kernels.scratch import aligned_empty
 from bitmix.kernels.simd import zero_i32x8
 from bitmix.kernels.simd_f32 import (
     any_i32x8,
@@ -291,7 +292,7 @@ def code_matmul(a: np.ndarray, b: np.ndarray, a_step: float, b_step: float, floo
     by_columns = b3.strides[1] == b3.itemsize != b3.strides[2]  # a transposed view: its columns are rows
     if by_columns:
         b3 = b3.transpose(0, 2, 1)
-    out = np.empty((nb, m, n), dtype=np.float32)
+    out = aligned_empty((nb, m, n), np.float32)
     per_row = floor is not None
     nan = _code_matmul(_one_signature(a3), _one_signature(b3), by_columns, np.float32(a_step), np.float32(b_step),
                        np.float32(floor if per_row else 0.0), per_row, *a_range, *b_range, threads.thread_count(), out)

@@ -50,7 +50,7 @@ from bitmix.kernels.launch import _parallel, activation_layout, run_core
 from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.padded import PaddedCodes
 from bitmix.kernels.routing import dispatch
-from bitmix.kernels.scratch import scratch
+from bitmix.kernels.scratch import aligned_copy, aligned_empty, scratch
 from bitmix.kernels.simd import add_i32x16, hsum_i32x16, zero_i32x16
 from bitmix.kernels.simd_dw import LANES, acc_zero, mac, store_codes, store_floats
 
@@ -330,8 +330,7 @@ def _depthwise_taps(w: PackedWeight, code_max: int) -> np.ndarray:
         narrow = int(np.abs(codes).sum(axis=1).max()) * code_max <= np.iinfo(np.int16).max
         blocks = np.zeros((-(-codes.shape[0] // LANES) * LANES, codes.shape[1]), dtype=np.int16 if narrow else np.int32)
         blocks[: codes.shape[0]] = codes
-        hit = cache[code_max] = np.ascontiguousarray(
-            blocks.reshape(-1, LANES, codes.shape[1]).transpose(0, 2, 1)).reshape(-1)
+        hit = cache[code_max] = aligned_copy(blocks.reshape(-1, LANES, codes.shape[1]).transpose(0, 2, 1)).reshape(-1)
     return hit
 
 
@@ -385,7 +384,7 @@ class ImplicitConv:
 
     def on_codes(self, a8: np.ndarray, psum: np.ndarray, residual: np.ndarray | None) -> np.ndarray:
         """The conv of input codes already padded (``a8``, sums ``psum``), then the epilogue."""
-        y = np.empty(self.out_shape, dtype=np.float32)
+        y = aligned_empty(self.out_shape, np.float32)
         self.gemm(a8.reshape(-1), psum, y, residual)
         return y
 
@@ -475,7 +474,7 @@ def _input_codes(owner: object, padded: tuple[int, int, int, int], sums: bool) -
     pixels = nb * hp * wp
     a8 = getattr(local, "a8", None)
     if a8 is None or a8.size < pixels * c4:
-        a8 = local.a8 = np.empty(pixels * c4, dtype=np.int8)
+        a8 = local.a8 = aligned_empty(pixels * c4, np.int8)
     if not sums:
         return a8[: pixels * c4].reshape(padded), NO_SUMS
     psum = getattr(local, "psum", None)
@@ -566,7 +565,7 @@ def conv_nhwc(x: np.ndarray, w: PackedWeight, geom: tuple[int, ...], step: np.fl
         if not (groups == c == w.n):
             raise BitmixError(f"groups={groups}: the NHWC route takes one group or depthwise convs")
         return depthwise(_codes(x, channels_last, step, lo, hi), w, geom, lo, hi, scale, bias, residual, clamp)
-    y = np.empty((nb, ho, wo, w.n), dtype=np.float32)
+    y = aligned_empty((nb, ho, wo, w.n), np.float32)
     has_bias = bias is not None
     b_arg = bias if bias is not None else scale
     settings = dispatch.settings
@@ -619,7 +618,7 @@ def depthwise(codes: np.ndarray, w: PackedWeight, geom: tuple[int, ...], lo: int
     """float32 ``(B, Ho, Wo, C)`` of a depthwise conv of NHWC ``codes`` (``depthwise_input``; ``lo, hi`` its
     code range), ``+ residual``, clamped to ``clamp``."""
     kh, kw, sh, sw, ph, pw, dh, dw, _, ho, wo = geom
-    y = np.empty((codes.shape[0], ho, wo, w.n), dtype=np.float32)
+    y = aligned_empty((codes.shape[0], ho, wo, w.n), np.float32)
     fused = clamp if residual is None else gemm_vnni.NO_CLAMP  # a residual comes before the clamp
     _depthwise(codes, _depthwise_taps(w, max(-lo, hi)), scale, gemm_avx2.no_bias(w.n) if bias is None else bias,
                kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, np.float32(fused[0]), np.float32(fused[1]), y.reshape(-1), False,
@@ -637,7 +636,7 @@ def depthwise_to_codes(codes: np.ndarray, w: PackedWeight, geom: tuple[int, ...]
     kh, kw, sh, sw, ph, pw, dh, dw, _, ho, wo = geom
     nb, n = codes.shape[0], w.n
     qph, qpw, qshift = int(nxt[4]), int(nxt[5]), int(nxt[3])
-    a8 = np.empty((nb, ho + 2 * qph, wo + 2 * qpw, -(-n // 4) * 4), dtype=np.int8)  # the next conv's input
+    a8 = aligned_empty((nb, ho + 2 * qph, wo + 2 * qpw, -(-n // 4) * 4), np.int8)  # the next conv's input
     psum = np.empty(a8.shape[0] * a8.shape[1] * a8.shape[2], dtype=np.int64)
     if qph or qpw:
         _fill_border(a8, psum, qph, qpw, n, qshift)

@@ -3,9 +3,9 @@
 ``quant.qlinear`` checks every operand and derives the scales on each call, which is right for
 a one-off product and costs tens of microseconds a call; a lowered layer calls the same weights
 thousands of times. A ``LinearKernel`` does that work when it is built and then, per call, only
-checks ``x``. On the VNNI and AVX2 engines with at least ``gemm_vnni.MIN_M`` rows a call is one fused
-Numba kernel (``linear_vnni``, ``linear_avx2``); with fewer rows (GEMV shapes) on every path but the AMX
-engine, one fused GEMV kernel (``linear_gemv``); elsewhere (AMX, scalar GEMMs) it runs ``quant.qlinear``.
+checks ``x``. On the VNNI, AVX2 and AMX engines with at least ``gemm_vnni.MIN_M`` rows a call is one fused
+Numba kernel (``linear_vnni``, ``linear_avx2``, ``linear_amx``); with fewer rows (GEMV shapes) on every path but
+the AMX engine, one fused GEMV kernel (``linear_gemv``); elsewhere (scalar GEMMs) it runs ``quant.qlinear``.
 Outputs are bit-identical either way; with ``a_scale`` (a per-input-channel smoothing factor)
 the input is first multiplied by it in float32, as the fake-quant forward does. With ``row_floor``
 the activations have per-row steps (``bitmix.ir.row_steps``): row i's step is
@@ -25,6 +25,7 @@ from bitmix.kernels import gemm_vnni
 from bitmix.kernels.hadamard import rotate_rows
 from bitmix.kernels.isa import isa_of
 from bitmix.kernels.launch import _parallel
+from bitmix.kernels.linear_amx import AmxLinear
 from bitmix.kernels.linear_avx2 import Avx2Linear
 from bitmix.kernels.linear_gemv import GemvLinear
 from bitmix.kernels.linear_vnni import FusedLinear
@@ -33,8 +34,9 @@ from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.quant import _f32, _step, qlinear
 from bitmix.kernels.routing import dispatch
 from bitmix.kernels.row_steps import divide_rows, scale_rows
+from bitmix.kernels.scratch import aligned_empty
 
-_FUSED = {"avx512vnni": FusedLinear, "avx2": Avx2Linear}  # engine -> its fused quantize + GEMM + epilogue
+_FUSED = {"avx512vnni": FusedLinear, "avx2": Avx2Linear, "amx": AmxLinear}  # engine -> its fused kernel
 
 
 class LinearKernel:
@@ -52,7 +54,7 @@ class LinearKernel:
         self.row_floor = None if row_floor is None else _step(row_floor)
         self.a_bits, self.a_signed = a_bits, bool(a_signed)
         self.codes = check_activation_spec(a_bits, a_signed)
-        self._fused: dict[str, FusedLinear | Avx2Linear] = {}  # engine -> fused kernel, built at its first call
+        self._fused: dict[str, FusedLinear | Avx2Linear | AmxLinear] = {}  # engine -> its kernel, built at first call
         self._gemv: GemvLinear | None = None  # the fused GEMV kernel (fewer than ``gemm_vnni.MIN_M`` rows)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -70,7 +72,7 @@ class LinearKernel:
         refusal = ("x: contains NaN; cannot quantize" if self.row_floor is None else
                    "x: contains NaN or Inf (a row's step from its max); cannot quantize")
         if m < gemm_vnni.MIN_M and engine != "amx":
-            out = np.empty((m, w.n), dtype=np.float32)
+            out = aligned_empty((m, w.n), np.float32)
             if self._gemv is None:
                 self._gemv = GemvLinear(w, self.w_scales, self.a_step, *self.codes, self.bias, self.a_scale,
                                         self.row_floor, self.rotation)
@@ -81,7 +83,7 @@ class LinearKernel:
         if self.rotation is not None and not (one_call and self.row_floor is not None):
             rows = rotate_rows(rows, self.rotation, w.k & -w.k)
         if one_call:
-            out = np.empty((m, w.n), dtype=np.float32)
+            out = aligned_empty((m, w.n), np.float32)
             fused = self._fused.get(engine)
             if fused is None:
                 fused = self._fused[engine] = _FUSED[engine](

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bitmix.errors import BitmixError
+from bitmix.kernels.scratch import aligned_copy
 
 BLOCK_BYTES = 32
 SUPPORTED_BITS = (2, 4, 8)
@@ -96,7 +97,7 @@ def pack_weights(codes: np.ndarray, bits: int) -> PackedWeight:
             data |= blocks[:, :, p, :] << np.uint8(bits * p)
         data = data.reshape(n, -1)
     row_sums = codes.sum(axis=1, dtype=np.int64).astype(np.int32)
-    return PackedWeight(np.ascontiguousarray(data), bits, n, k, k_pad, offset, row_sums)
+    return PackedWeight(aligned_copy(data), bits, n, k, k_pad, offset, row_sums)
 
 
 def unpack_weights(p: PackedWeight) -> np.ndarray:

@@ -24,13 +24,13 @@ from bitmix.kernels.pack import PackedWeight
 
 AMX_MIN_M = 16  # fewer activation rows than a tile holds: the vpdpbusd micro-kernels win
 AMX_MIN_MACS = 1 << 20  # below ~1-2 M MACs the engine's fixed cost loses to them (measured 16-256 x 32-4096)
-# A lowered linear on avx512amx: the engine takes it from the fused vpdpbusd linear (quantize, GEMM and epilogue in
-# one call) only from these sizes; below, the engine's separate quantize/pad/dequantize passes and int8 (not packed)
-# weights lose. Sapphire Rapids, 2 threads, 2026-12-05, AMX / fused time: 16x384x384 2.2x, 64x384x384 1.6x,
-# 64x384x1536 1.1-1.3x, 128x512x512 1.2-1.3x, 16x4096x4096 int4 1.3x; 256x512x512 0.76x, 128x1024x1024 0.55-0.87x,
-# 64x4096x4096 0.3-0.7x, 3136x576x64 0.85x. (On codes, without those passes, the engine wins from 64x384x384: 0.80x.)
-AMX_FUSED_MIN_M = 64
-AMX_FUSED_MIN_MACS = 1 << 26
+# A lowered linear on avx512amx: the engine takes it from the fused vpdpbusd linear only from these sizes. Through
+# quant.qlinear's separate passes it lost below 64 rows and 2^26 MACs; fused (``linear_amx``: quantize, tile GEMM
+# and epilogue in one call) it wins from 16 rows. Sapphire Rapids class, 2 threads, 2026-12-07, vpdpbusd / AMX
+# time: 16x384x1536 1.19-1.36x, 32x384x384 1.05-1.08x, 33x64x80 1.00-1.13x, 64x384x384 1.02-1.24x, 64x384x1536
+# 1.34-1.82x, 128x768x768 1.86-1.97x, 256x1024x1024 1.78-2.13x; 8x384x384 0.83-1.03x.
+AMX_FUSED_MIN_M = 16
+AMX_FUSED_MIN_MACS = AMX_MIN_MACS
 
 
 @dataclass(frozen=True)

@@ -171,19 +171,21 @@ def test_portable_products_run_exactly_on_float_blas(monkeypatch, groups: int) -
 
 
 @pytest.mark.skipif("avx512amx" not in available_paths(), reason="CPU lacks AMX (or the kernel refused it)")
-def test_amx_path_routes_convs_and_small_linears_to_vpdpbusd() -> None:
-    """On ``avx512amx`` one-group convs take the implicit GEMM and the tile engine only large lowered linears
-    (measured crossover in ``routing.py``): the engine behind an im2col was 2-8x slower per conv."""
+def test_amx_path_routes_convs_and_few_row_linears_to_vpdpbusd() -> None:
+    """On ``avx512amx`` one-group convs take the implicit GEMM (the engine behind an im2col was 2-8x slower per
+    conv) and lowered linears the fused tile kernel from 16 rows and 2^20 MACs (measured in ``routing.py``)."""
     from bitmix.kernels import conv_nhwc, gemm_vnni
 
     rng = np.random.default_rng(0)
     small = pack_weights(rng.integers(-8, 8, (384, 384)).astype(np.int8), 4)
     large = pack_weights(rng.integers(-8, 8, (1024, 1024)).astype(np.int8), 4)
+    tiny = pack_weights(rng.integers(-8, 8, (32, 64)).astype(np.int8), 4)
     with dispatch.use("avx512amx") as s:
         assert conv_nhwc.implicit_route(small, 3136) is gemm_vnni
-        assert s.engine(small, 64, 1, fused=True) == "avx512vnni"  # MiniLM's 64 x 384 x 384: 1.6x slower on AMX
-        assert s.engine(large, 16, 1, fused=True) == "avx512vnni"  # too few rows for the engine's passes to pay
-        assert s.engine(large, 256, 1, fused=True) == "amx"
-        assert s.engine(small, 64, 1) == "amx"  # on codes the engine wins from here (0.80x)
-    with dispatch.use("avx512amx", amx_fused_min_m=0, amx_fused_min_macs=0) as s:
-        assert s.engine(small, 64, 1, fused=True) == "amx"
+        assert s.engine(small, 64, 1, fused=True) == "amx"  # MiniLM's 64 x 384 x 384
+        assert s.engine(large, 16, 1, fused=True) == "amx"
+        assert s.engine(large, 8, 1, fused=True) == "avx512vnni"  # fewer rows than a tile
+        assert s.engine(tiny, 64, 1, fused=True) == "avx512vnni"  # 131k MACs: the engine's fixed cost
+    with dispatch.use("avx512amx", amx_fused_min_m=128) as s:  # the crossover is a setting
+        assert s.engine(small, 64, 1, fused=True) == "avx512vnni"
+        assert s.engine(small, 64, 1) == "amx"  # a product on codes keeps ``amx_min_m``

@@ -25,3 +25,17 @@ def test_threads_get_their_own_buffers() -> None:
     t.start()
     t.join()
     assert not np.shares_memory(mine, theirs[0])
+
+
+def test_buffers_and_weight_layouts_start_on_a_cache_line() -> None:
+    from bitmix.kernels import amx, broadcast
+    from bitmix.kernels.pack import pack_weights
+    from bitmix.kernels.scratch import LINE, aligned_copy, aligned_empty
+
+    w = pack_weights(np.ones((40, 72), dtype=np.int8), 4)
+    arrays = [scratch("test.aligned", n, np.int8) for n in (3, 1000, 1 << 20)]
+    arrays += [aligned_empty((5, 7), np.float32), aligned_copy(np.arange(33.0).reshape(3, 11).T), w.data,
+               broadcast.weight_blocks(w).data, amx.weight_tiles(w)]
+    for a in arrays:
+        assert a.ctypes.data % LINE == 0 and a.flags.c_contiguous
+    np.testing.assert_array_equal(aligned_copy(np.arange(33.0).reshape(3, 11).T), np.arange(33.0).reshape(3, 11).T)
