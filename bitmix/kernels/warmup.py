@@ -42,7 +42,7 @@ def warm(path: str | None = None) -> float:
     rng = np.random.default_rng(0)
     serial_max_macs()  # the launch-cost probe the size-based choice runs once per process
     for serial in (True, False, None):
-        with dispatch.use(path, serial=serial, amx_min_macs=0):
+        with dispatch.use(path, serial=serial, amx_min_macs=0, amx_fused_min_macs=0):
             for bits in SUPPORTED_BITS:
                 lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
                 w = pack_weights(rng.integers(lo, hi, (24, 40), endpoint=True).astype(np.int8), bits)
@@ -50,7 +50,7 @@ def warm(path: str | None = None) -> float:
                 for signed in (True, False):
                     for rows in (1, 2, 8, 40):  # GEMV, few rows, GEMM
                         qlinear(rng.normal(size=(rows, 40)).astype(np.float32), w, scales, 0.05, 8, signed, scales)
-                    for rows in (1, 8):  # lowered linears (the fused GEMV and GEMM kernels), with a smoothing factor
+                    for rows in (1, 8, 16):  # lowered linears (fused GEMV, GEMM and AMX kernels), a smoothing factor
                         prepare_linear(w, scales, 0.05, 8, signed, scales, np.ones(40, dtype=np.float32))(
                             rng.normal(size=(rows, 40)).astype(np.float32))
                         prepare_linear(w, scales, 0.05, 4, signed, scales, row_floor=1e-8)(  # per-row steps
