@@ -41,7 +41,7 @@ import numpy as np
 from numba import njit, prange
 
 from bitmix.errors import BitmixError
-from bitmix.kernels import gemm_avx2, gemm_vnni
+from bitmix.kernels import conv_amx, gemm_avx2, gemm_vnni
 from bitmix.kernels.broadcast import NO_SCALE, quantize_rows
 from bitmix.kernels.conv import _weight_codes, conv_acc_channels_last
 from bitmix.kernels.conv_simd import _patches, _quantize_pixels, taps_first
@@ -347,12 +347,17 @@ NO_SUMS = np.zeros(1, dtype=np.int64)
 NO_OUT = np.zeros((1, 1), dtype=np.float32)  # ... and its float output when it writes codes
 
 
-def implicit_route(w: PackedWeight, m: int):
-    """The implicit-GEMM module (``gemm_vnni``/``gemm_avx2``) a one-group conv with ``m`` output pixels runs
-    on under the current dispatch settings, or None (portable, too few rows). On ``avx512amx`` too: there
-    the AMX engine behind an im2col and float passes measured 2.2-7.9x slower on every resnet50 conv
-    (Sapphire Rapids, 2 threads, 2026-12-05; resnet18 forward 33.7 -> 14.4 ms)."""
-    implicit = _IMPLICIT_GEMM.get(isa_of(dispatch.settings.path))
+def implicit_route(w: PackedWeight, m: int, geom: tuple[int, ...]):
+    """The implicit-GEMM module (``gemm_vnni``/``gemm_avx2``/``conv_amx``) a one-group conv with ``m`` output
+    pixels runs on under the current dispatch settings, or None (portable, too few rows). On ``avx512amx``
+    stride-1 convs with whole tile rows of channels go to the tile engine on their codes (``conv_amx``), the
+    rest to vpdpbusd: the engine behind an im2col and float passes measured 2.2-7.9x slower on every resnet50
+    conv (Sapphire Rapids, 2 threads, 2026-12-05; resnet18 forward 33.7 -> 14.4 ms)."""
+    settings = dispatch.settings
+    if (settings.uses_amx(w, m, 1) and m * w.n * w.k >= settings.amx_conv_min_macs
+            and conv_amx.takes(w, w.k // (geom[0] * geom[1]), geom)):
+        return conv_amx
+    implicit = _IMPLICIT_GEMM.get(isa_of(settings.path))
     return implicit if implicit is not None and m >= implicit.MIN_M else None
 
 
@@ -557,7 +562,7 @@ def conv_nhwc(x: np.ndarray, w: PackedWeight, geom: tuple[int, ...], step: np.fl
     kh, kw, sh, sw, ph, pw, dh, dw, groups, ho, wo = geom
     nb, h, wd, c = x.shape if channels_last else (x.shape[0], x.shape[2], x.shape[3], x.shape[1])
     m = nb * ho * wo
-    implicit = implicit_route(w, m) if groups == 1 else None
+    implicit = implicit_route(w, m, geom) if groups == 1 else None
     if implicit is not None:
         return implicit_conv(implicit, x.shape, channels_last, w, geom, step, lo, hi, shift, scale, bias,
                              residual is not None, clamp)(x, residual)

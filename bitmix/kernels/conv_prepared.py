@@ -152,7 +152,7 @@ class PreparedConv:
         if hit is not None and hit[0] is settings:
             return hit[1]
         geom, step, lo, hi, shift, scale = fast
-        implicit = implicit_route(self.w, key[0][0] * geom[9] * geom[10]) if geom[8] == 1 else None
+        implicit = implicit_route(self.w, key[0][0] * geom[9] * geom[10], geom) if geom[8] == 1 else None
         launch = None if implicit is None else implicit_conv(implicit, key[0], key[1], self.w, geom, step, lo, hi,
                                                              shift, scale, self.bias, residual, clamp)
         self._launches[(key, residual, clamp)] = (settings, launch)
@@ -191,7 +191,7 @@ class PreparedConv:
         if after is None:  # the next conv has not run at this shape yet: ask again next time
             return None
         g, qstep, qlo, qhi, qshift, _ = after
-        into_gemm = g[8] == 1 and implicit_route(nxt.w, key[0][0] * g[9] * g[10]) is not None
+        into_gemm = g[8] == 1 and implicit_route(nxt.w, key[0][0] * g[9] * g[10], g) is not None
         finite = np.isfinite(scale).all() and (self.bias is None or np.isfinite(self.bias).all())
         link = None
         if finite and geom[8] != 1 and into_gemm:  # depthwise -> its epilogue quantizes for the GEMM

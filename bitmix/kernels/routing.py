@@ -31,6 +31,11 @@ AMX_MIN_MACS = 1 << 20  # below ~1-2 M MACs the engine's fixed cost loses to the
 # 1.34-1.82x, 128x768x768 1.86-1.97x, 256x1024x1024 1.78-2.13x; 8x384x384 0.83-1.03x.
 AMX_FUSED_MIN_M = 16
 AMX_FUSED_MIN_MACS = AMX_MIN_MACS
+# A stride-1 conv with whole tile rows of channels on avx512amx (``conv_amx``, on its padded codes) against the
+# vpdpbusd implicit GEMM, same machine and day, AMX / vpdpbusd time in the model: resnet50's 3x3 convs 0.55-0.77,
+# its 1x1 convs 0.73-1.02 (K = 64 -> N = 256 at 56x56 1.0), MobileNetV2's 1x1 convs of 7.5-20 M MACs 0.73-0.89,
+# and of 2.4-4.8 M MACs (14x14 -> 64 channels) 1.1-1.2: so from 6 M MACs.
+AMX_CONV_MIN_MACS = 6 << 20
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,8 @@ class DispatchSettings:
     ``path``: the SIMD path (``cpu.PATHS``). ``serial``: True runs every product on one thread,
     False always on the parallel drivers, None chooses by size against the measured cost of a
     parallel launch. ``amx_min_m``/``amx_min_macs``: the smallest product (rows, MACs) the AMX
-    tile engine takes on ``avx512amx``; ``amx_fused_min_m``/``amx_fused_min_macs``: the smallest it takes
+    tile engine takes on ``avx512amx``; ``amx_conv_min_macs``: the smallest conv it takes (``conv_amx``);
+    ``amx_fused_min_m``/``amx_fused_min_macs``: the smallest it takes
     from a lowered linear, whose alternative is the fused vpdpbusd kernel. ``torch_one_thread``: while a
     compiled model runs, torch's own ops use one thread of the calling thread
     (``bitmix.compiler.lower.torch_on_one_thread``).
@@ -53,6 +59,7 @@ class DispatchSettings:
     torch_one_thread: bool = True
     amx_fused_min_m: int = AMX_FUSED_MIN_M
     amx_fused_min_macs: int = AMX_FUSED_MIN_MACS
+    amx_conv_min_macs: int = AMX_CONV_MIN_MACS
 
     def uses_amx(self, w: PackedWeight, m: int, groups: int) -> bool:
         """Whether a product runs on the AMX tile engine (its path, enough rows, one group)."""
@@ -77,7 +84,7 @@ KEEP = _Keep.KEEP  # "leave this setting as it is" where None is a meaningful va
 
 def _changed(base: DispatchSettings, path: str | None, serial: bool | None | _Keep, amx_min_m: int | None,
              amx_min_macs: int | None, torch_one_thread: bool | None, amx_fused_min_m: int | None = None,
-             amx_fused_min_macs: int | None = None) -> DispatchSettings:
+             amx_fused_min_macs: int | None = None, amx_conv_min_macs: int | None = None) -> DispatchSettings:
     """``base`` with the given fields replaced, each validated (one-line ``BitmixError``)."""
     changes: dict[str, object] = {}
     if path is not None:
@@ -87,7 +94,8 @@ def _changed(base: DispatchSettings, path: str | None, serial: bool | None | _Ke
             raise BitmixError(f"serial={serial!r}: expected True (one thread), False (parallel) or None (by size)")
         changes["serial"] = serial
     for name, value in (("amx_min_m", amx_min_m), ("amx_min_macs", amx_min_macs),
-                        ("amx_fused_min_m", amx_fused_min_m), ("amx_fused_min_macs", amx_fused_min_macs)):
+                        ("amx_fused_min_m", amx_fused_min_m), ("amx_fused_min_macs", amx_fused_min_macs),
+                        ("amx_conv_min_macs", amx_conv_min_macs)):
         if value is not None:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise BitmixError(f"{name}={value!r}: expected a non-negative int")
@@ -134,22 +142,24 @@ class KernelDispatch:
 
     def configure(self, path: str | None = None, *, serial: bool | None | _Keep = KEEP, amx_min_m: int | None = None,
                   amx_min_macs: int | None = None, torch_one_thread: bool | None = None,
-                  amx_fused_min_m: int | None = None, amx_fused_min_macs: int | None = None) -> DispatchSettings:
+                  amx_fused_min_m: int | None = None, amx_fused_min_macs: int | None = None,
+                  amx_conv_min_macs: int | None = None) -> DispatchSettings:
         """Change the process-wide defaults (fields of ``DispatchSettings``); returns the new defaults."""
         base = self._default_settings()
         with self._lock:
             self._defaults = _changed(base, path, serial, amx_min_m, amx_min_macs, torch_one_thread,
-                                      amx_fused_min_m, amx_fused_min_macs)
+                                      amx_fused_min_m, amx_fused_min_macs, amx_conv_min_macs)
             return self._defaults
 
     @contextmanager
     def use(self, path: str | None = None, *, serial: bool | None | _Keep = KEEP, amx_min_m: int | None = None,
             amx_min_macs: int | None = None, torch_one_thread: bool | None = None, amx_fused_min_m: int | None = None,
-            amx_fused_min_macs: int | None = None) -> Iterator[DispatchSettings]:
+            amx_fused_min_macs: int | None = None, amx_conv_min_macs: int | None = None
+            ) -> Iterator[DispatchSettings]:
         """Run the block with these settings in the calling thread, e.g. ``use("avx2", serial=True)``;
         the previous settings come back on exit, also on error."""
         settings = _changed(self.settings, path, serial, amx_min_m, amx_min_macs, torch_one_thread,
-                            amx_fused_min_m, amx_fused_min_macs)
+                            amx_fused_min_m, amx_fused_min_macs, amx_conv_min_macs)
         token = self._override.set(settings)
         try:
             yield settings

@@ -42,7 +42,7 @@ def warm(path: str | None = None) -> float:
     rng = np.random.default_rng(0)
     serial_max_macs()  # the launch-cost probe the size-based choice runs once per process
     for serial in (True, False, None):
-        with dispatch.use(path, serial=serial, amx_min_macs=0, amx_fused_min_macs=0):
+        with dispatch.use(path, serial=serial, amx_min_macs=0, amx_fused_min_macs=0, amx_conv_min_macs=0):
             for bits in SUPPORTED_BITS:
                 lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
                 w = pack_weights(rng.integers(lo, hi, (24, 40), endpoint=True).astype(np.int8), bits)
@@ -67,7 +67,7 @@ def warm(path: str | None = None) -> float:
             for a_type, b_type in itertools.product((np.int8, np.uint8), repeat=2):  # signed and unsigned codes
                 bmm(rng.integers(0, 8, (2, 5, 7)).astype(a_type), rng.integers(0, 8, (2, 7, 4)).astype(b_type))
     for serial in (True, False):
-        with dispatch.use(path, serial=serial):
+        with dispatch.use(path, serial=serial, amx_conv_min_macs=0):
             for bits in (4, 8):  # AVX2 compiles 8-bit weights apart
                 _warm_code_chain(rng, bits)
     step_errors(rng.normal(size=(3, 16)).astype(np.float32), np.full((3, 4), 0.1, dtype=np.float32), 8, 7)  # ranges
@@ -108,8 +108,9 @@ def _warm_chain(rng: np.random.Generator) -> None:
 
 
 def _warm_code_chain(rng: np.random.Generator, bits: int) -> None:
-    """A conv handing the next its input codes (``PreparedConv.to_codes``: the CODES GEMM on VNNI and AVX2, the
-    border pass), as lowered conv -> conv chains run from their second call on; residual adds and ReLUs."""
+    """A conv handing the next its input codes (``PreparedConv.to_codes``: the CODES GEMM on VNNI, AVX2 and AMX
+    (64 channels), the border pass), as lowered conv -> conv chains run from their second call on; residual adds
+    and ReLUs."""
     from bitmix.kernels.conv_prepared import PreparedConv
 
     def conv(c: int, n: int, groups: int = 1) -> PreparedConv:
@@ -118,14 +119,16 @@ def _warm_code_chain(rng: np.random.Generator, bits: int) -> None:
         return PreparedConv(w, np.full(n, 0.01, dtype=np.float32), 0.05, 4, False, None, (3, 3), (1, 1), (1, 1),
                             (1, 1), groups)
 
-    first, second, depthwise = conv(8, 16), conv(16, 8), conv(8, 8, 8)
-    x = np.abs(rng.normal(size=(1, 6, 6, 8))).astype(np.float32)
-    y = second(first(x, True), True)  # both layers checked at these shapes
-    second(first(x, True), True, y, (np.float32(0), np.float32(np.inf)))  # + residual, ReLU: the GEMM's epilogue
-    depthwise(x, True, y, (np.float32(0), np.float32(np.inf)))  # ... or one pass after the kernel (``_finish``)
-    codes = first.to_codes(x, True, (np.float32(0), np.float32(np.inf)), second)
-    if codes is not None:
-        second(codes, True)
+    relu = (np.float32(0), np.float32(np.inf))
+    for c, n in ((8, 16), (64, 64)):
+        first, second, depthwise = conv(c, n), conv(n, c), conv(c, c, c)
+        x = np.abs(rng.normal(size=(1, 6, 6, c))).astype(np.float32)
+        y = second(first(x, True), True)  # both layers checked at these shapes
+        second(first(x, True), True, y, relu)  # + residual, ReLU: the GEMM's epilogue
+        depthwise(x, True, y, relu)  # ... or one pass after the kernel (``_finish``)
+        codes = first.to_codes(x, True, relu, second)
+        if codes is not None:
+            second(codes, True)
 
 
 def main() -> int:

@@ -20,7 +20,8 @@ def kernel_path(request) -> Iterator[str]:
     path, driver = request.param
     if path not in available_paths():
         pytest.skip(f"CPU cannot run the {path} path")
-    with dispatch.use(path, serial=driver == "serial", amx_min_macs=0, amx_fused_min_m=0, amx_fused_min_macs=0):
+    with dispatch.use(path, serial=driver == "serial", amx_min_macs=0, amx_fused_min_m=0, amx_fused_min_macs=0,
+                      amx_conv_min_macs=0):
         yield path
 
 

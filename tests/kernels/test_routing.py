@@ -171,9 +171,9 @@ def test_portable_products_run_exactly_on_float_blas(monkeypatch, groups: int) -
 
 
 @pytest.mark.skipif("avx512amx" not in available_paths(), reason="CPU lacks AMX (or the kernel refused it)")
-def test_amx_path_routes_convs_and_few_row_linears_to_vpdpbusd() -> None:
-    """On ``avx512amx`` one-group convs take the implicit GEMM (the engine behind an im2col was 2-8x slower per
-    conv) and lowered linears the fused tile kernel from 16 rows and 2^20 MACs (measured in ``routing.py``)."""
+def test_amx_path_routes_strided_convs_and_few_row_linears_to_vpdpbusd() -> None:
+    """On ``avx512amx`` strided one-group convs take the vpdpbusd implicit GEMM (``test_conv_amx``: the stride-1
+    ones) and lowered linears the fused tile kernel from 16 rows and 2^20 MACs (measured in ``routing.py``)."""
     from bitmix.kernels import conv_nhwc, gemm_vnni
 
     rng = np.random.default_rng(0)
@@ -181,7 +181,7 @@ def test_amx_path_routes_convs_and_few_row_linears_to_vpdpbusd() -> None:
     large = pack_weights(rng.integers(-8, 8, (1024, 1024)).astype(np.int8), 4)
     tiny = pack_weights(rng.integers(-8, 8, (32, 64)).astype(np.int8), 4)
     with dispatch.use("avx512amx") as s:
-        assert conv_nhwc.implicit_route(small, 3136) is gemm_vnni
+        assert conv_nhwc.implicit_route(small, 784, (1, 1, 2, 2, 0, 0, 1, 1, 1, 28, 28)) is gemm_vnni  # strided
         assert s.engine(small, 64, 1, fused=True) == "amx"  # MiniLM's 64 x 384 x 384
         assert s.engine(large, 16, 1, fused=True) == "amx"
         assert s.engine(large, 8, 1, fused=True) == "avx512vnni"  # fewer rows than a tile
