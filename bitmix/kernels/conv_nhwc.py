@@ -411,10 +411,11 @@ def implicit_conv(implicit, x_shape: tuple[int, ...], channels_last: bool, w: Pa
 
 
 @njit(parallel=True, cache=True)
-def _code_borders(a8, psum, ph, pw, h, w, c, shift):
+def _code_borders(a8, psum, ph, pw, h, w, c, shift, sums):
     """Complete a padded code buffer whose interior pixels' first ``c`` channels a GEMM epilogue wrote
     (``gemm_vnni.CODES``) into ``_pad_codes``' layout: border pixels code 0 (``-shift``), channels past
-    ``c`` zero, ``psum`` each pixel's sum over ``c``. One task per padded row."""
+    ``c`` zero, with ``sums`` ``psum`` each pixel's sum over ``c`` (``conv_amx`` reads none). One task per
+    padded row."""
     nb, hp, wp, c4 = a8.shape
     of = a8.reshape(-1)
     sh = np.int32(shift)
@@ -424,14 +425,16 @@ def _code_borders(a8, psum, ph, pw, h, w, c, shift):
         for pj in range(wp):
             d = (t * wp + pj) * c4
             if inside and pw <= pj < pw + w:
-                s = np.int32(0)
-                for q in range(c):
-                    s += np.int32(of[np.uintp(d + q)])
-                psum[t * wp + pj] = s
+                if sums:
+                    s = np.int32(0)
+                    for q in range(c):
+                        s += np.int32(of[np.uintp(d + q)])
+                    psum[t * wp + pj] = s
             else:
                 for q in range(c):
                     of[np.uintp(d + q)] = -sh
-                psum[t * wp + pj] = -sh * c
+                if sums:
+                    psum[t * wp + pj] = -sh * c
             for q in range(c, c4):
                 of[np.uintp(d + q)] = 0
 
@@ -449,16 +452,18 @@ class CodesConv:
     borders: tuple[int, int, int, int, int, int] | None  # (ph, pw, Ho, Wo, C_out, shift): ``_code_borders``;
     # None: the next conv is depthwise, whose input is the bare NHWC codes (``depthwise_input``)
     owner: object  # the next conv
+    sums: bool  # the next conv reads per-pixel sums (not on ``conv_amx``)
 
     def __call__(self, x: np.ndarray | PaddedCodes) -> PaddedCodes:
         a8, psum = (x.a8, x.psum) if isinstance(x, PaddedCodes) else self.own.pad(x)
         nb, hp, wp, c4 = self.padded
-        out = _input_codes(self.owner, self.padded, self.borders is not None)
+        out = _input_codes(self.owner, self.padded, self.borders is not None and self.sums)
         self.gemm(a8.reshape(-1), psum, out[0].reshape(-1))
         if self.borders is None:
             return PaddedCodes(out[0], out[1], (nb, c4, hp, wp), self.owner)
-        _code_borders(out[0], out[1], *self.borders)
-        _, _, ho, wo, n, _ = self.borders
+        ph, pw, ho, wo, n, _ = self.borders
+        if self.sums or ph or pw or c4 != n:  # else every byte is the GEMM's: nothing to complete
+            _code_borders(out[0], out[1], *self.borders, self.sums)
         return PaddedCodes(out[0], out[1], (nb, n, ho, wo), self.owner)
 
 
@@ -489,10 +494,10 @@ def _input_codes(owner: object, padded: tuple[int, int, int, int], sums: bool) -
 
 
 def codes_conv(own: ImplicitConv, w: PackedWeight, geom: tuple[int, ...], scale: np.ndarray, bias: np.ndarray | None,
-               clamp: tuple, nxt: tuple, owner: object, depthwise: bool = False) -> CodesConv:
+               clamp: tuple, nxt: tuple, owner: object, depthwise: bool = False, sums: bool = True) -> CodesConv:
     """``own``'s conv writing codes for the next conv ``owner``: ``nxt`` = its ``(step, lo, hi, shift, ph, pw)``;
     a ``depthwise`` one reads bare NHWC codes (``depthwise_input``: no padding, shift or sums; ``nxt``'s
-    shift and padding 0)."""
+    shift and padding 0); ``sums``: the next conv reads per-pixel sums (its route is not ``conv_amx``)."""
     nb, hp, wp, _ = own.padded
     ho, wo = geom[9], geom[10]
     step, qlo, qhi, qshift, qph, qpw = nxt
@@ -503,7 +508,7 @@ def codes_conv(own: ImplicitConv, w: PackedWeight, geom: tuple[int, ...], scale:
     gemm = own.engine.conv_codes_gemm(w, shift, own.channels, geom, hp, wp, m, scale, bias, clamp,
                                       _parallel(dispatch.settings, m * w.n * w.k), padded, (qph, qpw),
                                       (step, qlo, qhi, qshift), a_max=gemm_avx2.byte_bound(lo, hi, shift), **known)
-    return CodesConv(own, gemm, padded, None if depthwise else (qph, qpw, ho, wo, w.n, qshift), owner)
+    return CodesConv(own, gemm, padded, None if depthwise else (qph, qpw, ho, wo, w.n, qshift), owner, sums)
 
 
 def _nan() -> BitmixError:

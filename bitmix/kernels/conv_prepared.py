@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bitmix.errors import BitmixError
+from bitmix.kernels import conv_amx
 from bitmix.kernels.conv import conv_geometry
 from bitmix.kernels.conv_nhwc import (
     ImplicitConv,
@@ -191,7 +192,8 @@ class PreparedConv:
         if after is None:  # the next conv has not run at this shape yet: ask again next time
             return None
         g, qstep, qlo, qhi, qshift, _ = after
-        into_gemm = g[8] == 1 and implicit_route(nxt.w, key[0][0] * g[9] * g[10], g) is not None
+        route = implicit_route(nxt.w, key[0][0] * g[9] * g[10], g) if g[8] == 1 else None
+        into_gemm = route is not None
         finite = np.isfinite(scale).all() and (self.bias is None or np.isfinite(self.bias).all())
         link = None
         if finite and geom[8] != 1 and into_gemm:  # depthwise -> its epilogue quantizes for the GEMM
@@ -201,7 +203,8 @@ class PreparedConv:
             own = self._implicit(key, fast, False, clamp)
             if own is not None:
                 quant = (qstep, qlo, qhi, qshift, g[4], g[5]) if into_gemm else (qstep, qlo, qhi, 0, 0, 0)
-                link = codes_conv(own, self.w, geom, scale, self.bias, clamp, quant, nxt, depthwise=not into_gemm)
+                link = codes_conv(own, self.w, geom, scale, self.bias, clamp, quant, nxt, depthwise=not into_gemm,
+                                  sums=route is not conv_amx)
         self._links[(key, clamp, nxt)] = (settings, link)
         return link
 

@@ -32,9 +32,9 @@ AMX_MIN_MACS = 1 << 20  # below ~1-2 M MACs the engine's fixed cost loses to the
 AMX_FUSED_MIN_M = 16
 AMX_FUSED_MIN_MACS = AMX_MIN_MACS
 # A stride-1 conv with whole tile rows of channels on avx512amx (``conv_amx``, on its padded codes) against the
-# vpdpbusd implicit GEMM, same machine and day, AMX / vpdpbusd time in the model: resnet50's 3x3 convs 0.55-0.77,
-# its 1x1 convs 0.73-1.02 (K = 64 -> N = 256 at 56x56 1.0), MobileNetV2's 1x1 convs of 7.5-20 M MACs 0.73-0.89,
-# and of 2.4-4.8 M MACs (14x14 -> 64 channels) 1.1-1.2: so from 6 M MACs.
+# vpdpbusd implicit GEMM, same machine and day, AMX / vpdpbusd speed in the model: resnet50's 3x3 convs
+# 1.29-1.86x, its 1x1 convs 0.90-1.24x, MobileNetV2's 1x1 convs of 7.5-20 M MACs 1.12-1.36x and of 2.4-4.8 M MACs
+# (14x14 -> 64 channels) 0.84-0.92x: so from 6 M MACs.
 AMX_CONV_MIN_MACS = 6 << 20
 
 
