@@ -42,25 +42,27 @@ def test_route_takes_stride_1_convs_with_whole_tile_rows() -> None:
     (64, 20, (9, 11), 1, 0, 1), (128, 70, (4, 8), 1, 0, 1), (64, 64, (7, 7), 1, 0, 1),  # pointwise, partial blocks
     (64, 37, (9, 11), 3, 1, 1), (128, 64, (7, 7), 3, 1, 1), (64, 16, (6, 13), 3, 0, 1),  # k x k, padded or not
     (64, 48, (10, 9), 3, 2, 2), (64, 32, (5, 6), 1, 1, 1),  # dilated; a padded 1x1 (its border rows dropped)
+    (64, 24, (8, 12), (1, 3), (0, 1), 1), (128, 16, (9, 5), (5, 1), (2, 0), 1),  # 1x3 and 5x1
 ])
 @pytest.mark.parametrize("spec", [(8, False), (4, True)], ids=["u8", "s4"])
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "plain"])
 @pytest.mark.parametrize("serial", [True, False], ids=["serial", "parallel"])
-def test_float_outputs_equal_the_vnni_route(c: int, n: int, hw: tuple, k: int, pad: int, dil: int, spec: tuple,
-                                            residual: bool, serial: bool) -> None:
-    rng = np.random.default_rng(c + n + k)
-    w = pack_weights(rng.integers(-8, 8, (n, c * k * k)).astype(np.int8), 4)
+def test_float_outputs_equal_the_vnni_route(c: int, n: int, hw: tuple, k: int | tuple, pad: int | tuple, dil: int,
+                                            spec: tuple, residual: bool, serial: bool) -> None:
+    (kh, kw), (ph, pw) = (k, k) if isinstance(k, int) else k, (pad, pad) if isinstance(pad, int) else pad
+    rng = np.random.default_rng(c + n + kh * kw)
+    w = pack_weights(rng.integers(-8, 8, (n, c * kh * kw)).astype(np.int8), 4)
     conv = PreparedConv(w, rng.uniform(0.01, 0.1, n).astype(np.float32), 0.05, *spec,
-                        None if residual else rng.normal(size=n).astype(np.float32), (k, k), (1, 1), (pad, pad),
+                        None if residual else rng.normal(size=n).astype(np.float32), (kh, kw), (1, 1), (ph, pw),
                         (dil, dil), 1)
     x = rng.normal(0, 2, size=(2, *hw, c)).astype(np.float32)
-    ho, wo = (s + 2 * pad - dil * (k - 1) for s in hw)
+    ho, wo = hw[0] + 2 * ph - dil * (kh - 1), hw[1] + 2 * pw - dil * (kw - 1)
     res = rng.normal(0, 3, size=(2, ho, wo, n)).astype(np.float32) if residual else None
     clamp = (np.float32(0), np.float32(6))
     outs = []
     for path in ("avx512vnni", "avx512amx"):
         with dispatch.use(path, serial=serial, amx_min_macs=0, amx_conv_min_macs=0):
-            route = implicit_route(w, 2 * ho * wo, (k, k, 1, 1, pad, pad, dil, dil, 1, ho, wo))
+            route = implicit_route(w, 2 * ho * wo, (kh, kw, 1, 1, ph, pw, dil, dil, 1, ho, wo))
             assert route is (conv_amx if path == "avx512amx" else gemm_vnni)
             outs += [conv(x, True, res, clamp), conv(x, True, res, clamp)]  # first call, then the bound launch
     for got in outs[1:]:
