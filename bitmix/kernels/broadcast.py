@@ -21,6 +21,10 @@ from bitmix.kernels.scratch import aligned_copy
 
 BLOCK = 16  # output channels per weight block
 QROWS = 16  # rows per task of the quantize pass
+# Fused linears quantize up to this many elements with the pass compiled without ``prange``: a parallel launch
+# costs more than it splits (Sapphire Rapids, 2 threads, 2026-12-07, parallel / serial pass: 64 x 384 1.4-1.7x,
+# per-row steps with the rotation 1.3x; 64 x 1536 0.75-0.9x).
+SERIAL_QUANTIZE_MAX = 1 << 15
 ONE_TAP = np.zeros(1, dtype=np.int64)  # a plain GEMM: one tap at offset 0
 GEMM_GEO = np.ones(6, dtype=np.int64)  # pixel(i) = i
 NO_SCALE = np.ones(1, dtype=np.float32)  # ``quantize_rows``'s ``a_scale`` when ``has_scale`` is False

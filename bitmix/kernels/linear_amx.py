@@ -46,7 +46,7 @@ from bitmix.kernels.scratch import scratch
 from bitmix.kernels.simd import add_i32x16, load_i32x16
 from bitmix.kernels.threads import thread_count
 
-_quantize = _gemm = None  # the kernels ``_fused``/``_fused_rows`` call, bound once (``simd.cache_variant``)
+_quantize = _quantize_one = _gemm = None  # what ``_fused``/``_fused_rows`` call, bound once (``simd.cache_variant``)
 
 
 def _gemm_epilogue(a8, kp, tiles, m, n, cw, cfg, m_step, n_step, rows_outer, mode, scale, bias, steps, out):
@@ -113,16 +113,24 @@ def _gemm_epilogue(a8, kp, tiles, m, n, cw, cfg, m_step, n_step, rows_outer, mod
 
 
 def _fused(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum, tiles, cw, n, cfg, m_step, n_step, rows_outer,
-           mode, scale, bias, steps, out):
-    if _quantize(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum):
+           mode, scale, bias, steps, out, one):
+    if one:
+        nan = _quantize_one(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum)
+    else:
+        nan = _quantize(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum)
+    if nan:
         return True
     _gemm(a8, kp, tiles, x.shape[0], n, cw, cfg, m_step, n_step, rows_outer, mode, scale, bias, steps, out)
     return False
 
 
 def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, signs, block, kp, a8, asum, tiles, cw, n, cfg,
-                m_step, n_step, rows_outer, mode, scale, bias, steps, out):
-    if _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block):
+                m_step, n_step, rows_outer, mode, scale, bias, steps, out, one):
+    if one:
+        nan = _quantize_one(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block)
+    else:
+        nan = _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block)
+    if nan:
         return True
     _gemm(a8, kp, tiles, x.shape[0], n, cw, cfg, m_step, n_step, rows_outer, mode, scale, bias, steps, out)
     return False
@@ -137,14 +145,16 @@ def _gemm_driver():
 @functools.cache
 def driver():
     """The fused kernel: ``broadcast``'s quantize pass, then the tile GEMM and its epilogue, in one call."""
-    fn = simd.cache_variant(_fused, "amx", _quantize=broadcast.quantize_rows(True), _gemm=_gemm_driver())
+    fn = simd.cache_variant(_fused, "amx", _quantize=broadcast.quantize_rows(True),
+                            _quantize_one=broadcast.quantize_rows(False), _gemm=_gemm_driver())
     return simd.pin_uuid(njit(cache=True)(fn), "linear_amx.fused")
 
 
 @functools.cache
 def driver_rows():
     """The fused kernel of a per-row-step layer: ``row_steps``' quantize pass, the GEMM, the row scales."""
-    fn = simd.cache_variant(_fused_rows, "amx", _quantize=row_steps.quantize_pass(True), _gemm=_gemm_driver())
+    fn = simd.cache_variant(_fused_rows, "amx", _quantize=row_steps.quantize_pass(True),
+                            _quantize_one=row_steps.quantize_pass(False), _gemm=_gemm_driver())
     return simd.pin_uuid(njit(cache=True)(fn), "linear_amx.fused_rows")
 
 
@@ -171,12 +181,14 @@ class AmxLinear(broadcast.LinearOperands):
             steps = scratch("linear.row_steps", m, np.float32)
             mode = gemm_vnni.SCALED | gemm_vnni.ROWS | (gemm_vnni.BIAS if self.has_bias else 0)
             args = (x, self.a_scale, self.has_scale, self.step, self.row_floor, self.lo, self.hi, self.shift,
-                    self.signs, self.block, kp, a8, asum, *grid, mode, self.scale, self.bias, steps, out.reshape(-1))
+                    self.signs, self.block, kp, a8, asum, *grid, mode, self.scale, self.bias, steps, out.reshape(-1),
+                    m * w.k <= broadcast.SERIAL_QUANTIZE_MAX)
             kernel = driver_rows()
         else:
             mode = gemm_vnni.SCALED_BIASED if self.has_bias else gemm_vnni.SCALED
             args = (x, self.a_scale, self.has_scale, self.step, self.lo, self.hi, self.shift, kp, a8, asum, *grid,
-                    mode, self.scale, self.bias, gemm_vnni.NO_F32, out.reshape(-1))
+                    mode, self.scale, self.bias, gemm_vnni.NO_F32, out.reshape(-1),
+                    m * w.k <= broadcast.SERIAL_QUANTIZE_MAX)
             kernel = driver()
         if parallel:
             return kernel(*args)

@@ -20,12 +20,16 @@ from bitmix.kernels import broadcast, gemm_avx2, row_steps, simd
 from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.scratch import scratch
 
-_quantize = _gemm = None  # the kernels ``_fused``/``_fused_rows`` call, bound per variant (``simd.cache_variant``)
+_quantize = _quantize_one = _gemm = None  # what ``_fused``/``_fused_rows`` call, bound per variant (``cache_variant``)
 
 
 def _fused(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum, one_tap, geo, wp, cw, offset, n, n_pad, cq,
-           no_i32, scale, bias, has_bias, out, chunk):
-    if _quantize(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum):
+           no_i32, scale, bias, has_bias, out, chunk, one):
+    if one:
+        nan = _quantize_one(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum)
+    else:
+        nan = _quantize(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum)
+    if nan:
         return True
     _gemm(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_avx2.SCALED, no_i32,
           out, scale, bias, has_bias, gemm_avx2.NO_F32, *gemm_avx2.NO_RESIDUAL,
@@ -34,8 +38,12 @@ def _fused(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum, one_tap, ge
 
 
 def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, signs, block, kp, a8, asum, one_tap, geo,
-                wp, cw, offset, n, n_pad, cq, no_i32, scale, bias, has_bias, out, chunk):
-    if _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block):
+                wp, cw, offset, n, n_pad, cq, no_i32, scale, bias, has_bias, out, chunk, one):
+    if one:
+        nan = _quantize_one(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block)
+    else:
+        nan = _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block)
+    if nan:
         return True
     _gemm(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_avx2.ROWS, no_i32,
           out, scale, bias, has_bias, steps, *gemm_avx2.NO_RESIDUAL,
@@ -50,7 +58,7 @@ def driver(w8: bool, parallel: bool, per_row: bool = False):
     variant = f"{'w8' if w8 else 'wq'}_{'parallel' if parallel else 'serial'}"
     fused, quantize = (_fused_rows, row_steps.quantize_pass) if per_row else (_fused, broadcast.quantize_rows)
     fn = njit(cache=True)(simd.cache_variant(fused, variant, _quantize=quantize(parallel),
-                                             _gemm=gemm_avx2.driver(w8, parallel)))
+                                             _quantize_one=quantize(False), _gemm=gemm_avx2.driver(w8, parallel)))
     return simd.pin_uuid(fn, f"linear_avx2.{fused.__name__.lstrip('_')}.{variant}")
 
 
@@ -67,6 +75,7 @@ class Avx2Linear(broadcast.LinearOperands):
         w, blocks = self.w, self.blocks
         a8 = scratch("linear.a8", m * w.k_pad, np.int8)
         asum = scratch("linear.asum", m, np.int64)
+        one = m * w.k <= broadcast.SERIAL_QUANTIZE_MAX  # the quantize pass on the calling thread
         if self.row_floor is not None:
             steps = scratch("linear.row_steps", m, np.float32)
             return driver(w.bits == 8, parallel, True)(x, self.a_scale, self.has_scale, self.step, self.row_floor,
@@ -74,8 +83,8 @@ class Avx2Linear(broadcast.LinearOperands):
                                                       w.k_pad, a8, asum, broadcast.ONE_TAP, broadcast.GEMM_GEO,
                                                       blocks.data, self.cw, blocks.offset, w.n, blocks.n_pad,
                                                       blocks.cq, gemm_avx2.NO_I32, self.scale, self.bias,
-                                                      self.has_bias, out.reshape(-1), self.chunk)
+                                                      self.has_bias, out.reshape(-1), self.chunk, one)
         return driver(w.bits == 8, parallel)(x, self.a_scale, self.has_scale, self.step, self.lo, self.hi, self.shift,
                                              w.k_pad, a8, asum, broadcast.ONE_TAP, broadcast.GEMM_GEO, blocks.data,
                                              self.cw, blocks.offset, w.n, blocks.n_pad, blocks.cq, gemm_avx2.NO_I32,
-                                             self.scale, self.bias, self.has_bias, out.reshape(-1), self.chunk)
+                                             self.scale, self.bias, self.has_bias, out.reshape(-1), self.chunk, one)

@@ -29,7 +29,7 @@ from numba import njit
 from bitmix.kernels import broadcast, gemm_vnni, row_steps, simd
 from bitmix.kernels.scratch import scratch
 
-_quantize = _core = None  # the kernels ``_fused``/``_fused_rows`` call, bound once (``simd.cache_variant``)
+_quantize = _quantize_one = _core = None  # what ``_fused``/``_fused_rows`` call, bound once (``simd.cache_variant``)
 
 
 @njit(inline="always")
@@ -42,8 +42,12 @@ simd.pin_kernels("linear_vnni", _no_codes)
 
 
 def _fused(x, a_scale, has_scale, step, lo, hi, shift, wp, cw, offset, n, n_pad, cq, kp, mode, scale, bias, a8, asum,
-           out, one_tap, geo, no_i32, lo_f, hi_f):
-    if _quantize(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum):
+           out, one_tap, geo, no_i32, lo_f, hi_f, one):
+    if one:
+        nan = _quantize_one(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum)
+    else:
+        nan = _quantize(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum)
+    if nan:
         return True
     _core(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, mode, no_i32, out, scale,
           bias, out, lo_f, hi_f, *_no_codes())
@@ -51,8 +55,12 @@ def _fused(x, a_scale, has_scale, step, lo, hi, shift, wp, cw, offset, n, n_pad,
 
 
 def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, signs, block, wp, cw, offset, n, n_pad, cq,
-                kp, scale, bias, has_bias, a8, asum, out, one_tap, geo, no_i32, lo_f, hi_f):
-    if _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block):
+                kp, scale, bias, has_bias, a8, asum, out, one_tap, geo, no_i32, lo_f, hi_f, one):
+    if one:
+        nan = _quantize_one(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block)
+    else:
+        nan = _quantize(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block)
+    if nan:
         return True
     mode = gemm_vnni.SCALED | gemm_vnni.ROWS | (gemm_vnni.BIAS if has_bias else 0)
     _core(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, mode, no_i32, out, scale,
@@ -64,14 +72,16 @@ def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, signs,
 def driver():
     """The fused kernel: the quantize pass, then ``gemm_vnni.driver()`` in the same call (run it
     inside ``gemm_vnni.threads_if``)."""
-    fn = simd.cache_variant(_fused, "vnni", _quantize=broadcast.quantize_rows(True), _core=gemm_vnni.driver())
+    fn = simd.cache_variant(_fused, "vnni", _quantize=broadcast.quantize_rows(True),
+                            _quantize_one=broadcast.quantize_rows(False), _core=gemm_vnni.driver())
     return simd.pin_uuid(njit(cache=True)(fn), "linear_vnni.fused")
 
 
 @functools.cache
 def driver_rows():
     """The fused kernel of a per-row-step layer: ``row_steps``' quantize pass, the GEMM, the row scales."""
-    fn = simd.cache_variant(_fused_rows, "vnni", _quantize=row_steps.quantize_pass(True), _core=gemm_vnni.driver())
+    fn = simd.cache_variant(_fused_rows, "vnni", _quantize=row_steps.quantize_pass(True),
+                            _quantize_one=row_steps.quantize_pass(False), _core=gemm_vnni.driver())
     return simd.pin_uuid(njit(cache=True)(fn), "linear_vnni.fused_rows")
 
 
@@ -89,13 +99,14 @@ class FusedLinear(broadcast.LinearOperands):
             args = (x, self.a_scale, self.has_scale, self.step, self.row_floor, self.lo, self.hi, self.shift, steps,
                     self.signs, self.block, b.data, self.cw, b.offset, w.n, b.n_pad, b.cq, w.k_pad, self.scale,
                     self.bias, self.has_bias, a8, asum, out.reshape(-1), broadcast.ONE_TAP, broadcast.GEMM_GEO,
-                    gemm_vnni.NO_I32, *gemm_vnni.NO_CLAMP)
+                    gemm_vnni.NO_I32, *gemm_vnni.NO_CLAMP, m * w.k <= broadcast.SERIAL_QUANTIZE_MAX)
             kernel = driver_rows()
         else:
             mode = gemm_vnni.SCALED_BIASED if self.has_bias else gemm_vnni.SCALED
             args = (x, self.a_scale, self.has_scale, self.step, self.lo, self.hi, self.shift, b.data, self.cw,
                     b.offset, w.n, b.n_pad, b.cq, w.k_pad, mode, self.scale, self.bias, a8, asum, out.reshape(-1),
-                    broadcast.ONE_TAP, broadcast.GEMM_GEO, gemm_vnni.NO_I32, *gemm_vnni.NO_CLAMP)
+                    broadcast.ONE_TAP, broadcast.GEMM_GEO, gemm_vnni.NO_I32, *gemm_vnni.NO_CLAMP,
+                    m * w.k <= broadcast.SERIAL_QUANTIZE_MAX)
             kernel = driver()
         if parallel:  # the common case without a context manager (~1.5 us a call; MiniLM makes 36)
             return kernel(*args)

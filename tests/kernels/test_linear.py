@@ -24,7 +24,7 @@ def _expected(x, w_codes, scales, step, a_bits, a_signed, bias, a_scale):
 
 @pytest.mark.parametrize(("w_bits", "a_bits", "a_signed"), [(4, 4, True), (4, 8, False), (2, 4, False),
                                                              (2, 8, True), (8, 8, False), (8, 4, True)])
-@pytest.mark.parametrize("m", [1, 3, 64, 257])
+@pytest.mark.parametrize("m", [1, 3, 64, 257, 400])  # 400 x 100: a quantize pass over threads (SERIAL_QUANTIZE_MAX)
 def test_linear_kernel_exact(kernel_path, w_bits, a_bits, a_signed, m) -> None:
     rng = np.random.default_rng(w_bits * 1000 + a_bits * 10 + m)
     k, n = 100, 37  # K not a multiple of 64, N not a multiple of 16
