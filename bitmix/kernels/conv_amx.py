@@ -62,9 +62,10 @@ def _core(a8, c4, tapoff, vgeo, kp, tiles, n, cw, cfg, m_step, n_step, rows_oute
           out, codes, out8, cgeo, q8):
     """Over virtual rows ``v < vgeo[0]`` (``(b * hp + oh) * wp + ow``; ``vgeo`` = (rows, hp, wp, ho, wo)):
     ``acc = sum over taps t of a8 rows v + tapoff[t] (c4 bytes each) . tiles + cw``, each valid row of each
-    32 x 32 block stored as ``store_epilogue`` floats at output pixel ``(b * ho + oh) * wo + ow`` of ``out``
-    ((m, n) NHWC) or, with ``codes``, as ``store_codes`` codes at pixel ``(b, oh + ph, ow + pw)`` of the next
-    conv's padded buffer ``out8`` (``cgeo`` = its (Hp, Wp, ph, pw, c4); ``q8`` its (step, lo, hi, shift))."""
+    32 x 32 block stored as ``store_epilogue`` floats at output pixel ``p = (b * ho + oh) * wo + ow`` of ``out``
+    ((m, n) NHWC; ``mode`` ROWS: times ``res[p]``) or, with ``codes``, as ``store_codes`` codes at pixel
+    ``(b, oh + ph, ow + pw)`` of the next conv's padded buffer ``out8`` (``cgeo`` = its (Hp, Wp, ph, pw, c4);
+    ``q8`` its (step, lo, hi, shift)). A plain GEMM (``linear_amx``) is one tap over ``(rows, rows, 1, rows, 1)``."""
     mv, hp, wp, ho, wo = vgeo[0], vgeo[1], vgeo[2], vgeo[3], vgeo[4]
     chunks = c4 // TILE_K  # K steps per tap
     ntaps = tapoff.shape[0]
@@ -80,7 +81,8 @@ def _core(a8, c4, tapoff, vgeo, kp, tiles, n, cw, cfg, m_step, n_step, rows_oute
     for t in prange(tm * tn):
         tile_config(cfg)
         acc = np.empty(BLOCK * BLOCK, dtype=np.int32)
-        dst = np.empty(BLOCK, dtype=np.int64)  # each row's output pixel (or padded pixel of the next conv), -1: none
+        pix = np.empty(BLOCK, dtype=np.int64)  # each row's output pixel, -1: none
+        dst = np.empty(BLOCK, dtype=np.int64)  # ... its first element in ``out`` (or ``out8``)
         tni = t // tm
         tmi = t - tni * tm
         m0 = tmi * m_step
@@ -133,12 +135,8 @@ def _core(a8, c4, tapoff, vgeo, kp, tiles, n, cw, cfg, m_step, n_step, rows_oute
             oh = (i0 - b * hp * wp) // wp
             ow = i0 - b * hp * wp - oh * wp
             for r in range(rows):
-                if oh >= ho or ow >= wo:
-                    dst[r] = -1
-                elif codes:
-                    dst[r] = ((b * hq + oh + qph) * wq + ow + qpw) * c4n
-                else:
-                    dst[r] = ((b * ho + oh) * wo + ow) * n
+                pix[r] = -1 if oh >= ho or ow >= wo else (b * ho + oh) * wo + ow
+                dst[r] = ((b * hq + oh + qph) * wq + ow + qpw) * c4n if codes else pix[r] * n
                 ow += 1
                 if ow == wp:
                     ow = 0
@@ -155,14 +153,15 @@ def _core(a8, c4, tapoff, vgeo, kp, tiles, n, cw, cfg, m_step, n_step, rows_oute
                 sv = load_f32_bits(scale, col, count)
                 bv = load_f32_bits(bias, col, count)
                 for r in range(rows):
-                    d = dst[r]
-                    if d < 0:
+                    p = pix[r]
+                    if p < 0:
                         continue
                     s = add_i32x16(load_i32x16(acc, r * BLOCK + 16 * half), c)
                     if codes:
-                        store_codes(out8, d + col, s, sv, bv, mode, lo, hi, step, qlo, qhi, qshift, count)
+                        store_codes(out8, dst[r] + col, s, sv, bv, mode, lo, hi, step, qlo, qhi, qshift, count)
                     else:
-                        store_epilogue(out, d + col, s, sv, bv, res, mode, lo, hi, np.float32(1), count)
+                        row_scale = res[p] if mode & gemm_vnni.ROWS else np.float32(1)
+                        store_epilogue(out, dst[r] + col, s, sv, bv, res, mode, lo, hi, row_scale, count)
         tile_release()
 
 
