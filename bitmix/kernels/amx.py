@@ -4,10 +4,10 @@ A Sapphire Rapids core multiplies a 16x64 s8 tile by a 64x16 s8 tile into 16x16 
 ``tdpbssd`` (16,384 MACs, throughput one per 16 cycles: 1,024 MAC/cycle, 16x a ``vpdpbusd
 zmm``). Once M is large enough to fill tiles it beats the ``vpdpbusd`` loops on codes, so on the
 ``avx512amx`` path ``dispatch`` routes products with one group and at least ``amx_min_m`` rows and
-``amx_min_macs`` MACs here (``routing.DispatchSettings``). Its quantize, pad and dequantize passes make
-it lose to the fused ``vpdpbusd`` linear below ``amx_fused_min_m`` rows / ``amx_fused_min_macs``, and to
-the implicit-GEMM conv pipeline on every resnet50 conv measured, so lowered linears below those sizes
-and convs on the channels-last route (``conv_nhwc.implicit_route``) do not come here.
+``amx_min_macs`` MACs here (``routing.DispatchSettings``): ``quant.qlinear``, ``matmul.gemm`` and the
+NCHW conv route. Behind their separate quantize, pad and dequantize passes it lost to the fused ``vpdpbusd``
+linear and to the implicit-GEMM convs, so lowered linears and channels-last convs run their own fused tile
+kernels instead (``linear_amx``, ``conv_amx``), on this module's tiles and weight layout.
 
 Layout. Activations are the same signed bytes ``a8 = a - shift`` the other paths use, in a
 ``(mp, kp)`` buffer with ``mp`` a multiple of ``BLOCK`` and ``kp`` = K rounded up to 64; pad
