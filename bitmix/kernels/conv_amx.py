@@ -44,6 +44,7 @@ from bitmix.kernels.amx import (
     zero_c10,
     zero_c11,
 )
+from bitmix.kernels.broadcast import first_pixel, next_pixel
 from bitmix.kernels.gemm_vnni import load_f32_bits, store_codes, store_epilogue
 from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.simd import add_i32x16, load_i32x16
@@ -131,19 +132,11 @@ def _core(a8, c4, tapoff, vgeo, kp, tiles, n, cw, cfg, m_step, n_step, rows_oute
             store_c10(acc, 16 * BLOCK, BLOCK * 4)
             store_c11(acc, 16 * BLOCK + 16, BLOCK * 4)
             rows = min(mv, i0 + BLOCK) - i0
-            b = i0 // (hp * wp)  # the block's first virtual row, then walked without divisions
-            oh = (i0 - b * hp * wp) // wp
-            ow = i0 - b * hp * wp - oh * wp
+            b, oh, ow = first_pixel(i0, hp * wp, wp)  # the block's first virtual row, then walked
             for r in range(rows):
                 pix[r] = -1 if oh >= ho or ow >= wo else (b * ho + oh) * wo + ow
                 dst[r] = ((b * hq + oh + qph) * wq + ow + qpw) * c4n if codes else pix[r] * n
-                ow += 1
-                if ow == wp:
-                    ow = 0
-                    oh += 1
-                    if oh == hp:
-                        oh = 0
-                        b += 1
+                b, oh, ow = next_pixel(b, oh, ow, hp, wp)
             for half in range(2):
                 col = j0 + 16 * half
                 if col >= n:
