@@ -1,5 +1,5 @@
 """channels_last activations between the lowered convolutions of a graph, and the adds and
-ReLUs after a conv fused into its epilogue (issue 15).
+ReLUs after a conv (the adds after a linear) fused into its epilogue (issue 15).
 
 The packed conv kernels read and write NHWC (``kernels.qconv2d_nhwc``); the eager ops between
 two convs of a conv net (ReLU, residual adds, max-pooling, ...) give the same values in either
@@ -127,18 +127,20 @@ def _f32_shape(node: fx.Node) -> tuple | None:
     return None
 
 
-def fuse_conv_epilogues(gm: fx.GraphModule) -> int:
+def fuse_epilogues(gm: fx.GraphModule) -> int:
     """Fold ``relu(conv(x) + r)``, ``conv(x) + r`` and ``relu(conv(x))`` (ReLU or hardtanh, e.g. ReLU6)
     into the lowered conv: its kernel adds ``r`` and clamps in the GEMM epilogue, so the float output
-    is written once instead of three times. Only where the conv's value has no other user and ``r``
-    has the conv's shape (no broadcast); the float ops and their order are the graph's, so values are
-    unchanged. Returns the number of convs that took an epilogue."""
+    is written once instead of three times. Likewise ``linear(x) + r``, a transformer block's residual
+    (MiniLM: 12 a forward). Only where the layer's value has no other user and ``r`` has its shape (no
+    broadcast); the float ops and their order are the graph's, so values are unchanged. Returns the
+    number of layers that took an epilogue."""
     modules = dict(gm.named_modules())
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
     fused = 0
     for node in list(gm.graph.nodes):
         mod = modules.get(str(node.target)) if node.op == "call_module" else None
-        if (mod is None or getattr(mod, "kind", None) != "conv2d" or not hasattr(mod, "clamp") or node.kwargs
+        kind = getattr(mod, "kind", None)
+        if (mod is None or kind not in ("conv2d", "linear") or not hasattr(mod, "clamp") or node.kwargs
                 or calls[str(node.target)] != 1 or len(node.users) != 1):
             continue  # a module called twice would carry one call's epilogue into the other
         user = next(iter(node.users))
@@ -152,7 +154,7 @@ def fuse_conv_epilogues(gm: fx.GraphModule) -> int:
                 residual = other
                 ops.append(user)
         last = ops[-1] if ops else node
-        if len(last.users) == 1:
+        if kind == "conv2d" and len(last.users) == 1:
             nxt = next(iter(last.users))
             clamp = _clamp_of(nxt)
             if clamp is not None and nxt.args[0] is last:

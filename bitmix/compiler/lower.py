@@ -31,7 +31,7 @@ from torch import fx, nn
 
 from bitmix import kernels
 from bitmix.compiler.hadamard import rotate_input
-from bitmix.compiler.layout import channels_last_between_convs, code_chains, fuse_conv_epilogues, nhwc_max_pools
+from bitmix.compiler.layout import channels_last_between_convs, code_chains, fuse_epilogues, nhwc_max_pools
 from bitmix.compiler.qlayer import (
     MIN_STEP,
     LSQQuantizer,
@@ -126,13 +126,15 @@ def row_steps_of(v: torch.Tensor, step: float, axis: int) -> torch.Tensor:
     return torch.tensor(step, dtype=torch.float32) * row_max(v, axis)
 
 
-def _run_linear(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
+def _run_linear(x: torch.Tensor, p: KernelPlan, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The lowered linear; ``residual``: the add after it (``layout.fuse_epilogues``), done by the kernel."""
     x = _cpu_f32(x)
     if p.a_shift is not None:
         if p.rotation_signs is not None:
             x = rotate_input(x, p.rotation_signs)
         x = mid_rise_input(x, p.a_scale, p.a_shift)
-    return torch.from_numpy(linear_kernel(p)(x.numpy()))
+    res = None if residual is None else _cpu_f32(residual).numpy()
+    return torch.from_numpy(linear_kernel(p)(x.numpy(), res))
 
 
 def mid_rise_input(x: torch.Tensor, a_scale: torch.Tensor | None, half_step: torch.Tensor) -> torch.Tensor:
@@ -167,7 +169,7 @@ def _run_conv2d_nhwc(x: torch.Tensor | PaddedCodes, p: KernelPlan, residual: tor
                      codes_for: KernelPlan | None = None) -> torch.Tensor | PaddedCodes:
     """``_run_conv2d`` with a ``channels_last`` result, reading a ``channels_last`` input without a
     copy (``kernels.qconv2d_nhwc``): the eager path of layers whose consumers lowering checked.
-    ``residual``/``clamp``: the add and ReLU/hardtanh after it (``layout.fuse_conv_epilogues``),
+    ``residual``/``clamp``: the add and ReLU/hardtanh after it (``layout.fuse_epilogues``),
     done in the kernel's epilogue. ``codes_for``: the conv this one's result feeds alone, which
     then gets its input codes instead of floats where the kernels can (``layout.code_chains``)."""
     return _nhwc_call(x, residual, clamp, _nhwc_bound(p, clamp, codes_for))
@@ -447,7 +449,7 @@ class KernelLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer's op; for a conv, ``residual`` is a fused add after it (``layout.fuse_conv_epilogues``)."""
+        """The layer's op; for a conv or linear, ``residual`` is a fused add after it (``layout.fuse_epilogues``)."""
         assert (other is not None) == (self.kind == "matmul")
         try:
             if not _plain_tensors(x, other, residual):
@@ -472,6 +474,8 @@ class KernelLayer(nn.Module):
             if bound is None or bound[0] is not plan or bound[1] is not codes_for or bound[2] is not clamp:
                 bound = self.__dict__["_bound"] = (plan, codes_for, clamp, _nhwc_bound(plan, clamp, codes_for))
             return _nhwc_call(x, residual, clamp, bound[3])
+        if self.kind == "linear" and self.clamp is None:
+            return _run_linear(x, self.plan, residual)
         impl = _IMPLS[self.kind][0]
         out = impl(x, self.plan) if other is None else impl(x, other, self.plan)
         return out if residual is None and self.clamp is None else conv_epilogue(out, residual, self.clamp)
@@ -533,7 +537,7 @@ def lower(fake_quant_model: nn.Module) -> LoweredModule:
         lowered.append(name)
     module.eval()
     if isinstance(module, fx.GraphModule):
-        fuse_conv_epilogues(module)
+        fuse_epilogues(module)
         nhwc_max_pools(module)
         channels_last_between_convs(module)
         code_chains(module)

@@ -83,7 +83,7 @@ class PortableLayer(nn.Module):
     def __init__(self, plan: KernelPlan, clamp: tuple[float, float] | None = None) -> None:
         super().__init__()
         self.name, self.kind, self.bits = plan.name, plan.kind, plan.bits
-        self.clamp = clamp  # the kernel layer's fused ReLU/hardtanh (``layout.fuse_conv_epilogues``)
+        self.clamp = clamp  # the kernel layer's fused ReLU/hardtanh (``layout.fuse_epilogues``)
         self.a_step, self.a_signed = plan.a_step, plan.a_signed
         self.b_step, self.b_signed = plan.b_step, plan.b_signed
         self.a_axis, self.b_axis = plan.a_axis, plan.b_axis  # per-row steps (`bitmix.ir.row_steps`)

@@ -314,7 +314,8 @@ def driver(w8: bool, parallel: bool, codes: bool = False):
 
 NO_F32 = np.zeros(LANES, dtype=np.float32)
 NO_I32 = np.zeros(LANES, dtype=np.int32)
-NO_RESIDUAL = (NO_F32, False, np.float32(-np.inf), np.float32(np.inf))  # no residual add, no clamp
+NO_CLAMP = (np.float32(-np.inf), np.float32(np.inf))
+NO_RESIDUAL = (NO_F32, False, *NO_CLAMP)  # no residual add, no clamp
 NO_CODES = (np.zeros(LANES, dtype=np.int8), np.zeros(5, dtype=np.int64), np.ones(8, dtype=np.float32))  # out8, cgeo, q8
 
 

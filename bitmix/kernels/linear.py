@@ -57,16 +57,23 @@ class LinearKernel:
         self._fused: dict[str, FusedLinear | Avx2Linear | AmxLinear] = {}  # engine -> its kernel, built at first call
         self._gemv: GemvLinear | None = None  # the fused GEMV kernel (fewer than ``gemm_vnni.MIN_M`` rows)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        """The linear of ``x``; plus ``residual`` (float32, the output's shape) when given: the float32 add torch's
+        ``y + residual`` makes, in the AVX2 GEMM's epilogue, else in place after the kernel."""
         w = self.w
         if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim < 1 or x.shape[-1] != w.k:
             raise BitmixError(f"x: expected a float32 numpy array (..., {w.k}), got "
                               f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
         lead = x.shape[:-1]
+        if residual is not None and (not isinstance(residual, np.ndarray) or residual.dtype != np.float32
+                                     or residual.shape != (*lead, w.n)):
+            raise BitmixError(f"residual: expected a float32 numpy array {(*lead, w.n)}, got "
+                              f"{getattr(residual, 'dtype', type(residual).__name__)} {getattr(residual, 'shape', '')}")
         rows = np.ascontiguousarray(x).reshape(-1, w.k)
         m = rows.shape[0]
         if m == 0:  # an empty batch: nothing to quantize, as torch's linear
             return np.empty((*lead, w.n), dtype=np.float32)
+        res = None if residual is None else np.ascontiguousarray(residual).reshape(m, w.n)
         settings = dispatch.settings
         engine = settings.engine(w, m, 1, fused=True)
         refusal = ("x: contains NaN; cannot quantize" if self.row_floor is None else
@@ -78,7 +85,7 @@ class LinearKernel:
                                         self.row_floor, self.rotation)
             if self._gemv(rows, out, isa_of(settings.path), _parallel(settings, m * w.n * w.k_pad)):
                 raise BitmixError(refusal)
-            return out.reshape(*lead, w.n)
+            return _added(out, res).reshape(*lead, w.n)
         one_call = m >= gemm_vnni.MIN_M and engine in _FUSED
         if self.rotation is not None and not (one_call and self.row_floor is not None):
             rows = rotate_rows(rows, self.rotation, w.k & -w.k)
@@ -89,9 +96,14 @@ class LinearKernel:
                 fused = self._fused[engine] = _FUSED[engine](
                     w, self.w_scales, self.a_step, *self.codes, self.bias, self.a_scale, self.row_floor,
                     None if self.row_floor is None else self.rotation)
-            if fused(rows, out, _parallel(settings, m * w.n * w.k_pad)):
+            parallel = _parallel(settings, m * w.n * w.k_pad)
+            if engine == "avx2":
+                if fused(rows, out, parallel, res):
+                    raise BitmixError(refusal)
+                return out.reshape(*lead, w.n)
+            if fused(rows, out, parallel):
                 raise BitmixError(refusal)
-            return out.reshape(*lead, w.n)
+            return _added(out, res).reshape(*lead, w.n)
         if self.a_scale is not None:
             rows = rows * self.a_scale
         if self.row_floor is None:
@@ -101,7 +113,14 @@ class LinearKernel:
             if not np.isfinite(steps).all():  # an infinite row max: its step, and so its codes, are NaN
                 raise BitmixError(refusal)
             y = scale_rows(qlinear(rows, w, self.w_scales, 1.0, self.a_bits, self.a_signed, None), steps, self.bias)
-        return y.reshape(*lead, w.n)
+        return _added(y, res).reshape(*lead, w.n)
+
+
+def _added(y: np.ndarray, residual: np.ndarray | None) -> np.ndarray:
+    """``y + residual`` written into ``y`` (a fresh kernel output), or ``y``."""
+    if residual is not None:
+        np.add(y, residual, out=y)
+    return y
 
 
 def prepare_linear(w: PackedWeight, w_scales: np.ndarray, a_step: float, a_bits: int, a_signed: bool,

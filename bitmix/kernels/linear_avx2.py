@@ -6,7 +6,9 @@ scale, when the layer has one) are quantized straight into the signed-byte, zero
 float32, as ``quant``), then ``gemm_avx2``'s broadcast GEMM runs on them and its epilogue writes
 ``float32(acc) * scale + bias`` (``scale = float32(a_step) * w_scales``). Same float formulas and
 exact int32 products as ``quant.qlinear``, so outputs are bit-identical. A layer with per-row steps
-runs ``row_steps``' quantize pass and the GEMM's ``ROWS`` epilogue (as ``linear_vnni``).
+runs ``row_steps``' quantize pass and the GEMM's ``ROWS`` epilogue (as ``linear_vnni``). A residual add after
+the linear (a transformer block's ``x + dense(h)``, ``layout.fuse_epilogues``) happens in the same epilogue, the
+float32 add torch's would make, so the sum is written once.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ _quantize = _quantize_one = _gemm = None  # what ``_fused``/``_fused_rows`` call
 
 
 def _fused(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum, one_tap, geo, wp, cw, offset, n, n_pad, cq,
-           no_i32, scale, bias, has_bias, out, chunk, one):
+           no_i32, scale, bias, has_bias, out, res, has_res, chunk, one):
     if one:
         nan = _quantize_one(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum)
     else:
@@ -32,13 +34,13 @@ def _fused(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum, one_tap, ge
     if nan:
         return True
     _gemm(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_avx2.SCALED, no_i32,
-          out, scale, bias, has_bias, gemm_avx2.NO_F32, *gemm_avx2.NO_RESIDUAL,
+          out, scale, bias, has_bias, gemm_avx2.NO_F32, res, has_res, *gemm_avx2.NO_CLAMP,
           *gemm_avx2.NO_CODES, chunk)
     return False
 
 
 def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, signs, block, kp, a8, asum, one_tap, geo,
-                wp, cw, offset, n, n_pad, cq, no_i32, scale, bias, has_bias, out, chunk, one):
+                wp, cw, offset, n, n_pad, cq, no_i32, scale, bias, has_bias, out, res, has_res, chunk, one):
     if one:
         nan = _quantize_one(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block)
     else:
@@ -46,7 +48,7 @@ def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, steps, signs,
     if nan:
         return True
     _gemm(a8, asum, one_tap, one_tap, wp, cw, offset, x.shape[0], n, n_pad, cq, kp, geo, gemm_avx2.ROWS, no_i32,
-          out, scale, bias, has_bias, steps, *gemm_avx2.NO_RESIDUAL,
+          out, scale, bias, has_bias, steps, res, has_res, *gemm_avx2.NO_CLAMP,
           *gemm_avx2.NO_CODES, chunk)
     return False
 
@@ -69,13 +71,15 @@ class Avx2Linear(broadcast.LinearOperands):
         super().__init__(w, *args, **kwargs)
         self.chunk = gemm_avx2.chunk_steps(w, gemm_avx2.byte_bound(self.lo, self.hi, self.shift))
 
-    def __call__(self, x: np.ndarray, out: np.ndarray, parallel: bool) -> bool:
-        """``out`` (M, N) float32 = the quantized linear of C-contiguous float32 ``x`` (M, K); True on NaN."""
+    def __call__(self, x: np.ndarray, out: np.ndarray, parallel: bool, residual: np.ndarray | None = None) -> bool:
+        """``out`` (M, N) float32 = the quantized linear of C-contiguous float32 ``x`` (M, K), plus ``residual``
+        (C-contiguous float32 (M, N)) when given, added in the GEMM's epilogue; True on NaN."""
         m = x.shape[0]
         w, blocks = self.w, self.blocks
         a8 = scratch("linear.a8", m * w.k_pad, np.int8)
         asum = scratch("linear.asum", m, np.int64)
         one = m * w.k <= broadcast.SERIAL_QUANTIZE_MAX  # the quantize pass on the calling thread
+        res, has_res = (gemm_avx2.NO_F32, False) if residual is None else (residual.reshape(-1), True)
         if self.row_floor is not None:
             steps = scratch("linear.row_steps", m, np.float32)
             return driver(w.bits == 8, parallel, True)(x, self.a_scale, self.has_scale, self.step, self.row_floor,
@@ -83,8 +87,9 @@ class Avx2Linear(broadcast.LinearOperands):
                                                       w.k_pad, a8, asum, broadcast.ONE_TAP, broadcast.GEMM_GEO,
                                                       blocks.data, self.cw, blocks.offset, w.n, blocks.n_pad,
                                                       blocks.cq, gemm_avx2.NO_I32, self.scale, self.bias,
-                                                      self.has_bias, out.reshape(-1), self.chunk, one)
+                                                      self.has_bias, out.reshape(-1), res, has_res, self.chunk, one)
         return driver(w.bits == 8, parallel)(x, self.a_scale, self.has_scale, self.step, self.lo, self.hi, self.shift,
                                              w.k_pad, a8, asum, broadcast.ONE_TAP, broadcast.GEMM_GEO, blocks.data,
                                              self.cw, blocks.offset, w.n, blocks.n_pad, blocks.cq, gemm_avx2.NO_I32,
-                                             self.scale, self.bias, self.has_bias, out.reshape(-1), self.chunk, one)
+                                             self.scale, self.bias, self.has_bias, out.reshape(-1), res, has_res,
+                                             self.chunk, one)

@@ -75,6 +75,43 @@ def test_adds_and_relus_after_convs_fold_into_their_epilogues() -> None:
         assert torch.equal(fq(x), lowered(x))
 
 
+class _ResidualMlp(nn.Module):
+    """Two transformer-style residual blocks (``h + fc2(relu(fc1(h)))``) and a head whose output is used twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(24, 48), nn.Linear(48, 24)
+        self.fc3, self.fc4 = nn.Linear(24, 40), nn.Linear(40, 24)
+        self.head = nn.Linear(24, 24)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.fc2(F.relu(self.fc1(h)))
+        h = self.fc4(F.gelu(self.fc3(h))) + h
+        y = self.head(h)
+        return y + h + y
+
+
+@pytest.mark.parametrize("path", ["avx512vnni", "avx2", "portable"])
+@pytest.mark.parametrize("shape", [(1, 2, 24), (1, 16, 24), (3, 24)])
+def test_adds_after_linears_fold_into_their_kernels(path: str, shape: tuple) -> None:
+    """``h + fc(..)`` and ``fc(..) + h`` become the linear's residual (2 here); ``head``, whose value has two users,
+    keeps its add; values bit-identical to the fake-quant reference (GEMV and fused shapes)."""
+    from bitmix import kernels
+
+    if path not in kernels.available_paths():
+        pytest.skip(f"CPU cannot run the {path} path")
+    torch.manual_seed(2)
+    model = _ResidualMlp().eval()
+    x = torch.randn(shape)
+    graph = capture(model, (x,), "residual-mlp")
+    fq = fake_quantize(prepare(graph), dict.fromkeys(graph.names, "4/8"), (torch.randn(8, *shape[1:]),))
+    lowered = lower(fq).module
+    fused = sorted(str(n.target) for n in lowered.graph.nodes if n.op == "call_module" and "residual" in n.kwargs)
+    assert [t.split("_")[-1] for t in fused] == ["fc2", "fc4"], fused
+    with torch.no_grad(), kernels.dispatch.use(path):
+        assert torch.equal(fq(x), lowered(x))
+
+
 def _chain_lowered(net: type[nn.Module], shape: tuple, bits: str, path: str, seed: int) -> tuple:
     """(an input, fake-quant reference, lowered module, its convs by short name) of a ``net`` at ``bits``
     everywhere, calibrated on 8 random inputs of ``shape``; skips a path this CPU cannot run."""

@@ -106,6 +106,36 @@ def test_linear_kernel_keeps_leading_dims_and_reads_strided_input(kernel_path) -
     np.testing.assert_array_equal(got, _expected(x, w_codes, scales, 0.2, 4, True, None, None))
 
 
+@pytest.mark.parametrize("row_floor", [None, 1e-8])
+@pytest.mark.parametrize("m", [1, 3, 17, 64, 400])
+def test_residual_add_equals_adding_after(kernel_path, row_floor, m) -> None:
+    """``kernel(x, r)`` (the AVX2 GEMM's epilogue, else an add after the kernel) == ``kernel(x) + r`` bit for bit,
+    NaN, infinities and -0.0 in ``r`` included; ``r`` read through strides where it has them."""
+    rng = np.random.default_rng(m)
+    k, n = 100, 37
+    w = pack_weights(rng.integers(-8, 7, (n, k), endpoint=True).astype(np.int8), 4)
+    scales = rng.uniform(0.01, 0.1, n).astype(np.float32)
+    bias = rng.normal(size=n).astype(np.float32)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    r = (rng.normal(size=(n, m)) * 10).astype(np.float32).T  # not C-contiguous
+    r[0, :4] = [np.nan, np.inf, -np.inf, -0.0]
+    kernel = prepare_linear(w, scales, 0.3, 4, True, bias, row_floor=row_floor)
+    np.testing.assert_array_equal(kernel(x, r), kernel(x) + r)
+    y = kernel(x[None], r[None])
+    assert y.shape == (1, m, n)
+    np.testing.assert_array_equal(y[0], kernel(x) + r)
+
+
+def test_residual_of_the_wrong_shape_or_type_is_refused() -> None:
+    w = pack_weights(np.zeros((4, 8), dtype=np.int8), 4)
+    kernel = prepare_linear(w, np.ones(4, dtype=np.float32), 0.1, 8, True)
+    x = np.ones((5, 8), dtype=np.float32)
+    with pytest.raises(BitmixError, match=r"residual: expected a float32 numpy array \(5, 4\)"):
+        kernel(x, np.ones((5, 5), dtype=np.float32))
+    with pytest.raises(BitmixError, match="residual: expected a float32"):
+        kernel(x, np.ones((5, 4), dtype=np.float64))
+
+
 def test_linear_kernel_takes_an_empty_batch() -> None:
     w = pack_weights(np.zeros((4, 8), dtype=np.int8), 4)
     ones = np.ones(4, dtype=np.float32)
