@@ -70,13 +70,15 @@ def channels_last_between_convs(gm: fx.GraphModule) -> int:
 
 
 def code_chains(gm: fx.GraphModule) -> int:
-    """Let each lowered conv whose result feeds one lowered conv alone hand it input codes instead of floats
+    """Let each lowered conv whose result feeds a lowered conv hand it input codes instead of floats
     (``kernels.padded``): a depthwise or one-group conv into a one-group conv, or a one-group conv into a
     depthwise one (MobileNet's expansion -> depthwise -> projection runs on codes throughout). The first
     layer's ``codes_for`` becomes the next layer's plan, and its kernel quantizes for that layer in its
     epilogue where the kernels can (else floats, as before). Both must return ``channels_last`` (the NHWC
-    kernels) and be called once; the first conv must have no fused residual. Values are unchanged.
-    Returns the number of chains."""
+    kernels) and be called once. Where other ops read the result too (a residual stream: a ResNet block's
+    output is the next block's input and its shortcut), a one-group conv into a one-group conv keeps its floats
+    as well (``floats_too``): it returns ``(floats, codes)``, the next conv reads ``[1]`` and the others ``[0]``,
+    provided none of them writes in place. Values are unchanged. Returns the number of chains."""
     modules = dict(gm.named_modules())
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
 
@@ -88,21 +90,48 @@ def code_chains(gm: fx.GraphModule) -> int:
         return mod
 
     chains = 0
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):
         first = nhwc_conv(node)
-        if first is None or node.kwargs or len(node.users) != 1:
+        if first is None or first.plan.groups not in (1, first.plan.out_features):  # one group or depthwise
             continue
-        if first.plan.groups not in (1, first.plan.out_features):  # one group or depthwise
+        takers = [u for u in node.users
+                  if nhwc_conv(u) is not None and u.args == (node,) and node not in u.kwargs.values()]
+        if len(node.users) == 1 and takers and not node.kwargs:
+            second = nhwc_conv(takers[0])
+            depthwise_next = first.plan.groups == 1 and second.plan.groups == second.plan.out_features > 1
+            if second.plan.groups == 1 or depthwise_next:
+                first.codes_for = second.plan
+                chains += 1
             continue
-        user = next(iter(node.users))
-        second = nhwc_conv(user)
-        if second is None or user.args != (node,) or node in user.kwargs.values():
+        takers = [u for u in takers if nhwc_conv(u).plan.groups == 1]
+        if first.plan.groups != 1 or not takers or not all(_reads_only(u, modules) for u in node.users):
             continue
-        depthwise_next = first.plan.groups == 1 and second.plan.groups == second.plan.out_features > 1
-        if second.plan.groups == 1 or depthwise_next:
-            first.codes_for = second.plan
-            chains += 1
+        taker = takers[0]
+        with gm.graph.inserting_after(node):
+            codes = gm.graph.call_function(operator.getitem, (node, 1))
+        with gm.graph.inserting_after(node):
+            floats = gm.graph.call_function(operator.getitem, (node, 0))
+        floats.meta = dict(node.meta)
+        for user in list(node.users):
+            if user is not floats and user is not codes:
+                user.replace_input_with(node, codes if user is taker else floats)
+        first.codes_for, first.floats_too = nhwc_conv(taker).plan, True
+        chains += 1
+    gm.graph.lint()
+    gm.recompile()
     return chains
+
+
+def _reads_only(node: fx.Node, modules: dict) -> bool:
+    """Whether ``node`` certainly leaves its inputs unchanged: a lowered layer, the graph's output, or an op or
+    method that is not in place (no trailing ``_``, no ``out=``)."""
+    if node.op == "output":
+        return True
+    if node.op == "call_module":
+        return hasattr(modules.get(str(node.target)), "plan")
+    name = node.target if node.op == "call_method" else _op_name(node)
+    return (node.op in ("call_function", "call_method") and isinstance(name, str) and not name.endswith("_")
+            and "out" not in node.kwargs)
 
 
 def _clamp_of(node: fx.Node) -> tuple[float, float] | None:

@@ -165,36 +165,43 @@ def _run_conv2d(x: torch.Tensor, p: KernelPlan) -> torch.Tensor:
 
 
 def _run_conv2d_nhwc(x: torch.Tensor | PaddedCodes, p: KernelPlan, residual: torch.Tensor | None = None,
-                     clamp: tuple[float, float] | None = None,
-                     codes_for: KernelPlan | None = None) -> torch.Tensor | PaddedCodes:
+                     clamp: tuple[float, float] | None = None, codes_for: KernelPlan | None = None,
+                     floats_too: bool = False) -> torch.Tensor | PaddedCodes | tuple:
     """``_run_conv2d`` with a ``channels_last`` result, reading a ``channels_last`` input without a
     copy (``kernels.qconv2d_nhwc``): the eager path of layers whose consumers lowering checked.
     ``residual``/``clamp``: the add and ReLU/hardtanh after it (``layout.fuse_epilogues``),
-    done in the kernel's epilogue. ``codes_for``: the conv this one's result feeds alone, which
-    then gets its input codes instead of floats where the kernels can (``layout.code_chains``)."""
-    return _nhwc_call(x, residual, clamp, _nhwc_bound(p, clamp, codes_for))
+    done in the kernel's epilogue. ``codes_for``: the conv this one's result feeds, which
+    then gets its input codes instead of floats where the kernels can (``layout.code_chains``);
+    ``floats_too``: other ops read the result too, so the call returns ``(floats, that conv's input)``."""
+    return _nhwc_call(x, residual, clamp, _nhwc_bound(p, clamp, codes_for, floats_too))
 
 
-def _nhwc_bound(p: KernelPlan, clamp: tuple[float, float] | None, codes_for: KernelPlan | None) -> tuple:
-    """``_nhwc_call``'s constants for a layer: its ``PreparedConv``, the next conv's (``codes_for``) and the clamp
-    as float32 bounds. A ``KernelLayer`` keeps them (``_bound``): three lookups a call less."""
+def _nhwc_bound(p: KernelPlan, clamp: tuple[float, float] | None, codes_for: KernelPlan | None,
+                floats_too: bool = False) -> tuple:
+    """``_nhwc_call``'s constants for a layer: its ``PreparedConv``, the next conv's (``codes_for``), the clamp
+    as float32 bounds and ``floats_too``. A ``KernelLayer`` keeps them (``_bound``): three lookups a call less."""
     bounds = NO_CLAMP if clamp is None else (np.float32(clamp[0]), np.float32(clamp[1]))
-    return p, _prepared(p), None if codes_for is None else _prepared(codes_for), bounds
+    return p, _prepared(p), None if codes_for is None else _prepared(codes_for), bounds, floats_too
 
 
 def _nhwc_call(x: torch.Tensor | PaddedCodes, residual: torch.Tensor | None, clamp: tuple[float, float] | None,
-               bound: tuple) -> torch.Tensor | PaddedCodes:
+               bound: tuple) -> torch.Tensor | PaddedCodes | tuple:
     """``_run_conv2d_nhwc`` with its constants from ``_nhwc_bound``."""
-    p, run, nxt, bounds = bound
+    p, run, nxt, bounds, floats_too = bound
     if type(x) is PaddedCodes:
         channels_last, arr = True, x
     else:
         if x.dim() != 4:
-            return conv_epilogue(_run_conv2d(x, p), residual, clamp)
+            y = conv_epilogue(_run_conv2d(x, p), residual, clamp)
+            return (y, y) if floats_too else y
         x = _cpu_f32(x)
         channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         arr = x.numpy().transpose(0, 2, 3, 1) if channels_last else _np(x)
     res = None if residual is None else np.ascontiguousarray(_cpu_f32(residual).numpy().transpose(0, 2, 3, 1))
+    if floats_too:
+        y, codes = run.run_both(arr, channels_last, res, bounds, nxt)
+        floats = torch.from_numpy(y.transpose(0, 3, 1, 2))
+        return floats, floats if codes is None else codes
     out = run.run(arr, channels_last, res, bounds, nxt)
     return out if type(out) is PaddedCodes else torch.from_numpy(out.transpose(0, 3, 1, 2))
 
@@ -428,6 +435,7 @@ class KernelLayer(nn.Module):
         self.channels_last = channels_last  # eager conv results in channels_last format (``layout``)
         self.clamp: tuple[float, float] | None = None  # a fused ReLU/hardtanh after a conv (``layout``)
         self.codes_for: KernelPlan | None = None  # the conv fed input codes by this one (``layout.code_chains``)
+        self.floats_too = False  # ... while other ops read its floats: it returns (floats, codes_for's input)
         self.name = plan.name
         self.kind = plan.kind
         self.bits = plan.bits
@@ -457,6 +465,8 @@ class KernelLayer(nn.Module):
                 out = getattr(torch.ops.bitmix, _IMPLS[self.kind][1])(*operands, self.handle)
                 if residual is not None or self.clamp is not None:
                     out = conv_epilogue(out, residual, self.clamp)
+                if self.__dict__.get("floats_too"):
+                    out = (out, out)
             elif torch.autograd.profiler._is_profiler_enabled:  # profiles still name the op
                 with torch.profiler.record_function(f"bitmix::{_IMPLS[self.kind][1]}"):
                     out = self._eager(x, other, residual)
@@ -464,16 +474,19 @@ class KernelLayer(nn.Module):
                 out = self._eager(x, other, residual)
         except BitmixError as exc:
             raise layer_input_error(self.name, exc) from None
-        self.recorder.record(self.name, x.shape, () if other is None else other.shape, out.shape)
+        shape = out[0].shape if type(out) is tuple else out.shape
+        self.recorder.record(self.name, x.shape, () if other is None else other.shape, shape)
         return out
 
     def _eager(self, x: torch.Tensor, other: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
         if self.channels_last:
-            plan, codes_for, clamp = self.plan, self.codes_for, self.clamp
-            bound = self.__dict__.get("_bound")  # (plan, codes_for, clamp it was bound for, _nhwc_bound's)
-            if bound is None or bound[0] is not plan or bound[1] is not codes_for or bound[2] is not clamp:
-                bound = self.__dict__["_bound"] = (plan, codes_for, clamp, _nhwc_bound(plan, clamp, codes_for))
-            return _nhwc_call(x, residual, clamp, bound[3])
+            plan, codes_for, clamp, both = self.plan, self.codes_for, self.clamp, self.__dict__.get("floats_too", False)
+            bound = self.__dict__.get("_bound")  # (plan, codes_for, clamp, floats_too it was bound for, _nhwc_bound's)
+            if (bound is None or bound[0] is not plan or bound[1] is not codes_for or bound[2] is not clamp
+                    or bound[3] is not both):
+                bound = self.__dict__["_bound"] = (plan, codes_for, clamp, both,
+                                                   _nhwc_bound(plan, clamp, codes_for, both))
+            return _nhwc_call(x, residual, clamp, bound[4])
         if self.kind == "linear" and self.clamp is None:
             return _run_linear(x, self.plan, residual)
         impl = _IMPLS[self.kind][0]

@@ -80,10 +80,11 @@ def _(a, b, bits, a_step, a_signed, b_step, b_signed):  # type: ignore[no-untype
 class PortableLayer(nn.Module):
     """A `KernelLayer` with its plan as buffers and plain scalars: exportable, saveable."""
 
-    def __init__(self, plan: KernelPlan, clamp: tuple[float, float] | None = None) -> None:
+    def __init__(self, plan: KernelPlan, clamp: tuple[float, float] | None = None, floats_too: bool = False) -> None:
         super().__init__()
         self.name, self.kind, self.bits = plan.name, plan.kind, plan.bits
         self.clamp = clamp  # the kernel layer's fused ReLU/hardtanh (``layout.fuse_epilogues``)
+        self.floats_too = floats_too  # the graph reads (floats, next conv's input): ``layout.code_chains``
         self.a_step, self.a_signed = plan.a_step, plan.a_signed
         self.b_step, self.b_signed = plan.b_step, plan.b_signed
         self.a_axis, self.b_axis = plan.a_axis, plan.b_axis  # per-row steps (`bitmix.ir.row_steps`)
@@ -125,7 +126,8 @@ class PortableLayer(nn.Module):
         args = (x, self.data, self.row_sums, self.scales, self.bias, self.k, self.k_pad, self.offset, self.bits.w,
                 self.bits.a, self.a_step, self.a_signed)
         out = qlinear_packed(*args) if self.kind == "linear" else qconv2d_packed(*args, self.geometry)
-        return out if residual is None and self.clamp is None else conv_epilogue(out, residual, self.clamp)
+        out = out if residual is None and self.clamp is None else conv_epilogue(out, residual, self.clamp)
+        return (out, out) if self.floats_too else out
 
 
 def portable(lowered: nn.Module) -> nn.Module:
@@ -135,5 +137,5 @@ def portable(lowered: nn.Module) -> nn.Module:
         if isinstance(layer, KernelLayer):
             parent_path, _, attr = path.rpartition(".")
             parent = module.get_submodule(parent_path) if parent_path else module
-            setattr(parent, attr, PortableLayer(layer.plan, layer.clamp))
+            setattr(parent, attr, PortableLayer(layer.plan, layer.clamp, layer.__dict__.get("floats_too", False)))
     return module

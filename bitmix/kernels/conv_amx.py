@@ -45,12 +45,13 @@ from bitmix.kernels.amx import (
     zero_c11,
 )
 from bitmix.kernels.broadcast import first_pixel, next_pixel
-from bitmix.kernels.gemm_vnni import load_f32_bits, store_codes, store_epilogue
+from bitmix.kernels.gemm_vnni import load_f32_bits, store_codes, store_codes_of, store_epilogue
 from bitmix.kernels.pack import PackedWeight
 from bitmix.kernels.simd import add_i32x16, load_i32x16
 from bitmix.kernels.threads import thread_count
 
-NO_CODES = (np.zeros(gemm_vnni.LANES, dtype=np.int8), np.zeros(5, dtype=np.int64), np.ones(4, dtype=np.float32))
+NO_CODES = (np.zeros(gemm_vnni.LANES, dtype=np.int8), np.zeros(5, dtype=np.int64), np.ones(4, dtype=np.float32),
+            gemm_vnni.NO_I32)  # out8, cgeo, q8, nan
 
 
 def takes(w: PackedWeight, c: int, geom: tuple[int, ...]) -> bool:
@@ -60,13 +61,14 @@ def takes(w: PackedWeight, c: int, geom: tuple[int, ...]) -> bool:
 
 
 def _core(a8, c4, tapoff, vgeo, kp, tiles, n, cw, cfg, m_step, n_step, rows_outer, mode, scale, bias, res, lo, hi,
-          out, codes, out8, cgeo, q8):
+          out, codes, out8, cgeo, q8, nan):
     """Over virtual rows ``v < vgeo[0]`` (``(b * hp + oh) * wp + ow``; ``vgeo`` = (rows, hp, wp, ho, wo)):
     ``acc = sum over taps t of a8 rows v + tapoff[t] (c4 bytes each) . tiles + cw``, each valid row of each
     32 x 32 block stored as ``store_epilogue`` floats at output pixel ``p = (b * ho + oh) * wo + ow`` of ``out``
     ((m, n) NHWC; ``mode`` ROWS: times ``res[p]``) or, with ``codes``, as ``store_codes`` codes at pixel
     ``(b, oh + ph, ow + pw)`` of the next conv's padded buffer ``out8`` (``cgeo`` = its (Hp, Wp, ph, pw, c4);
-    ``q8`` its (step, lo, hi, shift)). A plain GEMM (``linear_amx``) is one tap over ``(rows, rows, 1, rows, 1)``."""
+    ``q8`` its (step, lo, hi, shift)); with ``codes`` and ``mode`` FLOATS, both (``gemm_vnni.put_both``; ``nan[0]``
+    set on a NaN float). A plain GEMM (``linear_amx``) is one tap over ``(rows, rows, 1, rows, 1)``."""
     mv, hp, wp, ho, wo = vgeo[0], vgeo[1], vgeo[2], vgeo[3], vgeo[4]
     chunks = c4 // TILE_K  # K steps per tap
     ntaps = tapoff.shape[0]
@@ -150,7 +152,10 @@ def _core(a8, c4, tapoff, vgeo, kp, tiles, n, cw, cfg, m_step, n_step, rows_oute
                     if p < 0:
                         continue
                     s = add_i32x16(load_i32x16(acc, r * BLOCK + 16 * half), c)
-                    if codes:
+                    if codes and mode & gemm_vnni.FLOATS:
+                        store_epilogue(out, p * n + col, s, sv, bv, res, mode, lo, hi, np.float32(1), count)
+                        store_codes_of(out8, dst[r] + col, out, p * n + col, step, qlo, qhi, qshift, count, nan)
+                    elif codes:
                         store_codes(out8, dst[r] + col, s, sv, bv, mode, lo, hi, step, qlo, qhi, qshift, count)
                     else:
                         row_scale = res[p] if mode & gemm_vnni.ROWS else np.float32(1)
@@ -208,19 +213,38 @@ def conv_codes_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], 
                     a_max: int = 128) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
     """``gemm_vnni.conv_codes_gemm`` for a conv this engine ``takes``: ``run(a8, psum, out8)`` writes the next
     conv's padded codes (``psum`` unused)."""
+    both = conv_both_gemm(w, shift, c, geom, hp, wpad, m, scale, bias, False, clamp, parallel, nxt_padded, nxt_pad,
+                          nxt_quant, floats=False)
+
+    def run(a8: np.ndarray, psum: np.ndarray, out8: np.ndarray) -> None:
+        both(a8, psum, gemm_vnni.NO_F32, None, out8, gemm_vnni.NO_I32)
+
+    return run
+
+
+def conv_both_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
+                   scale: np.ndarray, bias: np.ndarray | None, residual: bool, clamp: tuple, parallel: bool,
+                   nxt_padded: tuple, nxt_pad: tuple[int, int], nxt_quant: tuple, a_max: int = 128,
+                   floats: bool = True) -> Callable[..., None]:
+    """``gemm_vnni.conv_both_gemm`` for a conv this engine ``takes``: ``run(a8, psum, y, res, out8, nan)``
+    (``psum`` unused); without ``floats``, codes alone (``y`` and ``res`` unused)."""
     head = _launch(w, shift, c, geom, hp, wpad, m, parallel)
-    mode = gemm_vnni.CODES | (0 if bias is None else gemm_vnni.BIAS)
+    mode = (gemm_vnni.CODES | (gemm_vnni.FLOATS | gemm_vnni.SCALED if floats else 0)
+            | (0 if bias is None else gemm_vnni.BIAS) | (gemm_vnni.RESIDUAL if residual else 0))
     lo, hi = np.float32(clamp[0]), np.float32(clamp[1])
     cgeo = np.array((nxt_padded[1], nxt_padded[2], nxt_pad[0], nxt_pad[1], nxt_padded[3]), dtype=np.int64)
     q8 = np.array(nxt_quant, dtype=np.float32)
-    tail = (mode, scale, scale if bias is None else bias, gemm_vnni.NO_F32, lo, hi, gemm_vnni.NO_F32, True)
+    sb = (mode, scale, scale if bias is None else bias)
     core = driver()
 
-    def run(a8: np.ndarray, psum: np.ndarray, out8: np.ndarray) -> None:
+    def run(a8: np.ndarray, psum: np.ndarray, y: np.ndarray, res: np.ndarray | None, out8: np.ndarray,
+            nan: np.ndarray) -> None:
+        args = (a8, *head, *sb, gemm_vnni.NO_F32 if res is None else res.reshape(-1), lo, hi, y.reshape(-1), True,
+                out8, cgeo, q8, nan)
         if parallel:
-            core(a8, *head, *tail, out8, cgeo, q8)
+            core(*args)
             return
         with gemm_vnni.threads_if(False):
-            core(a8, *head, *tail, out8, cgeo, q8)
+            core(*args)
 
     return run

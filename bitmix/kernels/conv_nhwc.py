@@ -456,15 +456,37 @@ class CodesConv:
 
     def __call__(self, x: np.ndarray | PaddedCodes) -> PaddedCodes:
         a8, psum = (x.a8, x.psum) if isinstance(x, PaddedCodes) else self.own.pad(x)
-        nb, hp, wp, c4 = self.padded
         out = _input_codes(self.owner, self.padded, self.borders is not None and self.sums)
         self.gemm(a8.reshape(-1), psum, out[0].reshape(-1))
+        return self.complete(out)
+
+    def complete(self, out: tuple[np.ndarray, np.ndarray]) -> PaddedCodes:
+        """The next conv's input: the codes the GEMM wrote in ``out`` (codes, sums), their borders filled."""
+        nb, hp, wp, c4 = self.padded
         if self.borders is None:
             return PaddedCodes(out[0], out[1], (nb, c4, hp, wp), self.owner)
         ph, pw, ho, wo, n, _ = self.borders
         if self.sums or ph or pw or c4 != n:  # else every byte is the GEMM's: nothing to complete
             _code_borders(out[0], out[1], *self.borders, self.sums)
         return PaddedCodes(out[0], out[1], (nb, n, ho, wo), self.owner)
+
+
+@dataclass(frozen=True, eq=False)
+class FloatsAndCodesConv(CodesConv):
+    """``CodesConv`` for a result that other ops read too (``layout.code_chains``: a ResNet block's output is the
+    next block's input and its residual): one epilogue stores the floats (residual added, clamped) and the next
+    conv's codes of them (``conv_both_gemm``), so the next conv skips its float -> code pass over them. A call
+    returns ``(floats, codes)``, or ``(floats, None)`` when a float is NaN: the next conv then gets the floats
+    and reports it, as it would have without the hand-off."""
+
+    def __call__(self, x: np.ndarray | PaddedCodes, residual: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, PaddedCodes | None]:
+        a8, psum = (x.a8, x.psum) if isinstance(x, PaddedCodes) else self.own.pad(x)
+        out = _input_codes(self.owner, self.padded, self.sums)
+        y = aligned_empty(self.own.out_shape, np.float32)
+        nan = np.zeros(1, dtype=np.int32)
+        self.gemm(a8.reshape(-1), psum, y, residual, out[0].reshape(-1), nan)
+        return y, None if nan[0] else self.complete(out)
 
 
 _INPUT_CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # next conv -> its per-thread input buffers
@@ -494,21 +516,29 @@ def _input_codes(owner: object, padded: tuple[int, int, int, int], sums: bool) -
 
 
 def codes_conv(own: ImplicitConv, w: PackedWeight, geom: tuple[int, ...], scale: np.ndarray, bias: np.ndarray | None,
-               clamp: tuple, nxt: tuple, owner: object, depthwise: bool = False, sums: bool = True) -> CodesConv:
+               clamp: tuple, nxt: tuple, owner: object, depthwise: bool = False, sums: bool = True,
+               floats: bool = False, residual: bool = False) -> CodesConv:
     """``own``'s conv writing codes for the next conv ``owner``: ``nxt`` = its ``(step, lo, hi, shift, ph, pw)``;
     a ``depthwise`` one reads bare NHWC codes (``depthwise_input``: no padding, shift or sums; ``nxt``'s
-    shift and padding 0); ``sums``: the next conv reads per-pixel sums (its route is not ``conv_amx``)."""
+    shift and padding 0); ``sums``: the next conv reads per-pixel sums (its route is not ``conv_amx``).
+    ``floats``: the floats too (``FloatsAndCodesConv``; not for a depthwise next conv, and only on engines with a
+    ``conv_both_gemm``), ``residual``: calls pass one."""
     nb, hp, wp, _ = own.padded
     ho, wo = geom[9], geom[10]
     step, qlo, qhi, qshift, qph, qpw = nxt
     padded = (nb, ho + 2 * qph, wo + 2 * qpw, w.n if depthwise else -(-w.n // 4) * 4)
     m = nb * ho * wo
     _, lo, hi, shift = own.pad_args[:4]
+    args = (w, shift, own.channels, geom, hp, wp, m, scale, bias)
+    launch = (_parallel(dispatch.settings, m * w.n * w.k), padded, (qph, qpw), (step, qlo, qhi, qshift))
+    borders = None if depthwise else (qph, qpw, ho, wo, w.n, qshift)
+    if floats:
+        assert not depthwise
+        gemm = own.engine.conv_both_gemm(*args, residual, clamp, *launch, a_max=gemm_avx2.byte_bound(lo, hi, shift))
+        return FloatsAndCodesConv(own, gemm, padded, borders, owner, sums)
     known = {"code_max": max(-lo, hi)} if own.engine is gemm_avx2 else {}  # its input codes' bound
-    gemm = own.engine.conv_codes_gemm(w, shift, own.channels, geom, hp, wp, m, scale, bias, clamp,
-                                      _parallel(dispatch.settings, m * w.n * w.k), padded, (qph, qpw),
-                                      (step, qlo, qhi, qshift), a_max=gemm_avx2.byte_bound(lo, hi, shift), **known)
-    return CodesConv(own, gemm, padded, None if depthwise else (qph, qpw, ho, wo, w.n, qshift), owner, sums)
+    gemm = own.engine.conv_codes_gemm(*args, clamp, *launch, a_max=gemm_avx2.byte_bound(lo, hi, shift), **known)
+    return CodesConv(own, gemm, padded, borders, owner, sums)
 
 
 def _nan() -> BitmixError:

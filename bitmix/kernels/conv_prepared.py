@@ -20,6 +20,7 @@ from bitmix.errors import BitmixError
 from bitmix.kernels import conv_amx
 from bitmix.kernels.conv import conv_geometry
 from bitmix.kernels.conv_nhwc import (
+    FloatsAndCodesConv,
     ImplicitConv,
     _finish,
     codes_conv,
@@ -57,6 +58,7 @@ class PreparedConv:
     _launches: dict = field(default_factory=dict, repr=False)  # (that key, residual?, clamp) -> (settings, launch)
     _links: dict = field(default_factory=dict, repr=False)  # (that key, clamp, next conv) -> (settings, hand-off)
     _routes: dict = field(default_factory=dict, repr=False)  # ``run``'s call signature -> (settings, route, res shape)
+    _boths: dict = field(default_factory=dict, repr=False)  # ``run_both``'s call signature -> (settings, hand-off)
 
     def run(self, x: np.ndarray | PaddedCodes, channels_last: bool, residual: np.ndarray | None, clamp: tuple,
             nxt: PreparedConv | None) -> np.ndarray | PaddedCodes:
@@ -80,6 +82,44 @@ class PreparedConv:
             if route is not None:
                 self._routes[key] = route
         return out
+
+    def run_both(self, x: np.ndarray | PaddedCodes, channels_last: bool, residual: np.ndarray | None, clamp: tuple,
+                 nxt: PreparedConv) -> tuple[np.ndarray, PaddedCodes | None]:
+        """``run`` for a conv whose result feeds ``nxt`` and other ops too (``layout.code_chains``): ``(floats,
+        nxt's input codes)`` from one epilogue where the kernels can (``conv_nhwc.FloatsAndCodesConv``: a one-group
+        conv on VNNI or the AMX engine into a one-group ``nxt`` on an implicit GEMM, once both ran at these shapes,
+        finite scale and bias), else ``(floats, None)``: ``nxt`` then quantizes the floats itself."""
+        codes = type(x) is PaddedCodes
+        key = (x.shape, channels_last, codes, residual is None, clamp, nxt)
+        hit = self._boths.get(key)
+        if hit is None or hit[0] is not dispatch.settings:
+            geom_key = ((x.shape[0], x.shape[2], x.shape[3], x.shape[1]), True) if codes else (x.shape, channels_last)
+            fast = self._geoms.get(geom_key)
+            after = None if fast is None else nxt._geoms.get(((x.shape[0], fast[0][9], fast[0][10], self.w.n), True))
+            if after is None:  # a layer not checked at these shapes yet: floats, and ask again next time
+                return self.run(x, channels_last, residual, clamp, None), None
+            hand_off = self._both(geom_key, fast, clamp, nxt, after, residual is not None)
+            hit = self._boths[key] = (dispatch.settings, hand_off, (x.shape[0], fast[0][9], fast[0][10], self.w.n))
+        if (hit[1] is not None and (x.owner is self if codes else x.dtype == np.float32 and x.flags.c_contiguous)
+                and (residual is None or (residual.dtype == np.float32 and residual.flags.c_contiguous
+                                          and residual.shape == hit[2]))):
+            return hit[1](x, residual)
+        return self.run(x, channels_last, residual, clamp, None), None
+
+    def _both(self, key: tuple, fast: tuple, clamp: tuple, nxt: PreparedConv, after: tuple,
+              residual: bool) -> FloatsAndCodesConv | None:
+        """``run_both``'s hand-off for these shapes under the dispatch settings in force, or None (floats alone)."""
+        geom, _, _, _, _, scale = fast
+        g, qstep, qlo, qhi, qshift, _ = after
+        if geom[8] != 1 or g[8] != 1 or not np.isfinite(scale).all() or (
+                self.bias is not None and not np.isfinite(self.bias).all()):
+            return None
+        route = implicit_route(nxt.w, key[0][0] * g[9] * g[10], g)
+        own = self._implicit(key, fast, residual, clamp)
+        if route is None or own is None or not hasattr(own.engine, "conv_both_gemm"):
+            return None
+        return codes_conv(own, self.w, geom, scale, self.bias, clamp, (qstep, qlo, qhi, qshift, g[4], g[5]), nxt,
+                          sums=route is not conv_amx, floats=True, residual=residual)
 
     def _route(self, key: tuple) -> tuple | None:
         """``run``'s route for this call signature under the dispatch settings in force, as ``(settings, fn(x,

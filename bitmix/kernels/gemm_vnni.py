@@ -68,7 +68,9 @@ MT = 64  # activation rows per parallel task
 # holds one float32 per row and no residual is added).
 # CODES: those floats (no residual) are quantized with the next conv's step into its padded input codes
 # (``out8``, pixel of each row in ``dst``), as ``conv_nhwc._pad_codes`` would quantize them.
-INT32, SCALED, BIAS, RESIDUAL, ROWS, CODES = 0, 1, 2, 4, 8, 16
+# FLOATS (with CODES): both; the floats as in the float modes (residual and all) are stored, then quantized from
+# there (``store_codes_of``): a value with other users beside the next conv (a residual stream).
+INT32, SCALED, BIAS, RESIDUAL, ROWS, CODES, FLOATS = 0, 1, 2, 4, 8, 16, 32
 SCALED_BIASED = SCALED | BIAS
 NO_CLAMP = (np.float32(-np.inf), np.float32(np.inf))
 _F32X16 = ir.VectorType(ir.FloatType(), 16)
@@ -228,6 +230,47 @@ simd.pin_uuid(store_codes, "gemm_vnni.store_codes")
 
 
 @intrinsic
+def store_codes_of(typingctx, out8, cidx, y, fidx, step, qlo, qhi, shift, count, nan):
+    """``out8[cidx:cidx+count]`` = the codes ``rint(clip(y / step, qlo, qhi)) - shift`` of the floats
+    ``y[fidx:fidx+count]`` (``count`` <= 16 lanes, masked), the float ops of ``conv_nhwc._pad_codes``; ``nan[0]``
+    = 1 if any of them is NaN (whose code is meaningless: the caller then hands on the floats, as ``_pad_codes``
+    reports NaN). The floats were just stored by ``store_epilogue``: the load is from L1."""
+    f32 = types.Array(types.float32, 1, "C")
+    if not (out8 == types.Array(types.int8, 1, "C") and y == f32 and nan == types.Array(types.int32, 1, "C")
+            and all(isinstance(a, types.Integer) for a in (cidx, fidx, count))
+            and step == qlo == qhi == shift == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        out_a, cidx_a, y_a, fidx_a, step_a, qlo_a, qhi_a, shift_a, count_a, nan_a = args
+        mask = _first_lanes(context, builder, count_a, sig.args[8])
+
+        def ptr(k, pos_k, vec):
+            ary = context.make_array(sig.args[k])(context, builder, value=args[k])
+            pos = context.cast(builder, args[pos_k], sig.args[pos_k], types.intp)
+            return builder.bitcast(builder.gep(ary.data, [pos]), vec.as_pointer())
+
+        y = _masked_load(builder, ptr(2, 3, _F32X16), _F32X16, mask, 4)
+        seen = builder.bitcast(builder.and_(builder.fcmp_unordered("uno", y, y), mask), ir.IntType(16))
+        with builder.if_then(builder.icmp_unsigned("!=", seen, ir.Constant(ir.IntType(16), 0)), likely=False):
+            flag = context.make_array(sig.args[9])(context, builder, value=nan_a)
+            builder.store(ir.Constant(ir.IntType(32), 1), flag.data)
+        step, qlo, qhi, shift = (_splat(builder, q) for q in (step_a, qlo_a, qhi_a, shift_a))
+        q = builder.fdiv(y, step)
+        q = builder.select(builder.fcmp_ordered("<", q, qlo), qlo, q)
+        q = builder.select(builder.fcmp_ordered(">", q, qhi), qhi, q)
+        rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32X16, [_F32X16]), "llvm.rint.v16f32")
+        code = builder.sub(builder.fptosi(builder.call(rint, [q]), _I32X16), builder.fptosi(shift, _I32X16))
+        _masked_store(builder, builder.trunc(code, _I8X16), ptr(0, 1, _I8X16), mask, 1)
+        return context.get_dummy_value()
+
+    return types.none(out8, cidx, y, fidx, step, qlo, qhi, shift, count, nan), codegen
+
+
+simd.pin_uuid(store_codes_of, "gemm_vnni.store_codes_of")
+
+
+@intrinsic
 def store_first_i32(typingctx, out, idx, v, count):
     """``out[idx:idx+count] = v[:count]`` (int32, ``count`` <= 16 lanes, one masked store)."""
     if not (out == types.Array(types.int32, 1, "C") and v == i32x16
@@ -278,6 +321,16 @@ def put_codes(mode, out_i, out_f, epi, row, pix, col, n, v, sv, bv):
 
 
 @njit(inline="always")
+def put_both(mode, out_i, out_f, epi, row, pix, col, n, v, sv, bv):
+    """``put`` of the FLOATS | CODES mode: the row's floats at ``row``, their codes at pixel ``pix`` of the next
+    conv's padded codes; ``out_i`` is the NaN flag (``store_codes_of``)."""
+    _, _, res, lo, hi, out8, step, qlo, qhi, shift, c4n = epi
+    count = min(LANES, n - col)
+    store_epilogue(out_f, row * n + col, v, sv, bv, res, mode, lo, hi, np.float32(1), count)
+    store_codes_of(out8, pix * c4n + col, out_f, row * n + col, step, qlo, qhi, shift, count, out_i)
+
+
+@njit(inline="always")
 def finish(mode, out_i, out_f, epi, cw, i, rows, col, n, s, pix, v0, v1, v2, v3):
     """Store rows ``i..i+rows`` of one 16-channel block (``pix``: their pixels in CODES mode)."""
     c = load_i32x16(cw, col)
@@ -304,10 +357,12 @@ def no_dests(b, oh, ow, ho, wo, hp, wp, ph, pw):
     return 0, 0, 0, 0
 
 
-simd.pin_kernels("gemm_vnni", taps_sum, put, put_codes, finish, no_dests)
+simd.pin_kernels("gemm_vnni", taps_sum, put, put_codes, put_both, finish, no_dests)
 dests = no_dests  # what ``_core`` calls: ``driver`` binds it per variant (``simd.cache_variant``), as ``finish``
 finish_codes = simd.pin_uuid(njit(inline="always")(simd.cache_variant(finish.py_func, "codes", put=put_codes)),
                              "gemm_vnni.finish_codes")
+finish_both = simd.pin_uuid(njit(inline="always")(simd.cache_variant(finish.py_func, "both", put=put_both)),
+                            "gemm_vnni.finish_both")
 
 
 # The task body of ``driver``: module level, so ``simd.cache_variant`` can bind its epilogue (``finish``, ``dests``).
@@ -406,14 +461,16 @@ def _core(a8, psum, tapoff, tappix, wp, cw, offset, m, n, n_pad, cq, ps, geo, mo
 
 
 @functools.cache
-def driver(codes: bool = False):
+def driver(codes: bool = False, floats: bool = False):
     """The implicit GEMM over (row tile, 64-channel tile) tasks (module docstring); run it inside
     ``threads_if(parallel)``. ``codes``: the variant whose epilogue writes the next conv's input codes
     (CODES mode), compiled apart so the float epilogues' kernel stays as large as it was (compiling
-    both stores in one kernel doubled its compile time)."""
-    core = simd.cache_variant(_core, "codes" if codes else "floats", finish=finish_codes if codes else finish,
+    both stores in one kernel doubled its compile time); with ``floats`` too, the one writing both
+    (FLOATS | CODES)."""
+    tag = "both" if codes and floats else "codes" if codes else "floats"
+    core = simd.cache_variant(_core, tag, finish={"both": finish_both, "codes": finish_codes}.get(tag, finish),
                               dests=four_dests if codes else no_dests)
-    return simd.pin_uuid(njit(parallel=True, cache=True)(core), f"gemm_vnni.core.{'codes' if codes else 'floats'}")
+    return simd.pin_uuid(njit(parallel=True, cache=True)(core), f"gemm_vnni.core.{tag}")
 
 
 @contextlib.contextmanager
@@ -487,18 +544,41 @@ def conv_codes_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], 
     out8)`` writes the interior pixels' first ``n`` channels of ``out8`` (``nxt_padded`` = its (B, Hp, Wp,
     c4), ``nxt_pad`` its (ph, pw)), quantized with ``nxt_quant`` = (step, lo, hi, shift), the next conv's
     ``_pad_codes`` arguments. The floats are never stored."""
+    both = conv_both_gemm(w, shift, c, geom, hp, wpad, m, scale, bias, False, clamp, parallel, nxt_padded, nxt_pad,
+                          nxt_quant, floats=False)
+
+    def run(a8: np.ndarray, psum: np.ndarray, out8: np.ndarray) -> None:
+        both(a8, psum, NO_F32, None, out8, NO_I32)
+
+    return run
+
+
+def conv_both_gemm(w: PackedWeight, shift: int, c: int, geom: tuple[int, ...], hp: int, wpad: int, m: int,
+                   scale: np.ndarray, bias: np.ndarray | None, residual: bool, clamp: tuple, parallel: bool,
+                   nxt_padded: tuple, nxt_pad: tuple[int, int], nxt_quant: tuple, a_max: int = 128,
+                   floats: bool = True) -> Callable[..., None]:
+    """``conv_gemm``'s floats and ``conv_codes_gemm``'s codes of them in one pass (FLOATS | CODES), for a conv whose
+    result feeds the next conv and other ops too (``layout.code_chains``): ``run(a8, psum, y, res, out8, nan)``
+    stores ``y`` (``+ res`` when ``residual``, clamped) and the next conv's codes of ``y`` in ``out8``; ``nan[0]``
+    becomes 1 if ``y`` holds a NaN (the codes are then not to be used). Without ``floats``: the codes alone."""
     off, pix, data, cw, offset, n, n_pad, cq, c4, geo = conv_launch(w, shift, c, geom, hp, wpad)
-    core = driver(codes=True)
-    head = (off, pix, data, cw, offset, m, n, n_pad, cq, c4, geo, CODES | (0 if bias is None else BIAS), NO_I32,
-            NO_F32, scale, scale if bias is None else bias, NO_F32, np.float32(clamp[0]), np.float32(clamp[1]))
+    core = driver(codes=True, floats=floats)
+    mode = (CODES | (FLOATS | SCALED if floats else 0) | (0 if bias is None else BIAS)
+            | (RESIDUAL if residual else 0))
+    head = (off, pix, data, cw, offset, m, n, n_pad, cq, c4, geo, mode)
+    bias_arg = scale if bias is None else bias
+    lo, hi = np.float32(clamp[0]), np.float32(clamp[1])
     cgeo = np.array((nxt_padded[1], nxt_padded[2], nxt_pad[0], nxt_pad[1], nxt_padded[3]), dtype=np.int64)
     q8 = np.array(nxt_quant, dtype=np.float32)
 
-    def run(a8: np.ndarray, psum: np.ndarray, out8: np.ndarray) -> None:
+    def run(a8: np.ndarray, psum: np.ndarray, y: np.ndarray, res: np.ndarray | None, out8: np.ndarray,
+            nan: np.ndarray) -> None:
+        args = (a8, psum, *head, nan, y.reshape(-1), scale, bias_arg, NO_F32 if res is None else res.reshape(-1), lo,
+                hi, out8, cgeo, q8)
         if parallel:
-            core(a8, psum, *head, out8, cgeo, q8)
+            core(*args)
             return
         with threads_if(False):
-            core(a8, psum, *head, out8, cgeo, q8)
+            core(*args)
 
     return run

@@ -28,7 +28,7 @@ ONE_TAP = np.zeros(1, dtype=np.int64)  # a plain GEMM: ``conv_amx``'s core with 
 
 
 def _fused(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum, tapoff, vgeo, tiles, n, cw, cfg, m_step, n_step,
-           rows_outer, mode, scale, bias, steps, lo_f, hi_f, out, out8, cgeo, q8, one):
+           rows_outer, mode, scale, bias, steps, lo_f, hi_f, out, out8, cgeo, q8, nan8, one):
     if one:
         nan = _quantize_one(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum)
     else:
@@ -36,12 +36,13 @@ def _fused(x, a_scale, has_scale, step, lo, hi, shift, kp, a8, asum, tapoff, vge
     if nan:
         return True
     _gemm(a8, kp, tapoff, vgeo, kp, tiles, n, cw, cfg, m_step, n_step, rows_outer, mode, scale, bias, steps, lo_f,
-          hi_f, out, False, out8, cgeo, q8)
+          hi_f, out, False, out8, cgeo, q8, nan8)
     return False
 
 
 def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, signs, block, kp, a8, asum, tapoff, vgeo, tiles, n,
-                cw, cfg, m_step, n_step, rows_outer, mode, scale, bias, steps, lo_f, hi_f, out, out8, cgeo, q8, one):
+                cw, cfg, m_step, n_step, rows_outer, mode, scale, bias, steps, lo_f, hi_f, out, out8, cgeo, q8, nan8,
+                one):
     if one:
         nan = _quantize_one(x, a_scale, has_scale, step, floor, lo, hi, shift, kp, a8, asum, steps, signs, block)
     else:
@@ -49,7 +50,7 @@ def _fused_rows(x, a_scale, has_scale, step, floor, lo, hi, shift, signs, block,
     if nan:
         return True
     _gemm(a8, kp, tapoff, vgeo, kp, tiles, n, cw, cfg, m_step, n_step, rows_outer, mode, scale, bias, steps, lo_f,
-          hi_f, out, False, out8, cgeo, q8)
+          hi_f, out, False, out8, cgeo, q8, nan8)
     return False
 
 

@@ -196,6 +196,100 @@ def test_one_group_convs_hand_the_next_conv_its_input_codes(path: str, bits: str
     assert inputs[:2] == [torch.Tensor, torch.Tensor] and inputs[-2:] == [chained, chained]
 
 
+class _Residuals(nn.Module):
+    """A stem, a ResNet basic block (its input is also its shortcut) and one with a downsample (its input feeds two
+    convs), at 64 channels so stride-1 convs can run on the AMX engine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, 1, 1)
+        self.a1, self.a2 = nn.Conv2d(64, 64, 3, 1, 1), nn.Conv2d(64, 64, 3, 1, 1)
+        self.b1, self.b2 = nn.Conv2d(64, 128, 3, 2, 1), nn.Conv2d(128, 128, 3, 1, 1)
+        self.down = nn.Conv2d(64, 128, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = F.relu(self.a2(F.relu(self.a1(x))) + x)
+        x = F.relu(self.b2(F.relu(self.b1(x))) + self.down(x))
+        return x.mean((2, 3))
+
+
+@pytest.mark.parametrize("path", ["avx512amx", "avx512vnni", "avx2", "portable"])
+def test_a_residual_stream_keeps_its_floats_and_hands_the_next_conv_codes(path: str) -> None:
+    """``layout.code_chains`` where a conv's result is read by the next conv and by other ops (the shortcut's add,
+    a downsample conv): it returns ``(floats, codes)`` (``floats_too``), and on VNNI and AMX one epilogue stores both,
+    so a1 and b1 get codes from a shape's second call on; bit-identical to the fake-quant reference on every path,
+    and the portable layers ``cm.save`` exports return the same pair."""
+    from bitmix import kernels
+    from bitmix.compiler.portable import portable
+    from bitmix.kernels.padded import PaddedCodes
+
+    x, fq, lowered, convs = _chain_lowered(_Residuals, (2, 3, 16, 16), "4/4", path, 5)
+    assert convs["stem"].floats_too and convs["a2"].floats_too
+    assert convs["stem"].codes_for is convs["a1"].plan and convs["a2"].codes_for is convs["b1"].plan
+    assert not any(convs[n].floats_too for n in ("a1", "b1", "b2", "down"))
+    inputs: dict[str, list[type]] = {"a1": [], "b1": [], "down": []}
+    hooks = [convs[n].register_forward_pre_hook(lambda m, args, n=n: inputs[n].append(type(args[0])))
+             for n in inputs]
+    with torch.no_grad(), kernels.dispatch.use(path):
+        ref = fq(x)
+        outs = [lowered(x), lowered(x), lowered(x), portable(lowered)(x)]
+    for h in hooks:
+        h.remove()
+    assert all(torch.equal(ref, out) for out in outs)
+    handed = PaddedCodes if path in ("avx512amx", "avx512vnni") else torch.Tensor
+    assert inputs["a1"][:3] == inputs["b1"][:3] == [torch.Tensor, handed, handed]
+    assert inputs["down"] == [torch.Tensor] * 3
+
+
+class _NaNStream(nn.Module):
+    """c2's result (its residual ``sin(x)``: NaN where ``x`` is infinite) feeds c3 and an add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(4, 8, 1), nn.Conv2d(8, 4, 3, 1, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.c2(F.relu(self.c1(x))) + torch.sin(x)
+        return self.c3(s) * 2.0 + s
+
+
+@pytest.mark.parametrize("path", ["avx512amx", "avx512vnni", "avx2"])
+def test_a_nan_in_a_residual_stream_is_reported_by_the_conv_it_reaches(path: str) -> None:
+    """A NaN the fused residual brings into c2's floats is caught as without the hand-off: c3's input error, not a
+    code made of NaN, once the hand-off runs (from the second call)."""
+    from bitmix import kernels
+    from bitmix.errors import BitmixError
+
+    x, fq, lowered, convs = _chain_lowered(_NaNStream, (1, 4, 9, 8), "4/8", path, 6)
+    assert convs["c2"].floats_too and convs["c2"].codes_for is convs["c3"].plan
+    bad = x.clone()
+    bad[0, 1, 2, 3] = float("inf")  # c1 clips it; sin(inf) is NaN
+    with torch.no_grad(), kernels.dispatch.use(path):
+        for _ in range(3):
+            assert torch.equal(lowered(x), fq(x))
+            with pytest.raises(BitmixError, match="the input of layer 'c3'.* contains NaN"):
+                lowered(bad)
+
+
+def test_only_ops_that_leave_their_inputs_alone_share_a_conv_result() -> None:
+    """``layout._reads_only``: in-place ops (``add_``, ``relu_``, an ``out=``) could change the floats after their
+    codes were made; they keep the conv on floats alone."""
+    from bitmix.compiler.layout import _reads_only
+
+    class _M(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = x + 1
+            b = torch.relu(x)
+            x.add_(1)
+            torch.relu_(b)
+            return torch.add(a, b, out=a).clone()
+
+    nodes = [n for n in torch.fx.symbolic_trace(_M()).graph.nodes if n.op != "placeholder"]
+    # x + 1, relu(x), x.add_(1), relu_(b), add(a, b, out=a), .clone(), output
+    assert [_reads_only(n, {}) for n in nodes] == [True, True, False, False, False, True, True]
+
+
 class _Shared(nn.Module):
     def __init__(self) -> None:
         super().__init__()

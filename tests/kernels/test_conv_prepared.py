@@ -180,6 +180,60 @@ def test_conv_codes_for_the_next_conv_equal_its_float_path(kernel_path: str, fir
     np.testing.assert_array_equal(last(codes_b, True), ref)
 
 
+@pytest.mark.parametrize("first", [(64, 3, 1, 1, 64), (64, 1, 1, 0, 70), (12, 3, 2, 1, 22), (12, 1, 1, 0, 16)],
+                         ids=["3x3-c64-n64", "1x1-c64-n70", "3x3s2-c12-n22", "1x1-c12-n16"])
+@pytest.mark.parametrize("spec", [(8, False), (4, True), (2, False)], ids=["u8", "s4", "u2"])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "plain"])
+@pytest.mark.parametrize("nxt_k", [1, 3])
+def test_floats_and_codes_for_the_next_conv_equal_its_float_path(kernel_path: str, first: tuple, spec: tuple,
+                                                                residual: bool, nxt_k: int) -> None:
+    """``run_both`` (a result read by the next conv and by other ops: ``FloatsAndCodesConv`` on VNNI and AMX, its
+    input as floats or codes): the floats equal ``run``'s (residual added, clamped) and the codes ``_pad_codes``' of
+    them, sums included; elsewhere ``(floats, None)``. The next conv's output from the codes equals its float path."""
+    from bitmix.kernels.conv_nhwc import _pad_codes
+    from bitmix.kernels.matmul import check_activation_spec
+    from bitmix.kernels.padded import PaddedCodes
+
+    c, k, stride, pad, n = first
+    a_bits, a_signed = spec
+    rng = np.random.default_rng(c + k * 100 + n + a_bits + nxt_k)
+    prev = _random_conv(rng, c, 8, 4, 0.05, (8, False), True, 1, 1, 0)
+    a = _random_conv(rng, n, c, 4, 0.05, (4, True), True, k, stride, pad)
+    b = _random_conv(rng, 9, n, 2, 0.04, spec, True, nxt_k, 1, nxt_k // 2)
+    x = np.abs(rng.normal(0, 2, size=(2, 9, 11, 8))).astype(np.float32)
+    clamp = (np.float32(0), np.float32(np.inf)) if residual else (np.float32(-1.5), np.float32(6.0))
+    xa = prev(x, True)
+    ya = a(xa, True)
+    res = rng.normal(0, 1, size=ya.shape).astype(np.float32) if residual else None
+    want = a(xa, True, res, clamp)
+    yb = b(want, True)
+    lo, hi, shift = check_activation_spec(a_bits, a_signed)
+    ref8 = np.full((2, ya.shape[1] + nxt_k - 1, ya.shape[2] + nxt_k - 1, -(-n // 4) * 4), 99, dtype=np.int8)
+    ref_sums = np.zeros(ref8.shape[:3], dtype=np.int64).reshape(-1)
+    _pad_codes(want, True, np.float32(0.04), lo, hi, shift, nxt_k // 2, nxt_k // 2, ref8, ref_sums)
+    handed = kernel_path in ("avx512vnni", "avx512amx")
+    for _ in range(2):
+        for source in (xa, prev.to_codes(x, True, (np.float32(-np.inf), np.float32(np.inf)), a)):
+            if source is None:  # ``prev`` hands no codes on this path
+                continue
+            y, codes = a.run_both(source, True, res, clamp, b)
+            np.testing.assert_array_equal(y, want)
+            if codes is None:
+                assert not handed or source is not xa or _ == 0
+                continue
+            assert handed and isinstance(codes, PaddedCodes)
+            np.testing.assert_array_equal(codes.a8, ref8)
+            if codes.psum.size > 1:  # the AMX engine reads no sums (b's output below checks they are not needed)
+                np.testing.assert_array_equal(codes.psum, ref_sums)
+            np.testing.assert_array_equal(b(codes, True), yb)
+    if handed:
+        bad = res.copy() if residual else None
+        if bad is not None:
+            bad[1, 2, 3, 4] = np.nan
+            y, codes = a.run_both(xa, True, bad, clamp, b)
+            assert codes is None and np.isnan(y[1, 2, 3, 4])  # b then quantizes the floats and reports the NaN
+
+
 @pytest.mark.parametrize("first", [(3, 2, 1, 22), (1, 1, 0, 70)], ids=["3x3s2-n22", "1x1-n70"])
 @pytest.mark.parametrize("spec", [(8, False), (4, True), (2, False)], ids=["u8", "s4", "u2"])
 @pytest.mark.parametrize("dw_stride", [1, 2])
