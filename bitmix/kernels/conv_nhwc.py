@@ -522,7 +522,7 @@ def codes_conv(own: ImplicitConv, w: PackedWeight, geom: tuple[int, ...], scale:
     a ``depthwise`` one reads bare NHWC codes (``depthwise_input``: no padding, shift or sums; ``nxt``'s
     shift and padding 0); ``sums``: the next conv reads per-pixel sums (its route is not ``conv_amx``).
     ``floats``: the floats too (``FloatsAndCodesConv``; not for a depthwise next conv, and only on engines with a
-    ``conv_both_gemm``), ``residual``: calls pass one."""
+    ``conv_both_gemm``: VNNI and AMX), ``residual``: calls pass one."""
     nb, hp, wp, _ = own.padded
     ho, wo = geom[9], geom[10]
     step, qlo, qhi, qshift, qph, qpw = nxt

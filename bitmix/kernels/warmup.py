@@ -109,8 +109,8 @@ def _warm_chain(rng: np.random.Generator) -> None:
 
 def _warm_code_chain(rng: np.random.Generator, bits: int) -> None:
     """A conv handing the next its input codes (``PreparedConv.to_codes``: the CODES GEMM on VNNI, AVX2 and AMX
-    (64 channels), the border pass), as lowered conv -> conv chains run from their second call on; residual adds
-    and ReLUs."""
+    (64 channels), the border pass; ``run_both``: floats and codes), as lowered conv -> conv chains run from their
+    second call on; residual adds and ReLUs."""
     from bitmix.kernels.conv_prepared import PreparedConv
 
     def conv(c: int, n: int, groups: int = 1) -> PreparedConv:
@@ -127,6 +127,9 @@ def _warm_code_chain(rng: np.random.Generator, bits: int) -> None:
         second(first(x, True), True, y, relu)  # + residual, ReLU: the GEMM's epilogue
         depthwise(x, True, y, relu)  # ... or one pass after the kernel (``_finish``)
         codes = first.to_codes(x, True, relu, second)
+        if codes is not None:
+            second(codes, True)
+        _, codes = first.run_both(x, True, first(x, True), relu, second)  # floats too: a residual stream
         if codes is not None:
             second(codes, True)
 

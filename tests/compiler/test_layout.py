@@ -218,8 +218,8 @@ class _Residuals(nn.Module):
 def test_a_residual_stream_keeps_its_floats_and_hands_the_next_conv_codes(path: str) -> None:
     """``layout.code_chains`` where a conv's result is read by the next conv and by other ops (the shortcut's add,
     a downsample conv): it returns ``(floats, codes)`` (``floats_too``), and on VNNI and AMX one epilogue stores both,
-    so a1 and b1 get codes from a shape's second call on; bit-identical to the fake-quant reference on every path,
-    and the portable layers ``cm.save`` exports return the same pair."""
+    so a1 and b1 get codes from a shape's second call on (AVX2 and portable: floats); bit-identical to the fake-quant
+    reference on every path, and the portable layers ``cm.save`` exports return the same pair."""
     from bitmix import kernels
     from bitmix.compiler.portable import portable
     from bitmix.kernels.padded import PaddedCodes
