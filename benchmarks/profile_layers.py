@@ -47,8 +47,9 @@ def _probe(owner, attr: str, label: str) -> None:
     setattr(owner, attr, timed)
 
 
-def _macs(layer: lower.KernelLayer, x: torch.Tensor, out: torch.Tensor) -> int:
+def _macs(layer: lower.KernelLayer, x: torch.Tensor, out: torch.Tensor | tuple) -> int:
     p = layer.plan
+    out = out[0] if isinstance(out, tuple) else out  # floats and the next conv's input (``floats_too``)
     if p.kind == "conv2d":
         return math.prod(out.shape) * (x.shape[1] // p.groups) * math.prod(p.kernel_size)
     return math.prod(out.shape) * x.shape[-1]
@@ -96,6 +97,7 @@ def main() -> None:
     _probe(conv_nhwc, "_pad_codes", "conv: quantize+pad (_pad_codes)")
     _probe(conv_nhwc.ImplicitConv, "on_codes", "conv: implicit GEMM + epilogue (ImplicitConv.on_codes)")
     _probe(conv_nhwc.CodesConv, "__call__", "conv: GEMM into the next conv's codes, with its code pass (CodesConv)")
+    _probe(conv_nhwc.FloatsAndCodesConv, "__call__", "conv: GEMM into floats and next conv codes (FloatsAndCodesConv)")
     _probe(conv_nhwc, "_depthwise", "conv: depthwise (_depthwise)")
     _probe(conv_nhwc, "_codes", "conv: quantize (_codes, depthwise/other)")
     _probe(conv_nhwc, "_scale_rows", "conv: scale rows (non-VNNI)")
