@@ -129,22 +129,14 @@ def _chain_lowered(net: type[nn.Module], shape: tuple, bits: str, path: str, see
     return x, fq, lowered, convs
 
 
-@pytest.mark.parametrize("path", ["avx512vnni", "avx2", "portable"])
-@pytest.mark.parametrize("bits", ["4/8", "4/4"])
-def test_depthwise_hands_the_next_conv_its_input_codes(path: str, bits: str) -> None:
-    """``layout.code_chains``: pw -> dw -> back (MobileNet's expansion, depthwise, projection) pass codes
-    from the second call at a shape on (the first checks the layers): dw -> back wherever the next conv
-    runs the implicit GEMM, pw -> dw from the GEMM's epilogue (VNNI, AVX2); outputs stay bit-identical to the
-    fake-quant reference on every path, and the portable layers ``cm.save`` exports (floats throughout)
-    give the same values."""
+def _input_types(x: torch.Tensor, fq: nn.Module, lowered: nn.Module, convs: dict, names: tuple, path: str
+                 ) -> dict[str, list[type]]:
+    """The type of each named conv's input over three calls of ``lowered`` on ``path`` (floats or codes), after
+    checking those calls and the portable layers' (``cm.save``'s) equal the fake-quant reference."""
     from bitmix import kernels
     from bitmix.compiler.portable import portable
-    from bitmix.kernels.padded import PaddedCodes
 
-    x, fq, lowered, convs = _chain_lowered(_Net, (2, 3, 33, 30), bits, path, 3)
-    assert convs["pw"].codes_for is convs["dw"].plan and convs["dw"].codes_for is convs["back"].plan
-    assert convs["stem"].codes_for is None and convs["back"].codes_for is None
-    inputs: dict[str, list[type]] = {"dw": [], "back": []}
+    inputs: dict[str, list[type]] = {n: [] for n in names}
     hooks = [convs[n].register_forward_pre_hook(lambda m, args, n=n: inputs[n].append(type(args[0])))
              for n in inputs]
     with torch.no_grad(), kernels.dispatch.use(path):
@@ -153,6 +145,23 @@ def test_depthwise_hands_the_next_conv_its_input_codes(path: str, bits: str) -> 
     for h in hooks:
         h.remove()
     assert all(torch.equal(ref, out) for out in outs)
+    return inputs
+
+
+@pytest.mark.parametrize("path", ["avx512vnni", "avx2", "portable"])
+@pytest.mark.parametrize("bits", ["4/8", "4/4"])
+def test_depthwise_hands_the_next_conv_its_input_codes(path: str, bits: str) -> None:
+    """``layout.code_chains``: pw -> dw -> back (MobileNet's expansion, depthwise, projection) pass codes
+    from the second call at a shape on (the first checks the layers): dw -> back wherever the next conv
+    runs the implicit GEMM, pw -> dw from the GEMM's epilogue (VNNI, AVX2); outputs stay bit-identical to the
+    fake-quant reference on every path, and the portable layers ``cm.save`` exports (floats throughout)
+    give the same values."""
+    from bitmix.kernels.padded import PaddedCodes
+
+    x, fq, lowered, convs = _chain_lowered(_Net, (2, 3, 33, 30), bits, path, 3)
+    assert convs["pw"].codes_for is convs["dw"].plan and convs["dw"].codes_for is convs["back"].plan
+    assert convs["stem"].codes_for is None and convs["back"].codes_for is None
+    inputs = _input_types(x, fq, lowered, convs, ("dw", "back"), path)
     assert inputs["back"][0] is inputs["dw"][0] is torch.Tensor
     assert inputs["back"][1:3] == [torch.Tensor if path == "portable" else PaddedCodes] * 2
     assert inputs["dw"][1:3] == [torch.Tensor if path == "portable" else PaddedCodes] * 2
@@ -220,23 +229,13 @@ def test_a_residual_stream_keeps_its_floats_and_hands_the_next_conv_codes(path: 
     a downsample conv): it returns ``(floats, codes)`` (``floats_too``), and on VNNI and AMX one epilogue stores both,
     so a1 and b1 get codes from a shape's second call on (AVX2 and portable: floats); bit-identical to the fake-quant
     reference on every path, and the portable layers ``cm.save`` exports return the same pair."""
-    from bitmix import kernels
-    from bitmix.compiler.portable import portable
     from bitmix.kernels.padded import PaddedCodes
 
     x, fq, lowered, convs = _chain_lowered(_Residuals, (2, 3, 16, 16), "4/4", path, 5)
     assert convs["stem"].floats_too and convs["a2"].floats_too
     assert convs["stem"].codes_for is convs["a1"].plan and convs["a2"].codes_for is convs["b1"].plan
     assert not any(convs[n].floats_too for n in ("a1", "b1", "b2", "down"))
-    inputs: dict[str, list[type]] = {"a1": [], "b1": [], "down": []}
-    hooks = [convs[n].register_forward_pre_hook(lambda m, args, n=n: inputs[n].append(type(args[0])))
-             for n in inputs]
-    with torch.no_grad(), kernels.dispatch.use(path):
-        ref = fq(x)
-        outs = [lowered(x), lowered(x), lowered(x), portable(lowered)(x)]
-    for h in hooks:
-        h.remove()
-    assert all(torch.equal(ref, out) for out in outs)
+    inputs = _input_types(x, fq, lowered, convs, ("a1", "b1", "down"), path)
     handed = PaddedCodes if path in ("avx512amx", "avx512vnni") else torch.Tensor
     assert inputs["a1"][:3] == inputs["b1"][:3] == [torch.Tensor, handed, handed]
     assert inputs["down"] == [torch.Tensor] * 3
