@@ -26,7 +26,7 @@ import numba
 import numpy as np
 import torch
 
-from bitmix.kernels import dispatch, gemm, pack_weights, prepare_linear
+from bitmix.kernels import cpu, dispatch, gemm, pack_weights, prepare_linear
 from bitmix.kernels.pack import code_range
 from bitmix.tools.speed import median_seconds
 
@@ -43,13 +43,18 @@ def _median(fn: Callable[[], object], repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--no-amx", action="store_true", help="as on a CPU without AMX: torch's int8 GEMM (oneDNN) "
+                        "then takes its AVX-512 VNNI code, as bitmix its avx512vnni path (`cpu.deny_amx`)")
     args = parser.parse_args()
+    if args.no_amx:
+        cpu.deny_amx()
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     numba.set_num_threads(threads)
     load = os.getloadavg()[0]
     rng = np.random.default_rng(0)
-    print(f"path {dispatch.path}, {threads} threads, load {load:.1f}; times in us (median of {args.repeats})")
+    denied = ", AMX denied to all" if args.no_amx else ""
+    print(f"path {dispatch.path}{denied}, {threads} threads, load {load:.1f}; times in us (median of {args.repeats})")
     print(f"{'M x N x K':>14} {'w':>2} {'gemm':>7} {'linear':>7} {'_int_mm':>7} {'fp32':>7} "
           f"{'gemm/_int_mm':>12} {'linear/_int_mm':>14} {'linear/fp32':>11}")
     for m, n, k in SHAPES:

@@ -28,7 +28,7 @@ import torch
 import bitmix
 from bitmix import zoo
 from bitmix.compiler import lower
-from bitmix.kernels import conv_nhwc
+from bitmix.kernels import conv_nhwc, cpu
 from bitmix.kernels.threads import configure_threading
 
 TIMES: dict[str, list[float]] = defaultdict(list)
@@ -62,7 +62,10 @@ def main() -> None:
     parser.add_argument("--peak", type=float, default=0.0, help="int8 peak GMAC/s of the machine (both cores)")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--ort", action="store_true", help="also ONNX Runtime int8's per-conv times (its profiler)")
+    parser.add_argument("--no-amx", action="store_true", help="as on a CPU without AMX (`bitmix bench model --no-amx`)")
     args = parser.parse_args()
+    if args.no_amx:
+        cpu.deny_amx()
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     configure_threading()

@@ -128,7 +128,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from bitmix.tools.speed import run_model_bench
 
         run_model_bench(args.models or None, repeats=args.repeats, json_path=args.json, ort=not args.no_ort,
-                        target=args.target)
+                        target=args.target, no_amx=args.no_amx)
         return 0
     from bitmix.kernels.bench import run_kernel_bench
 
@@ -267,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--target", default=DEFAULT_TARGET, help="compile at this target's highest choice (default "
                    f"{DEFAULT_TARGET}: all-4-bit, first/last 8; int8-npu: like for like with ORT int8)")
     m.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime int8 baseline")
+    m.add_argument("--no-amx", action="store_true", help="run as on a CPU without AMX: deny the AMX tile state to "
+                   "this process, so bitmix, torch and ONNX Runtime all take their AVX-512 code")
     m.add_argument("--json", help="write one record per model")
     p = sub.add_parser("study", help="studies over many compiles (accuracy-throughput frontier)")
     study = p.add_subparsers(dest="study", required=True)

@@ -1,4 +1,5 @@
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -294,3 +295,15 @@ def test_bench_kernels_with_a_kernel_path_this_cpu_cannot_run_is_one_line(forced
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"BITMIX_KERNEL_PATH={forced!r}" in lines[0], proc.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.machine() != "x86_64", reason="AMX is Linux x86_64's")
+def test_bench_model_without_amx_runs_bitmix_and_its_baselines_as_on_a_cpu_without_it(tmp_path):
+    """`--no-amx` denies the tile state to the whole bench process (`cpu.deny_amx`): bitmix then picks a path
+    without AMX, and the record and the table say the baselines ran without it too."""
+    path = tmp_path / "r.json"
+    proc = run("bench", "model", "digits-mlp", "--repeats", "1", "--no-ort", "--no-amx", "--json", str(path))
+    assert proc.returncode == 0, proc.stderr
+    (rec,) = json.loads(path.read_text())
+    assert rec["amx_denied"] is True and rec["kernel_path"] != "avx512amx"
+    assert "AMX denied to all" in " ".join(proc.stdout.split())

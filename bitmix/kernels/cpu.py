@@ -29,9 +29,11 @@ _NEEDS = {
     "avx512vnni": frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}),
     "avx512amx": frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "amx-tile", "amx-int8"}),
 }
+_ARCH_GET_XCOMP_PERM = 0x1022  # Linux arch_prctl: the extended-state components this process may use
 _ARCH_REQ_XCOMP_PERM = 0x1023  # Linux arch_prctl: request an extended-state component
 _XFEATURE_XTILEDATA = 18
 _SYS_ARCH_PRCTL = 158  # x86_64 syscall number
+_SYS_SECCOMP = 317
 ENV_VAR = "BITMIX_KERNEL_PATH"
 
 
@@ -45,6 +47,63 @@ def amx_permitted() -> bool:
         return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
     except (OSError, AttributeError):
         return False
+
+
+def amx_granted() -> bool:
+    """Whether some code in this process already holds the AMX tile state (granted once, it stays)."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    mask = ctypes.c_uint64(0)
+    if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, ctypes.byref(mask)) != 0:
+        return False
+    return bool(mask.value >> _XFEATURE_XTILEDATA & 1)
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def _refuse_amx_program() -> list[tuple[int, int, int, int]]:
+    """Classic BPF over ``struct seccomp_data`` (nr at 0, arch at 4, args[0] at 16): ``arch_prctl(ARCH_REQ_XCOMP_PERM,
+    ..)`` on x86_64 fails with EPERM, every other call is allowed (linux/seccomp.h, linux/filter.h)."""
+    ld_abs, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
+    audit_arch_x86_64, allow, eperm = 0xC000003E, 0x7FFF0000, 0x00050000 | 1
+    return [
+        (ld_abs, 0, 0, 4),
+        (jeq, 0, 5, audit_arch_x86_64),
+        (ld_abs, 0, 0, 0),
+        (jeq, 0, 3, _SYS_ARCH_PRCTL),
+        (ld_abs, 0, 0, 16),
+        (jeq, 0, 1, _ARCH_REQ_XCOMP_PERM),
+        (ret, 0, 0, eperm),
+        (ret, 0, 0, allow),
+    ]
+
+
+def deny_amx() -> None:
+    """Make this process a CPU without AMX: every later request for the tile state -- bitmix's, oneDNN's in torch,
+    MLAS's in ONNX Runtime -- fails as on a CPU that lacks it, so each library takes its AVX-512 code and
+    ``avx512vnni`` becomes bitmix's fastest path. A seccomp filter on all threads; it cannot be lifted, and it cannot
+    take back a grant already made, so call it before anything runs."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        raise BitmixError("denying AMX needs Linux on x86_64; this machine has no AMX to deny")
+    if amx_granted():
+        raise BitmixError("AMX is already in use in this process; deny it before any kernel or baseline runs "
+                          "(in a fresh process)")
+    libc = ctypes.CDLL(None, use_errno=True)
+    code = _refuse_amx_program()
+    filters = (_SockFilter * len(code))(*code)
+    prog = _SockFprog(len(code), filters)
+    pr_set_no_new_privs, seccomp_set_mode_filter, seccomp_filter_flag_tsync = 38, 1, 1
+    if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0 or libc.syscall(
+            _SYS_SECCOMP, seccomp_set_mode_filter, seccomp_filter_flag_tsync, ctypes.byref(prog)) != 0:
+        raise BitmixError(f"could not deny AMX (seccomp: {os.strerror(ctypes.get_errno())}); run on the default path")
+    amx_permitted.cache_clear()
 
 
 def cpu_features() -> frozenset[str]:

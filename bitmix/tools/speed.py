@@ -32,7 +32,7 @@ from bitmix import zoo
 from bitmix.errors import BitmixError
 from bitmix.ir.precision import as_precision
 from bitmix.ir.targets import DEFAULT_TARGET, get_target
-from bitmix.kernels import dispatch
+from bitmix.kernels import cpu, dispatch
 from bitmix.kernels.threads import configure_threading
 
 DEFAULT_MODELS = ("digits-cnn", "resnet18", "resnet50", "mobilenetv2", "minilm")
@@ -142,8 +142,9 @@ def bench_model(name: str, repeats: int, ort: bool = True, threads: int = 1, tar
 
 
 def run_model_bench(models: list[str] | None = None, repeats: int = 20, json_path: str | None = None,
-                    ort: bool = True, target: str = DEFAULT_TARGET) -> list[dict]:
-    """Time every model, print a table, optionally write JSON records; returns the records."""
+                    ort: bool = True, target: str = DEFAULT_TARGET, no_amx: bool = False) -> list[dict]:
+    """Time every model, print a table, optionally write JSON records; returns the records. ``no_amx`` first makes
+    this process a CPU without AMX for bitmix and both baselines alike (``cpu.deny_amx``)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -154,6 +155,8 @@ def run_model_bench(models: list[str] | None = None, repeats: int = 20, json_pat
     if repeats < 1:
         raise BitmixError(f"repeats={repeats}: must be >= 1")
     get_target(target)  # an unknown name fails here, before any model is built
+    if no_amx:
+        cpu.deny_amx()
     load = os.getloadavg()[0]
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -163,10 +166,10 @@ def run_model_bench(models: list[str] | None = None, repeats: int = 20, json_pat
     for name in names:
         rec = bench_model(name, repeats, ort, threads, target)
         rec.update(kernel_path=dispatch.path, threading_layer=numba.threading_layer(), threads=threads,
-                   loadavg_1min=load)
+                   loadavg_1min=load, amx_denied=no_amx)
         records.append(rec)
     table = Table(title=f"compiled ({target} at its highest choice, packed kernels) vs eager FP32 and ORT int8 "
-                        f"({dispatch.path}, "
+                        f"({dispatch.path}{', AMX denied to all' if no_amx else ''}, "
                         f"{threads} threads, Numba {numba.threading_layer()} layer)",
                   caption=f"eager and ORT: the faster of 1 and {threads} threads (t: the count that won)")
     for col in ("model", "input", "eager FP32 ms", "ORT int8 ms", "compiled ms", "vs eager", "vs ORT int8",
