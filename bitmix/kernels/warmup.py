@@ -111,6 +111,7 @@ def _warm_code_chain(rng: np.random.Generator, bits: int) -> None:
     """A conv handing the next its input codes (``PreparedConv.to_codes``: the CODES GEMM on VNNI, AVX2 and AMX
     (64 channels), the border pass; ``run_both``: floats and codes), as lowered conv -> conv chains run from their
     second call on; residual adds and ReLUs."""
+    from bitmix.kernels import conv_nhwc
     from bitmix.kernels.conv_prepared import PreparedConv
 
     def conv(c: int, n: int, groups: int = 1) -> PreparedConv:
@@ -132,6 +133,8 @@ def _warm_code_chain(rng: np.random.Generator, bits: int) -> None:
         _, codes = first.run_both(x, True, first(x, True), relu, second)  # floats too: a residual stream
         if codes is not None:
             second(codes, True)
+    a8 = np.zeros((1, 8, 8, 16), dtype=np.int8)  # the border pass split over threads (large buffers)
+    conv_nhwc._code_borders_parallel(a8, np.zeros(64, dtype=np.int64), 1, 1, 6, 6, 16, 0, True)
 
 
 def main() -> int:

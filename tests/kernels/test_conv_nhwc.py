@@ -116,6 +116,32 @@ def test_pad_codes_match_numpy(c: int, channels_last: bool, spec: tuple) -> None
     assert _pad_codes(arg, channels_last, step, lo, hi, shift, ph, pw, out, psum)
 
 
+@pytest.mark.parametrize("variant", ["_code_borders_serial", "_code_borders_parallel"])
+@pytest.mark.parametrize("c, pad", [(5, 1), (64, 0), (300, 2)])
+@pytest.mark.parametrize("spec", [(8, False), (8, True), (2, False)], ids=["u8", "s8", "u2"])
+def test_code_borders_complete_a_buffer_as_pad_codes_writes_it(variant: str, c: int, pad: int, spec: tuple) -> None:
+    """A buffer whose interior codes an epilogue wrote (borders and pad channels left as garbage) is completed, by
+    one thread or split by rows, into exactly ``_pad_codes``' buffer: border codes, zero pad channels, and pixel sums
+    added in int32 (codes at both ends of the range, hundreds of channels)."""
+    from bitmix.kernels import conv_nhwc
+    from bitmix.kernels.matmul import check_activation_spec
+
+    lo, hi, shift = check_activation_spec(*spec)
+    rng = np.random.default_rng(c)
+    h, w = 6, 5
+    x = rng.choice(np.array([lo, hi, 0.4, -3.3], dtype=np.float32), size=(2, h, w, c)) * np.float32(0.07)
+    c4 = -(-c // 4) * 4
+    want = np.empty((2, h + 2 * pad, w + 2 * pad, c4), dtype=np.int8)
+    want_sum = np.empty(want.shape[0] * want.shape[1] * want.shape[2], dtype=np.int64)
+    assert not conv_nhwc._pad_codes(x, True, np.float32(0.07), lo, hi, shift, pad, pad, want, want_sum)
+    got = rng.integers(-128, 128, size=want.shape, dtype=np.int8)  # garbage everywhere the GEMM does not write
+    got[:, pad:pad + h, pad:pad + w, :c] = want[:, pad:pad + h, pad:pad + w, :c]
+    got_sum = np.full_like(want_sum, 12345)
+    getattr(conv_nhwc, variant)(got, got_sum, pad, pad, h, w, c, shift, True)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_sum, want_sum)
+
+
 DEPTHWISE_EDGES = [  # (C, H, W, k, stride, pad, dilation): C around the 16-channel blocks, 1-3 pixel planes,
     (1, 1, 1, 3, 1, 1, 1),  # windows mostly outside the input, 3x3 windows wholly inside it or not
     (15, 2, 3, 3, 1, 1, 1),
