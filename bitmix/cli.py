@@ -132,7 +132,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from bitmix.kernels.bench import run_kernel_bench
 
-    run_kernel_bench(quick=args.quick, json_path=args.json)
+    run_kernel_bench(quick=args.quick, json_path=args.json, no_amx=args.no_amx)
     return 0
 
 
@@ -261,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = bench.add_parser("kernels", help="packed int kernels vs torch fp32 and torch int8 dynamic")
     k.add_argument("--json", help="write one record per case and baseline")
     k.add_argument("--quick", action="store_true", help="a few small cases, well under a minute")
+    k.add_argument("--no-amx", action="store_true", help="run as on a CPU without AMX (see `bench model --no-amx`)")
     m = bench.add_parser("model", help="compiled zoo models (on the kernels) vs eager FP32 torch and ORT int8")
     m.add_argument("models", nargs="*", help="zoo models (default: digits-cnn resnet18 resnet50 mobilenetv2 minilm)")
     m.add_argument("--repeats", type=int, default=20, help="timed calls per model and contender (median)")

@@ -307,3 +307,13 @@ def test_bench_model_without_amx_runs_bitmix_and_its_baselines_as_on_a_cpu_witho
     (rec,) = json.loads(path.read_text())
     assert rec["amx_denied"] is True and rec["kernel_path"] != "avx512amx"
     assert "AMX denied to all" in " ".join(proc.stdout.split())
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.machine() != "x86_64", reason="AMX is Linux x86_64's")
+def test_bench_kernels_without_amx_names_it_in_every_record(tmp_path):
+    path = tmp_path / "k.json"
+    proc = run("bench", "kernels", "--quick", "--no-amx", "--json", str(path))
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(path.read_text())
+    assert records and all(r["amx_denied"] is True and r["kernel_path"] != "avx512amx" for r in records)
+    assert "AMX denied to all" in " ".join(proc.stdout.split())

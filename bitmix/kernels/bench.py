@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from bitmix.kernels import amx
+from bitmix.kernels import amx, cpu
 from bitmix.kernels.matmul import gemm
 from bitmix.kernels.pack import PackedWeight, code_range, pack_weights
 from bitmix.kernels.quant import qlinear
@@ -271,7 +271,8 @@ def _print_table(records: list[dict], meta: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"bitmix kernels ({meta['kernel_path']}, {meta['threads']} threads, Numba "
+    denied = ", AMX denied to all" if meta["amx_denied"] else ""
+    table = Table(title=f"bitmix kernels ({meta['kernel_path']}{denied}, {meta['threads']} threads, Numba "
                         f"{meta['threading_layer']} layer)")
     for col in ("op", "engine", "M×N×K", "w/a", "regime", "ours ms", "GOP/s", "wGB/s", "%BW", "vs fp32", "vs int8 dyn"):
         table.add_column(col, justify="right")
@@ -311,8 +312,11 @@ def _print_table(records: list[dict], meta: dict) -> None:
         )
 
 
-def run_kernel_bench(quick: bool = False, json_path: str | None = None) -> list[dict]:
-    """Run all cases, print a table, optionally write the JSON records; returns the records."""
+def run_kernel_bench(quick: bool = False, json_path: str | None = None, no_amx: bool = False) -> list[dict]:
+    """Run all cases, print a table, optionally write the JSON records; returns the records. ``no_amx`` first makes
+    this process (and the cold-start children it starts) a CPU without AMX (``cpu.deny_amx``)."""
+    if no_amx:
+        cpu.deny_amx()
     path = dispatch.path  # a BITMIX_KERNEL_PATH this CPU cannot run: one line now, not a failed child process
     load_before = os.getloadavg()[0]  # before our own work adds to it
     threads = len(os.sched_getaffinity(0))
@@ -343,14 +347,15 @@ def run_kernel_bench(quick: bool = False, json_path: str | None = None) -> list[
     meta = {
         "loadavg_1min": load_before,
         "kernel_path": path,
+        "amx_denied": no_amx,
         "threads": threads,
         "threading_layer": numba.threading_layer(),
         "bandwidth": bandwidth,
         "cold_start": cold_start,
     }
     for r in records:
-        r.update(kernel_path=path, threads=threads, threading_layer=meta["threading_layer"], bandwidth_gbps=bw,
-                 loadavg_1min=meta["loadavg_1min"])
+        r.update(kernel_path=path, amx_denied=no_amx, threads=threads, threading_layer=meta["threading_layer"],
+                 bandwidth_gbps=bw, loadavg_1min=meta["loadavg_1min"])
     _print_table(records, meta)
     if json_path:
         with open(json_path, "w") as f:
