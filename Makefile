@@ -27,8 +27,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/bitmix compile digits-cnn --target int4int2-npu --method eagl --budget 0.75 --eval --out demo-out
 
+# Two pytest workers (pytest-xdist): the suite's compiles and torch code are mostly one-threaded, so two
+# processes on two cores took it from ~13 to ~5 minutes; TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
