@@ -102,7 +102,7 @@ def deny_amx() -> None:
     pr_set_no_new_privs, seccomp_set_mode_filter, seccomp_filter_flag_tsync = 38, 1, 1
     if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0 or libc.syscall(
             _SYS_SECCOMP, seccomp_set_mode_filter, seccomp_filter_flag_tsync, ctypes.byref(prog)) != 0:
-        raise BitmixError(f"could not deny AMX (seccomp: {os.strerror(ctypes.get_errno())}); run on the default path")
+        raise BitmixError(f"could not deny AMX (seccomp: {os.strerror(ctypes.get_errno())}); run without --no-amx")
     amx_permitted.cache_clear()
 
 
