@@ -103,6 +103,17 @@ def _code(v, flo, fhi, sh):
 
 
 @njit(inline="always")
+def _code_row(xf, s0, w, step, flo, fhi, sh, codes):
+    """``codes[:w]`` = the codes of ``xf[s0:s0+w]`` (one channel's row of an NCHW input); True if one is NaN."""
+    seen = False
+    for iw in range(w):
+        v = xf[np.uintp(s0 + iw)] / step
+        seen |= v != v
+        codes[iw] = _code(v, flo, fhi, sh)
+    return seen
+
+
+@njit(inline="always")
 def _byte_sum(of, d, c):
     """``sum(of[d:d+c])`` of int8 codes, added in int32: numba types ``s += np.int32(..)`` as int64, so LLVM
     widened every byte to 64 bits (4 per ymm add); kept in int32 the loop adds 8 a ymm, twice as fast
@@ -154,11 +165,7 @@ def _pad_codes(x, channels_last, step, lo, hi, shift, ph, pw, out, psum):
         if not channels_last and c4 == 4:  # an image's 1-4 channels: each row's pixels as one int32 store each
             quads = np.zeros((4, w), dtype=np.int32)
             for q in range(c):
-                s0 = ((b * c + q) * h + ih) * w
-                for iw in range(w):
-                    v = xf[np.uintp(s0 + iw)] / step
-                    seen |= v != v
-                    quads[q, iw] = _code(v, flo, fhi, sh)
+                seen |= _code_row(xf, ((b * c + q) * h + ih) * w, w, step, flo, fhi, sh, quads[q])
             p0 = t * wp + pw
             for iw in range(w):
                 a0, a1, a2, a3 = quads[0, iw], quads[1, iw], quads[2, iw], quads[3, iw]
@@ -171,11 +178,7 @@ def _pad_codes(x, channels_last, step, lo, hi, shift, ph, pw, out, psum):
             codes = np.empty(w, dtype=np.int32)
             sums = np.zeros(w, dtype=np.int32)
             for q in range(c):
-                s0 = ((b * c + q) * h + ih) * w
-                for iw in range(w):
-                    v = xf[np.uintp(s0 + iw)] / step
-                    seen |= v != v
-                    codes[iw] = _code(v, flo, fhi, sh)
+                seen |= _code_row(xf, ((b * c + q) * h + ih) * w, w, step, flo, fhi, sh, codes)
                 for iw in range(w):
                     of[np.uintp(d0 + iw * c4 + q)] = codes[iw]
                     sums[iw] += codes[iw]
